@@ -1,0 +1,2 @@
+#include "bindings.h"
+void bind_model(pybind11::module_ &) {}

@@ -1,0 +1,3 @@
+from moelite.apps.cli import main
+
+raise SystemExit(main())
