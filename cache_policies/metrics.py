@@ -1,0 +1,222 @@
+"""Local routing consistency: SRP and SCH, exactly as defined in ROUTING_METRICS.md (shared docs).
+
+Notation: a trace has sequences of T tokens, L routed layers, k ids per row, E experts per layer. A window
+is m consecutive tokens fully inside one sequence (starts p = 0..T-m, stride 1); windows never cross a
+sequence boundary. f(window, expert) = number of tokens of the window whose top-k holds the expert.
+
+- `srp(trace, m, level)`: pools all (window, expert) pairs of a group (one layer, or all layers for
+  "model"), finds the best shared threshold alpha in 0..m (ties: the smallest alpha, compared exactly
+  in integers), returns SRP, alpha and rho_hat = pairs selected / (k * windows * layers of the group).
+  A group without any window (all sequences shorter than m) gives nan.
+- `sch(trace, m, rho, level)`: the segment-cache oracle simulated token by token per sequence (rules 1-5
+  of ROUTING_METRICS.md), capacity C = round(rho * k) per layer or round(rho * L * k) for the model
+  level; per-sequence hit rates averaged over sequences.
+- `static_sch(trace, m, rho, level)`: the paper's first ("legacy") SCH: for every window, cache the C
+  experts with the highest f in that window; hit rate = sum over windows of those f / (windows * m * k *
+  layers of the group), pooled over all windows of all sequences.
+"""
+from __future__ import annotations
+
+import heapq
+from typing import Iterator, NamedTuple
+
+import numpy as np
+
+from moelite.errors import UsageError
+
+from .trace import Trace
+
+_BLOCK_CELLS = 1 << 22  # window counts are built in blocks of about this many int32 cells (16 MiB)
+
+
+class SRPResult(NamedTuple):
+    """SRP of one group (floats) or of every layer (arrays [L])."""
+    value: float | np.ndarray
+    alpha: int | np.ndarray
+    rho_hat: float | np.ndarray
+
+
+# windows -----------------------------------------------------------------------------------------------
+def _check_m(m: int) -> int:
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise UsageError(f"segment length m must be an integer >= 1, got {m!r}")
+    return int(m)
+
+
+def _valid_starts(trace: Trace, m: int) -> np.ndarray:
+    """bool [N]: True where a window of m tokens starting at this token stays inside its sequence."""
+    lengths = np.diff(trace.offsets)
+    seq_end = np.repeat(trace.offsets[1:], lengths)  # [N] end (exclusive) of each token's sequence
+    return np.arange(trace.n_tokens) + m <= seq_end
+
+
+def window_counts(trace: Trace, m: int) -> Iterator[np.ndarray]:
+    """Yield f for every valid window, in blocks of window starts: int32 [n_windows_in_block, L, E].
+
+    One-hot rows -> cumulative sum over tokens -> f = c[p + m] - c[p]; all windows of all sequences
+    come out exactly once, in token order.
+    """
+    m = _check_m(m)
+    n, n_layers, k = trace.ids.shape
+    n_expert = trace.n_expert
+    valid = _valid_starts(trace, m)
+    block = max(4 * m, _BLOCK_CELLS // (n_layers * n_expert))
+    for s in range(0, n - m + 1, block):
+        rows = min(n, s + block + m - 1) - s  # tokens needed by the window starts s .. s+block-1
+        n_win = rows - m + 1
+        onehot = np.zeros((rows, n_layers * n_expert), dtype=np.uint8)  # [rows, L*E]
+        col = trace.ids[s:s + rows] + (np.arange(n_layers, dtype=np.int32) * n_expert)[None, :, None]
+        np.put_along_axis(onehot, col.reshape(rows, n_layers * k), 1, axis=1)
+        csum = np.zeros((rows + 1, n_layers * n_expert), dtype=np.int32)
+        np.cumsum(onehot, axis=0, dtype=np.int32, out=csum[1:])
+        f = csum[m:m + n_win] - csum[:n_win]  # [n_win, L*E]
+        ok = valid[s:s + n_win]
+        if not ok.all():
+            f = f[ok]
+        if len(f):
+            yield f.reshape(-1, n_layers, n_expert)
+
+
+# SRP ---------------------------------------------------------------------------------------------------
+def f_histogram(trace: Trace, m: int) -> np.ndarray:
+    """int64 [L, m+1]: hist[l, f] = number of (window, expert) pairs of layer l with f uses."""
+    m = _check_m(m)
+    n_layers = trace.n_layers
+    hist = np.zeros(n_layers * (m + 1), dtype=np.int64)
+    shift = (np.arange(n_layers, dtype=np.int32) * (m + 1))[None, :, None]  # one bincount for all layers
+    for f in window_counts(trace, m):
+        hist += np.bincount((f + shift).ravel(), minlength=n_layers * (m + 1))
+    return hist.reshape(n_layers, m + 1)
+
+
+def best_threshold(hist: np.ndarray, m: int, k: int, n_expert: int) -> tuple[float, int, float]:
+    """(SRP, alpha, rho_hat) from a pooled histogram hist[f], f = 0..m (see module docstring).
+
+    F1(alpha) = 2 TP / (m * SEL + A), TP = sum_{f>=alpha} f h[f], SEL = sum_{f>=alpha} h[f], A = sum f h[f].
+    """
+    h = [int(x) for x in hist]
+    pairs = sum(h)
+    if pairs == 0:
+        return float("nan"), -1, float("nan")
+    actual = sum(f * c for f, c in enumerate(h))
+    tp = sel = 0
+    best = (0, 1, m + 1, 0)  # (numerator, denominator, alpha, selected); exact comparisons
+    for alpha in range(m, -1, -1):
+        tp += alpha * h[alpha]
+        sel += h[alpha]
+        num, den = 2 * tp, m * sel + actual
+        if num * best[1] >= best[0] * den:  # >= : on a tie the smaller alpha wins
+            best = (num, den, alpha, sel)
+    num, den, alpha, sel = best
+    return num / den, alpha, sel * n_expert / (k * pairs)
+
+
+def srp(trace: Trace, m: int, level: str = "model") -> SRPResult:
+    """SRP(m) with its best threshold alpha and rho_hat; floats for level="model", arrays [L] for "layer"."""
+    _check_level(level)
+    hist = f_histogram(trace, m)
+    if level == "model":
+        return SRPResult(*best_threshold(hist.sum(axis=0), m, trace.k, trace.n_expert))
+    per_layer = [best_threshold(h, m, trace.k, trace.n_expert) for h in hist]
+    value, alpha, rho_hat = (np.array(col) for col in zip(*per_layer))
+    return SRPResult(value, alpha, rho_hat)
+
+
+def _check_level(level: str) -> None:
+    if level not in ("model", "layer"):
+        raise UsageError(f"level must be 'model' or 'layer', got {level!r}")
+
+
+# SCH ---------------------------------------------------------------------------------------------------
+def sch_hits(rows: np.ndarray, m: int, capacity: int) -> int:
+    """Hits of the segment-cache oracle over one sequence: rows int [T, w] of distinct ids in score order.
+
+    Rules 1-5 of ROUTING_METRICS.md. The eviction order min (F[y], last[y]) is kept in a lazy heap:
+    every change of a cached id's key pushes a fresh entry; stale entries are skipped when popped.
+    """
+    seq = rows.tolist()
+    n_tok = len(seq)
+    fut: dict[int, int] = {}  # F[y]: uses in the look-ahead window
+    for row in seq[:min(m, n_tok)]:
+        for y in row:
+            fut[y] = fut.get(y, 0) + 1
+    last: dict[int, int] = {}  # last[y]; an id is "seen" iff it is in last or in seen_row
+    cached: set[int] = set()
+    heap: list[tuple[int, int, int]] = []  # (F, last, y)
+    hits = clock = 0
+    for t, row in enumerate(seq):
+        n_seen = len(last)
+        for x in row:  # lookups, against the cache before token t
+            if x in last:
+                hits += x in cached
+            else:
+                hits += n_seen < capacity
+                n_seen += 1
+        for x in row:  # updates, in row order
+            if x not in cached:
+                if len(cached) >= capacity:
+                    while True:
+                        f, lt, y = heapq.heappop(heap)
+                        if y in cached and last[y] == lt and fut[y] == f:
+                            break
+                    cached.discard(y)
+                cached.add(x)
+            clock += 1
+            fut[x] -= 1
+            last[x] = clock
+            heapq.heappush(heap, (fut[x], clock, x))
+        if t + m < n_tok:  # slide the look-ahead window
+            for y in seq[t + m]:
+                fut[y] = fut.get(y, 0) + 1
+                if y in cached:
+                    heapq.heappush(heap, (fut[y], last[y], y))
+    return hits
+
+
+def _capacity(rho: float, width: int) -> int:
+    cap = int(round(rho * width))
+    if cap < 1:
+        raise UsageError(f"cache ratio rho = {rho} gives a capacity of {cap} slots for {width} ids per row")
+    return cap
+
+
+def model_rows(ids: np.ndarray, n_expert: int) -> np.ndarray:
+    """[T, L, k] -> [T, L*k]: ids of all layers per token, layer l's ids shifted by l*E, in layer order."""
+    n_tok, n_layers, k = ids.shape
+    return (ids + (np.arange(n_layers, dtype=np.int32) * n_expert)[None, :, None]).reshape(n_tok, n_layers * k)
+
+
+def sch(trace: Trace, m: int, rho: float = 2.0, level: str = "model") -> float | np.ndarray:
+    """SCH(m, rho): mean over sequences of the oracle's hit rate; a float for "model", [L] for "layer"."""
+    m = _check_m(m)
+    _check_level(level)
+    if level == "model":
+        cap = _capacity(rho, trace.n_layers * trace.k)
+        rates = [sch_hits(model_rows(s, trace.n_expert), m, cap) / s.size for s in trace.sequences()]
+        return float(np.mean(rates))
+    cap = _capacity(rho, trace.k)
+    rates = [[sch_hits(s[:, l], m, cap) / s[:, l].size for l in range(trace.n_layers)]
+             for s in trace.sequences()]
+    return np.mean(np.array(rates), axis=0)
+
+
+def static_sch(trace: Trace, m: int, rho: float = 2.0, level: str = "model") -> float | np.ndarray:
+    """Legacy static SCH: per window, cache the top-C experts by f (C = round(rho*k) per layer, or
+    round(rho*L*k) over the pooled L*E experts); hit rate pooled over all windows of all sequences."""
+    m = _check_m(m)
+    _check_level(level)
+    n_layers, k, n_expert = trace.n_layers, trace.k, trace.n_expert
+    pooled = level == "model"
+    width = n_layers * k if pooled else k
+    cap = min(_capacity(rho, width), n_layers * n_expert if pooled else n_expert)
+    kept = np.zeros(1 if pooled else n_layers, dtype=np.int64)
+    n_win = 0
+    for f in window_counts(trace, m):  # [n, L, E]
+        g = f.reshape(len(f), 1, -1) if pooled else f
+        top = np.partition(g, g.shape[-1] - cap, axis=-1)[..., g.shape[-1] - cap:]
+        kept += top.sum(axis=(0, 2))
+        n_win += len(f)
+    if n_win == 0:
+        return float("nan") if pooled else np.full(n_layers, np.nan)
+    rate = kept / (n_win * m * width)
+    return float(rate[0]) if pooled else rate

@@ -1,0 +1,114 @@
+"""The runtime's expert-cache policies, as the Python side names, numbers and configures them.
+
+Names -> integer ids shared with the C++ core (csrc/): lru = 0, lfu = 1, lfuda = 2, consistency = 3.
+The exact eviction semantics are written down in cache_policies/simulator.py, which implements them.
+
+Knobs (validated by `make_policy`; an unknown knob or a bad value raises moelite.errors.UsageError):
+- every policy: `shares`: per-layer fractions of the slot budget (>= 0, summing to 1 within 1e-6), or
+  None for a uniform split. Slots per layer = largest-remainder rounding of share * total slots.
+- consistency: `m`: int >= 1, the number of most recent tokens whose experts of a layer are protected
+  (default 16, the paper's headline segment length).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from moelite.errors import UsageError
+
+POLICY_IDS: dict[str, int] = {"lru": 0, "lfu": 1, "lfuda": 2, "consistency": 3}
+DEFAULT_M = 16
+_KNOBS: dict[str, tuple[str, ...]] = {"lru": ("shares",), "lfu": ("shares",), "lfuda": ("shares",),
+                                      "consistency": ("m", "shares")}
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """A validated policy choice: name, its C++ id and its knobs (m is None except for consistency)."""
+    name: str
+    id: int
+    m: int | None = None
+    shares: tuple[float, ...] | None = field(default=None)
+
+    def knobs(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"shares": None if self.shares is None else list(self.shares)}
+        if self.m is not None:
+            out["m"] = self.m
+        return out
+
+
+def policy_id(name: str) -> int:
+    """Integer id of a runtime policy name; UsageError naming the valid names otherwise."""
+    if name not in POLICY_IDS:
+        raise UsageError(f"unknown cache policy {name!r}; valid policies: {', '.join(POLICY_IDS)}")
+    return POLICY_IDS[name]
+
+
+def policy_name(pid: int) -> str:
+    """Inverse of `policy_id`."""
+    for name, i in POLICY_IDS.items():
+        if i == pid:
+            return name
+    raise UsageError(f"unknown cache policy id {pid!r}; valid ids: {sorted(POLICY_IDS.values())}")
+
+
+def make_policy(name: str, *, n_layers: int | None = None, **knobs: Any) -> PolicyConfig:
+    """Validate `name` and its knobs. With n_layers given, shares must have exactly that many entries."""
+    pid = policy_id(name)
+    unknown = sorted(set(knobs) - set(_KNOBS[name]))
+    if unknown:
+        raise UsageError(f"policy {name!r} has no knob {unknown[0]!r}; its knobs: {', '.join(_KNOBS[name])}")
+    m = check_m(knobs.get("m", DEFAULT_M)) if name == "consistency" else None
+    shares = check_shares(knobs.get("shares"), n_layers)
+    return PolicyConfig(name=name, id=pid, m=m, shares=shares)
+
+
+def check_m(m: Any) -> int:
+    """The consistency window: an int >= 1 (bool and float refused)."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
+        raise UsageError(f"consistency knob m must be an integer >= 1, got {m!r}")
+    return int(m)
+
+
+def check_shares(shares: Sequence[float] | None, n_layers: int | None = None) -> tuple[float, ...] | None:
+    """Per-layer fractions: finite, >= 0, summing to 1 (within 1e-6); None means uniform."""
+    if shares is None:
+        return None
+    try:
+        vals = tuple(float(s) for s in shares)
+    except (TypeError, ValueError):
+        raise UsageError(f"shares must be a list of numbers, got {shares!r}") from None
+    if not vals:
+        raise UsageError("shares must not be empty (use None for a uniform split)")
+    if n_layers is not None and len(vals) != n_layers:
+        raise UsageError(f"shares has {len(vals)} entries for {n_layers} routed layers")
+    if any(not math.isfinite(v) or v < 0 for v in vals):
+        raise UsageError(f"shares must be finite and >= 0, got {list(vals)}")
+    if abs(math.fsum(vals) - 1.0) > 1e-6:
+        raise UsageError(f"shares must sum to 1, got a sum of {math.fsum(vals):.6g}")
+    return vals
+
+
+def layer_capacities(total: int, n_layers: int, shares: Sequence[float] | None = None,
+                     min_per_layer: int = 1) -> list[int]:
+    """Slots per layer: largest-remainder rounding of share * total (ties to the lower layer index).
+
+    Raises UsageError if a layer gets fewer than min_per_layer slots (the runtime needs k per layer: a
+    token's k experts are all in use at once).
+    """
+    shares = check_shares(shares, n_layers) or (1.0 / n_layers,) * n_layers
+    norm = math.fsum(shares)
+    exact = [s / norm * total for s in shares]
+    caps = [int(math.floor(x + 1e-9)) for x in exact]
+    left = total - sum(caps)
+    order = sorted(range(n_layers), key=lambda l: (-(exact[l] - caps[l]), l))
+    for l in order[:max(left, 0)]:
+        caps[l] += 1
+    if min(caps) < min_per_layer:
+        l = caps.index(min(caps))
+        raise UsageError(f"{total} slots with these shares give layer {l} only {caps[l]} slots; "
+                         f"each layer needs at least {min_per_layer}")
+    return caps

@@ -1,0 +1,273 @@
+"""Routing traces: which experts every token used at every routed MoE layer.
+
+File format (.npz written by `save_trace`, read by `load_trace`; no pickles). Sequences are concatenated
+along the token axis and cut by `offsets`:
+
+    ids            int32   [n_tokens_total, n_layers, k]  top-k expert ids, descending router score
+    scores         float32 [n_tokens_total, n_layers, k]  router scores of those ids (optional)
+    lookahead_ids  int32   [n_tokens_total, n_layers, k]  optional: row [t, l] = top-k of router l+1
+                           applied to the hidden state leaving layer l (a prediction of ids[t, l+1]);
+                           the last layer's row predicts nothing and is ignored (write -1 there)
+    offsets        int64   [n_sequences + 1]  sequence s = tokens offsets[s] .. offsets[s+1]-1
+    layers         int32   [n_layers]  block index of each routed layer (dense layers are absent)
+    n_expert       int64   scalar      routed experts per layer
+    model          str     scalar      model name (free text, e.g. general.name of the GGUF)
+    format_version int64   scalar      1
+
+`load_trace` also accepts the per-sequence layout `ids_0, scores_0, lookahead_ids_0, ids_1, ...`
+(plus `layers`, `n_expert`, `model`), for traces produced outside moelite. A trace without `offsets`
+and without `ids_0` but with a 3-D `ids` is one sequence.
+
+Validation (`Trace.__post_init__`, so every construction path) raises moelite.errors.TraceError for:
+integer ids of a non-integer dtype, ids outside [0, n_expert), a repeated id within one row, ragged or
+non-3-D rows, an empty trace (no sequence, a sequence of 0 tokens, 0 layers or k = 0), k > n_expert,
+scores or lookahead_ids whose shape differs from ids, non-float scores, bad offsets or layers.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from moelite.errors import TraceError
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Trace:
+    """A routing trace of one or more sequences, concatenated along the token axis.
+
+    ids: int32 [N, L, k]; scores: float32 [N, L, k] or None; lookahead_ids: int32 [N, L, k] or None;
+    offsets: int64 [S + 1] with offsets[0] = 0, offsets[-1] = N, strictly increasing;
+    layers: int32 [L] block indices; n_expert: E; model: name.
+    """
+
+    ids: np.ndarray
+    n_expert: int
+    offsets: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    lookahead_ids: np.ndarray | None = None
+    layers: np.ndarray | None = None
+    model: str = ""
+    source: str = field(default="<memory>", compare=False)
+
+    def __post_init__(self) -> None:
+        self.ids = _as_ids(self.ids, "ids", self.source)
+        n, n_layers, k = self.ids.shape
+        self.n_expert = _as_n_expert(self.n_expert, k, self.source)
+        _check_range(self.ids, self.n_expert, "ids", self.source)
+        _check_distinct(self.ids, "ids", self.source)
+        self.offsets = _as_offsets(self.offsets, n, self.source)
+        self.scores = _as_scores(self.scores, self.ids.shape, self.source)
+        if self.lookahead_ids is not None:
+            self.lookahead_ids = _as_ids(self.lookahead_ids, "lookahead_ids", self.source)
+            _same_shape(self.lookahead_ids, self.ids.shape, "lookahead_ids", self.source)
+            if n_layers > 1:  # the last layer's row is ignored
+                _check_range(self.lookahead_ids[:, :-1], self.n_expert, "lookahead_ids", self.source)
+                _check_distinct(self.lookahead_ids[:, :-1], "lookahead_ids", self.source)
+        self.layers = _as_layers(self.layers, n_layers, self.source)
+        self.model = str(self.model)
+
+    # shapes -----------------------------------------------------------------------------------------
+    @property
+    def n_tokens(self) -> int:
+        return int(self.ids.shape[0])
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.ids.shape[1])
+
+    @property
+    def k(self) -> int:
+        return int(self.ids.shape[2])
+
+    @property
+    def n_sequences(self) -> int:
+        return len(self.offsets) - 1
+
+    def seq_slice(self, s: int) -> slice:
+        """Token range of sequence s."""
+        return slice(int(self.offsets[s]), int(self.offsets[s + 1]))
+
+    def sequences(self) -> list[np.ndarray]:
+        """Per-sequence views of ids, each [T_s, L, k]."""
+        return [self.ids[self.seq_slice(s)] for s in range(self.n_sequences)]
+
+    @classmethod
+    def from_sequences(cls, ids: Sequence, n_expert: int, *, scores: Sequence | None = None,
+                       lookahead_ids: Sequence | None = None, layers=None, model: str = "",
+                       source: str = "<memory>") -> "Trace":
+        """Build a trace from per-sequence arrays (or nested lists), each [T_s, L, k]."""
+        if len(ids) == 0:
+            raise TraceError(f"{source}: empty trace (no sequence)")
+        seqs = [_as_ids(a, f"ids[{s}]", source) for s, a in enumerate(ids)]
+        for s, a in enumerate(seqs[1:], 1):
+            if a.shape[1:] != seqs[0].shape[1:]:
+                raise TraceError(f"{source}: ids[{s}] has [n_layers, k] = {list(a.shape[1:])}, "
+                                 f"ids[0] has {list(seqs[0].shape[1:])} (ragged rows)")
+        offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in seqs])])
+        return cls(ids=np.concatenate(seqs), n_expert=n_expert, offsets=offsets,
+                   scores=_concat_optional(scores, "scores", len(seqs), source),
+                   lookahead_ids=_concat_optional(lookahead_ids, "lookahead_ids", len(seqs), source),
+                   layers=layers, model=model, source=source)
+
+
+# validation helpers (each raises TraceError naming the source and the array) ----------------------------
+def _as_array(a, name: str, source: str) -> np.ndarray:
+    try:
+        return np.asarray(a)
+    except ValueError as exc:  # numpy refuses inhomogeneous nested lists
+        raise TraceError(f"{source}: {name} has ragged rows ({exc})") from None
+
+
+def _as_ids(a, name: str, source: str) -> np.ndarray:
+    arr = _as_array(a, name, source)
+    if arr.dtype == object:
+        raise TraceError(f"{source}: {name} has ragged rows (object array)")
+    if arr.size == 0:
+        raise TraceError(f"{source}: empty {name} (shape {list(arr.shape)})")
+    if arr.ndim != 3:
+        raise TraceError(f"{source}: {name} must be 3-D [n_tokens, n_layers, k], got shape {list(arr.shape)}")
+    if arr.dtype.kind not in "iu":
+        raise TraceError(f"{source}: {name} must have an integer dtype, got {arr.dtype}")
+    return arr.astype(np.int32, copy=False) if arr.dtype != np.int32 else arr
+
+
+def _as_n_expert(n_expert, k: int, source: str) -> int:
+    if isinstance(n_expert, np.ndarray):
+        n_expert = n_expert.item() if n_expert.size == 1 else n_expert
+    if isinstance(n_expert, bool) or not isinstance(n_expert, (int, np.integer)) or n_expert < 1:
+        raise TraceError(f"{source}: n_expert must be a positive integer, got {n_expert!r}")
+    if k > n_expert:
+        raise TraceError(f"{source}: k = {k} ids per row but only n_expert = {n_expert}")
+    return int(n_expert)
+
+
+def _check_range(ids: np.ndarray, n_expert: int, name: str, source: str) -> None:
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= n_expert:
+        bad = np.argwhere((ids < 0) | (ids >= n_expert))[0].tolist()
+        raise TraceError(f"{source}: {name}{bad} = {int(ids[tuple(bad)])} outside [0, n_expert = {n_expert})")
+
+
+def _check_distinct(ids: np.ndarray, name: str, source: str) -> None:
+    srt = np.sort(ids, axis=-1)
+    dup = (srt[..., 1:] == srt[..., :-1]).any(axis=-1)  # [N, L]
+    if dup.any():
+        t, l = np.argwhere(dup)[0].tolist()
+        raise TraceError(f"{source}: {name}[{t}, {l}] = {ids[t, l].tolist()} repeats an expert id")
+
+
+def _as_offsets(offsets, n: int, source: str) -> np.ndarray:
+    if offsets is None:
+        return np.array([0, n], dtype=np.int64)
+    off = _as_array(offsets, "offsets", source)
+    if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2:
+        raise TraceError(f"{source}: offsets must be a 1-D integer array [n_sequences + 1], got "
+                         f"{off.dtype} {list(off.shape)}")
+    off = off.astype(np.int64)
+    if off[0] != 0 or off[-1] != n or (np.diff(off) <= 0).any():
+        raise TraceError(f"{source}: offsets must rise strictly from 0 to n_tokens = {n} "
+                         f"(no empty sequence), got {off.tolist()[:8]}...")
+    return off
+
+
+def _same_shape(arr: np.ndarray, shape: tuple, name: str, source: str) -> None:
+    if arr.shape != shape:
+        raise TraceError(f"{source}: {name} has shape {list(arr.shape)}, ids has {list(shape)}")
+
+
+def _as_scores(scores, shape: tuple, source: str) -> np.ndarray | None:
+    if scores is None:
+        return None
+    arr = _as_array(scores, "scores", source)
+    if arr.dtype.kind != "f":
+        raise TraceError(f"{source}: scores must have a float dtype, got {arr.dtype}")
+    _same_shape(arr, shape, "scores", source)
+    return arr.astype(np.float32, copy=False)
+
+
+def _as_layers(layers, n_layers: int, source: str) -> np.ndarray:
+    if layers is None:
+        return np.arange(n_layers, dtype=np.int32)
+    arr = _as_array(layers, "layers", source)
+    if arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) != n_layers:
+        raise TraceError(f"{source}: layers must be {n_layers} integer block indices, got "
+                         f"{arr.dtype} {list(arr.shape)}")
+    if (arr < 0).any() or (np.diff(arr) <= 0).any():
+        raise TraceError(f"{source}: layers must be non-negative and increasing, got {arr.tolist()}")
+    return arr.astype(np.int32)
+
+
+def _concat_optional(parts, name: str, n_seq: int, source: str) -> np.ndarray | None:
+    if parts is None:
+        return None
+    if len(parts) != n_seq:
+        raise TraceError(f"{source}: {len(parts)} {name} arrays for {n_seq} sequences")
+    arrs = [_as_array(a, f"{name}[{s}]", source) for s, a in enumerate(parts)]
+    if any(a.dtype == object or a.ndim != 3 for a in arrs) or len({a.shape[1:] for a in arrs}) != 1:
+        raise TraceError(f"{source}: {name} has ragged rows")
+    return np.concatenate(arrs)
+
+
+# files ----------------------------------------------------------------------------------------------------
+def save_trace(trace: Trace, path: str | os.PathLike) -> None:
+    """Write `trace` to `path` (.npz, layout in the module docstring) atomically: temp file, fsync, rename."""
+    arrays = {"ids": trace.ids, "offsets": trace.offsets, "layers": trace.layers,
+              "n_expert": np.int64(trace.n_expert), "model": np.str_(trace.model),
+              "format_version": np.int64(FORMAT_VERSION)}
+    if trace.scores is not None:
+        arrays["scores"] = trace.scores
+    if trace.lookahead_ids is not None:
+        arrays["lookahead_ids"] = trace.lookahead_ids
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_trace(path: str | os.PathLike) -> Trace:
+    """Read a trace written by `save_trace` or in the per-sequence layout `ids_0, scores_0, ...`."""
+    source = os.fspath(path)
+    try:
+        with np.load(source, allow_pickle=False) as npz:
+            data = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as exc:
+        raise TraceError(f"{source}: not a readable .npz trace ({exc})") from None
+    if "n_expert" not in data:
+        raise TraceError(f"{source}: missing key 'n_expert'")
+    common = {"n_expert": data["n_expert"], "layers": data.get("layers"),
+              "model": str(data["model"]) if "model" in data else "", "source": source}
+    if "ids_0" in data:
+        return _load_per_sequence(data, common)
+    if "ids" not in data:
+        raise TraceError(f"{source}: missing key 'ids' (or 'ids_0', 'ids_1', ...)")
+    return Trace(ids=data["ids"], offsets=data.get("offsets"), scores=data.get("scores"),
+                 lookahead_ids=data.get("lookahead_ids"), **common)
+
+
+def _load_per_sequence(data: dict, common: dict) -> Trace:
+    n_seq = 0
+    while f"ids_{n_seq}" in data:
+        n_seq += 1
+    def part(name: str):
+        if f"{name}_0" not in data:
+            return None
+        missing = [s for s in range(n_seq) if f"{name}_{s}" not in data]
+        if missing:
+            raise TraceError(f"{common['source']}: {name}_{missing[0]} missing ({n_seq} sequences)")
+        return [data[f"{name}_{s}"] for s in range(n_seq)]
+    return Trace.from_sequences(part("ids"), scores=part("scores"),
+                                lookahead_ids=part("lookahead_ids"), **common)
