@@ -173,12 +173,13 @@ class Tokenizer:
 
     # --- use ------------------------------------------------------------------------------------------------
     def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        """Token ids of `text`. `add_special`: prepend BOS when the model asks for it. `parse_special`:
+        """Token ids of `text`. `add_special`: prepend BOS when the model asks for it (unless the text
+        already starts with it, as rendered chat templates often do). `parse_special`:
         control tokens written in the text (e.g. "<|im_start|>" from a chat template) become their ids;
         False treats them as plain text (user-defined tokens still match, as in llama.cpp)."""
         self._hf.encode_special_tokens = not parse_special
         ids = self._hf.encode(text, add_special_tokens=False).ids
-        if add_special and self.add_bos:
+        if add_special and self.add_bos and ids[:1] != [self.bos_id]:  # a chat template may write BOS itself
             ids.insert(0, self.bos_id)
         return ids
 
@@ -303,19 +304,4 @@ def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float],
     return hf
 
 
-def read_vocab_test(inp_path: str, out_path: str) -> list[tuple[str, list[int]]]:
-    """llama.cpp's tokenizer test files: inputs joined by "\\n__ggml_vocab_test__\\n", one line of token
-    ids per input in the .out file (tokenized without BOS and without parsing special tokens)."""
-    with open(inp_path, encoding="utf-8", newline="") as f:
-        raw = f.read()
-    with open(out_path, encoding="utf-8") as f:
-        outs = f.read().split("\n")
-    sep = "\n__ggml_vocab_test__\n"
-    inputs = raw.split(sep)
-    if inputs and inputs[-1] == "":
-        inputs.pop()  # the file ends with the separator
-    outs = outs[:len(inputs)]
-    return [(s, [int(x) for x in o.split()]) for s, o in zip(inputs, outs)]
-
-
-__all__ = ["Tokenizer", "StreamDecoder", "PRE_TOKENIZER_REGEXES", "EOG_TOKEN_TEXTS", "read_vocab_test"]
+__all__ = ["Tokenizer", "StreamDecoder", "PRE_TOKENIZER_REGEXES", "EOG_TOKEN_TEXTS"]
