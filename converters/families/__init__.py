@@ -1,1 +1,247 @@
+"""Model families: one declare-only module per Hugging Face `model_type`.
 
+Each family module defines `FAMILY = Family(...)`:
+  model_types   HF config `model_type` values it handles
+  arch          GGUF `general.architecture` (llama.cpp's name)
+  hparams(c)    config.json -> {GGUF key: value}; keys without a "general."/"tokenizer." prefix get
+                "{arch}." prepended. Python types pick the GGUF type: bool -> BOOL, int -> UINT32,
+                float -> FLOAT32, str -> STRING, list[bool] -> ARRAY[BOOL] (llama.cpp's own choices).
+  tensors       {HF name after sanitize: GGUF name}; "{bid}" stands for the layer index
+  sanitize(w,c) rewrites the dict of Lazy tensors in place: stack per-expert tensors, split fused ones,
+                permute Q/K. Uses only the helpers below (no I/O, no numpy on data except through Lazy).
+  skip          regexes of HF names that are dropped on purpose (e.g. DeepSeek-V3's MTP layer)
+  tokenizer_pre llama.cpp `tokenizer.ggml.pre` of the real checkpoints of this family
+
+Everything shared by several families lives here: Config access, the common hyperparameters, the
+llama-style tensor names, and the one expert-stacking routine.
+"""
+from __future__ import annotations
+
+import importlib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from moelite.errors import ConversionError
+
+from ..lazy import Lazy, rows, stack
+
+SOFTMAX, SIGMOID = 1, 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_*
+
+_MISSING = object()
+
+
+class Config:
+    """config.json with alias-aware, typed, error-naming access."""
+
+    def __init__(self, d: dict[str, Any], src: str = "config.json"):
+        self.d, self.src = d, src
+
+    def get(self, *keys: str, default: Any = _MISSING) -> Any:
+        for k in keys:
+            if self.d.get(k) is not None:
+                return self.d[k]
+        if default is _MISSING:
+            raise ConversionError(f"{self.src}: missing key {' / '.join(keys)}")
+        return default
+
+    def int(self, *keys: str, default: Any = _MISSING) -> int:
+        v = self.get(*keys, default=default)
+        return v if v is None else int(v)
+
+    def float(self, *keys: str, default: Any = _MISSING) -> float:
+        v = self.get(*keys, default=default)
+        return v if v is None else float(v)
+
+    def bool(self, *keys: str, default: Any = _MISSING) -> bool:
+        v = self.get(*keys, default=default)
+        return v if v is None else bool(v)
+
+    def has(self, key: str) -> bool:
+        return self.d.get(key) is not None
+
+    @property
+    def n_layer(self) -> int:
+        return self.int("num_hidden_layers")
+
+    @property
+    def n_expert(self) -> int:
+        return self.int("num_experts", "num_local_experts", "n_routed_experts")
+
+    @property
+    def head_dim(self) -> int:
+        hd = self.get("head_dim", default=None)
+        return int(hd) if hd else self.int("hidden_size") // self.int("num_attention_heads")
+
+    def rope(self) -> dict[str, Any]:
+        """transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`, one dict."""
+        rp = dict(self.d.get("rope_parameters") or self.d.get("rope_scaling") or {})
+        rp = dict(rp.get("full_attention", rp))
+        if "rope_type" not in rp and "type" in rp:
+            rp["rope_type"] = rp["type"]
+        if "rope_theta" not in rp and self.has("rope_theta"):
+            rp["rope_theta"] = self.d["rope_theta"]
+        return rp
+
+
+def common_hparams(c: Config) -> dict[str, Any]:
+    """Keys llama.cpp's converter writes for every text model (TextModel.set_gguf_parameters)."""
+    rp = c.rope()
+    kv: dict[str, Any] = {
+        "block_count": c.n_layer,
+        "context_length": c.int("max_position_embeddings"),
+        "embedding_length": c.int("hidden_size"),
+        "feed_forward_length": c.int("intermediate_size"),
+        "attention.head_count": c.int("num_attention_heads"),
+        "attention.head_count_kv": c.int("num_key_value_heads", "num_attention_heads"),
+        "rope.freq_base": float(rp.get("rope_theta", 10000.0)),
+        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps"),
+        "expert_count": c.n_expert,
+        "expert_used_count": c.int("num_experts_per_tok"),
+    }
+    if c.has("head_dim"):
+        kv["attention.key_length"] = kv["attention.value_length"] = c.int("head_dim")
+    kv.update(rope_scaling_hparams(rp))
+    return kv
+
+
+def rope_scaling_hparams(rp: dict[str, Any]) -> dict[str, Any]:
+    kind, factor = rp.get("rope_type"), rp.get("factor")
+    if kind == "linear" and factor:
+        return {"rope.scaling.type": "linear", "rope.scaling.factor": float(factor)}
+    if kind != "yarn" or not factor:
+        return {}
+    kv: dict[str, Any] = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(factor),
+                          "rope.scaling.original_context_length": int(rp["original_max_position_embeddings"])}
+    for hf, gg in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
+                   ("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor")):
+        if rp.get(hf) is not None:
+            kv[f"rope.scaling.{gg}"] = float(rp[hf])
+    return kv
+
+
+# HF -> GGUF names shared by the llama-style families ({bid} = layer index)
+LLAMA_NAMES = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",
+    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.ffn_norm.weight",
+    "model.layers.{bid}.self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
+    "model.layers.{bid}.self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
+    "model.layers.{bid}.self_attn.v_proj.weight": "blk.{bid}.attn_v.weight",
+    "model.layers.{bid}.self_attn.o_proj.weight": "blk.{bid}.attn_output.weight",
+}
+# the qwen2_moe-style MoE block (also qwen3_moe, olmoe, deepseek); names after stack_experts
+MOE_NAMES = {
+    "model.layers.{bid}.mlp.gate.weight": "blk.{bid}.ffn_gate_inp.weight",                # [E, H]
+    "model.layers.{bid}.mlp.experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
+    "model.layers.{bid}.mlp.experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",      # [E, I, H]
+    "model.layers.{bid}.mlp.experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
+}
+
+
+def stack_experts(w: dict[str, Lazy], c: Config, per_expert: str, fused: str,
+                  projs: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")) -> None:
+    """The one stacking routine: for every layer that has them, replace the per-expert tensors
+    `per_expert.format(bid=, e=, proj=)` by one [E, ...] tensor named `fused.format(bid=, proj=)`."""
+    n_expert = c.n_expert
+    for bid in range(c.n_layer):
+        for proj in projs:
+            names = [per_expert.format(bid=bid, e=e, proj=proj) for e in range(n_expert)]
+            present = [n for n in names if n in w]
+            if not present:
+                continue
+            if len(present) != n_expert:
+                missing = next(n for n in names if n not in w)
+                raise ConversionError(f"tensor {missing} is missing: config.json says {n_expert} experts "
+                                      f"and layer {bid} has {len(present)}")
+            out = fused.format(bid=bid, proj=proj)
+            w[out] = stack([w.pop(n) for n in names], out)
+
+
+def split_halves(w: dict[str, Lazy], name: str, first: str, second: str, axis: int = -2) -> None:
+    """[.., 2I, ..] -> first half, second half (Granite input_linear: gate, up)."""
+    t = w.pop(name)
+    n = t.shape[axis] // 2
+    w[first], w[second] = rows(t, slice(0, n), axis), rows(t, slice(n, 2 * n), axis)
+
+
+def split_interleaved(w: dict[str, Lazy], name: str, even: str, odd: str, axis: int = -1) -> None:
+    """[.., 2I] interleaved -> [..., ::2], [..., 1::2] (GPT-OSS gate_up: gate even, up odd)."""
+    t = w.pop(name)
+    w[even], w[odd] = rows(t, slice(0, None, 2), axis), rows(t, slice(1, None, 2), axis)
+
+
+@dataclass(frozen=True)
+class Family:
+    model_types: tuple[str, ...]
+    arch: str
+    hparams: Callable[[Config], dict[str, Any]]
+    tensors: dict[str, str]
+    sanitize: Callable[[dict[str, Lazy], Config], None] = lambda w, c: None
+    skip: tuple[str, ...] = ()
+    tokenizer_pre: str = "default"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
+        """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""
+        table = []
+        for hf, gg in self.tensors.items():
+            rx = re.compile(re.escape(hf).replace(re.escape("{bid}"), r"(?P<bid>\d+)") + r"\Z")
+            table.append((rx, gg))
+        skips = [re.compile(s) for s in self.skip]
+        out: list[tuple[tuple[int, int], str, Lazy]] = []
+        for i, (name, t) in enumerate(w.items()):
+            if any(s.search(name) for s in skips):
+                continue
+            for rx, gg in table:
+                m = rx.match(name)
+                if m:
+                    bid = int(m.group("bid")) if "bid" in rx.groupindex else -1
+                    if bid >= c.n_layer:
+                        break
+                    key = (bid if bid >= 0 else (-1 if gg.startswith("token_embd") else 1 << 30), i)
+                    out.append((key, gg.format(bid=bid), t))
+                    break
+            else:
+                raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family {self.arch} "
+                                      f"(model_type {'/'.join(self.model_types)})")
+        out.sort(key=lambda x: x[0])
+        return [(g, t) for _, g, t in out]
+
+
+FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                  "granitemoe", "phimoe")
+DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
+                     "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+
+
+def registry() -> dict[str, Family]:
+    reg: dict[str, Family] = {}
+    for mod in FAMILY_MODULES:
+        try:
+            fam: Family = importlib.import_module(f"{__name__}.{mod}").FAMILY
+        except ModuleNotFoundError as e:
+            if e.name != f"{__name__}.{mod}":
+                raise
+            continue
+        for mt in fam.model_types:
+            reg[mt] = fam
+    return reg
+
+
+def for_config(cfg: dict[str, Any], src: str = "config.json") -> Family:
+    mt = cfg.get("model_type")
+    reg = registry()
+    n_expert = next((cfg[k] for k in _EXPERT_KEYS if cfg.get(k) is not None), None)
+    if mt in reg:
+        if not n_expert or int(n_expert) < 2:
+            raise ConversionError(f"{src}: model_type {mt!r} with {n_expert or 0} experts is a dense (non-MoE) "
+                                  f"model; moelite converts Mixture-of-Experts models only")
+        return reg[mt]
+    if mt in DENSE_MODEL_TYPES or (mt is not None and not n_expert):
+        raise ConversionError(f"{src}: model_type {mt!r} is a dense (non-MoE) model; moelite converts "
+                              f"Mixture-of-Experts models only ({', '.join(sorted(reg))})")
+    raise ConversionError(f"{src}: unknown model_type {mt!r}; expected one of {', '.join(sorted(reg))}")

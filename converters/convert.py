@@ -1,0 +1,144 @@
+"""convert(): HF directory or GGUF -> llama.cpp-compatible GGUF, one tensor at a time.
+
+Data flow: source (Lazy tensors, nothing read) -> family.sanitize (stack / split / permute, still lazy)
+-> family.map_names (GGUF names) -> shape checks against config.json -> quant.plan (ggml type per
+tensor) -> gguf_out.write (header, KV, tensor infos, then each tensor materialised and written).
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import gguf
+
+from moelite.errors import ConversionError
+
+from . import gguf_out, quant
+from .families import Config, for_config
+from .lazy import Lazy
+from .sources import GGUFSource, HFSource, open_source
+from .vocab import add_vocab
+
+
+@dataclass
+class ConvertReport:
+    out: Path
+    arch: str
+    type: str
+    n_tensors: int
+    file_size: int
+    seconds: float
+    tensor_types: dict[str, str] = field(default_factory=dict)   # GGUF name -> ggml type name
+    fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (wanted, written)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        counts: dict[str, int] = {}
+        for t in self.tensor_types.values():
+            counts[t] = counts.get(t, 0) + 1
+        mix = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
+        s = (f"{self.out}: {self.arch}, {self.n_tensors} tensors ({mix}), {self.file_size / 2**20:.1f} MiB "
+             f"in {self.seconds:.1f} s")
+        if self.fallbacks:
+            s += f"\n{len(self.fallbacks)} tensor(s) fell back to another type (rows not a multiple of the block):"
+            for n, (a, b) in list(self.fallbacks.items())[:8]:
+                s += f"\n  {n}: {a} -> {b}"
+            if len(self.fallbacks) > 8:
+                s += f"\n  ... and {len(self.fallbacks) - 8} more"
+        return s
+
+
+def _tname(t: int) -> str:
+    return gguf.GGMLQuantizationType(t).name.lower()
+
+
+def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *, progress: bool = True,
+            n_threads: int = 2) -> ConvertReport:
+    """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
+
+    type: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m, or keep (GGUF input only: re-align, keep types).
+    Raises moelite.errors.ConversionError; on any failure no file is left at `out`."""
+    timer = gguf_out.Timer()
+    if type not in quant.TYPES:
+        raise ConversionError(f"unknown output type {type!r}; expected one of {', '.join(quant.TYPES)}")
+    out = Path(out)
+    source = open_source(src)
+    if isinstance(source, GGUFSource):
+        w, tensors, arch, n_layer, n_expert, notes = _from_gguf(source)
+    else:
+        if type == "keep":
+            raise ConversionError(f"{src}: type 'keep' applies to GGUF input only")
+        w, tensors, arch, n_layer, n_expert, notes = _from_hf(source)
+    planned = quant.plan(tensors, type, n_layer, n_expert)
+    if type != "keep":
+        w.add_file_type(int(quant.FILE_TYPES[type]))
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
+    size = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress)
+    return ConvertReport(
+        out=out, arch=arch, type=type, n_tensors=len(planned), file_size=size, seconds=timer(),
+        tensor_types={p.name: _tname(p.type) for p in planned},
+        fallbacks={p.name: (_tname(p.wanted), _tname(p.type)) for p in planned if p.wanted != p.type},
+        notes=notes)
+
+
+def _from_hf(source: HFSource):
+    cfg_src = str(source.dir / "config.json")
+    family = for_config(source.config, cfg_src)
+    c = Config(source.config, cfg_src)
+    w = gguf_out.new_writer(family.arch)
+    w.add_name(source.dir.name)
+    hp = family.hparams(c)
+    for key, value in hp.items():
+        if value is None:
+            continue
+        full = key if key.split(".")[0] in ("general", "tokenizer", "moelite") else f"{family.arch}.{key}"
+        gguf_out.add_kv(w, full, value)
+    n_vocab = c.int("vocab_size")
+    add_vocab(w, source.dir, n_vocab, family.tokenizer_pre)
+    weights = source.tensors()
+    family.sanitize(weights, c)
+    tensors = family.map_names(weights, c)
+    if not tensors or "token_embd.weight" not in dict(tensors):
+        raise ConversionError(f"{source.dir}: no model.embed_tokens.weight found among the checkpoint tensors")
+    if "output.weight" not in dict(tensors):  # tied embeddings: llama.cpp falls back to token_embd
+        pass
+    _check_shapes(tensors, hp, c, n_vocab, str(source.dir))
+    return w, tensors, family.arch, c.n_layer, c.n_expert, []
+
+
+def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config, n_vocab: int, src: str) -> None:
+    """A tensor whose shape contradicts config.json would load in neither llama.cpp nor moelite."""
+    H, E = hp["embedding_length"], hp["expert_count"]
+    I_exp = hp.get("expert_feed_forward_length", hp.get("feed_forward_length"))
+    want: dict[str, tuple[int, ...]] = {
+        "token_embd.weight": (n_vocab, H), "output.weight": (n_vocab, H), "output_norm.weight": (H,),
+        "ffn_gate_inp.weight": (E, H), "ffn_gate_exps.weight": (E, I_exp, H), "ffn_up_exps.weight": (E, I_exp, H),
+        "ffn_down_exps.weight": (E, H, I_exp), "attn_norm.weight": (H,),
+    }
+    for name, t in tensors:
+        key = re.sub(r"^blk\.\d+\.", "", name)
+        if key in want and tuple(t.shape) != want[key]:
+            raise ConversionError(
+                f"{t.src}: tensor {name} has shape {list(t.shape)} but config.json ({src}) implies "
+                f"{list(want[key])} (hidden_size={H}, experts={E}, expert intermediate={I_exp}, vocab={n_vocab})")
+
+
+def _from_gguf(source: GGUFSource):
+    w = gguf_out.new_writer(source.arch)
+    kv = {k: (v, vt, st) for k, v, vt, st in source.kv()}
+    for key, (value, vtype, sub) in kv.items():
+        if key in ("general.quantization_version",):
+            continue
+        gguf_out.add_kv(w, key, value, vtype, sub)
+    tensors = list(source.tensors().items())
+    arch = source.arch
+
+    def geti(key: str, default: int) -> int:
+        v = kv.get(f"{arch}.{key}")
+        return int(v[0]) if v is not None else default
+
+    return w, tensors, arch, geti("block_count", 0), geti("expert_count", 0), ["re-written from GGUF input"]

@@ -1,0 +1,102 @@
+"""Lazy tensors: a shape, a loader and an optional per-expert view, so that the converter plans the whole
+output (names, shapes, types, offsets) before it reads a byte, and then materialises one tensor at a time.
+
+`part(e)` gives the e-th slice along axis 0 without loading the others; the writer uses it to quantize a
+3-D expert tensor expert by expert (peak memory = one output tensor + one expert). Every op below keeps
+`part` working when it acts on trailing axes only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import numpy as np
+
+
+@dataclass
+class Lazy:
+    shape: tuple[int, ...]                      # numpy / torch order (outermost first)
+    loader: Callable[[], np.ndarray]            # -> float32 array (or uint8 for raw blocks) of `shape`
+    src: str                                    # where it comes from, for error messages
+    parter: Callable[[int], "Lazy"] | None = field(default=None, repr=False)
+    raw_type: int | None = None                 # ggml type id when the data is already packed (MXFP4, GGUF input)
+    f32_exact: bool = True                      # False when the source was lower precision than f32
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def load(self) -> np.ndarray:
+        a = self.loader()
+        if self.raw_type is None and tuple(a.shape) != tuple(self.shape):
+            raise AssertionError(f"{self.src}: loaded shape {a.shape} != planned {self.shape}")
+        return a
+
+    def part(self, e: int) -> "Lazy":
+        if self.parter is not None:
+            return self.parter(e)
+        return Lazy(self.shape[1:], lambda: self.load()[e], f"{self.src}[{e}]", raw_type=self.raw_type)
+
+    def map(self, fn: Callable[[np.ndarray], np.ndarray], shape: Sequence[int], what: str = "") -> "Lazy":
+        """fn acts on the trailing len(shape)-1... axes only, so parts map independently."""
+        shape = tuple(shape)
+        lead = self.ndim == len(shape) and self.ndim >= 3 and self.shape[0] == shape[0]
+        parter = (lambda e: self.part(e).map(fn, shape[1:], what)) if lead else None
+        return Lazy(shape, lambda: np.ascontiguousarray(fn(self.load())), f"{self.src}{what}", parter,
+                    self.raw_type, self.f32_exact)
+
+
+def stack(ts: Sequence[Lazy], src: str) -> Lazy:
+    """[n, *shape] from n lazy tensors of equal shape (the per-expert -> ffn_*_exps stacking)."""
+    ts = list(ts)
+    shape0 = ts[0].shape
+    for t in ts:
+        if t.shape != shape0:
+            from moelite.errors import ConversionError
+            raise ConversionError(f"{t.src}: shape {list(t.shape)} differs from {ts[0].src} {list(shape0)}; "
+                                  f"cannot stack into {src}")
+
+    def load() -> np.ndarray:
+        out = np.empty((len(ts), *shape0), dtype=np.float32)
+        for i, t in enumerate(ts):
+            out[i] = t.load()
+        return out
+
+    return Lazy((len(ts), *shape0), load, src, parter=lambda e: ts[e],
+                f32_exact=all(t.f32_exact for t in ts))
+
+
+def rows(t: Lazy, sl: slice, axis: int = -2) -> Lazy:
+    """A slice along one axis (gate/up halves, interleaved gate=[::2]/up=[1::2])."""
+    axis = axis % t.ndim
+    n = len(range(*sl.indices(t.shape[axis])))
+    shape = t.shape[:axis] + (n,) + t.shape[axis + 1:]
+    idx = (slice(None),) * axis + (sl,)
+    if axis == 0:
+        return Lazy(shape, lambda: np.ascontiguousarray(t.load()[idx]), f"{t.src}[{sl.start}:{sl.stop}:{sl.step}]",
+                    None, t.raw_type, t.f32_exact)
+    return t.map(lambda a: a[(slice(None),) * (a.ndim - t.ndim + axis) + (sl,)], shape,
+                 f"[..{sl.start}:{sl.stop}:{sl.step}]")
+
+
+def transpose_last(t: Lazy) -> Lazy:
+    """Swap the two innermost axes ([E, in, out] -> [E, out, in])."""
+    shape = t.shape[:-2] + (t.shape[-1], t.shape[-2])
+    return t.map(lambda a: np.swapaxes(a, -1, -2), shape, ".T")
+
+
+def permute_qk(t: Lazy, n_head: int) -> Lazy:
+    """llama.cpp's Q/K row permutation for the `llama` arch: per head, interleaved rotary pairs
+    (HF "rotate_half" order) -> GGUF order. Rows: [n_head * head_dim, ...]."""
+    n_rows = t.shape[0]
+
+    def fn(a: np.ndarray) -> np.ndarray:
+        return a.reshape(n_head, 2, n_rows // n_head // 2, *a.shape[1:]).swapaxes(1, 2).reshape(a.shape)
+
+    return Lazy(t.shape, lambda: np.ascontiguousarray(fn(t.load())), f"{t.src}.permute_qk", None,
+                t.raw_type, t.f32_exact)
+
+
+def const(a: np.ndarray, src: str) -> Lazy:
+    a = np.ascontiguousarray(a, dtype=np.float32)
+    return Lazy(tuple(a.shape), lambda: a, src)

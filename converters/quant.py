@@ -1,0 +1,167 @@
+"""Output types: which ggml type each tensor gets, and encoding a Lazy tensor into those bytes.
+
+Rules (llama.cpp's, re-stated):
+- Never quantized, always F32: tensors with fewer than 2 non-trivial dims (norms, biases, sinks,
+  exp_probs_b), routers (`ffn_gate_inp.weight`), anything not ending in "weight".
+- Plain types (f16, bf16, q8_0, q4_0, q4_k, q6_k) apply to every other tensor ("pure").
+- q4_k_m mixes like llama.cpp's Q4_K_M (src/llama-quant.cpp): base Q4_K; output.weight Q6_K;
+  attn_v / attn_kv_b Q6_K on "more bits" layers (first 1/8, last 1/8, every third between) or Q8_0 for
+  8-expert models; attn_k Q8_0 and attn_output Q5_K for 8-expert models; every ffn_down* (experts,
+  shared, dense) Q6_K on "more bits" layers.
+- Fallback when a row (ne[0]) is not a multiple of the block size: q4_k -> q5_0, q5_k -> q5_1,
+  q6_k -> q8_0 (llama.cpp's table), then any 32-block type -> f16 (and f16 always fits). Each fallback
+  is reported.
+- Packed input (GPT-OSS MXFP4 experts, or a GGUF input tensor) is copied as-is when the planned type is
+  its own type; with type "keep" every packed tensor keeps its type.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as T
+from gguf import LlamaFileType as FT
+
+from moelite.errors import ConversionError
+
+from .lazy import Lazy
+
+TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
+         "q6_k": T.Q6_K, "q4_k_m": T.Q4_K, "keep": None}
+FILE_TYPES = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
+              "q4_0": FT.MOSTLY_Q4_0, "q4_k": FT.MOSTLY_Q4_K_S, "q6_k": FT.MOSTLY_Q6_K, "q4_k_m": FT.MOSTLY_Q4_K_M}
+FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q8_0: T.F16, T.Q4_0: T.F16, T.Q5_0: T.F16,
+            T.Q5_1: T.F16, T.Q4_1: T.F16, T.MXFP4: T.Q8_0}
+
+
+def _core():
+    from moelite import _core
+    return _core
+
+
+def row_size(ggml_type: int, n_per_row: int) -> int:
+    block, size = GGML_QUANT_SIZES[T(ggml_type)]
+    return n_per_row // block * size
+
+
+def fits(ggml_type: int, n_per_row: int) -> bool:
+    return n_per_row % GGML_QUANT_SIZES[T(ggml_type)][0] == 0
+
+
+def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
+    return (sum(d > 1 for d in shape) < 2 or not name.endswith("weight") or "ffn_gate_inp" in name
+            or "_norm" in name or name.endswith("exp_probs_b.weight"))
+
+
+def _more_bits(i: int, n: int) -> bool:
+    return i < n // 8 or i >= 7 * n // 8 or (i - n // 8) % 3 == 2
+
+
+@dataclass
+class Planned:
+    name: str
+    lazy: Lazy
+    type: int                       # ggml type id written
+    wanted: int                     # type the plan asked for before fallback
+    n_per_row: int                  # ne[0]
+
+    @property
+    def byte_shape(self) -> tuple[int, ...]:
+        return (*self.lazy.shape[:-1], row_size(self.type, self.n_per_row))
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.byte_shape))
+
+
+def plan(tensors: list[tuple[str, Lazy]], type_name: str, n_layer: int, n_expert: int) -> list[Planned]:
+    if type_name not in TYPES:
+        raise ConversionError(f"unknown output type {type_name!r}; expected one of {', '.join(TYPES)}")
+    base = TYPES[type_name]
+    n_attn_v = sum(1 for n, _ in tensors if re.search(r"attn_(v|kv_b|qkv)\.weight$", n))
+    i_attn_v = 0
+    out = []
+    for name, t in tensors:
+        n_per_row = t.shape[-1]
+        raw = _raw_type(t)
+        if base is None:  # keep
+            want = raw if raw is not None else T.F32
+        elif keeps_f32(name, t.shape):
+            want = T.F32
+        elif raw is not None and raw == int(T.MXFP4) and type_name != "f32" and _is_expert(name):
+            want = T.MXFP4  # GPT-OSS experts stay MXFP4 unless f32 is asked for explicitly
+        else:
+            want = base
+            if type_name == "q4_k_m":
+                want = _q4_k_m(name, n_layer, n_expert, i_attn_v, n_attn_v)
+        if re.search(r"attn_(v|kv_b|qkv)\.weight$", name):
+            i_attn_v += 1
+        got = want
+        while not fits(int(got), n_per_row):
+            got = FALLBACK.get(T(got), T.F16)
+        out.append(Planned(name, t, int(got), int(want), n_per_row))
+    return out
+
+
+def _is_expert(name: str) -> bool:
+    return "_exps." in name
+
+
+def _raw_type(t: Lazy) -> int | None:
+    g = getattr(t, "gguf_raw", None)
+    if g is not None:
+        return int(g[0])
+    return t.raw_type if t.raw_type else None
+
+
+def _q4_k_m(name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn_v: int) -> int:
+    m = re.match(r"blk\.(\d+)\.", name)
+    bid = int(m.group(1)) if m else 0
+    if name == "output.weight":
+        return T.Q6_K
+    if re.search(r"attn_(v|kv_b|qkv)\.weight$", name):
+        if n_expert == 8:
+            return T.Q8_0
+        return T.Q6_K if _more_bits(i_attn_v, n_attn_v) else T.Q4_K
+    if name.endswith("attn_k.weight") and n_expert == 8:
+        return T.Q8_0
+    if name.endswith("attn_output.weight") and n_expert == 8:
+        return T.Q5_K
+    if "ffn_down" in name and _more_bits(bid, n_layer):
+        return T.Q6_K
+    return T.Q4_K
+
+
+def encode(p: Planned, n_threads: int) -> np.ndarray:
+    """Materialise one planned tensor as uint8 [*lead, row_size] in its ggml type."""
+    t = p.lazy
+    raw = _raw_type(t)
+    if raw is not None and raw == p.type:
+        data = getattr(t, "gguf_raw", None)
+        buf = np.ascontiguousarray(data[1]).view(np.uint8) if data is not None else t.load()
+        return buf.reshape(p.byte_shape)
+    if t.raw_type is not None and raw is not None and getattr(t, "gguf_raw", None) is None:
+        t = t.dequantized  # type: ignore[attr-defined]  # packed HF data (MXFP4) asked for as another type
+    out = np.empty(p.byte_shape, dtype=np.uint8)
+    if t.ndim >= 3:
+        for e in range(t.shape[0]):
+            out[e] = _encode_rows(t.part(e).load(), p.type, p.n_per_row, n_threads).reshape(out.shape[1:])
+    else:
+        out[...] = _encode_rows(t.load(), p.type, p.n_per_row, n_threads).reshape(out.shape)
+    return out
+
+
+def _encode_rows(a: np.ndarray, ggml_type: int, n_per_row: int, n_threads: int) -> np.ndarray:
+    a = np.ascontiguousarray(a, dtype=np.float32).reshape(-1, n_per_row)
+    if ggml_type == T.F32:
+        return a.view(np.uint8)
+    if ggml_type == T.F16:
+        return a.astype(np.float16).view(np.uint8)
+    if ggml_type == T.BF16:  # round to nearest even, as ggml_fp32_to_bf16 (NaN kept quiet)
+        u = a.view(np.uint32).astype(np.uint64)
+        r = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+        r[np.isnan(a)] = ((u[np.isnan(a)] >> 16) | 64).astype(np.uint16)
+        return r.view(np.uint8)
+    return np.asarray(_core().quantize(a, int(ggml_type), n_threads))

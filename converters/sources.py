@@ -1,0 +1,248 @@
+"""Checkpoint readers: a Hugging Face directory (safetensors, sharded or not) and a GGUF file, both as a
+dict of Lazy tensors. No tensor data is read until the writer asks for it.
+
+safetensors is parsed here (8-byte header length, JSON header, raw data) rather than with the
+`safetensors` numpy API because that API has no bfloat16 or float8; the header also lets us detect
+truncated shards before writing anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from moelite.errors import ConversionError
+
+from .lazy import Lazy
+
+_ST_DTYPES = {  # safetensors dtype -> (numpy storage dtype, itemsize)
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+_RAW_DTYPES = {"U8", "I8"}  # packed data (MXFP4 blocks / E8M0 scales): never converted to float
+
+
+def _fp8_e4m3_table() -> np.ndarray:
+    """float32 value of each of the 256 float8 e4m3fn codes (bias 7, no inf, 0x7f/0xff = NaN)."""
+    c = np.arange(256)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    exp, man = (c >> 3) & 0xF, c & 0x7
+    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    val = np.where((exp == 15) & (man == 7), np.nan, val)
+    return (sign * val).astype(np.float32)
+
+
+_FP8_TABLE = _fp8_e4m3_table()
+
+
+def to_f32(raw: np.ndarray, st_dtype: str) -> np.ndarray:
+    if st_dtype == "BF16":
+        return (raw.astype(np.uint32) << 16).view(np.float32)
+    if st_dtype == "F8_E4M3":
+        return _FP8_TABLE[raw]
+    return raw.astype(np.float32, copy=False)
+
+
+class SafetensorsFile:
+    """One .safetensors shard: header parsed and checked against the file size."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+                (n,) = struct.unpack("<Q", head)
+                if n > size - 8 or n > 100 << 20:
+                    raise ConversionError(f"{path}: truncated or corrupt safetensors file: header says "
+                                          f"{n} bytes of JSON, the file has {size} bytes")
+                header = json.loads(f.read(n))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{path}: cannot read safetensors header: {e}") from e
+        header.pop("__metadata__", None)
+        self.data_start = 8 + n
+        self.tensors: dict[str, dict[str, Any]] = header
+        for name, info in header.items():
+            dt = info.get("dtype")
+            if dt not in _ST_DTYPES:
+                raise ConversionError(f"{path}: tensor {name}: unsupported dtype {dt}")
+            begin, end = info["data_offsets"]
+            expect = math.prod(info["shape"]) * np.dtype(_ST_DTYPES[dt]).itemsize
+            if end - begin != expect:
+                raise ConversionError(f"{path}: tensor {name}: {end - begin} bytes for shape {info['shape']} "
+                                      f"{dt}, expected {expect}")
+            if self.data_start + end > size:
+                raise ConversionError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
+                                      f"{self.data_start + end}, the file has {size} bytes")
+
+    def lazy(self, name: str) -> Lazy:
+        info = self.tensors[name]
+        dt, shape = info["dtype"], tuple(info["shape"])
+        return self._lazy(name, dt, shape, self.data_start + info["data_offsets"][0])
+
+    def _lazy(self, name: str, dt: str, shape: tuple[int, ...], offset: int) -> Lazy:
+        np_dt = np.dtype(_ST_DTYPES[dt])
+        count = math.prod(shape)
+        path = self.path
+
+        def load() -> np.ndarray:
+            try:
+                raw = np.fromfile(path, dtype=np_dt, count=count, offset=offset)
+            except OSError as e:
+                raise ConversionError(f"{path}: cannot read tensor {name}: {e}") from e
+            if raw.size != count:
+                raise ConversionError(f"{path}: truncated while reading tensor {name}")
+            raw = raw.reshape(shape)
+            return raw if dt in _RAW_DTYPES else to_f32(raw, dt)
+
+        parter = None
+        if len(shape) >= 2:
+            stride = math.prod(shape[1:]) * np_dt.itemsize
+            parter = lambda e: self._lazy(f"{name}[{e}]", dt, shape[1:], offset + e * stride)  # noqa: E731
+        return Lazy(shape, load, f"{path.name}:{name}", parter,
+                    raw_type=0 if dt in _RAW_DTYPES else None, f32_exact=dt in ("F32", "F64"))
+
+
+class HFSource:
+    """A Hugging Face checkpoint directory."""
+
+    def __init__(self, src: Path):
+        self.dir = src
+        cfg_path = src / "config.json"
+        if not cfg_path.is_file():
+            raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory or a .gguf file)")
+        try:
+            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConversionError(f"{cfg_path}: invalid JSON: {e}") from e
+        self.shards = self._open_shards()
+
+    def _open_shards(self) -> dict[str, SafetensorsFile]:
+        index = self.dir / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+            except (OSError, json.JSONDecodeError, KeyError) as e:
+                raise ConversionError(f"{index}: invalid index file: {e}") from e
+            files = sorted(set(weight_map.values()))
+            for fn in files:
+                if not (self.dir / fn).is_file():
+                    first = next(k for k, v in weight_map.items() if v == fn)
+                    raise ConversionError(f"{self.dir / fn}: missing shard (listed in {index.name} for tensor "
+                                          f"{first} and others)")
+        else:
+            files = sorted(p.name for p in self.dir.glob("*.safetensors"))
+            if not files:
+                raise ConversionError(f"{self.dir}: no *.safetensors files and no model.safetensors.index.json")
+            weight_map = {}
+        shards = {fn: SafetensorsFile(self.dir / fn) for fn in files}
+        for fn, sf in shards.items():
+            for name in sf.tensors:
+                weight_map.setdefault(name, fn)
+        self.weight_map = {k: v for k, v in weight_map.items() if k in shards[v].tensors}
+        missing = sorted(set(weight_map) - set(self.weight_map))
+        if missing:
+            raise ConversionError(f"{self.dir / weight_map[missing[0]]}: tensor {missing[0]} is listed in the "
+                                  f"index but not in the shard")
+        return shards
+
+    def tensors(self) -> dict[str, Lazy]:
+        """HF name -> Lazy float32 tensor. FP8 weights with `*.weight_scale_inv` come back dequantized;
+        uint8 tensors (MXFP4 `*_blocks` / `*_scales`) come back raw."""
+        out = {name: self.shards[fn].lazy(name) for name, fn in sorted(self.weight_map.items())}
+        block = (self.config.get("quantization_config") or {}).get("weight_block_size", [128, 128])
+        for name in [n for n in out if n.endswith(".weight_scale_inv")]:
+            wname = name[: -len("_scale_inv")]
+            if wname not in out:
+                raise ConversionError(f"{self.dir}: {name} has no matching {wname}")
+            out[wname] = _dequant_fp8_blocks(out[wname], out.pop(name), tuple(block))
+        return out
+
+
+def _dequant_fp8_blocks(w: Lazy, s: Lazy, block: tuple[int, int]) -> Lazy:
+    """DeepSeek-V3 FP8: w [out, in] e4m3 (already mapped to float) * scale_inv [ceil(out/b0), ceil(in/b1)]."""
+    rows_, cols = w.shape[-2:]
+    want = (math.ceil(rows_ / block[0]), math.ceil(cols / block[1]))
+    if tuple(s.shape[-2:]) != want:
+        raise ConversionError(f"{s.src}: FP8 scale shape {list(s.shape)}, expected {list(want)} for weight "
+                              f"{list(w.shape)} with {block[0]}x{block[1]} blocks")
+
+    def load() -> np.ndarray:
+        sc = s.load()
+        sc = np.repeat(np.repeat(sc, block[0], axis=-2), block[1], axis=-1)[..., :rows_, :cols]
+        return w.load() * sc
+
+    return Lazy(w.shape, load, f"{w.src}(fp8*scale_inv)", None, None, False)
+
+
+class GGUFSource:
+    """An existing GGUF file (re-quantize or re-align). Tensors keep their ggml type (raw_type) and are
+    dequantized only when the output type differs."""
+
+    def __init__(self, path: Path):
+        import gguf
+        try:
+            self.reader = gguf.GGUFReader(str(path), "r")
+        except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct.error/OSError
+            raise ConversionError(f"{path}: not a readable GGUF file: {e}") from e
+        self.path = path
+        arch = self.reader.get_field("general.architecture")
+        if arch is None:
+            raise ConversionError(f"{path}: GGUF has no general.architecture key")
+        self.arch = str(arch.contents())
+
+    def kv(self) -> list[tuple[str, Any, Any, Any]]:
+        """(key, value, GGUFValueType, sub type) for every key except those the writer sets itself."""
+        out = []
+        for f in self.reader.fields.values():
+            if f.name.startswith("GGUF.") or f.name in ("general.alignment", "general.architecture",
+                                                         "general.file_type"):
+                continue
+            vtype = f.types[0]
+            sub = f.types[-1] if len(f.types) > 1 else None
+            out.append((f.name, f.contents(), vtype, sub))
+        return out
+
+    def tensors(self) -> dict[str, Lazy]:
+        from moelite import _core
+        out: dict[str, Lazy] = {}
+        for t in self.reader.tensors:
+            shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne -> numpy order
+            ttype = int(t.tensor_type)
+            data = t.data
+
+            def load(data=data, ttype=ttype, shape=shape, name=t.name) -> np.ndarray:
+                if ttype == 0:
+                    return np.array(data, dtype=np.float32).reshape(shape)
+                try:
+                    flat = _core.dequantize(np.ascontiguousarray(data).view(np.uint8).reshape(-1), ttype,
+                                            math.prod(shape))
+                except Exception as e:  # noqa: BLE001
+                    raise ConversionError(f"{self.path}: tensor {name}: cannot dequantize ggml type "
+                                          f"{ttype}: {e}") from e
+                return np.asarray(flat, dtype=np.float32).reshape(shape)
+
+            lz = Lazy(shape, load, f"{self.path.name}:{t.name}", f32_exact=ttype == 0)
+            lz.gguf_raw = (ttype, data)  # type: ignore[attr-defined]
+            out[t.name] = lz
+        return out
+
+
+def open_source(src: str | os.PathLike) -> HFSource | GGUFSource:
+    p = Path(src)
+    if not p.exists():
+        raise ConversionError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return HFSource(p)
+    with open(p, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF":
+        return GGUFSource(p)
+    raise ConversionError(f"{p}: not a Hugging Face model directory and not a GGUF file (magic {magic!r})")

@@ -1,0 +1,215 @@
+"""Tiny random Hugging Face MoE checkpoints for tests, one per family, built with transformers.
+
+    make_hf_model("qwen3_moe", tmp)            -> Path of a cached HF directory (config.json, sharded
+                                                  model-0000x-of-0000y.safetensors + index, tokenizer.json,
+                                                  tokenizer_config.json with a chat template, generation_config.json)
+    hf_logits(model_dir, [1, 2, 3])            -> np.ndarray [n_tokens, n_vocab] float32
+    hf_greedy(model_dir, [1, 2, 3], n=8)       -> list[int] (the n generated ids)
+
+Fixtures are cached under tests/.fixtures/ (git-ignored), keyed by family, seed and overrides, and built
+atomically (temp dir + rename), so parallel test runs share them. `out_dir` is accepted for API symmetry
+but the cache is what is returned: pass out_dir=None.
+
+The configs follow real checkpoints and avoid the llama.cpp traps listed in FAMILIES.md (qwen3_moe
+norm_topk_prob=True, qwen2_moe False + shared expert, olmoe n_kv_heads == n_heads, deepseek_v2 with
+q_lora_rank, deepseek_v3 with groups and a non-zero e_score_correction_bias, gpt_oss sliding/full layers
+with sinks and yarn, granitemoe non-trivial multipliers). All 1-D parameters (norm weights, biases, sinks)
+are perturbed away from their 1/0 init so that a wrong norm or bias mapping shows up in logits.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FIXTURE_ROOT = Path(__file__).resolve().parent / ".fixtures"
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
+            "granitemoe", "granitemoeshared", "phimoe")
+_FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+VOCAB_SIZE = 320  # tokenizer size; configs use the same vocab_size
+
+_COMMON = dict(vocab_size=VOCAB_SIZE, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+               bos_token_id=0, eos_token_id=2, pad_token_id=0, tie_word_embeddings=False)
+
+# family -> transformers config kwargs (on top of _COMMON)
+CONFIGS: dict[str, dict[str, Any]] = {
+    "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5),
+    "phimoe": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e4, rms_norm_eps=1e-5,
+                   attention_bias=True, lm_head_bias=True, router_jitter_noise=0.0, input_jitter_noise=0.0),
+    "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                      shared_expert_intermediate_size=64, norm_topk_prob=False, rms_norm_eps=1e-6,
+                      rope_theta=1e6, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True),
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
+                      norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, decoder_sparse_step=1,
+                      mlp_only_layers=[]),
+    "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=4,
+                  rms_norm_eps=1e-5, rope_theta=1e4, norm_topk_prob=False, pad_token_id=0),
+    "deepseek_v2": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=2,
+                        num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                        topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
+                        routed_scaling_factor=1.0, rms_norm_eps=1e-6, num_hidden_layers=3,
+                        rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=40.0, beta_fast=32.0,
+                                             beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
+                                             original_max_position_embeddings=128)),
+    "deepseek_v3": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                        num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=32, q_lora_rank=48,
+                        qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                        n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                        rms_norm_eps=1e-6, num_hidden_layers=3, rope_interleave=True, rope_theta=1e4),
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=16,
+                    num_attention_heads=4, num_key_value_heads=2, sliding_window=8, attention_bias=True,
+                    layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5,
+                    rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
+                                         beta_slow=1.0, truncate=False, original_max_position_embeddings=128)),
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, rope_theta=1e4,
+                       embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
+                       attention_multiplier=0.0078125, rms_norm_eps=1e-6),
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, rope_theta=1e4,
+                             shared_intermediate_size=64, embedding_multiplier=12.0, logits_scaling=8.0,
+                             residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
+}
+
+
+def _corpus() -> str:
+    words = ("the of and to in is that expert router token layer cache memory disk model weight tensor "
+             "mixture sparse dense gate up down shared attention key value head rope norm bias quant block "
+             "a an it on for with as by from at be this are was not or we you they he she can will one two "
+             "three hello world data file read write stream byte page align fast slow hit miss load store").split()
+    rng = random.Random(1234)
+    lines = []
+    for _ in range(160):
+        n = rng.randint(5, 14)
+        s = " ".join(rng.choice(words) for _ in range(n))
+        lines.append(s.capitalize() + rng.choice([".", "!", "?", ",", ";"]) + f" {rng.randint(0, 999)}")
+    return "\n".join(lines) + "\n"
+
+
+def _make_tokenizer(out: Path) -> None:
+    """Byte-level BPE (GPT-2 pre-tokenizer) trained on a few KB of generated text; no hub download."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([_corpus()] * 4, trainer=trainer)
+    assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
+    tok.save(str(out / "tokenizer.json"))
+    added = {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
+                      "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    (out / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
+        "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+        "model_max_length": 512, "clean_up_tokenization_spaces": False, "chat_template": CHAT_TEMPLATE}, indent=2))
+    (out / "special_tokens_map.json").write_text(json.dumps(
+        {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}, indent=2))
+
+
+def _key(family: str, seed: int, overrides: dict[str, Any]) -> str:
+    blob = json.dumps({"v": _FIXTURE_VERSION, "f": family, "s": seed, "o": overrides}, sort_keys=True, default=str)
+    return f"{family}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
+
+
+def _config(family: str, overrides: dict[str, Any]):
+    from transformers import AutoConfig
+    kw = {**_COMMON, **CONFIGS[family], **overrides}
+    if "rope_theta" in kw and "rope_parameters" not in kw:
+        kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+    kw.pop("rope_theta", None)
+    cfg = AutoConfig.for_model(family, **kw)
+    return cfg
+
+
+def _perturb(model, seed: int) -> None:
+    """Move norm weights off 1, biases off 0, router correction bias off 0 (deterministic)."""
+    import torch
+    g = torch.Generator().manual_seed(seed + 7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim == 1:
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(torch.rand(b.shape, generator=g) * 0.2)
+
+
+def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed: int = 0,
+                  **config_overrides: Any) -> Path:
+    """Build (or reuse) a tiny random HF checkpoint of `family`; returns its directory."""
+    if family not in CONFIGS:
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+    del out_dir  # the cache is the output
+    FIXTURE_ROOT.mkdir(parents=True, exist_ok=True)
+    final = FIXTURE_ROOT / _key(family, seed, config_overrides)
+    if (final / "config.json").exists():
+        return final
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+    torch.set_num_threads(1)
+    tmp = Path(tempfile.mkdtemp(prefix=f".build-{family}-", dir=FIXTURE_ROOT))
+    try:
+        cfg = _config(family, config_overrides)
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+        _perturb(model, seed)
+        model.eval()
+        # ~2 shards so the index file and multi-shard reading are exercised
+        n_bytes = sum(p.numel() * 4 for p in model.parameters())
+        model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max(n_bytes // 2 + 1, 50_000))
+        GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
+                         pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(tmp)
+        _make_tokenizer(tmp)
+        try:
+            tmp.rename(final)
+        except OSError:  # another process won the race
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def _load(model_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+    torch.set_num_threads(1)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    model.eval()
+    return model
+
+
+def hf_logits(model_dir, token_ids) -> np.ndarray:
+    """Logits of transformers for one sequence: [n_tokens, n_vocab] float32."""
+    import torch
+    model = _load(model_dir)
+    with torch.no_grad():
+        out = model(torch.tensor([list(token_ids)], dtype=torch.long))
+    return out.logits[0].float().numpy()
+
+
+def hf_greedy(model_dir, token_ids, n: int) -> list[int]:
+    """n greedily generated ids after `token_ids` (no EOS stop)."""
+    import torch
+    model = _load(model_dir)
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                             attention_mask=torch.ones_like(ids), pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
