@@ -1,0 +1,155 @@
+"""Next-token sampling and stop strings.
+
+`Sampler.sample(logits, history)` runs llama.cpp's chain order:
+repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw from a seeded numpy Generator.
+Temperature 0 is greedy: argmax after the repetition penalty, lowest id on ties.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+
+from moelite.errors import UsageError
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    temperature: float = 0.0         # 0: greedy
+    top_k: int = 0                   # 0: off
+    top_p: float = 1.0               # 1: off; keep the smallest set of most likely tokens with mass >= top_p
+    min_p: float = 0.0               # 0: off; keep tokens with p >= min_p * p_max
+    repetition_penalty: float = 1.0  # 1: off; for ids in history: logit / rp if > 0 else logit * rp
+    seed: int | None = None          # None: fresh OS entropy
+
+    def __post_init__(self) -> None:
+        def bad(name: str, want: str) -> UsageError:
+            return UsageError(f"sampler option {name}={getattr(self, name)!r}: expected {want}")
+
+        if not _is_real(self.temperature) or self.temperature < 0:
+            raise bad("temperature", "a finite number >= 0")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise bad("top_k", "an integer >= 0 (0 = off)")
+        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
+            raise bad("top_p", "a number in (0, 1]")
+        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
+            raise bad("min_p", "a number in [0, 1]")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            raise bad("repetition_penalty", "a finite number > 0 (1 = off)")
+        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
+            raise bad("seed", "None or an integer >= 0")
+
+
+def _is_real(x: object) -> bool:
+    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+
+
+class Sampler:
+    """Stateful only through its random generator: the same seed and inputs give the same ids."""
+
+    def __init__(self, config: SamplerConfig | None = None) -> None:
+        self.config = config or SamplerConfig()
+        self.rng = np.random.default_rng(self.config.seed)
+
+    def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
+        """logits: [n_vocab] scores of the next token; history: ids so far (prompt + generated)."""
+        cfg = self.config
+        logits = np.asarray(logits)
+        if logits.ndim != 1 or logits.size == 0:
+            raise UsageError(f"logits must be a non-empty 1-D array [n_vocab], got shape {logits.shape}")
+        if np.isnan(logits).any():
+            raise UsageError("logits contain NaN")
+        x = logits.astype(np.float64)  # [n_vocab], a copy
+
+        if cfg.repetition_penalty != 1.0 and len(history):
+            seen = np.unique(np.asarray(history, dtype=np.int64))
+            if seen.min() < 0 or seen.max() >= x.size:
+                raise UsageError(f"history holds ids outside [0, {x.size}); vocab size is {x.size}")
+            s = x[seen]
+            x[seen] = np.where(s > 0, s / cfg.repetition_penalty, s * cfg.repetition_penalty)
+
+        if cfg.temperature == 0.0:
+            return int(np.argmax(x))  # first maximum: lowest id on ties
+
+        ids = _top_k(x, cfg.top_k) if 0 < cfg.top_k < x.size else np.arange(x.size)  # [n_cand]
+        z = x[ids]
+        if not np.isfinite(z.max()):
+            raise UsageError("all logits are -inf: nothing to sample")
+        if cfg.top_p < 1.0:
+            order = np.lexsort((ids, -z))  # most likely first, lowest id first on ties
+            ids, z = ids[order], z[order]
+            p = np.exp(z - z[0])
+            cum = np.cumsum(p / p.sum())
+            keep = int(np.searchsorted(cum, cfg.top_p, side="left")) + 1  # smallest prefix with mass >= top_p
+            ids, z = ids[:keep], z[:keep]
+        if cfg.min_p > 0.0:
+            mask = z >= z.max() + math.log(cfg.min_p)  # p_i >= min_p * p_max, in logit space
+            ids, z = ids[mask], z[mask]
+
+        z = z / cfg.temperature
+        p = np.exp(z - z.max())
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(i, ids.size - 1)])
+
+
+def _top_k(x: np.ndarray, k: int) -> np.ndarray:
+    """Ids of the k largest logits; at the boundary value the lowest ids win."""
+    kth = np.partition(x, x.size - k)[x.size - k]  # the k-th largest value
+    above = np.flatnonzero(x > kth)
+    at = np.flatnonzero(x == kth)[:k - above.size]
+    return np.concatenate([above, at])
+
+
+class StopChecker:
+    """Finds stop strings in streamed text. `push(piece)` returns the text that is safe to show: text that
+    could still be the start of a stop string is held back until the next piece decides. When a stop
+    string completes, `stopped` turns True and `push` returns the text before it (then only "")."""
+
+    def __init__(self, stop_strings: Sequence[str] = ()) -> None:
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if any(not isinstance(s, str) or not s for s in stop_strings):
+            raise UsageError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
+        self.stop_strings = tuple(stop_strings)
+        self.stopped = False
+        self.stop_string: str | None = None  # the one that matched
+        self._held = ""
+
+    def push(self, piece: str) -> str:
+        if self.stopped:
+            return ""
+        text = self._held + piece
+        hits = [(text.find(s), s) for s in self.stop_strings]
+        hits = [(i, s) for i, s in hits if i >= 0]
+        if hits:
+            i, s = min(hits, key=lambda h: (h[0], -len(h[1])))
+            self.stopped, self.stop_string, self._held = True, s, ""
+            return text[:i]
+        hold = self._partial_suffix(text)
+        self._held = text[len(text) - hold:] if hold else ""
+        return text[:len(text) - hold]
+
+    def flush(self) -> str:
+        """At the end of generation: the held-back text (it did not become a stop string)."""
+        text, self._held = self._held, ""
+        return "" if self.stopped else text
+
+    def _partial_suffix(self, text: str) -> int:
+        """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
+        best = 0
+        for s in self.stop_strings:
+            for n in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:n]):
+                    best = n
+                    break
+        return best
+
+
+__all__ = ["SamplerConfig", "Sampler", "StopChecker"]
