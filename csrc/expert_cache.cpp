@@ -1,1 +1,268 @@
+#include "expert_cache.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+
+#include "common.h"
+#include "ggml-cpu.h"
+
+namespace moelite {
+
+static constexpr uint64_t kPage = 4096;
+static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
+
+ExpertCache::ExpertCache(const std::string & path, int n_layer, int n_expert)
+    : path_(path), n_layer_(n_layer), n_expert_(n_expert), layers_(n_layer), pinned_(n_layer) {
+    reopen();
+}
+
+ExpertCache::~ExpertCache() {
+    if (fd_ >= 0) close(fd_);
+    if (fd_direct_ >= 0) close(fd_direct_);
+    for (auto & p : pools_)
+        for (int r = 0; r < 3; ++r) {
+            if (p.buf[r]) ggml_backend_buffer_free(p.buf[r]);
+            free(p.mem[r]);
+        }
+    if (ctx_) ggml_free(ctx_);
+}
+
+void ExpertCache::reopen() {
+    if (fd_ >= 0) close(fd_);
+    if (fd_direct_ >= 0) close(fd_direct_);
+    fd_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd_ < 0) throw IOError(path_ + ": cannot open for expert reads: " + strerror(errno));
+#ifdef O_DIRECT
+    fd_direct_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);   // -1 where the filesystem refuses it
+#endif
+    struct stat st;
+    fstat(fd_, &st);
+    file_size_ = (uint64_t) st.st_size;
+}
+
+uint64_t ExpertCache::expert_bytes(const TensorInfo & g, const TensorInfo & u, const TensorInfo & d) {
+    return round_up(g.nb2(), kPage) + round_up(u.nb2(), kPage) + round_up(d.nb2(), kPage);
+}
+
+void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down) {
+    const TensorInfo * t[3] = {&gate, &up, &down};
+    int pool = -1;
+    for (size_t p = 0; p < pools_.size() && pool < 0; ++p) {
+        bool same = true;
+        for (int r = 0; r < 3; ++r)
+            same = same && pools_[p].type[r] == t[r]->type && pools_[p].ne0[r] == t[r]->ne[0] &&
+                   pools_[p].ne1[r] == t[r]->ne[1];
+        if (same) pool = (int) p;
+    }
+    if (pool < 0) {
+        Pool P;
+        for (int r = 0; r < 3; ++r) {
+            P.type[r] = t[r]->type;
+            P.ne0[r] = t[r]->ne[0];
+            P.ne1[r] = t[r]->ne[1];
+            P.slot_bytes[r] = round_up(t[r]->nb2(), kPage);
+        }
+        pools_.push_back(P);
+        pool = (int) pools_.size() - 1;
+    }
+    CacheLayer & L = layers_[il];
+    L.pool = pool;
+    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->offset, t[r]->nb2(), t[r]->nb2()};
+    L.slot_of.assign(n_expert_, -1);
+}
+
+void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t /*backend*/) {
+    for (int il = 0; il < n_layer_; ++il) {
+        CacheLayer & L = layers_[il];
+        if (L.pool < 0) continue;
+        Pool & P = pools_[L.pool];
+        L.base = P.n_slots;
+        L.quota = slots_per_layer[il];
+        P.n_slots += L.quota;
+    }
+    ggml_init_params ip = {ggml_tensor_overhead() * (pools_.size() * 3 + 1), nullptr, true};
+    ctx_ = ggml_init(ip);
+    slots_.resize(pools_.size());
+    for (size_t p = 0; p < pools_.size(); ++p) {
+        Pool & P = pools_[p];
+        slots_[p].assign(P.n_slots, Slot{});
+        for (int r = 0; r < 3; ++r) {
+            const size_t bytes = P.slot_bytes[r] * (size_t) std::max(P.n_slots, 1);
+            if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
+                throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+            std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
+            P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
+            ggml_tensor * t = ggml_new_tensor_3d(ctx_, P.type[r], P.ne0[r], P.ne1[r], std::max(P.n_slots, 1));
+            t->nb[2] = P.slot_bytes[r];                    // padded slot stride
+            t->nb[3] = P.slot_bytes[r] * t->ne[2];
+            ggml_backend_tensor_alloc(P.buf[r], t, P.mem[r]);
+            P.arena[r] = t;
+        }
+    }
+}
+
+size_t ExpertCache::arena_bytes() const {
+    size_t b = 0;
+    for (auto & P : pools_) b += (P.slot_bytes[0] + P.slot_bytes[1] + P.slot_bytes[2]) * P.n_slots;
+    return b;
+}
+
+int ExpertCache::distinct(const int32_t * ids, int n) const {
+    std::vector<char> seen(n_expert_, 0);
+    int d = 0;
+    for (int i = 0; i < n; ++i)
+        if (!seen[ids[i]]) { seen[ids[i]] = 1; ++d; }
+    return d;
+}
+
+void ExpertCache::touch(Slot & s, CacheLayer & L) {
+    s.last = ++tick_;
+    s.count += 1;
+    s.prio = (double) s.count + L.lfuda_age;
+    if (s.prefetched) { s.prefetched = false; L.stats.prefetch_hits++; }
+}
+
+// Victim among the layer's slots: empty first; never a pinned or loading slot, never one needed now.
+int ExpertCache::choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now) {
+    auto & S = slots_[L.pool];
+    (void) P;
+    int best = -1;
+    std::vector<char> protect;
+    if (policy_ == Policy::CONSISTENCY) {
+        protect.assign(n_expert_, 0);
+        for (auto & tok : L.recent)
+            for (int e : tok) protect[e] = 1;
+    }
+    auto better = [&](const Slot & a, const Slot & b) {   // is a a better victim than b?
+        switch (policy_) {
+            case Policy::LRU: return a.last < b.last;
+            case Policy::LFU: return a.count != b.count ? a.count < b.count : a.last < b.last;
+            case Policy::LFUDA: return a.prio != b.prio ? a.prio < b.prio : a.last < b.last;
+            case Policy::CONSISTENCY: {
+                const bool pa = protect[a.expert], pb = protect[b.expert];
+                return pa != pb ? !pa : a.last < b.last;
+            }
+        }
+        return false;
+    };
+    for (int s = L.base; s < L.base + L.quota; ++s) {
+        Slot & c = S[s];
+        if (c.state == SLOT_EMPTY) return s;
+        if (c.pins > 0 || c.state == SLOT_LOADING || needed_now[c.expert]) continue;
+        if (best < 0 || better(c, S[best])) best = s;
+    }
+    return best;
+}
+
+void ExpertCache::read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap) {
+    // O_DIRECT when offset is page aligned and the rounded read stays inside the file and the slot
+    const uint64_t n_up = round_up(n, kPage);
+    if (fd_direct_ >= 0 && off % kPage == 0 && n_up <= cap && off + n_up <= file_size_) {
+        uint64_t done = 0;
+        bool ok = true;
+        while (done < n_up) {
+            ssize_t r = pread(fd_direct_, (char *) dst + done, n_up - done, off + done);
+            if (r <= 0) { ok = false; break; }
+            done += (uint64_t) r;
+        }
+        if (ok) return;
+    }
+    uint64_t done = 0;
+    while (done < n) {
+        ssize_t r = pread(fd_, (char *) dst + done, n - done, off + done);
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0)
+            throw IOError(path_ + ": expert read of " + std::to_string(n) + " bytes at offset " + std::to_string(off) +
+                          " failed: " + (r == 0 ? std::string("unexpected end of file (truncated?)") : strerror(errno)));
+        done += (uint64_t) r;
+    }
+}
+
+void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
+    auto & S = slots_[L.pool][slot];
+    if (S.expert >= 0) { L.slot_of[S.expert] = -1; L.stats.evictions++; if (S.prefetched) L.stats.prefetch_wasted++; }
+    if (policy_ == Policy::LFUDA && S.expert >= 0) L.lfuda_age = S.prio;
+    S.expert = -1;
+    S.state = SLOT_LOADING;
+    try {
+        for (int r = 0; r < 3; ++r) {
+            const ExpertSource & src = L.src[r];
+            read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], src.offset + (uint64_t) expert * src.stride,
+                       src.nbytes, P.slot_bytes[r]);
+            L.stats.bytes_read += src.nbytes;
+        }
+    } catch (...) {
+        S.state = SLOT_EMPTY;
+        throw;
+    }
+    S.expert = expert;
+    S.state = SLOT_READY;
+    S.count = 0;
+    S.prefetched = false;
+    L.slot_of[expert] = slot;
+    L.stats.loads++;
+}
+
+bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+    std::lock_guard<std::mutex> lock(mu_);
+    CacheLayer & L = layers_[il];
+    Pool & P = pools_[L.pool];
+    auto & S = slots_[L.pool];
+    std::vector<char> needed(n_expert_, 0);
+    int d = 0;
+    for (int i = 0; i < n; ++i)
+        if (!needed[ids[i]]) { needed[ids[i]] = 1; ++d; }
+    if (d > L.quota) return false;
+    const auto t0 = std::chrono::steady_clock::now();
+    bool stalled = false;
+    std::vector<char> done(n_expert_, 0);
+    for (int i = 0; i < n; ++i) {
+        const int e = ids[i];
+        int s = L.slot_of[e];
+        if (s >= 0 && S[s].state == SLOT_READY) {
+            if (!done[e]) L.stats.hits++;
+        } else {
+            L.stats.misses++;
+            s = choose_victim(L, P, needed);
+            if (s < 0) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
+            stalled = true;
+            load(L, P, s, e);
+        }
+        if (!done[e]) {
+            done[e] = 1;
+            S[s].pins++;
+            pinned_[il].push_back(s);
+        }
+        touch(S[s], L);
+        slots_out[i] = s;   // slot index inside the pool tensors
+    }
+    if (stalled)
+        L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    return true;
+}
+
+void ExpertCache::release(int il) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto & S = slots_[layers_[il].pool];
+    for (int s : pinned_[il]) S[s].pins--;
+    pinned_[il].clear();
+}
+
+void ExpertCache::note_token_experts(int il, const int32_t * ids, int k) {
+    CacheLayer & L = layers_[il];
+    L.recent.emplace_back(ids, ids + k);
+    while ((int) L.recent.size() > window_m_) L.recent.pop_front();
+}
+
+void ExpertCache::reset_stats() {
+    for (auto & L : layers_) L.stats = LayerStats{};
+}
+
+}  // namespace moelite

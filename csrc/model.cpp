@@ -1,2 +1,616 @@
-#include "bindings.h"
-void bind_model(pybind11::module_ &) {}
+// Model: loading (dense weights resident, experts through the ExpertCache) and the forward pass.
+//
+// One evaluation step over T tokens, per layer il:
+//   graph A (run_attn):    x -> attention (KV cache) -> ffn_inp = x + attn; h = ffn_norm(ffn_inp);
+//                          dense layer: x = ffn_inp + ffn(h); MoE layer: router logits = W_gate_inp h
+//   host (route):          top-k expert ids + weights per token (softmax / sigmoid+groups / sparsemixer)
+//   cache (acquire):       expert ids -> slot ids, loading misses from disk
+//   graph B (run_experts): x = ffn_inp + sum_k w_k * down_k(act(gate_k h, up_k h)) [+ shared expert]
+// Experts are always computed by ggml_mul_mat_id over the slot arenas, resident or not.
+#include "model.h"
+
+#include <fcntl.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
+#include <cmath>
+#include <cstring>
+#include <numeric>
+
+#include "common.h"
+#include "ggml-cpu.h"
+
+namespace moelite {
+
+static constexpr int kMaxNodes = 4096;
+
+static std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }
+
+Model::Model(const std::string & path, const HParams & hp, const ModelOptions & opt) : path_(path), hp_(hp), opt_(opt) {
+    idx_ = std::make_unique<GGUFIndex>(path);
+    backend_ = ggml_backend_cpu_init();
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(opt_.n_threads);
+    threadpool_ = ggml_threadpool_new(&tpp);
+    ggml_backend_cpu_set_threadpool(backend_, threadpool_);
+    ggml_backend_cpu_set_n_threads(backend_, opt_.n_threads);
+
+    const size_t n_tensors = idx_->tensors.size() + 16;
+    ggml_init_params ip = {ggml_tensor_overhead() * n_tensors, nullptr, true};
+    ctx_w_ = ggml_init(ip);
+    build_layers();
+
+    // read the dense tensors into one backend buffer
+    buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
+    if (!buf_w_ && !to_read_.empty()) throw BudgetError("cannot allocate memory for the dense weights");
+    dense_bytes_ = buf_w_ ? ggml_backend_buffer_get_size(buf_w_) : 0;
+    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw IOError(path + ": " + strerror(errno));
+    for (auto & [t, info] : to_read_) {
+        uint64_t done = 0;
+        while (done < info->nbytes) {
+            ssize_t r = pread(fd, (char *) t->data + done, info->nbytes - done, info->offset + done);
+            if (r <= 0) {
+                close(fd);
+                throw FormatError(path + ": reading tensor '" + info->name + "' failed (truncated file?)");
+            }
+            done += (uint64_t) r;
+        }
+    }
+    close(fd);
+
+    // expert cache: quota per MoE layer (all experts when not given)
+    std::vector<int> quota(hp_.n_layer, 0);
+    for (int il = 0; il < hp_.n_layer; ++il)
+        if (layers_[il].moe) {
+            quota[il] = opt_.expert_slots.empty() ? hp_.n_expert : opt_.expert_slots[il];
+            if (quota[il] < hp_.n_expert_used)
+                throw BudgetError("layer " + std::to_string(il) + ": " + std::to_string(quota[il]) +
+                                  " expert slots is fewer than n_expert_used = " + std::to_string(hp_.n_expert_used));
+            quota[il] = std::min(quota[il], hp_.n_expert);
+        }
+    cache_->finalize(quota, backend_);
+    cache_->set_policy((Policy) opt_.policy, opt_.window_m);
+    alloc_kv();
+    galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
+    graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+
+    // fully resident: load every expert now so that the first tokens do not pay for disk reads
+    if (opt_.expert_slots.empty()) {
+        std::vector<int32_t> ids(hp_.n_expert), slots(hp_.n_expert);
+        std::iota(ids.begin(), ids.end(), 0);
+        for (int il = 0; il < hp_.n_layer; ++il)
+            if (layers_[il].moe) { cache_->acquire(il, ids.data(), hp_.n_expert, slots.data()); cache_->release(il); }
+        cache_->reset_stats();
+    }
+}
+
+Model::~Model() {
+    cache_.reset();
+    if (galloc_) ggml_gallocr_free(galloc_);
+    if (buf_kv_) ggml_backend_buffer_free(buf_kv_);
+    if (ctx_kv_) ggml_free(ctx_kv_);
+    if (buf_w_) ggml_backend_buffer_free(buf_w_);
+    if (ctx_w_) ggml_free(ctx_w_);
+    if (backend_) ggml_backend_free(backend_);
+    if (threadpool_) ggml_threadpool_free(threadpool_);
+}
+
+ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_dims_expect, std::vector<int64_t> shape) {
+    const TensorInfo * t = idx_->find(name);
+    if (!t) {
+        if (required) throw FormatError(path_ + ": missing tensor '" + name + "' (required by architecture '" + hp_.arch + "')");
+        return nullptr;
+    }
+    if (n_dims_expect > 0 && t->n_dims > n_dims_expect)
+        throw FormatError(path_ + ": tensor '" + name + "' has " + std::to_string(t->n_dims) + " dims, expected " +
+                          std::to_string(n_dims_expect));
+    for (size_t d = 0; d < shape.size(); ++d)
+        if (shape[d] > 0 && t->ne[d] != shape[d])
+            throw FormatError(path_ + ": tensor '" + name + "' has ne[" + std::to_string(d) + "] = " + std::to_string(t->ne[d]) +
+                              ", expected " + std::to_string(shape[d]));
+    ggml_tensor * g = ggml_new_tensor(ctx_w_, t->type, std::max(1, t->n_dims), t->ne);
+    ggml_set_name(g, name.c_str());
+    to_read_.push_back({g, t});
+    return g;
+}
+
+void Model::build_layers() {
+    const HParams & h = hp_;
+    const int64_t E = h.n_embd;
+    tok_embd_ = load_tensor("token_embd.weight", true, 2, {E, h.n_vocab});
+    out_norm_ = load_tensor("output_norm.weight", true, 1, {E});
+    out_norm_b_ = load_tensor("output_norm.bias", false, 1, {E});
+    output_ = load_tensor("output.weight", false, 2, {E, h.n_vocab});
+    if (!output_) output_ = tok_embd_;   // tied embeddings
+    output_b_ = load_tensor("output.bias", false, 1, {h.n_vocab});
+    rope_factors_ = load_tensor("rope_factors_short.weight", false, 1, {});
+    if (!rope_factors_) rope_factors_ = load_tensor("rope_freqs.weight", false, 1, {});
+
+    cache_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
+    layers_.resize(h.n_layer);
+    const bool mla = h.kv_lora_rank > 0;
+    const int64_t q_dim = (int64_t) h.n_head * h.n_embd_head_k, kv_dim = (int64_t) h.n_head_kv * h.n_embd_head_k,
+                  v_dim = (int64_t) h.n_head_kv * h.n_embd_head_v, o_dim = (int64_t) h.n_head * h.n_embd_head_v;
+    for (int il = 0; il < h.n_layer; ++il) {
+        Layer & L = layers_[il];
+        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});
+        L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
+        if (mla) {
+            const int64_t nope = h.n_embd_head_k - h.n_rot;
+            if (h.q_lora_rank > 0) {
+                L.wq_a = load_tensor(blk(il, "attn_q_a.weight"), true, 2, {E, h.q_lora_rank});
+                L.q_a_norm = load_tensor(blk(il, "attn_q_a_norm.weight"), true, 1, {h.q_lora_rank});
+                L.wq_b = load_tensor(blk(il, "attn_q_b.weight"), true, 2, {h.q_lora_rank, q_dim});
+            } else {
+                L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, q_dim});
+            }
+            L.wkv_a = load_tensor(blk(il, "attn_kv_a_mqa.weight"), true, 2, {E, h.kv_lora_rank + h.n_rot});
+            L.kv_a_norm = load_tensor(blk(il, "attn_kv_a_norm.weight"), true, 1, {h.kv_lora_rank});
+            if (!idx_->find(blk(il, "attn_k_b.weight")) && idx_->find(blk(il, "attn_kv_b.weight")))
+                throw FormatError(path_ + ": tensor '" + blk(il, "attn_kv_b.weight") +
+                                  "' (pre-MLA DeepSeek GGUF layout) is not supported; re-convert with `moelite convert` "
+                                  "to get attn_k_b / attn_v_b");
+            L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, h.n_head});
+            L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, h.n_embd_head_v, h.n_head});
+        } else {
+            L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, q_dim});
+            L.wk = load_tensor(blk(il, "attn_k.weight"), true, 2, {E, kv_dim});
+            L.wv = load_tensor(blk(il, "attn_v.weight"), true, 2, {E, v_dim});
+            L.bq = load_tensor(blk(il, "attn_q.bias"), false, 1, {q_dim});
+            L.bk = load_tensor(blk(il, "attn_k.bias"), false, 1, {kv_dim});
+            L.bv = load_tensor(blk(il, "attn_v.bias"), false, 1, {v_dim});
+        }
+        L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {o_dim, E});
+        L.bo = load_tensor(blk(il, "attn_output.bias"), false, 1, {E});
+        if (h.qk_norm == QK_NORM_HEAD) {
+            L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {h.n_embd_head_k});
+            L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {h.n_embd_head_k});
+        } else if (h.qk_norm == QK_NORM_FULL) {
+            L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {q_dim});
+            L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {kv_dim});
+        }
+        L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {h.n_head});
+        L.ffn_norm = load_tensor(blk(il, "ffn_norm.weight"), false, 1, {E});
+        if (!L.ffn_norm) L.ffn_norm = load_tensor(blk(il, "post_attention_norm.weight"), true, 1, {E});
+        L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
+
+        const TensorInfo * ge = idx_->find(blk(il, "ffn_gate_exps.weight"));
+        L.moe = il >= h.n_layer_dense_lead && ge != nullptr;
+        if (!L.moe) {
+            if (il >= h.n_layer_dense_lead)
+                throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_gate_exps.weight") + "' (layer " +
+                                  std::to_string(il) + " should be a MoE layer)");
+            L.ffn_gate = load_tensor(blk(il, "ffn_gate.weight"), true, 2, {E});
+            L.ffn_up = load_tensor(blk(il, "ffn_up.weight"), true, 2, {E});
+            L.ffn_down = load_tensor(blk(il, "ffn_down.weight"), true, 2, {-1, E});
+            continue;
+        }
+        const int64_t n_ff = ge->ne[1];
+        auto expect_exps = [&](const char * name, int64_t ne0, int64_t ne1) -> const TensorInfo & {
+            const TensorInfo * t = idx_->find(blk(il, name));
+            if (!t) throw FormatError(path_ + ": missing tensor '" + blk(il, name) + "'");
+            if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != h.n_expert)
+                throw FormatError(path_ + ": tensor '" + blk(il, name) + "' has shape [" + std::to_string(t->ne[0]) + ", " +
+                                  std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" +
+                                  std::to_string(ne0) + ", " + std::to_string(ne1) + ", " + std::to_string(h.n_expert) + "]");
+            return *t;
+        };
+        const TensorInfo & g = expect_exps("ffn_gate_exps.weight", E, n_ff);
+        const TensorInfo & u = expect_exps("ffn_up_exps.weight", E, n_ff);
+        const TensorInfo & d = expect_exps("ffn_down_exps.weight", n_ff, E);
+        cache_->add_layer(il, g, u, d);
+        L.gate_inp = load_tensor(blk(il, "ffn_gate_inp.weight"), true, 2, {E, h.n_expert});
+        L.gate_inp_b = load_tensor(blk(il, "ffn_gate_inp.bias"), false, 1, {h.n_expert});
+        L.gate_exps_b = load_tensor(blk(il, "ffn_gate_exps.bias"), false, 2, {n_ff, h.n_expert});
+        L.up_exps_b = load_tensor(blk(il, "ffn_up_exps.bias"), false, 2, {n_ff, h.n_expert});
+        L.down_exps_b = load_tensor(blk(il, "ffn_down_exps.bias"), false, 2, {E, h.n_expert});
+        L.gate_shexp = load_tensor(blk(il, "ffn_gate_shexp.weight"), false, 2, {E});
+        if (L.gate_shexp) {
+            L.up_shexp = load_tensor(blk(il, "ffn_up_shexp.weight"), true, 2, {E, L.gate_shexp->ne[1]});
+            L.down_shexp = load_tensor(blk(il, "ffn_down_shexp.weight"), true, 2, {L.gate_shexp->ne[1], E});
+            L.gate_inp_shexp = load_tensor(blk(il, "ffn_gate_inp_shexp.weight"), false, 2, {E});
+        }
+        if (const TensorInfo * pb = idx_->find(blk(il, "exp_probs_b.bias"))) {
+            if (pb->type != GGML_TYPE_F32 || pb->ne[0] != h.n_expert)
+                throw FormatError(path_ + ": tensor '" + pb->name + "' must be F32 [n_expert]");
+            L.exp_probs_b.resize(h.n_expert);
+            int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+            ssize_t r = fd >= 0 ? pread(fd, L.exp_probs_b.data(), pb->nbytes, pb->offset) : -1;
+            if (fd >= 0) close(fd);
+            if (r != (ssize_t) pb->nbytes) throw FormatError(path_ + ": cannot read '" + pb->name + "'");
+        }
+    }
+}
+
+void Model::alloc_kv() {
+    const HParams & h = hp_;
+    const bool mla = h.kv_lora_rank > 0;
+    // MLA caches the compressed latent: K = [kv_lora + rope] per token (one shared head), V = the latent part
+    const int64_t k_row = mla ? h.kv_lora_rank + h.n_rot : (int64_t) h.n_head_kv * h.n_embd_head_k;
+    const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) h.n_head_kv * h.n_embd_head_v;
+    ggml_init_params ip = {ggml_tensor_overhead() * (2 * h.n_layer + 8), nullptr, true};
+    ctx_kv_ = ggml_init(ip);
+    for (auto & L : layers_) {
+        L.k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, k_row, opt_.n_ctx);
+        L.v_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, opt_.n_ctx, v_row);
+    }
+    const int U = opt_.n_ubatch;
+    x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
+    ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
+    ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
+    router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
+    buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
+    if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
+    kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
+}
+
+size_t Model::scratch_bytes() const { return galloc_ ? ggml_gallocr_get_buffer_size(galloc_, 0) : 0; }
+
+// ---------------------------------------------------------------------------------------------------------
+// graph helpers
+
+ggml_context * Model::begin_graph() {
+    ggml_init_params ip = {graph_mem_.size(), graph_mem_.data(), true};
+    return ggml_init(ip);
+}
+
+void Model::compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc) {
+    (void) ctx;
+    if (!ggml_gallocr_alloc_graph(galloc, gf)) throw BudgetError("cannot allocate graph scratch memory");
+}
+
+ggml_tensor * Model::norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b) {
+    x = hp_.layernorm ? ggml_norm(ctx, x, hp_.norm_eps) : ggml_rms_norm(ctx, x, hp_.norm_eps);
+    x = ggml_mul(ctx, x, w);
+    return b ? ggml_add(ctx, x, b) : x;
+}
+
+// SwiGLU FFN: down(act(gate x) * up x). x: [n_embd, T] -> [n_embd, T]
+ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
+    ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
+    ggml_tensor * u = ggml_mul_mat(ctx, up, x);
+    return ggml_mul_mat(ctx, down, ggml_swiglu_split(ctx, g, u));
+}
+
+// Causal (optionally sliding-window) attention over the KV cache of layer il.
+// q: [dk, n_head, T], k: [dk, n_head_kv, T], v: [dv, n_head_kv, T] -> [dv, T, n_head] (before the head merge)
+ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
+                               ggml_tensor * v, int T) {
+    Layer & L = layers_[il];
+    const int64_t dk = q->ne[0], dv = v->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
+    const int n_kv = n_past_ + T;
+    const size_t ek = ggml_element_size(L.k_cache), ev = ggml_element_size(L.v_cache);
+    // write the new K (rows) and V (transposed: columns) into the cache
+    ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, dk * n_head_kv, T, L.k_cache->nb[1], (size_t) n_past_ * L.k_cache->nb[1]);
+    if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
+    if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, dk * n_head_kv, T), k_dst));
+    ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, T, dv * n_head_kv, L.v_cache->nb[1], (size_t) n_past_ * ev);
+    ggml_build_forward_expand(
+        gf, ggml_cpy(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, v, dv * n_head_kv, T)), v_dst));
+
+    ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1], dk * ek, 0);   // [dk, n_kv, h_kv]
+    ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, n_kv, dv, n_head_kv, L.v_cache->nb[1], L.v_cache->nb[1] * dv, 0);  // [n_kv, dv, h_kv]
+    ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);                 // [dk, T, n_head]
+    ggml_tensor * kq = ggml_mul_mat(ctx, K, Q);                         // [n_kv, T, n_head]
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, T);
+    ggml_set_input(mask);
+    ggml_set_name(mask, hp_.swa_layers.size() > (size_t) il && hp_.swa_layers[il] ? "mask_swa" : "mask");
+    kq = ggml_soft_max_ext(ctx, kq, mask, hp_.kq_scale, 0.0f);
+    if (L.sinks) ggml_soft_max_add_sinks(kq, L.sinks);
+    (void) n_head;
+    return ggml_mul_mat(ctx, V, kq);                                    // [dv, T, n_head]
+}
+
+static void set_input(ggml_tensor * t, const void * data, size_t n) {
+    if (!t->buffer) throw std::logic_error(std::string("graph input '") + t->name + "' was not allocated");
+    ggml_backend_tensor_set(t, data, 0, n);
+}
+
+void Model::run_embed(const int32_t * tokens, int T) {
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * inp = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
+    ggml_set_input(inp);
+    ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp);               // [n_embd, T]
+    if (hp_.embd_scale != 1.f) x = ggml_scale(ctx, x, hp_.embd_scale);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, x, ggml_view_2d(ctx, x_, hp_.n_embd, T, x_->nb[1], 0)));
+    compute(ctx, gf, galloc_);
+    set_input(inp, tokens, T * sizeof(int32_t));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+static void set_inputs(ggml_cgraph * gf, const std::vector<int32_t> & pos, const std::vector<float> & mask,
+                       const std::vector<float> & mask_swa) {
+    if (ggml_tensor * t = ggml_graph_get_tensor(gf, "pos")) set_input(t, pos.data(), ggml_nbytes(t));
+    if (ggml_tensor * t = ggml_graph_get_tensor(gf, "mask")) set_input(t, mask.data(), ggml_nbytes(t));
+    if (ggml_tensor * t = ggml_graph_get_tensor(gf, "mask_swa")) set_input(t, mask_swa.data(), ggml_nbytes(t));
+}
+
+void Model::run_attn(int il, int T) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
+    ggml_set_input(pos);
+    ggml_set_name(pos, "pos");
+    auto rope = [&](ggml_tensor * t) {
+        return ggml_rope_ext(ctx, t, pos, rope_factors_, h.n_rot, h.rope_type, h.n_ctx_orig, h.freq_base, h.freq_scale,
+                             h.ext_factor, h.attn_factor, h.beta_fast, h.beta_slow);
+    };
+    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], 0);   // [n_embd, T] residual stream
+    ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
+    ggml_tensor * attn;
+    if (h.kv_lora_rank > 0) {
+        // MLA with absorbed projections: attend in the compressed latent space, one shared KV head
+        const int64_t nope = h.n_embd_head_k - h.n_rot, R = h.n_rot, C = h.kv_lora_rank;
+        ggml_tensor * q = L.wq_a ? ggml_mul_mat(ctx, L.wq_b, norm(ctx, ggml_mul_mat(ctx, L.wq_a, cur), L.q_a_norm, nullptr))
+                                 : ggml_mul_mat(ctx, L.wq, cur);      // [n_head * dk, T]
+        q = ggml_reshape_3d(ctx, q, h.n_embd_head_k, h.n_head, T);
+        ggml_tensor * q_nope = ggml_view_3d(ctx, q, nope, h.n_head, T, q->nb[1], q->nb[2], 0);
+        ggml_tensor * q_pe = rope(ggml_view_3d(ctx, q, R, h.n_head, T, q->nb[1], q->nb[2], nope * ggml_element_size(q)));
+        ggml_tensor * kv = ggml_mul_mat(ctx, L.wkv_a, cur);            // [C + R, T]
+        ggml_tensor * c = norm(ctx, ggml_view_2d(ctx, kv, C, T, kv->nb[1], 0), L.kv_a_norm, nullptr);   // [C, T]
+        ggml_tensor * k_pe = rope(ggml_view_3d(ctx, kv, R, 1, T, kv->nb[1], kv->nb[1], C * ggml_element_size(kv)));
+        ggml_tensor * q_abs = ggml_mul_mat(ctx, L.wk_b, ggml_permute(ctx, q_nope, 0, 2, 1, 3));   // [C, T, n_head]
+        q_abs = ggml_permute(ctx, q_abs, 0, 2, 1, 3);                                              // [C, n_head, T]
+        ggml_tensor * q_cat = ggml_concat(ctx, q_abs, q_pe, 0);                                    // [C + R, n_head, T]
+        ggml_tensor * c3 = ggml_reshape_3d(ctx, c, C, 1, T);
+        ggml_tensor * k_cat = ggml_concat(ctx, c3, k_pe, 0);                                       // [C + R, 1, T]
+        ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T);                             // [C, T, n_head]
+        o = ggml_mul_mat(ctx, L.wv_b, o);                                                          // [dv, T, n_head]
+        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                                      // [dv, n_head, T]
+        attn = ggml_reshape_2d(ctx, o, h.n_embd_head_v * h.n_head, T);
+    } else {
+        ggml_tensor * q = ggml_mul_mat(ctx, L.wq, cur);
+        ggml_tensor * k = ggml_mul_mat(ctx, L.wk, cur);
+        ggml_tensor * v = ggml_mul_mat(ctx, L.wv, cur);
+        if (L.bq) q = ggml_add(ctx, q, L.bq);
+        if (L.bk) k = ggml_add(ctx, k, L.bk);
+        if (L.bv) v = ggml_add(ctx, v, L.bv);
+        if (h.qk_norm == QK_NORM_FULL) {                               // OLMoE: RMSNorm over all heads at once
+            q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
+            k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
+        }
+        q = ggml_reshape_3d(ctx, q, h.n_embd_head_k, h.n_head, T);
+        k = ggml_reshape_3d(ctx, k, h.n_embd_head_k, h.n_head_kv, T);
+        v = ggml_reshape_3d(ctx, v, h.n_embd_head_v, h.n_head_kv, T);
+        if (h.qk_norm == QK_NORM_HEAD) {                               // Qwen3: RMSNorm per head
+            q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
+            k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
+        }
+        q = rope(q);
+        k = rope(k);
+        ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);           // [dv, T, n_head]
+        o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));           // [dv, n_head, T]
+        attn = ggml_reshape_2d(ctx, o, h.n_embd_head_v * h.n_head, T);
+    }
+    attn = ggml_mul_mat(ctx, L.wo, attn);                               // [n_embd, T]
+    if (L.bo) attn = ggml_add(ctx, attn, L.bo);
+    if (h.residual_scale != 1.f) attn = ggml_scale(ctx, attn, h.residual_scale);
+    ggml_tensor * ffn_inp = ggml_add(ctx, attn, x);
+    ggml_tensor * hn = norm(ctx, ffn_inp, L.ffn_norm, L.ffn_norm_b);    // [n_embd, T]
+    if (!L.moe) {
+        ggml_tensor * y = ffn(ctx, hn, L.ffn_gate, L.ffn_up, L.ffn_down);
+        if (h.residual_scale != 1.f) y = ggml_scale(ctx, y, h.residual_scale);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_add(ctx, y, ffn_inp), x));
+    } else {
+        ggml_tensor * logits = ggml_mul_mat(ctx, L.gate_inp, hn);       // [n_expert, T]
+        if (L.gate_inp_b) logits = ggml_add(ctx, logits, L.gate_inp_b);
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ffn_inp, ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], 0)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, hn, ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, logits, ggml_view_2d(ctx, router_, h.n_expert, T, router_->nb[1], 0)));
+    }
+    compute(ctx, gf, galloc_);
+    set_inputs(gf, pos_, mask_, mask_swa_);
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+// Host-side routing of layer il for T tokens: ids/w [T * k], ids in descending selection-score order.
+void Model::route(int il, int T, std::vector<int32_t> & ids, std::vector<float> & w) {
+    const HParams & h = hp_;
+    const int E = h.n_expert, K = h.n_expert_used;
+    std::vector<float> logits((size_t) E * T);
+    ggml_backend_tensor_get(router_, logits.data(), 0, logits.size() * sizeof(float));
+    ids.resize((size_t) T * K);
+    w.resize((size_t) T * K);
+    std::vector<float> p(E), sel(E);
+    std::vector<int> order(E);
+    const std::vector<float> & bias = layers_[il].exp_probs_b;
+    for (int t = 0; t < T; ++t) {
+        const float * z = &logits[(size_t) t * E];
+        int32_t * id = &ids[(size_t) t * K];
+        float * wt = &w[(size_t) t * K];
+        auto topk_by = [&](const std::vector<float> & s) {   // stable: ties to the lower expert id
+            std::iota(order.begin(), order.end(), 0);
+            std::partial_sort(order.begin(), order.begin() + K, order.end(),
+                              [&](int a, int b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
+            for (int j = 0; j < K; ++j) id[j] = order[j];
+        };
+        auto softmax = [&](const float * in, float * out, int n) {
+            float m = -INFINITY;
+            for (int i = 0; i < n; ++i) m = std::max(m, in[i]);
+            double s = 0;
+            for (int i = 0; i < n; ++i) { out[i] = std::exp(in[i] - m); s += out[i]; }
+            for (int i = 0; i < n; ++i) out[i] = (float) (out[i] / s);
+        };
+        if (h.gating == GATING_SPARSEMIXER) {
+            // PhiMoE inference routing (top-2): pick the max, mask logits far below it, softmax; repeat without it
+            std::vector<float> masked(z, z + E);
+            for (int j = 0; j < K; ++j) {
+                int best = 0;
+                for (int e = 1; e < E; ++e) if (masked[e] > masked[best]) best = e;
+                const float thr = masked[best];
+                std::vector<float> g(E);
+                for (int e = 0; e < E; ++e) {
+                    const float factor = std::max(std::fabs(z[e]), thr);
+                    g[e] = ((thr - z[e]) / factor > 2 * h.jitter_eps) ? -INFINITY : masked[e];
+                }
+                softmax(g.data(), p.data(), E);
+                id[j] = best;
+                wt[j] = p[best];
+                masked[best] = -INFINITY;
+            }
+            continue;
+        }
+        if (h.gating == GATING_SOFTMAX_WEIGHT) {                // gpt-oss: top-k of logits, softmax over them
+            sel.assign(z, z + E);
+            topk_by(sel);
+            float zz[64];
+            for (int j = 0; j < K; ++j) zz[j] = z[id[j]];
+            softmax(zz, wt, K);
+        } else {
+            if (h.gating == GATING_SIGMOID) for (int e = 0; e < E; ++e) p[e] = 1.f / (1.f + std::exp(-z[e]));
+            else softmax(z, p.data(), E);
+            for (int e = 0; e < E; ++e) sel[e] = p[e] + (bias.empty() ? 0.f : bias[e]);
+            if (h.n_group > 1 && h.topk_group < h.n_group) {
+                // group-limited routing: keep the topk_group groups with the best score (sum of top-2 with
+                // sigmoid scoring as DeepSeek-V3, max with softmax as DeepSeek-V2), mask the rest
+                const int gs = E / h.n_group;
+                std::vector<std::pair<float, int>> gscore(h.n_group);
+                for (int g = 0; g < h.n_group; ++g) {
+                    std::vector<float> v(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
+                    std::sort(v.begin(), v.end(), std::greater<float>());
+                    gscore[g] = {h.gating == GATING_SIGMOID ? v[0] + (gs > 1 ? v[1] : 0.f) : v[0], g};
+                }
+                std::stable_sort(gscore.begin(), gscore.end(), [](auto & a, auto & b) { return a.first > b.first; });
+                std::vector<char> keep(h.n_group, 0);
+                for (int g = 0; g < h.topk_group; ++g) keep[gscore[g].second] = 1;
+                for (int e = 0; e < E; ++e) if (!keep[e / gs]) sel[e] = -INFINITY;
+            }
+            topk_by(sel);
+            double s = 0;
+            for (int j = 0; j < K; ++j) { wt[j] = p[id[j]]; s += wt[j]; }
+            if (h.weights_norm) for (int j = 0; j < K; ++j) wt[j] = (float) (wt[j] / (s + (h.gating == GATING_SIGMOID ? 1e-20 : 0.0)));
+        }
+        for (int j = 0; j < K; ++j) wt[j] *= h.weights_scale;
+    }
+}
+
+void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
+                        const std::vector<int32_t> & ids) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    const Pool & P = cache_->pool_of(il);
+    const int T = t1 - t0, K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);
+    ggml_set_input(slots);
+    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
+    ggml_set_input(weights);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
+    ggml_set_input(eids);
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
+    ggml_tensor * ffn_inp = ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], t0 * ffn_inp_->nb[1]);
+    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], t0 * x_->nb[1]);
+
+    ggml_tensor * hb = ggml_reshape_3d(ctx, hn, h.n_embd, 1, T);
+    ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K, T]
+    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K, T]
+    if (L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
+    if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
+    ggml_tensor * a = h.act == ACT_SWIGLU_OAI ? ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit) : ggml_swiglu_split(ctx, g, u);
+    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots);      // [n_embd, K, T]
+    if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
+    d = ggml_mul(ctx, d, weights);
+    ggml_tensor * moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
+    for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
+    if (L.gate_shexp) {
+        ggml_tensor * s = ffn(ctx, hn, L.gate_shexp, L.up_shexp, L.down_shexp);
+        if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, hn)));
+        moe = ggml_add(ctx, moe, s);
+    }
+    if (h.residual_scale != 1.f) moe = ggml_scale(ctx, moe, h.residual_scale);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_add(ctx, moe, ffn_inp), x));
+    compute(ctx, gf, galloc_);
+    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
+    set_input(weights, w.data() + (size_t) t0 * K, ggml_nbytes(weights));
+    if (eids->buffer) set_input(eids, ids.data() + (size_t) t0 * K, ggml_nbytes(eids));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+void Model::run_output(int T, int n_out, float * logits) {
+    const HParams & h = hp_;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, n_out, x_->nb[1], (size_t) (T - n_out) * x_->nb[1]);
+    ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));   // [n_vocab, n_out]
+    if (output_b_) y = ggml_add(ctx, y, output_b_);
+    if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
+    ggml_set_output(y);
+    ggml_build_forward_expand(gf, y);
+    compute(ctx, gf, galloc_);
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_backend_tensor_get(y, logits, 0, ggml_nbytes(y));
+    ggml_free(ctx);
+}
+
+void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits) {
+    const HParams & h = hp_;
+    if (n_past_ + n_tokens > opt_.n_ctx)
+        throw BudgetError("context overflow: " + std::to_string(n_past_ + n_tokens) + " tokens exceed n_ctx = " +
+                          std::to_string(opt_.n_ctx));
+    for (int i = 0; i < n_tokens; ++i)
+        if (tokens[i] < 0 || tokens[i] >= h.n_vocab)
+            throw FormatError("token id " + std::to_string(tokens[i]) + " out of range [0, " + std::to_string(h.n_vocab) + ")");
+    const int K = h.n_expert_used;
+    for (int start = 0; start < n_tokens; start += opt_.n_ubatch) {
+        const int T = std::min(opt_.n_ubatch, n_tokens - start);
+        const int n_kv = n_past_ + T;
+        pos_.resize(T);
+        for (int t = 0; t < T; ++t) pos_[t] = n_past_ + t;
+        mask_.assign((size_t) n_kv * T, -INFINITY);
+        mask_swa_.assign((size_t) n_kv * T, -INFINITY);
+        for (int t = 0; t < T; ++t)
+            for (int j = 0; j <= pos_[t]; ++j) {
+                mask_[(size_t) t * n_kv + j] = 0.f;
+                if (h.n_swa <= 0 || pos_[t] - j < h.n_swa) mask_swa_[(size_t) t * n_kv + j] = 0.f;
+            }
+        run_embed(tokens + start, T);
+        std::vector<int32_t> ids, slots;
+        std::vector<float> w;
+        for (int il = 0; il < h.n_layer; ++il) {
+            run_attn(il, T);
+            if (!layers_[il].moe) continue;
+            route(il, T, ids, w);
+            if (record_routes) {
+                route_ids.resize(h.n_layer);
+                route_w.resize(h.n_layer);
+                route_ids[il].insert(route_ids[il].end(), ids.begin(), ids.end());
+                route_w[il].insert(route_w[il].end(), w.begin(), w.end());
+            }
+            // tokens in runs whose distinct experts fit the layer's slots: each expert is loaded once per run
+            int t0 = 0;
+            while (t0 < T) {
+                int t1 = t0 + 1;
+                while (t1 < T && cache_->distinct(&ids[(size_t) t0 * K], (t1 + 1 - t0) * K) <= cache_->quota(il)) ++t1;
+                slots.resize((size_t) (t1 - t0) * K);
+                cache_->acquire(il, &ids[(size_t) t0 * K], (t1 - t0) * K, slots.data());
+                try {
+                    run_experts(il, t0, t1, slots, w, ids);
+                } catch (...) {
+                    cache_->release(il);
+                    throw;
+                }
+                cache_->release(il);
+                for (int t = t0; t < t1; ++t) cache_->note_token_experts(il, &ids[(size_t) t * K], K);
+                t0 = t1;
+            }
+        }
+        const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
+        if (out_here > 0) {
+            const int first_out_global = n_tokens - n_out;                  // index of the first wanted token
+            const int offset_rows = std::max(0, start - first_out_global);
+            run_output(T, out_here, logits + (size_t) offset_rows * h.n_vocab);
+        }
+        n_past_ += T;
+    }
+}
+
+}  // namespace moelite

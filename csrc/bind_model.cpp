@@ -1,0 +1,138 @@
+// pybind11 bindings of the Model (csrc/model.h): dict in, numpy out.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include "bindings.h"
+#include "common.h"
+#include "model.h"
+
+namespace py = pybind11;
+using namespace moelite;
+
+template <typename T> static void get(const py::dict & d, const char * k, T & out) {
+    if (d.contains(k) && !d[k].is_none()) out = d[k].cast<T>();
+}
+
+static HParams hparams_from(const py::dict & d) {
+    HParams h;
+    get(d, "arch", h.arch);
+    get(d, "n_vocab", h.n_vocab); get(d, "n_embd", h.n_embd); get(d, "n_layer", h.n_layer);
+    get(d, "n_head", h.n_head); get(d, "n_head_kv", h.n_head_kv);
+    get(d, "n_embd_head_k", h.n_embd_head_k); get(d, "n_embd_head_v", h.n_embd_head_v);
+    get(d, "norm_eps", h.norm_eps); get(d, "layernorm", h.layernorm); get(d, "qk_norm", h.qk_norm);
+    get(d, "n_rot", h.n_rot); get(d, "rope_type", h.rope_type); get(d, "n_ctx_orig", h.n_ctx_orig);
+    get(d, "freq_base", h.freq_base); get(d, "freq_scale", h.freq_scale); get(d, "ext_factor", h.ext_factor);
+    get(d, "attn_factor", h.attn_factor); get(d, "beta_fast", h.beta_fast); get(d, "beta_slow", h.beta_slow);
+    get(d, "kq_scale", h.kq_scale); get(d, "n_swa", h.n_swa); get(d, "swa_layers", h.swa_layers);
+    get(d, "q_lora_rank", h.q_lora_rank); get(d, "kv_lora_rank", h.kv_lora_rank);
+    get(d, "n_expert", h.n_expert); get(d, "n_expert_used", h.n_expert_used);
+    get(d, "n_layer_dense_lead", h.n_layer_dense_lead); get(d, "gating", h.gating);
+    get(d, "weights_norm", h.weights_norm); get(d, "weights_scale", h.weights_scale);
+    get(d, "n_group", h.n_group); get(d, "topk_group", h.topk_group); get(d, "jitter_eps", h.jitter_eps);
+    get(d, "act", h.act); get(d, "oai_alpha", h.oai_alpha); get(d, "oai_limit", h.oai_limit);
+    get(d, "embd_scale", h.embd_scale); get(d, "residual_scale", h.residual_scale); get(d, "logit_scale", h.logit_scale);
+    if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
+    return h;
+}
+
+static ModelOptions options_from(const py::dict & d) {
+    ModelOptions o;
+    get(d, "n_ctx", o.n_ctx); get(d, "n_threads", o.n_threads); get(d, "n_ubatch", o.n_ubatch);
+    int kv = (int) o.kv_type;
+    get(d, "kv_type", kv);
+    o.kv_type = (ggml_type) kv;
+    get(d, "expert_slots", o.expert_slots); get(d, "policy", o.policy); get(d, "window_m", o.window_m);
+    return o;
+}
+
+static py::dict layer_stats(const LayerStats & s) {
+    py::dict d;
+    d["hits"] = s.hits; d["misses"] = s.misses; d["prefetch_issued"] = s.prefetch_issued;
+    d["prefetch_hits"] = s.prefetch_hits; d["prefetch_wasted"] = s.prefetch_wasted; d["bytes_read"] = s.bytes_read;
+    d["loads"] = s.loads; d["evictions"] = s.evictions; d["stall_s"] = s.stall_s;
+    return d;
+}
+
+void bind_model(py::module_ & m) {
+    py::class_<Model>(m, "Model")
+        .def(py::init([](const std::string & path, const py::dict & hp, const py::dict & opt) {
+                 HParams h = hparams_from(hp);
+                 ModelOptions o = options_from(opt);
+                 py::gil_scoped_release nogil;
+                 return new Model(path, h, o);
+             }),
+             py::arg("path"), py::arg("hparams"), py::arg("options"))
+        .def("eval",
+             [](Model & m, py::array_t<int32_t, py::array::c_style | py::array::forcecast> tokens, int n_out) {
+                 const int n = (int) tokens.size();
+                 if (n_out < 0 || n_out > n) n_out = n;
+                 py::array_t<float> logits({(py::ssize_t) n_out, (py::ssize_t) m.hparams().n_vocab});
+                 const int32_t * tp = tokens.data();
+                 float * lp = logits.mutable_data();
+                 {
+                     py::gil_scoped_release nogil;
+                     m.eval(tp, n, n_out, lp);
+                 }
+                 return logits;
+             },
+             py::arg("tokens"), py::arg("n_out") = 1,
+             "evaluate tokens after the cached context; returns logits [n_out, n_vocab] of the last n_out tokens")
+        .def("reset", &Model::reset)
+        .def("truncate", &Model::truncate)
+        .def_property_readonly("n_past", &Model::n_past)
+        .def_readwrite("record_routes", &Model::record_routes)
+        .def("take_routes",
+             [](Model & m) {
+                 // -> ids [n_tokens, n_moe_layers, k] int32, weights (same shape) float32, moe layer indices
+                 const int K = m.hparams().n_expert_used;
+                 std::vector<int> layers;
+                 for (size_t il = 0; il < m.route_ids.size(); ++il)
+                     if (!m.route_ids[il].empty()) layers.push_back((int) il);
+                 const size_t n_tok = layers.empty() ? 0 : m.route_ids[layers[0]].size() / K;
+                 py::array_t<int32_t> ids({(py::ssize_t) n_tok, (py::ssize_t) layers.size(), (py::ssize_t) K});
+                 py::array_t<float> w({(py::ssize_t) n_tok, (py::ssize_t) layers.size(), (py::ssize_t) K});
+                 for (size_t li = 0; li < layers.size(); ++li)
+                     for (size_t t = 0; t < n_tok; ++t)
+                         for (int j = 0; j < K; ++j) {
+                             ids.mutable_at(t, li, j) = m.route_ids[layers[li]][t * K + j];
+                             w.mutable_at(t, li, j) = m.route_w[layers[li]][t * K + j];
+                         }
+                 m.route_ids.clear();
+                 m.route_w.clear();
+                 return py::make_tuple(ids, w, layers);
+             },
+             "routing recorded since the last call")
+        .def("memory",
+             [](Model & m) {
+                 py::dict d;
+                 d["dense_bytes"] = m.dense_bytes();
+                 d["kv_bytes"] = m.kv_bytes();
+                 d["arena_bytes"] = m.cache().arena_bytes();
+                 d["scratch_bytes"] = m.scratch_bytes();
+                 return d;
+             })
+        .def("cache_stats",
+             [](Model & m) {
+                 py::list out;
+                 for (auto & L : m.cache().layers()) out.append(L.pool >= 0 ? py::object(layer_stats(L.stats)) : py::none());
+                 return out;
+             })
+        .def("cache_quotas",
+             [](Model & m) {
+                 std::vector<int> q;
+                 for (auto & L : m.cache().layers()) q.push_back(L.quota);
+                 return q;
+             })
+        .def("reset_stats", [](Model & m) { m.cache().reset_stats(); })
+        .def("reopen", [](Model & m) { m.cache().reopen(); });
+    m.def("expert_bytes", [](const std::string & path, int il) {
+        GGUFIndex idx(path);
+        auto f = [&](const char * n) {
+            const TensorInfo * t = idx.find("blk." + std::to_string(il) + "." + n);
+            if (!t) throw FormatError(path + ": missing tensor 'blk." + std::to_string(il) + "." + n + "'");
+            return t;
+        };
+        return ExpertCache::expert_bytes(*f("ffn_gate_exps.weight"), *f("ffn_up_exps.weight"), *f("ffn_down_exps.weight"));
+    }, "bytes one expert of layer il takes in a cache slot (3 matrices, each padded to 4096)");
+}

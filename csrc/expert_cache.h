@@ -1,0 +1,119 @@
+// The expert cache: slot arenas, the slot table (layer, expert) -> slot, replacement policies, disk reads.
+//
+// An expert of layer l is three byte ranges of the GGUF file (gate, up, down rows of the fused
+// ffn_*_exps tensors: offset + e * nb2). Layers whose three expert matrices share types and shapes share a
+// Pool: three ggml tensors [ne0, ne1, n_slots] (gate, up, down) over memory we own, slots padded to 4096
+// bytes so reads can use O_DIRECT. Each layer owns a contiguous range of its pool's slots (its quota);
+// the policy picks victims inside that range. The math never knows where an expert lives: routing ids
+// go through slot_of[] into ggml_mul_mat_id over the pool tensors.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <deque>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf_index.h"
+
+namespace moelite {
+
+enum class Policy : int { LRU = 0, LFU = 1, LFUDA = 2, CONSISTENCY = 3 };
+
+struct ExpertSource {            // where one expert matrix of one layer lives in the file
+    uint64_t offset;             // absolute offset of expert 0
+    uint64_t stride;             // bytes per expert (nb2 in the file)
+    uint64_t nbytes;             // bytes to read per expert (== stride for GGUF)
+};
+
+struct Pool {
+    ggml_type type[3];           // gate, up, down
+    int64_t ne0[3], ne1[3];
+    uint64_t slot_bytes[3];      // padded to 4096
+    int n_slots = 0;
+    void * mem[3] = {nullptr, nullptr, nullptr};
+    ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
+    ggml_tensor * arena[3] = {nullptr, nullptr, nullptr};   // [ne0, ne1, n_slots]
+};
+
+struct LayerStats {
+    uint64_t hits = 0, misses = 0, prefetch_issued = 0, prefetch_hits = 0, prefetch_wasted = 0, bytes_read = 0,
+             loads = 0, evictions = 0;
+    double stall_s = 0.0;
+};
+
+enum SlotState : uint8_t { SLOT_EMPTY = 0, SLOT_LOADING = 1, SLOT_READY = 2 };
+
+struct Slot {
+    int expert = -1;             // expert id held (-1: empty)
+    uint8_t state = SLOT_EMPTY;
+    int pins = 0;                // > 0 while a graph may read it or a read is in flight
+    uint64_t last = 0;           // tick of last access (LRU)
+    uint64_t count = 0;          // accesses since insert (LFU)
+    double prio = 0.0;           // LFUDA priority
+    bool prefetched = false;     // loaded by prefetch and not yet used
+};
+
+struct CacheLayer {
+    int pool = -1;
+    int base = 0, quota = 0;     // slots [base, base + quota) of the pool
+    ExpertSource src[3];
+    std::vector<int> slot_of;    // [n_expert] -> slot index in pool, or -1
+    double lfuda_age = 0.0;
+    std::deque<std::vector<int>> recent;   // consistency policy: experts of the last m tokens
+    LayerStats stats;
+};
+
+class ExpertCache {
+public:
+    ExpertCache(const std::string & path, int n_layer, int n_expert);
+    ~ExpertCache();
+
+    // Set up: describe a MoE layer (its three fused tensors) before finalize().
+    void add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
+    // Allocate pools. slots_per_layer[il] = quota (>= n_expert_used), 0 for non-MoE layers.
+    void finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend);
+    size_t arena_bytes() const;
+    static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
+
+    void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }
+
+    // Make ids[0..n) (expert ids of one layer, possibly repeated) resident and pinned; write slot ids.
+    // Returns false (pinning nothing) if the distinct ids exceed the layer's quota: the caller splits.
+    bool acquire(int il, const int32_t * ids, int n, int32_t * slots_out);
+    void release(int il);                  // unpin everything acquire() pinned for this layer
+    void note_token_experts(int il, const int32_t * ids, int k);   // consistency window update (one token)
+    int distinct(const int32_t * ids, int n) const;
+    int quota(int il) const { return layers_[il].quota; }
+
+    const Pool & pool_of(int il) const { return pools_[layers_[il].pool]; }
+    const std::vector<CacheLayer> & layers() const { return layers_; }
+    void reset_stats();
+    void reopen();                          // reopen the file (after it was replaced or repaired)
+
+private:
+    int choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now);
+    void load(CacheLayer & L, Pool & P, int slot, int expert);
+    void read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap);
+    void touch(Slot & s, CacheLayer & L);
+
+    std::string path_;
+    int fd_ = -1, fd_direct_ = -1;
+    uint64_t file_size_ = 0;
+    int n_layer_, n_expert_;
+    std::vector<CacheLayer> layers_;
+    std::vector<Pool> pools_;
+    std::vector<std::vector<Slot>> slots_;  // per pool
+    std::vector<std::vector<int>> pinned_;  // per layer: slots pinned by acquire()
+    ggml_context * ctx_ = nullptr;
+    Policy policy_ = Policy::LRU;
+    int window_m_ = 16;
+    uint64_t tick_ = 0;
+    std::mutex mu_;
+};
+
+}  // namespace moelite

@@ -1,0 +1,153 @@
+// The model: resident dense weights, KV cache, the expert cache, and the per-layer ggml graphs.
+#pragma once
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "expert_cache.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+#include "ggml.h"
+#include "gguf_index.h"
+
+namespace moelite {
+
+enum Gating : int { GATING_SOFTMAX = 1, GATING_SIGMOID = 2, GATING_SOFTMAX_WEIGHT = 3, GATING_SPARSEMIXER = 4 };
+enum Act : int { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
+enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 };
+
+// Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
+struct HParams {
+    std::string arch;
+    int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0;
+    int n_embd_head_k = 0, n_embd_head_v = 0;     // per-head sizes (MLA: of the decompressed heads)
+    float norm_eps = 1e-6f;
+    bool layernorm = false;                       // LayerNorm with bias (phimoe) instead of RMSNorm
+    int qk_norm = QK_NORM_NONE;
+    // RoPE (ggml_rope_ext parameters)
+    int n_rot = 0, rope_type = 0, n_ctx_orig = 0;
+    float freq_base = 10000.f, freq_scale = 1.f, ext_factor = 0.f, attn_factor = 1.f, beta_fast = 32.f, beta_slow = 1.f;
+    float kq_scale = 0.f;
+    int n_swa = 0;
+    std::vector<int> swa_layers;                  // [n_layer] 1 = sliding window layer
+    // MLA (deepseek2)
+    int q_lora_rank = 0, kv_lora_rank = 0;
+    // MoE
+    int n_expert = 0, n_expert_used = 0, n_layer_dense_lead = 0;
+    int gating = GATING_SOFTMAX;
+    bool weights_norm = false;
+    float weights_scale = 1.f;
+    int n_group = 1, topk_group = 1;
+    float jitter_eps = 0.01f;
+    int act = ACT_SILU;
+    float oai_alpha = 1.702f, oai_limit = 7.0f;
+    // granite multipliers
+    float embd_scale = 1.f, residual_scale = 1.f, logit_scale = 1.f;
+};
+
+struct Layer {
+    bool moe = false;
+    ggml_tensor *attn_norm = nullptr, *attn_norm_b = nullptr;
+    ggml_tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
+    ggml_tensor *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
+    ggml_tensor *q_norm = nullptr, *k_norm = nullptr, *sinks = nullptr;
+    // MLA
+    ggml_tensor *wq_a = nullptr, *q_a_norm = nullptr, *wq_b = nullptr, *wkv_a = nullptr, *kv_a_norm = nullptr,
+                *wk_b = nullptr, *wv_b = nullptr;
+    ggml_tensor *ffn_norm = nullptr, *ffn_norm_b = nullptr;
+    // dense FFN (leading dense layers)
+    ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
+    // MoE
+    ggml_tensor *gate_inp = nullptr, *gate_inp_b = nullptr;
+    ggml_tensor *gate_exps_b = nullptr, *up_exps_b = nullptr, *down_exps_b = nullptr;
+    ggml_tensor *gate_shexp = nullptr, *up_shexp = nullptr, *down_shexp = nullptr, *gate_inp_shexp = nullptr;
+    std::vector<float> exp_probs_b;               // [n_expert] selection bias (DeepSeek-V3), host side
+    // KV cache
+    ggml_tensor *k_cache = nullptr, *v_cache = nullptr;   // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
+};
+
+struct ModelOptions {
+    int n_ctx = 4096;
+    int n_threads = 2;
+    int n_ubatch = 512;
+    ggml_type kv_type = GGML_TYPE_F16;
+    std::vector<int> expert_slots;                // per layer quota; empty = all experts resident
+    int policy = 0;
+    int window_m = 16;
+};
+
+
+class Model {
+public:
+    Model(const std::string & path, const HParams & hp, const ModelOptions & opt);
+    ~Model();
+
+    // Evaluate tokens at positions n_past.. (appending to the KV cache). logits: [n_out, n_vocab] for the
+    // last n_out tokens (n_out <= n_tokens).
+    void eval(const int32_t * tokens, int n_tokens, int n_out, float * logits);
+    void reset() { n_past_ = 0; }
+    int n_past() const { return n_past_; }
+    void truncate(int n) { if (n < n_past_) n_past_ = n; }
+
+    const HParams & hparams() const { return hp_; }
+    ExpertCache & cache() { return *cache_; }
+    size_t dense_bytes() const { return dense_bytes_; }
+    size_t kv_bytes() const { return kv_bytes_; }
+    size_t scratch_bytes() const;
+
+    // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
+    bool record_routes = false;
+    std::vector<std::vector<int32_t>> route_ids;  // [n_layer][n_tokens * k]
+    std::vector<std::vector<float>> route_w;      // [n_layer][n_tokens * k] routing weights
+
+private:
+    ggml_tensor * load_tensor(const std::string & name, bool required, int n_dims_expect = -1,
+                              std::vector<int64_t> shape = {});
+    void build_layers();
+    void alloc_kv();
+
+    // graphs
+    ggml_context * begin_graph();
+    void compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc);
+    void run_embed(const int32_t * tokens, int T);
+    void run_attn(int il, int T);
+    void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
+                     const std::vector<int32_t> & ids);
+    void run_output(int T, int n_out, float * logits);
+    void route(int il, int T, std::vector<int32_t> & ids, std::vector<float> & w);
+
+    ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
+    ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
+                            ggml_tensor * v, int T);
+    ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
+
+    std::string path_;
+    HParams hp_;
+    ModelOptions opt_;
+    std::unique_ptr<GGUFIndex> idx_;
+    ggml_backend_t backend_ = nullptr;
+    ggml_threadpool * threadpool_ = nullptr;
+    ggml_context * ctx_w_ = nullptr;              // dense weight tensors
+    ggml_backend_buffer_t buf_w_ = nullptr;
+    ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors
+    ggml_backend_buffer_t buf_kv_ = nullptr;
+    std::vector<std::pair<ggml_tensor *, const TensorInfo *>> to_read_;
+    size_t dense_bytes_ = 0, kv_bytes_ = 0;
+
+    ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
+                *output_b_ = nullptr, *rope_factors_ = nullptr;
+    std::vector<Layer> layers_;
+    std::unique_ptr<ExpertCache> cache_;
+
+    // persistent state between the per-layer graphs, [.., n_ubatch]
+    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr;
+
+    ggml_gallocr_t galloc_ = nullptr;
+    std::vector<uint8_t> graph_mem_;
+    int n_past_ = 0;
+    std::vector<int32_t> pos_;
+    std::vector<float> mask_, mask_swa_;
+};
+
+}  // namespace moelite

@@ -1,0 +1,380 @@
+"""moelite.load / Model: the embeddable API.
+
+    with moelite.load("model.gguf", memory_budget="2GiB", policy="lfuda") as m:
+        text = m.generate("Once upon a time", max_tokens=64)
+        for piece in m.stream("The capital of France is", max_tokens=16):
+            print(piece, end="", flush=True)
+        m.chat([{"role": "user", "content": "Hi"}])
+        m.stats()
+
+A Model is safe to share between threads: generation calls are serialized by a lock, and `cancel()` (from
+any thread, e.g. a GUI's) stops the running generation after the current token.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import _core
+from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
+from .hparams import parse_hparams
+from .planner import Plan, fmt_bytes, parse_size, plan_memory
+
+KV_TYPES = {"f32": 0, "f16": 1}
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo.gguf"
+
+
+@contextlib.contextmanager
+def _core_errors(path: str):
+    """Map the C++ core's exceptions to moelite.errors."""
+    try:
+        yield
+    except _core.FormatError as e:
+        msg = str(e)
+        raise ModelFormatError(msg if path in msg else f"{path}: {msg}") from None
+    except _core.IOError as e:
+        raise ExpertIOError(str(e)) from None
+    except _core.BudgetError as e:
+        raise BudgetError(str(e)) from None
+
+
+def default_model_path() -> str:
+    if not DEFAULT_MODEL.exists():
+        raise ModelFormatError(f"{DEFAULT_MODEL}: the embedded demo model is missing from this install")
+    return str(DEFAULT_MODEL)
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prompt_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def prompt_tok_s(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+class Model:
+    """A loaded MoE GGUF: dense part resident, routed experts in a slot cache fed from disk."""
+
+    def __init__(self, path: str | os.PathLike | None = None, *, memory_budget: str | int | None = None,
+                 policy: str = "lru", policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
+                 record_trace: bool = False, use_calibration: bool = True) -> None:
+        self.path = str(path) if path is not None else default_model_path()
+        if not os.path.isfile(self.path):
+            raise ModelFormatError(f"{self.path}: no such model file")
+        if kv_type not in KV_TYPES:
+            raise UsageError(f"kv_type {kv_type!r}: expected one of {', '.join(KV_TYPES)}")
+        from ..cache_policies.registry import make_policy   # policy names and knobs live there
+        with _core_errors(self.path):
+            meta = _core.read_gguf(self.path)
+        self.kv: dict[str, Any] = meta["kv"]
+        self.tensors = {name: (typ, shape, off, nbytes) for name, typ, shape, off, nbytes in meta["tensors"]}
+        self.alignment = meta["alignment"]
+        self.hparams = parse_hparams(self.path, self.kv, self.tensors)
+        calib = self._calibration() if use_calibration else {}
+        if policy_window is None:
+            policy_window = int(calib.get("window_m", 16))
+        if cache_shares is None and calib.get("shares") is not None and memory_budget is not None:
+            cache_shares = list(calib["shares"])
+        knobs: dict[str, Any] = {"m": policy_window} if policy == "consistency" else {}
+        pol = make_policy(policy, shares=cache_shares, **knobs)
+        ctx_len = int(self.hparams["context_length"])
+        self.n_ctx = int(n_ctx) if n_ctx else min(ctx_len, 4096)
+        if self.n_ctx < 8:
+            raise UsageError(f"n_ctx={n_ctx}: expected at least 8")
+        self.n_threads = int(n_threads) if n_threads else max(1, min(os.cpu_count() or 1, 8))
+        self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
+                                      kv_elsize=4 if kv_type == "f32" else 2, budget=parse_size(memory_budget),
+                                      shares=list(pol.shares) if pol.shares else None)
+        options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=n_ubatch, kv_type=KV_TYPES[kv_type],
+                       expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window)
+        with _core_errors(self.path):
+            self._m = _core.Model(self.path, self.hparams, options)
+        self._m.record_routes = record_trace
+        self.policy = pol
+        self._lock = threading.RLock()
+        self._cancel = threading.Event()
+        self._ctx_ids: list[int] = []            # token ids whose K/V are in the cache, in order
+        self._trace_parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._trace_layers: list[int] = []
+        self.last_stats = GenerationStats()
+        self._tokenizer = None
+        self._template = None
+        self._closed = False
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._m = None
+
+    def __enter__(self) -> "Model":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _core(self) -> Any:
+        if self._closed or self._m is None:
+            raise UsageError(f"{self.path}: the model is closed")
+        return self._m
+
+    # --- metadata ----------------------------------------------------------------------------------------
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from .tokenizer import Tokenizer
+            self._tokenizer = Tokenizer.from_gguf_kv(self.kv, self.path)
+        return self._tokenizer
+
+    @property
+    def chat_template(self):
+        if self._template is None:
+            from .chat_template import ChatTemplate
+            self._template = ChatTemplate.from_gguf_kv(self.kv, self.tokenizer, self.path)
+        return self._template
+
+    @property
+    def n_vocab(self) -> int:
+        return int(self.hparams["n_vocab"])
+
+    def _calibration(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for k, v in self.kv.items():
+            if k.startswith("moelite.calibration."):
+                out[k[len("moelite.calibration."):]] = v
+        return out
+
+    def info(self) -> dict[str, Any]:
+        mem = self._core().memory()
+        p = self.plan
+        return {
+            "path": self.path, "name": self.kv.get("general.name", Path(self.path).stem),
+            "architecture": self.hparams["arch"], "device": "cpu", "n_layer": self.hparams["n_layer"],
+            "n_expert": p.n_expert, "n_expert_used": p.n_expert_used, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
+            "policy": self.policy.name, "memory_budget": p.budget, "offloaded": p.slots is not None,
+            "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
+            "arena_bytes": mem["arena_bytes"], "scratch_bytes": mem["scratch_bytes"],
+            "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
+        }
+
+    # --- evaluation --------------------------------------------------------------------------------------
+    def _eval(self, ids: Sequence[int], n_out: int = 1) -> np.ndarray:
+        with _core_errors(self.path):
+            out = self._core().eval(np.asarray(ids, dtype=np.int32), n_out)
+        if self._m.record_routes:
+            rid, rw, layers = self._m.take_routes()
+            if len(rid):
+                self._trace_parts.append((rid, rw))
+                self._trace_layers = list(layers)
+        return out
+
+    def _check_ids(self, ids: Sequence[int]) -> list[int]:
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise UsageError("empty prompt: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.n_vocab]
+        if bad:
+            raise UsageError(f"token id {bad[0]} out of range [0, {self.n_vocab})")
+        if len(ids) > self.n_ctx:
+            raise UsageError(f"prompt of {len(ids)} tokens exceeds the context size n_ctx={self.n_ctx}")
+        return ids
+
+    def logits(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Logits [n_tokens, n_vocab] (float32) of every position, in a fresh context."""
+        ids = self._check_ids(token_ids)
+        with self._lock:
+            self._core().reset()
+            self._ctx_ids = []
+            out = self._eval(ids, len(ids))
+            self._ctx_ids = list(ids)
+            return out
+
+    def _prefill(self, ids: list[int]) -> np.ndarray:
+        """Evaluate ids reusing the longest cached prefix; logits of the last token."""
+        n = 0
+        while n < min(len(ids), len(self._ctx_ids)) and ids[n] == self._ctx_ids[n]:
+            n += 1
+        n = min(n, len(ids) - 1)               # at least one token must be evaluated to get logits
+        self._core().truncate(n)
+        self._ctx_ids = self._ctx_ids[:n]
+        out = self._eval(ids[n:], 1)
+        self._ctx_ids = list(ids)
+        return out[-1]
+
+    def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            return self._check_ids(self.tokenizer.encode(prompt, add_special=True))
+        return self._check_ids(prompt)
+
+    def stream_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
+                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
+                      seed: int | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[int]:
+        """Yield generated token ids (the engine loop; text APIs build on it)."""
+        from .sampling import Sampler, SamplerConfig
+        if max_tokens < 0:
+            raise UsageError(f"max_tokens={max_tokens}: expected >= 0")
+        sampler = Sampler(SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                        repetition_penalty=repetition_penalty, seed=seed))
+        ids = self._tokens(prompt)
+        stops = set(stop_ids) if stop_ids is not None else set(self.tokenizer.stop_ids) if self._has_tokenizer() else set()
+        with self._lock:
+            self._cancel.clear()
+            st = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+            t0 = time.perf_counter()
+            logits = self._prefill(ids)
+            st.prompt_s = time.perf_counter() - t0
+            history = list(ids)
+            t1 = time.perf_counter()
+            st.finish_reason = "length"
+            for _ in range(max_tokens):
+                tok = sampler.sample(logits, history)
+                if tok in stops:
+                    st.finish_reason = "stop"
+                    break
+                st.generated_tokens += 1
+                history.append(tok)
+                yield tok
+                if self._cancel.is_set():
+                    st.finish_reason = "cancelled"
+                    break
+                if len(self._ctx_ids) >= self.n_ctx:
+                    st.finish_reason = "length"
+                    break
+                logits = self._eval([tok], 1)[-1]
+                self._ctx_ids.append(tok)
+                st.decode_s = time.perf_counter() - t1
+            st.decode_s = time.perf_counter() - t1
+
+    def _has_tokenizer(self) -> bool:
+        try:
+            self.tokenizer
+            return True
+        except Exception:
+            return False
+
+    def stream(self, prompt: str | Sequence[int], *, stop: Sequence[str] = (), **kw: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated (complete UTF-8 only; stop strings are cut)."""
+        from .sampling import StopChecker
+        dec = self.tokenizer.stream_decoder()
+        stopper = StopChecker(list(stop))
+        gen = self.stream_tokens(prompt, **kw)
+        try:
+            for tok in gen:
+                piece = stopper.push(dec.push(tok))
+                if piece:
+                    yield piece
+                if stopper.stopped:
+                    self.last_stats.finish_reason = "stop"
+                    return
+            tail = stopper.push(dec.flush())
+            if not stopper.stopped:
+                tail += stopper.flush()
+            if tail:
+                yield tail
+        finally:
+            gen.close()
+
+    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
+                 **kw: Any) -> str | list[int]:
+        """Text in -> text out (stop strings cut). Token ids in -> generated token ids out."""
+        if isinstance(prompt, str):
+            return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **kw))
+        return list(self.stream_tokens(prompt, max_tokens=max_tokens, **kw))
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, max_tokens: int = 512,
+             **kw: Any) -> str | Iterator[str]:
+        """Render messages with the model's chat template (add_generation_prompt) and answer."""
+        prompt = self.chat_template.render(messages, add_generation_prompt=True)
+        ids = self.tokenizer.encode(prompt, add_special=False)
+        if self.tokenizer.add_bos and self.tokenizer.bos_id is not None and (not ids or ids[0] != self.tokenizer.bos_id):
+            if not prompt.startswith(self.tokenizer.bos_token or "\0"):
+                ids = [self.tokenizer.bos_id] + ids
+        it = self.stream(ids, max_tokens=max_tokens, **kw)
+        return it if stream else "".join(it)
+
+    def cancel(self) -> None:
+        """Stop the running generation after the current token (safe from any thread)."""
+        self._cancel.set()
+
+    # --- cache introspection -----------------------------------------------------------------------------
+    def stats(self) -> dict[str, Any]:
+        per_layer = self._core().cache_stats()
+        keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
+                "evictions", "stall_s")
+        total = {k: sum((s[k] for s in per_layer if s), 0) for k in keys}
+        lookups = total["hits"] + total["misses"]
+        total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
+        st = self.last_stats
+        import psutil
+        return {
+            "total": total,
+            "per_layer": [dict(s, layer=i) for i, s in enumerate(per_layer) if s],
+            "last_generation": {"prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
+                                "prompt_tok_s": st.prompt_tok_s, "decode_tok_s": st.decode_tok_s,
+                                "finish_reason": st.finish_reason},
+            "rss_bytes": psutil.Process().memory_info().rss,
+            "memory": self._core().memory(),
+            "policy": self.policy.name,
+        }
+
+    def reset_stats(self) -> None:
+        self._core().reset_stats()
+
+    def reset(self) -> None:
+        """Forget the cached context (the KV cache is reused from position 0)."""
+        with self._lock:
+            self._core().reset()
+            self._ctx_ids = []
+
+    def reopen(self) -> None:
+        """Reopen the model file for expert reads (after it was replaced or repaired)."""
+        with self._lock, _core_errors(self.path):
+            self._core().reopen()
+
+    def trace(self) -> dict[str, Any]:
+        """Routing recorded so far (load with record_trace=True): ids [n_tokens, n_moe_layers, k] in
+        descending score order, routing weights, layer indices, n_expert, model name."""
+        if not self._trace_parts:
+            raise UsageError("no routing was recorded: load the model with record_trace=True and run some tokens")
+        ids = np.concatenate([p[0] for p in self._trace_parts])
+        w = np.concatenate([p[1] for p in self._trace_parts])
+        return {"ids": ids, "scores": w, "layers": np.asarray(self._trace_layers, dtype=np.int32),
+                "n_expert": int(self.hparams["n_expert"]), "model": str(self.kv.get("general.name", Path(self.path).stem))}
+
+    def clear_trace(self) -> None:
+        self._trace_parts = []
+
+    def __repr__(self) -> str:
+        return f"<moelite.Model {self.hparams['arch']} {Path(self.path).name} policy={self.policy.name}>"
+
+
+def load(path: str | os.PathLike | None = None, **options: Any) -> Model:
+    """Open a MoE GGUF (or the embedded demo model when path is None). Options: memory_budget ('1.5GiB'),
+    policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx, n_threads, n_ubatch,
+    kv_type ('f16' | 'f32'), record_trace."""
+    return Model(path, **options)

@@ -1,0 +1,129 @@
+"""Memory planning: how a budget splits into dense weights, KV cache, scratch and expert slots.
+
+budget = dense (resident: attention, embeddings, norms, routers, shared experts)
+       + KV cache + graph scratch + expert slots x bytes per expert slot
+A budget that cannot hold the dense part plus n_expert_used slots per MoE layer is an error that names the
+minimum. Without a budget, everything stays resident when it fits in available RAM, else 70 % of it is used.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import psutil
+
+from ..errors import BudgetError
+
+_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
+          "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+
+
+def parse_size(value: str | int | float | None) -> int | None:
+    """'1.5GiB', '800MB', '512m', 1073741824 -> bytes. None -> None. Bad strings raise BudgetError."""
+    if value is None:
+        return None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if value <= 0:
+            raise BudgetError(f"memory budget must be positive, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+    unit = m.group(2).upper() if m else ""
+    if unit in ("K", "M", "G", "T") and m and m.group(2).islower():
+        unit = unit + "IB"        # '512m' reads as MiB, like most CLIs
+    if not m or unit not in _UNITS:
+        raise BudgetError(f"bad memory size {value!r}: expected a number with a unit, e.g. '1.5GiB', '800MB', '512m'")
+    n = int(float(m.group(1)) * _UNITS[unit])
+    if n <= 0:
+        raise BudgetError(f"memory budget must be positive, got {value!r}")
+    return n
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n:.2f} TiB"
+
+
+@dataclass
+class Plan:
+    dense_bytes: int
+    kv_bytes: int
+    scratch_bytes: int
+    expert_slot_bytes: list[int]      # per layer: bytes of one expert slot (0 for dense layers)
+    n_expert: int
+    n_expert_used: int
+    slots: list[int] | None           # per layer quota; None = everything resident
+    budget: int | None
+
+    @property
+    def moe_layers(self) -> list[int]:
+        return [i for i, b in enumerate(self.expert_slot_bytes) if b]
+
+    @property
+    def expert_bytes_total(self) -> int:
+        return sum(b * self.n_expert for b in self.expert_slot_bytes)
+
+    @property
+    def minimum_budget(self) -> int:
+        return self.dense_bytes + self.kv_bytes + self.scratch_bytes + sum(b * self.n_expert_used for b in self.expert_slot_bytes)
+
+    @property
+    def resident_bytes(self) -> int:
+        slots = self.slots or [self.n_expert if b else 0 for b in self.expert_slot_bytes]
+        return self.dense_bytes + self.kv_bytes + self.scratch_bytes + sum(s * b for s, b in zip(slots, self.expert_slot_bytes))
+
+
+def _page(n: int) -> int:
+    return (n + 4095) // 4096 * 4096
+
+
+def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int, kv_elsize: int, budget: int | None,
+                shares: list[float] | None = None) -> Plan:
+    n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
+    slot_bytes = [0] * n_layer
+    expert_names = set()
+    for il in range(n_layer):
+        names = [f"blk.{il}.ffn_{r}_exps.weight" for r in ("gate", "up", "down")]
+        if all(n in tensors for n in names) and il >= hp["n_layer_dense_lead"]:
+            slot_bytes[il] = sum(_page(tensors[n][3] // E) for n in names)
+            expert_names.update(names)
+    dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
+    if hp["kv_lora_rank"]:
+        row = (hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"]
+    else:
+        row = hp["n_head_kv"] * (hp["n_embd_head_k"] + hp["n_embd_head_v"])
+    kv = n_layer * row * n_ctx * kv_elsize + 4 * n_ubatch * (3 * hp["n_embd"] + E)
+    # graph scratch: activations of one ubatch through the widest graph (experts: [n_ff, K, T] x 3 + attention)
+    n_ff = max((tensors[f"blk.{i}.ffn_gate_exps.weight"][1][1] for i in range(n_layer) if slot_bytes[i]), default=0)
+    scratch = 4 * n_ubatch * (8 * hp["n_embd"] + 3 * n_ff * K + hp["n_head"] * min(n_ctx, n_ubatch + 512) * 2) + (8 << 20)
+    p = Plan(dense, kv, scratch, slot_bytes, E, K, None, budget)
+    if budget is None:
+        avail = psutil.virtual_memory().available
+        if p.resident_bytes <= 0.85 * avail:
+            return p
+        budget = int(0.7 * avail)
+        p.budget = budget
+    if budget < p.minimum_budget:
+        raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
+                          f"KV cache ({fmt_bytes(kv)}), scratch ({fmt_bytes(scratch)}) and {K} expert slots per MoE "
+                          f"layer need at least {fmt_bytes(p.minimum_budget)}")
+    free = budget - dense - kv - scratch
+    moe = p.moe_layers
+    if sum(slot_bytes[i] * E for i in moe) <= free:
+        return p                                    # everything fits: fully resident
+    w = shares if shares is not None else [1.0 / len(moe)] * len(moe)
+    if len(w) != len(moe):
+        raise BudgetError(f"cache shares name {len(w)} layers, the model has {len(moe)} MoE layers")
+    slots = [0] * n_layer
+    for share, il in zip(w, moe):
+        slots[il] = max(K, min(E, int(free * share // slot_bytes[il])))
+    # the per-layer floor of K may overshoot: take slots back from the largest quotas
+    while sum(slots[i] * slot_bytes[i] for i in moe) > free:
+        il = max((i for i in moe if slots[i] > K), key=lambda i: slots[i], default=None)
+        if il is None:
+            break
+        slots[il] -= 1
+    p.slots = slots
+    return p
