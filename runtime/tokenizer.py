@@ -15,6 +15,7 @@ Encoding never lets a tokenizer.json post-processor add tokens: BOS is added her
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Iterable, Sequence
 
 from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
@@ -109,6 +110,7 @@ class Tokenizer:
         self.stop_ids = frozenset(stop_ids)  # eos plus end-of-turn tokens: generation ends on any
         self.add_bos = add_bos
         self.vocab_size = vocab_size
+        self._encode_lock = threading.Lock()  # parse_special is a setting of the shared HF tokenizer
 
     # --- construction -----------------------------------------------------------------------------------
     @classmethod
@@ -177,8 +179,9 @@ class Tokenizer:
         already starts with it, as rendered chat templates often do). `parse_special`:
         control tokens written in the text (e.g. "<|im_start|>" from a chat template) become their ids;
         False treats them as plain text (user-defined tokens still match, as in llama.cpp)."""
-        self._hf.encode_special_tokens = not parse_special
-        ids = self._hf.encode(text, add_special_tokens=False).ids
+        with self._encode_lock:
+            self._hf.encode_special_tokens = not parse_special
+            ids = self._hf.encode(text, add_special_tokens=False).ids
         if add_special and self.add_bos and ids[:1] != [self.bos_id]:  # a chat template may write BOS itself
             ids.insert(0, self.bos_id)
         return ids

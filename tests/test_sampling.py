@@ -96,6 +96,21 @@ def test_large_vocab_chain() -> None:
         assert s.sample(logits, history) in best | set(history)
 
 
+@pytest.mark.parametrize("scale", [8.0, 0.5])  # peaked: the nucleus is found among a few candidates; flat: full sort
+def test_top_p_nucleus_on_a_large_vocab(scale) -> None:
+    logits = (np.random.default_rng(1).standard_normal(30_000) * scale).astype(np.float32)
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    nucleus = set(order[:int(np.searchsorted(np.cumsum(p[order]), 0.8)) + 1].tolist())
+    ids = _draw(SamplerConfig(temperature=1.0, top_p=0.8, seed=12), logits=logits, n=300)
+    assert set(ids.tolist()) <= nucleus
+    if scale > 1:
+        assert len(nucleus) < 1024
+    else:
+        assert len(nucleus) > 1024
+
+
 @pytest.mark.parametrize("kw", [
     {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": -1}, {"top_k": 2.5},
     {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2.0}, {"repetition_penalty": 0.0},
