@@ -37,7 +37,7 @@ from moelite.errors import TraceError
 FORMAT_VERSION = 1
 
 
-@dataclass
+@dataclass(eq=False)  # arrays: compare fields explicitly
 class Trace:
     """A routing trace of one or more sequences, concatenated along the token axis.
 
