@@ -121,44 +121,9 @@ class Tokenizer:
     @classmethod
     def from_gguf_kv(cls, kv: dict[str, Any], path: str) -> "Tokenizer":
         """`kv`: the metadata of `moelite._core.read_gguf(path)`; `path` is only used in error messages."""
-        tokens = kv.get("tokenizer.ggml.tokens")
-        if "tokenizer.huggingface.json" in kv:
-            try:
-                hf = HFTokenizer.from_str(str(kv["tokenizer.huggingface.json"]))
-            except Exception as e:  # tokenizers raises plain Exception on bad JSON
-                raise TokenizerError(f"{path}: key 'tokenizer.huggingface.json' is not a valid "
-                                     f"tokenizer.json: {e}") from e
-            types: Sequence[int] = kv.get("tokenizer.ggml.token_type", ())
-            add_bos_default = False
-            model = "huggingface"
-        else:
-            model = kv.get("tokenizer.ggml.model")
-            if model is None or tokens is None:
-                missing = "tokenizer.ggml.model" if model is None else "tokenizer.ggml.tokens"
-                raise TokenizerError(f"{path}: no tokenizer: neither 'tokenizer.huggingface.json' nor "
-                                     f"'{missing}' is present")
-            tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
-            types = kv.get("tokenizer.ggml.token_type")
-            if types is None:
-                types = [TOKEN_NORMAL] * len(tokens)
-            types = [int(t) for t in types]
-            if model == "gpt2":
-                pre = str(kv.get("tokenizer.ggml.pre") or "default")
-                hf = _byte_level_bpe(tokens, types, kv.get("tokenizer.ggml.merges"), pre, path)
-                add_bos_default = pre in _ADD_BOS_DEFAULT
-            elif model == "llama":
-                scores = kv.get("tokenizer.ggml.scores")
-                if scores is None:
-                    raise TokenizerError(f"{path}: key 'tokenizer.ggml.scores' is missing (needed for "
-                                         "tokenizer.ggml.model = 'llama')")
-                add_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
-                hf = _sentencepiece_bpe(tokens, types, [float(s) for s in scores], add_prefix)
-                add_bos_default = True
-            else:
-                raise TokenizerError(f"{path}: key 'tokenizer.ggml.model' = {model!r} is not supported "
-                                     "(supported: 'gpt2', 'llama')")
-
+        hf, add_bos_default = _build(kv, path)
         vocab = hf.get_vocab(with_added_tokens=True)
+        tokens = kv.get("tokenizer.ggml.tokens")
         n_vocab = len(tokens) if tokens is not None else hf.get_vocab_size(with_added_tokens=True)
 
         def special_id(key: str) -> int | None:
@@ -169,7 +134,6 @@ class Tokenizer:
         stop = {i for i in (eos_id, special_id("eot"), special_id("eom")) if i is not None}
         stop |= {vocab[t] for t in EOG_TOKEN_TEXTS if t in vocab}
         add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos_id is not None
-        del model, types
         return cls(hf, path=path, bos_id=bos_id, eos_id=eos_id, stop_ids=stop, add_bos=add_bos,
                    vocab_size=n_vocab)
 
@@ -241,6 +205,36 @@ class StreamDecoder:
 
 
 # --- builders --------------------------------------------------------------------------------------------
+def _build(kv: dict[str, Any], path: str) -> tuple[HFTokenizer, bool]:
+    """The HF tokenizer of a GGUF's metadata, and llama.cpp's add-BOS default for its kind."""
+    if "tokenizer.huggingface.json" in kv:
+        try:
+            return HFTokenizer.from_str(str(kv["tokenizer.huggingface.json"])), False
+        except Exception as e:  # tokenizers raises plain Exception on bad JSON
+            raise TokenizerError(f"{path}: key 'tokenizer.huggingface.json' is not a valid tokenizer.json: "
+                                 f"{e}") from e
+    model, tokens = kv.get("tokenizer.ggml.model"), kv.get("tokenizer.ggml.tokens")
+    if model is None or tokens is None:
+        missing = "tokenizer.ggml.model" if model is None else "tokenizer.ggml.tokens"
+        raise TokenizerError(f"{path}: no tokenizer: neither 'tokenizer.huggingface.json' nor '{missing}' "
+                             "is present")
+    tokens = [t if t else f"[EMPTY_{i}]" for i, t in enumerate(tokens)]  # as llama.cpp does
+    types = kv.get("tokenizer.ggml.token_type")
+    types = [TOKEN_NORMAL] * len(tokens) if types is None else [int(t) for t in types]
+    if model == "gpt2":
+        pre = str(kv.get("tokenizer.ggml.pre") or "default")
+        return _byte_level_bpe(tokens, types, kv.get("tokenizer.ggml.merges"), pre, path), pre in _ADD_BOS_DEFAULT
+    if model == "llama":
+        scores = kv.get("tokenizer.ggml.scores")
+        if scores is None:
+            raise TokenizerError(f"{path}: key 'tokenizer.ggml.scores' is missing (needed for "
+                                 "tokenizer.ggml.model = 'llama')")
+        add_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
+        return _sentencepiece_bpe(tokens, types, [float(x) for x in scores], add_prefix), True
+    raise TokenizerError(f"{path}: key 'tokenizer.ggml.model' = {model!r} is not supported "
+                         "(supported: 'gpt2', 'llama')")
+
+
 def _added_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[AddedToken]:
     """Control/unknown -> special added tokens, user-defined -> added tokens; matched on the raw text."""
     out = []

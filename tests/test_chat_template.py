@@ -82,8 +82,9 @@ CHAT = [
     {"role": "assistant", "content": "Hello!", "tool_calls": None},
     {"role": "user", "content": "2+2?"},
 ]
-TOOLS = [{"type": "function", "function": {"name": "add", "description": "Add <two> numbers",
-                                           "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+TOOLS = [{"type": "function", "function": {
+    "name": "add", "description": "Add <two> numbers",
+    "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
 
 
 @pytest.fixture(scope="module")
