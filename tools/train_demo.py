@@ -433,14 +433,15 @@ def main(argv=None) -> int:
         t0 = time.time()
         losses = evaluate(model, val, batch=max(args.batch_size, 8))
         log_data["evals"].append({"step": step, "tokens_seen": tokens_seen, "wall_s": round(elapsed(), 1),
-                                  "train_loss": train_loss, "val_loss": losses})
+                                  "train_loss": train_loss, "val_loss": losses,
+                                  "eval_s": round(time.time() - t0, 1)})
         write_log()
         log(f"eval step {step}: " + ", ".join(f"{d} {losses[d]:.3f} (unigram {unigram[d]:.3f})" for d in domains)
             + f"  [{time.time() - t0:.0f}s]")
         return time.time() - t0
 
     budget_s = args.budget_minutes * 60
-    eval_cost = do_eval(None) if step == 0 else 30.0
+    eval_cost = do_eval(None) if step == 0 else log_data["evals"][-1].get("eval_s", 30.0)
     # reserve the end of the budget for the final eval, SRP and the HF save
     reserve = max(20.0, 2.5 * eval_cost + 15.0)
     train_end = budget_s - reserve
