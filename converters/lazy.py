@@ -13,13 +13,17 @@ from typing import Callable, Sequence
 import numpy as np
 
 
+OPAQUE = -1  # raw_type of packed uint8 source data that a family must turn into a ggml type
+
+
 @dataclass
 class Lazy:
     shape: tuple[int, ...]                      # numpy / torch order (outermost first)
     loader: Callable[[], np.ndarray]            # -> float32 array (or uint8 for raw blocks) of `shape`
     src: str                                    # where it comes from, for error messages
     parter: Callable[[int], "Lazy"] | None = field(default=None, repr=False)
-    raw_type: int | None = None                 # ggml type id when the data is already packed (MXFP4, GGUF input)
+    raw_type: int | None = None                 # ggml type id when the data is already packed (MXFP4, GGUF
+                                                # input): loader gives uint8 [*shape[:-1], row_size]
     f32_exact: bool = True                      # False when the source was lower precision than f32
 
     @property
@@ -100,3 +104,33 @@ def permute_qk(t: Lazy, n_head: int) -> Lazy:
 def const(a: np.ndarray, src: str) -> Lazy:
     a = np.ascontiguousarray(a, dtype=np.float32)
     return Lazy(tuple(a.shape), lambda: a, src)
+
+
+MXFP4 = 39  # ggml type id (gguf.GGMLQuantizationType.MXFP4)
+
+
+def mxfp4_from_hf(blocks: Lazy, scales: Lazy) -> Lazy:
+    """HF MXFP4 -> ggml block_mxfp4 bytes, lossless. Shape in elements: [E, out, in].
+
+    HF: blocks uint8 [E, out, in/32, 16], byte j of a 32-group holds element 2j (low nibble) and 2j+1
+        (high nibble); scales uint8 [E, out, in/32], E8M0 exponent (value = code * 2^(s-127)).
+    ggml: per group 17 bytes {e, qs[16]}, qs[j] = element j (low nibble) | element j+16 (high nibble);
+        value = kvalues_mxfp4[code] * 2^(e-127) / 2 with kvalues = 2 x the FP4 E2M1 values, so the 4-bit
+        codes and the exponent byte carry over unchanged."""
+    E, out, n_groups, _ = blocks.shape
+
+    def repack(b: np.ndarray, s: np.ndarray) -> np.ndarray:  # b [..., G, 16], s [..., G]
+        lo, hi = b & 0x0F, b >> 4
+        codes = np.stack((lo, hi), axis=-1).reshape(*b.shape[:-1], 32)        # element order
+        qs = codes[..., :16] | (codes[..., 16:] << 4)
+        return np.concatenate((s[..., None], qs), axis=-1).reshape(*b.shape[:-2], n_groups * 17)
+
+    def load() -> np.ndarray:
+        return repack(blocks.load(), scales.load())
+
+    def parter(e: int) -> Lazy:
+        be, se = blocks.part(e), scales.part(e)
+        return Lazy((out, n_groups * 32), lambda: repack(be.load(), se.load()), f"{blocks.src}[{e}](mxfp4)",
+                    raw_type=MXFP4, f32_exact=False)
+
+    return Lazy((E, out, n_groups * 32), load, f"{blocks.src}(mxfp4)", parter, raw_type=MXFP4, f32_exact=False)

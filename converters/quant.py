@@ -11,8 +11,9 @@ Rules (llama.cpp's, re-stated):
 - Fallback when a row (ne[0]) is not a multiple of the block size: q4_k -> q5_0, q5_k -> q5_1,
   q6_k -> q8_0 (llama.cpp's table), then any 32-block type -> f16 (and f16 always fits). Each fallback
   is reported.
-- Packed input (GPT-OSS MXFP4 experts, or a GGUF input tensor) is copied as-is when the planned type is
-  its own type; with type "keep" every packed tensor keeps its type.
+- Packed input: GPT-OSS MXFP4 experts are always copied as MXFP4 (lossless, whatever --type); a GGUF
+  input tensor is copied when the planned type is its own type, else dequantized and re-quantized;
+  with type "keep" (GGUF input only) every tensor keeps its type.
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from gguf import LlamaFileType as FT
 
 from moelite.errors import ConversionError
 
-from .lazy import Lazy
+from .lazy import OPAQUE, Lazy
 
 TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
          "q6_k": T.Q6_K, "q4_k_m": T.Q4_K, "keep": None}
@@ -90,8 +91,8 @@ def plan(tensors: list[tuple[str, Lazy]], type_name: str, n_layer: int, n_expert
             want = raw if raw is not None else T.F32
         elif keeps_f32(name, t.shape):
             want = T.F32
-        elif raw is not None and raw == int(T.MXFP4) and type_name != "f32" and _is_expert(name):
-            want = T.MXFP4  # GPT-OSS experts stay MXFP4 unless f32 is asked for explicitly
+        elif raw is not None and raw == int(T.MXFP4):
+            want = T.MXFP4  # GPT-OSS MXFP4 experts are copied losslessly whatever the output type
         else:
             want = base
             if type_name == "q4_k_m":
@@ -110,10 +111,9 @@ def _is_expert(name: str) -> bool:
 
 
 def _raw_type(t: Lazy) -> int | None:
-    g = getattr(t, "gguf_raw", None)
-    if g is not None:
-        return int(g[0])
-    return t.raw_type if t.raw_type else None
+    if t.raw_type == OPAQUE:
+        raise ConversionError(f"{t.src}: packed uint8 tensor that no family rule turns into a ggml type")
+    return t.raw_type
 
 
 def _q4_k_m(name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn_v: int) -> int:
@@ -135,22 +135,30 @@ def _q4_k_m(name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn_v: int
 
 
 def encode(p: Planned, n_threads: int) -> np.ndarray:
-    """Materialise one planned tensor as uint8 [*lead, row_size] in its ggml type."""
+    """Materialise one planned tensor as uint8 [*lead, row_size] in its ggml type. 3-D tensors with a
+    per-expert view are converted expert by expert (peak = this output + one expert in float32)."""
     t = p.lazy
-    raw = _raw_type(t)
-    if raw is not None and raw == p.type:
-        data = getattr(t, "gguf_raw", None)
-        buf = np.ascontiguousarray(data[1]).view(np.uint8) if data is not None else t.load()
-        return buf.reshape(p.byte_shape)
-    if t.raw_type is not None and raw is not None and getattr(t, "gguf_raw", None) is None:
-        t = t.dequantized  # type: ignore[attr-defined]  # packed HF data (MXFP4) asked for as another type
+    if t.raw_type == p.type:  # already packed in the planned type: copy
+        return np.ascontiguousarray(t.load()).view(np.uint8).reshape(p.byte_shape)
     out = np.empty(p.byte_shape, dtype=np.uint8)
-    if t.ndim >= 3:
+    if t.ndim >= 3 and t.parter is not None:
         for e in range(t.shape[0]):
-            out[e] = _encode_rows(t.part(e).load(), p.type, p.n_per_row, n_threads).reshape(out.shape[1:])
+            out[e] = _encode_rows(_as_f32(t.part(e)), p.type, p.n_per_row, n_threads).reshape(out.shape[1:])
     else:
-        out[...] = _encode_rows(t.load(), p.type, p.n_per_row, n_threads).reshape(out.shape)
+        out[...] = _encode_rows(_as_f32(t), p.type, p.n_per_row, n_threads).reshape(out.shape)
     return out
+
+
+def _as_f32(t: Lazy) -> np.ndarray:
+    a = t.load()
+    if t.raw_type is None:
+        return a
+    n = int(np.prod(t.shape))
+    try:
+        f = _core().dequantize(np.ascontiguousarray(a).view(np.uint8).reshape(-1), int(t.raw_type), n)
+    except Exception as e:  # noqa: BLE001 - the binding raises its own error types
+        raise ConversionError(f"{t.src}: cannot dequantize ggml type {t.raw_type}: {e}") from e
+    return np.asarray(f, dtype=np.float32).reshape(t.shape)
 
 
 def _encode_rows(a: np.ndarray, ggml_type: int, n_per_row: int, n_threads: int) -> np.ndarray:

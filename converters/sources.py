@@ -18,7 +18,7 @@ import numpy as np
 
 from moelite.errors import ConversionError
 
-from .lazy import Lazy
+from .lazy import OPAQUE, Lazy
 
 _ST_DTYPES = {  # safetensors dtype -> (numpy storage dtype, itemsize)
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
@@ -107,7 +107,7 @@ class SafetensorsFile:
             stride = math.prod(shape[1:]) * np_dt.itemsize
             parter = lambda e: self._lazy(f"{name}[{e}]", dt, shape[1:], offset + e * stride)  # noqa: E731
         return Lazy(shape, load, f"{path.name}:{name}", parter,
-                    raw_type=0 if dt in _RAW_DTYPES else None, f32_exact=dt in ("F32", "F64"))
+                    raw_type=OPAQUE if dt in _RAW_DTYPES else None, f32_exact=dt in ("F32", "F64"))
 
 
 class HFSource:
@@ -211,27 +211,17 @@ class GGUFSource:
         return out
 
     def tensors(self) -> dict[str, Lazy]:
-        from moelite import _core
+        """GGUF name -> Lazy: F32 tensors as float32, every other type as its packed bytes (raw_type)."""
         out: dict[str, Lazy] = {}
         for t in self.reader.tensors:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne -> numpy order
             ttype = int(t.tensor_type)
-            data = t.data
-
-            def load(data=data, ttype=ttype, shape=shape, name=t.name) -> np.ndarray:
-                if ttype == 0:
-                    return np.array(data, dtype=np.float32).reshape(shape)
-                try:
-                    flat = _core.dequantize(np.ascontiguousarray(data).view(np.uint8).reshape(-1), ttype,
-                                            math.prod(shape))
-                except Exception as e:  # noqa: BLE001
-                    raise ConversionError(f"{self.path}: tensor {name}: cannot dequantize ggml type "
-                                          f"{ttype}: {e}") from e
-                return np.asarray(flat, dtype=np.float32).reshape(shape)
-
-            lz = Lazy(shape, load, f"{self.path.name}:{t.name}", f32_exact=ttype == 0)
-            lz.gguf_raw = (ttype, data)  # type: ignore[attr-defined]
-            out[t.name] = lz
+            if ttype == 0:
+                out[t.name] = Lazy(shape, lambda d=t.data, s=shape: np.array(d, np.float32).reshape(s),
+                                   f"{self.path.name}:{t.name}")
+            else:
+                out[t.name] = Lazy(shape, lambda d=t.data: np.array(d).view(np.uint8),
+                                   f"{self.path.name}:{t.name}", raw_type=ttype, f32_exact=False)
         return out
 
 

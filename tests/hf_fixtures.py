@@ -63,6 +63,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                         topk_method="greedy", n_group=1, topk_group=1, norm_topk_prob=False,
                         routed_scaling_factor=1.0, rms_norm_eps=1e-6, num_hidden_layers=3,
+                        max_position_embeddings=40 * 128,
                         rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=40.0, beta_fast=32.0,
                                              beta_slow=1.0, mscale=0.707, mscale_all_dim=0.707,
                                              original_max_position_embeddings=128)),
@@ -71,16 +72,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                         n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
                         rms_norm_eps=1e-6, num_hidden_layers=3, rope_interleave=True, rope_theta=1e4),
-    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64, head_dim=16,
+    "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, head_dim=16,
+                    max_position_embeddings=32 * 128,
                     num_attention_heads=4, num_key_value_heads=2, sliding_window=8, attention_bias=True,
                     layer_types=["sliding_attention", "full_attention"], rms_norm_eps=1e-5,
                     rope_parameters=dict(rope_type="yarn", rope_theta=150000.0, factor=32.0, beta_fast=32.0,
                                          beta_slow=1.0, truncate=False, original_max_position_embeddings=128)),
-    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, rope_theta=1e4,
+    "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                        embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                        attention_multiplier=0.0078125, rms_norm_eps=1e-6),
-    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32, rope_theta=1e4,
-                             shared_intermediate_size=64, embedding_multiplier=12.0, logits_scaling=8.0,
+    "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
+                             shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
 }
 
@@ -122,7 +124,9 @@ def _make_tokenizer(out: Path) -> None:
 
 
 def _key(family: str, seed: int, overrides: dict[str, Any]) -> str:
-    blob = json.dumps({"v": _FIXTURE_VERSION, "f": family, "s": seed, "o": overrides}, sort_keys=True, default=str)
+    cfg = {**_COMMON, **CONFIGS[family]}  # the key follows the generator's config, not only the overrides
+    blob = json.dumps({"v": _FIXTURE_VERSION, "f": family, "s": seed, "c": cfg, "o": overrides}, sort_keys=True,
+                      default=str)
     return f"{family}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from moelite.errors import ConversionError
@@ -182,7 +182,6 @@ class Family:
     sanitize: Callable[[dict[str, Lazy], Config], None] = lambda w, c: None
     skip: tuple[str, ...] = ()
     tokenizer_pre: str = "default"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
         """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""
