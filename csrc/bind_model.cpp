@@ -6,6 +6,9 @@
 #include "bindings.h"
 #include "common.h"
 #include "model.h"
+#include "ggml-alloc.h"
+#include "ggml-cpu.h"
+#include <cstring>
 
 namespace py = pybind11;
 using namespace moelite;
@@ -126,6 +129,49 @@ void bind_model(py::module_ & m) {
              })
         .def("reset_stats", [](Model & m) { m.cache().reset_stats(); })
         .def("reopen", [](Model & m) { m.cache().reopen(); });
+    // Kernel check hook: ggml_mul_mat_id over an arena built exactly like the expert cache builds its pools.
+    // arena: uint8 [n_slots, slot_bytes] (each slot: ne1 rows of type, padded), x: f32 [T, ne0],
+    // slot_ids: int32 [T, k] -> f32 [T, k, ne1]
+    m.def("arena_mul_mat_id", [](py::array_t<uint8_t, py::array::c_style> arena, int type, int64_t ne0, int64_t ne1,
+                                 py::array_t<float, py::array::c_style | py::array::forcecast> x,
+                                 py::array_t<int32_t, py::array::c_style | py::array::forcecast> slot_ids, int n_threads) {
+        if (!valid_ggml_type(type) || ne0 % ggml_blck_size((ggml_type) type) != 0)
+            throw FormatError("arena_mul_mat_id: bad type or row length");
+        const int n_slots = (int) arena.shape(0);
+        const uint64_t slot_bytes = (uint64_t) arena.shape(1);
+        if (slot_bytes < ggml_row_size((ggml_type) type, ne0) * ne1) throw FormatError("arena_mul_mat_id: slots too small");
+        const int64_t T = x.shape(0), K = slot_ids.shape(1);
+        if (x.shape(1) != ne0 || slot_ids.shape(0) != T) throw FormatError("arena_mul_mat_id: shape mismatch");
+        for (py::ssize_t i = 0; i < slot_ids.size(); ++i)
+            if (slot_ids.data()[i] < 0 || slot_ids.data()[i] >= n_slots) throw FormatError("arena_mul_mat_id: slot id out of range");
+        ggml_init_params ip = {ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true};
+        ggml_context * ctx = ggml_init(ip);
+        void * mem = nullptr;     // page-aligned copy, as the cache allocates its pools
+        if (posix_memalign(&mem, 4096, (size_t) n_slots * slot_bytes) != 0) throw BudgetError("out of memory");
+        std::memcpy(mem, arena.data(), (size_t) n_slots * slot_bytes);
+        ggml_backend_buffer_t abuf = ggml_backend_cpu_buffer_from_ptr(mem, (size_t) n_slots * slot_bytes);
+        ggml_tensor * as = make_arena_tensor(ctx, abuf, mem, (ggml_type) type, ne0, ne1, n_slots, slot_bytes);
+        ggml_tensor * b = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 1, T);
+        ggml_tensor * ids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);
+        ggml_tensor * y = ggml_mul_mat_id(ctx, as, b, ids);
+        ggml_cgraph * gf = ggml_new_graph(ctx);
+        ggml_build_forward_expand(gf, y);
+        ggml_backend_t be = ggml_backend_cpu_init();
+        ggml_backend_cpu_set_n_threads(be, n_threads);
+        ggml_gallocr_t ga = ggml_gallocr_new(ggml_backend_get_default_buffer_type(be));
+        ggml_gallocr_alloc_graph(ga, gf);
+        ggml_backend_tensor_set(b, x.data(), 0, ggml_nbytes(b));
+        ggml_backend_tensor_set(ids, slot_ids.data(), 0, ggml_nbytes(ids));
+        ggml_backend_graph_compute(be, gf);
+        py::array_t<float> out({(py::ssize_t) T, (py::ssize_t) K, (py::ssize_t) ne1});
+        ggml_backend_tensor_get(y, out.mutable_data(), 0, ggml_nbytes(y));
+        ggml_gallocr_free(ga);
+        ggml_backend_free(be);
+        ggml_backend_buffer_free(abuf);
+        free(mem);
+        ggml_free(ctx);
+        return out;
+    });
     m.def("expert_bytes", [](const std::string & path, int il) {
         GGUFIndex idx(path);
         auto f = [&](const char * n) {

@@ -18,6 +18,15 @@ namespace moelite {
 static constexpr uint64_t kPage = 4096;
 static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
+ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, void * mem, ggml_type type, int64_t ne0,
+                                int64_t ne1, int n_slots, uint64_t slot_bytes) {
+    ggml_tensor * t = ggml_new_tensor_3d(ctx, type, ne0, ne1, n_slots);
+    t->nb[2] = slot_bytes;                 // padded slot stride: slots start on pages
+    t->nb[3] = slot_bytes * n_slots;
+    ggml_backend_tensor_alloc(buf, t, mem);
+    return t;
+}
+
 ExpertCache::ExpertCache(const std::string & path, int n_layer, int n_expert)
     : path_(path), n_layer_(n_layer), n_expert_(n_expert), layers_(n_layer), pinned_(n_layer) {
     reopen();
@@ -99,11 +108,8 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
                 throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
             std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
             P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
-            ggml_tensor * t = ggml_new_tensor_3d(ctx_, P.type[r], P.ne0[r], P.ne1[r], std::max(P.n_slots, 1));
-            t->nb[2] = P.slot_bytes[r];                    // padded slot stride
-            t->nb[3] = P.slot_bytes[r] * t->ne[2];
-            ggml_backend_tensor_alloc(P.buf[r], t, P.mem[r]);
-            P.arena[r] = t;
+            P.arena[r] = make_arena_tensor(ctx_, P.buf[r], P.mem[r], P.type[r], P.ne0[r], P.ne1[r],
+                                           std::max(P.n_slots, 1), P.slot_bytes[r]);
         }
     }
 }

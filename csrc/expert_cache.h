@@ -68,6 +68,10 @@ struct CacheLayer {
     LayerStats stats;
 };
 
+// A 3-D arena tensor [ne0, ne1, n_slots] over `mem`, with a padded slot stride (nb[2] = slot_bytes).
+ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, void * mem, ggml_type type, int64_t ne0,
+                                int64_t ne1, int n_slots, uint64_t slot_bytes);
+
 class ExpertCache {
 public:
     ExpertCache(const std::string & path, int n_layer, int n_expert);

@@ -214,6 +214,49 @@ def hf_greedy(model_dir, token_ids, n: int) -> list[int]:
     model = _load(model_dir)
     ids = torch.tensor([list(token_ids)], dtype=torch.long)
     with torch.no_grad():
-        out = model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+        # eos_token_id=None: no stop and no EOS suppression (min_new_tokens would mask EOS logits)
+        out = model.generate(ids, max_new_tokens=n, do_sample=False, eos_token_id=None,
                              attention_mask=torch.ones_like(ids), pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
+
+
+# ---- raw safetensors helpers (no transformers): edited copies of fixtures, big synthetic checkpoints ----
+
+def write_safetensors(path, tensors: dict[str, tuple[str, list[int], bytes]]) -> None:
+    """Write a .safetensors file from {name: (dtype, shape, raw little-endian bytes)}; dtype is the
+    safetensors name (F32, BF16, F8_E4M3, U8, ...), so formats numpy lacks (bf16, fp8) can be written."""
+    header, offset = {}, 0
+    for name, (dtype, shape, data) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for _, _, data in tensors.values():
+            f.write(data)
+
+
+def read_fixture_tensors(model_dir) -> dict[str, np.ndarray]:
+    """All tensors of a (float32) fixture as numpy arrays."""
+    from safetensors.numpy import load_file
+    out: dict[str, np.ndarray] = {}
+    for p in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(str(p)))
+    return out
+
+
+def edited_copy(model_dir, out_dir, edit) -> Path:
+    """Copy a fixture into out_dir as one model.safetensors (no index), with
+    edit(dict[name -> np.ndarray]) -> dict[name -> np.ndarray | (dtype, shape, bytes)] applied."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for p in Path(model_dir).iterdir():
+        if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json":
+            shutil.copy(p, out_dir / p.name)
+    ts = edit(read_fixture_tensors(model_dir))
+    raw = {k: v if isinstance(v, tuple) else ("F32", list(v.shape), np.ascontiguousarray(v, np.float32).tobytes())
+           for k, v in ts.items()}
+    write_safetensors(out_dir / "model.safetensors", raw)
+    return out_dir

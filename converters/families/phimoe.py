@@ -25,6 +25,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "rope.dimension_count": c.head_dim,
         "expert_weights_norm": True,    # moelite extra
         "expert_gating_func": SOFTMAX,  # moelite extra
+        "expert_router_jitter": c.float("router_jitter_noise", default=0.01),  # moelite extra: sparsemixer eps
     }
     if rp.get("rope_type") in ("longrope", "su") and rp.get("long_factor"):
         orig = int(rp.get("original_max_position_embeddings") or c.int("original_max_position_embeddings"))

@@ -1,0 +1,26 @@
+"""Converted GGUF fixtures shared by the runtime tests: HF tiny model (tests/hf_fixtures.py) -> moelite
+convert -> GGUF, cached per (family, type, seed, overrides) under tests/.fixtures/gguf/."""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+from hf_fixtures import make_hf_model
+
+CACHE = Path(__file__).resolve().parent / ".fixtures" / "gguf"
+
+RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss",
+                    "granitemoe", "granitemoeshared", "phimoe")
+
+
+def fixture_gguf(family: str, type: str = "f32", seed: int = 0, **overrides) -> tuple[Path, Path]:
+    """-> (hf_dir, gguf_path)."""
+    from moelite.converters import convert
+    hf = make_hf_model(family, seed=seed, **overrides)
+    key = hashlib.sha1(json.dumps([family, type, seed, overrides], sort_keys=True, default=str).encode()).hexdigest()[:10]
+    out = CACHE / f"{family}-{type}-{key}.gguf"
+    if not out.exists():
+        CACHE.mkdir(parents=True, exist_ok=True)
+        convert(hf, out, type=type, progress=False)
+    return Path(hf), out
