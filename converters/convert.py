@@ -75,6 +75,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
     planned = quant.plan(tensors, type, n_layer, n_expert)
     if type != "keep":
         w.add_file_type(int(quant.FILE_TYPES[type]))
+    elif isinstance(source, GGUFSource) and source.file_type is not None:
+        w.add_file_type(source.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
     size = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress)

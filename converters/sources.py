@@ -197,6 +197,8 @@ class GGUFSource:
         if arch is None:
             raise ConversionError(f"{path}: GGUF has no general.architecture key")
         self.arch = str(arch.contents())
+        ft = self.reader.get_field("general.file_type")
+        self.file_type: int | None = None if ft is None else int(ft.contents())
 
     def kv(self) -> list[tuple[str, Any, Any, Any]]:
         """(key, value, GGUFValueType, sub type) for every key except those the writer sets itself."""
