@@ -114,7 +114,9 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
             pass
         tmp.unlink(missing_ok=True)
         if isinstance(e, OSError):
-            what = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else "write failed"
+            short = e.errno is None and "requested and" in str(e)  # numpy tofile's short write
+            full = short or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            what = "disk full (or file size limit reached)" if full else "write failed"
             raise ConversionError(f"{out}: {what} while writing the output file: {e.strerror or e}") from e
         raise
     finally:
