@@ -13,4 +13,7 @@ from __future__ import annotations
 from .convert import ConvertReport, convert
 from .quant import TYPES
 
-__all__ = ["convert", "ConvertReport", "TYPES"]
+# bumped whenever the bytes written for the same input change; put it in caches of converted files
+FORMAT_VERSION = 1
+
+__all__ = ["convert", "ConvertReport", "TYPES", "FORMAT_VERSION"]
