@@ -106,8 +106,6 @@ def _from_hf(source: HFSource):
     tensors = family.map_names(weights, c)
     if not tensors or "token_embd.weight" not in dict(tensors):
         raise ConversionError(f"{source.dir}: no model.embed_tokens.weight found among the checkpoint tensors")
-    if "output.weight" not in dict(tensors):  # tied embeddings: llama.cpp falls back to token_embd
-        pass
     _check_shapes(tensors, hp, c, n_vocab, str(source.dir))
     return w, tensors, family.arch, c.n_layer, c.n_expert, []
 

@@ -12,7 +12,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import gguf
 import numpy as np
@@ -143,7 +143,3 @@ class Timer:
 
     def __call__(self) -> float:
         return time.perf_counter() - self.t0
-
-
-def kv_items(w: gguf.GGUFWriter) -> Iterable[str]:
-    return list(w.kv_data[0].keys())
