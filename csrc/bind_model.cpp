@@ -46,6 +46,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "kv_type", kv);
     o.kv_type = (ggml_type) kv;
     get(d, "expert_slots", o.expert_slots); get(d, "policy", o.policy); get(d, "window_m", o.window_m);
+    get(d, "prefetch", o.prefetch); get(d, "n_io_threads", o.n_io_threads);
     return o;
 }
 
@@ -101,9 +102,17 @@ void bind_model(py::module_ & m) {
                              ids.mutable_at(t, li, j) = m.route_ids[layers[li]][t * K + j];
                              w.mutable_at(t, li, j) = m.route_w[layers[li]][t * K + j];
                          }
+                 // lookahead predictions (-1 where none: the first MoE layer has no previous layer)
+                 py::array_t<int32_t> la({(py::ssize_t) n_tok, (py::ssize_t) layers.size(), (py::ssize_t) K});
+                 for (size_t li = 0; li < layers.size(); ++li) {
+                     const bool have = (size_t) layers[li] < m.route_la.size() && m.route_la[layers[li]].size() == n_tok * K;
+                     for (size_t t = 0; t < n_tok; ++t)
+                         for (int j = 0; j < K; ++j) la.mutable_at(t, li, j) = have ? m.route_la[layers[li]][t * K + j] : -1;
+                 }
                  m.route_ids.clear();
                  m.route_w.clear();
-                 return py::make_tuple(ids, w, layers);
+                 m.route_la.clear();
+                 return py::make_tuple(ids, w, layers, la);
              },
              "routing recorded since the last call")
         .def("memory",

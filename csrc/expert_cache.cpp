@@ -33,6 +33,12 @@ ExpertCache::ExpertCache(const std::string & path, int n_layer, int n_expert)
 }
 
 ExpertCache::~ExpertCache() {
+    {
+        std::lock_guard<std::mutex> lock(mu_);
+        io_stop_ = true;
+    }
+    io_cv_.notify_all();
+    for (auto & t : io_threads_) t.join();
     if (fd_ >= 0) close(fd_);
     if (fd_direct_ >= 0) close(fd_direct_);
     for (auto & p : pools_)
@@ -191,33 +197,105 @@ void ExpertCache::read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap)
     }
 }
 
-void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
-    auto & S = slots_[L.pool][slot];
-    if (S.expert >= 0) { L.slot_of[S.expert] = -1; L.stats.evictions++; if (S.prefetched) L.stats.prefetch_wasted++; }
-    if (policy_ == Policy::LFUDA && S.expert >= 0) L.lfuda_age = S.prio;
-    S.expert = -1;
-    S.state = SLOT_LOADING;
-    try {
-        for (int r = 0; r < 3; ++r) {
-            const ExpertSource & src = L.src[r];
-            read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], src.offset + (uint64_t) expert * src.stride,
-                       src.nbytes, P.slot_bytes[r]);
-            L.stats.bytes_read += src.nbytes;
-        }
-    } catch (...) {
-        S.state = SLOT_EMPTY;
-        throw;
+void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetched) {
+    Slot & S = slots_[L.pool][slot];
+    if (S.expert >= 0) {
+        L.slot_of[S.expert] = -1;
+        L.stats.evictions++;
+        if (S.prefetched) L.stats.prefetch_wasted++;
+        if (policy_ == Policy::LFUDA) L.lfuda_age = S.prio;
     }
     S.expert = expert;
-    S.state = SLOT_READY;
+    S.state = SLOT_LOADING;
     S.count = 0;
-    S.prefetched = false;
+    S.prefetched = prefetched;
     L.slot_of[expert] = slot;
+}
+
+void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, int expert) {
+    for (int r = 0; r < 3; ++r) {
+        const ExpertSource & src = L.src[r];
+        read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], src.offset + (uint64_t) expert * src.stride,
+                   src.nbytes, P.slot_bytes[r]);
+    }
+}
+
+void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
+    begin_load(L, slot, expert, false);
+    Slot & S = slots_[L.pool][slot];
+    try {
+        read_expert(L, P, slot, expert);
+    } catch (...) {
+        S.state = SLOT_EMPTY;
+        S.expert = -1;
+        L.slot_of[expert] = -1;
+        throw;
+    }
+    S.state = SLOT_READY;
+    L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
     L.stats.loads++;
 }
 
-bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+void ExpertCache::start_io(int n_io) {
+    for (int i = 0; i < n_io; ++i) io_threads_.emplace_back([this] { io_loop(); });
+}
+
+void ExpertCache::io_loop() {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (;;) {
+        io_cv_.wait(lock, [this] { return io_stop_ || !io_queue_.empty(); });
+        if (io_stop_) return;
+        IOTask t = io_queue_.front();
+        io_queue_.pop_front();
+        CacheLayer & L = layers_[t.il];
+        Pool & P = pools_[L.pool];
+        Slot & S = slots_[L.pool][t.slot];
+        lock.unlock();
+        bool ok = true;
+        try {
+            read_expert(L, P, t.slot, t.expert);     // slot is LOADING: nobody else touches it
+        } catch (...) {
+            ok = false;
+        }
+        lock.lock();
+        if (ok) {
+            S.state = SLOT_READY;
+            L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
+            L.stats.loads++;
+        } else {                                     // the next acquire reads it synchronously and reports
+            S.state = SLOT_EMPTY;
+            S.expert = -1;
+            S.prefetched = false;
+            L.slot_of[t.expert] = -1;
+        }
+        loaded_.notify_all();
+    }
+}
+
+void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
+    if (io_threads_.empty()) return;
     std::lock_guard<std::mutex> lock(mu_);
+    CacheLayer & L = layers_[il];
+    if (L.pool < 0) return;
+    Pool & P = pools_[L.pool];
+    std::vector<char> wanted(n_expert_, 0);
+    for (int i = 0; i < n; ++i) wanted[ids[i]] = 1;
+    int issued = 0;
+    for (int i = 0; i < n && issued < L.quota; ++i) {
+        const int e = ids[i];
+        if (L.slot_of[e] >= 0) continue;                 // cached or already on its way
+        const int s = choose_victim(L, P, wanted);       // never a pinned, loading or wanted slot
+        if (s < 0) break;
+        begin_load(L, s, e, true);
+        io_queue_.push_back({il, s, e});
+        L.stats.prefetch_issued++;
+        ++issued;
+    }
+    if (issued) io_cv_.notify_all();
+}
+
+bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+    std::unique_lock<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     Pool & P = pools_[L.pool];
     auto & S = slots_[L.pool];
@@ -232,21 +310,40 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
     for (int i = 0; i < n; ++i) {
         const int e = ids[i];
         int s = L.slot_of[e];
+        if (s >= 0 && S[s].state == SLOT_LOADING) {      // a prefetch is reading it: wait, do not read twice
+            const auto w0 = std::chrono::steady_clock::now();
+            loaded_.wait(lock, [&] { return S[s].state != SLOT_LOADING; });
+            L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
+            s = L.slot_of[e];                            // -1 if the prefetch read failed
+        }
         if (s >= 0 && S[s].state == SLOT_READY) {
             if (!done[e]) L.stats.hits++;
         } else {
             L.stats.misses++;
             s = choose_victim(L, P, needed);
-            if (s < 0) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
-            stalled = true;
-            load(L, P, s, e);
+            while (s < 0) {                              // every free slot is being prefetched: wait for one
+                bool loading = false;
+                for (int q = L.base; q < L.base + L.quota; ++q) loading = loading || S[q].state == SLOT_LOADING;
+                if (!loading) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
+                loaded_.wait(lock);
+                s = L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_READY ? -2 : choose_victim(L, P, needed);
+            }
+            if (s == -2) {                               // it arrived meanwhile (prefetched by another read)
+                s = L.slot_of[e];
+                if (!done[e]) L.stats.hits++;
+                L.stats.misses--;
+            } else
+            {
+                stalled = true;
+                load(L, P, s, e);
+            }
         }
         if (!done[e]) {
             done[e] = 1;
             S[s].pins++;
             pinned_[il].push_back(s);
+            touch(S[s], L);                              // one access per distinct expert per step
         }
-        touch(S[s], L);
         slots_out[i] = s;   // slot index inside the pool tensors
     }
     if (stalled)

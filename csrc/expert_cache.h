@@ -85,6 +85,13 @@ public:
     static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
 
     void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }
+    // Start n_io I/O threads for asynchronous prefetch (0: prefetch disabled).
+    void start_io(int n_io);
+
+    // Asynchronous: start reading ids[0..n) of layer il into free or evictable slots of that layer.
+    // Never evicts a pinned or loading slot; returns at once. A failed read leaves the slot empty and
+    // the next acquire() of that expert reads it synchronously (raising the error there).
+    void prefetch(int il, const int32_t * ids, int n);
 
     // Make ids[0..n) (expert ids of one layer, possibly repeated) resident and pinned; write slot ids.
     // Returns false (pinning nothing) if the distinct ids exceed the layer's quota: the caller splits.
@@ -101,7 +108,10 @@ public:
 
 private:
     int choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now);
-    void load(CacheLayer & L, Pool & P, int slot, int expert);
+    void load(CacheLayer & L, Pool & P, int slot, int expert);                  // sync; mu_ held
+    void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
+    void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
+    void io_loop();
     void read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap);
     void touch(Slot & s, CacheLayer & L);
 
@@ -118,6 +128,13 @@ private:
     int window_m_ = 16;
     uint64_t tick_ = 0;
     std::mutex mu_;
+    std::condition_variable loaded_;         // a slot left the LOADING state
+    // I/O pool for prefetch: tasks (layer, slot, expert)
+    struct IOTask { int il, slot, expert; };
+    std::deque<IOTask> io_queue_;
+    std::condition_variable io_cv_;
+    std::vector<std::thread> io_threads_;
+    bool io_stop_ = false;
 };
 
 }  // namespace moelite

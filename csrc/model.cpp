@@ -71,6 +71,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         }
     cache_->finalize(quota, backend_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
+    if (opt_.prefetch && !opt_.expert_slots.empty()) cache_->start_io(std::max(1, opt_.n_io_threads));
     alloc_kv();
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
@@ -240,6 +241,7 @@ void Model::alloc_kv() {
     ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
+    lookahead_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
     kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
@@ -403,6 +405,14 @@ void Model::run_attn(int il, int T) {
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ffn_inp, ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], 0)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, hn, ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, logits, ggml_view_2d(ctx, router_, h.n_expert, T, router_->nb[1], 0)));
+        const int nl = next_moe(il);
+        if (nl >= 0 && (opt_.prefetch || record_routes)) {
+            // gate lookahead: layer nl's router on this layer's FFN input, normed with nl's ffn_norm
+            Layer & N = layers_[nl];
+            ggml_tensor * la = ggml_mul_mat(ctx, N.gate_inp, norm(ctx, ffn_inp, N.ffn_norm, N.ffn_norm_b));
+            if (N.gate_inp_b) la = ggml_add(ctx, la, N.gate_inp_b);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, la, ggml_view_2d(ctx, lookahead_, h.n_expert, T, lookahead_->nb[1], 0)));
+        }
     }
     compute(ctx, gf, galloc_);
     set_inputs(gf, pos_, mask_, mask_swa_);
@@ -410,12 +420,19 @@ void Model::run_attn(int il, int T) {
     ggml_free(ctx);
 }
 
-// Host-side routing of layer il for T tokens: ids/w [T * k], ids in descending selection-score order.
-void Model::route(int il, int T, std::vector<int32_t> & ids, std::vector<float> & w) {
+int Model::next_moe(int il) const {
+    for (int j = il + 1; j < hp_.n_layer; ++j)
+        if (layers_[j].moe) return j;
+    return -1;
+}
+
+// Host-side routing of layer il for T tokens from router logits in logits_src [n_expert, >= T]:
+// ids/w [T * k], ids in descending selection-score order.
+void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w) {
     const HParams & h = hp_;
     const int E = h.n_expert, K = h.n_expert_used;
     std::vector<float> logits((size_t) E * T);
-    ggml_backend_tensor_get(router_, logits.data(), 0, logits.size() * sizeof(float));
+    ggml_backend_tensor_get(logits_src, logits.data(), 0, logits.size() * sizeof(float));
     ids.resize((size_t) T * K);
     w.resize((size_t) T * K);
     std::vector<float> p(E), sel(E);
@@ -573,12 +590,21 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
                 if (h.n_swa <= 0 || pos_[t] - j < h.n_swa) mask_swa_[(size_t) t * n_kv + j] = 0.f;
             }
         run_embed(tokens + start, T);
-        std::vector<int32_t> ids, slots;
-        std::vector<float> w;
+        std::vector<int32_t> ids, slots, la_ids;
+        std::vector<float> w, la_w;
         for (int il = 0; il < h.n_layer; ++il) {
             run_attn(il, T);
             if (!layers_[il].moe) continue;
-            route(il, T, ids, w);
+            route(il, router_, T, ids, w);
+            const int nl = next_moe(il);
+            if (nl >= 0 && (opt_.prefetch || record_routes)) {
+                route(nl, lookahead_, T, la_ids, la_w);
+                if (opt_.prefetch) cache_->prefetch(nl, la_ids.data(), (int) la_ids.size());
+                if (record_routes) {
+                    route_la.resize(h.n_layer);
+                    route_la[nl].insert(route_la[nl].end(), la_ids.begin(), la_ids.end());
+                }
+            }
             if (record_routes) {
                 route_ids.resize(h.n_layer);
                 route_w.resize(h.n_layer);

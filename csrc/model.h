@@ -75,6 +75,8 @@ struct ModelOptions {
     std::vector<int> expert_slots;                // per layer quota; empty = all experts resident
     int policy = 0;
     int window_m = 16;
+    bool prefetch = true;                         // next-layer gate lookahead -> async reads
+    int n_io_threads = 2;
 };
 
 
@@ -100,6 +102,7 @@ public:
     bool record_routes = false;
     std::vector<std::vector<int32_t>> route_ids;  // [n_layer][n_tokens * k]
     std::vector<std::vector<float>> route_w;      // [n_layer][n_tokens * k] routing weights
+    std::vector<std::vector<int32_t>> route_la;   // [n_layer][n_tokens * k] lookahead prediction for this layer
 
 private:
     ggml_tensor * load_tensor(const std::string & name, bool required, int n_dims_expect = -1,
@@ -115,7 +118,8 @@ private:
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
     void run_output(int T, int n_out, float * logits);
-    void route(int il, int T, std::vector<int32_t> & ids, std::vector<float> & w);
+    void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w);
+    int next_moe(int il) const;
 
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
     ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
@@ -141,7 +145,7 @@ private:
     std::unique_ptr<ExpertCache> cache_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
-    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr;
+    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr;
 
     ggml_gallocr_t galloc_ = nullptr;
     std::vector<uint8_t> graph_mem_;

@@ -82,7 +82,8 @@ class Model:
     def __init__(self, path: str | os.PathLike | None = None, *, memory_budget: str | int | None = None,
                  policy: str = "lru", policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
-                 record_trace: bool = False, use_calibration: bool = True) -> None:
+                 record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
+                 n_io_threads: int = 2) -> None:
         self.path = str(path) if path is not None else default_model_path()
         if not os.path.isfile(self.path):
             raise ModelFormatError(f"{self.path}: no such model file")
@@ -111,7 +112,9 @@ class Model:
                                       kv_elsize=4 if kv_type == "f32" else 2, budget=parse_size(memory_budget),
                                       shares=list(pol.shares) if pol.shares else None)
         options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=n_ubatch, kv_type=KV_TYPES[kv_type],
-                       expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window)
+                       expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
+                       prefetch=bool(prefetch), n_io_threads=int(n_io_threads))
+        self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
             self._m = _core.Model(self.path, self.hparams, options)
         self._m.record_routes = record_trace
@@ -119,7 +122,8 @@ class Model:
         self._lock = threading.RLock()
         self._cancel = threading.Event()
         self._ctx_ids: list[int] = []            # token ids whose K/V are in the cache, in order
-        self._trace_parts: list[tuple[np.ndarray, np.ndarray]] = []
+        self._trace_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self._trace_starts: list[int] = []      # token index (in the trace) where each context started
         self._trace_layers: list[int] = []
         self.last_stats = GenerationStats()
         self._tokenizer = None
@@ -176,7 +180,8 @@ class Model:
             "path": self.path, "name": self.kv.get("general.name", Path(self.path).stem),
             "architecture": self.hparams["arch"], "device": "cpu", "n_layer": self.hparams["n_layer"],
             "n_expert": p.n_expert, "n_expert_used": p.n_expert_used, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
-            "policy": self.policy.name, "memory_budget": p.budget, "offloaded": p.slots is not None,
+            "policy": self.policy.name, "prefetch": self.prefetch, "memory_budget": p.budget,
+            "offloaded": p.slots is not None,
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
@@ -184,12 +189,16 @@ class Model:
 
     # --- evaluation --------------------------------------------------------------------------------------
     def _eval(self, ids: Sequence[int], n_out: int = 1) -> np.ndarray:
+        core = self._core()
+        starts_context = core.n_past == 0
         with _core_errors(self.path):
-            out = self._core().eval(np.asarray(ids, dtype=np.int32), n_out)
-        if self._m.record_routes:
-            rid, rw, layers = self._m.take_routes()
+            out = core.eval(np.asarray(ids, dtype=np.int32), n_out)
+        if core.record_routes:
+            rid, rw, layers, la = core.take_routes()
             if len(rid):
-                self._trace_parts.append((rid, rw))
+                if starts_context or not self._trace_starts:
+                    self._trace_starts.append(sum(len(p[0]) for p in self._trace_parts))
+                self._trace_parts.append((rid, rw, la))
                 self._trace_layers = list(layers)
         return out
 
@@ -356,18 +365,27 @@ class Model:
         with self._lock, _core_errors(self.path):
             self._core().reopen()
 
-    def trace(self) -> dict[str, Any]:
-        """Routing recorded so far (load with record_trace=True): ids [n_tokens, n_moe_layers, k] in
-        descending score order, routing weights, layer indices, n_expert, model name."""
+    def trace(self):
+        """Routing recorded so far (load with record_trace=True) as a cache_policies Trace: ids
+        [n_tokens, n_moe_layers, k] in descending score order, routing weights, the gate-lookahead
+        predictions, layer indices, n_expert, model name; one sequence per fresh context."""
+        from ..cache_policies.trace import Trace
         if not self._trace_parts:
             raise UsageError("no routing was recorded: load the model with record_trace=True and run some tokens")
         ids = np.concatenate([p[0] for p in self._trace_parts])
-        w = np.concatenate([p[1] for p in self._trace_parts])
-        return {"ids": ids, "scores": w, "layers": np.asarray(self._trace_layers, dtype=np.int32),
-                "n_expert": int(self.hparams["n_expert"]), "model": str(self.kv.get("general.name", Path(self.path).stem))}
+        w = np.concatenate([p[1] for p in self._trace_parts]).astype(np.float32)
+        la_target = np.concatenate([p[2] for p in self._trace_parts])      # [N, L, k] prediction made for layer l
+        la = np.full_like(la_target, -1)
+        la[:, :-1] = la_target[:, 1:]                                       # trace convention: row l predicts l + 1
+        offsets = np.asarray(self._trace_starts + [len(ids)], dtype=np.int64)
+        return Trace(ids=ids, n_expert=int(self.hparams["n_expert"]), offsets=offsets, scores=w,
+                     lookahead_ids=la if (la[:, :-1] >= 0).all() else None,
+                     layers=np.asarray(self._trace_layers, dtype=np.int32),
+                     model=str(self.kv.get("general.name", Path(self.path).stem)))
 
     def clear_trace(self) -> None:
         self._trace_parts = []
+        self._trace_starts = []
 
     def __repr__(self) -> str:
         return f"<moelite.Model {self.hparams['arch']} {Path(self.path).name} policy={self.policy.name}>"
