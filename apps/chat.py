@@ -1,0 +1,126 @@
+"""moelite chat [MODEL]: an interactive conversation in the terminal.
+
+Answers stream token by token; the history goes through the model's chat template each turn (the runtime
+reuses the cached prefix, so only the new turn is evaluated). Ctrl-C stops the answer, not the app.
+"""
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+
+from .common import add_common, add_sampling, cache_counts, load_model, model_name, nonneg_int, status_line
+from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
+
+NAME = "chat"
+HELP = "chat with a model in the terminal"
+COMMANDS = {"/help": "show this help", "/reset": "forget the conversation", "/stats": "expert cache statistics",
+            "/exit": "quit (or Ctrl-D)"}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_common(p)
+    p.add_argument("--system", help="system message")
+    p.add_argument("-n", "--max-tokens", type=nonneg_int, default=512, help="tokens per answer at most (default 512)")
+    add_sampling(p)
+
+
+def main(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.markup import escape
+    console = Console(highlight=False, stderr=False)
+    sampling = sampling_kwargs(vars(args))
+    stop = stop_list(args.stop)
+    try:
+        import readline  # noqa: F401  (line editing and history for input())
+    except ImportError:
+        pass
+    with load_model(args) as model:
+        budget = model.plan.budget
+        console.print(f"[bold]{escape(model_name(model))}[/] · policy {model.policy.name} · "
+                      f"{'budget ' + _fmt(budget) if budget else 'all experts resident'} · type /help for commands",
+                      style="dim")
+        history = _initial(args)
+        while True:
+            try:
+                line = input(">>> ")
+            except EOFError:
+                console.print()
+                return 0
+            except KeyboardInterrupt:
+                console.print("\n(type /exit or press Ctrl-D to quit)", style="dim")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                if _command(text, model, console, history, args) == "exit":
+                    return 0
+                continue
+            history.append({"role": "user", "content": line})
+            answer = _answer(model, history, console, args, sampling, stop)
+            history.append({"role": "assistant", "content": answer})
+
+
+def _initial(args: argparse.Namespace) -> list[dict]:
+    return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def _answer(model, history: list[dict], console, args, sampling: dict, stop: list[str]) -> str:
+    """Stream one answer; Ctrl-C (SIGINT) cancels it after the current token."""
+    before = cache_counts(model)
+    stream = TextStream(model, prompt_ids(model, messages=history), max_tokens=args.max_tokens, stop=stop,
+                        ignore_eos=args.ignore_eos, **sampling)
+    old = signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
+    try:
+        for piece in stream:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    sys.stdout.write("\n")
+    if stream.finish_reason == "cancelled":
+        console.print("^C answer stopped", style="yellow")
+    console.print(status_line(model, stream, before), style="dim")
+    return stream.text
+
+
+def _command(text: str, model, console, history: list[dict], args) -> str | None:
+    cmd = text.split()[0].lower()
+    if cmd in ("/exit", "/quit", "/bye"):
+        return "exit"
+    if cmd == "/help":
+        for name, what in COMMANDS.items():
+            console.print(f"  {name:8} {what}")
+        console.print("  Ctrl-C   stop the current answer")
+    elif cmd == "/reset":
+        history[:] = _initial(args)
+        model.reset()
+        console.print("conversation cleared", style="dim")
+    elif cmd == "/stats":
+        print_stats(model, console)
+    else:
+        console.print(f"unknown command {cmd}; type /help", style="yellow")
+    return None
+
+
+def print_stats(model, console) -> None:
+    from rich.table import Table
+    s = model.stats()
+    t = s["total"]
+    console.print(f"cache: policy {s['policy']} · {t['hits']} hits · {t['misses']} misses · "
+                  f"hit rate {100 * t['hit_rate']:.1f} % · {_fmt(t['bytes_read'])} read · "
+                  f"stall {t['stall_s']:.3f} s · RSS {_fmt(s['rss_bytes'])}")
+    table = Table("layer", "slots", "hits", "misses", "hit rate", "read", "stall s")
+    slots = model.info()["expert_slots"]
+    for row in s["per_layer"]:
+        n = row["hits"] + row["misses"]
+        quota = slots[row["layer"]] if row["layer"] < len(slots) else "-"
+        table.add_row(str(row["layer"]), str(quota), str(row["hits"]), str(row["misses"]),
+                      f"{100 * row['hits'] / n:.1f} %" if n else "-", _fmt(row["bytes_read"]), f"{row['stall_s']:.3f}")
+    console.print(table)
+
+
+def _fmt(n: float | None) -> str:
+    from ..runtime.planner import fmt_bytes
+    return fmt_bytes(n or 0)

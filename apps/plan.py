@@ -1,0 +1,95 @@
+"""moelite plan MODEL --memory 4GiB: will the model run in that budget, what stays resident, what is read from
+disk, and the decode speed the bandwidth roofline allows on this machine.
+
+Roofline of one decode token: every resident byte used by the token is read from memory once (dense weights
+except the embedding table, K experts per MoE layer); each expert that misses the cache is also read from
+disk. The range goes from no routing locality (hit rate = slots / experts, misses stall the token) to strong
+locality (hit rate = sqrt(slots / experts), reads fully overlapped by prefetch).
+"""
+from __future__ import annotations
+
+import argparse
+import math
+
+from ..errors import BudgetError
+from .common import budget_arg, positive_int, resolve_model
+
+NAME = "plan"
+HELP = "check whether a model fits a memory budget and predict its speed"
+N_UBATCH, KV_ELSIZE = 512, 2
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", nargs="?", metavar="MODEL", help="a .gguf file or a Hugging Face directory (default: demo)")
+    p.add_argument("--memory", "--memory-budget", "-m", dest="memory_budget", type=budget_arg, required=True,
+                   metavar="SIZE", help="memory budget, e.g. 4GiB")
+    p.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
+    p.add_argument("--convert-type", default="q8_0", metavar="TYPE", help="type when MODEL is a HF directory")
+    p.add_argument("--remeasure", action="store_true", help="measure memory and disk bandwidth again")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .. import _core
+    from ..runtime.hparams import parse_hparams
+    from ..runtime.model import _core_errors, default_model_path
+    from ..runtime.planner import fmt_bytes, parse_size, plan_memory
+    from .machine import bandwidths
+
+    path = resolve_model(args.model, args.convert_type) or default_model_path()
+    with _core_errors(path):
+        meta = _core.read_gguf(path)
+    tensors = {n: (typ, shape, off, nb) for n, typ, shape, off, nb in meta["tensors"]}
+    hp = parse_hparams(path, meta["kv"], tensors)
+    n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
+    budget = parse_size(args.memory_budget)
+    kw = dict(n_ctx=n_ctx, n_ubatch=N_UBATCH, kv_elsize=KV_ELSIZE)
+    full = plan_memory(hp, tensors, budget=1 << 62, **kw)              # sizes of every part, all resident
+    print(f"model     {path}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
+          f"({full.n_expert_used} used per token), n_ctx {n_ctx}")
+    print(f"dense     {fmt_bytes(full.dense_bytes)} resident · KV cache {fmt_bytes(full.kv_bytes)} · "
+          f"scratch {fmt_bytes(full.scratch_bytes)}")
+    print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")
+    try:
+        plan = plan_memory(hp, tensors, budget=budget, **kw)
+    except BudgetError:
+        print(f"fits      NO: {fmt_bytes(budget)} < the minimum {fmt_bytes(full.minimum_budget)} "
+              f"(dense + KV + scratch + {full.n_expert_used} expert slots per MoE layer)")
+        return 1
+    slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
+    resident = sum(s * b for s, b in zip(slots, plan.expert_slot_bytes))
+    if plan.slots is None:
+        print(f"fits      yes, everything resident ({fmt_bytes(plan.resident_bytes)} of {fmt_bytes(budget)})")
+    else:
+        moe = plan.moe_layers
+        print(f"fits      yes, offloaded: {fmt_bytes(resident)} of experts resident "
+              f"({min(slots[i] for i in moe)}-{max(slots[i] for i in moe)} of {plan.n_expert} slots per layer), "
+              f"{fmt_bytes(plan.expert_bytes_total - resident)} read from disk on demand")
+    bw = bandwidths(args.remeasure)
+    lo, hi = roofline(plan, slots, _embedding_bytes(tensors), bw["mem_bw"], bw["disk_bw"])
+    print(f"machine   memory {fmt_bytes(bw['mem_bw'])}/s · disk {fmt_bytes(bw['disk_bw'])}/s ({bw['disk_method']}; "
+          f"cached in {_machine_file()})")
+    print(f"speed     {lo:.1f} - {hi:.1f} tok/s decode (bandwidth roofline, an upper bound; compute not counted)")
+    return 0
+
+
+def roofline(plan, slots: list[int], embd_bytes: int, mem_bw: float, disk_bw: float) -> tuple[float, float]:
+    """(pessimistic, optimistic) decode tok/s."""
+    E, K = plan.n_expert, plan.n_expert_used
+    active = sum(K * b for b in plan.expert_slot_bytes)
+    t_mem = (max(plan.dense_bytes - embd_bytes, 0) + active) / mem_bw
+    miss_lo = sum(K * b * (1 - s / E) for s, b in zip(slots, plan.expert_slot_bytes) if b)
+    miss_hi = sum(K * b * (1 - math.sqrt(s / E)) for s, b in zip(slots, plan.expert_slot_bytes) if b)
+    lo = 1 / (t_mem + miss_lo / disk_bw)
+    hi = 1 / max(t_mem, miss_hi / disk_bw)
+    return lo, hi
+
+
+def _embedding_bytes(tensors: dict) -> int:
+    """The embedding table, of which a token reads one row (unless it doubles as the output matrix)."""
+    t = tensors.get("token_embd.weight")
+    return t[3] if t and "output.weight" in tensors else 0
+
+
+def _machine_file():
+    from .machine import machine_file
+    return machine_file()
