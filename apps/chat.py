@@ -14,6 +14,8 @@ from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "chat"
 HELP = "chat with a model in the terminal"
+# C0/C1 control characters (escape sequences) from a model must not drive the terminal; keep \t and \n
+_CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
 COMMANDS = {"/help": "show this help", "/reset": "forget the conversation", "/stats": "expert cache statistics",
             "/exit": "quit (or Ctrl-D)"}
 
@@ -74,7 +76,7 @@ def _answer(model, history: list[dict], console, args, sampling: dict, stop: lis
     old = signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
     try:
         for piece in stream:
-            sys.stdout.write(piece)
+            sys.stdout.write(piece.translate(_CONTROL))
             sys.stdout.flush()
     finally:
         signal.signal(signal.SIGINT, old)

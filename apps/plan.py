@@ -16,7 +16,7 @@ from .common import budget_arg, positive_int, resolve_model
 
 NAME = "plan"
 HELP = "check whether a model fits a memory budget and predict its speed"
-N_UBATCH, KV_ELSIZE = 512, 2
+KV_ELSIZE = 2             # f16 KV cache, the runtime's default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -42,7 +42,7 @@ def main(args: argparse.Namespace) -> int:
     hp = parse_hparams(path, meta["kv"], tensors)
     n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
     budget = parse_size(args.memory_budget)
-    kw = dict(n_ctx=n_ctx, n_ubatch=N_UBATCH, kv_elsize=KV_ELSIZE)
+    kw = dict(n_ctx=n_ctx, n_ubatch=None, kv_elsize=KV_ELSIZE)         # n_ubatch None: chosen for the budget, as Model does
     full = plan_memory(hp, tensors, budget=1 << 62, **kw)              # sizes of every part, all resident
     print(f"model     {path}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
           f"({full.n_expert_used} used per token), n_ctx {n_ctx}")
@@ -51,9 +51,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")
     try:
         plan = plan_memory(hp, tensors, budget=budget, **kw)
-    except BudgetError:
-        print(f"fits      NO: {fmt_bytes(budget)} < the minimum {fmt_bytes(full.minimum_budget)} "
-              f"(dense + KV + scratch + {full.n_expert_used} expert slots per MoE layer)")
+    except BudgetError as e:
+        print(f"fits      NO: {e}")
         return 1
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
     resident = sum(s * b for s, b in zip(slots, plan.expert_slot_bytes))

@@ -1,0 +1,201 @@
+"""The `moelite` command line: run (text, --json, HF dir converted on the fly), convert, plan, the analyze hook,
+and every bad argument as one line on stderr with a non-zero status."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from moelite.apps.cli import main
+
+PROMPT = "It is a truth universally"
+
+
+@pytest.fixture(scope="module")
+def fixture():
+    from fixture_models import fixture_gguf
+    return fixture_gguf("qwen3_moe")      # (hf_dir, gguf)
+
+
+@pytest.fixture(autouse=True)
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "moelite"
+
+
+def cli(capsys, *argv: str) -> tuple[int, str, str]:
+    rc = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def _env(tmp: Path) -> dict:
+    import moelite
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"))
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(moelite.__file__).parent.parent), env.get("PYTHONPATH", "")])
+    return env
+
+
+def test_python_m_moelite_run_streams_text(fixture, tmp_path):
+    r = subprocess.run([sys.executable, "-m", "moelite", "run", fixture[1], "-p", PROMPT, "-n", "16", "--temp", "0",
+                        "--threads", "1", "--ignore-eos"], capture_output=True, text=True, timeout=60, env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    import moelite
+    with moelite.load(fixture[1], n_threads=1) as m:
+        ids = m.generate(m.tokenizer.encode(PROMPT), max_tokens=16, stop_ids=())
+        assert r.stdout == m.tokenizer.decode(ids) + "\n"
+
+
+def test_run_json(fixture, capsys):
+    rc, out, err = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "20", "--temp", "0", "--threads", "1", "--json",
+                       "--ignore-eos")
+    assert rc == 0, err
+    d = json.loads(out)
+    assert d["usage"]["completion_tokens"] == len(d["token_ids"]) == 20 and d["finish_reason"] == "length"
+    assert d["usage"]["prompt_tokens"] > 0 and d["stats"]["cache"]["hit_rate"] == 1.0 and d["stats"]["rss_bytes"] > 0
+    import moelite
+    with moelite.load(fixture[1], n_threads=1) as m:
+        assert d["text"] == m.tokenizer.decode(d["token_ids"])
+    # a stop string cuts the text; sampling with a seed is reproducible
+    stop = d["text"][5:7]
+    rc, out, _ = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "20", "--temp", "0", "-t", "1", "--json",
+                     "--ignore-eos", "--stop", stop)
+    cut = json.loads(out)
+    assert cut["text"] == d["text"][:d["text"].find(stop)] and cut["finish_reason"] == "stop"
+    offload = str(_offload_budget(fixture[1]))                      # fewer slots than experts: reads from disk
+    runs = [json.loads(cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "12", "--temp", "1", "--seed", "7",
+                           "-t", "1", "--json", "--memory-budget", offload, "--policy", "lfu")[1]) for _ in range(2)]
+    assert runs[0]["token_ids"] == runs[1]["token_ids"]
+    assert runs[0]["stats"]["memory_budget"] > 0 and runs[0]["stats"]["policy"] == "lfu"
+    assert runs[0]["stats"]["cache"]["misses"] > 0
+
+
+def test_run_chat_and_stats(fixture, capsys):
+    rc, out, err = cli(capsys, "run", fixture[1], "-p", "hello", "--chat", "--system", "Be brief.", "-n", "8",
+                       "--temp", "0", "-t", "1", "--stats")
+    assert rc == 0 and "tok/s" in err and "cache" in err
+
+
+def test_hf_dir_is_converted_once_into_the_cache(fixture, capsys, cache_home):
+    hf, gguf = fixture
+    args = ["-p", PROMPT, "-n", "10", "--temp", "0", "-t", "1", "--json", "--ignore-eos"]
+    rc, out, err = cli(capsys, "run", hf, "--convert-type", "f32", *args)
+    assert rc == 0, err
+    converted = list((cache_home / "converted").glob("*.gguf"))
+    assert len(converted) == 1
+    mtime = converted[0].stat().st_mtime_ns
+    assert json.loads(out)["token_ids"] == json.loads(cli(capsys, "run", gguf, *args)[1])["token_ids"]
+    assert cli(capsys, "run", hf, "--convert-type", "f32", *args)[0] == 0
+    assert converted[0].stat().st_mtime_ns == mtime                # reused, not converted again
+
+
+def test_convert(fixture, capsys, tmp_path):
+    out = tmp_path / "m.gguf"
+    rc, stdout, err = cli(capsys, "convert", fixture[0], "-o", out, "--type", "q8_0", "--no-progress")
+    assert rc == 0, err
+    assert out.is_file() and "qwen3moe" in stdout
+
+
+def test_plan(fixture, capsys, cache_home):
+    cache_home.mkdir(parents=True)
+    (cache_home / "machine.json").write_text(json.dumps({"mem_bw": 10e9, "disk_bw": 1e9, "disk_method": "test"}))
+    rc, out, err = cli(capsys, "plan", fixture[1], "--memory", "1GiB")
+    assert rc == 0, err
+    assert "everything resident" in out and "tok/s" in out
+    rc, out, _ = cli(capsys, "plan", fixture[1], "--memory", str(_offload_budget(fixture[1])))
+    assert rc == 0 and "offloaded" in out and "read from disk" in out
+    rc, out, _ = cli(capsys, "plan", fixture[1], "--memory", "100KiB")
+    assert rc == 1 and "NO" in out and "too small" in out
+
+
+def _offload_budget(path) -> int:
+    """The smallest budget (in 64 KiB steps) under which the model runs with fewer slots than experts."""
+    import moelite
+    from moelite.errors import BudgetError
+    for b in range(1 << 20, 1 << 30, 1 << 16):
+        try:
+            with moelite.load(str(path), memory_budget=b, n_threads=1) as m:
+                if m.plan.slots is not None:
+                    return b
+        except BudgetError:
+            continue
+    raise AssertionError("no budget offloads the fixture")
+
+
+def test_plan_measures_the_machine_once(fixture, capsys, cache_home):
+    assert cli(capsys, "plan", fixture[1], "--memory", "1GiB")[0] == 0
+    d = json.loads((cache_home / "machine.json").read_text())
+    assert d["mem_bw"] > 1e8 and d["disk_bw"] > 1e6
+
+
+def test_analyze_hook(capsys):
+    from moelite.apps import analyze_cmd
+    if analyze_cmd.find() is not None:
+        pytest.skip("analyze is implemented; its own tests cover it")
+    rc, out, err = cli(capsys, "analyze")
+    assert rc == 1 and err.count("\n") == 1 and "not available yet" in err
+
+
+def test_help_of_every_command(capsys):
+    for cmd in ("chat", "run", "serve", "convert", "plan", "analyze"):
+        rc, out, _ = cli(capsys, cmd, "--help")
+        assert rc == 0 and "usage: moelite " + cmd in out
+
+
+def test_readme_first_command_default_model(capsys):
+    """`moelite run -p "It is a truth universally" -n 40 --temp 0`: MODEL defaults to the embedded demo."""
+    from moelite.runtime.model import DEFAULT_MODEL
+    rc, out, err = cli(capsys, "run", "-p", PROMPT, "-n", "40", "--temp", "0", "--threads", "1")
+    if DEFAULT_MODEL.exists():
+        assert rc == 0 and out.strip(), err
+    else:                                           # not shipped yet: one clean line, no traceback
+        assert rc == 1 and err.count("\n") == 1 and "demo model" in err
+
+
+BAD = [
+    (2, ["run", "missing.gguf", "-p", "x"], "no such file"),
+    (2, ["run", "{gguf}", "-p", "x", "--memory-budget", "12XB"], "bad memory size"),
+    (2, ["run", "{gguf}", "-p", "x", "--policy", "mru"], "unknown cache policy"),
+    (2, ["run", "{gguf}", "-p", "x", "-n", "abc"], "'abc' is not an integer"),
+    (2, ["run", "{gguf}", "-p", "x", "--temp", "-1"], "is not a number >= 0"),
+    (2, ["run", "{gguf}", "-p", "x", "--top-p", "3"], "top_p"),
+    (2, ["run", "{gguf}", "-p", "x", "--threads", "0"], "--threads"),
+    (2, ["run", "{gguf}"], "-p/--prompt"),
+    (2, ["run", "{hf}/..", "-p", "x"], "without config.json"),
+    (1, ["run", "{gguf}", "-p", "x", "--memory-budget", "100KiB"], "too small"),
+    (1, ["run", "{notgguf}", "-p", "x"], "{notgguf}"),
+    (2, ["frobnicate"], "invalid choice"),
+    (2, ["serve", "{gguf}", "--port", "70000"], "port"),
+    (2, ["convert", "{hf}", "-o", "x.gguf", "--type", "q3"], "--type"),
+    (1, ["convert", "missing_dir", "-o", "{tmp}/x.gguf"], "missing_dir"),
+    (2, ["plan", "{gguf}"], "--memory"),
+    (2, ["chat", "{gguf}", "--ctx-size", "1e3"], "--ctx-size"),
+]
+
+
+@pytest.mark.parametrize("code,argv,needle", BAD, ids=[" ".join(a[:4]) for _, a, _ in BAD])
+def test_bad_arguments_print_one_line(fixture, capsys, tmp_path, code, argv, needle):
+    notgguf = tmp_path / "notes.gguf"
+    notgguf.write_text("this is not a GGUF file\n")
+    names = dict(gguf=fixture[1], hf=fixture[0], notgguf=notgguf, tmp=tmp_path)
+    argv = [a.format(**names) for a in argv]
+    rc, out, err = cli(capsys, *argv)
+    assert rc == code, err
+    assert err.startswith("moelite: error: ") and err.count("\n") == 1, err
+    assert needle.format(**names) in err and "Traceback" not in err
+
+
+def test_verbose_shows_the_traceback(fixture, capsys):
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", "x", "--memory-budget", "100KiB", "--verbose")
+    assert rc == 1 and "Traceback" in err and err.rstrip().splitlines()[-1].startswith("moelite: error: ")
+
+
+@pytest.mark.skipif(shutil.which("moelite") is None, reason="the console script is not installed (dev tree)")
+def test_console_script(tmp_path):
+    r = subprocess.run(["moelite", "run", "nope.gguf", "-p", "x"], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("moelite: error: ")
