@@ -43,17 +43,17 @@ def main(args: argparse.Namespace) -> int:
     n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
     budget = parse_size(args.memory_budget)
     kw = dict(n_ctx=n_ctx, n_ubatch=None, kv_elsize=KV_ELSIZE)         # n_ubatch None: chosen for the budget, as Model does
-    full = plan_memory(hp, tensors, budget=1 << 62, **kw)              # sizes of every part, all resident
+    full = plan_memory(hp, tensors, budget=1 << 62, **kw)              # everything resident: expert sizes
     print(f"model     {path}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
           f"({full.n_expert_used} used per token), n_ctx {n_ctx}")
-    print(f"dense     {fmt_bytes(full.dense_bytes)} resident · KV cache {fmt_bytes(full.kv_bytes)} · "
-          f"scratch {fmt_bytes(full.scratch_bytes)}")
     print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")
     try:
         plan = plan_memory(hp, tensors, budget=budget, **kw)
     except BudgetError as e:
         print(f"fits      NO: {e}")
         return 1
+    print(f"resident  dense {fmt_bytes(plan.dense_bytes)} · KV cache {fmt_bytes(plan.kv_bytes)} · "
+          f"scratch {fmt_bytes(plan.scratch_bytes)} (prompt chunks of {getattr(plan, 'n_ubatch', '?')} tokens)")
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
     resident = sum(s * b for s, b in zip(slots, plan.expert_slot_bytes))
     if plan.slots is None:
@@ -61,7 +61,7 @@ def main(args: argparse.Namespace) -> int:
     else:
         moe = plan.moe_layers
         print(f"fits      yes, offloaded: {fmt_bytes(resident)} of experts resident "
-              f"({min(slots[i] for i in moe)}-{max(slots[i] for i in moe)} of {plan.n_expert} slots per layer), "
+              f"({_span([slots[i] for i in moe])} of {plan.n_expert} slots per layer), "
               f"{fmt_bytes(plan.expert_bytes_total - resident)} read from disk on demand")
     bw = bandwidths(args.remeasure)
     lo, hi = roofline(plan, slots, _embedding_bytes(tensors), bw["mem_bw"], bw["disk_bw"])
@@ -81,6 +81,10 @@ def roofline(plan, slots: list[int], embd_bytes: int, mem_bw: float, disk_bw: fl
     lo = 1 / (t_mem + miss_lo / disk_bw)
     hi = 1 / max(t_mem, miss_hi / disk_bw)
     return lo, hi
+
+
+def _span(xs: list[int]) -> str:
+    return str(xs[0]) if min(xs) == max(xs) else f"{min(xs)}-{max(xs)}"
 
 
 def _embedding_bytes(tensors: dict) -> int:

@@ -148,3 +148,13 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, client):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model="m", messages=[])
     assert _chat(client, "still there?").choices[0].finish_reason in ("stop", "length")
+
+
+def test_readme_client_example(server, capsys):
+    """The openai example of README.md's "Command line and server" section, run against this server."""
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("## Command line and server", 1)[1].split("\n## ", 1)[0]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert "http://127.0.0.1:8080/v1" in code
+    exec(compile(code.replace("http://127.0.0.1:8080/v1", server[0]), "README.md", "exec"), {})
+    assert "CompletionUsage" in capsys.readouterr().out
