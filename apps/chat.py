@@ -9,6 +9,9 @@ import argparse
 import signal
 import sys
 
+from rich.markup import escape
+
+from ..errors import MoeliteError
 from .common import add_common, add_sampling, cache_counts, load_model, model_name, nonneg_int, status_line
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
@@ -29,7 +32,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
-    from rich.markup import escape
     console = Console(highlight=False, stderr=False)
     sampling = sampling_kwargs(vars(args))
     stop = stop_list(args.stop)
@@ -60,12 +62,26 @@ def main(args: argparse.Namespace) -> int:
                     return 0
                 continue
             history.append({"role": "user", "content": line})
-            answer = _answer(model, history, console, args, sampling, stop)
+            try:
+                answer = _answer(model, _fit(model, history), console, args, sampling, stop)
+            except MoeliteError as e:           # e.g. a message longer than the context: say so, keep chatting
+                history.pop()
+                console.print(f"error: {escape(str(e))}", style="red")
+                continue
             history.append({"role": "assistant", "content": answer})
 
 
 def _initial(args: argparse.Namespace) -> list[dict]:
     return [{"role": "system", "content": args.system}] if args.system else []
+
+
+def _fit(model, history: list[dict]) -> list[dict]:
+    """Drop the oldest turns (never the system message or the new question) until the prompt leaves at least
+    a quarter of the context for the answer."""
+    first = 1 if history and history[0]["role"] == "system" else 0
+    while len(prompt_ids(model, messages=history)) > 0.75 * model.n_ctx and len(history) - first > 1:
+        del history[first]
+    return history
 
 
 def _answer(model, history: list[dict], console, args, sampling: dict, stop: list[str]) -> str:

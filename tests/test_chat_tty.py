@@ -84,3 +84,21 @@ def test_ctrl_c_stops_the_answer_not_the_app(tmp_path):
     finally:
         child.close(force=True)
     assert child.exitstatus == 0
+
+
+def test_overlong_message_and_full_context_keep_the_app_running(tmp_path):
+    child = _spawn(tmp_path, "--temp", "0", "--ignore-eos", "--ctx-size", "96", "-n", "20")
+    try:
+        child.sendline("word " * 200)                                # longer than the whole context
+        child.expect("error: .*exceeds the context")
+        child.expect_exact(PROMPT)
+        for i in range(4):                                          # old turns are dropped to make room
+            child.sendline(f"turn {i}")
+            child.expect(r"tok/s · (\d+) prompt \+ 20 tok")
+            assert int(child.match.group(1)) <= 72
+            child.expect_exact(PROMPT)
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+    finally:
+        child.close(force=True)
+    assert child.exitstatus == 0

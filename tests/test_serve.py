@@ -158,3 +158,14 @@ def test_readme_client_example(server, capsys):
     assert "http://127.0.0.1:8080/v1" in code
     exec(compile(code.replace("http://127.0.0.1:8080/v1", server[0]), "README.md", "exec"), {})
     assert "CompletionUsage" in capsys.readouterr().out
+
+
+def test_client_leaving_mid_stream_frees_the_model(server, client):
+    import socket
+    host, port = server[0].split("//")[1].split("/")[0].split(":")
+    body = json.dumps({"model": "m", "prompt": "The cat sat on", "max_tokens": MAX_TOKENS, "stream": True}).encode()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        assert s.recv(64).startswith(b"HTTP/1.1 200")
+    assert _chat(client, "after the hang-up").choices[0].finish_reason in ("stop", "length")
