@@ -18,7 +18,7 @@ sequence boundary. f(window, expert) = number of tokens of the window whose top-
 from __future__ import annotations
 
 import heapq
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -80,13 +80,69 @@ def window_counts(trace: Trace, m: int) -> Iterator[np.ndarray]:
 # SRP ---------------------------------------------------------------------------------------------------
 def f_histogram(trace: Trace, m: int) -> np.ndarray:
     """int64 [L, m+1]: hist[l, f] = number of (window, expert) pairs of layer l with f uses."""
-    m = _check_m(m)
-    n_layers = trace.n_layers
-    hist = np.zeros(n_layers * (m + 1), dtype=np.int64)
-    shift = (np.arange(n_layers, dtype=np.int32) * (m + 1))[None, :, None]  # one bincount for all layers
-    for f in window_counts(trace, m):
-        hist += np.bincount((f + shift).ravel(), minlength=n_layers * (m + 1))
-    return hist.reshape(n_layers, m + 1)
+    return f_histograms(trace, [m])[0]
+
+
+def f_histograms(trace: Trace, ms: Sequence[int]) -> list[np.ndarray]:
+    """`f_histogram` for several m, sharing the per-layer sort of occurrences by expert.
+
+    Sparse sweep, cost O(N*L*k) whatever m and E: an occurrence of expert e at token o adds 1 to f of the
+    window starts [o-m+1, o] (clipped to its sequence's valid starts). Per layer, the +1/-1 events of all
+    experts are sorted by (expert, position); between consecutive events f is constant, so hist[f] +=
+    segment length. Pairs with f = 0 are the rest (their bin collects junk across expert boundaries).
+    """
+    ms = [_check_m(m) for m in ms]
+    n, n_layers, _ = trace.ids.shape
+    lengths = np.diff(trace.offsets)
+    hists = [np.zeros((n_layers, m + 1), dtype=np.int64) for m in ms]
+    dtype = np.int32 if 2 * (trace.n_expert + 1) * (n + 1) < 2**31 else np.int64
+    for l in range(n_layers):
+        occ, lo, end = _occurrence_keys(trace, l, dtype)  # sorted by (expert, token)
+        for m, hist in zip(ms, hists):
+            o, a, e = occ, lo, end
+            if (lengths < m).any():  # occurrences in sequences shorter than m touch no window
+                fits = e - a >= m
+                o, a, e = o[fits], a[fits], e[fits]
+            hist[l] = _sweep(o, a, e, m)
+            hist[l, 0] = int(np.maximum(lengths - (m - 1), 0).sum()) * trace.n_expert - hist[l, 1:].sum()
+    return hists
+
+
+def _occurrence_keys(trace: Trace, l: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Layer l's occurrences as sorted keys e*(N+1) + token, with their sequence's start and end as keys."""
+    n, _, k = trace.ids.shape
+    flat = trace.ids[:, l].ravel().astype(np.uint16 if trace.n_expert <= 1 << 16 else np.int64)
+    order = np.argsort(flat, kind="stable").astype(dtype)  # 16-bit keys: radix sort
+    tok = order // dtype(k)
+    base = np.repeat((np.arange(trace.n_expert) * (n + 1)).astype(dtype),
+                     np.bincount(flat, minlength=trace.n_expert))  # keeps experts apart and in order
+    if trace.n_sequences == 1:
+        return base + tok, base, base + dtype(n)
+    seq = np.searchsorted(trace.offsets, tok, side="right") - 1
+    return base + tok, base + trace.offsets[seq].astype(dtype), base + trace.offsets[seq + 1].astype(dtype)
+
+
+def _sweep(occ: np.ndarray, lo: np.ndarray, end: np.ndarray, m: int) -> np.ndarray:
+    """int64 [m+1]: number of window starts per f (bin 0 is junk), from sorted occurrence keys."""
+    n = len(occ)
+    keys = np.empty(2 * n, dtype=occ.dtype)
+    np.maximum(occ - (m - 1), lo, out=keys[:n])  # +1 at the first window start holding the occurrence
+    np.minimum(occ + 1, end - (m - 1), out=keys[n:])  # -1 past the last one
+    keys <<= 1
+    keys[:n] |= 1  # low bit: 1 = +1, 0 = -1
+    keys.sort(kind="stable")  # two sorted runs: a linear merge; on a tie -1 first, so 0 <= f <= m
+    f = keys & 1
+    np.cumsum(f, out=f)  # +1 events so far; f = (+1 events) - (-1 events) = 2 * (+1 events) - events
+    f <<= 1
+    f -= np.arange(1, 2 * n + 1, dtype=f.dtype)
+    keys >>= 1
+    length = np.subtract(keys[1:], keys[:-1])  # a segment with f >= 1 lies in one occurrence's span,
+    np.clip(length, 0, m, out=length)          # so length <= m: only junk f = 0 segments get clipped
+    pair = f[:-1]
+    pair *= m + 1
+    pair += length  # an unweighted bincount of (f, length): several times faster than weights=
+    counts = np.bincount(pair, minlength=(m + 1) ** 2).reshape(m + 1, m + 1)
+    return counts @ np.arange(m + 1)
 
 
 def best_threshold(hist: np.ndarray, m: int, k: int, n_expert: int) -> tuple[float, int, float]:
@@ -113,13 +169,20 @@ def best_threshold(hist: np.ndarray, m: int, k: int, n_expert: int) -> tuple[flo
 
 def srp(trace: Trace, m: int, level: str = "model") -> SRPResult:
     """SRP(m) with its best threshold alpha and rho_hat; floats for level="model", arrays [L] for "layer"."""
+    return srp_many(trace, [m], level)[_check_m(m)]
+
+
+def srp_many(trace: Trace, ms: Sequence[int], level: str = "model") -> dict[int, SRPResult]:
+    """`srp` for several segment lengths in one pass over the trace: {m: SRPResult}."""
     _check_level(level)
-    hist = f_histogram(trace, m)
-    if level == "model":
-        return SRPResult(*best_threshold(hist.sum(axis=0), m, trace.k, trace.n_expert))
-    per_layer = [best_threshold(h, m, trace.k, trace.n_expert) for h in hist]
-    value, alpha, rho_hat = (np.array(col) for col in zip(*per_layer))
-    return SRPResult(value, alpha, rho_hat)
+    out = {}
+    for m, hist in zip(ms, f_histograms(trace, ms)):
+        if level == "model":
+            out[m] = SRPResult(*best_threshold(hist.sum(axis=0), m, trace.k, trace.n_expert))
+        else:
+            per_layer = [best_threshold(h, m, trace.k, trace.n_expert) for h in hist]
+            out[m] = SRPResult(*(np.array(col) for col in zip(*per_layer)))
+    return out
 
 
 def _check_level(level: str) -> None:

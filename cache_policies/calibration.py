@@ -1,0 +1,146 @@
+"""Calibration: from a routing trace and a slot budget, recommend a policy, its m and per-layer cache shares.
+
+Pure functions, no I/O. `calibrate` returns flat GGUF-storable keys (str / int / float / bool / lists of
+numbers) named `moelite.calibration.*`; storing them in the GGUF is the caller's job.
+
+How the recommendation is made (all by simulation on the trace, demand loads only unless prefetch=True):
+1. Per-layer share candidates (every layer gets at least k slots, the rest is split):
+   - "uniform": equal slots per layer;
+   - "working_set": spare slots proportional to each layer's mean number of distinct experts per
+     window of `ws_m` tokens beyond k (from the SRP window counts);
+   - "miss_curve": greedy marginal allocation on each layer's LRU hit curve (simulated at a grid of
+     capacities, linear in between): the next slot goes to the layer whose hits rise most.
+2. Every runtime policy (consistency at each m of `ms`) is simulated with every share candidate at the
+   budget; the highest pooled hit rate wins (ties: the earlier policy in registry order, then the
+   earlier candidate above, then the smaller m).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from moelite.errors import UsageError
+
+from .metrics import f_histogram, srp
+from .registry import POLICY_IDS, layer_capacities
+from .simulator import simulate
+from .trace import Trace
+
+SHARE_METHODS = ("uniform", "working_set", "miss_curve")
+CALIBRATION_VERSION = 1
+
+
+def expert_frequency(trace: Trace) -> np.ndarray:
+    """float64 [L, E]: fraction of tokens whose top-k at layer l holds expert e."""
+    counts = np.zeros((trace.n_layers, trace.n_expert), dtype=np.int64)
+    for l in range(trace.n_layers):
+        counts[l] = np.bincount(trace.ids[:, l].ravel(), minlength=trace.n_expert)
+    return counts / trace.n_tokens
+
+
+def working_set(trace: Trace, m: int = 16) -> np.ndarray:
+    """float64 [L]: mean number of distinct experts a window of min(m, longest sequence) tokens uses."""
+    m = int(min(m, np.diff(trace.offsets).max()))
+    hist = f_histogram(trace, m)  # [L, m+1]
+    n_windows = hist.sum(axis=1) / trace.n_expert
+    return (hist[:, 1:].sum(axis=1)) / n_windows
+
+
+def spread(total: int, weights: Sequence[float], floor: int, ceil: int) -> list[int]:
+    """Split `total` slots over layers: each gets `floor`, then slot by slot to the layer with the largest
+    weight / (extra slots + 1) (D'Hondt: proportional to weights), skipping layers at `ceil` while
+    any layer is below it."""
+    w = np.maximum(np.asarray(weights, dtype=np.float64), 0) + 1e-9
+    caps = np.full(len(w), floor, dtype=np.int64)
+    for _ in range(total - floor * len(w)):
+        quot = w / (caps - floor + 1)
+        if (caps < ceil).any():
+            quot[caps >= ceil] = -1.0
+        caps[int(np.argmax(quot))] += 1
+    return caps.tolist()
+
+
+def miss_curve_caps(trace: Trace, total: int, grid: Iterable[int] | None = None) -> list[int]:
+    """Greedy slot allocation on per-layer LRU hit curves (see module docstring)."""
+    n_layers, k, n_expert = trace.n_layers, trace.k, trace.n_expert
+    top = min(n_expert, total - k * (n_layers - 1))
+    grid = sorted({k, top, *(c for c in (grid or np.geomspace(k, max(top, k), 6).round().astype(int))
+                            if k <= c <= top)})
+    hits = np.array([simulate(trace, "lru", c * n_layers).hits for c in grid], dtype=np.float64)  # [G, L]
+    def gain(l: int, c: int) -> float:  # hits of layer l at c+1 slots minus at c, linear between grid points
+        return float(np.interp(c + 1, grid, hits[:, l]) - np.interp(c, grid, hits[:, l])) if c < top else -1.0
+    caps = [k] * n_layers
+    gains = [gain(l, k) for l in range(n_layers)]
+    for _ in range(total - k * n_layers):
+        l = int(np.argmax(gains))
+        caps[l] += 1
+        gains[l] = gain(l, caps[l])
+    return caps
+
+
+def share_candidates(trace: Trace, budget: int, ws_m: int = 16) -> dict[str, list[int]]:
+    """Slots per layer for each method of SHARE_METHODS, all summing to `budget`."""
+    n_layers, k = trace.n_layers, trace.k
+    return {"uniform": layer_capacities(budget, n_layers, None, min_per_layer=k),
+            "working_set": spread(budget, working_set(trace, ws_m) - k, k, trace.n_expert),
+            "miss_curve": miss_curve_caps(trace, budget)}
+
+
+def evaluate_candidates(trace: Trace, budget: int, *, ms: Sequence[int] = (4, 16, 64),
+                        policies: Sequence[str] = tuple(POLICY_IDS), prefetch: bool = False,
+                        precision: float | None = None) -> list[dict]:
+    """Simulate every (policy, m, share method) at the budget: rows of plain dicts, best first."""
+    _check_budget(trace, budget)
+    rows = []
+    for method, caps in share_candidates(trace, budget).items():
+        shares = [c / budget for c in caps]
+        for policy in policies:
+            for m in (ms if policy == "consistency" else (None,)):
+                r = simulate(trace, policy, budget, m=m or 16, shares=shares, prefetch=prefetch,
+                             precision=precision)
+                rows.append({"policy": policy, "m": m, "shares_method": method, "caps": caps,
+                             "shares": shares, "hit_rate": r.hit_rate})
+    order = {p: i for i, p in enumerate(POLICY_IDS)}
+    rows.sort(key=lambda r: (-r["hit_rate"], order.get(r["policy"], 99), SHARE_METHODS.index(r["shares_method"]),
+                             r["m"] or 0))
+    return rows
+
+
+def calibrate(trace: Trace, budget: int, *, ms: Sequence[int] = (4, 16, 64), prefetch: bool = False,
+              precision: float | None = None) -> dict:
+    """Recommend policy, m and per-layer shares for `budget` expert slots; GGUF-storable flat dict."""
+    rows = evaluate_candidates(trace, budget, ms=ms, prefetch=prefetch, precision=precision)
+    best = rows[0]
+    uniform_lru = next(r for r in rows if r["policy"] == "lru" and r["shares_method"] == "uniform")
+    belady = simulate(trace, "belady", budget, shares=best["shares"], prefetch=prefetch, precision=precision)
+    srp_ms = [m for m in (4, 16, 64, 256) if m <= np.diff(trace.offsets).max()]
+    key = "moelite.calibration."
+    return {
+        key + "version": CALIBRATION_VERSION,
+        key + "model": trace.model,
+        key + "n_tokens": trace.n_tokens,
+        key + "n_sequences": trace.n_sequences,
+        key + "layers": [int(x) for x in trace.layers],
+        key + "n_expert": trace.n_expert,
+        key + "budget_slots": int(budget),
+        key + "prefetch": bool(prefetch),
+        key + "policy": best["policy"],
+        key + "policy_id": POLICY_IDS[best["policy"]],
+        key + "m": int(best["m"] or 0),  # 0: the policy has no window
+        key + "shares_method": best["shares_method"],
+        key + "layer_slots": [int(c) for c in best["caps"]],
+        key + "layer_shares": [float(s) for s in best["shares"]],
+        key + "hit_rate": float(best["hit_rate"]),
+        key + "hit_rate_lru_uniform": float(uniform_lru["hit_rate"]),
+        key + "hit_rate_belady": belady.hit_rate,
+        key + "srp_m": srp_ms,
+        key + "srp": [float(srp(trace, m).value) for m in srp_ms],
+        key + "expert_freq": [float(x) for x in expert_frequency(trace).ravel()],  # [L*E], layer-major
+    }
+
+
+def _check_budget(trace: Trace, budget: int) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < trace.n_layers * trace.k:
+        raise UsageError(f"a budget of {budget!r} expert slots cannot give each of the {trace.n_layers} "
+                         f"layers k = {trace.k} slots (need >= {trace.n_layers * trace.k})")

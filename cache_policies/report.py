@@ -1,0 +1,206 @@
+"""Routing-consistency report: one JSON-ready dict, PNG plots (matplotlib, Agg) and a rich terminal table.
+
+    rep = build_report(trace)            # metrics + simulated hit-rate curves (plain Python types)
+    paths = write_report(rep, "out/")    # report.json + srp.png, sch.png, hit_rate.png, layers.png, experts.png
+    print_summary(rep)                   # rich tables on the terminal
+
+Report keys: model, n_tokens, n_sequences, n_layers, n_expert, k, layers;
+srp: [{m, value, alpha, rho_hat}] (model level); srp_layer: {m, value[L], alpha[L], rho_hat[L]};
+sch: [{m, rho, value}] (model level; every m at rho = 2, every rho at m = sch_rho_m = min(16, longest
+sequence)); sch_static: the same pairs;
+hit_rate: [SimResult.to_dict()] over policies x sizes; expert_freq: [L][E].
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Sequence
+
+import numpy as np
+
+from .calibration import expert_frequency
+from .metrics import sch, srp, static_sch
+from .simulator import SIM_POLICIES, sweep
+from .trace import Trace
+
+
+def default_sizes(trace: Trace) -> list[int]:
+    """Total slots at 1, 1.5, 2, 3, 4, 6, 8 x the active experts per token (L*k), capped at L*E."""
+    active, full = trace.n_layers * trace.k, trace.n_layers * trace.n_expert
+    return sorted({min(full, int(round(r * active))) for r in (1, 1.5, 2, 3, 4, 6, 8)})
+
+
+def build_report(trace: Trace, *, ms: Sequence[int] = (4, 16, 64, 256), rhos: Sequence[float] = (1, 2, 4),
+                 sizes: Sequence[int] | None = None, policies: Sequence[str] = SIM_POLICIES,
+                 layer_m: int = 16, sim_m: int = 16, prefetch: bool = False,
+                 precision: float | None = None) -> dict:
+    """Every metric of the module docstring. SCH is computed for each m at rho = 2 and each rho at m = 16
+    (the paper's defaults); the simulator sweeps `policies` over `sizes` (default_sizes)."""
+    longest = int(np.diff(trace.offsets).max())
+    ms = [m for m in ms if m <= longest] or [longest]
+    layer = srp(trace, min(layer_m, longest), level="layer")
+    m_rho = min(16, longest)
+    pairs = sorted({(m, 2.0) for m in ms} | {(m_rho, float(r)) for r in rhos})
+    sims = sweep(trace, policies, sizes or default_sizes(trace), m=sim_m, prefetch=prefetch, precision=precision)
+    return {
+        "model": trace.model, "n_tokens": trace.n_tokens, "n_sequences": trace.n_sequences,
+        "n_layers": trace.n_layers, "n_expert": trace.n_expert, "k": trace.k,
+        "layers": trace.layers.tolist(),
+        "srp": [dict(zip(("value", "alpha", "rho_hat"), map(_plain, srp(trace, m))), m=m) for m in ms],
+        "srp_layer": {"m": min(layer_m, longest), "value": layer.value.tolist(), "alpha": layer.alpha.tolist(),
+                      "rho_hat": layer.rho_hat.tolist()},
+        "sch_rho_m": m_rho,
+        "sch": [{"m": m, "rho": r, "value": float(sch(trace, m, r))} for m, r in pairs],
+        "sch_static": [{"m": m, "rho": r, "value": float(static_sch(trace, m, r))} for m, r in pairs],
+        "hit_rate": [s.to_dict() for s in sims],
+        "expert_freq": expert_frequency(trace).tolist(),
+    }
+
+
+def _plain(x):
+    return x.item() if isinstance(x, np.generic) else x
+
+
+# files -------------------------------------------------------------------------------------------------
+def write_json(obj: dict, path: str | os.PathLike) -> None:
+    """Atomic JSON write: temp file, fsync, rename."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, allow_nan=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_report(rep: dict, out_dir: str | os.PathLike) -> list[str]:
+    """report.json plus the five PNGs into out_dir (created); returns the paths written."""
+    os.makedirs(out_dir, exist_ok=True)
+    out = [os.path.join(out_dir, name) for name in
+           ("report.json", "srp.png", "sch.png", "hit_rate.png", "layers.png", "experts.png")]
+    write_json(rep, out[0])
+    plot_srp(rep, out[1])
+    plot_sch(rep, out[2])
+    plot_hit_rate(rep, out[3])
+    plot_layers(rep, out[4])
+    plot_expert_heatmap(rep, out[5])
+    return out
+
+
+# plots -------------------------------------------------------------------------------------------------
+def _figure(title: str, xlabel: str, ylabel: str, size=(6, 4)):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=size)
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    return plt, fig, ax
+
+
+def _save(plt, fig, path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def plot_srp(rep: dict, path) -> None:
+    """SRP vs segment length m (model level), with the alpha = 0 floor 2r/(1+r)."""
+    plt, fig, ax = _figure(f"SRP — {rep['model'] or 'trace'}", "segment length m", "SRP (model level)")
+    ms = [r["m"] for r in rep["srp"]]
+    ax.plot(ms, [r["value"] for r in rep["srp"]], "o-", label="SRP")
+    r = rep["k"] / rep["n_expert"]
+    ax.axhline(2 * r / (1 + r), color="grey", ls=":", label="floor 2r/(1+r)")
+    ax.set_xscale("log", base=2)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    _save(plt, fig, path)
+
+
+def plot_sch(rep: dict, path) -> None:
+    """SCH vs cache ratio rho at m = 16 (oracle and static)."""
+    plt, fig, ax = _figure(f"SCH — {rep['model'] or 'trace'}", "cache ratio rho (slots / active experts)",
+                           "hit rate (model level)")
+    m16 = rep["sch_rho_m"]
+    for key, label in (("sch", "SCH oracle"), ("sch_static", "static SCH")):
+        pts = sorted((r["rho"], r["value"]) for r in rep[key] if r["m"] == m16)
+        ax.plot(*zip(*pts), "o-", label=f"{label}, m={m16}")
+    ax.set_ylim(0, 1)
+    ax.legend()
+    _save(plt, fig, path)
+
+
+def plot_hit_rate(rep: dict, path) -> None:
+    """Simulated hit rate vs total slots per policy; Belady dashed as the ceiling."""
+    plt, fig, ax = _figure("simulated hit rate", "cache size (expert slots, all layers)", "hit rate")
+    for policy in dict.fromkeys(r["policy"] for r in rep["hit_rate"]):
+        pts = sorted((r["total_slots"], r["hit_rate"]) for r in rep["hit_rate"] if r["policy"] == policy)
+        ax.plot(*zip(*pts), "k--" if policy == "belady" else "o-", label=policy)
+    ax.set_ylim(0, 1)
+    ax.legend()
+    _save(plt, fig, path)
+
+
+def plot_layers(rep: dict, path) -> None:
+    """Per-layer bars: SRP at the report's layer m, and the simulated hit rate of each policy at the
+    middle cache size."""
+    sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
+    mid = sizes[len(sizes) // 2]
+    rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid]
+    plt, fig, ax = _figure(f"per layer (hit rates at {mid} slots)", "layer", "value", size=(9, 4))
+    x = np.arange(rep["n_layers"])
+    width = 0.8 / (len(rows) + 1)
+    ax.bar(x, rep["srp_layer"]["value"], width, label=f"SRP m={rep['srp_layer']['m']}")
+    for i, r in enumerate(rows, 1):
+        ax.bar(x + i * width, r["layer_hit_rate"], width, label=r["policy"])
+    ax.set_xticks(x + 0.4 - width / 2, [str(b) for b in rep["layers"]])
+    ax.set_ylim(0, 1.3)  # head room for the legend
+    ax.legend(fontsize="small", ncol=4, loc="upper center")
+    _save(plt, fig, path)
+
+
+def plot_expert_heatmap(rep: dict, path) -> None:
+    """Expert frequency heatmap [layer, expert]: fraction of tokens routed to each expert."""
+    plt, fig, ax = _figure("expert frequency", "expert", "layer", size=(9, 5))
+    img = ax.imshow(np.array(rep["expert_freq"]), aspect="auto", interpolation="nearest", cmap="viridis")
+    fig.colorbar(img, ax=ax, label="fraction of tokens")
+    _save(plt, fig, path)
+
+
+# terminal ----------------------------------------------------------------------------------------------
+def print_summary(rep: dict, console=None) -> None:
+    """Rich tables: SRP / SCH per m, then hit rate per policy and cache size."""
+    from rich.console import Console
+    from rich.table import Table
+    console = console or Console()
+    head = f"{rep['model'] or 'trace'}: {rep['n_sequences']} seq, {rep['n_tokens']} tokens, " \
+           f"L={rep['n_layers']} E={rep['n_expert']} k={rep['k']}"
+    metrics = Table(title=head)
+    for col in ("m", "SRP", "alpha", "rho_hat", "SCH rho=2", "static SCH rho=2"):
+        metrics.add_column(col, justify="right")
+    sch2 = {r["m"]: r["value"] for r in rep["sch"] if r["rho"] == 2.0}
+    static2 = {r["m"]: r["value"] for r in rep["sch_static"] if r["rho"] == 2.0}
+    for r in rep["srp"]:
+        metrics.add_row(str(r["m"]), f"{100 * r['value']:.2f}", str(r["alpha"]), f"{r['rho_hat']:.2f}",
+                        _pct(sch2.get(r["m"])), _pct(static2.get(r["m"])))
+    console.print(metrics)
+    sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
+    sims = Table(title="simulated hit rate (%) by cache size in expert slots")
+    sims.add_column("policy")
+    for n in sizes:
+        sims.add_column(str(n), justify="right")
+    for policy in dict.fromkeys(r["policy"] for r in rep["hit_rate"]):
+        by_size = {r["total_slots"]: r["hit_rate"] for r in rep["hit_rate"] if r["policy"] == policy}
+        sims.add_row(policy, *(_pct(by_size.get(n)) for n in sizes))
+    console.print(sims)
+
+
+def _pct(x) -> str:
+    return "-" if x is None or x != x else f"{100 * x:.2f}"
