@@ -236,6 +236,17 @@ void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
     L.stats.loads++;
 }
 
+void ExpertCache::check_on_disk(const CacheLayer & L, int expert) {
+    struct stat st;
+    if (fstat(fd_, &st) != 0) throw IOError(path_ + ": cannot stat the model file: " + strerror(errno));
+    for (int r = 0; r < 3; ++r) {
+        const uint64_t end = L.src[r].offset + (uint64_t) expert * L.src[r].stride + L.src[r].nbytes;
+        if (end > (uint64_t) st.st_size)
+            throw IOError(path_ + ": truncated while open: expert " + std::to_string(expert) + " needs bytes up to " +
+                          std::to_string(end) + " but the file now has " + std::to_string((uint64_t) st.st_size));
+    }
+}
+
 void ExpertCache::start_io(int n_io) {
     for (int i = 0; i < n_io; ++i) io_threads_.emplace_back([this] { io_loop(); });
 }
@@ -284,6 +295,7 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     for (int i = 0; i < n && issued < L.quota; ++i) {
         const int e = ids[i];
         if (L.slot_of[e] >= 0) continue;                 // cached or already on its way
+        try { check_on_disk(L, e); } catch (const IOError &) { continue; }   // acquire() will report it
         const int s = choose_victim(L, P, wanted);       // never a pinned, loading or wanted slot
         if (s < 0) break;
         begin_load(L, s, e, true);
@@ -320,6 +332,7 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
             if (!done[e]) L.stats.hits++;
         } else {
             L.stats.misses++;
+            check_on_disk(L, e);                         // fail before evicting anything
             s = choose_victim(L, P, needed);
             while (s < 0) {                              // every free slot is being prefetched: wait for one
                 bool loading = false;

@@ -112,6 +112,7 @@ private:
     void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();
+    void check_on_disk(const CacheLayer & L, int expert);   // IOError if the file no longer holds it
     void read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap);
     void touch(Slot & s, CacheLayer & L);
 

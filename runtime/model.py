@@ -81,7 +81,7 @@ class Model:
 
     def __init__(self, path: str | os.PathLike | None = None, *, memory_budget: str | int | None = None,
                  policy: str = "lru", policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
-                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int = 512, kv_type: str = "f16",
+                 n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None, kv_type: str = "f16",
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 2) -> None:
         self.path = str(path) if path is not None else default_model_path()
@@ -111,7 +111,7 @@ class Model:
         self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
                                       kv_elsize=4 if kv_type == "f32" else 2, budget=parse_size(memory_budget),
                                       shares=list(pol.shares) if pol.shares else None)
-        options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=n_ubatch, kv_type=KV_TYPES[kv_type],
+        options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=self.plan.n_ubatch, kv_type=KV_TYPES[kv_type],
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads))
         self.prefetch = bool(prefetch) and self.plan.slots is not None

@@ -56,6 +56,7 @@ class Plan:
     n_expert_used: int
     slots: list[int] | None           # per layer quota; None = everything resident
     budget: int | None
+    n_ubatch: int = 512               # prompt tokens per graph (smaller under a tight budget: less scratch)
 
     @property
     def moe_layers(self) -> list[int]:
@@ -79,8 +80,9 @@ def _page(n: int) -> int:
     return (n + 4095) // 4096 * 4096
 
 
-def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int, kv_elsize: int, budget: int | None,
+def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: int, budget: int | None,
                 shares: list[float] | None = None) -> Plan:
+    """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget."""
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes = [0] * n_layer
     expert_names = set()
@@ -94,11 +96,24 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int, kv_elsize
         row = (hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"]
     else:
         row = hp["n_head_kv"] * (hp["n_embd_head_k"] + hp["n_embd_head_v"])
-    kv = n_layer * row * n_ctx * kv_elsize + 4 * n_ubatch * (3 * hp["n_embd"] + E)
-    # graph scratch: activations of one ubatch through the widest graph (experts: [n_ff, K, T] x 3 + attention)
+    kv = n_layer * row * n_ctx * kv_elsize
     n_ff = max((tensors[f"blk.{i}.ffn_gate_exps.weight"][1][1] for i in range(n_layer) if slot_bytes[i]), default=0)
-    scratch = 4 * n_ubatch * (8 * hp["n_embd"] + 3 * n_ff * K + hp["n_head"] * min(n_ctx, n_ubatch + 512) * 2) + (8 << 20)
-    p = Plan(dense, kv, scratch, slot_bytes, E, K, None, budget)
+
+    def scratch_for(t: int) -> int:
+        # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the
+        # expert activations [n_ff, K, t] x 3 + [n_embd, K, t] x 2, plus a few [n_embd, t] temporaries
+        attn = 2 * hp["n_head"] * n_ctx
+        experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
+        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20)
+
+    auto = n_ubatch is None
+    n_ubatch = n_ubatch or 512
+    if auto and budget is not None:   # a tight budget prefers smaller prompt chunks over fewer expert slots
+        while n_ubatch > 16 and scratch_for(n_ubatch) > 0.1 * budget:
+            n_ubatch //= 2
+    scratch = scratch_for(n_ubatch)
+    kv += 4 * n_ubatch * (3 * hp["n_embd"] + 2 * E)          # persistent state between the layer graphs
+    p = Plan(dense, kv, scratch, slot_bytes, E, K, None, budget, n_ubatch)
     if budget is None:
         avail = psutil.virtual_memory().available
         if p.resident_bytes <= 0.85 * avail:

@@ -32,9 +32,9 @@ def resident():
 @pytest.mark.parametrize("policy", POLICIES)
 def test_smallest_budget_is_bit_exact(resident, family, policy):
     path, (logits, greedy, _, info) = resident[family]
-    with moelite.load(path, kv_type="f32", n_threads=1) as m:
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
         minimum = m.plan.minimum_budget
-    lo, gr, stats, info_small = run(path, list(range(5, 37)), memory_budget=minimum, policy=policy)
+    lo, gr, stats, info_small = run(path, list(range(5, 37)), memory_budget=minimum, policy=policy, n_ubatch=64)
     k = info_small["n_expert_used"]
     assert info_small["offloaded"] and all(q in (0, k) for q in info_small["expert_slots"])
     assert np.array_equal(lo, logits)
@@ -44,10 +44,10 @@ def test_smallest_budget_is_bit_exact(resident, family, policy):
 
 def test_budget_too_small_names_the_minimum():
     _, path = fixture_gguf("qwen3_moe")
-    with moelite.load(path, kv_type="f32") as m:
+    with moelite.load(path, kv_type="f32", n_ubatch=64) as m:
         minimum = m.plan.minimum_budget
     with pytest.raises(moelite.errors.BudgetError, match="at least"):
-        moelite.load(path, kv_type="f32", memory_budget=minimum - 1)
+        moelite.load(path, kv_type="f32", n_ubatch=64, memory_budget=minimum - 1)
 
 
 @pytest.mark.parametrize("bad", ["lots", "12 parsecs", "-1GiB", "0"])
