@@ -29,7 +29,7 @@ from .hparams import parse_hparams
 from .planner import Plan, fmt_bytes, parse_size, plan_memory
 
 KV_TYPES = {"f32": 0, "f16": 1}
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "data" / "demo.gguf"
+DEFAULT_MODEL = Path(__file__).parent.parent / "data" / "demo.gguf"   # no resolve(): dev trees use symlinks
 
 
 @contextlib.contextmanager
