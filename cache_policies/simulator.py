@@ -93,7 +93,8 @@ def simulate(trace: Trace, policy: str, total_slots: int, *, m: int = 16,
              precision: float | None = None, seed: int = 0) -> SimResult:
     """Simulate one policy at one cache size (in expert slots) over every sequence of the trace.
 
-    m is used by "consistency" and "sch" only. precision: None -> predictions from trace.lookahead_ids;
+    m is used by "consistency" and "sch" only; shares by per-layer pools only (pooled=True: one pool of
+    total_slots). precision: None -> predictions from trace.lookahead_ids;
     a float in [0, 1] -> degraded true ids (see module docstring).
     """
     if policy not in SIM_POLICIES:

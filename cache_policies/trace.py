@@ -21,7 +21,8 @@ and without `ids_0` but with a 3-D `ids` is one sequence.
 Validation (`Trace.__post_init__`, so every construction path) raises moelite.errors.TraceError for:
 integer ids of a non-integer dtype, ids outside [0, n_expert), a repeated id within one row, ragged or
 non-3-D rows, an empty trace (no sequence, a sequence of 0 tokens, 0 layers or k = 0), k > n_expert,
-scores or lookahead_ids whose shape differs from ids, non-float scores, bad offsets or layers.
+scores or lookahead_ids whose shape differs from ids, non-float scores, scores not descending along k,
+bad offsets or layers, a repeated id in a lookahead row (last layer excepted).
 """
 from __future__ import annotations
 
@@ -188,6 +189,11 @@ def _as_scores(scores, shape: tuple, source: str) -> np.ndarray | None:
     if arr.dtype.kind != "f":
         raise TraceError(f"{source}: scores must have a float dtype, got {arr.dtype}")
     _same_shape(arr, shape, "scores", source)
+    rising = arr[..., 1:] > arr[..., :-1]  # [N, L, k-1]
+    if rising.any():
+        t, l, j = np.argwhere(rising)[0].tolist()
+        raise TraceError(f"{source}: scores[{t}, {l}] = {arr[t, l].tolist()} is not in descending order "
+                         "(ids must be listed by descending router score)")
     return arr.astype(np.float32, copy=False)
 
 

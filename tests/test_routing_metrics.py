@@ -252,6 +252,7 @@ GOOD = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]], dtype=np.int32)  # [T=2, L
     ({"ids": [[[0, 1], [2, 3]], [[1, 2], [3]]]}, "ragged"),
     ({"ids": GOOD, "scores": np.zeros((2, 2, 3), np.float32)}, "scores has shape"),
     ({"ids": GOOD, "scores": np.zeros((2, 2, 2), np.int32)}, "float dtype"),
+    ({"ids": GOOD, "scores": np.tile(np.float32([0.2, 0.7]), (2, 2, 1))}, "descending"),
     ({"ids": GOOD, "offsets": [0, 3]}, "offsets"),
     ({"ids": GOOD, "offsets": [0, 0, 2]}, "offsets"),
     ({"ids": GOOD, "n_expert": 1}, "k = 2"),
@@ -280,7 +281,7 @@ def test_lookahead_last_layer_is_ignored():
 def test_round_trip(tmp_path):
     rng = np.random.default_rng(0)
     seqs = [np.argsort(rng.random((n, 3, 8)), axis=-1)[..., :2] for n in (5, 1, 7)]
-    scores = [rng.random(s.shape).astype(np.float32) for s in seqs]
+    scores = [-np.sort(-rng.random(s.shape).astype(np.float32), axis=-1) for s in seqs]  # descending
     trace = Trace.from_sequences(seqs, n_expert=8, scores=scores, layers=[1, 2, 5], model="toy")
     save_trace(trace, tmp_path / "t.npz")
     back = load_trace(tmp_path / "t.npz")

@@ -252,3 +252,49 @@ def test_layer_capacities():
     assert layer_capacities(48, 4, [c / 48 for c in caps]) == caps  # shares from slot counts round-trip
     with pytest.raises(UsageError, match="layer 0"):
         layer_capacities(10, 2, [0.05, 0.95], min_per_layer=2)
+
+
+# calibration and report --------------------------------------------------------------------------------
+def two_speed_trace(n_tok=120, seed=0):
+    """Layer 0 always uses experts [0, 1]; layer 1 draws 2 of 8 at random every token."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((n_tok, 2, 2), np.int32)
+    ids[:, 0] = [0, 1]
+    ids[:, 1] = np.argsort(rng.random((n_tok, 8)), axis=-1)[:, :2]
+    return Trace(ids=ids, n_expert=8, model="two-speed")
+
+
+def test_calibration_keys_are_gguf_storable():
+    from moelite.cache_policies.calibration import calibrate
+    trace = two_speed_trace()
+    cal = calibrate(trace, 8, ms=(4, 16))
+    assert all(key.startswith("moelite.calibration.") for key in cal)
+    for key, value in cal.items():
+        items = value if isinstance(value, list) else [value]
+        assert all(type(v) in (str, int, float, bool) for v in items), key
+    p = "moelite.calibration."
+    assert cal[p + "policy"] in POLICY_IDS and cal[p + "policy_id"] == POLICY_IDS[cal[p + "policy"]]
+    assert sum(cal[p + "layer_slots"]) == 8 and min(cal[p + "layer_slots"]) >= trace.k
+    assert sum(cal[p + "layer_shares"]) == pytest.approx(1.0)
+    # the constant layer needs only its k = 2 slots: the random layer should get the other 6
+    assert cal[p + "layer_slots"] == [2, 6]
+    assert cal[p + "hit_rate"] >= cal[p + "hit_rate_lru_uniform"]
+    assert cal[p + "hit_rate_belady"] >= cal[p + "hit_rate"]
+    assert len(cal[p + "expert_freq"]) == 2 * 8
+    with pytest.raises(UsageError, match="need >= 4"):
+        calibrate(trace, 3)
+
+
+def test_report_files(tmp_path):
+    import io
+    import json
+    from rich.console import Console
+    from moelite.cache_policies.report import build_report, print_summary, write_report
+    rep = build_report(two_speed_trace(), ms=(4, 16), rhos=(1, 2), policies=("lru", "belady"))
+    paths = write_report(rep, tmp_path / "out")
+    assert json.loads(open(paths[0]).read())["model"] == "two-speed"
+    for png in paths[1:]:
+        assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    buf = io.StringIO()
+    print_summary(rep, Console(file=buf, width=120))
+    assert "belady" in buf.getvalue() and "SRP" in buf.getvalue()
