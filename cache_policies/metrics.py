@@ -7,10 +7,13 @@ sequence boundary. f(window, expert) = number of tokens of the window whose top-
 - `srp(trace, m, level)`: pools all (window, expert) pairs of a group (one layer, or all layers for
   "model"), finds the best shared threshold alpha in 0..m (ties: the smallest alpha, compared exactly
   in integers), returns SRP, alpha and rho_hat = pairs selected / (k * windows * layers of the group).
-  A group without any window (all sequences shorter than m) gives nan.
+  A group without any window (all sequences shorter than m) gives nan. `srp_many(trace, ms, level)`
+  does several m in one pass. Both rest on `f_histograms` (the histogram of f per layer), computed by
+  a sparse event sweep in O(N*L*k) per m, independent of E and m.
 - `sch(trace, m, rho, level)`: the segment-cache oracle simulated token by token per sequence (rules 1-5
   of ROUTING_METRICS.md), capacity C = round(rho * k) per layer or round(rho * L * k) for the model
-  level; per-sequence hit rates averaged over sequences.
+  level; per-sequence hit rates averaged over sequences. Sequential: pure Python with a lazy heap,
+  about 3 us per id.
 - `static_sch(trace, m, rho, level)`: the paper's first ("legacy") SCH: for every window, cache the C
   experts with the highest f in that window; hit rate = sum over windows of those f / (windows * m * k *
   layers of the group), pooled over all windows of all sequences.
@@ -96,8 +99,10 @@ def f_histograms(trace: Trace, ms: Sequence[int]) -> list[np.ndarray]:
     lengths = np.diff(trace.offsets)
     hists = [np.zeros((n_layers, m + 1), dtype=np.int64) for m in ms]
     dtype = np.int32 if 2 * (trace.n_expert + 1) * (n + 1) < 2**31 else np.int64
+    seq_start = np.repeat(trace.offsets[:-1], lengths).astype(dtype)  # [N] of each token's sequence
+    seq_end = np.repeat(trace.offsets[1:], lengths).astype(dtype)
     for l in range(n_layers):
-        occ, lo, end = _occurrence_keys(trace, l, dtype)  # sorted by (expert, token)
+        occ, lo, end = _occurrence_keys(trace.ids[:, l], trace.n_expert, seq_start, seq_end)
         for m, hist in zip(ms, hists):
             o, a, e = occ, lo, end
             if (lengths < m).any():  # occurrences in sequences shorter than m touch no window
@@ -108,18 +113,17 @@ def f_histograms(trace: Trace, ms: Sequence[int]) -> list[np.ndarray]:
     return hists
 
 
-def _occurrence_keys(trace: Trace, l: int, dtype) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Layer l's occurrences as sorted keys e*(N+1) + token, with their sequence's start and end as keys."""
-    n, _, k = trace.ids.shape
-    flat = trace.ids[:, l].ravel().astype(np.uint16 if trace.n_expert <= 1 << 16 else np.int64)
+def _occurrence_keys(ids_l: np.ndarray, n_expert: int, seq_start: np.ndarray, seq_end: np.ndarray):
+    """ids_l [N, k] -> keys e*(N+1) + token of every occurrence, sorted, and the keys of its sequence's
+    start and end (3 arrays [N*k] of seq_start's dtype)."""
+    n, k = ids_l.shape
+    dtype = seq_start.dtype.type
+    flat = ids_l.ravel().astype(np.uint16 if n_expert <= 1 << 16 else np.int64)
     order = np.argsort(flat, kind="stable").astype(dtype)  # 16-bit keys: radix sort
     tok = order // dtype(k)
-    base = np.repeat((np.arange(trace.n_expert) * (n + 1)).astype(dtype),
-                     np.bincount(flat, minlength=trace.n_expert))  # keeps experts apart and in order
-    if trace.n_sequences == 1:
-        return base + tok, base, base + dtype(n)
-    seq = np.searchsorted(trace.offsets, tok, side="right") - 1
-    return base + tok, base + trace.offsets[seq].astype(dtype), base + trace.offsets[seq + 1].astype(dtype)
+    base = np.repeat((np.arange(n_expert) * (n + 1)).astype(dtype),
+                     np.bincount(flat, minlength=n_expert))  # keeps experts apart and in order
+    return base + tok, base + seq_start[tok], base + seq_end[tok]
 
 
 def _sweep(occ: np.ndarray, lo: np.ndarray, end: np.ndarray, m: int) -> np.ndarray:
