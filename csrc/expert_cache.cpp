@@ -16,6 +16,7 @@
 namespace moelite {
 
 static constexpr uint64_t kPage = 4096;
+static constexpr double kMinPrefetchPrecision = 0.3;
 static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 
 ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, void * mem, ggml_type type, int64_t ne0,
@@ -138,7 +139,11 @@ void ExpertCache::touch(Slot & s, CacheLayer & L) {
     s.last = ++tick_;
     s.count += 1;
     s.prio = (double) s.count + L.lfuda_age;
-    if (s.prefetched) { s.prefetched = false; L.stats.prefetch_hits++; }
+    if (s.prefetched) {
+        s.prefetched = false;
+        L.stats.prefetch_hits++;
+        L.prefetch_ema = 0.9 * L.prefetch_ema + 0.1;
+    }
 }
 
 // Victim among the layer's slots: empty first; never a pinned or loading slot, never one needed now.
@@ -202,7 +207,7 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
     if (S.expert >= 0) {
         L.slot_of[S.expert] = -1;
         L.stats.evictions++;
-        if (S.prefetched) L.stats.prefetch_wasted++;
+        if (S.prefetched) { L.stats.prefetch_wasted++; L.prefetch_ema *= 0.9; }
         if (policy_ == Policy::LFUDA) L.lfuda_age = S.prio;
     }
     S.expert = expert;
@@ -288,6 +293,9 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     std::lock_guard<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     if (L.pool < 0) return;
+    // adaptive: a layer whose predictions are mostly wasted stops prefetching (it would evict useful
+    // experts and double the disk traffic), but probes every 16th step to notice when they improve
+    if (L.prefetch_ema < kMinPrefetchPrecision && (L.prefetch_calls++ % 16) != 0) return;
     Pool & P = pools_[L.pool];
     std::vector<char> wanted(n_expert_, 0);
     for (int i = 0; i < n; ++i) wanted[ids[i]] = 1;

@@ -64,6 +64,8 @@ struct CacheLayer {
     ExpertSource src[3];
     std::vector<int> slot_of;    // [n_expert] -> slot index in pool, or -1
     double lfuda_age = 0.0;
+    double prefetch_ema = 0.5;   // running precision of this layer's prefetches (1 = used, 0 = evicted unused)
+    uint64_t prefetch_calls = 0;
     std::deque<std::vector<int>> recent;   // consistency policy: experts of the last m tokens
     LayerStats stats;
 };
