@@ -8,7 +8,7 @@ Report keys: model, n_tokens, n_sequences, n_layers, n_expert, k, layers;
 srp: [{m, value, alpha, rho_hat}] (model level); srp_layer: {m, value[L], alpha[L], rho_hat[L]};
 sch: [{m, rho, value}] (model level; every m at rho = 2, every rho at m = sch_rho_m = min(16, longest
 sequence)); sch_static: the same pairs;
-hit_rate: [SimResult.to_dict()] over policies x sizes; expert_freq: [L][E].
+hit_rate: [SimResult.to_dict()] over policies x sizes (x prefetch off/on); expert_freq: [L][E].
 """
 from __future__ import annotations
 
@@ -33,16 +33,22 @@ def default_sizes(trace: Trace) -> list[int]:
 
 def build_report(trace: Trace, *, ms: Sequence[int] = (4, 16, 64, 256), rhos: Sequence[float] = (1, 2, 4),
                  sizes: Sequence[int] | None = None, policies: Sequence[str] = SIM_POLICIES,
-                 layer_m: int = 16, sim_m: int = 16, prefetch: bool = False,
+                 layer_m: int = 16, sim_m: int = 16, prefetch: bool | None = None,
                  precision: float | None = None) -> dict:
     """Every metric of the module docstring. SCH is computed for each m at rho = 2 and each rho at m = 16
-    (the paper's defaults); the simulator sweeps `policies` over `sizes` (default_sizes)."""
+    (the paper's defaults); the simulator sweeps `policies` over `sizes` (default_sizes) without
+    prefetch and, when prefetch is True (None: when the trace has lookahead_ids or precision is given),
+    once more with next-layer prefetch."""
+    if prefetch is None:
+        prefetch = trace.lookahead_ids is not None or precision is not None
     longest = int(np.diff(trace.offsets).max())
     ms = [m for m in ms if m <= longest] or [longest]
     layer = srp(trace, min(layer_m, longest), level="layer")
     m_rho = min(16, longest)
     pairs = sorted({(m, 2.0) for m in ms} | {(m_rho, float(r)) for r in rhos})
-    sims = sweep(trace, policies, sizes or default_sizes(trace), m=sim_m, prefetch=prefetch, precision=precision)
+    sizes = sizes or default_sizes(trace)
+    sims = [s for pf in ((False, True) if prefetch else (False,))
+            for s in sweep(trace, policies, sizes, m=sim_m, prefetch=pf, precision=precision)]
     return {
         "model": trace.model, "n_tokens": trace.n_tokens, "n_sequences": trace.n_sequences,
         "n_layers": trace.n_layers, "n_expert": trace.n_expert, "k": trace.k,
@@ -138,11 +144,13 @@ def plot_sch(rep: dict, path) -> None:
 
 
 def plot_hit_rate(rep: dict, path) -> None:
-    """Simulated hit rate vs total slots per policy; Belady dashed as the ceiling."""
+    """Simulated hit rate vs total slots per policy (dotted: with prefetch); Belady black, the ceiling."""
     plt, fig, ax = _figure("simulated hit rate", "cache size (expert slots, all layers)", "hit rate")
-    for policy in dict.fromkeys(r["policy"] for r in rep["hit_rate"]):
-        pts = sorted((r["total_slots"], r["hit_rate"]) for r in rep["hit_rate"] if r["policy"] == policy)
-        ax.plot(*zip(*pts), "k--" if policy == "belady" else "o-", label=policy)
+    for label, rows in _by_curve(rep).items():
+        pts = sorted((r["total_slots"], r["hit_rate"]) for r in rows)
+        key = (rows[0]["policy"], rows[0]["prefetch"])
+        fmt = {("belady", False): "k--", ("belady", True): "k:"}.get(key, "o:" if key[1] else "o-")
+        ax.plot(*zip(*pts), fmt, label=label)
     ax.set_ylim(0, 1)
     ax.legend()
     _save(plt, fig, path)
@@ -153,7 +161,7 @@ def plot_layers(rep: dict, path) -> None:
     middle cache size."""
     sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
     mid = sizes[len(sizes) // 2]
-    rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid]
+    rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid and not r["prefetch"]]
     plt, fig, ax = _figure(f"per layer (hit rates at {mid} slots)", "layer", "value", size=(9, 4))
     x = np.arange(rep["n_layers"])
     width = 0.8 / (len(rows) + 1)
@@ -196,10 +204,18 @@ def print_summary(rep: dict, console=None) -> None:
     sims.add_column("policy")
     for n in sizes:
         sims.add_column(str(n), justify="right")
-    for policy in dict.fromkeys(r["policy"] for r in rep["hit_rate"]):
-        by_size = {r["total_slots"]: r["hit_rate"] for r in rep["hit_rate"] if r["policy"] == policy}
-        sims.add_row(policy, *(_pct(by_size.get(n)) for n in sizes))
+    for label, rows in _by_curve(rep).items():
+        by_size = {r["total_slots"]: r["hit_rate"] for r in rows}
+        sims.add_row(label, *(_pct(by_size.get(n)) for n in sizes))
     console.print(sims)
+
+
+def _by_curve(rep: dict) -> dict[str, list[dict]]:
+    """Simulation rows grouped per curve: "policy" or "policy +prefetch"."""
+    curves: dict[str, list[dict]] = {}
+    for r in rep["hit_rate"]:
+        curves.setdefault(r["policy"] + (" +prefetch" if r["prefetch"] else ""), []).append(r)
+    return curves
 
 
 def _pct(x) -> str:

@@ -290,11 +290,13 @@ def test_report_files(tmp_path):
     import json
     from rich.console import Console
     from moelite.cache_policies.report import build_report, print_summary, write_report
-    rep = build_report(two_speed_trace(), ms=(4, 16), rhos=(1, 2), policies=("lru", "belady"))
+    rep = build_report(two_speed_trace(), ms=(4, 16), rhos=(1, 2), policies=("lru", "belady"), precision=0.5)
+    assert {(r["policy"], r["prefetch"]) for r in rep["hit_rate"]} == {
+        ("lru", False), ("belady", False), ("lru", True), ("belady", True)}
     paths = write_report(rep, tmp_path / "out")
     assert json.loads(open(paths[0]).read())["model"] == "two-speed"
     for png in paths[1:]:
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     buf = io.StringIO()
     print_summary(rep, Console(file=buf, width=120))
-    assert "belady" in buf.getvalue() and "SRP" in buf.getvalue()
+    assert "belady +prefetch" in buf.getvalue() and "SRP" in buf.getvalue()
