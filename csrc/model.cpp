@@ -428,13 +428,15 @@ int Model::next_moe(int il) const {
 
 // Host-side routing of layer il for T tokens from router logits in logits_src [n_expert, >= T]:
 // ids/w [T * k], ids in descending selection-score order.
-void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w) {
+void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
+                  std::vector<float> * score) {
     const HParams & h = hp_;
     const int E = h.n_expert, K = h.n_expert_used;
     std::vector<float> logits((size_t) E * T);
     ggml_backend_tensor_get(logits_src, logits.data(), 0, logits.size() * sizeof(float));
     ids.resize((size_t) T * K);
     w.resize((size_t) T * K);
+    if (score) score->resize((size_t) T * K);
     std::vector<float> p(E), sel(E);
     std::vector<int> order(E);
     const std::vector<float> & bias = layers_[il].exp_probs_b;
@@ -470,6 +472,7 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
                 softmax(g.data(), p.data(), E);
                 id[j] = best;
                 wt[j] = p[best];
+                if (score) (*score)[(size_t) t * K + j] = z[best];
                 masked[best] = -INFINITY;
             }
             continue;
@@ -480,6 +483,7 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
             float zz[64];
             for (int j = 0; j < K; ++j) zz[j] = z[id[j]];
             softmax(zz, wt, K);
+            if (score) for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = zz[j];
         } else {
             if (h.gating == GATING_SIGMOID) for (int e = 0; e < E; ++e) p[e] = 1.f / (1.f + std::exp(-z[e]));
             else softmax(z, p.data(), E);
@@ -500,6 +504,7 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
                 for (int e = 0; e < E; ++e) if (!keep[e / gs]) sel[e] = -INFINITY;
             }
             topk_by(sel);
+            if (score) for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = sel[id[j]];
             double s = 0;
             for (int j = 0; j < K; ++j) { wt[j] = p[id[j]]; s += wt[j]; }
             if (h.weights_norm) for (int j = 0; j < K; ++j) wt[j] = (float) (wt[j] / (s + (h.gating == GATING_SIGMOID ? 1e-20 : 0.0)));
@@ -591,11 +596,11 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
             }
         run_embed(tokens + start, T);
         std::vector<int32_t> ids, slots, la_ids;
-        std::vector<float> w, la_w;
+        std::vector<float> w, la_w, sc;
         for (int il = 0; il < h.n_layer; ++il) {
             run_attn(il, T);
             if (!layers_[il].moe) continue;
-            route(il, router_, T, ids, w);
+            route(il, router_, T, ids, w, record_routes ? &sc : nullptr);
             const int nl = next_moe(il);
             if (nl >= 0 && (opt_.prefetch || record_routes)) {
                 route(nl, lookahead_, T, la_ids, la_w);
@@ -609,7 +614,7 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
                 route_ids.resize(h.n_layer);
                 route_w.resize(h.n_layer);
                 route_ids[il].insert(route_ids[il].end(), ids.begin(), ids.end());
-                route_w[il].insert(route_w[il].end(), w.begin(), w.end());
+                route_w[il].insert(route_w[il].end(), sc.begin(), sc.end());
             }
             // tokens in runs whose distinct experts fit the layer's slots: each expert is loaded once per run
             int t0 = 0;

@@ -101,7 +101,7 @@ public:
     // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
     bool record_routes = false;
     std::vector<std::vector<int32_t>> route_ids;  // [n_layer][n_tokens * k]
-    std::vector<std::vector<float>> route_w;      // [n_layer][n_tokens * k] routing weights
+    std::vector<std::vector<float>> route_w;      // [n_layer][n_tokens * k] selection scores (descending)
     std::vector<std::vector<int32_t>> route_la;   // [n_layer][n_tokens * k] lookahead prediction for this layer
 
 private:
@@ -118,7 +118,9 @@ private:
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
     void run_output(int T, int n_out, float * logits);
-    void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w);
+    // ids/w/score: [T * k]; score = the value experts were ranked by (descending per token)
+    void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
+               std::vector<float> * score = nullptr);
     int next_moe(int il) const;
 
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);

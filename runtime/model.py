@@ -80,7 +80,7 @@ class Model:
     """A loaded MoE GGUF: dense part resident, routed experts in a slot cache fed from disk."""
 
     def __init__(self, path: str | os.PathLike | None = None, *, memory_budget: str | int | None = None,
-                 policy: str = "lru", policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
+                 policy: str | None = None, policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None, kv_type: str = "f16",
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 2) -> None:
@@ -97,10 +97,14 @@ class Model:
         self.alignment = meta["alignment"]
         self.hparams = parse_hparams(self.path, self.kv, self.tensors)
         calib = self._calibration() if use_calibration else {}
+        if policy is None:                      # calibrated choice (moelite analyze), else LRU
+            policy = str(calib.get("policy", "lru"))
+            if policy_window is None and calib.get("m"):
+                policy_window = int(calib["m"])
+            if cache_shares is None and calib.get("layer_shares") is not None:
+                cache_shares = [float(x) for x in calib["layer_shares"]]
         if policy_window is None:
-            policy_window = int(calib.get("window_m", 16))
-        if cache_shares is None and calib.get("shares") is not None and memory_budget is not None:
-            cache_shares = list(calib["shares"])
+            policy_window = 16
         knobs: dict[str, Any] = {"m": policy_window} if policy == "consistency" else {}
         pol = make_policy(policy, shares=cache_shares, **knobs)
         ctx_len = int(self.hparams["context_length"])
@@ -167,11 +171,19 @@ class Model:
         return int(self.hparams["n_vocab"])
 
     def _calibration(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in self.kv.items():
-            if k.startswith("moelite.calibration."):
-                out[k[len("moelite.calibration."):]] = v
-        return out
+        """moelite.calibration.* from the side file `MODEL.gguf.calibration.json` (written by `moelite
+        analyze`), overridden by GGUF keys of the same names."""
+        import json
+        prefix = "moelite.calibration."
+        merged: dict[str, Any] = {}
+        side = Path(self.path + ".calibration.json")
+        if side.is_file():
+            try:
+                merged.update(json.loads(side.read_text()))
+            except (OSError, ValueError) as e:
+                raise ModelFormatError(f"{side}: unreadable calibration file ({e}); delete it or re-run moelite analyze")
+        merged.update({k: v for k, v in self.kv.items() if k.startswith(prefix)})
+        return {k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)}
 
     def info(self) -> dict[str, Any]:
         mem = self._core().memory()
