@@ -18,7 +18,10 @@ Cache model (what the C++ core does; C++ must match this text):
                   ties LRU.
   consistency (3) protected = experts of this layer used by the last m tokens that went through the
                   layer (the running token included); victim = LRU among unprotected entries, else LRU
-                  overall. With m = 1 it equals lru (the running row is pinned anyway).
+                  overall. NB: without prefetch this IS lru for every m (protection is a recency test:
+                  if the LRU entry is protected, all are); it differs only around prefetched entries.
+  window_lfu      (simulation-only candidate) victim = fewest of the last m tokens of its layer using it
+                  (counted as for consistency), ties LRU: the past-window twin of the sch oracle.
   belady          victim = the entry whose next use is furthest in the future (never used again first);
                   ties LRU.
   sch             the SCH oracle's rule on this cache model: victim = fewest uses in the look-ahead
@@ -49,7 +52,7 @@ from .metrics import model_rows
 from .registry import POLICY_IDS, check_m, check_shares, layer_capacities
 from .trace import Trace
 
-SIM_POLICIES = (*POLICY_IDS, "belady", "sch")
+SIM_POLICIES = (*POLICY_IDS, "window_lfu", "belady", "sch")
 
 
 @dataclass
@@ -93,7 +96,7 @@ def simulate(trace: Trace, policy: str, total_slots: int, *, m: int = 16,
              precision: float | None = None, seed: int = 0) -> SimResult:
     """Simulate one policy at one cache size (in expert slots) over every sequence of the trace.
 
-    m is used by "consistency" and "sch" only; shares by per-layer pools only (pooled=True: one pool of
+    m is used by "consistency", "window_lfu" and "sch" only; shares by per-layer pools only (pooled=True: one pool of
     total_slots). precision: None -> predictions from trace.lookahead_ids;
     a float in [0, 1] -> degraded true ids (see module docstring).
     """
@@ -119,7 +122,7 @@ def simulate(trace: Trace, policy: str, total_slots: int, *, m: int = 16,
             pred = np.where(raw < 0, -1, model_rows(raw, n_expert).reshape(raw.shape) + n_expert)
             pred = pred.reshape(-1, k)
         _Run(policy, keys, pred, n_layers, n_expert, caps, pooled, m, counters).run()
-    return SimResult(policy, int(total_slots), caps, m if policy in ("consistency", "sch") else None,
+    return SimResult(policy, int(total_slots), caps, m if policy in ("consistency", "window_lfu", "sch") else None,
                      pooled, prefetch, *counters, shares=None if shares is None else list(shares))
 
 
@@ -165,7 +168,7 @@ class _Run:
         self.age = [0] * len(caps)  # lfuda, per pool
         self.score = [0] * n_keys  # lfu: count; lfuda: K; belady: -next use; sch: look-ahead uses
         self.count = [0] * n_keys
-        self.win = [0] * n_keys  # consistency: tokens among the last m that used the key
+        self.win = [0] * n_keys  # consistency, window_lfu: tokens among the last m that used the key
         self.prefetched: set[int] = set()
         if policy == "belady":
             self.next_use, first = _next_uses(keys, n_keys)
@@ -198,7 +201,7 @@ class _Run:
 
     def _slide(self, g: int) -> None:
         """Move the windows of consistency (last m tokens) and sch (steps g+1 .. g+m*L-1) to step g."""
-        if self.policy == "consistency":
+        if self.policy in ("consistency", "window_lfu"):
             for y in self.rows[g]:
                 self.win[y] += 1
             if g - self.m * self.n_layers >= 0:
@@ -274,6 +277,8 @@ class _Run:
                 if fallback is None:
                     fallback = y
             return fallback
+        if self.policy == "window_lfu":
+            return min(free, key=self.win.__getitem__, default=None)
         return min(free, key=self.score.__getitem__, default=None)
 
 

@@ -37,10 +37,10 @@ def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, 
             return [i for i in range(lo + 1, min(hi, len(steps))) if key[1] in rows[steps[i][0]][key[0]]
                     and steps[i][1] == key[0]]
 
-        def protected(key, g):  # used by the last m tokens that went through the key's layer
+        def recent_uses(key, g):  # how many of the last m tokens that went through the key's layer used it
             t, l = steps[g]
             newest = t if key[0] <= l else t - 1
-            return any(key[1] in rows[u][key[0]] for u in range(max(0, newest - m + 1), newest + 1))
+            return sum(key[1] in rows[u][key[0]] for u in range(max(0, newest - m + 1), newest + 1))
 
         def victim(p, pinned, g):
             cands = [y for y in pools[p] if y not in pinned]
@@ -51,7 +51,8 @@ def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, 
                 "lru": lambda y: (0, e[y]["last"]),
                 "lfu": lambda y: (e[y]["count"], e[y]["last"]),
                 "lfuda": lambda y: (e[y]["K"], e[y]["last"]),
-                "consistency": lambda y: (protected(y, g), e[y]["last"]),
+                "consistency": lambda y: (recent_uses(y, g) > 0, e[y]["last"]),
+                "window_lfu": lambda y: (recent_uses(y, g), e[y]["last"]),
                 "belady": lambda y: (-(uses(y, g, len(steps)) or [len(steps)])[0], e[y]["last"]),
                 "sch": lambda y: (len(uses(y, g, g + m * n_layers)), e[y]["last"]),
             }[policy]
@@ -144,10 +145,15 @@ def test_belady_is_the_ceiling(trace, extra, pooled, m):
 
 
 @SETTINGS
-@given(trace=traces(max_tokens=10), extra=st.integers(0, 6))
-def test_consistency_with_m1_is_lru(trace, extra):
+@given(trace=traces(max_tokens=10), extra=st.integers(0, 6), m=st.integers(1, 6))
+def test_consistency_is_lru_without_prefetch(trace, extra, m):
+    # "protected" = used by one of the last m tokens is a recency test: if the LRU entry of a per-layer
+    # pool is protected, every entry is, and the fallback is LRU again. So on demand loads alone the
+    # consistency policy IS lru, for every m; it differs only when prefetched, not yet used entries
+    # exist (they are unprotected but recent). Reported to the lead: a useful variant needs a count
+    # threshold (e.g. SRP's alpha) or a window-frequency order.
     total = trace.n_layers * trace.k + extra
-    a = simulate(trace, "consistency", total, m=1)
+    a = simulate(trace, "consistency", total, m=m)
     b = simulate(trace, "lru", total)
     np.testing.assert_array_equal(a.hits, b.hits)
 
