@@ -22,7 +22,7 @@ import numpy as np
 
 from moelite.errors import UsageError
 
-from .metrics import f_histogram, srp
+from .metrics import f_histogram, srp_many
 from .registry import POLICY_IDS, layer_capacities
 from .simulator import simulate
 from .trace import Trace
@@ -95,12 +95,17 @@ def evaluate_candidates(trace: Trace, budget: int, *, ms: Sequence[int] = (4, 16
     rows = []
     for method, caps in share_candidates(trace, budget).items():
         shares = [c / budget for c in caps]
+        lru_rate = None
         for policy in policies:
             for m in (ms if policy == "consistency" else (None,)):
-                r = simulate(trace, policy, budget, m=m or 16, shares=shares, prefetch=prefetch,
-                             precision=precision)
+                if policy == "consistency" and not prefetch and lru_rate is not None:
+                    rate = lru_rate  # without prefetch consistency is exactly lru (simulator docstring)
+                else:
+                    rate = simulate(trace, policy, budget, m=m or 16, shares=shares, prefetch=prefetch,
+                                    precision=precision).hit_rate
+                lru_rate = rate if policy == "lru" else lru_rate
                 rows.append({"policy": policy, "m": m, "shares_method": method, "caps": caps,
-                             "shares": shares, "hit_rate": r.hit_rate})
+                             "shares": shares, "hit_rate": rate})
     order = {p: i for i, p in enumerate(POLICY_IDS)}
     rows.sort(key=lambda r: (-r["hit_rate"], order.get(r["policy"], 99), SHARE_METHODS.index(r["shares_method"]),
                              r["m"] or 0))
@@ -135,7 +140,7 @@ def calibrate(trace: Trace, budget: int, *, ms: Sequence[int] = (4, 16, 64), pre
         key + "hit_rate_lru_uniform": float(uniform_lru["hit_rate"]),
         key + "hit_rate_belady": belady.hit_rate,
         key + "srp_m": srp_ms,
-        key + "srp": [float(srp(trace, m).value) for m in srp_ms],
+        key + "srp": [float(r.value) for r in srp_many(trace, srp_ms).values()],
         key + "expert_freq": [float(x) for x in expert_frequency(trace).ravel()],  # [L*E], layer-major
     }
 
