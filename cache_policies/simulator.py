@@ -16,9 +16,9 @@ Cache model (what the C++ core does; C++ must match this text):
   lfuda (2)       priority K = count + age, computed when the entry is loaded or hit, where age (one per
                   pool, starting at 0) = K of the last victim evicted from that pool; victim = lowest K,
                   ties LRU.
-  consistency (3) protected = experts of this layer used by the last m tokens that went through the
-                  layer (the running token included); victim = LRU among unprotected entries, else LRU
-                  overall. NB: without prefetch this IS lru for every m (protection is a recency test:
+  consistency (3) protected = experts of this layer used by the last m tokens that completed the layer
+                  (the running token excluded: it is pinned anyway); victim = LRU among unprotected
+                  entries, else LRU overall. NB: without prefetch this IS lru for every m (protection is a recency test:
                   if the LRU entry is protected, all are); it differs only around prefetched entries.
   window_lfu      (simulation-only candidate) victim = fewest of the last m tokens of its layer using it
                   (counted as for consistency), ties LRU: the past-window twin of the sch oracle.
@@ -196,18 +196,23 @@ class _Run:
                 held = pinned.union(want)
                 for y in want:
                     self._prefetch(y, held)
+            self._remember(g)
         for y in self.prefetched:
             self.pf_wasted[y // self.n_expert] += 1
 
-    def _slide(self, g: int) -> None:
-        """Move the windows of consistency (last m tokens) and sch (steps g+1 .. g+m*L-1) to step g."""
+    def _remember(self, g: int) -> None:
+        """Step g is done: the consistency / window_lfu window now holds steps g-m*L+1 .. g (for each
+        layer, its last m completed tokens)."""
         if self.policy in ("consistency", "window_lfu"):
             for y in self.rows[g]:
                 self.win[y] += 1
             if g - self.m * self.n_layers >= 0:
                 for y in self.rows[g - self.m * self.n_layers]:
                     self.win[y] -= 1
-        elif self.policy == "sch":
+
+    def _slide(self, g: int) -> None:
+        """Move the sch look-ahead window to steps g+1 .. g+m*L-1."""
+        if self.policy == "sch":
             for y in self.rows[g]:
                 self.score[y] -= 1
             ahead = g + self.m * self.n_layers - 1

@@ -37,9 +37,9 @@ def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, 
             return [i for i in range(lo + 1, min(hi, len(steps))) if key[1] in rows[steps[i][0]][key[0]]
                     and steps[i][1] == key[0]]
 
-        def recent_uses(key, g):  # how many of the last m tokens that went through the key's layer used it
+        def recent_uses(key, g):  # how many of the last m tokens that completed the key's layer used it
             t, l = steps[g]
-            newest = t if key[0] <= l else t - 1
+            newest = t if key[0] < l else t - 1
             return sum(key[1] in rows[u][key[0]] for u in range(max(0, newest - m + 1), newest + 1))
 
         def victim(p, pinned, g):
