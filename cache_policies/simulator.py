@@ -16,12 +16,12 @@ Cache model (what the C++ core does; C++ must match this text):
   lfuda (2)       priority K = count + age, computed when the entry is loaded or hit, where age (one per
                   pool, starting at 0) = K of the last victim evicted from that pool; victim = lowest K,
                   ties LRU.
-  consistency (3) protected = experts of this layer used by the last m tokens that completed the layer
-                  (the running token excluded: it is pinned anyway); victim = LRU among unprotected
-                  entries, else LRU overall. NB: without prefetch this IS lru for every m (protection is a recency test:
-                  if the LRU entry is protected, all are); it differs only around prefetched entries.
-  window_lfu      (simulation-only candidate) victim = fewest of the last m tokens of its layer using it
-                  (counted as for consistency), ties LRU: the past-window twin of the sch oracle.
+  consistency (3) victim = the entry used by the fewest of the last m tokens that completed the layer
+                  (the running token excluded: it is pinned anyway), ties LRU: the past-window twin of
+                  the sch oracle, sized by m from SRP/SCH. (A first version protected "any use in the
+                  window" and evicted LRU among the rest: on demand loads that is exactly LRU, since
+                  protection is then a recency test; the window-frequency order is what differs.)
+  window_lfu      the same rule as consistency (kept as a name for older reports).
   belady          victim = the entry whose next use is furthest in the future (never used again first);
                   ties LRU.
   sch             the SCH oracle's rule on this cache model: victim = fewest uses in the look-ahead
@@ -274,15 +274,7 @@ class _Run:
         free = (y for y in pool if y not in pinned)
         if self.policy == "lru":
             return next(free, None)
-        if self.policy == "consistency":
-            fallback = None
-            for y in free:
-                if self.win[y] == 0:
-                    return y
-                if fallback is None:
-                    fallback = y
-            return fallback
-        if self.policy == "window_lfu":
+        if self.policy in ("consistency", "window_lfu"):
             return min(free, key=self.win.__getitem__, default=None)
         return min(free, key=self.score.__getitem__, default=None)
 

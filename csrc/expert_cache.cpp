@@ -151,20 +151,20 @@ int ExpertCache::choose_victim(CacheLayer & L, Pool & P, const std::vector<char>
     auto & S = slots_[L.pool];
     (void) P;
     int best = -1;
-    std::vector<char> protect;
+    std::vector<int> recent_uses;                        // consistency: uses by the last m tokens
     if (policy_ == Policy::CONSISTENCY) {
-        protect.assign(n_expert_, 0);
+        recent_uses.assign(n_expert_, 0);
         for (auto & tok : L.recent)
-            for (int e : tok) protect[e] = 1;
+            for (int e : tok) recent_uses[e]++;
     }
-    auto better = [&](const Slot & a, const Slot & b) {   // is a a better victim than b?
+    auto better = [&](const Slot & a, const Slot & b) {   // is a a better victim than b? ties: LRU
         switch (policy_) {
             case Policy::LRU: return a.last < b.last;
             case Policy::LFU: return a.count != b.count ? a.count < b.count : a.last < b.last;
             case Policy::LFUDA: return a.prio != b.prio ? a.prio < b.prio : a.last < b.last;
             case Policy::CONSISTENCY: {
-                const bool pa = protect[a.expert], pb = protect[b.expert];
-                return pa != pb ? !pa : a.last < b.last;
+                const int ua = recent_uses[a.expert], ub = recent_uses[b.expert];
+                return ua != ub ? ua < ub : a.last < b.last;
             }
         }
         return false;
@@ -213,6 +213,8 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
     S.expert = expert;
     S.state = SLOT_LOADING;
     S.count = 0;
+    S.last = ++tick_;                    // a fresh entry is the most recent (a prefetch too: not the next victim)
+    S.prio = L.lfuda_age;                // LFUDA: count 0 + age until its first use
     S.prefetched = prefetched;
     L.slot_of[expert] = slot;
 }

@@ -242,6 +242,7 @@ void Model::alloc_kv() {
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     lookahead_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
+    ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, (int64_t) std::max(h.n_expert_used, 1) * U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
     kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
@@ -513,32 +514,31 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
     }
 }
 
-void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
-                        const std::vector<int32_t> & ids) {
+// Routed experts of layer il through the slot arenas: hb [n_embd, 1, T'] with slot ids / expert ids [K', T']
+// -> per-expert outputs before weighting [n_embd, K', T']. Each output column depends only on its own
+// token and expert, whatever else is in the batch: the single-pass and the expert-major paths agree bit for bit.
+ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, ggml_tensor * hb, ggml_tensor * slots, ggml_tensor * eids) {
     const HParams & h = hp_;
     Layer & L = layers_[il];
     const Pool & P = cache_->pool_of(il);
-    const int T = t1 - t0, K = h.n_expert_used;
-    ggml_context * ctx = begin_graph();
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);
-    ggml_set_input(slots);
-    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
-    ggml_set_input(weights);
-    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
-    ggml_set_input(eids);
-    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
-    ggml_tensor * ffn_inp = ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], t0 * ffn_inp_->nb[1]);
-    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], t0 * x_->nb[1]);
-
-    ggml_tensor * hb = ggml_reshape_3d(ctx, hn, h.n_embd, 1, T);
-    ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K, T]
-    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K, T]
+    ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K', T']
+    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
     if (L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
     if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
     ggml_tensor * a = h.act == ACT_SWIGLU_OAI ? ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit) : ggml_swiglu_split(ctx, g, u);
-    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots);      // [n_embd, K, T]
+    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots);      // [n_embd, K', T']
     if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
+    return d;
+}
+
+// x[:, t0:t0+T] = ffn_inp + residual_scale * (sum_k w_k d_k + shared expert(hn)); d: [n_embd, K, T]
+void Model::combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    const int K = h.n_expert_used;
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
+    ggml_tensor * ffn_inp = ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], t0 * ffn_inp_->nb[1]);
+    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], t0 * x_->nb[1]);
     d = ggml_mul(ctx, d, weights);
     ggml_tensor * moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
     for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
@@ -549,12 +549,116 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     }
     if (h.residual_scale != 1.f) moe = ggml_scale(ctx, moe, h.residual_scale);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_add(ctx, moe, ffn_inp), x));
+}
+
+// Single pass: every expert of tokens [t0, t1) is resident (slot_ids [K, t1 - t0]).
+void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
+                        const std::vector<int32_t> & ids) {
+    const HParams & h = hp_;
+    const int T = t1 - t0, K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);
+    ggml_set_input(slots);
+    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
+    ggml_set_input(weights);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
+    ggml_set_input(eids);
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
+    ggml_tensor * d = expert_ffn(ctx, il, ggml_reshape_3d(ctx, hn, h.n_embd, 1, T), slots, eids);
+    combine(ctx, gf, il, d, weights, t0, T);
     compute(ctx, gf, galloc_);
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
     set_input(weights, w.data() + (size_t) t0 * K, ggml_nbytes(weights));
     if (eids->buffer) set_input(eids, ids.data() + (size_t) t0 * K, ggml_nbytes(eids));
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
+}
+
+// Expert-major step for one group of resident experts: the P (token, k) pairs routed to them are gathered,
+// computed, and their outputs scattered into ebuf_ rows t * K + k.
+void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                             const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid) {
+    const HParams & h = hp_;
+    const int P = (int) tok.size(), K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
+    ggml_set_input(t_idx);
+    ggml_tensor * r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, P);
+    ggml_set_input(r_idx);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(slots);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(eids);
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
+    ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
+    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, xs, slots, eids), h.n_embd, P);
+    ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
+    ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
+    compute(ctx, gf, galloc_);
+    set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
+    set_input(r_idx, rows.data(), ggml_nbytes(r_idx));
+    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
+    if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+void Model::run_combine(int il, int T, const std::vector<float> & w) {
+    const HParams & h = hp_;
+    const int K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
+    ggml_set_input(weights);
+    ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd, K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
+    combine(ctx, gf, il, d, weights, 0, T);
+    compute(ctx, gf, galloc_);
+    set_input(weights, w.data(), ggml_nbytes(weights));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots: one pass.
+// Otherwise expert-major: groups of at most `quota` experts, each loaded once, then one combine.
+void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w) {
+    const int K = hp_.n_expert_used, n = T * K;
+    std::vector<int32_t> slots((size_t) n);
+    if (cache_->distinct(ids.data(), n) <= cache_->quota(il)) {
+        cache_->acquire(il, ids.data(), n, slots.data());
+        try { run_experts(il, 0, T, slots, w, ids); } catch (...) { cache_->release(il); throw; }
+        cache_->release(il);
+        return;
+    }
+    std::vector<int32_t> experts;
+    std::vector<char> seen(hp_.n_expert, 0);
+    for (int i = 0; i < n; ++i)
+        if (!seen[ids[i]]) { seen[ids[i]] = 1; experts.push_back(ids[i]); }
+    const int q = cache_->quota(il);
+    std::vector<int32_t> gslots, tok, sl, eid;
+    std::vector<int64_t> rows;
+    std::vector<int> slot_of(hp_.n_expert, -1);
+    for (size_t g0 = 0; g0 < experts.size(); g0 += q) {
+        const int gn = (int) std::min<size_t>(q, experts.size() - g0);
+        gslots.resize(gn);
+        cache_->acquire(il, &experts[g0], gn, gslots.data());
+        for (int i = 0; i < gn; ++i) slot_of[experts[g0 + i]] = gslots[i];
+        tok.clear(); rows.clear(); sl.clear(); eid.clear();
+        for (int i = 0; i < n; ++i) {
+            const int e = ids[i];
+            bool in_group = false;
+            for (int j = 0; j < gn && !in_group; ++j) in_group = experts[g0 + j] == e;
+            if (!in_group) continue;
+            tok.push_back(i / K);
+            rows.push_back(i);          // row t * K + k of ebuf_
+            sl.push_back(slot_of[e]);
+            eid.push_back(e);
+        }
+        try { run_expert_pairs(il, T, tok, rows, sl, eid); } catch (...) { cache_->release(il); throw; }
+        cache_->release(il);
+    }
+    run_combine(il, T, w);
 }
 
 void Model::run_output(int T, int n_out, float * logits) {
@@ -616,23 +720,8 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
                 route_ids[il].insert(route_ids[il].end(), ids.begin(), ids.end());
                 route_w[il].insert(route_w[il].end(), sc.begin(), sc.end());
             }
-            // tokens in runs whose distinct experts fit the layer's slots: each expert is loaded once per run
-            int t0 = 0;
-            while (t0 < T) {
-                int t1 = t0 + 1;
-                while (t1 < T && cache_->distinct(&ids[(size_t) t0 * K], (t1 + 1 - t0) * K) <= cache_->quota(il)) ++t1;
-                slots.resize((size_t) (t1 - t0) * K);
-                cache_->acquire(il, &ids[(size_t) t0 * K], (t1 - t0) * K, slots.data());
-                try {
-                    run_experts(il, t0, t1, slots, w, ids);
-                } catch (...) {
-                    cache_->release(il);
-                    throw;
-                }
-                cache_->release(il);
-                for (int t = t0; t < t1; ++t) cache_->note_token_experts(il, &ids[(size_t) t * K], K);
-                t0 = t1;
-            }
+            moe_layer(il, T, ids, w);
+            for (int t = 0; t < T; ++t) cache_->note_token_experts(il, &ids[(size_t) t * K], K);
         }
         const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
         if (out_here > 0) {

@@ -118,6 +118,12 @@ private:
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
     void run_output(int T, int n_out, float * logits);
+    void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
+    void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid);
+    void run_combine(int il, int T, const std::vector<float> & w);
+    ggml_tensor * expert_ffn(ggml_context * ctx, int il, ggml_tensor * hb, ggml_tensor * slots, ggml_tensor * eids);
+    void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);
     // ids/w/score: [T * k]; score = the value experts were ranked by (descending per token)
     void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
                std::vector<float> * score = nullptr);
@@ -147,7 +153,8 @@ private:
     std::unique_ptr<ExpertCache> cache_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
-    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr;
+    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,
+                *ebuf_ = nullptr;   // [n_embd, K * n_ubatch] expert outputs of the expert-major path
 
     ggml_gallocr_t galloc_ = nullptr;
     std::vector<uint8_t> graph_mem_;

@@ -272,7 +272,7 @@ class Model:
             history = list(ids)
             t1 = time.perf_counter()
             st.finish_reason = "length"
-            for _ in range(max_tokens):
+            for i in range(max_tokens):
                 tok = sampler.sample(logits, history)
                 if tok in stops:
                     st.finish_reason = "stop"
@@ -280,6 +280,8 @@ class Model:
                 st.generated_tokens += 1
                 history.append(tok)
                 yield tok
+                if i == max_tokens - 1:         # no forward pass for a token nobody will read
+                    break
                 if self._cancel.is_set():
                     st.finish_reason = "cancelled"
                     break
@@ -288,7 +290,6 @@ class Model:
                     break
                 logits = self._eval([tok], 1)[-1]
                 self._ctx_ids.append(tok)
-                st.decode_s = time.perf_counter() - t1
             st.decode_s = time.perf_counter() - t1
 
     def _has_tokenizer(self) -> bool:

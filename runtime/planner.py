@@ -112,7 +112,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         while n_ubatch > 16 and scratch_for(n_ubatch) > 0.1 * budget:
             n_ubatch //= 2
     scratch = scratch_for(n_ubatch)
-    kv += 4 * n_ubatch * (3 * hp["n_embd"] + 2 * E)          # persistent state between the layer graphs
+    kv += 4 * n_ubatch * (3 * hp["n_embd"] + 2 * E + K * hp["n_embd"])   # state between the layer graphs
     p = Plan(dense, kv, scratch, slot_bytes, E, K, None, budget, n_ubatch)
     if budget is None:
         avail = psutil.virtual_memory().available

@@ -51,7 +51,7 @@ def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, 
                 "lru": lambda y: (0, e[y]["last"]),
                 "lfu": lambda y: (e[y]["count"], e[y]["last"]),
                 "lfuda": lambda y: (e[y]["K"], e[y]["last"]),
-                "consistency": lambda y: (recent_uses(y, g) > 0, e[y]["last"]),
+                "consistency": lambda y: (recent_uses(y, g), e[y]["last"]),
                 "window_lfu": lambda y: (recent_uses(y, g), e[y]["last"]),
                 "belady": lambda y: (-(uses(y, g, len(steps)) or [len(steps)])[0], e[y]["last"]),
                 "sch": lambda y: (len(uses(y, g, g + m * n_layers)), e[y]["last"]),
@@ -146,15 +146,11 @@ def test_belady_is_the_ceiling(trace, extra, pooled, m):
 
 @SETTINGS
 @given(trace=traces(max_tokens=10), extra=st.integers(0, 6), m=st.integers(1, 6))
-def test_consistency_is_lru_without_prefetch(trace, extra, m):
-    # "protected" = used by one of the last m tokens is a recency test: if the LRU entry of a per-layer
-    # pool is protected, every entry is, and the fallback is LRU again. So on demand loads alone the
-    # consistency policy IS lru, for every m; it differs only when prefetched, not yet used entries
-    # exist (they are unprotected but recent). Reported to the lead: a useful variant needs a count
-    # threshold (e.g. SRP's alpha) or a window-frequency order.
+def test_consistency_is_the_window_frequency_rule(trace, extra, m):
+    # consistency evicts the entry fewest of the last m tokens used (ties LRU), the rule named window_lfu
     total = trace.n_layers * trace.k + extra
     a = simulate(trace, "consistency", total, m=m)
-    b = simulate(trace, "lru", total)
+    b = simulate(trace, "window_lfu", total, m=m)
     np.testing.assert_array_equal(a.hits, b.hits)
 
 

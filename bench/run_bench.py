@@ -1,0 +1,332 @@
+"""moelite vs llama.cpp (llama-cpp-python 0.3.36) on the same GGUF files and threads, and vs the bandwidth
+roofline. Regenerates bench/RESULTS.md and bench/results.png:
+
+    pip install ".[bench]"            # llama-cpp-python, built from source once (~16 min on 2 cores)
+    python bench/run_bench.py         # --runs 5 --threads 2 --models demo,qwen3-30b-shapes
+
+Scenarios: (a) resident, (b) memory cap of 50 % and (c) 25 % of the file size. A cap is enforced for both
+engines by a memory cgroup (v1 or v2, created under this process's own cgroup) that each run joins; moelite
+also gets the cap as memory_budget. The file's pages are dropped from the page cache (posix_fadvise)
+before every capped run so that neither engine reads from a cache the other filled. Runs are interleaved
+(A B A B ...); the report gives medians and min-max.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "bench" / "out"
+WORKER = ROOT / "bench" / "worker.py"
+
+
+# --- machine -------------------------------------------------------------------------------------------
+def mem_bandwidth(gib: float = 1.0) -> float:
+    """Bytes/s of a large copy (read + write counted)."""
+    a = np.ones(int(gib * 2**30) // 8)
+    b = np.empty_like(a)
+    best = 0.0
+    for _ in range(3):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = max(best, 2 * a.nbytes / (time.perf_counter() - t))
+    return best
+
+
+def disk_bandwidth(path: str, nbytes: int = 1 << 30, block: int = 4 << 20) -> float:
+    """Bytes/s of O_DIRECT sequential reads of the model file (buffered after dropping its pages if the
+    filesystem refuses O_DIRECT)."""
+    size = min(nbytes, os.path.getsize(path) // block * block)
+    buf = mmap.mmap(-1, block)
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    except OSError:
+        fd = os.open(path, os.O_RDONLY)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    try:
+        t = time.perf_counter()
+        off = 0
+        while off < size:
+            n = os.preadv(fd, [buf], off)
+            if n <= 0:
+                break
+            off += n
+        return off / (time.perf_counter() - t)
+    finally:
+        os.close(fd)
+
+
+def machine() -> str:
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import psutil
+    return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+
+
+# --- memory cgroups ------------------------------------------------------------------------------------
+class Cgroups:
+    """Child memory cgroups under this process's own (v2 unified, or the v1 memory hierarchy)."""
+
+    def __init__(self) -> None:
+        self.base: Path | None = None
+        self.kind = ""
+        self.reason = ""
+        for kind, root, ctl in (("v1", Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes"),
+                                ("v2", Path("/sys/fs/cgroup"), "memory.max"), ("v2", Path("/sys/fs/cgroup/unified"), "memory.max")):
+            try:
+                rel = self._own(kind)
+                parent = root / rel.lstrip("/")
+                if not (parent / "cgroup.procs").exists():
+                    continue
+                base = parent / f"moelite-bench-{os.getpid()}"
+                base.mkdir(exist_ok=True)
+                probe = base / "probe"
+                probe.mkdir(exist_ok=True)
+                if not (probe / ctl).exists():
+                    probe.rmdir()
+                    base.rmdir()
+                    continue
+                probe.rmdir()
+                self.base, self.kind, self.ctl = base, kind, ctl
+                return
+            except OSError as e:
+                self.reason = f"{root}: {e}"
+        self.reason = self.reason or "no writable memory cgroup (v1 memory controller or v2 memory.max)"
+
+    @staticmethod
+    def _own(kind: str) -> str:
+        for line in open("/proc/self/cgroup"):
+            hid, ctrls, path = line.rstrip("\n").split(":", 2)
+            if (kind == "v2" and hid == "0") or (kind == "v1" and "memory" in ctrls.split(",")):
+                return path
+        raise OSError("no such hierarchy")
+
+    def make(self, name: str, limit: int) -> str:
+        d = self.base / name
+        d.mkdir(exist_ok=True)
+        (d / self.ctl).write_text(str(limit))
+        if self.kind == "v1" and (d / "memory.memsw.limit_in_bytes").exists():
+            try:
+                (d / "memory.memsw.limit_in_bytes").write_text(str(limit))
+            except OSError:
+                pass
+        return str(d)
+
+    def cleanup(self) -> None:
+        if not self.base:
+            return
+        for d in sorted(self.base.glob("*")):
+            try:
+                d.rmdir()
+            except OSError:
+                pass
+        try:
+            self.base.rmdir()
+        except OSError:
+            pass
+
+
+def drop_page_cache(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+# --- models --------------------------------------------------------------------------------------------
+def model_path(name: str, layers: int) -> str:
+    if name == "demo":
+        from moelite.runtime.model import default_model_path
+        return default_model_path()
+    if name == "qwen3-30b-shapes":
+        out = OUT / "models" / f"qwen3-30b-a3b-shapes-L{layers}-q4_k_m.gguf"
+        if not out.exists():
+            sys.path.insert(0, str(ROOT / "tools"))
+            from synthetic_moe import make_synthetic_moe
+            from moelite.converters import convert
+            with tempfile.TemporaryDirectory(dir=OUT) as tmp:
+                hf = make_synthetic_moe(Path(tmp) / "hf", layers=layers, vocab_size=32768)
+                convert(hf, out, type="q4_k_m", progress=True)
+        return str(out)
+    return name
+
+
+def prompt_ids(path: str, n: int) -> list[int]:
+    import moelite
+    text = (ROOT / "README.md").read_text() * 8
+    with moelite.load(path, n_ctx=64) as m:
+        try:
+            ids = m.tokenizer.encode(text, add_special=False)
+        except moelite.errors.MoeliteError:
+            ids = []
+        ids = (ids + [(7 * i + 3) % m.n_vocab for i in range(n)])[:n]
+        info = m.info()
+        plan = m.plan
+    # per-token bytes for the roofline: dense weights a token touches (all but the embedding table) and the
+    # routed experts it uses
+    emb = [t for name, t in m.tensors.items() if name == "token_embd.weight"][0][3]
+    moe_layers = len(plan.moe_layers)
+    active_expert = sum(b for b in plan.expert_slot_bytes if b) / max(moe_layers, 1) * plan.n_expert_used * moe_layers
+    return ids, {"dense_active": plan.dense_bytes - emb + (emb if "output.weight" not in m.tensors else 0),
+                 "expert_active": active_expert, "file_size": info["file_size"]}
+
+
+# --- runs ----------------------------------------------------------------------------------------------
+def run(engine: str, path: str, prompt_file: str, a, budget: int | None, cgroup: str | None) -> dict:
+    cmd = [sys.executable, str(WORKER), engine, path, "--prompt", prompt_file, "--gen", str(a.gen),
+           "--threads", str(a.threads)]
+    if budget and engine == "moelite":
+        cmd += ["--budget", str(budget)]
+    if cgroup:
+        cmd += ["--cgroup", cgroup]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if r.returncode != 0:
+        return {"engine": engine, "error": (r.stderr.strip().splitlines() or ["exit %d" % r.returncode])[-1]}
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def summarize(rows: list[dict], key: str) -> tuple[float, float, float] | None:
+    v = [r[key] for r in rows if key in r and r[key] is not None]
+    return (statistics.median(v), min(v), max(v)) if v else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="demo,qwen3-30b-shapes")
+    ap.add_argument("--qwen-layers", type=int, default=10, help="layers of the Qwen3-30B-shaped model (10: ~3.6 GB)")
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--scenarios", default="resident,50,25")
+    a = ap.parse_args()
+    OUT.mkdir(parents=True, exist_ok=True)
+    try:
+        import llama_cpp  # noqa: F401
+        llama_ok, llama_reason = True, ""
+    except ImportError:
+        llama_ok, llama_reason = False, "llama-cpp-python not installed (pip install '.[bench]')"
+    engines = ["moelite", "llama"] if llama_ok else ["moelite"]
+    cg = Cgroups()
+    results = {"machine": machine(), "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
+               capture_output=True, text=True).stdout.strip(), "threads": a.threads, "gen": a.gen,
+               "prompt_tokens": a.prompt_tokens, "llama": llama_reason or "llama-cpp-python 0.3.36",
+               "cgroup": cg.kind or f"unavailable: {cg.reason}", "models": {}}
+    try:
+        for name in a.models.split(","):
+            path = model_path(name, a.qwen_layers)
+            ids, sizes = prompt_ids(path, a.prompt_tokens)
+            pf = OUT / f"prompt-{Path(path).stem}.json"
+            pf.write_text(json.dumps(ids))
+            bw = {"mem": mem_bandwidth(), "disk": disk_bandwidth(path)}
+            entry = {"path": os.path.relpath(path, ROOT), "sizes": sizes, "bandwidth": bw, "scenarios": {}}
+            for sc in a.scenarios.split(","):
+                budget = None if sc == "resident" else int(sizes["file_size"] * int(sc) / 100)
+                rows: dict[str, list[dict]] = {e: [] for e in engines}
+                skipped = None
+                for i in range(a.runs):
+                    for e in engines:
+                        cgroup = None
+                        if budget:
+                            if not cg.base:
+                                skipped = f"no memory cgroup: {cg.reason}"
+                                if e == "llama":
+                                    continue
+                            else:
+                                # both engines: the cap plus 10 % and room for the interpreter
+                                cgroup = cg.make(f"{e}-{sc}-{i}", int(budget * 1.1) + (96 << 20))
+                            drop_page_cache(path)
+                        r = run(e, path, str(pf), a, budget, cgroup)
+                        rows[e].append(r)
+                        print(name, sc, i, json.dumps(r), flush=True)
+                entry["scenarios"][sc] = {"budget": budget, "runs": rows, "skipped_llama": skipped}
+            results["models"][name] = entry
+            (OUT / "results.json").write_text(json.dumps(results, indent=1))
+    finally:
+        cg.cleanup()
+    write_report(results)
+
+
+def roofline(sizes: dict, bw: dict, hit_rate: float, miss_bytes_per_token: float) -> float:
+    resident = sizes["dense_active"] + sizes["expert_active"] * hit_rate
+    return 1.0 / (resident / bw["mem"] + miss_bytes_per_token / bw["disk"])
+
+
+def write_report(res: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    lines = ["# moelite benchmark results", "",
+             f"Generated by `python bench/run_bench.py` at commit `{res['commit']}` on: {res['machine']}.",
+             f"Threads {res['threads']}, prompt {res['prompt_tokens']} tokens, {res['gen']} generated tokens, greedy. "
+             f"Reference: {res['llama']}. Memory caps: cgroup {res['cgroup']}.", ""]
+    fig, axes = plt.subplots(1, max(1, len(res["models"])), figsize=(6 * max(1, len(res["models"])), 4.5), squeeze=False)
+    for ax, (name, m) in zip(axes[0], res["models"].items()):
+        bw = m["bandwidth"]
+        lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)", "",
+                  f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.", "",
+                  "| scenario | engine | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | disk MB/token | hit rate | vs llama.cpp (decode / prefill) | roofline tok/s | % of roofline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        labels, ours, theirs, roofs = [], [], [], []
+        for sc, s in m["scenarios"].items():
+            med = {e: {k: summarize([r for r in runs if "error" not in r], k) for k in
+                       ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss", "disk_read_bytes", "hit_rate")}
+                   for e, runs in s["runs"].items()}
+            for e, runs in s["runs"].items():
+                d = med[e]
+                if d["decode_tok_s"] is None:
+                    err = next((r["error"] for r in runs if "error" in r), "no successful run")
+                    lines.append(f"| {sc} | {e} | failed: {err} | | | | | | | | |")
+                    continue
+                gen_tokens = res["gen"] + res["prompt_tokens"]
+                disk_tok = d["disk_read_bytes"][0] / gen_tokens if d["disk_read_bytes"] else 0.0
+                hit = d["hit_rate"][0] if d["hit_rate"] else (1.0 if sc == "resident" else None)
+                roof = roofline(m["sizes"], bw, hit if hit is not None else 1.0, disk_tok)
+                ratio = ""
+                if e == "moelite" and "llama" in med and med["llama"]["decode_tok_s"]:
+                    ratio = (f"{d['decode_tok_s'][0] / med['llama']['decode_tok_s'][0]:.2f}x / "
+                             f"{d['prefill_tok_s'][0] / med['llama']['prefill_tok_s'][0]:.2f}x")
+                fmt = lambda t, f=1.0, p=2: f"{t[0] / f:.{p}f} ({t[1] / f:.{p}f}-{t[2] / f:.{p}f})"
+                lines.append(f"| {sc} | {e} | {fmt(d['decode_tok_s'])} | {fmt(d['prefill_tok_s'], p=1)} | {fmt(d['ttft_s'])} | "
+                             f"{fmt(d['peak_rss'], 2**20, 0)} | {disk_tok / 1e6:.2f} | "
+                             f"{'-' if hit is None else f'{100 * hit:.1f}%'} | {ratio} | {roof:.1f} | {100 * d['decode_tok_s'][0] / roof:.0f}% |")
+            if s.get("skipped_llama"):
+                lines.append(f"| {sc} | llama | skipped: {s['skipped_llama']} | | | | | | | | |")
+            labels.append(sc)
+            ours.append(med["moelite"]["decode_tok_s"][0] if med["moelite"]["decode_tok_s"] else 0)
+            theirs.append(med.get("llama", {}).get("decode_tok_s", (0,))[0] if med.get("llama", {}).get("decode_tok_s") else 0)
+        x = np.arange(len(labels))
+        ax.bar(x - 0.2, ours, 0.4, label="moelite")
+        ax.bar(x + 0.2, theirs, 0.4, label="llama.cpp")
+        ax.set_xticks(x, [f"{l}" if l == "resident" else f"cap {l}%" for l in labels])
+        ax.set_ylabel("decode tokens/s (median)")
+        ax.set_title(f"{name} ({m['sizes']['file_size'] / 2**30:.2f} GiB, {res['threads']} threads)")
+        ax.legend()
+        lines += ["", "Raw runs:", "", "```json", json.dumps(m["scenarios"], indent=None)[:20000], "```", ""]
+    fig.tight_layout()
+    fig.savefig(ROOT / "bench" / "results.png", dpi=110)
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[:60]))
+
+
+if __name__ == "__main__":
+    main()

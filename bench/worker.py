@@ -1,0 +1,99 @@
+"""One benchmark run in its own process (so peak RSS, disk reads and the memory cgroup are its own).
+
+    python bench/worker.py {moelite,llama} MODEL --prompt IDS.json --gen 64 --threads 2 [--budget BYTES] [--policy P]
+        [--no-prefetch] [--cgroup PATH]
+
+Prints one JSON line: prefill_tok_s, decode_tok_s, ttft_s, peak_rss, disk_read_bytes (whole run, from
+/proc/self/io), and for moelite the cache counters. Both engines get the same token ids, greedy decoding.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def proc_io_read_bytes() -> int:
+    try:
+        for line in open("/proc/self/io"):
+            if line.startswith("read_bytes:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def peak_rss() -> int:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def run_moelite(a, prompt: list[int]) -> dict:
+    import moelite
+    m = moelite.load(a.model, memory_budget=a.budget, n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8,
+                     policy=a.policy, prefetch=not a.no_prefetch)
+    io0 = proc_io_read_bytes()
+    t0 = time.perf_counter()
+    first = None
+    n = 0
+    for _ in m.stream_tokens(prompt, max_tokens=a.gen, stop_ids=[]):
+        if first is None:
+            first = time.perf_counter() - t0
+        n += 1
+    st = m.last_stats
+    s = m.stats()["total"]
+    # n tokens = n - 1 forward passes after the prompt, for both engines
+    return {"prefill_tok_s": st.prompt_tok_s, "decode_tok_s": (n - 1) / st.decode_s if n > 1 else 0.0,
+            "ttft_s": first, "tokens": n, "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"],
+            "cache_bytes_read": s["bytes_read"], "stall_s": s["stall_s"], "prefetch_issued": s["prefetch_issued"],
+            "prefetch_hits": s["prefetch_hits"], "slots": m.info()["expert_slots"]}
+
+
+def run_llama(a, prompt: list[int]) -> dict:
+    from llama_cpp import Llama
+    llm = Llama(model_path=a.model, n_ctx=len(prompt) + a.gen + 8, n_threads=a.threads, n_threads_batch=a.threads,
+                n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
+    io0 = proc_io_read_bytes()
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    tok = llm.sample(top_k=1, temp=0.0)
+    first = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    n = 1
+    for _ in range(a.gen - 1):
+        llm.eval([tok])
+        tok = llm.sample(top_k=1, temp=0.0)
+        n += 1
+    dt = time.perf_counter() - t1
+    return {"prefill_tok_s": len(prompt) / first, "decode_tok_s": (n - 1) / dt, "ttft_s": first, "tokens": n,
+            "disk_read_bytes": proc_io_read_bytes() - io0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("engine", choices=("moelite", "llama"))
+    ap.add_argument("model")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--budget", type=int, default=None)
+    ap.add_argument("--policy", default=None)
+    ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
+    a = ap.parse_args()
+    if a.cgroup:
+        with open(os.path.join(a.cgroup, "cgroup.procs"), "w") as f:
+            f.write(str(os.getpid()))
+    prompt = json.load(open(a.prompt))
+    r = run_moelite(a, prompt) if a.engine == "moelite" else run_llama(a, prompt)
+    r.update(engine=a.engine, peak_rss=peak_rss(), budget=a.budget, prompt_tokens=len(prompt))
+    print(json.dumps(r))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
