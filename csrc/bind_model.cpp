@@ -6,6 +6,9 @@
 #include "bindings.h"
 #include "common.h"
 #include "model.h"
+#ifdef MOELITE_CUDA
+#include "ggml-cuda.h"
+#endif
 #include "ggml-alloc.h"
 #include "ggml-cpu.h"
 #include <cstring>
@@ -47,6 +50,7 @@ static ModelOptions options_from(const py::dict & d) {
     o.kv_type = (ggml_type) kv;
     get(d, "expert_slots", o.expert_slots); get(d, "policy", o.policy); get(d, "window_m", o.window_m);
     get(d, "prefetch", o.prefetch); get(d, "n_io_threads", o.n_io_threads);
+    get(d, "device", o.device); get(d, "gpu", o.gpu);
     return o;
 }
 
@@ -138,6 +142,13 @@ void bind_model(py::module_ & m) {
              })
         .def("reset_stats", [](Model & m) { m.cache().reset_stats(); })
         .def("reopen", [](Model & m) { m.cache().reopen(); });
+    m.def("cuda_device_count", [] {
+#ifdef MOELITE_CUDA
+        return ggml_backend_cuda_get_device_count();
+#else
+        return 0;
+#endif
+    }, "CUDA devices visible to this build (0 without MOELITE_CUDA)");
     // Kernel check hook: ggml_mul_mat_id over an arena built exactly like the expert cache builds its pools.
     // arena: uint8 [n_slots, slot_bytes] (each slot: ne1 rows of type, padded), x: f32 [T, ne0],
     // slot_ids: int32 [T, k] -> f32 [T, k, ne1]

@@ -12,6 +12,7 @@
 
 #include "common.h"
 #include "ggml-cpu.h"
+#include <memory>
 
 namespace moelite {
 
@@ -94,7 +95,7 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     L.slot_of.assign(n_expert_, -1);
 }
 
-void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t /*backend*/) {
+void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend) {
     for (int il = 0; il < n_layer_; ++il) {
         CacheLayer & L = layers_[il];
         if (L.pool < 0) continue;
@@ -109,13 +110,23 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
     for (size_t p = 0; p < pools_.size(); ++p) {
         Pool & P = pools_[p];
         slots_[p].assign(P.n_slots, Slot{});
+        P.host = ggml_backend_is_cpu(backend);
         for (int r = 0; r < 3; ++r) {
             const size_t bytes = P.slot_bytes[r] * (size_t) std::max(P.n_slots, 1);
-            if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
-                throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
-            std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
-            P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
-            P.arena[r] = make_arena_tensor(ctx_, P.buf[r], P.mem[r], P.type[r], P.ne0[r], P.ne1[r],
+            void * base = nullptr;
+            if (P.host) {                          // our own page-aligned memory: disk reads land in place
+                if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
+                    throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+                std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
+                P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
+                base = P.mem[r];
+            } else {                               // device memory (VRAM): reads go through a host staging buffer
+                P.buf[r] = ggml_backend_buft_alloc_buffer(ggml_backend_get_default_buffer_type(backend), bytes);
+                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes of device memory for the expert arena");
+                ggml_backend_buffer_clear(P.buf[r], 0);
+                base = ggml_backend_buffer_get_base(P.buf[r]);
+            }
+            P.arena[r] = make_arena_tensor(ctx_, P.buf[r], base, P.type[r], P.ne0[r], P.ne1[r],
                                            std::max(P.n_slots, 1), P.slot_bytes[r]);
         }
     }
@@ -222,8 +233,22 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
 void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, int expert) {
     for (int r = 0; r < 3; ++r) {
         const ExpertSource & src = L.src[r];
-        read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], src.offset + (uint64_t) expert * src.stride,
-                   src.nbytes, P.slot_bytes[r]);
+        const uint64_t off = src.offset + (uint64_t) expert * src.stride;
+        if (P.host) {
+            read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes, P.slot_bytes[r]);
+        } else {
+            // one page-aligned staging buffer per reading thread, then a host -> device copy into the slot
+            thread_local std::unique_ptr<char, decltype(&free)> staging(nullptr, &free);
+            thread_local uint64_t staging_size = 0;
+            if (staging_size < P.slot_bytes[r]) {
+                void * p = nullptr;
+                if (posix_memalign(&p, kPage, P.slot_bytes[r]) != 0) throw BudgetError("out of host memory for staging");
+                staging.reset((char *) p);
+                staging_size = P.slot_bytes[r];
+            }
+            read_range(staging.get(), off, src.nbytes, P.slot_bytes[r]);
+            ggml_backend_tensor_set(P.arena[r], staging.get(), (uint64_t) slot * P.slot_bytes[r], src.nbytes);
+        }
     }
 }
 

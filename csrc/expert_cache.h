@@ -35,7 +35,8 @@ struct Pool {
     int64_t ne0[3], ne1[3];
     uint64_t slot_bytes[3];      // padded to 4096
     int n_slots = 0;
-    void * mem[3] = {nullptr, nullptr, nullptr};
+    void * mem[3] = {nullptr, nullptr, nullptr};   // host arenas: our memory; device arenas: nullptr
+    bool host = true;
     ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
     ggml_tensor * arena[3] = {nullptr, nullptr, nullptr};   // [ne0, ne1, n_slots]
 };

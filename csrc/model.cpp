@@ -20,6 +20,9 @@
 
 #include "common.h"
 #include "ggml-cpu.h"
+#ifdef MOELITE_CUDA
+#include "ggml-cuda.h"
+#endif
 
 namespace moelite {
 
@@ -29,11 +32,22 @@ static std::string blk(int il, const char * name) { return "blk." + std::to_stri
 
 Model::Model(const std::string & path, const HParams & hp, const ModelOptions & opt) : path_(path), hp_(hp), opt_(opt) {
     idx_ = std::make_unique<GGUFIndex>(path);
-    backend_ = ggml_backend_cpu_init();
-    ggml_threadpool_params tpp = ggml_threadpool_params_default(opt_.n_threads);
-    threadpool_ = ggml_threadpool_new(&tpp);
-    ggml_backend_cpu_set_threadpool(backend_, threadpool_);
-    ggml_backend_cpu_set_n_threads(backend_, opt_.n_threads);
+    if (opt_.device == 1) {
+#ifdef MOELITE_CUDA
+        if (opt_.gpu < 0 || opt_.gpu >= ggml_backend_cuda_get_device_count())
+            throw BudgetError("CUDA device " + std::to_string(opt_.gpu) + " is not available");
+        backend_ = ggml_backend_cuda_init(opt_.gpu);
+        if (!backend_) throw BudgetError("cannot initialize CUDA device " + std::to_string(opt_.gpu));
+#else
+        throw BudgetError("this build of moelite has no CUDA support (rebuild with -DMOELITE_CUDA=ON)");
+#endif
+    } else {
+        backend_ = ggml_backend_cpu_init();
+        ggml_threadpool_params tpp = ggml_threadpool_params_default(opt_.n_threads);
+        threadpool_ = ggml_threadpool_new(&tpp);
+        ggml_backend_cpu_set_threadpool(backend_, threadpool_);
+        ggml_backend_cpu_set_n_threads(backend_, opt_.n_threads);
+    }
 
     const size_t n_tensors = idx_->tensors.size() + 16;
     ggml_init_params ip = {ggml_tensor_overhead() * n_tensors, nullptr, true};
@@ -46,16 +60,21 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     dense_bytes_ = buf_w_ ? ggml_backend_buffer_get_size(buf_w_) : 0;
     int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
     if (fd < 0) throw IOError(path + ": " + strerror(errno));
+    const bool host = !buf_w_ || ggml_backend_buffer_is_host(buf_w_);
+    std::vector<char> staging;                    // device weights: read on the host, then upload
     for (auto & [t, info] : to_read_) {
+        char * dst = (char *) t->data;
+        if (!host) { staging.resize(info->nbytes); dst = staging.data(); }
         uint64_t done = 0;
         while (done < info->nbytes) {
-            ssize_t r = pread(fd, (char *) t->data + done, info->nbytes - done, info->offset + done);
+            ssize_t r = pread(fd, dst + done, info->nbytes - done, info->offset + done);
             if (r <= 0) {
                 close(fd);
                 throw FormatError(path + ": reading tensor '" + info->name + "' failed (truncated file?)");
             }
             done += (uint64_t) r;
         }
+        if (!host) ggml_backend_tensor_set(t, staging.data(), 0, info->nbytes);
     }
     close(fd);
 

@@ -77,6 +77,8 @@ struct ModelOptions {
     int window_m = 16;
     bool prefetch = true;                         // next-layer gate lookahead -> async reads
     int n_io_threads = 2;
+    int device = 0;                               // 0: CPU; 1: CUDA (build with MOELITE_CUDA)
+    int gpu = 0;                                  // CUDA device index
 };
 
 

@@ -46,6 +46,17 @@ def _core_errors(path: str):
         raise BudgetError(str(e)) from None
 
 
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when this build has CUDA and a device is visible, else 'cpu'."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise UsageError(f"device {device!r}: expected auto, cpu or cuda")
+    has_cuda = bool(_core.has_cuda) and _core.cuda_device_count() > 0
+    if device == "cuda" and not has_cuda:
+        raise UsageError("device='cuda' but " + ("no CUDA device is visible" if _core.has_cuda else
+                         "this build has no CUDA support (reinstall with CMAKE_ARGS=-DMOELITE_CUDA=ON)"))
+    return "cuda" if device == "cuda" or (device == "auto" and has_cuda) else "cpu"
+
+
 def default_model_path() -> str:
     if not DEFAULT_MODEL.exists():
         raise ModelFormatError(f"{DEFAULT_MODEL}: the embedded demo model is missing from this install")
@@ -83,12 +94,14 @@ class Model:
                  policy: str | None = None, policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None, kv_type: str = "f16",
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
-                 n_io_threads: int = 2) -> None:
+                 n_io_threads: int = 2, device: str = "auto", gpu: int = 0,
+                 vram_budget: str | int | None = None) -> None:
         self.path = str(path) if path is not None else default_model_path()
         if not os.path.isfile(self.path):
             raise ModelFormatError(f"{self.path}: no such model file")
         if kv_type not in KV_TYPES:
             raise UsageError(f"kv_type {kv_type!r}: expected one of {', '.join(KV_TYPES)}")
+        self.device = resolve_device(device)
         from ..cache_policies.registry import make_policy   # policy names and knobs live there
         with _core_errors(self.path):
             meta = _core.read_gguf(self.path)
@@ -113,11 +126,13 @@ class Model:
             raise UsageError(f"n_ctx={n_ctx}: expected at least 8")
         self.n_threads = int(n_threads) if n_threads else max(1, min(os.cpu_count() or 1, 8))
         self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
-                                      kv_elsize=4 if kv_type == "f32" else 2, budget=parse_size(memory_budget),
+                                      kv_elsize=4 if kv_type == "f32" else 2,
+                                      budget=parse_size(vram_budget if self.device == "cuda" and vram_budget else memory_budget),
                                       shares=list(pol.shares) if pol.shares else None)
         options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=self.plan.n_ubatch, kv_type=KV_TYPES[kv_type],
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
-                       prefetch=bool(prefetch), n_io_threads=int(n_io_threads))
+                       prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
+                       device=1 if self.device == "cuda" else 0, gpu=int(gpu))
         self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
             self._m = _core.Model(self.path, self.hparams, options)
@@ -190,7 +205,7 @@ class Model:
         p = self.plan
         return {
             "path": self.path, "name": self.kv.get("general.name", Path(self.path).stem),
-            "architecture": self.hparams["arch"], "device": "cpu", "n_layer": self.hparams["n_layer"],
+            "architecture": self.hparams["arch"], "device": self.device, "n_layer": self.hparams["n_layer"],
             "n_expert": p.n_expert, "n_expert_used": p.n_expert_used, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
             "policy": self.policy.name, "prefetch": self.prefetch, "memory_budget": p.budget,
             "offloaded": p.slots is not None,
