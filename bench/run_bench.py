@@ -286,7 +286,7 @@ def write_report(res: dict) -> None:
                   f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.", "",
                   "| scenario | engine | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | disk MB/token | hit rate | vs llama.cpp (decode / prefill) | roofline tok/s | % of roofline |",
                   "|---|---|---|---|---|---|---|---|---|---|---|"]
-        labels, ours, theirs, roofs = [], [], [], []
+        labels, ours, theirs = [], [], []
         for sc, s in m["scenarios"].items():
             med = {e: {k: summarize([r for r in runs if "error" not in r], k) for k in
                        ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss", "disk_read_bytes", "hit_rate")}

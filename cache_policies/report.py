@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Sequence
 
 import numpy as np
+
+from moelite.fileio import atomic_open
 
 from .calibration import expert_frequency
 from .metrics import sch, srp, static_sch
@@ -71,18 +72,8 @@ def _plain(x):
 # files -------------------------------------------------------------------------------------------------
 def write_json(obj: dict, path: str | os.PathLike) -> None:
     """Atomic JSON write: temp file, fsync, rename."""
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".json.tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, allow_nan=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "w") as f:
+        json.dump(obj, f, indent=1, allow_nan=True)
 
 
 def write_report(rep: dict, out_dir: str | os.PathLike) -> list[str]:

@@ -27,13 +27,13 @@ bad offsets or layers, a repeated id in a lookahead row (last layer excepted).
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
 
 from moelite.errors import TraceError
+from moelite.fileio import atomic_open
 
 FORMAT_VERSION = 1
 
@@ -230,18 +230,8 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
         arrays["scores"] = trace.scores
     if trace.lookahead_ids is not None:
         arrays["lookahead_ids"] = trace.lookahead_ids
-    path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def load_trace(path: str | os.PathLike) -> Trace:

@@ -26,7 +26,7 @@ import numpy as np
 from .. import _core
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .hparams import parse_hparams
-from .planner import Plan, fmt_bytes, parse_size, plan_memory
+from .planner import Plan, parse_size, plan_memory
 
 KV_TYPES = {"f32": 0, "f16": 1}
 DEFAULT_MODEL = Path(__file__).parent.parent / "data" / "demo.gguf"   # no resolve(): dev trees use symlinks

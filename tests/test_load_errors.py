@@ -2,7 +2,6 @@
 not a GGUF, truncated, unknown architecture, not a MoE model, a missing tensor, a wrong shape."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
