@@ -133,12 +133,9 @@ def test_plan_measures_the_machine_once(fixture, capsys, cache_home):
     assert d["mem_bw"] > 1e8 and d["disk_bw"] > 1e6
 
 
-def test_analyze_hook(capsys):
-    from moelite.apps import analyze_cmd
-    if analyze_cmd.find() is not None:
-        pytest.skip("analyze is implemented; its own tests cover it")
-    rc, out, err = cli(capsys, "analyze")
-    assert rc == 1 and err.count("\n") == 1 and "not available yet" in err
+def test_analyze_bad_text_file(capsys, tmp_path):
+    rc, out, err = cli(capsys, "analyze", "--text", str(tmp_path / "missing.txt"))
+    assert rc == 2 and err.count("\n") == 1 and "no such text file" in err
 
 
 def test_help_of_every_command(capsys):
