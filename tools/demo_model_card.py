@@ -22,7 +22,7 @@ def fmt(x, spec=".3f", none="TBD"):
     return none if x is None else format(x, spec)
 
 
-def render(model_dir: str) -> str:
+def render(model_dir: str, gguf: str | None = None) -> str:
     log = json.load(open(os.path.join(model_dir, "train_log.json")))
     c = log["config"]
     final = log.get("final")
@@ -51,7 +51,13 @@ def render(model_dir: str) -> str:
     w(f"| parameters | {log['params']/1e6:.2f} M total, {log['expert_params']/1e6:.2f} M in experts, "
       f"{log['active_params']/1e6:.2f} M active per token; embeddings tied |")
     w(f"| training context | {c['seq_len']} tokens (RoPE theta 10000; longer prompts are out of distribution) |")
-    w("| shipped GGUF | TBD: type and size in MB, filled in after `moelite convert` |")
+    if gguf and os.path.exists(gguf):
+        from moelite._core import read_gguf, type_name
+        types = sorted({type_name(t[1]) for t in read_gguf(gguf)["tensors"]})
+        w(f"| shipped GGUF | `src/moelite/data/{os.path.basename(gguf)}`, {os.path.getsize(gguf) / 1e6:.1f} MB "
+          f"({', '.join(types)}), written by `moelite convert` |")
+    else:
+        w("| shipped GGUF | TBD: type and size in MB, filled in after `moelite convert` |")
     w("")
     w("## Training data\n")
     w("Free text from Debian packages (`apt-get download` + `dpkg-deb -x`, see `tools/train_demo.py`). "
@@ -121,4 +127,7 @@ def render(model_dir: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.stdout.write(render(sys.argv[1] if len(sys.argv) > 1 else "build/demo_hf"))
+    args = sys.argv[1:]
+    gguf = args[args.index("--gguf") + 1] if "--gguf" in args else None
+    args = [a for i, a in enumerate(args) if a != "--gguf" and (i == 0 or args[i - 1] != "--gguf")]
+    sys.stdout.write(render(args[0] if args else "build/demo_hf", gguf))
