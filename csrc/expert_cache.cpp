@@ -316,7 +316,7 @@ void ExpertCache::io_loop() {
 }
 
 void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
-    if (io_threads_.empty()) return;
+    if (io_threads_.empty() || !prefetch_) return;
     std::lock_guard<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     if (L.pool < 0) return;
@@ -347,54 +347,69 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
     Pool & P = pools_[L.pool];
     auto & S = slots_[L.pool];
     std::vector<char> needed(n_expert_, 0);
-    int d = 0;
+    std::vector<int> distinct;
     for (int i = 0; i < n; ++i)
-        if (!needed[ids[i]]) { needed[ids[i]] = 1; ++d; }
-    if (d > L.quota) return false;
+        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+    if ((int) distinct.size() > L.quota) return false;
     const auto t0 = std::chrono::steady_clock::now();
-    bool stalled = false;
-    std::vector<char> done(n_expert_, 0);
-    for (int i = 0; i < n; ++i) {
-        const int e = ids[i];
-        int s = L.slot_of[e];
-        if (s >= 0 && S[s].state == SLOT_LOADING) {      // a prefetch is reading it: wait, do not read twice
-            const auto w0 = std::chrono::steady_clock::now();
-            loaded_.wait(lock, [&] { return S[s].state != SLOT_LOADING; });
-            L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
-            s = L.slot_of[e];                            // -1 if the prefetch read failed
+    auto any_loading = [&] {
+        for (int q = L.base; q < L.base + L.quota; ++q)
+            if (S[q].state == SLOT_LOADING) return true;
+        return false;
+    };
+    // 1. misses get a victim slot each (never a pinned, loading or needed one) and are read in parallel by
+    //    the I/O threads, ahead of queued prefetches; with no I/O threads they are read here, one by one
+    int n_missed = 0;
+    for (int e : distinct) {
+        if (L.slot_of[e] >= 0) {                          // cached, or a prefetch is reading it
+            if (S[L.slot_of[e]].state == SLOT_READY) L.stats.hits++;
+            continue;
         }
-        if (s >= 0 && S[s].state == SLOT_READY) {
-            if (!done[e]) L.stats.hits++;
+        check_on_disk(L, e);                              // fail before evicting anything
+        int v = choose_victim(L, P, needed);
+        while (v < 0 && L.slot_of[e] < 0) {               // every free slot is being read: wait for one
+            if (!any_loading()) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
+            loaded_.wait(lock);
+            v = choose_victim(L, P, needed);
+        }
+        if (L.slot_of[e] >= 0) continue;                  // a prefetch brought it meanwhile
+        L.stats.misses++;
+        ++n_missed;
+        begin_load(L, v, e, false);
+        if (io_threads_.empty()) {
+            try { read_expert(L, P, v, e); } catch (...) { S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1; throw; }
+            S[v].state = SLOT_READY;
+            L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
+            L.stats.loads++;
         } else {
-            L.stats.misses++;
-            check_on_disk(L, e);                         // fail before evicting anything
-            s = choose_victim(L, P, needed);
-            while (s < 0) {                              // every free slot is being prefetched: wait for one
-                bool loading = false;
-                for (int q = L.base; q < L.base + L.quota; ++q) loading = loading || S[q].state == SLOT_LOADING;
-                if (!loading) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
-                loaded_.wait(lock);
-                s = L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_READY ? -2 : choose_victim(L, P, needed);
-            }
-            if (s == -2) {                               // it arrived meanwhile (prefetched by another read)
-                s = L.slot_of[e];
-                if (!done[e]) L.stats.hits++;
-                L.stats.misses--;
-            } else
-            {
-                stalled = true;
-                load(L, P, s, e);
-            }
+            io_queue_.push_front({il, v, e});
         }
-        if (!done[e]) {
-            done[e] = 1;
-            S[s].pins++;
-            pinned_[il].push_back(s);
-            touch(S[s], L);                              // one access per distinct expert per step
-        }
-        slots_out[i] = s;   // slot index inside the pool tensors
     }
-    if (stalled)
+    // 2. wait for every needed expert still being read (ours or an earlier prefetch)
+    auto pending = [&] {
+        for (int e : distinct)
+            if (L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_LOADING) return true;
+        return false;
+    };
+    if (n_missed) io_cv_.notify_all();
+    const bool waited = pending();
+    if (waited) loaded_.wait(lock, [&] { return !pending(); });
+    // 3. a failed asynchronous read is retried here, synchronously, so that its error is raised to the caller
+    for (int e : distinct)
+        if (L.slot_of[e] < 0) {
+            check_on_disk(L, e);
+            const int v = choose_victim(L, P, needed);
+            if (v < 0) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
+            load(L, P, v, e);
+        }
+    for (int e : distinct) {
+        Slot & sl = S[L.slot_of[e]];
+        sl.pins++;
+        pinned_[il].push_back(L.slot_of[e]);
+        touch(sl, L);                                     // one access per distinct expert per step
+    }
+    for (int i = 0; i < n; ++i) slots_out[i] = L.slot_of[ids[i]];   // slot index inside the pool tensors
+    if (n_missed || waited)
         L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return true;
 }

@@ -88,6 +88,7 @@ public:
     static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
 
     void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }
+    void set_prefetch(bool on) { prefetch_ = on; }
     // Start n_io I/O threads for asynchronous prefetch (0: prefetch disabled).
     void start_io(int n_io);
 
@@ -139,6 +140,7 @@ private:
     std::condition_variable io_cv_;
     std::vector<std::thread> io_threads_;
     bool io_stop_ = false;
+    bool prefetch_ = true;
 };
 
 }  // namespace moelite

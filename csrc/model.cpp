@@ -90,7 +90,9 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         }
     cache_->finalize(quota, backend_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
-    if (opt_.prefetch && !opt_.expert_slots.empty()) cache_->start_io(std::max(1, opt_.n_io_threads));
+    // offloaded: I/O threads read misses in parallel (and prefetches when enabled)
+    if (!opt_.expert_slots.empty() && opt_.n_io_threads > 0) cache_->start_io(opt_.n_io_threads);
+    cache_->set_prefetch(opt_.prefetch);
     alloc_kv();
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));

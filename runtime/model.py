@@ -94,7 +94,7 @@ class Model:
                  policy: str | None = None, policy_window: int | None = None, cache_shares: Sequence[float] | None = None,
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None, kv_type: str = "f16",
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
-                 n_io_threads: int = 2, device: str = "auto", gpu: int = 0,
+                 n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None) -> None:
         self.path = str(path) if path is not None else default_model_path()
         if not os.path.isfile(self.path):
