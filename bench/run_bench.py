@@ -160,6 +160,7 @@ def model_path(name: str, layers: int) -> str:
     if name == "qwen3-30b-shapes":
         out = OUT / "models" / f"qwen3-30b-a3b-shapes-L{layers}-q4_k_m.gguf"
         if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
             sys.path.insert(0, str(ROOT / "tools"))
             from synthetic_moe import make_synthetic_moe
             from moelite.converters import convert
