@@ -52,6 +52,24 @@ ExpertCache::~ExpertCache() {
 }
 
 void ExpertCache::reopen() {
+    std::unique_lock<std::mutex> lock(mu_);
+    // no read may be in flight on the descriptors we are about to replace: queued reads are dropped (their
+    // slots become empty again), running ones are waited for
+    for (const IOTask & t : io_queue_) {
+        CacheLayer & L = layers_[t.il];
+        Slot & sl = slots_[L.pool][t.slot];
+        sl.state = SLOT_EMPTY;
+        sl.expert = -1;
+        sl.prefetched = false;
+        L.slot_of[t.expert] = -1;
+    }
+    io_queue_.clear();
+    loaded_.wait(lock, [this] {
+        for (auto & pool : slots_)
+            for (auto & sl : pool)
+                if (sl.state == SLOT_LOADING) return false;
+        return true;
+    });
     if (fd_ >= 0) close(fd_);
     if (fd_direct_ >= 0) close(fd_direct_);
     fd_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
