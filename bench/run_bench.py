@@ -192,9 +192,10 @@ def prompt_ids(path: str, n: int) -> list[int]:
 
 
 # --- runs ----------------------------------------------------------------------------------------------
-def run(engine: str, path: str, prompt_file: str, a, budget: int | None, cgroup: str | None) -> dict:
+def run(engine: str, path: str, prompt_file: str, a, budget: int | None, cgroup: str | None,
+        extra: list[str] = ()) -> dict:
     cmd = [sys.executable, str(WORKER), engine, path, "--prompt", prompt_file, "--gen", str(a.gen),
-           "--threads", str(a.threads)]
+           "--threads", str(a.threads), *extra]
     if budget and engine == "moelite":
         cmd += ["--budget", str(budget)]
     if cgroup:
@@ -219,8 +220,13 @@ def main() -> None:
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--scenarios", default="resident,50,25")
+    ap.add_argument("--feature-runs", type=int, default=3, help="runs per cache-feature variant at the 25 %% cap (0: skip)")
+    ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from bench/out/results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
+    if a.report_only:
+        write_report(json.loads((OUT / "results.json").read_text()))
+        return
     try:
         import llama_cpp  # noqa: F401
         llama_ok, llama_reason = True, ""
@@ -260,11 +266,67 @@ def main() -> None:
                         rows[e].append(r)
                         print(name, sc, i, json.dumps(r), flush=True)
                 entry["scenarios"][sc] = {"budget": budget, "runs": rows, "skipped_llama": skipped}
+            if a.feature_runs:
+                entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg)
             results["models"][name] = entry
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     finally:
         cg.cleanup()
     write_report(results)
+
+
+# Each cache feature at the 25 % cap, moelite alone (same cgroup rule as the capped scenarios).
+FEATURES = [("lru, no prefetch", ["--policy", "lru", "--no-prefetch", "--no-calibration"]),
+            ("lru + prefetch", ["--policy", "lru", "--no-calibration"]),
+            ("lfu + prefetch", ["--policy", "lfu", "--no-calibration"]),
+            ("lfuda + prefetch", ["--policy", "lfuda", "--no-calibration"]),
+            ("consistency(m=16) + prefetch", ["--policy", "consistency", "--no-calibration"]),
+            ("calibrated (moelite analyze) + prefetch", [])]
+
+
+def calibrated_link(name: str, path: str, budget: int, a) -> str:
+    """A symlink to the model in bench/out/calibrated/ with a calibration side file beside it, written by
+    `moelite analyze` for the slots this budget gives (as the worker opens it) on text other than the
+    benchmark prompt (the repo's docs and code)."""
+    import moelite
+    opts = dict(n_ctx=a.prompt_tokens + a.gen + 8, use_calibration=False)
+    try:
+        m = moelite.load(path, memory_budget=budget, **opts)
+    except moelite.errors.BudgetError as e:
+        m = moelite.load(path, memory_budget=e.minimum, **opts)
+    with m:
+        slots = [s for s in (m.plan.slots or []) if s]
+        fraction = sum(slots) / (len(slots) * m.plan.n_expert) if slots else 1.0
+    d = OUT / "calibrated"
+    d.mkdir(parents=True, exist_ok=True)
+    link = d / Path(path).name
+    if not link.exists():
+        link.symlink_to(os.path.abspath(path))
+    side = Path(str(link) + ".calibration.json")
+    if not side.exists():
+        text = d / "calibration.txt"
+        parts = [p.read_text() for p in sorted(ROOT.glob("*.md")) if p.name != "README.md"]
+        parts += [p.read_text() for p in sorted((ROOT / "runtime").glob("*.py"))]
+        text.write_text("\n\n".join(parts))
+        subprocess.run([sys.executable, "-m", "moelite.apps.cli", "analyze", str(link), "--text", str(text),
+                        "--budget-fraction", f"{fraction:.6f}", "--tokens", "2048", "--out", str(d / f"analyze-{name}")],
+                       check=True)
+    return str(link)
+
+
+def features(name: str, path: str, prompt_file: str, a, budget: int, cg) -> dict:
+    out = {}
+    for label, extra in FEATURES:
+        p = calibrated_link(name, path, budget, a) if not extra else path
+        rows = []
+        for i in range(a.feature_runs):
+            cgroup = cg.make(f"feat-{len(out)}-{i}", int(budget * 1.1) + (96 << 20)) if cg.base else None
+            drop_page_cache(path)
+            r = run("moelite", p, prompt_file, a, budget, cgroup, extra)
+            rows.append(r)
+            print(name, "feature", label, i, json.dumps(r), flush=True)
+        out[label] = rows
+    return out
 
 
 def roofline(sizes: dict, bw: dict, hit_rate: float, miss_bytes_per_token: float) -> float:
@@ -285,18 +347,19 @@ def write_report(res: dict) -> None:
         bw = m["bandwidth"]
         lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)", "",
                   f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.", "",
-                  "| scenario | engine | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | disk MB/token | hit rate | vs llama.cpp (decode / prefill) | roofline tok/s | % of roofline |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| scenario | engine | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | disk MB/token | hit rate | I/O stall % of run | vs llama.cpp (decode / prefill) | roofline tok/s | % of roofline |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        notes = []
         labels, ours, theirs = [], [], []
         for sc, s in m["scenarios"].items():
             med = {e: {k: summarize([r for r in runs if "error" not in r], k) for k in
-                       ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss", "disk_read_bytes", "hit_rate")}
+                       ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss", "disk_read_bytes", "hit_rate", "stall_s", "run_s")}
                    for e, runs in s["runs"].items()}
             for e, runs in s["runs"].items():
                 d = med[e]
                 if d["decode_tok_s"] is None:
                     err = next((r["error"] for r in runs if "error" in r), "no successful run")
-                    lines.append(f"| {sc} | {e} | failed: {err} | | | | | | | | |")
+                    lines.append(f"| {sc} | {e} | failed: {err} | | | | | | | | | |")
                     continue
                 gen_tokens = res["gen"] + res["prompt_tokens"]
                 disk_tok = d["disk_read_bytes"][0] / gen_tokens if d["disk_read_bytes"] else 0.0
@@ -307,14 +370,33 @@ def write_report(res: dict) -> None:
                     ratio = (f"{d['decode_tok_s'][0] / med['llama']['decode_tok_s'][0]:.2f}x / "
                              f"{d['prefill_tok_s'][0] / med['llama']['prefill_tok_s'][0]:.2f}x")
                 fmt = lambda t, f=1.0, p=2: f"{t[0] / f:.{p}f} ({t[1] / f:.{p}f}-{t[2] / f:.{p}f})"
+                stall = f"{100 * d['stall_s'][0] / d['run_s'][0]:.0f}%" if d["stall_s"] and d["run_s"] else "-"
                 lines.append(f"| {sc} | {e} | {fmt(d['decode_tok_s'])} | {fmt(d['prefill_tok_s'], p=1)} | {fmt(d['ttft_s'])} | "
                              f"{fmt(d['peak_rss'], 2**20, 0)} | {disk_tok / 1e6:.2f} | "
-                             f"{'-' if hit is None else f'{100 * hit:.1f}%'} | {ratio} | {roof:.1f} | {100 * d['decode_tok_s'][0] / roof:.0f}% |")
+                             f"{'-' if hit is None else f'{100 * hit:.1f}%'} | {stall} | {ratio} | {roof:.1f} | {100 * d['decode_tok_s'][0] / roof:.0f}% |")
+                raised = {r["budget_used"] for r in runs if r.get("budget_used") and s["budget"] and r["budget_used"] > s["budget"]}
+                if raised:
+                    notes.append(f"{sc}: the cap ({s['budget'] / 2**20:.1f} MiB) is below moelite's minimum for this model; "
+                                 f"moelite ran at its minimum budget {max(raised) / 2**20:.1f} MiB (cgroup cap unchanged).")
             if s.get("skipped_llama"):
-                lines.append(f"| {sc} | llama | skipped: {s['skipped_llama']} | | | | | | | | |")
+                lines.append(f"| {sc} | llama | skipped: {s['skipped_llama']} | | | | | | | | | |")
             labels.append(sc)
             ours.append(med["moelite"]["decode_tok_s"][0] if med["moelite"]["decode_tok_s"] else 0)
             theirs.append(med.get("llama", {}).get("decode_tok_s", (0,))[0] if med.get("llama", {}).get("decode_tok_s") else 0)
+        lines += [""] + [f"- {n}" for n in notes]
+        if m.get("features"):
+            lines += ["", f"Cache features at the 25 % cap (moelite alone, medians of {len(next(iter(m['features'].values())))} runs):", "",
+                      "| variant | decode tok/s | prefill tok/s | hit rate | disk MB/token | I/O stall % of run |", "|---|---|---|---|---|---|"]
+            for label, runs in m["features"].items():
+                ok = [r for r in runs if "error" not in r]
+                if not ok:
+                    lines.append(f"| {label} | failed: {runs[0]['error'] if runs else 'no run'} | | | | |")
+                    continue
+                med = {k: summarize(ok, k) for k in ("decode_tok_s", "prefill_tok_s", "hit_rate", "disk_read_bytes", "stall_s", "run_s")}
+                lines.append(f"| {label} ({ok[0].get('policy', '?')}) | {med['decode_tok_s'][0]:.2f} ({med['decode_tok_s'][1]:.2f}-{med['decode_tok_s'][2]:.2f}) | "
+                             f"{med['prefill_tok_s'][0]:.1f} | {100 * med['hit_rate'][0]:.1f}% | "
+                             f"{med['disk_read_bytes'][0] / (res['gen'] + res['prompt_tokens']) / 1e6:.2f} | "
+                             f"{100 * med['stall_s'][0] / med['run_s'][0]:.0f}% |")
         x = np.arange(len(labels))
         ax.bar(x - 0.2, ours, 0.4, label="moelite")
         ax.bar(x + 0.2, theirs, 0.4, label="llama.cpp")
@@ -322,7 +404,7 @@ def write_report(res: dict) -> None:
         ax.set_ylabel("decode tokens/s (median)")
         ax.set_title(f"{name} ({m['sizes']['file_size'] / 2**30:.2f} GiB, {res['threads']} threads)")
         ax.legend()
-        lines += ["", "Raw runs:", "", "```json", json.dumps(m["scenarios"], indent=None)[:20000], "```", ""]
+        lines += ["", "Raw runs:", "", "```json", json.dumps({"scenarios": m["scenarios"], "features": m.get("features")}, indent=None)[:40000], "```", ""]
     fig.tight_layout()
     fig.savefig(ROOT / "bench" / "results.png", dpi=110)
     (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines) + "\n")

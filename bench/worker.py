@@ -1,7 +1,9 @@
 """One benchmark run in its own process (so peak RSS, disk reads and the memory cgroup are its own).
 
     python bench/worker.py {moelite,llama} MODEL --prompt IDS.json --gen 64 --threads 2 [--budget BYTES] [--policy P]
-        [--no-prefetch] [--cgroup PATH]
+        [--no-prefetch] [--no-calibration] [--cgroup PATH]
+
+A moelite budget below the model's minimum is raised to that minimum (budget_used says so).
 
 Prints one JSON line: prefill_tok_s, decode_tok_s, ttft_s, peak_rss, disk_read_bytes (whole run, from
 /proc/self/io), and for moelite the cache counters. Both engines get the same token ids, greedy decoding.
@@ -34,8 +36,16 @@ def peak_rss() -> int:
 
 def run_moelite(a, prompt: list[int]) -> dict:
     import moelite
-    m = moelite.load(a.model, memory_budget=a.budget, n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8,
-                     policy=a.policy, prefetch=not a.no_prefetch)
+    opts = dict(n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8, policy=a.policy, prefetch=not a.no_prefetch,
+                use_calibration=not a.no_calibration)
+    budget = a.budget
+    try:
+        m = moelite.load(a.model, memory_budget=budget, **opts)
+    except moelite.errors.BudgetError as e:
+        if not e.minimum:
+            raise
+        budget = e.minimum          # the cap is below what moelite can run in: run at its minimum, say so
+        m = moelite.load(a.model, memory_budget=budget, **opts)
     io0 = proc_io_read_bytes()
     t0 = time.perf_counter()
     first = None
@@ -48,7 +58,7 @@ def run_moelite(a, prompt: list[int]) -> dict:
     s = m.stats()["total"]
     # n tokens = n - 1 forward passes after the prompt, for both engines
     return {"prefill_tok_s": st.prompt_tok_s, "decode_tok_s": (n - 1) / st.decode_s if n > 1 else 0.0,
-            "ttft_s": first, "tokens": n, "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"],
+            "ttft_s": first, "run_s": time.perf_counter() - t0, "budget_used": budget, "policy": m.policy.name, "tokens": n, "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"],
             "cache_bytes_read": s["bytes_read"], "stall_s": s["stall_s"], "prefetch_issued": s["prefetch_issued"],
             "prefetch_hits": s["prefetch_hits"], "slots": m.info()["expert_slots"]}
 
@@ -70,6 +80,7 @@ def run_llama(a, prompt: list[int]) -> dict:
         n += 1
     dt = time.perf_counter() - t1
     return {"prefill_tok_s": len(prompt) / first, "decode_tok_s": (n - 1) / dt, "ttft_s": first, "tokens": n,
+            "run_s": time.perf_counter() - t0,
             "disk_read_bytes": proc_io_read_bytes() - io0}
 
 
@@ -83,6 +94,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--policy", default=None)
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     a = ap.parse_args()
     if a.cgroup:

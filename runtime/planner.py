@@ -123,7 +123,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     if budget < p.minimum_budget:
         raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
                           f"KV cache ({fmt_bytes(kv)}), scratch ({fmt_bytes(scratch)}) and {K} expert slots per MoE "
-                          f"layer need at least {fmt_bytes(p.minimum_budget)}")
+                          f"layer need at least {fmt_bytes(p.minimum_budget)}", minimum=p.minimum_budget)
     free = budget - dense - kv - scratch
     moe = p.moe_layers
     if sum(slot_bytes[i] * E for i in moe) <= free:

@@ -18,7 +18,12 @@ class ConversionError(MoeliteError, ValueError):
 
 
 class BudgetError(MoeliteError, ValueError):
-    """A memory budget that cannot hold the dense part plus the minimum expert slots, or a bad budget string."""
+    """A memory budget that cannot hold the dense part plus the minimum expert slots, or a bad budget string.
+    `minimum` is the smallest budget (bytes) that would work, when known."""
+
+    def __init__(self, message: str, minimum: int | None = None) -> None:
+        super().__init__(message)
+        self.minimum = minimum
 
 
 class ExpertIOError(MoeliteError, OSError):
