@@ -121,7 +121,9 @@ class Cgroups:
 
     def make(self, name: str, limit: int) -> str:
         d = self.base / name
-        d.mkdir(exist_ok=True)
+        if d.exists():
+            d.rmdir()              # a fresh group: a lower memsw limit left behind would make raising memory fail
+        d.mkdir()
         (d / self.ctl).write_text(str(limit))
         if self.kind == "v1" and (d / "memory.memsw.limit_in_bytes").exists():
             try:
@@ -222,6 +224,7 @@ def main() -> None:
     ap.add_argument("--scenarios", default="resident,50,25")
     ap.add_argument("--feature-runs", type=int, default=3, help="runs per cache-feature variant at the 25 %% cap (0: skip)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from bench/out/results.json")
+    ap.add_argument("--merge", action="store_true", help="keep the other models' results from bench/out/results.json")
     a = ap.parse_args()
     OUT.mkdir(parents=True, exist_ok=True)
     if a.report_only:
@@ -238,6 +241,8 @@ def main() -> None:
                capture_output=True, text=True).stdout.strip(), "threads": a.threads, "gen": a.gen,
                "prompt_tokens": a.prompt_tokens, "llama": llama_reason or "llama-cpp-python 0.3.36",
                "cgroup": cg.kind or f"unavailable: {cg.reason}", "models": {}}
+    if a.merge and (OUT / "results.json").exists():
+        results["models"] = json.loads((OUT / "results.json").read_text())["models"]
     try:
         for name in a.models.split(","):
             path = model_path(name, a.qwen_layers)
@@ -245,7 +250,8 @@ def main() -> None:
             pf = OUT / f"prompt-{Path(path).stem}.json"
             pf.write_text(json.dumps(ids))
             bw = {"mem": mem_bandwidth(), "disk": disk_bandwidth(path)}
-            entry = {"path": os.path.relpath(path, ROOT), "sizes": sizes, "bandwidth": bw, "scenarios": {}}
+            entry = {"path": os.path.relpath(path, ROOT), "sizes": sizes, "bandwidth": bw, "scenarios": {},
+                     "commit": results["commit"]}
             for sc in a.scenarios.split(","):
                 budget = None if sc == "resident" else int(sizes["file_size"] * int(sc) / 100)
                 rows: dict[str, list[dict]] = {e: [] for e in engines}
@@ -260,7 +266,7 @@ def main() -> None:
                                     continue
                             else:
                                 # both engines: the cap plus 10 % and room for the interpreter
-                                cgroup = cg.make(f"{e}-{sc}-{i}", int(budget * 1.1) + (96 << 20))
+                                cgroup = cg.make(f"{name}-{e}-{sc}-{i}", int(budget * 1.1) + (96 << 20))
                             drop_page_cache(path)
                         r = run(e, path, str(pf), a, budget, cgroup)
                         rows[e].append(r)
@@ -320,7 +326,7 @@ def features(name: str, path: str, prompt_file: str, a, budget: int, cg) -> dict
         p = calibrated_link(name, path, budget, a) if not extra else path
         rows = []
         for i in range(a.feature_runs):
-            cgroup = cg.make(f"feat-{len(out)}-{i}", int(budget * 1.1) + (96 << 20)) if cg.base else None
+            cgroup = cg.make(f"{name}-feat-{len(out)}-{i}", int(budget * 1.1) + (96 << 20)) if cg.base else None
             drop_page_cache(path)
             r = run("moelite", p, prompt_file, a, budget, cgroup, extra)
             rows.append(r)
@@ -345,7 +351,8 @@ def write_report(res: dict) -> None:
     fig, axes = plt.subplots(1, max(1, len(res["models"])), figsize=(6 * max(1, len(res["models"])), 4.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], res["models"].items()):
         bw = m["bandwidth"]
-        lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)", "",
+        lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)"
+                  + (f", measured at commit `{m['commit']}`" if m.get("commit") else ""), "",
                   f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.", "",
                   "| scenario | engine | decode tok/s | prefill tok/s | TTFT s | peak RSS MiB | disk MB/token | hit rate | I/O stall % of run | vs llama.cpp (decode / prefill) | roofline tok/s | % of roofline |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|"]

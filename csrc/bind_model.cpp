@@ -51,6 +51,8 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "expert_slots", o.expert_slots); get(d, "policy", o.policy); get(d, "window_m", o.window_m);
     get(d, "prefetch", o.prefetch); get(d, "n_io_threads", o.n_io_threads);
     get(d, "device", o.device); get(d, "gpu", o.gpu);
+    get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute);
+    if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
 }
 
@@ -140,8 +142,48 @@ void bind_model(py::module_ & m) {
                  for (auto & L : m.cache().layers()) q.push_back(L.quota);
                  return q;
              })
-        .def("reset_stats", [](Model & m) { m.cache().reset_stats(); })
+        .def("tier2_stats",
+             [](Model & m) {
+                 // RAM tier (tiering.h) per layer: hits = served from RAM, misses = read from the file; None
+                 // without a tier 2
+                 py::list out;
+                 if (!m.tier2()) return py::object(py::none());
+                 for (auto & L : m.tier2()->layers()) out.append(L.pool >= 0 ? py::object(layer_stats(L.stats)) : py::none());
+                 return py::object(out);
+             })
+        .def("tier2_quotas",
+             [](Model & m) {
+                 std::vector<int> q;
+                 if (m.tier2())
+                     for (auto & L : m.tier2()->layers()) q.push_back(L.quota);
+                 return q;
+             })
+        .def("cpu_experts", [](Model & m) { return m.cpu_experts(); },
+             "per layer: routed experts run by the CPU from the RAM tier instead of being copied to the arena")
+        .def("costs",
+             [](Model & m) {
+                 const CostModel & c = m.costs();
+                 py::dict d;
+                 d["h2d_bytes_per_s"] = c.h2d_bytes_per_s; d["expert_bytes"] = c.expert_bytes;
+                 d["cpu_fixed_s"] = c.cpu_fixed_s; d["cpu_per_token_s"] = c.cpu_per_token_s;
+                 d["gpu_fixed_s"] = c.gpu_fixed_s; d["gpu_per_token_s"] = c.gpu_per_token_s;
+                 return d;
+             }, "the tiering cost model measured at load (zeros without a RAM tier)")
+        .def("reset_stats", &Model::reset_stats)
         .def("reopen", [](Model & m) { m.cache().reopen(); });
+    // The tiering decision (tiering.h) on given numbers, for tests and `moelite plan`.
+    m.def("tier_costs", [](const py::dict & c, int n, double reuse) {
+            CostModel cm;
+            get(c, "h2d_bytes_per_s", cm.h2d_bytes_per_s); get(c, "expert_bytes", cm.expert_bytes);
+            get(c, "cpu_fixed_s", cm.cpu_fixed_s); get(c, "cpu_per_token_s", cm.cpu_per_token_s);
+            get(c, "gpu_fixed_s", cm.gpu_fixed_s); get(c, "gpu_per_token_s", cm.gpu_per_token_s);
+            py::dict d;
+            d["copy_s"] = cm.valid() ? copy_cost(cm, n, reuse) : 0.0;
+            d["cpu_s"] = cpu_cost(cm, n);
+            d["auto_on_cpu"] = run_on_cpu(cm, CpuCompute::AUTO, n, reuse);
+            return d;
+        }, py::arg("costs"), py::arg("n_tokens"), py::arg("reuse"),
+        "seconds to copy + run on the device vs run on the CPU, and the cost model's choice");
     m.def("cuda_device_count", [] {
 #ifdef MOELITE_CUDA
         return ggml_backend_cuda_get_device_count();

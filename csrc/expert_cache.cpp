@@ -46,7 +46,7 @@ ExpertCache::~ExpertCache() {
     for (auto & p : pools_)
         for (int r = 0; r < 3; ++r) {
             if (p.buf[r]) ggml_backend_buffer_free(p.buf[r]);
-            free(p.mem[r]);
+            if (p.own_mem) free(p.mem[r]);
         }
     if (ctx_) ggml_free(ctx_);
 }
@@ -113,7 +113,8 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     L.slot_of.assign(n_expert_, -1);
 }
 
-void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend) {
+void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
+                           ggml_backend_buffer_type_t host_buft) {
     for (int il = 0; il < n_layer_; ++il) {
         CacheLayer & L = layers_[il];
         if (L.pool < 0) continue;
@@ -132,9 +133,15 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
         for (int r = 0; r < 3; ++r) {
             const size_t bytes = P.slot_bytes[r] * (size_t) std::max(P.n_slots, 1);
             void * base = nullptr;
-            if (P.host) {                          // our own page-aligned memory: disk reads land in place
+            if (P.host && host_buft) {             // a RAM tier in pinned memory (fast host -> device copies)
+                P.buf[r] = ggml_backend_buft_alloc_buffer(host_buft, bytes);
+                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes of pinned host memory for the RAM tier");
+                ggml_backend_buffer_clear(P.buf[r], 0);
+                base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
+            } else if (P.host) {                   // our own page-aligned memory: disk reads land in place
                 if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
                     throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+                P.own_mem = true;
                 std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
                 P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
                 base = P.mem[r];
@@ -248,7 +255,21 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
     L.slot_of[expert] = slot;
 }
 
+void ExpertCache::copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert) {
+    tier2_->with_expert(il, expert, [&](const void * const src[3]) {
+        for (int r = 0; r < 3; ++r) {
+            const uint64_t off = (uint64_t) slot * P.slot_bytes[r];
+            if (P.host) std::memcpy((char *) P.mem[r] + off, src[r], L.src[r].nbytes);
+            else ggml_backend_tensor_set(P.arena[r], src[r], off, L.src[r].nbytes);   // host -> device
+        }
+    });
+}
+
 void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, int expert) {
+    if (tier2_) {
+        copy_from_tier2(L, P, (int) (&L - layers_.data()), slot, expert);
+        return;
+    }
     for (int r = 0; r < 3; ++r) {
         const ExpertSource & src = L.src[r];
         const uint64_t off = src.offset + (uint64_t) expert * src.stride;
@@ -430,6 +451,74 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
     if (n_missed || waited)
         L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     return true;
+}
+
+void ExpertCache::with_expert(int il, int e, const std::function<void(const void * const src[3])> & fn) {
+    std::unique_lock<std::mutex> lock(mu_);
+    CacheLayer & L = layers_[il];
+    Pool & P = pools_[L.pool];
+    auto & S = slots_[L.pool];
+    const auto t0 = std::chrono::steady_clock::now();
+    bool stalled = false, missed = false;
+    for (;;) {
+        const int s = L.slot_of[e];
+        if (s >= 0 && S[s].state == SLOT_READY) break;
+        if (s >= 0) { stalled = true; loaded_.wait(lock); continue; }      // another thread is reading it
+        check_on_disk(L, e);
+        std::vector<char> needed(n_expert_, 0);
+        needed[e] = 1;
+        const int v = choose_victim(L, P, needed);
+        if (v < 0) {
+            bool loading = false;
+            for (int q = L.base; q < L.base + L.quota; ++q) loading |= S[q].state == SLOT_LOADING;
+            if (!loading) throw BudgetError("RAM tier: no evictable slot in layer " + std::to_string(il));
+            stalled = true;
+            loaded_.wait(lock);
+            continue;
+        }
+        L.stats.misses++;
+        stalled = true;
+        begin_load(L, v, e, false);
+        lock.unlock();
+        bool ok = true;
+        try { read_expert(L, P, v, e); } catch (...) { ok = false; }
+        lock.lock();
+        if (!ok) {
+            S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1;
+            loaded_.notify_all();
+            check_on_disk(L, e);                       // raises the precise error when the file changed
+            throw IOError(path_ + ": reading expert " + std::to_string(e) + " of layer " + std::to_string(il) + " failed");
+        }
+        S[v].state = SLOT_READY;
+        L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
+        L.stats.loads++;
+        loaded_.notify_all();
+        missed = true;
+        break;
+    }
+    const int s = L.slot_of[e];
+    Slot & sl = S[s];
+    if (!missed) L.stats.hits++;
+    sl.pins++;
+    touch(sl, L);
+    if (stalled) L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    lock.unlock();
+    const void * src[3];
+    for (int r = 0; r < 3; ++r) src[r] = (const char *) P.mem[r] + (uint64_t) s * P.slot_bytes[r];
+    try { fn(src); } catch (...) { lock.lock(); sl.pins--; throw; }
+    lock.lock();
+    sl.pins--;
+}
+
+bool ExpertCache::resident(int il, int e) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return layers_[il].pool >= 0 && layers_[il].slot_of[e] >= 0;
+}
+
+double ExpertCache::hit_rate(int il, double prior) const {
+    const LayerStats & s = layers_[il].stats;
+    const uint64_t n = s.hits + s.misses;
+    return n ? (double) s.hits / (double) n : prior;
 }
 
 void ExpertCache::release(int il) {

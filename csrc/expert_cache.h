@@ -11,6 +11,7 @@
 #include <condition_variable>
 #include <cstdint>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <string>
 #include <thread>
@@ -37,6 +38,7 @@ struct Pool {
     int n_slots = 0;
     void * mem[3] = {nullptr, nullptr, nullptr};   // host arenas: our memory; device arenas: nullptr
     bool host = true;
+    bool own_mem = false;        // mem[] from posix_memalign (freed by us), not from a backend buffer
     ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
     ggml_tensor * arena[3] = {nullptr, nullptr, nullptr};   // [ne0, ne1, n_slots]
 };
@@ -82,8 +84,10 @@ public:
 
     // Set up: describe a MoE layer (its three fused tensors) before finalize().
     void add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
-    // Allocate pools. slots_per_layer[il] = quota (>= n_expert_used), 0 for non-MoE layers.
-    void finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend);
+    // Allocate pools. slots_per_layer[il] = quota (>= n_expert_used), 0 for non-MoE layers. host_buft: for a
+    // host (RAM) tier, the buffer type of its arenas (CUDA pinned memory); nullptr: our own aligned memory.
+    void finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
+                  ggml_backend_buffer_type_t host_buft = nullptr);
     size_t arena_bytes() const;
     static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
 
@@ -106,6 +110,16 @@ public:
     int quota(int il) const { return layers_[il].quota; }
 
     const Pool & pool_of(int il) const { return pools_[layers_[il].pool]; }
+    bool has_layer(int il) const { return layers_[il].pool >= 0; }
+
+    // Tiering (tiering.h). A cache with a tier 2 fills its slots from that cache's slots instead of
+    // from the file: this cache is VRAM, tier 2 is RAM, tier 2 reads the file.
+    void set_tier2(ExpertCache * t2) { tier2_ = t2; }
+    // Tier-2 side: make expert e of layer il ready in this (host) cache, pinned while fn(gate, up, down)
+    // reads it. Thread-safe; misses are read from the file in the calling thread.
+    void with_expert(int il, int e, const std::function<void(const void * const src[3])> & fn);
+    bool resident(int il, int e);           // held or on its way (ready or loading)
+    double hit_rate(int il, double prior) const;   // hits / accesses of the layer so far (prior when none)
     const std::vector<CacheLayer> & layers() const { return layers_; }
     void reset_stats();
     void reopen();                          // reopen the file (after it was replaced or repaired)
@@ -119,6 +133,7 @@ private:
     void check_on_disk(const CacheLayer & L, int expert);   // IOError if the file no longer holds it
     void read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap);
     void touch(Slot & s, CacheLayer & L);
+    void copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert);
 
     std::string path_;
     int fd_ = -1, fd_direct_ = -1;
@@ -141,6 +156,7 @@ private:
     std::vector<std::thread> io_threads_;
     bool io_stop_ = false;
     bool prefetch_ = true;
+    ExpertCache * tier2_ = nullptr;         // not owned
 };
 
 }  // namespace moelite

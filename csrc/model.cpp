@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cerrno>
 #include <cmath>
 #include <cstring>
@@ -41,13 +42,14 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
 #else
         throw BudgetError("this build of moelite has no CUDA support (rebuild with -DMOELITE_CUDA=ON)");
 #endif
-    } else {
-        backend_ = ggml_backend_cpu_init();
-        ggml_threadpool_params tpp = ggml_threadpool_params_default(opt_.n_threads);
-        threadpool_ = ggml_threadpool_new(&tpp);
-        ggml_backend_cpu_set_threadpool(backend_, threadpool_);
-        ggml_backend_cpu_set_n_threads(backend_, opt_.n_threads);
     }
+    // the CPU backend: the whole model on a CPU device; on a GPU, the experts the cost model keeps on the CPU
+    cpu_backend_ = ggml_backend_cpu_init();
+    ggml_threadpool_params tpp = ggml_threadpool_params_default(opt_.n_threads);
+    cpu_threadpool_ = ggml_threadpool_new(&tpp);
+    ggml_backend_cpu_set_threadpool(cpu_backend_, cpu_threadpool_);
+    ggml_backend_cpu_set_n_threads(cpu_backend_, opt_.n_threads);
+    if (!backend_) backend_ = cpu_backend_;
 
     const size_t n_tensors = idx_->tensors.size() + 16;
     ggml_init_params ip = {ggml_tensor_overhead() * n_tensors, nullptr, true};
@@ -90,12 +92,32 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         }
     cache_->finalize(quota, backend_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
+    if (tier2_) {                                 // RAM tier: quotas clamped like the arena's
+        if ((int) opt_.host_slots.size() != hp_.n_layer)
+            throw BudgetError("host_slots names " + std::to_string(opt_.host_slots.size()) + " layers, the model has " +
+                              std::to_string(hp_.n_layer));
+        std::vector<int> hq(hp_.n_layer, 0);
+        for (int il = 0; il < hp_.n_layer; ++il)
+            if (layers_[il].moe) hq[il] = std::min(std::max(opt_.host_slots[il], hp_.n_expert_used), hp_.n_expert);
+        ggml_backend_buffer_type_t pinned = nullptr;
+#ifdef MOELITE_CUDA
+        if (opt_.device == 1) pinned = ggml_backend_cuda_host_buffer_type();
+#endif
+        tier2_->finalize(hq, cpu_backend_, pinned);
+        tier2_->set_policy((Policy) opt_.policy, opt_.window_m);
+        cache_->set_tier2(tier2_.get());
+    }
+    cpu_experts_.assign(hp_.n_layer, 0);
     // offloaded: I/O threads read misses in parallel (and prefetches when enabled)
     if (!opt_.expert_slots.empty() && opt_.n_io_threads > 0) cache_->start_io(opt_.n_io_threads);
     cache_->set_prefetch(opt_.prefetch);
     alloc_kv();
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+    if (tier2_) {
+        galloc_cpu_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(cpu_backend_));
+        measure_costs();                          // before any expert is loaded: it writes into empty slots
+    }
 
     // fully resident: load every expert now so that the first tokens do not pay for disk reads
     if (opt_.expert_slots.empty()) {
@@ -103,19 +125,22 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         std::iota(ids.begin(), ids.end(), 0);
         for (int il = 0; il < hp_.n_layer; ++il)
             if (layers_[il].moe) { cache_->acquire(il, ids.data(), hp_.n_expert, slots.data()); cache_->release(il); }
-        cache_->reset_stats();
+        reset_stats();
     }
 }
 
 Model::~Model() {
     cache_.reset();
+    tier2_.reset();
     if (galloc_) ggml_gallocr_free(galloc_);
+    if (galloc_cpu_) ggml_gallocr_free(galloc_cpu_);
     if (buf_kv_) ggml_backend_buffer_free(buf_kv_);
     if (ctx_kv_) ggml_free(ctx_kv_);
     if (buf_w_) ggml_backend_buffer_free(buf_w_);
     if (ctx_w_) ggml_free(ctx_w_);
-    if (backend_) ggml_backend_free(backend_);
-    if (threadpool_) ggml_threadpool_free(threadpool_);
+    if (backend_ && backend_ != cpu_backend_) ggml_backend_free(backend_);
+    if (cpu_backend_) ggml_backend_free(cpu_backend_);
+    if (cpu_threadpool_) ggml_threadpool_free(cpu_threadpool_);
 }
 
 ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_dims_expect, std::vector<int64_t> shape) {
@@ -150,6 +175,7 @@ void Model::build_layers() {
     if (!rope_factors_) rope_factors_ = load_tensor("rope_freqs.weight", false, 1, {});
 
     cache_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
+    if (!opt_.host_slots.empty()) tier2_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
     layers_.resize(h.n_layer);
     const bool mla = h.kv_lora_rank > 0;
     const int64_t q_dim = (int64_t) h.n_head * h.n_embd_head_k, kv_dim = (int64_t) h.n_head_kv * h.n_embd_head_k,
@@ -222,6 +248,7 @@ void Model::build_layers() {
         const TensorInfo & u = expect_exps("ffn_up_exps.weight", E, n_ff);
         const TensorInfo & d = expect_exps("ffn_down_exps.weight", n_ff, E);
         cache_->add_layer(il, g, u, d);
+        if (tier2_) tier2_->add_layer(il, g, u, d);
         L.gate_inp = load_tensor(blk(il, "ffn_gate_inp.weight"), true, 2, {E, h.n_expert});
         L.gate_inp_b = load_tensor(blk(il, "ffn_gate_inp.bias"), false, 1, {h.n_expert});
         L.gate_exps_b = load_tensor(blk(il, "ffn_gate_exps.bias"), false, 2, {n_ff, h.n_expert});
@@ -538,10 +565,10 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
 // Routed experts of layer il through the slot arenas: hb [n_embd, 1, T'] with slot ids / expert ids [K', T']
 // -> per-expert outputs before weighting [n_embd, K', T']. Each output column depends only on its own
 // token and expert, whatever else is in the batch: the single-pass and the expert-major paths agree bit for bit.
-ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, ggml_tensor * hb, ggml_tensor * slots, ggml_tensor * eids) {
+ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
+                                ggml_tensor * eids) {
     const HParams & h = hp_;
     Layer & L = layers_[il];
-    const Pool & P = cache_->pool_of(il);
     ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K', T']
     ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
     if (L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
@@ -586,7 +613,7 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
     ggml_set_input(eids);
     ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
-    ggml_tensor * d = expert_ffn(ctx, il, ggml_reshape_3d(ctx, hn, h.n_embd, 1, T), slots, eids);
+    ggml_tensor * d = expert_ffn(ctx, il, cache_->pool_of(il), ggml_reshape_3d(ctx, hn, h.n_embd, 1, T), slots, eids);
     combine(ctx, gf, il, d, weights, t0, T);
     compute(ctx, gf, galloc_);
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
@@ -614,7 +641,7 @@ void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, co
     ggml_set_input(eids);
     ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
     ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
-    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, xs, slots, eids), h.n_embd, P);
+    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, cache_->pool_of(il), xs, slots, eids), h.n_embd, P);
     ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
     ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
     compute(ctx, gf, galloc_);
@@ -641,45 +668,191 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_free(ctx);
 }
 
-// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots: one pass.
-// Otherwise expert-major: groups of at most `quota` experts, each loaded once, then one combine.
+// The CPU half of the expert-major step (tiering.h): the pairs of experts held in tier 2 (RAM) are run by the
+// CPU backend from their RAM slots; the outputs go to ebuf_ rows t * K + k like run_expert_pairs'. On a GPU
+// this is one device -> host copy of the step's hidden states and one host -> device copy per pair row;
+// on a CPU device the same copies are memcpys, so the CPU build runs this code path too.
+void Model::run_expert_pairs_cpu(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                                 const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid) {
+    const HParams & h = hp_;
+    const int P = (int) tok.size();
+    std::vector<float> hn_host((size_t) h.n_embd * T);
+    ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
+    ggml_set_input(hn);
+    ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
+    ggml_set_input(t_idx);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(slots);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(eids);
+    ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
+    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, tier2_->pool_of(il), xs, slots, eids), h.n_embd, P);
+    ggml_set_output(d);
+    ggml_build_forward_expand(gf, d);
+    compute(ctx, gf, galloc_cpu_);
+    set_input(hn, hn_host.data(), ggml_nbytes(hn));
+    set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
+    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
+    if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
+    ggml_backend_graph_compute(cpu_backend_, gf);
+    std::vector<float> out((size_t) h.n_embd * P);
+    ggml_backend_tensor_get(d, out.data(), 0, out.size() * sizeof(float));
+    for (int i = 0; i < P; ++i)
+        ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd, (size_t) rows[i] * ebuf_->nb[1],
+                                (size_t) h.n_embd * sizeof(float));
+    ggml_free(ctx);
+}
+
+// Distinct experts of this step (ids [n]) that miss the arena and that the cost model runs on the CPU.
+std::vector<int32_t> Model::cpu_group(int il, const std::vector<int32_t> & ids, int n) {
+    std::vector<int32_t> out;
+    const Layer & L = layers_[il];
+    if (!tier2_ || opt_.cpu_compute == (int) CpuCompute::NEVER) return out;
+    // per-expert biases live with the dense weights: on a GPU they are not where the CPU could read them
+    if (backend_ != cpu_backend_ && (L.gate_exps_b || L.up_exps_b || L.down_exps_b)) return out;
+    std::vector<int> count(hp_.n_expert, 0);
+    std::vector<int32_t> order;
+    for (int i = 0; i < n; ++i)
+        if (count[ids[i]]++ == 0) order.push_back(ids[i]);
+    // reuse: the share of this layer's expert uses that found the expert in the arena
+    const LayerStats & st = cache_->layers()[il].stats;
+    const double uses = (double) (st.hits + st.misses + cpu_experts_[il]);
+    const double reuse = uses > 0 ? (double) st.hits / uses : 0.5;
+    for (int32_t e : order)
+        if (!cache_->resident(il, e) && run_on_cpu(costs_, (CpuCompute) opt_.cpu_compute, count[e], reuse))
+            out.push_back(e);
+    return out;
+}
+
+// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots and the CPU
+// runs none of them: one pass. Otherwise expert-major: groups of at most `quota` experts, each made
+// resident once (in the arena, or for the CPU's share in tier 2), then one combine.
 void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w) {
     const int K = hp_.n_expert_used, n = T * K;
-    std::vector<int32_t> slots((size_t) n);
-    if (cache_->distinct(ids.data(), n) <= cache_->quota(il)) {
+    const std::vector<int32_t> on_cpu = cpu_group(il, ids, n);
+    if (on_cpu.empty() && cache_->distinct(ids.data(), n) <= cache_->quota(il)) {
+        std::vector<int32_t> slots((size_t) n);
         cache_->acquire(il, ids.data(), n, slots.data());
         try { run_experts(il, 0, T, slots, w, ids); } catch (...) { cache_->release(il); throw; }
         cache_->release(il);
         return;
     }
-    std::vector<int32_t> experts;
     std::vector<char> seen(hp_.n_expert, 0);
+    for (int32_t e : on_cpu) seen[e] = 1;
+    std::vector<int32_t> experts;                 // the arena's share, in order of first use
     for (int i = 0; i < n; ++i)
         if (!seen[ids[i]]) { seen[ids[i]] = 1; experts.push_back(ids[i]); }
-    const int q = cache_->quota(il);
-    std::vector<int32_t> gslots, tok, sl, eid;
-    std::vector<int64_t> rows;
-    std::vector<int> slot_of(hp_.n_expert, -1);
-    for (size_t g0 = 0; g0 < experts.size(); g0 += q) {
-        const int gn = (int) std::min<size_t>(q, experts.size() - g0);
-        gslots.resize(gn);
-        cache_->acquire(il, &experts[g0], gn, gslots.data());
-        for (int i = 0; i < gn; ++i) slot_of[experts[g0 + i]] = gslots[i];
-        tok.clear(); rows.clear(); sl.clear(); eid.clear();
-        for (int i = 0; i < n; ++i) {
-            const int e = ids[i];
-            bool in_group = false;
-            for (int j = 0; j < gn && !in_group; ++j) in_group = experts[g0 + j] == e;
-            if (!in_group) continue;
-            tok.push_back(i / K);
-            rows.push_back(i);          // row t * K + k of ebuf_
-            sl.push_back(slot_of[e]);
-            eid.push_back(e);
+    auto run_groups = [&](ExpertCache & tier, const std::vector<int32_t> & list, bool cpu) {
+        const int q = tier.quota(il);
+        std::vector<int32_t> gslots, tok, sl, eid;
+        std::vector<int64_t> rows;
+        std::vector<int> slot_of(hp_.n_expert, -1);
+        for (size_t g0 = 0; g0 < list.size(); g0 += q) {
+            const int gn = (int) std::min<size_t>(q, list.size() - g0);
+            gslots.resize(gn);
+            std::fill(slot_of.begin(), slot_of.end(), -1);
+            tier.acquire(il, &list[g0], gn, gslots.data());
+            for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
+            tok.clear(); rows.clear(); sl.clear(); eid.clear();
+            for (int i = 0; i < n; ++i) {
+                const int e = ids[i];
+                if (slot_of[e] < 0) continue;     // not in this group
+                tok.push_back(i / K);
+                rows.push_back(i);                // row t * K + k of ebuf_
+                sl.push_back(slot_of[e]);
+                eid.push_back(e);
+            }
+            try {
+                if (cpu) run_expert_pairs_cpu(il, T, tok, rows, sl, eid);
+                else run_expert_pairs(il, T, tok, rows, sl, eid);
+            } catch (...) { tier.release(il); throw; }
+            tier.release(il);
         }
-        try { run_expert_pairs(il, T, tok, rows, sl, eid); } catch (...) { cache_->release(il); throw; }
-        cache_->release(il);
+    };
+    run_groups(*cache_, experts, false);
+    if (!on_cpu.empty()) {
+        run_groups(*tier2_, on_cpu, true);
+        cpu_experts_[il] += on_cpu.size();
     }
     run_combine(il, T, w);
+}
+
+// Seconds for one expert's three matrices over n tokens on `backend` (weights from the first slot of
+// layer il in pool P, which is empty: zeros), median of 3 after a warm-up.
+double Model::time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const Pool & P, int slot0, int il, int n) {
+    const HParams & h = hp_;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, 1, n);
+    ggml_set_input(x);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+    ggml_set_input(slots);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+    ggml_set_input(eids);
+    Layer & L = layers_[il];                      // time the matrices alone (biases may live on the other device)
+    ggml_tensor * saved[3] = {L.gate_exps_b, L.up_exps_b, L.down_exps_b};
+    L.gate_exps_b = L.up_exps_b = L.down_exps_b = nullptr;
+    ggml_tensor * d = expert_ffn(ctx, il, P, x, slots, eids);
+    L.gate_exps_b = saved[0]; L.up_exps_b = saved[1]; L.down_exps_b = saved[2];
+    ggml_build_forward_expand(gf, d);
+    compute(ctx, gf, galloc);
+    std::vector<float> xv((size_t) h.n_embd * n, 0.01f);
+    std::vector<int32_t> sv(n, slot0);
+    set_input(x, xv.data(), ggml_nbytes(x));
+    set_input(slots, sv.data(), ggml_nbytes(slots));
+    std::vector<double> t;
+    for (int rep = 0; rep < 4; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        ggml_backend_graph_compute(backend, gf);
+        ggml_backend_synchronize(backend);
+        if (rep) t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    ggml_free(ctx);
+    std::sort(t.begin(), t.end());
+    return t[t.size() / 2];
+}
+
+// The cost model's numbers, measured on this machine with the first MoE layer's shapes.
+void Model::measure_costs() {
+    int il = 0;
+    while (il < hp_.n_layer && !layers_[il].moe) ++il;
+    if (il == hp_.n_layer) return;
+    const Pool & P1 = cache_->pool_of(il);
+    const Pool & P2 = tier2_->pool_of(il);
+    const int s1 = cache_->layers()[il].base, s2 = tier2_->layers()[il].base;
+    const auto & src = cache_->layers()[il].src;
+    costs_.expert_bytes = (double) (src[0].nbytes + src[1].nbytes + src[2].nbytes);
+    // host -> device: tier-2 slot into the (still empty) first arena slot, both zeros
+    std::vector<double> t;
+    for (int rep = 0; rep < 4; ++rep) {
+        const auto t0 = std::chrono::steady_clock::now();
+        for (int r = 0; r < 3; ++r) {
+            const char * from = (const char *) P2.mem[r] + (uint64_t) s2 * P2.slot_bytes[r];
+            ggml_backend_tensor_set(P1.arena[r], from, (uint64_t) s1 * P1.slot_bytes[r], src[r].nbytes);
+        }
+        ggml_backend_synchronize(backend_);
+        if (rep) t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    }
+    std::sort(t.begin(), t.end());
+    costs_.h2d_bytes_per_s = costs_.expert_bytes / std::max(t[t.size() / 2], 1e-9);
+    const int nb = 32;                            // fixed part and per-token slope from 1 and nb tokens
+    const double c1 = time_expert(cpu_backend_, galloc_cpu_, P2, s2, il, 1);
+    const double cn = time_expert(cpu_backend_, galloc_cpu_, P2, s2, il, nb);
+    const double g1 = time_expert(backend_, galloc_, P1, s1, il, 1);
+    const double gn = time_expert(backend_, galloc_, P1, s1, il, nb);
+    costs_.cpu_per_token_s = std::max(0.0, (cn - c1) / (nb - 1));
+    costs_.cpu_fixed_s = std::max(0.0, c1 - costs_.cpu_per_token_s);
+    costs_.gpu_per_token_s = std::max(0.0, (gn - g1) / (nb - 1));
+    costs_.gpu_fixed_s = std::max(0.0, g1 - costs_.gpu_per_token_s);
+}
+
+void Model::reset_stats() {
+    cache_->reset_stats();
+    if (tier2_) tier2_->reset_stats();
+    cpu_experts_.assign(hp_.n_layer, 0);
 }
 
 void Model::run_output(int T, int n_out, float * logits) {

@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "expert_cache.h"
+#include "tiering.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
@@ -79,6 +80,10 @@ struct ModelOptions {
     int n_io_threads = 2;
     int device = 0;                               // 0: CPU; 1: CUDA (build with MOELITE_CUDA)
     int gpu = 0;                                  // CUDA device index
+    // tier 2 (tiering.h): per layer RAM slots between the expert arena and the file; empty = no tier 2.
+    // With device CPU the "VRAM" arena is host memory too: that runs the tiering logic on any machine.
+    std::vector<int> host_slots;
+    int cpu_compute = 1;                          // CpuCompute: 0 never, 1 cost model, 2 always
 };
 
 
@@ -96,6 +101,10 @@ public:
 
     const HParams & hparams() const { return hp_; }
     ExpertCache & cache() { return *cache_; }
+    ExpertCache * tier2() { return tier2_.get(); }
+    const CostModel & costs() const { return costs_; }
+    const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
+    void reset_stats();
     size_t dense_bytes() const { return dense_bytes_; }
     size_t kv_bytes() const { return kv_bytes_; }
     size_t scratch_bytes() const;
@@ -124,7 +133,14 @@ private:
     void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
                           const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid);
     void run_combine(int il, int T, const std::vector<float> & w);
-    ggml_tensor * expert_ffn(ggml_context * ctx, int il, ggml_tensor * hb, ggml_tensor * slots, ggml_tensor * eids);
+    ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
+                             ggml_tensor * eids);
+    // tiering: experts of this step that the CPU runs from tier 2, and the graph that does it
+    std::vector<int32_t> cpu_group(int il, const std::vector<int32_t> & ids, int n);
+    void run_expert_pairs_cpu(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                              const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid);
+    void measure_costs();
+    double time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const Pool & P, int slot0, int il, int n);
     void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);
     // ids/w/score: [T * k]; score = the value experts were ranked by (descending per token)
     void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
@@ -141,7 +157,6 @@ private:
     ModelOptions opt_;
     std::unique_ptr<GGUFIndex> idx_;
     ggml_backend_t backend_ = nullptr;
-    ggml_threadpool * threadpool_ = nullptr;
     ggml_context * ctx_w_ = nullptr;              // dense weight tensors
     ggml_backend_buffer_t buf_w_ = nullptr;
     ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors
@@ -152,7 +167,13 @@ private:
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
                 *output_b_ = nullptr, *rope_factors_ = nullptr;
     std::vector<Layer> layers_;
+    std::unique_ptr<ExpertCache> tier2_;          // declared before cache_: destroyed after it
     std::unique_ptr<ExpertCache> cache_;
+    ggml_backend_t cpu_backend_ = nullptr;        // runs tier-2 experts; == backend_ on a CPU device
+    ggml_threadpool * cpu_threadpool_ = nullptr;
+    ggml_gallocr_t galloc_cpu_ = nullptr;
+    CostModel costs_;
+    std::vector<uint64_t> cpu_experts_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
     ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,

@@ -26,9 +26,11 @@ import numpy as np
 from .. import _core
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .hparams import parse_hparams
-from .planner import Plan, parse_size, plan_memory
+from .planner import Plan, parse_size, plan_host_tier, plan_memory
 
 KV_TYPES = {"f32": 0, "f16": 1}
+# who runs an expert that misses the VRAM arena but sits in the RAM tier (csrc/tiering.h)
+CPU_COMPUTE = {"never": 0, "auto": 1, "always": 2}
 DEFAULT_MODEL = Path(__file__).parent.parent / "data" / "demo.gguf"   # no resolve(): dev trees use symlinks
 
 
@@ -95,12 +97,15 @@ class Model:
                  n_ctx: int | None = None, n_threads: int | None = None, n_ubatch: int | None = None, kv_type: str = "f16",
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
-                 vram_budget: str | int | None = None) -> None:
+                 vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
+                 cpu_compute: str = "auto") -> None:
         self.path = str(path) if path is not None else default_model_path()
         if not os.path.isfile(self.path):
             raise ModelFormatError(f"{self.path}: no such model file")
         if kv_type not in KV_TYPES:
             raise UsageError(f"kv_type {kv_type!r}: expected one of {', '.join(KV_TYPES)}")
+        if cpu_compute not in CPU_COMPUTE:
+            raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
         from ..cache_policies.registry import make_policy   # policy names and knobs live there
         with _core_errors(self.path):
@@ -125,14 +130,29 @@ class Model:
         if self.n_ctx < 8:
             raise UsageError(f"n_ctx={n_ctx}: expected at least 8")
         self.n_threads = int(n_threads) if n_threads else max(1, min(os.cpu_count() or 1, 8))
+        # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
+        shares = list(pol.shares) if pol.shares else None
         self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
                                       kv_elsize=4 if kv_type == "f32" else 2,
-                                      budget=parse_size(vram_budget if self.device == "cuda" and vram_budget else memory_budget),
-                                      shares=list(pol.shares) if pol.shares else None)
+                                      budget=parse_size(vram_budget if self.device == "cuda" else memory_budget),
+                                      shares=shares)
+        # the RAM tier between the arena and the file (csrc/tiering.h): on a GPU from memory_budget; given
+        # explicitly (host_slots) on any device, where on the CPU it runs the same tiering code on host memory
+        if host_slots is not None:
+            per = [int(host_slots)] * self.hparams["n_layer"] if isinstance(host_slots, int) else [int(x) for x in host_slots]
+            if len(per) != self.hparams["n_layer"]:
+                raise UsageError(f"host_slots names {len(per)} layers, the model has {self.hparams['n_layer']}")
+            self.host_slots = [n if b else 0 for n, b in zip(per, self.plan.expert_slot_bytes)]
+        elif self.device == "cuda":
+            self.host_slots = plan_host_tier(self.plan, parse_size(memory_budget), shares)
+        else:
+            self.host_slots = None
         options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=self.plan.n_ubatch, kv_type=KV_TYPES[kv_type],
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
-                       device=1 if self.device == "cuda" else 0, gpu=int(gpu))
+                       device=1 if self.device == "cuda" else 0, gpu=int(gpu),
+                       host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute])
+        self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
             self._m = _core.Model(self.path, self.hparams, options)
@@ -212,6 +232,8 @@ class Model:
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
+            "ram_tier_slots": self._core().tier2_quotas() or None, "cpu_compute": self.cpu_compute,
+            "tier_costs": self._core().costs() if self.host_slots else None,
         }
 
     # --- evaluation --------------------------------------------------------------------------------------
@@ -367,9 +389,17 @@ class Model:
         lookups = total["hits"] + total["misses"]
         total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
         st = self.last_stats
+        tier2 = self._core().tier2_stats()
+        ram = None
+        if tier2 is not None:                  # hits: served from RAM; misses: read from the file
+            ram = {k: sum((s[k] for s in tier2 if s), 0) for k in keys}
+            n = ram["hits"] + ram["misses"]
+            ram["hit_rate"] = ram["hits"] / n if n else 1.0
+            ram["cpu_experts"] = sum(self._core().cpu_experts())
         import psutil
         return {
             "total": total,
+            "ram_tier": ram,
             "per_layer": [dict(s, layer=i) for i, s in enumerate(per_layer) if s],
             "last_generation": {"prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
                                 "prompt_tok_s": st.prompt_tok_s, "decode_tok_s": st.decode_tok_s,
@@ -422,5 +452,6 @@ class Model:
 def load(path: str | os.PathLike | None = None, **options: Any) -> Model:
     """Open a MoE GGUF (or the embedded demo model when path is None). Options: memory_budget ('1.5GiB'),
     policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx, n_threads, n_ubatch,
-    kv_type ('f16' | 'f32'), record_trace."""
+    kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'), vram_budget, host_slots,
+    cpu_compute ('auto' | 'never' | 'always')."""
     return Model(path, **options)

@@ -125,20 +125,44 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
                           f"KV cache ({fmt_bytes(kv)}), scratch ({fmt_bytes(scratch)}) and {K} expert slots per MoE "
                           f"layer need at least {fmt_bytes(p.minimum_budget)}", minimum=p.minimum_budget)
     free = budget - dense - kv - scratch
-    moe = p.moe_layers
-    if sum(slot_bytes[i] * E for i in moe) <= free:
+    if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
         return p                                    # everything fits: fully resident
+    p.slots = _split_slots(p, free, shares)
+    return p
+
+
+def _split_slots(p: Plan, free: int, shares: list[float] | None) -> list[int]:
+    """Per-layer slot quotas for `free` bytes: each MoE layer its share (default equal), at least k, at most E."""
+    moe, E, K = p.moe_layers, p.n_expert, p.n_expert_used
     w = shares if shares is not None else [1.0 / len(moe)] * len(moe)
     if len(w) != len(moe):
         raise BudgetError(f"cache shares name {len(w)} layers, the model has {len(moe)} MoE layers")
-    slots = [0] * n_layer
+    slots = [0] * len(p.expert_slot_bytes)
     for share, il in zip(w, moe):
-        slots[il] = max(K, min(E, int(free * share // slot_bytes[il])))
+        slots[il] = max(K, min(E, int(free * share // p.expert_slot_bytes[il])))
     # the per-layer floor of K may overshoot: take slots back from the largest quotas
-    while sum(slots[i] * slot_bytes[i] for i in moe) > free:
+    while sum(slots[i] * p.expert_slot_bytes[i] for i in moe) > free:
         il = max((i for i in moe if slots[i] > K), key=lambda i: slots[i], default=None)
         if il is None:
             break
         slots[il] -= 1
-    p.slots = slots
-    return p
+    return slots
+
+
+def plan_host_tier(p: Plan, budget: int | None, shares: list[float] | None = None) -> list[int] | None:
+    """The RAM tier of a GPU run (csrc/tiering.h): per-layer host slots from `budget` bytes of RAM (None: 70 %
+    of available RAM), or None when the VRAM arena already holds every expert. The CPU graphs that run
+    experts from RAM need scratch too: the plan's scratch bound is kept aside."""
+    if p.slots is None:
+        return None
+    if budget is None:
+        budget = int(0.7 * psutil.virtual_memory().available)
+    minimum = p.scratch_bytes + sum(b * p.n_expert_used for b in p.expert_slot_bytes)
+    if budget < minimum:
+        raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small for the RAM tier: scratch "
+                          f"({fmt_bytes(p.scratch_bytes)}) and {p.n_expert_used} expert slots per MoE layer need at "
+                          f"least {fmt_bytes(minimum)}", minimum=minimum)
+    free = budget - p.scratch_bytes
+    if sum(b * p.n_expert for b in p.expert_slot_bytes) <= free:
+        return [p.n_expert if b else 0 for b in p.expert_slot_bytes]
+    return _split_slots(p, free, shares)
