@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 import moelite
-from moelite.runtime.planner import fmt_bytes
+from moelite.runtime.planner import budget_for_fraction, fmt_bytes
 
 POLICIES = ("lru", "lfu", "lfuda", "consistency")
 
@@ -52,7 +52,7 @@ def run_one(path: str, budget: int | None, policy: str, prefetch: bool, tokens: 
         "policy": policy, "prefetch": prefetch, "budget": budget, "slots": info["expert_slots"],
         "decode_tok_s": n / dt, "prefill_tok_s": len(ids) / t_prefill, "hit_rate": s["hit_rate"],
         "prefetch_precision": s["prefetch_hits"] / s["prefetch_issued"] if s["prefetch_issued"] else None,
-        "prefetch_recall": s["prefetch_hits"] / (s["prefetch_hits"] + s["misses"]) if lookups else None,
+        "prefetch_recall": s["prefetch_hits"] / (s["prefetch_hits"] + s["misses"]) if s["prefetch_hits"] + s["misses"] else None,
         "mb_read_per_token": s["bytes_read"] / n / 1e6, "stall_s_per_token": s["stall_s"] / n, "tokens": n,
     }
 
@@ -66,16 +66,17 @@ def main() -> None:
     ap.add_argument("--ctx", type=int, default=1024)
     ap.add_argument("--fractions", default="0.25,0.5,1.0")
     ap.add_argument("--out", default="bench/out/offload.json")
+    ap.add_argument("--md", default=None, help="also append the table as Markdown to this file")
     a = ap.parse_args()
     text = Path(a.prompt_file).read_text(errors="replace")[:4000] if a.prompt_file else None
     with moelite.load(a.model, n_ctx=a.ctx) as m:
         plan = m.plan
         path = m.path
-    base = plan.dense_bytes + plan.kv_bytes + plan.scratch_bytes
+        prompt_ids_used = prompt_ids(m, text, 128)
+        hp, tensors = m.hparams, m.tensors
     rows = []
     for frac in (float(f) for f in a.fractions.split(",")):
-        budget = int(base + frac * plan.expert_bytes_total) + (1 << 20)
-        budget = max(budget, plan.minimum_budget)
+        budget = budget_for_fraction(hp, tensors, n_ctx=a.ctx, kv_elsize=2, fraction=frac)
         for policy in POLICIES:
             for prefetch in (False, True):
                 r = run_one(path, budget, policy, prefetch, a.tokens, text, a.threads, a.ctx)
@@ -91,6 +92,16 @@ def main() -> None:
                   pct(r["hit_rate"]), pct(r["prefetch_precision"]), pct(r["prefetch_recall"]),
                   f"{r['mb_read_per_token']:.1f}", f"{1000 * r['stall_s_per_token']:.1f}")
     Console().print(t)
+    if a.md:
+        head = [c.header for c in t.columns]
+        md = [f"### {t.title}", "", f"{a.tokens} generated tokens (greedy) after a {len(prompt_ids_used)}-token prompt "
+              f"({'the start of ' + a.prompt_file if a.prompt_file else 'synthetic token ids'}), "
+              f"{a.threads} threads; hit rate, prefetch and reads over the generated tokens only.", "",
+              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        cells = [list(c._cells) for c in t.columns]
+        md += ["| " + " | ".join(col[i] for col in cells) + " |" for i in range(len(rows))]
+        with open(a.md, "a") as f:
+            f.write("\n".join(md) + "\n\n")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"model": path, "rows": rows}, indent=1))
 

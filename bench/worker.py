@@ -39,13 +39,14 @@ def run_moelite(a, prompt: list[int]) -> dict:
     opts = dict(n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8, policy=a.policy, prefetch=not a.no_prefetch,
                 use_calibration=not a.no_calibration)
     budget = a.budget
-    try:
-        m = moelite.load(a.model, memory_budget=budget, **opts)
-    except moelite.errors.BudgetError as e:
-        if not e.minimum:
-            raise
-        budget = e.minimum          # the cap is below what moelite can run in: run at its minimum, say so
-        m = moelite.load(a.model, memory_budget=budget, **opts)
+    while True:
+        try:
+            m = moelite.load(a.model, memory_budget=budget, **opts)
+            break
+        except moelite.errors.BudgetError as e:
+            if not e.minimum or (budget and e.minimum <= budget):
+                raise
+            budget = e.minimum      # the cap is below what moelite can run in: run at its minimum, say so
     io0 = proc_io_read_bytes()
     t0 = time.perf_counter()
     first = None
@@ -65,6 +66,17 @@ def run_moelite(a, prompt: list[int]) -> dict:
 
 def run_llama(a, prompt: list[int]) -> dict:
     from llama_cpp import Llama
+    if a.no_repack:
+        # llama.cpp's CPU "extra buffer types" repack Q4_K/Q4_0 weights into anonymous memory, which a memory
+        # cap cannot reclaim (the cgroup OOM-kills it); without them it runs from its mmap of the file
+        import llama_cpp.llama_cpp as C
+        default = C.llama_model_default_params
+
+        def no_extra_bufts():
+            p = default()
+            p.use_extra_bufts = False
+            return p
+        C.llama_model_default_params = no_extra_bufts
     llm = Llama(model_path=a.model, n_ctx=len(prompt) + a.gen + 8, n_threads=a.threads, n_threads_batch=a.threads,
                 n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
     io0 = proc_io_read_bytes()
@@ -95,6 +107,7 @@ def main() -> None:
     ap.add_argument("--policy", default=None)
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
+    ap.add_argument("--no-repack", action="store_true", help="llama.cpp: use_extra_bufts=false (no weight repacking)")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     a = ap.parse_args()
     if a.cgroup:

@@ -170,7 +170,10 @@ void bind_model(py::module_ & m) {
                  return d;
              }, "the tiering cost model measured at load (zeros without a RAM tier)")
         .def("reset_stats", &Model::reset_stats)
-        .def("reopen", [](Model & m) { m.cache().reopen(); });
+        .def("reopen", [](Model & m) {
+            m.cache().reopen();
+            if (m.tier2()) m.tier2()->reopen();
+        });
     // The tiering decision (tiering.h) on given numbers, for tests and `moelite plan`.
     m.def("tier_costs", [](const py::dict & c, int n, double reuse) {
             CostModel cm;

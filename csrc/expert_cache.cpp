@@ -9,6 +9,7 @@
 #include <chrono>
 #include <cstdlib>
 #include <cstring>
+#include <exception>
 
 #include "common.h"
 #include "ggml-cpu.h"
@@ -480,14 +481,13 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
         stalled = true;
         begin_load(L, v, e, false);
         lock.unlock();
-        bool ok = true;
-        try { read_expert(L, P, v, e); } catch (...) { ok = false; }
+        std::exception_ptr err;
+        try { read_expert(L, P, v, e); } catch (...) { err = std::current_exception(); }
         lock.lock();
-        if (!ok) {
+        if (err) {                                     // the slot is empty again; the caller gets the read's error
             S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1;
             loaded_.notify_all();
-            check_on_disk(L, e);                       // raises the precise error when the file changed
-            throw IOError(path_ + ": reading expert " + std::to_string(e) + " of layer " + std::to_string(il) + " failed");
+            std::rethrow_exception(err);
         }
         S[v].state = SLOT_READY;
         L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
@@ -515,10 +515,9 @@ bool ExpertCache::resident(int il, int e) {
     return layers_[il].pool >= 0 && layers_[il].slot_of[e] >= 0;
 }
 
-double ExpertCache::hit_rate(int il, double prior) const {
-    const LayerStats & s = layers_[il].stats;
-    const uint64_t n = s.hits + s.misses;
-    return n ? (double) s.hits / (double) n : prior;
+LayerStats ExpertCache::stats(int il) {
+    std::lock_guard<std::mutex> lock(mu_);
+    return layers_[il].stats;
 }
 
 void ExpertCache::release(int il) {

@@ -119,7 +119,7 @@ public:
     // reads it. Thread-safe; misses are read from the file in the calling thread.
     void with_expert(int il, int e, const std::function<void(const void * const src[3])> & fn);
     bool resident(int il, int e);           // held or on its way (ready or loading)
-    double hit_rate(int il, double prior) const;   // hits / accesses of the layer so far (prior when none)
+    LayerStats stats(int il);               // a consistent copy of one layer's counters
     const std::vector<CacheLayer> & layers() const { return layers_; }
     void reset_stats();
     void reopen();                          // reopen the file (after it was replaced or repaired)

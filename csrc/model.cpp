@@ -625,31 +625,58 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
 
 // Expert-major step for one group of resident experts: the P (token, k) pairs routed to them are gathered,
 // computed, and their outputs scattered into ebuf_ rows t * K + k.
+// on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
+// hidden states go to the host and the outputs come back into ebuf_ rows: device <-> host copies on a GPU,
+// memcpys on a CPU device (so the CPU build runs this code path too).
 void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                             const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid) {
+                             const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid, bool on_cpu) {
     const HParams & h = hp_;
     const int P = (int) tok.size(), K = h.n_expert_used;
+    std::vector<float> hn_host;
     ggml_context * ctx = begin_graph();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * hn;
+    if (on_cpu) {
+        hn_host.resize((size_t) h.n_embd * T);
+        ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
+        hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
+        ggml_set_input(hn);
+    } else {
+        hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
+    }
     ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
     ggml_set_input(t_idx);
-    ggml_tensor * r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, P);
-    ggml_set_input(r_idx);
     ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
     ggml_set_input(slots);
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
     ggml_set_input(eids);
-    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
     ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
-    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, cache_->pool_of(il), xs, slots, eids), h.n_embd, P);
-    ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
-    ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
-    compute(ctx, gf, galloc_);
+    const Pool & pool = on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
+    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, pool, xs, slots, eids), h.n_embd, P);
+    ggml_tensor * r_idx = nullptr;
+    if (on_cpu) {
+        ggml_set_output(d);
+        ggml_build_forward_expand(gf, d);
+    } else {
+        r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, P);
+        ggml_set_input(r_idx);
+        ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
+    }
+    compute(ctx, gf, on_cpu ? galloc_cpu_ : galloc_);
+    if (on_cpu) set_input(hn, hn_host.data(), ggml_nbytes(hn));
+    else set_input(r_idx, rows.data(), ggml_nbytes(r_idx));
     set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
-    set_input(r_idx, rows.data(), ggml_nbytes(r_idx));
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
     if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
-    ggml_backend_graph_compute(backend_, gf);
+    ggml_backend_graph_compute(on_cpu ? cpu_backend_ : backend_, gf);
+    if (on_cpu) {
+        std::vector<float> out((size_t) h.n_embd * P);
+        ggml_backend_tensor_get(d, out.data(), 0, out.size() * sizeof(float));
+        for (int i = 0; i < P; ++i)
+            ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd, (size_t) rows[i] * ebuf_->nb[1],
+                                    (size_t) h.n_embd * sizeof(float));
+    }
     ggml_free(ctx);
 }
 
@@ -668,44 +695,6 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_free(ctx);
 }
 
-// The CPU half of the expert-major step (tiering.h): the pairs of experts held in tier 2 (RAM) are run by the
-// CPU backend from their RAM slots; the outputs go to ebuf_ rows t * K + k like run_expert_pairs'. On a GPU
-// this is one device -> host copy of the step's hidden states and one host -> device copy per pair row;
-// on a CPU device the same copies are memcpys, so the CPU build runs this code path too.
-void Model::run_expert_pairs_cpu(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                                 const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid) {
-    const HParams & h = hp_;
-    const int P = (int) tok.size();
-    std::vector<float> hn_host((size_t) h.n_embd * T);
-    ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
-    ggml_context * ctx = begin_graph();
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
-    ggml_set_input(hn);
-    ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
-    ggml_set_input(t_idx);
-    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
-    ggml_set_input(slots);
-    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
-    ggml_set_input(eids);
-    ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
-    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, tier2_->pool_of(il), xs, slots, eids), h.n_embd, P);
-    ggml_set_output(d);
-    ggml_build_forward_expand(gf, d);
-    compute(ctx, gf, galloc_cpu_);
-    set_input(hn, hn_host.data(), ggml_nbytes(hn));
-    set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
-    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
-    if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
-    ggml_backend_graph_compute(cpu_backend_, gf);
-    std::vector<float> out((size_t) h.n_embd * P);
-    ggml_backend_tensor_get(d, out.data(), 0, out.size() * sizeof(float));
-    for (int i = 0; i < P; ++i)
-        ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd, (size_t) rows[i] * ebuf_->nb[1],
-                                (size_t) h.n_embd * sizeof(float));
-    ggml_free(ctx);
-}
-
 // Distinct experts of this step (ids [n]) that miss the arena and that the cost model runs on the CPU.
 std::vector<int32_t> Model::cpu_group(int il, const std::vector<int32_t> & ids, int n) {
     std::vector<int32_t> out;
@@ -718,7 +707,7 @@ std::vector<int32_t> Model::cpu_group(int il, const std::vector<int32_t> & ids, 
     for (int i = 0; i < n; ++i)
         if (count[ids[i]]++ == 0) order.push_back(ids[i]);
     // reuse: the share of this layer's expert uses that found the expert in the arena
-    const LayerStats & st = cache_->layers()[il].stats;
+    const LayerStats st = cache_->stats(il);
     const double uses = (double) (st.hits + st.misses + cpu_experts_[il]);
     const double reuse = uses > 0 ? (double) st.hits / uses : 0.5;
     for (int32_t e : order)
@@ -765,10 +754,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
                 sl.push_back(slot_of[e]);
                 eid.push_back(e);
             }
-            try {
-                if (cpu) run_expert_pairs_cpu(il, T, tok, rows, sl, eid);
-                else run_expert_pairs(il, T, tok, rows, sl, eid);
-            } catch (...) { tier.release(il); throw; }
+            try { run_expert_pairs(il, T, tok, rows, sl, eid, cpu); } catch (...) { tier.release(il); throw; }
             tier.release(il);
         }
     };

@@ -131,14 +131,12 @@ private:
     void run_output(int T, int n_out, float * logits);
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid);
+                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid, bool on_cpu);
     void run_combine(int il, int T, const std::vector<float> & w);
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
-    // tiering: experts of this step that the CPU runs from tier 2, and the graph that does it
+    // tiering: the experts of this step that the CPU runs from tier 2
     std::vector<int32_t> cpu_group(int il, const std::vector<int32_t> & ids, int n);
-    void run_expert_pairs_cpu(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                              const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid);
     void measure_costs();
     double time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const Pool & P, int slot0, int il, int n);
     void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);

@@ -166,3 +166,34 @@ def plan_host_tier(p: Plan, budget: int | None, shares: list[float] | None = Non
     if sum(b * p.n_expert for b in p.expert_slot_bytes) <= free:
         return [p.n_expert if b else 0 for b in p.expert_slot_bytes]
     return _split_slots(p, free, shares)
+
+
+def budget_for_fraction(hp: dict, tensors: dict, *, n_ctx: int, kv_elsize: int, fraction: float) -> int:
+    """The smallest memory budget whose plan (n_ubatch chosen as for that budget) holds at least `fraction` of
+    all expert slots; the minimum budget when that already does. For benchmarks and `moelite plan`."""
+    def plan(b: int) -> Plan:
+        return plan_memory(hp, tensors, n_ctx=n_ctx, n_ubatch=None, kv_elsize=kv_elsize, budget=b)
+
+    def held(p: Plan) -> float:
+        slots = p.slots or [p.n_expert if b else 0 for b in p.expert_slot_bytes]
+        return sum(slots) / (p.n_expert * len(p.moe_layers))
+
+    lo = 1
+    while True:             # the minimum grows with the budget (a larger budget picks a larger n_ubatch)
+        try:
+            p = plan(lo)
+            break
+        except BudgetError as e:
+            if not e.minimum or e.minimum <= lo:
+                raise
+            lo = e.minimum
+    if held(p) >= fraction:
+        return lo
+    hi = lo + p.dense_bytes + p.kv_bytes + p.scratch_bytes + p.expert_bytes_total
+    while hi - lo > 4096:                          # held() grows with the budget
+        mid = (lo + hi) // 2
+        if held(plan(mid)) >= fraction:
+            hi = mid
+        else:
+            lo = mid
+    return hi

@@ -41,3 +41,25 @@ def test_cuda_offloaded_equals_resident(family):
         assert o.generate(ids[:4], max_tokens=48, stop_ids=[]) == want
         assert float(np.abs(o.logits(ids) - want_logits).max()) <= LOGIT_TOL
         assert o.stats()["total"]["misses"] > 0
+
+
+@pytest.mark.parametrize("mode", ["never", "auto", "always"])
+def test_cuda_tiers_match_cpu(mode):
+    """VRAM arena at its minimum, a small RAM tier: misses are copied or run by the CPU (cost model)."""
+    _, path = fixture_gguf("qwen3_moe")
+    ids = list(range(5, 37))
+    with moelite.load(path, kv_type="f32", device="cpu", n_threads=2, n_ubatch=64) as c:
+        want = c.generate(ids[:4], max_tokens=48, stop_ids=[])
+        want_logits = c.logits(ids)
+        k = c.info()["n_expert_used"]
+    with moelite.load(path, kv_type="f32", device="cuda", n_ubatch=64) as r:
+        minimum = r.plan.minimum_budget
+    with moelite.load(path, kv_type="f32", device="cuda", n_ubatch=64, vram_budget=minimum, host_slots=k + 1,
+                      cpu_compute=mode) as g:
+        err = float(np.abs(g.logits(ids) - want_logits).max())
+        print(f"tiers {mode}: max |CPU - CUDA logit| = {err:.2e}, costs {g.info()['tier_costs']}")
+        assert err <= LOGIT_TOL
+        assert g.generate(ids[:4], max_tokens=48, stop_ids=[]) == want
+        st = g.stats()
+        assert st["ram_tier"]["misses"] > 0
+        assert (st["ram_tier"]["cpu_experts"] > 0) == (mode == "always") or mode == "auto"

@@ -1,6 +1,6 @@
 """Expert offloading never changes a result: with the smallest legal memory budget (n_expert_used slots per
 MoE layer, experts read from disk on every miss) logits and 64 greedy tokens equal the fully resident model
-bit for bit, for every policy."""
+bit for bit, for every policy, with and without prefetch."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,11 +30,13 @@ def resident():
 
 @pytest.mark.parametrize("family", RUNTIME_FAMILIES)
 @pytest.mark.parametrize("policy", POLICIES)
-def test_smallest_budget_is_bit_exact(resident, family, policy):
+@pytest.mark.parametrize("prefetch", [True, False])
+def test_smallest_budget_is_bit_exact(resident, family, policy, prefetch):
     path, (logits, greedy, _, info) = resident[family]
     with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
         minimum = m.plan.minimum_budget
-    lo, gr, stats, info_small = run(path, list(range(5, 37)), memory_budget=minimum, policy=policy, n_ubatch=64)
+    lo, gr, stats, info_small = run(path, list(range(5, 37)), memory_budget=minimum, policy=policy, n_ubatch=64,
+                                    prefetch=prefetch)
     k = info_small["n_expert_used"]
     assert info_small["offloaded"] and all(q in (0, k) for q in info_small["expert_slots"])
     assert np.array_equal(lo, logits)

@@ -27,13 +27,13 @@ def smallest(path, **kw):
     return moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=minimum, **kw)
 
 
-@pytest.mark.parametrize("prefetch", [False, True])
-def test_truncated_while_open(model_copy, prefetch):
+@pytest.mark.parametrize("prefetch,host_slots", [(False, None), (True, None), (True, 3)])
+def test_truncated_while_open(model_copy, prefetch, host_slots):
     original = model_copy.read_bytes()
     with moelite.load(model_copy, kv_type="f32", n_threads=1) as ref:
         want_a = ref.logits([11])
         want_b = ref.logits([40, 41, 42, 43, 44, 45])
-    m = smallest(model_copy, prefetch=prefetch)
+    m = smallest(model_copy, prefetch=prefetch, host_slots=host_slots)   # host_slots: a RAM tier reads the file
     assert np.array_equal(m.logits([11]), want_a)          # its experts are now cached
     first_expert = min(off for name, (_, _, off, _) in m.tensors.items() if "_exps" in name)
     with open(model_copy, "r+b") as f:
