@@ -437,7 +437,17 @@ def write_report(res: dict) -> None:
         x = np.arange(len(labels))
         ax.bar(x - 0.2, ours, 0.4, label="moelite")
         ax.bar(x + 0.2, theirs, 0.4, label="llama.cpp")
-        ax.set_xticks(x, [f"{l}" if l == "resident" else f"cap {l}%" for l in labels])
+        for xi, (o, t) in enumerate(zip(ours, theirs)):
+            if o and t:
+                ax.annotate(f"{o / t:.2f}x", (xi - 0.2, o), ha="center", va="bottom", fontsize=9)
+
+        def tick(sc: str) -> str:
+            if sc == "resident":
+                return sc
+            b = m["scenarios"][sc]["budget"]
+            uncapped = int(b * 1.1) + (96 << 20) >= m["sizes"]["file_size"]
+            return f"cap {sc}%" + ("\n(file fits llama.cpp's\ncgroup: not capped)" if uncapped else "")
+        ax.set_xticks(x, [tick(l) for l in labels])
         ax.set_ylabel("decode tokens/s (median)")
         ax.set_title(f"{name} ({m['sizes']['file_size'] / 2**30:.2f} GiB, {res['threads']} threads)")
         ax.legend()
