@@ -39,6 +39,9 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
+    # Ctrl-C is part of this app's interface (stop an answer; a hint at the prompt). A process started in the
+    # background of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with load_model(args) as model:
         budget = model.plan.budget
         console.print(f"[bold]{escape(model_name(model))}[/] · policy {model.policy.name} · "
