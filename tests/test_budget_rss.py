@@ -19,7 +19,9 @@ CHILD = r"""
 import json, resource, sys
 import psutil
 import moelite
-base = psutil.Process().memory_info().rss                   # interpreter + numpy + moelite imported
+from moelite import _core
+_core.cuda_device_count()             # a CUDA build initializes its runtime here (~150 MB, even with no GPU)
+base = psutil.Process().memory_info().rss                   # interpreter + numpy + moelite + backend runtimes
 with moelite.load(sys.argv[1], memory_budget=sys.argv[2], n_ctx=256, n_threads=2, policy="lfuda") as m:
     ids = m.generate([5, 6, 7, 8], max_tokens=64, stop_ids=[])
     st = m.stats()["total"]
