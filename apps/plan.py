@@ -23,6 +23,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", nargs="?", metavar="MODEL", help="a .gguf file or a Hugging Face directory (default: demo)")
     p.add_argument("--memory", "--memory-budget", "-m", dest="memory_budget", type=budget_arg, required=True,
                    metavar="SIZE", help="memory budget, e.g. 4GiB")
+    p.add_argument("--vram", type=budget_arg, metavar="SIZE",
+                   help="plan a GPU run: SIZE of VRAM for dense weights, KV cache and the expert arena; --memory is "
+                        "then the RAM tier between VRAM and disk")
     p.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
     p.add_argument("--convert-type", default="q8_0", metavar="TYPE", help="type when MODEL is a HF directory")
     p.add_argument("--remeasure", action="store_true", help="measure memory and disk bandwidth again")
@@ -47,6 +50,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"model     {path}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
           f"({full.n_expert_used} used per token), n_ctx {n_ctx}")
     print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")
+    if args.vram:
+        return _plan_gpu(hp, tensors, parse_size(args.vram), budget, kw)
     try:
         plan = plan_memory(hp, tensors, budget=budget, **kw)
     except BudgetError as e:
@@ -68,6 +73,32 @@ def main(args: argparse.Namespace) -> int:
     print(f"machine   memory {fmt_bytes(bw['mem_bw'])}/s · disk {fmt_bytes(bw['disk_bw'])}/s ({bw['disk_method']}; "
           f"cached in {_machine_file()})")
     print(f"speed     {lo:.1f} - {hi:.1f} tok/s decode (bandwidth roofline, an upper bound; compute not counted)")
+    return 0
+
+
+def _plan_gpu(hp: dict, tensors: dict, vram: int, ram: int, kw: dict) -> int:
+    """VRAM (dense, KV cache, scratch, expert arena) -> RAM tier -> disk, as moelite.load(device="cuda",
+    vram_budget=vram, memory_budget=ram) would place them (csrc/tiering.h)."""
+    from ..runtime.planner import fmt_bytes, plan_host_tier, plan_memory
+    try:
+        vplan = plan_memory(hp, tensors, budget=vram, **kw)
+        host = plan_host_tier(vplan, ram)
+    except BudgetError as e:
+        print(f"fits      NO: {e}")
+        return 1
+    E, moe = vplan.n_expert, vplan.moe_layers
+    arena = vplan.slots or [E if b else 0 for b in vplan.expert_slot_bytes]
+    in_vram = sum(s * b for s, b in zip(arena, vplan.expert_slot_bytes))
+    print(f"VRAM      dense {fmt_bytes(vplan.dense_bytes)} · KV cache {fmt_bytes(vplan.kv_bytes)} · scratch "
+          f"{fmt_bytes(vplan.scratch_bytes)} · experts {fmt_bytes(in_vram)} ({_span([arena[i] for i in moe])} of {E} "
+          f"slots per layer)")
+    if host is None:
+        print("RAM       no tier needed: VRAM holds every expert")
+        return 0
+    in_ram = sum(s * b for s, b in zip(host, vplan.expert_slot_bytes))
+    print(f"RAM       expert tier {fmt_bytes(in_ram)} ({_span([host[i] for i in moe])} of {E} slots per layer, pinned)")
+    print(f"disk      {fmt_bytes(max(vplan.expert_bytes_total - in_ram, 0))} of experts read on demand")
+    print("speed     not predicted for a GPU: moelite measures the copy and CPU costs at load (Model.info()['tier_costs'])")
     return 0
 
 

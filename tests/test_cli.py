@@ -113,6 +113,17 @@ def test_plan(fixture, capsys, cache_home):
     assert rc == 1 and "NO" in out and "too small" in out
 
 
+def test_plan_gpu_tiers(fixture, capsys):
+    vram = _offload_budget(fixture[1])                       # an arena smaller than the experts
+    rc, out, err = cli(capsys, "plan", fixture[1], "--vram", str(vram), "--memory", "1GiB")
+    assert rc == 0, err
+    assert "VRAM" in out and "RAM       expert tier" in out and "pinned" in out
+    rc, out, _ = cli(capsys, "plan", fixture[1], "--vram", "1GiB", "--memory", "1GiB")
+    assert rc == 0 and "no tier needed" in out
+    rc, out, _ = cli(capsys, "plan", fixture[1], "--vram", str(vram), "--memory", "10KiB")
+    assert rc == 1 and "NO" in out and "RAM tier" in out
+
+
 def _offload_budget(path) -> int:
     """The smallest budget (in 64 KiB steps) under which the model runs with fewer slots than experts."""
     import moelite
