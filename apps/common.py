@@ -33,22 +33,29 @@ nonneg_float = _number(float, 0, "a number >= 0")
 port_number = _number(int, 0, "a port number (0-65535)", 65535)
 
 
-def budget_arg(text: str) -> str:
-    from ..runtime.planner import parse_size
-    try:
-        parse_size(text)
-    except BudgetError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+def _checked(check):
+    """An argparse type that keeps the text when check(text) passes and turns its moelite error into a usage error."""
+    def parse(text: str) -> str:
+        try:
+            check(text)
+        except (BudgetError, UsageError) as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+        return text
+    return parse
 
 
-def policy_arg(text: str) -> str:
+def _parse_size(text: str) -> None:
+    from ..runtime.planner import parse_size      # imported late: `moelite --help` stays fast
+    parse_size(text)
+
+
+def _policy_id(text: str) -> None:
     from ..cache_policies.registry import policy_id
-    try:
-        policy_id(text)
-    except UsageError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
-    return text
+    policy_id(text)
+
+
+budget_arg = _checked(_parse_size)
+policy_arg = _checked(_policy_id)
 
 
 def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:

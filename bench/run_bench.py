@@ -299,14 +299,10 @@ def calibrated_link(name: str, path: str, budget: int, a) -> str:
     benchmark prompt (the repo's docs and code)."""
     import moelite
     opts = dict(n_ctx=a.prompt_tokens + a.gen + 8, use_calibration=False)
-    while True:
-        try:
-            m = moelite.load(path, memory_budget=budget, **opts)
-            break
-        except moelite.errors.BudgetError as e:
-            if not e.minimum or e.minimum <= budget:
-                raise
-            budget = e.minimum
+    try:
+        m = moelite.load(path, memory_budget=budget, **opts)
+    except moelite.errors.BudgetError as e:
+        m = moelite.load(path, memory_budget=e.minimum, **opts)
     with m:
         slots = [s for s in (m.plan.slots or []) if s]
         fraction = sum(slots) / (len(slots) * m.plan.n_expert) if slots else 1.0

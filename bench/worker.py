@@ -39,14 +39,13 @@ def run_moelite(a, prompt: list[int]) -> dict:
     opts = dict(n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8, policy=a.policy, prefetch=not a.no_prefetch,
                 use_calibration=not a.no_calibration)
     budget = a.budget
-    while True:
-        try:
-            m = moelite.load(a.model, memory_budget=budget, **opts)
-            break
-        except moelite.errors.BudgetError as e:
-            if not e.minimum or (budget and e.minimum <= budget):
-                raise
-            budget = e.minimum      # the cap is below what moelite can run in: run at its minimum, say so
+    try:
+        m = moelite.load(a.model, memory_budget=budget, **opts)
+    except moelite.errors.BudgetError as e:
+        if not e.minimum:
+            raise
+        budget = e.minimum          # the cap is below what moelite can run in: run at its minimum, say so
+        m = moelite.load(a.model, memory_budget=budget, **opts)
     io0 = proc_io_read_bytes()
     t0 = time.perf_counter()
     first = None

@@ -215,6 +215,23 @@ int ExpertCache::choose_victim(CacheLayer & L, Pool & P, const std::vector<char>
     return best;
 }
 
+// A victim slot for expert e of layer L, waiting while every evictable slot is still being read; -1 when e
+// itself became resident meanwhile (a prefetch or another thread brought it). mu_ held (through lock).
+int ExpertCache::victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L, Pool & P,
+                            const std::vector<char> & needed, int e) {
+    const auto & S = slots_[L.pool];
+    for (;;) {
+        if (L.slot_of[e] >= 0) return -1;
+        const int v = choose_victim(L, P, needed);
+        if (v >= 0) return v;
+        bool loading = false;
+        for (int q = L.base; q < L.base + L.quota; ++q) loading |= S[q].state == SLOT_LOADING;
+        if (!loading)
+            throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(&L - layers_.data()));
+        loaded_.wait(lock);
+    }
+}
+
 void ExpertCache::read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap) {
     // O_DIRECT when offset is page aligned and the rounded read stays inside the file and the slot
     const uint64_t n_up = round_up(n, kPage);
@@ -392,11 +409,6 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
         if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
     if ((int) distinct.size() > L.quota) return false;
     const auto t0 = std::chrono::steady_clock::now();
-    auto any_loading = [&] {
-        for (int q = L.base; q < L.base + L.quota; ++q)
-            if (S[q].state == SLOT_LOADING) return true;
-        return false;
-    };
     // 1. misses get a victim slot each (never a pinned, loading or needed one) and are read in parallel by
     //    the I/O threads, ahead of queued prefetches; with no I/O threads they are read here, one by one
     int n_missed = 0;
@@ -406,13 +418,8 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
             continue;
         }
         check_on_disk(L, e);                              // fail before evicting anything
-        int v = choose_victim(L, P, needed);
-        while (v < 0 && L.slot_of[e] < 0) {               // every free slot is being read: wait for one
-            if (!any_loading()) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
-            loaded_.wait(lock);
-            v = choose_victim(L, P, needed);
-        }
-        if (L.slot_of[e] >= 0) continue;                  // a prefetch brought it meanwhile
+        const int v = victim_for(lock, L, P, needed, e);
+        if (v < 0) continue;                              // a prefetch brought it meanwhile
         L.stats.misses++;
         ++n_missed;
         begin_load(L, v, e, false);
@@ -468,17 +475,10 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
         check_on_disk(L, e);
         std::vector<char> needed(n_expert_, 0);
         needed[e] = 1;
-        const int v = choose_victim(L, P, needed);
-        if (v < 0) {
-            bool loading = false;
-            for (int q = L.base; q < L.base + L.quota; ++q) loading |= S[q].state == SLOT_LOADING;
-            if (!loading) throw BudgetError("RAM tier: no evictable slot in layer " + std::to_string(il));
-            stalled = true;
-            loaded_.wait(lock);
-            continue;
-        }
-        L.stats.misses++;
         stalled = true;
+        const int v = victim_for(lock, L, P, needed, e);
+        if (v < 0) continue;                           // another thread brought it meanwhile
+        L.stats.misses++;
         begin_load(L, v, e, false);
         lock.unlock();
         std::exception_ptr err;

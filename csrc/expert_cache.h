@@ -126,6 +126,8 @@ public:
 
 private:
     int choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now);
+    int victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L, Pool & P, const std::vector<char> & needed,
+                   int e);
     void load(CacheLayer & L, Pool & P, int slot, int expert);                  // sync; mu_ held
     void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING

@@ -383,18 +383,12 @@ class Model:
     # --- cache introspection -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         per_layer = self._core().cache_stats()
-        keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
-                "evictions", "stall_s")
-        total = {k: sum((s[k] for s in per_layer if s), 0) for k in keys}
-        lookups = total["hits"] + total["misses"]
-        total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
+        total = _sum_layers(per_layer)
         st = self.last_stats
         tier2 = self._core().tier2_stats()
         ram = None
         if tier2 is not None:                  # hits: served from RAM; misses: read from the file
-            ram = {k: sum((s[k] for s in tier2 if s), 0) for k in keys}
-            n = ram["hits"] + ram["misses"]
-            ram["hit_rate"] = ram["hits"] / n if n else 1.0
+            ram = _sum_layers(tier2)
             ram["cpu_experts"] = sum(self._core().cpu_experts())
         import psutil
         return {
@@ -447,6 +441,16 @@ class Model:
 
     def __repr__(self) -> str:
         return f"<moelite.Model {self.hparams['arch']} {Path(self.path).name} policy={self.policy.name}>"
+
+
+def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
+    """One tier's per-layer cache counters summed over its MoE layers, plus the pooled hit rate."""
+    keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
+            "evictions", "stall_s")
+    total = {k: sum((s[k] for s in per_layer if s), 0) for k in keys}
+    lookups = total["hits"] + total["misses"]
+    total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
+    return total
 
 
 def load(path: str | os.PathLike | None = None, **options: Any) -> Model:

@@ -106,14 +106,19 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
         return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20)
 
-    auto = n_ubatch is None
-    n_ubatch = n_ubatch or 512
-    if auto and budget is not None:   # a tight budget prefers smaller prompt chunks over fewer expert slots
-        while n_ubatch > 16 and scratch_for(n_ubatch) > 0.1 * budget:
-            n_ubatch //= 2
-    scratch = scratch_for(n_ubatch)
-    kv += 4 * n_ubatch * (3 * hp["n_embd"] + 2 * E + K * hp["n_embd"])   # state between the layer graphs
-    p = Plan(dense, kv, scratch, slot_bytes, E, K, None, budget, n_ubatch)
+    def ubatch_for(b: int | None) -> int:
+        t = n_ubatch or 512
+        if n_ubatch is None and b is not None:   # a tight budget prefers smaller prompt chunks over fewer slots
+            while t > 16 and scratch_for(t) > 0.1 * b:
+                t //= 2
+        return t
+
+    def plan_for(b: int | None) -> Plan:
+        t = ubatch_for(b)
+        state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * hp["n_embd"])    # state between the layer graphs
+        return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t)
+
+    p = plan_for(budget)
     if budget is None:
         avail = psutil.virtual_memory().available
         if p.resident_bytes <= 0.85 * avail:
@@ -121,10 +126,14 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         budget = int(0.7 * avail)
         p.budget = budget
     if budget < p.minimum_budget:
+        # the least budget that plans: a larger budget may pick a larger n_ubatch, which needs more scratch
+        least = plan_for(p.minimum_budget)
+        while least.minimum_budget > least.budget:
+            least = plan_for(least.minimum_budget)
         raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
-                          f"KV cache ({fmt_bytes(kv)}), scratch ({fmt_bytes(scratch)}) and {K} expert slots per MoE "
-                          f"layer need at least {fmt_bytes(p.minimum_budget)}", minimum=p.minimum_budget)
-    free = budget - dense - kv - scratch
+                          f"KV cache ({fmt_bytes(least.kv_bytes)}), scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
+                          f"expert slots per MoE layer need at least {fmt_bytes(least.budget)}", minimum=least.budget)
+    free = budget - dense - p.kv_bytes - p.scratch_bytes
     if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
         return p                                    # everything fits: fully resident
     p.slots = _split_slots(p, free, shares)
@@ -178,15 +187,12 @@ def budget_for_fraction(hp: dict, tensors: dict, *, n_ctx: int, kv_elsize: int, 
         slots = p.slots or [p.n_expert if b else 0 for b in p.expert_slot_bytes]
         return sum(slots) / (p.n_expert * len(p.moe_layers))
 
-    lo = 1
-    while True:             # the minimum grows with the budget (a larger budget picks a larger n_ubatch)
-        try:
-            p = plan(lo)
-            break
-        except BudgetError as e:
-            if not e.minimum or e.minimum <= lo:
-                raise
-            lo = e.minimum
+    try:
+        lo = 1
+        p = plan(lo)
+    except BudgetError as e:
+        lo = e.minimum
+        p = plan(lo)
     if held(p) >= fraction:
         return lo
     hi = lo + p.dense_bytes + p.kv_bytes + p.scratch_bytes + p.expert_bytes_total
