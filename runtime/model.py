@@ -142,6 +142,8 @@ class Model:
             per = [int(host_slots)] * self.hparams["n_layer"] if isinstance(host_slots, int) else [int(x) for x in host_slots]
             if len(per) != self.hparams["n_layer"]:
                 raise UsageError(f"host_slots names {len(per)} layers, the model has {self.hparams['n_layer']}")
+            if any(n < 1 for n, b in zip(per, self.plan.expert_slot_bytes) if b):
+                raise UsageError(f"host_slots {host_slots!r}: expected at least 1 slot per MoE layer")
             self.host_slots = [n if b else 0 for n, b in zip(per, self.plan.expert_slot_bytes)]
         elif self.device == "cuda":
             self.host_slots = plan_host_tier(self.plan, parse_size(memory_budget), shares)

@@ -139,3 +139,5 @@ def test_bad_tier_options():
         moelite.load(path, cpu_compute="sometimes")
     with pytest.raises(moelite.errors.UsageError, match="host_slots"):
         moelite.load(path, host_slots=[4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4, 4])
+    with pytest.raises(moelite.errors.UsageError, match="host_slots"):
+        moelite.load(path, host_slots=0)
