@@ -59,11 +59,11 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
             n_threads: int = 2) -> ConvertReport:
     """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
 
-    type: f32, f16, bf16, q8_0, q4_0, q4_k, q6_k, q4_k_m, or keep (GGUF input only: re-align, keep types).
+    type: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k (any case), or keep (GGUF
+    input only: re-align, keep types).
     Raises moelite.errors.ConversionError; on any failure no file is left at `out`."""
     timer = gguf_out.Timer()
-    if type not in quant.TYPES:
-        raise ConversionError(f"unknown output type {type!r}; expected one of {', '.join(quant.TYPES)}")
+    type = quant.canonical_type(type)                  # case-insensitive; ConversionError if unknown
     out = Path(out)
     source = open_source(src)
     if isinstance(source, GGUFSource):

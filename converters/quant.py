@@ -3,11 +3,15 @@
 Rules (llama.cpp's, re-stated):
 - Never quantized, always F32: tensors with fewer than 2 non-trivial dims (norms, biases, sinks,
   exp_probs_b), routers (`ffn_gate_inp.weight`), anything not ending in "weight".
-- Plain types (f16, bf16, q8_0, q4_0, q4_k, q6_k) apply to every other tensor ("pure").
-- q4_k_m mixes like llama.cpp's Q4_K_M (src/llama-quant.cpp): base Q4_K; output.weight Q6_K;
-  attn_v / attn_kv_b Q6_K on "more bits" layers (first 1/8, last 1/8, every third between) or Q8_0 for
-  8-expert models; attn_k Q8_0 and attn_output Q5_K for 8-expert models; every ffn_down* (experts,
-  shared, dense) Q6_K on "more bits" layers.
+- Plain types (f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k) apply to every other tensor ("pure").
+- The mixes follow llama.cpp's (src/llama-quant.cpp); output.weight is Q6_K in all of them; for 8-expert
+  models attn_v / attn_kv_b is Q8_0, attn_k Q8_0 and attn_output Q5_K.
+  q5_k_m / q4_k_m: base Q5_K / Q4_K; attn_v / attn_kv_b and every ffn_down* (experts, shared, dense) Q6_K
+  on "more bits" layers (first 1/8, last 1/8, every third between).
+  q3_k_m: base Q3_K; attn_v Q5_K for the first two, then Q4_K; ffn_down Q5_K in the first 1/16 of the
+  layers, then Q4_K; attn_output Q4_K.
+  q2_k: base Q2_K; attn_v Q4_K (llama.cpp's choice for n_gqa >= 4), ffn_down Q3_K, attn_output Q3_K.
+- Type names are case-insensitive (Q4_K_M = q4_k_m).
 - Fallback when a row (ne[0]) is not a multiple of the block size: q4_k -> q5_0, q5_k -> q5_1,
   q6_k -> q8_0 (llama.cpp's table), then any 32-block type -> f16 (and f16 always fits). Each fallback
   is reported.
@@ -30,11 +34,22 @@ from moelite.errors import ConversionError
 from .lazy import OPAQUE, Lazy
 
 TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
-         "q6_k": T.Q6_K, "q4_k_m": T.Q4_K, "keep": None}
+         "q5_k": T.Q5_K, "q6_k": T.Q6_K, "q5_k_m": T.Q5_K, "q4_k_m": T.Q4_K, "q3_k_m": T.Q3_K, "q2_k": T.Q2_K,
+         "keep": None}
 FILE_TYPES = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
-              "q4_0": FT.MOSTLY_Q4_0, "q4_k": FT.MOSTLY_Q4_K_S, "q6_k": FT.MOSTLY_Q6_K, "q4_k_m": FT.MOSTLY_Q4_K_M}
-FALLBACK = {T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q8_0: T.F16, T.Q4_0: T.F16, T.Q5_0: T.F16,
+              "q4_0": FT.MOSTLY_Q4_0, "q4_k": FT.MOSTLY_Q4_K_S, "q5_k": FT.MOSTLY_Q5_K_S, "q6_k": FT.MOSTLY_Q6_K,
+              "q5_k_m": FT.MOSTLY_Q5_K_M, "q4_k_m": FT.MOSTLY_Q4_K_M, "q3_k_m": FT.MOSTLY_Q3_K_M, "q2_k": FT.MOSTLY_Q2_K}
+MIXES = ("q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
+FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q8_0: T.F16, T.Q4_0: T.F16, T.Q5_0: T.F16,
             T.Q5_1: T.F16, T.Q4_1: T.F16, T.MXFP4: T.Q8_0}
+
+
+def canonical_type(name: str) -> str:
+    """A user's output type name -> its key in TYPES (case-insensitive); ConversionError listing them if unknown."""
+    key = str(name).strip().lower()
+    if key not in TYPES:
+        raise ConversionError(f"unknown output type {name!r}; expected one of {', '.join(TYPES)} (any case)")
+    return key
 
 
 def _core():
@@ -78,8 +93,7 @@ class Planned:
 
 
 def plan(tensors: list[tuple[str, Lazy]], type_name: str, n_layer: int, n_expert: int) -> list[Planned]:
-    if type_name not in TYPES:
-        raise ConversionError(f"unknown output type {type_name!r}; expected one of {', '.join(TYPES)}")
+    type_name = canonical_type(type_name)
     base = TYPES[type_name]
     n_attn_v = sum(1 for n, _ in tensors if re.search(r"attn_(v|kv_b|qkv)\.weight$", n))
     i_attn_v = 0
@@ -95,8 +109,8 @@ def plan(tensors: list[tuple[str, Lazy]], type_name: str, n_layer: int, n_expert
             want = T.MXFP4  # GPT-OSS MXFP4 experts are copied losslessly whatever the output type
         else:
             want = base
-            if type_name == "q4_k_m":
-                want = _q4_k_m(name, n_layer, n_expert, i_attn_v, n_attn_v)
+            if type_name in MIXES:
+                want = _mix(type_name, name, n_layer, n_expert, i_attn_v, n_attn_v)
         if re.search(r"attn_(v|kv_b|qkv)\.weight$", name):
             i_attn_v += 1
         got = want
@@ -116,22 +130,34 @@ def _raw_type(t: Lazy) -> int | None:
     return t.raw_type
 
 
-def _q4_k_m(name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn_v: int) -> int:
+def _mix(mix: str, name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn_v: int) -> int:
+    """The type of one tensor in llama.cpp's mix `mix` (see the module docstring)."""
     m = re.match(r"blk\.(\d+)\.", name)
     bid = int(m.group(1)) if m else 0
+    base = TYPES[mix]
     if name == "output.weight":
         return T.Q6_K
     if re.search(r"attn_(v|kv_b|qkv)\.weight$", name):
         if n_expert == 8:
             return T.Q8_0
-        return T.Q6_K if _more_bits(i_attn_v, n_attn_v) else T.Q4_K
+        if mix == "q3_k_m":
+            return T.Q5_K if i_attn_v < 2 else T.Q4_K
+        if mix == "q2_k":
+            return T.Q4_K
+        return T.Q6_K if _more_bits(i_attn_v, n_attn_v) else base
     if name.endswith("attn_k.weight") and n_expert == 8:
         return T.Q8_0
-    if name.endswith("attn_output.weight") and n_expert == 8:
-        return T.Q5_K
-    if "ffn_down" in name and _more_bits(bid, n_layer):
-        return T.Q6_K
-    return T.Q4_K
+    if name.endswith("attn_output.weight"):
+        if n_expert == 8:
+            return T.Q5_K
+        return {"q3_k_m": T.Q4_K, "q2_k": T.Q3_K}.get(mix, base)
+    if "ffn_down" in name:
+        if mix == "q3_k_m":
+            return T.Q5_K if bid < n_layer // 16 else T.Q4_K
+        if mix == "q2_k":
+            return T.Q3_K
+        return T.Q6_K if _more_bits(bid, n_layer) else base
+    return base
 
 
 def encode(p: Planned, n_threads: int) -> np.ndarray:
