@@ -1,4 +1,7 @@
 // pybind11 bindings: moelite._core. Thin: conversions between numpy/Python and the C++ core only.
+#include <cstdio>
+#include <cstring>
+
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -11,8 +14,29 @@
 namespace py = pybind11;
 using namespace moelite;
 
-static py::object gguf_value(gguf_context * ctx, int64_t k, gguf_type t, size_t i = (size_t) -1) {
-    // i == -1: scalar value of key k; otherwise element i of array key k (only for strings here)
+// printable form of a name that may not be UTF-8 (for error messages)
+static std::string escaped(const char * s) {
+    std::string out;
+    for (const unsigned char * p = (const unsigned char *) s; *p; ++p) {
+        if (*p >= 0x20 && *p < 0x7f) { out += (char) *p; continue; }
+        char buf[8];
+        snprintf(buf, sizeof buf, "\\x%02x", *p);
+        out += buf;
+    }
+    return out;
+}
+
+// strict UTF-8 decoding: GGUF strings come from untrusted files; `what` names the key or tensor
+static py::str utf8(const char * s, const std::string & what) {
+    PyObject * o = PyUnicode_DecodeUTF8(s, (Py_ssize_t) strlen(s), "strict");
+    if (!o) {
+        PyErr_Clear();
+        throw FormatError(what + " is not valid UTF-8");
+    }
+    return py::reinterpret_steal<py::str>(o);
+}
+
+static py::object gguf_value(gguf_context * ctx, int64_t k, gguf_type t) {
     switch (t) {
         case GGUF_TYPE_UINT8: return py::int_(gguf_get_val_u8(ctx, k));
         case GGUF_TYPE_INT8: return py::int_(gguf_get_val_i8(ctx, k));
@@ -25,7 +49,8 @@ static py::object gguf_value(gguf_context * ctx, int64_t k, gguf_type t, size_t 
         case GGUF_TYPE_FLOAT32: return py::float_(gguf_get_val_f32(ctx, k));
         case GGUF_TYPE_FLOAT64: return py::float_(gguf_get_val_f64(ctx, k));
         case GGUF_TYPE_BOOL: return py::bool_(gguf_get_val_bool(ctx, k));
-        case GGUF_TYPE_STRING: return py::str(gguf_get_val_str(ctx, k));
+        case GGUF_TYPE_STRING:
+            return utf8(gguf_get_val_str(ctx, k), "the value of key '" + escaped(gguf_get_key(ctx, k)) + "'");
         default: return py::none();
     }
 }
@@ -70,13 +95,14 @@ static py::dict read_gguf(const std::string & path) {
     py::dict kv;
     for (int64_t k = 0; k < gguf_get_n_kv(idx.ctx); ++k) {
         const gguf_type t = gguf_get_kv_type(idx.ctx, k);
-        kv[py::str(gguf_get_key(idx.ctx, k))] = t == GGUF_TYPE_ARRAY ? gguf_array(idx.ctx, k) : gguf_value(idx.ctx, k, t);
+        const char * key = gguf_get_key(idx.ctx, k);
+        kv[utf8(key, "metadata key '" + escaped(key) + "'")] = t == GGUF_TYPE_ARRAY ? gguf_array(idx.ctx, k) : gguf_value(idx.ctx, k, t);
     }
     py::list tensors;
     for (const auto & t : idx.tensors) {
         py::tuple shape(t.n_dims);
         for (int d = 0; d < t.n_dims; ++d) shape[d] = t.ne[d];
-        tensors.append(py::make_tuple(t.name, (int) t.type, shape, t.offset, t.nbytes));
+        tensors.append(py::make_tuple(utf8(t.name.c_str(), "tensor name '" + escaped(t.name.c_str()) + "'"), (int) t.type, shape, t.offset, t.nbytes));
     }
     py::dict out;
     out["kv"] = kv;

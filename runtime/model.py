@@ -25,7 +25,7 @@ import numpy as np
 
 from .. import _core
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
-from .hparams import parse_hparams
+from .validate import load_hparams
 from .planner import Plan, parse_size, plan_host_tier, plan_memory
 
 KV_TYPES = {"f32": 0, "f16": 1}
@@ -113,7 +113,7 @@ class Model:
         self.kv: dict[str, Any] = meta["kv"]
         self.tensors = {name: (typ, shape, off, nbytes) for name, typ, shape, off, nbytes in meta["tensors"]}
         self.alignment = meta["alignment"]
-        self.hparams = parse_hparams(self.path, self.kv, self.tensors)
+        self.hparams = load_hparams(self.path, self.kv, self.tensors)   # parse_hparams + runtime/validate.py
         calib = self._calibration() if use_calibration else {}
         if policy is None:                      # calibrated choice (moelite analyze), else LRU
             policy = str(calib.get("policy", "lru"))

@@ -1,0 +1,257 @@
+"""The GGUF border: every hyperparameter and tensor a model file gives the C++ core is checked here, once,
+before anything is allocated, so that file content can never reach a GGML_ASSERT, a hang or a huge allocation.
+
+`load_hparams(path, kv, tensors)` is what `Model` calls: raw-key checks that `parse_hparams` relies on (a zero
+head count, an array or NaN where a count belongs, a block count of 6e18), then `parse_hparams`, then
+`validate_hparams` (ranges and consistency of its dict, table-driven: unknown keys get the generic rules, and
+a key holding a list has each item checked) and `validate_tensors` (ggml types each consuming op supports,
+F32 where ggml's binary ops need it, shapes the graph uses, byte sizes and data ranges). Every failure is a
+ModelFormatError naming the file, the key or tensor, the value and what was expected.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ..errors import ModelFormatError
+from .hparams import ARCHS, parse_hparams
+
+INT32_MAX = 2**31 - 1
+FLOAT32_MAX = float(np.finfo(np.float32).max)   # the C++ core keeps floats as float32
+
+
+@dataclass(frozen=True)
+class Rule:
+    """What one value may be: an integer in [lo, hi] (and within +-int_max), or a finite float32 >= lo (> lo
+    unless closed) and <= hi. kind "int" or "real" demands that kind; "any" takes either (and bools, strings)."""
+    kind: str = "any"
+    lo: float = -math.inf
+    hi: float = math.inf
+    closed: bool = True
+    int_max: int = INT32_MAX             # the C++ core takes int32
+
+    def problem(self, v: Any) -> str | None:
+        """None when v satisfies the rule, else what was expected."""
+        if isinstance(v, (bool, np.bool_, str)):
+            return None if self.kind == "any" else f"expected {'an integer' if self.kind == 'int' else 'a number'}"
+        if isinstance(v, (int, np.integer)):
+            lo, hi = max(self.lo, -self.int_max - 1), min(self.hi, self.int_max)
+            return None if lo <= int(v) <= hi else f"expected an integer in [{_num(lo)}, {_num(hi)}]"
+        if isinstance(v, (float, np.floating)):
+            if self.kind == "int":
+                return "expected an integer"
+            f = float(v)
+            if not (math.isfinite(f) and abs(f) <= FLOAT32_MAX):
+                return "expected a finite float32"
+            if (f >= self.lo if self.closed else f > self.lo) and f <= self.hi:
+                return None
+            return f"expected {'>=' if self.closed else '>'} {_num(self.lo)}" + (
+                f" and <= {_num(self.hi)}" if self.hi < math.inf else "")
+        return f"expected a number, got {type(v).__name__}"
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else repr(x)
+
+
+COUNT, COUNT0, REAL, POSITIVE = Rule("int", 1), Rule("int", 0), Rule("real"), Rule("real", 0.0, closed=False)
+GENERIC = Rule()
+RAW_NUMBER = Rule(int_max=2**64)        # any stored integer, a finite float
+
+# hparams field -> (rule, GGUF key suffix under '{arch}.' it comes from, or None)
+HP_RULES: dict[str, tuple[Rule, str | None]] = {
+    "n_embd": (COUNT, "embedding_length"),
+    "n_layer": (COUNT, "block_count"),
+    "n_head": (COUNT, "attention.head_count"),
+    "n_head_kv": (COUNT, "attention.head_count_kv"),
+    "n_embd_head_k": (COUNT, "attention.key_length"),
+    "n_embd_head_v": (COUNT, "attention.value_length"),
+    "n_rot": (COUNT, "rope.dimension_count"),
+    "n_expert": (Rule("int", 2), "expert_count"),
+    "n_expert_used": (COUNT, "expert_used_count"),
+    "n_layer_dense_lead": (COUNT0, "leading_dense_block_count"),
+    "q_lora_rank": (COUNT0, "attention.q_lora_rank"),
+    "kv_lora_rank": (COUNT0, "attention.kv_lora_rank"),
+    "n_swa": (COUNT0, "attention.sliding_window"),
+    "n_group": (COUNT, "expert_group_count"),
+    "topk_group": (COUNT, "expert_group_used_count"),
+    "context_length": (COUNT, "context_length"),
+    "n_ctx_orig": (COUNT, "rope.scaling.original_context_length"),
+    "n_vocab": (COUNT, None),
+    "norm_eps": (POSITIVE, "attention.layer_norm_rms_epsilon"),
+    "freq_base": (POSITIVE, "rope.freq_base"),
+    "freq_scale": (POSITIVE, "rope.scaling.factor"),
+    "swa_layers": (Rule("int", 0, 1), "attention.sliding_window_pattern"),
+    "qk_norm": (COUNT0, None),
+    "rope_type": (COUNT0, None),
+    "gating": (COUNT0, "expert_gating_func"),
+    "act": (COUNT0, None),
+    "jitter_eps": (Rule("real", 0.0), "expert_router_jitter"),
+}
+
+# raw GGUF keys parse_hparams computes with (divides by, takes the log of, allocates per layer)
+RAW_RULES: dict[str, Rule] = {
+    "embedding_length": COUNT, "block_count": COUNT, "attention.head_count": COUNT, "attention.head_count_kv": COUNT,
+    "attention.key_length": COUNT, "attention.value_length": COUNT, "attention.key_length_mla": COUNT,
+    "attention.value_length_mla": COUNT, "expert_count": COUNT0, "expert_used_count": COUNT0,
+    "rope.scaling.factor": Rule("real", 0.0), "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
+    "attention.layer_norm_rms_epsilon": POSITIVE, "attention.layer_norm_epsilon": POSITIVE,
+}
+
+# ggml types with a CPU vec_dot kernel (ggml/src/ggml-cpu/ggml-cpu.c, type_traits_cpu[].vec_dot): the types
+# ggml_mul_mat / ggml_mul_mat_id accept as weights; get_rows dequantizes the same types. Absent on purpose:
+# Q8_1 (9), Q8_K (15), I8..I64 (24..27), F64 (28): no vec_dot, the CPU backend crashes on them.
+VEC_DOT_TYPES = {
+    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
+    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
+    40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
+}
+F32 = 0
+# tensors ggml adds / multiplies elementwise or reads as float arrays: must be F32 (binary ops assert on others)
+_F32_NAME = re.compile(r"(norm\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight)$")
+_BLK = re.compile(r"blk\.(\d+)\.")
+
+
+def _fail(path: str, what: str, v: Any, expected: str) -> ModelFormatError:
+    return ModelFormatError(f"{path}: {what} = {_short(v)}: {expected}")
+
+
+def _short(v: Any) -> str:
+    s = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+    return s if len(s) <= 80 else s[:77] + "..."
+
+
+def _check_value(path: str, what: str, v: Any, rule: Rule) -> None:
+    """v or, for a list / array, each of its items satisfies rule."""
+    items = list(np.asarray(v).ravel()) if isinstance(v, (list, tuple, np.ndarray)) else [v]
+    for i, x in enumerate(items):
+        problem = rule.problem(x.item() if isinstance(x, np.generic) else x)
+        if problem:
+            where = f"{what}[{i}]" if len(items) > 1 or isinstance(v, (list, tuple, np.ndarray)) else what
+            raise _fail(path, where, x, problem)
+
+
+def n_blocks(tensors: dict[str, tuple]) -> int:
+    """Number of distinct `blk.N.` indices among the tensors."""
+    return len({m.group(1) for name in tensors if (m := _BLK.match(name))})
+
+
+def check_raw_keys(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> None:
+    """The keys parse_hparams computes with, before it runs (it divides by head counts, allocates per layer)."""
+    arch = kv.get("general.architecture")
+    if not isinstance(arch, str) or arch not in ARCHS:
+        return                                           # parse_hparams names the problem
+    for suffix, rule in RAW_RULES.items():
+        key = f"{arch}.{suffix}"
+        if key in kv:
+            _check_value(path, f"key '{key}'", kv[key], rule)
+    for key, v in kv.items():                           # every number of the architecture is finite
+        if key.startswith(arch + ".") and not isinstance(v, str):
+            _check_value(path, f"key '{key}'", v, RAW_NUMBER)
+    blocks = kv.get(f"{arch}.block_count")
+    if isinstance(blocks, (int, float, np.ndarray)) and np.size(blocks) and np.max(blocks) > n_blocks(tensors):
+        raise _fail(path, f"key '{arch}.block_count'", blocks,
+                    f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks 'blk.N')")
+    emb = tensors.get("token_embd.weight")
+    if emb is not None and len(emb[1]) != 2:
+        raise ModelFormatError(f"{path}: tensor 'token_embd.weight' has shape {list(emb[1])}, expected 2-D [n_embd, n_vocab]")
+
+
+def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | None = None) -> None:
+    """Ranges and consistency of the dict parse_hparams returns (see module docstring)."""
+    arch = hp.get("arch", "?")
+
+    def name(field: str) -> str:
+        key = HP_RULES.get(field, (None, None))[1]
+        return f"hyperparameter '{field}'" + (f" (key '{arch}.{key}')" if key else "")
+
+    for field, v in hp.items():
+        _check_value(path, name(field), v, HP_RULES.get(field, (GENERIC, None))[0])
+
+    def need(ok: bool, field: str, expected: str) -> None:
+        if not ok:
+            raise _fail(path, name(field), hp[field], expected)
+
+    need(hp["n_head"] % hp["n_head_kv"] == 0, "n_head_kv", f"expected a divisor of n_head = {hp['n_head']}")
+    need(hp["n_rot"] % 2 == 0 and hp["n_rot"] <= hp["n_embd_head_k"], "n_rot",
+         f"expected an even number <= the head size {hp['n_embd_head_k']}")
+    need(hp["n_expert_used"] <= hp["n_expert"], "n_expert_used", f"expected <= n_expert = {hp['n_expert']}")
+    need(hp["n_expert"] % hp["n_group"] == 0, "n_group", f"expected a divisor of n_expert = {hp['n_expert']}")
+    need(hp["topk_group"] <= hp["n_group"], "topk_group", f"expected <= n_group = {hp['n_group']}")
+    need(hp["n_expert_used"] <= hp["topk_group"] * (hp["n_expert"] // hp["n_group"]), "n_expert_used",
+         f"expected <= the experts of topk_group = {hp['topk_group']} groups")
+    need(hp["n_layer_dense_lead"] < hp["n_layer"], "n_layer_dense_lead", f"expected < n_layer = {hp['n_layer']}")
+    if "swa_layers" in hp:
+        need(len(hp["swa_layers"]) == hp["n_layer"], "swa_layers", f"expected {hp['n_layer']} entries (one per layer)")
+    if tensors is not None:
+        need(hp["n_layer"] <= n_blocks(tensors), "n_layer",
+             f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks)")
+
+
+def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | None = None) -> None:
+    """Types, byte sizes, data ranges and (with hp) the shapes the graph relies on beyond what the C++ core checks."""
+    from .. import _core
+    file_size = os.path.getsize(path)
+    for name, (typ, shape, offset, nbytes) in tensors.items():
+        if any(int(d) < 1 for d in shape):
+            raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(shape)}, expected every dimension >= 1")
+        n = math.prod(int(d) for d in shape)
+        blck = _core.block_size(typ)
+        if shape[0] % blck or _core.row_size(typ, shape[0]) * (n // shape[0]) != nbytes:
+            raise ModelFormatError(f"{path}: tensor '{name}' of type {_core.type_name(typ).upper()} and shape {list(shape)} "
+                                   f"claims {nbytes} bytes")
+        if offset < 0 or offset + nbytes > file_size:
+            raise ModelFormatError(f"{path}: tensor '{name}' data [{offset}, {offset + nbytes}) lies outside the file "
+                                   f"({file_size} bytes)")
+        if _F32_NAME.search(name):
+            if typ != F32:
+                raise ModelFormatError(f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, expected F32")
+        elif typ not in VEC_DOT_TYPES:
+            raise ModelFormatError(f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, which ggml's matrix "
+                                   f"multiply does not support; expected one of {', '.join(VEC_DOT_TYPES.values())}")
+    if hp is not None:
+        _check_shapes(path, tensors, hp)
+
+
+def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> None:
+    """Shapes the C++ core uses without checking every dimension."""
+    def shape(name: str) -> list[int] | None:
+        t = tensors.get(name)
+        return None if t is None else [int(d) for d in t[1]]
+
+    def expect(name: str, want: list[int]) -> None:
+        got = shape(name)
+        if got is not None and got != want:
+            raise ModelFormatError(f"{path}: tensor '{name}' has shape {got}, expected {want}")
+
+    for name in ("rope_freqs.weight", *(n for n in tensors if n.startswith("rope_factors_"))):
+        expect(name, [hp["n_rot"] // 2])
+    E = hp["n_embd"]
+    for il in range(hp["n_layer"]):
+        b = f"blk.{il}."
+        expect(b + "exp_probs_b.bias", [hp["n_expert"]])
+        for kind in ("", "_shexp"):
+            gate = shape(f"{b}ffn_gate{kind}.weight")
+            if gate is not None and len(gate) == 2:
+                expect(f"{b}ffn_up{kind}.weight", gate)
+                expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
+
+
+def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> dict[str, Any]:
+    """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError."""
+    check_raw_keys(path, kv, tensors)
+    try:
+        hp = parse_hparams(path, kv, tensors)
+    except ModelFormatError:
+        raise
+    except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:
+        raise ModelFormatError(f"{path}: invalid hyperparameters ({type(e).__name__}: {e})") from None
+    validate_hparams(path, hp, tensors)
+    validate_tensors(path, tensors, hp)
+    return hp
