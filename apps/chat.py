@@ -12,7 +12,8 @@ import sys
 from rich.markup import escape
 
 from ..errors import MoeliteError
-from .common import add_common, add_sampling, cache_counts, load_model, model_name, nonneg_int, status_line
+from .common import (PrefillProgress, add_common, add_sampling, cache_counts, context_note, load_model, memory_text,
+                     model_name, status_line)
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "chat"
@@ -26,7 +27,6 @@ COMMANDS = {"/help": "show this help", "/reset": "forget the conversation", "/st
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--system", help="system message")
-    p.add_argument("-n", "--max-tokens", type=nonneg_int, default=512, help="tokens per answer at most (default 512)")
     add_sampling(p)
 
 
@@ -66,7 +66,11 @@ def main(args: argparse.Namespace) -> int:
                 continue
             history.append({"role": "user", "content": line})
             try:
-                answer = _answer(model, _fit(model, history), console, args, sampling, stop)
+                dropped = _fit(model, history)
+                if dropped:
+                    console.print(f"(the {dropped} oldest message{'s' if dropped > 1 else ''} no longer fit the "
+                                  f"context of {model.n_ctx} tokens and were dropped)", style="dim")
+                answer = _answer(model, history, console, args, sampling, stop)
             except MoeliteError as e:           # e.g. a message longer than the context: say so, keep chatting
                 history.pop()
                 console.print(f"error: {escape(str(e))}", style="red")
@@ -78,13 +82,14 @@ def _initial(args: argparse.Namespace) -> list[dict]:
     return [{"role": "system", "content": args.system}] if args.system else []
 
 
-def _fit(model, history: list[dict]) -> list[dict]:
-    """Drop the oldest turns (never the system message or the new question) until the prompt leaves at least
-    a quarter of the context for the answer."""
+def _fit(model, history: list[dict]) -> int:
+    """Drop the oldest messages (never the system message or the new question) until the prompt leaves at least
+    a quarter of the context for the answer; how many were dropped."""
     first = 1 if history and history[0]["role"] == "system" else 0
+    n = len(history)
     while len(prompt_ids(model, messages=history)) > 0.75 * model.n_ctx and len(history) - first > 1:
         del history[first]
-    return history
+    return n - len(history)
 
 
 def _answer(model, history: list[dict], console, args, sampling: dict, stop: list[str]) -> str:
@@ -93,6 +98,7 @@ def _answer(model, history: list[dict], console, args, sampling: dict, stop: lis
     stream = TextStream(model, prompt_ids(model, messages=history), max_tokens=args.max_tokens, stop=stop,
                         ignore_eos=args.ignore_eos, **sampling)
     old = signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
+    model.prefill_progress = PrefillProgress()
     try:
         for piece in stream:
             sys.stdout.write(piece.translate(_CONTROL))
@@ -102,6 +108,9 @@ def _answer(model, history: list[dict], console, args, sampling: dict, stop: lis
     sys.stdout.write("\n")
     if stream.finish_reason == "cancelled":
         console.print("^C answer stopped", style="yellow")
+    note = context_note(model, stream)
+    if note:
+        console.print(f"({note})", style="yellow")
     console.print(status_line(model, stream, before), style="dim")
     return stream.text
 
@@ -131,7 +140,7 @@ def print_stats(model, console) -> None:
     t = s["total"]
     console.print(f"cache: policy {s['policy']} · {t['hits']} hits · {t['misses']} misses · "
                   f"hit rate {100 * t['hit_rate']:.1f} % · {_fmt(t['bytes_read'])} read · "
-                  f"stall {t['stall_s']:.3f} s · RSS {_fmt(s['rss_bytes'])}")
+                  f"stall {t['stall_s']:.3f} s · {memory_text(model, s)}")
     table = Table("layer", "slots", "hits", "misses", "hit rate", "read", "stall s")
     slots = model.info()["expert_slots"]
     for row in s["per_layer"]:

@@ -1,12 +1,15 @@
 """The `moelite` command: one argparse parser with a subcommand per module (chat, run, convert, plan,
 analyze, serve). User errors print one line `moelite: error: ...` and exit 2 (bad usage) or 1 (the model or
-the machine failed); `--verbose` shows the traceback."""
+the machine failed); any other exception is a bug: one line that says so and asks for a report, exit 1.
+`--verbose` shows the traceback (and the native libraries' own stderr lines, hidden otherwise). Warnings are
+one line `moelite: warning: ...`."""
 from __future__ import annotations
 
 import argparse
 import sys
 import traceback
-from typing import NoReturn
+import warnings
+from typing import Any, NoReturn
 
 from ..errors import MoeliteError, UsageError
 
@@ -47,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
+    warnings.showwarning = _show_warning
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -59,14 +63,23 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(args, e, 2 if isinstance(e, UsageError) else 1)
     except OSError as e:             # port in use, unwritable cache dir, ...
         return _fail(args, e, 1)
+    except Exception as e:           # a bug in moelite: say so in one line
+        return _fail(args, e, 1, bug=True)
 
 
-def _fail(args: argparse.Namespace, e: BaseException, code: int) -> int:
+def _fail(args: argparse.Namespace, e: BaseException, code: int, bug: bool = False) -> int:
     if getattr(args, "verbose", False):
         traceback.print_exc()
     msg = " ".join(str(e).split()) or type(e).__name__
+    if bug:
+        msg = (f"internal error ({type(e).__name__}: {msg}); please report it with the command line"
+               + ("" if getattr(args, "verbose", False) else " and the output of --verbose"))
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
+
+
+def _show_warning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    print(f"{PROG}: warning: {' '.join(str(message).split())}", file=file or sys.stderr)
 
 
 if __name__ == "__main__":

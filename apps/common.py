@@ -3,8 +3,13 @@ Face directory converted on the fly, or the embedded demo), and the one status l
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +34,7 @@ def _number(kind: type, lo: float | None, what: str, hi: float | None = None):
 
 positive_int = _number(int, 1, "an integer >= 1")
 nonneg_int = _number(int, 0, "an integer >= 0")
+seed_int = _number(int, -1, "an integer >= 0 (or -1: random)")
 nonneg_float = _number(float, 0, "a number >= 0")
 port_number = _number(int, 0, "a port number (0-65535)", 65535)
 
@@ -58,33 +64,59 @@ budget_arg = _checked(_parse_size)
 policy_arg = _checked(_policy_id)
 
 
+def add_model_arg(p: argparse.ArgumentParser, help: str) -> None:
+    """MODEL as a positional argument or as -m/--model (llama.cpp's spelling)."""
+    p.add_argument("model_pos", nargs="?", metavar="MODEL", help=help)
+    p.add_argument("-m", "--model", dest="model_opt", metavar="MODEL", help="the same as MODEL")
+
+
+def model_arg(args: argparse.Namespace) -> str | None:
+    pos, opt = getattr(args, "model_pos", None), getattr(args, "model_opt", None)
+    if pos is not None and opt is not None and pos != opt:
+        raise UsageError(f"two models given: {pos!r} and -m {opt!r}")
+    return pos if pos is not None else opt
+
+
 def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     """The flags every model-running command takes."""
     if model:
-        p.add_argument("model", nargs="?", metavar="MODEL",
-                       help="a .gguf file or a Hugging Face model directory (default: the embedded demo model)")
+        add_model_arg(p, "a .gguf file or a Hugging Face model directory (default: the embedded demo model)")
+    from ..runtime.planner import SIZE_RULE
     g = p.add_argument_group("model options")
-    g.add_argument("--memory-budget", "-m", type=budget_arg, metavar="SIZE",
-                   help="memory for everything (dense weights, KV cache, expert slots), e.g. 1.5GiB, 800MB "
-                        "(default: all resident if it fits in free RAM)")
+    g.add_argument("--memory-budget", "-M", type=budget_arg, metavar="SIZE",
+                   help=f"memory for everything (dense weights, KV cache, expert slots), e.g. 1.5GiB, 800MB ({SIZE_RULE}; "
+                        "default: all resident if it fits in free RAM)")
     g.add_argument("--policy", type=policy_arg, default=None,
                    help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lru)")
     g.add_argument("--threads", "-t", type=positive_int, help="compute threads (default: cores, at most 8)")
     g.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
     g.add_argument("--convert-type", default=DEFAULT_CONVERT_TYPE, metavar="TYPE",
                    help=f"tensor type when MODEL is a Hugging Face directory (default {DEFAULT_CONVERT_TYPE})")
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                   help="where the dense part and the expert arena live (default auto: cuda when built and visible)")
+    g.add_argument("--vram-budget", type=budget_arg, metavar="SIZE",
+                   help="on cuda: VRAM for dense weights, KV cache and the expert arena; --memory-budget is then the "
+                        "RAM tier between VRAM and disk")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
+                   help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
+                        "on the GPU and streams experts; it does not split layers)")
 
 
-def add_sampling(p: argparse.ArgumentParser, *, temperature: float = 0.8, top_p: float = 0.95) -> None:
-    g = p.add_argument_group("sampling")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=nonneg_float, default=temperature,
-                   help=f"0 = greedy (default {temperature})")
-    g.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely tokens (default 0 = off)")
-    g.add_argument("--top-p", type=nonneg_float, default=top_p, help=f"nucleus sampling mass (default {top_p})")
-    g.add_argument("--min-p", type=nonneg_float, default=0.0, help="drop tokens below min_p * p_max (default 0 = off)")
-    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=nonneg_float, default=1.0,
-                   help="penalty for repeated tokens (default 1.0 = off)")
-    g.add_argument("--seed", type=nonneg_int, help="random seed (default: fresh)")
+def add_sampling(p: argparse.ArgumentParser) -> None:
+    """The sampling flags; their defaults are the API's (runtime/sampling.py), shown in --help."""
+    from ..runtime.sampling import DEFAULT_MAX_TOKENS, SamplerConfig
+    d = SamplerConfig()
+    g = p.add_argument_group("sampling (defaults as in the Python API and the server)")
+    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=nonneg_int, default=DEFAULT_MAX_TOKENS,
+                   help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})")
+    g.add_argument("--temp", "--temperature", dest="temperature", type=nonneg_float,
+                   help=f"0 = greedy (default {d.temperature:g}); e.g. 0.8 for varied text")
+    g.add_argument("--top-k", type=nonneg_int, help=f"keep the k most likely tokens (default {d.top_k} = off)")
+    g.add_argument("--top-p", type=nonneg_float, help=f"nucleus sampling mass (default {d.top_p:g} = off)")
+    g.add_argument("--min-p", type=nonneg_float, help=f"drop tokens below min_p * p_max (default {d.min_p:g} = off)")
+    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=nonneg_float,
+                   help=f"penalty for repeated tokens (default {d.repetition_penalty:g} = off)")
+    g.add_argument("--seed", type=seed_int, help="random seed (default -1: fresh)")
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
 
@@ -126,12 +158,49 @@ def resolve_model(arg: str | None, convert_type: str = DEFAULT_CONVERT_TYPE, pro
     return str(path)
 
 
+def device_arg(args: argparse.Namespace) -> str:
+    """--device and -ngl -> the Model's device."""
+    ngl = getattr(args, "n_gpu_layers", None)
+    device = getattr(args, "device", None)
+    if ngl is not None:
+        implied = "cuda" if ngl > 0 else "cpu"
+        if device not in (None, implied):
+            raise UsageError(f"-ngl {ngl} means --device {implied}, but --device {device} was given")
+        device = implied
+    return device or "auto"
+
+
 def load_model(args: argparse.Namespace, **extra: Any):
     """Open the model named by the common flags."""
     import moelite
-    path = resolve_model(args.model, args.convert_type, progress=True)
-    return moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
-                        n_ctx=args.ctx_size, **extra)
+    path = resolve_model(model_arg(args), args.convert_type, progress=True)
+    with native_stderr_hidden(args.verbose):
+        return moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
+                            n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget, **extra)
+
+
+@contextlib.contextmanager
+def native_stderr_hidden(show: bool = False) -> Iterator[None]:
+    """Keep what C/C++ libraries (ggml's loaders, the CUDA runtime) write to file descriptor 2 off the terminal,
+    so moelite's one-line error is the only line; Python's own stderr keeps going to the terminal. show=True
+    (--verbose) prints the hidden lines afterwards."""
+    sys.stderr.flush()
+    real = os.dup(2)
+    py_stderr = sys.stderr
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        sys.stderr = open(real, "w", closefd=False, errors="backslashreplace")
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            sys.stderr = py_stderr
+            os.dup2(real, 2)
+            os.close(real)
+            if show:
+                sink.seek(0)
+                sys.stderr.write(sink.read().decode(errors="replace"))
+                sys.stderr.flush()
 
 
 def model_name(model) -> str:
@@ -144,16 +213,60 @@ def cache_counts(model) -> tuple[int, int]:
     return t["hits"], t["misses"]
 
 
-def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
-    """'12.3 tok/s · 17 prompt tok · cache 97.5 % hit · RSS 120 MiB / budget 1.50 GiB' for one answer."""
+def accounted_bytes(memory: dict) -> int:
+    """What the budget pays for: dense weights + KV cache and state + expert slots + graph scratch."""
+    return sum(int(memory.get(k) or 0) for k in ("dense_bytes", "kv_bytes", "arena_bytes", "scratch_bytes"))
+
+
+def memory_text(model, s: dict) -> str:
+    """'model memory 4.21 MiB of budget 4.80 MiB · process RSS 55.1 MiB' (the budget covers the model's own
+    buffers; RSS also counts Python, libraries and the page cache of the mapped file)."""
     from ..runtime.planner import fmt_bytes
+    budget = model.plan.budget
+    used = f"model memory {fmt_bytes(accounted_bytes(s['memory']))}"
+    used += f" of budget {fmt_bytes(budget)}" if budget else " (all resident)"
+    return f"{used} · process RSS {fmt_bytes(s['rss_bytes'])}"
+
+
+def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
+    """'12.3 tok/s · 17 prompt + 40 tok · cache 97.5 % hit · model memory 4.2 MiB of budget 4.8 MiB · process
+    RSS 55 MiB' for one answer."""
     s = model.stats()
     hits, misses = s["total"]["hits"] - before[0], s["total"]["misses"] - before[1]
     rate = 100.0 * hits / (hits + misses) if hits + misses else 100.0
-    budget = model.plan.budget
     parts = [f"{stream.decode_tok_s:.1f} tok/s", f"{stream.prompt_tokens} prompt + {stream.completion_tokens} tok",
-             f"cache {rate:.1f} % hit", f"RSS {fmt_bytes(s['rss_bytes'])}"
-             + (f" / budget {fmt_bytes(budget)}" if budget else " (all resident)")]
+             f"cache {rate:.1f} % hit", memory_text(model, s)]
     if stream.finish_reason == "cancelled":
         parts.append("stopped")
     return " · ".join(parts)
+
+
+def context_note(model, stream) -> str | None:
+    """One line when the answer stopped because the context is full (not because of max_tokens)."""
+    if stream.finish_reason == "length" and stream.completion_tokens < stream.max_tokens:
+        return f"the context is full ({model.n_ctx} tokens; --ctx-size sets it): the answer was cut"
+    return None
+
+
+class PrefillProgress:
+    """Model.prefill_progress for a terminal: 'reading the prompt: 1024/4096 tokens' on stderr once the prompt
+    has taken more than `after` seconds, erased when it is done."""
+
+    def __init__(self, after: float = 1.0, out=None) -> None:
+        self.t0 = time.monotonic()
+        self.after = after
+        self.out = out or sys.stderr
+        self.shown = False
+
+    def __call__(self, done: int, total: int) -> None:
+        if not self.out.isatty():
+            return
+        if done >= total:
+            if self.shown:
+                self.out.write("\r\033[K")
+                self.out.flush()
+            return
+        if self.shown or time.monotonic() - self.t0 > self.after:
+            self.shown = True
+            self.out.write(f"\rreading the prompt: {done}/{total} tokens (Ctrl-C stops)")
+            self.out.flush()

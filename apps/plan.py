@@ -12,7 +12,8 @@ import argparse
 import math
 
 from ..errors import BudgetError
-from .common import budget_arg, positive_int, resolve_model
+from ..runtime.planner import SIZE_RULE
+from .common import add_model_arg, budget_arg, model_arg, native_stderr_hidden, positive_int, resolve_model
 
 NAME = "plan"
 HELP = "check whether a model fits a memory budget and predict its speed"
@@ -20,9 +21,9 @@ KV_ELSIZE = 2             # f16 KV cache, the runtime's default
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("model", nargs="?", metavar="MODEL", help="a .gguf file or a Hugging Face directory (default: demo)")
-    p.add_argument("--memory", "--memory-budget", "-m", dest="memory_budget", type=budget_arg, required=True,
-                   metavar="SIZE", help="memory budget, e.g. 4GiB")
+    add_model_arg(p, "a .gguf file or a Hugging Face directory (default: demo)")
+    p.add_argument("--memory", "--memory-budget", "-M", dest="memory_budget", type=budget_arg, required=True,
+                   metavar="SIZE", help=f"memory budget, e.g. 4GiB ({SIZE_RULE})")
     p.add_argument("--vram", type=budget_arg, metavar="SIZE",
                    help="plan a GPU run: SIZE of VRAM for dense weights, KV cache and the expert arena; --memory is "
                         "then the RAM tier between VRAM and disk")
@@ -38,8 +39,8 @@ def main(args: argparse.Namespace) -> int:
     from ..runtime.planner import fmt_bytes, parse_size, plan_memory
     from .machine import bandwidths
 
-    path = resolve_model(args.model, args.convert_type) or default_model_path()
-    with _core_errors(path):
+    path = resolve_model(model_arg(args), args.convert_type) or default_model_path()
+    with native_stderr_hidden(args.verbose), _core_errors(path):
         meta = _core.read_gguf(path)
     tensors = {n: (typ, shape, off, nb) for n, typ, shape, off, nb in meta["tensors"]}
     hp = parse_hparams(path, meta["kv"], tensors)
@@ -81,7 +82,7 @@ def _plan_gpu(hp: dict, tensors: dict, vram: int, ram: int, kw: dict) -> int:
     vram_budget=vram, memory_budget=ram) would place them (csrc/tiering.h)."""
     from ..runtime.planner import fmt_bytes, plan_host_tier, plan_memory
     try:
-        vplan = plan_memory(hp, tensors, budget=vram, **kw)
+        vplan = plan_memory(hp, tensors, budget=vram, label="VRAM budget", **kw)
         host = plan_host_tier(vplan, ram)
     except BudgetError as e:
         print(f"fits      NO: {e}")

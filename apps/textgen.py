@@ -13,15 +13,14 @@ from typing import Any
 
 from ..errors import UsageError
 
-SAMPLING_KEYS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed")
 MAX_STOP_STRINGS = 16
 
 
 def sampling_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling options present (not None) in `values`, checked now (UsageError naming the option),
     not at the first token: a streaming answer cannot turn into an error after it started."""
-    from ..runtime.sampling import SamplerConfig
-    kw = {k: values[k] for k in SAMPLING_KEYS if values.get(k) is not None}
+    from ..runtime.sampling import SAMPLER_KEYS, SamplerConfig
+    kw = {k: values[k] for k in SAMPLER_KEYS if values.get(k) is not None}
     SamplerConfig(**kw)
     return kw
 

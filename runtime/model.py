@@ -8,7 +8,9 @@
         m.stats()
 
 A Model is safe to share between threads: generation calls are serialized by a lock, and `cancel()` (from
-any thread, e.g. a GUI's) stops the running generation after the current token.
+any thread, e.g. a GUI's) stops the running generation after the current token (or prompt chunk). An open
+`stream()` iterator holds the model until it is exhausted, closed or garbage-collected; starting another
+generation from the same thread meanwhile is a UsageError (it would corrupt the open stream).
 """
 from __future__ import annotations
 
@@ -16,7 +18,8 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterator, Mapping, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,7 @@ from .. import _core
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .validate import load_hparams
 from .planner import Plan, parse_size, plan_host_tier, plan_memory
+from .sampling import DEFAULT_MAX_TOKENS, GenerationOptions, generation_options
 
 KV_TYPES = {"f32": 0, "f16": 1}
 # who runs an expert that misses the VRAM arena but sits in the RAM tier (csrc/tiering.h)
@@ -99,7 +103,10 @@ class Model:
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
                  cpu_compute: str = "auto") -> None:
-        self.path = str(path) if path is not None else default_model_path()
+        self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
+        if os.path.isdir(self.path):
+            raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
+                                   "Model() takes a .gguf file)")
         if not os.path.isfile(self.path):
             raise ModelFormatError(f"{self.path}: no such model file")
         if kv_type not in KV_TYPES:
@@ -128,14 +135,19 @@ class Model:
         ctx_len = int(self.hparams["context_length"])
         self.n_ctx = int(n_ctx) if n_ctx else min(ctx_len, 4096)
         if self.n_ctx < 8:
-            raise UsageError(f"n_ctx={n_ctx}: expected at least 8")
+            raise UsageError(f"n_ctx={self.n_ctx}" + ("" if n_ctx else f" (the model's context_length {ctx_len})")
+                             + ": expected at least 8")
+        if self.n_ctx > ctx_len:
+            warnings.warn(f"n_ctx={self.n_ctx} is above the context the model was trained with ({ctx_len} tokens): "
+                          "text past it may degrade", UserWarning, stacklevel=3)
         self.n_threads = int(n_threads) if n_threads else max(1, min(os.cpu_count() or 1, 8))
         # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
         shares = list(pol.shares) if pol.shares else None
         self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
                                       kv_elsize=4 if kv_type == "f32" else 2,
-                                      budget=parse_size(vram_budget if self.device == "cuda" else memory_budget),
-                                      shares=shares)
+                                      budget=parse_size(vram_budget if self.device == "cuda" else memory_budget,
+                                                        "VRAM budget" if self.device == "cuda" else "memory budget"),
+                                      shares=shares, label="VRAM budget" if self.device == "cuda" else "memory budget")
         # the RAM tier between the arena and the file (csrc/tiering.h): on a GPU from memory_budget; given
         # explicitly (host_slots) on any device, where on the CPU it runs the same tiering code on host memory
         if host_slots is not None:
@@ -160,8 +172,11 @@ class Model:
             self._m = _core.Model(self.path, self.hparams, options)
         self._m.record_routes = record_trace
         self.policy = pol
-        self._lock = threading.RLock()
+        self._lock = threading.Lock()           # released by any thread: an abandoned stream is closed by the GC
+        self._owner: int | None = None          # thread id holding _lock
         self._cancel = threading.Event()
+        # called as prefill_progress(done, total) after each prompt chunk (the CLI shows a progress line)
+        self.prefill_progress: Callable[[int, int], None] | None = None
         self._ctx_ids: list[int] = []            # token ids whose K/V are in the cache, in order
         self._trace_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._trace_starts: list[int] = []      # token index (in the trace) where each context started
@@ -173,9 +188,27 @@ class Model:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def close(self) -> None:
-        with self._lock:
+        if self._owner == threading.get_ident():   # inside an open stream of this thread: it ends at its next step
+            self._closed = True
+            return
+        with self._exclusive("close"):
             self._closed = True
             self._m = None
+
+    @contextlib.contextmanager
+    def _exclusive(self, what: str) -> Iterator[None]:
+        """Hold the model for one call (or one open stream); re-entry from the owning thread is a UsageError."""
+        me = threading.get_ident()
+        if self._owner == me:
+            raise UsageError(f"{what}: a generation on this model is still open in this thread; exhaust or close() "
+                             "its iterator first")
+        self._lock.acquire()
+        self._owner = me
+        try:
+            yield
+        finally:
+            self._owner = None
+            self._lock.release()
 
     def __enter__(self) -> "Model":
         return self
@@ -267,42 +300,56 @@ class Model:
     def logits(self, token_ids: Sequence[int]) -> np.ndarray:
         """Logits [n_tokens, n_vocab] (float32) of every position, in a fresh context."""
         ids = self._check_ids(token_ids)
-        with self._lock:
+        with self._exclusive("logits"):
             self._core().reset()
             self._ctx_ids = []
             out = self._eval(ids, len(ids))
             self._ctx_ids = list(ids)
             return out
 
-    def _prefill(self, ids: list[int]) -> np.ndarray:
-        """Evaluate ids reusing the longest cached prefix; logits of the last token."""
+    def _prefill(self, ids: list[int]) -> np.ndarray | None:
+        """Evaluate ids reusing the longest cached prefix, one n_ubatch chunk at a time (the core's own chunking,
+        so the result is the same); logits of the last token, or None when cancel() stopped it."""
         n = 0
         while n < min(len(ids), len(self._ctx_ids)) and ids[n] == self._ctx_ids[n]:
             n += 1
         n = min(n, len(ids) - 1)               # at least one token must be evaluated to get logits
         self._core().truncate(n)
         self._ctx_ids = self._ctx_ids[:n]
-        out = self._eval(ids[n:], 1)
-        self._ctx_ids = list(ids)
-        return out[-1]
+        step = self.plan.n_ubatch
+        while True:
+            chunk = ids[n:n + step]
+            out = self._eval(chunk, 1)
+            n += len(chunk)
+            self._ctx_ids = list(ids[:n])
+            if self.prefill_progress is not None:
+                self.prefill_progress(n, len(ids))
+            if n >= len(ids):
+                return out[-1]
+            if self._cancel.is_set():
+                return None
 
     def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
             return self._check_ids(self.tokenizer.encode(prompt, add_special=True))
         return self._check_ids(prompt)
 
-    def stream_tokens(self, prompt: str | Sequence[int], *, max_tokens: int = 256, temperature: float = 0.0,
-                      top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0, repetition_penalty: float = 1.0,
-                      seed: int | None = None, stop_ids: Sequence[int] | None = None) -> Iterator[int]:
-        """Yield generated token ids (the engine loop; text APIs build on it)."""
-        from .sampling import Sampler, SamplerConfig
-        if max_tokens < 0:
-            raise UsageError(f"max_tokens={max_tokens}: expected >= 0")
-        sampler = Sampler(SamplerConfig(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                        repetition_penalty=repetition_penalty, seed=seed))
-        ids = self._tokens(prompt)
-        stops = set(stop_ids) if stop_ids is not None else set(self.tokenizer.stop_ids) if self._has_tokenizer() else set()
-        with self._lock:
+    def stream_tokens(self, prompt: str | Sequence[int], **options: Any) -> Iterator[int]:
+        """Yield generated token ids (the engine loop; text APIs build on it). Options: max_tokens (256),
+        temperature (0 = greedy), top_k, top_p, min_p, repetition_penalty, seed, stop_ids, ignore_eos; the command
+        line's names (repeat_penalty, temp, n_predict) work too. Defaults: runtime/sampling.py."""
+        opts = generation_options(options, "stream_tokens")
+        if opts.stop:
+            raise UsageError("stream_tokens(): stop strings need text; use stream() or generate()")
+        return self._tokens_loop(self._tokens(prompt), opts)
+
+    def _tokens_loop(self, ids: list[int], opts: GenerationOptions) -> Iterator[int]:
+        from .sampling import Sampler
+        sampler = Sampler(opts.sampler)
+        max_tokens = opts.max_tokens
+        stops = (set(opts.stop_ids) if opts.stop_ids is not None else
+                 set(self.tokenizer.stop_ids) if self._has_tokenizer() else set())
+        with self._exclusive("generate"):
             self._cancel.clear()
             st = self.last_stats = GenerationStats(prompt_tokens=len(ids))
             t0 = time.perf_counter()
@@ -310,8 +357,8 @@ class Model:
             st.prompt_s = time.perf_counter() - t0
             history = list(ids)
             t1 = time.perf_counter()
-            st.finish_reason = "length"
-            for i in range(max_tokens):
+            st.finish_reason = "length" if logits is not None else "cancelled"
+            for i in range(max_tokens if logits is not None else 0):
                 tok = sampler.sample(logits, history)
                 if tok in stops:
                     st.finish_reason = "stop"
@@ -338,12 +385,17 @@ class Model:
         except Exception:
             return False
 
-    def stream(self, prompt: str | Sequence[int], *, stop: Sequence[str] = (), **kw: Any) -> Iterator[str]:
-        """Yield text pieces as they are generated (complete UTF-8 only; stop strings are cut)."""
+    def stream(self, prompt: str | Sequence[int], **options: Any) -> Iterator[str]:
+        """Yield text pieces as they are generated (complete UTF-8 only; stop strings are cut). Options as
+        stream_tokens, plus stop (a string or a list of them)."""
+        opts = generation_options(options, "stream")
+        return self._text_loop(self._tokens(prompt), opts)
+
+    def _text_loop(self, ids: list[int], opts: GenerationOptions) -> Iterator[str]:
         from .sampling import StopChecker
         dec = self.tokenizer.stream_decoder()
-        stopper = StopChecker(list(stop))
-        gen = self.stream_tokens(prompt, **kw)
+        stopper = StopChecker(list(opts.stop))
+        gen = self._tokens_loop(ids, opts)
         try:
             for tok in gen:
                 piece = stopper.push(dec.push(tok))
@@ -360,22 +412,24 @@ class Model:
         finally:
             gen.close()
 
-    def generate(self, prompt: str | Sequence[int], *, max_tokens: int = 256, stop: Sequence[str] = (),
-                 **kw: Any) -> str | list[int]:
-        """Text in -> text out (stop strings cut). Token ids in -> generated token ids out."""
+    def generate(self, prompt: str | Sequence[int], **options: Any) -> str | list[int]:
+        """Text in -> text out (stop strings cut). Token ids in -> generated token ids out. Options as stream()."""
+        opts = generation_options(options, "generate")
         if isinstance(prompt, str):
-            return "".join(self.stream(prompt, max_tokens=max_tokens, stop=stop, **kw))
-        return list(self.stream_tokens(prompt, max_tokens=max_tokens, **kw))
+            return "".join(self._text_loop(self._tokens(prompt), opts))
+        if opts.stop:
+            raise UsageError("generate(): stop strings need a text prompt")
+        return list(self._tokens_loop(self._tokens(prompt), opts))
 
-    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, max_tokens: int = 512,
-             **kw: Any) -> str | Iterator[str]:
-        """Render messages with the model's chat template (add_generation_prompt) and answer."""
+    def chat(self, messages: Sequence[Mapping[str, Any]], *, stream: bool = False, **options: Any) -> str | Iterator[str]:
+        """Render messages with the model's chat template (add_generation_prompt) and answer. Options as stream()."""
+        opts = generation_options(options, "chat")
         prompt = self.chat_template.render(messages, add_generation_prompt=True)
         ids = self.tokenizer.encode(prompt, add_special=False)
         if self.tokenizer.add_bos and self.tokenizer.bos_id is not None and (not ids or ids[0] != self.tokenizer.bos_id):
             if not prompt.startswith(self.tokenizer.bos_token or "\0"):
                 ids = [self.tokenizer.bos_id] + ids
-        it = self.stream(ids, max_tokens=max_tokens, **kw)
+        it = self._text_loop(self._check_ids(ids), opts)
         return it if stream else "".join(it)
 
     def cancel(self) -> None:
@@ -410,13 +464,13 @@ class Model:
 
     def reset(self) -> None:
         """Forget the cached context (the KV cache is reused from position 0)."""
-        with self._lock:
+        with self._exclusive("reset"):
             self._core().reset()
             self._ctx_ids = []
 
     def reopen(self) -> None:
         """Reopen the model file for expert reads (after it was replaced or repaired)."""
-        with self._lock, _core_errors(self.path):
+        with self._exclusive("reopen"), _core_errors(self.path):
             self._core().reopen()
 
     def trace(self):
@@ -455,9 +509,20 @@ def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     return total
 
 
-def load(path: str | os.PathLike | None = None, **options: Any) -> Model:
-    """Open a MoE GGUF (or the embedded demo model when path is None). Options: memory_budget ('1.5GiB'),
-    policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx, n_threads, n_ubatch,
-    kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'), vram_budget, host_slots,
-    cpu_compute ('auto' | 'never' | 'always')."""
+def load(path: str | os.PathLike | None = None, *, convert_type: str | None = None, **options: Any) -> Model:
+    """Open a MoE GGUF, a Hugging Face model directory (converted once into ~/.cache/moelite/converted, as the
+    command line does; convert_type, default q8_0) or the embedded demo model when path is None. Options:
+    memory_budget ('1.5GiB'), policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx,
+    n_threads, n_ubatch, kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'),
+    vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always')."""
+    import inspect
+    valid = [p for p in inspect.signature(Model).parameters if p != "path"]
+    unknown = sorted(set(options) - set(valid))
+    if unknown:
+        raise UsageError(f"load(): unknown option {unknown[0]!r}; valid options: {', '.join(valid + ['convert_type'])}")
+    if path is not None:
+        from ..apps.common import DEFAULT_CONVERT_TYPE, is_hf_dir, resolve_model
+        path = os.path.expanduser(str(path))
+        if is_hf_dir(Path(path)):
+            path = resolve_model(path, convert_type or DEFAULT_CONVERT_TYPE, progress=False)
     return Model(path, **options)

@@ -7,6 +7,7 @@ minimum. Without a budget, everything stays resident when it fits in available R
 """
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -14,36 +15,41 @@ import psutil
 
 from ..errors import BudgetError
 
-_UNITS = {"": 1, "B": 1, "K": 1000, "KB": 1000, "M": 1000**2, "MB": 1000**2, "G": 1000**3, "GB": 1000**3,
-          "T": 1000**4, "TB": 1000**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+# One rule, case-insensitive: B = bytes; KB MB GB TB = powers of 1000; K M G T and KiB MiB GiB TiB = powers of 1024
+# (as llama.cpp's and most tools' bare suffixes). A number alone is bytes.
+_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+          "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+SIZE_RULE = "B bytes; KB/MB/GB decimal; K/M/G and KiB/MiB/GiB binary; any case"
+_MAX_SIZE = 1 << 60
 
 
-def parse_size(value: str | int | float | None) -> int | None:
-    """'1.5GiB', '800MB', '512m', 1073741824 -> bytes. None -> None. Bad strings raise BudgetError."""
+def parse_size(value: str | int | float | None, what: str = "memory budget") -> int | None:
+    """'1.5GiB', '800MB', '512m', 1073741824 -> bytes (see SIZE_RULE). None -> None. Bad values raise BudgetError
+    naming `what`."""
     if value is None:
         return None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        if value <= 0:
-            raise BudgetError(f"memory budget must be positive, got {value}")
-        return int(value)
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    unit = m.group(2).upper() if m else ""
-    if unit in ("K", "M", "G", "T") and m and m.group(2).islower():
-        unit = unit + "IB"        # '512m' reads as MiB, like most CLIs
-    if not m or unit not in _UNITS:
-        raise BudgetError(f"bad memory size {value!r}: expected a number with a unit, e.g. '1.5GiB', '800MB', '512m'")
-    n = int(float(m.group(1)) * _UNITS[unit])
-    if n <= 0:
-        raise BudgetError(f"memory budget must be positive, got {value!r}")
-    return n
+        n = value
+    else:
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
+        if not m or m.group(2).upper() not in _UNITS:
+            raise BudgetError(f"bad {what} size {value!r}: expected a number with a unit, e.g. '1.5GiB', '800MB', "
+                              f"'512m' ({SIZE_RULE})")
+        n = float(m.group(1)) * _UNITS[m.group(2).upper()]
+    if not 0 < n < _MAX_SIZE:                       # also NaN and infinities
+        raise BudgetError(f"{what} must be a positive size below {fmt_bytes(_MAX_SIZE)}, got {value!r}")
+    return int(n)
 
 
-def fmt_bytes(n: float) -> str:
+def fmt_bytes(n: float, round_up: bool = False) -> str:
+    """Bytes in binary units with 2 decimals; round_up for a minimum (never show less than is needed)."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+            if unit == "B":
+                return f"{math.ceil(n) if round_up else n:.0f} B"
+            return f"{math.ceil(n * 100) / 100 if round_up else n:.2f} {unit}"
         n /= 1024
-    return f"{n:.2f} TiB"
+    raise AssertionError("unreachable")
 
 
 @dataclass
@@ -81,8 +87,9 @@ def _page(n: int) -> int:
 
 
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: int, budget: int | None,
-                shares: list[float] | None = None) -> Plan:
-    """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget."""
+                shares: list[float] | None = None, label: str = "memory budget") -> Plan:
+    """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
+    budget in errors ('VRAM budget' for a GPU's arena)."""
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes = [0] * n_layer
     expert_names = set()
@@ -130,9 +137,9 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         least = plan_for(p.minimum_budget)
         while least.minimum_budget > least.budget:
             least = plan_for(least.minimum_budget)
-        raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
+        raise BudgetError(f"{label} {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
                           f"KV cache ({fmt_bytes(least.kv_bytes)}), scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
-                          f"expert slots per MoE layer need at least {fmt_bytes(least.budget)}", minimum=least.budget)
+                          f"expert slots per MoE layer need at least {fmt_bytes(least.budget, round_up=True)}", minimum=least.budget)
     free = budget - dense - p.kv_bytes - p.scratch_bytes
     if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
         return p                                    # everything fits: fully resident
@@ -170,7 +177,7 @@ def plan_host_tier(p: Plan, budget: int | None, shares: list[float] | None = Non
     if budget < minimum:
         raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small for the RAM tier: scratch "
                           f"({fmt_bytes(p.scratch_bytes)}) and {p.n_expert_used} expert slots per MoE layer need at "
-                          f"least {fmt_bytes(minimum)}", minimum=minimum)
+                          f"least {fmt_bytes(minimum, round_up=True)}", minimum=minimum)
     free = budget - p.scratch_bytes
     if sum(b * p.n_expert for b in p.expert_slot_bytes) <= free:
         return [p.n_expert if b else 0 for b in p.expert_slot_bytes]

@@ -1,18 +1,28 @@
-"""Next-token sampling and stop strings.
+"""Next-token sampling, the generation options and their defaults, and stop strings.
 
 `Sampler.sample(logits, history)` runs llama.cpp's chain order:
 repetition penalty -> top-k -> top-p -> min-p -> temperature -> draw from a seeded numpy Generator.
 Temperature 0 is greedy: argmax after the repetition penalty, lowest id on ties.
+
+The defaults of every generation option live here, once: `SamplerConfig`'s field defaults and
+`DEFAULT_MAX_TOKENS`. The Python API, `moelite run`/`chat` and `moelite serve` all read them, so the same
+request gives the same answer everywhere (greedy unless a temperature is given, as in mlx-lm).
+`generation_options` accepts the API's names and the command line's (`repeat_penalty`, `temp`, `n_predict`,
+`ignore_eos`) and turns an unknown one into a UsageError that lists the valid names.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Sequence
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from typing import Any, Sequence
 
 import numpy as np
 
 from moelite.errors import UsageError
+
+
+DEFAULT_MAX_TOKENS = 256           # tokens generated when the caller does not say
 
 
 @dataclass(frozen=True)
@@ -22,9 +32,12 @@ class SamplerConfig:
     top_p: float = 1.0               # 1: off; keep the smallest set of most likely tokens with mass >= top_p
     min_p: float = 0.0               # 0: off; keep tokens with p >= min_p * p_max
     repetition_penalty: float = 1.0  # 1: off; for ids in history: logit / rp if > 0 else logit * rp
-    seed: int | None = None          # None: fresh OS entropy
+    seed: int | None = None          # None (or -1, as in llama.cpp): fresh OS entropy
 
     def __post_init__(self) -> None:
+        if _is_int(self.seed) and self.seed == -1:
+            object.__setattr__(self, "seed", None)
+
         def bad(name: str, want: str) -> UsageError:
             return UsageError(f"sampler option {name}={getattr(self, name)!r}: expected {want}")
 
@@ -39,7 +52,51 @@ class SamplerConfig:
         if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
             raise bad("repetition_penalty", "a finite number > 0 (1 = off)")
         if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise bad("seed", "None or an integer >= 0")
+            raise bad("seed", "None, -1 (random) or an integer >= 0")
+
+
+SAMPLER_KEYS = tuple(f.name for f in fields(SamplerConfig))
+# the command line's (and llama.cpp's) spellings of the same options
+ALIASES = {"temp": "temperature", "repeat_penalty": "repetition_penalty", "n_predict": "max_tokens",
+           "max_new_tokens": "max_tokens"}
+OPTION_KEYS = ("max_tokens", *SAMPLER_KEYS, "stop", "ignore_eos", "stop_ids")
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """One generation's options, checked: sampler settings, token limit, stop strings and stop tokens."""
+    sampler: SamplerConfig
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    stop: tuple[str, ...] = ()
+    stop_ids: tuple[int, ...] | None = None          # None: the tokenizer's end-of-text ids
+
+
+def generation_options(options: Mapping[str, Any], where: str = "generate") -> GenerationOptions:
+    """Keyword arguments of Model.generate / stream / chat / stream_tokens -> GenerationOptions. Aliases are
+    mapped to their option; an unknown keyword or a bad value is a UsageError naming it."""
+    kw: dict[str, Any] = {}
+    for key, value in options.items():
+        name = ALIASES.get(key, key)
+        if name not in OPTION_KEYS:
+            raise UsageError(f"{where}(): unknown option {key!r}; valid options: "
+                             f"{', '.join(OPTION_KEYS + tuple(ALIASES))}")
+        if name in kw:
+            raise UsageError(f"{where}(): {key!r} given twice (it is {name!r})")
+        kw[name] = value
+    max_tokens = kw.pop("max_tokens", DEFAULT_MAX_TOKENS)
+    if not _is_int(max_tokens) or max_tokens < 0:
+        raise UsageError(f"max_tokens={max_tokens!r}: expected an integer >= 0")
+    stop = kw.pop("stop", ())
+    if isinstance(stop, str):
+        stop = (stop,)
+    StopChecker(stop)                                # validates
+    stop_ids = kw.pop("stop_ids", None)
+    if kw.pop("ignore_eos", False):
+        if stop_ids:
+            raise UsageError(f"{where}(): ignore_eos=True and stop_ids={stop_ids!r} contradict each other")
+        stop_ids = ()
+    return GenerationOptions(SamplerConfig(**kw), int(max_tokens), tuple(stop),
+                             None if stop_ids is None else tuple(int(t) for t in stop_ids))
 
 
 def _is_real(x: object) -> bool:
@@ -126,8 +183,8 @@ class StopChecker:
     def __init__(self, stop_strings: Sequence[str] = ()) -> None:
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
-        if any(not isinstance(s, str) or not s for s in stop_strings):
-            raise UsageError(f"stop strings must be non-empty strings, got {list(stop_strings)!r}")
+        if not isinstance(stop_strings, (list, tuple)) or any(not isinstance(s, str) or not s for s in stop_strings):
+            raise UsageError(f"stop strings must be non-empty strings, got {stop_strings!r}")
         self.stop_strings = tuple(stop_strings)
         self.stopped = False
         self.stop_string: str | None = None  # the one that matched
@@ -163,4 +220,4 @@ class StopChecker:
         return best
 
 
-__all__ = ["SamplerConfig", "Sampler", "StopChecker"]
+__all__ = ["DEFAULT_MAX_TOKENS", "SamplerConfig", "GenerationOptions", "generation_options", "Sampler", "StopChecker"]

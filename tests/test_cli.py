@@ -167,7 +167,7 @@ def test_readme_first_command_default_model(capsys):
 
 BAD = [
     (2, ["run", "missing.gguf", "-p", "x"], "no such file"),
-    (2, ["run", "{gguf}", "-p", "x", "--memory-budget", "12XB"], "bad memory size"),
+    (2, ["run", "{gguf}", "-p", "x", "--memory-budget", "12XB"], "bad memory budget size"),
     (2, ["run", "{gguf}", "-p", "x", "--policy", "mru"], "unknown cache policy"),
     (2, ["run", "{gguf}", "-p", "x", "-n", "abc"], "'abc' is not an integer"),
     (2, ["run", "{gguf}", "-p", "x", "--temp", "-1"], "is not a number >= 0"),

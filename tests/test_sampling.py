@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from moelite.errors import UsageError
-from moelite.runtime.sampling import Sampler, SamplerConfig, StopChecker
+from moelite.runtime.sampling import (DEFAULT_MAX_TOKENS, Sampler, SamplerConfig, StopChecker,
+                                      generation_options)
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32)  # [4]
@@ -114,7 +115,7 @@ def test_top_p_nucleus_on_a_large_vocab(scale) -> None:
 @pytest.mark.parametrize("kw", [
     {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": -1}, {"top_k": 2.5},
     {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2.0}, {"repetition_penalty": 0.0},
-    {"repetition_penalty": float("inf")}, {"seed": -1}, {"seed": 1.5}, {"top_k": True},
+    {"repetition_penalty": float("inf")}, {"seed": -2}, {"seed": 1.5}, {"top_k": True},
 ])
 def test_config_validation(kw) -> None:
     name = next(iter(kw))
@@ -177,3 +178,30 @@ def test_stop_checker_equals_one_shot_search_for_random_splits() -> None:
 def test_bad_stop_strings() -> None:
     with pytest.raises(UsageError, match="non-empty"):
         StopChecker(["ok", ""])
+
+
+# --- generation options: one set of names and defaults -----------------------------------------------------
+
+def test_seed_minus_one_means_random_as_in_llama_cpp() -> None:
+    assert SamplerConfig(seed=-1).seed is None
+
+
+def test_generation_options_take_the_command_lines_names() -> None:
+    o = generation_options({"repeat_penalty": 1.3, "temp": 0.5, "n_predict": 7, "ignore_eos": True, "stop": "##"})
+    assert o.sampler.repetition_penalty == 1.3 and o.sampler.temperature == 0.5
+    assert o.max_tokens == 7 and o.stop_ids == () and o.stop == ("##",)
+    d = generation_options({})
+    assert d.sampler == SamplerConfig() and d.max_tokens == DEFAULT_MAX_TOKENS and d.stop_ids is None
+
+
+@pytest.mark.parametrize("kw,needle", [
+    ({"temprature": 1.0}, "unknown option 'temprature'; valid options: max_tokens, temperature"),
+    ({"temp": 1.0, "temperature": 0.5}, "given twice"),
+    ({"max_tokens": -1}, "max_tokens=-1"),
+    ({"max_tokens": 2.5}, "max_tokens=2.5"),
+    ({"stop": 5}, "stop strings must be"),
+    ({"ignore_eos": True, "stop_ids": [1]}, "contradict"),
+])
+def test_generation_options_errors_name_the_option(kw, needle) -> None:
+    with pytest.raises(UsageError, match=needle):
+        generation_options(kw)

@@ -22,4 +22,8 @@ def __getattr__(name: str) -> Any:
     if name in ("Model", "load"):
         from .runtime import model as _model
         return getattr(_model, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'moelite' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
