@@ -16,14 +16,17 @@ How the recommendation is made (all by simulation on the trace, demand loads onl
 """
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import json
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
-from moelite.errors import UsageError
+from moelite.errors import ModelFormatError, UsageError
 
 from .metrics import f_histogram, srp_many
-from .registry import POLICY_IDS, layer_capacities
+from .registry import POLICY_IDS, check_m, check_shares, layer_capacities
 from .simulator import simulate
 from .trace import Trace
 
@@ -149,3 +152,76 @@ def _check_budget(trace: Trace, budget: int) -> None:
     if isinstance(budget, bool) or not isinstance(budget, (int, np.integer)) or budget < trace.n_layers * trace.k:
         raise UsageError(f"a budget of {budget!r} expert slots cannot give each of the {trace.n_layers} "
                          f"layers k = {trace.k} slots (need >= {trace.n_layers * trace.k})")
+
+
+# reading calibration back (side file MODEL.gguf.calibration.json, or moelite.calibration.* GGUF keys) ---------
+PREFIX = "moelite.calibration."
+_INT, _REAL, _STR, _BOOL = "an integer", "a finite number", "a string", "a boolean"
+# key (without PREFIX) -> (scalar kind, is a list); keys not listed are kept but unused
+SCHEMA: dict[str, tuple[str, bool]] = {
+    "version": (_INT, False), "model": (_STR, False), "n_tokens": (_INT, False), "n_sequences": (_INT, False),
+    "layers": (_INT, True), "n_expert": (_INT, False), "budget_slots": (_INT, False), "prefetch": (_BOOL, False),
+    "policy": (_STR, False), "policy_id": (_INT, False), "m": (_INT, False), "shares_method": (_STR, False),
+    "layer_slots": (_INT, True), "layer_shares": (_REAL, True), "hit_rate": (_REAL, False),
+    "hit_rate_lru_uniform": (_REAL, False), "hit_rate_belady": (_REAL, False), "srp_m": (_INT, True),
+    "srp": (_REAL, True), "expert_freq": (_REAL, True),
+}
+
+
+def _is(kind: str, v: Any) -> bool:
+    if kind == _BOOL:
+        return isinstance(v, (bool, np.bool_))
+    if kind == _STR:
+        return isinstance(v, str)
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        return False
+    if kind == _INT:
+        return isinstance(v, (int, np.integer)) and -2**63 <= int(v) < 2**63
+    return math.isfinite(float(v))
+
+
+def check_calibration(values: dict[str, Any], source: str) -> dict[str, Any]:
+    """moelite.calibration.* values (without the prefix) of `source` typed as SCHEMA says, policy known, m a
+    window, layer_shares valid shares. ModelFormatError naming source and key."""
+    def bad(key: str, expected: str) -> ModelFormatError:
+        v = values[key]
+        text = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+        return ModelFormatError(f"{source}: calibration key '{PREFIX}{key}' = {text[:80]}: expected {expected}")
+
+    for key, (kind, is_list) in SCHEMA.items():
+        if key not in values:
+            continue
+        v = values[key]
+        items = list(v) if is_list and isinstance(v, (list, tuple, np.ndarray)) else None
+        if is_list and (items is None or not all(_is(kind, x) for x in items)):
+            raise bad(key, f"a list of {kind.split(' ', 1)[1]}s")
+        if not is_list and not _is(kind, v):
+            raise bad(key, kind)
+    if "policy" in values and values["policy"] not in POLICY_IDS:
+        raise bad("policy", f"one of {', '.join(POLICY_IDS)}")
+    try:
+        if values.get("m"):
+            check_m(int(values["m"]))
+        if values.get("layer_shares") is not None:
+            check_shares([float(x) for x in values["layer_shares"]])
+    except UsageError as e:
+        raise ModelFormatError(f"{source}: calibration: {e}") from None
+    return values
+
+
+def load_calibration(model_path: str, kv: dict[str, Any]) -> dict[str, Any]:
+    """moelite.calibration.* (prefix removed) from the side file `MODEL.gguf.calibration.json` (written by
+    `moelite analyze`), overridden by GGUF keys of the same names; each source checked by check_calibration."""
+    side = Path(model_path + ".calibration.json")
+    merged: dict[str, Any] = {}
+    if side.is_file():
+        try:
+            data = json.loads(side.read_text(encoding="utf-8"))
+        except (OSError, ValueError, RecursionError) as e:
+            raise ModelFormatError(f"{side}: unreadable calibration file ({type(e).__name__}: {e}); delete it or "
+                                   "re-run moelite analyze") from None
+        if not isinstance(data, dict):
+            raise ModelFormatError(f"{side}: calibration file holds a {type(data).__name__}, expected a JSON object")
+        merged.update(check_calibration({k[len(PREFIX):]: v for k, v in data.items() if k.startswith(PREFIX)}, str(side)))
+    merged.update(check_calibration({k[len(PREFIX):]: v for k, v in kv.items() if k.startswith(PREFIX)}, model_path))
+    return merged

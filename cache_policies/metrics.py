@@ -63,7 +63,7 @@ def window_counts(trace: Trace, m: int) -> Iterator[np.ndarray]:
     n, n_layers, k = trace.ids.shape
     n_expert = trace.n_expert
     valid = _valid_starts(trace, m)
-    block = max(4 * m, _BLOCK_CELLS // (n_layers * n_expert))
+    block = max(1, _BLOCK_CELLS // (n_layers * n_expert))  # cells per block: about (block + m) * L * E
     for s in range(0, n - m + 1, block):
         rows = min(n, s + block + m - 1) - s  # tokens needed by the window starts s .. s+block-1
         n_win = rows - m + 1

@@ -41,6 +41,7 @@ Cache model (what the C++ core does; C++ must match this text):
 """
 from __future__ import annotations
 
+from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -143,14 +144,15 @@ def _predictions(trace: Trace, precision: float | None, seed: int) -> np.ndarray
     n, n_layers, k = trace.ids.shape
     true = np.concatenate([trace.ids[:, 1:], np.full((n, 1, k), -1, np.int32)], axis=1)  # [N, L, k]
     pred = true.copy()
-    for lo in range(0, n, 4096):  # a random wrong expert per slot: the k lowest random keys of non-true ids
-        tr = trace.ids[lo:lo + 4096, 1:]
+    rows = min(4096, max(1, (1 << 22) // (n_layers * trace.n_expert)))  # noise blocks of at most 16 MiB
+    for lo in range(0, n, rows):  # a random wrong expert per slot: the k lowest random keys of non-true ids
+        tr = trace.ids[lo:lo + rows, 1:]
         noise = rng.random((*tr.shape[:2], trace.n_expert), dtype=np.float32)
         np.put_along_axis(noise, tr, 2.0, axis=-1)
         wrong = np.argpartition(noise, min(k, trace.n_expert - 1), axis=-1)[..., :k].astype(np.int32)
         wrong = np.where(np.take_along_axis(noise, wrong, axis=-1) < 2.0, wrong, -1)  # E < 2k: too few
         keep = rng.random(tr.shape) < precision
-        pred[lo:lo + 4096, :-1] = np.where(keep, tr, wrong)
+        pred[lo:lo + rows, :-1] = np.where(keep, tr, wrong)
     return pred
 
 
@@ -163,16 +165,16 @@ class _Run:
         self.pred = None if pred is None else pred.tolist()
         self.caps, self.pooled = caps, pooled
         self.hits, self.misses, self.pf_loads, self.pf_useful, self.pf_wasted = counters
-        n_keys = n_layers * n_expert
+        # per-key state only for the keys this sequence touches (memory follows the trace, not E)
         self.pools: list[dict[int, None]] = [{} for _ in caps]  # key -> None, least recent first
         self.age = [0] * len(caps)  # lfuda, per pool
-        self.score = [0] * n_keys  # lfu: count; lfuda: K; belady: -next use; sch: look-ahead uses
-        self.count = [0] * n_keys
-        self.win = [0] * n_keys  # consistency, window_lfu: tokens among the last m that used the key
+        self.score: dict[int, int] = defaultdict(int)  # lfu: count; lfuda: K; belady: -next use; sch: look-ahead uses
+        self.count: dict[int, int] = defaultdict(int)
+        self.win: dict[int, int] = defaultdict(int)  # consistency, window_lfu: tokens among the last m that used the key
         self.prefetched: set[int] = set()
         if policy == "belady":
-            self.next_use, first = _next_uses(keys, n_keys)
-            self.score = [-x for x in first]
+            self.next_use, first = _next_uses(keys)
+            self.score = defaultdict(lambda: -len(self.rows), {y: -g for y, g in first.items()})
         if policy == "sch":
             for g in range(min(len(self.rows), m * n_layers - 1)):  # window: steps 0 .. m*L-2
                 for y in self.rows[g]:
@@ -279,9 +281,9 @@ class _Run:
         return min(free, key=self.score.__getitem__, default=None)
 
 
-def _next_uses(keys: np.ndarray, n_keys: int) -> tuple[list[list[int]], list[int]]:
+def _next_uses(keys: np.ndarray) -> tuple[list[list[int]], dict[int, int]]:
     """For rows keys [S, k] of distinct keys: next[g][j] = next step > g using keys[g, j] (S if none),
-    and first[y] = first step using key y (S if none)."""
+    and first[y] = first step using key y (for the keys used)."""
     n_steps, k = keys.shape
     flat = keys.ravel()
     step = np.repeat(np.arange(n_steps), k)
@@ -289,6 +291,5 @@ def _next_uses(keys: np.ndarray, n_keys: int) -> tuple[list[list[int]], list[int
     nxt = np.full(flat.size, n_steps, dtype=np.int64)
     same = flat[order[1:]] == flat[order[:-1]]
     nxt[order[:-1][same]] = step[order[1:]][same]
-    first = np.full(n_keys, n_steps, dtype=np.int64)
-    np.minimum.at(first, flat, step)
-    return nxt.reshape(n_steps, k).tolist(), first.tolist()
+    used, at = np.unique(flat, return_index=True)  # first occurrence in step order
+    return nxt.reshape(n_steps, k).tolist(), dict(zip(used.tolist(), step[at].tolist()))

@@ -26,16 +26,25 @@ bad offsets or layers, a repeated id in a lookahead row (last layer excepted).
 """
 from __future__ import annotations
 
+import math
 import os
+import zipfile
+import zlib
 from dataclasses import dataclass, field
 from typing import Sequence
 
 import numpy as np
+import numpy.lib.format as npy_format
 
 from moelite.errors import TraceError
 from moelite.fileio import atomic_open
 
 FORMAT_VERSION = 1
+# bounds that keep every analysis's memory proportional to the trace: the simulator and the window counts
+# hold per-(layer, expert) state, so a file may not name more experts than any MoE has (the C++ core and
+# the 16-bit sort in metrics.py assume <= 65536 per layer) nor more (layer, expert) pairs than MAX_KEYS
+MAX_EXPERT = 1 << 16
+MAX_KEYS = 1 << 20
 
 
 @dataclass(eq=False)  # arrays: compare fields explicitly
@@ -59,7 +68,7 @@ class Trace:
     def __post_init__(self) -> None:
         self.ids = _as_ids(self.ids, "ids", self.source)
         n, n_layers, k = self.ids.shape
-        self.n_expert = _as_n_expert(self.n_expert, k, self.source)
+        self.n_expert = _as_n_expert(self.n_expert, n_layers, k, self.source)
         _check_range(self.ids, self.n_expert, "ids", self.source)
         _check_distinct(self.ids, "ids", self.source)
         self.offsets = _as_offsets(self.offsets, n, self.source)
@@ -71,7 +80,7 @@ class Trace:
                 _check_range(self.lookahead_ids[:, :-1], self.n_expert, "lookahead_ids", self.source)
                 _check_distinct(self.lookahead_ids[:, :-1], "lookahead_ids", self.source)
         self.layers = _as_layers(self.layers, n_layers, self.source)
-        self.model = str(self.model)
+        self.model = _as_model(self.model, self.source)
 
     # shapes -----------------------------------------------------------------------------------------
     @property
@@ -133,16 +142,29 @@ def _as_ids(a, name: str, source: str) -> np.ndarray:
         raise TraceError(f"{source}: empty {name} (shape {list(arr.shape)})")
     if arr.ndim != 3:
         raise TraceError(f"{source}: {name} must be 3-D [n_tokens, n_layers, k], got shape {list(arr.shape)}")
+    return _as_int32(arr, name, source)
+
+
+def _as_int32(arr: np.ndarray, name: str, source: str) -> np.ndarray:
+    """An integer array as int32, refusing values the cast would wrap (2**32 + 3 must not read as 3)."""
     if arr.dtype.kind not in "iu":
         raise TraceError(f"{source}: {name} must have an integer dtype, got {arr.dtype}")
-    return arr.astype(np.int32, copy=False) if arr.dtype != np.int32 else arr
+    if arr.dtype == np.int32:
+        return arr
+    if arr.size and (int(arr.min()) < -2**31 or int(arr.max()) >= 2**31):
+        bad = int(arr.max()) if int(arr.max()) >= 2**31 else int(arr.min())
+        raise TraceError(f"{source}: {name} holds {bad}, outside the int32 range")
+    return arr.astype(np.int32)
 
 
-def _as_n_expert(n_expert, k: int, source: str) -> int:
+def _as_n_expert(n_expert, n_layers: int, k: int, source: str) -> int:
     if isinstance(n_expert, np.ndarray):
         n_expert = n_expert.item() if n_expert.size == 1 else n_expert
-    if isinstance(n_expert, bool) or not isinstance(n_expert, (int, np.integer)) or n_expert < 1:
-        raise TraceError(f"{source}: n_expert must be a positive integer, got {n_expert!r}")
+    if isinstance(n_expert, (bool, np.bool_)) or not isinstance(n_expert, (int, np.integer)) or n_expert < 1:
+        raise TraceError(f"{source}: n_expert must be a positive integer, got {_brief(n_expert)}")
+    if n_expert > MAX_EXPERT or n_expert * n_layers > MAX_KEYS:
+        raise TraceError(f"{source}: n_expert = {n_expert} with {n_layers} layers: expected at most {MAX_EXPERT} "
+                         f"experts per layer and {MAX_KEYS} (layer, expert) pairs in all")
     if k > n_expert:
         raise TraceError(f"{source}: k = {k} ids per row but only n_expert = {n_expert}")
     return int(n_expert)
@@ -170,6 +192,8 @@ def _as_offsets(offsets, n: int, source: str) -> np.ndarray:
     if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2:
         raise TraceError(f"{source}: offsets must be a 1-D integer array [n_sequences + 1], got "
                          f"{off.dtype} {list(off.shape)}")
+    if off.dtype == np.uint64 and off.size and int(off.max()) > n:
+        raise TraceError(f"{source}: offsets must rise strictly from 0 to n_tokens = {n}, got {int(off.max())}")
     off = off.astype(np.int64)
     if off[0] != 0 or off[-1] != n or (np.diff(off) <= 0).any():
         raise TraceError(f"{source}: offsets must rise strictly from 0 to n_tokens = {n} "
@@ -189,12 +213,16 @@ def _as_scores(scores, shape: tuple, source: str) -> np.ndarray | None:
     if arr.dtype.kind != "f":
         raise TraceError(f"{source}: scores must have a float dtype, got {arr.dtype}")
     _same_shape(arr, shape, "scores", source)
+    arr = arr.astype(np.float32, copy=False)
+    if not np.isfinite(arr).all():
+        t, l, j = np.argwhere(~np.isfinite(arr))[0].tolist()
+        raise TraceError(f"{source}: scores[{t}, {l}, {j}] = {arr[t, l, j]}: expected a finite float32")
     rising = arr[..., 1:] > arr[..., :-1]  # [N, L, k-1]
     if rising.any():
         t, l, j = np.argwhere(rising)[0].tolist()
         raise TraceError(f"{source}: scores[{t}, {l}] = {arr[t, l].tolist()} is not in descending order "
                          "(ids must be listed by descending router score)")
-    return arr.astype(np.float32, copy=False)
+    return arr
 
 
 def _as_layers(layers, n_layers: int, source: str) -> np.ndarray:
@@ -204,9 +232,25 @@ def _as_layers(layers, n_layers: int, source: str) -> np.ndarray:
     if arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) != n_layers:
         raise TraceError(f"{source}: layers must be {n_layers} integer block indices, got "
                          f"{arr.dtype} {list(arr.shape)}")
+    arr = _as_int32(arr, "layers", source)
     if (arr < 0).any() or (np.diff(arr) <= 0).any():
-        raise TraceError(f"{source}: layers must be non-negative and increasing, got {arr.tolist()}")
-    return arr.astype(np.int32)
+        raise TraceError(f"{source}: layers must be non-negative and increasing, got {_brief(arr)}")
+    return arr
+
+
+def _as_model(model, source: str) -> str:
+    if isinstance(model, np.ndarray):
+        if model.ndim != 0 or model.dtype.kind not in "U":
+            raise TraceError(f"{source}: model must be a string, got {model.dtype} {list(model.shape)}")
+        model = model.item()
+    if not isinstance(model, str):
+        raise TraceError(f"{source}: model must be a string, got {type(model).__name__}")
+    return model
+
+
+def _brief(v) -> str:
+    s = repr(v.tolist() if isinstance(v, np.ndarray) else v)
+    return s if len(s) <= 80 else s[:77] + "..."
 
 
 def _concat_optional(parts, name: str, n_seq: int, source: str) -> np.ndarray | None:
@@ -237,21 +281,50 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
 def load_trace(path: str | os.PathLike) -> Trace:
     """Read a trace written by `save_trace` or in the per-sequence layout `ids_0, scores_0, ...`."""
     source = os.fspath(path)
-    try:
-        with np.load(source, allow_pickle=False) as npz:
-            data = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError) as exc:
-        raise TraceError(f"{source}: not a readable .npz trace ({exc})") from None
+    data = read_npz(source)
     if "n_expert" not in data:
         raise TraceError(f"{source}: missing key 'n_expert'")
-    common = {"n_expert": data["n_expert"], "layers": data.get("layers"),
-              "model": str(data["model"]) if "model" in data else "", "source": source}
+    common = {"n_expert": data["n_expert"], "layers": data.get("layers"), "model": data.get("model", ""),
+              "source": source}
     if "ids_0" in data:
         return _load_per_sequence(data, common)
     if "ids" not in data:
         raise TraceError(f"{source}: missing key 'ids' (or 'ids_0', 'ids_1', ...)")
     return Trace(ids=data["ids"], offsets=data.get("offsets"), scores=data.get("scores"),
                  lookahead_ids=data.get("lookahead_ids"), **common)
+
+
+def read_npz(source: str) -> dict[str, np.ndarray]:
+    """The arrays of a .npz file, each read only after its header's shape is checked against the bytes the
+    archive stores for it (a header may not claim more data than there is). TraceError for anything else
+    than a zip of plain .npy arrays (a bare .npy, a damaged archive, pickled objects)."""
+    try:
+        with zipfile.ZipFile(source) as zf:
+            return {info.filename[:-4]: _read_member(zf, info, source) for info in zf.infolist()
+                    if info.filename.endswith(".npy")}
+    except TraceError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
+        raise TraceError(f"{source}: not a readable .npz trace ({type(e).__name__}: {e})") from None
+
+
+def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> np.ndarray:
+    name = info.filename[:-4]
+    with zf.open(info) as f:
+        version = npy_format.read_magic(f)
+        header = npy_format.read_array_header_1_0 if version == (1, 0) else npy_format.read_array_header_2_0
+        shape, fortran, dtype = header(f)
+        if dtype.hasobject:
+            raise TraceError(f"{source}: array '{name}' holds Python objects ({dtype}); expected numbers")
+        count = math.prod(shape)
+        if count * dtype.itemsize > info.file_size:
+            raise TraceError(f"{source}: array '{name}' claims shape {list(shape)} of {dtype} but the archive "
+                             f"stores {info.file_size} bytes for it")
+        data = bytearray(count * dtype.itemsize)
+        got = f.readinto(data)
+    if got != len(data):
+        raise TraceError(f"{source}: array '{name}' is truncated ({got} of {len(data)} bytes)")
+    return np.frombuffer(data, dtype=dtype, count=count).reshape(shape, order="F" if fortran else "C")
 
 
 def _load_per_sequence(data: dict, common: dict) -> Trace:

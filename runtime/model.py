@@ -242,18 +242,9 @@ class Model:
 
     def _calibration(self) -> dict[str, Any]:
         """moelite.calibration.* from the side file `MODEL.gguf.calibration.json` (written by `moelite
-        analyze`), overridden by GGUF keys of the same names."""
-        import json
-        prefix = "moelite.calibration."
-        merged: dict[str, Any] = {}
-        side = Path(self.path + ".calibration.json")
-        if side.is_file():
-            try:
-                merged.update(json.loads(side.read_text()))
-            except (OSError, ValueError) as e:
-                raise ModelFormatError(f"{side}: unreadable calibration file ({e}); delete it or re-run moelite analyze")
-        merged.update({k: v for k, v in self.kv.items() if k.startswith(prefix)})
-        return {k[len(prefix):]: v for k, v in merged.items() if k.startswith(prefix)}
+        analyze`), overridden by GGUF keys of the same names; checked (cache_policies/calibration.py)."""
+        from ..cache_policies.calibration import load_calibration
+        return load_calibration(self.path, self.kv)
 
     def info(self) -> dict[str, Any]:
         mem = self._core().memory()

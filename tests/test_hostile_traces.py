@@ -1,0 +1,174 @@
+"""Hostile routing traces and calibration side files (issue 15): a TraceError / ModelFormatError naming the file
+and the field, never a raw zipfile/zlib/numpy exception, an int64 id wrapped to int32, or memory set by a number
+in the file rather than by the trace's size."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import numpy as np
+import pytest
+
+import moelite
+from moelite.cache_policies import Trace, load_trace, save_trace
+from moelite.errors import ModelFormatError, TraceError
+from fixture_models import fixture_gguf
+
+
+def good_arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(20)]).astype(np.int32)
+    return {"ids": ids, "offsets": np.array([0, 12, 20], np.int64), "layers": np.array([0, 1, 2], np.int32),
+            "n_expert": np.int64(8), "model": np.str_("t"), "format_version": np.int64(1)}
+
+
+def write(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def expect_trace_error(path, *needles):
+    with pytest.raises(TraceError) as e:
+        load_trace(path)
+    msg = str(e.value)
+    assert str(path) in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_good_trace_round_trips(tmp_path):
+    t = load_trace(write(tmp_path / "t.npz", **good_arrays()))
+    save_trace(t, tmp_path / "u.npz")
+    assert (load_trace(tmp_path / "u.npz").ids == t.ids).all()
+
+
+@pytest.mark.parametrize("field,value", [
+    ("ids", lambda a: (a["ids"].astype(np.int64) + np.int64(2**32))),      # 2**32 + 3 must not load as 3
+    ("layers", lambda a: np.array([0, 1, 2**32], np.int64)),
+    ("layers", lambda a: np.array([0, 1, 2**63 + 5], np.uint64)),
+    ("offsets", lambda a: np.array([0, 2**64 - 1, 20], np.uint64)),
+    ("n_expert", lambda a: np.int64(10**9)),
+    ("n_expert", lambda a: np.float64(8.0)),
+    ("scores", lambda a: np.full(a["ids"].shape, np.nan, np.float32)),
+    ("model", lambda a: np.arange(3)),
+])
+def test_bad_field(tmp_path, field, value):
+    arrays = good_arrays()
+    arrays[field] = value(arrays)
+    expect_trace_error(write(tmp_path / "t.npz", **arrays), field)
+
+
+def test_not_a_zip(tmp_path):
+    p = tmp_path / "t.npz"
+    p.write_bytes(b"PK\x03\x04" + bytes(range(200)))
+    expect_trace_error(p, "not a readable .npz")
+
+
+def test_npy_given_as_npz(tmp_path):
+    p = tmp_path / "t.npz"
+    with open(p, "wb") as f:
+        np.save(f, good_arrays()["ids"])
+    expect_trace_error(p, "not a readable .npz")
+
+
+def test_truncated(tmp_path):
+    p = write(tmp_path / "t.npz", **good_arrays())
+    p.write_bytes(p.read_bytes()[:-300])
+    expect_trace_error(p)
+
+
+def test_corrupt_deflate(tmp_path):
+    p = tmp_path / "t.npz"
+    np.savez_compressed(p, **good_arrays())
+    data = bytearray(p.read_bytes())
+    start = data.index(b"ids.npy") + 40       # inside the deflated member
+    data[start:start + 30] = bytes(30)
+    p.write_bytes(bytes(data))
+    expect_trace_error(p)
+
+
+def test_pickled_objects(tmp_path):
+    arrays = good_arrays()
+    arrays["model"] = np.array([{"a": 1}], dtype=object)
+    p = tmp_path / "t.npz"
+    np.savez(p, **arrays)
+    expect_trace_error(p, "model")
+
+
+def test_header_claims_more_than_stored(tmp_path):
+    """An .npy header of shape [10**12, 3, 2] with 480 bytes behind it: refused before any allocation."""
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<i4", "fortran_order": False, "shape": (10**12, 3, 2)})
+    p = tmp_path / "t.npz"
+    with zipfile.ZipFile(p, "w") as zf:
+        zf.writestr("ids.npy", buf.getvalue() + good_arrays()["ids"].tobytes())
+        for k, v in good_arrays().items():
+            if k != "ids":
+                b = io.BytesIO()
+                np.save(b, v)
+                zf.writestr(k + ".npy", b.getvalue())
+    expect_trace_error(p, "ids", "claims shape")
+
+
+def test_memory_follows_the_trace_not_n_expert(tmp_path):
+    """A 3-token trace naming the most experts allowed: srp, sch and simulate (with degraded predictions)
+    run inside a 2 GiB address space."""
+    ids = np.array([[[0, 1]] * 16, [[2, 3]] * 16, [[1, 0]] * 16], np.int32)
+    save_trace(Trace(ids=ids, n_expert=1 << 16), tmp_path / "t.npz")
+    code = textwrap.dedent(f"""
+        import resource
+        resource.setrlimit(resource.RLIMIT_AS, (2 << 30, 2 << 30))
+        from moelite.cache_policies import load_trace, srp, sch, simulate
+        t = load_trace({str(tmp_path / "t.npz")!r})
+        srp(t, 2); sch(t, 2)
+        for p in ("lru", "lfu", "lfuda", "belady", "consistency"):
+            simulate(t, p, 64, prefetch=True, precision=0.5)
+        print("ok")
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+# ---- calibration side files ---------------------------------------------------------------------------------
+@pytest.fixture()
+def model_copy(tmp_path):
+    dst = tmp_path / "m.gguf"
+    shutil.copy(fixture_gguf("qwen3_moe")[1], dst)
+    return dst
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("{not json", ["unreadable"]),
+    ("[" * 100000 + "]" * 100000, ["unreadable"]),
+    ("[1, 2]", ["expected a JSON object"]),
+    ('{"moelite.calibration.policy": 5}', ["moelite.calibration.policy", "a string"]),
+    ('{"moelite.calibration.policy": "fifo"}', ["moelite.calibration.policy", "lru"]),
+    ('{"moelite.calibration.m": 1e400}', ["moelite.calibration.m"]),
+    ('{"moelite.calibration.m": [3]}', ["moelite.calibration.m"]),
+    ('{"moelite.calibration.layer_shares": "ab"}', ["moelite.calibration.layer_shares"]),
+    ('{"moelite.calibration.layer_shares": [0.5, {"a": [[[]]]}]}', ["moelite.calibration.layer_shares"]),
+    ('{"moelite.calibration.layer_shares": [0.9, 0.9]}', ["sum to 1"]),
+    ('{"moelite.calibration.m": -4, "moelite.calibration.policy": "consistency"}', ["m must be"]),
+])
+def test_bad_calibration_side_file(model_copy, text, needles):
+    side = model_copy.with_name(model_copy.name + ".calibration.json")
+    side.write_text(text)
+    with pytest.raises(ModelFormatError) as e:
+        moelite.load(model_copy)
+    msg = str(e.value)
+    assert str(side) in msg, msg
+    for n in needles:
+        assert n in msg, msg
+
+
+def test_good_calibration_side_file(model_copy):
+    side = model_copy.with_name(model_copy.name + ".calibration.json")
+    side.write_text(json.dumps({"moelite.calibration.policy": "consistency", "moelite.calibration.m": 4,
+                                "moelite.calibration.layer_shares": [0.5, 0.5]}))
+    with moelite.load(model_copy) as m:
+        assert m.policy.name == "consistency" and m.policy.m == 4
