@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import errors
+from . import _cpu, errors
+from ._cpu import cpu_backend
 
 if TYPE_CHECKING:
     from .runtime.model import Model, load
 
-__all__ = ["Model", "load", "errors"]
+__all__ = ["Model", "load", "errors", "cpu_backend"]
+_cpu.preload()     # a portable build (the wheels): load ggml's CPU variant for this CPU before _core needs it
 __version__ = "0.1.0"
 
 
