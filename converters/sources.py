@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -48,8 +49,61 @@ def to_f32(raw: np.ndarray, st_dtype: str) -> np.ndarray:
     return raw.astype(np.float32, copy=False)
 
 
+def read_json(path: Path, kind: type) -> Any:
+    """A JSON file whose top level is `kind`; ConversionError naming the file otherwise (bad UTF-8, syntax,
+    nesting deeper than Python's recursion limit)."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError) as e:
+        raise ConversionError(f"{path}: invalid JSON: {type(e).__name__}: {e}") from None
+    if not isinstance(data, kind):
+        raise ConversionError(f"{path}: top level is a JSON {type(data).__name__}, expected {kind.__name__}")
+    return data
+
+
+def _plain_name(fn: str) -> bool:
+    return fn not in ("", ".", "..") and "/" not in fn and "\\" not in fn and "\0" not in fn
+
+
+# config.json values the converter turns into counts, shapes and GGUF keys: key -> (lo, hi). A count beyond
+# int32 or a layer count above the layers the checkpoint holds would allocate or loop without bound.
+INT32_MAX = 2**31 - 1
+_CONFIG_INTS = {
+    "num_hidden_layers": (1, INT32_MAX), "hidden_size": (1, INT32_MAX), "intermediate_size": (1, INT32_MAX),
+    "moe_intermediate_size": (1, INT32_MAX), "shared_expert_intermediate_size": (0, INT32_MAX),
+    "num_attention_heads": (1, INT32_MAX), "num_key_value_heads": (1, INT32_MAX), "head_dim": (1, INT32_MAX),
+    "vocab_size": (1, INT32_MAX), "max_position_embeddings": (1, INT32_MAX),
+    "num_experts": (1, 1 << 16), "num_local_experts": (1, 1 << 16), "n_routed_experts": (1, 1 << 16),
+    "num_experts_per_tok": (1, 1 << 16), "n_shared_experts": (0, 1 << 16), "n_group": (1, 1 << 16),
+    "topk_group": (1, 1 << 16), "first_k_dense_replace": (0, INT32_MAX), "kv_lora_rank": (0, INT32_MAX),
+    "q_lora_rank": (0, INT32_MAX), "qk_rope_head_dim": (0, INT32_MAX), "qk_nope_head_dim": (0, INT32_MAX),
+    "v_head_dim": (0, INT32_MAX), "sliding_window": (0, INT32_MAX), "decoder_sparse_step": (1, INT32_MAX),
+}
+_CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) -> None:
+    """Types and ranges of the config.json values above (at the top level and in nested text_config-like
+    objects); num_hidden_layers at most the layers the checkpoint's tensors hold."""
+    for scope, values in [("", cfg), *((f"{k}.", v) for k, v in cfg.items() if isinstance(v, dict))]:
+        for key, (lo, hi) in _CONFIG_INTS.items():
+            v = values.get(key)
+            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
+                raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]")
+        for key in _CONFIG_POSITIVE:
+            v = values.get(key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+                raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected a finite number > 0")
+    n_layer = cfg.get("num_hidden_layers")
+    held = len({m.group(1) for name in weight_map if (m := _LAYER.search(name))})
+    if isinstance(n_layer, int) and held and n_layer > held:
+        raise ConversionError(f"{path}: key 'num_hidden_layers' = {n_layer} but the checkpoint holds tensors "
+                              f"for {held} layers")
+
+
 class SafetensorsFile:
-    """One .safetensors shard: header parsed and checked against the file size."""
+    """One .safetensors shard: header parsed and checked exactly against the file (see _check_header)."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -64,23 +118,14 @@ class SafetensorsFile:
                     raise ConversionError(f"{path}: truncated or corrupt safetensors file: header says "
                                           f"{n} bytes of JSON, the file has {size} bytes")
                 header = json.loads(f.read(n))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: cannot read safetensors header: {e}") from e
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise ConversionError(f"{path}: cannot read safetensors header: {type(e).__name__}: {e}") from None
+        if not isinstance(header, dict):
+            raise ConversionError(f"{path}: safetensors header is a JSON {type(header).__name__}, expected an object")
         header.pop("__metadata__", None)
         self.data_start = 8 + n
         self.tensors: dict[str, dict[str, Any]] = header
-        for name, info in header.items():
-            dt = info.get("dtype")
-            if dt not in _ST_DTYPES:
-                raise ConversionError(f"{path}: tensor {name}: unsupported dtype {dt}")
-            begin, end = info["data_offsets"]
-            expect = math.prod(info["shape"]) * np.dtype(_ST_DTYPES[dt]).itemsize
-            if end - begin != expect:
-                raise ConversionError(f"{path}: tensor {name}: {end - begin} bytes for shape {info['shape']} "
-                                      f"{dt}, expected {expect}")
-            if self.data_start + end > size:
-                raise ConversionError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
-                                      f"{self.data_start + end}, the file has {size} bytes")
+        _check_header(path, header, size - self.data_start)
 
     def lazy(self, name: str) -> Lazy:
         info = self.tensors[name]
@@ -110,6 +155,47 @@ class SafetensorsFile:
                     raw_type=OPAQUE if dt in _RAW_DTYPES else None, f32_exact=dt in ("F32", "F64"))
 
 
+def _check_header(path: Path, header: dict[str, Any], data_size: int) -> None:
+    """Every entry {dtype, shape, data_offsets} well typed; dtype x shape == its byte range; the ranges, sorted,
+    tile the data section exactly (from 0, no gap, no overlap, ending at the file's end), as the safetensors
+    format requires: a header length one byte off shifts every range and is refused here."""
+    spans = []
+    for name, info in header.items():
+        if not isinstance(info, dict):
+            raise ConversionError(f"{path}: tensor {name}: header entry is a {type(info).__name__}, expected an object")
+        dt, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dt, str) or dt not in _ST_DTYPES:
+            raise ConversionError(f"{path}: tensor {name}: unsupported dtype {dt!r}")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise ConversionError(f"{path}: tensor {name}: shape {shape!r}, expected a list of integers >= 0")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_count(o) for o in offs) and offs[0] <= offs[1]):
+            raise ConversionError(f"{path}: tensor {name}: data_offsets {offs!r}, expected [begin, end] with "
+                                  "0 <= begin <= end")
+        begin, end = offs
+        expect = math.prod(shape) * np.dtype(_ST_DTYPES[dt]).itemsize
+        if end - begin != expect:
+            raise ConversionError(f"{path}: tensor {name}: {end - begin} bytes for shape {shape} "
+                                  f"{dt}, expected {expect}")
+        if end > data_size:
+            raise ConversionError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
+                                  f"{end} of the data section, which has {data_size} bytes")
+        spans.append((begin, end, name))
+    pos, prev = 0, "the header"
+    for begin, end, name in sorted(spans):
+        if begin != pos:
+            what = "overlaps" if begin < pos else "leaves a gap after"
+            raise ConversionError(f"{path}: tensor {name} (data_offsets [{begin}, {end}]) {what} {prev}: "
+                                  "corrupt safetensors header")
+        pos, prev = end, f"tensor {name}"
+    if pos != data_size:
+        raise ConversionError(f"{path}: the tensors cover {pos} bytes but the data section has {data_size} "
+                              "(wrong header length or trailing bytes): corrupt safetensors file")
+
+
+def _is_count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
+
+
 class HFSource:
     """A Hugging Face checkpoint directory."""
 
@@ -118,19 +204,18 @@ class HFSource:
         cfg_path = src / "config.json"
         if not cfg_path.is_file():
             raise ConversionError(f"{src}: no config.json (expected a Hugging Face model directory or a .gguf file)")
-        try:
-            self.config: dict[str, Any] = json.loads(cfg_path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{cfg_path}: invalid JSON: {e}") from e
+        self.config: dict[str, Any] = read_json(cfg_path, dict)
         self.shards = self._open_shards()
+        check_config(cfg_path, self.config, self.weight_map)
 
     def _open_shards(self) -> dict[str, SafetensorsFile]:
         index = self.dir / "model.safetensors.index.json"
         if index.is_file():
-            try:
-                weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-            except (OSError, json.JSONDecodeError, KeyError) as e:
-                raise ConversionError(f"{index}: invalid index file: {e}") from e
+            weight_map: dict[str, str] = read_json(index, dict).get("weight_map")
+            if not isinstance(weight_map, dict) or not all(
+                    isinstance(v, str) and _plain_name(v) for v in weight_map.values()):
+                raise ConversionError(f"{index}: key 'weight_map' must map tensor names to shard file names in "
+                                      "this directory")
             files = sorted(set(weight_map.values()))
             for fn in files:
                 if not (self.dir / fn).is_file():

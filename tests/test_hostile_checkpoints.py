@@ -1,0 +1,115 @@
+"""Hostile Hugging Face checkpoints (issue 15): a ConversionError naming the file and the key, before anything
+is written or allocated; never a silently shifted tensor, a raw Python exception or a hang."""
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import moelite
+from hf_fixtures import edited_copy, make_hf_model
+from moelite.converters import convert
+from moelite.errors import ConversionError
+
+
+@pytest.fixture()
+def hf(tmp_path) -> Path:
+    return edited_copy(make_hf_model("qwen3_moe"), tmp_path / "hf", lambda ts: ts)
+
+
+def expect_refused(src: Path, out: Path, *needles: str) -> str:
+    with pytest.raises(ConversionError) as e:
+        convert(src, out, "f32", progress=False)
+    assert not out.exists()
+    msg = str(e.value)
+    for n in needles:
+        assert n in msg, msg
+    return msg
+
+
+def rewrite_header(st: Path, edit, length_delta: int = 0, pad: int = 8) -> None:
+    """Re-write a safetensors file's JSON header through edit(header) (data kept), padded with `pad` spaces,
+    with the stated header length off by length_delta."""
+    raw = st.read_bytes()
+    (n,) = struct.unpack("<Q", raw[:8])
+    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    blob = json.dumps(edit(header)).encode() + b" " * pad
+    st.write_bytes(struct.pack("<Q", len(blob) + length_delta) + blob + data)
+
+
+def test_header_length_one_byte_short(hf, tmp_path):
+    rewrite_header(hf / "model.safetensors", lambda h: h, length_delta=-1)
+    expect_refused(hf, tmp_path / "o.gguf", "model.safetensors", "corrupt safetensors")
+
+
+def _first(h: dict) -> str:
+    return next(k for k in h if k != "__metadata__")
+
+
+def _shift(h: dict, by: int) -> dict:
+    name = _first(h)
+    h[name]["data_offsets"] = [h[name]["data_offsets"][0] + by, h[name]["data_offsets"][1] + by]
+    return h
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda h: _shift(h, 4), "gap"),                                               # leaves a gap
+    (lambda h: {**h, "dup": dict(h[_first(h)])}, "overlaps"),                     # two tensors, one range
+    (lambda h: {**h, _first(h): [1, 2]}, "expected an object"),
+    (lambda h: {**h, _first(h): {**h[_first(h)], "shape": "abc"}}, "shape"),
+    (lambda h: {**h, _first(h): {**h[_first(h)], "shape": [2**70]}}, "shape"),
+    (lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": [5]}}, "data_offsets"),
+    (lambda h: {**h, _first(h): {**h[_first(h)], "dtype": ["F32"]}}, "dtype"),
+    (lambda h: [1, 2], "expected an object"),
+])
+def test_bad_header(hf, tmp_path, edit, needle):
+    rewrite_header(hf / "model.safetensors", edit)
+    expect_refused(hf, tmp_path / "o.gguf", "model.safetensors", needle)
+
+
+def test_trailing_bytes(hf, tmp_path):
+    st = hf / "model.safetensors"
+    st.write_bytes(st.read_bytes() + b"\0" * 16)
+    expect_refused(hf, tmp_path / "o.gguf", "data section")
+
+
+def test_deeply_nested_header(hf, tmp_path):
+    st = hf / "model.safetensors"
+    blob = b"[" * 200000 + b"]" * 200000
+    st.write_bytes(struct.pack("<Q", len(blob)) + blob)
+    expect_refused(hf, tmp_path / "o.gguf", "model.safetensors")
+
+
+@pytest.mark.parametrize("key,value", [
+    ("num_hidden_layers", 2**31), ("num_hidden_layers", 3), ("num_experts", 2**63), ("vocab_size", 1e30),
+    ("num_attention_heads", 2**31), ("num_attention_heads", "4"), ("hidden_size", [64]), ("rms_norm_eps", -0.5),
+    ("num_experts_per_tok", True),
+])
+def test_bad_config_value(hf, tmp_path, key, value):
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg[key] = value
+    (hf / "config.json").write_text(json.dumps(cfg))
+    expect_refused(hf, tmp_path / "o.gguf", "config.json", key)
+
+
+@pytest.mark.parametrize("text", ["[1, 2]", "[" * 100000 + "]" * 100000, '{"a": "\udcff"}'])
+def test_bad_config_json(hf, tmp_path, text):
+    (hf / "config.json").write_text(text, errors="surrogateescape")
+    expect_refused(hf, tmp_path / "o.gguf", "config.json")
+
+
+@pytest.mark.parametrize("index", [{"weight_map": [1, 2]}, {"weight_map": {"a": 5}}, [1],
+                                   {"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}])
+def test_bad_index(hf, tmp_path, index):
+    (hf / "model.safetensors.index.json").write_text(json.dumps(index))
+    expect_refused(hf, tmp_path / "o.gguf", "model.safetensors.index.json")
+
+
+def test_valid_checkpoint_converts(hf, tmp_path):
+    out = tmp_path / "o.gguf"
+    convert(hf, out, "f32", progress=False)
+    with moelite.load(out, n_ctx=32) as m:
+        assert np.isfinite(m.logits([1, 2, 3])).all()
