@@ -30,7 +30,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_rot", h.n_rot); get(d, "rope_type", h.rope_type); get(d, "n_ctx_orig", h.n_ctx_orig);
     get(d, "freq_base", h.freq_base); get(d, "freq_scale", h.freq_scale); get(d, "ext_factor", h.ext_factor);
     get(d, "attn_factor", h.attn_factor); get(d, "beta_fast", h.beta_fast); get(d, "beta_slow", h.beta_slow);
-    get(d, "kq_scale", h.kq_scale); get(d, "n_swa", h.n_swa); get(d, "swa_layers", h.swa_layers);
+    get(d, "kq_scale", h.kq_scale); get(d, "n_swa", h.n_swa);
     get(d, "q_lora_rank", h.q_lora_rank); get(d, "kv_lora_rank", h.kv_lora_rank);
     get(d, "n_expert", h.n_expert); get(d, "n_expert_used", h.n_expert_used);
     get(d, "n_layer_dense_lead", h.n_layer_dense_lead); get(d, "gating", h.gating);
@@ -38,7 +38,31 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_group", h.n_group); get(d, "topk_group", h.topk_group); get(d, "jitter_eps", h.jitter_eps);
     get(d, "act", h.act); get(d, "oai_alpha", h.oai_alpha); get(d, "oai_limit", h.oai_limit);
     get(d, "embd_scale", h.embd_scale); get(d, "residual_scale", h.residual_scale); get(d, "logit_scale", h.logit_scale);
+    get(d, "qk_norm_after_rope", h.qk_norm_after_rope); get(d, "v_norm", h.v_norm);
+    get(d, "weights_before_ffn", h.weights_before_ffn); get(d, "final_softcap", h.final_softcap);
+    get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
+    // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
+    std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
+    std::vector<float> freq_base, kq_scale;
+    get(d, "layer_mixer", mixer); get(d, "layer_ffn", ffn); get(d, "layer_mask", mask);
+    get(d, "layer_n_head_kv", n_head_kv); get(d, "layer_head_k", head_k); get(d, "layer_head_v", head_v);
+    get(d, "layer_n_rot", n_rot); get(d, "layer_rope_factors", rope_factors); get(d, "layer_attn_temp", attn_temp);
+    get(d, "layer_freq_base", freq_base); get(d, "layer_kq_scale", kq_scale);
+    const size_t n = (size_t) std::max(h.n_layer, 0);
+    for (auto * v : {&mixer, &ffn, &mask, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp})
+        if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
+    if (freq_base.size() != n || kq_scale.size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
+    h.plan.resize(n);
+    for (size_t i = 0; i < n; ++i) {
+        LayerPlan & p = h.plan[i];
+        p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
+        p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
+        p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i];
+        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_MLA || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
+            p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
+            throw FormatError("layer plan of layer " + std::to_string(i) + " is out of range");
+    }
     return h;
 }
 

@@ -110,7 +110,7 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     }
     CacheLayer & L = layers_[il];
     L.pool = pool;
-    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->offset, t[r]->nb2(), t[r]->nb2()};
+    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
     L.slot_of.assign(n_expert_, -1);
 }
 

@@ -18,6 +18,9 @@ struct TensorInfo {
     uint64_t offset;             // absolute byte offset in the file (data_offset + tensor offset)
     uint64_t nbytes;
     uint64_t nb2() const { return nbytes / (ne[2] * ne[3]); }   // bytes of one [ne0, ne1] matrix (one expert)
+    // distance between experts in the file: nb2(), except for a half of a fused gate_up tensor (the whole block)
+    uint64_t stride2 = 0;
+    uint64_t expert_stride() const { return stride2 ? stride2 : nb2(); }
 };
 
 // Owns a gguf_context opened with no_alloc (metadata only). Validates that every tensor lies inside the

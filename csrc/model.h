@@ -15,8 +15,25 @@
 namespace moelite {
 
 enum Gating : int { GATING_SOFTMAX = 1, GATING_SIGMOID = 2, GATING_SOFTMAX_WEIGHT = 3, GATING_SPARSEMIXER = 4 };
-enum Act : int { ACT_SILU = 0, ACT_SWIGLU_OAI = 1 };
-enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2 };
+enum Act : int { ACT_SILU = 0, ACT_SWIGLU_OAI = 1, ACT_GELU = 2 };   // GELU: tanh approximation (GeGLU)
+// q/k norms: per head with weight (Qwen3), over the whole projection (OLMoE), per head without weight (Llama-4)
+enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NORM_L2 = 3 };
+
+// The per-layer plan (runtime/hparams.py derives it from the GGUF): which mixer and which FFN block the
+// layer is built from, and the attention parameters that vary per layer (sliding/global mixes).
+enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1 };
+enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1 };
+enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
+
+struct LayerPlan {
+    int mixer = MIXER_ATTN, ffn = FFN_DENSE, mask = MASK_CAUSAL;
+    int n_head_kv = 0, head_k = 0, head_v = 0;    // per-head sizes (MLA: of the decompressed heads)
+    int n_rot = 0;                                // rotated dims; 0 = NoPE layer
+    float freq_base = 10000.f;
+    float kq_scale = 0.f;
+    bool rope_factors = true;                     // apply the model's rope_freqs / rope factors here
+    bool attn_temp = false;                       // Llama-4 NoPE layers: q *= 1 + s * log(1 + floor((pos + 1) / f))
+};
 
 // Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
 struct HParams {
@@ -31,7 +48,6 @@ struct HParams {
     float freq_base = 10000.f, freq_scale = 1.f, ext_factor = 0.f, attn_factor = 1.f, beta_fast = 32.f, beta_slow = 1.f;
     float kq_scale = 0.f;
     int n_swa = 0;
-    std::vector<int> swa_layers;                  // [n_layer] 1 = sliding window layer
     // MLA (deepseek2)
     int q_lora_rank = 0, kv_lora_rank = 0;
     // MoE
@@ -45,6 +61,14 @@ struct HParams {
     float oai_alpha = 1.702f, oai_limit = 7.0f;
     // granite multipliers
     float embd_scale = 1.f, residual_scale = 1.f, logit_scale = 1.f;
+    // wave-2 switches
+    bool qk_norm_after_rope = false;              // Hunyuan: q/k norm after RoPE
+    bool v_norm = false;                          // Gemma-4: RMSNorm without weight on V
+    bool weights_before_ffn = false;              // Llama-4: routing weight scales the expert input
+    float final_softcap = 0.f;                    // Gemma-4: logits = c * tanh(logits / c)
+    int n_chunk = 0;                              // Llama-4 chunked attention: tokens see their chunk only
+    float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
+    std::vector<LayerPlan> plan;                  // [n_layer]
 };
 
 struct Layer {
@@ -56,14 +80,21 @@ struct Layer {
     // MLA
     ggml_tensor *wq_a = nullptr, *q_a_norm = nullptr, *wq_b = nullptr, *wkv_a = nullptr, *kv_a_norm = nullptr,
                 *wk_b = nullptr, *wv_b = nullptr;
+    ggml_tensor *attn_post_norm = nullptr;        // Gemma-4 sandwich norm on the attention output
     ggml_tensor *ffn_norm = nullptr, *ffn_norm_b = nullptr;
+    ggml_tensor *ffn_exp_norm = nullptr;          // Gemma-4: experts' own pre-norm (pre_ffw_norm_2)
+    ggml_tensor *ffn_post_norm = nullptr, *ffn_post_norm_dense = nullptr, *ffn_post_norm_exp = nullptr;
+    ggml_tensor *out_scale = nullptr;             // Gemma-4 layer_output_scale [1]
     // dense FFN (leading dense layers)
     ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     // MoE
     ggml_tensor *gate_inp = nullptr, *gate_inp_b = nullptr;
+    ggml_tensor *gate_inp_s = nullptr;            // Gemma-4 router: proj(rms_norm(h) / sqrt(n_embd) * s)
     ggml_tensor *gate_exps_b = nullptr, *up_exps_b = nullptr, *down_exps_b = nullptr;
     ggml_tensor *gate_shexp = nullptr, *up_shexp = nullptr, *down_shexp = nullptr, *gate_inp_shexp = nullptr;
     std::vector<float> exp_probs_b;               // [n_expert] selection bias (DeepSeek-V3), host side
+    std::vector<float> exp_scale;                 // [n_expert] per-expert output scale (Gemma-4), host side
+    ggml_tensor *rope_freqs = nullptr;            // rope factors of this layer (model-wide tensor or none)
     // KV cache
     ggml_tensor *k_cache = nullptr, *v_cache = nullptr;   // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
 };
@@ -116,39 +147,67 @@ public:
     std::vector<std::vector<int32_t>> route_la;   // [n_layer][n_tokens * k] lookahead prediction for this layer
 
 private:
+    // ---- loading (model.cpp)
     ggml_tensor * load_tensor(const std::string & name, bool required, int n_dims_expect = -1,
                               std::vector<int64_t> shape = {});
     void build_layers();
+    void load_attention(int il, Layer & L);
+    void load_mla(int il, Layer & L);
+    void load_ffn(int il, Layer & L);
+    std::vector<float> read_f32(const TensorInfo & t, int64_t n);
     void alloc_kv();
 
-    // graphs
+    // ---- one step, driven by eval() (model.cpp): per layer, graph A = mixer + FFN front, then for MoE
+    // layers host routing + the expert cache + graph B (ffn_moe.cpp)
     ggml_context * begin_graph();
     void compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc);
     void run_embed(const int32_t * tokens, int T);
-    void run_attn(int il, int T);
-    void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
-                     const std::vector<int32_t> & ids);
+    void run_layer_front(int il, int T);
     void run_output(int T, int n_out, float * logits);
-    void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
-    void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid, bool on_cpu);
-    void run_combine(int il, int T, const std::vector<float> & w);
+    void build_masks(int T);
+    int next_moe(int il) const;
+
+    // ---- shared small builders (model.cpp)
+    ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
+    ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w);   // plain RMSNorm (* w if given)
+    // y -> (post norm) -> * residual_scale -> + h -> (* layer output scale); the layer's new residual stream
+    ggml_tensor * residual_out(ggml_context * ctx, int il, ggml_tensor * y, ggml_tensor * h, ggml_tensor * post_norm,
+                               bool layer_end);
+
+    // ---- mixers: x normed [n_embd, T] -> attention output after W_o [n_embd, T]
+    ggml_tensor * mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
+                                  int T);                                            // mixer_attention.cpp
+    ggml_tensor * mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
+                            int T);                                                  // mixer_mla.cpp
+    ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos);
+    ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
+                            ggml_tensor * v, int T);                                 // KV cache + softmax(QK)V
+
+    // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)
+    ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
+    ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u);   // act(g) * u, the family's act
+    ggml_tensor * dense_block(ggml_context * ctx, int il, ggml_tensor * h);   // norm -> FFN (-> post norm)
+    ggml_tensor * router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn);  // [n_expert, T]
+    ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
-    // tiering: the experts of this step that the CPU runs from tier 2
+    void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);
+    void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
+    void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
+                     const std::vector<int32_t> & ids);
+    void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid,
+                          const std::vector<float> & pw, bool on_cpu);
+    void run_combine(int il, int T, const std::vector<float> & w);
+
+    // ---- host routing (router.cpp). ids/w/score: [T * k]; score = what experts were ranked by (descending)
+    void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
+               std::vector<float> * score = nullptr);
+
+    // ---- tiering (tiering.cpp): the experts of this step that the CPU runs from tier 2, and the cost model
     std::vector<int32_t> cpu_group(int il, const std::vector<int32_t> & ids, int n);
     void measure_costs();
     double time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const Pool & P, int slot0, int il, int n);
-    void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);
-    // ids/w/score: [T * k]; score = the value experts were ranked by (descending per token)
-    void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
-               std::vector<float> * score = nullptr);
-    int next_moe(int il) const;
-
-    ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
-    ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
-                            ggml_tensor * v, int T);
-    ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
 
     std::string path_;
     HParams hp_;
@@ -181,7 +240,7 @@ private:
     std::vector<uint8_t> graph_mem_;
     int n_past_ = 0;
     std::vector<int32_t> pos_;
-    std::vector<float> mask_, mask_swa_;
+    std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_;   // host inputs of one ubatch
 };
 
 }  // namespace moelite

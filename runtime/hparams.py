@@ -1,32 +1,42 @@
-"""GGUF metadata (llama.cpp keys) -> the generic hyperparameters of the C++ core (csrc/model.h HParams).
+"""GGUF metadata (llama.cpp keys) -> the hyperparameters and the per-layer plan of the C++ core (csrc/model.h).
 
-One table says what each llama.cpp architecture means; the C++ graph only knows generic switches
-(norm kind, q/k norm, RoPE mode, gating function, activation, multipliers). Key names are llama.cpp's.
+One table says what each llama.cpp architecture means (`ARCHS`); the C++ graph only knows generic switches
+(norm kind, q/k norm, RoPE mode, gating function, activation, multipliers) and a *layer plan*: per layer the
+mixer (attention or MLA), the FFN block (dense or routed experts), the attention mask (causal, sliding window,
+chunked) and the attention parameters that vary per layer (kv heads, head sizes, rotated dims, RoPE base, scale).
+Key names are llama.cpp's; where llama.cpp hard-codes a value for an architecture (Llama-4's chunk size,
+ERNIE's always-renormalised routing), the spec says so.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ModelFormatError
 
 ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
-QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL = 0, 1, 2
-ACT_SILU, ACT_SWIGLU_OAI = 0, 1
+QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
+ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU = 0, 1, 2
+MIXER_ATTN, MIXER_MLA = 0, 1
+FFN_DENSE, FFN_MOE = 0, 1
+MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     """What an architecture needs beyond the common keys (defaults follow llama.cpp's runtime)."""
     rope_type: int
-    qk_norm: int = QK_NORM_NONE
+    qk_norm: int = QK_NORM_NONE         # used when the file has attn_q_norm tensors (QK_NORM_L2 needs none)
+    qk_norm_after_rope: bool = False
     gating: int = GATING_SOFTMAX
-    weights_norm: bool = False          # default when `{arch}.expert_weights_norm` is absent
+    weights_norm: bool | None = False   # default of `{arch}.expert_weights_norm`; None = always on (hard-coded)
     layernorm: bool = False
     act: int = ACT_SILU
     swa_period: int = 0                 # alternating sliding window: layer il is SWA iff il % period < period - 1
+    moe_step_key: bool = False          # MoE layers every `interleave_moe_layer_step` (ERNIE, Llama-4)
+    sandwich: bool = False              # Gemma-4: per-layer head sizes, K=V, V norm, attention scale 1, softcap
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -34,75 +44,66 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2moe": ArchSpec(ROPE_NEOX),
     "olmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_FULL),
     "llama": ArchSpec(ROPE_NORM, weights_norm=True),                       # Mixtral
-    "deepseek2": ArchSpec(ROPE_NORM),
+    "deepseek2": ArchSpec(ROPE_NORM),                                      # DeepSeek-V2/V3, GLM-4.7-Flash
     "gpt-oss": ArchSpec(ROPE_NEOX, gating=GATING_SOFTMAX_WEIGHT, act=ACT_SWIGLU_OAI, swa_period=2),
     "granitemoe": ArchSpec(ROPE_NORM, weights_norm=True),
     "phimoe": ArchSpec(ROPE_NEOX, gating=GATING_SPARSEMIXER, layernorm=True),
+    # wave 2, attention-only
+    "glm4moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID),
+    "dots1": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD),
+    "minimax-m2": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_FULL, gating=GATING_SIGMOID, weights_norm=None),
+    "ernie4_5-moe": ArchSpec(ROPE_NORM, weights_norm=None, moe_step_key=True),
+    "hunyuan-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, qk_norm_after_rope=True, weights_norm=None),
+    "llama4": ArchSpec(ROPE_NORM, qk_norm=QK_NORM_L2, gating=GATING_SIGMOID, moe_step_key=True),
+    "gemma4": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, act=ACT_GELU, sandwich=True),
 }
 
-
-@dataclass
-class GGUFModelInfo:
-    path: str
-    kv: dict[str, Any]
-    tensors: dict[str, tuple[int, tuple[int, ...], int, int]]   # name -> (ggml type, shape, offset, nbytes)
-    alignment: int
-    file_size: int
-    hparams: dict[str, Any] = field(default_factory=dict)
+# Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
+# attention temperature on every 4th
+LLAMA4_CHUNK, LLAMA4_TEMP_FLOOR, LLAMA4_TEMP_SCALE, LLAMA4_NOPE_STEP = 8192, 8192.0, 0.1, 4
 
 
-def _key(kv: dict, path: str, key: str, default: Any = ..., *, kind: type | None = None) -> Any:
+def _number(kv: dict, path: str, key: str, v: Any) -> Any:
+    if isinstance(v, (bool, int, float)):
+        return v
+    if hasattr(v, "item") and not hasattr(v, "__len__"):          # numpy scalar
+        return v.item()
+    raise ModelFormatError(f"{path}: key '{key}' should be a number, got {type(v).__name__}")
+
+
+def _per_layer(kv: dict, path: str, key: str, n_layer: int, default: Any = ...) -> list:
+    """A key that llama.cpp reads with get_key_or_arr: one value for every layer, or an array of n_layer."""
+    if key not in kv:
+        if default is ...:
+            raise ModelFormatError(f"{path}: missing key '{key}'")
+        return [default] * n_layer
+    v = kv[key]
+    if isinstance(v, str) or not hasattr(v, "__len__"):
+        return [_number(kv, path, key, v)] * n_layer
+    vals = [_number(kv, path, key, x) for x in v]
+    if len(vals) != n_layer:
+        raise ModelFormatError(f"{path}: key '{key}' has {len(vals)} entries, expected {n_layer} (one per layer)")
+    return vals
+
+
+def _key(kv: dict, path: str, key: str, default: Any = ...) -> Any:
+    """A scalar key; a per-layer array must be uniform (the caller wants one value)."""
     if key not in kv:
         if default is ...:
             raise ModelFormatError(f"{path}: missing key '{key}'")
         return default
     v = kv[key]
-    if hasattr(v, "__len__") and not isinstance(v, str):      # per-layer arrays: must be uniform here
-        vals = set(int(x) for x in v)
+    if hasattr(v, "__len__") and not isinstance(v, str):
+        vals = {_number(kv, path, key, x) for x in v}
         if len(vals) != 1:
-            raise ModelFormatError(f"{path}: key '{key}' varies per layer ({sorted(vals)}); not supported")
-        v = vals.pop()
-    if kind is not None and not isinstance(v, (int, float, bool)) :
-        raise ModelFormatError(f"{path}: key '{key}' should be a number, got {type(v).__name__}")
-    return v
+            raise ModelFormatError(f"{path}: key '{key}' varies per layer ({sorted(vals)}); expected one value")
+        return vals.pop()
+    return _number(kv, path, key, v)
 
 
-def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> dict[str, Any]:
-    """Read llama.cpp keys of a MoE GGUF into the dict the C++ Model takes. Raises ModelFormatError."""
-    arch = kv.get("general.architecture")
-    if arch is None:
-        raise ModelFormatError(f"{path}: missing key 'general.architecture'")
-    if arch not in ARCHS:
-        raise ModelFormatError(f"{path}: unknown architecture '{arch}' (key general.architecture); "
-                               f"supported: {', '.join(sorted(ARCHS))}")
-    spec = ARCHS[arch]
-    a = arch
-
-    def k(name: str, default: Any = ...) -> Any:
-        return _key(kv, path, f"{a}.{name}", default, kind=float)
-
-    n_expert = int(k("expert_count", 0))
-    if n_expert <= 1 or not any(n.endswith("ffn_gate_exps.weight") for n in tensors):
-        raise ModelFormatError(f"{path}: not a Mixture-of-Experts model (key '{a}.expert_count' = {n_expert}, "
-                               f"no 'blk.N.ffn_gate_exps.weight' tensors)")
-    if "token_embd.weight" not in tensors:
-        raise ModelFormatError(f"{path}: missing tensor 'token_embd.weight'")
-    n_embd = int(k("embedding_length"))
-    n_layer = int(k("block_count"))
-    n_head = int(k("attention.head_count"))
-    n_head_kv = int(k("attention.head_count_kv", n_head))
-    n_vocab = int(tensors["token_embd.weight"][1][1])
-    head_k = int(k("attention.key_length", n_embd // n_head))
-    head_v = int(k("attention.value_length", n_embd // n_head))
-    kv_lora = int(k("attention.kv_lora_rank", 0))
-    if kv_lora:       # MLA: per-head sizes of the decompressed heads
-        head_k = int(k("attention.key_length_mla", head_k))
-        head_v = int(k("attention.value_length_mla", head_v))
-    n_rot = int(k("rope.dimension_count", head_k))
-    eps = float(k("attention.layer_norm_rms_epsilon", k("attention.layer_norm_epsilon", 1e-5)))
-
-    # RoPE scaling, as llama.cpp derives its ggml_rope_ext arguments (llama-context.cpp)
-    scaling = kv.get(f"{a}.rope.scaling.type", "none")
+def _rope_scaling(arch: str, k) -> dict[str, float]:
+    """RoPE scaling, as llama.cpp derives its ggml_rope_ext arguments (llama-context.cpp)."""
+    scaling = k.raw("rope.scaling.type", "none")
     factor = float(k("rope.scaling.factor", 0.0) or 0.0)
     freq_scale = 1.0 / factor if (factor and scaling != "none") else 1.0
     ext_factor = 1.0 if scaling == "yarn" else 0.0
@@ -122,52 +123,161 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
             attn_factor = mscale(f, 1.0)
         attn_factor *= 1.0 / (1.0 + 0.1 * math.log(f))
     attn_factor *= float(k("rope.scaling.attn_factor", 1.0))
+    return dict(freq_scale=freq_scale, ext_factor=ext_factor, attn_factor=attn_factor, log_mul=log_mul)
 
-    kq_scale = 1.0 / math.sqrt(head_k)
+
+def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> dict[str, Any]:
+    """Read llama.cpp keys of a MoE GGUF into the dict the C++ Model takes. Raises ModelFormatError."""
+    arch = kv.get("general.architecture")
+    if arch is None:
+        raise ModelFormatError(f"{path}: missing key 'general.architecture'")
+    if arch not in ARCHS:
+        raise ModelFormatError(f"{path}: unknown architecture '{arch}' (key general.architecture); "
+                               f"supported: {', '.join(sorted(ARCHS))}")
+    spec = ARCHS[arch]
+
+    def k(name: str, default: Any = ...) -> Any:
+        return _key(kv, path, f"{arch}.{name}", default)
+    k.raw = lambda name, default=None: kv.get(f"{arch}.{name}", default)
+
+    n_expert = int(k("expert_count", 0))
+    if n_expert <= 1 or not any(n.endswith(("ffn_down_exps.weight")) for n in tensors):
+        raise ModelFormatError(f"{path}: not a Mixture-of-Experts model (key '{arch}.expert_count' = {n_expert}, "
+                               f"no 'blk.N.ffn_down_exps.weight' tensors)")
+    if "token_embd.weight" not in tensors:
+        raise ModelFormatError(f"{path}: missing tensor 'token_embd.weight'")
+    n_embd = int(k("embedding_length"))
+    # MTP / next-token-prediction layers sit after the trunk (blk.{n_layer}..): never run, as llama.cpp
+    n_layer = int(k("block_count")) - int(k("nextn_predict_layers", 0))
+    if n_layer <= 0:
+        raise ModelFormatError(f"{path}: key '{arch}.block_count' minus '{arch}.nextn_predict_layers' is {n_layer}, "
+                               f"expected >= 1")
+    n_head = int(k("attention.head_count"))
+    kv_heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, n_head)]
+    n_vocab = int(tensors["token_embd.weight"][1][1])
+    head_k = int(k("attention.key_length", n_embd // max(n_head, 1)))
+    head_v = int(k("attention.value_length", n_embd // max(n_head, 1)))
+    kv_lora = int(k("attention.kv_lora_rank", 0))
+    if kv_lora:       # MLA: per-head sizes of the decompressed heads
+        head_k = int(k("attention.key_length_mla", head_k))
+        head_v = int(k("attention.value_length_mla", head_v))
+    n_rot = int(k("rope.dimension_count", head_k))
+    eps = float(k("attention.layer_norm_rms_epsilon", k("attention.layer_norm_epsilon", 1e-5)))
+    rs = _rope_scaling(arch, k)
+    freq_base = float(k("rope.freq_base", 10000.0))
+
+    kq_scale = 1.0 / math.sqrt(head_k) if head_k > 0 else 1.0
     if arch == "deepseek2":
-        org = attn_factor * (1.0 + 0.1 * math.log(1.0 / freq_scale))
-        ms = org * (1.0 + 0.1 * log_mul * math.log(1.0 / freq_scale))
+        org = rs["attn_factor"] * (1.0 + 0.1 * math.log(1.0 / rs["freq_scale"]))
+        ms = org * (1.0 + 0.1 * rs["log_mul"] * math.log(1.0 / rs["freq_scale"]))
         kq_scale = ms * ms / math.sqrt(head_k)
-    if f"{a}.attention.scale" in kv:                     # granite: attention_multiplier
-        kq_scale = float(kv[f"{a}.attention.scale"])
+    if f"{arch}.attention.scale" in kv:                  # granite: attention_multiplier
+        kq_scale = float(k("attention.scale"))
 
+    # sliding window layers (gpt-oss, gemma4): a per-layer bool array or a period
     n_swa = int(k("attention.sliding_window", 0))
     swa_layers = [0] * n_layer
-    pattern = kv.get(f"{a}.attention.sliding_window_pattern")
-    if n_swa:
+    pattern = kv.get(f"{arch}.attention.sliding_window_pattern")
+    if n_swa and arch != "llama4":
         if pattern is not None and hasattr(pattern, "__len__"):
             swa_layers = [int(bool(x)) for x in pattern][:n_layer]
+            if len(swa_layers) != n_layer:
+                raise ModelFormatError(f"{path}: key '{arch}.attention.sliding_window_pattern' has "
+                                       f"{len(swa_layers)} entries, expected {n_layer}")
         else:
             period = int(pattern) if pattern is not None else spec.swa_period
             if period > 0:
                 swa_layers = [int(il % period < period - 1) for il in range(n_layer)]
 
-    gating = int(k("expert_gating_func", spec.gating))
+    gating = int(k("expert_gating_func", spec.gating) or spec.gating)
     if arch == "gpt-oss":
         gating = GATING_SOFTMAX_WEIGHT
     if arch == "phimoe" and gating == GATING_SOFTMAX:
         gating = GATING_SPARSEMIXER
+    if arch in ("ernie4_5-moe", "hunyuan-moe", "gemma4"):     # llama.cpp's graphs hard-code softmax
+        gating = GATING_SOFTMAX
     n_expert_used = int(k("expert_used_count"))
     if not 0 < n_expert_used <= min(n_expert, 64):
-        raise ModelFormatError(f"{path}: key '{a}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}")
+        raise ModelFormatError(f"{path}: key '{arch}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}")
     qk_norm = spec.qk_norm if any(n.endswith("attn_q_norm.weight") for n in tensors) else QK_NORM_NONE
+    weights_norm = True if spec.weights_norm is None else bool(k("expert_weights_norm", spec.weights_norm))
+    dense_lead = int(k("leading_dense_block_count", 0))
+    moe_step = int(k("interleave_moe_layer_step", 1) or 1) if spec.moe_step_key else 1
 
-    return dict(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv,
+    hp: dict[str, Any] = dict(
+        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=max(kv_heads),
         n_embd_head_k=head_k, n_embd_head_v=head_v, norm_eps=eps, layernorm=spec.layernorm, qk_norm=qk_norm,
-        n_rot=n_rot, rope_type=spec.rope_type,
+        qk_norm_after_rope=spec.qk_norm_after_rope, n_rot=n_rot, rope_type=spec.rope_type,
         n_ctx_orig=int(k("rope.scaling.original_context_length", k("context_length", 4096))),
-        freq_base=float(k("rope.freq_base", 10000.0)), freq_scale=freq_scale, ext_factor=ext_factor,
-        attn_factor=attn_factor, beta_fast=float(k("rope.scaling.yarn_beta_fast", 32.0)),
+        freq_base=freq_base, freq_scale=rs["freq_scale"], ext_factor=rs["ext_factor"],
+        attn_factor=rs["attn_factor"], beta_fast=float(k("rope.scaling.yarn_beta_fast", 32.0)),
         beta_slow=float(k("rope.scaling.yarn_beta_slow", 1.0)), kq_scale=kq_scale, n_swa=n_swa, swa_layers=swa_layers,
         q_lora_rank=int(k("attention.q_lora_rank", 0)), kv_lora_rank=kv_lora,
-        n_expert=n_expert, n_expert_used=n_expert_used, n_layer_dense_lead=int(k("leading_dense_block_count", 0)),
-        gating=gating, weights_norm=bool(k("expert_weights_norm", spec.weights_norm)),
-        weights_scale=float(k("expert_weights_scale", 1.0) or 1.0),
+        n_expert=n_expert, n_expert_used=n_expert_used, n_layer_dense_lead=dense_lead,
+        gating=gating, weights_norm=weights_norm, weights_scale=float(k("expert_weights_scale", 1.0) or 1.0),
         n_group=int(k("expert_group_count", 1) or 1), topk_group=int(k("expert_group_used_count", 1) or 1),
-        jitter_eps=float(kv.get(f"{a}.expert_router_jitter", kv.get("moelite.router_jitter_eps", 0.01))),
-        act=spec.act, oai_alpha=1.702, oai_limit=float(kv.get(f"{a}.expert_swiglu_limit", 7.0)),
+        jitter_eps=float(kv.get(f"{arch}.expert_router_jitter", kv.get("moelite.router_jitter_eps", 0.01))),
+        act=spec.act, oai_alpha=1.702, oai_limit=float(k("expert_swiglu_limit", 7.0)),
         embd_scale=float(k("embedding_scale", 1.0)), residual_scale=float(k("residual_scale", 1.0)),
-        logit_scale=float(k("logit_scale", 1.0)),
+        logit_scale=float(k("logit_scale", 1.0)), final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
         context_length=int(k("context_length", 4096)),
     )
+    plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
+                layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head_kv=kv_heads,
+                layer_head_k=[head_k] * n_layer, layer_head_v=[head_v] * n_layer, layer_n_rot=[n_rot] * n_layer,
+                layer_freq_base=[freq_base] * n_layer, layer_kq_scale=[kq_scale] * n_layer,
+                layer_rope_factors=[1] * n_layer, layer_attn_temp=[0] * n_layer)
+    for il in range(n_layer):
+        expected = il >= dense_lead and (moe_step <= 1 or (il + 1) % moe_step == 0)
+        has = f"blk.{il}.ffn_gate_inp.weight" in tensors
+        if expected and not has and not spec.sandwich:
+            raise ModelFormatError(f"{path}: missing tensor 'blk.{il}.ffn_gate_inp.weight' (layer {il} should be a "
+                                   f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})")
+        plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
+    if spec.sandwich:
+        _gemma4_plan(path, k, hp, plan, n_layer)
+    if arch == "llama4":
+        _llama4_plan(k, hp, plan, n_layer, n_expert)
+    hp.update(plan)
+    return hp
+
+
+def _gemma4_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
+    """Gemma-4: sliding layers have their own head size, rotated dims and RoPE base, and no rope_freqs (the
+    global layers' proportional RoPE is NeoX with factors 1e30 for the unrotated pairs); attention scale 1;
+    V is RMS-normed without weight; embeddings scaled by sqrt(n_embd)."""
+    head_swa = int(k("attention.key_length_swa", hp["n_embd_head_k"]))
+    head_v_swa = int(k("attention.value_length_swa", head_swa))
+    rot_swa = int(k("rope.dimension_count_swa", head_swa))
+    base_swa = float(k("rope.freq_base_swa", hp["freq_base"]))
+    if int(k("embedding_length_per_layer_input", 0) or 0):
+        raise ModelFormatError(f"{path}: per-layer embeddings (key 'gemma4.embedding_length_per_layer_input', the "
+                               f"E2B/E4B models) are not supported; moelite runs the Gemma-4 MoE models")
+    if int(k("attention.shared_kv_layers", 0) or 0):
+        raise ModelFormatError(f"{path}: key 'gemma4.attention.shared_kv_layers' (KV sharing) is not supported")
+    for il in range(n_layer):
+        if plan["layer_mask"][il] == MASK_SWA:
+            plan["layer_head_k"][il], plan["layer_head_v"][il] = head_swa, head_v_swa
+            plan["layer_n_rot"][il], plan["layer_freq_base"][il] = rot_swa, base_swa
+            plan["layer_rope_factors"][il] = 0
+    plan["layer_kq_scale"] = [1.0] * n_layer
+    hp.update(v_norm=True, embd_scale=math.sqrt(hp["n_embd"]))
+
+
+def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
+    """Llama-4 (llama.cpp's rules): unless `attention.sliding_window` is 0, layers 3 of 4 use RoPE with chunked
+    attention (chunk 8192); every 4th is NoPE, full attention, with the attention temperature. The weightless
+    q/k norm is on for RoPE layers unless the model has 128 experts (Maverick). The router's sigmoid weight
+    scales the expert input."""
+    hp.update(weights_before_ffn=True, gating=GATING_SIGMOID, weights_norm=False)
+    if n_expert == 128:
+        hp["qk_norm"] = QK_NORM_NONE
+    if k.raw("attention.sliding_window") is not None and int(k("attention.sliding_window")) == 0:
+        return                                           # no chunking: RoPE on every layer
+    base_swa = float(k("rope.freq_base_swa", hp["freq_base"]))
+    hp.update(n_chunk=LLAMA4_CHUNK, attn_temp_floor=LLAMA4_TEMP_FLOOR, attn_temp_scale=LLAMA4_TEMP_SCALE)
+    for il in range(n_layer):
+        if (il + 1) % LLAMA4_NOPE_STEP == 0:
+            plan["layer_n_rot"][il], plan["layer_attn_temp"][il] = 0, 1
+        else:
+            plan["layer_mask"][il], plan["layer_freq_base"][il] = MASK_CHUNKED, base_swa

@@ -86,6 +86,18 @@ def _page(n: int) -> int:
     return (n + 4095) // 4096 * 4096
 
 
+def kv_bytes_per_token(hp: dict) -> int:
+    """KV cache elements per token, summed over layers (per-layer kv heads and head sizes from the layer plan;
+    MLA caches the compressed latent: kv_lora + rope for K, kv_lora for V)."""
+    n_layer = hp["n_layer"]
+    if hp["kv_lora_rank"]:
+        return n_layer * ((hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"])
+    heads = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
+    hk = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
+    hv = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
+    return sum(h * (a + b) for h, a, b in zip(heads, hk, hv))
+
+
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: int, budget: int | None,
                 shares: list[float] | None = None, label: str = "memory budget") -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
@@ -93,18 +105,22 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes = [0] * n_layer
     expert_names = set()
+    n_ff = 0
     for il in range(n_layer):
-        names = [f"blk.{il}.ffn_{r}_exps.weight" for r in ("gate", "up", "down")]
+        if hp.get("layer_ffn", [1] * n_layer)[il] != 1:
+            continue
+        fused = f"blk.{il}.ffn_gate_up_exps.weight"
+        names = [fused] if fused in tensors else [f"blk.{il}.ffn_{r}_exps.weight" for r in ("gate", "up")]
+        names.append(f"blk.{il}.ffn_down_exps.weight")
         if all(n in tensors for n in names) and il >= hp["n_layer_dense_lead"]:
-            slot_bytes[il] = sum(_page(tensors[n][3] // E) for n in names)
+            # the cache keeps gate and up in separate slots (a fused tensor's halves): page-padded each
+            per = [tensors[n][3] // E for n in names]
+            halves = [per[0] // 2, per[0] // 2, per[1]] if len(names) == 2 else per
+            slot_bytes[il] = sum(_page(b) for b in halves)
             expert_names.update(names)
+            n_ff = max(n_ff, tensors[names[-1]][1][0])           # down_exps [n_ff, n_embd, E]
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
-    if hp["kv_lora_rank"]:
-        row = (hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"]
-    else:
-        row = hp["n_head_kv"] * (hp["n_embd_head_k"] + hp["n_embd_head_v"])
-    kv = n_layer * row * n_ctx * kv_elsize
-    n_ff = max((tensors[f"blk.{i}.ffn_gate_exps.weight"][1][1] for i in range(n_layer) if slot_bytes[i]), default=0)
+    kv = kv_bytes_per_token(hp) * n_ctx * kv_elsize
 
     def scratch_for(t: int) -> int:
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the

@@ -1,0 +1,41 @@
+// FFN block: the dense gated MLP (leading dense layers, shared experts, Gemma-4's parallel MLP) and the gated
+// activation every FFN of the family uses (SwiGLU, gpt-oss's clamped SwiGLU, GeGLU).
+#include <cmath>
+
+#include "model.h"
+
+namespace moelite {
+
+// act(g) * u, elementwise; g, u: [n_ff, ...] of the same shape.
+ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u) {
+    const HParams & h = hp_;
+    if (h.act == ACT_SWIGLU_OAI) return ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit);
+    if (h.act == ACT_GELU) {
+        // GELU (tanh form) in f32: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))). ggml-cpu's own GELU reads an
+        // fp16 table, which alone moves Gemma-4's logits by ~1e-3 against transformers.
+        const float c = std::sqrt(2.0f / (float) M_PI);
+        ggml_tensor * g3 = ggml_mul(ctx, ggml_mul(ctx, g, g), g);
+        ggml_tensor * t = ggml_tanh(ctx, ggml_scale(ctx, ggml_add(ctx, g, ggml_scale(ctx, g3, 0.044715f)), c));
+        ggml_tensor * gelu = ggml_mul(ctx, ggml_scale(ctx, g, 0.5f), ggml_scale_bias(ctx, t, 1.0f, 1.0f));
+        return ggml_mul(ctx, gelu, u);
+    }
+    return ggml_swiglu_split(ctx, g, u);
+}
+
+// down(act(gate x) * up x). x: [n_embd, T] -> [n_embd, T]
+ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
+    ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
+    ggml_tensor * u = ggml_mul_mat(ctx, up, x);
+    return ggml_mul_mat(ctx, down, glu(ctx, g, u));
+}
+
+// The dense block of layer il on the residual stream h [n_embd, T]: ffn(ffn_norm(h)) [-> post norm of the
+// parallel dense path, Gemma-4]. The caller adds the residual (residual_out).
+ggml_tensor * Model::dense_block(ggml_context * ctx, int il, ggml_tensor * h) {
+    Layer & L = layers_[il];
+    ggml_tensor * y = ffn(ctx, norm(ctx, h, L.ffn_norm, L.ffn_norm_b), L.ffn_gate, L.ffn_up, L.ffn_down);
+    if (L.ffn_post_norm_dense) y = norm(ctx, y, L.ffn_post_norm_dense, nullptr);
+    return y;
+}
+
+}  // namespace moelite

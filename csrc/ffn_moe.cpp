@@ -1,0 +1,236 @@
+// FFN block: routed experts (+ shared expert, + Gemma-4's parallel dense MLP), graph B of a MoE layer.
+//
+//   router_logits:  h [n_embd, T] -> [n_embd -> n_expert] logits (graph A; routing itself is on the host)
+//   expert_ffn:     hb [n_embd, 1 or K, T'] -> per-expert outputs [n_embd, K', T'] via mul_mat_id over slots
+//   combine:        weighted sum + shared expert + parallel dense -> residual -> x
+// Two ways to run a layer's experts, bit-identical: one pass when its distinct experts fit the layer's slots
+// (run_experts), else expert-major groups (run_expert_pairs per group, then run_combine).
+#include <algorithm>
+#include <cmath>
+
+#include "graph_util.h"
+#include "model.h"
+
+namespace moelite {
+
+// Router logits of layer il for the residual stream h [n_embd, T]; hn = the experts' (normed) input when the
+// caller has it already. Gemma-4's router has its own input: rms_norm(h) / sqrt(n_embd) * scale.
+ggml_tensor * Model::router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn) {
+    Layer & L = layers_[il];
+    ggml_tensor * in;
+    if (L.gate_inp_s) {
+        in = ggml_scale(ctx, ggml_rms_norm(ctx, h, hp_.norm_eps), 1.0f / std::sqrt((float) hp_.n_embd));
+        in = ggml_mul(ctx, in, L.gate_inp_s);
+    } else {
+        in = hn ? hn : expert_input(ctx, il, h);
+    }
+    ggml_tensor * logits = ggml_mul_mat(ctx, L.gate_inp, in);                // [n_expert, T]
+    if (L.gate_inp_b) logits = ggml_add(ctx, logits, L.gate_inp_b);
+    return logits;
+}
+
+// The experts' input: ffn_norm(h), or Gemma-4's separate pre-norm of the expert path.
+ggml_tensor * Model::expert_input(ggml_context * ctx, int il, ggml_tensor * h) {
+    Layer & L = layers_[il];
+    return L.ffn_exp_norm ? norm(ctx, h, L.ffn_exp_norm, nullptr) : norm(ctx, h, L.ffn_norm, L.ffn_norm_b);
+}
+
+// Routed experts of layer il through the slot arenas: hb [n_embd, 1, T'] with slot ids / expert ids [K', T']
+// -> per-expert outputs before weighting [n_embd, K', T']. Each output column depends only on its own
+// token and expert, whatever else is in the batch: the single-pass and the expert-major paths agree bit for bit.
+ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
+                                ggml_tensor * eids) {
+    Layer & L = layers_[il];
+    ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K', T']
+    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
+    if (L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
+    if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
+    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], glu(ctx, g, u), slots);   // [n_embd, K', T']
+    if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
+    return d;
+}
+
+// x[:, t0:t0+T] = the layer's output from the expert outputs d [n_embd, K, T] (before weighting):
+//   moe = sum_k w_k d_k (-> post norm, Gemma-4) [+ shared expert(hn)] [+ parallel dense block(h), Gemma-4]
+//   x = residual_out(moe, h): post norm, residual scale, + h, layer output scale
+// Llama-4 applies the weights to the expert input instead (weights_before_ffn): d is summed unweighted.
+void Model::combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    const int K = h.n_expert_used;
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
+    ggml_tensor * res = ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], t0 * ffn_inp_->nb[1]);
+    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], t0 * x_->nb[1]);
+    if (!h.weights_before_ffn) d = ggml_mul(ctx, d, weights);
+    ggml_tensor * moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
+    for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
+    if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
+    if (L.gate_shexp) {
+        ggml_tensor * s = ffn(ctx, hn, L.gate_shexp, L.up_shexp, L.down_shexp);
+        if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, hn)));
+        moe = ggml_add(ctx, moe, s);
+    }
+    if (L.ffn_gate) moe = ggml_add(ctx, dense_block(ctx, il, res), moe);   // parallel dense MLP (Gemma-4)
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, residual_out(ctx, il, moe, res, L.ffn_post_norm, true), x));
+}
+
+// Single pass: every expert of tokens [t0, t1) is resident (slot_ids [K, t1 - t0]).
+void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
+                        const std::vector<int32_t> & ids) {
+    const HParams & h = hp_;
+    const int T = t1 - t0, K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);
+    ggml_set_input(slots);
+    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
+    ggml_set_input(weights);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
+    ggml_set_input(eids);
+    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
+    ggml_tensor * hb = ggml_reshape_3d(ctx, hn, h.n_embd, 1, T);                 // [n_embd, 1, T]
+    if (h.weights_before_ffn)                                                   // [n_embd, K, T], scaled per (t, k)
+        hb = ggml_mul(ctx, ggml_repeat(ctx, hb, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, K, T)), weights);
+    ggml_tensor * d = expert_ffn(ctx, il, cache_->pool_of(il), hb, slots, eids);
+    combine(ctx, gf, il, d, weights, t0, T);
+    compute(ctx, gf, galloc_);
+    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
+    set_input(weights, w.data() + (size_t) t0 * K, ggml_nbytes(weights));
+    if (eids->buffer) set_input(eids, ids.data() + (size_t) t0 * K, ggml_nbytes(eids));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+// Expert-major step for one group of resident experts: the P (token, k) pairs routed to them are gathered,
+// computed, and their outputs scattered into ebuf_ rows t * K + k.
+// on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
+// hidden states go to the host and the outputs come back into ebuf_ rows: device <-> host copies on a GPU,
+// memcpys on a CPU device (so the CPU build runs this code path too).
+void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
+                             const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid,
+                             const std::vector<float> & pw, bool on_cpu) {
+    const HParams & h = hp_;
+    const int P = (int) tok.size(), K = h.n_expert_used;
+    std::vector<float> hn_host;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * hn;
+    if (on_cpu) {
+        hn_host.resize((size_t) h.n_embd * T);
+        ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
+        hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
+        ggml_set_input(hn);
+    } else {
+        hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
+    }
+    ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
+    ggml_set_input(t_idx);
+    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(slots);
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
+    ggml_set_input(eids);
+    ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
+    ggml_tensor * pwt = nullptr;                  // pair weights [1, 1, P] (Llama-4: scale the expert input)
+    if (h.weights_before_ffn) {
+        pwt = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, P);
+        ggml_set_input(pwt);
+        xs = ggml_mul(ctx, xs, pwt);
+    }
+    const Pool & pool = on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
+    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, pool, xs, slots, eids), h.n_embd, P);
+    ggml_tensor * r_idx = nullptr;
+    if (on_cpu) {
+        ggml_set_output(d);
+        ggml_build_forward_expand(gf, d);
+    } else {
+        r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, P);
+        ggml_set_input(r_idx);
+        ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
+        ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
+    }
+    compute(ctx, gf, on_cpu ? galloc_cpu_ : galloc_);
+    if (on_cpu) set_input(hn, hn_host.data(), ggml_nbytes(hn));
+    else set_input(r_idx, rows.data(), ggml_nbytes(r_idx));
+    set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
+    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
+    if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
+    if (pwt) set_input(pwt, pw.data(), ggml_nbytes(pwt));
+    ggml_backend_graph_compute(on_cpu ? cpu_backend_ : backend_, gf);
+    if (on_cpu) {
+        std::vector<float> out((size_t) h.n_embd * P);
+        ggml_backend_tensor_get(d, out.data(), 0, out.size() * sizeof(float));
+        for (int i = 0; i < P; ++i)
+            ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd, (size_t) rows[i] * ebuf_->nb[1],
+                                    (size_t) h.n_embd * sizeof(float));
+    }
+    ggml_free(ctx);
+}
+
+void Model::run_combine(int il, int T, const std::vector<float> & w) {
+    const HParams & h = hp_;
+    const int K = h.n_expert_used;
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
+    ggml_set_input(weights);
+    ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd, K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
+    combine(ctx, gf, il, d, weights, 0, T);
+    compute(ctx, gf, galloc_);
+    set_input(weights, w.data(), ggml_nbytes(weights));
+    ggml_backend_graph_compute(backend_, gf);
+    ggml_free(ctx);
+}
+
+// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots and the CPU
+// runs none of them: one pass. Otherwise expert-major: groups of at most `quota` experts, each made
+// resident once (in the arena, or for the CPU's share in tier 2), then one combine.
+void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w) {
+    const int K = hp_.n_expert_used, n = T * K;
+    const std::vector<int32_t> on_cpu = cpu_group(il, ids, n);
+    if (on_cpu.empty() && cache_->distinct(ids.data(), n) <= cache_->quota(il)) {
+        std::vector<int32_t> slots((size_t) n);
+        cache_->acquire(il, ids.data(), n, slots.data());
+        try { run_experts(il, 0, T, slots, w, ids); } catch (...) { cache_->release(il); throw; }
+        cache_->release(il);
+        return;
+    }
+    std::vector<char> seen(hp_.n_expert, 0);
+    for (int32_t e : on_cpu) seen[e] = 1;
+    std::vector<int32_t> experts;                 // the arena's share, in order of first use
+    for (int i = 0; i < n; ++i)
+        if (!seen[ids[i]]) { seen[ids[i]] = 1; experts.push_back(ids[i]); }
+    auto run_groups = [&](ExpertCache & tier, const std::vector<int32_t> & list, bool cpu) {
+        const int q = tier.quota(il);
+        std::vector<int32_t> gslots, tok, sl, eid;
+        std::vector<int64_t> rows;
+        std::vector<float> pw;
+        std::vector<int> slot_of(hp_.n_expert, -1);
+        for (size_t g0 = 0; g0 < list.size(); g0 += q) {
+            const int gn = (int) std::min<size_t>(q, list.size() - g0);
+            gslots.resize(gn);
+            std::fill(slot_of.begin(), slot_of.end(), -1);
+            tier.acquire(il, &list[g0], gn, gslots.data());
+            for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
+            tok.clear(); rows.clear(); sl.clear(); eid.clear(); pw.clear();
+            for (int i = 0; i < n; ++i) {
+                const int e = ids[i];
+                if (slot_of[e] < 0) continue;     // not in this group
+                tok.push_back(i / K);
+                rows.push_back(i);                // row t * K + k of ebuf_
+                sl.push_back(slot_of[e]);
+                eid.push_back(e);
+                pw.push_back(w[i]);
+            }
+            try { run_expert_pairs(il, T, tok, rows, sl, eid, pw, cpu); } catch (...) { tier.release(il); throw; }
+            tier.release(il);
+        }
+    };
+    run_groups(*cache_, experts, false);
+    if (!on_cpu.empty()) {
+        run_groups(*tier2_, on_cpu, true);
+        cpu_experts_[il] += on_cpu.size();
+    }
+    run_combine(il, T, w);
+}
+
+}  // namespace moelite

@@ -1,0 +1,21 @@
+// Small helpers shared by the graph builders (model.cpp, mixer_*.cpp, ffn_*.cpp, tiering.cpp).
+#pragma once
+#include <stdexcept>
+#include <string>
+
+#include "ggml-backend.h"
+#include "ggml.h"
+
+namespace moelite {
+
+static constexpr int kMaxNodes = 4096;            // nodes of one per-layer graph, at most
+
+inline std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }
+
+// Copy host data into a graph input after the allocator placed it.
+inline void set_input(ggml_tensor * t, const void * data, size_t n) {
+    if (!t->buffer) throw std::logic_error(std::string("graph input '") + t->name + "' was not allocated");
+    ggml_backend_tensor_set(t, data, 0, n);
+}
+
+}  // namespace moelite

@@ -1,0 +1,98 @@
+// Mixer: multi-head attention with a KV cache (GQA, per-layer head sizes and kv heads, q/k norms before or
+// after RoPE, q/k/v/o biases, K = V layers, V norm, partial and per-layer RoPE, NoPE layers with Llama-4's
+// attention temperature, sinks). MLA builds its q/k/v in mixer_mla.cpp and shares attention() below.
+//
+//   cur [n_embd, T] -> q [dk, n_head, T], k [dk, n_head_kv, T], v [dv, n_head_kv, T]
+//   -> attention() -> [dv, T, n_head] -> merge heads [dv * n_head, T] -> W_o -> [n_embd, T]
+#include "graph_util.h"
+#include "model.h"
+
+namespace moelite {
+
+// RoPE of layer il (its rotated dims, base and factors); t: [d, n_heads, T]. NoPE layers return t.
+ggml_tensor * Model::rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos) {
+    const HParams & h = hp_;
+    const LayerPlan & p = h.plan[il];
+    if (p.n_rot == 0) return t;
+    return ggml_rope_ext(ctx, t, pos, layers_[il].rope_freqs, p.n_rot, h.rope_type, h.n_ctx_orig, p.freq_base,
+                         h.freq_scale, h.ext_factor, h.attn_factor, h.beta_fast, h.beta_slow);
+}
+
+ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur,
+                                     ggml_tensor * pos, int T) {
+    const HParams & h = hp_;
+    const LayerPlan & p = h.plan[il];
+    Layer & L = layers_[il];
+    ggml_tensor * q = ggml_mul_mat(ctx, L.wq, cur);                    // [n_head * dk, T]
+    ggml_tensor * k = ggml_mul_mat(ctx, L.wk, cur);                    // [n_head_kv * dk, T]
+    ggml_tensor * v = L.wv ? ggml_mul_mat(ctx, L.wv, cur) : k;         // K = V layers (Gemma-4 global): raw k
+    if (L.bq) q = ggml_add(ctx, q, L.bq);
+    if (L.bk) k = ggml_add(ctx, k, L.bk);
+    if (L.bv) v = ggml_add(ctx, v, L.bv);
+    if (h.qk_norm == QK_NORM_FULL) {                                   // OLMoE, MiniMax-M2: over all heads at once
+        q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
+        k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
+    }
+    q = ggml_reshape_3d(ctx, q, p.head_k, h.n_head, T);
+    k = ggml_reshape_3d(ctx, k, p.head_k, p.n_head_kv, T);
+    v = ggml_reshape_3d(ctx, v, p.head_v, p.n_head_kv, T);
+    const bool head_norm = h.qk_norm == QK_NORM_HEAD;
+    if (head_norm && !h.qk_norm_after_rope) {                          // Qwen3 and most: per head, before RoPE
+        q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
+        k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
+    }
+    if (h.v_norm) v = ggml_rms_norm(ctx, v, h.norm_eps);               // Gemma-4: no weight
+    q = rope(ctx, il, q, pos);
+    k = rope(ctx, il, k, pos);
+    if (head_norm && h.qk_norm_after_rope) {                           // Hunyuan: after RoPE
+        q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
+        k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
+    }
+    if (h.qk_norm == QK_NORM_L2 && p.n_rot > 0) {                      // Llama-4: weightless, RoPE layers only
+        q = ggml_rms_norm(ctx, q, h.norm_eps);
+        k = ggml_rms_norm(ctx, k, h.norm_eps);
+    }
+    if (p.attn_temp) {                                                 // Llama-4 NoPE layers: per-position temperature
+        ggml_tensor * temp = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, T);
+        ggml_set_input(temp);
+        ggml_set_name(temp, "attn_temp");
+        q = ggml_mul(ctx, q, temp);
+    }
+    ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, T, n_head]
+    o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));              // [dv, n_head, T]
+    o = ggml_mul_mat(ctx, L.wo, ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T));   // [n_embd, T]
+    return L.bo ? ggml_add(ctx, o, L.bo) : o;
+}
+
+// Causal attention over the KV cache of layer il (mask per the layer plan: full, sliding window, chunk).
+// q: [dk, n_head, T], k: [dk, n_head_kv, T], v: [dv, n_head_kv, T] -> [dv, T, n_head] (before the head merge)
+ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
+                               ggml_tensor * v, int T) {
+    Layer & L = layers_[il];
+    const int64_t dk = q->ne[0], dv = v->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
+    const int n_kv = n_past_ + T;
+    const size_t ek = ggml_element_size(L.k_cache), ev = ggml_element_size(L.v_cache);
+    // write the new K (rows) and V (transposed: columns) into the cache
+    ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, dk * n_head_kv, T, L.k_cache->nb[1], (size_t) n_past_ * L.k_cache->nb[1]);
+    if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
+    if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, dk * n_head_kv, T), k_dst));
+    ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, T, dv * n_head_kv, L.v_cache->nb[1], (size_t) n_past_ * ev);
+    ggml_build_forward_expand(
+        gf, ggml_cpy(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, v, dv * n_head_kv, T)), v_dst));
+
+    ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1], dk * ek, 0);   // [dk, n_kv, h_kv]
+    ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, n_kv, dv, n_head_kv, L.v_cache->nb[1], L.v_cache->nb[1] * dv, 0);  // [n_kv, dv, h_kv]
+    ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);                 // [dk, T, n_head]
+    ggml_tensor * kq = ggml_mul_mat(ctx, K, Q);                         // [n_kv, T, n_head]
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, T);
+    ggml_set_input(mask);
+    const int mk = hp_.plan[il].mask;
+    ggml_set_name(mask, mk == MASK_SWA ? "mask_swa" : mk == MASK_CHUNKED ? "mask_chunk" : "mask");
+    kq = ggml_soft_max_ext(ctx, kq, mask, hp_.plan[il].kq_scale, 0.0f);
+    if (L.sinks) ggml_soft_max_add_sinks(kq, L.sinks);
+    (void) n_head;
+    return ggml_mul_mat(ctx, V, kq);                                    // [dv, T, n_head]
+}
+
+}  // namespace moelite
