@@ -76,7 +76,9 @@ class TextStream:
         dec = self.model.tokenizer.stream_decoder()
         stopper = self._stopper
         try:
-            for tok in self._gen:
+            for tok in self._gen if not self.cancelled else ():
+                if self.cancelled:                 # cancel() before the model's generation started
+                    break
                 if not self.token_ids:
                     self._t_first = time.perf_counter()
                 self.token_ids.append(tok)

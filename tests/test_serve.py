@@ -1,8 +1,12 @@
-"""`moelite serve` as a real process on 127.0.0.1, driven by the official openai client."""
+"""`moelite serve` as a real process on 127.0.0.1, driven by the official openai client and by raw HTTP: OpenAI
+answers, one generation at a time, JSON errors for every status (hostile requests included), a client that leaves
+cancels its generation, --timeout, --api-key with an open /health, --cors, the request log, a busy port."""
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
+import socket
 import os
 import signal
 import subprocess
@@ -27,15 +31,14 @@ def _env(tmp: Path) -> dict:
     return env
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@contextlib.contextmanager
+def running_server(tmp: Path, *extra: str):
+    """`moelite serve FIXTURE --port 0 ...` -> (base url 'http://127.0.0.1:PORT/v1', process, stderr log file)."""
     from fixture_models import fixture_gguf
     _, gguf = fixture_gguf("qwen3_moe")
-    tmp = tmp_path_factory.mktemp("serve")
     log = open(tmp / "stderr.log", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "moelite", "serve", str(gguf), "--port", "0", "--threads", "1",
-                             "--max-tokens", str(MAX_TOKENS), "--max-request-bytes", "65536", "--verbose"],
-                            stdout=subprocess.PIPE, stderr=log, text=True, env=_env(tmp))
+                             *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=_env(tmp))
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
@@ -43,7 +46,7 @@ def server(tmp_path_factory):
     try:
         assert line and "http://127.0.0.1:" in line[0], f"server did not start: {line} {_tail(log)}"
         base = line[0].split("http://", 1)[1].split()[0]           # 127.0.0.1:PORT/v1
-        yield f"http://{base}", proc
+        yield f"http://{base}", proc, log
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -52,6 +55,13 @@ def server(tmp_path_factory):
             proc.kill()
             proc.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with running_server(tmp_path_factory.mktemp("serve"), "--max-tokens", str(MAX_TOKENS),
+                        "--max-request-bytes", "65536", "--verbose") as s:
+        yield s
 
 
 def _tail(log) -> str:
@@ -136,6 +146,7 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, client):
     big = json.dumps({"model": "m", "prompt": "x" * (2 << 20)}).encode()
     status, err = _raw_post(base, "/v1/completions", big)
     assert status == 413 and err["error"]["code"] == "request_too_large" and err["error"]["message"]
+    assert "--max-request-bytes" in err["error"]["message"]
     status, err = _raw_post(base, "/v1/chat/completions", b"{not json")
     assert status == 400 and err["error"]["type"] == "invalid_request_error"
     status, err = _raw_post(base, "/v1/nothing", b"{}")
@@ -169,3 +180,230 @@ def test_client_leaving_mid_stream_frees_the_model(server, client):
                   b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
         assert s.recv(64).startswith(b"HTTP/1.1 200")
     assert _chat(client, "after the hang-up").choices[0].finish_reason in ("stop", "length")
+
+
+def _host_port(base: str) -> tuple[str, int]:
+    host, port = base.split("//")[1].split("/")[0].split(":")
+    return host, int(port)
+
+
+def _raw(base: str, data: bytes) -> tuple[int, dict, bytes]:
+    """Send raw bytes, read the whole reply (the server closes) -> (status, JSON body, raw head)."""
+    with socket.create_connection(_host_port(base), timeout=30) as s:
+        s.sendall(data)
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), json.loads(body), head
+
+
+def test_oversized_body_gets_its_413_and_the_connection_stays_usable(server):
+    """The server reads a too-large body to its end before answering, so the client never writes into a closed
+    connection (no broken pipe, whatever the timing), and the same connection serves the next request."""
+    conn = http.client.HTTPConnection(*_host_port(server[0]), timeout=30)
+    try:
+        for _ in range(2):
+            conn.request("POST", "/v1/completions", body=b'{"prompt": "' + b"x" * (4 << 20) + b'"}',
+                         headers={"Content-Type": "application/json"})
+            r = conn.getresponse()
+            assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
+        conn.request("GET", "/v1/models")
+        r = conn.getresponse()
+        assert r.status == 200 and json.loads(r.read())["data"]
+    finally:
+        conn.close()
+
+
+HOSTILE_HTTP = [
+    (b"GARBAGE\r\n\r\n", 400),
+    ("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: \u00b2\r\n\r\n".encode(), 400),
+    (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: " + b"9" * 5000 + b"\r\n\r\n", 400),
+    (b"PUT /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n", 405),
+    (b"DELETE /v1/models HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"OPTIONS /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 405),
+    (b"GET /nothing HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 404),
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 414),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\nConnection: close\r\n\r\n", 431),
+    (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 100000 + b"\r\n\r\n", 431),
+]
+
+
+@pytest.mark.parametrize("request_bytes,status", HOSTILE_HTTP, ids=[str(i) for i in range(len(HOSTILE_HTTP))])
+def test_every_http_error_is_json(server, request_bytes, status):
+    got, body, head = _raw(server[0], request_bytes)
+    assert got == status and body["error"]["message"], (head, body)
+    assert b"application/json" in head.lower()
+
+
+def _post_json(base: str, path: str, body: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    conn = http.client.HTTPConnection(*_host_port(base), timeout=60)
+    try:
+        conn.request("POST", path, body=body, headers={"Content-Type": "application/json", **(headers or {})})
+        r = conn.getresponse()
+        return r.status, json.loads(r.read())
+    finally:
+        conn.close()
+
+
+CHAT = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+HOSTILE_BODIES = [
+    (b"[" * 5000 + b"]" * 5000, "nests deeper"),
+    (b'{"a":' * 40 + b"1" + b"}" * 40, "nests deeper"),
+    (json.dumps({**CHAT, "temperature": 1}).replace("1}", "1e400}").encode(), "1e400"),
+    (json.dumps({**CHAT, "top_p": 1}).replace('"top_p": 1', '"top_p": NaN').encode(), "NaN"),
+    (json.dumps({**CHAT, "min_p": 1}).replace('"min_p": 1', '"min_p": -Infinity').encode(), "Infinity"),
+    (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "lone surrogate"),
+    (b'{"messages": [{"role": "user", "content": "hi"}], "stop": "\\udfff"}', "lone surrogate"),
+    (b"\xff\xfe{}", "not valid JSON"),
+    (json.dumps({**CHAT, "stream_options": "yes"}).encode(), "stream_options"),
+    (json.dumps({**CHAT, "temperature": "0.5"}).encode(), "temperature"),
+    (json.dumps({**CHAT, "temperature": -1}).encode(), "temperature"),
+    (json.dumps({**CHAT, "repetition_penalty": 10 ** 400}).encode(), "repetition_penalty"),
+    (json.dumps({**CHAT, "top_k": 2.5}).encode(), "top_k"),
+    (json.dumps({**CHAT, "seed": 1 << 70}).encode(), "seed"),
+    (json.dumps({**CHAT, "max_tokens": True}).encode(), "max_tokens"),
+    (json.dumps({**CHAT, "stop": ["ok", ""]}).encode(), "stop"),
+    (json.dumps({**CHAT, "stop": ["s"] * 17}).encode(), "stop"),
+    (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages.0.role"),
+    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
+     "messages.0.content"),
+    (json.dumps({"messages": "hi"}).encode(), "messages"),
+    (json.dumps({**CHAT, "tools": [{"type": "function"}], "logprobs": True}).encode(), "tools, logprobs"),
+    (json.dumps({**CHAT, "response_format": {"type": "json_object"}}).encode(), "response_format"),
+    (json.dumps({**CHAT, "n": 2}).encode(), "unsupported parameter: n"),
+]
+
+
+@pytest.mark.parametrize("body,needle", HOSTILE_BODIES, ids=[str(i) for i in range(len(HOSTILE_BODIES))])
+def test_hostile_bodies_get_a_400_naming_the_problem(server, body, needle):
+    status, err = _post_json(server[0], "/v1/chat/completions", body)
+    assert status == 400 and needle in err["error"]["message"], err
+    assert err["error"]["type"] == "invalid_request_error"
+
+
+def test_explicit_defaults_of_unsupported_parameters_are_fine(server):
+    body = {**CHAT, "n": 1, "logprobs": False, "response_format": {"type": "text"}, "tools": [],
+            "presence_penalty": 0, "repeat_penalty": 1.1, "ignore_eos": True, "seed": -1}
+    status, r = _post_json(server[0], "/v1/chat/completions", json.dumps(body).encode())
+    assert status == 200 and r["usage"]["completion_tokens"] == 4, r
+
+
+def test_request_log_lines(server, client):
+    _chat(client, "log me", max_tokens=3)
+    lines = _tail(server[2]).splitlines()
+    assert any("POST /v1/chat/completions 200" in ln and "tok" in ln and ln.rstrip().endswith(" s") for ln in lines)
+    assert any("GET /nothing 404" in ln for ln in lines)
+
+
+def test_models_by_id(server, client):
+    name = client.models.list().data[0].id
+    assert client.models.retrieve(name).id == name
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("no-such-model")
+
+
+@pytest.fixture(scope="module")
+def guarded(tmp_path_factory):
+    """A server with an API key, CORS for one origin and room for long generations."""
+    with running_server(tmp_path_factory.mktemp("guarded"), "--api-key", "sesame", "--cors", "http://app.example",
+                        "--max-tokens", "100000") as s:
+        yield s
+
+
+def _get(base: str, path: str, method: str = "GET", headers: dict | None = None):
+    conn = http.client.HTTPConnection(*_host_port(base), timeout=30)
+    try:
+        conn.request(method, path, headers=headers or {})
+        r = conn.getresponse()
+        return r.status, dict(r.getheaders()), r.read()
+    finally:
+        conn.close()
+
+
+def test_api_key_guards_the_api_but_not_health(guarded):
+    base = guarded[0]
+    assert _get(base, "/health")[0] == 200
+    status, _, body = _get(base, "/v1/models")
+    assert status == 401 and json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert _get(base, "/v1/models", headers={"Authorization": "Bearer sesame"})[0] == 200
+    keyed = openai.OpenAI(base_url=base, api_key="sesame", timeout=60, max_retries=0)
+    assert keyed.models.list().data
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=base, api_key="wrong", timeout=60, max_retries=0).models.list()
+
+
+def test_cors_preflight_and_headers(guarded):
+    base = guarded[0]
+    status, headers, _ = _get(base, "/v1/chat/completions", "OPTIONS", {
+        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type"})
+    low = {k.lower(): v for k, v in headers.items()}
+    assert status == 200 and low["access-control-allow-origin"] == "http://app.example"
+    assert "POST" in low["access-control-allow-methods"]
+    status, headers, _ = _get(base, "/health", headers={"Origin": "http://app.example"})
+    assert status == 200 and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == "http://app.example"
+    status, headers, _ = _get(base, "/v1/chat/completions", "OPTIONS", {
+        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}
+
+
+def _long_request(stream: bool) -> bytes:
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": stream}).encode()
+    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+
+
+def _log_lines(log, needle: str, n: int) -> list[str]:
+    """Wait (the request log is written when a request ends) until `n` lines contain `needle`."""
+    for _ in range(600):
+        lines = [ln for ln in _tail(log).splitlines() if needle in ln]
+        if len(lines) >= n:
+            return lines
+        threading.Event().wait(0.1)
+    raise AssertionError(f"no {n} log lines with {needle!r}: {_tail(log)}")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_client_that_leaves_cancels_its_generation(guarded, stream):
+    """The client asks for 3000 tokens and hangs up at once (streaming: after the first event): the request ends
+    cancelled, well short of 3000 tokens, and the next request is answered."""
+    base, _, log = guarded
+    before = len([ln for ln in _tail(log).splitlines() if "POST /v1/completions" in ln])
+    with socket.create_connection(_host_port(base), timeout=30) as s:
+        s.sendall(_long_request(stream))
+        if stream:
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+    line = _log_lines(log, "POST /v1/completions", before + 1)[-1]
+    prompt, completion = line.split(" tok")[0].split()[-1].split("+")
+    assert int(completion) < 3000, line
+    keyed = openai.OpenAI(base_url=base, api_key="sesame", timeout=60, max_retries=0)
+    assert keyed.completions.create(model="m", prompt="after", max_tokens=3).usage.completion_tokens <= 3
+
+
+def test_timeout_caps_the_time_a_request_holds_the_model(tmp_path):
+    with running_server(tmp_path, "--timeout", "0.01", "--max-tokens", "100000") as (base, _, log):
+        status, err = _post_json(base, "/v1/completions", json.dumps(
+            {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}).encode())
+        assert status == 504 and err["error"]["code"] == "timeout" and "--timeout" in err["error"]["message"]
+        status, r = _post_json(base, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode())
+        assert status == 200 and r["usage"]["completion_tokens"] == 0
+
+
+def test_busy_port_is_named(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen(1)
+        port = s.getsockname()[1]
+        r = subprocess.run([sys.executable, "-m", "moelite", "serve", "--port", str(port)], capture_output=True,
+                           text=True, timeout=120, env=_env(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
+
+
+def test_missing_serve_extra_is_one_clear_line(tmp_path):
+    code = ("import sys; sys.modules['uvicorn'] = None; from moelite.apps.cli import main; "
+            "sys.exit(main(['serve', '--port', '0']))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "pip install 'moelite[serve]'" in r.stderr and "uvicorn" in r.stderr

@@ -1,0 +1,672 @@
+"""The OpenAI-compatible HTTP API of `moelite serve`: an ASGI app (starlette) run by uvicorn, as llama-cpp-python's
+and vLLM's servers are, with pydantic models for the request and response schema.
+
+One model serves every request, one generation at a time: a FIFO asyncio lock orders them, the generation itself
+runs in one worker thread and hands its text pieces to the event loop. A request that cannot get a place in the
+queue (--queue waiting at most) gets 503; a client that disconnects, streaming or not, cancels its generation at
+once (Model.cancel); --timeout caps how long one request may hold the model. Every error is JSON
+{"error": {"message", "type", "code"}}, including those of the HTTP layer (400, 404, 405, 413, 414, 431, ...).
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import math
+import re
+import sys
+import time
+import uuid
+from http import HTTPStatus
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
+
+import h11
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ..errors import MoeliteError
+from ..runtime.sampling import DEFAULT_MAX_TOKENS
+from .textgen import MAX_STOP_STRINGS, TextStream, prompt_ids, sampling_kwargs
+
+MAX_JSON_DEPTH = 32
+MAX_PATH_BYTES = 8192
+MAX_HEADER_BYTES = 32768
+# OpenAI parameters moelite does not implement: refused by name (400), never silently ignored. The value is the
+# test that a given value asks for the feature (an explicit default such as "n": 1 or "logprobs": false is fine).
+UNSUPPORTED: dict[str, Callable[[Any], bool]] = {
+    "tools": bool, "tool_choice": lambda v: v not in (None, "none"), "functions": bool, "function_call": bool,
+    "logprobs": lambda v: v not in (None, False, 0), "top_logprobs": lambda v: v not in (None, 0),
+    "response_format": lambda v: v not in (None, {"type": "text"}), "n": lambda v: v not in (None, 1),
+    "best_of": lambda v: v not in (None, 1), "echo": bool, "suffix": bool, "logit_bias": bool, "audio": bool,
+    "modalities": lambda v: v not in (None, ["text"]), "prediction": bool,
+    "presence_penalty": bool, "frequency_penalty": bool,
+}
+
+
+# --- errors ----------------------------------------------------------------------------------------------
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.code = status, message, type, code
+
+
+def error_body(status: int, message: str, type: str | None = None, code: str | None = None) -> dict:
+    kind = type or ("invalid_request_error" if status < 500 else "server_error")
+    return {"error": {"message": message, "type": kind, "code": code}}
+
+
+def error_response(status: int, message: str, type: str | None = None, code: str | None = None,
+                   headers: dict | None = None) -> JSONResponse:
+    return JSONResponse(error_body(status, message, type, code), status_code=status, headers=headers)
+
+
+# --- the request schema ----------------------------------------------------------------------------------
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class _Request(BaseModel):
+    """Fields shared by both endpoints. Types are strict (a string is not a number); unknown fields are allowed
+    (clients send extras), the unsupported OpenAI ones are refused before validation."""
+    model_config = ConfigDict(strict=True, extra="allow")
+
+    model: str | None = None
+    max_tokens: Annotated[int, Field(ge=0)] | None = None
+    max_completion_tokens: Annotated[int, Field(ge=0)] | None = None
+    temperature: Annotated[Finite, Field(ge=0)] | None = None
+    top_p: Annotated[Finite, Field(gt=0, le=1)] | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    min_p: Annotated[Finite, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[Finite, Field(gt=0)] | None = None
+    repeat_penalty: Annotated[Finite, Field(gt=0)] | None = None      # llama.cpp's name
+    seed: Annotated[int, Field(ge=-1, lt=1 << 63)] | None = None
+    stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    ignore_eos: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop_not_empty(cls, v: Any) -> Any:
+        if v == "":
+            raise ValueError("a stop string must not be empty")
+        return v
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+    include_usage: bool = False
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(strict=True, extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def text(self) -> str:
+        if isinstance(self.content, list):
+            return "".join(p.text for p in self.content)
+        return self.content or ""
+
+
+class ChatRequest(_Request):
+    messages: Annotated[list[Message], Field(min_length=1)]
+
+
+class CompletionRequest(_Request):
+    prompt: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                             Field(min_length=1, max_length=1)]
+
+    def text(self) -> str:
+        return self.prompt if isinstance(self.prompt, str) else self.prompt[0]
+
+
+_Request.model_rebuild()
+ChatRequest.model_rebuild()
+CompletionRequest.model_rebuild()
+
+
+# --- the response schema ---------------------------------------------------------------------------------
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int = 0
+    message: AssistantMessage
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"]
+
+
+class ChatCompletion(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class Delta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: Delta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class ChatCompletionChunk(BaseModel):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int = 0
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None = None
+
+
+class Completion(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: Usage | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "moelite"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# --- JSON body -------------------------------------------------------------------------------------------
+def parse_json(raw: bytes) -> dict:
+    """Strict JSON: UTF-8, finite numbers only (1e400, NaN, Infinity refused), nesting at most MAX_JSON_DEPTH,
+    no lone surrogates in strings, an object at the top."""
+    def no_constant(name: str) -> Any:
+        raise ApiError(400, f"the body is not valid JSON: {name} is not a number", code="invalid_json")
+
+    def finite(text: str) -> float:
+        x = float(text)
+        if not math.isfinite(x):
+            raise ApiError(400, f"the body holds the number {text[:40]}, beyond the range of a double", code="invalid_json")
+        return x
+
+    try:
+        body = json.loads(raw, parse_constant=no_constant, parse_float=finite)
+    except RecursionError:
+        raise ApiError(400, f"the body's JSON nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ApiError(400, f"the body is not valid JSON: {e}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise ApiError(400, "the body must be a JSON object", code="invalid_json")
+    _check_json(body)
+    return body
+
+
+def _check_json(root: Any) -> None:
+    stack: list[tuple[Any, str, int]] = [(root, "", 1)]
+    while stack:
+        v, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise ApiError(400, f"the body's JSON nests deeper than {MAX_JSON_DEPTH} levels", code="invalid_json")
+        if isinstance(v, str):
+            _check_text(v, where or "body")
+        elif isinstance(v, dict):
+            for k, x in v.items():
+                _check_text(k, f"{where}.{k}" if where else "a key")
+                stack.append((x, f"{where}.{k}" if where else k, depth + 1))
+        elif isinstance(v, list):
+            stack.extend((x, f"{where}[{i}]", depth + 1) for i, x in enumerate(v))
+
+
+def _check_text(s: str, where: str) -> None:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ApiError(400, f"{where}: a lone surrogate ({s[e.start]!r}) is not text", code="invalid_json") from None
+
+
+_TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none"}
+
+
+def _is_field(part: str) -> bool:
+    """A field name in a pydantic error location, not a union member's tag ('str', 'list[str]', 'TextPart')."""
+    return bool(re.fullmatch(r"[a-z_][a-z0-9_]*", part)) and part not in _TYPE_TAGS
+
+
+def validation_message(e: ValidationError) -> tuple[str, str]:
+    """pydantic's first error -> ('temperature: Input should be ...', 'temperature')."""
+    first = e.errors(include_url=False)[0]
+    loc = ".".join(str(p) for p in first["loc"] if isinstance(p, int) or _is_field(p))
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    return f"{loc or 'body'}: {first['msg']}{more}", (str(first["loc"][0]) if first["loc"] else "body")
+
+
+# --- the app ---------------------------------------------------------------------------------------------
+@dataclass
+class ServerConfig:
+    max_tokens: int = 2048           # largest max_tokens a request may ask for
+    max_body: int = 1 << 20
+    queue: int = 32                  # requests waiting for the model at most
+    timeout: float | None = None     # seconds one request may hold the model
+    api_key: str | None = None
+    cors: list[str] | None = None
+    log: bool = True
+
+
+class Api:
+    """The model behind the HTTP endpoints: request -> prompt ids and options -> a generation in the worker."""
+
+    def __init__(self, model, name: str, cfg: ServerConfig) -> None:
+        self.model, self.name, self.cfg = model, name, cfg
+        self.lock = asyncio.Lock()                          # FIFO: one generation at a time, in arrival order
+        self.places = cfg.queue + 1                          # the running request + the waiting ones
+        self.worker = ThreadPoolExecutor(1, thread_name_prefix="moelite-generate")
+
+    def prepare(self, req: _Request, chat: bool) -> tuple[list[int], dict[str, Any]]:
+        """Validated request -> (prompt ids, TextStream options); ApiError(400) on anything the model refuses."""
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:
+            max_tokens = min(DEFAULT_MAX_TOKENS, self.cfg.max_tokens)
+        if max_tokens > self.cfg.max_tokens:
+            raise ApiError(400, f"max_tokens={max_tokens}: expected an integer in [0, {self.cfg.max_tokens}] "
+                           "(the server's --max-tokens)", code="max_tokens")
+        if req.repeat_penalty is not None and req.repetition_penalty is not None:
+            raise ApiError(400, "repeat_penalty and repetition_penalty both given", code="repetition_penalty")
+        values = req.model_dump(include={"temperature", "top_k", "top_p", "min_p", "repetition_penalty", "seed"})
+        if req.repeat_penalty is not None:
+            values["repetition_penalty"] = req.repeat_penalty
+        stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
+        try:
+            opts = dict(max_tokens=max_tokens, stop=stop, ignore_eos=req.ignore_eos, **sampling_kwargs(values))
+            if chat:
+                ids = prompt_ids(self.model, messages=[{"role": m.role, "content": m.text()} for m in req.messages])
+            else:
+                ids = prompt_ids(self.model, req.text())
+        except MoeliteError as e:
+            raise ApiError(400, str(e)) from None
+        if len(ids) >= self.model.n_ctx:
+            raise ApiError(400, f"the prompt has {len(ids)} tokens; the context holds {self.model.n_ctx}",
+                           code="context_length_exceeded")
+        return ids, opts
+
+    async def pieces(self, stream: TextStream, holder: dict) -> AsyncIterator[str]:
+        """Run `stream` in the worker thread, yield its pieces here. Leaving early (client gone, --timeout) cancels
+        the generation and waits for the worker, so the model is free when this returns."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def work() -> None:
+            try:
+                for piece in stream:
+                    loop.call_soon_threadsafe(queue.put_nowait, ("piece", piece))
+                loop.call_soon_threadsafe(queue.put_nowait, ("end", None))
+            except BaseException as e:          # noqa: BLE001 - handed to the event loop, raised there
+                loop.call_soon_threadsafe(queue.put_nowait, ("error", e))
+
+        deadline = None if self.cfg.timeout is None else loop.time() + self.cfg.timeout
+        done = loop.run_in_executor(self.worker, work)
+        try:
+            while True:
+                try:
+                    left = None if deadline is None else max(deadline - loop.time(), 0)
+                    kind, value = await asyncio.wait_for(queue.get(), left)
+                except asyncio.TimeoutError:
+                    holder["timed_out"] = True
+                    raise ApiError(504, f"the request held the model for more than {self.cfg.timeout:g} s "
+                                        "(the server's --timeout)", "server_error", "timeout") from None
+                if kind == "piece":
+                    yield value
+                elif kind == "end":
+                    return
+                else:
+                    raise value
+        finally:
+            if not done.done():
+                stream.cancel()
+            await _uncancellable(done)
+
+
+async def _uncancellable(fut: asyncio.Future) -> None:
+    """Wait for fut even if this task is being cancelled (the worker must finish before the model is reused)."""
+    while not fut.done():
+        try:
+            await asyncio.shield(fut)
+        except asyncio.CancelledError:
+            continue
+        except BaseException:               # noqa: BLE001 - its error was already delivered through the queue
+            return
+
+
+def build_app(model, name: str, cfg: ServerConfig) -> Starlette:
+    api = Api(model, name, cfg)
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "model": api.name})
+
+    async def models(request: Request) -> Response:
+        _auth(request, cfg)
+        return JSONResponse(ModelList(data=[ModelCard(id=api.name)]).model_dump())
+
+    async def model_card(request: Request) -> Response:
+        _auth(request, cfg)
+        if request.path_params["model_id"] != api.name:
+            raise ApiError(404, f"no model {request.path_params['model_id']!r}; this server has {api.name!r}",
+                           code="model_not_found")
+        return JSONResponse(ModelCard(id=api.name).model_dump())
+
+    async def chat(request: Request) -> Response:
+        return await _complete(request, api, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await _complete(request, api, chat=False)
+
+    routes = [Route("/health", health, methods=["GET"]), Route("/v1/models", models, methods=["GET"]),
+              Route("/v1/models/{model_id:path}", model_card, methods=["GET"]),
+              Route("/v1/chat/completions", chat, methods=["POST"]),
+              Route("/v1/completions", completions, methods=["POST"])]
+    middleware = []
+    if cfg.cors:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=cfg.cors, allow_methods=["GET", "POST", "OPTIONS"],
+                                     allow_headers=["*"], max_age=600))
+    app = Starlette(routes=routes, middleware=middleware,
+                    exception_handlers={HTTPException: _http_error, ApiError: _api_error, Exception: _internal_error})
+    app.state.api = api
+    return _Guard(app, cfg)
+
+
+async def _complete(request: Request, api: Api, chat: bool) -> Response:
+    _auth(request, api.cfg)
+    body = parse_json(await _read_body(request, api.cfg.max_body))
+    asked = [k for k, wants in UNSUPPORTED.items() if k in body and wants(body[k])]
+    if asked:
+        raise ApiError(400, f"unsupported parameter{'s' if len(asked) > 1 else ''}: {', '.join(asked)} "
+                            "(moelite serve generates one plain-text choice)", code=asked[0])
+    try:
+        req = (ChatRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        message, field = validation_message(e)
+        raise ApiError(400, message, code=field) from None
+    ids, opts = await asyncio.to_thread(api.prepare, req, chat)       # chat template, tokenizer: off the loop
+    if api.places <= 0:
+        raise ApiError(503, "the server is busy: too many requests are waiting", "server_error", "busy")
+    head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
+            "model": api.name}
+    log = request.scope.setdefault("state", {})
+    if req.stream:
+        return StreamingResponse(_sse(api, ids, opts, head, chat, req, log), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+    api.places -= 1
+    try:
+        async with api.lock:
+            stream = TextStream(api.model, ids, **opts)
+            text = await _until_disconnect(request, _join(api.pieces(stream, log)), stream)
+    finally:
+        api.places += 1
+    log["tokens"] = (stream.prompt_tokens, stream.completion_tokens)
+    if text is None:                                    # the client left: nobody reads an answer
+        return Response(status_code=499)
+    usage = _usage(stream)
+    if chat:
+        out = ChatCompletion(**head, choices=[ChatChoice(message=AssistantMessage(content=text),
+                                                         finish_reason=_finish(stream))], usage=usage)
+    else:
+        out = Completion(**head, choices=[CompletionChoice(text=text, finish_reason=_finish(stream))], usage=usage)
+    return JSONResponse(out.model_dump())
+
+
+async def _join(pieces: AsyncIterator[str]) -> str:
+    return "".join([p async for p in pieces])
+
+
+async def _until_disconnect(request: Request, work, stream: TextStream) -> str | None:
+    """Await `work`; if the client disconnects first, cancel the generation and return None."""
+    task = asyncio.ensure_future(work)
+    watch = asyncio.ensure_future(_disconnected(request))
+    try:
+        await asyncio.wait({task, watch}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        stream.cancel()
+        task.cancel()
+        await _uncancellable(task)
+        return None
+    finally:
+        watch.cancel()
+
+
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _sse(api: Api, ids: list[int], opts: dict, head: dict, chat: bool, req: _Request,
+               log: dict) -> AsyncIterator[bytes]:
+    """Server-sent events of one generation. Starlette cancels this when the client disconnects: the finally of
+    Api.pieces then cancels the generation."""
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    stream = None
+    api.places -= 1                     # here, not before: a response never started never runs this generator
+    try:
+        async with api.lock:
+            stream = TextStream(api.model, ids, **opts)
+            if chat:
+                yield _event(ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=Delta(role="assistant",
+                                                                                              content=""))]))
+            try:
+                async with contextlib.aclosing(api.pieces(stream, log)) as pieces:   # closed (cancel + wait) at once
+                    async for piece in pieces:
+                        yield _event(_chunk(head, chat, piece))
+            except (ApiError, MoeliteError) as e:       # too late for a status code: an error event ends the stream
+                status = e.status if isinstance(e, ApiError) else 500
+                yield b"data: " + json.dumps(error_body(status, str(e))).encode() + b"\n\n"
+                return
+        yield _event(_chunk(head, chat, None, _finish(stream)))
+        if include_usage:
+            cls = ChatCompletionChunk if chat else Completion
+            yield _event(cls(**head, choices=[], usage=_usage(stream)))
+        yield b"data: [DONE]\n\n"
+    finally:
+        api.places += 1
+        if stream is not None:
+            log["tokens"] = (stream.prompt_tokens, stream.completion_tokens)
+
+
+def _chunk(head: dict, chat: bool, piece: str | None, finish: str | None = None) -> BaseModel:
+    if chat:
+        return ChatCompletionChunk(**head, choices=[ChatChunkChoice(delta=Delta(content=piece), finish_reason=finish)])
+    return Completion(**head, choices=[CompletionChoice(text=piece or "", finish_reason=finish)])
+
+
+def _event(obj: BaseModel) -> bytes:
+    return b"data: " + obj.model_dump_json(exclude_none=False).encode() + b"\n\n"
+
+
+def _finish(stream: TextStream) -> Literal["stop", "length"]:
+    return "length" if stream.finish_reason == "length" else "stop"
+
+
+def _usage(stream: TextStream) -> Usage:
+    return Usage(prompt_tokens=stream.prompt_tokens, completion_tokens=stream.completion_tokens,
+                 total_tokens=stream.prompt_tokens + stream.completion_tokens)
+
+
+def _auth(request: Request, cfg: ServerConfig) -> None:
+    if cfg.api_key is None:
+        return
+    got = request.headers.get("authorization", "")
+    if not hmac.compare_digest(got.encode(errors="replace"), f"Bearer {cfg.api_key}".encode()):
+        raise ApiError(401, "missing or wrong API key", "authentication_error", "invalid_api_key")
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    """The body, at most `limit` bytes. A larger one is read to its end and dropped before the 413 is sent, so the
+    client, still sending, never sees its connection closed under it."""
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size <= limit:
+                chunks.append(chunk)
+    except ClientDisconnect:
+        raise ApiError(400, "the client left before sending its body", code="client_disconnected") from None
+    if size > limit:
+        raise ApiError(413, f"request body of {size} bytes exceeds the limit of {limit} (--max-request-bytes)",
+                       code="request_too_large")
+    return b"".join(chunks)
+
+
+async def _api_error(request: Request, e: Exception) -> Response:
+    assert isinstance(e, ApiError)
+    return error_response(e.status, e.message, e.type, e.code)
+
+
+async def _http_error(request: Request, e: Exception) -> Response:
+    assert isinstance(e, HTTPException)
+    if e.status_code == 404:
+        message = f"no route {request.method} {request.url.path}"
+    elif e.status_code == 405:
+        message = f"{request.method} is not allowed on {request.url.path}"
+    else:
+        message = str(e.detail)
+    return error_response(e.status_code, message, code={404: "not_found", 405: "method_not_allowed"}.get(e.status_code),
+                          headers=e.headers)
+
+
+async def _internal_error(request: Request, e: Exception) -> Response:
+    if isinstance(e, MoeliteError):
+        return error_response(500, str(e), "server_error", type(e).__name__)
+    print(f"moelite: internal error on {request.method} {request.url.path}: {type(e).__name__}: {e}", file=sys.stderr)
+    return error_response(500, f"internal error: {type(e).__name__}", "server_error")
+
+
+class _Guard:
+    """ASGI middleware in front of the app: JSON errors for what the router never sees (an over-long path or
+    header block), the request log line, and no traceback for a client that already left."""
+
+    def __init__(self, app: Starlette, cfg: ServerConfig) -> None:
+        self.app, self.cfg = app, cfg
+        self.state = app.state
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.perf_counter()
+        status = [0]
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        early = _refuse_early(scope)
+        try:
+            if early is not None:
+                await early(scope, receive, send_logged)
+            else:
+                await self.app(scope, receive, send_logged)
+        except OSError:                         # the client left while we answered: nothing to tell it
+            pass
+        except Exception:                       # noqa: BLE001 - already answered 500 and printed by _internal_error
+            if status[0] == 0:
+                with contextlib.suppress(OSError):
+                    await error_response(500, "internal error", "server_error")(scope, receive, send_logged)
+        finally:
+            if self.cfg.log:
+                _log_line(scope, status[0], time.perf_counter() - t0)
+
+
+def _refuse_early(scope: dict) -> Response | None:
+    path = scope.get("raw_path") or scope["path"].encode()
+    if len(path) + len(scope.get("query_string", b"")) > MAX_PATH_BYTES:
+        return error_response(414, f"the request target is longer than {MAX_PATH_BYTES} bytes", code="uri_too_long")
+    if sum(len(k) + len(v) for k, v in scope["headers"]) > MAX_HEADER_BYTES:
+        return error_response(431, f"the request headers exceed {MAX_HEADER_BYTES} bytes",
+                              code="request_header_fields_too_large")
+    return None
+
+
+def _log_line(scope: dict, status: int, dt: float) -> None:
+    client = scope.get("client") or ("-", 0)
+    tokens = (scope.get("state") or {}).get("tokens")
+    tok = f" {tokens[0]}+{tokens[1]} tok" if tokens else ""
+    path = scope["path"] if len(scope["path"]) <= 200 else scope["path"][:200] + "..."
+    print(f"{client[0]} {scope['method']} {path} {status or '-'}{tok} {dt:.3f} s", file=sys.stderr, flush=True)
+
+
+class _RecordingConnection(h11.Connection):
+    """h11's connection, keeping the last protocol error so the reply can use its status (431, 400, ...)."""
+    last_error: h11.RemoteProtocolError | None = None
+
+    def next_event(self) -> Any:
+        try:
+            return super().next_event()
+        except h11.RemoteProtocolError as e:
+            self.last_error = e
+            raise
+
+
+class JsonErrorH11Protocol(H11Protocol):
+    """uvicorn's h11 protocol whose replies to malformed HTTP (bad request line, bad Content-Length, a header
+    block over the limit) are JSON errors like every other answer, not text/plain."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _RecordingConnection(h11.SERVER, self.conn._max_incomplete_event_size)
+
+    def send_400_response(self, msg: str) -> None:
+        err = self.conn.last_error
+        status = err.error_status_hint if err is not None else 400
+        detail = {431: "the request line and headers are too large"}.get(status, f"malformed HTTP request: {err or msg}")
+        data = json.dumps(error_body(status, detail, code=HTTPStatus(status).phrase.lower().replace(" ", "_"))).encode()
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+                   (b"connection", b"close")]
+        try:
+            for event in (h11.Response(status_code=status, headers=headers, reason=HTTPStatus(status).phrase),
+                          h11.Data(data=data), h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+        except h11.LocalProtocolError:          # h11 cannot answer in this state: just close
+            pass
+        self.transport.close()
