@@ -178,7 +178,9 @@ def test_sandbox(source) -> None:
 
 def test_bad_input() -> None:
     with pytest.raises(TokenizerError, match=r"m\.gguf.*tokenizer\.chat_template.*parse"):
-        ChatTemplate.from_gguf_kv({"tokenizer.chat_template": "{% for %}"}, None, "m.gguf")
+        ChatTemplate("{% for %}", origin="m.gguf: key 'tokenizer.chat_template'")
+    with pytest.warns(UserWarning, match=r"m\.gguf.*tokenizer\.chat_template.*parse.*default"):   # a file's: fallback
+        assert ChatTemplate.from_gguf_kv({"tokenizer.chat_template": "{% for %}"}, None, "m.gguf").is_default
     with pytest.raises(UsageError, match="empty conversation"):
         ChatTemplate().render([])
     with pytest.raises(UsageError, match="no chat template named 'rag'"):
