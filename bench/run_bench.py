@@ -77,8 +77,13 @@ def machine() -> str:
     except OSError:
         pass
     import psutil
+
+    import moelite
+    be = moelite.cpu_backend()       # the SIMD level moelite's ggml CPU backend was built for
+    simd = ",".join(k for k, v in be["features"].items() if v == "1")
     return (f"{cpu}, {os.cpu_count()} cores, {psutil.virtual_memory().total / 2**30:.1f} GiB RAM, "
-            f"{platform.system()} {platform.release()}, Python {platform.python_version()}")
+            f"{platform.system()} {platform.release()}, Python {platform.python_version()}, "
+            f"moelite CPU backend {be['variant']} ({simd})")
 
 
 # --- memory cgroups ------------------------------------------------------------------------------------
