@@ -149,7 +149,11 @@ def resolve_model(arg: str | None, convert_type: str = DEFAULT_CONVERT_TYPE, pro
         if not out.exists():
             from ..converters import convert
             out.parent.mkdir(parents=True, exist_ok=True)
-            convert(path, out, type=convert_type, progress=progress)   # writes a temp name, then renames
+            if progress:
+                print(f"moelite: converting {path} to {convert_type} (once) into {out}", file=sys.stderr)
+            report = convert(path, out, type=convert_type, progress=progress)   # writes a temp name, then renames
+            if progress:
+                print(f"moelite: wrote {report.summary()}", file=sys.stderr)
         return str(out)
     if path.is_dir():
         raise UsageError(f"{arg}: a directory without config.json (expected a .gguf file or a Hugging Face model dir)")

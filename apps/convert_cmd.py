@@ -1,7 +1,9 @@
-"""moelite convert SRC -o OUT --type T: a Hugging Face MoE checkpoint (or a GGUF) -> llama.cpp-compatible GGUF."""
+"""moelite convert SRC [-o OUT] [--type T]: a Hugging Face MoE checkpoint (or a GGUF) -> llama.cpp-compatible GGUF.
+Without -o the output is `<name>-<type>.gguf` in the current directory, as llama.cpp's converter names it."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from .common import positive_int
 
@@ -12,15 +14,24 @@ HELP = "convert a Hugging Face MoE checkpoint (or a GGUF) to GGUF"
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..converters import TYPES
     p.add_argument("src", metavar="SRC", help="Hugging Face model directory (config.json + safetensors) or a .gguf")
-    p.add_argument("-o", "--out", required=True, metavar="OUT", help="output .gguf path")
-    p.add_argument("--type", default="f32", choices=list(TYPES), metavar="TYPE",
-                   help=f"output tensor type: {', '.join(TYPES)} (default f32)")
+    p.add_argument("-o", "--out", "--outfile", dest="out", metavar="OUT",
+                   help="output .gguf path (default: <name>-<type>.gguf in the current directory)")
+    p.add_argument("--type", "--outtype", dest="type", default="f32", type=str.lower, choices=list(TYPES),
+                   metavar="TYPE", help=f"output tensor type, any case: {', '.join(TYPES)} (default f32)")
     p.add_argument("--threads", "-t", type=positive_int, default=2, help="quantization threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def default_out(src: str, type: str) -> Path:
+    """'<name>-<type>.gguf' from SRC's directory or file name ('Qwen3-30B-A3B' -> 'Qwen3-30B-A3B-q4_k_m.gguf')."""
+    path = Path(src).expanduser()
+    name = path.stem if path.suffix.lower() == ".gguf" else path.resolve().name
+    return Path(f"{name}-{type}.gguf")
+
+
 def main(args: argparse.Namespace) -> int:
     from ..converters import convert
-    report = convert(args.src, args.out, args.type, progress=not args.no_progress, n_threads=args.threads)
+    out = Path(args.out).expanduser() if args.out else default_out(args.src, args.type)
+    report = convert(Path(args.src).expanduser(), out, args.type, progress=not args.no_progress, n_threads=args.threads)
     print(report.summary())
     return 0

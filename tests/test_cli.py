@@ -207,3 +207,124 @@ def test_verbose_shows_the_traceback(fixture, capsys):
 def test_console_script(tmp_path):
     r = subprocess.run(["moelite", "run", "nope.gguf", "-p", "x"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and r.stderr.startswith("moelite: error: ")
+
+
+# --- llama.cpp's names, one size rule, one-line errors (issue 20, issue 15) ---------------------------------
+def _run(tmp_path, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "moelite", *map(str, argv)], capture_output=True, text=True,
+                       timeout=180, env=_env(tmp_path))
+    assert not check or r.returncode == 0, r.stderr
+    return r
+
+
+def test_model_flag_and_budget_short_form(fixture, capsys):
+    gguf = fixture[1]
+    args = ["-p", PROMPT, "-n", "8", "--temp", "0", "-t", "1", "--json", "--ignore-eos"]
+    want = json.loads(cli(capsys, "run", gguf, *args)[1])
+    assert json.loads(cli(capsys, "run", "-m", gguf, *args)[1])["token_ids"] == want["token_ids"]
+    assert json.loads(cli(capsys, "run", "--model", gguf, "-M", "1G", *args)[1])["stats"]["memory_budget"] == 1 << 30
+    rc, _, err = cli(capsys, "run", gguf, "-m", str(gguf) + "x", *args)
+    assert rc == 2 and "two models given" in err and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("size,bytes_", [("1g", 1 << 30), ("1G", 1 << 30), ("1GiB", 1 << 30), ("1gib", 1 << 30),
+                                          ("1GB", 10 ** 9), ("1gb", 10 ** 9), ("1536M", 1536 << 20),
+                                          ("1536m", 1536 << 20), ("1.5GiB", 3 << 29)])
+def test_one_case_insensitive_size_rule(fixture, capsys, size, bytes_):
+    rc, out, err = cli(capsys, "run", fixture[1], "-p", "x", "-n", "1", "-t", "1", "--json", "-M", size)
+    assert rc == 0, err
+    assert json.loads(out)["stats"]["memory_budget"] == bytes_
+
+
+def test_budget_errors_show_the_resolved_size(fixture, capsys):
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", "x", "-M", "100k")
+    assert rc == 1 and "memory budget 100.00 KiB is too small" in err and "need at least" in err
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", "x", "-M", "3 bananas")
+    assert rc == 2 and "MB/GB decimal" in err and "binary" in err
+
+
+def test_prompt_file_and_random_seed(fixture, capsys, tmp_path):
+    f = tmp_path / "prompt.txt"
+    f.write_text(PROMPT, encoding="utf-8")
+    args = ["-n", "8", "--temp", "0", "-t", "1", "--json", "--ignore-eos"]
+    by_p = json.loads(cli(capsys, "run", fixture[1], "-p", PROMPT, *args)[1])
+    by_f = json.loads(cli(capsys, "run", fixture[1], "-f", f, *args)[1])
+    assert by_f["token_ids"] == by_p["token_ids"]
+    rc, _, err = cli(capsys, "run", fixture[1], "-f", tmp_path / "nope.txt", *args)
+    assert rc == 2 and "no such prompt file" in err
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", "x", "-f", f, *args)
+    assert rc == 2 and "not allowed with" in err
+    assert cli(capsys, "run", fixture[1], "-p", "x", "--temp", "0.8", "--seed", "-1", "-n", "4", "-t", "1")[0] == 0
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", "x", "--seed", "-2")
+    assert rc == 2 and "-1: random" in err
+
+
+def test_gpu_flags(fixture, capsys):
+    from moelite import _core
+    args = ["-p", "x", "-n", "2", "-t", "1", "--json"]
+    assert cli(capsys, "run", fixture[1], "-ngl", "0", *args)[0] == 0
+    assert cli(capsys, "run", fixture[1], "--device", "cpu", *args)[0] == 0
+    rc, _, err = cli(capsys, "run", fixture[1], "-ngl", "0", "--device", "cuda", *args)
+    assert rc == 2 and "-ngl 0 means --device cpu" in err
+    if not _core.has_cuda:
+        rc, _, err = cli(capsys, "run", fixture[1], "-ngl", "99", *args)
+        assert rc == 2 and err.count("\n") == 1 and "no CUDA support" in err
+    rc, _, err = cli(capsys, "run", fixture[1], "--vram-budget", "12 parsecs", *args)
+    assert rc == 2 and "bad memory budget size" in err
+
+
+def test_status_line_labels_model_memory_and_process_rss(fixture, capsys):
+    rc, _, err = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "4", "-t", "1", "--stats",
+                     "-M", str(_offload_budget(fixture[1])))
+    assert rc == 0 and "model memory" in err and " of budget " in err and "process RSS" in err
+
+
+def test_context_above_training_warns_and_a_full_context_is_said(fixture, tmp_path):
+    import moelite
+    with moelite.load(fixture[1], n_threads=1, n_ctx=64) as m:
+        trained = int(m.hparams["context_length"])
+    r = _run(tmp_path, "run", fixture[1], "-p", "x", "-n", "1", "-t", "1", "-c", trained + 8, check=True)
+    assert f"moelite: warning: n_ctx={trained + 8} is above the context the model was trained with" in r.stderr
+    r = _run(tmp_path, "run", fixture[1], "-p", "x", "-n", "100", "-t", "1", "-c", "16", "--ignore-eos", check=True)
+    assert "moelite: the context is full (16 tokens" in r.stderr
+
+
+def test_native_stderr_lines_stay_below_the_error(tmp_path):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\xff" * 64)
+    r = _run(tmp_path, "run", bad, "-p", "x")
+    assert r.returncode == 1 and r.stderr.startswith("moelite: error: ") and r.stderr.count("\n") == 1, r.stderr
+    v = _run(tmp_path, "run", bad, "-p", "x", "--verbose")
+    assert v.returncode == 1 and v.stderr.rstrip().splitlines()[-1].startswith("moelite: error: ")
+    assert len(v.stderr.splitlines()) > 1                    # the hidden lines (and the traceback) with --verbose
+
+
+def test_a_bug_is_one_line_asking_for_a_report(fixture, tmp_path):
+    code = ("import sys; import moelite.apps.run_cmd as r; r.read_prompt = lambda a: 1 / 0; "
+            "from moelite.apps.cli import main; sys.exit(main(sys.argv[1:]))")
+    argv = [sys.executable, "-c", code, "run", str(fixture[1]), "-p", "x"]
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
+    assert "internal error (ZeroDivisionError: division by zero); please report" in r.stderr
+    r = subprocess.run(argv + ["--verbose"], capture_output=True, text=True, timeout=120, env=_env(tmp_path))
+    assert "Traceback" in r.stderr and "please report" in r.stderr.splitlines()[-1]
+
+
+def test_convert_default_name_and_llama_cpp_spellings(fixture, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "convert", fixture[0], "--outtype", "Q8_0", "--no-progress")
+    assert rc == 0, err
+    want = tmp_path / f"{Path(fixture[0]).resolve().name}-q8_0.gguf"
+    assert want.is_file() and str(want.name) in out
+    rc, out, err = cli(capsys, "convert", fixture[0], "--outfile", tmp_path / "x.gguf", "--type", "Q5_K_M",
+                       "--no-progress")
+    assert rc == 0 and (tmp_path / "x.gguf").is_file(), err
+    import moelite
+    with moelite.load(tmp_path / "x.gguf", n_threads=1) as m:
+        assert m.kv["general.file_type"] == 17                  # LlamaFileType.MOSTLY_Q5_K_M
+        assert m.generate("hello", max_tokens=3) is not None
+
+
+def test_plan_names_the_vram_budget(fixture, capsys):
+    rc, out, _ = cli(capsys, "plan", "-m", fixture[1], "--vram", "10KiB", "-M", "1GiB")
+    assert rc == 1 and "VRAM budget 10.00 KiB is too small" in out
