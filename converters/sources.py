@@ -89,7 +89,9 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
     for scope, values in [("", cfg), *((f"{k}.", v) for k, v in cfg.items() if isinstance(v, dict))]:
         for key, (lo, hi) in _CONFIG_INTS.items():
             v = values.get(key)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi):
+            # real checkpoints hold some of these per layer (Hunyuan's moe_intermediate_size): each item checked
+            items = v if isinstance(v, list) and 0 < len(v) <= 1 << 16 else [v]
+            if v is not None and any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in items):
                 raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]")
         for key in _CONFIG_POSITIVE:
             v = values.get(key)
