@@ -111,7 +111,7 @@ def _answer(model, history: list[dict], console, args, sampling: dict, stop: lis
     note = context_note(model, stream)
     if note:
         console.print(f"({note})", style="yellow")
-    console.print(status_line(model, stream, before), style="dim")
+    console.print(status_line(model, stream, before), style="dim", soft_wrap=True)   # one line, however long
     return stream.text
 
 

@@ -34,7 +34,7 @@ def test_two_turns_stats_and_exit(tmp_path):
     child = _spawn(tmp_path, "--temp", "0", "-n", "12", "--ignore-eos")
     try:
         child.sendline("Once upon a time")
-        child.expect(r"tok/s · (\d+) prompt \+ 12 tok · cache [\d.]+ % hit · RSS")
+        child.expect(r"tok/s · (\d+) prompt \+ 12 tok · cache [\d.]+ % hit · model memory .* process RSS")
         first_prompt = int(child.match.group(1))
         child.expect_exact(PROMPT)
         child.sendline("And then?")
