@@ -217,9 +217,10 @@ def cache_counts(model) -> tuple[int, int]:
     return t["hits"], t["misses"]
 
 
-def accounted_bytes(memory: dict) -> int:
-    """What the budget pays for: dense weights + KV cache and state + expert slots + graph scratch."""
-    return sum(int(memory.get(k) or 0) for k in ("dense_bytes", "kv_bytes", "arena_bytes", "scratch_bytes"))
+def accounted_bytes(model, memory: dict) -> int:
+    """What the budget pays for: dense weights + KV cache and state + expert slots (the core's buffers) + the graph
+    scratch the plan reserves (as Model.info() and `moelite plan` count it)."""
+    return sum(int(memory.get(k) or 0) for k in ("dense_bytes", "kv_bytes", "arena_bytes")) + model.plan.scratch_bytes
 
 
 def memory_text(model, s: dict) -> str:
@@ -227,7 +228,7 @@ def memory_text(model, s: dict) -> str:
     buffers; RSS also counts Python, libraries and the page cache of the mapped file)."""
     from ..runtime.planner import fmt_bytes
     budget = model.plan.budget
-    used = f"model memory {fmt_bytes(accounted_bytes(s['memory']))}"
+    used = f"model memory {fmt_bytes(accounted_bytes(model, s['memory']))}"
     used += f" of budget {fmt_bytes(budget)}" if budget else " (all resident)"
     return f"{used} · process RSS {fmt_bytes(s['rss_bytes'])}"
 

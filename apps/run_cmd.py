@@ -72,7 +72,7 @@ def result_json(model, stream: TextStream) -> dict:
         "text": stream.text, "token_ids": stream.token_ids, "finish_reason": stream.finish_reason,
         "usage": {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens},
         "stats": {"decode_tok_s": stream.decode_tok_s, "cache": s["total"], "rss_bytes": s["rss_bytes"],
-                  "memory_budget": model.plan.budget, "accounted_bytes": accounted_bytes(s["memory"]),
+                  "memory_budget": model.plan.budget, "accounted_bytes": accounted_bytes(model, s["memory"]),
                   "policy": s["policy"], "memory": s["memory"]},
         "model": {"path": model.path, "architecture": model.hparams["arch"]},
     }

@@ -256,7 +256,8 @@ class Model:
             "policy": self.policy.name, "prefetch": self.prefetch, "memory_budget": p.budget,
             "offloaded": p.slots is not None,
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
-            "arena_bytes": mem["arena_bytes"], "scratch_bytes": mem["scratch_bytes"],
+            "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
+            "scratch_bytes_in_use": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
             "ram_tier_slots": self._core().tier2_quotas() or None, "cpu_compute": self.cpu_compute,
             "tier_costs": self._core().costs() if self.host_slots else None,

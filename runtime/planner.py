@@ -148,14 +148,18 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
             return p
         budget = int(0.7 * avail)
         p.budget = budget
+        label = f"the default budget (no {label} given: 70 % of the available RAM),"
     if budget < p.minimum_budget:
         # the least budget that plans: a larger budget may pick a larger n_ubatch, which needs more scratch
         least = plan_for(p.minimum_budget)
         while least.minimum_budget > least.budget:
             least = plan_for(least.minimum_budget)
+        # least.minimum_budget (<= least.budget) plans too (n_ubatch never grows as the budget shrinks) and is the
+        # exact sum of the parts named here
+        need = least.minimum_budget
         raise BudgetError(f"{label} {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
                           f"KV cache ({fmt_bytes(least.kv_bytes)}), scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
-                          f"expert slots per MoE layer need at least {fmt_bytes(least.budget, round_up=True)}", minimum=least.budget)
+                          f"expert slots per MoE layer need at least {fmt_bytes(need, round_up=True)}", minimum=need)
     free = budget - dense - p.kv_bytes - p.scratch_bytes
     if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
         return p                                    # everything fits: fully resident
