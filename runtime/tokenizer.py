@@ -5,6 +5,7 @@ Two sources, in this order:
 - `tokenizer.ggml.*` (stock llama.cpp GGUFs): rebuilt as a `tokenizers` pipeline.
   - `model = gpt2`: byte-level BPE (`tokens`, `merges`), pre-tokenized by the regexes that
     `tokenizer.ggml.pre` names (the regexes of the original tokenizer.json, run by the same engine).
+  - `model = gemma4`: BPE over raw UTF-8 (spaces as `▁`, `<0xXX>` byte fallback), split at newline runs.
   - `model = llama`: SentencePiece-style BPE: merges derived from `scores` (a pair merges into the
     highest-scoring vocab piece first), spaces as `▁`, `add_space_prefix`, `<0xXX>` byte fallback.
 Control / unknown tokens (token_type 3 / 2) become special added tokens and user-defined ones (4) plain
@@ -77,10 +78,11 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "default": _DEFAULT_BPE,
     "llama-bpe": (_LLAMA3,), "llama3": (_LLAMA3,), "llama-v3": (_LLAMA3,), "dbrx": (_LLAMA3,),
     "smaug-bpe": (_LLAMA3,), "falcon3": (_LLAMA3,),
-    "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,), "stablelm2": (_QWEN2,),
+    "qwen2": (_QWEN2,), "deepseek-r1-qwen": (_QWEN2,), "stablelm2": (_QWEN2,), "hunyuan": (_QWEN2,),
+    "glm4": (_LLAMA3,), "glm5": (_LLAMA3,), "chatglm-bpe": (_LLAMA3,),  # llama.cpp's CHATGLM4 = llama3's regex
     "qwen35": (_QWEN35,),
     "deepseek-llm": _DEEPSEEK_LLM,
-    "deepseek-v3": _DEEPSEEK_V3,
+    "deepseek-v3": _DEEPSEEK_V3, "hunyuan-dense": _DEEPSEEK_V3,
     "deepseek-coder": _DEEPSEEK_CODER,
     "gpt-2": (_GPT2,), "phi-2": (_GPT2,), "mpt": (_GPT2,), "olmo": (_GPT2,),
     "starcoder": _STARCODER, "refact": _STARCODER, "command-r": _STARCODER, "smollm": _STARCODER,
@@ -88,12 +90,14 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "gpt-4o": (_GPT4O,), "llama4": (_GPT4O,),
 }
 # pre-tokenizers whose tokenizer.json sets `ignore_merges` (a word that is itself a token is not merged)
-_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
+_IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "glm4", "glm5"}
 _ADD_BOS_DEFAULT = {"llama-bpe", "llama3", "llama-v3", "falcon3"}
 
 # Texts of end-of-turn tokens that stop generation besides EOS (subset of llama.cpp's EOG list).
 EOG_TOKEN_TEXTS = ("<|eot_id|>", "<|im_end|>", "<|end|>", "<|endoftext|>", "<|end_of_text|>", "<|eom_id|>",
-                   "<end_of_turn>", "<｜end▁of▁sentence｜>", "<|END_OF_TURN_TOKEN|>")
+                   "<end_of_turn>", "<｜end▁of▁sentence｜>", "<|END_OF_TURN_TOKEN|>",
+                   "<eos>", "<turn|>", "<|tool_response>",  # Gemma-4
+                   "[e~[")  # MiniMax-M2
 
 _SPM_SPACE = "\u2581"  # ▁
 
@@ -134,6 +138,8 @@ class Tokenizer:
         stop = {i for i in (eos_id, special_id("eot"), special_id("eom")) if i is not None}
         stop |= {vocab[t] for t in EOG_TOKEN_TEXTS if t in vocab}
         add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", add_bos_default)) and bos_id is not None
+        if kv.get("tokenizer.ggml.model") == "gemma4":  # llama.cpp overrides a false add_bos_token for Gemma-4
+            add_bos = bos_id is not None
         return cls(hf, path=path, bos_id=bos_id, eos_id=eos_id, stop_ids=stop, add_bos=add_bos,
                    vocab_size=n_vocab)
 
@@ -224,6 +230,8 @@ def _build(kv: dict[str, Any], path: str) -> tuple[HFTokenizer, bool]:
     if model == "gpt2":
         pre = str(kv.get("tokenizer.ggml.pre") or "default")
         return _byte_level_bpe(tokens, types, kv.get("tokenizer.ggml.merges"), pre, path), pre in _ADD_BOS_DEFAULT
+    if model == "gemma4":  # llama.cpp always adds BOS for it
+        return _gemma4_bpe(tokens, types, kv.get("tokenizer.ggml.merges"), path), True
     if model == "llama":
         scores = kv.get("tokenizer.ggml.scores")
         if scores is None:
@@ -232,7 +240,7 @@ def _build(kv: dict[str, Any], path: str) -> tuple[HFTokenizer, bool]:
         add_prefix = bool(kv.get("tokenizer.ggml.add_space_prefix", True))
         return _sentencepiece_bpe(tokens, types, [float(x) for x in scores], add_prefix), True
     raise TokenizerError(f"{path}: key 'tokenizer.ggml.model' = {model!r} is not supported "
-                         "(supported: 'gpt2', 'llama')")
+                         "(supported: 'gpt2', 'llama', 'gemma4')")
 
 
 def _added_tokens(tokens: Sequence[str], types: Sequence[int]) -> list[AddedToken]:
@@ -265,6 +273,22 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[str] |
         [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
         + [pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     hf.decoder = decoders.ByteLevel()
+    hf.add_tokens(_added_tokens(tokens, types))
+    return hf
+
+
+def _gemma4_bpe(tokens: list[str], types: list[int], merges: Sequence[str] | None, path: str) -> HFTokenizer:
+    """Gemma-4: BPE over raw UTF-8 with `▁` for spaces, ranked merges, `<0xXX>` byte fallback, no space
+    prefix; llama.cpp splits the text into runs of newlines and runs of everything else first."""
+    if merges is None:
+        raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' is missing (needed for "
+                             "tokenizer.ggml.model = 'gemma4')")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    bpe = models.BPE(vocab, [_split_merge(m) for m in merges], byte_fallback=TOKEN_BYTE in types)
+    hf = HFTokenizer(bpe)
+    hf.normalizer = normalizers.Replace(" ", _SPM_SPACE)
+    hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated", invert=False)
+    hf.decoder = decoders.Sequence([decoders.Replace(_SPM_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     hf.add_tokens(_added_tokens(tokens, types))
     return hf
 

@@ -18,7 +18,7 @@ from moelite.runtime.tokenizer import Tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models"
 REQUIRED = ["llama-bpe", "qwen2", "deepseek-llm", "gpt-2", "phi-3", "llama-spm"]
-EXTRA = ["qwen35", "deepseek-coder", "starcoder", "refact", "command-r", "falcon", "mpt"]
+EXTRA = ["gemma-4", "qwen35", "deepseek-coder", "starcoder", "refact", "command-r", "falcon", "mpt"]
 NOT_SHIPPED = ["deepseek-v3", "gpt-4o"]  # supported pre-tokenizers without a ggml-vocab file upstream
 
 
