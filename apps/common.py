@@ -255,11 +255,11 @@ def context_note(model, stream) -> str | None:
 
 class PrefillProgress:
     """Model.prefill_progress for a terminal: 'reading the prompt: 1024/4096 tokens' on stderr once the prompt
-    has taken more than `after` seconds, erased when it is done."""
+    has taken more than `after` seconds (default 1; the environment's MOELITE_PROGRESS_AFTER), erased when done."""
 
-    def __init__(self, after: float = 1.0, out=None) -> None:
+    def __init__(self, after: float | None = None, out=None) -> None:
         self.t0 = time.monotonic()
-        self.after = after
+        self.after = after if after is not None else float(os.environ.get("MOELITE_PROGRESS_AFTER", "1"))
         self.out = out or sys.stderr
         self.shown = False
 
