@@ -179,8 +179,11 @@ def load_model(args: argparse.Namespace, **extra: Any):
     import moelite
     path = resolve_model(model_arg(args), args.convert_type, progress=True)
     with native_stderr_hidden(args.verbose):
-        return moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
-                            n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget, **extra)
+        model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
+                             n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget, **extra)
+    if model.calibration_file:
+        print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
+    return model
 
 
 @contextlib.contextmanager

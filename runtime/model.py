@@ -122,6 +122,9 @@ class Model:
         self.alignment = meta["alignment"]
         self.hparams = load_hparams(self.path, self.kv, self.tensors)   # parse_hparams + runtime/validate.py
         calib = self._calibration() if use_calibration else {}
+        side = self.path + ".calibration.json"
+        # the side file `moelite analyze` wrote, when this load uses it (the CLI says so)
+        self.calibration_file = side if calib and os.path.isfile(side) else None
         if policy is None:                      # calibrated choice (moelite analyze), else LRU
             policy = str(calib.get("policy", "lru"))
             if policy_window is None and calib.get("m"):

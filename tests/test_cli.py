@@ -328,3 +328,14 @@ def test_convert_default_name_and_llama_cpp_spellings(fixture, tmp_path, monkeyp
 def test_plan_names_the_vram_budget(fixture, capsys):
     rc, out, _ = cli(capsys, "plan", "-m", fixture[1], "--vram", "10KiB", "-M", "1GiB")
     assert rc == 1 and "VRAM budget 10.00 KiB is too small" in out
+
+
+def test_loading_says_which_calibration_it_uses(fixture, tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.symlink_to(fixture[1])
+    side = tmp_path / "m.gguf.calibration.json"
+    side.write_text(json.dumps({"moelite.calibration.policy": "lfu"}))
+    r = _run(tmp_path, "run", gguf, "-p", "x", "-n", "1", "-t", "1", check=True)
+    assert f"moelite: using calibration {side} (policy lfu)" in r.stderr
+    side.unlink()
+    assert "calibration" not in _run(tmp_path, "run", gguf, "-p", "x", "-n", "1", "-t", "1", check=True).stderr
