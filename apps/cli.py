@@ -1,5 +1,5 @@
 """The `moelite` command: one argparse parser with a subcommand per module (chat, run, convert, plan,
-analyze, serve). User errors print one line `moelite: error: ...` and exit 2 (bad usage) or 1 (the model or
+analyze, serve, cache). User errors print one line `moelite: error: ...` and exit 2 (bad usage) or 1 (the model or
 the machine failed); any other exception is a bug: one line that says so and asks for a report, exit 1.
 `--verbose` shows the traceback (and the native libraries' own stderr lines, hidden otherwise). Warnings are
 one line `moelite: warning: ...`."""
@@ -24,11 +24,11 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from . import analyze_cmd, chat, convert_cmd, plan, run_cmd, serve
+    from . import analyze_cmd, cache_cmd, chat, convert_cmd, plan, run_cmd, serve
     p = Parser(prog=PROG, description="Run Mixture-of-Experts models whose experts do not fit in memory.")
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for mod in (chat, run_cmd, serve, convert_cmd, plan, analyze_cmd):
+    for mod in (chat, run_cmd, serve, convert_cmd, plan, analyze_cmd, cache_cmd):
         sp = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         sp.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and extra diagnostics")
         mod.add_arguments(sp)

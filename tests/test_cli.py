@@ -339,3 +339,18 @@ def test_loading_says_which_calibration_it_uses(fixture, tmp_path):
     assert f"moelite: using calibration {side} (policy lfu)" in r.stderr
     side.unlink()
     assert "calibration" not in _run(tmp_path, "run", gguf, "-p", "x", "-n", "1", "-t", "1", check=True).stderr
+
+
+def test_cache_list_and_remove(fixture, capsys, cache_home):
+    rc, out, _ = cli(capsys, "cache")
+    assert rc == 0 and "0 file(s)" in out
+    assert cli(capsys, "run", fixture[0], "--convert-type", "f32", "-p", "x", "-n", "1", "-t", "1")[0] == 0
+    rc, out, _ = cli(capsys, "cache", "list")
+    names = [ln.split()[0] for ln in out.splitlines()[1:]]
+    assert rc == 0 and "1 file(s)" in out and len(names) == 1 and names[0].endswith("-f32-" + names[0][-17:])
+    rc, _, err = cli(capsys, "cache", "remove")
+    assert rc == 2 and "NAMEs" in err
+    rc, _, err = cli(capsys, "cache", "remove", "nope.gguf")
+    assert rc == 2 and "no cached file 'nope.gguf'" in err
+    rc, out, _ = cli(capsys, "cache", "remove", names[0])
+    assert rc == 0 and "removed 1 file(s)" in out and not list((cache_home / "converted").glob("*.gguf"))
