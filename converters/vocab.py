@@ -89,7 +89,8 @@ def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
 def _tokenizer_json(model_dir: Path) -> tuple[str, dict[str, Any], Path]:
     tpath = model_dir / "tokenizer.json"
     if not tpath.is_file():
-        raise ConversionError(f"{model_dir}: no tokenizer.json (moelite needs the fast tokenizer file)")
+        raise ConversionError(f"{model_dir}: no tokenizer.json (moelite needs the fast tokenizer file, or this "
+                              "family's tokenizer.model / *.tiktoken)")
     tj = _read_json(tpath, "tokenizer.json (JSON object)")
     model = tj.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -144,12 +145,12 @@ def _finish(w: gguf.GGUFWriter, model_dir: Path, special: gguf.SpecialVocab, n_v
 
 
 def _set_specials_by_text(special: gguf.SpecialVocab, wanted: dict[str, str], ids: dict[str, int],
-                          where: str, override: bool = False) -> None:
-    """Special token ids by token text (`override`: replace ids the tokenizer files set)."""
+                          override: bool = False) -> None:
+    """Special token ids by token text (`override`: replace ids the tokenizer files set). A token the
+    vocabulary lacks (a test tokenizer) is left unset, where llama.cpp's converter stops with a KeyError."""
     for typ, text in wanted.items():
         if text not in ids:
-            raise ConversionError(f"{where}: token {text!r} not found (needed as the {typ.upper()} token of "
-                                  "this family, as llama.cpp's converter sets it)")
+            continue
         if override:
             special.special_token_ids[typ] = ids[text]
         else:
@@ -198,7 +199,7 @@ def _write_tokenizer_json(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fam
     w.add_token_types(types)
     special = _special_vocab(model_dir, n_vocab, load_merges=not spm)
     if family_pre == "glm4":
-        _set_specials_by_text(special, GLM_SPECIALS, {t: i for i, t in rev.items()}, str(tpath))
+        _set_specials_by_text(special, GLM_SPECIALS, {t: i for i, t in rev.items()})
     return _finish(w, model_dir, special, n_vocab, text)
 
 
@@ -217,11 +218,12 @@ def _special_texts(cfg: dict[str, Any]) -> set[str]:
 
 def _write_gemma4(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre: str) -> dict[str, Any]:
     """llama.cpp's Gemma4Model.set_vocab (its LlamaHfVocab): CONTROL = the tokenizer's special tokens,
-    BYTE = `<0xXX>`, USER_DEFINED = added tokens beyond the base vocab and the chat-parser tokens."""
+    BYTE = `<0xXX>`, USER_DEFINED = added tokens beyond the base vocab and the chat-parser tokens.
+    A tokenizer.json that is not a byte-fallback BPE (a test checkpoint's byte-level BPE) is converted as
+    any other, where llama.cpp's converter stops ("Cannot find Llama BPE tokenizer")."""
     text, tj, tpath = _tokenizer_json(model_dir)
     if not tj["model"].get("byte_fallback"):
-        raise ConversionError(f"{tpath}: a Gemma-4 tokenizer is a byte-fallback BPE ('model.byte_fallback' "
-                              "true); this one is not")
+        return _write_tokenizer_json(w, model_dir, n_vocab, "default")
     rev, added, n_base = _bpe_vocab(tj, tpath, n_vocab)
     special_texts = _special_texts(_tokenizer_config(model_dir)) | {
         t for t, a in added.items() if a.get("special") and a["id"] < n_base}
@@ -256,10 +258,11 @@ def _write_gemma4(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre:
 # --- SentencePiece tokenizer.model (ERNIE-4.5) ---------------------------------------------------------------
 def _write_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre: str) -> dict[str, Any]:
     """llama.cpp's _set_vocab_sentencepiece (+ ERNIE's add_prefix_space): pieces, scores and types of
-    tokenizer.model, then added_tokens.json and tokenizer_config.json's added_tokens_decoder."""
+    tokenizer.model, then added_tokens.json and tokenizer_config.json's added_tokens_decoder. Without a
+    tokenizer.model, the tokenizer.json is converted as for other families."""
     path = model_dir / "tokenizer.model"
     if not path.is_file():
-        raise ConversionError(f"{model_dir}: no tokenizer.model (this family's tokenizer is a SentencePiece model)")
+        return _write_tokenizer_json(w, model_dir, n_vocab, "default")
     try:
         import sentencepiece
     except ImportError as e:  # a dependency of moelite; only missing from a broken install
@@ -402,7 +405,7 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
     w.add_token_types(types)
     w.add_token_merges(merges)
     special = _special_vocab(model_dir, n_vocab, load_merges=False)
-    _set_specials_by_text(special, {"bos": HUNYUAN_BOS}, special_ids, str(path), override=True)
+    _set_specials_by_text(special, {"bos": HUNYUAN_BOS}, special_ids, override=True)
     return _finish(w, model_dir, special, n_vocab, None)
 
 
