@@ -5,7 +5,7 @@ Same environment as transformers: jinja2's ImmutableSandboxedEnvironment with `t
 and loop controls; `raise_exception(msg)`, `strftime_now(fmt)`, a `tojson` filter that is `json.dumps`
 (no HTML escaping, `ensure_ascii=False`); `{% generation %}` accepted as a no-op block. Variables:
 `messages` (keys whose value is None dropped), `add_generation_prompt`, `tools`, `documents`, and the
-special-token strings `bos_token`, `eos_token`, `unk_token`, `pad_token`, `sep_token`, `mask_token` when the
+special-token strings `bos_token`, `eos_token`, `unk_token`, `pad_token`, `sep_token`, `mask_token`, `cls_token` when the
 model has them. Templates are untrusted input: the sandbox forbids attribute hacks and mutation, and limits
 what one render may cost (`_LimitedEnvironment`): strings and lists built by operators, filters and calls of
 at most MAX_OUTPUT items, no numeric argument above that, MAX_ITERATIONS loop iterations in all, Python's
@@ -52,6 +52,7 @@ _SPECIAL_TOKEN_KEYS = {
     "pad_token": "tokenizer.ggml.padding_token_id",
     "sep_token": "tokenizer.ggml.seperator_token_id",  # sic: llama.cpp's spelling
     "mask_token": "tokenizer.ggml.mask_token_id",
+    "cls_token": "tokenizer.ggml.cls_token_id",  # ERNIE-4.5's template opens with it
 }
 
 
