@@ -91,9 +91,9 @@ class _Request(BaseModel):
     repeat_penalty: Annotated[Finite, Field(gt=0)] | None = None      # llama.cpp's name
     seed: Annotated[int, Field(ge=-1, lt=1 << 63)] | None = None
     stop: str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=MAX_STOP_STRINGS)] | None = None
-    stream: bool = False
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool = False
+    ignore_eos: bool | None = False
     user: str | None = None
 
     @field_validator("stop")
@@ -320,7 +320,7 @@ class Api:
             values["repetition_penalty"] = req.repeat_penalty
         stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
         try:
-            opts = dict(max_tokens=max_tokens, stop=stop, ignore_eos=req.ignore_eos, **sampling_kwargs(values))
+            opts = dict(max_tokens=max_tokens, stop=stop, ignore_eos=bool(req.ignore_eos), **sampling_kwargs(values))
             if chat:
                 ids = prompt_ids(self.model, messages=[{"role": m.role, "content": m.text()} for m in req.messages])
             else:

@@ -284,7 +284,8 @@ def test_hostile_bodies_get_a_400_naming_the_problem(server, body, needle):
 
 def test_explicit_defaults_of_unsupported_parameters_are_fine(server):
     body = {**CHAT, "n": 1, "logprobs": False, "response_format": {"type": "text"}, "tools": [],
-            "presence_penalty": 0, "repeat_penalty": 1.1, "ignore_eos": True, "seed": -1}
+            "presence_penalty": 0, "repeat_penalty": 1.1, "ignore_eos": True, "seed": -1, "temperature": None,
+            "stream": None, "stop": None, "user": "u1"}
     status, r = _post_json(server[0], "/v1/chat/completions", json.dumps(body).encode())
     assert status == 200 and r["usage"]["completion_tokens"] == 4, r
 
