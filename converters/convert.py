@@ -17,7 +17,7 @@ import gguf
 from moelite.errors import ConversionError
 
 from . import gguf_out, quant
-from .families import Config, for_config
+from .families import Config, for_config, text_config
 from .lazy import Lazy
 from .sources import GGUFSource, HFSource, open_source
 from .vocab import add_vocab
@@ -73,6 +73,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
             raise ConversionError(f"{src}: type 'keep' applies to GGUF input only")
         w, tensors, arch, n_layer, n_expert, notes = _from_hf(source)
     planned = quant.plan(tensors, type, n_layer, n_expert)
+    _check_loadable(out, w, planned)
     if type != "keep":
         w.add_file_type(int(quant.FILE_TYPES[type]))
     elif isinstance(source, GGUFSource) and source.file_type is not None:
@@ -87,10 +88,27 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
         notes=notes)
 
 
+def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
+    """The loader's own checks (runtime/validate.py) on the keys and tensor table about to be written: a file
+    moelite would refuse (or crash on) is never written."""
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.validate import load_hparams
+    kv = {k: v.value for k, v in w.kv_data[0].items()}
+    table, pos = {}, 0
+    for p in planned:
+        table[p.name] = (p.type, (p.n_per_row, *reversed(p.lazy.shape[:-1])), pos, p.nbytes)
+        pos += p.nbytes
+    try:
+        load_hparams(str(out), kv, table, file_size=pos)
+    except ModelFormatError as e:
+        raise ConversionError(f"{e} (the converted model would not load; nothing written)") from None
+
+
 def _from_hf(source: HFSource):
     cfg_src = str(source.dir / "config.json")
-    family = for_config(source.config, cfg_src)
-    c = Config(source.config, cfg_src)
+    cfg = text_config(source.config)          # multimodal checkpoints: the text model's config
+    family = for_config(cfg, cfg_src)
+    c = Config(cfg, cfg_src)
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
     hp = family.hparams(c)

@@ -176,7 +176,7 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd, K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
     combine(ctx, gf, il, d, weights, 0, T);
     compute(ctx, gf, galloc_);
-    set_input(weights, w.data(), ggml_nbytes(weights));
+    if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights));   // unused when weights_before_ffn
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
 }

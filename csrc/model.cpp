@@ -463,7 +463,7 @@ void Model::run_layer_front(int il, int T) {
         {"mask", &mask_}, {"mask_swa", &mask_swa_}, {"mask_chunk", &mask_chunk_}, {"attn_temp", &attn_temp_}};
     for (auto & [name, data] : inputs)
         if (ggml_tensor * t = ggml_graph_get_tensor(gf, name)) set_input(t, data->data(), ggml_nbytes(t));
-    set_input(pos, pos_.data(), ggml_nbytes(pos));
+    if (pos->buffer) set_input(pos, pos_.data(), ggml_nbytes(pos));   // NoPE layers do not use it
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
 }

@@ -199,7 +199,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     n_expert_used = int(k("expert_used_count"))
     if not 0 < n_expert_used <= min(n_expert, 64):
         raise ModelFormatError(f"{path}: key '{arch}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}")
-    qk_norm = spec.qk_norm if any(n.endswith("attn_q_norm.weight") for n in tensors) else QK_NORM_NONE
+    has_qk_norm = spec.qk_norm == QK_NORM_L2 or any(n.endswith("attn_q_norm.weight") for n in tensors)
+    qk_norm = spec.qk_norm if has_qk_norm else QK_NORM_NONE
     weights_norm = True if spec.weights_norm is None else bool(k("expert_weights_norm", spec.weights_norm))
     dense_lead = int(k("leading_dense_block_count", 0))
     moe_step = int(k("interleave_moe_layer_step", 1) or 1) if spec.moe_step_key else 1

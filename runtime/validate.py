@@ -194,10 +194,13 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
              f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks)")
 
 
-def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | None = None) -> None:
-    """Types, byte sizes, data ranges and (with hp) the shapes the graph relies on beyond what the C++ core checks."""
+def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | None = None,
+                     file_size: int | None = None) -> None:
+    """Types, byte sizes, data ranges (within file_size, by default the size of the file at path) and, with hp,
+    the shapes the graph uses."""
     from .. import _core
-    file_size = os.path.getsize(path)
+    if file_size is None:
+        file_size = os.path.getsize(path)
     for name, (typ, shape, offset, nbytes) in tensors.items():
         if any(int(d) < 1 for d in shape):
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(shape)}, expected every dimension >= 1")
@@ -220,7 +223,8 @@ def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | 
 
 
 def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> None:
-    """Shapes the C++ core uses without checking every dimension."""
+    """The shapes the graph uses (ggml order), for the tensors present; the C++ core checks most of them again
+    at load, but the converter (which has no C++ model to ask) relies on this before it writes a file."""
     def shape(name: str) -> list[int] | None:
         t = tensors.get(name)
         return None if t is None else [int(d) for d in t[1]]
@@ -230,21 +234,53 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
         if got is not None and got != want:
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {got}, expected {want}")
 
-    for name in ("rope_freqs.weight", *(n for n in tensors if n.startswith("rope_factors_"))):
-        expect(name, [hp["n_rot"] // 2])
-    E = hp["n_embd"]
-    for il in range(hp["n_layer"]):
+    E, V, n_exp = hp["n_embd"], hp["n_vocab"], hp["n_expert"]
+    for name, want in (("token_embd.weight", [E, V]), ("output.weight", [E, V]), ("output_norm.weight", [E]),
+                       ("output_norm.bias", [E]), ("output.bias", [V]), ("rope_freqs.weight", [hp["n_rot"] // 2]),
+                       *((n, [hp["n_rot"] // 2]) for n in tensors if n.startswith("rope_factors_"))):
+        expect(name, want)
+    n_layer = hp["n_layer"]
+    # per-layer attention sizes from the layer plan (Gemma-4 mixes head sizes and kv heads across layers)
+    heads_kv = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
+    heads_k = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
+    heads_v = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
+    for il in range(n_layer):
         b = f"blk.{il}."
-        expect(b + "exp_probs_b.bias", [hp["n_expert"]])
+        q_dim, o_dim = hp["n_head"] * heads_k[il], hp["n_head"] * heads_v[il]
+        kv_dim, v_dim = heads_kv[il] * heads_k[il], heads_kv[il] * heads_v[il]
+        per_layer = {"attn_norm.weight": [E], "attn_norm.bias": [E], "ffn_norm.weight": [E], "ffn_norm.bias": [E],
+                     "post_attention_norm.weight": [E], "attn_output.weight": [o_dim, E], "attn_output.bias": [E],
+                     "attn_sinks.weight": [hp["n_head"]], "ffn_gate_inp.weight": [E, n_exp],
+                     "ffn_gate_inp.bias": [n_exp], "exp_probs_b.bias": [n_exp], "ffn_gate_inp.scale": [E],
+                     "ffn_down_exps.scale": [n_exp], "layer_output_scale.weight": [1],
+                     **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1",
+                                                       "post_ffw_norm_2")}}
+        if not hp.get("kv_lora_rank"):
+            per_layer.update({"attn_q.weight": [E, q_dim], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
+                              "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim]})
+        down = shape(b + "ffn_down_exps.weight")
+        if down is not None and len(down) == 3:
+            per_layer["ffn_gate_up_exps.weight"] = [E, 2 * down[0], n_exp]     # fused gate + up (Gemma-4)
+        for name, want in per_layer.items():
+            expect(b + name, want)
+        gate_exps = shape(b + "ffn_gate_exps.weight")
+        if gate_exps is not None and len(gate_exps) == 3:
+            n_ff = gate_exps[1]
+            for name, want in (("ffn_gate_exps.weight", [E, n_ff, n_exp]), ("ffn_up_exps.weight", [E, n_ff, n_exp]),
+                               ("ffn_down_exps.weight", [n_ff, E, n_exp]), ("ffn_gate_exps.bias", [n_ff, n_exp]),
+                               ("ffn_up_exps.bias", [n_ff, n_exp]), ("ffn_down_exps.bias", [E, n_exp])):
+                expect(b + name, want)
         for kind in ("", "_shexp"):
             gate = shape(f"{b}ffn_gate{kind}.weight")
             if gate is not None and len(gate) == 2:
+                expect(f"{b}ffn_gate{kind}.weight", [E, gate[1]])
                 expect(f"{b}ffn_up{kind}.weight", gate)
                 expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
 
 
-def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> dict[str, Any]:
-    """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError."""
+def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple], file_size: int | None = None) -> dict[str, Any]:
+    """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError.
+    file_size: of the data the tensors' offsets point into (default: the file at path)."""
     check_raw_keys(path, kv, tensors)
     try:
         hp = parse_hparams(path, kv, tensors)
@@ -253,5 +289,5 @@ def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> di
     except (ArithmeticError, ValueError, TypeError, IndexError, KeyError) as e:
         raise ModelFormatError(f"{path}: invalid hyperparameters ({type(e).__name__}: {e})") from None
     validate_hparams(path, hp, tensors)
-    validate_tensors(path, tensors, hp)
+    validate_tensors(path, tensors, hp, file_size)
     return hp

@@ -11,7 +11,10 @@ from hf_fixtures import make_hf_model
 CACHE = Path(__file__).resolve().parent / ".fixtures" / "gguf"
 
 RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                    "granitemoe", "granitemoeshared", "phimoe")
+                    "granitemoe", "granitemoeshared", "phimoe",
+                    # wave 2 (attention-only)
+                    "glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
+                    "llama4_text", "gemma4_text")
 
 
 def fixture_gguf(family: str, type: str = "f32", seed: int = 0, **overrides) -> tuple[Path, Path]:

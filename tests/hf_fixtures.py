@@ -32,9 +32,15 @@ import numpy as np
 FIXTURE_ROOT = Path(__file__).resolve().parent / ".fixtures"
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
             "granitemoe", "granitemoeshared", "phimoe")
+# wave 2 (FAMILIES_WAVE2.md): attention-only families; configs carry the keys and flags of the real checkpoints
+WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
+                  "gemma4_text")
 _FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
+# families whose converter needs their own special tokens (llama.cpp's GLM vocab: BOS [gMASK], EOT <|user|>, ...)
+GLM_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
+FAMILY_SPECIALS = {"glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS}
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -81,6 +87,39 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "granitemoe": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                        embedding_multiplier=12.0, logits_scaling=8.0, residual_multiplier=0.22,
                        attention_multiplier=0.0078125, rms_norm_eps=1e-6),
+    # --- wave 2 ---
+    "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                     first_k_dense_replace=1, num_hidden_layers=3, head_dim=16, partial_rotary_factor=0.5,
+                     attention_bias=True, use_qk_norm=False, n_group=2, topk_group=1, norm_topk_prob=True,
+                     routed_scaling_factor=2.5, num_nextn_predict_layers=0, rms_norm_eps=1e-5, rope_theta=1e6),
+    "glm4_moe_lite": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                          first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32,
+                          q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
+                          n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
+                          rms_norm_eps=1e-5, rope_theta=1e6, num_nextn_predict_layers=0),
+    "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                  first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, head_dim=16, n_group=1,
+                  topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, rope_theta=1e6,
+                  scoring_func="sigmoid"),
+    "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
+                       partial_rotary_factor=0.5, rotary_dim=8, scoring_func="sigmoid", use_routing_bias=True,
+                       rms_norm_eps=1e-6, rope_theta=5e6),
+    "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
+                         moe_layer_start_index=1, moe_layer_interval=1, intermediate_size=64, num_hidden_layers=3,
+                         use_bias=False, rms_norm_eps=1e-5, rope_theta=5e5, tie_word_embeddings=True),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=[2, 2], moe_intermediate_size=[128, 128], num_shared_expert=[1, 1],
+                           head_dim=16, use_qk_norm=True, rms_norm_eps=1e-5, rope_theta=1e4),
+    "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2, num_hidden_layers=4,
+                        intermediate_size=32, intermediate_size_mlp=128, head_dim=16, use_qk_norm=True,
+                        attention_chunk_size=8192, no_rope_layers=[1, 1, 1, 0], rms_norm_eps=1e-5, rope_theta=5e5),
+    "gemma4_text": dict(num_experts=8, top_k_experts=2, moe_intermediate_size=32, enable_moe_block=True, head_dim=16,
+                        global_head_dim=32, num_global_key_value_heads=1, attention_k_eq_v=True, sliding_window=4,
+                        num_hidden_layers=4, hidden_size_per_layer_input=0, final_logit_softcapping=30.0,
+                        layer_types=["sliding_attention"] * 3 + ["full_attention"], rms_norm_eps=1e-6,
+                        tie_word_embeddings=True, hidden_activation="gelu_pytorch_tanh",
+                        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
+                                         "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
+                                                            "partial_rotary_factor": 0.25}}),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -101,20 +140,21 @@ def _corpus() -> str:
     return "\n".join(lines) + "\n"
 
 
-def _make_tokenizer(out: Path) -> None:
+def _make_tokenizer(out: Path, extra_specials: list[str] = ()) -> None:
     """Byte-level BPE (GPT-2 pre-tokenizer) trained on a few KB of generated text; no hub download."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=SPECIAL_TOKENS, show_progress=False,
+    specials = SPECIAL_TOKENS + list(extra_specials)
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB_SIZE, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator([_corpus()] * 4, trainer=trainer)
     assert tok.get_vocab_size() == VOCAB_SIZE, tok.get_vocab_size()
     tok.save(str(out / "tokenizer.json"))
     added = {str(i): {"content": t, "lstrip": False, "rstrip": False, "normalized": False, "single_word": False,
-                      "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+                      "special": True} for i, t in enumerate(specials)}
     (out / "tokenizer_config.json").write_text(json.dumps({
         "tokenizer_class": "PreTrainedTokenizerFast", "added_tokens_decoder": added,
         "bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
@@ -125,8 +165,10 @@ def _make_tokenizer(out: Path) -> None:
 
 def _key(family: str, seed: int, overrides: dict[str, Any]) -> str:
     cfg = {**_COMMON, **CONFIGS[family]}  # the key follows the generator's config, not only the overrides
-    blob = json.dumps({"v": _FIXTURE_VERSION, "f": family, "s": seed, "c": cfg, "o": overrides}, sort_keys=True,
-                      default=str)
+    spec = {"v": _FIXTURE_VERSION, "f": family, "s": seed, "c": cfg, "o": overrides}
+    if family in FAMILY_SPECIALS:
+        spec["t"] = FAMILY_SPECIALS[family]
+    blob = json.dumps(spec, sort_keys=True, default=str)
     return f"{family}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
@@ -157,7 +199,7 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
                   **config_overrides: Any) -> Path:
     """Build (or reuse) a tiny random HF checkpoint of `family`; returns its directory."""
     if family not in CONFIGS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + WAVE2_FAMILIES)}")
     del out_dir  # the cache is the output
     FIXTURE_ROOT.mkdir(parents=True, exist_ok=True)
     final = FIXTURE_ROOT / _key(family, seed, config_overrides)
@@ -179,7 +221,7 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max(n_bytes // 2 + 1, 50_000))
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(tmp)
-        _make_tokenizer(tmp)
+        _make_tokenizer(tmp, FAMILY_SPECIALS.get(family, []))
         try:
             tmp.rename(final)
         except OSError:  # another process won the race

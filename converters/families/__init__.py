@@ -1,6 +1,7 @@
 """Model families: one declare-only module per Hugging Face `model_type`.
 
-Each family module defines `FAMILY = Family(...)`:
+Each family module defines `FAMILY = Family(...)` (and `FAMILIES = (...)` when it declares siblings that
+share its code, e.g. GLM-4.7-Flash beside DeepSeek-V3):
   model_types   HF config `model_type` values it handles
   arch          GGUF `general.architecture` (llama.cpp's name)
   hparams(c)    config.json -> {GGUF key: value}; keys without a "general."/"tokenizer." prefix get
@@ -66,7 +67,7 @@ class Config:
 
     @property
     def n_expert(self) -> int:
-        return self.int("num_experts", "num_local_experts", "n_routed_experts")
+        return self.int("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
     @property
     def head_dim(self) -> int:
@@ -97,7 +98,7 @@ def common_hparams(c: Config) -> dict[str, Any]:
         "rope.freq_base": float(rp.get("rope_theta", 10000.0)),
         "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps"),
         "expert_count": c.n_expert,
-        "expert_used_count": c.int("num_experts_per_tok"),
+        "expert_used_count": c.int("num_experts_per_tok", "top_k_experts", "moe_k", default=None),
     }
     if c.has("head_dim"):
         kv["attention.key_length"] = kv["attention.value_length"] = c.int("head_dim")
@@ -160,6 +161,37 @@ def stack_experts(w: dict[str, Lazy], c: Config, per_expert: str, fused: str,
             w[out] = stack([w.pop(n) for n in names], out)
 
 
+def drop_layers_beyond(w: dict[str, Lazy], c: Config) -> None:
+    """Drop the layers after num_hidden_layers: the MTP / next-token-prediction block some checkpoints keep
+    as `model.layers.{n_layer}` (GLM-4.x, DeepSeek-V3), dropped on purpose as llama.cpp's `--no-mtp` does."""
+    for name in list(w):
+        m = re.search(r"(?:^|\.)layers\.(\d+)\.", name)
+        if m and int(m.group(1)) >= c.n_layer:
+            del w[name]
+
+
+def text_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The text model's config of a multimodal checkpoint (`text_config` of Llama-4 / Gemma-4
+    ...ForConditionalGeneration); moelite converts the text part only."""
+    sub = cfg.get("text_config")
+    if isinstance(sub, dict) and sub.get("model_type"):
+        return {**{k: v for k, v in cfg.items() if k in ("tie_word_embeddings",)}, **sub}
+    return cfg
+
+
+def strip_prefix(w: dict[str, Lazy], renames: tuple[tuple[str, str], ...], drop: tuple[str, ...] = ()) -> None:
+    """Rename checkpoint prefixes (multimodal wrappers: `model.language_model.` -> `model.`) and drop the
+    towers moelite does not run (vision, audio, projectors)."""
+    for name in list(w):
+        if name.startswith(drop):
+            del w[name]
+            continue
+        for old, new in renames:
+            if name.startswith(old):
+                w[new + name[len(old):]] = w.pop(name)
+                break
+
+
 def split_halves(w: dict[str, Lazy], name: str, first: str, second: str, axis: int = -2) -> None:
     """[.., 2I, ..] -> first half, second half (Granite input_linear: gate, up)."""
     t = w.pop(name)
@@ -211,23 +243,25 @@ class Family:
 
 
 FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                  "granitemoe", "phimoe")
+                  "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
+                  "llama4", "gemma4")
 DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
                      "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
-_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+_EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
 def registry() -> dict[str, Family]:
     reg: dict[str, Family] = {}
     for mod in FAMILY_MODULES:
         try:
-            fam: Family = importlib.import_module(f"{__name__}.{mod}").FAMILY
+            module = importlib.import_module(f"{__name__}.{mod}")
         except ModuleNotFoundError as e:
             if e.name != f"{__name__}.{mod}":
                 raise
             continue
-        for mt in fam.model_types:
-            reg[mt] = fam
+        for fam in getattr(module, "FAMILIES", (module.FAMILY,)):   # a module may declare sibling families
+            for mt in fam.model_types:
+                reg[mt] = fam
     return reg
 
 

@@ -1,0 +1,39 @@
+"""dots.llm1 (model_type `dots1`) -> GGUF arch `dots1`.
+
+Qwen3-style attention (per-head q/k RMSNorm before NeoX RoPE) with DeepSeek-V3-style MoE (see glm4_moe.py):
+leading dense layers, sigmoid scores + `e_score_correction_bias`, groups, renormalised weights x
+`routed_scaling_factor`, shared experts. transformers' Dots1Config has no `scoring_func`; the real config
+does: sigmoid either way. Note: llama.cpp's dots1 loader sizes attn_k/attn_v for MHA only (n_kv_heads =
+n_heads, as the real model); moelite runs GQA too.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from . import LLAMA_NAMES, SIGMOID, SOFTMAX, Config, Family, common_hparams, stack_experts
+from .glm4_moe import ATTN, DEEPSEEK_MOE_NAMES, MLP, deepseek_moe_hparams
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    gating = {"softmax": SOFTMAX, "sigmoid": SIGMOID}.get(c.get("scoring_func", default="sigmoid"), SIGMOID)
+    return {
+        **common_hparams(c),
+        **deepseek_moe_hparams(c, gating=gating),
+        "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim,
+    }
+
+
+TENSORS = {
+    **LLAMA_NAMES,
+    **DEEPSEEK_MOE_NAMES,
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
+}
+
+
+def sanitize(w, c: Config) -> None:
+    stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
+
+
+FAMILY = Family(("dots1",), "dots1", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
