@@ -192,7 +192,11 @@ def native_stderr_hidden(show: bool = False) -> Iterator[None]:
     so moelite's one-line error is the only line; Python's own stderr keeps going to the terminal. show=True
     (--verbose) prints the hidden lines afterwards."""
     sys.stderr.flush()
-    real = os.dup(2)
+    try:
+        real = os.dup(2)
+    except OSError:                         # no file descriptor 2 (a GUI's embedded interpreter): nothing to hide
+        yield
+        return
     py_stderr = sys.stderr
     with tempfile.TemporaryFile() as sink:
         os.dup2(sink.fileno(), 2)

@@ -95,8 +95,12 @@ def generation_options(options: Mapping[str, Any], where: str = "generate") -> G
         if stop_ids:
             raise UsageError(f"{where}(): ignore_eos=True and stop_ids={stop_ids!r} contradict each other")
         stop_ids = ()
-    return GenerationOptions(SamplerConfig(**kw), int(max_tokens), tuple(stop),
-                             None if stop_ids is None else tuple(int(t) for t in stop_ids))
+    if stop_ids is not None:
+        try:
+            stop_ids = tuple(int(t) for t in stop_ids)
+        except (TypeError, ValueError):
+            raise UsageError(f"stop_ids={stop_ids!r}: expected a list of token ids") from None
+    return GenerationOptions(SamplerConfig(**kw), int(max_tokens), tuple(stop), stop_ids)
 
 
 def _is_real(x: object) -> bool:

@@ -201,6 +201,7 @@ def test_generation_options_take_the_command_lines_names() -> None:
     ({"max_tokens": 2.5}, "max_tokens=2.5"),
     ({"stop": 5}, "stop strings must be"),
     ({"ignore_eos": True, "stop_ids": [1]}, "contradict"),
+    ({"stop_ids": 5}, "stop_ids=5: expected a list"),
 ])
 def test_generation_options_errors_name_the_option(kw, needle) -> None:
     with pytest.raises(UsageError, match=needle):
