@@ -435,10 +435,10 @@ async def _complete(request: Request, api: Api, chat: bool) -> Response:
     head = {"id": ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24], "created": int(time.time()),
             "model": api.name}
     log = request.scope.setdefault("state", {})
-    if req.stream:
-        return StreamingResponse(_sse(api, ids, opts, head, chat, req, log), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache"})
     api.places -= 1
+    if req.stream:
+        return _PlaceHoldingStream(api, _sse(api, ids, opts, head, chat, req, log), media_type="text/event-stream",
+                                   headers={"Cache-Control": "no-cache"})
     try:
         async with api.lock:
             stream = TextStream(api.model, ids, **opts)
@@ -488,7 +488,6 @@ async def _sse(api: Api, ids: list[int], opts: dict, head: dict, chat: bool, req
     Api.pieces then cancels the generation."""
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     stream = None
-    api.places -= 1                     # here, not before: a response never started never runs this generator
     try:
         async with api.lock:
             stream = TextStream(api.model, ids, **opts)
@@ -509,9 +508,23 @@ async def _sse(api: Api, ids: list[int], opts: dict, head: dict, chat: bool, req
             yield _event(cls(**head, choices=[], usage=_usage(stream)))
         yield b"data: [DONE]\n\n"
     finally:
-        api.places += 1
         if stream is not None:
             log["tokens"] = (stream.prompt_tokens, stream.completion_tokens)
+
+
+class _PlaceHoldingStream(StreamingResponse):
+    """A streaming answer that holds its place in the queue from before its headers until it ends, however it
+    ends (its body may never start when the client leaves at once)."""
+
+    def __init__(self, api: Api, content: AsyncIterator[bytes], **kwargs: Any) -> None:
+        super().__init__(content, **kwargs)
+        self.api = api
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.api.places += 1
 
 
 def _chunk(head: dict, chat: bool, piece: str | None, finish: str | None = None) -> BaseModel:

@@ -408,3 +408,22 @@ def test_missing_serve_extra_is_one_clear_line(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "pip install 'moelite[serve]'" in r.stderr and "uvicorn" in r.stderr
+
+
+def test_a_full_queue_gets_503_and_places_come_back(tmp_path):
+    """--queue 1: one request generating and one waiting fill it (a streaming answer holds its place from before
+    its headers on); the third gets 503; once both clients hang up, requests are served again."""
+    with running_server(tmp_path, "--queue", "1", "--max-tokens", "100000") as (base, _, log):
+        held = []
+        for _ in range(2):
+            s = socket.create_connection(_host_port(base), timeout=30)
+            s.sendall(_long_request(stream=True).replace(b"Authorization: Bearer sesame\r\n", b""))
+            assert s.recv(64).startswith(b"HTTP/1.1 200")
+            held.append(s)
+        status, err = _post_json(base, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1}).encode())
+        assert status == 503 and err["error"]["code"] == "busy"
+        for s in held:
+            s.close()
+        _log_lines(log, "POST /v1/completions 200", 2)             # both streams ended (cancelled)
+        status, r = _post_json(base, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1}).encode())
+        assert status == 200 and r["usage"]["completion_tokens"] <= 1
