@@ -35,12 +35,15 @@ def record_trace(model, text: str, tokens: int, seq_len: int):
     ids = model.tokenizer.encode(text, add_special=False)[:tokens]
     if len(ids) < 16:
         raise UsageError(f"calibration text gives only {len(ids)} tokens; need at least 16")
+    from tqdm import tqdm
     model.clear_trace()
     seq_len = min(seq_len, model.n_ctx)
-    for i in range(0, len(ids), seq_len):
-        chunk = ids[i:i + seq_len]
-        if len(chunk) >= 16:
-            model.logits(chunk)                       # fresh context: one trace sequence per chunk
+    with tqdm(total=len(ids), unit="tok", desc="recording routing", disable=None, leave=False) as bar:
+        for i in range(0, len(ids), seq_len):
+            chunk = ids[i:i + seq_len]
+            if len(chunk) >= 16:
+                model.logits(chunk)                   # fresh context: one trace sequence per chunk
+            bar.update(len(chunk))
     return model.trace()
 
 
