@@ -18,10 +18,10 @@ import re
 import sys
 import time
 import uuid
-from http import HTTPStatus
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Annotated, Any, Literal
 
 import h11
@@ -667,7 +667,7 @@ class JsonErrorH11Protocol(H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.conn = _RecordingConnection(h11.SERVER, self.conn._max_incomplete_event_size)
+        self.conn = _RecordingConnection(h11.SERVER, self.config.h11_max_incomplete_event_size or 16 * 1024)
 
     def send_400_response(self, msg: str) -> None:
         err = self.conn.last_error

@@ -30,7 +30,7 @@ from .. import _core
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .validate import load_hparams
 from .planner import Plan, parse_size, plan_host_tier, plan_memory
-from .sampling import DEFAULT_MAX_TOKENS, GenerationOptions, generation_options
+from .sampling import GenerationOptions, generation_options
 
 KV_TYPES = {"f32": 0, "f16": 1}
 # who runs an expert that misses the VRAM arena but sits in the RAM tier (csrc/tiering.h)
