@@ -58,7 +58,7 @@ def _plain_byte_level(model_dir: Path) -> bool:
     path = model_dir / "tokenizer.json"
     if not path.is_file():
         return False
-    tj = _read_json(path)
+    tj = _read_json(path, "tokenizer.json (JSON object)")
     model, pt = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
     return isinstance(model, dict) and isinstance(pt, dict) and model.get("type") == "BPE" and \
         not model.get("byte_fallback") and pt.get("type") == "ByteLevel"

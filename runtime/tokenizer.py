@@ -87,7 +87,7 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "gpt-2": (_GPT2,), "phi-2": (_GPT2,), "mpt": (_GPT2,), "olmo": (_GPT2,),
     "starcoder": _STARCODER, "refact": _STARCODER, "command-r": _STARCODER, "smollm": _STARCODER,
     "falcon": _FALCON,
-    "gpt-4o": (_GPT4O,), "llama4": (_GPT4O,),
+    "gpt-4o": (_GPT4O,), "llama4": (_GPT4O,), "minimax-m2": (_GPT4O,),
 }
 # pre-tokenizers whose tokenizer.json sets `ignore_merges` (a word that is itself a token is not merged)
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "glm4", "glm5"}

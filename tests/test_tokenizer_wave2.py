@@ -1,0 +1,497 @@
+"""Tokenizers and chat templates of the wave-2 families: Gemma-4, GLM-4.x (incl. GLM-4.7-Flash), ERNIE-4.5,
+Hunyuan-MoE.
+
+Real tokenizer files cannot be downloaded here, so each test builds a small one with the same structure as
+the family's real one (the kind of model, normalizer, pre-tokenizer, byte fallback, special tokens and the
+files a checkpoint ships), converts it with moelite's `add_vocab` into a real GGUF file, and checks that
+moelite's runtime tokenizer encodes like the family's reference tokenizer (HF `tokenizers` for tokenizer.json,
+`sentencepiece` for tokenizer.model, `tiktoken` for Hunyuan's ranks file), both from moelite's file and from
+the same file without `tokenizer.huggingface.json` (what a stock llama.cpp GGUF holds).
+Chat templates (tests/data/templates, see its README) render as transformers' apply_chat_template does.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
+
+from moelite.converters.vocab import GLM_SPECIALS, add_vocab
+from moelite.errors import ConversionError
+from moelite.runtime.chat_template import ChatTemplate
+from moelite.runtime.tokenizer import Tokenizer
+
+core = pytest.importorskip("moelite._core", reason="needs the built moelite._core (read_gguf)")
+
+TEMPLATES = Path(__file__).resolve().parent / "data" / "templates"
+SPACE = "\u2581"
+
+# training text: prose, code, numbers, several scripts, whitespace runs
+CORPUS = [
+    "The quick brown fox jumps over the lazy dog. It's 2024 and we're testing tokenizers!",
+    "def add(a, b):\n    return a + b\n\n\nprint(add(2, 3))  # 5\n",
+    "Hello world, hello World, HELLO WORLD. Hello there; general kenobi.",
+    "Numbers: 1 12 123 1234 12345 3.14159 2.71828 1e-5 0x1F",
+    "Ünïcödé: café naïve résumé — Straße, Größe; Привет мир; 你好，世界。こんにちは",
+    "  two spaces,   three spaces,\ttab,\t\ttwo tabs\n\nnew paragraph\n",
+    "User: what is the capital of France?\nAssistant: The capital of France is Paris.",
+] * 8
+TEXTS = [
+    "", " ", "  ", "\n", "\n\n\n", "Hello world", " Hello world", "Hello  world", "hello\nworld\n\n",
+    "\tindented\n    four spaces\n", "It's 2024; numbers 123456 and 3.14.", "ünïcödé café — 你好 こんにちは",
+    "emoji 🦙🚀 and rare ǅ ß", "The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x * 2\n",
+]
+CHAT = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "Hi there — what's 2+2?"},
+    {"role": "assistant", "content": "4."},
+    {"role": "user", "content": "And 3+3?"},
+]
+
+
+# --- helpers ------------------------------------------------------------------------------------------------
+def _write_gguf(path: Path, model_dir: Path, n_vocab: int, family_pre: str, stock: bool = False) -> dict:
+    """Convert the tokenizer of `model_dir` into a vocab-only GGUF at `path`; `stock`: without the
+    tokenizer.huggingface.json copy, as llama.cpp writes it. Returns the file's metadata as read back."""
+    w = gguf.GGUFWriter(str(path), "llama")
+    add_vocab(w, model_dir, n_vocab, family_pre)
+    if stock:
+        del w.kv_data[0]["tokenizer.huggingface.json"]
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return core.read_gguf(str(path))["kv"]
+
+
+def _both(tmp_path: Path, model_dir: Path, n_vocab: int, family_pre: str) -> list[tuple[dict, Tokenizer]]:
+    """(kv, tokenizer) of moelite's file and of the stock-style file."""
+    out = []
+    for stock in (False, True):
+        path = tmp_path / f"{family_pre}-{'stock' if stock else 'moelite'}.gguf"
+        kv = _write_gguf(path, model_dir, n_vocab, family_pre, stock=stock)
+        assert ("tokenizer.huggingface.json" in kv) != stock
+        out.append((kv, Tokenizer.from_gguf_kv(kv, str(path))))
+    return out
+
+
+def _transformers_render(template: str, messages: list[dict], special: dict[str, str], **kw) -> str:
+    transformers = pytest.importorskip("transformers", reason="transformers is the reference renderer")
+    hf = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), **special)
+    return hf.apply_chat_template(messages, chat_template=template, tokenize=False, **kw)
+
+
+def _tokenizer_config(model_dir: Path, template: str, **fields) -> None:
+    (model_dir / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **fields}), encoding="utf-8")
+
+
+# --- Gemma-4 ----------------------------------------------------------------------------------------------
+GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|think|>", "<|turn>",
+                  "<turn|>", "<|image>", "<|audio>"]
+GEMMA_VISIBLE = ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>",
+                 "<channel|>"]
+
+
+def _gemma4_dir(d: Path) -> tuple[Path, int]:
+    """A Gemma-4-shaped tokenizer.json: BPE over raw UTF-8 with `▁` for spaces (a Replace normalizer), no
+    space prefix, `<0xXX>` byte fallback (byte tokens in the model vocab), the Gemma-4 specials first and the
+    chat-parser tokens as added tokens; tokenizer_config.json names the specials like the real one."""
+    bytes_ = [f"<0x{b:02X}>" for b in range(256)]
+    tok = HFTokenizer(models.BPE(byte_fallback=True))
+    tok.normalizer = normalizers.Replace(" ", SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")  # training only
+    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=GEMMA_SPECIALS + GEMMA_VISIBLE + bytes_,
+                                  show_progress=False)
+    tok.train_from_iterator(CORPUS, trainer)
+    tj = json.loads(tok.to_str())
+    tj["added_tokens"] = [a for a in tj["added_tokens"] if a["content"] not in bytes_]  # bytes: model vocab
+    for a in tj["added_tokens"]:
+        a["special"] = a["content"] in GEMMA_SPECIALS
+    tj["pre_tokenizer"] = None  # as Gemma's: merges never join a newline to anything else
+    tj["decoder"] = json.loads(decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
+                                                  decoders.Fuse()]).__getstate__())
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
+    _tokenizer_config(d, (TEMPLATES / "gemma4.jinja").read_text(encoding="utf-8"), bos_token="<bos>",
+                      eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
+                      extra_special_tokens=GEMMA_SPECIALS[5:])
+    return d, HFTokenizer.from_str(json.dumps(tj)).get_vocab_size()
+
+
+@pytest.fixture(scope="module")
+def gemma4(tmp_path_factory):
+    d, n = _gemma4_dir(tmp_path_factory.mktemp("gemma4") / "hf")
+    return d, n, _both(tmp_path_factory.mktemp("gemma4-gguf"), d, n, "gemma4")
+
+
+def test_gemma4_keys_as_llama_cpp_writes_them(gemma4) -> None:
+    d, n, [(kv, _), _] = gemma4
+    assert kv["tokenizer.ggml.model"] == "gemma4" and "tokenizer.ggml.pre" not in kv
+    assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_space_prefix"] is False
+    assert set(np.asarray(kv["tokenizer.ggml.scores"]).tolist()) == {-1000.0}
+    assert kv["tokenizer.ggml.merges"] and kv["tokenizer.ggml.bos_token_id"] == 2
+    assert (kv["tokenizer.ggml.eos_token_id"], kv["tokenizer.ggml.padding_token_id"]) == (1, 0)
+    # tokens and types: llama.cpp's own code (gguf-py's LlamaHfVocab through transformers, plus its
+    # Gemma4Model override that makes the chat-parser tokens user-defined)
+    pytest.importorskip("transformers")
+    ref = [(t.decode(), gguf.TokenType.USER_DEFINED if t.decode() in GEMMA_VISIBLE else ty)
+           for t, _, ty in gguf.LlamaHfVocab(d).all_tokens()]
+    ours = list(zip(kv["tokenizer.ggml.tokens"], (int(t) for t in kv["tokenizer.ggml.token_type"])))
+    assert len(ours) == n and ours == [(t, int(ty)) for t, ty in ref]
+
+
+def test_gemma4_encodes_like_hf_tokenizers(gemma4) -> None:
+    d, _, files = gemma4
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    texts = TEXTS + ["<bos><|turn>user\nHi<turn|>\n<|turn>model\n", 'call<|tool_call>f{a:<|"|>x<|"|>}<tool_call|>',
+                     "<|channel>thought\n<channel|>ok<eos>", "\n\n\n\n\n  \n"]
+    for kv, tok in files:
+        for text in texts:
+            want = hf.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text, add_special=False) == want, (kv.get("tokenizer.huggingface.json") is None, text)
+            assert tok.decode(want) == text
+        assert tok.add_bos and tok.encode("Hi")[0] == 2 and tok.encode("<bos>Hi").count(2) == 1
+        assert {1, tok.encode("<turn|>", add_special=False)[0]} <= tok.stop_ids
+
+
+def test_gemma4_template_matches_transformers(gemma4) -> None:
+    d, _, [(kv, tok), _] = gemma4
+    tmpl = ChatTemplate.from_gguf_kv(kv, tok, "gemma4.gguf")
+    assert not tmpl.is_default and tmpl.special_tokens["bos_token"] == "<bos>"
+    chat = [{"role": "system", "content": "You are terse."}, *CHAT[1:]]
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number", "description": "first"}}, "required": ["a"]}}}]
+    for kw in ({}, {"enable_thinking": True}, {"tools": tools}):
+        ours = tmpl.render(chat, add_generation_prompt=True, **kw)
+        assert ours == _transformers_render(kv["tokenizer.chat_template"], chat, tmpl.special_tokens,
+                                            add_generation_prompt=True, **kw)
+    assert ours.startswith("<bos><|turn>system\n") and ours.endswith("<|turn>model\n<|channel>thought\n<channel|>")
+    ids = tok.encode(ours)
+    assert ids.count(2) == 1 and tok.decode(ids) == ours
+
+
+# --- GLM-4.x ------------------------------------------------------------------------------------------------
+GLM_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+GLM_ADDED_SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
+                     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>"]
+GLM_ADDED_PLAIN = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
+                   "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>"]
+
+
+def _glm_dir(d: Path) -> tuple[Path, int]:
+    """A GLM-4.5-shaped tokenizer.json: byte-level BPE (ignore_merges) after the GLM-4 split regex, the
+    GLM specials ([gMASK], <sop>, role tokens) after the trained vocab, the think/tool tags plain added
+    tokens; tokenizer_config.json with eos/pad <|endoftext|> and no BOS; config.json's eos list."""
+    tok = HFTokenizer(models.BPE(ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(GLM_REGEX), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_ADDED_SPECIAL])
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in GLM_ADDED_PLAIN])
+    d.mkdir(parents=True, exist_ok=True)
+    tok.save(str(d / "tokenizer.json"))
+    ids = {t: tok.token_to_id(t) for t in GLM_ADDED_SPECIAL}
+    _tokenizer_config(d, (TEMPLATES / "glm4_moe.jinja").read_text(encoding="utf-8"), eos_token="<|endoftext|>",
+                      pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
+    (d / "config.json").write_text(json.dumps({"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"],
+                                                                ids["<|observation|>"]],
+                                               "pad_token_id": ids["<|endoftext|>"]}))
+    return d, tok.get_vocab_size() + 16  # config vocab_size is padded beyond the tokenizer, like GLM's
+
+
+@pytest.fixture(scope="module")
+def glm(tmp_path_factory):
+    d, n = _glm_dir(tmp_path_factory.mktemp("glm") / "hf")
+    return d, n, _both(tmp_path_factory.mktemp("glm-gguf"), d, n, "glm4")
+
+
+def test_glm_keys_as_llama_cpp_writes_them(glm) -> None:
+    d, n, [(kv, tok), _] = glm
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    ids = {t: hf.token_to_id(t) for t in GLM_ADDED_SPECIAL + GLM_ADDED_PLAIN}
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "glm4"
+    for typ, text in GLM_SPECIALS.items():  # bos [gMASK], eot <|user|>, unk <|endoftext|>, eom <|observation|>
+        key = "unknown" if typ == "unk" else typ
+        assert kv[f"tokenizer.ggml.{key}_token_id"] == ids[text], typ
+    assert kv["tokenizer.ggml.eos_token_id"] == kv["tokenizer.ggml.padding_token_id"] == ids["<|endoftext|>"]
+    types = np.asarray(kv["tokenizer.ggml.token_type"])
+    assert len(kv["tokenizer.ggml.tokens"]) == n and kv["tokenizer.ggml.tokens"][-1] == f"[PAD{n - 1}]"
+    assert all(types[ids[t]] == gguf.TokenType.CONTROL for t in GLM_ADDED_SPECIAL)
+    assert all(types[ids[t]] == gguf.TokenType.USER_DEFINED for t in GLM_ADDED_PLAIN)
+    assert not tok.add_bos and {ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]} <= tok.stop_ids
+
+
+def test_glm_encodes_like_hf_tokenizers(glm) -> None:
+    d, _, files = glm
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    texts = TEXTS + ["[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello",
+                     "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>"]
+    for _, tok in files:
+        for text in texts:
+            want = hf.encode(text, add_special_tokens=False).ids
+            assert tok.encode(text) == want, text
+            assert tok.decode(want) == text
+
+
+def test_glm_template_matches_transformers(glm) -> None:
+    _, _, [(kv, tok), _] = glm
+    tmpl = ChatTemplate.from_gguf_kv(kv, tok, "glm.gguf")
+    assert tmpl.special_tokens["bos_token"] == "[gMASK]"
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
+    chat = CHAT + [{"role": "assistant", "content": "<think>sum</think>6", "tool_calls": [
+        {"function": {"name": "add", "arguments": {"a": 3, "b": "x"}}}]}, {"role": "tool", "content": "6"}]
+    for kw in ({}, {"enable_thinking": False}, {"tools": tools}):
+        for gen in (True, False):
+            ours = tmpl.render(chat, add_generation_prompt=gen, **kw)
+            assert ours == _transformers_render(kv["tokenizer.chat_template"], chat, tmpl.special_tokens,
+                                                add_generation_prompt=gen, **kw)
+    ours = tmpl.render(CHAT[:2])
+    assert ours.startswith("[gMASK]<sop><|system|>\nYou are terse.<|user|>\n") and ours.endswith("<|assistant|>")
+    ids = tok.encode(ours)
+    assert ids[:2] == [kv["tokenizer.ggml.bos_token_id"], tok._hf.token_to_id("<sop>")]
+
+
+# The `tokenizer_pre` each family must declare for add_vocab to write its vocab as llama.cpp does (GLM-4.7-Flash
+# is model_type glm4_moe_lite, converted as deepseek2, with GLM's tokenizer: llama.cpp's Glm4MoeLiteModel).
+FAMILY_TOKENIZER_PRE = {"gemma4": "gemma4", "gemma4_text": "gemma4", "glm4_moe": "glm4", "glm4_moe_lite": "glm4",
+                        "ernie4_5_moe": "llama-spm", "hunyuan_v1_moe": "hunyuan"}
+
+
+@pytest.mark.parametrize("model_type", sorted(FAMILY_TOKENIZER_PRE))
+def test_families_declare_their_tokenizer_kind(model_type) -> None:
+    from moelite.converters.families import registry
+    family = registry().get(model_type)
+    if family is None:
+        pytest.skip(f"no converter family for model_type {model_type!r} yet")
+    assert family.tokenizer_pre == FAMILY_TOKENIZER_PRE[model_type]
+
+
+# --- ERNIE-4.5 (SentencePiece tokenizer.model) --------------------------------------------------------------
+ERNIE_USER = ["<|begin_of_sentence|>", "<|end_of_sentence|>", "<|IMAGE_PLACEHOLDER|>"]
+ERNIE_CONTROL = ["<mask:0>", "<mask:1>"]
+
+
+def _ernie_dir(d: Path) -> tuple[Path, int, object]:
+    """An ERNIE-4.5-shaped checkpoint tokenizer: a SentencePiece BPE tokenizer.model with byte fallback,
+    <unk>/<s>/</s> at 0/1/2, control and user-defined symbols, no tokenizer.json; tokenizer_config.json with
+    added_tokens_decoder entries beyond the model's pieces; config.json's vocab_size padded."""
+    spm = pytest.importorskip("sentencepiece")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=420, model_type="bpe", byte_fallback=True,
+        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=ERNIE_CONTROL, user_defined_symbols=ERNIE_USER,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        hard_vocab_limit=False, minloglevel=2)
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tokenizer.model").write_bytes(model.getvalue())
+    sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
+    n_sp = sp.vocab_size()
+    decoder = {str(sp.PieceToId(t)): {"content": t, "special": True} for t in ERNIE_USER}  # as ERNIE's lists them
+    decoder |= {str(n_sp): {"content": "<|IMAGE_START|>", "special": True},
+                str(n_sp + 1): {"content": "<|LOC_0|>", "special": False}}
+    _tokenizer_config(d, (TEMPLATES / "ernie4_5.jinja").read_text(encoding="utf-8"), bos_token="<s>",
+                      eos_token="</s>", unk_token="<unk>", cls_token="<|begin_of_sentence|>",
+                      sep_token="<|end_of_sentence|>", added_tokens_decoder=decoder)
+    (d / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
+    return d, n_sp + 8, sp
+
+
+@pytest.fixture(scope="module")
+def ernie(tmp_path_factory):
+    d, n, sp = _ernie_dir(tmp_path_factory.mktemp("ernie") / "hf")
+    path = tmp_path_factory.mktemp("ernie-gguf") / "ernie.gguf"
+    kv = _write_gguf(path, d, n, "llama-spm")
+    return d, n, sp, kv, Tokenizer.from_gguf_kv(kv, str(path))
+
+
+def test_ernie_keys_as_llama_cpp_writes_them(ernie) -> None:
+    _, n, sp, kv, tok = ernie
+    assert kv["tokenizer.ggml.model"] == "llama" and kv["tokenizer.ggml.pre"] == "default"
+    assert "tokenizer.huggingface.json" not in kv  # the checkpoint ships no tokenizer.json
+    tokens, types = kv["tokenizer.ggml.tokens"], np.asarray(kv["tokenizer.ggml.token_type"])
+    scores = np.asarray(kv["tokenizer.ggml.scores"])
+    assert len(tokens) == n and tokens[:3] == ["<unk>", "<s>", "</s>"]
+    assert list(types[:3]) == [gguf.TokenType.UNKNOWN, gguf.TokenType.CONTROL, gguf.TokenType.CONTROL]
+    for i in range(sp.vocab_size()):
+        score = -1000.0 if tokens[i] in ERNIE_USER else sp.GetScore(i)  # listed in tokenizer_config.json
+        assert tokens[i] == sp.IdToPiece(i) and scores[i] == np.float32(score)
+    assert types[sp.PieceToId("<0x41>")] == gguf.TokenType.BYTE
+    assert all(types[sp.PieceToId(t)] == gguf.TokenType.CONTROL for t in ERNIE_CONTROL)
+    assert all(types[sp.PieceToId(t)] == gguf.TokenType.CONTROL for t in ERNIE_USER)  # tokenizer_config's
+    n_sp = sp.vocab_size()
+    assert (tokens[n_sp], types[n_sp]) == ("<|IMAGE_START|>", gguf.TokenType.CONTROL)
+    assert (tokens[n_sp + 1], types[n_sp + 1]) == ("<|LOC_0|>", gguf.TokenType.CONTROL)  # looks special
+    assert (tokens[-1], types[-1], scores[-1]) == (f"[PAD{n - 1}]", gguf.TokenType.UNUSED, -10000.0)
+    assert (kv["tokenizer.ggml.bos_token_id"], kv["tokenizer.ggml.eos_token_id"]) == (1, 2)
+    assert tok.add_bos and tok.encode("Hi")[0] == 1 and 2 in tok.stop_ids
+
+
+def _spm_with_specials(sp, text: str) -> list[int]:
+    """llama.cpp's SPM encoding from sentencepiece: the text is cut at special tokens, and each piece between
+    them is encoded on its own (so gets the space prefix, where sentencepiece on the whole text would not)."""
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, ERNIE_USER)) + ")", text):
+        ids += [sp.PieceToId(part)] if part in ERNIE_USER else sp.encode(part) if part else []
+    return ids
+
+
+def test_ernie_encodes_like_sentencepiece(ernie) -> None:
+    _, _, sp, _, tok = ernie
+    for text in [t for t in TEXTS if t.strip()]:
+        assert tok.encode(text, add_special=False) == sp.encode(text), text
+        assert tok.decode(sp.encode(text)) == text
+    for text in ["User: hi<|end_of_sentence|>Assistant: yo", "<|begin_of_sentence|>User: 3+3?\n"]:
+        assert tok.encode(text, add_special=False) == _spm_with_specials(sp, text), text
+    ids = tok.encode("a<mask:0>b", add_special=False)  # control pieces are parsed from text, as in llama.cpp
+    assert sp.PieceToId("<mask:0>") in ids and sp.PieceToId("<mask:0>") not in sp.encode("a<mask:0>b")
+
+
+def test_ernie_add_prefix_space_and_template(ernie, tmp_path) -> None:
+    d, n, _, kv, tok = ernie
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    d2 = tmp_path / "hf"
+    d2.mkdir()
+    for f in ("tokenizer.model", "config.json"):
+        (d2 / f).write_bytes((d / f).read_bytes())
+    (d2 / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_prefix_space": False}))
+    kv2 = _write_gguf(tmp_path / "e.gguf", d2, n, "llama-spm")
+    assert kv2["tokenizer.ggml.add_space_prefix"] is False and "tokenizer.ggml.add_space_prefix" not in kv
+    tok2 = Tokenizer.from_gguf_kv(kv2, "e.gguf")
+    assert tok2.token_text(tok2.encode("Hello", add_special=False)[0]) != tok.token_text(
+        tok.encode("Hello", add_special=False)[0])
+    tmpl = ChatTemplate.from_gguf_kv(kv, tok, "ernie.gguf")
+    special = {**tmpl.special_tokens, "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>"}
+    for gen in (True, False):
+        assert tmpl.render(CHAT, add_generation_prompt=gen) == _transformers_render(
+            kv["tokenizer.chat_template"], CHAT, special, add_generation_prompt=gen)
+    assert tmpl.render(CHAT[1:2]) == "<|begin_of_sentence|>User: Hi there — what's 2+2?\nAssistant: "
+
+
+# --- Hunyuan-MoE (tiktoken ranks) ---------------------------------------------------------------------------
+HY_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+          r"|\s+(?!\S)|\s+")
+HY_NAMED = ["<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>"]
+
+
+def _byte_decoder() -> dict[str, int]:
+    keep = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    extra = iter(range(256, 512))
+    return {(chr(b) if b in keep else chr(next(extra))): b for b in range(256)}
+
+
+def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
+    """A Hunyuan-A13B-shaped checkpoint tokenizer: a tiktoken ranks file hy.tiktoken (the 256 bytes, then
+    merged tokens in merge order; trained with Hunyuan's split pattern), no tokenizer.json; the special
+    tokens the remote-code tokenizer defines right after the ranks (<|endoftext|> ... <|pad|>,
+    <|extra_N|>); config.json with a wrong bos_token_id (as the real one) and eos <|eos|>."""
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(HY_PAT), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    byte_of = _byte_decoder()
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tok.to_str())["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "hy.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    n_extra = 11
+    specials = {t: len(ranks) + k for k, t in enumerate(HY_NAMED + [f"<|extra_{i}|>" for i in range(n_extra)])}
+    _tokenizer_config(d, (TEMPLATES / "hunyuan_moe.jinja").read_text(encoding="utf-8"), eos_token="<|eos|>",
+                      vocab_file="hy.tiktoken")
+    (d / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": specials["<|eos|>"],
+                                               "pad_token_id": specials["<|pad|>"]}))
+    return d, len(ranks) + len(specials), ranks, specials
+
+
+@pytest.fixture(scope="module")
+def hunyuan(tmp_path_factory):
+    d, n, ranks, specials = _hunyuan_dir(tmp_path_factory.mktemp("hunyuan") / "hf")
+    path = tmp_path_factory.mktemp("hunyuan-gguf") / "hy.gguf"
+    kv = _write_gguf(path, d, n, "hunyuan")
+    return d, n, ranks, specials, kv, Tokenizer.from_gguf_kv(kv, str(path))
+
+
+def test_hunyuan_keys_as_llama_cpp_writes_them(hunyuan) -> None:
+    _, n, ranks, specials, kv, tok = hunyuan
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "hunyuan"
+    assert "tokenizer.huggingface.json" not in kv
+    tokens, types = kv["tokenizer.ggml.tokens"], np.asarray(kv["tokenizer.ggml.token_type"])
+    assert len(tokens) == n and tokens[ord("A")] == "A" and tokens[ord(" ")] == "Ġ"
+    assert len(kv["tokenizer.ggml.merges"]) == len(ranks) - 256  # every merged token is one merge
+    for text, i in specials.items():
+        assert tokens[i] == text and types[i] == gguf.TokenType.CONTROL
+    assert kv["tokenizer.ggml.bos_token_id"] == specials["<|bos|>"]  # config.json's 1 overwritten
+    assert kv["tokenizer.ggml.eos_token_id"] == specials["<|eos|>"]
+    assert not tok.add_bos and {specials["<|eos|>"], specials["<|endoftext|>"]} <= tok.stop_ids
+
+
+def test_hunyuan_encodes_like_tiktoken(hunyuan) -> None:
+    tiktoken = pytest.importorskip("tiktoken")
+    _, _, ranks, specials, _, tok = hunyuan
+    enc = tiktoken.Encoding("hy", pat_str=HY_PAT, mergeable_ranks=ranks, special_tokens=specials)
+    for text in TEXTS + ["<|startoftext|>You are terse.<|extra_4|>Hi<|extra_0|>", "4.<|eos|>"]:
+        want = enc.encode(text, allowed_special="all")
+        assert tok.encode(text) == want, text
+        assert tok.decode(want) == text
+
+
+def test_hunyuan_template_matches_transformers(hunyuan) -> None:
+    _, _, _, specials, kv, tok = hunyuan
+    tmpl = ChatTemplate.from_gguf_kv(kv, tok, "hy.gguf")
+    assert tmpl.special_tokens["bos_token"] == "<|bos|>" and tmpl.special_tokens["eos_token"] == "<|eos|>"
+    for chat in (CHAT, CHAT[1:]):
+        for kw in ({}, {"enable_thinking": False}):
+            assert tmpl.render(chat, **kw) == _transformers_render(
+                kv["tokenizer.chat_template"], chat, tmpl.special_tokens, add_generation_prompt=True, **kw)
+    ids = tok.encode(tmpl.render(CHAT))
+    assert ids[0] == specials["<|startoftext|>"] and ids[-1] == specials["<|extra_0|>"]
+
+
+# --- bad input ----------------------------------------------------------------------------------------------
+def _writer(tmp_path: Path) -> gguf.GGUFWriter:
+    return gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
+
+
+def test_bad_tokenizer_files_name_the_file(tmp_path) -> None:
+    d = tmp_path / "hf"
+    d.mkdir()
+    with pytest.raises(ConversionError, match=r"no tokenizer\.json.*tokenizer\.model"):
+        add_vocab(_writer(tmp_path), d, 10, "llama-spm")
+    with pytest.raises(ConversionError, match=r"0 \*\.tiktoken"):
+        add_vocab(_writer(tmp_path), d, 10, "hunyuan")
+    (d / "hy.tiktoken").write_text("QQ== 0\nnot-base64!! 1\n")
+    with pytest.raises(ConversionError, match=r"hy\.tiktoken: line 2"):
+        add_vocab(_writer(tmp_path), d, 10, "hunyuan")
+    (d / "hy.tiktoken").write_text("QQ== 0\nQg== 2\n")
+    with pytest.raises(ConversionError, match=r"hy\.tiktoken: ranks must be 0\.\.1"):
+        add_vocab(_writer(tmp_path), d, 10, "hunyuan")
+    (d / "hy.tiktoken").unlink()
+    (d / "tokenizer.model").write_bytes(b"not a sentencepiece model")
+    with pytest.raises(ConversionError, match=r"tokenizer\.model: not a SentencePiece model"):
+        add_vocab(_writer(tmp_path), d, 10, "llama-spm")
+    (d / "tokenizer.model").unlink()
+    (d / "tokenizer.json").write_text("[1, 2]")
+    with pytest.raises(ConversionError, match=r"tokenizer\.json: expected a tokenizer\.json"):
+        add_vocab(_writer(tmp_path), d, 10, "gemma4")
+
+
+def test_gemma4_vocab_larger_than_config_is_refused(gemma4, tmp_path) -> None:
+    d, n, _ = gemma4
+    with pytest.raises(ConversionError, match=rf"tokenizer\.json: token id {n - 1} is outside \[0, vocab_size 100\)"):
+        add_vocab(_writer(tmp_path), d, 100, "gemma4")
