@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 
 from ..errors import BudgetError
 from ..runtime.planner import SIZE_RULE
-from .common import add_model_arg, budget_arg, model_arg, native_stderr_hidden, positive_int, resolve_model
+from .common import (add_model_arg, budget_arg, is_hf_dir, model_arg, native_stderr_hidden, positive_int,
+                     resolve_model)
 
 NAME = "plan"
 HELP = "check whether a model fits a memory budget and predict its speed"
@@ -28,22 +30,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="plan a GPU run: SIZE of VRAM for dense weights, KV cache and the expert arena; --memory is "
                         "then the RAM tier between VRAM and disk")
     p.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
-    p.add_argument("--convert-type", default="q8_0", metavar="TYPE", help="type when MODEL is a HF directory")
+    p.add_argument("--convert-type", default="q8_0", metavar="TYPE",
+                   help="type when MODEL is a HF directory (read, not converted: config, tokenizer, safetensors headers)")
     p.add_argument("--remeasure", action="store_true", help="measure memory and disk bandwidth again")
 
 
 def main(args: argparse.Namespace) -> int:
-    from .. import _core
-    from ..runtime.hparams import parse_hparams
-    from ..runtime.model import _core_errors, default_model_path
     from ..runtime.planner import fmt_bytes, parse_size, plan_memory
+    from ..runtime.validate import load_hparams
     from .machine import bandwidths
 
-    path = resolve_model(model_arg(args), args.convert_type) or default_model_path()
-    with native_stderr_hidden(args.verbose), _core_errors(path):
-        meta = _core.read_gguf(path)
-    tensors = {n: (typ, shape, off, nb) for n, typ, shape, off, nb in meta["tensors"]}
-    hp = parse_hparams(path, meta["kv"], tensors)
+    path, kv, tensors, data_size = model_table(model_arg(args), args.convert_type, args.verbose)
+    hp = load_hparams(path, kv, tensors, file_size=data_size)
     n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
     budget = parse_size(args.memory_budget)
     kw = dict(n_ctx=n_ctx, n_ubatch=None, kv_elsize=KV_ELSIZE)         # n_ubatch None: chosen for the budget, as Model does
@@ -75,6 +73,22 @@ def main(args: argparse.Namespace) -> int:
           f"cached in {_machine_file()})")
     print(f"speed     {lo:.1f} - {hi:.1f} tok/s decode (bandwidth roofline, an upper bound; compute not counted)")
     return 0
+
+
+def model_table(arg: str | None, convert_type: str, verbose: bool) -> tuple[str, dict, dict, int | None]:
+    """MODEL -> (path, GGUF keys, tensor table, bytes of tensor data or None: the file's). A Hugging Face directory
+    is described as it would be converted (config.json, tokenizer files, safetensors headers), not converted."""
+    from .. import _core
+    from ..runtime.model import _core_errors, default_model_path
+    if arg is not None and is_hf_dir(Path(arg).expanduser()):
+        from ..converters.convert import describe
+        path = str(Path(arg).expanduser())
+        kv, tensors = describe(path, convert_type)
+        return f"{path} (as {convert_type})", kv, tensors, sum(t[3] for t in tensors.values())
+    path = resolve_model(arg, convert_type) or default_model_path()
+    with native_stderr_hidden(verbose), _core_errors(path):
+        meta = _core.read_gguf(path)
+    return path, meta["kv"], {n: (typ, shape, off, nb) for n, typ, shape, off, nb in meta["tensors"]}, None
 
 
 def _plan_gpu(hp: dict, tensors: dict, vram: int, ram: int, kw: dict) -> int:

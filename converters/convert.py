@@ -88,18 +88,35 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
         notes=notes)
 
 
-def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
-    """The loader's own checks (runtime/validate.py) on the keys and tensor table about to be written: a file
-    moelite would refuse (or crash on) is never written."""
-    from moelite.errors import ModelFormatError
-    from moelite.runtime.validate import load_hparams
+def describe(src: str | os.PathLike, type: str = "q8_0") -> tuple[dict[str, Any], dict[str, tuple]]:
+    """What converting the Hugging Face directory `src` at `type` would write, from config.json, the tokenizer files
+    and the safetensors headers only (nothing is converted): (GGUF key -> value, tensor name -> (ggml type, shape
+    in ggml order, offset, nbytes)), as moelite reads a GGUF. `moelite plan` uses it on a HF directory."""
+    type = quant.canonical_type(type)
+    source = open_source(src)
+    if isinstance(source, GGUFSource) or type == "keep":
+        raise ConversionError(f"{src}: describe() takes a Hugging Face directory and an output type")
+    w, tensors, _, n_layer, n_expert, _ = _from_hf(source)
+    return _kv_and_table(w, quant.plan(tensors, type, n_layer, n_expert))
+
+
+def _kv_and_table(w: gguf.GGUFWriter, planned: list) -> tuple[dict[str, Any], dict[str, tuple]]:
     kv = {k: v.value for k, v in w.kv_data[0].items()}
     table, pos = {}, 0
     for p in planned:
         table[p.name] = (p.type, (p.n_per_row, *reversed(p.lazy.shape[:-1])), pos, p.nbytes)
         pos += p.nbytes
+    return kv, table
+
+
+def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
+    """The loader's own checks (runtime/validate.py) on the keys and tensor table about to be written: a file
+    moelite would refuse (or crash on) is never written."""
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.validate import load_hparams
+    kv, table = _kv_and_table(w, planned)
     try:
-        load_hparams(str(out), kv, table, file_size=pos)
+        load_hparams(str(out), kv, table, file_size=sum(t[3] for t in table.values()))
     except ModelFormatError as e:
         raise ConversionError(f"{e} (the converted model would not load; nothing written)") from None
 

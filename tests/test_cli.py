@@ -354,3 +354,15 @@ def test_cache_list_and_remove(fixture, capsys, cache_home):
     assert rc == 2 and "no cached file 'nope.gguf'" in err
     rc, out, _ = cli(capsys, "cache", "remove", names[0])
     assert rc == 0 and "removed 1 file(s)" in out and not list((cache_home / "converted").glob("*.gguf"))
+
+
+def test_plan_reads_a_hf_directory_without_converting_it(fixture, capsys, cache_home):
+    cache_home.mkdir(parents=True)
+    (cache_home / "machine.json").write_text(json.dumps({"mem_bw": 10e9, "disk_bw": 1e9, "disk_method": "test"}))
+    budget = str(_offload_budget(fixture[1]))
+    rc, from_hf, err = cli(capsys, "plan", fixture[0], "--convert-type", "f32", "-M", budget)
+    assert rc == 0, err
+    assert not (cache_home / "converted").exists()                   # nothing converted
+    rc, from_gguf, _ = cli(capsys, "plan", fixture[1], "-M", budget)
+    assert rc == 0 and "offloaded" in from_hf and "(as f32)" in from_hf
+    assert from_hf.splitlines()[1:] == from_gguf.splitlines()[1:]      # the same plan, line for line
