@@ -24,7 +24,7 @@ from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tok
 from tokenizers import Tokenizer as HFTokenizer
 
 from moelite.converters.vocab import GLM_SPECIALS, add_vocab
-from moelite.errors import ConversionError
+from moelite.errors import ConversionError, TokenizerError
 from moelite.runtime.chat_template import ChatTemplate
 from moelite.runtime.tokenizer import Tokenizer
 
@@ -177,6 +177,31 @@ def test_gemma4_template_matches_transformers(gemma4) -> None:
     assert ours.startswith("<bos><|turn>system\n") and ours.endswith("<|turn>model\n<|channel>thought\n<channel|>")
     ids = tok.encode(ours)
     assert ids.count(2) == 1 and tok.decode(ids) == ours
+
+
+def test_real_gemma4_vocab_template_and_stops() -> None:
+    """llama.cpp's ggml-vocab-gemma-4.gguf (the real 262k vocab and template): the template renders as in
+    transformers, the rendered prompt encodes with one BOS and its turn tokens atomically."""
+    path = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models" / "ggml-vocab-gemma-4.gguf"
+    if not path.exists():
+        pytest.skip(f"{path.name} not found (fetched by the build with llama.cpp)")
+    kv = core.read_gguf(str(path))["kv"]
+    tok = Tokenizer.from_gguf_kv(kv, str(path))
+    tmpl = ChatTemplate.from_gguf_kv(kv, tok, str(path))
+    assert tmpl.source == (TEMPLATES / "gemma4.jinja").read_text(encoding="utf-8")
+    ours = tmpl.render(CHAT)
+    assert ours == _transformers_render(tmpl.source, CHAT, tmpl.special_tokens, add_generation_prompt=True)
+    ids = tok.encode(ours)
+    assert ids[:2] == [2, 105] and ids.count(2) == 1 and ids.count(106) == 4  # <bos><|turn> ..., one <turn|> per message
+    assert {1, 106, 50} <= tok.stop_ids  # <eos>, <turn|>, <|tool_response>
+    no_bos = Tokenizer.from_gguf_kv({**kv, "tokenizer.ggml.add_bos_token": False}, str(path))
+    assert no_bos.add_bos  # llama.cpp overrides a false add_bos_token for Gemma-4
+
+
+def test_gemma4_keys_missing_merges() -> None:
+    kv = {"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.tokens": ["<pad>", "a"]}
+    with pytest.raises(TokenizerError, match=r"g\.gguf.*tokenizer\.ggml\.merges.*gemma4"):
+        Tokenizer.from_gguf_kv(kv, "g.gguf")
 
 
 # --- GLM-4.x ------------------------------------------------------------------------------------------------
