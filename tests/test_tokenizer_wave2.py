@@ -6,7 +6,8 @@ the family's real one (the kind of model, normalizer, pre-tokenizer, byte fallba
 files a checkpoint ships), converts it with moelite's `add_vocab` into a real GGUF file, and checks that
 moelite's runtime tokenizer encodes like the family's reference tokenizer (HF `tokenizers` for tokenizer.json,
 `sentencepiece` for tokenizer.model, `tiktoken` for Hunyuan's ranks file), both from moelite's file and from
-the same file without `tokenizer.huggingface.json` (what a stock llama.cpp GGUF holds).
+the same file without `tokenizer.huggingface.json` (what a stock llama.cpp GGUF holds); the pinned llama.cpp
+(llama-cpp-python, when installed) loads that file vocab-only and tokenizes every text as moelite does.
 Chat templates (tests/data/templates, see its README) render as transformers' apply_chat_template does.
 """
 from __future__ import annotations
@@ -61,9 +62,13 @@ def _write_gguf(path: Path, model_dir: Path, n_vocab: int, family_pre: str, stoc
     """Convert the tokenizer of `model_dir` into a vocab-only GGUF at `path`; `stock`: without the
     tokenizer.huggingface.json copy, as llama.cpp writes it. Returns the file's metadata as read back."""
     w = gguf.GGUFWriter(str(path), "llama")
+    for key, value in (("context_length", 64), ("embedding_length", 64), ("block_count", 1),
+                       ("feed_forward_length", 64), ("attention.head_count", 4)):
+        w.add_uint32(f"llama.{key}", value)  # enough for llama.cpp to load the file vocab-only
+    w.add_layer_norm_rms_eps(1e-5)
     add_vocab(w, model_dir, n_vocab, family_pre)
     if stock:
-        del w.kv_data[0]["tokenizer.huggingface.json"]
+        w.kv_data[0].pop("tokenizer.huggingface.json", None)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -80,6 +85,27 @@ def _both(tmp_path: Path, model_dir: Path, n_vocab: int, family_pre: str) -> lis
         assert ("tokenizer.huggingface.json" in kv) != stock
         out.append((kv, Tokenizer.from_gguf_kv(kv, str(path))))
     return out
+
+
+def _llama_cpp_agrees(tmp_path: Path, model_dir: Path, n_vocab: int, family_pre: str, texts: list[str]) -> None:
+    """The pinned llama.cpp (llama-cpp-python), loading the stock-style file vocab-only, tokenizes and
+    detokenizes every text as moelite's runtime does (specials parsed and not; BOS as the file says, though
+    moelite, unlike llama.cpp, adds none to a text that starts with it)."""
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install .[bench])")
+    path = tmp_path / f"{family_pre}-llama-cpp.gguf"
+    kv = _write_gguf(path, model_dir, n_vocab, family_pre, stock=True)
+    tok = Tokenizer.from_gguf_kv(kv, str(path))
+    llm = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
+    assert tok.encode("Hello") == llm.tokenize(b"Hello", add_bos=True, special=True)  # BOS or not, as the file says
+    for text in texts:
+        for special in (True, False):
+            ours = tok.encode(text, add_special=False, parse_special=special)
+            assert ours == llm.tokenize(text.encode(), add_bos=False, special=special), (text, special)
+        ids = tok.encode(text, add_special=False)
+        theirs = llm.detokenize(ids, special=True).decode("utf-8", "replace")
+        if kv["tokenizer.ggml.model"] == "llama" and kv.get("tokenizer.ggml.add_space_prefix", True):
+            theirs = theirs[1:] if theirs.startswith(" ") else theirs  # moelite drops the space prefix, as HF does
+        assert theirs == tok.decode(ids), text
 
 
 def _transformers_render(template: str, messages: list[dict], special: dict[str, str], **kw) -> str:
@@ -161,6 +187,12 @@ def test_gemma4_encodes_like_hf_tokenizers(gemma4) -> None:
             assert tok.decode(want) == text
         assert tok.add_bos and tok.encode("Hi")[0] == 2 and tok.encode("<bos>Hi").count(2) == 1
         assert {1, tok.encode("<turn|>", add_special=False)[0]} <= tok.stop_ids
+
+
+def test_gemma4_llama_cpp_agrees(gemma4, tmp_path) -> None:
+    d, n, _ = gemma4
+    _llama_cpp_agrees(tmp_path, d, n, "gemma4", TEXTS + ["<bos><|turn>user\nHi<turn|>\n<|turn>model\n",
+                                                          'x<|tool_call>f{a:<|"|>y<|"|>}<tool_call|>'])
 
 
 def test_gemma4_template_matches_transformers(gemma4) -> None:
@@ -269,6 +301,11 @@ def test_glm_encodes_like_hf_tokenizers(glm) -> None:
             want = hf.encode(text, add_special_tokens=False).ids
             assert tok.encode(text) == want, text
             assert tok.decode(want) == text
+
+
+def test_glm_llama_cpp_agrees(glm, tmp_path) -> None:
+    d, n, _ = glm
+    _llama_cpp_agrees(tmp_path, d, n, "glm4", TEXTS + ["[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>"])
 
 
 def test_glm_template_matches_transformers(glm) -> None:
@@ -384,6 +421,11 @@ def test_ernie_encodes_like_sentencepiece(ernie) -> None:
     assert sp.PieceToId("<mask:0>") in ids and sp.PieceToId("<mask:0>") not in sp.encode("a<mask:0>b")
 
 
+def test_ernie_llama_cpp_agrees(ernie, tmp_path) -> None:
+    d, n, _, _, _ = ernie
+    _llama_cpp_agrees(tmp_path, d, n, "llama-spm", TEXTS + ["User: hi<|end_of_sentence|>Assistant: yo<mask:0>"])
+
+
 def test_ernie_add_prefix_space_and_template(ernie, tmp_path) -> None:
     d, n, _, kv, tok = ernie
     cfg = json.loads((d / "tokenizer_config.json").read_text())
@@ -474,6 +516,11 @@ def test_hunyuan_encodes_like_tiktoken(hunyuan) -> None:
         want = enc.encode(text, allowed_special="all")
         assert tok.encode(text) == want, text
         assert tok.decode(want) == text
+
+
+def test_hunyuan_llama_cpp_agrees(hunyuan, tmp_path) -> None:
+    d, n, _, _, _, _ = hunyuan
+    _llama_cpp_agrees(tmp_path, d, n, "hunyuan", TEXTS + ["<|startoftext|>Sys<|extra_4|>Hi<|extra_0|>4.<|eos|>"])
 
 
 def test_hunyuan_template_matches_transformers(hunyuan) -> None:
