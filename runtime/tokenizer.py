@@ -257,6 +257,15 @@ def _split_merge(merge: str) -> tuple[str, str]:
     return merge[:i], merge[i + 1:]
 
 
+def _merges_bpe(vocab: dict[str, int], merges: Sequence[str], path: str, **options: Any) -> models.BPE:
+    """A BPE model of the file's `tokenizer.ggml.merges`; a merge naming a piece the vocab lacks (or with
+    no space) is a TokenizerError, where `tokenizers` raises a bare Exception."""
+    try:
+        return models.BPE(vocab, [_split_merge(str(m)) for m in merges], **options)
+    except Exception as e:  # tokenizers raises plain Exception on a bad merge
+        raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' does not fit 'tokenizer.ggml.tokens': {e}") from e
+
+
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[str] | None, pre: str,
                     path: str) -> HFTokenizer:
     if merges is None:
@@ -267,7 +276,7 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[str] |
         raise TokenizerError(f"{path}: key 'tokenizer.ggml.pre' = {pre!r} is not a supported pre-tokenizer "
                              f"(supported: {', '.join(sorted(PRE_TOKENIZER_REGEXES))})")
     vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = models.BPE(vocab, [_split_merge(m) for m in merges], ignore_merges=pre in _IGNORE_MERGES)
+    bpe = _merges_bpe(vocab, merges, path, ignore_merges=pre in _IGNORE_MERGES)
     hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
@@ -284,7 +293,7 @@ def _gemma4_bpe(tokens: list[str], types: list[int], merges: Sequence[str] | Non
         raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' is missing (needed for "
                              "tokenizer.ggml.model = 'gemma4')")
     vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = models.BPE(vocab, [_split_merge(m) for m in merges], byte_fallback=TOKEN_BYTE in types)
+    bpe = _merges_bpe(vocab, merges, path, byte_fallback=TOKEN_BYTE in types)
     hf = HFTokenizer(bpe)
     hf.normalizer = normalizers.Replace(" ", _SPM_SPACE)
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated", invert=False)

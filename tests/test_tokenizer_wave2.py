@@ -230,10 +230,16 @@ def test_real_gemma4_vocab_template_and_stops() -> None:
     assert no_bos.add_bos  # llama.cpp overrides a false add_bos_token for Gemma-4
 
 
-def test_gemma4_keys_missing_merges() -> None:
-    kv = {"tokenizer.ggml.model": "gemma4", "tokenizer.ggml.tokens": ["<pad>", "a"]}
-    with pytest.raises(TokenizerError, match=r"g\.gguf.*tokenizer\.ggml\.merges.*gemma4"):
+@pytest.mark.parametrize("model", ["gemma4", "gpt2"])
+def test_bad_merges_are_tokenizer_errors(model) -> None:
+    kv = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["<pad>", "a", "aa"]}
+    with pytest.raises(TokenizerError, match=rf"g\.gguf.*tokenizer\.ggml\.merges.*{model}"):
         Tokenizer.from_gguf_kv(kv, "g.gguf")
+    for merges in (["a b"], ["aa"]):  # a piece the vocab lacks; no separator
+        with pytest.raises(TokenizerError, match=r"g\.gguf: key 'tokenizer\.ggml\.merges' does not fit"):
+            Tokenizer.from_gguf_kv({**kv, "tokenizer.ggml.merges": merges}, "g.gguf")
+    tok = Tokenizer.from_gguf_kv({**kv, "tokenizer.ggml.merges": ["a a"]}, "g.gguf")
+    assert tok.encode("aaa", add_special=False) == [2, 1]
 
 
 # --- GLM-4.x ------------------------------------------------------------------------------------------------
