@@ -153,10 +153,15 @@ def _gemma4_dir(d: Path) -> tuple[Path, int]:
     return d, HFTokenizer.from_str(json.dumps(tj)).get_vocab_size()
 
 
+def _converted(factory, name: str, make, family_pre: str) -> tuple[Path, int, list[tuple[dict, Tokenizer]]]:
+    """A tokenizer.json checkpoint dir made by `make`, its config vocab size, and `_both` of it."""
+    d, n = make(factory.mktemp(name) / "hf")
+    return d, n, _both(factory.mktemp(f"{name}-gguf"), d, n, family_pre)
+
+
 @pytest.fixture(scope="module")
 def gemma4(tmp_path_factory):
-    d, n = _gemma4_dir(tmp_path_factory.mktemp("gemma4") / "hf")
-    return d, n, _both(tmp_path_factory.mktemp("gemma4-gguf"), d, n, "gemma4")
+    return _converted(tmp_path_factory, "gemma4", _gemma4_dir, "gemma4")
 
 
 def test_gemma4_keys_as_llama_cpp_writes_them(gemma4) -> None:
@@ -277,8 +282,7 @@ def _glm_dir(d: Path) -> tuple[Path, int]:
 
 @pytest.fixture(scope="module")
 def glm(tmp_path_factory):
-    d, n = _glm_dir(tmp_path_factory.mktemp("glm") / "hf")
-    return d, n, _both(tmp_path_factory.mktemp("glm-gguf"), d, n, "glm4")
+    return _converted(tmp_path_factory, "glm", _glm_dir, "glm4")
 
 
 def test_glm_keys_as_llama_cpp_writes_them(glm) -> None:
