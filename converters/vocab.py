@@ -361,6 +361,15 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int) -> list[bytes
     return parts
 
 
+def _rebuild_merges(ranks: dict[bytes, int]) -> list[str]:
+    """Byte-level merges ("left right") of a ranks table, in rank order (llama.cpp's QwenModel.bpe way)."""
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        if len(token) > 1 and len(parts := _merge_parts(ranks, token, rank)) == 2:
+            merges.append(f"{_byte_level(parts[0])} {_byte_level(parts[1])}")
+    return merges
+
+
 def _tiktoken_file(model_dir: Path, cfg: dict[str, Any]) -> Path:
     name = cfg.get("vocab_file")
     if isinstance(name, str) and (model_dir / name).is_file() and "/" not in name:
@@ -389,13 +398,8 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
             special_ids[data["content"]] = int(key)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
-    merges = []
     for token, rank in ranks.items():
         tokens[rank], types[rank] = _byte_level(token), NORMAL
-        if len(token) > 1:
-            parts = _merge_parts(ranks, token, rank)
-            if len(parts) == 2:
-                merges.append(f"{_byte_level(parts[0])} {_byte_level(parts[1])}")
     for text, i in special_ids.items():
         if 0 <= i < n_vocab:
             tokens[i], types[i] = text, CONTROL
@@ -403,7 +407,7 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
     w.add_tokenizer_pre(family_pre)
     w.add_token_list(tokens)
     w.add_token_types(types)
-    w.add_token_merges(merges)
+    w.add_token_merges(_rebuild_merges(ranks))
     special = _special_vocab(model_dir, n_vocab, load_merges=False)
     _set_specials_by_text(special, {"bos": HUNYUAN_BOS}, special_ids, override=True)
     return _finish(w, model_dir, special, n_vocab, None)

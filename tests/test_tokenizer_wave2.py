@@ -545,6 +545,22 @@ def test_hunyuan_template_matches_transformers(hunyuan) -> None:
     assert ids[0] == specials["<|startoftext|>"] and ids[-1] == specials["<|extra_0|>"]
 
 
+def test_merges_rebuilt_from_ranks_equal_a_real_vocabs() -> None:
+    """Qwen2's vocab is a tiktoken ranks table (ids = ranks) whose tokenizer.json merges llama.cpp stored in
+    ggml-vocab-qwen2.gguf: rebuilding the merges from the ranks, as add_vocab does for Hunyuan's hy.tiktoken,
+    gives that list exactly (151k ranks)."""
+    from moelite.converters import vocab
+    path = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
+    if not path.exists():
+        pytest.skip(f"{path.name} not found (fetched by the build with llama.cpp)")
+    kv = core.read_gguf(str(path))["kv"]
+    byte_of = _byte_decoder()
+    ranks = {bytes(byte_of[c] for c in t): i for i, (t, ty) in
+             enumerate(zip(kv["tokenizer.ggml.tokens"], kv["tokenizer.ggml.token_type"])) if ty == gguf.TokenType.NORMAL}
+    assert len(ranks) > 150_000
+    assert vocab._rebuild_merges(ranks) == list(kv["tokenizer.ggml.merges"])
+
+
 # --- bad input ----------------------------------------------------------------------------------------------
 def _writer(tmp_path: Path) -> gguf.GGUFWriter:
     return gguf.GGUFWriter(str(tmp_path / "x.gguf"), "llama")
