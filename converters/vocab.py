@@ -132,6 +132,12 @@ def _special_vocab(model_dir: Path, n_vocab: int, load_merges: bool) -> gguf.Spe
 def _finish(w: gguf.GGUFWriter, model_dir: Path, special: gguf.SpecialVocab, n_vocab: int,
             hf_json: str | None) -> dict[str, Any]:
     """Special ids, add_* flags, merges and chat template; the verbatim tokenizer.json when there is one."""
+    template = special.chat_template
+    if template is not None and not isinstance(template, str) and not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
+            for t in template):
+        raise ConversionError(f"{model_dir / 'tokenizer_config.json'}: 'chat_template' must be a string or a list "
+                              "of {name, template} objects")
     special.add_to_gguf(w, quiet=True)
     if special.chat_template is None:
         template = _tokenizer_config(model_dir).get("chat_template")
@@ -203,7 +209,7 @@ def _write_tokenizer_json(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fam
     return _finish(w, model_dir, special, n_vocab, text)
 
 
-def _special_texts(cfg: dict[str, Any]) -> set[str]:
+def _special_texts(cfg: dict[str, Any], where: Path) -> set[str]:
     """The tokens transformers counts as special (`all_special_tokens`): the named ones of
     tokenizer_config.json plus `extra_special_tokens` / `additional_special_tokens`."""
     def text(v: Any) -> str | None:
@@ -212,6 +218,9 @@ def _special_texts(cfg: dict[str, Any]) -> set[str]:
     out = {text(cfg.get(f"{k}_token")) for k in ("bos", "eos", "unk", "sep", "pad", "cls", "mask")}
     for key in ("extra_special_tokens", "additional_special_tokens"):
         extra = cfg.get(key) or []
+        if not isinstance(extra, (list, dict)):
+            raise ConversionError(f"{where}: '{key}' must be a list or an object of tokens, "
+                                  f"found {type(extra).__name__}")
         out |= {text(v) for v in (extra.values() if isinstance(extra, dict) else extra)}
     return {t for t in out if t}
 
@@ -225,7 +234,7 @@ def _write_gemma4(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre:
     if not tj["model"].get("byte_fallback"):
         return _write_tokenizer_json(w, model_dir, n_vocab, "default")
     rev, added, n_base = _bpe_vocab(tj, tpath, n_vocab)
-    special_texts = _special_texts(_tokenizer_config(model_dir)) | {
+    special_texts = _special_texts(_tokenizer_config(model_dir), model_dir / "tokenizer_config.json") | {
         t for t, a in added.items() if a.get("special") and a["id"] < n_base}
     tokens, types = [], []
     for i in range(n_vocab):
@@ -253,6 +262,18 @@ def _write_gemma4(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre:
     special.add_special_token["bos"] = True
     w.add_add_space_prefix(False)
     return _finish(w, model_dir, special, n_vocab, text)
+
+
+def _added_tokens_decoder(cfg: dict[str, Any], model_dir: Path) -> dict[str, dict[str, Any]]:
+    """tokenizer_config.json's `added_tokens_decoder`: {"<id>": {"content": ..., "special": ...}}, checked."""
+    decoder = cfg.get("added_tokens_decoder") or {}
+    where = model_dir / "tokenizer_config.json"
+    if not isinstance(decoder, dict):
+        raise ConversionError(f"{where}: 'added_tokens_decoder' must be an object, found {type(decoder).__name__}")
+    for key, data in decoder.items():
+        if not isinstance(data, dict) or not str(key).isdigit():
+            raise ConversionError(f"{where}: added_tokens_decoder[{key!r}] must be an object under a token id")
+    return decoder
 
 
 # --- SentencePiece tokenizer.model (ERNIE-4.5) ---------------------------------------------------------------
@@ -293,13 +314,7 @@ def _write_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fami
         for text, i in _read_json(added_file, "JSON object of added tokens").items():
             put(i, text, USER_DEFINED, str(added_file))
     cfg = _tokenizer_config(model_dir)
-    decoder = cfg.get("added_tokens_decoder") or {}
-    if not isinstance(decoder, dict):
-        raise ConversionError(f"{model_dir / 'tokenizer_config.json'}: 'added_tokens_decoder' must be an object")
-    for key, data in decoder.items():
-        if not isinstance(data, dict) or not str(key).isdigit():
-            raise ConversionError(f"{model_dir / 'tokenizer_config.json'}: added_tokens_decoder[{key!r}] must be "
-                                  "an object under a token id")
+    for key, data in _added_tokens_decoder(cfg, model_dir).items():
         text = data.get("content")
         is_control = bool(data.get("special")) or (isinstance(text, str) and _looks_special(text))
         if isinstance(text, str) and not is_control:
@@ -393,8 +408,8 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
         raise ConversionError(f"{path}: {len(ranks)} ranks, more than vocab_size {n_vocab} of config.json")
     specials = list(HUNYUAN_SPECIALS) + [f"<|extra_{k}|>" for k in range(n_vocab - len(ranks) - len(HUNYUAN_SPECIALS))]
     special_ids = {t: len(ranks) + k for k, t in enumerate(specials[:n_vocab - len(ranks)])}
-    for key, data in (cfg.get("added_tokens_decoder") or {}).items():  # explicit ids win over the defaults
-        if isinstance(data, dict) and isinstance(data.get("content"), str) and str(key).isdigit():
+    for key, data in _added_tokens_decoder(cfg, model_dir).items():  # explicit ids win over the defaults
+        if isinstance(data.get("content"), str):
             special_ids[data["content"]] = int(key)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab

@@ -16,6 +16,7 @@ import base64
 import io
 import json
 import re
+import shutil
 from pathlib import Path
 
 import gguf
@@ -587,6 +588,24 @@ def test_bad_tokenizer_files_name_the_file(tmp_path) -> None:
     (d / "tokenizer.json").write_text("[1, 2]")
     with pytest.raises(ConversionError, match=r"tokenizer\.json: expected a tokenizer\.json"):
         add_vocab(_writer(tmp_path), d, 10, "gemma4")
+
+
+@pytest.mark.parametrize("family_pre,field,value,message", [
+    ("gemma4", "extra_special_tokens", 5, "'extra_special_tokens' must be a list or an object"),
+    ("gemma4", "chat_template", [1, 2], "'chat_template' must be a string or a list of"),
+    ("glm4", "chat_template", [{"name": "x"}], "'chat_template' must be a string or a list of"),
+    ("hunyuan", "added_tokens_decoder", [1], "'added_tokens_decoder' must be an object"),
+    ("llama-spm", "added_tokens_decoder", {"x": {}}, r"added_tokens_decoder\['x'\] must be an object under a token id"),
+])
+def test_bad_tokenizer_config_fields_name_the_file(gemma4, glm, ernie, hunyuan, tmp_path, family_pre, field, value,
+                                                   message) -> None:
+    src = {"gemma4": gemma4[0], "glm4": glm[0], "llama-spm": ernie[0], "hunyuan": hunyuan[0]}[family_pre]
+    d = tmp_path / "hf"
+    shutil.copytree(src, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    (d / "tokenizer_config.json").write_text(json.dumps({**cfg, field: value}))
+    with pytest.raises(ConversionError, match=rf"tokenizer_config\.json: {message}"):
+        add_vocab(_writer(tmp_path), d, 10_000, family_pre)
 
 
 def test_gemma4_vocab_larger_than_config_is_refused(gemma4, tmp_path) -> None:
