@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# A portable x86-64 moelite._core (MOELITE_PORTABLE: ggml's CPU backend built per SIMD level, one picked at
-# import time; docs/ARM64.md) on a CPU without AVX-512: the demo model run under qemu-x86_64-static with an
-# emulated Haswell (SSE4.2, AVX2, FMA, F16C; no AVX-512) must pick the haswell variant, not die with
-# SIGILL, and give this machine's greedy tokens and logits (tools/arm64_check.py compare). Each variant is
-# also forced on this machine (MOELITE_CPU_VARIANT). The control: the native (-march=native) build of
-# tools/dev_build.sh, if there is one, run on the same emulated CPU (it dies with SIGILL where this machine
-# has AVX-512: what the portable build is for).
-# Usage: tools/portable_check.sh     (with the venv active)
+# A portable x86-64 wheel (MOELITE_PORTABLE: ggml's CPU backend built per SIMD level, one picked at import
+# time; docs/ARM64.md) on a CPU without AVX-512. Builds the wheel with pip (scikit-build-core, as
+# cibuildwheel does), installs it into build/portable-wheel/site, and runs the demo model from it
+# (tools/arm64_check.py): natively (the reference), with each variant forced (MOELITE_CPU_VARIANT), and under
+# qemu-x86_64-static with an emulated Haswell (SSE4.2, AVX2, FMA, F16C; no AVX-512), where it must pick the
+# haswell variant, not die with SIGILL, and give the same greedy tokens, and logits within tolerance. The
+# control: the native (-march=native) build of tools/dev_build.sh, if there is one, on the same emulated
+# CPU (it dies with SIGILL where this machine has AVX-512: what the portable build is for).
+# Usage: tools/portable_check.sh     (with the dev venv active: it has scikit-build-core and pybind11)
 # Env: MOELITE_CPU_VARIANTS (default x64;haswell;skylakex; empty for all of ggml's), QEMU_X86_CPU (Haswell).
 set -euo pipefail
 source "$(dirname "$0")/cross_common.sh"
@@ -14,12 +15,16 @@ cd "$root"
 variants=${MOELITE_CPU_VARIANTS-"x64;haswell;skylakex"}
 qcpu=${QEMU_X86_CPU:-Haswell}
 out=build/portable-out
+wheel=build/portable-wheel
 mkdir -p "$out"
 need qemu-x86_64-static qemu-user-static
 
-portable_build build/portable "$variants"
-dev_tree build/portable build/portable-dev
-export PYTHONPATH=build/portable-dev
+rm -rf "$wheel"
+python3 -m pip wheel -q . --no-deps --no-build-isolation -w "$wheel" -C build-dir=build/portable \
+  -C cmake.define.MOELITE_PORTABLE=ON -C "cmake.define.MOELITE_CPU_VARIANTS=$variants"
+python3 -m pip install -q --no-deps --target "$wheel/site" "$wheel"/moelite-*.whl
+echo "wheel: $(ls "$wheel"/moelite-*.whl); CPU variants: $(ls "$wheel/site/moelite/ggml" | tr '\n' ' ')"
+export PYTHONPATH=$wheel/site
 python3 tools/arm64_check.py dump "$out/x86_64.npz"
 runs=()
 for v in $(python3 -c "from moelite import _cpu; print(' '.join(_cpu.variants()))"); do
