@@ -20,6 +20,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="TYPE", help=f"output tensor type, any case: {', '.join(TYPES)} (default f32)")
     p.add_argument("--threads", "-t", type=positive_int, default=2, help="quantization threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--fuse-gate-up-exps", action="store_true",
+                   help="write gate and up experts fused as ffn_gate_up_exps (llama.cpp's option of that name)")
 
 
 def default_out(src: str, type: str) -> Path:
@@ -32,6 +34,7 @@ def default_out(src: str, type: str) -> Path:
 def main(args: argparse.Namespace) -> int:
     from ..converters import convert
     out = Path(args.out).expanduser() if args.out else default_out(args.src, args.type)
-    report = convert(Path(args.src).expanduser(), out, args.type, progress=not args.no_progress, n_threads=args.threads)
+    report = convert(Path(args.src).expanduser(), out, args.type, progress=not args.no_progress, n_threads=args.threads,
+                     fuse_gate_up=args.fuse_gate_up_exps)
     print(report.summary())
     return 0

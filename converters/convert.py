@@ -18,7 +18,7 @@ from moelite.errors import ConversionError
 
 from . import gguf_out, quant
 from .families import Config, for_config, text_config
-from .lazy import Lazy
+from .lazy import Lazy, concat_rows
 from .sources import GGUFSource, HFSource, open_source
 from .vocab import add_vocab
 
@@ -56,11 +56,13 @@ def _tname(t: int) -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *, progress: bool = True,
-            n_threads: int = 2) -> ConvertReport:
+            n_threads: int = 2, fuse_gate_up: bool = False) -> ConvertReport:
     """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
 
     type: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k (any case), or keep (GGUF
     input only: re-align, keep types).
+    fuse_gate_up: write each layer's gate and up experts as one `ffn_gate_up_exps` [n_embd, 2 n_ff, n_expert]
+    (llama.cpp's --fuse-gate-up-exps; llama.cpp loads it for the families whose loader knows the tensor).
     Raises moelite.errors.ConversionError; on any failure no file is left at `out`."""
     timer = gguf_out.Timer()
     type = quant.canonical_type(type)                  # case-insensitive; ConversionError if unknown
@@ -72,6 +74,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
         if type == "keep":
             raise ConversionError(f"{src}: type 'keep' applies to GGUF input only")
         w, tensors, arch, n_layer, n_expert, notes = _from_hf(source)
+    if fuse_gate_up:
+        tensors = _fuse_gate_up(tensors)
     planned = quant.plan(tensors, type, n_layer, n_expert)
     _check_loadable(out, w, planned)
     if type != "keep":
@@ -160,6 +164,22 @@ def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config
             raise ConversionError(
                 f"{t.src}: tensor {name} has shape {list(t.shape)} but config.json ({src}) implies "
                 f"{list(want[key])} (hidden_size={H}, experts={E}, expert intermediate={I_exp}, vocab={n_vocab})")
+
+
+def _fuse_gate_up(tensors: list[tuple[str, Lazy]]) -> list[tuple[str, Lazy]]:
+    """blk.N.ffn_gate_exps + blk.N.ffn_up_exps -> blk.N.ffn_gate_up_exps (gate rows first), in the gate's place."""
+    by_name = dict(tensors)
+    out = []
+    for name, t in tensors:
+        if name.endswith(".ffn_up_exps.weight") and name.replace("_up_", "_gate_") in by_name:
+            continue
+        up = name.replace("_gate_exps.", "_up_exps.")
+        if name.endswith(".ffn_gate_exps.weight") and up in by_name:
+            fused = name.replace("_gate_exps.", "_gate_up_exps.")
+            t = concat_rows(t, by_name[up], fused)
+            name = fused
+        out.append((name, t))
+    return out
 
 
 def _from_gguf(source: GGUFSource):

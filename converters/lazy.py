@@ -83,6 +83,15 @@ def rows(t: Lazy, sl: slice, axis: int = -2) -> Lazy:
                  f"[..{sl.start}:{sl.stop}:{sl.step}]")
 
 
+def concat_rows(a: Lazy, b: Lazy, src: str) -> Lazy:
+    """[.., n_a + n_b, in] from [.., n_a, in] and [.., n_b, in]: llama.cpp's fused ffn_gate_up_exps (gate rows of
+    each expert first). Packed rows (raw_type) concatenate the same way."""
+    shape = a.shape[:-2] + (a.shape[-2] + b.shape[-2], a.shape[-1])
+    parter = (lambda e: concat_rows(a.part(e), b.part(e), f"{src}[{e}]")) if a.ndim >= 3 else None
+    return Lazy(shape, lambda: np.concatenate([a.load(), b.load()], axis=-2), src, parter, a.raw_type,
+                a.f32_exact and b.f32_exact)
+
+
 def transpose_last(t: Lazy) -> Lazy:
     """Swap the two innermost axes ([E, in, out] -> [E, out, in])."""
     shape = t.shape[:-2] + (t.shape[-1], t.shape[-2])

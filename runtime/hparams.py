@@ -190,6 +190,9 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                 swa_layers = [int(il % period < period - 1) for il in range(n_layer)]
 
     gating = int(k("expert_gating_func", spec.gating) or spec.gating)
+    if arch == "deepseek2" and not k("expert_gating_func", 0) and n_layer in (47, 48) and \
+            int(tensors["token_embd.weight"][1][1]) == 154880:
+        gating = GATING_SIGMOID     # GLM-4.7-Flash GGUFs without the key: llama.cpp's rule (by shape)
     if arch == "gpt-oss":
         gating = GATING_SOFTMAX_WEIGHT
     if arch == "phimoe" and gating == GATING_SOFTMAX:

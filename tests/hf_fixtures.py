@@ -96,7 +96,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32,
                           q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                           n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
-                          rms_norm_eps=1e-5, rope_theta=1e6, num_nextn_predict_layers=0),
+                          rms_norm_eps=1e-5, rope_theta=1e6, num_nextn_predict_layers=0, scoring_func="sigmoid"),
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
                   first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, head_dim=16, n_group=1,
                   topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, rope_theta=1e6,

@@ -22,7 +22,7 @@ import numpy as np
 
 from moelite.errors import ConversionError
 
-from ..lazy import Lazy
+from ..lazy import const
 from . import LLAMA_NAMES, Config, Family, common_hparams, strip_prefix
 
 L = "model.layers.{bid}"
@@ -124,8 +124,8 @@ def sanitize(w, c: Config) -> None:
     # partial_rotary_factor * head / 2 pairs and 1e30 (no rotation) on the rest
     hd_full = _full_head_dim(c)
     n_rot = int(hd_full * float(_rope(c, "full_attention").get("partial_rotary_factor", 1.0)) / 2)
-    factors = np.array([1.0] * n_rot + [1e30] * (hd_full // 2 - n_rot), dtype=np.float32)
-    w["rope_freqs.weight"] = Lazy((hd_full // 2,), lambda: factors, "generated: proportional RoPE factors")
+    w["rope_freqs.weight"] = const(np.array([1.0] * n_rot + [1e30] * (hd_full // 2 - n_rot)),
+                                   "generated: proportional RoPE factors")
 
 
 FAMILY = Family(("gemma4_text",), "gemma4", hparams, TENSORS, sanitize, tokenizer_pre="gemma4")

@@ -66,6 +66,8 @@ DEEPSEEK_MOE_NAMES = {
 TENSORS = {
     **LLAMA_NAMES,
     **DEEPSEEK_MOE_NAMES,
+    # llama.cpp's glm4moe loads the pre-FFN norm under this name (the runtime takes it as ffn_norm)
+    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",
     ATTN + ".q_proj.bias": "blk.{bid}.attn_q.bias",
     ATTN + ".k_proj.bias": "blk.{bid}.attn_k.bias",
     ATTN + ".v_proj.bias": "blk.{bid}.attn_v.bias",

@@ -16,6 +16,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
+from ..lazy import transpose_last
 from . import LLAMA_NAMES, Config, Family, common_hparams, split_halves, strip_prefix
 
 FF = "model.layers.{bid}.feed_forward"
@@ -63,14 +64,10 @@ def sanitize(w, c: Config) -> None:
     for bid in range(c.n_layer):
         f = FF.format(bid=bid)
         if f"{f}.experts.gate_up_proj" in w:                                      # [E, H, 2I] -> [E, 2I, H]
-            t = w.pop(f"{f}.experts.gate_up_proj")
-            E, H, I2 = t.shape
-            w[f"{f}.experts.gate_up"] = t.map(lambda a: a.swapaxes(-1, -2), (E, I2, H), ".T")
+            w[f"{f}.experts.gate_up"] = transpose_last(w.pop(f"{f}.experts.gate_up_proj"))
             split_halves(w, f"{f}.experts.gate_up", f"{f}.experts.gate_proj.weight", f"{f}.experts.up_proj.weight")
         if f"{f}.experts.down_proj" in w:                                         # [E, I, H] -> [E, H, I]
-            t = w.pop(f"{f}.experts.down_proj")
-            E, I, H = t.shape
-            w[f"{f}.experts.down_proj.weight"] = t.map(lambda a: a.swapaxes(-1, -2), (E, H, I), ".T")
+            w[f"{f}.experts.down_proj.weight"] = transpose_last(w.pop(f"{f}.experts.down_proj"))
 
 
 FAMILY = Family(("llama4_text",), "llama4", hparams, TENSORS, sanitize, tokenizer_pre="llama4")
