@@ -96,6 +96,9 @@ def _tokenizer_json(model_dir: Path) -> tuple[str, dict[str, Any], Path]:
     if not isinstance(model, dict) or model.get("type") != "BPE":
         kind = model.get("type") if isinstance(model, dict) else model
         raise ConversionError(f"{tpath}: tokenizer model {kind!r}; moelite converts BPE tokenizers")
+    for field in ("normalizer", "pre_tokenizer", "post_processor", "decoder"):
+        if not isinstance(tj.get(field), (dict, type(None))):
+            raise ConversionError(f"{tpath}: '{field}' must be an object or null, found {type(tj[field]).__name__}")
     return tpath.read_text(encoding="utf-8"), tj, tpath
 
 

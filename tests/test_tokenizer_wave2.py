@@ -608,6 +608,20 @@ def test_bad_tokenizer_config_fields_name_the_file(gemma4, glm, ernie, hunyuan, 
         add_vocab(_writer(tmp_path), d, 10_000, family_pre)
 
 
+@pytest.mark.parametrize("field,value,message", [
+    ("pre_tokenizer", 5, "'pre_tokenizer' must be an object or null"),
+    ("model", [1], "tokenizer model"),
+    ("added_tokens", [{"content": 1, "id": "a"}], "'added_tokens' be a list of"),
+])
+def test_bad_tokenizer_json_fields_name_the_file(glm, tmp_path, field, value, message) -> None:
+    d = tmp_path / "hf"
+    shutil.copytree(glm[0], d)
+    tj = json.loads((d / "tokenizer.json").read_text())
+    (d / "tokenizer.json").write_text(json.dumps({**tj, field: value}))
+    with pytest.raises(ConversionError, match=rf"tokenizer\.json: {message}"):
+        add_vocab(_writer(tmp_path), d, 10_000, "glm4")
+
+
 def test_gemma4_vocab_larger_than_config_is_refused(gemma4, tmp_path) -> None:
     d, n, _ = gemma4
     with pytest.raises(ConversionError, match=rf"tokenizer\.json: token id {n - 1} is outside \[0, vocab_size 100\)"):
