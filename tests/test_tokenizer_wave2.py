@@ -611,7 +611,7 @@ def test_bad_tokenizer_config_fields_name_the_file(gemma4, glm, ernie, hunyuan, 
 @pytest.mark.parametrize("field,value,message", [
     ("pre_tokenizer", 5, "'pre_tokenizer' must be an object or null"),
     ("model", [1], "tokenizer model"),
-    ("added_tokens", [{"content": 1, "id": "a"}], "'added_tokens' be a list of"),
+    ("added_tokens", [{"content": 1, "id": "a"}], "'model.vocab' must map strings to ids and 'added_tokens' be a list"),
 ])
 def test_bad_tokenizer_json_fields_name_the_file(glm, tmp_path, field, value, message) -> None:
     d = tmp_path / "hf"
