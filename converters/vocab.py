@@ -290,7 +290,8 @@ def _write_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fami
     try:
         import sentencepiece
     except ImportError as e:  # a dependency of moelite; only missing from a broken install
-        raise ConversionError(f"{path}: reading it needs the 'sentencepiece' package (pip install sentencepiece)") from e
+        raise ConversionError(f"{path}: reading it needs the 'sentencepiece' package "
+                              "(pip install sentencepiece)") from e
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
