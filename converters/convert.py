@@ -125,14 +125,26 @@ def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
         raise ConversionError(f"{e} (the converted model would not load; nothing written)") from None
 
 
+READABLE_QUANT = ("fp8", "mxfp4")    # DeepSeek-V3 style FP8 blocks (dequantized), gpt-oss MXFP4 (kept)
+
+
 def _from_hf(source: HFSource):
     cfg_src = str(source.dir / "config.json")
     cfg = text_config(source.config)          # multimodal checkpoints: the text model's config
     family = for_config(cfg, cfg_src)
     c = Config(cfg, cfg_src)
+    qc = source.config.get("quantization_config") or cfg.get("quantization_config")
+    if isinstance(qc, dict) and qc.get("quant_method") not in READABLE_QUANT:
+        raise ConversionError(f"{cfg_src}: quantization_config.quant_method = {qc.get('quant_method')!r} is not a "
+                              f"format moelite reads ({', '.join(READABLE_QUANT)}); convert the unquantized checkpoint")
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
-    hp = family.hparams(c)
+    try:
+        hp = family.hparams(c)
+    except (TypeError, ValueError, ArithmeticError) as e:   # a config.json value of the wrong type or range
+        if isinstance(e, ConversionError):
+            raise
+        raise ConversionError(f"{cfg_src}: a value of the wrong type or range ({type(e).__name__}: {e})") from None
     for key, value in hp.items():
         if value is None:
             continue

@@ -75,4 +75,4 @@ def sanitize(w, c: Config) -> None:
 
 
 FAMILY = Family(("ernie4_5_moe",), "ernie4_5-moe", hparams, TENSORS, sanitize,
-                skip=(r"^model\.mtp_",), tokenizer_pre="default")
+                skip=(r"^model\.mtp_",), tokenizer_pre="llama-spm")
