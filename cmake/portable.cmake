@@ -2,11 +2,12 @@
 # GGML_BACKEND_DL), installed beside _core in moelite/ggml/ with libggml-base.so.
 #
 # moelite's C++ core calls the CPU backend's API directly (ggml_backend_cpu_init, its threadpool, ...), which
-# ggml's dynamic-backend registry does not offer. So every variant gets the same SONAME, libggml-cpu.so, and
-# _core is linked against the lowest one: its DT_NEEDED entry names libggml-cpu.so. At import time
-# moelite/_cpu.py asks each variant's ggml_backend_score() (ggml's own CPUID/HWCAP check, compiled without
-# the variant's flags), loads the best one RTLD_GLOBAL, and the dynamic linker then binds _core's
-# libggml-cpu.so to that already loaded library (glibc matches a needed name against loaded SONAMEs).
+# ggml's dynamic-backend registry does not offer. So _core is linked against libggml-base.so only and leaves
+# the CPU backend's symbols undefined (an ELF shared object may): at import time moelite/_cpu.py asks each
+# variant's ggml_backend_score() (ggml's own CPUID/HWCAP check, compiled without the variant's flags), loads
+# the best one RTLD_GLOBAL, and the dynamic linker binds _core's undefined symbols to it when Python loads
+# _core (RTLD_NOW: a missing one fails the import, never a later call). _core names no libggml-cpu file, so
+# auditwheel/delocate have nothing to look for.
 
 function(moelite_cpu_variants out)
     set(all "")
@@ -30,11 +31,9 @@ endfunction()
 
 function(moelite_link_cpu_variants target)
     moelite_cpu_variants(variants)
-    list(GET variants 0 baseline)
-    message(STATUS "moelite: portable CPU backend, variants ${variants} (linked against ${baseline})")
+    message(STATUS "moelite: portable CPU backend, variants ${variants}")
     set(libs ggml-base)
     foreach(v IN LISTS variants)
-        target_link_options(ggml-cpu-${v} PRIVATE "-Wl,-soname,libggml-cpu.so")
         set_target_properties(ggml-cpu-${v} PROPERTIES BUILD_RPATH "$ORIGIN" INSTALL_RPATH "$ORIGIN")
         add_dependencies(${target} ggml-cpu-${v})
         list(APPEND libs ggml-cpu-${v})
@@ -42,7 +41,7 @@ function(moelite_link_cpu_variants target)
     # one file per library in a wheel (zip keeps no symlinks): libggml-base.so, no versioned names
     set_property(TARGET ggml-base PROPERTY VERSION)
     set_property(TARGET ggml-base PROPERTY SOVERSION)
-    target_link_libraries(${target} PRIVATE ggml-base "$<TARGET_FILE:ggml-cpu-${baseline}>")
+    target_link_libraries(${target} PRIVATE ggml-base)
     set_target_properties(${target} PROPERTIES BUILD_RPATH "$ORIGIN/ggml" INSTALL_RPATH "$ORIGIN/ggml")
     target_compile_definitions(${target} PRIVATE MOELITE_PORTABLE=1)
     install(TARGETS ${libs} LIBRARY DESTINATION moelite/ggml)

@@ -1,11 +1,11 @@
 """Which ggml CPU backend runs moelite: a portable build's variant picked for this CPU, or the built-in one.
 
 A portable build (CMake option MOELITE_PORTABLE, the wheels) ships ggml's CPU backend once per SIMD level as
-moelite/ggml/libggml-cpu-<variant>.so (x64 .. skylakex .. sapphirerapids; armv8.0_1 .. armv9.2_2), each with
-the SONAME libggml-cpu.so that _core was linked against. `preload()` asks every variant's
-ggml_backend_score() (ggml's own CPUID / HWCAP check, built without the variant's flags: 0 when this CPU
-lacks a feature the variant needs, else higher for more features), loads the best one RTLD_GLOBAL, and the
-dynamic linker then binds _core to it. MOELITE_CPU_VARIANT=<name> forces a variant (tests, bug reports).
+moelite/ggml/libggml-cpu-<variant>.so (x64 .. skylakex .. sapphirerapids; armv8.0_1 .. armv9.2_2), and _core
+leaves the CPU backend's symbols undefined. `preload()` asks every variant's ggml_backend_score() (ggml's
+own CPUID / HWCAP check, built without the variant's flags: 0 when this CPU lacks a feature the variant
+needs, else higher for more features) and loads the best one RTLD_GLOBAL, so that the dynamic linker binds
+_core's undefined symbols to it when _core is imported. MOELITE_CPU_VARIANT=<name> forces a variant.
 A native build (`pip install .`, tools/dev_build.sh) has its one CPU backend inside _core: nothing to pick.
 See docs/ARM64.md.
 """
