@@ -627,3 +627,60 @@ def test_gemma4_vocab_larger_than_config_is_refused(gemma4, tmp_path) -> None:
     d, n, _ = gemma4
     with pytest.raises(ConversionError, match=rf"tokenizer\.json: token id {n - 1} is outside \[0, vocab_size 100\)"):
         add_vocab(_writer(tmp_path), d, 100, "gemma4")
+
+
+# --- a family checkpoint with its own tokenizer, end to end ---------------------------------------------------
+def _reference_ids(family: str, tok_dir: Path, extra, text: str) -> list[int]:
+    """The family's own tokenizer on `text` (specials parsed): HF tokenizers, sentencepiece (cut at the
+    specials, as llama.cpp does) or tiktoken."""
+    if family == "ernie4_5_moe":
+        return _spm_with_specials(extra, text)
+    if family == "hunyuan_v1_moe":
+        tiktoken = pytest.importorskip("tiktoken")
+        ranks, specials = extra
+        return tiktoken.Encoding("hy", pat_str=HY_PAT, mergeable_ranks=ranks, special_tokens=specials).encode(
+            text, allowed_special="all")
+    return HFTokenizer.from_file(str(tok_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
+
+
+E2E = {  # model_type -> tokenizer maker, what the rendered prompt starts with
+    "gemma4_text": (lambda d: (*_gemma4_dir(d), None), "<bos><|turn>user\n"),
+    "glm4_moe": (lambda d: (*_glm_dir(d), None), "[gMASK]<sop><|user|>\n"),
+    "ernie4_5_moe": (lambda d: _ernie_dir(d), "<|begin_of_sentence|>User: "),
+    "hunyuan_v1_moe": (lambda d: (lambda r: (*r[:2], r[2:]))(_hunyuan_dir(d)), "<|startoftext|>"),
+}
+
+
+@pytest.mark.parametrize("family", sorted(E2E))
+def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_path) -> None:
+    """A tiny random checkpoint of the family (tests/hf_fixtures) with the family's tokenizer files in place of
+    the fixture's: `moelite convert` writes the family's vocab, and the loaded model renders the family's chat
+    template, encodes it as the family's tokenizer does and answers greedily as transformers does."""
+    hf_fixtures = pytest.importorskip("hf_fixtures")
+    pytest.importorskip("transformers")
+    from moelite.converters.convert import convert
+    from moelite.runtime.model import Model
+    make, prefix = E2E[family]
+    tok_dir = tmp_path / "tokenizer"
+    _, n_vocab, extra = make(tok_dir)
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(hf_fixtures.make_hf_model(family, vocab_size=n_vocab), ckpt)
+    for f in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        (ckpt / f).unlink(missing_ok=True)
+    cfg = json.loads((ckpt / "config.json").read_text())
+    for f in tok_dir.iterdir():
+        if f.name == "config.json":  # the family's special token ids
+            cfg.update(json.loads(f.read_text()))
+        else:
+            shutil.copy(f, ckpt / f.name)
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    out = tmp_path / "model.gguf"
+    convert(ckpt, out, "f32", progress=False)
+    model = Model(str(out), n_ctx=128, n_threads=1)
+    chat = [{"role": "user", "content": "Hi there, what's 2+2?"}]
+    prompt = model.chat_template.render(chat, add_generation_prompt=True)
+    assert not model.chat_template.is_default and prompt.startswith(prefix)
+    ids = model.tokenizer.encode(prompt)
+    bos = [model.tokenizer.bos_id] if model.tokenizer.add_bos and not prompt.startswith("<bos>") else []
+    assert ids == bos + _reference_ids(family, tok_dir, extra, prompt)
+    assert model.generate(ids, max_tokens=4, temperature=0) == hf_fixtures.hf_greedy(ckpt, ids, 4)
