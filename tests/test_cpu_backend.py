@@ -1,0 +1,72 @@
+"""moelite.cpu_backend(): which ggml CPU backend runs. A native build reports its built-in backend and the
+SIMD features it was compiled with; a portable build (MOELITE_PORTABLE: tools/portable_check.sh makes one in
+build/portable-dev) picks the variant with ggml's best score for this CPU, obeys MOELITE_CPU_VARIANT, and
+names its variants when asked for one it lacks. The emulated checks (an AVX2-only CPU, aarch64) are
+tools/portable_check.sh and tools/arm64_check.sh (docs/ARM64.md)."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import moelite
+from moelite import _cpu
+
+PORTABLE_TREE = Path(__file__).resolve().parent.parent / "build" / "portable-dev"
+BASE_FEATURE = {"x86_64": "SSE3", "AMD64": "SSE3", "aarch64": "NEON", "arm64": "NEON"}
+
+
+def test_native_build_reports_its_builtin_backend():
+    if _cpu.variants():
+        pytest.skip("this moelite is a portable build")
+    be = moelite.cpu_backend()
+    assert be["variant"] == "built-in" and be["scores"] is None
+    assert Path(be["library"]).name.startswith("_core")
+    feature = BASE_FEATURE.get(platform.machine())
+    if feature:
+        assert be["features"].get(feature) == "1", be["features"]
+
+
+def portable(code: str, variant: str | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(PORTABLE_TREE))
+    env.pop("MOELITE_CPU_VARIANT", None)
+    if variant is not None:
+        env["MOELITE_CPU_VARIANT"] = variant
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+
+
+needs_portable = pytest.mark.skipif(not (PORTABLE_TREE / "moelite" / "ggml").is_dir(),
+                                    reason="no portable build (tools/portable_check.sh makes build/portable-dev)")
+REPORT = "import json, moelite; b = moelite.cpu_backend(); print(json.dumps([b['variant'], b['scores'], b['features']]))"
+
+
+@needs_portable
+def test_portable_build_picks_the_best_scoring_variant_and_runs_it():
+    r = portable(REPORT + "; print(moelite.load(n_threads=1).generate('Once upon a time', max_tokens=4))")
+    assert r.returncode == 0, r.stderr
+    variant, scores, features = json.loads(r.stdout.splitlines()[0])
+    assert len(scores) >= 2 and scores[variant] == max(scores.values()) > 0
+    assert features and r.stdout.splitlines()[1].strip()
+
+
+@needs_portable
+def test_portable_build_obeys_a_forced_variant():
+    r = portable(REPORT)
+    scores = json.loads(r.stdout)[1]
+    lowest = min((v for v in scores if scores[v] > 0), key=scores.get)
+    r = portable(REPORT, variant=lowest)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)[0] == lowest
+
+
+@needs_portable
+def test_portable_build_names_its_variants_for_an_unknown_one():
+    r = portable("import moelite", variant="pentium-mmx")
+    assert r.returncode != 0
+    assert "UsageError" in r.stderr and "MOELITE_CPU_VARIANT='pentium-mmx'" in r.stderr
+    assert "x64" in r.stderr or "armv8.0_1" in r.stderr
