@@ -7,7 +7,9 @@ files a checkpoint ships), converts it with moelite's `add_vocab` into a real GG
 moelite's runtime tokenizer encodes like the family's reference tokenizer (HF `tokenizers` for tokenizer.json,
 `sentencepiece` for tokenizer.model, `tiktoken` for Hunyuan's ranks file), both from moelite's file and from
 the same file without `tokenizer.huggingface.json` (what a stock llama.cpp GGUF holds); the pinned llama.cpp
-(llama-cpp-python, when installed) loads that file vocab-only and tokenizes every text as moelite does.
+(llama-cpp-python, when installed) loads that file vocab-only and tokenizes every text as moelite does, and the
+pinned llama.cpp converter, run on the same checkpoint, writes the same `tokenizer.*` keys. Each family's tiny
+checkpoint with its own tokenizer converts, chats and answers as transformers does.
 Chat templates (tests/data/templates, see its README) render as transformers' apply_chat_template does.
 """
 from __future__ import annotations
@@ -646,21 +648,17 @@ def _reference_ids(family: str, tok_dir: Path, extra, text: str) -> list[int]:
 E2E = {  # model_type -> tokenizer maker, what the rendered prompt starts with
     "gemma4_text": (lambda d: (*_gemma4_dir(d), None), "<bos><|turn>user\n"),
     "glm4_moe": (lambda d: (*_glm_dir(d), None), "[gMASK]<sop><|user|>\n"),
+    "glm4_moe_lite": (lambda d: (*_glm_dir(d), None), "[gMASK]<sop><|user|>\n"),  # GLM-4.7-Flash: deepseek2
     "ernie4_5_moe": (lambda d: _ernie_dir(d), "<|begin_of_sentence|>User: "),
     "hunyuan_v1_moe": (lambda d: (lambda r: (*r[:2], r[2:]))(_hunyuan_dir(d)), "<|startoftext|>"),
 }
 
 
-@pytest.mark.parametrize("family", sorted(E2E))
-def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_path) -> None:
-    """A tiny random checkpoint of the family (tests/hf_fixtures) with the family's tokenizer files in place of
-    the fixture's: `moelite convert` writes the family's vocab, and the loaded model renders the family's chat
-    template, encodes it as the family's tokenizer does and answers greedily as transformers does."""
+def _family_checkpoint(family: str, make, tmp_path: Path) -> tuple[Path, Path, int, object]:
+    """A tiny random checkpoint of the family (tests/hf_fixtures) with the family's tokenizer files (made by
+    `make`) in place of the fixture's: (checkpoint dir, tokenizer dir, vocab size, reference extras)."""
     hf_fixtures = pytest.importorskip("hf_fixtures")
     pytest.importorskip("transformers")
-    from moelite.converters.convert import convert
-    from moelite.runtime.model import Model
-    make, prefix = E2E[family]
     tok_dir = tmp_path / "tokenizer"
     _, n_vocab, extra = make(tok_dir)
     ckpt = tmp_path / "ckpt"
@@ -674,6 +672,19 @@ def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_pat
         else:
             shutil.copy(f, ckpt / f.name)
     (ckpt / "config.json").write_text(json.dumps(cfg))
+    return ckpt, tok_dir, n_vocab, extra
+
+
+@pytest.mark.parametrize("family", sorted(E2E))
+def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_path) -> None:
+    """The family's checkpoint with its own tokenizer files: `moelite convert` writes the family's vocab, and
+    the loaded model renders the family's chat template, encodes it as the family's tokenizer does and answers
+    greedily as transformers does."""
+    import hf_fixtures
+    from moelite.converters.convert import convert
+    from moelite.runtime.model import Model
+    make, prefix = E2E[family]
+    ckpt, tok_dir, _, extra = _family_checkpoint(family, make, tmp_path)
     out = tmp_path / "model.gguf"
     convert(ckpt, out, "f32", progress=False)
     model = Model(str(out), n_ctx=128, n_threads=1)
@@ -684,3 +695,42 @@ def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_pat
     bos = [model.tokenizer.bos_id] if model.tokenizer.add_bos and not prompt.startswith("<bos>") else []
     assert ids == bos + _reference_ids(family, tok_dir, extra, prompt)
     assert model.generate(ids, max_tokens=4, temperature=0) == hf_fixtures.hf_greedy(ckpt, ids, 4)
+
+
+# The pinned llama.cpp converter's own vocab code, run vocab-only on a checkpoint; only the pre-tokenizer name is
+# given, as llama.cpp finds it by hashing the tokenization of a fixed text and knows no tiny test tokenizer's hash.
+_PINNED_VOCAB = """
+import sys
+from pathlib import Path
+src, pre = Path(sys.argv[1]), sys.argv[2]
+sys.path[:0] = [str(src / "gguf-py"), str(src)]
+sys.argv = [str(src / "convert_hf_to_gguf.py")] + sys.argv[3:]
+import convert_hf_to_gguf as conv
+from conversion import base
+base.TextModel.get_vocab_base_pre = lambda self, tokenizer: pre
+conv.main()
+"""
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe"])
+def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> None:
+    """Every `tokenizer.*` key moelite writes for the family's checkpoint equals what the pinned llama.cpp
+    converter writes for it (Hunyuan's needs its remote-code tokenizer class, which is not here)."""
+    import subprocess
+    import sys
+
+    import llama_cpp_ref
+    src = llama_cpp_ref.converter_dir()
+    make = E2E[family][0]
+    ckpt, _, n_vocab, _ = _family_checkpoint(family, make, tmp_path)
+    pre = FAMILY_TOKENIZER_PRE[family]
+    theirs = tmp_path / "llama-cpp.gguf"
+    r = subprocess.run([sys.executable, "-c", _PINNED_VOCAB, str(src), pre, str(ckpt), "--vocab-only",
+                        "--outfile", str(theirs)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ref = {k: v for k, v in core.read_gguf(str(theirs))["kv"].items() if k.startswith("tokenizer.")}
+    ours = {k: v for k, v in _write_gguf(tmp_path / "moelite.gguf", ckpt, n_vocab, pre, stock=True).items()
+            if k.startswith("tokenizer.")}
+    assert sorted(ours) == sorted(ref)
+    for key, value in ref.items():
+        assert np.array_equal(np.asarray(ours[key]), np.asarray(value)), key
