@@ -177,7 +177,10 @@ def _is(kind: str, v: Any) -> bool:
         return False
     if kind == _INT:
         return isinstance(v, (int, np.integer)) and -2**63 <= int(v) < 2**63
-    return math.isfinite(float(v))
+    try:
+        return math.isfinite(float(v))
+    except OverflowError:         # an integer beyond any float
+        return False
 
 
 def check_calibration(values: dict[str, Any], source: str) -> dict[str, Any]:

@@ -6,11 +6,12 @@ tensor) -> gguf_out.write (header, KV, tensor infos, then each tensor materialis
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import gguf
 
@@ -128,23 +129,31 @@ def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
 READABLE_QUANT = ("fp8", "mxfp4")    # DeepSeek-V3 style FP8 blocks (dequantized), gpt-oss MXFP4 (kept)
 
 
+@contextlib.contextmanager
+def _config_values(cfg_src: str) -> Iterator[None]:
+    """config.json values of the wrong type or range (a list where a count belongs): ConversionError."""
+    try:
+        yield
+    except ConversionError:
+        raise
+    except (TypeError, ValueError, ArithmeticError) as e:
+        raise ConversionError(f"{cfg_src}: a value of the wrong type or range ({type(e).__name__}: {e})") from None
+
+
 def _from_hf(source: HFSource):
     cfg_src = str(source.dir / "config.json")
     cfg = text_config(source.config)          # multimodal checkpoints: the text model's config
-    family = for_config(cfg, cfg_src)
-    c = Config(cfg, cfg_src)
+    with _config_values(cfg_src):
+        family = for_config(cfg, cfg_src)
+        c = Config(cfg, cfg_src)
     qc = source.config.get("quantization_config") or cfg.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") not in READABLE_QUANT:
         raise ConversionError(f"{cfg_src}: quantization_config.quant_method = {qc.get('quant_method')!r} is not a "
                               f"format moelite reads ({', '.join(READABLE_QUANT)}); convert the unquantized checkpoint")
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
-    try:
+    with _config_values(cfg_src):
         hp = family.hparams(c)
-    except (TypeError, ValueError, ArithmeticError) as e:   # a config.json value of the wrong type or range
-        if isinstance(e, ConversionError):
-            raise
-        raise ConversionError(f"{cfg_src}: a value of the wrong type or range ({type(e).__name__}: {e})") from None
     for key, value in hp.items():
         if value is None:
             continue

@@ -62,7 +62,7 @@ def read_json(path: Path, kind: type) -> Any:
 
 
 def _plain_name(fn: str) -> bool:
-    return fn not in ("", ".", "..") and "/" not in fn and "\\" not in fn and "\0" not in fn
+    return fn not in ("", ".", "..") and len(fn.encode("utf-8", "replace")) <= 255 and not any(c in fn for c in "/\\\0")
 
 
 # config.json values the converter turns into counts, shapes and GGUF keys: key -> (lo, hi). A count beyond
@@ -79,6 +79,8 @@ _CONFIG_INTS = {
     "q_lora_rank": (0, INT32_MAX), "qk_rope_head_dim": (0, INT32_MAX), "qk_nope_head_dim": (0, INT32_MAX),
     "v_head_dim": (0, INT32_MAX), "sliding_window": (0, INT32_MAX), "decoder_sparse_step": (1, INT32_MAX),
 }
+_CONFIG_SCALARS = {"num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "head_dim",
+                   "max_position_embeddings"}
 _CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -89,8 +91,10 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
     for scope, values in [("", cfg), *((f"{k}.", v) for k, v in cfg.items() if isinstance(v, dict))]:
         for key, (lo, hi) in _CONFIG_INTS.items():
             v = values.get(key)
-            # real checkpoints hold some of these per layer (Hunyuan's moe_intermediate_size): each item checked
-            items = v if isinstance(v, list) and 0 < len(v) <= 1 << 16 else [v]
+            # real checkpoints hold some of these per layer (Hunyuan's moe_intermediate_size): each item checked;
+            # the model-wide sizes are scalars
+            per_layer = key not in _CONFIG_SCALARS and isinstance(v, list) and 0 < len(v) <= 1 << 16
+            items = v if per_layer else [v]
             if v is not None and any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in items):
                 raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]")
         for key in _CONFIG_POSITIVE:
@@ -102,6 +106,45 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
     if isinstance(n_layer, int) and held and n_layer > held:
         raise ConversionError(f"{path}: key 'num_hidden_layers' = {n_layer} but the checkpoint holds tensors "
                               f"for {held} layers")
+
+
+_SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
+
+
+def check_tokenizer_config(path: Path) -> None:
+    """The tokenizer_config.json fields the converter copies: chat_template a string or a list of {name,
+    template} strings; special tokens strings or {content: string}; added_tokens_decoder {id: {content}}."""
+    if not path.is_file():
+        return
+    cfg = read_json(path, dict)
+
+    def bad(key: str, expected: str) -> ConversionError:
+        return ConversionError(f"{path}: key '{key}' = {str(cfg[key])[:60]}: expected {expected}")
+
+    ct = cfg.get("chat_template")
+    if ct is not None and not isinstance(ct, str) and not (isinstance(ct, list) and all(
+            isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str) for x in ct)):
+        raise bad("chat_template", "a string or a list of {\"name\": string, \"template\": string}")
+    for key in _SPECIAL_TOKEN_KEYS:
+        v = cfg.get(key)
+        if v is not None and not isinstance(v, str) and not (isinstance(v, dict) and isinstance(v.get("content"), str)):
+            raise bad(key, "a string or {\"content\": string}")
+    added = cfg.get("added_tokens_decoder")
+    if added is not None and not (isinstance(added, dict) and all(
+            isinstance(v, dict) and isinstance(v.get("content"), str) and k.isdigit() for k, v in added.items())):
+        raise bad("added_tokens_decoder", "{\"<id>\": {\"content\": string, ...}}")
+
+
+def check_tokenizer_json(path: Path) -> None:
+    """tokenizer.json must load in the `tokenizers` library (the runtime loads the copy the converter embeds)."""
+    if not path.is_file():
+        return
+    from tokenizers import Tokenizer
+    read_json(path, dict)                          # the nesting / type errors, named
+    try:
+        Tokenizer.from_str(path.read_text(encoding="utf-8"))
+    except Exception as e:  # noqa: BLE001 - the library raises its own Exception type
+        raise ConversionError(f"{path}: not a valid tokenizer.json: {e}") from None
 
 
 class SafetensorsFile:
@@ -147,7 +190,7 @@ class SafetensorsFile:
             if raw.size != count:
                 raise ConversionError(f"{path}: truncated while reading tensor {name}")
             raw = raw.reshape(shape)
-            return raw if dt in _RAW_DTYPES else to_f32(raw, dt)
+            return raw if dt in _RAW_DTYPES else _finite(to_f32(raw, dt), path, name)
 
         parter = None
         if len(shape) >= 2:
@@ -198,6 +241,21 @@ def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
 
 
+MAX_WEIGHT = 1e10   # |w| above this in a checkpoint is corruption (real weights stay below ~1e4): logits overflow
+
+
+def _finite(a: np.ndarray, path: Path, name: str) -> np.ndarray:
+    """A weight with NaN, inf or absurd magnitudes converts into a model whose logits are not finite."""
+    flat = a.reshape(-1)
+    for start in range(0, flat.size, 1 << 20):            # in chunks: no second copy of a large tensor
+        bad = ~(np.abs(flat[start:start + (1 << 20)]) <= MAX_WEIGHT)
+        if bad.any():
+            i = np.unravel_index(start + int(np.argmax(bad)), a.shape)
+            raise ConversionError(f"{path}: tensor {name} holds {a[i]} at {list(map(int, i))} (expected finite "
+                                  f"values of magnitude <= {MAX_WEIGHT:g}): corrupt checkpoint")
+    return a
+
+
 class HFSource:
     """A Hugging Face checkpoint directory."""
 
@@ -209,6 +267,8 @@ class HFSource:
         self.config: dict[str, Any] = read_json(cfg_path, dict)
         self.shards = self._open_shards()
         check_config(cfg_path, self.config, self.weight_map)
+        check_tokenizer_config(src / "tokenizer_config.json")
+        check_tokenizer_json(src / "tokenizer.json")
 
     def _open_shards(self) -> dict[str, SafetensorsFile]:
         index = self.dir / "model.safetensors.index.json"

@@ -92,6 +92,12 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
     "gating": (COUNT0, "expert_gating_func"),
     "act": (COUNT0, None),
     "jitter_eps": (Rule("real", 0.0), "expert_router_jitter"),
+    # the per-layer plan (lists of n_layer entries)
+    "layer_n_head_kv": (COUNT, "attention.head_count_kv"),
+    "layer_head_k": (COUNT, "attention.key_length"),
+    "layer_head_v": (COUNT, "attention.value_length"),
+    "layer_n_rot": (COUNT0, "rope.dimension_count"),          # 0: a NoPE layer (llama4)
+    "layer_freq_base": (POSITIVE, "rope.freq_base"),
 }
 
 # raw GGUF keys parse_hparams computes with (divides by, takes the log of, allocates per layer)
@@ -154,13 +160,19 @@ def check_raw_keys(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> 
     for key, v in kv.items():                           # every number of the architecture is finite
         if key.startswith(arch + ".") and not isinstance(v, str):
             _check_value(path, f"key '{key}'", v, RAW_NUMBER)
-    blocks = kv.get(f"{arch}.block_count")
-    if isinstance(blocks, (int, float, np.ndarray)) and np.size(blocks) and np.max(blocks) > n_blocks(tensors):
+    blocks, nextn = kv.get(f"{arch}.block_count"), kv.get(f"{arch}.nextn_predict_layers", 0)
+    held = n_blocks(tensors)
+    if _numeric(blocks) and _numeric(nextn) and np.max(blocks) - np.min(nextn) > held:
         raise _fail(path, f"key '{arch}.block_count'", blocks,
-                    f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks 'blk.N')")
+                    f"expected at most {held} layers (the file has tensors for {held} blocks 'blk.N')")
     emb = tensors.get("token_embd.weight")
     if emb is not None and len(emb[1]) != 2:
         raise ModelFormatError(f"{path}: tensor 'token_embd.weight' has shape {list(emb[1])}, expected 2-D [n_embd, n_vocab]")
+
+
+def _numeric(v: Any) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) or (
+        isinstance(v, np.ndarray) and v.size > 0 and v.dtype.kind in "iuf")
 
 
 def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | None = None) -> None:
@@ -178,7 +190,8 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
         if not ok:
             raise _fail(path, name(field), hp[field], expected)
 
-    need(hp["n_head"] % hp["n_head_kv"] == 0, "n_head_kv", f"expected a divisor of n_head = {hp['n_head']}")
+    n_layer, n_head = hp["n_layer"], hp["n_head"]
+    need(n_head % hp["n_head_kv"] == 0, "n_head_kv", f"expected a divisor of n_head = {n_head}")
     need(hp["n_rot"] % 2 == 0 and hp["n_rot"] <= hp["n_embd_head_k"], "n_rot",
          f"expected an even number <= the head size {hp['n_embd_head_k']}")
     need(hp["n_expert_used"] <= hp["n_expert"], "n_expert_used", f"expected <= n_expert = {hp['n_expert']}")
@@ -186,11 +199,18 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
     need(hp["topk_group"] <= hp["n_group"], "topk_group", f"expected <= n_group = {hp['n_group']}")
     need(hp["n_expert_used"] <= hp["topk_group"] * (hp["n_expert"] // hp["n_group"]), "n_expert_used",
          f"expected <= the experts of topk_group = {hp['topk_group']} groups")
-    need(hp["n_layer_dense_lead"] < hp["n_layer"], "n_layer_dense_lead", f"expected < n_layer = {hp['n_layer']}")
-    if "swa_layers" in hp:
-        need(len(hp["swa_layers"]) == hp["n_layer"], "swa_layers", f"expected {hp['n_layer']} entries (one per layer)")
+    need(hp["n_layer_dense_lead"] < n_layer, "n_layer_dense_lead", f"expected < n_layer = {n_layer}")
+    for field, v in hp.items():                   # the per-layer plan: one entry per layer
+        if (field.startswith("layer_") or field == "swa_layers") and isinstance(v, (list, tuple, np.ndarray)):
+            need(len(v) == n_layer, field, f"expected {n_layer} entries (one per layer)")
+    for il in range(n_layer if "layer_n_head_kv" in hp else 0):
+        kv_heads, head_k, n_rot = hp["layer_n_head_kv"][il], hp["layer_head_k"][il], hp["layer_n_rot"][il]
+        if n_head % kv_heads:
+            raise _fail(path, name("layer_n_head_kv") + f"[{il}]", kv_heads, f"expected a divisor of n_head = {n_head}")
+        if n_rot % 2 or n_rot > head_k:
+            raise _fail(path, name("layer_n_rot") + f"[{il}]", n_rot, f"expected an even number <= the head size {head_k}")
     if tensors is not None:
-        need(hp["n_layer"] <= n_blocks(tensors), "n_layer",
+        need(n_layer <= n_blocks(tensors), "n_layer",
              f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks)")
 
 
@@ -255,7 +275,7 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                      "ffn_down_exps.scale": [n_exp], "layer_output_scale.weight": [1],
                      **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1",
                                                        "post_ffw_norm_2")}}
-        if not hp.get("kv_lora_rank"):
+        if not (hp["layer_mixer"][il] if "layer_mixer" in hp else hp.get("kv_lora_rank")):     # not MLA
             per_layer.update({"attn_q.weight": [E, q_dim], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
                               "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim]})
         down = shape(b + "ffn_down_exps.weight")

@@ -113,3 +113,39 @@ def test_valid_checkpoint_converts(hf, tmp_path):
     convert(hf, out, "f32", progress=False)
     with moelite.load(out, n_ctx=32) as m:
         assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
+def test_corrupt_weight_values(tmp_path, value):
+    """A NaN, inf or absurd weight (flipped exponent bits) would convert into a model with non-finite logits."""
+    def edit(ts):
+        name = next(n for n in ts if n.endswith("q_proj.weight"))
+        ts[name] = ts[name].copy()
+        ts[name].flat[5] = value
+        return ts
+    src = edited_copy(make_hf_model("qwen3_moe"), tmp_path / "hf", edit)
+    expect_refused(src, tmp_path / "o.gguf", "q_proj.weight", "corrupt checkpoint")
+
+
+def test_tokenizer_files(hf, tmp_path):
+    cfg = json.loads((hf / "tokenizer_config.json").read_text())
+    (hf / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": [1, 2]}))
+    expect_refused(hf, tmp_path / "o.gguf", "tokenizer_config.json", "chat_template")
+    (hf / "tokenizer_config.json").write_text(json.dumps(cfg))
+    tj = json.loads((hf / "tokenizer.json").read_text())
+    tj["model"]["merges"] = [[1, 2, 3]]
+    (hf / "tokenizer.json").write_text(json.dumps(tj))
+    expect_refused(hf, tmp_path / "o.gguf", "tokenizer.json")
+
+
+@pytest.mark.parametrize("key,value", [("moe_intermediate_size", [32, 32]), ("num_experts_per_tok", "2")])
+def test_config_value_of_wrong_type_for_the_family(hf, tmp_path, key, value):
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg[key] = value
+    (hf / "config.json").write_text(json.dumps(cfg))
+    expect_refused(hf, tmp_path / "o.gguf", "config.json")
+
+
+def test_long_shard_name_in_index(hf, tmp_path):
+    (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a" * 5000}}))
+    expect_refused(hf, tmp_path / "o.gguf", "model.safetensors.index.json")

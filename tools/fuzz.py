@@ -1,0 +1,937 @@
+#!/usr/bin/env python3
+"""Structure-aware fuzzing of moelite's input borders (issue 15).
+
+    python tools/fuzz.py --cases 1000 --seed 1 --target all --out fuzz-out
+
+Targets and what a case does with its mutated input:
+  gguf         a GGUF (seeds: the demo model and converted test fixtures) mutated in its header, KV types and
+               values, tensor infos (type, shape, offset, name), data and length -> moelite.load, logits of
+               3 tokens (must be finite), tokenizer, chat template
+  hf           a Hugging Face directory (tiny test checkpoints) mutated in config.json, safetensors headers,
+               the index, tokenizer files and shard bytes -> moelite convert; a file it writes must load and
+               give finite logits
+  trace        a routing trace .npz mutated in arrays (dtypes, shapes, values, keys) and bytes -> load_trace,
+               srp, sch, static_sch, simulate
+  calibration  a MODEL.gguf.calibration.json side file mutated as JSON -> moelite.load of the model
+
+Each case runs in a forked child with RLIMIT_AS (--mem above the parent's address space) and a wall-clock
+timeout, and is classified:
+  ok        ran to the end          moelite   a moelite.errors exception (the wanted refusal)
+  other     any other exception      signal    killed by a signal (SIGSEGV, SIGABRT from GGML_ASSERT, ...)
+  hang      past --timeout           memory    MemoryError / allocation failure under the limit
+  silent    accepted but corrupt: non-finite logits, or a converted file that moelite refuses
+Reproducers of every class but ok and moelite are kept under OUT/TARGET/CLASS/ with a .txt of the error;
+OUT/summary.json holds seed, commit and counts. Seeds come from tests/ (built once, cached there).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import os
+import random
+import re
+import resource
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # forked children: no BLAS thread pools to inherit
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent")
+TARGETS = ("gguf", "hf", "trace", "calibration")
+GGUF_FAMILIES = (("qwen3_moe", "f32"), ("deepseek_v3", "q8_0"), ("gpt_oss", "q8_0"), ("mixtral", "q8_0"))
+HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
+
+# interesting integers and floats (boundaries of the C++ types and of the checks)
+INTS = [0, 1, 2, 3, 7, 8, 16, 63, 64, 65, 255, 256, 4095, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
+        2**32 + 3, 2**63 - 1, 2**63, 2**64 - 1, 6 * 10**18, -1, -2, -(2**31), -(2**63)]
+FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-45, 1e-30, 1e30, 3.4e38, 1e300, float("nan"), float("inf"),
+          float("-inf"), 2.0**31, 10000.0, 1e-6]
+
+
+# ==== GGUF: parse, mutate, write ==============================================================================
+# value types: 0 u8, 1 i8, 2 u16, 3 i16, 4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array, 10 u64, 11 i64, 12 f64
+SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<B", 10: "<Q", 11: "<q", 12: "<d"}
+FLOAT_T, INT_T = (6, 12), (0, 1, 2, 3, 4, 5, 10, 11)
+
+
+@dataclass
+class KV:
+    key: bytes
+    vtype: int
+    payload: bytes              # the value as stored after the type tag
+
+
+@dataclass
+class TInfo:
+    name: bytes
+    dims: list[int]
+    ttype: int
+    offset: int
+
+
+@dataclass
+class GGUF:
+    version: int
+    kvs: list[KV]
+    tensors: list[TInfo]
+    alignment: int
+    data: bytes
+    magic: bytes = b"GGUF"
+    n_tensors: int | None = None     # header counts, when a mutation makes them lie
+    n_kv: int | None = None
+
+
+def _value_end(buf: bytes, pos: int, vtype: int) -> int:
+    if vtype in SCALAR:
+        return pos + struct.calcsize(SCALAR[vtype])
+    if vtype == 8:
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        return pos + 8 + n
+    if vtype == 9:
+        etype, n = struct.unpack_from("<IQ", buf, pos)
+        pos += 12
+        if etype in SCALAR:
+            return pos + n * struct.calcsize(SCALAR[etype])
+        for _ in range(n):
+            pos = _value_end(buf, pos, etype)
+        return pos
+    raise ValueError(f"value type {vtype}")
+
+
+def parse_gguf(buf: bytes) -> GGUF:
+    """A valid GGUF (the seeds) as a structure."""
+    magic, version, n_t, n_kv = struct.unpack_from("<4sIQQ", buf, 0)
+    pos, kvs = 24, []
+    for _ in range(n_kv):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        key = buf[pos + 8:pos + 8 + n]
+        (vtype,) = struct.unpack_from("<I", buf, pos + 8 + n)
+        start = pos + 12 + n
+        pos = _value_end(buf, start, vtype)
+        kvs.append(KV(key, vtype, buf[start:pos]))
+    tensors = []
+    for _ in range(n_t):
+        (n,) = struct.unpack_from("<Q", buf, pos)
+        name = buf[pos + 8:pos + 8 + n]
+        pos += 8 + n
+        (nd,) = struct.unpack_from("<I", buf, pos)
+        dims = list(struct.unpack_from(f"<{nd}Q", buf, pos + 4))
+        ttype, offset = struct.unpack_from("<IQ", buf, pos + 4 + 8 * nd)
+        pos += 4 + 8 * nd + 12
+        tensors.append(TInfo(name, dims, ttype, offset))
+    align = 32
+    for kv in kvs:
+        if kv.key == b"general.alignment" and kv.vtype == 4:
+            (align,) = struct.unpack("<I", kv.payload)
+    start = pos + (-pos % align)
+    return GGUF(version, kvs, tensors, align, buf[start:], magic)
+
+
+def write_gguf(g: GGUF) -> bytes:
+    out = io.BytesIO()
+    out.write(struct.pack("<4sIQQ", g.magic, g.version, len(g.tensors) if g.n_tensors is None else g.n_tensors,
+                          len(g.kvs) if g.n_kv is None else g.n_kv))
+    for kv in g.kvs:
+        out.write(struct.pack("<Q", len(kv.key)) + kv.key + struct.pack("<I", kv.vtype) + kv.payload)
+    for t in g.tensors:
+        out.write(struct.pack("<Q", len(t.name)) + t.name + struct.pack("<I", len(t.dims)))
+        out.write(struct.pack(f"<{len(t.dims)}Q", *(d % 2**64 for d in t.dims)))
+        out.write(struct.pack("<IQ", t.ttype % 2**32, t.offset % 2**64))
+    pad = -out.tell() % max(g.alignment, 1) if g.alignment > 0 else 0
+    out.write(b"\0" * pad)
+    out.write(g.data)
+    return out.getvalue()
+
+
+def encode_scalar(vtype: int, v: Any) -> bytes:
+    fmt = SCALAR[vtype]
+    if vtype in FLOAT_T:
+        return struct.pack(fmt, float(v)) if vtype == 12 or abs(float(v)) <= 3.4e38 or not math.isfinite(v) \
+            else struct.pack(fmt, math.copysign(float("inf"), v))
+    bits = struct.calcsize(fmt) * 8
+    v = int(v) % 2**bits
+    if fmt[1].islower() and v >= 2**(bits - 1):
+        v -= 2**bits
+    return struct.pack(fmt, v)
+
+
+def encode_string(b: bytes, claimed: int | None = None) -> bytes:
+    return struct.pack("<Q", len(b) if claimed is None else claimed) + b
+
+
+def tensor_nbytes(ttype: int, dims: list[int]) -> int | None:
+    from moelite import _core
+    try:
+        if not dims or dims[0] % _core.block_size(ttype):
+            return None
+        return _core.row_size(ttype, dims[0]) * math.prod(dims[1:])
+    except Exception:   # noqa: BLE001 - an unknown type: no layout
+        return None
+
+
+def relayout(g: GGUF, rng: random.Random, fresh: set[int]) -> None:
+    """Re-pack the data section after tensor infos changed: every tensor gets its ggml size at an aligned
+    offset; tensors in `fresh` (indices) get new bytes (random or zero), the others keep theirs."""
+    old = {i: g.data[t.offset:t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)] for i, t in enumerate(g.tensors)}
+    out, pos = bytearray(), 0
+    for i, t in enumerate(g.tensors):
+        n = tensor_nbytes(t.ttype, t.dims)
+        if n is None or n > 64 << 20:
+            t.offset = pos
+            continue
+        pos += -pos % g.alignment
+        out += b"\0" * (pos - len(out))
+        t.offset = pos
+        if i in fresh or len(old[i]) != n:
+            blob = rng.randbytes(n) if rng.random() < 0.5 else bytes(n)
+        else:
+            blob = old[i]
+        out += blob
+        pos += n
+    g.data = bytes(out)
+
+
+def random_int_value(rng: random.Random, old: int | None) -> int:
+    if old is not None and rng.random() < 0.4:
+        return rng.choice([old + 1, old - 1, old * 2, old // 2, -old, old * 1000, old + 2**32])
+    return rng.choice(INTS)
+
+
+def mutate_kv_value(rng: random.Random, kv: KV) -> None:
+    if kv.vtype in INT_T or kv.vtype == 7:
+        old = struct.unpack(SCALAR[kv.vtype], kv.payload)[0]
+        kv.payload = encode_scalar(kv.vtype, random_int_value(rng, old) if kv.vtype != 7 else rng.choice([2, 255]))
+    elif kv.vtype in FLOAT_T:
+        old = struct.unpack(SCALAR[kv.vtype], kv.payload)[0]
+        kv.payload = encode_scalar(kv.vtype, rng.choice(FLOATS + [old * 2, -old, old * 1e30]))
+    elif kv.vtype == 8:
+        s = kv.payload[8:]
+        choice = rng.randrange(5)
+        if choice == 0:
+            kv.payload = encode_string(s[:rng.randrange(len(s) + 1)] + bytes([rng.choice([0x80, 0xff, 0xc3, 0xed])]) + s)
+        elif choice == 1:
+            kv.payload = encode_string(s, claimed=rng.choice([len(s) + 1, 2**40, 2**64 - 1]))
+        elif choice == 2:
+            kv.payload = encode_string(b"")
+        elif choice == 3:
+            kv.payload = encode_string(rng.choice([b"{% set x = 'a' * 100000000 %}{{ x }}", b"\xed\xa0\x80",
+                                                   b"{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                                                   b"yarn", b"none", b"llama", b"deepseek2", b"gpt2", b"bert"]))
+        else:
+            kv.payload = encode_string(s * rng.choice([2, 100]))
+    elif kv.vtype == 9:
+        etype, n = struct.unpack_from("<IQ", kv.payload)
+        body = kv.payload[12:]
+        choice = rng.randrange(4)
+        if choice == 0:
+            kv.payload = struct.pack("<IQ", etype, rng.choice([0, n + 1, n * 2, 2**40, 2**64 - 1])) + body
+        elif choice == 1:
+            kv.payload = struct.pack("<IQ", rng.choice([0, 4, 5, 6, 8, 9, 10, 12, 13, 100]), n) + body
+        elif choice == 2 and etype in SCALAR and n:
+            size = struct.calcsize(SCALAR[etype])
+            i = rng.randrange(n)
+            v = rng.choice(FLOATS) if etype in FLOAT_T else rng.choice(INTS)
+            kv.payload = kv.payload[:12 + i * size] + encode_scalar(etype, v) + kv.payload[12 + (i + 1) * size:]
+        else:
+            kv.payload = struct.pack("<IQ", etype, n // 2) + body[:len(body) // 2]
+
+
+def retype_kv(rng: random.Random, kv: KV) -> None:
+    new = rng.choice([0, 1, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13])
+    if new in SCALAR:
+        v = rng.choice(FLOATS) if new in FLOAT_T else rng.choice(INTS)
+        kv.vtype, kv.payload = new, encode_scalar(new, v if new != 7 else 1)
+    elif new == 8:
+        kv.vtype, kv.payload = 8, encode_string(rng.choice([b"12", b"x", b"", b"nan"]))
+    elif new == 9:
+        et = rng.choice([4, 6, 8, 10])
+        n = rng.choice([0, 1, 2, 6, 1000])
+        body = b"".join(encode_string(b"7") if et == 8 else encode_scalar(et, rng.choice(INTS[:8])) for _ in range(n))
+        kv.vtype, kv.payload = 9, struct.pack("<IQ", et, n) + body
+    else:
+        kv.vtype = new      # an unknown type tag, payload kept
+
+
+def arch_of(g: GGUF) -> bytes:
+    for kv in g.kvs:
+        if kv.key == b"general.architecture":
+            return kv.payload[8:]
+    return b"qwen3moe"
+
+
+ARCH_KEYS = [b"block_count", b"context_length", b"embedding_length", b"feed_forward_length",
+             b"attention.head_count", b"attention.head_count_kv", b"attention.key_length", b"attention.value_length",
+             b"attention.layer_norm_rms_epsilon", b"rope.dimension_count", b"rope.freq_base", b"expert_count",
+             b"expert_used_count", b"expert_group_count", b"expert_group_used_count", b"leading_dense_block_count",
+             b"rope.scaling.type", b"rope.scaling.factor", b"attention.sliding_window", b"expert_gating_func",
+             b"attention.kv_lora_rank", b"attention.q_lora_rank", b"expert_weights_scale", b"logit_scale",
+             b"attention.sliding_window_pattern", b"rope.scaling.yarn_log_multiplier", b"embedding_scale"]
+
+
+def m_header(rng, g: GGUF) -> None:
+    c = rng.randrange(4)
+    if c == 0:
+        g.magic = rng.choice([b"GGUG", b"FUGG", b"\0\0\0\0"])
+    elif c == 1:
+        g.version = rng.choice([0, 1, 2, 4, 2**31, 2**32 - 1])
+    elif c == 2:
+        g.n_tensors = rng.choice([0, len(g.tensors) + 1, len(g.tensors) - 1, 2**40, 2**64 - 1])
+    else:
+        g.n_kv = rng.choice([0, len(g.kvs) + 1, len(g.kvs) - 1, 2**40, 2**63])
+
+
+def m_kv(rng, g: GGUF) -> None:
+    c = rng.randrange(10)
+    arch = arch_of(g)
+    if c < 4:
+        mutate_kv_value(rng, rng.choice(g.kvs))
+    elif c < 6:
+        retype_kv(rng, rng.choice(g.kvs))
+    elif c == 6:
+        g.kvs.pop(rng.randrange(len(g.kvs)))
+    elif c == 7:
+        g.kvs.insert(rng.randrange(len(g.kvs) + 1), replace(rng.choice(g.kvs)))
+    elif c == 8:
+        key = arch + b"." + rng.choice(ARCH_KEYS)
+        g.kvs = [kv for kv in g.kvs if kv.key != key]
+        kv = KV(key, 4, encode_scalar(4, 1))
+        retype_kv(rng, kv)
+        if rng.random() < 0.5 and kv.vtype in SCALAR:
+            mutate_kv_value(rng, kv)
+        g.kvs.append(kv)
+    else:
+        kv = rng.choice(g.kvs)
+        kv.key = rng.choice([kv.key + b"\xff", b"\xc3\x28" + kv.key, b"", kv.key.upper(), kv.key[:3]])
+    # the arch-keyed numbers matter most: bias towards them
+    if rng.random() < 0.5:
+        nums = [kv for kv in g.kvs if kv.key.startswith(arch + b".") and kv.vtype in INT_T + FLOAT_T]
+        if nums:
+            mutate_kv_value(rng, rng.choice(nums))
+
+
+ALL_TYPES = list(range(0, 43)) + [43, 100, 2**31]
+
+
+def m_tensor(rng, g: GGUF) -> None:
+    i = rng.randrange(len(g.tensors))
+    t = g.tensors[i]
+    c = rng.randrange(8)
+    if c < 3:                                   # type (re-laid out, so the check sees the type itself)
+        t.ttype = rng.choice(ALL_TYPES if rng.random() < 0.5 else [24, 25, 26, 27, 28, 15, 9, 0, 1, 30, 8, 12])
+        if rng.random() < 0.8:
+            relayout(g, rng, {i})
+    elif c < 5:                                 # shape
+        d = rng.randrange(len(t.dims))
+        k = rng.randrange(5)
+        if k == 0:
+            t.dims[d] = rng.choice([0, 1, 2, t.dims[d] + 1, t.dims[d] - 1, t.dims[d] * 2, 2**31, 2**40])
+        elif k == 1:
+            t.dims = t.dims[:-1] or [1]
+        elif k == 2:
+            t.dims = t.dims + [rng.choice([1, 2])]
+        elif k == 3:
+            t.dims = list(reversed(t.dims))
+        else:
+            t.dims = [math.prod(t.dims)]
+        if rng.random() < 0.8:
+            relayout(g, rng, {i})
+    elif c == 5:                                # offset
+        t.offset = rng.choice([t.offset + 1, t.offset + g.alignment, len(g.data), len(g.data) + 32, 2**63,
+                               g.tensors[rng.randrange(len(g.tensors))].offset])
+    elif c == 6:                                # name
+        names = [x.name for x in g.tensors]
+        t.name = rng.choice([t.name + b"\xff", b"\xe2\x82" + t.name, rng.choice(names), t.name.replace(b"blk.1", b"blk.9"),
+                             b"", t.name + b"x" * 70000])
+    else:                                       # drop or duplicate a tensor
+        if rng.random() < 0.5:
+            g.tensors.pop(i)
+        else:
+            g.tensors.append(replace(t, dims=list(t.dims)))
+        if rng.random() < 0.5:
+            relayout(g, rng, set())
+
+
+def m_data(rng, g: GGUF) -> None:
+    data = bytearray(g.data)
+    if rng.random() < 0.5:                      # NaN / inf into an F32 tensor
+        f32 = [t for t in g.tensors if t.ttype == 0 and t.offset + 4 <= len(data)]
+        if f32:
+            t = rng.choice(f32)
+            n = (tensor_nbytes(0, t.dims) or 4) // 4
+            j = t.offset + 4 * rng.randrange(max(n, 1))
+            data[j:j + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 3e38]))
+    else:
+        for _ in range(rng.choice([1, 8, 64])):
+            if data:
+                data[rng.randrange(len(data))] = rng.randrange(256)
+    g.data = bytes(data)
+
+
+GGUF_MUTATORS: list[tuple[float, Callable]] = [(0.06, m_header), (0.42, m_kv), (0.36, m_tensor), (0.10, m_data)]
+
+
+def mutate_gguf(rng: random.Random, seed: bytes) -> bytes:
+    g = parse_gguf(seed)
+    for _ in range(rng.choice([1, 1, 1, 2, 3])):
+        r, acc = rng.random(), 0.0
+        for w, fn in GGUF_MUTATORS:
+            acc += w
+            if r < acc:
+                fn(rng, g)
+                break
+    out = write_gguf(g)
+    r = rng.random()
+    if r < 0.05:                                # truncation
+        out = out[:rng.randrange(len(out))]
+    elif r < 0.08:                              # raw byte flips in the metadata
+        b = bytearray(out)
+        for _ in range(rng.choice([1, 4, 16])):
+            b[rng.randrange(min(len(b), 24 + 64 * 1024))] = rng.randrange(256)
+        out = bytes(b)
+    return out
+
+
+# ==== JSON (config.json, tokenizer files, index, safetensors headers, calibration) =========================
+JSON_VALUES: list[Any] = [0, -1, 1, 2, 2**31, 2**63, 2**64, 10**30, -0.5, 0.5, 1e-9, float("nan"), float("inf"),
+                          "", "x", "\ud800", None, True, False, [], {}, [1, 2], {"a": 1}, "1e400", 10**400]
+
+
+def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(node, dict):
+        for k, v in node.items():
+            out += _paths(v, prefix + (k,))
+    elif isinstance(node, list):
+        for i, v in enumerate(node[:50]):
+            out += _paths(v, prefix + (i,))
+    return out
+
+
+def _get(node: Any, path: tuple) -> Any:
+    for p in path:
+        node = node[p]
+    return node
+
+
+def _nest(depth: int) -> str:
+    """A placeholder that dump_json expands to `depth` nested lists (json.dumps itself would recurse)."""
+    return f"\0NEST{depth}\0"
+
+
+_NEST = re.compile(r'"\\u0000NEST(\d+)\\u0000"')
+
+
+def mutate_json_value(rng: random.Random, doc: Any, focus: Callable[[tuple], bool] | None = None) -> Any:
+    """One structural mutation somewhere in a JSON document (biased to paths `focus` accepts)."""
+    paths = _paths(doc)
+    if focus is not None and rng.random() < 0.7:
+        paths = [p for p in paths if focus(p)] or paths
+    path = rng.choice(paths)
+    if not path:
+        return rng.choice([[doc], _nest(100000), "x", 1, None, list(doc) if isinstance(doc, dict) else {"a": doc}])
+    parent, last = _get(doc, path[:-1]), path[-1]
+    old = parent[last]
+    c = rng.randrange(6)
+    if c == 0 and isinstance(parent, dict):
+        del parent[last]
+    elif c == 1:
+        parent[last] = _nest(rng.choice([50, 5000, 200000]))
+    elif c == 2 and isinstance(old, (int, float)) and not isinstance(old, bool):
+        parent[last] = rng.choice([old + 1, old - 1, old * 2, -old, old * 10**12, old / 3, str(old), [old]])
+    elif c == 3 and isinstance(old, str):
+        parent[last] = rng.choice([old + "\ud800", old * 1000, "", old[::-1], 5])
+    else:
+        parent[last] = rng.choice(JSON_VALUES)
+    return doc
+
+
+def dump_json(doc: Any, rng: random.Random) -> bytes:
+    text = json.dumps(doc, allow_nan=True, ensure_ascii=rng.random() < 0.5)
+    text = text.replace('"1e400"', "1e400") if rng.random() < 0.5 else text
+    text = _NEST.sub(lambda m: "[" * int(m.group(1)) + "1" + "]" * int(m.group(1)), text)
+    data = text.encode("utf-8", "surrogatepass")
+    r = rng.random()
+    if r < 0.05:
+        data = data[:rng.randrange(len(data) + 1)]
+    elif r < 0.08:
+        data = data[:len(data) // 2] + b"\xff\xfe" + data[len(data) // 2:]
+    return data
+
+
+# ==== HF directories ============================================================================================
+def _st_split(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8:8 + n]), raw[8 + n:]
+
+
+def _st_join(header: Any, data: bytes, rng: random.Random, delta: int = 0) -> bytes:
+    blob = dump_json(header, rng) if not isinstance(header, bytes) else header
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", (len(blob) + delta) % 2**64) + blob + data
+
+
+def _json_file(p: Path) -> Any:
+    """A JSON file's document, or None when an earlier mutation already broke it."""
+    try:
+        return json.loads(p.read_bytes())
+    except (ValueError, RecursionError):
+        return None
+
+
+def mutate_hf(rng: random.Random, d: Path) -> None:
+    """Mutate the HF directory d in place."""
+    shards = sorted(d.glob("*.safetensors"))
+    c = rng.randrange(10)
+    if c < 3:
+        p = d / "config.json"
+        cfg = _json_file(p)
+        if cfg is None:
+            return
+        counts = ("num_hidden_layers", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
+                  "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim",
+                  "rms_norm_eps", "rope_theta", "moe_intermediate_size", "intermediate_size", "n_group", "topk_group",
+                  "first_k_dense_replace", "sliding_window", "kv_lora_rank", "q_lora_rank")
+        p.write_bytes(dump_json(mutate_json_value(rng, cfg, lambda path: bool(path) and path[0] in counts), rng))
+    elif c < 6 and shards:
+        p = rng.choice(shards)
+        try:
+            header, data = _st_split(p.read_bytes())
+        except (ValueError, RecursionError, struct.error):
+            return
+        k = rng.randrange(6)
+        if k == 0:
+            p.write_bytes(_st_join(header, data, rng, delta=rng.choice([-1, 1, -8, 8, 2**40])))
+        elif k == 1:
+            p.write_bytes(_st_join(header, data[:rng.randrange(len(data) + 1)], rng))
+        elif k == 2:
+            p.write_bytes(_st_join(header, data + rng.randbytes(rng.choice([1, 8, 100])), rng))
+        elif k == 3:                            # data bytes (NaN weights and the like)
+            b = bytearray(data)
+            for _ in range(rng.choice([1, 16])):
+                if b:
+                    b[rng.randrange(len(b))] = rng.randrange(256)
+            p.write_bytes(_st_join(header, bytes(b), rng))
+        else:
+            def focus(path: tuple) -> bool:
+                return len(path) >= 2 and path[1] in ("data_offsets", "shape", "dtype")
+            p.write_bytes(_st_join(mutate_json_value(rng, header, focus), data, rng))
+    elif c < 8:
+        p = d / rng.choice(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+        doc = _json_file(p) if p.exists() else None
+        if doc is not None:
+            p.write_bytes(dump_json(mutate_json_value(rng, doc), rng))
+    else:
+        p = d / "model.safetensors.index.json"
+        doc = _json_file(p) if p.exists() else None
+        if doc is not None:
+            p.write_bytes(dump_json(mutate_json_value(rng, doc, lambda path: bool(path) and path[0] == "weight_map"), rng))
+        elif shards and not p.exists():
+            shards[0].unlink()
+
+
+# ==== traces ======================================================================================================
+def seed_trace_arrays(rng: random.Random) -> dict[str, np.ndarray]:
+    n_layers, k, n_expert = rng.choice([(2, 2, 8), (3, 2, 16), (1, 1, 4)])
+    lens = [rng.randint(1, 40) for _ in range(rng.randint(1, 3))]
+    n = sum(lens)
+    ids = np.stack([np.stack([np.array(rng.sample(range(n_expert), k)) for _ in range(n_layers)]) for _ in range(n)])
+    scores = -np.sort(-np.random.default_rng(rng.randrange(2**32)).random(ids.shape), axis=-1)
+    arrays = {"ids": ids.astype(np.int32), "offsets": np.cumsum([0] + lens).astype(np.int64),
+              "layers": np.arange(n_layers, dtype=np.int32), "n_expert": np.int64(n_expert), "model": np.str_("fuzz"),
+              "format_version": np.int64(1), "scores": scores.astype(np.float32)}
+    if rng.random() < 0.5:
+        arrays["lookahead_ids"] = np.concatenate([ids[:, 1:], np.full((n, 1, k), -1)], axis=1).astype(np.int32)
+    return arrays
+
+
+def mutate_trace_arrays(rng: random.Random, arrays: dict[str, Any]) -> dict[str, Any]:
+    key = rng.choice(list(arrays))
+    a = np.asarray(arrays[key])
+    c = rng.randrange(9)
+    if c == 0:
+        del arrays[key]
+    elif c == 1 and a.dtype.kind in "iufb":     # dtype
+        arrays[key] = a.astype(rng.choice([np.int64, np.uint64, np.float32, np.float64, np.uint8, np.int16, np.bool_]))
+    elif c == 2 and a.dtype.kind in "iu":       # wrap-around bait
+        arrays[key] = a.astype(np.int64) + np.int64(2**32)
+    elif c == 3 and a.size and a.dtype.kind in "iufb":   # one value
+        b = a.astype(np.float64 if a.dtype.kind == "f" else np.int64).copy()
+        b.flat[rng.randrange(b.size)] = rng.choice([v for v in INTS if -(2**63) <= v < 2**63] if b.dtype.kind == "i" else FLOATS)
+        arrays[key] = b
+    elif c == 4:                                # shape
+        arrays[key] = rng.choice([a.reshape(-1), a[..., :0] if a.ndim else a, a[None], a.T if a.ndim else a,
+                                  a[:1] if a.ndim else a])
+    elif c == 5:
+        arrays["n_expert"] = rng.choice([np.int64(v) for v in (0, 1, 10**9, 2**62, 65536, 65537)] +
+                                        [np.float64(8.0), np.array([8, 8]), np.str_("8")])
+    elif c == 6 and "ids" in arrays:            # per-sequence layout
+        ids = np.asarray(arrays.pop("ids"))
+        cut = rng.randrange(len(ids) + 1)
+        arrays["ids_0"], arrays["ids_1"] = ids[:cut], ids[cut:]
+        arrays.pop("offsets", None)
+    elif c == 7:
+        arrays[key] = np.array([{"x": 1}], dtype=object)
+    else:
+        arrays[key] = np.str_("x" * rng.choice([1, 1000]))
+    return arrays
+
+
+def write_trace_file(rng: random.Random, arrays: dict[str, Any], path: Path) -> None:
+    c = rng.random()
+    buf = io.BytesIO()
+    with contextlib.suppress(Exception):
+        (np.savez_compressed if rng.random() < 0.3 else np.savez)(buf, **arrays)
+    data = buf.getvalue()
+    if c < 0.08 and data:
+        data = data[:rng.randrange(len(data))]
+    elif c < 0.16 and data:
+        b = bytearray(data)
+        for _ in range(rng.choice([1, 8])):
+            b[rng.randrange(len(b))] = rng.randrange(256)
+        data = bytes(b)
+    elif c < 0.20:
+        b = io.BytesIO()
+        np.save(b, np.asarray(arrays.get("ids", [1])))
+        data = b.getvalue()
+    elif c < 0.24:                              # a header claiming a huge shape
+        b = io.BytesIO()
+        np.lib.format.write_array_header_1_0(b, {"descr": "<i4", "fortran_order": False,
+                                                 "shape": (rng.choice([10**6, 10**12]), 2, 2)})
+        import zipfile
+        z = io.BytesIO()
+        with zipfile.ZipFile(z, "w") as zf:
+            zf.writestr("ids.npy", b.getvalue() + bytes(64))
+            zf.writestr("n_expert.npy", _npy(np.int64(8)))
+        data = z.getvalue()
+    path.write_bytes(data)
+
+
+def _npy(a: Any) -> bytes:
+    b = io.BytesIO()
+    np.save(b, a)
+    return b.getvalue()
+
+
+# ==== case actions (run in the forked child) =================================================================
+class Silent(Exception):
+    """Accepted input that produced corrupt output (non-finite logits, a converted file moelite refuses)."""
+
+
+def check_model(path: Path, converted: bool = False) -> None:
+    """Load, 3 tokens of logits (finite), tokenizer and chat template. converted: the file came out of a
+    successful conversion, so any refusal here is a silent corruption of the converter."""
+    import moelite
+    try:
+        with moelite.load(path, n_ctx=16, n_threads=1, prefetch=False) as m:
+            logits = m.logits([1, 2, 3])
+            if not np.isfinite(logits).all():
+                raise Silent(f"logits not finite ({int((~np.isfinite(logits)).sum())} values)")
+            m.tokenizer.encode("hello world")
+            m.chat_template.render([{"role": "user", "content": "hi"}])
+    except moelite.errors.MoeliteError as e:
+        if converted:
+            raise Silent(f"convert wrote a file moelite refuses: {type(e).__name__}: {e}") from None
+        raise
+
+
+def run_gguf(path: Path) -> None:
+    check_model(path)
+
+
+def run_hf(path: Path) -> None:
+    from moelite.converters import convert
+    out = path.parent / "out.gguf"
+    convert(path, out, random.Random(str(path)).choice(["f32", "q8_0"]), progress=False)
+    check_model(out, converted=True)
+
+
+def run_trace(path: Path) -> None:
+    from moelite.cache_policies import load_trace, sch, simulate, srp, static_sch
+    t = load_trace(path)
+    srp(t, 4)
+    sch(t, 4, 2.0)
+    static_sch(t, 4, 2.0)
+    budget = t.n_layers * t.k * 2
+    for policy in ("lru", "lfuda", "belady", "consistency"):
+        simulate(t, policy, budget)
+    if t.lookahead_ids is not None:
+        simulate(t, "lru", budget, prefetch=True)
+
+
+def run_calibration(path: Path) -> None:
+    import moelite
+    with moelite.load(path, n_ctx=16, n_threads=1, prefetch=False):
+        pass
+
+
+RUNNERS = {"gguf": run_gguf, "hf": run_hf, "trace": run_trace, "calibration": run_calibration}
+
+
+def child_main(target: str, path: Path, wfd: int, mem: int, err_path: Path) -> None:
+    """In the forked child: limits, run, report {"class", "detail"} on the pipe, _exit."""
+    res: dict[str, str]
+    try:
+        fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(fd, 2)
+        os.dup2(fd, 1)
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
+        import warnings
+        warnings.simplefilter("ignore")
+        import moelite
+        try:
+            RUNNERS[target](path)
+            res = {"class": "ok", "detail": ""}
+        except Silent as e:
+            res = {"class": "silent", "detail": str(e)}
+        except moelite.errors.MoeliteError as e:
+            res = {"class": "moelite", "detail": f"{type(e).__name__}: {e}"}
+        except MemoryError as e:
+            res = {"class": "memory", "detail": f"MemoryError: {e}"}
+        except BaseException as e:  # noqa: BLE001 - classified, not handled
+            res = {"class": "other", "detail": f"{type(e).__name__}: {e}\n" + traceback.format_exc()[-3000:]}
+    except BaseException as e:  # noqa: BLE001
+        res = {"class": "other", "detail": f"harness: {type(e).__name__}: {e}"}
+    with contextlib.suppress(Exception):
+        os.write(wfd, json.dumps(res)[:60000].encode())
+    os._exit(0)
+
+
+def run_case(target: str, path: Path, timeout: float, mem: int) -> tuple[str, str]:
+    err_path = path.parent / "stderr.txt"
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        child_main(target, path, w, mem, err_path)
+    os.close(w)
+    chunks, deadline, status, hung = [], time.monotonic() + timeout, None, False
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            os.kill(pid, signal.SIGKILL)
+            hung = True
+            break
+        ready, _, _ = select.select([r], [], [], min(left, 0.5))
+        if ready:
+            b = os.read(r, 65536)
+            if not b:
+                break
+            chunks.append(b)
+    _, status = os.waitpid(pid, 0)
+    os.close(r)
+    stderr_tail = err_path.read_text(errors="replace")[-1500:] if err_path.exists() else ""
+    if hung:
+        return "hang", f"no result after {timeout:.0f} s\n{stderr_tail}"
+    if os.WIFSIGNALED(status):
+        sig = signal.Signals(os.WTERMSIG(status)).name
+        mem_words = ("failed to allocate", "out of memory", "bad_alloc", "Cannot allocate")
+        cls = "memory" if any(wd in stderr_tail for wd in mem_words) else "signal"
+        return cls, f"{sig}\n{stderr_tail}"
+    try:
+        res = json.loads(b"".join(chunks))
+        return res["class"], res["detail"]
+    except ValueError:
+        return "other", f"no result (exit status {os.WEXITSTATUS(status)})\n{stderr_tail}"
+
+
+# ==== seeds and the campaign ================================================================================
+def build_seeds(cache: Path) -> dict[str, Any]:
+    """Seed files (built once by tests/ helpers in a subprocess, cached under `cache`)."""
+    manifest = cache / "seeds.json"
+    if manifest.exists():
+        seeds = json.loads(manifest.read_text())
+        if all(Path(p).exists() for p in seeds["gguf"] + seeds["hf"] + [seeds["model"]]):
+            return seeds
+    cache.mkdir(parents=True, exist_ok=True)
+    code = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT / 'tests')!r})
+from fixture_models import fixture_gguf
+from hf_fixtures import make_hf_model
+gg = [str(fixture_gguf(f, t)[1]) for f, t in {list(GGUF_FAMILIES)!r}]
+hf = [str(make_hf_model(f)) for f in {list(HF_FAMILIES)!r}]
+print(json.dumps({{"gguf": gg, "hf": hf}}))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"building fuzz seeds failed:\n{r.stderr[-3000:]}")
+    built = json.loads(r.stdout.strip().splitlines()[-1])
+    demo = ROOT / "src" / "moelite" / "data" / "demo.gguf"
+    seeds = {"gguf": ([str(demo)] if demo.exists() else []) + built["gguf"], "hf": built["hf"],
+             "model": built["gguf"][0]}
+    seeds["calibration"] = calibration_seed(Path(seeds["model"]))
+    manifest.write_text(json.dumps(seeds))
+    return seeds
+
+
+def calibration_seed(model: Path) -> dict[str, Any]:
+    """What `moelite analyze` writes for `model`, from a synthetic trace of the model's shape."""
+    from moelite import _core
+    from moelite.cache_policies.calibration import calibrate
+    from moelite.cache_policies.trace import Trace
+    meta = _core.read_gguf(str(model))
+    kv = meta["kv"]
+    arch = kv["general.architecture"]
+    n_layers = sum(1 for name, *_ in meta["tensors"] if name.endswith("ffn_gate_exps.weight"))
+    n_expert, k = int(kv[f"{arch}.expert_count"]), int(kv[f"{arch}.expert_used_count"])
+    rng = np.random.default_rng(0)
+    ids = np.stack([np.stack([rng.choice(n_expert, k, replace=False) for _ in range(n_layers)]) for _ in range(64)])
+    calib = calibrate(Trace(ids=ids, n_expert=n_expert), n_layers * k * 2)
+    return {key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in calib.items()}
+
+
+def make_case(target: str, rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
+    """Write one mutated input under the empty folder d; returns the path the runner takes."""
+    if target == "gguf":
+        src = Path(rng.choice(seeds["gguf"]))
+        p = d / "case.gguf"
+        p.write_bytes(mutate_gguf(rng, src.read_bytes()))
+        return p
+    if target == "hf":
+        p = d / "hf"
+        shutil.copytree(rng.choice(seeds["hf"]), p)
+        for _ in range(rng.choice([1, 1, 2])):
+            mutate_hf(rng, p)
+        return p
+    if target == "trace":
+        arrays = seed_trace_arrays(rng)
+        for _ in range(rng.choice([0, 1, 1, 2])):
+            if arrays:
+                arrays = mutate_trace_arrays(rng, arrays)
+        p = d / "case.npz"
+        write_trace_file(rng, arrays, p)
+        return p
+    p = d / "model.gguf"
+    os.symlink(seeds["model"], p)
+    doc = json.loads(json.dumps(seeds["calibration"]))
+    for _ in range(rng.choice([1, 1, 2])):
+        doc = mutate_json_value(rng, doc, lambda path: bool(path) and str(path[0]).rsplit(".", 1)[-1]
+                                in ("policy", "m", "layer_shares", "policy_id"))
+    (d / "model.gguf.calibration.json").write_bytes(dump_json(doc, rng))
+    return p
+
+
+def address_space() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmSize:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def commit() -> str:
+    r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
+    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True).stdout.strip()
+    return r.stdout.strip() + ("+dirty" if dirty else "")
+
+
+@dataclass
+class Campaign:
+    out: Path
+    seed: int
+    timeout: float
+    mem: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    examples: list[dict[str, str]] = field(default_factory=list)
+
+    def run(self, target: str, n: int, seeds: dict[str, Any], progress: bool) -> None:
+        counts = self.counts.setdefault(target, {c: 0 for c in CLASSES})
+        work = self.out / "work"
+        for i in range(n):
+            rng = random.Random(f"{self.seed}:{target}:{i}")
+            d = work / f"{target}-{i}"
+            shutil.rmtree(d, ignore_errors=True)
+            d.mkdir(parents=True)
+            try:
+                path = make_case(target, rng, seeds, d)
+            except Exception as e:  # noqa: BLE001 - a mutator bug: count it, keep going
+                cls, detail = "other", f"mutator: {type(e).__name__}: {e}"
+                path = d
+            else:
+                cls, detail = run_case(target, path, self.timeout, self.mem + address_space())
+            counts[cls] += 1
+            if cls not in ("ok", "moelite"):
+                self.keep(target, cls, i, path, detail)
+            shutil.rmtree(d, ignore_errors=True)
+            if progress and (i + 1) % 50 == 0:
+                print(f"  {target}: {i + 1}/{n} " + " ".join(f"{c}={v}" for c, v in counts.items() if v), flush=True)
+
+    def keep(self, target: str, cls: str, i: int, path: Path, detail: str) -> None:
+        dst_dir = self.out / target / cls
+        dst_dir.mkdir(parents=True, exist_ok=True)
+        name = f"s{self.seed}-{i}"
+        src = path if target != "calibration" else path.parent / "model.gguf.calibration.json"
+        if src.is_dir():
+            shutil.copytree(src, dst_dir / name, dirs_exist_ok=True)
+        elif src.exists():
+            shutil.copy(src, dst_dir / (name + "".join(src.suffixes[-1:])))
+        (dst_dir / f"{name}.txt").write_text(detail)
+        self.examples.append({"target": target, "class": cls, "case": name, "detail": detail.splitlines()[0][:300]
+                              if detail else ""})
+
+    def summary(self) -> dict[str, Any]:
+        return {"seed": self.seed, "commit": commit(), "timeout_s": self.timeout, "mem_limit": self.mem,
+                "counts": self.counts, "kept": self.examples}
+
+
+def table(counts: dict[str, dict[str, int]]) -> str:
+    rows = [f"{'target':<12}" + "".join(f"{c:>9}" for c in CLASSES) + f"{'total':>9}"]
+    for t, cs in counts.items():
+        rows.append(f"{t:<12}" + "".join(f"{cs[c]:>9}" for c in CLASSES) + f"{sum(cs.values()):>9}")
+    return "\n".join(rows)
+
+
+def parse_size(s: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    s = s.strip().lower().removesuffix("ib").removesuffix("b")
+    return int(float(s[:-1]) * units[s[-1]]) if s and s[-1] in units else int(s)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=100, help="cases per target")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--target", choices=(*TARGETS, "all"), default="all")
+    ap.add_argument("--out", type=Path, default=Path("fuzz-out"), help="summary.json and reproducers go here")
+    ap.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
+    ap.add_argument("--mem", default="2GiB", help="address space a case may add to the harness's own")
+    ap.add_argument("--seeds-cache", type=Path, default=ROOT / "tests" / ".fixtures" / "fuzz")
+    ap.add_argument("--quiet", action="store_true")
+    a = ap.parse_args(argv)
+    sys.path.insert(0, str(ROOT / "tests"))
+    import moelite  # noqa: F401 - imported before forking, so each case starts warm
+    seeds = build_seeds(a.seeds_cache)
+    a.out.mkdir(parents=True, exist_ok=True)
+    camp = Campaign(a.out, a.seed, a.timeout, parse_size(a.mem))
+    for target in (TARGETS if a.target == "all" else (a.target,)):
+        camp.run(target, a.cases, seeds, not a.quiet)
+    shutil.rmtree(a.out / "work", ignore_errors=True)
+    summary = camp.summary()
+    (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(f"seed {a.seed}, commit {summary['commit']}, {a.cases} cases per target\n{table(camp.counts)}")
+    bad = sum(cs[c] for cs in camp.counts.values() for c in ("other", "signal", "hang", "memory", "silent"))
+    if bad:
+        print(f"{bad} case(s) kept under {a.out}/<target>/<class>/")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
