@@ -12,6 +12,7 @@ from typing import Callable, Sequence
 
 import numpy as np
 
+from moelite.errors import ConversionError
 
 OPAQUE = -1  # raw_type of packed uint8 source data that a family must turn into a ggml type
 
@@ -33,7 +34,8 @@ class Lazy:
     def load(self) -> np.ndarray:
         a = self.loader()
         if self.raw_type is None and tuple(a.shape) != tuple(self.shape):
-            raise AssertionError(f"{self.src}: loaded shape {a.shape} != planned {self.shape}")
+            raise ConversionError(f"{self.src}: loaded shape {list(a.shape)}, expected {list(self.shape)} (a tensor "
+                                  "of the checkpoint does not have the shape its config implies)")
         return a
 
     def part(self, e: int) -> "Lazy":
@@ -56,7 +58,6 @@ def stack(ts: Sequence[Lazy], src: str) -> Lazy:
     shape0 = ts[0].shape
     for t in ts:
         if t.shape != shape0:
-            from moelite.errors import ConversionError
             raise ConversionError(f"{t.src}: shape {list(t.shape)} differs from {ts[0].src} {list(shape0)}; "
                                   f"cannot stack into {src}")
 
