@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .. import _core
+from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .validate import load_hparams
 from .planner import Plan, parse_size, plan_host_tier, plan_memory
@@ -264,6 +265,7 @@ class Model:
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
             "ram_tier_slots": self._core().tier2_quotas() or None, "cpu_compute": self.cpu_compute,
             "tier_costs": self._core().costs() if self.host_slots else None,
+            "cpu_backend": cpu_backend()["variant"],    # ggml CPU variant of a portable build, or "built-in"
         }
 
     # --- evaluation --------------------------------------------------------------------------------------

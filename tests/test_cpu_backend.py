@@ -30,6 +30,8 @@ def test_native_build_reports_its_builtin_backend():
     feature = BASE_FEATURE.get(platform.machine())
     if feature:
         assert be["features"].get(feature) == "1", be["features"]
+    with moelite.load(n_threads=1) as m:
+        assert m.info()["cpu_backend"] == "built-in"
 
 
 def portable(code: str, variant: str | None = None) -> subprocess.CompletedProcess:
@@ -47,11 +49,13 @@ REPORT = "import json, moelite; b = moelite.cpu_backend(); print(json.dumps([b['
 
 @needs_portable
 def test_portable_build_picks_the_best_scoring_variant_and_runs_it():
-    r = portable(REPORT + "; print(moelite.load(n_threads=1).generate('Once upon a time', max_tokens=4))")
+    r = portable(REPORT + "; m = moelite.load(n_threads=1); print(m.info()['cpu_backend']);"
+                          "print(m.generate('Once upon a time', max_tokens=4))")
     assert r.returncode == 0, r.stderr
-    variant, scores, features = json.loads(r.stdout.splitlines()[0])
+    lines = r.stdout.splitlines()
+    variant, scores, features = json.loads(lines[0])
     assert len(scores) >= 2 and scores[variant] == max(scores.values()) > 0
-    assert features and r.stdout.splitlines()[1].strip()
+    assert features and lines[1] == variant and lines[2].strip()
 
 
 @needs_portable
