@@ -236,9 +236,8 @@ def _write_gemma4(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre:
     text, tj, tpath = _tokenizer_json(model_dir)
     if not tj["model"].get("byte_fallback"):
         return _write_tokenizer_json(w, model_dir, n_vocab, "default")
-    rev, added, n_base = _bpe_vocab(tj, tpath, n_vocab)
-    special_texts = _special_texts(_tokenizer_config(model_dir), model_dir / "tokenizer_config.json") | {
-        t for t, a in added.items() if a.get("special") and a["id"] < n_base}
+    rev, _, n_base = _bpe_vocab(tj, tpath, n_vocab)
+    special_texts = _special_texts(_tokenizer_config(model_dir), model_dir / "tokenizer_config.json")
     tokens, types = [], []
     for i in range(n_vocab):
         t = rev.get(i)

@@ -168,19 +168,35 @@ def gemma4(tmp_path_factory):
 
 
 def test_gemma4_keys_as_llama_cpp_writes_them(gemma4) -> None:
-    d, n, [(kv, _), _] = gemma4
+    _, _, [(kv, _), _] = gemma4
     assert kv["tokenizer.ggml.model"] == "gemma4" and "tokenizer.ggml.pre" not in kv
     assert kv["tokenizer.ggml.add_bos_token"] is True and kv["tokenizer.ggml.add_space_prefix"] is False
     assert set(np.asarray(kv["tokenizer.ggml.scores"]).tolist()) == {-1000.0}
     assert kv["tokenizer.ggml.merges"] and kv["tokenizer.ggml.bos_token_id"] == 2
     assert (kv["tokenizer.ggml.eos_token_id"], kv["tokenizer.ggml.padding_token_id"]) == (1, 0)
-    # tokens and types: llama.cpp's own code (gguf-py's LlamaHfVocab through transformers, plus its
-    # Gemma4Model override that makes the chat-parser tokens user-defined)
+
+
+def _llama_hf_vocab_types(d: Path) -> list[tuple[str, int]]:
+    """Tokens and types as llama.cpp's converter writes them for Gemma-4: gguf-py's LlamaHfVocab (through
+    transformers) plus its Gemma4Model override that makes the chat-parser tokens user-defined."""
     pytest.importorskip("transformers")
-    ref = [(t.decode(), gguf.TokenType.USER_DEFINED if t.decode() in GEMMA_VISIBLE else ty)
-           for t, _, ty in gguf.LlamaHfVocab(d).all_tokens()]
+    return [(t.decode(), int(gguf.TokenType.USER_DEFINED if t.decode() in GEMMA_VISIBLE else ty))
+            for t, _, ty in gguf.LlamaHfVocab(d).all_tokens()]
+
+
+def test_gemma4_types_as_llama_cpp_writes_them(gemma4, tmp_path) -> None:
+    """CONTROL = the tokens transformers counts as special (named in tokenizer_config.json), so an added
+    token marked special but not named there stays NORMAL, as llama.cpp writes it."""
+    d, n, [(kv, _), _] = gemma4
     ours = list(zip(kv["tokenizer.ggml.tokens"], (int(t) for t in kv["tokenizer.ggml.token_type"])))
-    assert len(ours) == n and ours == [(t, int(ty)) for t, ty in ref]
+    assert len(ours) == n and ours == _llama_hf_vocab_types(d)
+    d2 = tmp_path / "hf"
+    shutil.copytree(d, d2)
+    cfg = json.loads((d2 / "tokenizer_config.json").read_text())
+    (d2 / "tokenizer_config.json").write_text(json.dumps({**cfg, "extra_special_tokens": GEMMA_SPECIALS[5:7]}))
+    kv2 = _write_gguf(tmp_path / "g.gguf", d2, n, "gemma4")
+    ours = list(zip(kv2["tokenizer.ggml.tokens"], (int(t) for t in kv2["tokenizer.ggml.token_type"])))
+    assert ours == _llama_hf_vocab_types(d2) and ours[8] == ("<|turn>", gguf.TokenType.NORMAL)
 
 
 def test_gemma4_encodes_like_hf_tokenizers(gemma4) -> None:
