@@ -481,6 +481,7 @@ def test_ernie_add_prefix_space_and_template(ernie, tmp_path) -> None:
 HY_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
           r"|\s+(?!\S)|\s+")
 HY_NAMED = ["<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>"]
+HY_N_EXTRA = 11  # <|extra_0|> ... (205 in the real vocab)
 
 
 def _byte_decoder() -> dict[str, int]:
@@ -507,8 +508,7 @@ def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
         ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
     d.mkdir(parents=True, exist_ok=True)
     (d / "hy.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
-    n_extra = 11
-    specials = {t: len(ranks) + k for k, t in enumerate(HY_NAMED + [f"<|extra_{i}|>" for i in range(n_extra)])}
+    specials = {t: len(ranks) + k for k, t in enumerate(HY_NAMED + [f"<|extra_{i}|>" for i in range(HY_N_EXTRA)])}
     _tokenizer_config(d, (TEMPLATES / "hunyuan_moe.jinja").read_text(encoding="utf-8"), eos_token="<|eos|>",
                       vocab_file="hy.tiktoken")
     (d / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": specials["<|eos|>"],
@@ -728,17 +728,30 @@ conv.main()
 """
 
 
-@pytest.mark.parametrize("family", ["gemma4_text", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe"])
+def _add_hunyuan_remote_code(ckpt: Path) -> None:
+    """What llama.cpp's Hunyuan converter loads (AutoTokenizer with trust_remote_code): tokenization_hy.py."""
+    shutil.copy(Path(__file__).resolve().parent / "data" / "tokenization_hy.py", ckpt)
+    cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
+    (ckpt / "tokenizer_config.json").write_text(json.dumps({
+        **cfg, "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
+        "tokenizer_class": "HYTokenizer", "n_extra": HY_N_EXTRA}))
+
+
+@pytest.mark.parametrize("family", ["gemma4_text", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe"])
 def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> None:
     """Every `tokenizer.*` key moelite writes for the family's checkpoint equals what the pinned llama.cpp
-    converter writes for it (Hunyuan's needs its remote-code tokenizer class, which is not here)."""
+    converter writes for it; but Hunyuan's BOS, which llama.cpp hard-codes as 127959 (<|bos|> of the real
+    128167-token vocab) and moelite looks up by text."""
     import subprocess
     import sys
 
     import llama_cpp_ref
     src = llama_cpp_ref.converter_dir()
     make = E2E[family][0]
-    ckpt, _, n_vocab, _ = _family_checkpoint(family, make, tmp_path)
+    ckpt, _, n_vocab, extra = _family_checkpoint(family, make, tmp_path)
+    if family == "hunyuan_v1_moe":
+        pytest.importorskip("tiktoken")
+        _add_hunyuan_remote_code(ckpt)
     pre = FAMILY_TOKENIZER_PRE[family]
     theirs = tmp_path / "llama-cpp.gguf"
     r = subprocess.run([sys.executable, "-c", _PINNED_VOCAB, str(src), pre, str(ckpt), "--vocab-only",
@@ -748,5 +761,8 @@ def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> N
     ours = {k: v for k, v in _write_gguf(tmp_path / "moelite.gguf", ckpt, n_vocab, pre, stock=True).items()
             if k.startswith("tokenizer.")}
     assert sorted(ours) == sorted(ref)
+    if family == "hunyuan_v1_moe":
+        assert (ours.pop("tokenizer.ggml.bos_token_id"), ref.pop("tokenizer.ggml.bos_token_id")) == (
+            extra[1]["<|bos|>"], 127959)
     for key, value in ref.items():
         assert np.array_equal(np.asarray(ours[key]), np.asarray(value)), key
