@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from moelite.errors import TokenizerError
-from moelite.runtime.tokenizer import Tokenizer
+from moelite.runtime.tokenizer import PRE_TOKENIZER_REGEXES, Tokenizer
 
 MODELS = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models"
 REQUIRED = ["llama-bpe", "qwen2", "deepseek-llm", "gpt-2", "phi-3", "llama-spm"]
@@ -77,7 +77,7 @@ def _synthetic_bpe_kv(pre: str) -> dict:
             "tokenizer.ggml.token_type": np.ones(len(alphabet), np.int32), "tokenizer.ggml.merges": []}
 
 
-@pytest.mark.parametrize("pre", ["deepseek-v3", "gpt-4o", "deepseek-llm", "default"])
+@pytest.mark.parametrize("pre", sorted(PRE_TOKENIZER_REGEXES))
 def test_every_named_regex_compiles(pre: str) -> None:
     tok = Tokenizer.from_gguf_kv(_synthetic_bpe_kv(pre), "synthetic.gguf")
     text = "Hello, World 123456 — 你好 ÄÖÜ's\n\n  x"
