@@ -256,6 +256,21 @@ def test_real_gemma4_vocab_template_and_stops() -> None:
 
 
 @pytest.mark.parametrize("model", ["gemma4", "gpt2"])
+@pytest.mark.parametrize("name", ["gemma-4", "qwen35"])
+def test_real_templates_render_as_transformers(name) -> None:
+    """The real templates in llama.cpp's ggml-vocab files of this wave, with thinking off and with tools."""
+    path = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models" / f"ggml-vocab-{name}.gguf"
+    if not path.exists():
+        pytest.skip(f"{path.name} not found (fetched by the build with llama.cpp)")
+    kv = core.read_gguf(str(path))["kv"]
+    tmpl = ChatTemplate.from_gguf_kv(kv, Tokenizer.from_gguf_kv(kv, str(path)), str(path))
+    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
+        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a"]}}}]
+    for kw in ({"enable_thinking": False}, {"tools": tools}):
+        assert tmpl.render(CHAT, **kw) == _transformers_render(tmpl.source, CHAT, tmpl.special_tokens,
+                                                               add_generation_prompt=True, **kw)
+
+
 def test_bad_merges_are_tokenizer_errors(model) -> None:
     kv = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["<pad>", "a", "aa"]}
     with pytest.raises(TokenizerError, match=rf"g\.gguf.*tokenizer\.ggml\.merges.*{model}"):
