@@ -255,7 +255,6 @@ def test_real_gemma4_vocab_template_and_stops() -> None:
     assert no_bos.add_bos  # llama.cpp overrides a false add_bos_token for Gemma-4
 
 
-@pytest.mark.parametrize("model", ["gemma4", "gpt2"])
 @pytest.mark.parametrize("name", ["gemma-4", "qwen35"])
 def test_real_templates_render_as_transformers(name) -> None:
     """The real templates in llama.cpp's ggml-vocab files of this wave, with thinking off and with tools."""
@@ -271,6 +270,7 @@ def test_real_templates_render_as_transformers(name) -> None:
                                                                add_generation_prompt=True, **kw)
 
 
+@pytest.mark.parametrize("model", ["gemma4", "gpt2"])
 def test_bad_merges_are_tokenizer_errors(model) -> None:
     kv = {"tokenizer.ggml.model": model, "tokenizer.ggml.tokens": ["<pad>", "a", "aa"]}
     with pytest.raises(TokenizerError, match=rf"g\.gguf.*tokenizer\.ggml\.merges.*{model}"):
