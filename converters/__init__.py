@@ -14,6 +14,6 @@ from .convert import ConvertReport, convert
 from .quant import TYPES
 
 # bumped whenever the bytes written for the same input change; put it in caches of converted files
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 __all__ = ["convert", "ConvertReport", "TYPES", "FORMAT_VERSION"]

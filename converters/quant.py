@@ -68,7 +68,8 @@ def fits(ggml_type: int, n_per_row: int) -> bool:
 
 def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     return (sum(d > 1 for d in shape) < 2 or not name.endswith("weight") or "ffn_gate_inp" in name
-            or "_norm" in name or name.endswith("exp_probs_b.weight"))
+            or "_norm" in name or name.endswith("exp_probs_b.weight")
+            or "ssm_conv1d" in name or "shortconv.conv" in name)       # ggml_ssm_conv takes F32 kernels
 
 
 def _more_bits(i: int, n: int) -> bool:

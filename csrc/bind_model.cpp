@@ -40,6 +40,9 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "embd_scale", h.embd_scale); get(d, "residual_scale", h.residual_scale); get(d, "logit_scale", h.logit_scale);
     get(d, "qk_norm_after_rope", h.qk_norm_after_rope); get(d, "v_norm", h.v_norm);
     get(d, "weights_before_ffn", h.weights_before_ffn); get(d, "final_softcap", h.final_softcap);
+    get(d, "attn_output_gate", h.attn_output_gate); get(d, "ssm_conv_kernel", h.ssm_conv_kernel);
+    get(d, "ssm_d_state", h.ssm_d_state); get(d, "ssm_n_group", h.ssm_n_group); get(d, "ssm_dt_rank", h.ssm_dt_rank);
+    get(d, "ssm_d_inner", h.ssm_d_inner); get(d, "deltanet_repeat_interleave", h.deltanet_repeat_interleave);
     get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
     // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
@@ -59,10 +62,20 @@ static HParams hparams_from(const py::dict & d) {
         p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
         p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
         p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i];
-        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_MLA || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
+        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_DELTANET || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
             p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
             throw FormatError("layer plan of layer " + std::to_string(i) + " is out of range");
     }
+    bool shortconv = false, deltanet = false;
+    for (const LayerPlan & p : h.plan) { shortconv |= p.mixer == MIXER_SHORTCONV; deltanet |= p.mixer == MIXER_DELTANET; }
+    if ((shortconv || deltanet) && (h.ssm_conv_kernel < 2 || h.ssm_conv_kernel > 64))
+        throw FormatError("recurrent layers: conv kernel " + std::to_string(h.ssm_conv_kernel) + ", expected 2..64");
+    if (deltanet && (h.ssm_d_state <= 0 || h.ssm_n_group <= 0 || h.ssm_dt_rank <= 0 || h.ssm_dt_rank % h.ssm_n_group ||
+                     h.ssm_d_inner <= 0 || h.ssm_d_inner % h.ssm_dt_rank || h.ssm_d_inner / h.ssm_dt_rank != h.ssm_d_state))
+        throw FormatError("Gated DeltaNet layers: ssm.state_size " + std::to_string(h.ssm_d_state) + ", group_count " +
+                          std::to_string(h.ssm_n_group) + ", time_step_rank " + std::to_string(h.ssm_dt_rank) +
+                          ", inner_size " + std::to_string(h.ssm_d_inner) +
+                          ": expected v heads a multiple of k heads and inner_size = v heads x state_size");
     return h;
 }
 
@@ -114,6 +127,16 @@ void bind_model(py::module_ & m) {
              "evaluate tokens after the cached context; returns logits [n_out, n_vocab] of the last n_out tokens")
         .def("reset", &Model::reset)
         .def("truncate", &Model::truncate)
+        .def_property_readonly("recurrent", &Model::recurrent)
+        .def_property_readonly("state_bytes", &Model::state_bytes)
+        .def("save_state", [](const Model & m) {
+            std::vector<uint8_t> s = m.save_state();
+            return py::bytes(reinterpret_cast<const char *>(s.data()), s.size());
+        })
+        .def("load_state", [](Model & m, py::bytes blob, int n_past) {
+            std::string s = blob;
+            m.load_state(reinterpret_cast<const uint8_t *>(s.data()), s.size(), n_past);
+        })
         .def_property_readonly("n_past", &Model::n_past)
         .def_readwrite("record_routes", &Model::record_routes)
         .def("take_routes",

@@ -134,6 +134,8 @@ Model::~Model() {
     if (galloc_cpu_) ggml_gallocr_free(galloc_cpu_);
     if (buf_kv_) ggml_backend_buffer_free(buf_kv_);
     if (ctx_kv_) ggml_free(ctx_kv_);
+    if (buf_rs_) ggml_backend_buffer_free(buf_rs_);
+    if (ctx_rs_) ggml_free(ctx_rs_);
     if (buf_w_) ggml_backend_buffer_free(buf_w_);
     if (ctx_w_) ggml_free(ctx_w_);
     if (backend_ && backend_ != cpu_backend_) ggml_backend_free(backend_);
@@ -167,7 +169,8 @@ void Model::build_layers() {
         throw FormatError(path_ + ": layer plan has " + std::to_string(h.plan.size()) + " layers, expected " +
                           std::to_string(h.n_layer));
     tok_embd_ = load_tensor("token_embd.weight", true, 2, {E, h.n_vocab});
-    out_norm_ = load_tensor("output_norm.weight", true, 1, {E});
+    out_norm_ = load_tensor("output_norm.weight", false, 1, {E});
+    if (!out_norm_) out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E});   // LFM2's final norm name
     out_norm_b_ = load_tensor("output_norm.bias", false, 1, {E});
     output_ = load_tensor("output.weight", false, 2, {E, h.n_vocab});
     if (!output_) output_ = tok_embd_;   // tied embeddings
@@ -183,12 +186,16 @@ void Model::build_layers() {
         const LayerPlan & p = h.plan[il];
         L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});
         L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
-        if (p.mixer == MIXER_MLA) load_mla(il, L);
-        else load_attention(il, L);
-        L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) h.n_head * p.head_v, E});
-        L.bo = load_tensor(blk(il, "attn_output.bias"), false, 1, {E});
-        L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {h.n_head});
-        L.rope_freqs = p.rope_factors ? rope_factors_ : nullptr;
+        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET) {
+            load_recurrent(il, L);
+        } else {
+            if (p.mixer == MIXER_MLA) load_mla(il, L);
+            else load_attention(il, L);
+            L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) h.n_head * p.head_v, E});
+            L.bo = load_tensor(blk(il, "attn_output.bias"), false, 1, {E});
+            L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {h.n_head});
+            L.rope_freqs = p.rope_factors ? rope_factors_ : nullptr;
+        }
         load_ffn(il, L);
     }
 }
@@ -198,7 +205,7 @@ void Model::load_attention(int il, Layer & L) {
     const LayerPlan & p = h.plan[il];
     const int64_t E = h.n_embd, q_dim = (int64_t) h.n_head * p.head_k, kv_dim = (int64_t) p.n_head_kv * p.head_k,
                   v_dim = (int64_t) p.n_head_kv * p.head_v;
-    L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, q_dim});
+    L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, (h.attn_output_gate ? 2 : 1) * q_dim});   // [+ gate]
     L.wk = load_tensor(blk(il, "attn_k.weight"), true, 2, {E, kv_dim});
     L.wv = load_tensor(blk(il, "attn_v.weight"), false, 2, {E, v_dim});
     if (!L.wv && kv_dim != v_dim)                 // K = V layers reuse the k projection as V
@@ -234,6 +241,35 @@ void Model::load_mla(int il, Layer & L) {
                           "to get attn_k_b / attn_v_b");
     L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, h.n_head});
     L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, h.n_head});
+}
+
+// Recurrent mixer weights (shapes: mixer_recurrent.cpp). Conv kernels and the DeltaNet gate vectors must be F32
+// (ggml_ssm_conv and the elementwise ops take F32 only).
+void Model::load_recurrent(int il, Layer & L) {
+    const HParams & h = hp_;
+    const int64_t E = h.n_embd, K = h.ssm_conv_kernel;
+    if (h.plan[il].mixer == MIXER_SHORTCONV) {
+        L.sc_conv = load_tensor(blk(il, "shortconv.conv.weight"), true, 2, {K, E});
+        L.sc_in = load_tensor(blk(il, "shortconv.in_proj.weight"), true, 2, {E, 3 * E});
+        L.sc_out = load_tensor(blk(il, "shortconv.out_proj.weight"), true, 2, {E, E});
+    } else {
+        const int64_t Hv = h.ssm_dt_rank, C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner;
+        L.wqkv = load_tensor(blk(il, "attn_qkv.weight"), true, 2, {E, C});
+        L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), true, 2, {E, h.ssm_d_inner});
+        L.ssm_conv1d = load_tensor(blk(il, "ssm_conv1d.weight"), true, 2, {K, C});
+        L.ssm_dt_b = load_tensor(blk(il, "ssm_dt.bias"), true, 1, {Hv});
+        L.ssm_a = load_tensor(blk(il, "ssm_a"), true, 1, {Hv});
+        L.ssm_ba = load_tensor(blk(il, "ssm_ba.weight"), false, 2, {E, 2 * Hv});
+        if (!L.ssm_ba) {
+            L.ssm_beta = load_tensor(blk(il, "ssm_beta.weight"), true, 2, {E, Hv});
+            L.ssm_alpha = load_tensor(blk(il, "ssm_alpha.weight"), true, 2, {E, Hv});
+        }
+        L.ssm_norm = load_tensor(blk(il, "ssm_norm.weight"), true, 1, {h.ssm_d_inner / Hv});
+        L.ssm_out = load_tensor(blk(il, "ssm_out.weight"), true, 2, {h.ssm_d_inner, E});
+    }
+    for (ggml_tensor * t : {L.sc_conv, L.ssm_conv1d, L.ssm_dt_b, L.ssm_a, L.ssm_norm})
+        if (t && t->type != GGML_TYPE_F32)
+            throw FormatError(path_ + ": tensor '" + ggml_get_name(t) + "' must be F32, it is " + ggml_type_name(t->type));
 }
 
 // An F32 vector tensor read to the host (router selection bias, per-expert scales).
@@ -336,10 +372,12 @@ void Model::alloc_kv() {
     const HParams & h = hp_;
     ggml_init_params ip = {ggml_tensor_overhead() * (2 * h.n_layer + 8), nullptr, true};
     ctx_kv_ = ggml_init(ip);
+    bool any_recurrent = false;
     for (int il = 0; il < h.n_layer; ++il) {
         // per layer: [n_head_kv * head_k] rows of K; V transposed. MLA caches the compressed latent:
         // K = [kv_lora + rope] per token (one shared head), V = the latent part
         const LayerPlan & p = h.plan[il];
+        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET) { any_recurrent = true; continue; }
         const bool mla = p.mixer == MIXER_MLA;
         const int64_t k_row = mla ? h.kv_lora_rank + p.n_rot : (int64_t) p.n_head_kv * p.head_k;
         const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) p.n_head_kv * p.head_v;
@@ -356,6 +394,23 @@ void Model::alloc_kv() {
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
     kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
+    if (!any_recurrent) return;
+    // recurrent state, one sequence: conv [K - 1, channels] (+ DeltaNet [S_v, S_v, H_v]) per recurrent layer
+    ggml_init_params rp = {ggml_tensor_overhead() * (2 * h.n_layer + 2), nullptr, true};
+    ctx_rs_ = ggml_init(rp);
+    for (int il = 0; il < h.n_layer; ++il) {
+        Layer & L = layers_[il];
+        if (h.plan[il].mixer == MIXER_SHORTCONV) {
+            L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, h.n_embd);
+        } else if (h.plan[il].mixer == MIXER_DELTANET) {
+            const int64_t C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner, dv = h.ssm_d_inner / h.ssm_dt_rank;
+            L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, C);
+            L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, dv, dv, h.ssm_dt_rank);
+        }
+    }
+    buf_rs_ = ggml_backend_alloc_ctx_tensors(ctx_rs_, backend_);
+    if (!buf_rs_) throw BudgetError("cannot allocate the recurrent state");
+    ggml_backend_buffer_clear(buf_rs_, 0);
 }
 
 size_t Model::scratch_bytes() const { return galloc_ ? ggml_gallocr_get_buffer_size(galloc_, 0) : 0; }
@@ -440,7 +495,12 @@ void Model::run_layer_front(int il, int T) {
     ggml_set_name(pos, "pos");
     ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], 0);   // [n_embd, T] residual stream
     ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
-    cur = h.plan[il].mixer == MIXER_MLA ? mixer_mla(ctx, gf, il, cur, pos, T) : mixer_attention(ctx, gf, il, cur, pos, T);
+    switch (h.plan[il].mixer) {
+        case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos, T); break;
+        case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
+        case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
+        default: cur = mixer_attention(ctx, gf, il, cur, pos, T);
+    }
     ggml_tensor * res = residual_out(ctx, il, cur, x, L.attn_post_norm, false);   // h = x + attn
     if (!L.moe) {
         ggml_tensor * y = residual_out(ctx, il, dense_block(ctx, il, res), res, L.ffn_post_norm, true);
@@ -472,6 +532,39 @@ int Model::next_moe(int il) const {
     for (int j = il + 1; j < hp_.n_layer; ++j)
         if (layers_[j].moe) return j;
     return -1;
+}
+
+void Model::reset() {
+    n_past_ = 0;
+    if (buf_rs_) ggml_backend_buffer_clear(buf_rs_, 0);
+}
+
+void Model::truncate(int n) {
+    if (n >= n_past_) return;
+    if (buf_rs_)
+        throw std::logic_error("a recurrent state cannot be truncated (position " + std::to_string(n_past_) + " -> " +
+                               std::to_string(n) + "): restore a snapshot (load_state) or reset");
+    n_past_ = n;
+}
+
+std::vector<uint8_t> Model::save_state() const {
+    std::vector<uint8_t> out(state_bytes());
+    if (buf_rs_) {
+        for (ggml_tensor * t = ggml_get_first_tensor(ctx_rs_); t; t = ggml_get_next_tensor(ctx_rs_, t))
+            ggml_backend_tensor_get(t, out.data() + ((char *) t->data - (char *) ggml_backend_buffer_get_base(buf_rs_)),
+                                    0, ggml_nbytes(t));
+    }
+    return out;
+}
+
+void Model::load_state(const uint8_t * data, size_t n, int n_past) {
+    if (n != state_bytes()) throw std::invalid_argument("state blob of " + std::to_string(n) + " bytes, expected " +
+                                                        std::to_string(state_bytes()));
+    if (n_past < 0 || n_past > n_past_) throw std::invalid_argument("state position beyond the cached context");
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx_rs_); t; t = ggml_get_next_tensor(ctx_rs_, t))
+        ggml_backend_tensor_set(t, data + ((char *) t->data - (char *) ggml_backend_buffer_get_base(buf_rs_)), 0,
+                                ggml_nbytes(t));
+    n_past_ = n_past;                             // KV rows past n_past are overwritten by the next eval
 }
 
 void Model::reset_stats() {

@@ -21,7 +21,9 @@ enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NOR
 
 // The per-layer plan (runtime/hparams.py derives it from the GGUF): which mixer and which FFN block the
 // layer is built from, and the attention parameters that vary per layer (sliding/global mixes).
-enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1 };
+// Recurrent mixers (shortconv: LFM2; deltanet: Qwen3.5 / Qwen3-Next Gated DeltaNet) keep a fixed-size state per
+// layer instead of KV: RecurrentState below.
+enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3 };
 enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
 
@@ -68,6 +70,11 @@ struct HParams {
     float final_softcap = 0.f;                    // Gemma-4: logits = c * tanh(logits / c)
     int n_chunk = 0;                              // Llama-4 chunked attention: tokens see their chunk only
     float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
+    bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
+    // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
+    // heads, dt_rank = v heads, d_inner = v heads * v head size
+    int ssm_conv_kernel = 0, ssm_d_state = 0, ssm_n_group = 0, ssm_dt_rank = 0, ssm_d_inner = 0;
+    bool deltanet_repeat_interleave = false;      // Qwen3-Next: q/k heads shared by consecutive v heads (no reorder)
     std::vector<LayerPlan> plan;                  // [n_layer]
 };
 
@@ -95,8 +102,13 @@ struct Layer {
     std::vector<float> exp_probs_b;               // [n_expert] selection bias (DeepSeek-V3), host side
     std::vector<float> exp_scale;                 // [n_expert] per-expert output scale (Gemma-4), host side
     ggml_tensor *rope_freqs = nullptr;            // rope factors of this layer (model-wide tensor or none)
-    // KV cache
+    // recurrent mixers: LFM2 short conv; Gated DeltaNet (wqkv = attn_qkv, wqkv_gate = attn_gate = z)
+    ggml_tensor *sc_conv = nullptr, *sc_in = nullptr, *sc_out = nullptr;
+    ggml_tensor *wqkv = nullptr, *wqkv_gate = nullptr, *ssm_conv1d = nullptr, *ssm_dt_b = nullptr, *ssm_a = nullptr,
+                *ssm_beta = nullptr, *ssm_alpha = nullptr, *ssm_ba = nullptr, *ssm_norm = nullptr, *ssm_out = nullptr;
+    // KV cache (attention layers) or recurrent state (conv [K - 1, channels]; DeltaNet [S_v, S_v, H_v])
     ggml_tensor *k_cache = nullptr, *v_cache = nullptr;   // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
+    ggml_tensor *conv_state = nullptr, *ssm_state = nullptr;
 };
 
 struct ModelOptions {
@@ -126,9 +138,15 @@ public:
     // Evaluate tokens at positions n_past.. (appending to the KV cache). logits: [n_out, n_vocab] for the
     // last n_out tokens (n_out <= n_tokens).
     void eval(const int32_t * tokens, int n_tokens, int n_out, float * logits);
-    void reset() { n_past_ = 0; }
+    void reset();                                 // position 0; recurrent state zeroed
     int n_past() const { return n_past_; }
-    void truncate(int n) { if (n < n_past_) n_past_ = n; }
+    void truncate(int n);                         // KV only: a recurrent state cannot go back (restore a snapshot)
+    // Recurrent state of all recurrent layers as one blob (snapshots for prompt reuse), and its restore at the
+    // position it was taken (the KV cache is truncated there).
+    bool recurrent() const { return buf_rs_ != nullptr; }
+    size_t state_bytes() const { return buf_rs_ ? ggml_backend_buffer_get_size(buf_rs_) : 0; }
+    std::vector<uint8_t> save_state() const;
+    void load_state(const uint8_t * data, size_t n, int n_past);
 
     const HParams & hparams() const { return hp_; }
     ExpertCache & cache() { return *cache_; }
@@ -154,6 +172,7 @@ private:
     void load_attention(int il, Layer & L);
     void load_mla(int il, Layer & L);
     void load_ffn(int il, Layer & L);
+    void load_recurrent(int il, Layer & L);
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
     void alloc_kv();
 
@@ -179,6 +198,10 @@ private:
                                   int T);                                            // mixer_attention.cpp
     ggml_tensor * mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
                             int T);                                                  // mixer_mla.cpp
+    ggml_tensor * mixer_shortconv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur,
+                                  int T);                                            // mixer_recurrent.cpp
+    ggml_tensor * mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
+    ggml_tensor * conv_with_state(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T);
     ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos);
     ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
                             ggml_tensor * v, int T);                                 // KV cache + softmax(QK)V
@@ -218,6 +241,8 @@ private:
     ggml_backend_buffer_t buf_w_ = nullptr;
     ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors
     ggml_backend_buffer_t buf_kv_ = nullptr;
+    ggml_context * ctx_rs_ = nullptr;             // recurrent states (own buffer: zeroed on reset, saved whole)
+    ggml_backend_buffer_t buf_rs_ = nullptr;
     std::vector<std::pair<ggml_tensor *, const TensorInfo *>> to_read_;
     size_t dense_bytes_ = 0, kv_bytes_ = 0;
 

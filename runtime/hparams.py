@@ -19,7 +19,7 @@ ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
 ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU = 0, 1, 2
-MIXER_ATTN, MIXER_MLA = 0, 1
+MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET = 0, 1, 2, 3
 FFN_DENSE, FFN_MOE = 0, 1
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
 
@@ -37,6 +37,7 @@ class ArchSpec:
     swa_period: int = 0                 # alternating sliding window: layer il is SWA iff il % period < period - 1
     moe_step_key: bool = False          # MoE layers every `interleave_moe_layer_step` (ERNIE, Llama-4)
     sandwich: bool = False              # Gemma-4: per-layer head sizes, K=V, V norm, attention scale 1, softcap
+    recurrent: int = 0                  # the recurrent mixer of its non-attention layers (MIXER_SHORTCONV / _DELTANET)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -56,6 +57,11 @@ ARCHS: dict[str, ArchSpec] = {
     "hunyuan-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, qk_norm_after_rope=True, weights_norm=None),
     "llama4": ArchSpec(ROPE_NORM, qk_norm=QK_NORM_L2, gating=GATING_SIGMOID, moe_step_key=True),
     "gemma4": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, act=ACT_GELU, sandwich=True),
+    # wave 2, hybrid recurrent
+    "lfm2moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, weights_norm=None,
+                        recurrent=MIXER_SHORTCONV),
+    "qwen35moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
+    "qwen3next": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -154,6 +160,10 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                                f"expected >= 1")
     n_head = int(k("attention.head_count"))
     kv_heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, n_head)]
+    recurrent = _recurrent_layers(path, kv, arch, spec, n_layer, kv_heads)
+    if any(recurrent):       # recurrent layers hold no KV: give them the attention layers' value (unused)
+        attn_kv = [h for h, r in zip(kv_heads, recurrent) if not r and h > 0] or [max(max(kv_heads), 1)]
+        kv_heads = [attn_kv[0] if r else h for h, r in zip(kv_heads, recurrent)]
     n_vocab = int(tensors["token_embd.weight"][1][1])
     head_k = int(k("attention.key_length", n_embd // max(n_head, 1)))
     head_v = int(k("attention.value_length", n_embd // max(n_head, 1)))
@@ -238,12 +248,46 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
             raise ModelFormatError(f"{path}: missing tensor 'blk.{il}.ffn_gate_inp.weight' (layer {il} should be a "
                                    f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})")
         plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
+    if any(recurrent):
+        _recurrent_plan(arch, k, hp, plan, recurrent)
     if spec.sandwich:
         _gemma4_plan(path, k, hp, plan, n_layer)
     if arch == "llama4":
         _llama4_plan(k, hp, plan, n_layer, n_expert)
     hp.update(plan)
     return hp
+
+
+def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: int, kv_heads: list[int]) -> list[bool]:
+    """Which layers are recurrent, as llama.cpp decides: LFM2 by head_count_kv = 0; Qwen3.5 / Qwen3-Next by the
+    `attention.recurrent_layers` array, else every layer but each `full_attention_interval`-th (default 4)."""
+    if not spec.recurrent:
+        return [False] * n_layer
+    if arch == "lfm2moe":
+        return [h == 0 for h in kv_heads]
+    flags = kv.get(f"{arch}.attention.recurrent_layers")
+    if flags is not None:
+        flags = [bool(x) for x in _per_layer(kv, path, f"{arch}.attention.recurrent_layers", n_layer)]
+        return flags
+    n = int(_key(kv, path, f"{arch}.full_attention_interval", 4))
+    if n <= 0:
+        raise ModelFormatError(f"{path}: key '{arch}.full_attention_interval' = {n}, expected >= 1")
+    return [(il + 1) % n != 0 for il in range(n_layer)]
+
+
+def _recurrent_plan(arch: str, k, hp: dict, plan: dict, recurrent: list[bool]) -> None:
+    """Recurrent layers: their mixer, and the sizes of their state (llama.cpp's ssm.* / shortconv.* keys)."""
+    mixer = ARCHS[arch].recurrent
+    for il, r in enumerate(recurrent):
+        if r:
+            plan["layer_mixer"][il] = mixer
+    if mixer == MIXER_SHORTCONV:
+        hp.update(ssm_conv_kernel=int(k("shortconv.l_cache")))
+    else:
+        hp.update(ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=int(k("ssm.state_size")),
+                  ssm_n_group=int(k("ssm.group_count")), ssm_dt_rank=int(k("ssm.time_step_rank")),
+                  ssm_d_inner=int(k("ssm.inner_size")), attn_output_gate=True,
+                  deltanet_repeat_interleave=arch == "qwen3next")
 
 
 def _gemma4_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:

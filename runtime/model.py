@@ -36,6 +36,7 @@ from .sampling import GenerationOptions, generation_options
 KV_TYPES = {"f32": 0, "f16": 1}
 # who runs an expert that misses the VRAM arena but sits in the RAM tier (csrc/tiering.h)
 CPU_COMPUTE = {"never": 0, "auto": 1, "always": 2}
+SNAPSHOT_INTERVAL = 1024   # recurrent models: prefill keeps a state snapshot at least every this many tokens
 DEFAULT_MODEL = Path(__file__).parent.parent / "data" / "demo.gguf"   # no resolve(): dev trees use symlinks
 
 
@@ -103,7 +104,7 @@ class Model:
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
-                 cpu_compute: str = "auto") -> None:
+                 cpu_compute: str = "auto", state_snapshots: int = 2) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -151,7 +152,8 @@ class Model:
                                       kv_elsize=4 if kv_type == "f32" else 2,
                                       budget=parse_size(vram_budget if self.device == "cuda" else memory_budget,
                                                         "VRAM budget" if self.device == "cuda" else "memory budget"),
-                                      shares=shares, label="VRAM budget" if self.device == "cuda" else "memory budget")
+                                      shares=shares, label="VRAM budget" if self.device == "cuda" else "memory budget",
+                                      n_snapshots=max(0, int(state_snapshots)))
         # the RAM tier between the arena and the file (csrc/tiering.h): on a GPU from memory_budget; given
         # explicitly (host_slots) on any device, where on the CPU it runs the same tiering code on host memory
         if host_slots is not None:
@@ -182,6 +184,12 @@ class Model:
         # called as prefill_progress(done, total) after each prompt chunk (the CLI shows a progress line)
         self.prefill_progress: Callable[[int, int], None] | None = None
         self._ctx_ids: list[int] = []            # token ids whose K/V are in the cache, in order
+        # recurrent models (Qwen3.5, LFM2): a state cannot be truncated like a KV cache, so prompt reuse restores
+        # the newest snapshot (position, state blob) at or before the divergence and recomputes from there
+        self.state_snapshots = max(0, int(state_snapshots))
+        self._snapshots: list[tuple[int, bytes]] = []
+        self.snapshot_restores = 0               # prefills that restarted from a snapshot (not from position 0)
+        self.snapshot_interval = SNAPSHOT_INTERVAL
         self._trace_parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self._trace_starts: list[int] = []      # token index (in the trace) where each context started
         self._trace_layers: list[int] = []
@@ -260,6 +268,7 @@ class Model:
             "policy": self.policy.name, "prefetch": self.prefetch, "memory_budget": p.budget,
             "offloaded": p.slots is not None,
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
+            "state_bytes": self._core().state_bytes, "state_snapshots": len(self._snapshots),
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
             "scratch_bytes_in_use": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
@@ -300,6 +309,7 @@ class Model:
         with self._exclusive("logits"):
             self._core().reset()
             self._ctx_ids = []
+            self._snapshots = []
             out = self._eval(ids, len(ids))
             self._ctx_ids = list(ids)
             return out
@@ -311,7 +321,7 @@ class Model:
         while n < min(len(ids), len(self._ctx_ids)) and ids[n] == self._ctx_ids[n]:
             n += 1
         n = min(n, len(ids) - 1)               # at least one token must be evaluated to get logits
-        self._core().truncate(n)
+        n = self._rewind(n)
         self._ctx_ids = self._ctx_ids[:n]
         step = self.plan.n_ubatch
         while True:
@@ -321,10 +331,44 @@ class Model:
             self._ctx_ids = list(ids[:n])
             if self.prefill_progress is not None:
                 self.prefill_progress(n, len(ids))
+            if n >= len(ids) or n - self._last_snapshot() >= self.snapshot_interval:
+                self._snapshot()
             if n >= len(ids):
                 return out[-1]
             if self._cancel.is_set():
                 return None
+
+    def _rewind(self, n: int) -> int:
+        """Go back to position n of the cached context: the KV cache is truncated; a recurrent state is restored
+        from the newest snapshot at or before n (or reset). Returns the position reached (<= n)."""
+        core = self._core()
+        if n >= core.n_past:
+            return core.n_past
+        if not core.recurrent:
+            core.truncate(n)
+            return n
+        usable = [(p, blob) for p, blob in self._snapshots if p <= n]
+        if usable:
+            p, blob = usable[-1]
+            with _core_errors(self.path):
+                core.load_state(blob, p)
+            self.snapshot_restores += 1
+        else:
+            core.reset()
+            p = 0
+        self._snapshots = [(q, b) for q, b in self._snapshots if q <= p]   # later ones describe a dropped context
+        return p
+
+    def _last_snapshot(self) -> int:
+        return self._snapshots[-1][0] if self._snapshots else 0
+
+    def _snapshot(self) -> None:
+        """Keep the recurrent state of the current position (the newest `state_snapshots` are kept)."""
+        core = self._core()
+        if not core.recurrent or not self.state_snapshots or core.n_past == self._last_snapshot():
+            return
+        self._snapshots.append((core.n_past, core.save_state()))
+        del self._snapshots[:-self.state_snapshots]
 
     def _tokens(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
@@ -374,6 +418,7 @@ class Model:
                 logits = self._eval([tok], 1)[-1]
                 self._ctx_ids.append(tok)
             st.decode_s = time.perf_counter() - t1
+            self._snapshot()                     # the end of a turn: where the next prompt most likely diverges
 
     def _has_tokenizer(self) -> bool:
         try:
@@ -464,6 +509,7 @@ class Model:
         with self._exclusive("reset"):
             self._core().reset()
             self._ctx_ids = []
+            self._snapshots = []
 
     def reopen(self) -> None:
         """Reopen the model file for expert reads (after it was replaced or repaired)."""

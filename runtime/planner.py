@@ -63,6 +63,7 @@ class Plan:
     slots: list[int] | None           # per layer quota; None = everything resident
     budget: int | None
     n_ubatch: int = 512               # prompt tokens per graph (smaller under a tight budget: less scratch)
+    rs_bytes: int = 0                 # recurrent state: the live one + its snapshots for prompt reuse
 
     @property
     def moe_layers(self) -> list[int]:
@@ -74,12 +75,14 @@ class Plan:
 
     @property
     def minimum_budget(self) -> int:
-        return self.dense_bytes + self.kv_bytes + self.scratch_bytes + sum(b * self.n_expert_used for b in self.expert_slot_bytes)
+        return (self.dense_bytes + self.kv_bytes + self.rs_bytes + self.scratch_bytes +
+                sum(b * self.n_expert_used for b in self.expert_slot_bytes))
 
     @property
     def resident_bytes(self) -> int:
         slots = self.slots or [self.n_expert if b else 0 for b in self.expert_slot_bytes]
-        return self.dense_bytes + self.kv_bytes + self.scratch_bytes + sum(s * b for s, b in zip(slots, self.expert_slot_bytes))
+        return (self.dense_bytes + self.kv_bytes + self.rs_bytes + self.scratch_bytes +
+                sum(s * b for s, b in zip(slots, self.expert_slot_bytes)))
 
 
 def _page(n: int) -> int:
@@ -90,18 +93,36 @@ def kv_bytes_per_token(hp: dict) -> int:
     """KV cache elements per token, summed over layers (per-layer kv heads and head sizes from the layer plan;
     MLA caches the compressed latent: kv_lora + rope for K, kv_lora for V)."""
     n_layer = hp["n_layer"]
+    attn = [m in (0, 1) for m in hp.get("layer_mixer", [0] * n_layer)]     # recurrent layers hold no KV
     if hp["kv_lora_rank"]:
-        return n_layer * ((hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"])
+        return sum(attn) * ((hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"])
     heads = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     hk = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
     hv = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
-    return sum(h * (a + b) for h, a, b in zip(heads, hk, hv))
+    return sum(h * (a + b) for h, a, b, on in zip(heads, hk, hv, attn) if on)
+
+
+def recurrent_state_bytes(hp: dict) -> int:
+    """Bytes of one sequence's recurrent state (f32), as csrc/model.cpp allocates it: per short-conv layer the
+    last K - 1 inputs [K - 1, n_embd]; per Gated DeltaNet layer its conv inputs [K - 1, 2 Hk dk + Hv dv] and the
+    state [dv, dv, Hv]."""
+    mixers = hp.get("layer_mixer", [])
+    K = hp.get("ssm_conv_kernel", 0)
+    total = mixers.count(2) * (K - 1) * hp["n_embd"] * 4
+    if mixers.count(3):
+        hv, inner = hp["ssm_dt_rank"], hp["ssm_d_inner"]
+        channels = 2 * hp["ssm_n_group"] * hp["ssm_d_state"] + inner
+        dv = inner // hv
+        total += mixers.count(3) * 4 * ((K - 1) * channels + dv * dv * hv)
+    return total
 
 
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: int, budget: int | None,
-                shares: list[float] | None = None, label: str = "memory budget") -> Plan:
+                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = 0) -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
-    budget in errors ('VRAM budget' for a GPU's arena)."""
+    budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
+    reuse (each as large as the live state)."""
+    rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes = [0] * n_layer
     expert_names = set()
@@ -139,7 +160,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     def plan_for(b: int | None) -> Plan:
         t = ubatch_for(b)
         state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * hp["n_embd"])    # state between the layer graphs
-        return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t)
+        return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t, rs)
 
     p = plan_for(budget)
     if budget is None:
@@ -157,10 +178,11 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # least.minimum_budget (<= least.budget) plans too (n_ubatch never grows as the budget shrinks) and is the
         # exact sum of the parts named here
         need = least.minimum_budget
+        state = f"recurrent state ({fmt_bytes(rs)}: live + {n_snapshots} snapshots), " if rs else ""
         raise BudgetError(f"{label} {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
-                          f"KV cache ({fmt_bytes(least.kv_bytes)}), scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
+                          f"KV cache ({fmt_bytes(least.kv_bytes)}), {state}scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
                           f"expert slots per MoE layer need at least {fmt_bytes(need, round_up=True)}", minimum=need)
-    free = budget - dense - p.kv_bytes - p.scratch_bytes
+    free = budget - dense - p.kv_bytes - p.rs_bytes - p.scratch_bytes
     if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
         return p                                    # everything fits: fully resident
     p.slots = _split_slots(p, free, shares)

@@ -102,7 +102,8 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
 
 # raw GGUF keys parse_hparams computes with (divides by, takes the log of, allocates per layer)
 RAW_RULES: dict[str, Rule] = {
-    "embedding_length": COUNT, "block_count": COUNT, "attention.head_count": COUNT, "attention.head_count_kv": COUNT,
+    # head_count_kv 0 marks a recurrent layer (LFM2); an attention layer's 0 is refused by layer_n_head_kv
+    "embedding_length": COUNT, "block_count": COUNT, "attention.head_count": COUNT, "attention.head_count_kv": COUNT0,
     "attention.key_length": COUNT, "attention.value_length": COUNT, "attention.key_length_mla": COUNT,
     "attention.value_length_mla": COUNT, "expert_count": COUNT0, "expert_used_count": COUNT0,
     "rope.scaling.factor": Rule("real", 0.0), "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
@@ -276,7 +277,8 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                      **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1",
                                                        "post_ffw_norm_2")}}
         if not (hp["layer_mixer"][il] if "layer_mixer" in hp else hp.get("kv_lora_rank")):     # not MLA
-            per_layer.update({"attn_q.weight": [E, q_dim], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
+            q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim      # Qwen3.5: [q_h | gate_h] per head
+            per_layer.update({"attn_q.weight": [E, q_rows], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
                               "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim]})
         down = shape(b + "ffn_down_exps.weight")
         if down is not None and len(down) == 3:

@@ -35,6 +35,8 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 # wave 2 (FAMILIES_WAVE2.md): attention-only families; configs carry the keys and flags of the real checkpoints
 WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
                   "gemma4_text")
+# wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
+HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text")
 _FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -120,6 +122,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
                         rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 1e4},
                                          "full_attention": {"rope_type": "proportional", "rope_theta": 1e6,
                                                             "partial_rotary_factor": 0.25}}),
+    # --- wave 2, hybrid recurrent ---
+    "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
+                     conv_L_cache=3, num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
+                     moe_intermediate_size=32, use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0,
+                     rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=True),
+    "qwen3_5_moe_text": dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                             linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
+                             num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                             rms_norm_eps=1e-6,
+                             rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
+                                              "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -199,7 +212,7 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
                   **config_overrides: Any) -> Path:
     """Build (or reuse) a tiny random HF checkpoint of `family`; returns its directory."""
     if family not in CONFIGS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + WAVE2_FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES)}")
     del out_dir  # the cache is the output
     FIXTURE_ROOT.mkdir(parents=True, exist_ok=True)
     final = FIXTURE_ROOT / _key(family, seed, config_overrides)

@@ -96,7 +96,7 @@ def common_hparams(c: Config) -> dict[str, Any]:
         "attention.head_count": c.int("num_attention_heads"),
         "attention.head_count_kv": c.int("num_key_value_heads", "num_attention_heads"),
         "rope.freq_base": float(rp.get("rope_theta", 10000.0)),
-        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps"),
+        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps", "norm_eps"),      # norm_eps: LFM2
         "expert_count": c.n_expert,
         "expert_used_count": c.int("num_experts_per_tok", "top_k_experts", "moe_k", default=None),
     }
@@ -244,7 +244,7 @@ class Family:
 
 FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                   "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
-                  "llama4", "gemma4")
+                  "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe")
 DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
                      "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
