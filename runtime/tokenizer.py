@@ -257,9 +257,13 @@ def _split_merge(merge: str) -> tuple[str, str]:
     return merge[:i], merge[i + 1:]
 
 
-def _merges_bpe(vocab: dict[str, int], merges: Sequence[str], path: str, **options: Any) -> models.BPE:
-    """A BPE model of the file's `tokenizer.ggml.merges`; a merge naming a piece the vocab lacks (or with
-    no space) is a TokenizerError, where `tokenizers` raises a bare Exception."""
+def _merges_bpe(vocab: dict[str, int], merges: Sequence[str] | None, model: str, path: str,
+                **options: Any) -> models.BPE:
+    """A BPE model of the file's `tokenizer.ggml.merges`; missing merges, or a merge naming a piece the vocab
+    lacks (or with no space), are TokenizerErrors, where `tokenizers` raises a bare Exception."""
+    if merges is None:
+        raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' is missing (needed for "
+                             f"tokenizer.ggml.model = {model!r})")
     try:
         return models.BPE(vocab, [_split_merge(str(m)) for m in merges], **options)
     except Exception as e:  # tokenizers raises plain Exception on a bad merge
@@ -268,15 +272,12 @@ def _merges_bpe(vocab: dict[str, int], merges: Sequence[str], path: str, **optio
 
 def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[str] | None, pre: str,
                     path: str) -> HFTokenizer:
-    if merges is None:
-        raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' is missing (needed for "
-                             "tokenizer.ggml.model = 'gpt2')")
     regexes = PRE_TOKENIZER_REGEXES.get(pre)
     if regexes is None:
         raise TokenizerError(f"{path}: key 'tokenizer.ggml.pre' = {pre!r} is not a supported pre-tokenizer "
                              f"(supported: {', '.join(sorted(PRE_TOKENIZER_REGEXES))})")
     vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = _merges_bpe(vocab, merges, path, ignore_merges=pre in _IGNORE_MERGES)
+    bpe = _merges_bpe(vocab, merges, "gpt2", path, ignore_merges=pre in _IGNORE_MERGES)
     hf = HFTokenizer(bpe)
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [pre_tokenizers.Split(Regex(r), behavior="isolated", invert=False) for r in regexes]
@@ -289,11 +290,8 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: Sequence[str] |
 def _gemma4_bpe(tokens: list[str], types: list[int], merges: Sequence[str] | None, path: str) -> HFTokenizer:
     """Gemma-4: BPE over raw UTF-8 with `▁` for spaces, ranked merges, `<0xXX>` byte fallback, no space
     prefix; llama.cpp splits the text into runs of newlines and runs of everything else first."""
-    if merges is None:
-        raise TokenizerError(f"{path}: key 'tokenizer.ggml.merges' is missing (needed for "
-                             "tokenizer.ggml.model = 'gemma4')")
     vocab = {t: i for i, t in enumerate(tokens)}
-    bpe = _merges_bpe(vocab, merges, path, byte_fallback=TOKEN_BYTE in types)
+    bpe = _merges_bpe(vocab, merges, "gemma4", path, byte_fallback=TOKEN_BYTE in types)
     hf = HFTokenizer(bpe)
     hf.normalizer = normalizers.Replace(" ", _SPM_SPACE)
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|[\n]+"), behavior="isolated", invert=False)
