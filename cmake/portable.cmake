@@ -9,21 +9,53 @@
 # _core (RTLD_NOW: a missing one fails the import, never a later call). _core names no libggml-cpu file, so
 # auditwheel/delocate have nothing to look for.
 
+include(CheckCSourceCompiles)
+
+# can this compiler take the variant's flags? (g++ 12 knows no -march=armv9.2-a, so no armv9.2_* there)
+function(moelite_compiler_builds variant out)
+    get_target_property(opts ggml-cpu-${variant} COMPILE_OPTIONS)
+    set(flags "")
+    foreach(opt IN LISTS opts)
+        if(opt MATCHES "^-m")
+            string(APPEND flags " ${opt}")
+        endif()
+    endforeach()
+    string(MAKE_C_IDENTIFIER "MOELITE_CC_BUILDS_${variant}" var)
+    set(CMAKE_REQUIRED_FLAGS "${flags}")
+    set(CMAKE_REQUIRED_QUIET ON)
+    check_c_source_compiles("int main(void) { return 0; }" ${var})
+    set(${out} ${${var}} PARENT_SCOPE)
+endfunction()
+
+# the variants to build: MOELITE_CPU_VARIANTS, else all of ggml's for the target that the compiler can build
 function(moelite_cpu_variants out)
     set(all "")
+    set(usable "")
     foreach(lib IN LISTS GGML_AVAILABLE_BACKENDS)       # ggml lists them lowest level first
-        if(lib MATCHES "^ggml-cpu-(.+)$")
-            list(APPEND all "${CMAKE_MATCH_1}")
+        if(NOT lib MATCHES "^ggml-cpu-(.+)$")
+            continue()
+        endif()
+        set(v "${CMAKE_MATCH_1}")
+        list(APPEND all "${v}")
+        moelite_compiler_builds("${v}" ok)
+        if(ok)
+            list(APPEND usable "${v}")
+        else()
+            message(STATUS "moelite: ${CMAKE_C_COMPILER_ID} ${CMAKE_C_COMPILER_VERSION} cannot build the CPU variant "
+                           "${v} (its flags are unknown to it): left out")
         endif()
     endforeach()
     if(NOT MOELITE_CPU_VARIANTS)
-        set(${out} "${all}" PARENT_SCOPE)
+        set(${out} "${usable}" PARENT_SCOPE)
         return()
     endif()
     foreach(v IN LISTS MOELITE_CPU_VARIANTS)
         if(NOT v IN_LIST all)
             message(FATAL_ERROR "MOELITE_CPU_VARIANTS: ggml has no CPU variant '${v}' for ${CMAKE_SYSTEM_PROCESSOR}; "
                                 "it has: ${all}")
+        elseif(NOT v IN_LIST usable)
+            message(FATAL_ERROR "MOELITE_CPU_VARIANTS: ${CMAKE_C_COMPILER} cannot build the CPU variant '${v}'; "
+                                "it can build: ${usable}")
         endif()
     endforeach()
     set(${out} "${MOELITE_CPU_VARIANTS}" PARENT_SCOPE)
