@@ -36,7 +36,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
                   "gemma4_text")
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
-HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text")
+HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next")
 _FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -133,6 +133,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                              rms_norm_eps=1e-6,
                              rope_parameters={"rope_type": "default", "rope_theta": 1e6, "partial_rotary_factor": 0.25,
                                               "mrope_section": [2, 1, 1], "mrope_interleaved": True}),
+    "qwen3_next": dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
+                       linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
+                       num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                       intermediate_size=96, partial_rotary_factor=0.25, norm_topk_prob=True, decoder_sparse_step=1,
+                       mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e6),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),

@@ -1,0 +1,74 @@
+"""Qwen3-Next (model_type `qwen3_next`, e.g. Qwen3-Next-80B-A3B) -> GGUF arch `qwen3next`.
+
+The Qwen3.5 hybrid (qwen3_5_moe.py: Gated DeltaNet 3 of 4 layers, gated attention, (1+w) norms folded, sigmoid-
+gated shared expert) with two differences in the DeltaNet input projections:
+- `in_proj_qkvz` is fused per k-head group as [q_g, k_g, v_g (r heads), z_g (r heads)]: regrouped here into
+  attn_qkv = [q all heads, k all heads, v all heads] (the conv's channel order) and attn_gate = z, as llama.cpp does;
+- `in_proj_ba` stays fused as ssm_ba [H, 2 Hv], per group [b_g, a_g]; the graph splits it.
+No V-head reorder: the qwen3next graph repeats q/k heads interleaved (v head j reads k head j / r).
+Dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) are written as ffn_gate/up/down.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from . import Config, Family, stack_experts, strip_prefix
+from .qwen3_5_moe import LA, L, TENSORS as QWEN35_TENSORS, hparams as qwen35_hparams
+
+TENSORS = {
+    **{k: v for k, v in QWEN35_TENSORS.items() if ".in_proj_" not in k},
+    LA + ".in_proj_qkv.weight": "blk.{bid}.attn_qkv.weight",                # regrouped from in_proj_qkvz
+    LA + ".in_proj_z.weight": "blk.{bid}.attn_gate.weight",
+    LA + ".in_proj_ba.weight": "blk.{bid}.ssm_ba.weight",                   # [2 Hv, H], per group [b_g, a_g]
+    L + ".mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",               # dense layers
+    L + ".mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
+    L + ".mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
+}
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    kv = qwen35_hparams(c)
+    kv.pop("rope.dimension_sections", None)                                 # plain NeoX RoPE, no M-RoPE
+    return kv
+
+
+def split_qkvz(w, name: str, hk: int, dk: int, r: int, dv: int) -> tuple[Any, Any]:
+    """in_proj_qkvz [Hk (2 dk + 2 r dv), H] -> (qkv [2 Hk dk + Hk r dv, H], z [Hk r dv, H])."""
+    t = w.pop(name)
+    H = t.shape[1]
+    per = 2 * dk + 2 * r * dv
+
+    def parts(a):
+        g = a.reshape(hk, per, H)
+        q, k = g[:, :dk], g[:, dk:2 * dk]
+        v, z = g[:, 2 * dk:2 * dk + r * dv], g[:, 2 * dk + r * dv:]
+        return np.concatenate([q.reshape(-1, H), k.reshape(-1, H), v.reshape(-1, H)]), z.reshape(-1, H)
+    qkv = t.map(lambda a: parts(a)[0], (hk * (2 * dk + r * dv), H), ".qkv")
+    z = t.map(lambda a: parts(a)[1], (hk * r * dv, H), ".z")
+    return qkv, z
+
+
+def sanitize(w, c: Config) -> None:
+    strip_prefix(w, (), drop=("mtp.",))
+    hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
+    dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
+    for name in list(w):
+        t = w[name]
+        if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
+            w[name] = t.map(lambda a: a + 1.0, t.shape, "+1")                 # zero-centred RMSNorm
+    for bid in range(c.n_layer):
+        la = LA.format(bid=bid)
+        if f"{la}.in_proj_qkvz.weight" not in w:
+            continue
+        w[f"{la}.in_proj_qkv.weight"], w[f"{la}.in_proj_z.weight"] = split_qkvz(
+            w, f"{la}.in_proj_qkvz.weight", hk, dk, hv // hk, dv)
+        conv = w[f"{la}.conv1d.weight"]
+        w[f"{la}.conv1d.weight"] = conv.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (conv.shape[0], conv.shape[-1]), "")
+        a_log = w[f"{la}.A_log"]
+        w[f"{la}.A_log"] = a_log.map(lambda a: -np.exp(a.astype(np.float32)), a_log.shape, ".-exp")
+    stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
+
+
+FAMILY = Family(("qwen3_next",), "qwen3next", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
