@@ -82,3 +82,61 @@ def test_srp_matches_brute_force():
     # alpha = 0 selects every pair: the floor 2r/(1+r)
     f = np.arange(m + 1)
     assert 2 * (hist * f).sum() / ((hist * m).sum() + (hist * f).sum()) == pytest.approx(2 * (k / E) / (1 + k / E))
+
+
+DEMO = ROOT / "src" / "moelite" / "data" / "demo.gguf"
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="demo model not shipped in this tree")
+def test_chat_pairs_render_as_the_runtime_template(tmp_path):
+    """Chat tuning (issue 19): a rendered conversation is exactly what moelite's chat template and tokenizer
+    produce; the loss mask covers the answers and their <|im_end|>, nothing else; packing keeps conversations whole."""
+    import moelite
+    from tokenizers import Tokenizer
+
+    train_demo = _load("train_demo")
+    tok = Tokenizer.from_str(train_demo.gguf_field(str(DEMO), "tokenizer.huggingface.json"))
+    turns = [("What does the ls command do?", "ls is used to list directory contents."),
+             ("What is Debian?", "A free operating system.")]
+    ids, mask = train_demo.render_turns(tok, turns)
+    messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
+    with moelite.Model(str(DEMO)) as m:
+        rendered = m.chat_template.render(messages, add_generation_prompt=False)
+        assert m.tokenizer.encode(rendered, add_special=False) == ids
+    assert tok.decode([i for i, k in zip(ids, mask) if k], skip_special_tokens=False) == \
+        "ls is used to list directory contents.<|im_end|>A free operating system.<|im_end|>"
+
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(json.dumps({"source": "t", "question": f"What is thing {i}?", "answer": f"Thing {i}."})
+                             + "\n" for i in range(40)))
+    windows, wmask = train_demo.qa_windows(tok, str(pairs), 64, seed=1)
+    eot = tok.token_to_id("<|endoftext|>")
+    assert windows.shape == wmask.shape and windows.shape[1] == 65
+    answers = tok.decode(windows[wmask == 1].tolist(), skip_special_tokens=False)
+    assert sorted(answers.split("<|im_end|>")[:-1]) == sorted(f"Thing {i}." for i in range(40))
+    assert all(row[-1] == eot for row in windows)  # padded with <|endoftext|>, never cut mid-conversation
+
+
+@pytest.mark.skipif(not DEMO.exists(), reason="demo model not shipped in this tree")
+def test_gguf_weights_load_back_into_transformers():
+    """--init-gguf: the dequantized GGUF in Qwen3MoeForCausalLM predicts what moelite predicts from the GGUF."""
+    np = pytest.importorskip("numpy")
+    import moelite
+    import torch
+
+    train_demo = _load("train_demo")
+    with moelite.Model(str(DEMO)) as m:
+        ids = m.tokenizer.encode("It is a truth universally acknowledged, that a single man", add_special=False)
+        ref = np.asarray(m.logits(ids))
+        hp = m.hparams
+    args = train_demo.argparse.Namespace(hidden=hp["n_embd"], layers=hp["n_layer"], head_dim=hp["n_embd_head_k"],
+                                         kv_heads=hp["n_head_kv"], expert_ffn=m.kv["qwen3moe.expert_feed_forward_length"],
+                                         top_k=hp["n_expert_used"], experts=hp["n_expert"],
+                                         aux_coef=0.0, seed=0, experts_impl="eager")
+    model = train_demo.make_model(args, ref.shape[-1], 0, 2)
+    model.load_state_dict(train_demo.gguf_state_dict(str(DEMO), args.layers))
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids])).logits[0].numpy()
+    assert out.shape == ref.shape
+    assert (out.argmax(-1) == ref.argmax(-1)).all()
+    assert np.abs(out - ref).max() < 0.5  # q8_0 activations in the runtime, f32 in torch

@@ -170,6 +170,8 @@ def read_corpus(path: str):
 def train_tokenizer(args, corpus: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
+    if args.init_gguf:  # continue training a shipped model: its tokenizer, byte for byte
+        return Tokenizer.from_str(gguf_field(args.init_gguf, "tokenizer.huggingface.json"))
     path = os.path.join(args.corpus_dir, f"tokenizer_{args.vocab_size}.json")
     if os.path.exists(path):
         return Tokenizer.from_file(path)
@@ -190,7 +192,8 @@ def train_tokenizer(args, corpus: str):
 
 def tokenize_corpus(args, corpus: str, tok) -> dict[str, dict[str, np.ndarray]]:
     """{split: {domain: uint16 tokens}}; each document ends with <|endoftext|>."""
-    path = os.path.join(args.corpus_dir, f"tokens_{args.vocab_size}.npz")
+    tag = "gguf_" + os.path.basename(args.init_gguf).split(".")[0] + "_" if args.init_gguf else ""
+    path = os.path.join(args.corpus_dir, f"tokens_{tag}{args.vocab_size}.npz")
     if not os.path.exists(path):
         eot = tok.token_to_id("<|endoftext|>")
         parts: dict[str, list[int]] = {}
@@ -215,6 +218,104 @@ def unigram_baselines(train: dict[str, np.ndarray], val: dict[str, np.ndarray], 
         counts += np.bincount(arr, minlength=vocab_size)[:vocab_size]
     logp = np.log(counts / counts.sum())
     return {d: float(-logp[w[:, 1:].reshape(-1)].mean()) for d, w in val.items()}
+
+
+# ----------------------------------------------------------------------------------------------
+# continued training: weights from a shipped GGUF, question/answer pairs (issue 19)
+# ----------------------------------------------------------------------------------------------
+
+def gguf_field(path: str, key: str):
+    import gguf
+
+    return gguf.GGUFReader(path).fields[key].contents()
+
+
+def gguf_state_dict(path: str, n_layers: int) -> dict:
+    """HF Qwen3-MoE state dict from a moelite-converted GGUF: dequantized to f32, names mapped back the
+    way converters/families/qwen3_moe.py maps them forward (experts stacked [E, I, H]; transformers fuses
+    gate and up into gate_up_proj, gate first)."""
+    import gguf
+    import torch
+
+    reader = gguf.GGUFReader(path)
+    t = {x.name: torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(x.data, x.tensor_type),
+                                                       dtype=np.float32)) for x in reader.tensors}
+    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
+          "lm_head.weight": t.get("output.weight", t["token_embd.weight"])}
+    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
+             "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+    for b in range(n_layers):
+        for hf, gg in names.items():
+            sd[f"model.layers.{b}.{hf}.weight"] = t[f"blk.{b}.{gg}.weight"]
+        sd[f"model.layers.{b}.mlp.experts.gate_up_proj"] = torch.cat(
+            [t[f"blk.{b}.ffn_gate_exps.weight"], t[f"blk.{b}.ffn_up_exps.weight"]], dim=1)
+        sd[f"model.layers.{b}.mlp.experts.down_proj"] = t[f"blk.{b}.ffn_down_exps.weight"]
+    return sd
+
+
+def render_turns(tok, turns: list[tuple[str, str]]) -> tuple[list[int], list[int]]:
+    """ChatML tokens of a conversation and a mask that is 1 on the answer tokens and their <|im_end|>
+    (the tokens the model is trained to produce), 0 on the rest. Same text as CHAT_TEMPLATE renders."""
+    ids, mask = [], []
+    for q, a in turns:
+        for text, m in ((f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", 0), (f"{a}<|im_end|>", 1),
+                        ("\n", 0)):
+            enc = tok.encode(text).ids
+            ids += enc
+            mask += [m] * len(enc)
+    return ids, mask
+
+
+def qa_windows(tok, path: str, seq_len: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Pairs of a jsonl file -> conversations of 1-3 turns (seeded) packed whole into [n, seq_len + 1]
+    windows, <|endoftext|> between conversations and as padding; and the matching answer-token mask."""
+    pairs = [json.loads(line) for line in open(path)]
+    rng = random.Random(seed)
+    rng.shuffle(pairs)
+    eot = tok.token_to_id("<|endoftext|>")
+    width = seq_len + 1
+    rows_ids, rows_mask, cur_ids, cur_mask = [], [], [], []
+    i = 0
+    while i < len(pairs):
+        n = min(rng.choice([1, 1, 2, 3]), len(pairs) - i)
+        while True:  # fewer turns when the conversation would not fit one window
+            ids, mask = render_turns(tok, [(p["question"], p["answer"]) for p in pairs[i:i + n]])
+            if len(ids) < width or n == 1:
+                break
+            n -= 1
+        i += n
+        ids, mask = ids + [eot], mask + [0]
+        if len(ids) > width:
+            continue  # one pair longer than a window
+        if len(cur_ids) + len(ids) > width:
+            rows_ids.append(cur_ids + [eot] * (width - len(cur_ids)))
+            rows_mask.append(cur_mask + [0] * (width - len(cur_mask)))
+            cur_ids, cur_mask = [], []
+        cur_ids, cur_mask = cur_ids + ids, cur_mask + mask
+    if cur_ids:
+        rows_ids.append(cur_ids + [eot] * (width - len(cur_ids)))
+        rows_mask.append(cur_mask + [0] * (width - len(cur_mask)))
+    return np.asarray(rows_ids, dtype=np.int64), np.asarray(rows_mask, dtype=np.int64)
+
+
+def qa_eval_loss(model, windows: np.ndarray, mask: np.ndarray, batch: int) -> float:
+    """Mean cross-entropy (nats/token) of the held-out answer tokens given their questions."""
+    import torch
+
+    model.eval()
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            x = torch.from_numpy(windows[i:i + batch])
+            m = torch.from_numpy(mask[i:i + batch, 1:]).bool()
+            logits = model(input_ids=x[:, :-1], output_router_logits=False).logits
+            ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
+            total += ce[m].sum().item()
+            count += int(m.sum())
+    model.train()
+    return total / max(count, 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -289,6 +390,21 @@ def sample_batch(train: np.ndarray, starts_max: int, seq_len: int, batch: int, r
     return np.stack([train[s:s + seq_len + 1] for s in starts]).astype(np.int64)
 
 
+def mixed_batch(train: np.ndarray, starts_max: int, qa, args, rng):
+    """Token windows and labels: text rows learn every token; chat rows (round(qa_frac * batch) of them,
+    when qa is given) learn only the answer tokens (labels -100 elsewhere)."""
+    import torch
+
+    n_qa = int(round(args.qa_frac * args.batch_size)) if qa is not None else 0
+    x = sample_batch(train, starts_max, args.seq_len, args.batch_size - n_qa, rng)
+    labels = x.copy()
+    if n_qa:
+        rows = rng.integers(0, len(qa[0]), size=n_qa)
+        x = np.concatenate([x, qa[0][rows]])
+        labels = np.concatenate([labels, np.where(qa[1][rows] == 1, qa[0][rows], -100)])
+    return torch.from_numpy(x), torch.from_numpy(labels)
+
+
 def save_hf(args, model, tok, out_dir: str) -> None:
     from transformers import GenerationConfig, PreTrainedTokenizerFast
 
@@ -361,6 +477,11 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--resume", action="store_true")
+    ap.add_argument("--init-gguf", default=None,
+                    help="start from this moelite GGUF (weights dequantized, its tokenizer) instead of from scratch")
+    ap.add_argument("--qa-dir", default=None,
+                    help="train.jsonl/heldout.jsonl of tools/build_qa_pairs.py: mix these chat pairs into training")
+    ap.add_argument("--qa-frac", type=float, default=0.5, help="share of each batch's rows that are chat pairs")
     args = ap.parse_args(argv)
     t_start = time.time()
     args.raw_dir = args.raw_dir or os.path.join(args.corpus_dir, "raw")
@@ -391,6 +512,16 @@ def main(argv=None) -> int:
 
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     model = make_model(args, vocab, eot, im_end)
+    if args.init_gguf:
+        model.load_state_dict(gguf_state_dict(args.init_gguf, args.layers))
+        log(f"weights from {args.init_gguf}")
+    qa = None
+    if args.qa_dir:
+        qa_train = qa_windows(tok, os.path.join(args.qa_dir, "train.jsonl"), args.seq_len, args.seed)
+        qa_held = qa_windows(tok, os.path.join(args.qa_dir, "heldout.jsonl"), args.seq_len, args.seed)
+        qa = {"train": qa_train, "heldout": qa_held}
+        log(f"chat pairs: {len(qa_train[0])} train windows ({int(qa_train[1].sum()):,} answer tokens), "
+            f"{len(qa_held[0])} held-out windows ({int(qa_held[1].sum()):,} answer tokens)")
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     n_active = n_params - n_expert + n_expert * args.top_k // args.experts
@@ -409,6 +540,8 @@ def main(argv=None) -> int:
         "tokens_per_domain": {s: {d: int(len(tokens[s][d])) for d in domains} for s in ("train", "val")},
         "val_tokens_per_domain": {d: int(val[d][:, 1:].size) for d in domains},
         "unigram_baseline": unigram, "evals": [], "train_loss": [],
+        "qa": ({"train_windows": int(len(qa["train"][0])), "train_answer_tokens": int(qa["train"][1].sum()),
+                "heldout_answer_tokens": int(qa["heldout"][1].sum())} if qa else None),
         "torch": torch.__version__,
     }
     if args.resume and os.path.exists(ckpt_path):
@@ -432,12 +565,13 @@ def main(argv=None) -> int:
     def do_eval(train_loss):
         t0 = time.time()
         losses = evaluate(model, val, batch=max(args.batch_size, 8))
+        qa_loss = qa_eval_loss(model, *qa["heldout"], batch=max(args.batch_size, 8)) if qa else None
         log_data["evals"].append({"step": step, "tokens_seen": tokens_seen, "wall_s": round(elapsed(), 1),
-                                  "train_loss": train_loss, "val_loss": losses,
+                                  "train_loss": train_loss, "val_loss": losses, "qa_heldout_loss": qa_loss,
                                   "eval_s": round(time.time() - t0, 1)})
         write_log()
         log(f"eval step {step}: " + ", ".join(f"{d} {losses[d]:.3f} (unigram {unigram[d]:.3f})" for d in domains)
-            + f"  [{time.time() - t0:.0f}s]")
+            + (f", held-out answers {qa_loss:.3f}" if qa else "") + f"  [{time.time() - t0:.0f}s]")
         return time.time() - t0
 
     budget_s = args.budget_minutes * 60
@@ -458,8 +592,8 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr
         rng = np.random.default_rng([args.seed, step])  # batch depends only on (seed, step): resumable
-        x = torch.from_numpy(sample_batch(train, starts_max, args.seq_len, args.batch_size, rng))
-        out = model(input_ids=x[:, :-1], labels=x[:, :-1].clone(), output_router_logits=True)
+        x, labels = mixed_batch(train, starts_max, qa["train"] if qa else None, args, rng)
+        out = model(input_ids=x[:, :-1], labels=labels[:, :-1], output_router_logits=True)
         # HF shifts labels itself: feed the window without its last token, labels = inputs
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
