@@ -676,12 +676,17 @@ def _reference_ids(family: str, tok_dir: Path, extra, text: str) -> list[int]:
     return HFTokenizer.from_file(str(tok_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
 
 
-E2E = {  # model_type -> tokenizer maker, what the rendered prompt starts with
+def _hunyuan_with_reference(d: Path) -> tuple[Path, int, tuple[dict[bytes, int], dict[str, int]]]:
+    d, n, ranks, specials = _hunyuan_dir(d)
+    return d, n, (ranks, specials)
+
+
+E2E = {  # model_type -> tokenizer maker (dir, vocab size, reference extras), what the rendered prompt starts with
     "gemma4_text": (lambda d: (*_gemma4_dir(d), None), "<bos><|turn>user\n"),
     "glm4_moe": (lambda d: (*_glm_dir(d), None), "[gMASK]<sop><|user|>\n"),
     "glm4_moe_lite": (lambda d: (*_glm_dir(d), None), "[gMASK]<sop><|user|>\n"),  # GLM-4.7-Flash: deepseek2
-    "ernie4_5_moe": (lambda d: _ernie_dir(d), "<|begin_of_sentence|>User: "),
-    "hunyuan_v1_moe": (lambda d: (lambda r: (*r[:2], r[2:]))(_hunyuan_dir(d)), "<|startoftext|>"),
+    "ernie4_5_moe": (_ernie_dir, "<|begin_of_sentence|>User: "),
+    "hunyuan_v1_moe": (_hunyuan_with_reference, "<|startoftext|>"),
 }
 
 
