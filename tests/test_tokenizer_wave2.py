@@ -372,8 +372,9 @@ def test_glm_template_matches_transformers(glm) -> None:
 
 
 # The `tokenizer_pre` each family must declare for add_vocab to write its vocab as llama.cpp does (GLM-4.7-Flash
-# is model_type glm4_moe_lite, converted as deepseek2, with GLM's tokenizer: llama.cpp's Glm4MoeLiteModel).
-FAMILY_TOKENIZER_PRE = {"gemma4": "gemma4", "gemma4_text": "gemma4", "glm4_moe": "glm4", "glm4_moe_lite": "glm4",
+# is model_type glm4_moe_lite, converted as deepseek2, with GLM's tokenizer: llama.cpp's Glm4MoeLiteModel;
+# Gemma-4's multimodal checkpoints are converted through their text_config, model_type gemma4_text).
+FAMILY_TOKENIZER_PRE = {"gemma4_text": "gemma4", "glm4_moe": "glm4", "glm4_moe_lite": "glm4",
                         "ernie4_5_moe": "llama-spm", "hunyuan_v1_moe": "hunyuan"}
 
 
