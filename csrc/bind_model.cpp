@@ -62,13 +62,21 @@ static HParams hparams_from(const py::dict & d) {
         p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
         p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
         p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i];
-        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_DELTANET || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
+        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_MAMBA2 || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
             p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
             throw FormatError("layer plan of layer " + std::to_string(i) + " is out of range");
     }
-    bool shortconv = false, deltanet = false;
-    for (const LayerPlan & p : h.plan) { shortconv |= p.mixer == MIXER_SHORTCONV; deltanet |= p.mixer == MIXER_DELTANET; }
-    if ((shortconv || deltanet) && (h.ssm_conv_kernel < 2 || h.ssm_conv_kernel > 64))
+    bool shortconv = false, deltanet = false, mamba2 = false;
+    for (const LayerPlan & p : h.plan) {
+        shortconv |= p.mixer == MIXER_SHORTCONV; deltanet |= p.mixer == MIXER_DELTANET; mamba2 |= p.mixer == MIXER_MAMBA2;
+    }
+    if (mamba2 && (h.ssm_d_state <= 0 || h.ssm_n_group <= 0 || h.ssm_dt_rank <= 0 || h.ssm_d_inner <= 0 ||
+                   h.ssm_d_inner % h.ssm_dt_rank || h.ssm_d_inner % h.ssm_n_group || h.ssm_dt_rank % h.ssm_n_group))
+        throw FormatError("Mamba2 layers: ssm.state_size " + std::to_string(h.ssm_d_state) + ", group_count " +
+                          std::to_string(h.ssm_n_group) + ", time_step_rank " + std::to_string(h.ssm_dt_rank) +
+                          ", inner_size " + std::to_string(h.ssm_d_inner) +
+                          ": expected positive, inner_size a multiple of the heads and of the groups");
+    if ((shortconv || deltanet || mamba2) && (h.ssm_conv_kernel < 2 || h.ssm_conv_kernel > 64))
         throw FormatError("recurrent layers: conv kernel " + std::to_string(h.ssm_conv_kernel) + ", expected 2..64");
     if (deltanet && (h.ssm_d_state <= 0 || h.ssm_n_group <= 0 || h.ssm_dt_rank <= 0 || h.ssm_dt_rank % h.ssm_n_group ||
                      h.ssm_d_inner <= 0 || h.ssm_d_inner % h.ssm_dt_rank || h.ssm_d_inner / h.ssm_dt_rank != h.ssm_d_state))

@@ -8,6 +8,9 @@
 //   deltanet (Qwen3.5, Qwen3-Next): qkv = conv(W_qkv x) -> silu -> q, k (L2-normed), v; beta = sigmoid(W_b x),
 //     g = softplus(W_a x + dt) * A; S <- S exp(g) + k (beta (v - S^T k))^T per v head (ggml_gated_delta_net,
 //     q/k heads tiled across v heads, q scaled by 1/sqrt(d)); o = rms_norm(S^T q) * w * silu(z); out_proj
+//   mamba2 (Granite-4.0-H): in_proj -> z, xBC, dt; xBC = silu(conv(xBC) + bias) -> x, B, C; selective scan per head
+//     (ggml_ssm_scan: dt = softplus(dt + dt_bias), A = -exp(A_log), B/C shared by groups); y += D x;
+//     y = grouped rms_norm(y * silu(z)) * w; out_proj
 #include <cmath>
 
 #include "model.h"
@@ -82,6 +85,36 @@ ggml_tensor * Model::mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il
     o = ggml_mul(ctx, ggml_mul(ctx, ggml_rms_norm(ctx, o, h.norm_eps), L.ssm_norm),
                  ggml_silu(ctx, ggml_reshape_3d(ctx, z, dv, Hv, T)));
     return ggml_mul_mat(ctx, L.ssm_out, ggml_reshape_2d(ctx, o, dv * Hv, T));   // [H, T]
+}
+
+ggml_tensor * Model::mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    const int64_t d_inner = h.ssm_d_inner, ds = h.ssm_d_state, ng = h.ssm_n_group, nh = h.ssm_dt_rank;
+    const int64_t hd = d_inner / nh, C = d_inner + 2 * ng * ds;
+    ggml_tensor * zxbcdt = ggml_mul_mat(ctx, L.ssm_in, cur);           // [d_inner + C + nh, T]
+    const size_t el = ggml_element_size(zxbcdt);
+    ggml_tensor * z = ggml_view_3d(ctx, zxbcdt, hd, nh, T, hd * el, zxbcdt->nb[1], 0);
+    ggml_tensor * xbc = ggml_view_2d(ctx, zxbcdt, C, T, zxbcdt->nb[1], d_inner * el);
+    ggml_tensor * dt = ggml_view_2d(ctx, zxbcdt, nh, T, zxbcdt->nb[1], (d_inner + C) * el);
+    xbc = ggml_silu(ctx, ggml_add(ctx, conv_with_state(ctx, gf, il, ggml_cont(ctx, xbc), T), L.ssm_conv1d_b));   // [C, T]
+    ggml_tensor * x = ggml_view_4d(ctx, xbc, hd, nh, T, 1, hd * el, xbc->nb[1], xbc->nb[1] * T, 0);
+    ggml_tensor * B = ggml_view_4d(ctx, xbc, ds, ng, T, 1, ds * el, xbc->nb[1], xbc->nb[1] * T, d_inner * el);
+    ggml_tensor * Cm = ggml_view_4d(ctx, xbc, ds, ng, T, 1, ds * el, xbc->nb[1], xbc->nb[1] * T, (d_inner + ng * ds) * el);
+    dt = ggml_add(ctx, ggml_cont(ctx, dt), L.ssm_dt_b);                // [nh, T]; the scan applies softplus
+    ggml_tensor * ids = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, 1);     // one sequence: state row 0
+    ggml_set_input(ids);
+    ggml_set_name(ids, "ssm_ids");
+    ggml_tensor * s = ggml_reshape_4d(ctx, L.ssm_state, ds, hd, nh, 1);
+    ggml_tensor * ys = ggml_ssm_scan(ctx, s, x, ggml_reshape_3d(ctx, dt, nh, T, 1), L.ssm_a, B, Cm, ids, 1);
+    ggml_tensor * y = ggml_view_4d(ctx, ys, hd, nh, T, 1, hd * el, hd * nh * el, hd * nh * T * el, 0);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_view_1d(ctx, ys, ds * d_inner, ggml_nelements(x) * el),
+                                           ggml_reshape_1d(ctx, L.ssm_state, ds * d_inner)));
+    y = ggml_add(ctx, y, ggml_mul(ctx, x, L.ssm_d));                   // + D x
+    y = ggml_swiglu_split(ctx, ggml_cont(ctx, z), y);                  // y * silu(z)
+    y = ggml_reshape_4d(ctx, y, d_inner / ng, ng, T, 1);
+    y = ggml_mul(ctx, ggml_rms_norm(ctx, y, h.norm_eps), L.ssm_norm);  // grouped RMSNorm [d_inner / ng, ng]
+    return ggml_mul_mat(ctx, L.ssm_out, ggml_reshape_2d(ctx, y, d_inner, T));   // [H, T]
 }
 
 }  // namespace moelite

@@ -186,7 +186,7 @@ void Model::build_layers() {
         const LayerPlan & p = h.plan[il];
         L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});
         L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
-        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET) {
+        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET || p.mixer == MIXER_MAMBA2) {
             load_recurrent(il, L);
         } else {
             if (p.mixer == MIXER_MLA) load_mla(il, L);
@@ -252,6 +252,16 @@ void Model::load_recurrent(int il, Layer & L) {
         L.sc_conv = load_tensor(blk(il, "shortconv.conv.weight"), true, 2, {K, E});
         L.sc_in = load_tensor(blk(il, "shortconv.in_proj.weight"), true, 2, {E, 3 * E});
         L.sc_out = load_tensor(blk(il, "shortconv.out_proj.weight"), true, 2, {E, E});
+    } else if (h.plan[il].mixer == MIXER_MAMBA2) {
+        const int64_t nh = h.ssm_dt_rank, ng = h.ssm_n_group, di = h.ssm_d_inner, C = di + 2 * ng * h.ssm_d_state;
+        L.ssm_in = load_tensor(blk(il, "ssm_in.weight"), true, 2, {E, di + C + nh});
+        L.ssm_conv1d = load_tensor(blk(il, "ssm_conv1d.weight"), true, 2, {K, C});
+        L.ssm_conv1d_b = load_tensor(blk(il, "ssm_conv1d.bias"), true, 1, {C});
+        L.ssm_dt_b = load_tensor(blk(il, "ssm_dt.bias"), true, 1, {nh});
+        L.ssm_a = load_tensor(blk(il, "ssm_a"), true, 2, {1, nh});
+        L.ssm_d = load_tensor(blk(il, "ssm_d"), true, 2, {1, nh});
+        L.ssm_norm = load_tensor(blk(il, "ssm_norm.weight"), true, 2, {di / ng, ng});
+        L.ssm_out = load_tensor(blk(il, "ssm_out.weight"), true, 2, {di, E});
     } else {
         const int64_t Hv = h.ssm_dt_rank, C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner;
         L.wqkv = load_tensor(blk(il, "attn_qkv.weight"), true, 2, {E, C});
@@ -267,7 +277,7 @@ void Model::load_recurrent(int il, Layer & L) {
         L.ssm_norm = load_tensor(blk(il, "ssm_norm.weight"), true, 1, {h.ssm_d_inner / Hv});
         L.ssm_out = load_tensor(blk(il, "ssm_out.weight"), true, 2, {h.ssm_d_inner, E});
     }
-    for (ggml_tensor * t : {L.sc_conv, L.ssm_conv1d, L.ssm_dt_b, L.ssm_a, L.ssm_norm})
+    for (ggml_tensor * t : {L.sc_conv, L.ssm_conv1d, L.ssm_conv1d_b, L.ssm_dt_b, L.ssm_a, L.ssm_d, L.ssm_norm})
         if (t && t->type != GGML_TYPE_F32)
             throw FormatError(path_ + ": tensor '" + ggml_get_name(t) + "' must be F32, it is " + ggml_type_name(t->type));
 }
@@ -377,7 +387,10 @@ void Model::alloc_kv() {
         // per layer: [n_head_kv * head_k] rows of K; V transposed. MLA caches the compressed latent:
         // K = [kv_lora + rope] per token (one shared head), V = the latent part
         const LayerPlan & p = h.plan[il];
-        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET) { any_recurrent = true; continue; }
+        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET || p.mixer == MIXER_MAMBA2) {
+            any_recurrent = true;
+            continue;
+        }
         const bool mla = p.mixer == MIXER_MLA;
         const int64_t k_row = mla ? h.kv_lora_rank + p.n_rot : (int64_t) p.n_head_kv * p.head_k;
         const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) p.n_head_kv * p.head_v;
@@ -406,6 +419,11 @@ void Model::alloc_kv() {
             const int64_t C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner, dv = h.ssm_d_inner / h.ssm_dt_rank;
             L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, C);
             L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, dv, dv, h.ssm_dt_rank);
+        } else if (h.plan[il].mixer == MIXER_MAMBA2) {
+            const int64_t C = h.ssm_d_inner + 2 * (int64_t) h.ssm_n_group * h.ssm_d_state;
+            L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, C);
+            L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, h.ssm_d_state, h.ssm_d_inner / h.ssm_dt_rank,
+                                             h.ssm_dt_rank);
         }
     }
     buf_rs_ = ggml_backend_alloc_ctx_tensors(ctx_rs_, backend_);
@@ -499,6 +517,7 @@ void Model::run_layer_front(int il, int T) {
         case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos, T); break;
         case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
         case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
+        case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
         default: cur = mixer_attention(ctx, gf, il, cur, pos, T);
     }
     ggml_tensor * res = residual_out(ctx, il, cur, x, L.attn_post_norm, false);   // h = x + attn
@@ -523,6 +542,10 @@ void Model::run_layer_front(int il, int T) {
         {"mask", &mask_}, {"mask_swa", &mask_swa_}, {"mask_chunk", &mask_chunk_}, {"attn_temp", &attn_temp_}};
     for (auto & [name, data] : inputs)
         if (ggml_tensor * t = ggml_graph_get_tensor(gf, name)) set_input(t, data->data(), ggml_nbytes(t));
+    if (ggml_tensor * t = ggml_graph_get_tensor(gf, "ssm_ids")) {
+        const int32_t row = 0;
+        set_input(t, &row, sizeof(row));
+    }
     if (pos->buffer) set_input(pos, pos_.data(), ggml_nbytes(pos));   // NoPE layers do not use it
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);

@@ -23,7 +23,7 @@ enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NOR
 // layer is built from, and the attention parameters that vary per layer (sliding/global mixes).
 // Recurrent mixers (shortconv: LFM2; deltanet: Qwen3.5 / Qwen3-Next Gated DeltaNet) keep a fixed-size state per
 // layer instead of KV: RecurrentState below.
-enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3 };
+enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3, MIXER_MAMBA2 = 4 };
 enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
 
@@ -72,7 +72,8 @@ struct HParams {
     float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
     bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
-    // heads, dt_rank = v heads, d_inner = v heads * v head size
+    // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =
+    // heads, d_inner = heads * head size
     int ssm_conv_kernel = 0, ssm_d_state = 0, ssm_n_group = 0, ssm_dt_rank = 0, ssm_d_inner = 0;
     bool deltanet_repeat_interleave = false;      // Qwen3-Next: q/k heads shared by consecutive v heads (no reorder)
     std::vector<LayerPlan> plan;                  // [n_layer]
@@ -104,6 +105,7 @@ struct Layer {
     ggml_tensor *rope_freqs = nullptr;            // rope factors of this layer (model-wide tensor or none)
     // recurrent mixers: LFM2 short conv; Gated DeltaNet (wqkv = attn_qkv, wqkv_gate = attn_gate = z)
     ggml_tensor *sc_conv = nullptr, *sc_in = nullptr, *sc_out = nullptr;
+    ggml_tensor *ssm_in = nullptr, *ssm_conv1d_b = nullptr, *ssm_d = nullptr;   // Mamba2 (Granite-4.0-H)
     ggml_tensor *wqkv = nullptr, *wqkv_gate = nullptr, *ssm_conv1d = nullptr, *ssm_dt_b = nullptr, *ssm_a = nullptr,
                 *ssm_beta = nullptr, *ssm_alpha = nullptr, *ssm_ba = nullptr, *ssm_norm = nullptr, *ssm_out = nullptr;
     // KV cache (attention layers) or recurrent state (conv [K - 1, channels]; DeltaNet [S_v, S_v, H_v])
@@ -201,6 +203,7 @@ private:
     ggml_tensor * mixer_shortconv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur,
                                   int T);                                            // mixer_recurrent.cpp
     ggml_tensor * mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
+    ggml_tensor * mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
     ggml_tensor * conv_with_state(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T);
     ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos);
     ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,

@@ -19,7 +19,7 @@ ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
 ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU = 0, 1, 2
-MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET = 0, 1, 2, 3
+MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2 = 0, 1, 2, 3, 4
 FFN_DENSE, FFN_MOE = 0, 1
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
 
@@ -62,6 +62,7 @@ ARCHS: dict[str, ArchSpec] = {
                         recurrent=MIXER_SHORTCONV),
     "qwen35moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
     "qwen3next": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
+    "granitehybrid": ArchSpec(ROPE_NORM, weights_norm=True, recurrent=MIXER_MAMBA2),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -263,7 +264,7 @@ def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: i
     `attention.recurrent_layers` array, else every layer but each `full_attention_interval`-th (default 4)."""
     if not spec.recurrent:
         return [False] * n_layer
-    if arch == "lfm2moe":
+    if arch in ("lfm2moe", "granitehybrid"):
         return [h == 0 for h in kv_heads]
     flags = kv.get(f"{arch}.attention.recurrent_layers")
     if flags is not None:
@@ -283,6 +284,13 @@ def _recurrent_plan(arch: str, k, hp: dict, plan: dict, recurrent: list[bool]) -
             plan["layer_mixer"][il] = mixer
     if mixer == MIXER_SHORTCONV:
         hp.update(ssm_conv_kernel=int(k("shortconv.l_cache")))
+    elif mixer == MIXER_MAMBA2:
+        hp.update(ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=int(k("ssm.state_size")),
+                  ssm_n_group=int(k("ssm.group_count")), ssm_dt_rank=int(k("ssm.time_step_rank")),
+                  ssm_d_inner=int(k("ssm.inner_size")))
+        # Granite-4.0-H: `rope.scaling.finetuned` = false marks NoPE attention (llama.cpp's switch)
+        if arch == "granitehybrid" and not bool(k.raw("rope.scaling.finetuned", True)):
+            plan["layer_n_rot"] = [0] * len(recurrent)
     else:
         hp.update(ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=int(k("ssm.state_size")),
                   ssm_n_group=int(k("ssm.group_count")), ssm_dt_rank=int(k("ssm.time_step_rank")),

@@ -114,6 +114,9 @@ def recurrent_state_bytes(hp: dict) -> int:
         channels = 2 * hp["ssm_n_group"] * hp["ssm_d_state"] + inner
         dv = inner // hv
         total += mixers.count(3) * 4 * ((K - 1) * channels + dv * dv * hv)
+    if mixers.count(4):                 # Mamba2: conv over [d_inner + 2 groups d_state], state [d_state, d_inner]
+        inner, ds = hp["ssm_d_inner"], hp["ssm_d_state"]
+        total += mixers.count(4) * 4 * ((K - 1) * (inner + 2 * hp["ssm_n_group"] * ds) + ds * inner)
     return total
 
 

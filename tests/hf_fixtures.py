@@ -36,7 +36,7 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
                   "gemma4_text")
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
-HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next")
+HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
 _FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -138,6 +138,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                        num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
                        intermediate_size=96, partial_rotary_factor=0.25, norm_topk_prob=True, decoder_sparse_step=1,
                        mlp_only_layers=[], rms_norm_eps=1e-6, rope_theta=1e6),
+    "granitemoehybrid": dict(num_hidden_layers=4, layer_types=["mamba", "mamba", "attention", "mamba"],
+                             num_local_experts=8, num_experts_per_tok=2, intermediate_size=32,
+                             shared_intermediate_size=64, mamba_n_heads=4, mamba_d_head=32, mamba_d_state=16,
+                             mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16, mamba_expand=2,
+                             position_embedding_type="nope", embedding_multiplier=12.0, residual_multiplier=0.22,
+                             logits_scaling=8.0, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),

@@ -210,7 +210,17 @@ def multimodal_qwen35(ts: dict) -> dict:
     return out
 
 
+def granite_h_config(c: dict) -> dict:
+    # granite-4.0-h-tiny's config.json: layer_types in IBM's vocabulary (transformers 5 re-saves it as
+    # linear_attention / full_attention), NoPE attention
+    out = {k: v for k, v in c.items() if k not in ("transformers_version", "dtype")}
+    out["layer_types"] = ["mamba" if t == "linear_attention" else "attention" for t in c["layer_types"]]
+    out.update(mamba_conv_bias=True, mamba_proj_bias=False, position_embedding_type="nope", torch_dtype="bfloat16")
+    return out
+
+
 REAL = {
+    "granitemoehybrid": (granite_h_config, None),
     "lfm2_moe": (lfm2_config, None),
     "qwen3_5_moe_text": (qwen35_config, multimodal_qwen35),
     "glm4_moe": (glm4_moe_config, lambda ts: mtp_layer(ts, 2, 3)),

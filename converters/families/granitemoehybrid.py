@@ -1,0 +1,86 @@
+"""Granite-4.0-H (model_type `granitemoehybrid`, e.g. granite-4.0-h-tiny) -> GGUF arch `granitehybrid`.
+
+Hybrid: `layer_types` "mamba" layers are Mamba2 (mixer_recurrent.cpp: in_proj -> z, xBC, dt; causal conv with
+bias; selective scan with per-head A = -exp(A_log), D skip; grouped gated RMSNorm; out_proj), "attention" layers
+GQA; `position_embedding_type` "nope" (the real models) is written as llama.cpp's switch
+`rope.scaling.finetuned` = false. transformers 5 re-saves `layer_types` as linear_attention / full_attention:
+both vocabularies are accepted (llama.cpp's converter only knows the first and writes a broken file on the
+second). Every layer: routed experts (fused input_linear, split into gate/up) plus a shared MLP; Granite
+multipliers as granitemoe.py. `attention.head_count_kv` is per layer, 0 on Mamba layers.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from moelite.errors import ConversionError
+
+from . import Config, Family
+from .granitemoe import TENSORS as GRANITE_TENSORS, hparams as granite_hparams, sanitize as granite_sanitize
+
+M = "model.layers.{bid}.mamba"
+ATTENTION, MAMBA = {"attention", "full_attention"}, {"mamba", "linear_attention"}
+
+
+def _mamba_layers(c: Config) -> list[bool]:
+    types = c.get("layer_types")
+    if not isinstance(types, list) or len(types) != c.n_layer or set(types) - ATTENTION - MAMBA:
+        raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries of mamba / attention "
+                              f"(or transformers' linear_attention / full_attention)")
+    return [t in MAMBA for t in types]
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    if c.int("mamba_expand", default=2) * c.int("hidden_size") != c.int("mamba_n_heads") * c.int("mamba_d_head"):
+        raise ConversionError(f"{c.src}: mamba_n_heads x mamba_d_head must equal mamba_expand x hidden_size")
+    mamba = _mamba_layers(c)
+    kv = {**granite_hparams(c)}
+    kv.pop("rope.dimension_count", None)
+    nope = c.get("position_embedding_type", default="rope") == "nope"
+    kv.update({
+        "attention.head_count_kv": [0 if m else c.int("num_key_value_heads") for m in mamba],
+        "ssm.conv_kernel": c.int("mamba_d_conv"),
+        "ssm.state_size": c.int("mamba_d_state"),
+        "ssm.group_count": c.int("mamba_n_groups"),
+        "ssm.time_step_rank": c.int("mamba_n_heads"),
+        "ssm.inner_size": c.int("mamba_n_heads") * c.int("mamba_d_head"),
+        "rope.scaling.finetuned": not nope,
+    })
+    if not nope:
+        kv["rope.dimension_count"] = c.int("hidden_size") // c.int("num_attention_heads")
+    return kv
+
+
+TENSORS = {
+    **GRANITE_TENSORS,
+    M + ".in_proj.weight": "blk.{bid}.ssm_in.weight",                      # [d_inner + C + nh, H]
+    M + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                   # [C, 1, K] -> [C, K]
+    M + ".conv1d.bias": "blk.{bid}.ssm_conv1d.bias",
+    M + ".dt_bias": "blk.{bid}.ssm_dt.bias",                               # [nh]
+    M + ".A_log": "blk.{bid}.ssm_a",                                       # [nh] -> [nh, 1] = -exp(A_log)
+    M + ".D": "blk.{bid}.ssm_d",                                           # [nh] -> [nh, 1]
+    M + ".norm.weight": "blk.{bid}.ssm_norm.weight",                       # [d_inner] -> [ng, d_inner / ng]
+    M + ".out_proj.weight": "blk.{bid}.ssm_out.weight",
+}
+
+
+def sanitize(w, c: Config) -> None:
+    granite_sanitize(w, c)
+    ng = c.int("mamba_n_groups")
+    for bid in range(c.n_layer):
+        m = M.format(bid=bid)
+        if f"{m}.in_proj.weight" not in w:
+            continue
+        conv = w[f"{m}.conv1d.weight"]
+        w[f"{m}.conv1d.weight"] = conv.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (conv.shape[0], conv.shape[-1]), "")
+        a_log = w[f"{m}.A_log"]
+        w[f"{m}.A_log"] = a_log.map(lambda a: -np.exp(a.astype(np.float32)).reshape(-1, 1), (a_log.shape[0], 1), ".-exp")
+        d = w[f"{m}.D"]
+        w[f"{m}.D"] = d.map(lambda a: a.reshape(-1, 1), (d.shape[0], 1), "")
+        norm = w[f"{m}.norm.weight"]
+        n = norm.shape[0]
+        w[f"{m}.norm.weight"] = norm.map(lambda a: a.reshape(ng, n // ng), (ng, n // ng), "")
+
+
+FAMILY = Family(("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact")
