@@ -1,8 +1,9 @@
 """moelite.cpu_backend(): which ggml CPU backend runs. A native build reports its built-in backend and the
-SIMD features it was compiled with; a portable build (MOELITE_PORTABLE: tools/portable_check.sh makes one in
-build/portable-dev) picks the variant with ggml's best score for this CPU, obeys MOELITE_CPU_VARIANT, and
-names its variants when asked for one it lacks. The emulated checks (an AVX2-only CPU, aarch64) are
-tools/portable_check.sh and tools/arm64_check.sh (docs/ARM64.md)."""
+SIMD features it was compiled with; a portable build (MOELITE_PORTABLE) picks the variant with ggml's best
+score for this CPU, obeys MOELITE_CPU_VARIANT, and names its variants when asked for one it lacks. The
+portable tests run where MOELITE_PORTABLE_TREE names a folder holding a portable moelite (an installed
+wheel's folder): tools/portable_check.sh runs them on the wheel it builds. The emulated checks (an
+AVX2-only CPU, aarch64) are tools/portable_check.sh and tools/arm64_check.sh (docs/ARM64.md)."""
 from __future__ import annotations
 
 import json
@@ -17,7 +18,7 @@ import pytest
 import moelite
 from moelite import _cpu
 
-PORTABLE_TREE = Path(__file__).resolve().parent.parent / "build" / "portable-dev"
+PORTABLE_TREE = Path(os.environ.get("MOELITE_PORTABLE_TREE", "/nonexistent")).resolve()
 BASE_FEATURE = {"x86_64": "SSE3", "AMD64": "SSE3", "aarch64": "NEON", "arm64": "NEON"}
 
 
@@ -43,7 +44,7 @@ def portable(code: str, variant: str | None = None) -> subprocess.CompletedProce
 
 
 needs_portable = pytest.mark.skipif(not (PORTABLE_TREE / "moelite" / "ggml").is_dir(),
-                                    reason="no portable build (tools/portable_check.sh makes build/portable-dev)")
+                                    reason="MOELITE_PORTABLE_TREE names no portable moelite (tools/portable_check.sh)")
 REPORT = "import json, moelite; b = moelite.cpu_backend(); print(json.dumps([b['variant'], b['scores'], b['features']]))"
 
 

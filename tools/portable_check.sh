@@ -38,6 +38,7 @@ QEMU_CPU=$qcpu qemu-x86_64-static "$(command -v python3)" tools/arm64_check.py d
   2> >(grep -v "TCG doesn't support requested feature" >&2)      # pcid, x2apic, TSX: not emulated, not used
 runs+=("$out/qemu-$qcpu.npz")
 python3 tools/arm64_check.py compare "$out/x86_64.npz" "${runs[@]}"
+MOELITE_PORTABLE_TREE=$wheel/site python3 -m pytest -q -p no:cacheprovider tests/test_cpu_backend.py
 
 if ls build/dev/moelite/_core*.so >/dev/null 2>&1; then
   echo "--- control: the native build (build/dev) under qemu-x86_64-static -cpu $qcpu"
