@@ -300,10 +300,64 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                 expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
 
 
+# tokenizer / chat template keys the runtime reads (runtime/tokenizer.py, chat_template.py): key -> kind
+TOKENIZER_KEYS = {
+    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.huggingface.json": "str",
+    "tokenizer.ggml.tokens": "str_list", "tokenizer.ggml.merges": "str_list",
+    "tokenizer.ggml.scores": "num_array", "tokenizer.ggml.token_type": "int_array",
+    "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool",
+    "tokenizer.ggml.add_space_prefix": "bool",
+}
+_KINDS = {"str": "a string", "bool": "a boolean", "id": "a token id (an integer in [0, 2^31))",
+          "str_list": "an array of strings", "num_array": "an array of finite numbers",
+          "int_array": "an array of integers"}
+
+
+def _kind_of(key: str) -> str | None:
+    if key in TOKENIZER_KEYS:
+        return TOKENIZER_KEYS[key]
+    if key.startswith("tokenizer.ggml.") and key.endswith("_token_id"):
+        return "id"
+    if key == "tokenizer.chat_template" or key.startswith("tokenizer.chat_template."):
+        return "str"
+    return None
+
+
+def _is_kind(kind: str, v: Any) -> bool:
+    if kind == "str":
+        return isinstance(v, str)
+    if kind == "bool":
+        return isinstance(v, (bool, np.bool_))
+    if kind == "id":
+        return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and 0 <= int(v) <= INT32_MAX
+    if kind == "str_list":
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if isinstance(v, list):                      # the converter's writer holds arrays as lists
+        v = np.asarray(v) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else None
+    if not isinstance(v, np.ndarray) or v.ndim != 1:
+        return False
+    return v.dtype.kind in "iu" if kind == "int_array" else (v.dtype.kind in "iuf" and bool(np.isfinite(v).all()))
+
+
+def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
+    """Types of the tokenizer and chat template keys; tokens, scores and token types of one length."""
+    for key, v in kv.items():
+        kind = _kind_of(key)
+        if kind is not None and not _is_kind(kind, v):
+            raise _fail(path, f"key '{key}'", v if not isinstance(v, (list, np.ndarray)) or len(v) < 8 else
+                        f"<{type(v).__name__} of {len(v)}>", f"expected {_KINDS[kind]}")
+    tokens = kv.get("tokenizer.ggml.tokens")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        if tokens is not None and key in kv and len(kv[key]) != len(tokens):
+            raise ModelFormatError(f"{path}: key '{key}' has {len(kv[key])} entries, 'tokenizer.ggml.tokens' has "
+                                   f"{len(tokens)}")
+
+
 def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple], file_size: int | None = None) -> dict[str, Any]:
     """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError.
     file_size: of the data the tensors' offsets point into (default: the file at path)."""
     check_raw_keys(path, kv, tensors)
+    check_tokenizer_keys(path, kv)
     try:
         hp = parse_hparams(path, kv, tensors)
     except ModelFormatError:

@@ -210,3 +210,23 @@ def test_invalid_utf8_tensor_name(qwen, tmp_path):
 def test_valid_files_pass(family):
     with moelite.load(fixture_gguf(family, "q8_0")[1], n_ctx=32) as m:
         assert np.isfinite(m.logits([1, 2, 3])).all()
+
+
+# ---- tokenizer keys: the types the tokenizer and chat template read ------------------------------------------
+@pytest.mark.parametrize("key,value,types", [
+    ("tokenizer.ggml.bos_token_id", float("nan"), (V.FLOAT32,)),
+    ("tokenizer.ggml.eos_token_id", 2**40, (V.UINT64,)),
+    ("tokenizer.ggml.bos_token_id", [1, 2], (V.ARRAY, V.UINT32)),
+    ("tokenizer.ggml.tokens", 7, (V.UINT32,)),
+    ("tokenizer.ggml.model", 3, (V.UINT32,)),
+    ("tokenizer.chat_template", ["a", "b"], (V.ARRAY, V.STRING)),
+])
+def test_tokenizer_key_of_wrong_type(qwen, tmp_path, key, value, types):
+    bad = rewrite(qwen, tmp_path / "bad.gguf", kv={key: (value, *types)})
+    expect_error(bad, key, "expected")
+
+
+def test_token_scores_of_another_length(qwen, tmp_path):
+    n = len(gguf.GGUFReader(qwen).fields["tokenizer.ggml.tokens"].data)
+    bad = rewrite(qwen, tmp_path / "bad.gguf", kv={"tokenizer.ggml.scores": ([0.0] * (n + 3), V.ARRAY, V.FLOAT32)})
+    expect_error(bad, "tokenizer.ggml.scores", "entries")
