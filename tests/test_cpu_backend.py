@@ -75,3 +75,13 @@ def test_portable_build_names_its_variants_for_an_unknown_one():
     assert r.returncode != 0
     assert "UsageError" in r.stderr and "MOELITE_CPU_VARIANT='pentium-mmx'" in r.stderr
     assert "x64" in r.stderr or "armv8.0_1" in r.stderr
+
+
+@needs_portable
+def test_portable_build_refuses_a_forced_variant_this_cpu_cannot_run():
+    scores = json.loads(portable(REPORT).stdout)[1]
+    unrunnable = [v for v, s in scores.items() if s == 0]
+    if not unrunnable:
+        pytest.skip(f"this CPU runs every variant of the build: {scores}")
+    r = portable("import moelite", variant=unrunnable[0])
+    assert r.returncode != 0 and "UsageError" in r.stderr and "lacks features that variant needs" in r.stderr

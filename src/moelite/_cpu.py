@@ -56,9 +56,12 @@ def preload() -> None:
         raise UsageError(f"MOELITE_CPU_VARIANT={forced!r}: this build has the CPU variants {', '.join(found)}")
     scores = {name: _score(path) for name, path in found.items()}
     best = forced or max(scores, key=lambda name: scores[name])
+    if scores[best] <= 0 and forced:            # it would die of SIGILL
+        raise UsageError(f"MOELITE_CPU_VARIANT={forced!r}: this CPU lacks features that variant needs; "
+                         f"ggml's scores of this build's variants (0: cannot run): {scores}")
     if scores[best] <= 0:
-        raise MoeliteError(f"{found[best]}: this CPU lacks the features of every CPU variant built "
-                           f"({', '.join(found)}); ggml's scores: {scores}")
+        raise MoeliteError(f"{GGML_DIR}: this CPU lacks the features of every CPU variant built; "
+                           f"ggml's scores: {scores}")
     ctypes.CDLL(str(found[best]), mode=os.RTLD_GLOBAL)
     _chosen.update(variant=best, library=str(found[best]), scores=scores)
 
