@@ -7,7 +7,8 @@ export CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2}
 need() {
   command -v "$1" >/dev/null && return
   if [ "$(id -u)" = 0 ]; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "$2" >/dev/null
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q "$2" >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q "$2" >/dev/null; }
   else
     echo "$(basename "$0"): $1 is missing: apt-get install $2" >&2
     exit 2
