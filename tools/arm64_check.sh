@@ -7,7 +7,7 @@
 #     NEON only; cortex-a76: dotprod; max: SVE, i8mm, ...), each checked for offloaded == resident bit for
 #     bit, then compared with the x86-64 run of the same sources (tools/arm64_check.py).
 # Usage: tools/arm64_check.sh [QEMU_CPU ...]     (with the venv active; default CPUs: cortex-a53 cortex-a76 max)
-# Env: MOELITE_ARM64_ROOT (default /work/arm64-root: outside the repository, about 250 MB).
+# Env: MOELITE_ARM64_ROOT (default /work/arm64-root: outside the repository, about 180 MB).
 set -euo pipefail
 source "$(dirname "$0")/cross_common.sh"
 cd "$root"
