@@ -67,9 +67,9 @@ def make_policy(name: str, *, n_layers: int | None = None, **knobs: Any) -> Poli
 
 
 def check_m(m: Any) -> int:
-    """The consistency window: an int >= 1 (bool and float refused)."""
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise UsageError(f"consistency knob m must be an integer >= 1, got {m!r}")
+    """The consistency window: an int in [1, 2^31) (bool and float refused; the C++ core keeps it in an int32)."""
+    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= m < 2**31:
+        raise UsageError(f"consistency knob m must be an integer in [1, 2^31), got {m!r}")
     return int(m)
 
 

@@ -150,6 +150,7 @@ def model_copy(tmp_path):
     ('{"moelite.calibration.policy": "fifo"}', ["moelite.calibration.policy", "lru"]),
     ('{"moelite.calibration.m": 1e400}', ["moelite.calibration.m"]),
     ('{"moelite.calibration.m": [3]}', ["moelite.calibration.m"]),
+    ('{"moelite.calibration.m": 2147483648}', ["m must be"]),
     ('{"moelite.calibration.hit_rate": 1' + "0" * 400 + '}', ["moelite.calibration.hit_rate"]),
     ('{"moelite.calibration.layer_shares": "ab"}', ["moelite.calibration.layer_shares"]),
     ('{"moelite.calibration.layer_shares": [0.5, {"a": [[[]]]}]}', ["moelite.calibration.layer_shares"]),

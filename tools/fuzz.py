@@ -580,7 +580,7 @@ def mutate_trace_arrays(rng: random.Random, arrays: dict[str, Any]) -> dict[str,
     elif c == 5:
         arrays["n_expert"] = rng.choice([np.int64(v) for v in (0, 1, 10**9, 2**62, 65536, 65537)] +
                                         [np.float64(8.0), np.array([8, 8]), np.str_("8")])
-    elif c == 6 and "ids" in arrays:            # per-sequence layout
+    elif c == 6 and np.ndim(arrays.get("ids")) >= 1:     # per-sequence layout
         ids = np.asarray(arrays.pop("ids"))
         cut = rng.randrange(len(ids) + 1)
         arrays["ids_0"], arrays["ids_1"] = ids[:cut], ids[cut:]
