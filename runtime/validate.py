@@ -34,9 +34,12 @@ class Rule:
     hi: float = math.inf
     closed: bool = True
     int_max: int = INT32_MAX             # the C++ core takes int32
+    allow_none: bool = False
 
     def problem(self, v: Any) -> str | None:
         """None when v satisfies the rule, else what was expected."""
+        if v is None and self.allow_none:
+            return None
         if isinstance(v, (bool, np.bool_, str)):
             return None if self.kind == "any" else f"expected {'an integer' if self.kind == 'int' else 'a number'}"
         if isinstance(v, (int, np.integer)):
@@ -60,7 +63,7 @@ def _num(x: float) -> str:
 
 
 COUNT, COUNT0, REAL, POSITIVE = Rule("int", 1), Rule("int", 0), Rule("real"), Rule("real", 0.0, closed=False)
-GENERIC = Rule()
+GENERIC = Rule(allow_none=True)          # hparams the table does not know: plain values, ints in int32, finite
 RAW_NUMBER = Rule(int_max=2**64)        # any stored integer, a finite float
 
 # hparams field -> (rule, GGUF key suffix under '{arch}.' it comes from, or None)
