@@ -557,6 +557,19 @@ int Model::next_moe(int il) const {
     return -1;
 }
 
+// Weights (or inputs) holding NaN/Inf must not pass silently: the residual stream's last row after the embedding
+// and after every layer (NaN spreads to later positions through attention, so the last row catches it), named by
+// layer. n_embd floats per layer: negligible next to the layer itself.
+void Model::check_finite(int il, int T) {
+    std::vector<float> row(hp_.n_embd);
+    ggml_backend_tensor_get(x_, row.data(), (size_t) (T - 1) * x_->nb[1], row.size() * sizeof(float));
+    for (float v : row)
+        if (!std::isfinite(v))
+            throw FormatError(il < 0 ? std::string("the token embeddings (token_embd.weight) hold NaN or Inf values")
+                                     : "layer " + std::to_string(il) + " produced NaN or Inf values: the weights of blk." +
+                                           std::to_string(il) + ".* (or the layers before it) hold NaN/Inf or overflow");
+}
+
 void Model::reset() {
     n_past_ = 0;
     if (buf_rs_) ggml_backend_buffer_clear(buf_rs_, 0);
@@ -611,6 +624,9 @@ void Model::run_output(int T, int n_out, float * logits) {
     compute(ctx, gf, galloc_);
     ggml_backend_graph_compute(backend_, gf);
     ggml_backend_tensor_get(y, logits, 0, ggml_nbytes(y));
+    for (size_t i = 0, n = (size_t) h.n_vocab * n_out; i < n; ++i)
+        if (!std::isfinite(logits[i]))
+            throw FormatError("the output layer (output_norm / output.weight) produced NaN or Inf logits");
     ggml_free(ctx);
 }
 
@@ -629,11 +645,12 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
         for (int t = 0; t < T; ++t) pos_[t] = n_past_ + t;
         build_masks(T);
         run_embed(tokens + start, T);
+        check_finite(-1, T);
         std::vector<int32_t> ids, slots, la_ids;
         std::vector<float> w, la_w, sc;
         for (int il = 0; il < h.n_layer; ++il) {
             run_layer_front(il, T);
-            if (!layers_[il].moe) continue;
+            if (!layers_[il].moe) { check_finite(il, T); continue; }
             route(il, router_, T, ids, w, record_routes ? &sc : nullptr);
             const int nl = next_moe(il);
             if (nl >= 0 && (opt_.prefetch || record_routes)) {
@@ -652,6 +669,7 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
             }
             moe_layer(il, T, ids, w);
             for (int t = 0; t < T; ++t) cache_->note_token_experts(il, &ids[(size_t) t * K], K);
+            check_finite(il, T);
         }
         const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
         if (out_here > 0) {

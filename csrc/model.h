@@ -186,6 +186,7 @@ private:
     void run_layer_front(int il, int T);
     void run_output(int T, int n_out, float * logits);
     void build_masks(int T);
+    void check_finite(int il, int T);             // FormatError naming layer il (-1: embeddings) on NaN/Inf
     int next_moe(int il) const;
 
     // ---- shared small builders (model.cpp)

@@ -6,6 +6,7 @@
 #include <cmath>
 #include <numeric>
 
+#include "common.h"
 #include "model.h"
 
 namespace moelite {
@@ -25,6 +26,10 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
     std::vector<int> order(E);
     const std::vector<float> & bias = layers_[il].exp_probs_b;
     const std::vector<float> & escale = layers_[il].exp_scale;
+    for (float v : logits)                        // NaN would break the ordering the top-k sort relies on
+        if (!std::isfinite(v))
+            throw FormatError("layer " + std::to_string(il) + ": router logits are NaN or Inf (blk." + std::to_string(il) +
+                              ".ffn_gate_inp.weight or the layer's input hold NaN/Inf)");
     for (int t = 0; t < T; ++t) {
         const float * z = &logits[(size_t) t * E];
         int32_t * id = &ids[(size_t) t * K];

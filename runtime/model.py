@@ -281,8 +281,14 @@ class Model:
     def _eval(self, ids: Sequence[int], n_out: int = 1) -> np.ndarray:
         core = self._core()
         starts_context = core.n_past == 0
-        with _core_errors(self.path):
-            out = core.eval(np.asarray(ids, dtype=np.int32), n_out)
+        try:
+            with _core_errors(self.path):
+                out = core.eval(np.asarray(ids, dtype=np.int32), n_out)
+        except BaseException:
+            # a step that failed half-way leaves the KV cache / recurrent state of some layers advanced: start over
+            core.reset()
+            self._ctx_ids, self._snapshots = [], []
+            raise
         if core.record_routes:
             rid, rw, layers, la = core.take_routes()
             if len(rid):

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 import moelite
+from moelite import _core
 from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 from hf_fixtures import HYBRID_FAMILIES, WAVE2_FAMILIES, hf_logits
 from llama_cpp_ref import llama_cpp_logits, pinned_convert
@@ -62,7 +63,7 @@ def test_fused_gate_up_experts_exact(family, tmp_path):
     hf, ours = fixture_gguf(family)
     fused = tmp_path / f"{family}-fused.gguf"
     convert(hf, fused, "f32", progress=False, fuse_gate_up=True)
-    names = {t[0] for t in moelite._core.read_gguf(str(fused))["tensors"]}
+    names = {t[0] for t in _core.read_gguf(str(fused))["tensors"]}
     assert any(n.endswith("ffn_gate_up_exps.weight") for n in names)
     assert not any(n.endswith(("ffn_gate_exps.weight", "ffn_up_exps.weight")) for n in names)
     want = moelite_logits(ours)
@@ -80,7 +81,7 @@ def test_stock_fused_gemma4_gguf_offloads_exactly(tmp_path):
     """llama.cpp's converter writes Gemma-4's experts fused; moelite runs that file offloaded bit for bit."""
     hf, _ = fixture_gguf("gemma4_text")
     path = pinned_convert(hf, tmp_path / "gemma4.gguf")
-    assert "blk.0.ffn_gate_up_exps.weight" in {t[0] for t in moelite._core.read_gguf(str(path))["tensors"]}
+    assert "blk.0.ffn_gate_up_exps.weight" in {t[0] for t in _core.read_gguf(str(path))["tensors"]}
     with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
         want = m.logits(PROMPT)
         minimum = m.plan.minimum_budget

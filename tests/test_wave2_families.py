@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 import moelite
+from moelite import _core
 from fixture_models import fixture_gguf
 from hf_fixtures import HYBRID_FAMILIES, WAVE2_FAMILIES, edited_copy
 from moelite.converters import convert
@@ -256,7 +257,7 @@ def test_hunyuan_real_config_lists_and_ntk_alpha(tmp_path):
     src = real_copy("hunyuan_v1_moe", tmp_path / "hf", cfg)
     out = tmp_path / "h.gguf"
     convert(src, out, "f32", progress=False)
-    kv = moelite._core.read_gguf(str(out))["kv"]
+    kv = _core.read_gguf(str(out))["kv"]
     assert math.isclose(kv["hunyuan-moe.rope.freq_base"], 10000.0 * 1000.0 ** (16 / 14), rel_tol=1e-6)
     assert kv["hunyuan-moe.expert_used_count"] == 2 and kv["hunyuan-moe.expert_shared_count"] == 1
     cfg["moe_topk"] = [2, 4]
