@@ -97,6 +97,8 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--vram-budget", type=budget_arg, metavar="SIZE",
                    help="on cuda: VRAM for dense weights, KV cache and the expert arena; --memory-budget is then the "
                         "RAM tier between VRAM and disk")
+    g.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
+                   help="attention through ggml's flash attention (default auto = on, as llama.cpp)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
                    help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
                         "on the GPU and streams experts; it does not split layers)")
@@ -180,7 +182,8 @@ def load_model(args: argparse.Namespace, **extra: Any):
     path = resolve_model(model_arg(args), args.convert_type, progress=True)
     with native_stderr_hidden(args.verbose):
         model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
-                             n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget, **extra)
+                             n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
+                             flash_attn=getattr(args, "flash_attn", "auto") != "off", **extra)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
     return model

@@ -96,7 +96,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "expert_slots", o.expert_slots); get(d, "policy", o.policy); get(d, "window_m", o.window_m);
     get(d, "prefetch", o.prefetch); get(d, "n_io_threads", o.n_io_threads);
     get(d, "device", o.device); get(d, "gpu", o.gpu);
-    get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute);
+    get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
 }

@@ -66,43 +66,54 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         ggml_set_name(temp, "attn_temp");
         q = ggml_mul(ctx, q, temp);
     }
-    ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, T, n_head]
-    o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));              // [dv, n_head, T]
+    ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, n_head, T]
     o = ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T);
     if (gate) o = ggml_mul(ctx, o, ggml_sigmoid(ctx, gate));           // gated attention output
     o = ggml_mul_mat(ctx, L.wo, o);                                    // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;
 }
 
-// Causal attention over the KV cache of layer il (mask per the layer plan: full, sliding window, chunk).
-// q: [dk, n_head, T], k: [dk, n_head_kv, T], v: [dv, n_head_kv, T] -> [dv, T, n_head] (before the head merge)
+// Causal attention over the KV cache of layer il (mask per the layer plan: full, sliding window, chunk), through
+// ggml_flash_attn_ext (V cached untransposed; sinks as its extra input) or, with flash_attn off, as
+// softmax(K^T Q + mask) V over a V cache stored transposed.
+// q: [dk, n_head, T], k: [dk, n_head_kv, T], v: [dv, n_head_kv, T] -> [dv, n_head, T] (contiguous, heads unmerged)
 ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
                                ggml_tensor * v, int T) {
     Layer & L = layers_[il];
-    const int64_t dk = q->ne[0], dv = v->ne[0], n_head = q->ne[1], n_head_kv = k->ne[1];
+    const int64_t dk = q->ne[0], dv = v->ne[0], n_head_kv = k->ne[1];
     const int n_kv = n_past_ + T;
     const size_t ek = ggml_element_size(L.k_cache), ev = ggml_element_size(L.v_cache);
-    // write the new K (rows) and V (transposed: columns) into the cache
+    const bool flash = opt_.flash_attn;
+    // write the new K (rows) and V (rows with flash attention, else transposed: columns) into the cache
     ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, dk * n_head_kv, T, L.k_cache->nb[1], (size_t) n_past_ * L.k_cache->nb[1]);
     if (!ggml_is_contiguous(k)) k = ggml_cont(ctx, k);
     if (!ggml_is_contiguous(v)) v = ggml_cont(ctx, v);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, dk * n_head_kv, T), k_dst));
-    ggml_tensor * v_dst = ggml_view_2d(ctx, L.v_cache, T, dv * n_head_kv, L.v_cache->nb[1], (size_t) n_past_ * ev);
-    ggml_build_forward_expand(
-        gf, ggml_cpy(ctx, ggml_transpose(ctx, ggml_reshape_2d(ctx, v, dv * n_head_kv, T)), v_dst));
+    ggml_tensor * v2 = ggml_reshape_2d(ctx, v, dv * n_head_kv, T);
+    if (flash)
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, v2, ggml_view_2d(ctx, L.v_cache, dv * n_head_kv, T, L.v_cache->nb[1],
+                                                                   (size_t) n_past_ * L.v_cache->nb[1])));
+    else
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v2), ggml_view_2d(ctx, L.v_cache, T, dv * n_head_kv,
+                                                                                      L.v_cache->nb[1], (size_t) n_past_ * ev)));
 
     ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1], dk * ek, 0);   // [dk, n_kv, h_kv]
-    ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, n_kv, dv, n_head_kv, L.v_cache->nb[1], L.v_cache->nb[1] * dv, 0);  // [n_kv, dv, h_kv]
     ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);                 // [dk, T, n_head]
-    ggml_tensor * kq = ggml_mul_mat(ctx, K, Q);                         // [n_kv, T, n_head]
-    ggml_tensor * mask = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, T);
-    ggml_set_input(mask);
     const int mk = hp_.plan[il].mask;
+    ggml_tensor * mask = ggml_new_tensor_2d(ctx, flash ? GGML_TYPE_F16 : GGML_TYPE_F32, n_kv, T);
+    ggml_set_input(mask);
     ggml_set_name(mask, mk == MASK_SWA ? "mask_swa" : mk == MASK_CHUNKED ? "mask_chunk" : "mask");
+    if (flash) {
+        ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, dv, n_kv, n_head_kv, L.v_cache->nb[1], dv * ev, 0);   // [dv, n_kv, h_kv]
+        ggml_tensor * o = ggml_flash_attn_ext(ctx, Q, K, V, mask, hp_.plan[il].kq_scale, 0.0f, 0.0f);       // [dv, n_head, T]
+        if (L.sinks) ggml_flash_attn_ext_add_sinks(o, L.sinks);
+        return o;
+    }
+    ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, n_kv, dv, n_head_kv, L.v_cache->nb[1], L.v_cache->nb[1] * dv, 0);  // [n_kv, dv, h_kv]
+    ggml_tensor * kq = ggml_mul_mat(ctx, K, Q);                         // [n_kv, T, n_head]
     kq = ggml_soft_max_ext(ctx, kq, mask, hp_.plan[il].kq_scale, 0.0f);
     if (L.sinks) ggml_soft_max_add_sinks(kq, L.sinks);
-    (void) n_head;
-    return ggml_mul_mat(ctx, V, kq);                                    // [dv, T, n_head]
+    return ggml_cont(ctx, ggml_permute(ctx, ggml_mul_mat(ctx, V, kq), 0, 2, 1, 3));   // [dv, T, n_head] -> [dv, n_head, T]
 }
 
 }  // namespace moelite

@@ -27,8 +27,8 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * q_cat = ggml_concat(ctx, q_abs, q_pe, 0);                                    // [C + R, n_head, T]
     ggml_tensor * c3 = ggml_reshape_3d(ctx, c, C, 1, T);
     ggml_tensor * k_cat = ggml_concat(ctx, c3, k_pe, 0);                                       // [C + R, 1, T]
-    ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T);                             // [C, T, n_head]
-    o = ggml_mul_mat(ctx, L.wv_b, o);                                                          // [dv, T, n_head]
+    ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T);                             // [C, n_head, T]
+    o = ggml_mul_mat(ctx, L.wv_b, ggml_permute(ctx, o, 0, 2, 1, 3));                           // [dv, T, n_head]
     o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                                      // [dv, n_head, T]
     o = ggml_mul_mat(ctx, L.wo, ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T));             // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;

@@ -395,7 +395,8 @@ void Model::alloc_kv() {
         const int64_t k_row = mla ? h.kv_lora_rank + p.n_rot : (int64_t) p.n_head_kv * p.head_k;
         const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) p.n_head_kv * p.head_v;
         layers_[il].k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, k_row, opt_.n_ctx);
-        layers_[il].v_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, opt_.n_ctx, v_row);
+        layers_[il].v_cache = opt_.flash_attn ? ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, v_row, opt_.n_ctx)
+                                              : ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, opt_.n_ctx, v_row);
     }
     const int U = opt_.n_ubatch;
     x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
@@ -540,8 +541,17 @@ void Model::run_layer_front(int il, int T) {
     compute(ctx, gf, galloc_);
     const std::pair<const char *, const std::vector<float> *> inputs[] = {
         {"mask", &mask_}, {"mask_swa", &mask_swa_}, {"mask_chunk", &mask_chunk_}, {"attn_temp", &attn_temp_}};
-    for (auto & [name, data] : inputs)
-        if (ggml_tensor * t = ggml_graph_get_tensor(gf, name)) set_input(t, data->data(), ggml_nbytes(t));
+    for (auto & [name, data] : inputs) {
+        ggml_tensor * t = ggml_graph_get_tensor(gf, name);
+        if (!t) continue;
+        if (t->type == GGML_TYPE_F16) {           // flash attention's masks
+            mask16_.resize(data->size());
+            ggml_fp32_to_fp16_row(data->data(), mask16_.data(), (int64_t) data->size());
+            set_input(t, mask16_.data(), ggml_nbytes(t));
+        } else {
+            set_input(t, data->data(), ggml_nbytes(t));
+        }
+    }
     if (ggml_tensor * t = ggml_graph_get_tensor(gf, "ssm_ids")) {
         const int32_t row = 0;
         set_input(t, &row, sizeof(row));

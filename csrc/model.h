@@ -129,6 +129,7 @@ struct ModelOptions {
     // With device CPU the "VRAM" arena is host memory too: that runs the tiering logic on any machine.
     std::vector<int> host_slots;
     int cpu_compute = 1;                          // CpuCompute: 0 never, 1 cost model, 2 always
+    bool flash_attn = true;                       // ggml_flash_attn_ext (V cached untransposed); off: softmax(QK)V
 };
 
 
@@ -270,6 +271,7 @@ private:
     int n_past_ = 0;
     std::vector<int32_t> pos_;
     std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_;   // host inputs of one ubatch
+    std::vector<ggml_fp16_t> mask16_;             // a mask converted for flash attention (F16 masks)
 };
 
 }  // namespace moelite

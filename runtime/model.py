@@ -104,7 +104,7 @@ class Model:
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
-                 cpu_compute: str = "auto", state_snapshots: int = 2) -> None:
+                 cpu_compute: str = "auto", state_snapshots: int = 2, flash_attn: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -171,7 +171,9 @@ class Model:
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
-                       host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute])
+                       host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
+                       flash_attn=bool(flash_attn))
+        self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
@@ -269,6 +271,7 @@ class Model:
             "offloaded": p.slots is not None,
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
             "state_bytes": self._core().state_bytes, "state_snapshots": len(self._snapshots),
+            "flash_attn": self.flash_attn,
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
             "scratch_bytes_in_use": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
