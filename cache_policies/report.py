@@ -102,6 +102,11 @@ def _figure(title: str, xlabel: str, ylabel: str, size=(6, 4)):
     return plt, fig, ax
 
 
+def _legend_outside(ax) -> None:
+    """The legend right of the axes, never over the data."""
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0, fontsize="small")
+
+
 def _save(plt, fig, path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -117,7 +122,7 @@ def plot_srp(rep: dict, path) -> None:
     ax.axhline(2 * r / (1 + r), color="grey", ls=":", label="floor 2r/(1+r)")
     ax.set_xscale("log", base=2)
     ax.set_ylim(0, 1)
-    ax.legend()
+    _legend_outside(ax)
     _save(plt, fig, path)
 
 
@@ -130,38 +135,50 @@ def plot_sch(rep: dict, path) -> None:
         pts = sorted((r["rho"], r["value"]) for r in rep[key] if r["m"] == m16)
         ax.plot(*zip(*pts), "o-", label=f"{label}, m={m16}")
     ax.set_ylim(0, 1)
-    ax.legend()
+    _legend_outside(ax)
     _save(plt, fig, path)
 
 
 def plot_hit_rate(rep: dict, path) -> None:
-    """Simulated hit rate vs total slots per policy (dotted: with prefetch); Belady black, the ceiling."""
-    plt, fig, ax = _figure("simulated hit rate", "cache size (expert slots, all layers)", "hit rate")
+    """Simulated hit rate vs total slots per policy (dotted: with prefetch), one colour per curve; Belady black
+    (an oracle: the ceiling, not a policy one can select)."""
+    plt, fig, ax = _figure("simulated hit rate", "cache size (expert slots, all layers)", "hit rate (%)", size=(8, 4))
+    colours = iter(plt.get_cmap("tab10").colors * 3)
     for label, rows in _by_curve(rep).items():
-        pts = sorted((r["total_slots"], r["hit_rate"]) for r in rows)
+        pts = sorted((r["total_slots"], 100 * r["hit_rate"]) for r in rows)
         key = (rows[0]["policy"], rows[0]["prefetch"])
-        fmt = {("belady", False): "k--", ("belady", True): "k:"}.get(key, "o:" if key[1] else "o-")
-        ax.plot(*zip(*pts), fmt, label=label)
-    ax.set_ylim(0, 1)
-    ax.legend()
+        if key[0] in ORACLES:
+            ax.plot(*zip(*pts), "k:" if key[1] else "k--", label=label)
+        else:
+            ax.plot(*zip(*pts), "o:" if key[1] else "o-", color=next(colours), label=label)
+    ax.set_ylim(0, 100)
+    _legend_outside(ax)
     _save(plt, fig, path)
 
 
 def plot_layers(rep: dict, path) -> None:
-    """Per-layer bars: SRP at the report's layer m, and the simulated hit rate of each policy at the
-    middle cache size."""
+    """Per layer, one quantity per axis: SRP at the report's layer m (top), and the simulated hit rate of each
+    selectable policy at the middle cache size (bottom)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
     sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
     mid = sizes[len(sizes) // 2]
-    rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid and not r["prefetch"]]
-    plt, fig, ax = _figure(f"per layer (hit rates at {mid} slots)", "layer", "value", size=(9, 4))
+    rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid and not r["prefetch"] and r["policy"] not in ORACLES]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
     x = np.arange(rep["n_layers"])
-    width = 0.8 / (len(rows) + 1)
-    ax.bar(x, rep["srp_layer"]["value"], width, label=f"SRP m={rep['srp_layer']['m']}")
-    for i, r in enumerate(rows, 1):
-        ax.bar(x + i * width, r["layer_hit_rate"], width, label=r["policy"])
-    ax.set_xticks(x + 0.4 - width / 2, [str(b) for b in rep["layers"]])
-    ax.set_ylim(0, 1.3)  # head room for the legend
-    ax.legend(fontsize="small", ncol=4, loc="upper center")
+    width = 0.8 / max(len(rows), 1)
+    top.bar(x + 0.4 - width / 2, rep["srp_layer"]["value"], 0.6, color="tab:blue")
+    top.set_ylabel(f"SRP (m={rep['srp_layer']['m']})")
+    top.set_ylim(0, 1)
+    top.set_title("per layer")
+    for i, r in enumerate(rows):
+        bottom.bar(x + i * width, [100 * v for v in r["layer_hit_rate"]], width, label=r["policy"])
+    bottom.set_ylabel(f"hit rate at {mid} slots (%)")
+    bottom.set_ylim(0, 100)
+    bottom.set_xlabel("layer")
+    bottom.set_xticks(x + 0.4 - width / 2, [str(b) for b in rep["layers"]])
+    _legend_outside(bottom)
     _save(plt, fig, path)
 
 
@@ -175,23 +192,24 @@ def plot_expert_heatmap(rep: dict, path) -> None:
 
 # terminal ----------------------------------------------------------------------------------------------
 def print_summary(rep: dict, console=None) -> None:
-    """Rich tables: SRP / SCH per m, then hit rate per policy and cache size."""
+    """Rich tables: SRP / SCH per m, then hit rate per policy and cache size (rates in %)."""
     from rich.console import Console
     from rich.table import Table
     console = console or Console()
     head = f"{rep['model'] or 'trace'}: {rep['n_sequences']} seq, {rep['n_tokens']} tokens, " \
            f"L={rep['n_layers']} E={rep['n_expert']} k={rep['k']}"
-    metrics = Table(title=head)
-    for col in ("m", "SRP", "alpha", "rho_hat", "SCH rho=2", "static SCH rho=2"):
+    metrics = Table(title=head, caption=SRP_LINE + "\n" + SCH_LINE)
+    for col in ("m", "SRP (%)", "alpha", "rho_hat", "SCH rho=2 (%)", "static SCH rho=2 (%)"):
         metrics.add_column(col, justify="right")
     sch2 = {r["m"]: r["value"] for r in rep["sch"] if r["rho"] == 2.0}
     static2 = {r["m"]: r["value"] for r in rep["sch_static"] if r["rho"] == 2.0}
     for r in rep["srp"]:
-        metrics.add_row(str(r["m"]), f"{100 * r['value']:.2f}", str(r["alpha"]), f"{r['rho_hat']:.2f}",
+        metrics.add_row(str(r["m"]), _pct(r["value"]), str(r["alpha"]), f"{r['rho_hat']:.2f}",
                         _pct(sch2.get(r["m"])), _pct(static2.get(r["m"])))
     console.print(metrics)
     sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
-    sims = Table(title="simulated hit rate (%) by cache size in expert slots")
+    sims = Table(title="simulated hit rate (%) by cache size in expert slots",
+                 caption="rows marked 'oracle' need the future: a ceiling to compare with, not a policy to select")
     sims.add_column("policy")
     for n in sizes:
         sims.add_column(str(n), justify="right")
@@ -201,12 +219,29 @@ def print_summary(rep: dict, console=None) -> None:
     console.print(sims)
 
 
+SRP_LINE = ("SRP(m): how much of a window of m tokens' expert choices a fixed set of experts covers "
+            "(1 = every token in the window uses the same experts; the floor is what random routing gives)")
+SCH_LINE = ("SCH(m, rho): the hit rate of a cache of rho x k slots per layer filled with the window's most used "
+            "experts (oracle: chosen knowing the window; static: from the previous window)")
+ORACLES = ("belady", "sch_oracle", "oracle")
+
+
 def _by_curve(rep: dict) -> dict[str, list[dict]]:
-    """Simulation rows grouped per curve: "policy" or "policy +prefetch"."""
+    """Simulation rows grouped per curve ("policy" or "policy +prefetch"); oracles marked; a curve identical to an
+    earlier one (consistency is LRU without prefetch) is merged into its label instead of repeated."""
     curves: dict[str, list[dict]] = {}
     for r in rep["hit_rate"]:
-        curves.setdefault(r["policy"] + (" +prefetch" if r["prefetch"] else ""), []).append(r)
-    return curves
+        name = r["policy"] + (" (oracle)" if r["policy"] in ORACLES else "") + (" +prefetch" if r["prefetch"] else "")
+        curves.setdefault(name, []).append(r)
+    merged: dict[str, list[dict]] = {}
+    for name, rows in curves.items():
+        key = sorted((r["total_slots"], r["hit_rate"]) for r in rows)
+        same = next((k for k, v in merged.items() if sorted((r["total_slots"], r["hit_rate"]) for r in v) == key), None)
+        if same is None:
+            merged[name] = rows
+        else:
+            merged[f"{same} = {name}"] = merged.pop(same)
+    return merged
 
 
 def _pct(x) -> str:

@@ -301,4 +301,15 @@ def test_report_files(tmp_path):
         assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
     buf = io.StringIO()
     print_summary(rep, Console(file=buf, width=120))
-    assert "belady +prefetch" in buf.getvalue() and "SRP" in buf.getvalue()
+    out = buf.getvalue()
+    assert "belady (oracle)" in out and "SRP" in out and "a ceiling" in out               # oracles marked
+    assert "SRP(m):" in out and "SCH(m, rho):" in out                                       # a line each
+
+
+def test_identical_curves_are_merged_not_repeated():
+    """consistency without prefetch is LRU exactly (the simulator's property test): one row, both names."""
+    from moelite.cache_policies.report import _by_curve
+    rows = [dict(policy=p, prefetch=False, total_slots=n, hit_rate=h) for p in ("lru", "consistency")
+            for n, h in ((4, 0.5), (8, 0.7))] + [dict(policy="lfu", prefetch=False, total_slots=4, hit_rate=0.4)]
+    curves = _by_curve({"hit_rate": rows})
+    assert list(curves) == ["lru = consistency", "lfu"]
