@@ -146,6 +146,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     def k(name: str, default: Any = ...) -> Any:
         return _key(kv, path, f"{arch}.{name}", default)
     k.raw = lambda name, default=None: kv.get(f"{arch}.{name}", default)
+    k.path = path
 
     n_expert = int(k("expert_count", 0))
     if n_expert <= 1 or not any(n.endswith(("ffn_down_exps.weight")) for n in tensors):
@@ -282,6 +283,18 @@ def _recurrent_plan(arch: str, k, hp: dict, plan: dict, recurrent: list[bool]) -
     for il, r in enumerate(recurrent):
         if r:
             plan["layer_mixer"][il] = mixer
+    names = ("shortconv.l_cache",) if mixer == MIXER_SHORTCONV else (
+        "ssm.conv_kernel", "ssm.state_size", "ssm.group_count", "ssm.time_step_rank", "ssm.inner_size")
+    for name in names:                        # sizes the state is allocated from: checked before anything uses them
+        v = k(name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 1 <= v <= 1 << 20 or \
+                (name.endswith(("l_cache", "conv_kernel")) and not 2 <= v <= 64):
+            raise ModelFormatError(f"{k.path}: key '{arch}.{name}' = {v!r}: expected a positive integer "
+                                   f"(conv kernels 2..64)")
+    if mixer != MIXER_SHORTCONV and (int(k("ssm.inner_size")) % int(k("ssm.time_step_rank")) or
+                                     int(k("ssm.time_step_rank")) % int(k("ssm.group_count"))):
+        raise ModelFormatError(f"{k.path}: keys '{arch}.ssm.inner_size' / 'time_step_rank' / 'group_count': expected "
+                               f"inner_size a multiple of time_step_rank, and time_step_rank of group_count")
     if mixer == MIXER_SHORTCONV:
         hp.update(ssm_conv_kernel=int(k("shortconv.l_cache")))
     elif mixer == MIXER_MAMBA2:

@@ -88,3 +88,23 @@ def test_state_is_counted_in_the_budget(family):
         assert state > 0 and m.plan.rs_bytes == state * (1 + m.state_snapshots)
     with pytest.raises(BudgetError, match="recurrent state"):
         moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=minimum - 1)
+
+
+@pytest.mark.parametrize("family,key,value", [
+    ("qwen3_5_moe_text", "qwen35moe.ssm.time_step_rank", 0),
+    ("qwen3_5_moe_text", "qwen35moe.ssm.inner_size", 7),
+    ("qwen3_next", "qwen3next.ssm.conv_kernel", 1),
+    ("lfm2_moe", "lfm2moe.shortconv.l_cache", 100),
+    ("granitemoehybrid", "granitehybrid.ssm.group_count", 3),
+])
+def test_bad_state_sizes_are_format_errors(family, key, value):
+    """The keys the recurrent state is sized from are checked at the border (a zero once reached the planner's
+    division as a raw ZeroDivisionError)."""
+    from moelite import _core
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.validate import load_hparams
+    _, path = fixture_gguf(family)
+    meta = _core.read_gguf(str(path))
+    tensors = {n: (t, s, o, b) for n, t, s, o, b in meta["tensors"]}
+    with pytest.raises(ModelFormatError, match=key.split(".", 1)[1].split(".")[0]):
+        load_hparams(str(path), {**meta["kv"], key: value}, tensors)
