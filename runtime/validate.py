@@ -124,7 +124,9 @@ VEC_DOT_TYPES = {
 }
 F32 = 0
 # tensors ggml adds / multiplies elementwise or reads as float arrays: must be F32 (binary ops assert on others)
-_F32_NAME = re.compile(r"(norm\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight)$")
+# F32 only: ggml's binary ops (norm weights, biases, scales), ggml_ssm_conv's kernels, the recurrent A / D vectors
+_F32_NAME = re.compile(r"(norm(_\d+)?\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight"
+                       r"|layer_output_scale\.weight|ssm_a|ssm_d|ssm_conv1d\.weight|shortconv\.conv\.weight)$")
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 
