@@ -327,3 +327,22 @@ def test_unknown_checkpoint_quantization_is_refused(tmp_path):
     src = real_copy("glm4_moe", tmp_path / "hf", cfg)
     with pytest.raises(ConversionError, match="quant_method"):
         convert(src, tmp_path / "out.gguf", "f32", progress=False)
+
+
+@pytest.mark.parametrize("family,tensor", [
+    ("gemma4_text", "blk.0.post_ffw_norm_1.weight"), ("gemma4_text", "blk.0.layer_output_scale.weight"),
+    ("qwen3_5_moe_text", "blk.0.ssm_a"), ("qwen3_5_moe_text", "blk.0.ssm_conv1d.weight"),
+    ("granitemoehybrid", "blk.0.ssm_d"), ("lfm2_moe", "blk.0.shortconv.conv.weight"),
+])
+def test_f32_only_tensors_retyped_are_refused(family, tensor):
+    """Norm weights, scales, conv kernels and A/D vectors feed ops that take F32 only (ggml aborts otherwise): a
+    file holding them as F16 is a ModelFormatError naming the tensor, before the core sees it."""
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.validate import load_hparams
+    _, path = fixture_gguf(family)
+    meta = _core.read_gguf(str(path))
+    tensors = {n: (t, s, o, b) for n, t, s, o, b in meta["tensors"]}
+    t, shape, off, nbytes = tensors[tensor]
+    tensors[tensor] = (1, shape, off, nbytes // 2)                    # F16
+    with pytest.raises(ModelFormatError, match=tensor.replace(".", r"\.")):
+        load_hparams(str(path), meta["kv"], tensors)
