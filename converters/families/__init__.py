@@ -25,6 +25,8 @@ from typing import Any, Callable
 
 from moelite.errors import ConversionError
 
+import numpy as np
+
 from ..lazy import Lazy, rows, stack
 
 SOFTMAX, SIGMOID = 1, 2  # llama.cpp LLAMA_EXPERT_GATING_FUNC_TYPE_*
@@ -190,6 +192,27 @@ def strip_prefix(w: dict[str, Lazy], renames: tuple[tuple[str, str], ...], drop:
             if name.startswith(old):
                 w[new + name[len(old):]] = w.pop(name)
                 break
+
+
+def squeeze_conv(w: dict[str, Lazy], name: str) -> None:
+    """A depthwise conv1d weight [C, 1, K] -> [C, K] (ggml ne {K, C}: ggml_ssm_conv's kernel)."""
+    t = w[name]
+    w[name] = t.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (t.shape[0], t.shape[-1]), "")
+
+
+def neg_exp(w: dict[str, Lazy], name: str, shape: tuple[int, ...] | None = None) -> None:
+    """A_log -> A = -exp(A_log), what llama.cpp stores as ssm_a (optionally reshaped, e.g. Mamba2's [nh, 1])."""
+    t = w[name]
+    shape = shape or t.shape
+    w[name] = t.map(lambda a: -np.exp(a.astype(np.float32)).reshape(shape), shape, ".-exp")
+
+
+def fold_zero_centred_norms(w: dict[str, Lazy], keep: tuple[str, ...] = ()) -> None:
+    """RMSNorms computing x * (1 + w) (Qwen3.5, Qwen3-Next): +1 folded into every *norm.weight but `keep`."""
+    for name in list(w):
+        if name.endswith("norm.weight") and not name.endswith(keep):
+            t = w[name]
+            w[name] = t.map(lambda a: a + 1.0, t.shape, "+1")
 
 
 def split_halves(w: dict[str, Lazy], name: str, first: str, second: str, axis: int = -2) -> None:

@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
 from moelite.errors import ConversionError
 
-from . import Config, Family
+from . import Config, Family, neg_exp, squeeze_conv
 from .granitemoe import TENSORS as GRANITE_TENSORS, hparams as granite_hparams, sanitize as granite_sanitize
 
 M = "model.layers.{bid}.mamba"
@@ -72,10 +70,8 @@ def sanitize(w, c: Config) -> None:
         m = M.format(bid=bid)
         if f"{m}.in_proj.weight" not in w:
             continue
-        conv = w[f"{m}.conv1d.weight"]
-        w[f"{m}.conv1d.weight"] = conv.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (conv.shape[0], conv.shape[-1]), "")
-        a_log = w[f"{m}.A_log"]
-        w[f"{m}.A_log"] = a_log.map(lambda a: -np.exp(a.astype(np.float32)).reshape(-1, 1), (a_log.shape[0], 1), ".-exp")
+        squeeze_conv(w, f"{m}.conv1d.weight")
+        neg_exp(w, f"{m}.A_log", (w[f"{m}.A_log"].shape[0], 1))
         d = w[f"{m}.D"]
         w[f"{m}.D"] = d.map(lambda a: a.reshape(-1, 1), (d.shape[0], 1), "")
         norm = w[f"{m}.norm.weight"]

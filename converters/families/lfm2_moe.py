@@ -13,7 +13,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, common_hparams, stack_experts
+from . import SIGMOID, Config, Family, common_hparams, squeeze_conv, stack_experts
 
 L = "model.layers.{bid}"
 
@@ -68,8 +68,7 @@ def sanitize(w, c: Config) -> None:
     for bid in range(c.n_layer):
         name = L.format(bid=bid) + ".conv.conv.weight"
         if name in w:
-            t = w[name]
-            w[name] = t.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (t.shape[0], t.shape[-1]), "")
+            squeeze_conv(w, name)
     stack_experts(w, c, L + ".feed_forward.experts.{e}.{proj}.weight", L + ".feed_forward.experts.{proj}.weight",
                   ("w1", "w2", "w3"))
 

@@ -22,7 +22,8 @@ import numpy as np
 
 from moelite.errors import ConversionError
 
-from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts, strip_prefix
+from . import (LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, fold_zero_centred_norms, neg_exp,
+               squeeze_conv, stack_experts, strip_prefix)
 
 L = "model.layers.{bid}"
 LA = L + ".linear_attn"
@@ -121,18 +122,13 @@ def sanitize(w, c: Config) -> None:
     hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
     dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
     order = tiled_order(hk, hv)
-    for name in list(w):
-        t = w[name]
-        if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-            w[name] = t.map(lambda a: a + 1.0, t.shape, "+1")                 # zero-centred RMSNorm
+    fold_zero_centred_norms(w, keep=("linear_attn.norm.weight",))
     for bid in range(c.n_layer):
         la = LA.format(bid=bid)
         if f"{la}.conv1d.weight" not in w:
             continue
-        conv = w[f"{la}.conv1d.weight"]
-        w[f"{la}.conv1d.weight"] = conv.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (conv.shape[0], conv.shape[-1]), "")
-        a_log = w[f"{la}.A_log"]
-        w[f"{la}.A_log"] = a_log.map(lambda a: -np.exp(a.astype(np.float32)), a_log.shape, ".-exp")
+        squeeze_conv(w, f"{la}.conv1d.weight")
+        neg_exp(w, f"{la}.A_log")
         if hk != hv:
             reorder_v(w, f"{la}.in_proj_qkv.weight", order, dv, 0, start=2 * hk * dk)
             reorder_v(w, f"{la}.conv1d.weight", order, dv, 0, start=2 * hk * dk)

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from . import Config, Family, stack_experts, strip_prefix
+from . import Config, Family, fold_zero_centred_norms, neg_exp, squeeze_conv, stack_experts, strip_prefix
 from .qwen3_5_moe import LA, L, TENSORS as QWEN35_TENSORS, hparams as qwen35_hparams
 
 TENSORS = {
@@ -54,20 +54,15 @@ def sanitize(w, c: Config) -> None:
     strip_prefix(w, (), drop=("mtp.",))
     hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
     dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
-    for name in list(w):
-        t = w[name]
-        if name.endswith("norm.weight") and not name.endswith("linear_attn.norm.weight"):
-            w[name] = t.map(lambda a: a + 1.0, t.shape, "+1")                 # zero-centred RMSNorm
+    fold_zero_centred_norms(w, keep=("linear_attn.norm.weight",))
     for bid in range(c.n_layer):
         la = LA.format(bid=bid)
         if f"{la}.in_proj_qkvz.weight" not in w:
             continue
         w[f"{la}.in_proj_qkv.weight"], w[f"{la}.in_proj_z.weight"] = split_qkvz(
             w, f"{la}.in_proj_qkvz.weight", hk, dk, hv // hk, dv)
-        conv = w[f"{la}.conv1d.weight"]
-        w[f"{la}.conv1d.weight"] = conv.map(lambda a: a.reshape(a.shape[0], a.shape[-1]), (conv.shape[0], conv.shape[-1]), "")
-        a_log = w[f"{la}.A_log"]
-        w[f"{la}.A_log"] = a_log.map(lambda a: -np.exp(a.astype(np.float32)), a_log.shape, ".-exp")
+        squeeze_conv(w, f"{la}.conv1d.weight")
+        neg_exp(w, f"{la}.A_log")
     stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
