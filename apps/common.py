@@ -97,6 +97,8 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--vram-budget", type=budget_arg, metavar="SIZE",
                    help="on cuda: VRAM for dense weights, KV cache and the expert arena; --memory-budget is then the "
                         "RAM tier between VRAM and disk")
+    g.add_argument("--kv-type", "-ctk", "--cache-type-k", dest="kv_type", choices=("f16", "f32", "q8_0"), default="f16",
+                   help="KV cache type for K and V (default f16; q8_0 halves it and needs flash attention)")
     g.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="attention through ggml's flash attention (default auto = on, as llama.cpp)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
@@ -183,7 +185,8 @@ def load_model(args: argparse.Namespace, **extra: Any):
     with native_stderr_hidden(args.verbose):
         model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
                              n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
-                             flash_attn=getattr(args, "flash_attn", "auto") != "off", **extra)
+                             flash_attn=getattr(args, "flash_attn", "auto") != "off",
+                             kv_type=getattr(args, "kv_type", "f16"), **extra)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
     return model

@@ -82,7 +82,7 @@ ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     Layer & L = layers_[il];
     const int64_t dk = q->ne[0], dv = v->ne[0], n_head_kv = k->ne[1];
     const int n_kv = n_past_ + T;
-    const size_t ek = ggml_element_size(L.k_cache), ev = ggml_element_size(L.v_cache);
+    const size_t ev = ggml_element_size(L.v_cache);
     const bool flash = opt_.flash_attn;
     // write the new K (rows) and V (rows with flash attention, else transposed: columns) into the cache
     ggml_tensor * k_dst = ggml_view_2d(ctx, L.k_cache, dk * n_head_kv, T, L.k_cache->nb[1], (size_t) n_past_ * L.k_cache->nb[1]);
@@ -97,14 +97,16 @@ ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
         ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_transpose(ctx, v2), ggml_view_2d(ctx, L.v_cache, T, dv * n_head_kv,
                                                                                       L.v_cache->nb[1], (size_t) n_past_ * ev)));
 
-    ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1], dk * ek, 0);   // [dk, n_kv, h_kv]
+    ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1],
+                                   ggml_row_size(L.k_cache->type, dk), 0);           // [dk, n_kv, h_kv] (q8_0 rows too)
     ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);                 // [dk, T, n_head]
     const int mk = hp_.plan[il].mask;
     ggml_tensor * mask = ggml_new_tensor_2d(ctx, flash ? GGML_TYPE_F16 : GGML_TYPE_F32, n_kv, T);
     ggml_set_input(mask);
     ggml_set_name(mask, mk == MASK_SWA ? "mask_swa" : mk == MASK_CHUNKED ? "mask_chunk" : "mask");
     if (flash) {
-        ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, dv, n_kv, n_head_kv, L.v_cache->nb[1], dv * ev, 0);   // [dv, n_kv, h_kv]
+        ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, dv, n_kv, n_head_kv, L.v_cache->nb[1],
+                                       ggml_row_size(L.v_cache->type, dv), 0);       // [dv, n_kv, h_kv]
         ggml_tensor * o = ggml_flash_attn_ext(ctx, Q, K, V, mask, hp_.plan[il].kq_scale, 0.0f, 0.0f);       // [dv, n_head, T]
         if (L.sinks) ggml_flash_attn_ext_add_sinks(o, L.sinks);
         return o;

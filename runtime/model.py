@@ -33,7 +33,8 @@ from .validate import load_hparams
 from .planner import Plan, parse_size, plan_host_tier, plan_memory
 from .sampling import GenerationOptions, generation_options
 
-KV_TYPES = {"f32": 0, "f16": 1}
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}           # ggml types; q8_0 needs flash attention (V stored untransposed)
+KV_ELSIZE = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}   # bytes per cached element
 # who runs an expert that misses the VRAM arena but sits in the RAM tier (csrc/tiering.h)
 CPU_COMPUTE = {"never": 0, "auto": 1, "always": 2}
 SNAPSHOT_INTERVAL = 1024   # recurrent models: prefill keeps a state snapshot at least every this many tokens
@@ -113,6 +114,9 @@ class Model:
             raise ModelFormatError(f"{self.path}: no such model file")
         if kv_type not in KV_TYPES:
             raise UsageError(f"kv_type {kv_type!r}: expected one of {', '.join(KV_TYPES)}")
+        if kv_type == "q8_0" and not flash_attn:
+            raise UsageError("kv_type 'q8_0' needs flash_attn=True (the plain path caches V transposed, which a "
+                             "block-quantized cache cannot hold)")
         if cpu_compute not in CPU_COMPUTE:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
@@ -123,6 +127,13 @@ class Model:
         self.tensors = {name: (typ, shape, off, nbytes) for name, typ, shape, off, nbytes in meta["tensors"]}
         self.alignment = meta["alignment"]
         self.hparams = load_hparams(self.path, self.kv, self.tensors)   # parse_hparams + runtime/validate.py
+        if kv_type == "q8_0":                    # each cached head must be whole q8_0 blocks of 32
+            sizes = set(self.hparams.get("layer_head_k", [])) | set(self.hparams.get("layer_head_v", []))
+            if self.hparams.get("kv_lora_rank"):
+                sizes = {self.hparams["kv_lora_rank"], self.hparams["kv_lora_rank"] + self.hparams["n_rot"]}
+            if any(d % 32 for d in sizes):
+                raise UsageError(f"kv_type 'q8_0' needs head sizes that are multiples of 32; this model has "
+                                 f"{sorted(sizes)}")
         calib = self._calibration() if use_calibration else {}
         side = self.path + ".calibration.json"
         # the side file `moelite analyze` wrote, when this load uses it (the CLI says so)
@@ -149,7 +160,7 @@ class Model:
         # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
         shares = list(pol.shares) if pol.shares else None
         self.plan: Plan = plan_memory(self.hparams, self.tensors, n_ctx=self.n_ctx, n_ubatch=n_ubatch,
-                                      kv_elsize=4 if kv_type == "f32" else 2,
+                                      kv_elsize=KV_ELSIZE[kv_type],
                                       budget=parse_size(vram_budget if self.device == "cuda" else memory_budget,
                                                         "VRAM budget" if self.device == "cuda" else "memory budget"),
                                       shares=shares, label="VRAM budget" if self.device == "cuda" else "memory budget",

@@ -120,7 +120,7 @@ def recurrent_state_bytes(hp: dict) -> int:
     return total
 
 
-def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: int, budget: int | None,
+def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
                 shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = 0) -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
@@ -144,7 +144,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
             expert_names.update(names)
             n_ff = max(n_ff, tensors[names[-1]][1][0])           # down_exps [n_ff, n_embd, E]
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
-    kv = kv_bytes_per_token(hp) * n_ctx * kv_elsize
+    kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
 
     def scratch_for(t: int) -> int:
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the

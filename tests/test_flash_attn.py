@@ -23,3 +23,27 @@ def test_flash_and_plain_attention_agree(family):
                 out[kv_type, flash] = m.logits(PROMPT)
     assert float(np.abs(out["f32", True] - out["f32", False]).max()) <= 1e-4
     assert float(np.abs(out["f16", True] - out["f16", False]).max()) <= 2e-2
+
+
+@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {"head_dim": 32}), ("gpt_oss", {"head_dim": 32}),
+                                               ("qwen3_5_moe_text", {})])
+def test_q8_0_kv_cache_is_close_and_offloads_exactly(family, overrides):
+    """A q8_0 KV cache (flash attention only; head sizes in whole blocks of 32) stays near the f32 one, and
+    offloading keeps it bit-exact."""
+    _, path = fixture_gguf(family, **overrides)
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=7) as m:
+        ref = m.logits(PROMPT)
+    with moelite.load(path, kv_type="q8_0", n_threads=1, n_ubatch=7) as m:
+        q8 = m.logits(PROMPT)
+        minimum = m.plan.minimum_budget
+    assert float(np.abs(q8 - ref).max()) <= 0.05
+    with moelite.load(path, kv_type="q8_0", n_threads=1, n_ubatch=7, memory_budget=minimum) as m:
+        assert m.info()["offloaded"] and np.array_equal(m.logits(PROMPT), q8)
+
+
+def test_q8_0_kv_cache_needs_flash_attention_and_whole_blocks():
+    _, path = fixture_gguf("qwen3_moe")                                  # head_dim 16
+    with pytest.raises(moelite.errors.UsageError, match="flash"):
+        moelite.load(path, kv_type="q8_0", flash_attn=False)
+    with pytest.raises(moelite.errors.UsageError, match="multiples of 32"):
+        moelite.load(path, kv_type="q8_0")
