@@ -619,25 +619,32 @@ void Model::reset_stats() {
     cpu_experts_.assign(hp_.n_layer, 0);
 }
 
+// Logits of the last n_out rows of x_ (of T), a block of rows per graph so that the output's scratch stays under
+// kOutputScratch whatever the vocabulary (the planner counts that constant): [n_vocab, rows] per graph.
 void Model::run_output(int T, int n_out, float * logits) {
     const HParams & h = hp_;
-    ggml_context * ctx = begin_graph();
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, n_out, x_->nb[1], (size_t) (T - n_out) * x_->nb[1]);
-    ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));   // [n_vocab, n_out]
-    if (output_b_) y = ggml_add(ctx, y, output_b_);
-    if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
-    if (h.final_softcap > 0.f)                                          // Gemma-4: c * tanh(y / c)
-        y = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, y, 1.f / h.final_softcap)), h.final_softcap);
-    ggml_set_output(y);
-    ggml_build_forward_expand(gf, y);
-    compute(ctx, gf, galloc_);
-    ggml_backend_graph_compute(backend_, gf);
-    ggml_backend_tensor_get(y, logits, 0, ggml_nbytes(y));
-    for (size_t i = 0, n = (size_t) h.n_vocab * n_out; i < n; ++i)
-        if (!std::isfinite(logits[i]))
-            throw FormatError("the output layer (output_norm / output.weight) produced NaN or Inf logits");
-    ggml_free(ctx);
+    const int per = (int) std::max<int64_t>(1, kOutputScratch / (4 * ((int64_t) h.n_vocab + 2 * h.n_embd)));
+    for (int r0 = 0; r0 < n_out; r0 += per) {
+        const int rows = std::min(per, n_out - r0);
+        ggml_context * ctx = begin_graph();
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, rows, x_->nb[1], (size_t) (T - n_out + r0) * x_->nb[1]);
+        ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));   // [n_vocab, rows]
+        if (output_b_) y = ggml_add(ctx, y, output_b_);
+        if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
+        if (h.final_softcap > 0.f)                                      // Gemma-4: c * tanh(y / c)
+            y = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, y, 1.f / h.final_softcap)), h.final_softcap);
+        ggml_set_output(y);
+        ggml_build_forward_expand(gf, y);
+        compute(ctx, gf, galloc_);
+        ggml_backend_graph_compute(backend_, gf);
+        float * out = logits + (size_t) r0 * h.n_vocab;
+        ggml_backend_tensor_get(y, out, 0, ggml_nbytes(y));
+        ggml_free(ctx);
+        for (size_t i = 0, n = (size_t) h.n_vocab * rows; i < n; ++i)
+            if (!std::isfinite(out[i]))
+                throw FormatError("the output layer (output_norm / output.weight) produced NaN or Inf logits");
+    }
 }
 
 void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits) {

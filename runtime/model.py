@@ -164,7 +164,7 @@ class Model:
                                       budget=parse_size(vram_budget if self.device == "cuda" else memory_budget,
                                                         "VRAM budget" if self.device == "cuda" else "memory budget"),
                                       shares=shares, label="VRAM budget" if self.device == "cuda" else "memory budget",
-                                      n_snapshots=max(0, int(state_snapshots)))
+                                      n_snapshots=max(0, int(state_snapshots)), flash_attn=bool(flash_attn))
         # the RAM tier between the arena and the file (csrc/tiering.h): on a GPU from memory_budget; given
         # explicitly (host_slots) on any device, where on the CPU it runs the same tiering code on host memory
         if host_slots is not None:

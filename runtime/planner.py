@@ -121,7 +121,8 @@ def recurrent_state_bytes(hp: dict) -> int:
 
 
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
-                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = 0) -> Plan:
+                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = 0,
+                flash_attn: bool = True) -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
     reuse (each as large as the live state)."""
@@ -146,12 +147,16 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
 
+    head = max(hp.get("layer_head_k", [hp["n_embd_head_k"]]) + hp.get("layer_head_v", [hp["n_embd_head_v"]]))
+
     def scratch_for(t: int) -> int:
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the
         # expert activations [n_ff, K, t] x 3 + [n_embd, K, t] x 2, plus a few [n_embd, t] temporaries
-        attn = 2 * hp["n_head"] * n_ctx
+        # flash attention never materializes the scores: its q/k/v/output rows per token instead
+        attn = 4 * hp["n_head"] * head if flash_attn else 2 * hp["n_head"] * n_ctx
         experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
-        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20)
+        # + the output graph's logits, a block of rows at a time (csrc kOutputScratch = 8 MiB)
+        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + (8 << 20)
 
     def ubatch_for(b: int | None) -> int:
         t = n_ubatch or 512

@@ -47,3 +47,17 @@ def test_q8_0_kv_cache_needs_flash_attention_and_whole_blocks():
         moelite.load(path, kv_type="q8_0", flash_attn=False)
     with pytest.raises(moelite.errors.UsageError, match="multiples of 32"):
         moelite.load(path, kv_type="q8_0")
+
+
+def test_long_prompt_scratch_stays_within_the_plan():
+    """With flash attention the attention scores are never materialized: a 3000-token prompt in a 4096 context
+    keeps its graph scratch (logits of every position included, produced a block of rows at a time) within the
+    planner's bound, which no longer grows with n_ctx."""
+    ids = [(7 * i + 3) % 8000 + 10 for i in range(3000)]
+    with moelite.load(None, n_threads=2, n_ctx=4096) as m:
+        out = m.logits(ids)
+        assert out.shape == (3000, m.n_vocab) and np.isfinite(out).all()
+        assert m.info()["scratch_bytes_in_use"] <= m.plan.scratch_bytes
+        short = m.plan.scratch_bytes
+    with moelite.load(None, n_threads=2, n_ctx=32768) as m:
+        assert m.plan.scratch_bytes == short                      # independent of the context size
