@@ -202,6 +202,11 @@ def check_calibration(values: dict[str, Any], source: str) -> dict[str, Any]:
             raise bad(key, kind)
     if "policy" in values and values["policy"] not in POLICY_IDS:
         raise bad("policy", f"one of {', '.join(POLICY_IDS)}")
+    lengths = {key: len(values[key]) for key in ("layers", "layer_slots", "layer_shares")
+               if isinstance(values.get(key), (list, tuple, np.ndarray))}
+    if len(set(lengths.values())) > 1:
+        raise ModelFormatError(f"{source}: calibration keys name different numbers of layers: " +
+                               ", ".join(f"'{PREFIX}{k}' {n}" for k, n in lengths.items()))
     try:
         if values.get("m"):
             check_m(int(values["m"]))

@@ -155,6 +155,8 @@ def model_copy(tmp_path):
     ('{"moelite.calibration.layer_shares": "ab"}', ["moelite.calibration.layer_shares"]),
     ('{"moelite.calibration.layer_shares": [0.5, {"a": [[[]]]}]}', ["moelite.calibration.layer_shares"]),
     ('{"moelite.calibration.layer_shares": [0.9, 0.9]}', ["sum to 1"]),
+    ('{"moelite.calibration.layer_shares": [0.2, 0.3, 0.5], "moelite.calibration.layers": [0, 1]}',
+     ["different numbers of layers"]),
     ('{"moelite.calibration.m": -4, "moelite.calibration.policy": "consistency"}', ["m must be"]),
 ])
 def test_bad_calibration_side_file(model_copy, text, needles):
