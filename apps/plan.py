@@ -56,7 +56,8 @@ def main(args: argparse.Namespace) -> int:
     except BudgetError as e:
         print(f"fits      NO: {e}")
         return 1
-    print(f"resident  dense {fmt_bytes(plan.dense_bytes)} · KV cache {fmt_bytes(plan.kv_bytes)} · "
+    state = f"recurrent state {fmt_bytes(plan.rs_bytes)} (live + snapshots) · " if plan.rs_bytes else ""
+    print(f"resident  dense {fmt_bytes(plan.dense_bytes)} · KV cache {fmt_bytes(plan.kv_bytes)} · {state}"
           f"scratch {fmt_bytes(plan.scratch_bytes)} (prompt chunks of {getattr(plan, 'n_ubatch', '?')} tokens)")
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
     resident = sum(s * b for s, b in zip(slots, plan.expert_slot_bytes))

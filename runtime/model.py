@@ -30,7 +30,7 @@ from .. import _core
 from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .validate import load_hparams
-from .planner import Plan, parse_size, plan_host_tier, plan_memory
+from .planner import DEFAULT_SNAPSHOTS, Plan, parse_size, plan_host_tier, plan_memory
 from .sampling import GenerationOptions, generation_options
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}           # ggml types; q8_0 needs flash attention (V stored untransposed)
@@ -105,7 +105,7 @@ class Model:
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
-                 cpu_compute: str = "auto", state_snapshots: int = 2, flash_attn: bool = True) -> None:
+                 cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "

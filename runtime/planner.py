@@ -102,6 +102,9 @@ def kv_bytes_per_token(hp: dict) -> int:
     return sum(h * (a + b) for h, a, b, on in zip(heads, hk, hv, attn) if on)
 
 
+DEFAULT_SNAPSHOTS = 2   # recurrent-state snapshots kept for prompt reuse (Model(state_snapshots=...))
+
+
 def recurrent_state_bytes(hp: dict) -> int:
     """Bytes of one sequence's recurrent state (f32), as csrc/model.cpp allocates it: per short-conv layer the
     last K - 1 inputs [K - 1, n_embd]; per Gated DeltaNet layer its conv inputs [K - 1, 2 Hk dk + Hv dv] and the
@@ -121,7 +124,7 @@ def recurrent_state_bytes(hp: dict) -> int:
 
 
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
-                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = 0,
+                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = DEFAULT_SNAPSHOTS,
                 flash_attn: bool = True) -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
