@@ -159,7 +159,9 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         attn = 4 * hp["n_head"] * head if flash_attn else 2 * hp["n_head"] * n_ctx
         experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
         # + the output graph's logits, a block of rows at a time (csrc kOutputScratch = 8 MiB)
-        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + (8 << 20)
+        row = 4 * (hp["n_vocab"] + 2 * hp["n_embd"])
+        output = max(row, min(8 << 20, row * t))
+        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + output
 
     def ubatch_for(b: int | None) -> int:
         t = n_ubatch or 512
