@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import ModelFormatError
-from .hparams import ARCHS, parse_hparams
+from .hparams import ARCHS, MIXER_MLA, parse_hparams
 
 INT32_MAX = 2**31 - 1
 FLOAT32_MAX = float(np.finfo(np.float32).max)   # the C++ core keeps floats as float32
@@ -285,6 +285,8 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
             q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim      # Qwen3.5: [q_h | gate_h] per head
             per_layer.update({"attn_q.weight": [E, q_rows], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
                               "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim]})
+        if (hp["layer_mixer"][il] if "layer_mixer" in hp else int(bool(hp.get("kv_lora_rank")))) == MIXER_MLA:
+            per_layer.update(_mla_shapes(path, b, hp, heads_k[il], heads_v[il], tensors))
         down = shape(b + "ffn_down_exps.weight")
         if down is not None and len(down) == 3:
             per_layer["ffn_gate_up_exps.weight"] = [E, 2 * down[0], n_exp]     # fused gate + up (Gemma-4)
@@ -303,6 +305,28 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                 expect(f"{b}ffn_gate{kind}.weight", [E, gate[1]])
                 expect(f"{b}ffn_up{kind}.weight", gate)
                 expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
+
+
+def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,
+                tensors: dict[str, tuple]) -> dict[str, list[int]]:
+    """An MLA layer (csrc/model.cpp load_mla): its tensors must be there (the converter writes what the
+    checkpoint holds, the keys decide what the core reads) and have these shapes."""
+    if b + "attn_kv_b.weight" in tensors:          # the pre-MLA layout: the core names it
+        return {}
+    E, n_head, q_lora, kv_lora = hp["n_embd"], hp["n_head"], hp["q_lora_rank"], hp["kv_lora_rank"]
+    n_rot = hp["layer_n_rot"][int(b.split(".")[1])] if "layer_n_rot" in hp else hp["n_rot"]
+    q_dim = n_head * head_k
+    want = {"attn_kv_a_mqa.weight": [E, kv_lora + n_rot], "attn_kv_a_norm.weight": [kv_lora],
+            "attn_k_b.weight": [head_k - n_rot, kv_lora, n_head], "attn_v_b.weight": [kv_lora, head_v, n_head]}
+    if q_lora > 0:
+        want.update({"attn_q_a.weight": [E, q_lora], "attn_q_a_norm.weight": [q_lora], "attn_q_b.weight": [q_lora, q_dim]})
+    else:
+        want["attn_q.weight"] = [E, q_dim]
+    missing = [n for n in want if b + n not in tensors]
+    if missing:
+        why = f" (key '{hp['arch']}.attention.q_lora_rank' = {q_lora})" if "q_" in missing[0] else ""
+        raise ModelFormatError(f"{path}: missing tensor '{b}{missing[0]}' of an MLA layer{why}")
+    return want
 
 
 # tokenizer / chat template keys the runtime reads (runtime/tokenizer.py, chat_template.py): key -> kind

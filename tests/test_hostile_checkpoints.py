@@ -149,3 +149,13 @@ def test_config_value_of_wrong_type_for_the_family(hf, tmp_path, key, value):
 def test_long_shard_name_in_index(hf, tmp_path):
     (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "a" * 5000}}))
     expect_refused(hf, tmp_path / "o.gguf", "model.safetensors.index.json")
+
+
+@pytest.mark.parametrize("value", [None, 49])
+def test_mla_rank_contradicting_the_tensors(tmp_path, value):
+    """deepseek_v3 with q_lora_rank dropped or off by one: the converter once wrote a file moelite refused."""
+    src = edited_copy(make_hf_model("deepseek_v3"), tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["q_lora_rank"] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    expect_refused(src, tmp_path / "o.gguf", "attn_q", "would not load")
