@@ -324,7 +324,7 @@ def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,
         want["attn_q.weight"] = [E, q_dim]
     missing = [n for n in want if b + n not in tensors]
     if missing:
-        why = f" (key '{hp['arch']}.attention.q_lora_rank' = {q_lora})" if "q_" in missing[0] else ""
+        why = f" (key '{hp['arch']}.attention.q_lora_rank' = {q_lora})" if missing[0].startswith("attn_q") else ""
         raise ModelFormatError(f"{path}: missing tensor '{b}{missing[0]}' of an MLA layer{why}")
     return want
 

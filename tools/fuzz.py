@@ -851,6 +851,7 @@ class Campaign:
     mem: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
+    commit: str = field(default_factory=commit)     # of the tree the campaign starts on
 
     def run(self, target: str, n: int, seeds: dict[str, Any], progress: bool) -> None:
         counts = self.counts.setdefault(target, {c: 0 for c in CLASSES})
@@ -888,7 +889,7 @@ class Campaign:
                               if detail else ""})
 
     def summary(self) -> dict[str, Any]:
-        return {"seed": self.seed, "commit": commit(), "timeout_s": self.timeout, "mem_limit": self.mem,
+        return {"seed": self.seed, "commit": self.commit, "timeout_s": self.timeout, "mem_limit": self.mem,
                 "counts": self.counts, "kept": self.examples}
 
 
