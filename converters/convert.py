@@ -131,13 +131,14 @@ READABLE_QUANT = ("fp8", "mxfp4")    # DeepSeek-V3 style FP8 blocks (dequantized
 
 @contextlib.contextmanager
 def _config_values(cfg_src: str) -> Iterator[None]:
-    """config.json values of the wrong type or range (a list where a count belongs): ConversionError."""
+    """config.json values missing, of the wrong type or range (a list where a count belongs): ConversionError."""
     try:
         yield
     except ConversionError:
         raise
-    except (TypeError, ValueError, ArithmeticError) as e:
-        raise ConversionError(f"{cfg_src}: a value of the wrong type or range ({type(e).__name__}: {e})") from None
+    except (TypeError, ValueError, ArithmeticError, LookupError) as e:
+        what = f"missing key {e}" if isinstance(e, KeyError) else f"{type(e).__name__}: {e}"
+        raise ConversionError(f"{cfg_src}: a value missing, of the wrong type or range ({what})") from None
 
 
 def _from_hf(source: HFSource):

@@ -159,3 +159,12 @@ def test_mla_rank_contradicting_the_tensors(tmp_path, value):
     cfg["q_lora_rank"] = value
     (src / "config.json").write_text(json.dumps(cfg))
     expect_refused(src, tmp_path / "o.gguf", "attn_q", "would not load")
+
+
+def test_rope_scaling_without_its_keys(tmp_path):
+    src = edited_copy(make_hf_model("gpt_oss"), tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((src / "config.json").read_text())
+    scaling = cfg.get("rope_scaling") or cfg.get("rope_parameters")
+    scaling.pop("original_max_position_embeddings")
+    (src / "config.json").write_text(json.dumps(cfg))
+    expect_refused(src, tmp_path / "o.gguf", "config.json", "original_max_position_embeddings")
