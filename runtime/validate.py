@@ -5,8 +5,10 @@ before anything is allocated, so that file content can never reach a GGML_ASSERT
 head count, an array or NaN where a count belongs, a block count of 6e18), then `parse_hparams`, then
 `validate_hparams` (ranges and consistency of its dict, table-driven: unknown keys get the generic rules, and
 a key holding a list has each item checked) and `validate_tensors` (ggml types each consuming op supports,
-F32 where ggml's binary ops need it, shapes the graph uses, byte sizes and data ranges). Every failure is a
-ModelFormatError naming the file, the key or tensor, the value and what was expected.
+F32 where ggml's binary ops need it, shapes the graph uses, byte sizes and data ranges), plus the types of the
+tokenizer and chat template keys (`check_tokenizer_keys`). Every failure is a ModelFormatError naming the file,
+the key or tensor, the value and what was expected. The converter runs the same checks on the keys and tensor
+table it is about to write (converters/convert.py `_check_loadable`), so it never writes a file moelite refuses.
 """
 from __future__ import annotations
 
