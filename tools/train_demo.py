@@ -482,6 +482,8 @@ def main(argv=None) -> int:
     ap.add_argument("--qa-dir", default=None,
                     help="train.jsonl/heldout.jsonl of tools/build_qa_pairs.py: mix these chat pairs into training")
     ap.add_argument("--qa-frac", type=float, default=0.5, help="share of each batch's rows that are chat pairs")
+    ap.add_argument("--export-only", action="store_true",
+                    help="with --resume: write the checkpoint's HF model to --out and stop (no training, no eval)")
     args = ap.parse_args(argv)
     t_start = time.time()
     args.raw_dir = args.raw_dir or os.path.join(args.corpus_dir, "raw")
@@ -551,6 +553,12 @@ def main(argv=None) -> int:
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
         log_data["evals"], log_data["train_loss"] = state["evals"], state["train_loss"]
         log(f"resumed at step {step}, {tokens_seen:,} tokens, {elapsed_before/60:.1f} min used")
+    if args.export_only:
+        if not (args.resume and os.path.exists(ckpt_path)):
+            sys.exit(f"--export-only needs --resume and a checkpoint at {ckpt_path}")
+        save_hf(args, model, tok, args.out)
+        log(f"exported step {step} to {args.out}")
+        return 0
     os.makedirs(args.ckpt_dir, exist_ok=True)
     os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "train_log.json")
