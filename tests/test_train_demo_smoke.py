@@ -128,9 +128,9 @@ def test_gguf_weights_load_back_into_transformers():
     with moelite.Model(str(DEMO)) as m:
         ids = m.tokenizer.encode("It is a truth universally acknowledged, that a single man", add_special=False)
         ref = np.asarray(m.logits(ids))
-        hp = m.hparams
+        hp, ffn = m.hparams, m.kv["qwen3moe.expert_feed_forward_length"]
     args = train_demo.argparse.Namespace(hidden=hp["n_embd"], layers=hp["n_layer"], head_dim=hp["n_embd_head_k"],
-                                         kv_heads=hp["n_head_kv"], expert_ffn=m.kv["qwen3moe.expert_feed_forward_length"],
+                                         kv_heads=hp["n_head_kv"], expert_ffn=ffn,
                                          top_k=hp["n_expert_used"], experts=hp["n_expert"],
                                          aux_coef=0.0, seed=0, experts_impl="eager")
     model = train_demo.make_model(args, ref.shape[-1], 0, 2)

@@ -55,16 +55,17 @@ def render(model_dir: str, gguf: str | None = None, qa_eval: tuple[str, str] | N
 
 
 def intro(tuned: bool) -> str:
-    head = ("# moelite demo MoE\n\nA toy Mixture-of-Experts language model trained on one CPU thread, shipped with moelite "
+    head = ("# moelite demo MoE\n\nA toy Mixture-of-Experts language model trained on one CPU thread, shipped with "
+            "moelite "
             "so that every feature (expert cache, prefetch, routing analysis, chat) can be tried without downloading "
             "anything.")
     if tuned:
         return head + (" It was pretrained from scratch on domain text (Austen prose, Python documentation, Python "
                        "and Go code), then tuned on question/answer pairs in its ChatML chat format: **asked a short "
                        "question about a Python function or module, a computing term, a Debian package or a "
-                       "command, it answers in one or two sentences and stops.** The answers have the right shape "
-                       "and often the right words, but a 22 M model knows few facts: it is a demo, not an "
-                       "assistant.\n")
+                       "command, it answers in a sentence or two and usually ends its turn.** The answers have the "
+                       "right shape and share some words with the references, but a 22 M model knows few facts: "
+                       "most answers are wrong in substance. It is a demo, not an assistant.\n")
     return head + (" **It writes domain-flavoured text (Austen-like prose, Python-docs-like reST, Python and Go-like "
                    "code); it is not an assistant.** Its chat template is ChatML so the chat path runs end to end, "
                    "but it was never trained on conversations and will not follow instructions.\n")
@@ -76,7 +77,8 @@ def model_table(log: dict, gguf: str | None) -> str:
          "| architecture | `qwen3moe` (transformers `Qwen3MoeForCausalLM`), all layers MoE, no shared expert |",
          f"| layers / hidden / heads (kv) / head_dim | {c['layers']} / {c['hidden']} / "
          f"{c['hidden'] // c['head_dim']} ({c['kv_heads']}) / {c['head_dim']} |",
-         f"| routed experts / top-k / expert FFN | {c['experts']} / {c['top_k']} (norm_topk_prob) / {c['expert_ffn']} |",
+         f"| routed experts / top-k / expert FFN | {c['experts']} / {c['top_k']} (norm_topk_prob) / "
+         f"{c['expert_ffn']} |",
          f"| vocabulary | {log['vocab_size']} byte-level BPE, Qwen2 pre-tokenizer split, "
          "`<|endoftext|>` `<|im_start|>` `<|im_end|>` |",
          f"| parameters | {log['params']/1e6:.2f} M total, {log['expert_params']/1e6:.2f} M in experts, "
@@ -139,7 +141,7 @@ def base_training(log: dict) -> str:
         f"- Steps: {BASE['steps']:,}; tokens seen: {BASE['tokens']:,}; wall time {BASE['minutes']} min. Its HF "
         "checkpoint was not kept: the tuning run below starts from the shipped q8_0 GGUF, dequantized to f32 "
         "(`--init-gguf`, names mapped back as `converters/families/qwen3_moe.py` maps them forward). The "
-        "recovered model reproduces the card's held-out losses to the third decimal (step 0 below).\n"])
+        "recovered model gives the previous card's held-out losses within 0.001 nats (step 0 below).\n"])
 
 
 def tuning_section(log: dict) -> str:
@@ -162,8 +164,21 @@ def tuning_section(log: dict) -> str:
           "the text skills and the routing locality are kept.",
           f"- {optimizer_line(c)}.",
           f"- {c['threads']} CPU thread, budget {c['budget_minutes']:.0f} min on a machine shared with three other "
-          f"jobs (load average 6-8 on 2 cores), torch {log.get('torch', '?')}.", steps_line(log)]
+          f"jobs (load average 6-8 on 2 cores), torch {log.get('torch', '?')}.", tuning_steps_line(log)]
     return "\n".join(L) + "\n"
+
+
+def tuning_steps_line(log: dict) -> str:
+    final, c = log.get("final"), log["config"]
+    if not final:
+        return steps_line(log)
+    n_qa = round(c["qa_frac"] * c["batch_size"])
+    text_tokens = final["step"] * (c["batch_size"] - n_qa) * c["seq_len"]
+    qa_rows = final["step"] * n_qa
+    return (f"- Steps: {final['step']:,} ({final['tokens_seen']:,} tokens through the model): {text_tokens:,} text "
+            f"tokens ({text_tokens / sum(log['tokens_per_domain']['train'].values()):.2f} epochs of the text) and "
+            f"{qa_rows:,} chat windows ({qa_rows / log['qa']['train_windows']:.2f} epochs of the pairs); wall time "
+            f"{final['train_wall_s']/60:.1f} min, in one run.")
 
 
 def pair_counts(qa_dir: str) -> dict[str, tuple[int, int]]:
@@ -217,7 +232,12 @@ def quality_section(before: dict | None, after: dict | None) -> str:
         L.append(f"| {name} | {a['n']} | {b['token_f1']:.3f} -> **{a['token_f1']:.3f}** | {b['rouge_l']:.3f} -> "
                  f"**{a['rouge_l']:.3f}** | {b['stopped']:.0%} -> **{a['stopped']:.0%}** | "
                  f"{b['mean_tokens']:.1f} -> {a['mean_tokens']:.1f} |")
-    L += ["", "Examples (held-out, after tuning; the first of each source, not picked):\n"]
+    L += ["", "What this means: after tuning the model answers in the requested shape (one short sentence that "
+          "ends the turn; answer styles match the question type) and shares about twice as many words with the "
+          "reference, but most answers are still wrong in substance; even questions it was trained on (\"What is "
+          "Debian?\") get generic answers. The README's question, `moelite run --chat -p \"What is Python?\"`, "
+          "answers \"A programming language for the Python interpreter.\"",
+          "", "Examples (held-out, after tuning; the first of each source, not picked):\n"]
     seen = set()
     for r in after["rows"]:
         if r["source"] in seen:
