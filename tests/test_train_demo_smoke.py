@@ -68,6 +68,26 @@ def test_train_demo_smoke_and_resume(tmp_path):
     assert log["final"]["step"] == 6 and log["final"]["tokens_seen"] == 6 * 2 * 32
 
 
+@pytest.mark.skipif(not CORPUS.exists(), reason="demo corpus cache absent: run tools/train_demo.py --fetch once")
+def test_train_demo_with_chat_pairs(tmp_path):
+    """--qa-dir: batches mix text rows and chat rows, the held-out answer loss is logged at every eval."""
+    train_demo = _load("train_demo")
+    corpus_dir, out, qa = tmp_path / "corpus", tmp_path / "hf", tmp_path / "qa"
+    corpus_dir.mkdir()
+    qa.mkdir()
+    _tiny_corpus(corpus_dir)
+    for name, n in (("train.jsonl", 30), ("heldout.jsonl", 6)):
+        (qa / name).write_text("".join(json.dumps({"source": "t", "question": f"What is item {i}?",
+                                                   "answer": f"Item {i} is a thing."}) + "\n" for i in range(n)))
+    args = TINY + ["--corpus-dir", str(corpus_dir), "--out", str(out), "--budget-minutes", "2", "--max-steps", "3",
+                   "--seq-len", "64", "--qa-dir", str(qa)]
+    assert train_demo.main(args) == 0
+    log = json.loads((out / "train_log.json").read_text())
+    assert log["config"]["qa_frac"] == 0.5 and log["qa"]["train_windows"] >= 1
+    assert all(e["qa_heldout_loss"] > 0 for e in log["evals"]) and len(log["evals"]) == 2
+    assert log["final"]["step"] == 3
+
+
 def test_srp_matches_brute_force():
     """window_hist + srp_from_hist against the literal definition on a random trace."""
     np = pytest.importorskip("numpy")
