@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import os
 import re
 import sys
 
@@ -85,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--json", help="write the summary and every answer here")
     args = ap.parse_args(argv)
+    if not os.path.isfile(args.pairs):
+        sys.exit(f"{args.pairs}: no such file (held-out pairs: tools/build_qa_pairs.py writes <out>/heldout.jsonl)")
     pairs = [json.loads(line) for line in open(args.pairs)]
     res = evaluate(args.gguf, pairs, args.max_tokens)
     for name, s in [("all", res["overall"]), *res["per_source"].items()]:

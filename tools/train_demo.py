@@ -485,6 +485,11 @@ def main(argv=None) -> int:
     ap.add_argument("--export-only", action="store_true",
                     help="with --resume: write the checkpoint's HF model to --out and stop (no training, no eval)")
     args = ap.parse_args(argv)
+    needed = ([args.init_gguf] if args.init_gguf else []) + \
+        ([os.path.join(args.qa_dir, f) for f in ("train.jsonl", "heldout.jsonl")] if args.qa_dir else [])
+    for path in needed:
+        if not os.path.isfile(path):
+            sys.exit(f"{path}: no such file (--init-gguf takes a .gguf; --qa-dir is tools/build_qa_pairs.py's --out)")
     t_start = time.time()
     args.raw_dir = args.raw_dir or os.path.join(args.corpus_dir, "raw")
     args.ckpt_dir = args.ckpt_dir or args.out.rstrip("/") + "_ckpt"
