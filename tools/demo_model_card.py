@@ -272,14 +272,14 @@ def routing_section(log: dict, tuned: bool) -> str:
 def reproduce_section(log: dict, tuned: bool) -> str:
     c = log["config"]
     if tuned:
-        cmds = ("python tools/build_qa_pairs.py --fetch --raw-dir build/demo_corpus/raw --out build/demo_qa\n"
+        cmds = ("git show 8121883:src/moelite/data/demo.gguf > build/demo_orig.gguf   # the pre-tuning demo\n"
+                "python tools/build_qa_pairs.py --fetch --raw-dir build/demo_corpus/raw --out build/demo_qa\n"
                 "python tools/train_demo.py --fetch --out build/demo_hf_qa --init-gguf build/demo_orig.gguf "
                 f"--qa-dir build/demo_qa --qa-frac {c['qa_frac']} --lr {c['lr']} --warmup-steps {c['warmup_steps']} "
                 f"--budget-minutes {c['budget_minutes']:.0f} --eval-every-minutes {c['eval_every_minutes']:.0f} "
                 f"--threads {c['threads']}\n"
                 "tools/ship_demo.sh build/demo_hf_qa   # convert, evaluate before/after, render this card\n")
-        pre = ("`build/demo_orig.gguf` is the pre-tuning demo (`git show 8121883:src/moelite/data/demo.gguf`). "
-               "`build_qa_pairs.py --fetch` unpacks `dict-foldoc` into the raw dir; it reads this machine's man "
+        pre = ("`build_qa_pairs.py --fetch` unpacks `dict-foldoc` into the raw dir; it reads this machine's man "
                "pages and apt lists, so another machine builds a different pair set.\n\n")
     else:
         cmds = ("python tools/train_demo.py --fetch --out build/demo_hf "

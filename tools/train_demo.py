@@ -1,4 +1,4 @@
-"""Train the small demo MoE that ships with moelite (issue 6).
+"""Train the small demo MoE that ships with moelite (issue 6; chat tuning: issue 19).
 
 Dev-only: never imported by the runtime. Needs torch, transformers, tokenizers, numpy and, for the
 Austen corpus, the PyPI package `rdata`.
@@ -17,6 +17,13 @@ Real run:
   nohup python tools/train_demo.py --out build/demo_hf --budget-minutes 95 --threads 1 \
       > build/demo_train.log 2>&1 &
 Resume after an interruption: same command plus --resume.
+
+Chat tuning (issue 19): continue a shipped model instead of starting from scratch, on a mix of the text and
+question/answer pairs (tools/build_qa_pairs.py) in ChatML, loss on the answer tokens of the pairs:
+  python tools/train_demo.py --out build/demo_hf_qa --init-gguf build/demo_orig.gguf --qa-dir build/demo_qa \
+      --lr 6e-4 --warmup-steps 50 --budget-minutes 72 --threads 1
+--init-gguf takes the GGUF's own tokenizer (byte for byte) and its weights dequantized to f32.
+--export-only --resume writes a running job's last checkpoint as an HF dir (to convert and try it).
 """
 from __future__ import annotations
 
@@ -133,10 +140,11 @@ def build_corpus(args) -> str:
     path = os.path.join(args.corpus_dir, "corpus.jsonl")
     if os.path.exists(path):
         return path
-    if not os.path.isdir(os.path.join(args.raw_dir, "usr")):
-        if not args.fetch:
-            sys.exit(f"no extracted packages under {args.raw_dir}; rerun with --fetch (needs apt)")
+    missing = [p for p in PACKAGES if not glob.glob(os.path.join(args.raw_dir, "debs", p + "_*.deb"))]
+    if missing and args.fetch:  # (the raw dir may already hold other packages, e.g. build_qa_pairs.py's)
         fetch_packages(args.raw_dir)
+    elif not os.path.isdir(os.path.join(args.raw_dir, "usr")):
+        sys.exit(f"no extracted packages under {args.raw_dir}; rerun with --fetch (needs apt)")
     os.makedirs(args.corpus_dir, exist_ok=True)
     cap = int(args.max_domain_mb * 1e6)
     tmp = path + ".tmp"
