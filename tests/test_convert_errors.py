@@ -177,3 +177,20 @@ def test_missing_input_and_not_a_model(tmp_path):
     with pytest.raises(ConversionError, match="unknown output type 'q3_x'"):
         convert(make_hf_model("qwen3_moe"), tmp_path / "o.gguf", "q3_x", progress=False)
     assert_nothing_written(tmp_path / "o.gguf")
+
+
+@pytest.mark.parametrize("key,value", [("num_experts_per_tok", [2, 2]), ("moe_intermediate_size", "32"),
+                                       ("rms_norm_eps", [1e-6])])
+def test_config_values_of_the_wrong_type_name_the_key(tmp_path, key, value):
+    """A config.json value of the wrong JSON type is a ConversionError naming the key (not a TypeError)."""
+    import json
+    from hf_fixtures import edited_copy, make_hf_model
+    from moelite.converters import convert
+    from moelite.errors import ConversionError
+    src = edited_copy(make_hf_model("qwen3_moe"), tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConversionError, match=key):
+        convert(src, tmp_path / "out.gguf", "f32", progress=False)
+    assert not (tmp_path / "out.gguf").exists()

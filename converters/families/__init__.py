@@ -49,12 +49,20 @@ class Config:
         return default
 
     def int(self, *keys: str, default: Any = _MISSING) -> int:
-        v = self.get(*keys, default=default)
-        return v if v is None else int(v)
+        return self._number(int, keys, default)
 
     def float(self, *keys: str, default: Any = _MISSING) -> float:
+        return self._number(float, keys, default)
+
+    def _number(self, kind: type, keys: tuple[str, ...], default: Any) -> Any:
         v = self.get(*keys, default=default)
-        return v if v is None else float(v)
+        if v is None:
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v != v:
+            key = next((k for k in keys if self.d.get(k) is not None), keys[0])
+            raise ConversionError(f"{self.src}: key {key} = {str(v)[:40]}: expected "
+                                  f"{'an integer' if kind is int else 'a number'}")
+        return kind(v)
 
     def bool(self, *keys: str, default: Any = _MISSING) -> bool:
         v = self.get(*keys, default=default)
