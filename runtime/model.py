@@ -144,6 +144,11 @@ class Model:
                 policy_window = int(calib["m"])
             if cache_shares is None and calib.get("layer_shares") is not None:
                 cache_shares = [float(x) for x in calib["layer_shares"]]
+                n_moe = sum(1 for f in self.hparams.get("layer_ffn", []) if f == 1)
+                if len(cache_shares) != n_moe:     # a side file for another model: say which file, whatever the budget
+                    where = self.calibration_file or f"{self.path} (moelite.calibration keys)"
+                    raise ModelFormatError(f"{where}: layer_shares has {len(cache_shares)} entries, the model has "
+                                           f"{n_moe} MoE layers")
         if policy_window is None:
             policy_window = 16
         knobs: dict[str, Any] = {"m": policy_window} if policy == "consistency" else {}

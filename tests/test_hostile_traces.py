@@ -176,3 +176,14 @@ def test_good_calibration_side_file(model_copy):
                                 "moelite.calibration.layer_shares": [0.5, 0.5]}))
     with moelite.load(model_copy) as m:
         assert m.policy.name == "consistency" and m.policy.m == 4
+
+
+def test_calibration_shares_for_another_model_name_the_side_file(model_copy):
+    """layer_shares with the wrong number of MoE layers (a side file of another model): refused naming the side
+    file, with or without a budget (it was a planner BudgetError without the file, or ignored)."""
+    side = model_copy.with_name(model_copy.name + ".calibration.json")
+    side.write_text(json.dumps({"moelite.calibration.policy": "lru", "moelite.calibration.layer_shares": [0.2] * 5}))
+    for budget in (None, "1GiB"):
+        with pytest.raises(ModelFormatError, match="layer_shares has 5 entries") as e:
+            moelite.load(model_copy, memory_budget=budget)
+        assert str(side) in str(e.value)
