@@ -118,3 +118,19 @@ def test_errors_do_not_crash_the_interpreter(good, tmp_path):
     code = f"import moelite\ntry:\n    moelite.load({str(p)!r})\nexcept moelite.errors.ModelFormatError:\n    print('ok')\n"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+
+
+@pytest.mark.parametrize("mutate,needle", [
+    (lambda d: b"XXXX" + d[4:], "invalid magic"),
+    (lambda d: d[:4] + (99).to_bytes(4, "little") + d[8:], "version 99"),
+    (lambda d: d[:200], "failed to read"),
+])
+def test_bad_gguf_header_says_why(tmp_path, mutate, needle):
+    """The header's problem as ggml states it, in the ModelFormatError (not only on stderr above it)."""
+    import moelite
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.model import default_model_path
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(mutate(open(default_model_path(), "rb").read()))
+    with pytest.raises(ModelFormatError, match=needle):
+        moelite.load(bad)
