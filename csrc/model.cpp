@@ -494,6 +494,14 @@ void Model::build_masks(int T) {
     if (want[MASK_CAUSAL]) fill(mask_, [](int, int) { return true; });
     if (want[MASK_SWA]) fill(mask_swa_, [&](int i, int j) { return h.n_swa <= 0 || i - j < h.n_swa; });
     if (want[MASK_CHUNKED]) fill(mask_chunk_, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
+    if (opt_.flash_attn) {                        // flash attention takes F16 masks: convert once, not per layer
+        const std::vector<float> * masks[3] = {&mask_, &mask_swa_, &mask_chunk_};
+        for (int k = 0; k < 3; ++k)
+            if (want[k]) {
+                mask16_[k].resize(masks[k]->size());
+                ggml_fp32_to_fp16_row(masks[k]->data(), mask16_[k].data(), (int64_t) masks[k]->size());
+            }
+    }
     if (temp) {                                   // llama.cpp: 1 + s * log(floor((pos + 1) / f) + 1)
         attn_temp_.resize(T);
         for (int t = 0; t < T; ++t)
@@ -541,16 +549,11 @@ void Model::run_layer_front(int il, int T) {
     compute(ctx, gf, galloc_);
     const std::pair<const char *, const std::vector<float> *> inputs[] = {
         {"mask", &mask_}, {"mask_swa", &mask_swa_}, {"mask_chunk", &mask_chunk_}, {"attn_temp", &attn_temp_}};
-    for (auto & [name, data] : inputs) {
-        ggml_tensor * t = ggml_graph_get_tensor(gf, name);
+    for (int k = 0; k < 4; ++k) {
+        ggml_tensor * t = ggml_graph_get_tensor(gf, inputs[k].first);
         if (!t) continue;
-        if (t->type == GGML_TYPE_F16) {           // flash attention's masks
-            mask16_.resize(data->size());
-            ggml_fp32_to_fp16_row(data->data(), mask16_.data(), (int64_t) data->size());
-            set_input(t, mask16_.data(), ggml_nbytes(t));
-        } else {
-            set_input(t, data->data(), ggml_nbytes(t));
-        }
+        if (t->type == GGML_TYPE_F16) set_input(t, mask16_[k].data(), ggml_nbytes(t));   // flash attention's masks
+        else set_input(t, inputs[k].second->data(), ggml_nbytes(t));
     }
     if (ggml_tensor * t = ggml_graph_get_tensor(gf, "ssm_ids")) {
         const int32_t row = 0;
