@@ -20,6 +20,7 @@ timeout, and is classified:
   other     any other exception      signal    killed by a signal (SIGSEGV, SIGABRT from GGML_ASSERT, ...)
   hang      past --timeout           memory    MemoryError / allocation failure under the limit
   silent    accepted but corrupt: non-finite logits, or a converted file that moelite refuses
+  skipped   the mutator itself failed to build the case (a harness bug: no input reached moelite)
 Reproducers of every class but ok and moelite are kept under OUT/TARGET/CLASS/ with a .txt of the error;
 OUT/summary.json holds seed, commit and counts. Seeds come from tests/ (built once, cached there).
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import math
@@ -52,7 +54,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent")
+CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent", "skipped")
 TARGETS = ("gguf", "hf", "trace", "calibration")
 GGUF_FAMILIES = (("qwen3_moe", "f32"), ("deepseek_v3", "q8_0"), ("gpt_oss", "q8_0"), ("mixtral", "q8_0"))
 HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
@@ -457,7 +459,8 @@ def mutate_json_value(rng: random.Random, doc: Any, focus: Callable[[tuple], boo
     elif c == 3 and isinstance(old, str):
         parent[last] = rng.choice([old + "\ud800", old * 1000, "", old[::-1], 5])
     else:
-        parent[last] = rng.choice(JSON_VALUES)
+        # a fresh copy: a shared object inserted twice could later be mutated into a cycle
+        parent[last] = copy.deepcopy(rng.choice(JSON_VALUES))
     return doc
 
 
@@ -863,8 +866,8 @@ class Campaign:
             d.mkdir(parents=True)
             try:
                 path = make_case(target, rng, seeds, d)
-            except Exception as e:  # noqa: BLE001 - a mutator bug: count it, keep going
-                cls, detail = "other", f"mutator: {type(e).__name__}: {e}"
+            except Exception as e:  # noqa: BLE001 - a mutator bug: count it apart, keep going
+                cls, detail = "skipped", f"mutator: {type(e).__name__}: {e}\n" + traceback.format_exc()[-2000:]
                 path = d
             else:
                 cls, detail = run_case(target, path, self.timeout, self.mem + address_space())
@@ -928,7 +931,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = camp.summary()
     (a.out / "summary.json").write_text(json.dumps(summary, indent=1))
     print(f"seed {a.seed}, commit {summary['commit']}, {a.cases} cases per target\n{table(camp.counts)}")
-    bad = sum(cs[c] for cs in camp.counts.values() for c in ("other", "signal", "hang", "memory", "silent"))
+    bad = sum(cs[c] for cs in camp.counts.values() for c in ("other", "signal", "hang", "memory", "silent", "skipped"))
     if bad:
         print(f"{bad} case(s) kept under {a.out}/<target>/<class>/")
     return 0
