@@ -164,6 +164,10 @@ def model_path(name: str, layers: int) -> str:
     if name == "demo":
         from moelite.runtime.model import default_model_path
         return default_model_path()
+    if name == "bench-moe":                 # learned routing (issue 16): trained here on first use (~90 min)
+        sys.path.insert(0, str(ROOT / "tools"))
+        from train_bench_moe import build
+        return str(build())
     if name == "qwen3-30b-shapes":
         out = OUT / "models" / f"qwen3-30b-a3b-shapes-L{layers}-q4_k_m.gguf"
         if not out.exists():
@@ -198,6 +202,37 @@ def prompt_ids(path: str, n: int) -> list[int]:
                  "expert_active": active_expert, "file_size": info["file_size"]}
 
 
+def heldout_ids(path: str, prompt: int, gen: int) -> tuple[list[int], list[int]]:
+    """Prompt and continuation from one held-out document of the bench MoE's corpus (Python documentation, the
+    first held-out document long enough), tokenized by the model itself: decode runs on real text."""
+    import moelite
+    corpus = ROOT / "build" / "demo_corpus" / "corpus.jsonl"
+    with moelite.load(path, n_ctx=64) as m:
+        for line in open(corpus, encoding="utf-8"):
+            doc = json.loads(line)
+            if doc["split"] == "val" and doc["domain"] == "technical":
+                ids = m.tokenizer.encode(doc["text"], add_special=False)
+                if len(ids) >= prompt + gen:
+                    return ids[:prompt], ids[prompt:prompt + gen]
+    raise SystemExit(f"{corpus}: no held-out technical document of {prompt + gen} tokens")
+
+
+def simulated_decode_hits(trace_path: str, n_prompt: int, slots: int, policy: str) -> dict:
+    """Hit rates over the decode steps of a recorded run (prompt + continuation, one sequence) at the runtime's
+    slot count: the runtime's policy simulated, Belady's optimum and the SCH(16) oracle. Each is simulated over
+    the whole run and over the prompt alone; decode = the difference (exact for the online policies, an
+    approximation for the two oracles, which see the future)."""
+    from moelite.cache_policies import Trace, load_trace, simulate
+    t = load_trace(trace_path)
+    prompt = Trace(ids=t.ids[:n_prompt], n_expert=t.n_expert)
+    decode_accesses = (t.ids.shape[0] - n_prompt) * t.n_layers * t.k
+    out = {}
+    for label, pol in (("runtime policy", policy), ("belady", "belady"), ("sch oracle", "sch")):
+        full, head = simulate(t, pol, slots, m=16), simulate(prompt, pol, slots, m=16)
+        out[label] = float(full.hits.sum() - head.hits.sum()) / decode_accesses
+    return out
+
+
 # --- runs ----------------------------------------------------------------------------------------------
 def run(engine: str, path: str, prompt_file: str, a, budget: int | None, cgroup: str | None,
         extra: list[str] = ()) -> dict:
@@ -222,13 +257,15 @@ def summarize(rows: list[dict], key: str) -> tuple[float, float, float] | None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="demo,qwen3-30b-shapes")
+    ap.add_argument("--models", default="demo,qwen3-30b-shapes,bench-moe")
     ap.add_argument("--qwen-layers", type=int, default=10, help="layers of the Qwen3-30B-shaped model (10: ~3.6 GB)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--prompt-tokens", type=int, default=512)
     ap.add_argument("--scenarios", default="resident,50,25")
+    ap.add_argument("--learned-prompt", type=int, default=128, help="bench-moe: prompt tokens of held-out text")
+    ap.add_argument("--learned-gen", type=int, default=128, help="bench-moe: decode steps fed the held-out continuation")
     ap.add_argument("--feature-runs", type=int, default=3, help="runs per cache-feature variant at the 25 %% cap (0: skip)")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from bench/out/results.json")
     ap.add_argument("--merge", action="store_true", help="keep the other models' results from bench/out/results.json")
@@ -254,12 +291,18 @@ def main() -> None:
         for name in a.models.split(","):
             path = model_path(name, a.qwen_layers)
             ids, sizes = prompt_ids(path, a.prompt_tokens)
+            teacher = name == "bench-moe"       # decode on held-out text, trained context 256 = prompt + gen
             pf = OUT / f"prompt-{Path(path).stem}.json"
+            tf = OUT / f"teacher-{Path(path).stem}.json"
+            if teacher:
+                ids, forced = heldout_ids(path, a.learned_prompt, a.learned_gen)
+                tf.write_text(json.dumps(forced))
             pf.write_text(json.dumps(ids))
             bw = {"mem": mem_bandwidth(), "disk": disk_bandwidth(path)}
             label = "src/moelite/data/demo.gguf (embedded)" if name == "demo" else os.path.relpath(path, ROOT)
             entry = {"path": label, "sizes": sizes, "bandwidth": bw, "scenarios": {},
-                     "commit": results["commit"]}
+                     "commit": results["commit"], "teacher": teacher,
+                     "prompt_tokens": len(ids), "gen": a.learned_gen if teacher else a.gen}
             for sc in a.scenarios.split(","):
                 budget = None if sc == "resident" else int(sizes["file_size"] * int(sc) / 100)
                 rows: dict[str, list[dict]] = {e: [] for e in engines}
@@ -276,12 +319,22 @@ def main() -> None:
                                 # both engines: the cap plus 10 % and room for the interpreter
                                 cgroup = cg.make(f"{name}-{e}-{sc}-{i}", int(budget * 1.1) + (96 << 20))
                             drop_page_cache(path)
-                        r = run(e, path, str(pf), a, budget, cgroup)
+                        extra = []
+                        if teacher:
+                            extra = ["--teacher", str(tf)]
+                            if e == "moelite" and i == 0:
+                                extra += ["--trace", str(OUT / f"trace-{name}-{sc}.npz")]
+                        r = run(e, path, str(pf), a, budget, cgroup, extra)
                         rows[e].append(r)
                         print(name, sc, i, json.dumps(r), flush=True)
                 entry["scenarios"][sc] = {"budget": budget, "runs": rows, "skipped_llama": skipped}
+                first = rows["moelite"][0] if rows.get("moelite") else {}
+                if teacher and "error" not in first and (OUT / f"trace-{name}-{sc}.npz").exists():
+                    entry["scenarios"][sc]["simulated"] = simulated_decode_hits(
+                        str(OUT / f"trace-{name}-{sc}.npz"), len(ids), sum(first["slots"]), first["policy"])
             if a.feature_runs:
-                entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg)
+                entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg,
+                                             ["--teacher", str(tf)] if teacher else [])
             results["models"][name] = entry
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     finally:
@@ -328,9 +381,10 @@ def calibrated_link(name: str, path: str, budget: int, a) -> str:
     return str(link)
 
 
-def features(name: str, path: str, prompt_file: str, a, budget: int, cg) -> dict:
+def features(name: str, path: str, prompt_file: str, a, budget: int, cg, common: list[str] = ()) -> dict:
     out = {}
     for label, extra in FEATURES:
+        extra = [*extra, *common]
         p = calibrated_link(name, path, budget, a) if not extra else path
         rows = []
         for i in range(a.feature_runs):
@@ -348,6 +402,82 @@ def roofline(sizes: dict, bw: dict, hit_rate: float, miss_bytes_per_token: float
     return 1.0 / (resident / bw["mem"] + miss_bytes_per_token / bw["disk"])
 
 
+def learned_section(name: str, m: dict, res: dict) -> list[str]:
+    """RESULTS.md's "learned routing" section: decode teacher-forced on held-out text (see heldout_ids)."""
+    bw = m["bandwidth"]
+    lines = [f"## Learned routing: {name} (`{m['path']}`, {m['sizes']['file_size'] / 1e6:.0f} MB, bench/BENCH_MODEL.md)"
+             + (f", measured at commit `{m['commit']}`" if m.get("commit") else ""), "",
+             f"A trained Qwen3-MoE with Qwen3-30B-A3B's proportions (128 experts, top-8), built by "
+             f"`tools/train_bench_moe.py`. Prompt: {m['prompt_tokens']} tokens of a held-out document; decode: the "
+             f"next {m['gen']} tokens of the same document fed one at a time (teacher forcing, both engines), so "
+             "the routing is the routing of real text (the model's trained context is 256 tokens). Cache counters "
+             "cover the decode steps only. Simulated hit rates: the recorded routing of the same run (first "
+             "moelite run of the scenario) replayed at the runtime's slot count (cache_policies.simulate: the "
+             "runtime's policy, Belady's optimum, the SCH(16) oracle).",
+             f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.", "",
+             "| scenario | engine | decode tok/s | % of resident | vs llama.cpp decode | prefill tok/s | TTFT s | peak RSS MiB "
+             "| hit rate | MB read/token | I/O stall % of decode | sim: policy / Belady / SCH | hit ÷ Belady |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    fmt = lambda t, f=1.0, p=2: f"{t[0] / f:.{p}f} ({t[1] / f:.{p}f}-{t[2] / f:.{p}f})"
+    base = {}
+    checks = []
+    for sc, s in m["scenarios"].items():
+        med = {e: {k: summarize([r for r in runs if "error" not in r], k) for k in
+                   ("decode_tok_s", "prefill_tok_s", "ttft_s", "peak_rss", "hit_rate", "bytes_read_per_token",
+                    "stall_share")} for e, runs in s["runs"].items()}
+        sim = s.get("simulated") or {}
+        for e, runs in s["runs"].items():
+            d = med[e]
+            if d["decode_tok_s"] is None:
+                err = next((r["error"] for r in runs if "error" in r), "no successful run")
+                lines.append(f"| {sc} | {e} | failed: {err} |" + " |" * 10)
+                continue
+            if sc == "resident":
+                base[e] = d["decode_tok_s"][0]
+            pct = f"{100 * d['decode_tok_s'][0] / base[e]:.0f}%" if base.get(e) else "-"
+            ratio = (f"{d['decode_tok_s'][0] / med['llama']['decode_tok_s'][0]:.2f}x"
+                     if e == "moelite" and med.get("llama", {}).get("decode_tok_s") else "")
+            hit = d["hit_rate"][0] if d["hit_rate"] else None
+            simtxt = " / ".join(f"{100 * sim[k]:.1f}%" for k in ("runtime policy", "belady", "sch oracle")) if (
+                sim and e == "moelite") else ""
+            vs_b = f"{hit / sim['belady']:.2f}" if sim and e == "moelite" and hit is not None and sim["belady"] else ""
+            mb = "-" if not d["bytes_read_per_token"] else f"{d['bytes_read_per_token'][0] / 1e6:.2f}"
+            stall = "-" if d["stall_share"] is None else f"{100 * d['stall_share'][0]:.0f}%"
+            lines.append(f"| {sc} | {e} | {fmt(d['decode_tok_s'])} | {pct} | {ratio} | {fmt(d['prefill_tok_s'], p=1)} | "
+                         f"{fmt(d['ttft_s'])} | {fmt(d['peak_rss'], 2**20, 0)} | "
+                         f"{'-' if hit is None else f'{100 * hit:.1f}%'} | {mb} | {stall} | {simtxt} | {vs_b} |")
+            if e == "moelite" and sc != "resident" and base.get("moelite"):
+                share = d["decode_tok_s"][0] / base["moelite"]
+                want = 0.7 if sc == "50" else 0.5
+                checks.append(f"{sc} % cap: decode {100 * share:.0f} % of resident (target >= {100 * want:.0f} %): "
+                              f"{'met' if share >= want else 'missed'}")
+                if sc == "50" and ratio:
+                    x = d["decode_tok_s"][0] / med["llama"]["decode_tok_s"][0]
+                    checks.append(f"50 % cap: {x:.2f}x llama.cpp (target >= 3x): {'met' if x >= 3 else 'missed'}")
+                if vs_b:
+                    checks.append(f"{sc} % cap: hit rate {vs_b}x Belady's (target >= 0.9): "
+                                  f"{'met' if hit / sim['belady'] >= 0.9 else 'missed'}")
+                if d["stall_share"] is not None:
+                    checks.append(f"{sc} % cap: I/O stall {100 * d['stall_share'][0]:.0f} % of decode (target <= 20 %): "
+                                  f"{'met' if d['stall_share'][0] <= 0.2 else 'missed'}")
+    lines += ["", "Targets (issue 16):", ""] + [f"- {c}" for c in checks]
+    if m.get("features"):
+        lines += ["", "Cache features at the 25 % cap (moelite alone, teacher-forced decode):", "",
+                  "| variant | decode tok/s | hit rate | MB read/token | I/O stall % of decode |", "|---|---|---|---|---|"]
+        for label, runs in m["features"].items():
+            ok = [r for r in runs if "error" not in r]
+            if not ok:
+                lines.append(f"| {label} | failed: {runs[0]['error'] if runs else 'no run'} | | | |")
+                continue
+            med = {k: summarize(ok, k) for k in ("decode_tok_s", "hit_rate", "bytes_read_per_token", "stall_share")}
+            lines.append(f"| {label} ({ok[0].get('policy', '?')}) | {fmt(med['decode_tok_s'])} | "
+                         f"{100 * med['hit_rate'][0]:.1f}% | {med['bytes_read_per_token'][0] / 1e6:.2f} | "
+                         f"{100 * med['stall_share'][0]:.0f}% |")
+    lines += ["", "Raw runs:", "", "```json", json.dumps({"scenarios": m["scenarios"], "features": m.get("features")})[:40000],
+              "```", ""]
+    return lines
+
+
 def write_report(res: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -361,8 +491,12 @@ def write_report(res: dict) -> None:
              "interleaved rows) copies the weights into anonymous memory, which the cgroup cannot reclaim, and "
              "it is OOM-killed (exit -9 on every capped run here). Without repacking it runs from its mmap of "
              "the file, which the kernel pages in and out under the cap. Resident runs use its defaults.", ""]
-    fig, axes = plt.subplots(1, max(1, len(res["models"])), figsize=(6 * max(1, len(res["models"])), 4.5), squeeze=False)
-    for ax, (name, m) in zip(axes[0], res["models"].items()):
+    learned = {name: m for name, m in res["models"].items() if m.get("teacher")}
+    plain = {name: m for name, m in res["models"].items() if not m.get("teacher")}
+    fig, axes = plt.subplots(1, max(1, len(plain)), figsize=(6 * max(1, len(plain)), 4.5), squeeze=False)
+    for name, m in learned.items():
+        lines += learned_section(name, m, res)
+    for ax, (name, m) in zip(axes[0], plain.items()):
         bw = m["bandwidth"]
         lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)"
                   + (f", measured at commit `{m['commit']}`" if m.get("commit") else ""), "",

@@ -1,7 +1,12 @@
 """One benchmark run in its own process (so peak RSS, disk reads and the memory cgroup are its own).
 
     python bench/worker.py {moelite,llama} MODEL --prompt IDS.json --gen 64 --threads 2 [--budget BYTES] [--policy P]
-        [--no-prefetch] [--no-calibration] [--cgroup PATH]
+        [--no-prefetch] [--no-calibration] [--cgroup PATH] [--teacher IDS.json] [--trace OUT.npz]
+
+--teacher: decode feeds these ids (held-out text that continues the prompt) instead of greedy samples, so the
+routing of the decode steps is the routing of real text, not of a small model's repetitive greedy output; moelite's
+cache counters then cover the decode steps only, and --trace saves the routing of the whole run (cache_policies
+trace) for the simulator.
 
 A moelite budget below the model's minimum is raised to that minimum (budget_used says so).
 
@@ -34,18 +39,22 @@ def peak_rss() -> int:
     return 0
 
 
-def run_moelite(a, prompt: list[int]) -> dict:
+def open_moelite(a, n_ctx: int, **extra):
+    """(model, budget used): a budget below moelite's minimum for this model is raised to that minimum."""
     import moelite
-    opts = dict(n_threads=a.threads, n_ctx=len(prompt) + a.gen + 8, policy=a.policy, prefetch=not a.no_prefetch,
-                use_calibration=not a.no_calibration)
-    budget = a.budget
+    opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
+                use_calibration=not a.no_calibration, **extra)
     try:
-        m = moelite.load(a.model, memory_budget=budget, **opts)
+        return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
     except moelite.errors.BudgetError as e:
         if not e.minimum:
             raise
-        budget = e.minimum          # the cap is below what moelite can run in: run at its minimum, say so
-        m = moelite.load(a.model, memory_budget=budget, **opts)
+        # the cap is below what moelite can run in: run at its minimum, say so
+        return moelite.load(a.model, memory_budget=e.minimum, **opts), e.minimum
+
+
+def run_moelite(a, prompt: list[int]) -> dict:
+    m, budget = open_moelite(a, len(prompt) + a.gen + 8)
     io0 = proc_io_read_bytes()
     t0 = time.perf_counter()
     first = None
@@ -63,7 +72,32 @@ def run_moelite(a, prompt: list[int]) -> dict:
             "prefetch_hits": s["prefetch_hits"], "slots": m.info()["expert_slots"]}
 
 
-def run_llama(a, prompt: list[int]) -> dict:
+def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
+    """Prompt, then len(forced) decode steps fed the held-out continuation (Model.eval), timed apart."""
+    m, budget = open_moelite(a, len(prompt) + len(forced) + 8, record_trace=bool(a.trace))
+    t0 = time.perf_counter()
+    m.eval(prompt)
+    ttft = time.perf_counter() - t0
+    m.reset_stats()                       # counters of the decode steps only
+    io0 = proc_io_read_bytes()
+    t1 = time.perf_counter()
+    for tok in forced:
+        m.eval([tok])
+    dt = time.perf_counter() - t1
+    s = m.stats()["total"]
+    if a.trace:
+        from moelite.cache_policies import save_trace
+        save_trace(m.trace(), a.trace)
+    n = len(forced)
+    return {"prefill_tok_s": len(prompt) / ttft, "decode_tok_s": n / dt, "ttft_s": ttft, "decode_s": dt,
+            "budget_used": budget, "policy": m.policy.name, "tokens": n, "teacher": True,
+            "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"], "cache_bytes_read": s["bytes_read"],
+            "bytes_read_per_token": s["bytes_read"] / n, "stall_s": s["stall_s"], "stall_share": s["stall_s"] / dt,
+            "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
+            "slots": m.info()["expert_slots"]}
+
+
+def llama_model(a, n_ctx: int):
     from llama_cpp import Llama
     if a.no_repack:
         # llama.cpp's CPU "extra buffer types" repack Q4_K/Q4_0 weights into anonymous memory, which a memory
@@ -76,8 +110,26 @@ def run_llama(a, prompt: list[int]) -> dict:
             p.use_extra_bufts = False
             return p
         C.llama_model_default_params = no_extra_bufts
-    llm = Llama(model_path=a.model, n_ctx=len(prompt) + a.gen + 8, n_threads=a.threads, n_threads_batch=a.threads,
-                n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
+    return Llama(model_path=a.model, n_ctx=n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
+                 n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
+
+
+def run_llama_teacher(a, prompt: list[int], forced: list[int]) -> dict:
+    llm = llama_model(a, len(prompt) + len(forced) + 8)
+    t0 = time.perf_counter()
+    llm.eval(prompt)
+    ttft = time.perf_counter() - t0
+    io0 = proc_io_read_bytes()
+    t1 = time.perf_counter()
+    for tok in forced:
+        llm.eval([tok])
+    dt = time.perf_counter() - t1
+    return {"prefill_tok_s": len(prompt) / ttft, "decode_tok_s": len(forced) / dt, "ttft_s": ttft, "decode_s": dt,
+            "tokens": len(forced), "teacher": True, "disk_read_bytes": proc_io_read_bytes() - io0}
+
+
+def run_llama(a, prompt: list[int]) -> dict:
+    llm = llama_model(a, len(prompt) + a.gen + 8)
     io0 = proc_io_read_bytes()
     t0 = time.perf_counter()
     llm.eval(prompt)
@@ -108,12 +160,18 @@ def main() -> None:
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
     ap.add_argument("--no-repack", action="store_true", help="llama.cpp: use_extra_bufts=false (no weight repacking)")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
+    ap.add_argument("--teacher", default=None, help="JSON ids the decode steps are fed (instead of greedy samples)")
+    ap.add_argument("--trace", default=None, help="moelite with --teacher: save the run's routing trace here (.npz)")
     a = ap.parse_args()
     if a.cgroup:
         with open(os.path.join(a.cgroup, "cgroup.procs"), "w") as f:
             f.write(str(os.getpid()))
     prompt = json.load(open(a.prompt))
-    r = run_moelite(a, prompt) if a.engine == "moelite" else run_llama(a, prompt)
+    if a.teacher:
+        forced = json.load(open(a.teacher))
+        r = run_moelite_teacher(a, prompt, forced) if a.engine == "moelite" else run_llama_teacher(a, prompt, forced)
+    else:
+        r = run_moelite(a, prompt) if a.engine == "moelite" else run_llama(a, prompt)
     r.update(engine=a.engine, peak_rss=peak_rss(), budget=a.budget, prompt_tokens=len(prompt))
     print(json.dumps(r))
     sys.stdout.flush()

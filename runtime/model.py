@@ -339,6 +339,23 @@ class Model:
             self._ctx_ids = list(ids)
             return out
 
+    def eval(self, token_ids: Sequence[int]) -> np.ndarray:
+        """Evaluate token_ids after the cached context (llama.cpp's `eval`); logits [n_vocab] of the last one.
+        For teacher-forced decoding and scoring: `eval(prompt)` then `eval([t])` per next token is the same
+        computation as generating those tokens. A UsageError past n_ctx (nothing is evaluated then)."""
+        ids = self._check_ids(token_ids)
+        with self._exclusive("eval"):
+            if len(self._ctx_ids) + len(ids) > self.n_ctx:
+                raise UsageError(f"eval(): {len(self._ctx_ids)} cached + {len(ids)} new tokens exceed the "
+                                   f"context size n_ctx={self.n_ctx}")
+            out = None
+            step = self.plan.n_ubatch
+            for i in range(0, len(ids), step):      # the core's chunking, as a prompt is evaluated
+                out = self._eval(ids[i:i + step], 1)
+                self._ctx_ids.extend(ids[i:i + step])
+            self._snapshot()
+            return out[-1]
+
     def _prefill(self, ids: list[int]) -> np.ndarray | None:
         """Evaluate ids reusing the longest cached prefix, one n_ubatch chunk at a time (the core's own chunking,
         so the result is the same); logits of the last token, or None when cancel() stopped it."""

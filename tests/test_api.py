@@ -141,3 +141,28 @@ def test_prefill_reports_progress_and_cancel_stops_it(fixture):
         assert m.last_stats.finish_reason == "cancelled"
         m.prefill_progress = None
         assert m.generate(ids, max_tokens=6, stop_ids=[]) == want          # the next request is unaffected
+
+
+def test_eval_continues_the_context_like_generation(fixture):
+    """Model.eval (teacher-forced decoding, bench/worker.py --teacher): eval(prompt) then eval([t]) per token gives
+    the logits of a fresh run over the whole text, and under the smallest budget (experts read from disk) the very
+    same bits as resident; past n_ctx it refuses and keeps the context."""
+    import numpy as np
+    ids = [3, 17, 5, 9, 30, 2, 11, 7]
+    with moelite.load(fixture[1], n_threads=1, n_ctx=16) as m:
+        whole = m.logits(ids)
+        m.reset()
+        steps = [m.eval(ids[:5])] + [m.eval([t]) for t in ids[5:]]
+        np.testing.assert_allclose(np.stack(steps), whole[4:], atol=1e-4)
+        with pytest.raises(UsageError, match="n_ctx=16"):
+            m.eval(list(range(9)))
+        after = m.eval([4])                     # the refused call evaluated nothing
+        assert m._ctx_ids == ids + [4]
+    try:
+        moelite.load(fixture[1], n_threads=1, n_ctx=16, memory_budget="1MiB")
+    except BudgetError as e:
+        small = e.minimum
+    with moelite.load(fixture[1], n_threads=1, n_ctx=16, memory_budget=small) as m:
+        assert m.plan.slots is not None
+        tiny = [m.eval(ids[:5])] + [m.eval([t]) for t in ids[5:]] + [m.eval([4])]
+    np.testing.assert_array_equal(np.stack(tiny), np.stack(steps + [after]))

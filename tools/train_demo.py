@@ -330,6 +330,46 @@ def qa_eval_loss(model, windows: np.ndarray, mask: np.ndarray, batch: int) -> fl
 # 4. model + training
 # ----------------------------------------------------------------------------------------------
 
+def upcycle_state_dict(sd: dict, n_layers: int, n_expert: int, n_ff: int, seed: int,
+                       router_noise: float = 0.3, weight_noise: float = 0.01) -> dict:
+    """Grow a trained MoE (E0 experts of width F0) into n_expert experts of width n_ff >= F0 ("sparse
+    upcycling"): expert j is a copy of expert j % E0 (so each source expert has n_expert / E0 copies).
+      - gate/up rows [0, F0) = the source rows + weight_noise * their std; rows [F0, n_ff) fresh N(0, 0.02);
+      - down columns [0, F0) = the source columns + noise; columns [F0, n_ff) zero, so each copy starts as
+        exactly its source expert's function (up to the noise), and the new half still gets gradients;
+      - router row j = the source row + router_noise * its std: copies of the same expert score apart,
+        so top-k spreads over copies of the best few source experts instead of all copies of one.
+    Layout as gguf_state_dict returns it: gate_up_proj [E, 2F, H] (gate rows first), down_proj [E, H, F]."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    out = dict(sd)
+    for b in range(n_layers):
+        gu = sd[f"model.layers.{b}.mlp.experts.gate_up_proj"]  # [E0, 2*F0, H]
+        down = sd[f"model.layers.{b}.mlp.experts.down_proj"]  # [E0, H, F0]
+        router = sd[f"model.layers.{b}.mlp.gate.weight"]  # [E0, H]
+        e0, f0, h = gu.shape[0], gu.shape[1] // 2, gu.shape[2]
+        if n_expert % e0 or n_ff < f0:
+            raise SystemExit(f"upcycling {e0} experts x {f0} into {n_expert} x {n_ff}: need a multiple and n_ff >= {f0}")
+        src = torch.arange(n_expert) % e0
+
+        def noisy(t: torch.Tensor, rel: float) -> torch.Tensor:
+            return t + rel * t.std() * torch.randn(t.shape, generator=g)
+
+        gate, up = gu[:, :f0], gu[:, f0:]
+        new_gu = torch.empty(n_expert, 2 * n_ff, h)
+        new_gu[:, :f0] = noisy(gate[src], weight_noise)
+        new_gu[:, n_ff:n_ff + f0] = noisy(up[src], weight_noise)
+        new_gu[:, f0:n_ff] = 0.02 * torch.randn(n_expert, n_ff - f0, h, generator=g)
+        new_gu[:, n_ff + f0:] = 0.02 * torch.randn(n_expert, n_ff - f0, h, generator=g)
+        new_down = torch.zeros(n_expert, h, n_ff)
+        new_down[:, :, :f0] = noisy(down[src], weight_noise)
+        out[f"model.layers.{b}.mlp.experts.gate_up_proj"] = new_gu
+        out[f"model.layers.{b}.mlp.experts.down_proj"] = new_down
+        out[f"model.layers.{b}.mlp.gate.weight"] = noisy(router[src], router_noise)
+    return out
+
+
 def val_windows(arr: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
     """Non-overlapping [n, seq_len + 1] windows from the start of the held-out stream."""
     n = max(1, min(len(arr) - 1, max_tokens) // seq_len)
@@ -487,6 +527,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--init-gguf", default=None,
                     help="start from this moelite GGUF (weights dequantized, its tokenizer) instead of from scratch")
+    ap.add_argument("--upcycle", action="store_true",
+                    help="with --init-gguf: copy its experts into --experts experts of width --expert-ffn "
+                         "(a multiple of its expert count, at least its width), see upcycle_state_dict")
     ap.add_argument("--qa-dir", default=None,
                     help="train.jsonl/heldout.jsonl of tools/build_qa_pairs.py: mix these chat pairs into training")
     ap.add_argument("--qa-frac", type=float, default=0.5, help="share of each batch's rows that are chat pairs")
@@ -528,8 +571,12 @@ def main(argv=None) -> int:
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
     model = make_model(args, vocab, eot, im_end)
     if args.init_gguf:
-        model.load_state_dict(gguf_state_dict(args.init_gguf, args.layers))
-        log(f"weights from {args.init_gguf}")
+        sd = gguf_state_dict(args.init_gguf, args.layers)
+        if args.upcycle:
+            sd = upcycle_state_dict(sd, args.layers, args.experts, args.expert_ffn, args.seed)
+        model.load_state_dict(sd)
+        log(f"weights from {args.init_gguf}" + (f" (upcycled to {args.experts} experts x {args.expert_ffn})"
+                                                if args.upcycle else ""))
     qa = None
     if args.qa_dir:
         qa_train = qa_windows(tok, os.path.join(args.qa_dir, "train.jsonl"), args.seq_len, args.seed)
@@ -632,8 +679,11 @@ def main(argv=None) -> int:
             rate = tok_rate / (time.time() - t_rate)
             log_data["train_loss"].append({"step": step, "tokens_seen": tokens_seen, "wall_s": round(elapsed(), 1),
                                            "loss": round(tl, 4), "aux": round(aux_acc / n_acc, 4), "lr": lr})
-            log(f"step {step} loss {tl:.3f} aux {aux_acc/n_acc:.3f} lr {lr:.2e} {rate:.0f} tok/s "
-                f"tokens {tokens_seen:,} elapsed {elapsed()/60:.1f}/{args.budget_minutes:.0f} min")
+            left_s = ((args.max_steps - step) * args.batch_size * args.seq_len / max(rate, 1e-9)
+                      if args.max_steps else train_end - elapsed())
+            log(f"step {step}{'/' + str(args.max_steps) if args.max_steps else ''} loss {tl:.3f} "
+                f"aux {aux_acc/n_acc:.3f} lr {lr:.2e} {rate:.0f} tok/s tokens {tokens_seen:,} "
+                f"elapsed {elapsed()/60:.1f} min, ETA {max(0.0, left_s)/60:.1f} min")
             loss_acc, aux_acc, n_acc, t_rate, tok_rate = 0.0, 0.0, 0, time.time(), 0
         if time.time() - last_eval > args.eval_every_minutes * 60:
             do_eval(log_data["train_loss"][-1]["loss"] if log_data["train_loss"] else None)
