@@ -1,5 +1,6 @@
-"""This machine's memory and disk read bandwidth, measured once and cached in ~/.cache/moelite/machine.json
-(the two numbers of the decode roofline)."""
+"""This machine's memory and disk read bandwidth (the two numbers of the decode roofline) and the cost of a
+decode step that bandwidth does not explain (per-layer compute and synchronisation, measured on the embedded
+demo model), measured once and cached in ~/.cache/moelite/machine.json."""
 from __future__ import annotations
 
 import json
@@ -16,6 +17,7 @@ from .common import cache_dir
 MEM_BYTES = 128 << 20     # array copied for the memory bandwidth (x3, best taken)
 DISK_BYTES = 64 << 20     # file read back for the disk bandwidth
 CHUNK = 4 << 20
+N_PROBE = 64              # decode steps of the step-overhead probe
 
 
 def machine_file() -> Path:
@@ -38,6 +40,36 @@ def bandwidths(remeasure: bool = False) -> dict:
     tmp.write_text(json.dumps(d, indent=1))
     os.replace(tmp, path)
     return d
+
+
+def step_overhead(n_threads: int, mem_bw: float, remeasure: bool = False) -> float:
+    """Seconds per layer of a resident decode step beyond moving its weights at mem_bw: the embedded demo model
+    (resident) decodes N_PROBE tokens after 64; (mean step - active bytes / mem_bw) / layers. Cached per thread
+    count; measure on a quiet machine (--remeasure)."""
+    path = machine_file()
+    key = f"step_overhead_t{n_threads}"
+    try:
+        d = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        d = {}
+    if not remeasure and isinstance(d.get(key), (int, float)) and d[key] >= 0:
+        return float(d[key])
+    from ..runtime.model import default_model_path, load
+    from .plan import active_bytes
+    with load(default_model_path(), n_threads=n_threads, n_ctx=160, use_calibration=False) as m:
+        m.eval([(7 * i + 3) % m.n_vocab for i in range(64)])
+        t = time.perf_counter()
+        for i in range(N_PROBE):                # mean step, as decode speed is measured everywhere else
+            m.eval([(11 * i + 5) % m.n_vocab])
+        step = (time.perf_counter() - t) / N_PROBE
+        emb = m.tensors["token_embd.weight"][3] if "output.weight" in m.tensors else 0
+        per_layer = (step - active_bytes(m.plan, emb) / mem_bw) / m.hparams["n_layer"]
+    d[key] = max(per_layer, 0.0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(d, indent=1))
+    os.replace(tmp, path)
+    return d[key]
 
 
 def memory_bandwidth() -> float:

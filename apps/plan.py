@@ -1,10 +1,17 @@
 """moelite plan MODEL --memory 4GiB: will the model run in that budget, what stays resident, what is read from
-disk, and the decode speed the bandwidth roofline allows on this machine.
+disk, the decode speed the bandwidth roofline allows on this machine, and a predicted decode speed.
 
 Roofline of one decode token: every resident byte used by the token is read from memory once (dense weights
 except the embedding table, K experts per MoE layer); each expert that misses the cache is also read from
 disk. The range goes from no routing locality (hit rate = slots / experts, misses stall the token) to strong
 locality (hit rate = sqrt(slots / experts), reads fully overlapped by prefetch).
+
+Prediction (one number): a step costs layers x the per-layer overhead measured on this machine (apps/machine.py
+step_overhead: the embedded demo's resident decode minus its bytes) + the token's resident bytes / memory
+bandwidth + its misses' bytes / disk bandwidth (reads not overlapped). The hit rate per layer comes from the
+calibration side file (`moelite analyze`) when there is one: its simulated hit rate when it was calibrated for
+this many slots (within 10 %), else the hit rate of keeping each layer's most used experts (its expert
+frequencies); without a side file, sqrt(slots / experts) (stated in the output).
 """
 from __future__ import annotations
 
@@ -33,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--convert-type", default="q8_0", metavar="TYPE",
                    help="type when MODEL is a HF directory (read, not converted: config, tokenizer, safetensors headers)")
     p.add_argument("--remeasure", action="store_true", help="measure memory and disk bandwidth again")
+    p.add_argument("--threads", "-t", type=positive_int, default=None,
+                   help="threads the prediction is for (default: as moelite.load picks them)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,7 +82,61 @@ def main(args: argparse.Namespace) -> int:
     print(f"machine   memory {fmt_bytes(bw['mem_bw'])}/s · disk {fmt_bytes(bw['disk_bw'])}/s ({bw['disk_method']}; "
           f"cached in {_machine_file()})")
     print(f"speed     {lo:.1f} - {hi:.1f} tok/s decode (bandwidth roofline, an upper bound; compute not counted)")
+    pred = predict_decode(plan, slots, _embedding_bytes(tensors), bw, path if data_size is None else None,
+                          args.threads, args.remeasure)
+    print(f"predicted {pred['tok_s']:.1f} tok/s decode at hit rate {100 * pred['hit_rate']:.1f} % ({pred['source']}; "
+          f"{pred['threads']} threads)")
     return 0
+
+
+def predict_decode(plan, slots: list[int], embd_bytes: int, bw: dict, model_path: str | None,
+                   n_threads: int | None = None, remeasure: bool = False) -> dict:
+    """{'tok_s', 'hit_rate' (pooled), 'source', 'threads'}: see the module docstring."""
+    import os
+    from .machine import step_overhead
+    threads = n_threads or max(1, min(os.cpu_count() or 1, 8))
+    hits, source = layer_hit_rates(plan, slots, model_path)
+    K = plan.n_expert_used
+    miss = sum(K * b * (1 - h) for h, b in zip(hits, plan.expert_slot_bytes) if b)
+    t = (len(plan.expert_slot_bytes) * step_overhead(threads, bw["mem_bw"], remeasure)
+         + active_bytes(plan, embd_bytes) / bw["mem_bw"] + miss / bw["disk_bw"])
+    moe = [h for h, b in zip(hits, plan.expert_slot_bytes) if b]
+    return {"tok_s": 1 / t, "hit_rate": sum(moe) / max(len(moe), 1), "source": source, "threads": threads}
+
+
+def layer_hit_rates(plan, slots: list[int], model_path: str | None) -> tuple[list[float], str]:
+    """Per-layer hit rate for these slots and where it comes from."""
+    E = plan.n_expert
+    if plan.slots is None:
+        return [1.0] * len(slots), "everything resident"
+    calib = {}
+    if model_path:
+        from ..cache_policies.calibration import load_calibration
+        from ..errors import MoeliteError
+        try:
+            calib = load_calibration(model_path, {})
+        except MoeliteError:
+            calib = {}
+    moe = [i for i, b in enumerate(plan.expert_slot_bytes) if b]
+    total = sum(slots[i] for i in moe)
+    if calib.get("hit_rate") and abs(total - calib["budget_slots"]) <= 0.1 * calib["budget_slots"]:
+        return ([calib["hit_rate"] if i in moe else 1.0 for i in range(len(slots))],
+                f"simulated by `moelite analyze` for {calib['budget_slots']} slots")
+    freq = calib.get("expert_freq")
+    if freq and len(freq) == len(moe) * E:
+        out = [1.0] * len(slots)
+        for j, i in enumerate(moe):
+            f = sorted(freq[j * E:(j + 1) * E], reverse=True)
+            out[i] = min(1.0, sum(f[:slots[i]]) / max(sum(f), 1e-12))
+        return out, "each layer's most used experts kept (expert frequencies of the calibration side file)"
+    return ([math.sqrt(slots[i] / E) if i in moe else 1.0 for i in range(len(slots))],
+            "no calibration side file: assumed sqrt(slots / experts); run `moelite analyze` for a measured one")
+
+
+def active_bytes(plan, embd_bytes: int) -> int:
+    """Bytes a decode token reads from memory: dense weights but the embedding table (one row of it), and K
+    experts per MoE layer."""
+    return max(plan.dense_bytes - embd_bytes, 0) + sum(plan.n_expert_used * b for b in plan.expert_slot_bytes)
 
 
 def model_table(arg: str | None, convert_type: str, verbose: bool) -> tuple[str, dict, dict, int | None]:
@@ -121,8 +184,7 @@ def _plan_gpu(hp: dict, tensors: dict, vram: int, ram: int, kw: dict) -> int:
 def roofline(plan, slots: list[int], embd_bytes: int, mem_bw: float, disk_bw: float) -> tuple[float, float]:
     """(pessimistic, optimistic) decode tok/s."""
     E, K = plan.n_expert, plan.n_expert_used
-    active = sum(K * b for b in plan.expert_slot_bytes)
-    t_mem = (max(plan.dense_bytes - embd_bytes, 0) + active) / mem_bw
+    t_mem = active_bytes(plan, embd_bytes) / mem_bw
     miss_lo = sum(K * b * (1 - s / E) for s, b in zip(slots, plan.expert_slot_bytes) if b)
     miss_hi = sum(K * b * (1 - math.sqrt(s / E)) for s, b in zip(slots, plan.expert_slot_bytes) if b)
     lo = 1 / (t_mem + miss_lo / disk_bw)

@@ -91,7 +91,10 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
     n = len(forced)
     return {"prefill_tok_s": len(prompt) / ttft, "decode_tok_s": n / dt, "ttft_s": ttft, "decode_s": dt,
             "budget_used": budget, "policy": m.policy.name, "tokens": n, "teacher": True,
-            "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"], "cache_bytes_read": s["bytes_read"],
+            "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"],
+            # hits that were in the cache before the token asked (prefetched arrivals not counted): the policy's own
+            "demand_hit_rate": (s["hits"] - s["prefetch_hits"]) / max(s["hits"] + s["misses"], 1),
+            "cache_bytes_read": s["bytes_read"],
             "bytes_read_per_token": s["bytes_read"] / n, "stall_s": s["stall_s"], "stall_share": s["stall_s"] / dt,
             "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
             "slots": m.info()["expert_slots"]}

@@ -113,6 +113,46 @@ def test_plan(fixture, capsys, cache_home):
     assert rc == 1 and "NO" in out and "too small" in out
 
 
+def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsys, cache_home, tmp_path):
+    """The prediction: layers x per-layer overhead + resident bytes / memory bw + missed bytes / disk bw, with the
+    hit rate of the calibration side file when it was calibrated for this many slots, else sqrt(slots/E)."""
+    import re
+    import shutil
+
+    import moelite
+    from moelite.apps.plan import active_bytes
+    cache_home.mkdir(parents=True)
+    (cache_home / "machine.json").write_text(json.dumps({"mem_bw": 10e9, "disk_bw": 1e9, "disk_method": "test",
+                                                         "step_overhead_t1": 1e-4}))
+    model = tmp_path / "m.gguf"
+    shutil.copy(fixture[1], model)
+    budget = _offload_budget(model)
+
+    def predicted(*extra):
+        rc, out, err = cli(capsys, "plan", model, "--memory", *extra, "-t", "1", "-c", "64")
+        assert rc == 0, err
+        m = re.search(r"predicted ([0-9.]+) tok/s decode at hit rate ([0-9.]+) % \(([^;]+);", out)
+        return float(m.group(1)), float(m.group(2)) / 100, m.group(3)
+
+    with moelite.load(model, n_ctx=64, memory_budget=None, n_threads=1) as m:
+        plan, emb = m.plan, (m.tensors["token_embd.weight"][3] if "output.weight" in m.tensors else 0)
+    tok_s, hit, source = predicted("1GiB")
+    assert hit == 1.0 and source == "everything resident"
+    expect = 1 / (len(plan.expert_slot_bytes) * 1e-4 + active_bytes(plan, emb) / 10e9)
+    assert tok_s == pytest.approx(expect, rel=2e-3)
+    tok_s_cap, hit, source = predicted(str(budget))
+    assert "sqrt" in source and 0 < hit < 1 and tok_s_cap < tok_s
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged that a single man in possession of a good fortune " * 20)
+    rc = main(["analyze", str(model), "--text", str(text), "--tokens", "200", "--seq-len", "100", "--threads", "1",
+               "--memory-budget", str(budget), "-c", "64", "--out", str(tmp_path / "rep")])
+    assert rc == 0
+    side = json.loads((tmp_path / "m.gguf.calibration.json").read_text())
+    capsys.readouterr()
+    _, hit, source = predicted(str(budget))
+    assert "moelite analyze" in source and hit == pytest.approx(side["moelite.calibration.hit_rate"], abs=1e-3)
+
+
 def test_plan_gpu_tiers(fixture, capsys):
     vram = _offload_budget(fixture[1])                       # an arena smaller than the experts
     rc, out, err = cli(capsys, "plan", fixture[1], "--vram", str(vram), "--memory", "1GiB")
