@@ -101,6 +101,9 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help="KV cache type for K and V (default f16; q8_0 halves it and needs flash attention)")
     g.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
                    help="attention through ggml's flash attention (default auto = on, as llama.cpp)")
+    g.add_argument("--no-repack", dest="repack", action="store_false",
+                   help="llama.cpp's flag: keep the CPU's weights in the file's layout instead of ggml's repacked one "
+                        "(interleaved rows for its AVX2/AVX-512/NEON kernels; default: repacked where ggml takes the type)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
                    help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
                         "on the GPU and streams experts; it does not split layers)")
@@ -185,7 +188,7 @@ def load_model(args: argparse.Namespace, **extra: Any):
     with native_stderr_hidden(args.verbose):
         model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
                              n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
-                             flash_attn=getattr(args, "flash_attn", "auto") != "off",
+                             flash_attn=getattr(args, "flash_attn", "auto") != "off", repack=getattr(args, "repack", True),
                              kv_type=getattr(args, "kv_type", "f16"), **extra)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)

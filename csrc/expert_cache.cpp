@@ -7,9 +7,11 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <exception>
+#include <stdexcept>
 
 #include "common.h"
 #include "ggml-cpu.h"
@@ -30,6 +32,93 @@ ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, v
     return t;
 }
 
+// ggml's repack logs a debug line per tensor it converts (here: every expert load). Once per process, ggml's
+// debug lines are dropped and the rest passed on to the callback set before.
+static void drop_ggml_debug_log() {
+    static std::once_flag once;
+    std::call_once(once, [] {
+        static ggml_log_callback prev = nullptr;
+        static void * prev_ud = nullptr;
+        ggml_log_get(&prev, &prev_ud);
+        ggml_log_set([](ggml_log_level level, const char * text, void *) {
+            if (level == GGML_LOG_LEVEL_DEBUG) return;
+            if (prev) prev(level, text, prev_ud);
+            else std::fputs(text, stderr);
+        }, nullptr);
+    });
+}
+
+ggml_backend_buffer_type_t cpu_repack_buft(ggml_backend_t backend) {
+    ggml_backend_dev_t dev = backend ? ggml_backend_get_device(backend) : nullptr;
+    if (!dev || ggml_backend_dev_type(dev) != GGML_BACKEND_DEVICE_TYPE_CPU) return nullptr;
+    auto extra_bufts = (ggml_backend_dev_get_extra_bufts_t) ggml_backend_reg_get_proc_address(
+        ggml_backend_dev_backend_reg(dev), "ggml_backend_dev_get_extra_bufts");
+    if (!extra_bufts) return nullptr;
+    for (ggml_backend_buffer_type_t * b = extra_bufts(dev); b && *b; ++b)
+        if (std::strcmp(ggml_backend_buft_name(*b), "CPU_REPACK") == 0) {
+            drop_ggml_debug_log();
+            return *b;
+        }
+    return nullptr;
+}
+
+bool repack_supports(ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0, int64_t ne1, int64_t n_mat) {
+    if (!buft || ne0 % ggml_blck_size(type) != 0) return false;
+    ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
+    ggml_context * ctx = ggml_init(ip);
+    const int64_t T = 8;                          // a few tokens: the op's shape, never computed
+    ggml_tensor * op;
+    if (n_mat > 0) {                              // the kernel handles one matrix too; the check wants 3 dims
+        ggml_tensor * w = ggml_new_tensor_3d(ctx, type, ne0, ne1, std::max<int64_t>(n_mat, 2));
+        op = ggml_mul_mat_id(ctx, w, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 1, T),
+                             ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, T));
+    } else {
+        op = ggml_mul_mat(ctx, ggml_new_tensor_2d(ctx, type, ne0, ne1), ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne0, T));
+    }
+    ggml_backend_buffer_t dummy = ggml_backend_buft_alloc_buffer(buft, 0);
+    op->src[0]->buffer = dummy;
+    const bool ok = ggml_backend_dev_supports_op(ggml_backend_buft_get_device(buft), op);
+    ggml_backend_buffer_free(dummy);
+    ggml_free(ctx);
+    return ok;
+}
+
+// A page-aligned staging buffer of at least `size` bytes, one per thread (reads that do not land in the arena)
+static char * staging(uint64_t size) {
+    thread_local std::unique_ptr<char, decltype(&free)> buf(nullptr, &free);
+    thread_local uint64_t have = 0;
+    if (have < size) {
+        void * p = nullptr;
+        if (posix_memalign(&p, kPage, size) != 0) throw BudgetError("out of host memory for staging");
+        buf.reset((char *) p);
+        have = size;
+    }
+    return buf.get();
+}
+
+void ExpertCache::put_slot(const Pool & P, int r, int slot, const void * src, uint64_t n, bool src_packed) {
+    const uint64_t off = (uint64_t) slot * P.slot_bytes[r];
+    if (!P.host) {
+        ggml_backend_tensor_set(P.arena[r], src, off, n);                  // host -> device
+    } else if (P.repacked[r] && !src_packed) {
+        // a 2-D tensor exactly on the slot, in the arena's buffer (its init_tensor picks the repack layout);
+        // setting it whole converts the file bytes into the slot
+        ggml_init_params ip = {ggml_tensor_overhead(), nullptr, true};
+        ggml_context * ctx = ggml_init(ip);
+        ggml_tensor * t = ggml_new_tensor_2d(ctx, P.type[r], P.ne0[r], P.ne1[r]);
+        if (n != ggml_nbytes(t) || ggml_backend_tensor_alloc(P.buf[r], t, (char *) P.mem[r] + off) != GGML_STATUS_SUCCESS) {
+            ggml_free(ctx);
+            throw std::logic_error("expert cache: a repacked slot takes one whole matrix");
+        }
+        ggml_backend_tensor_set(t, src, 0, n);
+        ggml_free(ctx);
+    } else if (P.repacked[r] == src_packed) {
+        std::memcpy((char *) P.mem[r] + off, src, n);
+    } else {
+        throw std::logic_error("expert cache: repacked bytes cannot fill a plain arena");
+    }
+}
+
 ExpertCache::ExpertCache(const std::string & path, int n_layer, int n_expert)
     : path_(path), n_layer_(n_layer), n_expert_(n_expert), layers_(n_layer), pinned_(n_layer) {
     reopen();
@@ -47,7 +136,7 @@ ExpertCache::~ExpertCache() {
     for (auto & p : pools_)
         for (int r = 0; r < 3; ++r) {
             if (p.buf[r]) ggml_backend_buffer_free(p.buf[r]);
-            if (p.own_mem) free(p.mem[r]);
+            if (p.own_mem[r]) free(p.mem[r]);
         }
     if (ctx_) ggml_free(ctx_);
 }
@@ -115,7 +204,7 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
 }
 
 void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
-                           ggml_backend_buffer_type_t host_buft) {
+                           ggml_backend_buffer_type_t host_buft, ggml_backend_buffer_type_t repack_buft) {
     for (int il = 0; il < n_layer_; ++il) {
         CacheLayer & L = layers_[il];
         if (L.pool < 0) continue;
@@ -139,10 +228,16 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
                 if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes of pinned host memory for the RAM tier");
                 ggml_backend_buffer_clear(P.buf[r], 0);
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
+            } else if (P.host && repack_supports(repack_buft, P.type[r], P.ne0[r], P.ne1[r], P.n_slots)) {
+                P.buf[r] = ggml_backend_buft_alloc_buffer(repack_buft, bytes);   // reads repack through staging
+                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+                ggml_backend_buffer_clear(P.buf[r], 0);                          // zero blocks compute zeros
+                base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
+                P.repacked[r] = true;
             } else if (P.host) {                   // our own page-aligned memory: disk reads land in place
                 if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
                     throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
-                P.own_mem = true;
+                P.own_mem[r] = true;
                 std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
                 P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
                 base = P.mem[r];
@@ -161,6 +256,13 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
 size_t ExpertCache::arena_bytes() const {
     size_t b = 0;
     for (auto & P : pools_) b += (P.slot_bytes[0] + P.slot_bytes[1] + P.slot_bytes[2]) * P.n_slots;
+    return b;
+}
+
+size_t ExpertCache::repacked_arena_bytes() const {
+    size_t b = 0;
+    for (auto & P : pools_)
+        for (int r = 0; r < 3; ++r) b += P.repacked[r] ? P.slot_bytes[r] * P.n_slots : 0;
     return b;
 }
 
@@ -274,12 +376,9 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
 }
 
 void ExpertCache::copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert) {
+    const Pool & from = tier2_->pool_of(il);
     tier2_->with_expert(il, expert, [&](const void * const src[3]) {
-        for (int r = 0; r < 3; ++r) {
-            const uint64_t off = (uint64_t) slot * P.slot_bytes[r];
-            if (P.host) std::memcpy((char *) P.mem[r] + off, src[r], L.src[r].nbytes);
-            else ggml_backend_tensor_set(P.arena[r], src[r], off, L.src[r].nbytes);   // host -> device
-        }
+        for (int r = 0; r < 3; ++r) put_slot(P, r, slot, src[r], L.src[r].nbytes, from.repacked[r]);
     });
 }
 
@@ -291,20 +390,13 @@ void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, in
     for (int r = 0; r < 3; ++r) {
         const ExpertSource & src = L.src[r];
         const uint64_t off = src.offset + (uint64_t) expert * src.stride;
-        if (P.host) {
+        if (P.host && !P.repacked[r]) {
             read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes, P.slot_bytes[r]);
         } else {
-            // one page-aligned staging buffer per reading thread, then a host -> device copy into the slot
-            thread_local std::unique_ptr<char, decltype(&free)> staging(nullptr, &free);
-            thread_local uint64_t staging_size = 0;
-            if (staging_size < P.slot_bytes[r]) {
-                void * p = nullptr;
-                if (posix_memalign(&p, kPage, P.slot_bytes[r]) != 0) throw BudgetError("out of host memory for staging");
-                staging.reset((char *) p);
-                staging_size = P.slot_bytes[r];
-            }
-            read_range(staging.get(), off, src.nbytes, P.slot_bytes[r]);
-            ggml_backend_tensor_set(P.arena[r], staging.get(), (uint64_t) slot * P.slot_bytes[r], src.nbytes);
+            // the file bytes into this thread's staging buffer, then repacked into the slot (or copied to the device)
+            char * buf = staging(P.slot_bytes[r]);
+            read_range(buf, off, src.nbytes, P.slot_bytes[r]);
+            put_slot(P, r, slot, buf, src.nbytes, false);
         }
     }
 }

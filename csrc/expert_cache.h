@@ -6,6 +6,14 @@
 // bytes so reads can use O_DIRECT. Each layer owns a contiguous range of its pool's slots (its quota);
 // the policy picks victims inside that range. The math never knows where an expert lives: routing ids
 // go through slot_of[] into ggml_mul_mat_id over the pool tensors.
+//
+// Repacked arenas (CPU): where ggml's CPU backend has its "CPU_REPACK" buffer type (llama.cpp's --repack,
+// interleaved rows for its AVX2/AVX-512/NEON GEMMs) and it takes a pool's type and shape, a host pool's arena
+// lives in that buffer type: each slot is filled by reading the file bytes into a staging buffer and setting a
+// 2-D tensor that lies exactly on the slot, which converts them in place. Repacked bytes are as many as the
+// original ones (block_q4_Kx8 = 8 x block_q4_K, ...), so slots keep their size; the repacked MUL_MAT_ID kernel
+// steps through slots by nb[2], the padded stride. Rows interleave in groups of 8 inside one expert (ne1 % 8 ==
+// 0), so one slot repacked alone holds the same bytes as its part of the whole 3-D tensor repacked at once.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -38,9 +46,10 @@ struct Pool {
     int n_slots = 0;
     void * mem[3] = {nullptr, nullptr, nullptr};   // host arenas: our memory; device arenas: nullptr
     bool host = true;
-    bool own_mem = false;        // mem[] from posix_memalign (freed by us), not from a backend buffer
+    bool own_mem[3] = {false, false, false};   // mem[r] from posix_memalign (freed by us), not from a backend buffer
     ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
     ggml_tensor * arena[3] = {nullptr, nullptr, nullptr};   // [ne0, ne1, n_slots]
+    bool repacked[3] = {false, false, false};              // arena in the CPU_REPACK buffer type (see above)
 };
 
 struct LayerStats {
@@ -77,6 +86,15 @@ struct CacheLayer {
 ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, void * mem, ggml_type type, int64_t ne0,
                                 int64_t ne1, int n_slots, uint64_t slot_bytes);
 
+// ggml's CPU_REPACK buffer type, asked from the CPU device's registry entry ("ggml_backend_dev_get_extra_bufts":
+// a portable build loads its CPU variant at run time); nullptr when `backend` is not a CPU backend or its ggml
+// CPU build has no repack buffer type.
+ggml_backend_buffer_type_t cpu_repack_buft(ggml_backend_t backend);
+// Does `buft` repack a weight of this type and shape for ggml_mul_mat (n_mat == 0: 2-D [ne0, ne1]) or for
+// ggml_mul_mat_id over n_mat matrices (3-D [ne0, ne1, n_mat])? Asked like llama.cpp asks it: the buffer type's
+// device supports_op on a dummy op whose weight sits in a (zero-size) buffer of that type.
+bool repack_supports(ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0, int64_t ne1, int64_t n_mat);
+
 class ExpertCache {
 public:
     ExpertCache(const std::string & path, int n_layer, int n_expert);
@@ -85,10 +103,16 @@ public:
     // Set up: describe a MoE layer (its three fused tensors) before finalize().
     void add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
     // Allocate pools. slots_per_layer[il] = quota (>= n_expert_used), 0 for non-MoE layers. host_buft: for a
-    // host (RAM) tier, the buffer type of its arenas (CUDA pinned memory); nullptr: our own aligned memory.
+    // host (RAM) tier, the buffer type of its arenas (CUDA pinned memory); nullptr: our own aligned memory, or
+    // repack_buft (CPU_REPACK) for each matrix of a host pool that it repacks.
     void finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
-                  ggml_backend_buffer_type_t host_buft = nullptr);
+                  ggml_backend_buffer_type_t host_buft = nullptr, ggml_backend_buffer_type_t repack_buft = nullptr);
     size_t arena_bytes() const;
+    size_t repacked_arena_bytes() const;    // the part of arena_bytes() in repacked arenas
+    // Write n bytes of matrix r of an expert into `slot` of pool P: file bytes (src_packed false) or the bytes of
+    // a slot of a pool with the same layout (src_packed == P.repacked[r]). Repacks into a repacked host arena,
+    // copies to a device arena (ggml_backend_tensor_set), memcpy otherwise.
+    static void put_slot(const Pool & P, int r, int slot, const void * src, uint64_t n, bool src_packed);
     static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
 
     void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }

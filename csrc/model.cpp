@@ -54,29 +54,10 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     ctx_w_ = ggml_init(ip);
     build_layers();
 
-    // read the dense tensors into one backend buffer
-    buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
-    if (!buf_w_ && !to_read_.empty()) throw BudgetError("cannot allocate memory for the dense weights");
-    dense_bytes_ = buf_w_ ? ggml_backend_buffer_get_size(buf_w_) : 0;
-    int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw IOError(path + ": " + strerror(errno));
-    const bool host = !buf_w_ || ggml_backend_buffer_is_host(buf_w_);
-    std::vector<char> staging;                    // device weights: read on the host, then upload
-    for (auto & [t, info] : to_read_) {
-        char * dst = (char *) t->data;
-        if (!host) { staging.resize(info->nbytes); dst = staging.data(); }
-        uint64_t done = 0;
-        while (done < info->nbytes) {
-            ssize_t r = pread(fd, dst + done, info->nbytes - done, info->offset + done);
-            if (r <= 0) {
-                close(fd);
-                throw FormatError(path + ": reading tensor '" + info->name + "' failed (truncated file?)");
-            }
-            done += (uint64_t) r;
-        }
-        if (!host) ggml_backend_tensor_set(t, staging.data(), 0, info->nbytes);
-    }
-    close(fd);
+    // the dense tensors: backend buffers (repacked ones apart), read from the file
+    repack_buft_ = opt_.repack && backend_ == cpu_backend_ ? cpu_repack_buft(cpu_backend_) : nullptr;
+    alloc_weights();
+    read_weights();
 
     // expert cache: quota per MoE layer (all experts when not given)
     std::vector<int> quota(hp_.n_layer, 0);
@@ -88,7 +69,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
                                   " expert slots is fewer than n_expert_used = " + std::to_string(hp_.n_expert_used));
             quota[il] = std::min(quota[il], hp_.n_expert);
         }
-    cache_->finalize(quota, backend_);
+    cache_->finalize(quota, backend_, nullptr, repack_buft_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
     if (tier2_) {                                 // RAM tier: quotas clamped like the arena's
         if ((int) opt_.host_slots.size() != hp_.n_layer)
@@ -101,7 +82,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
 #ifdef MOELITE_CUDA
         if (opt_.device == 1) pinned = ggml_backend_cuda_host_buffer_type();
 #endif
-        tier2_->finalize(hq, cpu_backend_, pinned);
+        tier2_->finalize(hq, cpu_backend_, pinned, pinned ? nullptr : repack_buft_);   // a GPU's RAM tier stays plain
         tier2_->set_policy((Policy) opt_.policy, opt_.window_m);
         cache_->set_tier2(tier2_.get());
     }
@@ -137,10 +118,88 @@ Model::~Model() {
     if (buf_rs_) ggml_backend_buffer_free(buf_rs_);
     if (ctx_rs_) ggml_free(ctx_rs_);
     if (buf_w_) ggml_backend_buffer_free(buf_w_);
+    if (buf_rp_) ggml_backend_buffer_free(buf_rp_);
     if (ctx_w_) ggml_free(ctx_w_);
     if (backend_ && backend_ != cpu_backend_) ggml_backend_free(backend_);
     if (cpu_backend_) ggml_backend_free(cpu_backend_);
     if (cpu_threadpool_) ggml_threadpool_free(cpu_threadpool_);
+}
+
+// The weights the model reads through ggml_mul_mat only, as 2-D matrices: attention projections, dense FFN,
+// shared experts, and output.weight unless it is the tied token_embd.weight (which get_rows reads). Norms, biases,
+// routers, recurrent-mixer tensors and anything read back to the host are never in this list.
+std::vector<ggml_tensor *> Model::matmul_weights() const {
+    std::vector<ggml_tensor *> out;
+    for (const Layer & L : layers_)
+        for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.wq_a, L.wq_b, L.wkv_a, L.ffn_gate, L.ffn_up, L.ffn_down,
+                                L.gate_shexp, L.up_shexp, L.down_shexp})
+            if (t) out.push_back(t);
+    if (output_ && output_ != tok_embd_) out.push_back(output_);
+    return out;
+}
+
+// Dense weights into backend memory: those the CPU_REPACK buffer type takes for ggml_mul_mat into one buffer of
+// that type (same size: repacked bytes are as many as the file's), everything else into one buffer of the backend.
+void Model::alloc_weights() {
+    std::vector<ggml_tensor *> packed;
+    for (ggml_tensor * t : matmul_weights())
+        if (ggml_n_dims(t) == 2 && std::find(packed.begin(), packed.end(), t) == packed.end() &&
+            repack_supports(repack_buft_, t->type, t->ne[0], t->ne[1], 0))
+            packed.push_back(t);
+    if (!packed.empty()) {
+        const size_t align = ggml_backend_buft_get_alignment(repack_buft_);
+        size_t size = align;                      // slack for the first tensor's alignment
+        for (ggml_tensor * t : packed) size += GGML_PAD(ggml_backend_buft_get_alloc_size(repack_buft_, t), align);
+        buf_rp_ = ggml_backend_buft_alloc_buffer(repack_buft_, size);
+        if (!buf_rp_) throw BudgetError("cannot allocate " + std::to_string(size) + " bytes for the repacked dense weights");
+        ggml_tallocr ta = ggml_tallocr_new(buf_rp_);
+        for (ggml_tensor * t : packed) {
+            if (ggml_tallocr_alloc(&ta, t) != GGML_STATUS_SUCCESS)
+                throw BudgetError(std::string("cannot place the repacked tensor '") + ggml_get_name(t) + "'");
+            repacked_bytes_ += ggml_nbytes(t);
+        }
+        repacked_tensors_ = packed.size();
+    }
+    bool rest = false;                            // anything left for the plain buffer?
+    for (ggml_tensor * t = ggml_get_first_tensor(ctx_w_); t; t = ggml_get_next_tensor(ctx_w_, t)) rest |= !t->data;
+    if (rest) {
+        buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
+        if (!buf_w_) throw BudgetError("cannot allocate memory for the dense weights");
+    }
+    dense_bytes_ = (buf_w_ ? ggml_backend_buffer_get_size(buf_w_) : 0) + (buf_rp_ ? ggml_backend_buffer_get_size(buf_rp_) : 0);
+}
+
+// The file bytes of every dense tensor: straight into host memory, else through a staging buffer and
+// ggml_backend_tensor_set (device memory: an upload; a repacked tensor: converted on the way in).
+void Model::read_weights() {
+    int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
+    if (fd < 0) throw IOError(path_ + ": " + strerror(errno));
+    std::vector<char> staging;
+    for (auto & [t, info] : to_read_) {
+        const bool direct = ggml_backend_buffer_is_host(t->buffer);
+        char * dst = (char *) t->data;
+        if (!direct) { staging.resize(info->nbytes); dst = staging.data(); }
+        uint64_t done = 0;
+        while (done < info->nbytes) {
+            ssize_t r = pread(fd, dst + done, info->nbytes - done, info->offset + done);
+            if (r <= 0) {
+                close(fd);
+                throw FormatError(path_ + ": reading tensor '" + info->name + "' failed (truncated file?)");
+            }
+            done += (uint64_t) r;
+        }
+        if (!direct) ggml_backend_tensor_set(t, staging.data(), 0, info->nbytes);
+    }
+    close(fd);
+}
+
+RepackInfo Model::repack_info() const {
+    RepackInfo r;
+    r.available = repack_buft_ != nullptr;
+    r.dense_tensors = repacked_tensors_;
+    r.dense_bytes = repacked_bytes_;
+    r.arena_bytes = cache_ ? cache_->repacked_arena_bytes() : 0;
+    return r;
 }
 
 ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_dims_expect, std::vector<int64_t> shape) {

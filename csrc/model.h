@@ -130,6 +130,15 @@ struct ModelOptions {
     std::vector<int> host_slots;
     int cpu_compute = 1;                          // CpuCompute: 0 never, 1 cost model, 2 always
     bool flash_attn = true;                       // ggml_flash_attn_ext (V cached untransposed); off: softmax(QK)V
+    // CPU device: weights in ggml's repacked layouts (CPU_REPACK) where its kernels take them: the mul_mat-only
+    // dense weights and the expert arenas, resident or offloaded alike (expert_cache.h); off: llama.cpp's --no-repack
+    bool repack = true;
+};
+
+struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
+    bool available = false;                       // this CPU backend has the buffer type and repack was asked for
+    size_t dense_tensors = 0, dense_bytes = 0;    // dense weights repacked (part of dense_bytes())
+    size_t arena_bytes = 0;                       // expert arena bytes repacked (part of the arena)
 };
 
 
@@ -158,6 +167,7 @@ public:
     const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
     void reset_stats();
     size_t dense_bytes() const { return dense_bytes_; }
+    RepackInfo repack_info() const;
     size_t kv_bytes() const { return kv_bytes_; }
     size_t scratch_bytes() const;
 
@@ -177,6 +187,9 @@ private:
     void load_ffn(int il, Layer & L);
     void load_recurrent(int il, Layer & L);
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
+    std::vector<ggml_tensor *> matmul_weights() const;   // 2-D weights read only by ggml_mul_mat (repack candidates)
+    void alloc_weights();                         // the repacked ones in buf_rp_, the rest in buf_w_
+    void read_weights();
     void alloc_kv();
 
     // ---- one step, driven by eval() (model.cpp): per layer, graph A = mixer + FFN front, then for MoE
@@ -244,6 +257,9 @@ private:
     ggml_backend_t backend_ = nullptr;
     ggml_context * ctx_w_ = nullptr;              // dense weight tensors
     ggml_backend_buffer_t buf_w_ = nullptr;
+    ggml_backend_buffer_type_t repack_buft_ = nullptr;   // CPU_REPACK when repacking (CPU device, opt_.repack)
+    ggml_backend_buffer_t buf_rp_ = nullptr;      // dense weights in repacked layouts (no get_tensor: never read back)
+    size_t repacked_tensors_ = 0, repacked_bytes_ = 0;
     ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors
     ggml_backend_buffer_t buf_kv_ = nullptr;
     ggml_context * ctx_rs_ = nullptr;             // recurrent states (own buffer: zeroed on reset, saved whole)

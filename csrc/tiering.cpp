@@ -81,7 +81,7 @@ void Model::measure_costs() {
         const auto t0 = std::chrono::steady_clock::now();
         for (int r = 0; r < 3; ++r) {
             const char * from = (const char *) P2.mem[r] + (uint64_t) s2 * P2.slot_bytes[r];
-            ggml_backend_tensor_set(P1.arena[r], from, (uint64_t) s1 * P1.slot_bytes[r], src[r].nbytes);
+            ExpertCache::put_slot(P1, r, s1, from, src[r].nbytes, P2.repacked[r]);   // as copy_from_tier2 does
         }
         ggml_backend_synchronize(backend_);
         if (rep) t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());

@@ -105,7 +105,8 @@ class Model:
                  record_trace: bool = False, use_calibration: bool = True, prefetch: bool = True,
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
-                 cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True) -> None:
+                 cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
+                 repack: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -188,7 +189,7 @@ class Model:
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
-                       flash_attn=bool(flash_attn))
+                       flash_attn=bool(flash_attn), repack=bool(repack))
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
@@ -288,6 +289,9 @@ class Model:
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
             "state_bytes": self._core().state_bytes, "state_snapshots": len(self._snapshots),
             "flash_attn": self.flash_attn,
+            # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas
+            "repack": {"available": mem["repack_available"], "dense_tensors": mem["repacked_tensors"],
+                       "dense_bytes": mem["repacked_dense_bytes"], "arena_bytes": mem["repacked_arena_bytes"]},
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
             "scratch_bytes_in_use": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
@@ -599,7 +603,8 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     command line does; convert_type, default q8_0) or the embedded demo model when path is None. Options:
     memory_budget ('1.5GiB'), policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx,
     n_threads, n_ubatch, kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'),
-    vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always')."""
+    vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), repack (CPU: ggml's repacked weight layouts,
+    default True)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))
