@@ -491,7 +491,19 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
                 if d["stall_share"] is not None:
                     checks.append(f"{sc} % cap: I/O stall {100 * d['stall_share'][0]:.0f} % of decode (target <= 20 %): "
                                   f"{'met' if d['stall_share'][0] <= 0.2 else 'missed'}")
-    lines += ["", "Targets (issue 16):", ""] + [f"- {c}" for c in checks]
+    for sc, s in m["scenarios"].items():          # where the time goes, from the counters of the runs above
+        ok = [r for r in s["runs"].get("moelite", []) if "error" not in r]
+        if sc == "resident" or not ok or not base.get("moelite"):
+            continue
+        med = lambda k: statistics.median(r[k] for r in ok)
+        step, step0 = 1 / med("decode_tok_s"), 1 / base["moelite"]
+        issued, useful = med("prefetch_issued"), med("prefetch_hits")
+        checks.append(f"{sc} % cap, where the time goes: a decode step takes {1e3 * step:.2f} ms vs {1e3 * step0:.2f} "
+                      f"ms resident; I/O stall {1e3 * step * med('stall_share'):.2f} ms of it, the rest "
+                      f"({1e3 * step * (1 - med('stall_share')):.2f} ms) compute, graph and cache bookkeeping; "
+                      f"{med('bytes_read_per_token') / 1e6:.2f} MB read per token; prefetch issued {issued:.0f}, "
+                      f"used {useful:.0f} ({100 * (issued - useful) / max(issued, 1):.0f} % of prefetched reads wasted)")
+    lines += ["", "Targets (issue 16) and where the time goes:", ""] + [f"- {c}" for c in checks]
     if m.get("features"):
         lines += ["", "Cache features at the 25 % cap (moelite alone, teacher-forced decode):", "",
                   "| variant | decode tok/s | hit rate | MB read/token | I/O stall % of decode |", "|---|---|---|---|---|"]
