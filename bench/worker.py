@@ -43,7 +43,7 @@ def open_moelite(a, n_ctx: int, **extra):
     """(model, budget used): a budget below moelite's minimum for this model is raised to that minimum."""
     import moelite
     opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
-                use_calibration=not a.no_calibration, **extra)
+                use_calibration=not a.no_calibration, repack=not a.no_repack, **extra)
     try:
         return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
     except moelite.errors.BudgetError as e:
@@ -161,7 +161,7 @@ def main() -> None:
     ap.add_argument("--policy", default=None)
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
-    ap.add_argument("--no-repack", action="store_true", help="llama.cpp: use_extra_bufts=false (no weight repacking)")
+    ap.add_argument("--no-repack", action="store_true", help="no weight repacking: llama.cpp use_extra_bufts=false, moelite repack=False")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     ap.add_argument("--teacher", default=None, help="JSON ids the decode steps are fed (instead of greedy samples)")
     ap.add_argument("--trace", default=None, help="moelite with --teacher: save the run's routing trace here (.npz)")
