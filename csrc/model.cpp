@@ -166,7 +166,7 @@ void Model::alloc_weights() {
         buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
         if (!buf_w_) throw BudgetError("cannot allocate memory for the dense weights");
     }
-    dense_bytes_ = (buf_w_ ? ggml_backend_buffer_get_size(buf_w_) : 0) + (buf_rp_ ? ggml_backend_buffer_get_size(buf_rp_) : 0);
+    for (ggml_backend_buffer_t b : {buf_w_, buf_rp_}) dense_bytes_ += b ? ggml_backend_buffer_get_size(b) : 0;
 }
 
 // The file bytes of every dense tensor: straight into host memory, else through a staging buffer and
