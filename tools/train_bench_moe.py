@@ -3,7 +3,7 @@ trained model produces, for the capped benchmarks.
 
 Dev/bench-only (torch, transformers): never imported by the runtime.
 
-    python tools/train_bench_moe.py                 # ~90 min on 1 CPU thread; resumable (--resume)
+    python tools/train_bench_moe.py                 # ~75 min on 1 CPU thread (200 steps); resumable (--resume)
     python tools/train_bench_moe.py --card-only     # rewrite bench/BENCH_MODEL.md from the cached outputs
 
 Shape (Qwen3-30B-A3B: 128 experts, top-8, all layers MoE, no shared expert, GQA with q/k norm):
@@ -45,8 +45,8 @@ SHAPE = ["--layers", "6", "--hidden", "256", "--head-dim", "64", "--kv-heads", "
          "--experts", "128", "--top-k", "8", "--expert-ffn", "512"]
 SCHEDULE = ["--seq-len", "256", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "20",
             "--min-lr-frac", "0.1", "--aux-coef", "0.01", "--seed", "1234"]
-DEFAULT_STEPS = 250
-EVAL = ["--eval-every-minutes", "20", "--ckpt-every-minutes", "10", "--eval-tokens", "16384",
+DEFAULT_STEPS = 200
+EVAL = ["--eval-every-minutes", "30", "--ckpt-every-minutes", "10", "--eval-tokens", "16384",
         "--srp-tokens", "16384"]
 
 
