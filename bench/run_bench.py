@@ -573,6 +573,9 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
     return lines
 
 
+LEARNED_BEGIN, LEARNED_END = "<!-- learned-routing: begin (bench/run_bench.py) -->", "<!-- learned-routing: end -->"
+
+
 def write_report(res: dict) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -588,9 +591,23 @@ def write_report(res: dict) -> None:
              "the file, which the kernel pages in and out under the cap. Resident runs use its defaults.", ""]
     learned = {name: m for name, m in res["models"].items() if m.get("teacher")}
     plain = {name: m for name, m in res["models"].items() if not m.get("teacher")}
-    fig, axes = plt.subplots(1, max(1, len(plain)), figsize=(6 * max(1, len(plain)), 4.5), squeeze=False)
+    block = [LEARNED_BEGIN, f"Machine of this section: {res['machine']}; {res['threads']} threads; cgroup {res['cgroup']}.", ""]
     for name, m in learned.items():
-        lines += learned_section(name, m, res)
+        block += learned_section(name, m, res)
+    block.append(LEARNED_END)
+    if not plain:                      # only the learned-routing model was run: replace its section, keep the rest
+        path = ROOT / "bench" / "RESULTS.md"
+        old = path.read_text() if path.exists() else "# moelite benchmark results\n"
+        if LEARNED_BEGIN in old and LEARNED_END in old:
+            head, rest = old.split(LEARNED_BEGIN, 1)
+            new = head + "\n".join(block) + rest.split(LEARNED_END, 1)[1]
+        else:
+            new = old.rstrip("\n") + "\n\n" + "\n".join(block) + "\n"
+        path.write_text(new)
+        print("\n".join(block[:60]))
+        return
+    lines += block + [""]
+    fig, axes = plt.subplots(1, max(1, len(plain)), figsize=(6 * max(1, len(plain)), 4.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], plain.items()):
         bw = m["bandwidth"]
         lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)"
