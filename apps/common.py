@@ -104,6 +104,9 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--no-repack", dest="repack", action="store_false",
                    help="llama.cpp's flag: keep the CPU's weights in the file's layout instead of ggml's repacked one "
                         "(interleaved rows for its AVX2/AVX-512/NEON kernels; default: repacked where ggml takes the type)")
+    g.add_argument("--swap-threshold", type=float, default=0.0, metavar="X",
+                   help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
+                        "by a resident one whose router probability is at least (1 - X) of it; counted in --stats")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
                    help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
                         "on the GPU and streams experts; it does not split layers)")
@@ -189,6 +192,7 @@ def load_model(args: argparse.Namespace, **extra: Any):
         model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
                              n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
                              flash_attn=getattr(args, "flash_attn", "auto") != "off", repack=getattr(args, "repack", True),
+                             swap_threshold=getattr(args, "swap_threshold", 0.0),
                              kv_type=getattr(args, "kv_type", "f16"), **extra)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
@@ -257,6 +261,8 @@ def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
     rate = 100.0 * hits / (hits + misses) if hits + misses else 100.0
     parts = [f"{stream.decode_tok_s:.1f} tok/s", f"{stream.prompt_tokens} prompt + {stream.completion_tokens} tok",
              f"cache {rate:.1f} % hit", memory_text(model, s)]
+    if getattr(model, "swap_threshold", 0.0) > 0:      # lossy mode on: say how often it changed the routing
+        parts.insert(3, f"{s['total']['substitutions']} experts swapped since load (--swap-threshold {model.swap_threshold:g})")
     if stream.finish_reason == "cancelled":
         parts.append("stopped")
     return " · ".join(parts)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import mmap
 import os
 import platform
@@ -352,6 +353,8 @@ def main() -> None:
             if a.feature_runs:
                 entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg,
                                              ["--teacher", str(tf)] if teacher else [])
+            if teacher and a.feature_runs:
+                entry["lossy"] = lossy(name, path, str(pf), str(tf), a, sizes["file_size"], cg)
             results["models"][name] = entry
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     finally:
@@ -412,6 +415,53 @@ def features(name: str, path: str, prompt_file: str, a, budget: int, cg, common:
             print(name, "feature", label, i, json.dumps(r), flush=True)
         out[label] = rows
     return out
+
+
+# Faster than exact (issue 17), moelite alone on held-out text: cache-aware routing at a few thresholds, scored
+# against the exact run (the same forced tokens: NLL -> perplexity, and whether each step's argmax agrees).
+LOSSY = [("exact", []), ("swap 0.1", ["--swap", "0.1"]), ("swap 0.3", ["--swap", "0.3"]), ("swap 0.6", ["--swap", "0.6"])]
+
+
+def lossy(name: str, path: str, prompt_file: str, teacher_file: str, a, file_size: int, cg) -> dict:
+    out = {}
+    for cap in (50, 25):
+        budget = int(file_size * cap / 100)
+        for label, extra in LOSSY:
+            rows = []
+            for i in range(a.feature_runs):
+                cgroup = cg.make(f"{name}-lossy-{cap}-{len(out)}-{i}", int(budget * 1.1) + (96 << 20)) if cg.base else None
+                drop_page_cache(path)
+                r = run("moelite", path, prompt_file, a, budget, cgroup, [*extra, "--teacher", teacher_file, "--quality"])
+                rows.append(r)
+                print(name, "lossy", cap, label, i, json.dumps({k: v for k, v in r.items() if k != "argmax"}), flush=True)
+            out[f"{cap}|{label}"] = rows
+    return out
+
+
+def lossy_section(m: dict) -> list[str]:
+    lines = ["", "Faster than exact (issue 17, lossy by the user's choice: `--swap-threshold X`): a routed expert that "
+             "is not in memory is replaced by a resident one whose router probability is at least (1 - X) of it. "
+             "Quality on the same held-out continuation, teacher-forced: perplexity of the forced tokens and the "
+             "share of steps whose argmax equals the exact run's.", "",
+             "| cap | mode | decode tok/s | speedup vs exact | perplexity | vs exact | argmax agreement | hit rate | swaps/token |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for cap in ("50", "25"):
+        ref = [r for r in m["lossy"].get(f"{cap}|exact", []) if "error" not in r]
+        if not ref:
+            continue
+        ref_tok = statistics.median(r["decode_tok_s"] for r in ref)
+        ref_ppl = math.exp(ref[0]["nll"])
+        for label, _ in LOSSY:
+            ok = [r for r in m["lossy"].get(f"{cap}|{label}", []) if "error" not in r]
+            if not ok:
+                continue
+            tok = statistics.median(r["decode_tok_s"] for r in ok)
+            ppl = math.exp(ok[0]["nll"])
+            agree = sum(x == y for x, y in zip(ok[0]["argmax"], ref[0]["argmax"])) / len(ref[0]["argmax"])
+            lines.append(f"| {cap} % | {label} | {tok:.2f} | {tok / ref_tok:.2f}x | {ppl:.2f} | {100 * (ppl / ref_ppl - 1):+.1f} % "
+                         f"| {100 * agree:.1f} % | {100 * statistics.median(r['hit_rate'] for r in ok):.1f} % | "
+                         f"{statistics.median(r['substitutions'] for r in ok) / ok[0]['tokens']:.2f} |")
+    return lines
 
 
 def roofline(sizes: dict, bw: dict, hit_rate: float, miss_bytes_per_token: float) -> float:
@@ -516,9 +566,14 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
             lines.append(f"| {label} ({ok[0].get('policy', '?')}) | {fmt(med['decode_tok_s'])} | "
                          f"{100 * med['hit_rate'][0]:.1f}% | {med['bytes_read_per_token'][0] / 1e6:.2f} | "
                          f"{100 * med['stall_share'][0]:.0f}% |")
+    if m.get("lossy"):
+        lines += lossy_section(m)
     lines += ["", "Raw runs:", "", "```json", json.dumps({"scenarios": m["scenarios"], "features": m.get("features")})[:40000],
               "```", ""]
     return lines
+
+
+LEARNED_BEGIN, LEARNED_END = "<!-- learned-routing: begin (bench/run_bench.py) -->", "<!-- learned-routing: end -->"
 
 
 def write_report(res: dict) -> None:
@@ -536,9 +591,23 @@ def write_report(res: dict) -> None:
              "the file, which the kernel pages in and out under the cap. Resident runs use its defaults.", ""]
     learned = {name: m for name, m in res["models"].items() if m.get("teacher")}
     plain = {name: m for name, m in res["models"].items() if not m.get("teacher")}
-    fig, axes = plt.subplots(1, max(1, len(plain)), figsize=(6 * max(1, len(plain)), 4.5), squeeze=False)
+    block = [LEARNED_BEGIN, f"Machine of this section: {res['machine']}; {res['threads']} threads; cgroup {res['cgroup']}.", ""]
     for name, m in learned.items():
-        lines += learned_section(name, m, res)
+        block += learned_section(name, m, res)
+    block.append(LEARNED_END)
+    if not plain:                      # only the learned-routing model was run: replace its section, keep the rest
+        path = ROOT / "bench" / "RESULTS.md"
+        old = path.read_text() if path.exists() else "# moelite benchmark results\n"
+        if LEARNED_BEGIN in old and LEARNED_END in old:
+            head, rest = old.split(LEARNED_BEGIN, 1)
+            new = head + "\n".join(block) + rest.split(LEARNED_END, 1)[1]
+        else:
+            new = old.rstrip("\n") + "\n\n" + "\n".join(block) + "\n"
+        path.write_text(new)
+        print("\n".join(block[:60]))
+        return
+    lines += block + [""]
+    fig, axes = plt.subplots(1, max(1, len(plain)), figsize=(6 * max(1, len(plain)), 4.5), squeeze=False)
     for ax, (name, m) in zip(axes[0], plain.items()):
         bw = m["bandwidth"]
         lines += [f"## {name}: `{m['path']}` ({m['sizes']['file_size'] / 2**30:.2f} GiB)"

@@ -43,7 +43,8 @@ def open_moelite(a, n_ctx: int, **extra):
     """(model, budget used): a budget below moelite's minimum for this model is raised to that minimum."""
     import moelite
     opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
-                use_calibration=not a.no_calibration, repack=not a.no_repack, **extra)
+                use_calibration=not a.no_calibration, repack=not a.no_repack,
+                swap_threshold=a.swap, **extra)
     try:
         return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
     except moelite.errors.BudgetError as e:
@@ -76,20 +77,29 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
     """Prompt, then len(forced) decode steps fed the held-out continuation (Model.eval), timed apart."""
     m, budget = open_moelite(a, len(prompt) + len(forced) + 8, record_trace=bool(a.trace))
     t0 = time.perf_counter()
-    m.eval(prompt)
+    rows = [m.eval(prompt)]               # rows[i]: the logits that predict forced[i]
     ttft = time.perf_counter() - t0
     m.reset_stats()                       # counters of the decode steps only
     io0 = proc_io_read_bytes()
     t1 = time.perf_counter()
     for tok in forced:
-        m.eval([tok])
+        last = m.eval([tok])
+        if a.quality:
+            rows.append(last)
     dt = time.perf_counter() - t1
     s = m.stats()["total"]
     if a.trace:
         from moelite.cache_policies import save_trace
         save_trace(m.trace(), a.trace)
     n = len(forced)
-    return {"prefill_tok_s": len(prompt) / ttft, "decode_tok_s": n / dt, "ttft_s": ttft, "decode_s": dt,
+    quality = {}
+    if a.quality:                         # scored after the timing: NLL of each forced token and the argmax
+        import numpy as np
+        z = np.stack(rows[:n]).astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        quality = {"nll": float(-logp[np.arange(n), forced].mean()), "argmax": z.argmax(axis=1).tolist()}
+    return {**quality, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": n / dt, "ttft_s": ttft, "decode_s": dt,
             "budget_used": budget, "policy": m.policy.name, "tokens": n, "teacher": True,
             "disk_read_bytes": proc_io_read_bytes() - io0, "hit_rate": s["hit_rate"],
             # hits that were in the cache before the token asked (prefetched arrivals not counted): the policy's own
@@ -97,7 +107,7 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
             "cache_bytes_read": s["bytes_read"],
             "bytes_read_per_token": s["bytes_read"] / n, "stall_s": s["stall_s"], "stall_share": s["stall_s"] / dt,
             "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
-            "slots": m.info()["expert_slots"]}
+            "substitutions": s["substitutions"], "swap_threshold": a.swap, "slots": m.info()["expert_slots"]}
 
 
 def llama_model(a, n_ctx: int):
@@ -164,6 +174,9 @@ def main() -> None:
     ap.add_argument("--no-repack", action="store_true", help="no weight repacking: llama.cpp use_extra_bufts=false, moelite repack=False")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     ap.add_argument("--teacher", default=None, help="JSON ids the decode steps are fed (instead of greedy samples)")
+    ap.add_argument("--swap", type=float, default=0.0, help="moelite: swap_threshold (cache-aware routing, lossy)")
+    ap.add_argument("--quality", action="store_true",
+                    help="with --teacher: score the forced tokens (mean NLL, argmax per step), after the timing")
     ap.add_argument("--trace", default=None, help="moelite with --teacher: save the run's routing trace here (.npz)")
     a = ap.parse_args()
     if a.cgroup:

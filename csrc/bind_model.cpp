@@ -98,6 +98,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "device", o.device); get(d, "gpu", o.gpu);
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     get(d, "repack", o.repack);
+    get(d, "swap_threshold", o.swap_threshold);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
 }
@@ -219,6 +220,8 @@ void bind_model(py::module_ & m) {
                      for (auto & L : m.tier2()->layers()) q.push_back(L.quota);
                  return q;
              })
+        .def("swaps", [](Model & m) { return m.swaps(); },
+             "per layer: routed experts replaced by a resident one (cache-aware routing, swap_threshold > 0)")
         .def("cpu_experts", [](Model & m) { return m.cpu_experts(); },
              "per layer: routed experts run by the CPU from the RAM tier instead of being copied to the arena")
         .def("costs",

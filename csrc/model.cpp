@@ -87,6 +87,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         cache_->set_tier2(tier2_.get());
     }
     cpu_experts_.assign(hp_.n_layer, 0);
+    swaps_.assign(hp_.n_layer, 0);
     // offloaded: I/O threads read misses in parallel (and prefetches when enabled)
     if (!opt_.expert_slots.empty() && opt_.n_io_threads > 0) cache_->start_io(opt_.n_io_threads);
     cache_->set_prefetch(opt_.prefetch);
@@ -679,6 +680,7 @@ void Model::reset_stats() {
     cache_->reset_stats();
     if (tier2_) tier2_->reset_stats();
     cpu_experts_.assign(hp_.n_layer, 0);
+    swaps_.assign(hp_.n_layer, 0);
 }
 
 // Logits of the last n_out rows of x_ (of T), a block of rows per graph so that the output's scratch stays under
@@ -730,7 +732,7 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
         for (int il = 0; il < h.n_layer; ++il) {
             run_layer_front(il, T);
             if (!layers_[il].moe) { check_finite(il, T); continue; }
-            route(il, router_, T, ids, w, record_routes ? &sc : nullptr);
+            route(il, router_, T, ids, w, record_routes ? &sc : nullptr, true);
             const int nl = next_moe(il);
             if (nl >= 0 && (opt_.prefetch || record_routes)) {
                 route(nl, lookahead_, T, la_ids, la_w);

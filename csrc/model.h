@@ -133,6 +133,10 @@ struct ModelOptions {
     // CPU device: weights in ggml's repacked layouts (CPU_REPACK) where its kernels take them: the mul_mat-only
     // dense weights and the expert arenas, resident or offloaded alike (expert_cache.h); off: llama.cpp's --no-repack
     bool repack = true;
+    // Cache-aware routing (lossy, off at 0): a routed expert that is not resident is replaced by the resident,
+    // unchosen expert of highest router probability when that probability is >= (1 - swap_threshold) x the
+    // routed one's (per token and layer; softmax and sigmoid gating). Counted per layer (swaps()).
+    float swap_threshold = 0.f;
 };
 
 struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
@@ -165,6 +169,7 @@ public:
     ExpertCache * tier2() { return tier2_.get(); }
     const CostModel & costs() const { return costs_; }
     const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
+    const std::vector<uint64_t> & swaps() const { return swaps_; }   // per layer: routed experts replaced (cache-aware)
     void reset_stats();
     size_t dense_bytes() const { return dense_bytes_; }
     RepackInfo repack_info() const;
@@ -242,8 +247,12 @@ private:
     void run_combine(int il, int T, const std::vector<float> & w);
 
     // ---- host routing (router.cpp). ids/w/score: [T * k]; score = what experts were ranked by (descending)
+    // swap: this is the routing the experts run with (cache-aware routing may apply), not a lookahead guess
     void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
-               std::vector<float> * score = nullptr);
+               std::vector<float> * score = nullptr, bool swap = false);
+
+    void swap_for_resident(int il, const std::vector<char> & resident, const std::vector<float> & p,
+                           const std::vector<float> & sel, int32_t * id, int K);
 
     // ---- tiering (tiering.cpp): the experts of this step that the CPU runs from tier 2, and the cost model
     std::vector<int32_t> cpu_group(int il, const std::vector<int32_t> & ids, int n);
@@ -277,6 +286,7 @@ private:
     ggml_gallocr_t galloc_cpu_ = nullptr;
     CostModel costs_;
     std::vector<uint64_t> cpu_experts_;
+    std::vector<uint64_t> swaps_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
     ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,

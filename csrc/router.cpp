@@ -11,10 +11,36 @@
 
 namespace moelite {
 
+// Cache-aware routing of one token: each chosen id[j] that is not resident is replaced by the resident, unchosen,
+// selectable (sel > -inf) expert of highest probability p when p[r] >= (1 - swap_threshold) * p[id[j]]; the
+// result stays in descending selection-score order. The weights are then the substitutes' own probabilities.
+void Model::swap_for_resident(int il, const std::vector<char> & resident, const std::vector<float> & p,
+                              const std::vector<float> & sel, int32_t * id, int K) {
+    const int E = (int) p.size();
+    std::vector<char> chosen(E, 0);
+    for (int j = 0; j < K; ++j) chosen[id[j]] = 1;
+    bool changed = false;
+    for (int j = 0; j < K; ++j) {
+        if (resident[id[j]]) continue;
+        const float floor = (1.f - opt_.swap_threshold) * p[id[j]];
+        int best = -1;
+        for (int e = 0; e < E; ++e)
+            if (resident[e] && !chosen[e] && sel[e] != -INFINITY && p[e] >= floor && (best < 0 || p[e] > p[best])) best = e;
+        if (best < 0) continue;
+        chosen[id[j]] = 0;
+        chosen[best] = 1;
+        id[j] = best;
+        swaps_[il]++;
+        changed = true;
+    }
+    if (changed)
+        std::sort(id, id + K, [&](int a, int b) { return sel[a] > sel[b] || (sel[a] == sel[b] && a < b); });
+}
+
 // Routing of layer il for T tokens from router logits in logits_src [n_expert, >= T]:
 // ids/w [T * k], ids in descending selection-score order.
 void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
-                  std::vector<float> * score) {
+                  std::vector<float> * score, bool swap) {
     const HParams & h = hp_;
     const int E = h.n_expert, K = h.n_expert_used;
     std::vector<float> logits((size_t) E * T);
@@ -30,6 +56,12 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
         if (!std::isfinite(v))
             throw FormatError("layer " + std::to_string(il) + ": router logits are NaN or Inf (blk." + std::to_string(il) +
                               ".ffn_gate_inp.weight or the layer's input hold NaN/Inf)");
+    // cache-aware routing: which experts are resident (held or on their way) when this layer is routed
+    std::vector<char> resident;
+    if (swap && opt_.swap_threshold > 0.f && cache_ && cache_->has_layer(il) && cache_->quota(il) < E) {
+        resident.resize(E);
+        for (int e = 0; e < E; ++e) resident[e] = cache_->resident(il, e);
+    }
     for (int t = 0; t < T; ++t) {
         const float * z = &logits[(size_t) t * E];
         int32_t * id = &ids[(size_t) t * K];
@@ -94,6 +126,7 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
                 for (int e = 0; e < E; ++e) if (!keep[e / gs]) sel[e] = -INFINITY;
             }
             topk_by(sel);
+            if (!resident.empty()) swap_for_resident(il, resident, p, sel, id, K);
             if (score) for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = sel[id[j]];
             double s = 0;
             for (int j = 0; j < K; ++j) { wt[j] = p[id[j]]; s += wt[j]; }

@@ -106,7 +106,7 @@ class Model:
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
-                 repack: bool = True) -> None:
+                 repack: bool = True, swap_threshold: float = 0.0) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -118,6 +118,10 @@ class Model:
         if kv_type == "q8_0" and not flash_attn:
             raise UsageError("kv_type 'q8_0' needs flash_attn=True (the plain path caches V transposed, which a "
                              "block-quantized cache cannot hold)")
+        swap_threshold = float(swap_threshold)
+        if not 0.0 <= swap_threshold < 1.0:          # also refuses NaN
+            raise UsageError(f"swap_threshold {swap_threshold!r}: expected 0 (exact routing, the default) <= x < 1")
+        self.swap_threshold = swap_threshold
         if cpu_compute not in CPU_COMPUTE:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
@@ -189,7 +193,7 @@ class Model:
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
-                       flash_attn=bool(flash_attn), repack=bool(repack))
+                       flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold)
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
@@ -527,6 +531,9 @@ class Model:
     # --- cache introspection -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         per_layer = self._core().cache_stats()
+        for s, n in zip(per_layer, self._core().swaps()):
+            if s is not None:
+                s["substitutions"] = n          # cache-aware routing (swap_threshold): routed experts replaced
         total = _sum_layers(per_layer)
         st = self.last_stats
         tier2 = self._core().tier2_stats()
@@ -591,8 +598,8 @@ class Model:
 def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     """One tier's per-layer cache counters summed over its MoE layers, plus the pooled hit rate."""
     keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
-            "evictions", "stall_s")
-    total = {k: sum((s[k] for s in per_layer if s), 0) for k in keys}
+            "evictions", "stall_s", "substitutions")
+    total = {k: sum((s.get(k, 0) for s in per_layer if s), 0) for k in keys}
     lookups = total["hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
     return total
@@ -603,7 +610,9 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     command line does; convert_type, default q8_0) or the embedded demo model when path is None. Options:
     memory_budget ('1.5GiB'), policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx,
     n_threads, n_ubatch, kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'),
-    vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), repack (CPU: ggml's repacked weight layouts,
+    vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), swap_threshold (cache-aware routing, lossy,
+    default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
+    this fraction of it), repack (CPU: ggml's repacked weight layouts,
     default True)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
