@@ -141,9 +141,28 @@ static py::array_t<float> py_dequantize(py::buffer data, int type, int64_t n) {
 
 PYBIND11_MODULE(_core, m) {
     m.doc() = "moelite C++ core: GGUF index, quantizers, expert cache, ggml forward graphs";
-    py::register_exception<FormatError>(m, "FormatError", PyExc_ValueError);
-    py::register_exception<IOError>(m, "IOError", PyExc_OSError);
-    py::register_exception<BudgetError>(m, "BudgetError", PyExc_ValueError);
+    // The core's errors as Python exceptions. Their messages quote names read from the file (tensor names,
+    // keys), which may hold any bytes: decoded with backslashreplace, never a UnicodeDecodeError instead of the
+    // error (a translator registered after pybind's own is tried first).
+    static PyObject * format_error = py::register_exception<FormatError>(m, "FormatError", PyExc_ValueError).ptr();
+    static PyObject * io_error = py::register_exception<IOError>(m, "IOError", PyExc_OSError).ptr();
+    static PyObject * budget_error = py::register_exception<BudgetError>(m, "BudgetError", PyExc_ValueError).ptr();
+    py::register_exception_translator([](std::exception_ptr p) {
+        auto raise = [](PyObject * type, const char * what) {
+            PyObject * msg = PyUnicode_DecodeUTF8(what, (Py_ssize_t) std::strlen(what), "backslashreplace");
+            PyErr_SetObject(type, msg);
+            Py_XDECREF(msg);
+        };
+        try {
+            if (p) std::rethrow_exception(p);
+        } catch (const FormatError & e) {
+            raise(format_error, e.what());
+        } catch (const IOError & e) {
+            raise(io_error, e.what());
+        } catch (const BudgetError & e) {
+            raise(budget_error, e.what());
+        }
+    });
 
     m.def("read_gguf", &read_gguf, py::arg("path"), "metadata and tensor table of a GGUF file (ggml's gguf API)");
     m.def("quantize", &py_quantize, py::arg("src"), py::arg("type"), py::arg("n_threads") = 2,

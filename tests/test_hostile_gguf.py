@@ -3,6 +3,7 @@ ModelFormatError naming the file and the key or tensor (runtime/validate.py), ne
 allocation or a raw Python exception. Built from a converted fixture by rewriting keys and tensors."""
 from __future__ import annotations
 
+import struct
 from pathlib import Path
 
 import gguf
@@ -230,3 +231,12 @@ def test_token_scores_of_another_length(qwen, tmp_path):
     n = len(gguf.GGUFReader(qwen).fields["tokenizer.ggml.tokens"].data)
     bad = rewrite(qwen, tmp_path / "bad.gguf", kv={"tokenizer.ggml.scores": ([0.0] * (n + 3), V.ARRAY, V.FLOAT32)})
     expect_error(bad, "tokenizer.ggml.scores", "entries")
+
+
+def test_invalid_utf8_in_a_name_the_error_quotes(qwen, tmp_path):
+    """ggml refuses the file (truncated data) before moelite checks the names: its message quotes the raw tensor
+    name, which must come back escaped inside the ModelFormatError, not as a UnicodeDecodeError (fuzz seed 3002)."""
+    name = struct.pack("<Q", 13) + b"output.weight"                    # its tensor info; its data is the last
+    bad = _patch(rewrite(qwen, tmp_path / "bad.gguf"), name, name.replace(b"output.", b"outpu\xff."))
+    bad.write_bytes(bad.read_bytes()[:-4096])
+    expect_error(bad, "truncated", "outpu\\xff.weight")
