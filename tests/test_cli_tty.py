@@ -48,19 +48,26 @@ def test_dropped_turns_and_a_full_context_are_said(tmp_path):
         child.expect_exact(PROMPT)
 
 
-@pytest.fixture()
-def long_prompt(tmp_path):
+def _prompt_file(tmp_path, n_tokens: int):
     import moelite
     with moelite.load(n_threads=1) as m:
-        ids = m.tokenizer.encode("the cache of experts is read from the disk and " * 2000)
-        text = m.tokenizer.decode(ids[:3900])
+        ids = m.tokenizer.encode("the cache of experts is read from the disk and " * (n_tokens // 8))
+        text = m.tokenizer.decode(ids[:n_tokens])
     f = tmp_path / "prompt.txt"
     f.write_text(text, encoding="utf-8")
     return f
 
 
-def test_run_shows_prefill_progress_and_ctrl_c_stops_it(tmp_path, long_prompt):
-    child = _spawn(tmp_path, "run", "-f", str(long_prompt), "-n", "8", MOELITE_PROGRESS_AFTER="0")
+@pytest.fixture()
+def long_prompt(tmp_path):
+    return _prompt_file(tmp_path, 3900)
+
+
+def test_run_shows_prefill_progress_and_ctrl_c_stops_it(tmp_path):
+    # 15 900 tokens (-c 16384): several seconds of prompt on one thread, so that Ctrl-C lands while it is read even
+    # when this test process is slow to see the first progress line (a 3 900-token prompt was once over by then)
+    prompt = _prompt_file(tmp_path, 15900)
+    child = _spawn(tmp_path, "run", "-f", str(prompt), "-n", "8", "-c", "16384", MOELITE_PROGRESS_AFTER="0")
     try:
         child.expect(r"reading the prompt: (\d+)/(\d+) tokens")
         assert int(child.match.group(1)) < int(child.match.group(2))
