@@ -13,7 +13,7 @@ from rich.markup import escape
 
 from ..errors import MoeliteError
 from .common import (PrefillProgress, add_common, add_sampling, cache_counts, context_note, load_model, memory_text,
-                     model_name, status_line)
+                     model_name, restore_ctrl_c, status_line)
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "chat"
@@ -39,9 +39,7 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    # Ctrl-C is part of this app's interface (stop an answer; a hint at the prompt). A process started in the
-    # background of a non-interactive shell inherits SIGINT ignored, and Python then leaves it ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    restore_ctrl_c()               # Ctrl-C is part of this app's interface (stop an answer; a hint at the prompt)
     with load_model(args) as model:
         budget = model.plan.budget
         console.print(f"[bold]{escape(model_name(model))}[/] · policy {model.policy.name} · "

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import signal
 import sys
 import tempfile
 import time
@@ -273,6 +274,13 @@ def context_note(model, stream) -> str | None:
     if stream.finish_reason == "length" and stream.completion_tokens < stream.max_tokens:
         return f"the context is full ({model.n_ctx} tokens; --ctx-size sets it): the answer was cut"
     return None
+
+
+def restore_ctrl_c() -> None:
+    """Make Ctrl-C raise KeyboardInterrupt again: a process started in the background of a non-interactive shell
+    inherits SIGINT ignored (so do its children, e.g. a terminal app spawned by such a process), and Python then
+    leaves it ignored."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class PrefillProgress:

@@ -7,7 +7,7 @@ import sys
 
 from ..errors import UsageError
 from .common import (PrefillProgress, accounted_bytes, add_common, add_sampling, context_note, load_model,
-                     status_line)
+                     restore_ctrl_c, status_line)
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "run"
@@ -30,6 +30,8 @@ def main(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     sampling = sampling_kwargs(vars(args))
     stop = stop_list(args.stop)
+    if sys.stderr.isatty():        # on a terminal, Ctrl-C stops a long prompt or the answer
+        restore_ctrl_c()
     with load_model(args) as model:
         if args.chat:
             messages = ([{"role": "system", "content": args.system}] if args.system else [])

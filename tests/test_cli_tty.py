@@ -48,37 +48,24 @@ def test_dropped_turns_and_a_full_context_are_said(tmp_path):
         child.expect_exact(PROMPT)
 
 
-def _prompt_file(tmp_path, n_tokens: int):
+@pytest.fixture()
+def long_prompt(tmp_path):
     import moelite
     with moelite.load(n_threads=1) as m:
-        ids = m.tokenizer.encode("the cache of experts is read from the disk and " * (n_tokens // 8))
-        text = m.tokenizer.decode(ids[:n_tokens])
+        ids = m.tokenizer.encode("the cache of experts is read from the disk and " * 2000)
+        text = m.tokenizer.decode(ids[:3900])
     f = tmp_path / "prompt.txt"
     f.write_text(text, encoding="utf-8")
     return f
 
 
-@pytest.fixture()
-def long_prompt(tmp_path):
-    return _prompt_file(tmp_path, 3900)
-
-
-def test_run_shows_prefill_progress_and_ctrl_c_stops_it(tmp_path):
-    # 15 900 tokens (-c 16384): several seconds of prompt on one thread, so that Ctrl-C lands while it is read even
-    # when this test process is slow to see the first progress line (a 3 900-token prompt was once over by then)
-    prompt = _prompt_file(tmp_path, 15900)
-    child = _spawn(tmp_path, "run", "-f", str(prompt), "-n", "8", "-c", "16384", MOELITE_PROGRESS_AFTER="0")
+def test_run_shows_prefill_progress_and_ctrl_c_stops_it(tmp_path, long_prompt):
+    child = _spawn(tmp_path, "run", "-f", str(long_prompt), "-n", "8", MOELITE_PROGRESS_AFTER="0")
     try:
         child.expect(r"reading the prompt: (\d+)/(\d+) tokens")
         assert int(child.match.group(1)) < int(child.match.group(2))
-        # Ctrl-C, again every 0.2 s until it is seen (in some full-suite runs a single one was lost: the child
-        # read the whole prompt and answered), within the seconds the prompt takes
-        for _ in range(25):
-            child.sendintr()
-            seen = child.expect(["moelite: interrupted", pexpect.EOF, pexpect.TIMEOUT], timeout=0.2)
-            if seen != 2:
-                break
-        assert seen == 0, child.before[-300:]
+        child.sendintr()
+        child.expect("moelite: interrupted")
         child.expect(pexpect.EOF)
     finally:
         child.close(force=True)
