@@ -238,14 +238,15 @@ def simulated_decode_hits(trace_path: str, n_prompt: int, slots: int, policy: st
 
 def predicted_decode(path: str, budget: int | None, threads: int, n_ctx: int) -> dict:
     """What `moelite plan` predicts for this budget (apps/plan.py predict_decode), for comparison with the runs."""
-    import moelite
     from moelite.apps.machine import bandwidths
-    from moelite.apps.plan import predict_decode
-    with moelite.load(path, memory_budget=budget, n_ctx=n_ctx, n_threads=threads) as m:
-        plan = m.plan
-        emb = m.tensors["token_embd.weight"][3] if "output.weight" in m.tensors else 0
+    from moelite.apps.plan import _embedding_bytes, model_table, predict_decode
+    from moelite.runtime.planner import plan_memory
+    from moelite.runtime.validate import load_hparams
+    _, kv, tensors, _ = model_table(path, "q8_0", False)          # the file's tables only, as `moelite plan` reads it
+    plan = plan_memory(load_hparams(path, kv, tensors), tensors, budget=budget or 1 << 62, n_ctx=n_ctx, n_ubatch=None,
+                       kv_elsize=2)
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
-    return predict_decode(plan, slots, emb, bandwidths(), path, threads)
+    return predict_decode(plan, slots, _embedding_bytes(tensors), bandwidths(), path, threads)
 
 
 # --- runs ----------------------------------------------------------------------------------------------
