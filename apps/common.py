@@ -88,7 +88,7 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
                    help=f"memory for everything (dense weights, KV cache, expert slots), e.g. 1.5GiB, 800MB ({SIZE_RULE}; "
                         "default: all resident if it fits in free RAM)")
     g.add_argument("--policy", type=policy_arg, default=None,
-                   help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lru)")
+                   help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lfuda)")
     g.add_argument("--threads", "-t", type=positive_int, help="compute threads (default: cores, at most 8)")
     g.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
     g.add_argument("--convert-type", default=DEFAULT_CONVERT_TYPE, metavar="TYPE",

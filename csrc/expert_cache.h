@@ -170,7 +170,7 @@ private:
     std::vector<std::vector<Slot>> slots_;  // per pool
     std::vector<std::vector<int>> pinned_;  // per layer: slots pinned by acquire()
     ggml_context * ctx_ = nullptr;
-    Policy policy_ = Policy::LRU;
+    Policy policy_ = Policy::LFUDA;
     int window_m_ = 16;
     uint64_t tick_ = 0;
     std::mutex mu_;

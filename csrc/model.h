@@ -119,7 +119,7 @@ struct ModelOptions {
     int n_ubatch = 512;
     ggml_type kv_type = GGML_TYPE_F16;
     std::vector<int> expert_slots;                // per layer quota; empty = all experts resident
-    int policy = 0;
+    int policy = 2;                               // Policy::LFUDA, the Python default (cache_policies/registry.py)
     int window_m = 16;
     bool prefetch = true;                         // next-layer gate lookahead -> async reads
     int n_io_threads = 2;

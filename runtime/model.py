@@ -125,7 +125,7 @@ class Model:
         if cpu_compute not in CPU_COMPUTE:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
-        from ..cache_policies.registry import make_policy   # policy names and knobs live there
+        from ..cache_policies.registry import DEFAULT_POLICY, make_policy   # policy names and knobs live there
         with _core_errors(self.path):
             meta = _core.read_gguf(self.path)
         self.kv: dict[str, Any] = meta["kv"]
@@ -143,8 +143,8 @@ class Model:
         side = self.path + ".calibration.json"
         # the side file `moelite analyze` wrote, when this load uses it (the CLI says so)
         self.calibration_file = side if calib and os.path.isfile(side) else None
-        if policy is None:                      # calibrated choice (moelite analyze), else LRU
-            policy = str(calib.get("policy", "lru"))
+        if policy is None:                      # calibrated choice (moelite analyze), else the default (LFUDA)
+            policy = str(calib.get("policy", DEFAULT_POLICY))
             if policy_window is None and calib.get("m"):
                 policy_window = int(calib["m"])
             if cache_shares is None and calib.get("layer_shares") is not None:

@@ -38,6 +38,8 @@ def test_analyze_writes_report_and_calibration(tmp_path, capsys):
         assert m.policy.name == policy
     with moelite.load(model, policy="lru") as m:                # an explicit choice wins
         assert m.policy.name == "lru"
+    with moelite.load(model, use_calibration=False) as m:       # no calibration: LFUDA (cache_policies/registry.py)
+        assert m.policy.name == "lfuda"
 
 
 def test_trace_matches_logits_routing():
