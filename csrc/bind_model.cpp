@@ -97,7 +97,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "prefetch", o.prefetch); get(d, "n_io_threads", o.n_io_threads);
     get(d, "device", o.device); get(d, "gpu", o.gpu);
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
-    get(d, "repack", o.repack);
+    get(d, "repack", o.repack); get(d, "fused_graph", o.fused_graph);
     get(d, "swap_threshold", o.swap_threshold);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
@@ -187,6 +187,7 @@ void bind_model(py::module_ & m) {
                  d["scratch_bytes"] = m.scratch_bytes();
                  const RepackInfo r = m.repack_info();      // what sits in ggml's CPU_REPACK buffers
                  d["repack_available"] = r.available;
+                 d["fused_graph"] = m.fused_ok();
                  d["repacked_tensors"] = r.dense_tensors;
                  d["repacked_dense_bytes"] = r.dense_bytes;
                  d["repacked_arena_bytes"] = r.arena_bytes;

@@ -50,31 +50,43 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
     return d;
 }
 
-// x[:, t0:t0+T] = the layer's output from the expert outputs d [n_embd, K, T] (before weighting):
+// The layer's new residual stream from the expert outputs d [n_embd, K, T] (before weighting), with f.hn the
+// experts' input and f.res = h:
 //   moe = sum_k w_k d_k (-> post norm, Gemma-4) [+ shared expert(hn)] [+ parallel dense block(h), Gemma-4]
-//   x = residual_out(moe, h): post norm, residual scale, + h, layer output scale
+//   out = residual_out(moe, h): post norm, residual scale, + h, layer output scale
 // Llama-4 applies the weights to the expert input instead (weights_before_ffn): d is summed unweighted.
-void Model::combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T) {
+ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_tensor * weights, const MoeFront & f) {
     const HParams & h = hp_;
     Layer & L = layers_[il];
     const int K = h.n_expert_used;
-    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
-    ggml_tensor * res = ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], t0 * ffn_inp_->nb[1]);
-    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], t0 * x_->nb[1]);
+    const int64_t T = d->ne[2];
     if (!h.weights_before_ffn) d = ggml_mul(ctx, d, weights);
     ggml_tensor * moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
     for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
     if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
     if (L.gate_shexp) {
-        ggml_tensor * s = ffn(ctx, hn, L.gate_shexp, L.up_shexp, L.down_shexp);
-        if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, hn)));
+        ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp);
+        if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, f.hn)));
         moe = ggml_add(ctx, moe, s);
     }
-    if (L.ffn_gate) moe = ggml_add(ctx, dense_block(ctx, il, res), moe);   // parallel dense MLP (Gemma-4)
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, residual_out(ctx, il, moe, res, L.ffn_post_norm, true), x));
+    if (L.ffn_gate) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe);   // parallel dense MLP (Gemma-4)
+    return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true);
 }
 
-// Single pass: every expert of tokens [t0, t1) is resident (slot_ids [K, t1 - t0]).
+// Routed experts of T tokens, every one resident in the layer's slots, then combine(): one pass.
+// slots / eids [K, T] (slot ids, expert ids for per-expert biases), weights [1, K, T].
+ggml_tensor * Model::moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots,
+                               ggml_tensor * weights, ggml_tensor * eids, int T) {
+    const HParams & h = hp_;
+    ggml_tensor * hb = ggml_reshape_3d(ctx, f.hn, h.n_embd, 1, T);             // [n_embd, 1, T]
+    if (h.weights_before_ffn)                                                   // [n_embd, K, T], scaled per (t, k)
+        hb = ggml_mul(ctx, ggml_repeat(ctx, hb, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, h.n_expert_used, T)),
+                      weights);
+    return combine(ctx, il, expert_ffn(ctx, il, cache_->pool_of(il), hb, slots, eids), weights, f);
+}
+
+// Single pass: every expert of tokens [t0, t1) is resident (slot_ids [K, t1 - t0]); graph A's state tensors
+// are the block's input and x_ its output.
 void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                         const std::vector<int32_t> & ids) {
     const HParams & h = hp_;
@@ -87,12 +99,8 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_set_input(weights);
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
     ggml_set_input(eids);
-    ggml_tensor * hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], t0 * ffn_in_->nb[1]);
-    ggml_tensor * hb = ggml_reshape_3d(ctx, hn, h.n_embd, 1, T);                 // [n_embd, 1, T]
-    if (h.weights_before_ffn)                                                   // [n_embd, K, T], scaled per (t, k)
-        hb = ggml_mul(ctx, ggml_repeat(ctx, hb, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, K, T)), weights);
-    ggml_tensor * d = expert_ffn(ctx, il, cache_->pool_of(il), hb, slots, eids);
-    combine(ctx, gf, il, d, weights, t0, T);
+    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr};
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
     compute(ctx, gf, galloc_);
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
     set_input(weights, w.data() + (size_t) t0 * K, ggml_nbytes(weights));
@@ -100,7 +108,6 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
 }
-
 // Expert-major step for one group of resident experts: the P (token, k) pairs routed to them are gathered,
 // computed, and their outputs scattered into ebuf_ rows t * K + k.
 // on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
@@ -121,7 +128,7 @@ void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, co
         hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
         ggml_set_input(hn);
     } else {
-        hn = ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0);
+        hn = rows_of(ctx, ffn_in_, 0, T);
     }
     ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
     ggml_set_input(t_idx);
@@ -174,7 +181,8 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
     ggml_set_input(weights);
     ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd, K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
-    combine(ctx, gf, il, d, weights, 0, T);
+    const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr};
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, combine(ctx, il, d, weights, f), rows_of(ctx, x_, 0, T)));
     compute(ctx, gf, galloc_);
     if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights));   // unused when weights_before_ffn
     ggml_backend_graph_compute(backend_, gf);

@@ -61,10 +61,7 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         k = ggml_rms_norm(ctx, k, h.norm_eps);
     }
     if (p.attn_temp) {                                                 // Llama-4 NoPE layers: per-position temperature
-        ggml_tensor * temp = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, T);
-        ggml_set_input(temp);
-        ggml_set_name(temp, "attn_temp");
-        q = ggml_mul(ctx, q, temp);
+        q = ggml_mul(ctx, q, attn_temp_input(ctx, T));
     }
     ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, n_head, T]
     o = ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T);
@@ -100,10 +97,7 @@ ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * K = ggml_view_3d(ctx, L.k_cache, dk, n_kv, n_head_kv, L.k_cache->nb[1],
                                    ggml_row_size(L.k_cache->type, dk), 0);           // [dk, n_kv, h_kv] (q8_0 rows too)
     ggml_tensor * Q = ggml_permute(ctx, q, 0, 2, 1, 3);                 // [dk, T, n_head]
-    const int mk = hp_.plan[il].mask;
-    ggml_tensor * mask = ggml_new_tensor_2d(ctx, flash ? GGML_TYPE_F16 : GGML_TYPE_F32, n_kv, T);
-    ggml_set_input(mask);
-    ggml_set_name(mask, mk == MASK_SWA ? "mask_swa" : mk == MASK_CHUNKED ? "mask_chunk" : "mask");
+    ggml_tensor * mask = mask_input(ctx, hp_.plan[il].mask, n_kv, T);
     if (flash) {
         ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, dv, n_kv, n_head_kv, L.v_cache->nb[1],
                                        ggml_row_size(L.v_cache->type, dv), 0);       // [dv, n_kv, h_kv]

@@ -94,6 +94,10 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     alloc_kv();
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
+    if (fused_ok()) {                             // one graph for the step: at most kLayerNodes per layer
+        fused_nodes_ = kLayerNodes * (hp_.n_layer + 1);
+        fused_mem_.resize(ggml_tensor_overhead() * fused_nodes_ + ggml_graph_overhead_custom(fused_nodes_, false));
+    }
     if (tier2_) {
         galloc_cpu_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(cpu_backend_));
         measure_costs();                          // before any expert is loaded: it writes into empty slots
@@ -498,8 +502,55 @@ size_t Model::scratch_bytes() const { return galloc_ ? ggml_gallocr_get_buffer_s
 // graph helpers
 
 ggml_context * Model::begin_graph() {
+    gin_ = GraphInputs{};
     ggml_init_params ip = {graph_mem_.size(), graph_mem_.data(), true};
     return ggml_init(ip);
+}
+
+ggml_tensor * Model::pos_input(ggml_context * ctx, int T) {
+    if (!gin_.pos) {
+        gin_.pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
+        ggml_set_input(gin_.pos);
+        ggml_set_name(gin_.pos, "pos");
+    }
+    return gin_.pos;
+}
+
+ggml_tensor * Model::mask_input(ggml_context * ctx, int kind, int n_kv, int T) {
+    ggml_tensor *& m = gin_.mask[kind];
+    if (!m) {
+        m = ggml_new_tensor_2d(ctx, opt_.flash_attn ? GGML_TYPE_F16 : GGML_TYPE_F32, n_kv, T);
+        ggml_set_input(m);
+        ggml_set_name(m, kind == MASK_SWA ? "mask_swa" : kind == MASK_CHUNKED ? "mask_chunk" : "mask");
+    }
+    return m;
+}
+
+ggml_tensor * Model::attn_temp_input(ggml_context * ctx, int T) {
+    if (!gin_.attn_temp) {
+        gin_.attn_temp = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, T);
+        ggml_set_input(gin_.attn_temp);
+        ggml_set_name(gin_.attn_temp, "attn_temp");
+    }
+    return gin_.attn_temp;
+}
+
+// The host data of the shared inputs this graph uses (build_masks() made them for the ubatch). A NoPE-only graph
+// leaves pos unallocated.
+void Model::set_graph_inputs() {
+    const std::vector<float> * masks[3] = {&mask_, &mask_swa_, &mask_chunk_};
+    for (int k = 0; k < 3; ++k) {
+        ggml_tensor * t = gin_.mask[k];
+        if (!t) continue;
+        if (t->type == GGML_TYPE_F16) set_input(t, mask16_[k].data(), ggml_nbytes(t));   // flash attention's masks
+        else set_input(t, masks[k]->data(), ggml_nbytes(t));
+    }
+    if (gin_.attn_temp) set_input(gin_.attn_temp, attn_temp_.data(), ggml_nbytes(gin_.attn_temp));
+    if (gin_.pos && gin_.pos->buffer) set_input(gin_.pos, pos_.data(), ggml_nbytes(gin_.pos));
+}
+
+ggml_tensor * Model::rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T) {
+    return ggml_view_2d(ctx, t, t->ne[0], T, t->nb[1], (size_t) t0 * t->nb[1]);
 }
 
 void Model::compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc) {
@@ -569,57 +620,54 @@ void Model::build_masks(int T) {
     }
 }
 
-// Graph A of layer il: the mixer, the residual, and the FFN front. A dense layer ends here (x updated); a MoE
-// layer leaves h (ffn_inp_), the experts' input (ffn_in_) and the router logits (router_, and the next MoE
-// layer's lookahead_ when prefetching) for the host and graph B.
-void Model::run_layer_front(int il, int T) {
-    const HParams & h = hp_;
+// Layer il on the residual stream x [n_embd, T]: the mixer, the residual, and the FFN front. A dense layer's
+// output is returned; a MoE layer returns nullptr and leaves h = x + mixer (f.res), the experts' input (f.hn) and the
+// router logits (f.logits) for the routing and the experts.
+ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f) {
     Layer & L = layers_[il];
-    ggml_context * ctx = begin_graph();
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
-    ggml_set_input(pos);
-    ggml_set_name(pos, "pos");
-    ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, T, x_->nb[1], 0);   // [n_embd, T] residual stream
     ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
-    switch (h.plan[il].mixer) {
-        case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos, T); break;
+    switch (hp_.plan[il].mixer) {
+        case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
         case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
         case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
         case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
-        default: cur = mixer_attention(ctx, gf, il, cur, pos, T);
+        default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
     }
     ggml_tensor * res = residual_out(ctx, il, cur, x, L.attn_post_norm, false);   // h = x + attn
-    if (!L.moe) {
-        ggml_tensor * y = residual_out(ctx, il, dense_block(ctx, il, res), res, L.ffn_post_norm, true);
+    if (!L.moe) return residual_out(ctx, il, dense_block(ctx, il, res), res, L.ffn_post_norm, true);
+    f.res = res;
+    f.hn = expert_input(ctx, il, res);                                  // [n_embd, T]
+    f.logits = router_logits(ctx, il, res, f.hn);                       // [n_expert, T]
+    return nullptr;
+}
+
+// Graph A of layer il: layer_front over the residual stream x_. A dense layer ends here (x_ updated); a MoE
+// layer leaves h (ffn_inp_), the experts' input (ffn_in_) and the router logits (router_, and the next MoE
+// layer's lookahead_ when prefetching) for the host and graph B.
+void Model::run_layer_front(int il, int T) {
+    ggml_context * ctx = begin_graph();
+    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+    ggml_tensor * x = rows_of(ctx, x_, 0, T);                           // [n_embd, T] residual stream
+    MoeFront f;
+    if (ggml_tensor * y = layer_front(ctx, gf, il, x, T, f)) {
         ggml_build_forward_expand(gf, ggml_cpy(ctx, y, x));
     } else {
-        ggml_tensor * hn = expert_input(ctx, il, res);                  // [n_embd, T]
-        ggml_tensor * logits = router_logits(ctx, il, res, hn);         // [n_expert, T]
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, res, ggml_view_2d(ctx, ffn_inp_, h.n_embd, T, ffn_inp_->nb[1], 0)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, hn, ggml_view_2d(ctx, ffn_in_, h.n_embd, T, ffn_in_->nb[1], 0)));
-        ggml_build_forward_expand(gf, ggml_cpy(ctx, logits, ggml_view_2d(ctx, router_, h.n_expert, T, router_->nb[1], 0)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, f.res, rows_of(ctx, ffn_inp_, 0, T)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, f.hn, rows_of(ctx, ffn_in_, 0, T)));
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, f.logits, rows_of(ctx, router_, 0, T)));
         const int nl = next_moe(il);
         if (nl >= 0 && (opt_.prefetch || record_routes)) {
             // gate lookahead: layer nl's router applied to this layer's h (as if the layer between were skipped)
-            ggml_tensor * la = router_logits(ctx, nl, res, nullptr);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, la, ggml_view_2d(ctx, lookahead_, h.n_expert, T, lookahead_->nb[1], 0)));
+            ggml_tensor * la = router_logits(ctx, nl, f.res, nullptr);
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, la, rows_of(ctx, lookahead_, 0, T)));
         }
     }
     compute(ctx, gf, galloc_);
-    const std::pair<const char *, const std::vector<float> *> inputs[] = {
-        {"mask", &mask_}, {"mask_swa", &mask_swa_}, {"mask_chunk", &mask_chunk_}, {"attn_temp", &attn_temp_}};
-    for (int k = 0; k < 4; ++k) {
-        ggml_tensor * t = ggml_graph_get_tensor(gf, inputs[k].first);
-        if (!t) continue;
-        if (t->type == GGML_TYPE_F16) set_input(t, mask16_[k].data(), ggml_nbytes(t));   // flash attention's masks
-        else set_input(t, inputs[k].second->data(), ggml_nbytes(t));
-    }
+    set_graph_inputs();
     if (ggml_tensor * t = ggml_graph_get_tensor(gf, "ssm_ids")) {
         const int32_t row = 0;
         set_input(t, &row, sizeof(row));
     }
-    if (pos->buffer) set_input(pos, pos_.data(), ggml_nbytes(pos));   // NoPE layers do not use it
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
 }
@@ -633,12 +681,17 @@ int Model::next_moe(int il) const {
 // Weights (or inputs) holding NaN/Inf must not pass silently: the residual stream's last row after the embedding
 // and after every layer (NaN spreads to later positions through attention, so the last row catches it), named by
 // layer. n_embd floats per layer: negligible next to the layer itself.
-void Model::check_finite(int il, int T) {
+bool Model::last_row_finite(int T) const {
     std::vector<float> row(hp_.n_embd);
     ggml_backend_tensor_get(x_, row.data(), (size_t) (T - 1) * x_->nb[1], row.size() * sizeof(float));
     for (float v : row)
-        if (!std::isfinite(v))
-            throw FormatError(il < 0 ? std::string("the token embeddings (token_embd.weight) hold NaN or Inf values")
+        if (!std::isfinite(v)) return false;
+    return true;
+}
+
+void Model::check_finite(int il, int T) {
+    if (!last_row_finite(T))
+        throw FormatError(il < 0 ? std::string("the token embeddings (token_embd.weight) hold NaN or Inf values")
                                      : "layer " + std::to_string(il) + " produced NaN or Inf values: the weights of blk." +
                                            std::to_string(il) + ".* (or the layers before it) hold NaN/Inf or overflow");
 }
@@ -683,21 +736,32 @@ void Model::reset_stats() {
     swaps_.assign(hp_.n_layer, 0);
 }
 
+int Model::output_rows_per_graph() const {
+    return (int) std::max<int64_t>(1, kOutputScratch / (4 * ((int64_t) hp_.n_vocab + 2 * hp_.n_embd)));
+}
+
+// x [n_embd, rows] -> output norm -> output projection (+ bias, / logit scale, Gemma-4's final softcap) ->
+// logits [n_vocab, rows]
+ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
+    const HParams & h = hp_;
+    ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));
+    if (output_b_) y = ggml_add(ctx, y, output_b_);
+    if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
+    if (h.final_softcap > 0.f)                                          // Gemma-4: c * tanh(y / c)
+        y = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, y, 1.f / h.final_softcap)), h.final_softcap);
+    return y;
+}
+
 // Logits of the last n_out rows of x_ (of T), a block of rows per graph so that the output's scratch stays under
 // kOutputScratch whatever the vocabulary (the planner counts that constant): [n_vocab, rows] per graph.
 void Model::run_output(int T, int n_out, float * logits) {
     const HParams & h = hp_;
-    const int per = (int) std::max<int64_t>(1, kOutputScratch / (4 * ((int64_t) h.n_vocab + 2 * h.n_embd)));
+    const int per = output_rows_per_graph();
     for (int r0 = 0; r0 < n_out; r0 += per) {
         const int rows = std::min(per, n_out - r0);
         ggml_context * ctx = begin_graph();
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-        ggml_tensor * x = ggml_view_2d(ctx, x_, h.n_embd, rows, x_->nb[1], (size_t) (T - n_out + r0) * x_->nb[1]);
-        ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));   // [n_vocab, rows]
-        if (output_b_) y = ggml_add(ctx, y, output_b_);
-        if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
-        if (h.final_softcap > 0.f)                                      // Gemma-4: c * tanh(y / c)
-            y = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, y, 1.f / h.final_softcap)), h.final_softcap);
+        ggml_tensor * y = output_head(ctx, rows_of(ctx, x_, T - n_out + r0, rows));   // [n_vocab, rows]
         ggml_set_output(y);
         ggml_build_forward_expand(gf, y);
         compute(ctx, gf, galloc_);
@@ -725,6 +789,13 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
         pos_.resize(T);
         for (int t = 0; t < T; ++t) pos_[t] = n_past_ + t;
         build_masks(T);
+        const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
+        // the rows of logits this ubatch writes: from the first wanted token on
+        float * out_rows = out_here ? logits + (size_t) std::max(0, start - (n_tokens - n_out)) * h.n_vocab : nullptr;
+        if (fused_ok() && eval_fused(tokens + start, T, out_here, out_rows)) {
+            n_past_ += T;
+            continue;
+        }
         run_embed(tokens + start, T);
         check_finite(-1, T);
         std::vector<int32_t> ids, slots, la_ids;
@@ -752,12 +823,7 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
             for (int t = 0; t < T; ++t) cache_->note_token_experts(il, &ids[(size_t) t * K], K);
             check_finite(il, T);
         }
-        const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
-        if (out_here > 0) {
-            const int first_out_global = n_tokens - n_out;                  // index of the first wanted token
-            const int offset_rows = std::max(0, start - first_out_global);
-            run_output(T, out_here, logits + (size_t) offset_rows * h.n_vocab);
-        }
+        if (out_here > 0) run_output(T, out_here, out_rows);
         n_past_ += T;
     }
 }

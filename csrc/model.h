@@ -137,6 +137,11 @@ struct ModelOptions {
     // unchosen expert of highest router probability when that probability is >= (1 - swap_threshold) x the
     // routed one's (per token and layer; softmax and sigmoid gating). Counted per layer (swaps()).
     float swap_threshold = 0.f;
+    // One graph per ubatch (model_fused.cpp) where the whole step can be one: CPU device, every expert resident,
+    // no recurrent layer, no routing trace. Embedding, every layer (routing as a ggml custom op between graph A's
+    // router logits and the experts) and the logits run in one ggml graph instead of 2 per MoE layer + 2;
+    // bit-identical to the per-layer graphs (off: always per layer).
+    bool fused_graph = true;
 };
 
 struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
@@ -175,6 +180,7 @@ public:
     RepackInfo repack_info() const;
     size_t kv_bytes() const { return kv_bytes_; }
     size_t scratch_bytes() const;
+    bool fused_ok() const;                        // this model runs a step as one graph (model_fused.cpp)
 
     // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
     bool record_routes = false;
@@ -198,15 +204,47 @@ private:
     void alloc_kv();
 
     // ---- one step, driven by eval() (model.cpp): per layer, graph A = mixer + FFN front, then for MoE
-    // layers host routing + the expert cache + graph B (ffn_moe.cpp)
+    // layers host routing + the expert cache + graph B (ffn_moe.cpp); or one graph for the step (model_fused.cpp)
     ggml_context * begin_graph();
     void compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc);
+    void set_graph_inputs();                      // after compute(): the shared inputs this graph created
     void run_embed(const int32_t * tokens, int T);
     void run_layer_front(int il, int T);
     void run_output(int T, int n_out, float * logits);
+    int output_rows_per_graph() const;            // logits rows per output graph (kOutputScratch)
     void build_masks(int T);
+    bool last_row_finite(int T) const;            // the residual stream's row T - 1 (x_) holds no NaN/Inf
     void check_finite(int il, int T);             // FormatError naming layer il (-1: embeddings) on NaN/Inf
     int next_moe(int il) const;
+
+    // ---- the fused step (model_fused.cpp)
+    struct RouteOp {                              // one MoE layer's routing inside the fused graph
+        Model * model;
+        int il, T;
+        std::vector<int32_t> ids;                 // [T * k] expert ids, as route() returns them
+        std::vector<float> w;                     // [T * k] combine weights
+        bool failed = false;                      // route() threw: the caller reruns the step per layer
+    };
+    bool eval_fused(const int32_t * tokens, int T, int n_out, float * logits);   // false: rerun per layer
+    static void op_route(ggml_tensor * dst, int ith, int nth, void * userdata);     // -> slots [k, T]
+    static void op_weights(ggml_tensor * dst, int ith, int nth, void * userdata);   // -> weights [1, k, T]
+    static void op_expert_ids(ggml_tensor * dst, int ith, int nth, void * userdata);   // -> expert ids [k, T]
+
+    // ---- graph builders shared by the per-layer and the fused step
+    // Graph inputs shared by every layer of one graph: created on first use, reset by begin_graph(), set by
+    // set_graph_inputs() after allocation.
+    ggml_tensor * pos_input(ggml_context * ctx, int T);                 // [T] positions
+    ggml_tensor * mask_input(ggml_context * ctx, int kind, int n_kv, int T);   // [n_kv, T] (F16 for flash attention)
+    ggml_tensor * attn_temp_input(ggml_context * ctx, int T);           // [1, 1, T] Llama-4 NoPE temperature
+    struct MoeFront { ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr; };   // [n_embd, T] x2, [n_expert, T]
+    // Layer il on the residual stream x [n_embd, T]: a dense layer's output, or nullptr for a MoE layer, whose
+    // FFN front (h = x + mixer, the experts' input, router logits) is left in f.
+    ggml_tensor * layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f);
+    // Experts of layer il (every one resident) + combine: slots / eids [k, T], weights [1, k, T] -> new residual
+    ggml_tensor * moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots, ggml_tensor * weights,
+                            ggml_tensor * eids, int T);
+    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x);     // x [n_embd, rows] -> logits [n_vocab, rows]
+    ggml_tensor * rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T);   // [ne0, T] view of a state tensor
 
     // ---- shared small builders (model.cpp)
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
@@ -237,7 +275,7 @@ private:
     ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
-    void combine(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * d, ggml_tensor * weights, int t0, int T);
+    ggml_tensor * combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_tensor * weights, const MoeFront & f);
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
@@ -250,6 +288,8 @@ private:
     // swap: this is the routing the experts run with (cache-aware routing may apply), not a lookahead guess
     void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
                std::vector<float> * score = nullptr, bool swap = false);
+    void route_host(int il, const float * logits, int T, std::vector<int32_t> & ids, std::vector<float> & w,
+                    std::vector<float> * score, bool swap);          // logits [n_expert, T] in host memory
 
     void swap_for_resident(int il, const std::vector<char> & resident, const std::vector<float> & p,
                            const std::vector<float> & sel, int32_t * id, int K);
@@ -293,7 +333,12 @@ private:
                 *ebuf_ = nullptr;   // [n_embd, K * n_ubatch] expert outputs of the expert-major path
 
     ggml_gallocr_t galloc_ = nullptr;
-    std::vector<uint8_t> graph_mem_;
+    std::vector<uint8_t> graph_mem_;              // tensor + graph metadata of one graph (kMaxNodes)
+    std::vector<uint8_t> fused_mem_;              // the same for the fused graph (fused_nodes_)
+    int fused_nodes_ = 0;
+    std::vector<RouteOp> route_ops_;              // the fused graph's routing ops (reserved: addresses stable)
+    struct GraphInputs { ggml_tensor *pos = nullptr, *mask[3] = {nullptr, nullptr, nullptr}, *attn_temp = nullptr; };
+    GraphInputs gin_;                             // the current graph's shared inputs
     int n_past_ = 0;
     std::vector<int32_t> pos_;
     std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_;   // host inputs of one ubatch

@@ -41,10 +41,16 @@ void Model::swap_for_resident(int il, const std::vector<char> & resident, const 
 // ids/w [T * k], ids in descending selection-score order.
 void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
                   std::vector<float> * score, bool swap) {
+    std::vector<float> logits((size_t) hp_.n_expert * T);
+    ggml_backend_tensor_get(logits_src, logits.data(), 0, logits.size() * sizeof(float));
+    route_host(il, logits.data(), T, ids, w, score, swap);
+}
+
+// The same from logits [n_expert, T] in host memory (the fused graph's routing op reads them in place).
+void Model::route_host(int il, const float * logits, int T, std::vector<int32_t> & ids, std::vector<float> & w,
+                       std::vector<float> * score, bool swap) {
     const HParams & h = hp_;
     const int E = h.n_expert, K = h.n_expert_used;
-    std::vector<float> logits((size_t) E * T);
-    ggml_backend_tensor_get(logits_src, logits.data(), 0, logits.size() * sizeof(float));
     ids.resize((size_t) T * K);
     w.resize((size_t) T * K);
     if (score) score->resize((size_t) T * K);
@@ -52,8 +58,8 @@ void Model::route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> 
     std::vector<int> order(E);
     const std::vector<float> & bias = layers_[il].exp_probs_b;
     const std::vector<float> & escale = layers_[il].exp_scale;
-    for (float v : logits)                        // NaN would break the ordering the top-k sort relies on
-        if (!std::isfinite(v))
+    for (size_t i = 0, n = (size_t) E * T; i < n; ++i)   // NaN would break the ordering the top-k sort relies on
+        if (!std::isfinite(logits[i]))
             throw FormatError("layer " + std::to_string(il) + ": router logits are NaN or Inf (blk." + std::to_string(il) +
                               ".ffn_gate_inp.weight or the layer's input hold NaN/Inf)");
     // cache-aware routing: which experts are resident (held or on their way) when this layer is routed

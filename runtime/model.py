@@ -106,7 +106,7 @@ class Model:
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
-                 repack: bool = True, swap_threshold: float = 0.0) -> None:
+                 repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -193,7 +193,8 @@ class Model:
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
-                       flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold)
+                       flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold,
+                       fused_graph=bool(fused_graph))
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
@@ -293,6 +294,8 @@ class Model:
             "expert_slots": self._core().cache_quotas(), "dense_bytes": mem["dense_bytes"], "kv_bytes": mem["kv_bytes"],
             "state_bytes": self._core().state_bytes, "state_snapshots": len(self._snapshots),
             "flash_attn": self.flash_attn,
+            # one ggml graph per step (CPU, every expert resident, no recurrent layer): csrc/model_fused.cpp
+            "fused_graph": mem["fused_graph"],
             # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas
             "repack": {"available": mem["repack_available"], "dense_tensors": mem["repacked_tensors"],
                        "dense_bytes": mem["repacked_dense_bytes"], "arena_bytes": mem["repacked_arena_bytes"]},
@@ -613,7 +616,7 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), swap_threshold (cache-aware routing, lossy,
     default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
     this fraction of it), repack (CPU: ggml's repacked weight layouts,
-    default True)."""
+    default True), fused_graph (one ggml graph per step where every expert is resident, default True; bit-identical)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))
