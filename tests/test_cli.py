@@ -115,7 +115,7 @@ def test_plan(fixture, capsys, cache_home):
 
 def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsys, cache_home, tmp_path):
     """The prediction: layers x per-layer overhead + resident bytes / memory bw + missed bytes / disk bw, with the
-    hit rate of the calibration side file when it was calibrated for this many slots, else sqrt(slots/E)."""
+    hit rate of the calibration side file when it was calibrated for this many slots, else 1 - (1 - slots/E)^4."""
     import re
     import shutil
 
@@ -141,7 +141,7 @@ def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsy
     expect = 1 / (len(plan.expert_slot_bytes) * 1e-4 + active_bytes(plan, emb) / 10e9)
     assert tok_s == pytest.approx(expect, rel=2e-3)
     tok_s_cap, hit, source = predicted(str(budget))
-    assert "sqrt" in source and 0 < hit < 1 and tok_s_cap < tok_s
+    assert "assumed 1 - (1 - slots / experts)^4" in source and 0 < hit < 1 and tok_s_cap < tok_s
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged that a single man in possession of a good fortune " * 20)
     rc = main(["analyze", str(model), "--text", str(text), "--tokens", "200", "--seq-len", "100", "--threads", "1",
