@@ -107,6 +107,7 @@ static py::dict layer_stats(const LayerStats & s) {
     py::dict d;
     d["hits"] = s.hits; d["misses"] = s.misses; d["prefetch_issued"] = s.prefetch_issued;
     d["prefetch_hits"] = s.prefetch_hits; d["prefetch_wasted"] = s.prefetch_wasted; d["bytes_read"] = s.bytes_read;
+    d["overlapped"] = s.overlapped;
     d["loads"] = s.loads; d["evictions"] = s.evictions; d["stall_s"] = s.stall_s;
     return d;
 }

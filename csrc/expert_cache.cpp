@@ -201,6 +201,7 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     L.pool = pool;
     for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
     L.slot_of.assign(n_expert_, -1);
+    L.begun.assign(n_expert_, 0);
 }
 
 void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
@@ -490,6 +491,72 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     if (issued) io_cv_.notify_all();
 }
 
+enum : uint8_t { BEGUN_READ = 1, BEGUN_PINNED = 2 };   // CacheLayer::begun: counted / counted, pinned, touched
+
+// Step 1 of acquire: misses get a victim slot each (never a pinned, loading or needed one) and are read in parallel
+// by the I/O threads, ahead of queued prefetches; with no I/O threads they are read here, one by one. Experts a
+// begin_acquire() of this step handled are skipped (counted once); mark: this is begin_acquire (BEGUN_READ).
+int ExpertCache::start_misses(std::unique_lock<std::mutex> & lock, int il, const std::vector<int> & distinct,
+                              const std::vector<char> & needed, bool mark) {
+    CacheLayer & L = layers_[il];
+    Pool & P = pools_[L.pool];
+    auto & S = slots_[L.pool];
+    int n_missed = 0;
+    for (int e : distinct) {
+        if (L.begun[e]) continue;
+        if (L.slot_of[e] >= 0) {                          // cached, or a prefetch is reading it
+            if (S[L.slot_of[e]].state == SLOT_READY) L.stats.hits++;
+            continue;
+        }
+        check_on_disk(L, e);                              // fail before evicting anything
+        const int v = victim_for(lock, L, P, needed, e);
+        if (v < 0) continue;                              // a prefetch brought it meanwhile
+        L.stats.misses++;
+        ++n_missed;
+        if (mark) L.begun[e] = BEGUN_READ;
+        begin_load(L, v, e, false);
+        if (io_threads_.empty()) {
+            try { read_expert(L, P, v, e); } catch (...) { S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1; throw; }
+            S[v].state = SLOT_READY;
+            L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
+            L.stats.loads++;
+        } else {
+            io_queue_.push_front({il, v, e});
+        }
+    }
+    if (n_missed) io_cv_.notify_all();
+    return n_missed;
+}
+
+void ExpertCache::pin(int il, int slot) {
+    Slot & sl = slots_[layers_[il].pool][slot];
+    sl.pins++;
+    pinned_[il].push_back(slot);
+    touch(sl, layers_[il]);                               // one access per distinct expert per step
+}
+
+int ExpertCache::begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+    std::unique_lock<std::mutex> lock(mu_);
+    CacheLayer & L = layers_[il];
+    auto & S = slots_[L.pool];
+    std::vector<char> needed(n_expert_, 0);
+    std::vector<int> distinct;
+    for (int i = 0; i < n; ++i)
+        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+    if (io_threads_.empty() || (int) distinct.size() > L.quota) return -1;
+    int ready = 0;
+    for (int e : distinct)                                // ready now: counted, pinned and touched here
+        if (L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_READY) {
+            L.stats.hits++;
+            pin(il, L.slot_of[e]);
+            L.begun[e] = BEGUN_PINNED;
+            ++ready;
+        }
+    if (start_misses(lock, il, distinct, needed, true) > 0 && ready > 0) L.stats.overlapped++;
+    for (int i = 0; i < n; ++i) slots_out[i] = L.begun[ids[i]] == BEGUN_PINNED ? L.slot_of[ids[i]] : -1;
+    return ready;
+}
+
 bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
     std::unique_lock<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
@@ -501,36 +568,14 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
         if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
     if ((int) distinct.size() > L.quota) return false;
     const auto t0 = std::chrono::steady_clock::now();
-    // 1. misses get a victim slot each (never a pinned, loading or needed one) and are read in parallel by
-    //    the I/O threads, ahead of queued prefetches; with no I/O threads they are read here, one by one
-    int n_missed = 0;
-    for (int e : distinct) {
-        if (L.slot_of[e] >= 0) {                          // cached, or a prefetch is reading it
-            if (S[L.slot_of[e]].state == SLOT_READY) L.stats.hits++;
-            continue;
-        }
-        check_on_disk(L, e);                              // fail before evicting anything
-        const int v = victim_for(lock, L, P, needed, e);
-        if (v < 0) continue;                              // a prefetch brought it meanwhile
-        L.stats.misses++;
-        ++n_missed;
-        begin_load(L, v, e, false);
-        if (io_threads_.empty()) {
-            try { read_expert(L, P, v, e); } catch (...) { S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1; throw; }
-            S[v].state = SLOT_READY;
-            L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
-            L.stats.loads++;
-        } else {
-            io_queue_.push_front({il, v, e});
-        }
-    }
+    // 1. read the misses (see start_misses)
+    const int n_missed = start_misses(lock, il, distinct, needed, false);
     // 2. wait for every needed expert still being read (ours or an earlier prefetch)
     auto pending = [&] {
         for (int e : distinct)
             if (L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_LOADING) return true;
         return false;
     };
-    if (n_missed) io_cv_.notify_all();
     const bool waited = pending();
     if (waited) loaded_.wait(lock, [&] { return !pending(); });
     // 3. a failed asynchronous read is retried here, synchronously, so that its error is raised to the caller
@@ -542,10 +587,8 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
             load(L, P, v, e);
         }
     for (int e : distinct) {
-        Slot & sl = S[L.slot_of[e]];
-        sl.pins++;
-        pinned_[il].push_back(L.slot_of[e]);
-        touch(sl, L);                                     // one access per distinct expert per step
+        if (L.begun[e] != BEGUN_PINNED) pin(il, L.slot_of[e]);
+        L.begun[e] = 0;
     }
     for (int i = 0; i < n; ++i) slots_out[i] = L.slot_of[ids[i]];   // slot index inside the pool tensors
     if (n_missed || waited)
@@ -617,6 +660,7 @@ void ExpertCache::release(int il) {
     auto & S = slots_[layers_[il].pool];
     for (int s : pinned_[il]) S[s].pins--;
     pinned_[il].clear();
+    std::fill(layers_[il].begun.begin(), layers_[il].begun.end(), 0);   // a step given up between the halves
 }
 
 void ExpertCache::note_token_experts(int il, const int32_t * ids, int k) {

@@ -54,7 +54,8 @@ struct Pool {
 
 struct LayerStats {
     uint64_t hits = 0, misses = 0, prefetch_issued = 0, prefetch_hits = 0, prefetch_wasted = 0, bytes_read = 0,
-             loads = 0, evictions = 0;
+             loads = 0, evictions = 0,
+             overlapped = 0;     // steps that computed their ready experts while their misses were read
     double stall_s = 0.0;
 };
 
@@ -79,6 +80,7 @@ struct CacheLayer {
     double prefetch_ema = 0.5;   // running precision of this layer's prefetches (1 = used, 0 = evicted unused)
     uint64_t prefetch_calls = 0;
     std::deque<std::vector<int>> recent;   // consistency policy: experts of the last m tokens
+    std::vector<uint8_t> begun;            // [n_expert] begin_acquire() of this step: BEGUN_READ / BEGUN_PINNED
     LayerStats stats;
 };
 
@@ -128,6 +130,12 @@ public:
     // Make ids[0..n) (expert ids of one layer, possibly repeated) resident and pinned; write slot ids.
     // Returns false (pinning nothing) if the distinct ids exceed the layer's quota: the caller splits.
     bool acquire(int il, const int32_t * ids, int n, int32_t * slots_out);
+    // acquire() in two halves, so that a step computes its resident experts while its misses are read: queue the
+    // misses' reads on the I/O threads (counted as acquire() counts them), pin the experts ready now and write
+    // their slots (-1 for the others); returns how many distinct experts are ready, or -1 (doing nothing) when
+    // there are no I/O threads or the distinct ids exceed the quota. The acquire() that follows, for the same ids,
+    // waits for the rest and counts, pins and touches nothing twice.
+    int begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out);
     void release(int il);                  // unpin everything acquire() pinned for this layer
     void note_token_experts(int il, const int32_t * ids, int k);   // consistency window update (one token)
     int distinct(const int32_t * ids, int n) const;
@@ -153,6 +161,9 @@ private:
     int victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L, Pool & P, const std::vector<char> & needed,
                    int e);
     void load(CacheLayer & L, Pool & P, int slot, int expert);                  // sync; mu_ held
+    int start_misses(std::unique_lock<std::mutex> & lock, int il, const std::vector<int> & distinct,
+                     const std::vector<char> & needed, bool mark);             // acquire's step 1; mu_ held
+    void pin(int il, int slot);                                                 // mu_ held
     void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();

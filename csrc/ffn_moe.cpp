@@ -113,11 +113,12 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
 // on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
 // hidden states go to the host and the outputs come back into ebuf_ rows: device <-> host copies on a GPU,
 // memcpys on a CPU device (so the CPU build runs this code path too).
-void Model::run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                             const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid,
-                             const std::vector<float> & pw, bool on_cpu) {
+void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu) {
     const HParams & h = hp_;
-    const int P = (int) tok.size(), K = h.n_expert_used;
+    const int P = (int) pairs.tok.size(), K = h.n_expert_used;
+    const std::vector<int32_t> &tok = pairs.tok, &slot_ids = pairs.slot, &eid = pairs.eid;
+    const std::vector<int64_t> & rows = pairs.rows;
+    const std::vector<float> & pw = pairs.w;
     std::vector<float> hn_host;
     ggml_context * ctx = begin_graph();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
@@ -189,16 +190,46 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_free(ctx);
 }
 
-// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots and the CPU
-// runs none of them: one pass. Otherwise expert-major: groups of at most `quota` experts, each made
-// resident once (in the arena, or for the CPU's share in tier 2), then one combine.
+ExpertPairs::ExpertPairs(const std::vector<int32_t> & ids, const std::vector<float> & weights, int K,
+                         const std::vector<int> & slot_of) {
+    for (size_t i = 0; i < ids.size(); ++i) {
+        const int s = slot_of[ids[i]];
+        if (s < 0) continue;                      // not in this group
+        tok.push_back((int32_t) (i / K));
+        rows.push_back((int64_t) i);              // row t * K + k of ebuf_
+        slot.push_back(s);
+        eid.push_back(ids[i]);
+        w.push_back(weights[i]);
+    }
+}
+
+// Routed experts of layer il for T tokens. When their distinct experts fit the layer's slots and the CPU runs
+// none of them: one pass (run_experts), or, when some are being read from disk by the I/O threads, the experts
+// ready now first (expert-major, while the reads go on), then the rest, then one combine. Otherwise expert-major:
+// groups of at most `quota` experts, each made resident once (in the arena, or for the CPU's share in tier 2),
+// then one combine. Every way gives the same bits (expert_ffn).
 void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w) {
     const int K = hp_.n_expert_used, n = T * K;
     const std::vector<int32_t> on_cpu = cpu_group(il, ids, n);
-    if (on_cpu.empty() && cache_->distinct(ids.data(), n) <= cache_->quota(il)) {
+    const int n_distinct = cache_->distinct(ids.data(), n);
+    if (on_cpu.empty() && n_distinct <= cache_->quota(il)) {
         std::vector<int32_t> slots((size_t) n);
-        cache_->acquire(il, ids.data(), n, slots.data());
-        try { run_experts(il, 0, T, slots, w, ids); } catch (...) { cache_->release(il); throw; }
+        try {
+            const int ready = cache_->begin_acquire(il, ids.data(), n, slots.data());
+            if (ready > 0 && ready < n_distinct) {             // compute the ready ones while the misses are read
+                std::vector<int> early(hp_.n_expert, -1), late(hp_.n_expert, -1);
+                for (int i = 0; i < n; ++i) early[ids[i]] = slots[i];
+                run_expert_pairs(il, T, ExpertPairs(ids, w, K, early), false);
+                cache_->acquire(il, ids.data(), n, slots.data());
+                for (int i = 0; i < n; ++i) late[ids[i]] = early[ids[i]] < 0 ? slots[i] : -1;
+                run_expert_pairs(il, T, ExpertPairs(ids, w, K, late), false);
+                cache_->release(il);
+                run_combine(il, T, w);
+                return;
+            }
+            cache_->acquire(il, ids.data(), n, slots.data());
+            run_experts(il, 0, T, slots, w, ids);
+        } catch (...) { cache_->release(il); throw; }
         cache_->release(il);
         return;
     }
@@ -209,9 +240,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
         if (!seen[ids[i]]) { seen[ids[i]] = 1; experts.push_back(ids[i]); }
     auto run_groups = [&](ExpertCache & tier, const std::vector<int32_t> & list, bool cpu) {
         const int q = tier.quota(il);
-        std::vector<int32_t> gslots, tok, sl, eid;
-        std::vector<int64_t> rows;
-        std::vector<float> pw;
+        std::vector<int32_t> gslots;
         std::vector<int> slot_of(hp_.n_expert, -1);
         for (size_t g0 = 0; g0 < list.size(); g0 += q) {
             const int gn = (int) std::min<size_t>(q, list.size() - g0);
@@ -219,17 +248,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
             std::fill(slot_of.begin(), slot_of.end(), -1);
             tier.acquire(il, &list[g0], gn, gslots.data());
             for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
-            tok.clear(); rows.clear(); sl.clear(); eid.clear(); pw.clear();
-            for (int i = 0; i < n; ++i) {
-                const int e = ids[i];
-                if (slot_of[e] < 0) continue;     // not in this group
-                tok.push_back(i / K);
-                rows.push_back(i);                // row t * K + k of ebuf_
-                sl.push_back(slot_of[e]);
-                eid.push_back(e);
-                pw.push_back(w[i]);
-            }
-            try { run_expert_pairs(il, T, tok, rows, sl, eid, pw, cpu); } catch (...) { tier.release(il); throw; }
+            try { run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), cpu); } catch (...) { tier.release(il); throw; }
             tier.release(il);
         }
     };

@@ -151,6 +151,15 @@ struct RepackInfo {                               // what the CPU_REPACK buffer 
 };
 
 
+// The (token, k) pairs of a step that one group of resident experts serves (ffn_moe.cpp): pair i = (t, k) with
+// ids[i] in the group (slot_of[ids[i]] >= 0); its output goes to row i = t * K + k of the expert-output buffer.
+struct ExpertPairs {
+    std::vector<int32_t> tok, slot, eid;          // token, slot and expert of each pair
+    std::vector<int64_t> rows;                    // t * K + k
+    std::vector<float> w;                         // its routing weight (Llama-4 scales the input with it)
+    ExpertPairs(const std::vector<int32_t> & ids, const std::vector<float> & weights, int K, const std::vector<int> & slot_of);
+};
+
 class Model {
 public:
     Model(const std::string & path, const HParams & hp, const ModelOptions & opt);
@@ -279,9 +288,7 @@ private:
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
-    void run_expert_pairs(int il, int T, const std::vector<int32_t> & tok, const std::vector<int64_t> & rows,
-                          const std::vector<int32_t> & slot_ids, const std::vector<int32_t> & eid,
-                          const std::vector<float> & pw, bool on_cpu);
+    void run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu);
     void run_combine(int il, int T, const std::vector<float> & w);
 
     // ---- host routing (router.cpp). ids/w/score: [T * k]; score = what experts were ranked by (descending)

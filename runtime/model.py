@@ -601,7 +601,7 @@ class Model:
 def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     """One tier's per-layer cache counters summed over its MoE layers, plus the pooled hit rate."""
     keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
-            "evictions", "stall_s", "substitutions")
+            "evictions", "stall_s", "substitutions", "overlapped")
     total = {k: sum((s.get(k, 0) for s in per_layer if s), 0) for k in keys}
     lookups = total["hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / lookups if lookups else 1.0

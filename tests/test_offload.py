@@ -44,6 +44,20 @@ def test_smallest_budget_is_bit_exact(resident, family, policy, prefetch):
     assert stats["total"]["misses"] > 0 and stats["total"]["bytes_read"] > 0   # it really went to disk
 
 
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "olmoe", "gemma4_text"])
+def test_ready_experts_computed_while_misses_are_read(resident, family):
+    """A step with some experts cached and some on disk computes the cached ones while the I/O threads read the
+    rest (expert-major: ready group, then the late group, then one combine): the same bits as the resident run."""
+    path, (logits, greedy, _, _) = resident[family]
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
+        minimum, per_slot = m.plan.minimum_budget, max(m.plan.expert_slot_bytes)
+        k, E = m.plan.n_expert_used, m.plan.n_expert
+    budget = minimum + (E // 2 - k) * per_slot * sum(1 for b in m.plan.expert_slot_bytes if b)
+    lo, gr, stats, info = run(path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False)
+    assert info["offloaded"] and np.array_equal(lo, logits) and gr == greedy
+    assert stats["total"]["overlapped"] > 0 and stats["total"]["misses"] > 0
+
+
 def test_budget_too_small_names_the_minimum():
     _, path = fixture_gguf("qwen3_moe")
     with moelite.load(path, kv_type="f32", n_ubatch=64) as m:
