@@ -368,6 +368,7 @@ FEATURES = [("lru, no prefetch", ["--policy", "lru", "--no-prefetch", "--no-cali
             ("lru + prefetch", ["--policy", "lru", "--no-calibration"]),
             ("lfu + prefetch", ["--policy", "lfu", "--no-calibration"]),
             ("lfuda + prefetch", ["--policy", "lfuda", "--no-calibration"]),
+            ("lfuda + prefetch, no read/compute overlap", ["--policy", "lfuda", "--no-calibration", "--no-overlap"]),
             ("consistency(m=16) + prefetch", ["--policy", "consistency", "--no-calibration"]),
             ("calibrated (moelite analyze) + prefetch", [])]
 

@@ -44,7 +44,7 @@ def open_moelite(a, n_ctx: int, **extra):
     import moelite
     opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
                 use_calibration=not a.no_calibration, repack=not a.no_repack,
-                swap_threshold=a.swap, **extra)
+                swap_threshold=a.swap, fused_graph=not a.no_fused, overlap_reads=not a.no_overlap, **extra)
     try:
         return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
     except moelite.errors.BudgetError as e:
@@ -172,6 +172,9 @@ def main() -> None:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
     ap.add_argument("--no-repack", action="store_true", help="no weight repacking: llama.cpp use_extra_bufts=false, moelite repack=False")
+    ap.add_argument("--no-fused", action="store_true", help="moelite: per-layer graphs even when every expert is resident")
+    ap.add_argument("--no-overlap", action="store_true",
+                    help="moelite: wait for a step's misses before computing its cached experts")
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     ap.add_argument("--teacher", default=None, help="JSON ids the decode steps are fed (instead of greedy samples)")
     ap.add_argument("--swap", type=float, default=0.0, help="moelite: swap_threshold (cache-aware routing, lossy)")

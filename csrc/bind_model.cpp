@@ -98,6 +98,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "device", o.device); get(d, "gpu", o.gpu);
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     get(d, "repack", o.repack); get(d, "fused_graph", o.fused_graph);
+    get(d, "overlap_reads", o.overlap_reads);
     get(d, "swap_threshold", o.swap_threshold);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;

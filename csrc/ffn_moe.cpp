@@ -215,7 +215,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
     if (on_cpu.empty() && n_distinct <= cache_->quota(il)) {
         std::vector<int32_t> slots((size_t) n);
         try {
-            const int ready = cache_->begin_acquire(il, ids.data(), n, slots.data());
+            const int ready = opt_.overlap_reads ? cache_->begin_acquire(il, ids.data(), n, slots.data()) : -1;
             if (ready > 0 && ready < n_distinct) {             // compute the ready ones while the misses are read
                 std::vector<int> early(hp_.n_expert, -1), late(hp_.n_expert, -1);
                 for (int i = 0; i < n; ++i) early[ids[i]] = slots[i];

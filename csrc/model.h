@@ -142,6 +142,9 @@ struct ModelOptions {
     // router logits and the experts) and the logits run in one ggml graph instead of 2 per MoE layer + 2;
     // bit-identical to the per-layer graphs (off: always per layer).
     bool fused_graph = true;
+    // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
+    // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
+    bool overlap_reads = true;
 };
 
 struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)

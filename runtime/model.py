@@ -106,7 +106,8 @@ class Model:
                  n_io_threads: int = 4, device: str = "auto", gpu: int = 0,
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
-                 repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True) -> None:
+                 repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True,
+                 overlap_reads: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -194,7 +195,7 @@ class Model:
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
                        flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold,
-                       fused_graph=bool(fused_graph))
+                       fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads))
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
@@ -616,7 +617,8 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), swap_threshold (cache-aware routing, lossy,
     default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
     this fraction of it), repack (CPU: ggml's repacked weight layouts,
-    default True), fused_graph (one ggml graph per step where every expert is resident, default True; bit-identical)."""
+    default True), fused_graph (one ggml graph per step where every expert is resident, default True; bit-identical),
+    overlap_reads (offloaded: compute a step's cached experts while its misses are read, default True; bit-identical)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))

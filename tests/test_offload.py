@@ -56,6 +56,9 @@ def test_ready_experts_computed_while_misses_are_read(resident, family):
     lo, gr, stats, info = run(path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False)
     assert info["offloaded"] and np.array_equal(lo, logits) and gr == greedy
     assert stats["total"]["overlapped"] > 0 and stats["total"]["misses"] > 0
+    lo2, gr2, stats2, _ = run(path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False,
+                              overlap_reads=False)                  # waits for every read first: same bits
+    assert np.array_equal(lo2, logits) and gr2 == greedy and stats2["total"]["overlapped"] == 0
 
 
 def test_budget_too_small_names_the_minimum():
