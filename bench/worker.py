@@ -107,7 +107,8 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
             "cache_bytes_read": s["bytes_read"],
             "bytes_read_per_token": s["bytes_read"] / n, "stall_s": s["stall_s"], "stall_share": s["stall_s"] / dt,
             "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
-            "substitutions": s["substitutions"], "swap_threshold": a.swap, "slots": m.info()["expert_slots"]}
+            "substitutions": s["substitutions"], "overlapped": s["overlapped"], "swap_threshold": a.swap,
+            "slots": m.info()["expert_slots"]}
 
 
 def llama_model(a, n_ctx: int):
