@@ -555,6 +555,16 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
                       f"({1e3 * step * (1 - med('stall_share')):.2f} ms) compute, graph and cache bookkeeping; "
                       f"{med('bytes_read_per_token') / 1e6:.2f} MB read per token; prefetch issued {issued:.0f}, "
                       f"used {useful:.0f} ({100 * (issued - useful) / max(issued, 1):.0f} % of prefetched reads wasted)")
+        sim = s.get("simulated")
+        if sim and m["sizes"].get("expert_active"):   # what no exact policy can beat on this disk
+            floor = (1 - sim["belady"]) * m["sizes"]["expert_active"]
+            t_io = floor / bw["disk"]
+            bound = 1 / max(step0, t_io)
+            checks.append(f"{sc} % cap, the disk's bound: even Belady's optimum misses {100 * (1 - sim['belady']):.1f} % of "
+                          f"the token's experts = {floor / 1e6:.2f} MB per token, {1e3 * t_io:.2f} ms at the measured "
+                          f"{bw['disk'] / 1e9:.2f} GB/s; with every read hidden behind compute an exact decode could "
+                          f"reach {bound:.0f} tok/s ({100 * bound * step0:.0f} % of resident), with none hidden "
+                          f"{1 / (step0 + t_io):.0f} tok/s ({100 * step0 / (step0 + t_io):.0f} %)")
     lines += ["", "Targets (issue 16) and where the time goes:", ""] + [f"- {c}" for c in checks]
     if m.get("features"):
         lines += ["", "Cache features at the 25 % cap (moelite alone, teacher-forced decode):", "",
