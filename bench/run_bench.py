@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import mmap
 import os
 import platform
@@ -354,8 +353,6 @@ def main() -> None:
             if a.feature_runs:
                 entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg,
                                              ["--teacher", str(tf)] if teacher else [])
-            if teacher and a.feature_runs:
-                entry["lossy"] = lossy(name, path, str(pf), str(tf), a, sizes["file_size"], cg)
             results["models"][name] = entry
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     finally:
@@ -417,53 +414,6 @@ def features(name: str, path: str, prompt_file: str, a, budget: int, cg, common:
             print(name, "feature", label, i, json.dumps(r), flush=True)
         out[label] = rows
     return out
-
-
-# Faster than exact (issue 17), moelite alone on held-out text: cache-aware routing at a few thresholds, scored
-# against the exact run (the same forced tokens: NLL -> perplexity, and whether each step's argmax agrees).
-LOSSY = [("exact", []), ("swap 0.1", ["--swap", "0.1"]), ("swap 0.3", ["--swap", "0.3"]), ("swap 0.6", ["--swap", "0.6"])]
-
-
-def lossy(name: str, path: str, prompt_file: str, teacher_file: str, a, file_size: int, cg) -> dict:
-    out = {}
-    for cap in (50, 25):
-        budget = int(file_size * cap / 100)
-        for label, extra in LOSSY:
-            rows = []
-            for i in range(a.feature_runs):
-                cgroup = cg.make(f"{name}-lossy-{cap}-{len(out)}-{i}", int(budget * 1.1) + (96 << 20)) if cg.base else None
-                drop_page_cache(path)
-                r = run("moelite", path, prompt_file, a, budget, cgroup, [*extra, "--teacher", teacher_file, "--quality"])
-                rows.append(r)
-                print(name, "lossy", cap, label, i, json.dumps({k: v for k, v in r.items() if k != "argmax"}), flush=True)
-            out[f"{cap}|{label}"] = rows
-    return out
-
-
-def lossy_section(m: dict) -> list[str]:
-    lines = ["", "Faster than exact (issue 17, lossy by the user's choice: `--swap-threshold X`): a routed expert that "
-             "is not in memory is replaced by a resident one whose router probability is at least (1 - X) of it. "
-             "Quality on the same held-out continuation, teacher-forced: perplexity of the forced tokens and the "
-             "share of steps whose argmax equals the exact run's.", "",
-             "| cap | mode | decode tok/s | speedup vs exact | perplexity | vs exact | argmax agreement | hit rate | swaps/token |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for cap in ("50", "25"):
-        ref = [r for r in m["lossy"].get(f"{cap}|exact", []) if "error" not in r]
-        if not ref:
-            continue
-        ref_tok = statistics.median(r["decode_tok_s"] for r in ref)
-        ref_ppl = math.exp(ref[0]["nll"])
-        for label, _ in LOSSY:
-            ok = [r for r in m["lossy"].get(f"{cap}|{label}", []) if "error" not in r]
-            if not ok:
-                continue
-            tok = statistics.median(r["decode_tok_s"] for r in ok)
-            ppl = math.exp(ok[0]["nll"])
-            agree = sum(x == y for x, y in zip(ok[0]["argmax"], ref[0]["argmax"])) / len(ref[0]["argmax"])
-            lines.append(f"| {cap} % | {label} | {tok:.2f} | {tok / ref_tok:.2f}x | {ppl:.2f} | {100 * (ppl / ref_ppl - 1):+.1f} % "
-                         f"| {100 * agree:.1f} % | {100 * statistics.median(r['hit_rate'] for r in ok):.1f} % | "
-                         f"{statistics.median(r['substitutions'] for r in ok) / ok[0]['tokens']:.2f} |")
-    return lines
 
 
 def roofline(sizes: dict, bw: dict, hit_rate: float, miss_bytes_per_token: float) -> float:
@@ -578,8 +528,8 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
             lines.append(f"| {label} ({ok[0].get('policy', '?')}) | {fmt(med['decode_tok_s'])} | "
                          f"{100 * med['hit_rate'][0]:.1f}% | {med['bytes_read_per_token'][0] / 1e6:.2f} | "
                          f"{100 * med['stall_share'][0]:.0f}% |")
-    if m.get("lossy"):
-        lines += lossy_section(m)
+    lines += ["", "Lossy modes (cache-aware routing), quality cost vs speedup on this model and the demo: bench/LOSSY.md "
+              "(`python bench/bench_lossy.py`)."]
     lines += ["", "Raw runs:", "", "```json", json.dumps({"scenarios": m["scenarios"], "features": m.get("features")})[:40000],
               "```", ""]
     return lines
