@@ -138,15 +138,16 @@ def print_stats(model, console) -> None:
     t = s["total"]
     console.print(f"cache: policy {s['policy']} · {t['hits']} hits · {t['misses']} misses · "
                   f"hit rate {100 * t['hit_rate']:.1f} % · {_fmt(t['bytes_read'])} read · "
-                  f"stall {t['stall_s']:.3f} s · {t['substitutions']} swapped · {memory_text(model, s)}")
-    table = Table("layer", "slots", "hits", "misses", "hit rate", "read", "stall s", "swapped")
+                  f"stall {t['stall_s']:.3f} s · {t['substitutions']} swapped · {t['standin_uses']} stand-ins · "
+                  f"{memory_text(model, s)}")
+    table = Table("layer", "slots", "hits", "misses", "hit rate", "read", "stall s", "swapped", "stand-ins")
     slots = model.info()["expert_slots"]
     for row in s["per_layer"]:
         n = row["hits"] + row["misses"]
         quota = slots[row["layer"]] if row["layer"] < len(slots) else "-"
         table.add_row(str(row["layer"]), str(quota), str(row["hits"]), str(row["misses"]),
                       f"{100 * row['hits'] / n:.1f} %" if n else "-", _fmt(row["bytes_read"]), f"{row['stall_s']:.3f}",
-                      str(row.get("substitutions", 0)))
+                      str(row.get("substitutions", 0)), str(row.get("standin_uses", 0)))
     console.print(table)
 
 

@@ -108,6 +108,13 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--swap-threshold", type=float, default=0.0, metavar="X",
                    help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
                         "by a resident one whose router probability is at least (1 - X) of it; counted in --stats")
+    g.add_argument("--standins", nargs="?", const=True, default=False, metavar="FILE",
+                   help="faster than exact (lossy, off by default): a missing expert the router weighs little runs as "
+                        "its low-bit stand-in from MODEL.gguf.standins.gguf (or FILE; written by `moelite convert "
+                        "MODEL.gguf --standins q2_k`) instead of being read; counted in --stats")
+    g.add_argument("--standin-threshold", type=float, default=0.5, metavar="X",
+                   help="with --standins: a missing expert whose weight is at most X times the token's top weight "
+                        "runs as its stand-in (0 < X <= 1, default 0.5; 1: every missing expert)")
     g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
                    help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
                         "on the GPU and streams experts; it does not split layers)")
@@ -194,6 +201,8 @@ def load_model(args: argparse.Namespace, **extra: Any):
                              n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
                              flash_attn=getattr(args, "flash_attn", "auto") != "off", repack=getattr(args, "repack", True),
                              swap_threshold=getattr(args, "swap_threshold", 0.0),
+                             standins=getattr(args, "standins", False),
+                             standin_threshold=getattr(args, "standin_threshold", 0.5),
                              kv_type=getattr(args, "kv_type", "f16"), **extra)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
@@ -264,6 +273,9 @@ def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
              f"cache {rate:.1f} % hit", memory_text(model, s)]
     if getattr(model, "swap_threshold", 0.0) > 0:      # lossy mode on: say how often it changed the routing
         parts.insert(3, f"{s['total']['substitutions']} experts swapped since load (--swap-threshold {model.swap_threshold:g})")
+    if getattr(model, "standin_threshold", 0.0) > 0:   # stand-ins on: how many experts ran as their low-bit copy
+        parts.insert(3, f"{s['total']['standin_uses']} stand-in uses since load (--standin-threshold "
+                        f"{model.standin_threshold:g})")
     if stream.finish_reason == "cancelled":
         parts.append("stopped")
     return " · ".join(parts)

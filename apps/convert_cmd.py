@@ -1,5 +1,7 @@
-"""moelite convert SRC [-o OUT] [--type T]: a Hugging Face MoE checkpoint (or a GGUF) -> llama.cpp-compatible GGUF.
-Without -o the output is `<name>-<type>.gguf` in the current directory, as llama.cpp's converter names it."""
+"""moelite convert SRC [-o OUT] [--type T] [--standins T]: a Hugging Face MoE checkpoint (or a GGUF) ->
+llama.cpp-compatible GGUF. Without -o the output is `<name>-<type>.gguf` in the current directory, as llama.cpp's
+converter names it. --standins T also writes OUT.standins.gguf (low-bit copies of the experts, converters/standins.py);
+with a .gguf SRC and no -o it writes only SRC.standins.gguf, SRC untouched."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +22,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    metavar="TYPE", help=f"output tensor type, any case: {', '.join(TYPES)} (default f32)")
     p.add_argument("--threads", "-t", type=positive_int, default=2, help="quantization threads (default 2)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--standins", metavar="TYPE", type=str.lower, default=None,
+                   help="also write MODEL.gguf.standins.gguf: every routed expert at TYPE (e.g. q2_k), for "
+                        "moelite's --standins (lossy, off by default); a .gguf SRC without -o: only the stand-ins")
     p.add_argument("--fuse-gate-up-exps", action="store_true",
                    help="write gate and up experts fused as ffn_gate_up_exps (llama.cpp's option of that name)")
 
@@ -33,8 +38,14 @@ def default_out(src: str, type: str) -> Path:
 
 def main(args: argparse.Namespace) -> int:
     from ..converters import convert
-    out = Path(args.out).expanduser() if args.out else default_out(args.src, args.type)
-    report = convert(Path(args.src).expanduser(), out, args.type, progress=not args.no_progress, n_threads=args.threads,
-                     fuse_gate_up=args.fuse_gate_up_exps)
-    print(report.summary())
+    from ..converters.standins import write_standins
+    src = Path(args.src).expanduser()
+    if args.standins and src.suffix.lower() == ".gguf" and not args.out:
+        out = src                                   # stand-ins of an existing model only
+    else:
+        out = Path(args.out).expanduser() if args.out else default_out(args.src, args.type)
+        print(convert(src, out, args.type, progress=not args.no_progress, n_threads=args.threads,
+                      fuse_gate_up=args.fuse_gate_up_exps).summary())
+    if args.standins:
+        print(write_standins(out, args.standins, progress=not args.no_progress, n_threads=args.threads).summary())
     return 0

@@ -99,6 +99,8 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     get(d, "repack", o.repack); get(d, "fused_graph", o.fused_graph);
     get(d, "overlap_reads", o.overlap_reads);
+    get(d, "standin_path", o.standin_path); get(d, "standin_slots", o.standin_slots);
+    get(d, "standin_threshold", o.standin_threshold);
     get(d, "swap_threshold", o.swap_threshold);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
@@ -223,6 +225,17 @@ void bind_model(py::module_ & m) {
                      for (auto & L : m.tier2()->layers()) q.push_back(L.quota);
                  return q;
              })
+        .def("standin_stats",
+             [](Model & m) {
+                 // stand-in cache (standin_path) per layer: hits = stand-ins in memory, misses = read from the side
+                 // file; None without stand-ins
+                 if (!m.standins()) return py::object(py::none());
+                 py::list out;
+                 for (auto & L : m.standins()->layers()) out.append(L.pool >= 0 ? py::object(layer_stats(L.stats)) : py::none());
+                 return py::object(out);
+             })
+        .def("standin_uses", [](Model & m) { return m.standin_uses(); },
+             "per layer: routed experts computed with their low-bit stand-in (standin_threshold > 0)")
         .def("swaps", [](Model & m) { return m.swaps(); },
              "per layer: routed experts replaced by a resident one (cache-aware routing, swap_threshold > 0)")
         .def("cpu_experts", [](Model & m) { return m.cpu_experts(); },

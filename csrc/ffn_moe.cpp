@@ -113,7 +113,7 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
 // on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
 // hidden states go to the host and the outputs come back into ebuf_ rows: device <-> host copies on a GPU,
 // memcpys on a CPU device (so the CPU build runs this code path too).
-void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu) {
+void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu, const Pool * pool_in) {
     const HParams & h = hp_;
     const int P = (int) pairs.tok.size(), K = h.n_expert_used;
     const std::vector<int32_t> &tok = pairs.tok, &slot_ids = pairs.slot, &eid = pairs.eid;
@@ -144,7 +144,7 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         ggml_set_input(pwt);
         xs = ggml_mul(ctx, xs, pwt);
     }
-    const Pool & pool = on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
+    const Pool & pool = pool_in ? *pool_in : on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
     ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, pool, xs, slots, eids), h.n_embd, P);
     ggml_tensor * r_idx = nullptr;
     if (on_cpu) {
@@ -208,8 +208,40 @@ ExpertPairs::ExpertPairs(const std::vector<int32_t> & ids, const std::vector<flo
 // ready now first (expert-major, while the reads go on), then the rest, then one combine. Otherwise expert-major:
 // groups of at most `quota` experts, each made resident once (in the arena, or for the CPU's share in tier 2),
 // then one combine. Every way gives the same bits (expert_ffn).
+// Stand-ins (opt_.standin_threshold, one-token steps): the routed experts that are not in memory (nor on their way)
+// and that the router weighs at most standin_threshold x the token's top weight run as their low-bit stand-ins
+// (the stand-in cache: hit, or read from the side file), the others as always; two expert-major groups, one
+// combine. Returns false (nothing done) when no expert of this step qualifies.
+bool Model::moe_layer_standins(int il, const std::vector<int32_t> & ids, const std::vector<float> & w) {
+    const int K = hp_.n_expert_used;
+    float wmax = 0.f;
+    for (int k = 0; k < K; ++k) wmax = std::max(wmax, std::fabs(w[k]));
+    std::vector<int32_t> full, low;
+    for (int k = 0; k < K; ++k)
+        (!cache_->resident(il, ids[k]) && std::fabs(w[k]) <= opt_.standin_threshold * wmax ? low : full).push_back(ids[k]);
+    if (low.empty()) return false;
+    std::vector<int> slot_full(hp_.n_expert, -1), slot_low(hp_.n_expert, -1);
+    std::vector<int32_t> slots(K);
+    try {
+        standin_->acquire(il, low.data(), (int) low.size(), slots.data());
+        for (size_t i = 0; i < low.size(); ++i) slot_low[low[i]] = slots[i];
+        if (!full.empty()) {
+            cache_->acquire(il, full.data(), (int) full.size(), slots.data());
+            for (size_t i = 0; i < full.size(); ++i) slot_full[full[i]] = slots[i];
+            run_expert_pairs(il, 1, ExpertPairs(ids, w, K, slot_full), false);
+        }
+        run_expert_pairs(il, 1, ExpertPairs(ids, w, K, slot_low), false, &standin_->pool_of(il));
+    } catch (...) { standin_->release(il); cache_->release(il); throw; }
+    standin_->release(il);
+    cache_->release(il);
+    run_combine(il, 1, w);
+    standin_uses_[il] += low.size();
+    return true;
+}
+
 void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w) {
     const int K = hp_.n_expert_used, n = T * K;
+    if (standin_ && T == 1 && opt_.standin_threshold > 0.f && !tier2_ && moe_layer_standins(il, ids, w)) return;
     const std::vector<int32_t> on_cpu = cpu_group(il, ids, n);
     const int n_distinct = cache_->distinct(ids.data(), n);
     if (on_cpu.empty() && n_distinct <= cache_->quota(il)) {

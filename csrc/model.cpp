@@ -88,6 +88,18 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     }
     cpu_experts_.assign(hp_.n_layer, 0);
     swaps_.assign(hp_.n_layer, 0);
+    standin_uses_.assign(hp_.n_layer, 0);
+    if (standin_) {                               // its own slots (quota >= n_expert_used) and I/O threads
+        if ((int) opt_.standin_slots.size() != hp_.n_layer)
+            throw BudgetError("standin_slots names " + std::to_string(opt_.standin_slots.size()) + " layers, the model has " +
+                              std::to_string(hp_.n_layer));
+        std::vector<int> sq(hp_.n_layer, 0);
+        for (int il = 0; il < hp_.n_layer; ++il)
+            if (layers_[il].moe) sq[il] = std::min(std::max(opt_.standin_slots[il], hp_.n_expert_used), hp_.n_expert);
+        standin_->finalize(sq, backend_, nullptr, repack_buft_);
+        standin_->set_policy((Policy) opt_.policy, opt_.window_m);
+        if (opt_.n_io_threads > 0) standin_->start_io(opt_.n_io_threads);
+    }
     // offloaded: I/O threads read misses in parallel (and prefetches when enabled)
     if (!opt_.expert_slots.empty() && opt_.n_io_threads > 0) cache_->start_io(opt_.n_io_threads);
     cache_->set_prefetch(opt_.prefetch);
@@ -114,6 +126,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
 }
 
 Model::~Model() {
+    standin_.reset();
     cache_.reset();
     tier2_.reset();
     if (galloc_) ggml_gallocr_free(galloc_);
@@ -244,6 +257,10 @@ void Model::build_layers() {
 
     cache_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
     if (!opt_.host_slots.empty()) tier2_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
+    if (!opt_.standin_path.empty()) {
+        standin_idx_ = std::make_unique<GGUFIndex>(opt_.standin_path);
+        standin_ = std::make_unique<ExpertCache>(opt_.standin_path, h.n_layer, h.n_expert);
+    }
     layers_.resize(h.n_layer);
     for (int il = 0; il < h.n_layer; ++il) {
         Layer & L = layers_[il];
@@ -358,6 +375,54 @@ std::vector<float> Model::read_f32(const TensorInfo & t, int64_t n) {
     return v;
 }
 
+// The three routed-expert matrices of MoE layer il in a GGUF (the model or its stand-ins' side file): gate and up
+// separate, or llama.cpp's fused gate_up read as its two halves; shapes checked against n_embd and n_expert.
+Model::ExpertTensors Model::expert_tensors(const GGUFIndex & idx, int il, int64_t E) const {
+    const HParams & h = hp_;
+    const std::string & file = idx.path;
+    auto find_exps = [&](const char * name) -> const TensorInfo * {
+        const TensorInfo * t = idx.find(blk(il, name));
+        if (t && (t->n_dims != 3 || t->ne[2] != h.n_expert))
+            throw FormatError(file + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
+                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected 3 dims with ne[2] = " +
+                              std::to_string(h.n_expert) + " experts");
+        return t;
+    };
+    const TensorInfo * d = find_exps("ffn_down_exps.weight");
+    if (!d) throw FormatError(file + ": missing tensor '" + blk(il, "ffn_down_exps.weight") + "' (layer " +
+                              std::to_string(il) + " should be a MoE layer)");
+    const int64_t n_ff = d->ne[0];
+    TensorInfo g, u;
+    if (const TensorInfo * gu = find_exps("ffn_gate_up_exps.weight")) {
+        // fused [n_embd, 2 n_ff, n_expert]: expert e's gate rows then its up rows, one contiguous block;
+        // the cache reads the two halves (stride = the whole block) into its gate and up arenas
+        if (gu->ne[0] != E || gu->ne[1] != 2 * n_ff || (gu->nb2() % 2) != 0 || ggml_blck_size(gu->type) > E)
+            throw FormatError(file + ": tensor '" + gu->name + "' must be [" + std::to_string(E) + ", " +
+                              std::to_string(2 * n_ff) + ", " + std::to_string(h.n_expert) + "]");
+        g = u = *gu;
+        g.ne[1] = u.ne[1] = n_ff;
+        g.stride2 = u.stride2 = gu->nb2();
+        g.nbytes = u.nbytes = gu->nbytes / 2;       // nb2() = half an expert block
+        u.offset = gu->offset + gu->nb2() / 2;
+    } else {
+        const TensorInfo * gt = find_exps("ffn_gate_exps.weight");
+        const TensorInfo * ut = find_exps("ffn_up_exps.weight");
+        if (!gt || !ut)
+            throw FormatError(file + ": missing tensor '" + blk(il, gt ? "ffn_up_exps.weight" : "ffn_gate_exps.weight") +
+                              "' (layer " + std::to_string(il) + " should be a MoE layer)");
+        g = *gt; u = *ut;
+    }
+    for (const TensorInfo * t : {&g, &u})
+        if (t->ne[0] != E || t->ne[1] != n_ff)
+            throw FormatError(file + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
+                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" + std::to_string(E) +
+                              ", " + std::to_string(n_ff) + ", " + std::to_string(h.n_expert) + "]");
+    if (d->ne[1] != E)
+        throw FormatError(file + ": tensor '" + d->name + "' has ne[1] = " + std::to_string(d->ne[1]) + ", expected " +
+                          std::to_string(E));
+    return {g, u, *d};
+}
+
 // FFN block of layer il: norms (pre, post, Gemma-4's sandwich set), a dense MLP (dense layers, or Gemma-4's
 // MLP in parallel with the experts), and for MoE layers the router, the experts (described to the cache:
 // separate gate/up or llama.cpp's fused gate_up, read as its two halves) and the shared expert.
@@ -384,48 +449,19 @@ void Model::load_ffn(int il, Layer & L) {
     L.ffn_post_norm_dense = load_tensor(blk(il, "post_ffw_norm_1.weight"), false, 1, {E});
     L.ffn_post_norm_exp = load_tensor(blk(il, "post_ffw_norm_2.weight"), false, 1, {E});
 
-    auto find_exps = [&](const char * name) -> const TensorInfo * {
-        const TensorInfo * t = idx_->find(blk(il, name));
-        if (t && (t->n_dims != 3 || t->ne[2] != h.n_expert))
-            throw FormatError(path_ + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
-                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected 3 dims with ne[2] = " +
-                              std::to_string(h.n_expert) + " experts");
-        return t;
-    };
-    const TensorInfo * d = find_exps("ffn_down_exps.weight");
-    if (!d) throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_down_exps.weight") + "' (layer " +
-                              std::to_string(il) + " should be a MoE layer)");
-    const int64_t n_ff = d->ne[0];
-    TensorInfo g, u;
-    if (const TensorInfo * gu = find_exps("ffn_gate_up_exps.weight")) {
-        // fused [n_embd, 2 n_ff, n_expert]: expert e's gate rows then its up rows, one contiguous block;
-        // the cache reads the two halves (stride = the whole block) into its gate and up arenas
-        if (gu->ne[0] != E || gu->ne[1] != 2 * n_ff || (gu->nb2() % 2) != 0 || ggml_blck_size(gu->type) > E)
-            throw FormatError(path_ + ": tensor '" + gu->name + "' must be [" + std::to_string(E) + ", " +
-                              std::to_string(2 * n_ff) + ", " + std::to_string(h.n_expert) + "]");
-        g = u = *gu;
-        g.ne[1] = u.ne[1] = n_ff;
-        g.stride2 = u.stride2 = gu->nb2();
-        g.nbytes = u.nbytes = gu->nbytes / 2;       // nb2() = half an expert block
-        u.offset = gu->offset + gu->nb2() / 2;
-    } else {
-        const TensorInfo * gt = find_exps("ffn_gate_exps.weight");
-        const TensorInfo * ut = find_exps("ffn_up_exps.weight");
-        if (!gt || !ut)
-            throw FormatError(path_ + ": missing tensor '" + blk(il, gt ? "ffn_up_exps.weight" : "ffn_gate_exps.weight") +
-                              "' (layer " + std::to_string(il) + " should be a MoE layer)");
-        g = *gt; u = *ut;
+    const ExpertTensors x = expert_tensors(*idx_, il, E);
+    const int64_t n_ff = x.down.ne[0];
+    cache_->add_layer(il, x.gate, x.up, x.down);
+    if (tier2_) tier2_->add_layer(il, x.gate, x.up, x.down);
+    if (standin_) {                               // the side file: the same experts, other bytes
+        const ExpertTensors sx = expert_tensors(*standin_idx_, il, E);
+        const TensorInfo * pairs[3][2] = {{&x.gate, &sx.gate}, {&x.up, &sx.up}, {&x.down, &sx.down}};
+        for (auto & pr : pairs)
+            if (pr[0]->ne[0] != pr[1]->ne[0] || pr[0]->ne[1] != pr[1]->ne[1])
+                throw FormatError(opt_.standin_path + ": stand-in '" + pr[1]->name + "' has another shape than the "
+                                  "model's (made for another model?)");
+        standin_->add_layer(il, sx.gate, sx.up, sx.down);
     }
-    for (const TensorInfo * t : {&g, &u})
-        if (t->ne[0] != E || t->ne[1] != n_ff)
-            throw FormatError(path_ + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
-                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" + std::to_string(E) +
-                              ", " + std::to_string(n_ff) + ", " + std::to_string(h.n_expert) + "]");
-    if (d->ne[1] != E)
-        throw FormatError(path_ + ": tensor '" + d->name + "' has ne[1] = " + std::to_string(d->ne[1]) + ", expected " +
-                          std::to_string(E));
-    cache_->add_layer(il, g, u, *d);
-    if (tier2_) tier2_->add_layer(il, g, u, *d);
     L.gate_inp = load_tensor(blk(il, "ffn_gate_inp.weight"), true, 2, {E, h.n_expert});
     L.gate_inp_b = load_tensor(blk(il, "ffn_gate_inp.bias"), false, 1, {h.n_expert});
     L.gate_inp_s = load_tensor(blk(il, "ffn_gate_inp.scale"), false, 1, {E});
@@ -734,6 +770,8 @@ void Model::reset_stats() {
     if (tier2_) tier2_->reset_stats();
     cpu_experts_.assign(hp_.n_layer, 0);
     swaps_.assign(hp_.n_layer, 0);
+    standin_uses_.assign(hp_.n_layer, 0);
+    if (standin_) standin_->reset_stats();
 }
 
 int Model::output_rows_per_graph() const {

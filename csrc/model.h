@@ -145,6 +145,13 @@ struct ModelOptions {
     // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
     // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
     bool overlap_reads = true;
+    // Low-bit stand-ins (lossy, off when standin_path is empty; converters/standins.py writes the side file): in a
+    // one-token step, a routed expert that is not in memory and whose weight is <= standin_threshold x the token's
+    // top weight is computed with its stand-in (a small copy of the expert, cached in standin_slots per layer and
+    // read from the side file on a miss) instead of its full copy, which is not read. Counted per layer.
+    std::string standin_path;
+    std::vector<int> standin_slots;
+    float standin_threshold = 0.f;
 };
 
 struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
@@ -187,6 +194,8 @@ public:
     const CostModel & costs() const { return costs_; }
     const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
     const std::vector<uint64_t> & swaps() const { return swaps_; }   // per layer: routed experts replaced (cache-aware)
+    const std::vector<uint64_t> & standin_uses() const { return standin_uses_; }   // per layer: experts run as stand-ins
+    ExpertCache * standins() { return standin_.get(); }
     void reset_stats();
     size_t dense_bytes() const { return dense_bytes_; }
     RepackInfo repack_info() const;
@@ -208,6 +217,8 @@ private:
     void load_attention(int il, Layer & L);
     void load_mla(int il, Layer & L);
     void load_ffn(int il, Layer & L);
+    struct ExpertTensors { TensorInfo gate, up, down; };
+    ExpertTensors expert_tensors(const GGUFIndex & idx, int il, int64_t n_embd) const;   // a MoE layer's, checked
     void load_recurrent(int il, Layer & L);
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
     std::vector<ggml_tensor *> matmul_weights() const;   // 2-D weights read only by ggml_mul_mat (repack candidates)
@@ -291,7 +302,9 @@ private:
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
                      const std::vector<int32_t> & ids);
-    void run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu);
+    // pool: the arena the pairs' slots index (default: the tier's own; the stand-ins' when given)
+    void run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu, const Pool * pool = nullptr);
+    bool moe_layer_standins(int il, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_combine(int il, int T, const std::vector<float> & w);
 
     // ---- host routing (router.cpp). ids/w/score: [T * k]; score = what experts were ranked by (descending)
@@ -337,6 +350,9 @@ private:
     CostModel costs_;
     std::vector<uint64_t> cpu_experts_;
     std::vector<uint64_t> swaps_;
+    std::unique_ptr<GGUFIndex> standin_idx_;      // the stand-ins' side file (opt_.standin_path)
+    std::unique_ptr<ExpertCache> standin_;        // its experts, cached like the full ones
+    std::vector<uint64_t> standin_uses_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
     ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,

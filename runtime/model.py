@@ -29,8 +29,9 @@ import numpy as np
 from .. import _core
 from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
-from .validate import load_hparams
-from .planner import DEFAULT_SNAPSHOTS, Plan, parse_size, plan_host_tier, plan_memory
+from .validate import STANDINS_SUFFIX, check_standins, load_hparams
+from .planner import (DEFAULT_SNAPSHOTS, Plan, expert_slots_of, parse_size, plan_host_tier, plan_memory,
+                      plan_standins)
 from .sampling import GenerationOptions, generation_options
 
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}           # ggml types; q8_0 needs flash attention (V stored untransposed)
@@ -107,7 +108,8 @@ class Model:
                  vram_budget: str | int | None = None, host_slots: int | Sequence[int] | None = None,
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
                  repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True,
-                 overlap_reads: bool = True) -> None:
+                 overlap_reads: bool = True, standins: bool | str | os.PathLike = False,
+                 standin_threshold: float = 0.5) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -123,6 +125,10 @@ class Model:
         if not 0.0 <= swap_threshold < 1.0:          # also refuses NaN
             raise UsageError(f"swap_threshold {swap_threshold!r}: expected 0 (exact routing, the default) <= x < 1")
         self.swap_threshold = swap_threshold
+        standin_threshold = float(standin_threshold)
+        if standins and not 0.0 < standin_threshold <= 1.0:   # also refuses NaN
+            raise UsageError(f"standin_threshold {standin_threshold!r}: expected 0 < x <= 1 (the share of a token's top "
+                             "routing weight at or below which a missing expert runs as its stand-in)")
         if cpu_compute not in CPU_COMPUTE:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
@@ -189,13 +195,30 @@ class Model:
             self.host_slots = plan_host_tier(self.plan, parse_size(memory_budget), shares)
         else:
             self.host_slots = None
+        # low-bit stand-ins (lossy, off by default): the side file's experts take part of the expert budget
+        self.standins_path, standin_slots = None, []
+        if standins:
+            side = self.path + STANDINS_SUFFIX if standins is True else os.path.expanduser(str(standins))
+            if not os.path.isfile(side):
+                raise UsageError(f"{side}: no stand-in file; write one with `moelite convert {self.path} --standins q2_k`")
+            with _core_errors(side):
+                smeta = _core.read_gguf(side)
+            stensors = {n: (t, shape, off, nb) for n, t, shape, off, nb in smeta["tensors"]}
+            check_standins(side, smeta["kv"], stensors, self.path, self.tensors)
+            if self.plan.slots is not None and self.device == "cpu":   # resident: every full expert is in memory
+                sb, _, _ = expert_slots_of(self.hparams, stensors)
+                self.plan.slots, standin_slots = plan_standins(self.plan, sb, shares)
+                self.standins_path = side
+        self.standin_threshold = standin_threshold if self.standins_path else 0.0
         options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=self.plan.n_ubatch, kv_type=KV_TYPES[kv_type],
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
                        flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold,
-                       fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads))
+                       fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads),
+                       standin_path=self.standins_path or "", standin_slots=standin_slots,
+                       standin_threshold=self.standin_threshold)
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
@@ -535,9 +558,10 @@ class Model:
     # --- cache introspection -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         per_layer = self._core().cache_stats()
-        for s, n in zip(per_layer, self._core().swaps()):
+        for s, n, u in zip(per_layer, self._core().swaps(), self._core().standin_uses()):
             if s is not None:
                 s["substitutions"] = n          # cache-aware routing (swap_threshold): routed experts replaced
+                s["standin_uses"] = u           # stand-ins (standins=True): routed experts run as their low-bit copy
         total = _sum_layers(per_layer)
         st = self.last_stats
         tier2 = self._core().tier2_stats()
@@ -546,9 +570,11 @@ class Model:
             ram = _sum_layers(tier2)
             ram["cpu_experts"] = sum(self._core().cpu_experts())
         import psutil
+        sc = self._core().standin_stats()      # the stand-ins' own cache: hits in memory, misses read
         return {
             "total": total,
             "ram_tier": ram,
+            "standins": _sum_layers(sc) if sc is not None else None,
             "per_layer": [dict(s, layer=i) for i, s in enumerate(per_layer) if s],
             "last_generation": {"prompt_tokens": st.prompt_tokens, "generated_tokens": st.generated_tokens,
                                 "prompt_tok_s": st.prompt_tok_s, "decode_tok_s": st.decode_tok_s,
@@ -602,7 +628,7 @@ class Model:
 def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     """One tier's per-layer cache counters summed over its MoE layers, plus the pooled hit rate."""
     keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
-            "evictions", "stall_s", "substitutions", "overlapped")
+            "evictions", "stall_s", "substitutions", "overlapped", "standin_uses")
     total = {k: sum((s.get(k, 0) for s in per_layer if s), 0) for k in keys}
     lookups = total["hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / lookups if lookups else 1.0

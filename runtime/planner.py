@@ -123,16 +123,12 @@ def recurrent_state_bytes(hp: dict) -> int:
     return total
 
 
-def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
-                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = DEFAULT_SNAPSHOTS,
-                flash_attn: bool = True) -> Plan:
-    """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
-    budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
-    reuse (each as large as the live state)."""
-    rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
-    n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
+def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
+    """Bytes of one cache slot per layer (0: not a MoE layer), the routed-expert tensor names and the largest
+    expert FFN width, from a tensor table (the model's, or its stand-ins' side file: the same names)."""
+    n_layer, E = hp["n_layer"], hp["n_expert"]
     slot_bytes = [0] * n_layer
-    expert_names = set()
+    expert_names: set[str] = set()
     n_ff = 0
     for il in range(n_layer):
         if hp.get("layer_ffn", [1] * n_layer)[il] != 1:
@@ -147,6 +143,39 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
             slot_bytes[il] = sum(_page(b) for b in halves)
             expert_names.update(names)
             n_ff = max(n_ff, tensors[names[-1]][1][0])           # down_exps [n_ff, n_embd, E]
+    return slot_bytes, expert_names, n_ff
+
+
+def plan_standins(p: Plan, standin_slot_bytes: list[int], shares: list[float] | None = None,
+                  label: str = "memory budget") -> tuple[list[int], list[int]]:
+    """(full-expert slots, stand-in slots) per layer for an offloaded plan with stand-ins: the stand-ins get every
+    expert of a layer when that costs at most half of the expert slots' bytes, else half of those bytes (uniform
+    over the MoE layers); the full copies the rest, at least n_expert_used per layer each."""
+    assert p.slots is not None
+    K, E, moe = p.n_expert_used, p.n_expert, p.moe_layers
+    free = sum(s * b for s, b in zip(p.slots, p.expert_slot_bytes))
+    per_layer = min(sum(E * standin_slot_bytes[i] for i in moe), free // 2) / max(len(moe), 1)
+    st = [0] * len(p.slots)
+    for i in moe:
+        st[i] = max(K, min(E, int(per_layer // standin_slot_bytes[i])))
+    rest = free - sum(st[i] * standin_slot_bytes[i] for i in moe)
+    need = sum(K * (p.expert_slot_bytes[i] + standin_slot_bytes[i]) for i in moe)
+    if rest < sum(K * p.expert_slot_bytes[i] for i in moe):
+        raise BudgetError(f"{label} {fmt_bytes(p.budget)} is too small for stand-ins: {K} full and {K} stand-in expert "
+                          f"slots per MoE layer need {fmt_bytes(need, round_up=True)} besides the rest of the plan",
+                          minimum=p.budget - free + need)
+    return _split_slots(p, rest, shares), st
+
+
+def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
+                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = DEFAULT_SNAPSHOTS,
+                flash_attn: bool = True) -> Plan:
+    """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
+    budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
+    reuse (each as large as the live state)."""
+    rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
+    n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
+    slot_bytes, expert_names, n_ff = expert_slots_of(hp, tensors)
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
 

@@ -370,6 +370,34 @@ def _is_kind(kind: str, v: Any) -> bool:
     return v.dtype.kind in "iu" if kind == "int_array" else (v.dtype.kind in "iuf" and bool(np.isfinite(v).all()))
 
 
+STANDINS_SUFFIX = ".standins.gguf"          # converters/standins.py writes MODEL.gguf + this
+
+
+def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], model_path: str,
+                   model_tensors: dict[str, tuple]) -> None:
+    """A stand-in side file (converters/standins.py) against its model: made from this very file (its recorded size),
+    every routed-expert tensor of the model present with the same shape, in a type the CPU multiplies."""
+    import os
+    size = kv.get("moelite.standins.source_size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise ModelFormatError(f"{path}: not a stand-in file (no integer moelite.standins.source_size)")
+    if size != os.path.getsize(model_path):
+        raise ModelFormatError(f"{path}: made for a file of {size} bytes, {model_path} has {os.path.getsize(model_path)}"
+                               f" (another model, or an older version of it): write it again with `moelite convert "
+                               f"{model_path} --standins TYPE`")
+    for name, (_typ, shape, _off, _nb) in model_tensors.items():
+        if not (name.startswith("blk.") and name.endswith("_exps.weight")):
+            continue
+        t = tensors.get(name)
+        if t is None:
+            raise ModelFormatError(f"{path}: missing stand-in tensor '{name}'")
+        if list(t[1]) != list(shape):
+            raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(t[1])}, the model's is {list(shape)}")
+        if t[0] not in VEC_DOT_TYPES or t[0] in (0, 1, 30):
+            raise ModelFormatError(f"{path}: tensor '{name}' has ggml type {t[0]}: expected a quantized type the CPU "
+                                   f"multiplies ({', '.join(v for k, v in VEC_DOT_TYPES.items() if k not in (0, 1, 30))})")
+
+
 def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
     """Types of the tokenizer and chat template keys; tokens, scores and token types of one length."""
     for key, v in kv.items():
