@@ -13,6 +13,10 @@ Modes (all off by default in moelite):
 - cache-aware routing, `swap_threshold` X / `--swap-threshold X`: a routed expert that is not in memory is
   replaced by the resident, unchosen expert of highest router probability when that probability is at least
   (1 - X) of the routed one's.
+- low-bit stand-ins, `standins=True, standin_threshold=X` / `--standins --standin-threshold X` (side file
+  MODEL.gguf.standins.gguf, Q2_K, written here on first use by converters/standins.py): in a one-token step a
+  routed expert that is not in memory and weighs at most X times the token's top weight runs as its stand-in,
+  the full expert is not read.
 """
 from __future__ import annotations
 
@@ -30,13 +34,19 @@ from run_bench import OUT, ROOT, Cgroups, drop_page_cache, heldout_ids, machine,
 
 # (label, worker arguments); "exact" first: the reference of every other row
 SETTINGS = [("exact", []), ("swap 0.1", ["--swap", "0.1"]), ("swap 0.3", ["--swap", "0.3"]),
-            ("swap 0.6", ["--swap", "0.6"]), ("swap 0.8", ["--swap", "0.8"])]
+            ("swap 0.6", ["--swap", "0.6"]), ("swap 0.8", ["--swap", "0.8"]),
+            ("standins 0.5", ["--standins", "0.5"]), ("standins 1.0", ["--standins", "1.0"]),
+            ("swap 0.6 + standins 0.5", ["--swap", "0.6", "--standins", "0.5"])]
+STANDIN_TYPE = "q2_k"
 CAPS = (50, 25)
 GOAL_CAP, GOAL_PPL, GOAL_SPEEDUP = 25, 0.02, 1.5   # issue 17: <= 2 % perplexity, >= 1.5x, at the 25 % cap
 
 
 def measure(name: str, runs: int, cg: Cgroups, args) -> dict:
     path = model_path(name, 10)
+    if not Path(path + ".standins.gguf").exists():
+        from moelite.converters.standins import write_standins
+        write_standins(path, STANDIN_TYPE, progress=False)
     prompt, forced = heldout_ids(path, args.prompt, args.gen)
     pf, tf = OUT / f"lossy-prompt-{name}.json", OUT / f"lossy-teacher-{name}.json"
     pf.write_text(json.dumps(prompt))
@@ -100,12 +110,15 @@ def write_report(res: dict) -> None:
              "expert that is not in memory is replaced by the resident, unchosen expert of highest router probability "
              "when that probability is at least (1 - X) of the routed one's; the substitute's own probability is its "
              "weight. Counted per layer (`stats()['total']['substitutions']`, chat's status line).",
-             "- low-bit stand-ins (a small copy of every expert, computed on a miss): not built. What they would "
-             "cost, from each file's expert tensors, is below each model's table: on the bench MoE's Q4_K_M file a "
-             "Q2_K copy of every expert is 54 % of the file, more than either cap holds, so \"every expert in RAM\" cannot "
-             "run at 25 % or 50 % of such a file; a stand-in scheme there has to read the small copies from disk on a "
-             "miss (HOBBIT's choice) or keep a subset, and on this machine's disk-bound misses a stand-in read saves at "
-             "most the byte ratio (Q2_K / Q4_K = 0.58) of the misses it serves.", ""]
+             "- low-bit stand-ins (`standins=True, standin_threshold=X`, `--standins --standin-threshold X`; side file "
+             "`MODEL.gguf.standins.gguf` from `moelite convert MODEL.gguf --standins q2_k`): in a one-token step a "
+             "routed expert that is not in memory and weighs at most X times the token's top weight runs as its "
+             "Q2_K stand-in and the full expert is not read. The stand-ins stay in memory when all of them cost at "
+             "most a quarter of the expert budget (runtime/planner.py plan_standins), else each layer keeps "
+             "n_expert_used stand-in slots and reads them on a miss (HOBBIT's way). Their sizes are below each "
+             "model's table: on the bench MoE's Q4_K_M file a Q2_K copy of every expert is 54 % of the file, more "
+             "than either cap holds, so there the stand-ins are read on a miss, and the full slots they take cost "
+             "more reads than they save.", ""]
     best = None
     for name, m in res["models"].items():
         lines += [f"## {name} (`{m['path']}`, {m['file_size'] / 1e6:.0f} MB)", "",

@@ -44,7 +44,8 @@ def open_moelite(a, n_ctx: int, **extra):
     import moelite
     opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
                 use_calibration=not a.no_calibration, repack=not a.no_repack,
-                swap_threshold=a.swap, fused_graph=not a.no_fused, overlap_reads=not a.no_overlap, **extra)
+                swap_threshold=a.swap, fused_graph=not a.no_fused, overlap_reads=not a.no_overlap,
+                standins=a.standins is not None, standin_threshold=a.standins or 0.5, **extra)
     try:
         return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
     except moelite.errors.BudgetError as e:
@@ -108,6 +109,7 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
             "bytes_read_per_token": s["bytes_read"] / n, "stall_s": s["stall_s"], "stall_share": s["stall_s"] / dt,
             "prefetch_issued": s["prefetch_issued"], "prefetch_hits": s["prefetch_hits"],
             "substitutions": s["substitutions"], "overlapped": s["overlapped"], "swap_threshold": a.swap,
+            "standin_uses": s["standin_uses"],
             "slots": m.info()["expert_slots"]}
 
 
@@ -179,6 +181,8 @@ def main() -> None:
     ap.add_argument("--cgroup", default=None, help="memory cgroup (v1 or v2 directory) to join first")
     ap.add_argument("--teacher", default=None, help="JSON ids the decode steps are fed (instead of greedy samples)")
     ap.add_argument("--swap", type=float, default=0.0, help="moelite: swap_threshold (cache-aware routing, lossy)")
+    ap.add_argument("--standins", type=float, default=None, metavar="X",
+                    help="moelite: low-bit stand-ins (MODEL.gguf.standins.gguf) with standin_threshold X (lossy)")
     ap.add_argument("--quality", action="store_true",
                     help="with --teacher: score the forced tokens (mean NLL, argmax per step), after the timing")
     ap.add_argument("--trace", default=None, help="moelite with --teacher: save the run's routing trace here (.npz)")

@@ -123,6 +123,9 @@ def recurrent_state_bytes(hp: dict) -> int:
     return total
 
 
+STANDIN_SHARE = 0.25       # stand-ins all in memory when they cost at most this share of the expert budget
+
+
 def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
     """Bytes of one cache slot per layer (0: not a MoE layer), the routed-expert tensor names and the largest
     expert FFN width, from a tensor table (the model's, or its stand-ins' side file: the same names)."""
@@ -148,16 +151,18 @@ def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
 
 def plan_standins(p: Plan, standin_slot_bytes: list[int], shares: list[float] | None = None,
                   label: str = "memory budget") -> tuple[list[int], list[int]]:
-    """(full-expert slots, stand-in slots) per layer for an offloaded plan with stand-ins: the stand-ins get every
-    expert of a layer when that costs at most half of the expert slots' bytes, else half of those bytes (uniform
-    over the MoE layers); the full copies the rest, at least n_expert_used per layer each."""
+    """(full-expert slots, stand-in slots) per layer for an offloaded plan with stand-ins. Every stand-in of a layer
+    stays in memory when all of them cost at most STANDIN_SHARE of the expert slots' bytes; otherwise each layer
+    keeps n_expert_used stand-in slots, a buffer for the ones read on a miss (measured in bench/LOSSY.md: on a
+    disk-bound machine every full slot given up costs more reads than the stand-ins save). The full copies get the
+    rest, at least n_expert_used per layer."""
     assert p.slots is not None
     K, E, moe = p.n_expert_used, p.n_expert, p.moe_layers
     free = sum(s * b for s, b in zip(p.slots, p.expert_slot_bytes))
-    per_layer = min(sum(E * standin_slot_bytes[i] for i in moe), free // 2) / max(len(moe), 1)
+    every = sum(E * standin_slot_bytes[i] for i in moe) <= STANDIN_SHARE * free
     st = [0] * len(p.slots)
     for i in moe:
-        st[i] = max(K, min(E, int(per_layer // standin_slot_bytes[i])))
+        st[i] = E if every else K
     rest = free - sum(st[i] * standin_slot_bytes[i] for i in moe)
     need = sum(K * (p.expert_slot_bytes[i] + standin_slot_bytes[i]) for i in moe)
     if rest < sum(K * p.expert_slot_bytes[i] for i in moe):
@@ -174,7 +179,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
     reuse (each as large as the live state)."""
     rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
-    n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
+    E, K = hp["n_expert"], hp["n_expert_used"]
     slot_bytes, expert_names, n_ff = expert_slots_of(hp, tensors)
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
