@@ -1,13 +1,13 @@
 """Faster than exact (issue 17): quality cost vs speedup of moelite's lossy modes, on trained routing.
 
-    python bench/bench_lossy.py [--models bench-moe,demo] [--runs 3]
+    python bench/bench_lossy.py [--models bench-moe,demo] [--runs 5]
 
 For each model, held-out text (the first held-out technical document of the demo corpus long enough: a 128-token
 prompt, then its next 128 tokens fed one at a time, teacher-forced) is decoded under a memory cap of 50 % and 25 %
 of the file (memory cgroups, as bench/run_bench.py caps) exactly and with each lossy setting. Quality: perplexity
 of the forced tokens and the share of steps whose argmax equals the exact run's (the same forced tokens for every
-setting, so the runs score the same text). Speed: median decode tok/s of `--runs` runs, each after a page-cache
-drop. Writes bench/out/lossy.json, bench/LOSSY.md and bench/lossy.png.
+setting, so the runs score the same text). Speed: median decode tok/s of `--runs` runs (interleaved over the
+settings), each after a page-cache drop. Writes bench/out/lossy.json, bench/LOSSY.md and bench/lossy.png.
 
 Modes (all off by default in moelite):
 - cache-aware routing, `swap_threshold` X / `--swap-threshold X`: a routed expert that is not in memory is
@@ -57,17 +57,15 @@ def measure(name: str, runs: int, cg: Cgroups, args) -> dict:
            "file_size": size, "experts": expert_sizes(path), "rows": {}}
     for cap in CAPS:
         budget = int(size * cap / 100)
-        for label, extra in SETTINGS:
-            rows = []
-            for i in range(runs):
+        for i in range(runs):                     # interleaved: run i of every setting, then run i + 1
+            for label, extra in SETTINGS:
                 cgroup = cg.make(f"lossy-{name}-{cap}-{label.replace(' ', '')}-{i}", int(budget * 1.1) + (96 << 20)) \
                     if cg.base else None
                 drop_page_cache(path)
                 r = run("moelite", path, str(pf), args, budget, cgroup, [*extra, "--teacher", str(tf), "--quality"])
-                rows.append(r)
+                out["rows"].setdefault(f"{cap}|{label}", []).append(r)
                 print(name, cap, label, i, json.dumps({k: v for k, v in r.items() if k not in ("argmax", "slots")}),
                       flush=True)
-            out["rows"][f"{cap}|{label}"] = rows
     return out
 
 
@@ -92,6 +90,8 @@ def summary(m: dict, cap: int, label: str, ref: dict | None) -> dict | None:
     s = {"tok_s": statistics.median(r["decode_tok_s"] for r in ok), "ppl": math.exp(ok[0]["nll"]),
          "hit_rate": statistics.median(r["hit_rate"] for r in ok),
          "swaps": statistics.median(r["substitutions"] for r in ok) / ok[0]["tokens"],
+         "standins": statistics.median(r.get("standin_uses", 0) for r in ok) / ok[0]["tokens"],
+         "mb": statistics.median(r["bytes_read_per_token"] for r in ok) / 1e6,
          "budget_used": ok[0]["budget_used"], "argmax": ok[0]["argmax"]}
     if ref:
         s["speedup"] = s["tok_s"] / ref["tok_s"]
@@ -123,7 +123,7 @@ def write_report(res: dict) -> None:
     for name, m in res["models"].items():
         lines += [f"## {name} (`{m['path']}`, {m['file_size'] / 1e6:.0f} MB)", "",
                   "| cap | mode | decode tok/s | speedup vs exact | perplexity | vs exact | argmax agreement | hit rate | "
-                  "swaps/token |", "|---|---|---|---|---|---|---|---|---|"]
+                  "MB read/token | swaps/token | stand-ins/token |", "|---|---|---|---|---|---|---|---|---|---|---|"]
         notes = []
         for cap in CAPS:
             ref = summary(m, cap, "exact", None)
@@ -135,11 +135,12 @@ def write_report(res: dict) -> None:
             for label, _ in SETTINGS:
                 s = summary(m, cap, label, ref)
                 if not s:
-                    lines.append(f"| {cap} % | {label} | failed | | | | | | |")
+                    err = next((r["error"] for r in m["rows"].get(f"{cap}|{label}", []) if "error" in r), "no run")
+                    lines.append(f"| {cap} % | {label} | failed: {err[:120]} | | | | | | | | |")
                     continue
                 lines.append(f"| {cap} % | {label} | {s['tok_s']:.1f} | {s['speedup']:.2f}x | {s['ppl']:.2f} | "
                              f"{100 * s['dppl']:+.1f} % | {100 * s['agree']:.1f} % | {100 * s['hit_rate']:.1f} % | "
-                             f"{s['swaps']:.2f} |")
+                             f"{s['mb']:.2f} | {s['swaps']:.2f} | {s['standins']:.2f} |")
                 if name == "bench-moe" and cap == GOAL_CAP and label != "exact" and s["dppl"] <= GOAL_PPL and (
                         best is None or s["speedup"] > best[1]):
                     best = (label, s["speedup"], s["dppl"])
@@ -194,7 +195,7 @@ def plot(res: dict) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--models", default="bench-moe,demo")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--gen", type=int, default=128)

@@ -211,7 +211,8 @@ ExpertPairs::ExpertPairs(const std::vector<int32_t> & ids, const std::vector<flo
 // Stand-ins (opt_.standin_threshold, one-token steps): the routed experts that are not in memory (nor on their way)
 // and that the router weighs at most standin_threshold x the token's top weight run as their low-bit stand-ins
 // (the stand-in cache: hit, or read from the side file), the others as always; two expert-major groups, one
-// combine. Returns false (nothing done) when no expert of this step qualifies.
+// combine. When every stand-in is in memory the full experts are then read for later tokens (prefetch); under a
+// tight budget (stand-ins read on a miss) never. Returns false (nothing done) when no expert of this step qualifies.
 bool Model::moe_layer_standins(int il, const std::vector<int32_t> & ids, const std::vector<float> & w) {
     const int K = hp_.n_expert_used;
     float wmax = 0.f;
@@ -236,6 +237,8 @@ bool Model::moe_layer_standins(int il, const std::vector<int32_t> & ids, const s
     cache_->release(il);
     run_combine(il, 1, w);
     standin_uses_[il] += low.size();
+    // stand-ins all in memory (the budget is not tight): the full experts are read for later tokens, as prefetches
+    if (standin_->quota(il) == hp_.n_expert) cache_->prefetch(il, low.data(), (int) low.size());
     return true;
 }
 

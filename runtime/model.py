@@ -210,6 +210,7 @@ class Model:
                 self.plan.slots, standin_slots = plan_standins(self.plan, sb, shares)
                 self.standins_path = side
         self.standin_threshold = standin_threshold if self.standins_path else 0.0
+        self.standin_slots = standin_slots
         options = dict(n_ctx=self.n_ctx, n_threads=self.n_threads, n_ubatch=self.plan.n_ubatch, kv_type=KV_TYPES[kv_type],
                        expert_slots=self.plan.slots or [], policy=pol.id, window_m=pol.m or policy_window,
                        prefetch=bool(prefetch), n_io_threads=int(n_io_threads),
@@ -320,6 +321,9 @@ class Model:
             "flash_attn": self.flash_attn,
             # one ggml graph per step (CPU, every expert resident, no recurrent layer): csrc/model_fused.cpp
             "fused_graph": mem["fused_graph"],
+            # low-bit stand-ins (standins=True, offloaded): side file, per-layer stand-in slots, threshold
+            "standins": ({"path": self.standins_path, "slots": self.standin_slots,
+                          "threshold": self.standin_threshold} if self.standins_path else None),
             # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas
             "repack": {"available": mem["repack_available"], "dense_tensors": mem["repacked_tensors"],
                        "dense_bytes": mem["repacked_dense_bytes"], "arena_bytes": mem["repacked_arena_bytes"]},

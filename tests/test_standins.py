@@ -36,7 +36,7 @@ def model(tmp_path_factory):
 
 def _budget(path) -> int:
     """A budget that offloads: the minimum plus room for a few slots per layer."""
-    with moelite.load(path, n_ubatch=64) as m:
+    with moelite.load(path, n_ubatch=64, kv_type="f32") as m:          # as _teacher opens it
         return m.plan.minimum_budget + 6 * 2 * max(m.plan.expert_slot_bytes)
 
 
@@ -72,6 +72,7 @@ def test_standins_run_missing_experts_and_stay_close(model):
     assert st["standins"]["misses"] > 0 and st["standins"]["bytes_read"] > 0   # read from the side file
     assert st["total"]["bytes_read"] < st_exact["total"]["bytes_read"]      # fewer full experts read
     assert sum(info["expert_slots"]) < sum(info_exact["expert_slots"])       # the stand-ins took part of the budget
+    assert [s for s in info["standins"]["slots"] if s] == [2, 2] and info_exact["standins"] is None   # read on a miss
     assert np.isfinite(approx).all()
     # a Q2_K copy of some experts moves the logits by a fraction of their spread, not more
     spread = exact.std(axis=1, keepdims=True)
@@ -85,6 +86,21 @@ def test_standins_change_nothing_where_no_expert_is_missing(model):
     same, st, info = _teacher(path, standins=True)
     assert not info["offloaded"] and st["total"]["standin_uses"] == 0
     np.testing.assert_array_equal(same, exact)
+
+
+def test_standins_all_in_memory_when_cheap_and_full_experts_read_for_later(tmp_path):
+    """An F32 model: its Q2_K stand-ins cost under a quarter of the expert budget, so every stand-in stays in memory
+    and a step that uses one also reads (prefetches) the full expert for the tokens after it."""
+    path = tmp_path / "f.gguf"
+    shutil.copy(fixture_gguf("qwen3_moe", type="f32", **SHAPES)[1], path)
+    write_standins(path, "q2_k", progress=False)
+    with moelite.load(path, n_ubatch=64, kv_type="f32") as m:          # as _teacher opens it
+        budget = m.plan.minimum_budget + 10 * max(m.plan.expert_slot_bytes)
+    _, st, info = _teacher(path, memory_budget=budget, standins=True, standin_threshold=1.0)
+    assert info["offloaded"] and st["total"]["standin_uses"] > 0
+    assert [s for s in info["standins"]["slots"] if s] == [16, 16]             # every stand-in fits
+    assert st["standins"]["evictions"] == 0 and st["standins"]["hits"] > 0
+    assert st["total"]["prefetch_issued"] > 0
 
 
 def test_standin_errors_name_the_file(model, tmp_path):
