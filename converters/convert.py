@@ -84,6 +84,12 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
     elif isinstance(source, GGUFSource) and source.file_type is not None:
         w.add_file_type(source.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    return write_planned(out, w, planned, arch, type, timer, notes, n_threads=n_threads, progress=progress)
+
+
+def write_planned(out: Path, w: gguf.GGUFWriter, planned: list, arch: str, type: str, timer: gguf_out.Timer,
+                  notes: list[str], *, n_threads: int, progress: bool) -> ConvertReport:
+    """Write the planned tensors after w's keys (gguf_out.write: atomic) and report what was written."""
     infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
     size = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress)
     return ConvertReport(

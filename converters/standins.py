@@ -18,7 +18,7 @@ import gguf
 from moelite.errors import ConversionError
 
 from . import gguf_out, quant
-from .convert import ConvertReport, _from_gguf, _tname
+from .convert import ConvertReport, _from_gguf, write_planned
 from .sources import GGUFSource, open_source
 
 SUFFIX = ".standins.gguf"
@@ -56,10 +56,5 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     gguf_out.add_kv(w, KEY + "source", model.name)
     gguf_out.add_kv(w, KEY + "source_size", model.stat().st_size, gguf.GGUFValueType.UINT64)
     out = Path(out) if out is not None else standins_path(model)
-    infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
-    size = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress)
-    return ConvertReport(
-        out=out, arch=arch, type=type, n_tensors=len(planned), file_size=size, seconds=timer(),
-        tensor_types={p.name: _tname(p.type) for p in planned},
-        fallbacks={p.name: (_tname(p.wanted), _tname(p.type)) for p in planned if p.wanted != p.type},
-        notes=[f"stand-ins of {model.name}"])
+    return write_planned(out, w, planned, arch, type, timer, [f"stand-ins of {model.name}"], n_threads=n_threads,
+                         progress=progress)

@@ -72,12 +72,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     cache_->finalize(quota, backend_, nullptr, repack_buft_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
     if (tier2_) {                                 // RAM tier: quotas clamped like the arena's
-        if ((int) opt_.host_slots.size() != hp_.n_layer)
-            throw BudgetError("host_slots names " + std::to_string(opt_.host_slots.size()) + " layers, the model has " +
-                              std::to_string(hp_.n_layer));
-        std::vector<int> hq(hp_.n_layer, 0);
-        for (int il = 0; il < hp_.n_layer; ++il)
-            if (layers_[il].moe) hq[il] = std::min(std::max(opt_.host_slots[il], hp_.n_expert_used), hp_.n_expert);
+        const std::vector<int> hq = tier_quotas(opt_.host_slots, "host_slots");
         ggml_backend_buffer_type_t pinned = nullptr;
 #ifdef MOELITE_CUDA
         if (opt_.device == 1) pinned = ggml_backend_cuda_host_buffer_type();
@@ -90,13 +85,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     swaps_.assign(hp_.n_layer, 0);
     standin_uses_.assign(hp_.n_layer, 0);
     if (standin_) {                               // its own slots (quota >= n_expert_used) and I/O threads
-        if ((int) opt_.standin_slots.size() != hp_.n_layer)
-            throw BudgetError("standin_slots names " + std::to_string(opt_.standin_slots.size()) + " layers, the model has " +
-                              std::to_string(hp_.n_layer));
-        std::vector<int> sq(hp_.n_layer, 0);
-        for (int il = 0; il < hp_.n_layer; ++il)
-            if (layers_[il].moe) sq[il] = std::min(std::max(opt_.standin_slots[il], hp_.n_expert_used), hp_.n_expert);
-        standin_->finalize(sq, backend_, nullptr, repack_buft_);
+        standin_->finalize(tier_quotas(opt_.standin_slots, "standin_slots"), backend_, nullptr, repack_buft_);
         standin_->set_policy((Policy) opt_.policy, opt_.window_m);
         if (opt_.n_io_threads > 0) standin_->start_io(opt_.n_io_threads);
     }
@@ -123,6 +112,18 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
             if (layers_[il].moe) { cache_->acquire(il, ids.data(), hp_.n_expert, slots.data()); cache_->release(il); }
         reset_stats();
     }
+}
+
+// Per-layer quotas of a second expert cache (the RAM tier, the stand-ins) from the caller's list: one entry per
+// layer, MoE layers clamped to [n_expert_used, n_expert], 0 elsewhere.
+std::vector<int> Model::tier_quotas(const std::vector<int> & per_layer, const char * what) const {
+    if ((int) per_layer.size() != hp_.n_layer)
+        throw BudgetError(std::string(what) + " names " + std::to_string(per_layer.size()) + " layers, the model has " +
+                          std::to_string(hp_.n_layer));
+    std::vector<int> q(hp_.n_layer, 0);
+    for (int il = 0; il < hp_.n_layer; ++il)
+        if (layers_[il].moe) q[il] = std::min(std::max(per_layer[il], hp_.n_expert_used), hp_.n_expert);
+    return q;
 }
 
 Model::~Model() {

@@ -225,6 +225,7 @@ private:
     void alloc_weights();                         // the repacked ones in buf_rp_, the rest in buf_w_
     void read_weights();
     void alloc_kv();
+    std::vector<int> tier_quotas(const std::vector<int> & per_layer, const char * what) const;
 
     // ---- one step, driven by eval() (model.cpp): per layer, graph A = mixer + FFN front, then for MoE
     // layers host routing + the expert cache + graph B (ffn_moe.cpp); or one graph for the step (model_fused.cpp)
