@@ -329,7 +329,8 @@ int ExpertCache::victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L,
         if (v >= 0) return v;
         bool loading = false;
         for (int q = L.base; q < L.base + L.quota; ++q) loading |= S[q].state == SLOT_LOADING;
-        if (!loading)
+        // slots an I/O thread pins while it copies them to the tier above come free in a moment: wait for them
+        if (!loading && L.transient == 0)
             throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(&L - layers_.data()));
         loaded_.wait(lock);
     }
@@ -635,14 +636,20 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
     Slot & sl = S[s];
     if (!missed) L.stats.hits++;
     sl.pins++;
+    L.transient++;
     touch(sl, L);
     if (stalled) L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     lock.unlock();
     const void * src[3];
     for (int r = 0; r < 3; ++r) src[r] = (const char *) P.mem[r] + (uint64_t) s * P.slot_bytes[r];
-    try { fn(src); } catch (...) { lock.lock(); sl.pins--; throw; }
-    lock.lock();
-    sl.pins--;
+    auto unpin = [&] {
+        lock.lock();
+        sl.pins--;
+        L.transient--;
+        loaded_.notify_all();                          // a victim_for() may be waiting for this slot
+    };
+    try { fn(src); } catch (...) { unpin(); throw; }
+    unpin();
 }
 
 bool ExpertCache::resident(int il, int e) {
@@ -659,6 +666,7 @@ void ExpertCache::release(int il) {
     std::lock_guard<std::mutex> lock(mu_);
     auto & S = slots_[layers_[il].pool];
     for (int s : pinned_[il]) S[s].pins--;
+    if (!pinned_[il].empty()) loaded_.notify_all();   // slots another thread's victim_for() may wait for
     pinned_[il].clear();
     std::fill(layers_[il].begun.begin(), layers_[il].begun.end(), 0);   // a step given up between the halves
 }

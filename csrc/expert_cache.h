@@ -81,6 +81,7 @@ struct CacheLayer {
     uint64_t prefetch_calls = 0;
     std::deque<std::vector<int>> recent;   // consistency policy: experts of the last m tokens
     std::vector<uint8_t> begun;            // [n_expert] begin_acquire() of this step: BEGUN_READ / BEGUN_PINNED
+    int transient = 0;                     // slots pinned by with_expert() copies in flight (another thread's)
     LayerStats stats;
 };
 
