@@ -179,7 +179,7 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
     reuse (each as large as the live state)."""
     rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
-    E, K = hp["n_expert"], hp["n_expert_used"]
+    n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes, expert_names, n_ff = expert_slots_of(hp, tensors)
     dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
@@ -195,7 +195,11 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # + the output graph's logits, a block of rows at a time (csrc kOutputScratch = 8 MiB)
         row = 4 * (hp["n_vocab"] + 2 * hp["n_embd"])
         output = max(row, min(8 << 20, row * t))
-        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + output
+        # + the host's attention masks of a ubatch, [n_kv, t] per mask kind in use (causal, sliding, chunked):
+        # F32, plus their F16 copy for flash attention (csrc Model::build_masks); 12 MiB at 32k x 64 tokens
+        kinds = len({m for m, x in zip(hp.get("layer_mask", [0]), hp.get("layer_mixer", [0] * n_layer)) if x in (0, 1)})
+        masks = max(kinds, 1) * n_ctx * t * (6 if flash_attn else 4)
+        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + output + masks
 
     def ubatch_for(b: int | None) -> int:
         t = n_ubatch or 512
