@@ -46,13 +46,15 @@ def open_moelite(a, n_ctx: int, **extra):
                 use_calibration=not a.no_calibration, repack=not a.no_repack,
                 swap_threshold=a.swap, fused_graph=not a.no_fused, overlap_reads=not a.no_overlap,
                 standins=a.standins is not None, standin_threshold=a.standins or 0.5, **extra)
-    try:
-        return moelite.load(a.model, memory_budget=a.budget, **opts), a.budget
-    except moelite.errors.BudgetError as e:
-        if not e.minimum:
-            raise
-        # the cap is below what moelite can run in: run at its minimum, say so
-        return moelite.load(a.model, memory_budget=e.minimum, **opts), e.minimum
+    budget = a.budget
+    for _ in range(3):    # the cap is below what moelite can run in: run at its minimum (stand-ins add to it), say so
+        try:
+            return moelite.load(a.model, memory_budget=budget, **opts), budget
+        except moelite.errors.BudgetError as e:
+            if not e.minimum or e.minimum == budget:
+                raise
+            budget = e.minimum
+    return moelite.load(a.model, memory_budget=budget, **opts), budget
 
 
 def run_moelite(a, prompt: list[int]) -> dict:
