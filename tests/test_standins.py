@@ -114,6 +114,11 @@ def test_standin_errors_name_the_file(model, tmp_path):
     shutil.copy(str(path) + ".standins.gguf", str(other) + ".standins.gguf")
     with pytest.raises(ModelFormatError, match=r"standins\.gguf: made for a file of \d+ bytes"):
         moelite.load(other, standins=True)
+    f16 = tmp_path / "h.gguf"                                                # stand-ins no smaller than the model
+    shutil.copy(path, f16)
+    write_standins(f16, "f16", progress=False)
+    with pytest.raises(ModelFormatError, match=r"h\.gguf\.standins\.gguf: tensor 'blk\.0\.ffn_\w+_exps\.weight' has ggml type 1"):
+        moelite.load(f16, standins=True)
     with pytest.raises(UsageError, match="standin_threshold"):
         moelite.load(path, standins=True, standin_threshold=0.0)
     with pytest.raises(ConversionError, match="not 'keep'"):
