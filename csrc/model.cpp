@@ -633,23 +633,21 @@ void Model::build_masks(int T) {
     const int n_kv = n_past_ + T;
     bool want[3] = {false, false, false}, temp = false;
     for (const LayerPlan & p : h.plan) { want[p.mask] = true; temp = temp || p.attn_temp; }
-    auto fill = [&](std::vector<float> & m, auto visible) {
-        m.assign((size_t) n_kv * T, -INFINITY);
-        for (int t = 0; t < T; ++t)
-            for (int j = 0; j <= pos_[t]; ++j)
-                if (visible(pos_[t], j)) m[(size_t) t * n_kv + j] = 0.f;
+    // flash attention takes F16 masks, the plain path F32: one copy per kind, in the type its graphs read
+    std::vector<float> * masks[3] = {&mask_, &mask_swa_, &mask_chunk_};
+    auto fill = [&](int kind, auto visible) {
+        auto build = [&](auto & m, auto neg, auto zero) {
+            m.assign((size_t) n_kv * T, neg);
+            for (int t = 0; t < T; ++t)
+                for (int j = 0; j <= pos_[t]; ++j)
+                    if (visible(pos_[t], j)) m[(size_t) t * n_kv + j] = zero;
+        };
+        if (opt_.flash_attn) build(mask16_[kind], ggml_fp32_to_fp16(-INFINITY), ggml_fp32_to_fp16(0.f));
+        else build(*masks[kind], -INFINITY, 0.f);
     };
-    if (want[MASK_CAUSAL]) fill(mask_, [](int, int) { return true; });
-    if (want[MASK_SWA]) fill(mask_swa_, [&](int i, int j) { return h.n_swa <= 0 || i - j < h.n_swa; });
-    if (want[MASK_CHUNKED]) fill(mask_chunk_, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
-    if (opt_.flash_attn) {                        // flash attention takes F16 masks: convert once, not per layer
-        const std::vector<float> * masks[3] = {&mask_, &mask_swa_, &mask_chunk_};
-        for (int k = 0; k < 3; ++k)
-            if (want[k]) {
-                mask16_[k].resize(masks[k]->size());
-                ggml_fp32_to_fp16_row(masks[k]->data(), mask16_[k].data(), (int64_t) masks[k]->size());
-            }
-    }
+    if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
+    if (want[MASK_SWA]) fill(MASK_SWA, [&](int i, int j) { return h.n_swa <= 0 || i - j < h.n_swa; });
+    if (want[MASK_CHUNKED]) fill(MASK_CHUNKED, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
     if (temp) {                                   // llama.cpp: 1 + s * log(floor((pos + 1) / f) + 1)
         attn_temp_.resize(T);
         for (int t = 0; t < T; ++t)

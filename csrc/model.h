@@ -369,7 +369,7 @@ private:
     int n_past_ = 0;
     std::vector<int32_t> pos_;
     std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_;   // host inputs of one ubatch
-    std::vector<ggml_fp16_t> mask16_[3];          // flash attention's F16 copies (causal, swa, chunk), once per ubatch
+    std::vector<ggml_fp16_t> mask16_[3];          // the same in F16 for flash attention (causal, swa, chunk), instead
 };
 
 }  // namespace moelite

@@ -196,9 +196,9 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         row = 4 * (hp["n_vocab"] + 2 * hp["n_embd"])
         output = max(row, min(8 << 20, row * t))
         # + the host's attention masks of a ubatch, [n_kv, t] per mask kind in use (causal, sliding, chunked):
-        # F32, plus their F16 copy for flash attention (csrc Model::build_masks); 12 MiB at 32k x 64 tokens
+        # F16 for flash attention, F32 otherwise (csrc Model::build_masks); 4 MiB at 32k x 64 tokens in F16
         kinds = len({m for m, x in zip(hp.get("layer_mask", [0]), hp.get("layer_mixer", [0] * n_layer)) if x in (0, 1)})
-        masks = max(kinds, 1) * n_ctx * t * (6 if flash_attn else 4)
+        masks = max(kinds, 1) * n_ctx * t * (2 if flash_attn else 4)
         return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + output + masks
 
     def ubatch_for(b: int | None) -> int:

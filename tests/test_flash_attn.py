@@ -53,7 +53,7 @@ def test_long_prompt_scratch_stays_within_the_plan():
     """With flash attention the attention scores are never materialized: a 3000-token prompt in a 4096 context
     keeps its graph scratch (logits of every position included, produced a block of rows at a time) within the
     planner's bound; the graph's part of it no longer grows with n_ctx, only the host's attention masks of a ubatch
-    ([n_ctx, n_ubatch], F32 + an F16 copy) do."""
+    ([n_ctx, n_ubatch] in F16) do."""
     ids = [(7 * i + 3) % 8000 + 10 for i in range(3000)]
     with moelite.load(None, n_threads=2, n_ctx=4096) as m:
         out = m.logits(ids)
@@ -61,5 +61,5 @@ def test_long_prompt_scratch_stays_within_the_plan():
         assert m.info()["scratch_bytes_in_use"] <= m.plan.scratch_bytes
         short = m.plan.scratch_bytes
     with moelite.load(None, n_threads=2, n_ctx=32768) as m:
-        masks = (32768 - 4096) * m.plan.n_ubatch * (4 + 2)         # one mask kind (causal): F32 + F16
+        masks = (32768 - 4096) * m.plan.n_ubatch * 2               # one mask kind (causal), F16
         assert m.plan.scratch_bytes == short + masks
