@@ -108,10 +108,12 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--swap-threshold", type=float, default=0.0, metavar="X",
                    help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
                         "by a resident one whose router probability is at least (1 - X) of it; counted in --stats")
-    g.add_argument("--standins", nargs="?", const=True, default=False, metavar="FILE",
+    g.add_argument("--standins", action="store_true",
                    help="faster than exact (lossy, off by default): a missing expert the router weighs little runs as "
-                        "its low-bit stand-in from MODEL.gguf.standins.gguf (or FILE; written by `moelite convert "
-                        "MODEL.gguf --standins q2_k`) instead of being read; counted in --stats")
+                        "its low-bit stand-in from MODEL.gguf.standins.gguf (written by `moelite convert MODEL.gguf "
+                        "--standins q2_k`) instead of being read; counted in --stats")
+    g.add_argument("--standins-file", metavar="FILE", default=None,
+                   help="with --standins: the stand-ins' side file, if not MODEL.gguf.standins.gguf")
     g.add_argument("--standin-threshold", type=float, default=0.5, metavar="X",
                    help="with --standins: a missing expert whose weight is at most X times the token's top weight "
                         "runs as its stand-in (0 < X <= 1, default 0.5; 1: every missing expert)")
@@ -201,7 +203,8 @@ def load_model(args: argparse.Namespace, **extra: Any):
                              n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
                              flash_attn=getattr(args, "flash_attn", "auto") != "off", repack=getattr(args, "repack", True),
                              swap_threshold=getattr(args, "swap_threshold", 0.0),
-                             standins=getattr(args, "standins", False),
+                             standins=(getattr(args, "standins_file", None) or True) if getattr(args, "standins", False)
+                             else False,
                              standin_threshold=getattr(args, "standin_threshold", 0.5),
                              kv_type=getattr(args, "kv_type", "f16"), **extra)
     if model.calibration_file:
@@ -248,9 +251,10 @@ def cache_counts(model) -> tuple[int, int]:
 
 
 def accounted_bytes(model, memory: dict) -> int:
-    """What the budget pays for: dense weights + KV cache and state + expert slots (the core's buffers) + the graph
-    scratch the plan reserves (as Model.info() and `moelite plan` count it)."""
-    return sum(int(memory.get(k) or 0) for k in ("dense_bytes", "kv_bytes", "arena_bytes")) + model.plan.scratch_bytes
+    """What the budget pays for: dense weights + KV cache and state + expert slots, full and stand-in (the core's
+    buffers) + the graph scratch the plan reserves (as Model.info() and `moelite plan` count it)."""
+    keys = ("dense_bytes", "kv_bytes", "arena_bytes", "standin_arena_bytes")
+    return sum(int(memory.get(k) or 0) for k in keys) + model.plan.scratch_bytes
 
 
 def memory_text(model, s: dict) -> str:

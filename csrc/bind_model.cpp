@@ -188,6 +188,7 @@ void bind_model(py::module_ & m) {
                  d["dense_bytes"] = m.dense_bytes();
                  d["kv_bytes"] = m.kv_bytes();
                  d["arena_bytes"] = m.cache().arena_bytes();
+                 d["standin_arena_bytes"] = m.standins() ? m.standins()->arena_bytes() : 0;   // same budget
                  d["scratch_bytes"] = m.scratch_bytes();
                  const RepackInfo r = m.repack_info();      // what sits in ggml's CPU_REPACK buffers
                  d["repack_available"] = r.available;

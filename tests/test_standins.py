@@ -73,6 +73,7 @@ def test_standins_run_missing_experts_and_stay_close(model):
     assert st["total"]["bytes_read"] < st_exact["total"]["bytes_read"]      # fewer full experts read
     assert sum(info["expert_slots"]) < sum(info_exact["expert_slots"])       # the stand-ins took part of the budget
     assert [s for s in info["standins"]["slots"] if s] == [2, 2] and info_exact["standins"] is None   # read on a miss
+    assert st["memory"]["standin_arena_bytes"] > 0 and st_exact["memory"]["standin_arena_bytes"] == 0
     assert np.isfinite(approx).all()
     # a Q2_K copy of some experts moves the logits by a fraction of their spread, not more
     spread = exact.std(axis=1, keepdims=True)
