@@ -212,16 +212,19 @@ def _fuse_gate_up(tensors: list[tuple[str, Lazy]]) -> list[tuple[str, Lazy]]:
 
 def _from_gguf(source: GGUFSource):
     w = gguf_out.new_writer(source.arch)
-    kv = {k: (v, vt, st) for k, v, vt, st in source.kv()}
-    for key, (value, vtype, sub) in kv.items():
+    for key, value, vtype, sub in source.kv():
         if key in ("general.quantization_version",):
             continue
         gguf_out.add_kv(w, key, value, vtype, sub)
-    tensors = list(source.tensors().items())
-    arch = source.arch
+    n_layer, n_expert = gguf_counts(source)
+    return w, list(source.tensors().items()), source.arch, n_layer, n_expert, ["re-written from GGUF input"]
 
-    def geti(key: str, default: int) -> int:
-        v = kv.get(f"{arch}.{key}")
-        return int(v[0]) if v is not None else default
 
-    return w, tensors, arch, geti("block_count", 0), geti("expert_count", 0), ["re-written from GGUF input"]
+def gguf_counts(source: GGUFSource) -> tuple[int, int]:
+    """(block_count, expert_count) of a GGUF input, 0 where absent: the quantization mixes depend on them."""
+    kv = {k: v for k, v, _, _ in source.kv()}
+
+    def geti(key: str) -> int:
+        v = kv.get(f"{source.arch}.{key}")
+        return int(v) if v is not None else 0
+    return geti("block_count"), geti("expert_count")

@@ -18,7 +18,7 @@ import gguf
 from moelite.errors import ConversionError
 
 from . import gguf_out, quant
-from .convert import ConvertReport, _from_gguf, write_planned
+from .convert import ConvertReport, gguf_counts, write_planned
 from .sources import GGUFSource, open_source
 
 SUFFIX = ".standins.gguf"
@@ -46,8 +46,8 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     source = open_source(model)
     if not isinstance(source, GGUFSource):
         raise ConversionError(f"{model}: stand-ins are made from a GGUF file (convert the checkpoint first)")
-    _, tensors, arch, n_layer, n_expert, _ = _from_gguf(source)
-    experts = [(n, t) for n, t in tensors if is_expert_weight(n)]
+    arch, (n_layer, n_expert) = source.arch, gguf_counts(source)   # the model's keys are not copied: only its experts
+    experts = [(n, t) for n, t in source.tensors().items() if is_expert_weight(n)]
     if not experts:
         raise ConversionError(f"{model}: no routed-expert tensors (blk.N.ffn_*_exps.weight): not a MoE model")
     planned = quant.plan(experts, type, n_layer, n_expert)

@@ -268,11 +268,8 @@ size_t ExpertCache::repacked_arena_bytes() const {
 }
 
 int ExpertCache::distinct(const int32_t * ids, int n) const {
-    std::vector<char> seen(n_expert_, 0);
-    int d = 0;
-    for (int i = 0; i < n; ++i)
-        if (!seen[ids[i]]) { seen[ids[i]] = 1; ++d; }
-    return d;
+    std::vector<char> seen;
+    return (int) distinct_of(ids, n, seen).size();
 }
 
 void ExpertCache::touch(Slot & s, CacheLayer & L) {
@@ -536,14 +533,21 @@ void ExpertCache::pin(int il, int slot) {
     touch(sl, layers_[il]);                               // one access per distinct expert per step
 }
 
+// The distinct expert ids of ids[0..n), in order of first use; needed[e] = 1 for each of them.
+std::vector<int> ExpertCache::distinct_of(const int32_t * ids, int n, std::vector<char> & needed) const {
+    needed.assign(n_expert_, 0);
+    std::vector<int> distinct;
+    for (int i = 0; i < n; ++i)
+        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+    return distinct;
+}
+
 int ExpertCache::begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
     std::unique_lock<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     auto & S = slots_[L.pool];
-    std::vector<char> needed(n_expert_, 0);
-    std::vector<int> distinct;
-    for (int i = 0; i < n; ++i)
-        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+    std::vector<char> needed;
+    const std::vector<int> distinct = distinct_of(ids, n, needed);
     if (io_threads_.empty() || (int) distinct.size() > L.quota) return -1;
     int ready = 0;
     for (int e : distinct)                                // ready now: counted, pinned and touched here
@@ -563,10 +567,8 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
     CacheLayer & L = layers_[il];
     Pool & P = pools_[L.pool];
     auto & S = slots_[L.pool];
-    std::vector<char> needed(n_expert_, 0);
-    std::vector<int> distinct;
-    for (int i = 0; i < n; ++i)
-        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+    std::vector<char> needed;
+    const std::vector<int> distinct = distinct_of(ids, n, needed);
     if ((int) distinct.size() > L.quota) return false;
     const auto t0 = std::chrono::steady_clock::now();
     // 1. read the misses (see start_misses)

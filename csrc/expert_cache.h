@@ -165,6 +165,7 @@ private:
     int start_misses(std::unique_lock<std::mutex> & lock, int il, const std::vector<int> & distinct,
                      const std::vector<char> & needed, bool mark);             // acquire's step 1; mu_ held
     void pin(int il, int slot);                                                 // mu_ held
+    std::vector<int> distinct_of(const int32_t * ids, int n, std::vector<char> & needed) const;
     void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();

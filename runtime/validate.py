@@ -370,6 +370,7 @@ def _is_kind(kind: str, v: Any) -> bool:
     return v.dtype.kind in "iu" if kind == "int_array" else (v.dtype.kind in "iuf" and bool(np.isfinite(v).all()))
 
 
+QUANT_VEC_DOT_TYPES = {k: v for k, v in VEC_DOT_TYPES.items() if v not in ("F32", "F16", "BF16")}
 STANDINS_SUFFIX = ".standins.gguf"          # converters/standins.py writes MODEL.gguf + this
 
 
@@ -377,7 +378,6 @@ def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], mod
                    model_tensors: dict[str, tuple]) -> None:
     """A stand-in side file (converters/standins.py) against its model: made from this very file (its recorded size),
     every routed-expert tensor of the model present with the same shape, in a type the CPU multiplies."""
-    import os
     size = kv.get("moelite.standins.source_size")
     if not isinstance(size, int) or isinstance(size, bool):
         raise ModelFormatError(f"{path}: not a stand-in file (no integer moelite.standins.source_size)")
@@ -393,9 +393,9 @@ def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], mod
             raise ModelFormatError(f"{path}: missing stand-in tensor '{name}'")
         if list(t[1]) != list(shape):
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(t[1])}, the model's is {list(shape)}")
-        if t[0] not in VEC_DOT_TYPES or t[0] in (0, 1, 30):
+        if t[0] not in QUANT_VEC_DOT_TYPES:
             raise ModelFormatError(f"{path}: tensor '{name}' has ggml type {t[0]}: expected a quantized type the CPU "
-                                   f"multiplies ({', '.join(v for k, v in VEC_DOT_TYPES.items() if k not in (0, 1, 30))})")
+                                   f"multiplies ({', '.join(QUANT_VEC_DOT_TYPES.values())})")
 
 
 def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
