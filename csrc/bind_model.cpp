@@ -98,6 +98,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "device", o.device); get(d, "gpu", o.gpu);
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     get(d, "repack", o.repack); get(d, "fused_graph", o.fused_graph);
+    get(d, "expert_gemm", o.expert_gemm);
     get(d, "overlap_reads", o.overlap_reads);
     get(d, "standin_path", o.standin_path); get(d, "standin_slots", o.standin_slots);
     get(d, "standin_threshold", o.standin_threshold);
@@ -237,6 +238,8 @@ void bind_model(py::module_ & m) {
              })
         .def("standin_uses", [](Model & m) { return m.standin_uses(); },
              "per layer: routed experts computed with their low-bit stand-in (standin_threshold > 0)")
+        .def("gemm_experts", [](Model & m) { return m.gemm_experts(); },
+             "per layer: experts run as per-expert 2-D matmuls (expert_gemm, CPU prompt ubatches)")
         .def("swaps", [](Model & m) { return m.swaps(); },
              "per layer: routed experts replaced by a resident one (cache-aware routing, swap_threshold > 0)")
         .def("cpu_experts", [](Model & m) { return m.cpu_experts(); },

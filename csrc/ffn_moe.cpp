@@ -5,6 +5,9 @@
 //   combine:        weighted sum + shared expert + parallel dense -> residual -> x
 // Two ways to run a layer's experts, bit-identical: one pass when its distinct experts fit the layer's slots
 // (run_experts), else expert-major groups (run_expert_pairs per group, then run_combine).
+// Prompt ubatches on the CPU (expert_gemm(T)) take a third way in every case: each expert's tokens gathered into
+// one 2-D matmul per matrix (expert_ffn_rows), so ggml's repacked GEMM runs 4 tokens per pass over the weights
+// (mul_mat_id runs one GEMV per token); which way runs depends on T alone, so offloading still changes no bit.
 #include <algorithm>
 #include <cmath>
 
@@ -48,6 +51,31 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
     ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], glu(ctx, g, u), slots);   // [n_embd, K', T']
     if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
     return d;
+}
+
+// One expert on its own tokens: x [n_embd, n] (the rows routed to expert e, held in slot `slot` of pool P) ->
+// [n_embd, n], with 2-D views of the slot's matrices. A view of a repacked arena is a repacked tensor (its buffer's
+// init_tensor picks the layout again), so ggml's repacked GEMM runs on it; plain arenas take ggml's mul_mat.
+ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x) {
+    Layer & L = layers_[il];
+    auto mat = [&](int r) {
+        return ggml_view_2d(ctx, P.arena[r], P.ne0[r], P.ne1[r], P.arena[r]->nb[1], (size_t) slot * P.arena[r]->nb[2]);
+    };
+    auto bias = [&](ggml_tensor * y, ggml_tensor * b) {       // b [ne0, n_expert]: its row e, broadcast over tokens
+        return b ? ggml_add(ctx, y, ggml_view_1d(ctx, b, b->ne[0], (size_t) e * b->nb[1])) : y;
+    };
+    ggml_tensor * g = bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b);   // [n_ff, n]
+    ggml_tensor * u = bias(ggml_mul_mat(ctx, mat(1), x), L.up_exps_b);     // [n_ff, n]
+    return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u)), L.down_exps_b);   // [n_embd, n]
+}
+
+// Prompt ubatches: the grouped way (see the top of this file) for a pool of ggml's repacked layouts (for plain
+// ones ggml's mul_mat_id is as fast), when the ubatch gives its experts a few tokens each on average (below that,
+// per-expert graph nodes cost more than they save). A pool is repacked or not by its type and shape alone (the
+// same in every tier and at every budget): with T it decides the way, and never the cache's state.
+bool Model::expert_gemm(int T, const Pool & P) const {
+    return opt_.expert_gemm && P.host && P.repacked[0] && T > 1 &&
+           (int64_t) T * hp_.n_expert_used >= (int64_t) kGemmMinRows * hp_.n_expert;
 }
 
 // The layer's new residual stream from the expert outputs d [n_embd, K, T] (before weighting), with f.hn the
@@ -113,65 +141,105 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
 // on_cpu (tiering.h): the group sits in tier 2 (RAM) and the CPU backend runs it from there. The step's
 // hidden states go to the host and the outputs come back into ebuf_ rows: device <-> host copies on a GPU,
 // memcpys on a CPU device (so the CPU build runs this code path too).
+// expert_gemm(T) with host slots: the pairs grouped by expert (tokens ascending), one expert_ffn_rows per expert,
+// at most kMaxNodes / kGemmExpertNodes experts per graph; else one mul_mat_id pass (expert_ffn) over them all.
 void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_cpu, const Pool * pool_in) {
     const HParams & h = hp_;
     const int P = (int) pairs.tok.size(), K = h.n_expert_used;
-    const std::vector<int32_t> &tok = pairs.tok, &slot_ids = pairs.slot, &eid = pairs.eid;
-    const std::vector<int64_t> & rows = pairs.rows;
-    const std::vector<float> & pw = pairs.w;
+    if (P == 0) return;
+    const Pool & pool = pool_in ? *pool_in : on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
+    const bool gemm = expert_gemm(T, pool) && (on_cpu || backend_ == cpu_backend_);
+    std::vector<int> order(P);                    // the pairs in the order they are computed
+    for (int i = 0; i < P; ++i) order[i] = i;
+    if (gemm) std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pairs.eid[a] < pairs.eid[b]; });
+    // [i0, i1) ranges of `order` computed by one graph: all of them, or (gemm) whole experts, at most per_graph each
+    std::vector<std::pair<int, int>> parts;
+    const int per_graph = (kMaxNodes - 64) / kGemmExpertNodes;
+    for (int i = 0, n_e = 0, start = 0; i < P; ++i) {
+        const bool new_expert = i == 0 || pairs.eid[order[i]] != pairs.eid[order[i - 1]];
+        if (gemm && new_expert && n_e == per_graph) { parts.emplace_back(start, i); start = i; n_e = 0; }
+        n_e += new_expert;
+        if (i == P - 1) parts.emplace_back(start, P);
+    }
     std::vector<float> hn_host;
-    ggml_context * ctx = begin_graph();
-    ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * hn;
     if (on_cpu) {
         hn_host.resize((size_t) h.n_embd * T);
         ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
-        hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
-        ggml_set_input(hn);
-    } else {
-        hn = rows_of(ctx, ffn_in_, 0, T);
     }
-    ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, P);
-    ggml_set_input(t_idx);
-    ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
-    ggml_set_input(slots);
-    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, P);
-    ggml_set_input(eids);
-    ggml_tensor * xs = ggml_reshape_3d(ctx, ggml_get_rows(ctx, hn, t_idx), h.n_embd, 1, P);   // [n_embd, 1, P]
-    ggml_tensor * pwt = nullptr;                  // pair weights [1, 1, P] (Llama-4: scale the expert input)
-    if (h.weights_before_ffn) {
-        pwt = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, P);
-        ggml_set_input(pwt);
-        xs = ggml_mul(ctx, xs, pwt);
-    }
-    const Pool & pool = pool_in ? *pool_in : on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
-    ggml_tensor * d = ggml_reshape_2d(ctx, expert_ffn(ctx, il, pool, xs, slots, eids), h.n_embd, P);
-    ggml_tensor * r_idx = nullptr;
-    if (on_cpu) {
-        ggml_set_output(d);
-        ggml_build_forward_expand(gf, d);
-    } else {
-        r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, P);
+    std::vector<float> out;                       // on_cpu: the outputs of a part, row i - i0 for pair order[i]
+    for (const auto & [i0, i1] : parts) {
+        const int n = i1 - i0;
+        std::vector<int32_t> tok(n), slot(n), eid(n);
+        std::vector<int64_t> dst_row(n);          // its row of ebuf_, or (on_cpu) of the part's output
+        std::vector<float> pw(n);
+        for (int i = 0; i < n; ++i) {
+            const int j = order[i0 + i];
+            tok[i] = pairs.tok[j]; slot[i] = pairs.slot[j]; eid[i] = pairs.eid[j]; pw[i] = pairs.w[j];
+            dst_row[i] = on_cpu ? i : pairs.rows[j];
+        }
+        ggml_context * ctx = begin_graph();
+        ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
+        ggml_tensor * hn;
+        if (on_cpu) {
+            hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
+            ggml_set_input(hn);
+        } else {
+            hn = rows_of(ctx, ffn_in_, 0, T);
+        }
+        ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
+        ggml_set_input(t_idx);
+        ggml_tensor * r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(r_idx);
-        ggml_tensor * dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
-        ggml_build_forward_expand(gf, ggml_set_rows(ctx, dst, d, r_idx));
+        ggml_tensor * xs = ggml_get_rows(ctx, hn, t_idx);                      // [n_embd, n]
+        ggml_tensor * pwt = nullptr;              // pair weights [1, n] (Llama-4: scale the expert input)
+        if (h.weights_before_ffn) {
+            pwt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
+            ggml_set_input(pwt);
+            xs = ggml_mul(ctx, xs, pwt);
+        }
+        ggml_tensor * dst;                        // the outputs land in its rows r_idx
+        if (on_cpu) {
+            dst = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, n);
+            ggml_set_input(dst);                  // allocated first, and kept: the set_rows below write into it
+            ggml_set_output(dst);
+        } else {
+            dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
+        }
+        ggml_tensor * slots = nullptr, * eids = nullptr;
+        if (gemm) {
+            for (int a = 0, b; a < n; a = b) {    // one expert: pairs [a, b)
+                for (b = a + 1; b < n && eid[b] == eid[a]; ++b) {}
+                ggml_tensor * x = ggml_view_2d(ctx, xs, h.n_embd, b - a, xs->nb[1], (size_t) a * xs->nb[1]);
+                ggml_tensor * d = expert_ffn_rows(ctx, il, pool, slot[a], eid[a], x);
+                gemm_experts_[il]++;
+                dst = ggml_set_rows(ctx, dst, d, ggml_view_1d(ctx, r_idx, b - a, (size_t) a * r_idx->nb[0]));
+            }
+        } else {
+            slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+            ggml_set_input(slots);
+            eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
+            ggml_set_input(eids);
+            ggml_tensor * d = expert_ffn(ctx, il, pool, ggml_reshape_3d(ctx, xs, h.n_embd, 1, n), slots, eids);
+            dst = ggml_set_rows(ctx, dst, ggml_reshape_2d(ctx, d, h.n_embd, n), r_idx);
+        }
+        ggml_build_forward_expand(gf, dst);
+        compute(ctx, gf, on_cpu ? galloc_cpu_ : galloc_);
+        if (on_cpu) set_input(hn, hn_host.data(), ggml_nbytes(hn));
+        set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
+        set_input(r_idx, dst_row.data(), ggml_nbytes(r_idx));
+        if (slots) set_input(slots, slot.data(), ggml_nbytes(slots));
+        if (eids && eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
+        if (pwt) set_input(pwt, pw.data(), ggml_nbytes(pwt));
+        ggml_backend_graph_compute(on_cpu ? cpu_backend_ : backend_, gf);
+        if (on_cpu) {
+            out.resize((size_t) h.n_embd * n);
+            ggml_backend_tensor_get(dst, out.data(), 0, out.size() * sizeof(float));
+            for (int i = 0; i < n; ++i)
+                ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd,
+                                        (size_t) pairs.rows[order[i0 + i]] * ebuf_->nb[1], (size_t) h.n_embd * sizeof(float));
+        }
+        ggml_free(ctx);
     }
-    compute(ctx, gf, on_cpu ? galloc_cpu_ : galloc_);
-    if (on_cpu) set_input(hn, hn_host.data(), ggml_nbytes(hn));
-    else set_input(r_idx, rows.data(), ggml_nbytes(r_idx));
-    set_input(t_idx, tok.data(), ggml_nbytes(t_idx));
-    set_input(slots, slot_ids.data(), ggml_nbytes(slots));
-    if (eids->buffer) set_input(eids, eid.data(), ggml_nbytes(eids));
-    if (pwt) set_input(pwt, pw.data(), ggml_nbytes(pwt));
-    ggml_backend_graph_compute(on_cpu ? cpu_backend_ : backend_, gf);
-    if (on_cpu) {
-        std::vector<float> out((size_t) h.n_embd * P);
-        ggml_backend_tensor_get(d, out.data(), 0, out.size() * sizeof(float));
-        for (int i = 0; i < P; ++i)
-            ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd, (size_t) rows[i] * ebuf_->nb[1],
-                                    (size_t) h.n_embd * sizeof(float));
-    }
-    ggml_free(ctx);
 }
 
 void Model::run_combine(int il, int T, const std::vector<float> & w) {
@@ -263,7 +331,14 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
                 return;
             }
             cache_->acquire(il, ids.data(), n, slots.data());
-            run_experts(il, 0, T, slots, w, ids);
+            if (!expert_gemm(T, cache_->pool_of(il)) || backend_ != cpu_backend_) {
+                run_experts(il, 0, T, slots, w, ids);
+            } else {                                // per-expert GEMMs: the expert-major path, one group
+                std::vector<int> slot_of(hp_.n_expert, -1);
+                for (int i = 0; i < n; ++i) slot_of[ids[i]] = slots[i];
+                run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), false);
+                run_combine(il, T, w);
+            }
         } catch (...) { cache_->release(il); throw; }
         cache_->release(il);
         return;

@@ -10,6 +10,8 @@ namespace moelite {
 
 static constexpr int kMaxNodes = 4096;            // nodes of one per-layer graph, at most
 static constexpr int kLayerNodes = 512;           // nodes of one layer in the fused graph, at most (model_fused.cpp)
+static constexpr int kGemmMinRows = 4;           // tokens per expert on average from which a ubatch runs expert_gemm
+static constexpr int kGemmExpertNodes = 32;       // graph nodes (and tensors) of one expert in expert_gemm, at most
 static constexpr int64_t kOutputScratch = 8 << 20;  // bytes of logits per output graph (runtime/planner.py counts it)
 
 inline std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }

@@ -83,6 +83,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     }
     cpu_experts_.assign(hp_.n_layer, 0);
     swaps_.assign(hp_.n_layer, 0);
+    gemm_experts_.assign(hp_.n_layer, 0);
     standin_uses_.assign(hp_.n_layer, 0);
     if (standin_) {                               // its own slots (quota >= n_expert_used) and I/O threads
         standin_->finalize(tier_quotas(opt_.standin_slots, "standin_slots"), backend_, nullptr, repack_buft_);
@@ -769,6 +770,7 @@ void Model::reset_stats() {
     if (tier2_) tier2_->reset_stats();
     cpu_experts_.assign(hp_.n_layer, 0);
     swaps_.assign(hp_.n_layer, 0);
+    gemm_experts_.assign(hp_.n_layer, 0);
     standin_uses_.assign(hp_.n_layer, 0);
     if (standin_) standin_->reset_stats();
 }
@@ -829,7 +831,7 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
         const int out_here = std::max(0, std::min(T, n_out - (n_tokens - start - T)));
         // the rows of logits this ubatch writes: from the first wanted token on
         float * out_rows = out_here ? logits + (size_t) std::max(0, start - (n_tokens - n_out)) * h.n_vocab : nullptr;
-        if (fused_ok() && eval_fused(tokens + start, T, out_here, out_rows)) {
+        if (fused_ok() && !any_expert_gemm(T) && eval_fused(tokens + start, T, out_here, out_rows)) {
             n_past_ += T;
             continue;
         }

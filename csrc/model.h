@@ -142,6 +142,10 @@ struct ModelOptions {
     // router logits and the experts) and the logits run in one ggml graph instead of 2 per MoE layer + 2;
     // bit-identical to the per-layer graphs (off: always per layer).
     bool fused_graph = true;
+    // Prompt ubatches on the CPU: each expert's tokens in one 2-D matmul per matrix (ggml's repacked GEMM, 4 tokens
+    // per pass over the weights) instead of mul_mat_id's one GEMV per token (ffn_moe.cpp). Which way a ubatch runs
+    // depends on its size alone: offloading changes no bit either way. Off: mul_mat_id always.
+    bool expert_gemm = true;
     // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
     // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
     bool overlap_reads = true;
@@ -194,6 +198,7 @@ public:
     const CostModel & costs() const { return costs_; }
     const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
     const std::vector<uint64_t> & swaps() const { return swaps_; }   // per layer: routed experts replaced (cache-aware)
+    const std::vector<uint64_t> & gemm_experts() const { return gemm_experts_; }   // per layer: experts run by expert_gemm
     const std::vector<uint64_t> & standin_uses() const { return standin_uses_; }   // per layer: experts run as stand-ins
     ExpertCache * standins() { return standin_.get(); }
     void reset_stats();
@@ -202,6 +207,7 @@ public:
     size_t kv_bytes() const { return kv_bytes_; }
     size_t scratch_bytes() const;
     bool fused_ok() const;                        // this model runs a step as one graph (model_fused.cpp)
+    bool any_expert_gemm(int T) const;            // a ubatch of T runs some layer's experts as per-expert matmuls
 
     // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
     bool record_routes = false;
@@ -299,6 +305,8 @@ private:
     ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
+    ggml_tensor * expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x);
+    bool expert_gemm(int T, const Pool & P) const;   // a ubatch of T runs pool P's experts as per-expert matmuls
     ggml_tensor * combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_tensor * weights, const MoeFront & f);
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
@@ -351,6 +359,7 @@ private:
     CostModel costs_;
     std::vector<uint64_t> cpu_experts_;
     std::vector<uint64_t> swaps_;
+    std::vector<uint64_t> gemm_experts_;
     std::unique_ptr<GGUFIndex> standin_idx_;      // the stand-ins' side file (opt_.standin_path)
     std::unique_ptr<ExpertCache> standin_;        // its experts, cached like the full ones
     std::vector<uint64_t> standin_uses_;

@@ -25,6 +25,14 @@ bool Model::fused_ok() const {
            !record_routes;
 }
 
+// A ubatch that runs some layer's experts as per-expert matmuls (expert_gemm) needs its routing on the host to
+// shape them: it runs per layer.
+bool Model::any_expert_gemm(int T) const {
+    for (int il = 0; il < hp_.n_layer; ++il)
+        if (layers_[il].moe && expert_gemm(T, cache_->pool_of(il))) return true;
+    return false;
+}
+
 // The custom ops run on a thread of the CPU backend's pool (n_tasks 1: thread 0 only) and must not throw (ggml is
 // C): a failed routing (NaN logits) is flagged, and eval() reruns the step per layer, which raises the same error
 // with the layer's name. Their userdata is the layer's RouteOp.

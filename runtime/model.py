@@ -109,7 +109,7 @@ class Model:
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
                  repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True,
                  overlap_reads: bool = True, standins: bool | str | os.PathLike = False,
-                 standin_threshold: float = 0.5) -> None:
+                 standin_threshold: float = 0.5, expert_gemm: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -217,7 +217,7 @@ class Model:
                        device=1 if self.device == "cuda" else 0, gpu=int(gpu),
                        host_slots=self.host_slots or [], cpu_compute=CPU_COMPUTE[cpu_compute],
                        flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold,
-                       fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads),
+                       fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads), expert_gemm=bool(expert_gemm),
                        standin_path=self.standins_path or "", standin_slots=standin_slots,
                        standin_threshold=self.standin_threshold)
         self.flash_attn = bool(flash_attn)
@@ -562,10 +562,11 @@ class Model:
     # --- cache introspection -----------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
         per_layer = self._core().cache_stats()
-        for s, n, u in zip(per_layer, self._core().swaps(), self._core().standin_uses()):
+        for s, n, u, g in zip(per_layer, self._core().swaps(), self._core().standin_uses(), self._core().gemm_experts()):
             if s is not None:
                 s["substitutions"] = n          # cache-aware routing (swap_threshold): routed experts replaced
                 s["standin_uses"] = u           # stand-ins (standins=True): routed experts run as their low-bit copy
+                s["gemm_experts"] = g           # expert_gemm: experts of prompt ubatches run as one 2-D matmul each
         total = _sum_layers(per_layer)
         st = self.last_stats
         tier2 = self._core().tier2_stats()
@@ -632,7 +633,7 @@ class Model:
 def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     """One tier's per-layer cache counters summed over its MoE layers, plus the pooled hit rate."""
     keys = ("hits", "misses", "prefetch_issued", "prefetch_hits", "prefetch_wasted", "bytes_read", "loads",
-            "evictions", "stall_s", "substitutions", "overlapped", "standin_uses")
+            "evictions", "stall_s", "substitutions", "overlapped", "standin_uses", "gemm_experts")
     total = {k: sum((s.get(k, 0) for s in per_layer if s), 0) for k in keys}
     lookups = total["hits"] + total["misses"]
     total["hit_rate"] = total["hits"] / lookups if lookups else 1.0
@@ -648,7 +649,9 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
     this fraction of it), repack (CPU: ggml's repacked weight layouts,
     default True), fused_graph (one ggml graph per step where every expert is resident, default True; bit-identical),
-    overlap_reads (offloaded: compute a step's cached experts while its misses are read, default True; bit-identical)."""
+    overlap_reads (offloaded: compute a step's cached experts while its misses are read, default True; bit-identical),
+    expert_gemm (CPU prompt ubatches: each expert's tokens in one 2-D matmul, ggml's repacked GEMM, default True;
+    which way runs depends on the ubatch size alone, so offloading still changes no bit)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))
