@@ -44,7 +44,7 @@ def open_moelite(a, n_ctx: int, **extra):
     import moelite
     opts = dict(n_threads=a.threads, n_ctx=n_ctx, policy=a.policy, prefetch=not a.no_prefetch,
                 use_calibration=not a.no_calibration, repack=not a.no_repack,
-                swap_threshold=a.swap, fused_graph=not a.no_fused, overlap_reads=not a.no_overlap,
+                swap_threshold=a.swap, fused_graph=not a.no_fused, expert_gemm=not a.no_gemm, overlap_reads=not a.no_overlap,
                 standins=a.standins is not None, standin_threshold=a.standins or 0.5, **extra)
     budget = a.budget
     for _ in range(3):    # the cap is below what moelite can run in: run at its minimum (stand-ins add to it), say so
@@ -129,7 +129,7 @@ def llama_model(a, n_ctx: int):
             return p
         C.llama_model_default_params = no_extra_bufts
     return Llama(model_path=a.model, n_ctx=n_ctx, n_threads=a.threads, n_threads_batch=a.threads,
-                 n_batch=512, n_ubatch=512, use_mmap=True, verbose=False)
+                 n_batch=512, n_ubatch=512, use_mmap=True, flash_attn=a.flash_attn, verbose=False)
 
 
 def run_llama_teacher(a, prompt: list[int], forced: list[int]) -> dict:
@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--no-prefetch", action="store_true")
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
     ap.add_argument("--no-repack", action="store_true", help="no weight repacking: llama.cpp use_extra_bufts=false, moelite repack=False")
+    ap.add_argument("--flash-attn", action="store_true", help="llama.cpp: flash attention on (its default: off)")
+    ap.add_argument("--no-gemm", action="store_true", help="moelite: expert_gemm=False (mul_mat_id for prompts too)")
     ap.add_argument("--no-fused", action="store_true", help="moelite: per-layer graphs even when every expert is resident")
     ap.add_argument("--no-overlap", action="store_true",
                     help="moelite: wait for a step's misses before computing its cached experts")

@@ -78,6 +78,27 @@ bool Model::expert_gemm(int T, const Pool & P) const {
            (int64_t) T * hp_.n_expert_used >= (int64_t) kGemmMinRows * hp_.n_expert;
 }
 
+// moe [n_embd, T] = sum_k w[k, t] d[:, k, t], k in order, from d [n_embd, K, T] (src 0) and the weights [1, K, T]
+// (src 1; absent when the weights scaled the experts' input: Llama-4). One pass over d on every thread, where
+// ggml_mul's broadcast of a [1, K, T] tensor runs one element per inner call, then K - 1 ggml_adds.
+static void op_weighted_sum(ggml_tensor * dst, int ith, int nth, void *) {
+    const ggml_tensor * d = dst->src[0];
+    const ggml_tensor * w = dst->src[1];
+    const int64_t n = d->ne[0], K = d->ne[1], T = d->ne[2];
+    const int64_t t0 = T * ith / nth, t1 = T * (ith + 1) / nth;
+    for (int64_t t = t0; t < t1; ++t) {
+        float * out = (float *) ((char *) dst->data + t * dst->nb[1]);
+        for (int64_t k = 0; k < K; ++k) {
+            const float * x = (const float *) ((const char *) d->data + k * d->nb[1] + t * d->nb[2]);
+            const float wk = w ? *(const float *) ((const char *) w->data + k * w->nb[1] + t * w->nb[2]) : 1.0f;
+            if (k == 0)
+                for (int64_t i = 0; i < n; ++i) out[i] = x[i] * wk;
+            else
+                for (int64_t i = 0; i < n; ++i) out[i] += x[i] * wk;
+        }
+    }
+}
+
 // The layer's new residual stream from the expert outputs d [n_embd, K, T] (before weighting), with f.hn the
 // experts' input and f.res = h:
 //   moe = sum_k w_k d_k (-> post norm, Gemma-4) [+ shared expert(hn)] [+ parallel dense block(h), Gemma-4]
@@ -88,9 +109,16 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
     Layer & L = layers_[il];
     const int K = h.n_expert_used;
     const int64_t T = d->ne[2];
-    if (!h.weights_before_ffn) d = ggml_mul(ctx, d, weights);
-    ggml_tensor * moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
-    for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
+    ggml_tensor * moe;
+    if (backend_ == cpu_backend_) {               // custom ops run on the CPU backend only
+        ggml_tensor * args[2] = {d, weights};
+        moe = ggml_custom_4d(ctx, GGML_TYPE_F32, h.n_embd, T, 1, 1, args, h.weights_before_ffn ? 1 : 2, op_weighted_sum,
+                             GGML_N_TASKS_MAX, nullptr);
+    } else {
+        if (!h.weights_before_ffn) d = ggml_mul(ctx, d, weights);
+        moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
+        for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
+    }
     if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
     if (L.gate_shexp) {
         ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp);
