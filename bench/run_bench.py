@@ -282,6 +282,11 @@ def main() -> None:
     ap.add_argument("--learned-prompt", type=int, default=128, help="bench-moe: prompt tokens of held-out text")
     ap.add_argument("--learned-gen", type=int, default=128, help="bench-moe: decode steps fed the held-out continuation")
     ap.add_argument("--feature-runs", type=int, default=3, help="runs per cache-feature variant at the 25 %% cap (0: skip)")
+    ap.add_argument("--prompts", default="512,4096",
+                    help="resident prefill at these prompt lengths, llama.cpp with and without flash attention ('': skip)")
+    ap.add_argument("--long", type=int, default=0, help="one prompt of this many tokens under the --long-cap (0: skip)")
+    ap.add_argument("--long-cap", type=int, default=50, help="percent of the file size for --long")
+    ap.add_argument("--prompt-runs", type=int, default=3, help="runs per engine and prompt length")
     ap.add_argument("--report-only", action="store_true", help="rewrite RESULTS.md and the plot from bench/out/results.json")
     ap.add_argument("--merge", action="store_true", help="keep the other models' results from bench/out/results.json")
     a = ap.parse_args()
@@ -318,7 +323,9 @@ def main() -> None:
             entry = {"path": label, "sizes": sizes, "bandwidth": bw, "scenarios": {},
                      "commit": results["commit"], "teacher": teacher,
                      "prompt_tokens": len(ids), "gen": a.learned_gen if teacher else a.gen}
-            for sc in a.scenarios.split(","):
+            if a.merge and not a.scenarios and name in results["models"]:
+                entry = results["models"][name]       # only the prompt sections run: keep the scenarios measured before
+            for sc in filter(None, a.scenarios.split(",")):
                 budget = None if sc == "resident" else int(sizes["file_size"] * int(sc) / 100)
                 rows: dict[str, list[dict]] = {e: [] for e in engines}
                 skipped = None
@@ -350,6 +357,12 @@ def main() -> None:
                 if teacher and "error" not in first and (OUT / f"trace-{name}-{sc}.npz").exists():
                     entry["scenarios"][sc]["simulated"] = simulated_decode_hits(
                         str(OUT / f"trace-{name}-{sc}.npz"), len(ids), sum(first["slots"]), first["policy"])
+            if a.prompts and not teacher:
+                entry["prompts"] = prompt_lengths(name, path, a, engines)
+            if a.long and not teacher:
+                entry["long"] = long_prompt(name, path, a, engines, cg, int(sizes["file_size"] * a.long_cap / 100))
+            if not a.feature_runs and a.merge and "features" in results["models"].get(name, {}):
+                entry["features"] = results["models"][name]["features"]   # measured before (its commit in the old report)
             if a.feature_runs:
                 entry["features"] = features(name, path, str(pf), a, int(sizes["file_size"] * 0.25), cg,
                                              ["--teacher", str(tf)] if teacher else [])
@@ -358,6 +371,81 @@ def main() -> None:
     finally:
         cg.cleanup()
     write_report(results)
+
+
+# Resident prefill at several prompt lengths: moelite, llama.cpp's defaults (flash attention off in
+# llama-cpp-python) and llama.cpp with flash attention, interleaved; the prompt is the model's text ids padded
+# with synthetic ones (prompt_ids), a few decode steps after it at that context.
+PROMPT_ENGINES = [("moelite", "moelite", []), ("llama.cpp", "llama", []), ("llama.cpp, flash attention", "llama", ["--flash-attn"])]
+
+
+def prompt_lengths(name: str, path: str, a, engines: list[str]) -> dict:
+    out = {}
+    for n in (int(x) for x in a.prompts.split(",")):
+        ids, _ = prompt_ids(path, n)
+        pf = OUT / f"prompt-{Path(path).stem}-{n}.json"
+        pf.write_text(json.dumps(ids))
+        rows: dict[str, list[dict]] = {label: [] for label, e, _ in PROMPT_ENGINES if e in engines}
+        gen = argparse.Namespace(**{**vars(a), "gen": 8})
+        for i in range(a.prompt_runs):
+            for label, e, extra in PROMPT_ENGINES:
+                if e in engines:
+                    r = run(e, path, str(pf), gen, None, None, extra)
+                    rows[label].append(r)
+                    print(name, "prompt", n, label, i, json.dumps(r), flush=True)
+        out[str(n)] = rows
+    return out
+
+
+def long_prompt(name: str, path: str, a, engines: list[str], cg, budget: int) -> dict:
+    """One long prompt (a.long tokens) under a cap, each engine once, in its own cgroup as the capped scenarios."""
+    ids, _ = prompt_ids(path, a.long)
+    pf = OUT / f"prompt-{Path(path).stem}-{a.long}.json"
+    pf.write_text(json.dumps(ids))
+    gen = argparse.Namespace(**{**vars(a), "gen": 4})
+    out = {"tokens": a.long, "budget": budget, "cap_percent": a.long_cap, "runs": {}}
+    for e in engines:
+        cgroup = cg.make(f"{name}-long-{e}", int(budget * 1.1) + (96 << 20)) if cg.base else None
+        drop_page_cache(path)
+        r = run(e, path, str(pf), gen, budget, cgroup)
+        out["runs"][e] = r
+        print(name, "long", a.long, e, json.dumps(r), flush=True)
+    return out
+
+
+def long_table(m: dict) -> list[str]:
+    lg = m["long"]
+    lines = ["", f"A {lg['tokens']}-token prompt under a cap of {lg['cap_percent']} % of the file "
+             f"({lg['budget'] / 2**20:.0f} MiB; each engine in a cgroup of the cap + 10 % + 96 MiB; one run each):", "",
+             "| engine | prefill tok/s | TTFT s | peak RSS MiB | peak RSS / cap | disk GB read |", "|---|---|---|---|---|---|"]
+    for e, r in lg["runs"].items():
+        if "error" in r:
+            lines.append(f"| {e} | failed: {r['error']} | | | | |")
+            continue
+        lines.append(f"| {e} | {r['prefill_tok_s']:.1f} | {r['ttft_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
+                     f"{r['peak_rss'] / lg['budget']:.2f} | {r['disk_read_bytes'] / 1e9:.1f} |")
+    return lines
+
+
+def prompts_table(m: dict) -> list[str]:
+    """RESULTS.md: resident prefill per prompt length, moelite against llama.cpp with and without flash attention."""
+    lines = ["", f"Resident prompts (medians of {len(next(iter(next(iter(m['prompts'].values())).values())))} interleaved "
+             "runs, the first prompt after loading; 8 decode steps after it):", "",
+             "| prompt tokens | engine | prefill tok/s | TTFT s | decode tok/s at that context | moelite prefill vs this |",
+             "|---|---|---|---|---|---|"]
+    for n, rows in m["prompts"].items():
+        med = {label: {k: summarize([r for r in runs if "error" not in r], k) for k in ("prefill_tok_s", "ttft_s", "decode_tok_s")}
+               for label, runs in rows.items()}
+        ours = med.get("moelite", {}).get("prefill_tok_s")
+        for label, d in med.items():
+            if d["prefill_tok_s"] is None:
+                err = next((r["error"] for r in rows[label] if "error" in r), "no successful run")
+                lines.append(f"| {n} | {label} | failed: {err} | | | |")
+                continue
+            fmt = lambda t, p=1: f"{t[0]:.{p}f} ({t[1]:.{p}f}-{t[2]:.{p}f})"
+            vs = f"{ours[0] / d['prefill_tok_s'][0]:.2f}x" if ours and label != "moelite" else ""
+            lines.append(f"| {n} | {label} | {fmt(d['prefill_tok_s'])} | {fmt(d['ttft_s'], 2)} | {fmt(d['decode_tok_s'])} | {vs} |")
+    return lines
 
 
 # Each cache feature at the 25 % cap, moelite alone (same cgroup rule as the capped scenarios).
@@ -630,6 +718,10 @@ def write_report(res: dict) -> None:
                              "and graph overhead (resident decode itself is compute-bound on these threads: "
                              "see its % of the bandwidth roofline).")
         lines += [""] + [f"- {n}" for n in notes]
+        if m.get("prompts"):
+            lines += prompts_table(m)
+        if m.get("long"):
+            lines += long_table(m)
         if m.get("features"):
             lines += ["", f"Cache features at the 25 % cap (moelite alone, medians of {len(next(iter(m['features'].values())))} runs):", "",
                       "| variant | decode tok/s | prefill tok/s | hit rate | disk MB/token | I/O stall % of run |", "|---|---|---|---|---|---|"]
