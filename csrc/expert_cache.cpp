@@ -232,6 +232,7 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
             } else if (P.host && repack_supports(repack_buft, P.type[r], P.ne0[r], P.ne1[r], P.n_slots)) {
                 P.buf[r] = ggml_backend_buft_alloc_buffer(repack_buft, bytes);   // reads repack through staging
                 if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+                advise_huge_pages(ggml_backend_buffer_get_base(P.buf[r]), bytes);
                 ggml_backend_buffer_clear(P.buf[r], 0);                          // zero blocks compute zeros
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
                 P.repacked[r] = true;
@@ -239,6 +240,7 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
                 if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
                     throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
                 P.own_mem[r] = true;
+                advise_huge_pages(P.mem[r], bytes);
                 std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
                 P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
                 base = P.mem[r];
