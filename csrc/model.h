@@ -146,6 +146,13 @@ struct ModelOptions {
     // per pass over the weights) instead of mul_mat_id's one GEMV per token (ffn_moe.cpp). Which way a ubatch runs
     // depends on its size alone: offloading changes no bit either way. Off: mul_mat_id always.
     bool expert_gemm = true;
+    // Bytes the graph scratch is sized to at load (the planner's bound; 0: grown as graphs need). Virtual memory:
+    // only what graphs touch becomes resident (Model::reserve_scratch).
+    size_t scratch_reserve = 0;
+    // Decode steps (ubatches of <= kAttnDecodeMaxT tokens) on the CPU with flash attention and an F16/F32 KV cache:
+    // attention as one pass per KV head for all its query heads, in F32 (attn_decode.cpp), instead of ggml's flash
+    // attention (one query head at a time, F16 sums). Off: ggml's op for every step.
+    bool decode_attn = true;
     // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
     // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
     bool overlap_reads = true;
@@ -208,6 +215,7 @@ public:
     size_t scratch_bytes() const;
     bool fused_ok() const;                        // this model runs a step as one graph (model_fused.cpp)
     bool any_expert_gemm(int T) const;            // a ubatch of T runs some layer's experts as per-expert matmuls
+    void reserve_scratch(size_t bytes);           // size galloc_'s buffer once, on huge pages
 
     // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
     bool record_routes = false;
