@@ -5,7 +5,9 @@
 // Why: ggml's flash attention on the CPU runs a decode step one query head at a time, converting the query to F16,
 // dotting it with every F16 K row and summing V in F16, so each K/V row is read and converted once per query head;
 // at a 600-token context that was ~20 % of a Qwen3-30B-shaped decode step, most of it conversions and call overhead.
-// Prompt ubatches (T > kAttnDecodeMaxT) keep ggml's tiled flash attention, which is a GEMM per tile.
+// Ubatches of 64 tokens and more (T > kAttnDecodeMaxT) keep ggml's tiled flash attention, a GEMM per 64-row tile
+// with F32 sums; below that ggml runs the per-query path, which this op replaces: prompt and decode rows then sum
+// in F32 alike (a prompt evaluated whole or token by token agrees to float rounding).
 //
 // Inputs as ggml_flash_attn_ext takes them, q unpermuted: q [dk, n_head, T] F32, K [dk, n_kv, h_kv] and
 // V [dv, n_kv, h_kv] (F16 or F32 views of the cache), mask [n_kv, >= T] F16 (0 / -inf), sinks [n_head] F32 or none;
@@ -161,6 +163,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
         for (int64_t h0 = c0; h0 < c1; h0 += kHeads) {
             const int R = (int) std::min<int64_t>(kHeads, c1 - h0);
             float M[kHeads], S[kHeads];
+            bool nan[kHeads] = {};                      // a NaN score poisons the head's output, as in ggml's op
             std::fill(qf, qf + kHeads * dk, 0.f);
             std::fill(acc, acc + kHeads * dv, 0.f);
             for (int r = 0; r < R; ++r) {
@@ -187,6 +190,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
                     float mb = -INFINITY;
                     for (int j = 0; j < n; ++j) {
                         s[j] = mk[j] == -INFINITY ? -INFINITY : s[j] * scale + mk[j];
+                        nan[r] = nan[r] || std::isnan(s[j]);
                         mb = std::max(mb, s[j]);
                     }
                     if (mb == -INFINITY) continue;
@@ -221,7 +225,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
                     S[r] = S[r] * ms + vs;
                     scale_f32(a, ms, dv);
                 }
-                const float inv = S[r] == 0.f ? 0.f : 1.f / S[r];
+                const float inv = nan[r] ? NAN : S[r] == 0.f ? 0.f : 1.f / S[r];
                 float * o = (float *) ((char *) dst->data + (h0 + r) * dst->nb[1] + t * dst->nb[2]);
                 for (int64_t i = 0; i < dv; ++i) o[i] = a[i] * inv;
             }

@@ -149,7 +149,7 @@ struct ModelOptions {
     // Bytes the graph scratch is sized to at load (the planner's bound; 0: grown as graphs need). Virtual memory:
     // only what graphs touch becomes resident (Model::reserve_scratch).
     size_t scratch_reserve = 0;
-    // Decode steps (ubatches of <= kAttnDecodeMaxT tokens) on the CPU with flash attention and an F16/F32 KV cache:
+    // Decode steps and small ubatches (< 64 tokens) on the CPU with flash attention and an F16/F32 KV cache:
     // attention as one pass per KV head for all its query heads, in F32 (attn_decode.cpp), instead of ggml's flash
     // attention (one query head at a time, F16 sums). Off: ggml's op for every step.
     bool decode_attn = true;
