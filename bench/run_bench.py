@@ -361,7 +361,7 @@ def main() -> None:
                         str(OUT / f"trace-{name}-{sc}.npz"), len(ids), sum(first["slots"]), first["policy"])
             if a.prompts and not teacher:
                 entry["prompts"] = prompt_lengths(name, path, a, engines)
-            if a.long and not teacher and trained_context(path) >= a.long:   # (the demo: 4096)
+            if a.long and not teacher:
                 old = entry.get("long", {}).get("runs", {}) if a.merge else {}
                 entry["long"] = long_prompt(name, path, a, [e for e in engines if e in a.long_engines.split(",")], cg,
                                             int(sizes["file_size"] * a.long_cap / 100))
@@ -400,12 +400,6 @@ def prompt_lengths(name: str, path: str, a, engines: list[str]) -> dict:
                     print(name, "prompt", n, label, i, json.dumps(r), flush=True)
         out[str(n)] = rows
     return out
-
-
-def trained_context(path: str) -> int:
-    import moelite
-    with moelite.load(path, n_ctx=64) as m:
-        return int(m.hparams["context_length"])
 
 
 def long_prompt(name: str, path: str, a, engines: list[str], cg, budget: int) -> dict:
