@@ -133,12 +133,11 @@ static void row_to_f32(const ggml_fp16_t * x, float * y, int64_t n) {
 static void row_to_f32(const ggml_fp16_t * x, float * y, int64_t n) { ggml_fp16_to_fp32_row(x, y, n); }
 #endif
 
-// A K or V row as F32: converted into buf (F16), or the cache's own row (F32).
-static const float * kv_row(const ggml_tensor * t, int64_t j, int64_t g, float * buf) {
+// Row j of KV head g of a K or V view, as F32 into dst.
+static void kv_row(const ggml_tensor * t, int64_t j, int64_t g, float * dst) {
     const char * p = (const char *) t->data + j * t->nb[1] + g * t->nb[2];
-    if (t->type == GGML_TYPE_F32) return (const float *) p;
-    row_to_f32((const ggml_fp16_t *) p, buf, t->ne[0]);
-    return buf;
+    if (t->type == GGML_TYPE_F32) std::memcpy(dst, p, t->ne[0] * sizeof(float));
+    else row_to_f32((const ggml_fp16_t *) p, dst, t->ne[0]);
 }
 
 // Work items: (KV head g, token t, chunk c of g's query heads); a group's query heads are split into chunks only
@@ -152,7 +151,8 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
     const int64_t dk = q->ne[0], n_head = q->ne[1], T = q->ne[2], dv = v->ne[0], n_kv = k->ne[1], h_kv = k->ne[2];
     const int64_t rk = n_head / h_kv, pairs = h_kv * T;
     const int64_t n_chunk = std::min<int64_t>(rk, (nth + pairs - 1) / pairs), per = (rk + n_chunk - 1) / n_chunk;
-    std::vector<float> buf((size_t) (kHeads * dk + kHeads * dv + kBlock * dk + kBlock * dv + kHeads * kBlock));
+    thread_local std::vector<float> buf;          // this thread's, kept between steps (no allocation per step)
+    buf.resize((size_t) (kHeads * dk + kHeads * dv + kBlock * dk + kBlock * dv + kHeads * kBlock));
     float * qf = buf.data(), * acc = qf + kHeads * dk, * kb = acc + kHeads * dv, * vb = kb + kBlock * dk;
     float * sc = vb + kBlock * dv;
     float mk[kBlock];
@@ -179,10 +179,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
                     any = any || mk[j] != -INFINITY;
                 }
                 if (!any) continue;                     // masked out (causal future, outside a sliding window)
-                for (int j = 0; j < n; ++j) {
-                    const float * kr = kv_row(k, j0 + j, g, kb + j * dk);
-                    if (kr != kb + j * dk) std::memcpy(kb + j * dk, kr, dk * sizeof(float));
-                }
+                for (int j = 0; j < n; ++j) kv_row(k, j0 + j, g, kb + j * dk);
                 scores(qf, R, kb, n, dk, sc);
                 bool converted = false;
                 for (int r = 0; r < R; ++r) {
@@ -204,10 +201,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
                     for (int j = 0; j < n; ++j) s[j] -= m_new;
                     exp_block(s, n);
                     if (!converted) {
-                        for (int j = 0; j < n; ++j) {
-                            const float * vr = kv_row(v, j0 + j, g, vb + j * dv);
-                            if (vr != vb + j * dv) std::memcpy(vb + j * dv, vr, dv * sizeof(float));
-                        }
+                        for (int j = 0; j < n; ++j) kv_row(v, j0 + j, g, vb + j * dv);
                         converted = true;
                     }
                     for (int j = 0; j < n; ++j) {

@@ -8,6 +8,7 @@
 #include <sys/mman.h>
 #endif
 
+#include "ggml-backend.h"
 #include "ggml.h"
 
 namespace moelite {
@@ -36,6 +37,11 @@ inline void advise_huge_pages(void * p, size_t n) {
 #else
     (void) p; (void) n;
 #endif
+}
+
+// The same for a whole backend buffer, when it is host memory.
+inline void advise_huge_pages(ggml_backend_buffer_t b) {
+    if (b && ggml_backend_buffer_is_host(b)) advise_huge_pages(ggml_backend_buffer_get_base(b), ggml_backend_buffer_get_size(b));
 }
 
 }  // namespace moelite

@@ -232,7 +232,7 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
             } else if (P.host && repack_supports(repack_buft, P.type[r], P.ne0[r], P.ne1[r], P.n_slots)) {
                 P.buf[r] = ggml_backend_buft_alloc_buffer(repack_buft, bytes);   // reads repack through staging
                 if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
-                advise_huge_pages(ggml_backend_buffer_get_base(P.buf[r]), bytes);
+                advise_huge_pages(P.buf[r]);
                 ggml_backend_buffer_clear(P.buf[r], 0);                          // zero blocks compute zeros
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
                 P.repacked[r] = true;

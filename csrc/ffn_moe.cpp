@@ -72,7 +72,8 @@ ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P,
 // Prompt ubatches: the grouped way (see the top of this file) for a pool of ggml's repacked layouts (for plain
 // ones ggml's mul_mat_id is as fast), when the ubatch gives its experts a few tokens each on average (below that,
 // per-expert graph nodes cost more than they save). A pool is repacked or not by its type and shape alone (the
-// same in every tier and at every budget): with T it decides the way, and never the cache's state.
+// same in every tier and at every budget): with T it decides the way, and never the cache's state. A host pool is
+// one the CPU computes (a GPU's arenas are device memory; its RAM tier is plain).
 bool Model::expert_gemm(int T, const Pool & P) const {
     return opt_.expert_gemm && P.host && P.repacked[0] && T > 1 &&
            (int64_t) T * hp_.n_expert_used >= (int64_t) kGemmMinRows * hp_.n_expert;
@@ -176,7 +177,7 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
     const int P = (int) pairs.tok.size(), K = h.n_expert_used;
     if (P == 0) return;
     const Pool & pool = pool_in ? *pool_in : on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
-    const bool gemm = expert_gemm(T, pool) && (on_cpu || backend_ == cpu_backend_);
+    const bool gemm = expert_gemm(T, pool);
     std::vector<int> order(P);                    // the pairs in the order they are computed
     for (int i = 0; i < P; ++i) order[i] = i;
     if (gemm) std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pairs.eid[a] < pairs.eid[b]; });
@@ -359,7 +360,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
                 return;
             }
             cache_->acquire(il, ids.data(), n, slots.data());
-            if (!expert_gemm(T, cache_->pool_of(il)) || backend_ != cpu_backend_) {
+            if (!expert_gemm(T, cache_->pool_of(il))) {
                 run_experts(il, 0, T, slots, w, ids);
             } else {                                // per-expert GEMMs: the expert-major path, one group
                 std::vector<int> slot_of(hp_.n_expert, -1);

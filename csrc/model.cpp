@@ -173,7 +173,7 @@ void Model::alloc_weights() {
         for (ggml_tensor * t : packed) size += GGML_PAD(ggml_backend_buft_get_alloc_size(repack_buft_, t), align);
         buf_rp_ = ggml_backend_buft_alloc_buffer(repack_buft_, size);
         if (!buf_rp_) throw BudgetError("cannot allocate " + std::to_string(size) + " bytes for the repacked dense weights");
-        advise_huge_pages(ggml_backend_buffer_get_base(buf_rp_), size);
+        advise_huge_pages(buf_rp_);
         ggml_tallocr ta = ggml_tallocr_new(buf_rp_);
         for (ggml_tensor * t : packed) {
             if (ggml_tallocr_alloc(&ta, t) != GGML_STATUS_SUCCESS)
@@ -187,8 +187,7 @@ void Model::alloc_weights() {
     if (rest) {
         buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
         if (!buf_w_) throw BudgetError("cannot allocate memory for the dense weights");
-        if (ggml_backend_buffer_is_host(buf_w_))
-            advise_huge_pages(ggml_backend_buffer_get_base(buf_w_), ggml_backend_buffer_get_size(buf_w_));
+        advise_huge_pages(buf_w_);
     }
     for (ggml_backend_buffer_t b : {buf_w_, buf_rp_}) dense_bytes_ += b ? ggml_backend_buffer_get_size(b) : 0;
 }
@@ -513,7 +512,7 @@ void Model::alloc_kv() {
     ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, (int64_t) std::max(h.n_expert_used, 1) * U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
-    if (ggml_backend_buffer_is_host(buf_kv_)) advise_huge_pages(ggml_backend_buffer_get_base(buf_kv_), ggml_backend_buffer_get_size(buf_kv_));
+    advise_huge_pages(buf_kv_);
     kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
     if (!any_recurrent) return;
     // recurrent state, one sequence: conv [K - 1, channels] (+ DeltaNet [S_v, S_v, H_v]) per recurrent layer
