@@ -99,7 +99,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "host_slots", o.host_slots); get(d, "cpu_compute", o.cpu_compute); get(d, "flash_attn", o.flash_attn);
     get(d, "repack", o.repack); get(d, "fused_graph", o.fused_graph);
     get(d, "expert_gemm", o.expert_gemm); get(d, "scratch_reserve", o.scratch_reserve);
-    get(d, "decode_attn", o.decode_attn);
+    get(d, "decode_attn", o.decode_attn); get(d, "prompt_attn", o.prompt_attn);
     get(d, "overlap_reads", o.overlap_reads);
     get(d, "standin_path", o.standin_path); get(d, "standin_slots", o.standin_slots);
     get(d, "standin_threshold", o.standin_threshold);

@@ -69,13 +69,14 @@ ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P,
     return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u)), L.down_exps_b);   // [n_embd, n]
 }
 
-// Prompt ubatches: the grouped way (see the top of this file) for a pool of ggml's repacked layouts (for plain
-// ones ggml's mul_mat_id is as fast), when the ubatch gives its experts a few tokens each on average (below that,
-// per-expert graph nodes cost more than they save). A pool is repacked or not by its type and shape alone (the
-// same in every tier and at every budget): with T it decides the way, and never the cache's state. A host pool is
-// one the CPU computes (a GPU's arenas are device memory; its RAM tier is plain).
+// Prompt ubatches: the grouped way (see the top of this file) for a pool the CPU computes, when the ubatch gives its
+// experts a few tokens each on average (below that, per-expert graph nodes cost more than they save). Repacked
+// slots run ggml's repacked GEMMs; plain ones its 2-D mul_mat, which tiles Q8_0/Q4_0/F16/F32 through tinyBLAS
+// (GGML_LLAMAFILE) where mul_mat_id runs one dot product per row and token (Q8_0 demo prompts: 1.25x). With T the
+// pool decides the way, never the cache's state. A host pool is one the CPU computes (a GPU's arenas are device
+// memory; its RAM tier is plain).
 bool Model::expert_gemm(int T, const Pool & P) const {
-    return opt_.expert_gemm && P.host && P.repacked[0] && T > 1 &&
+    return opt_.expert_gemm && P.host && T > 1 &&
            (int64_t) T * hp_.n_expert_used >= (int64_t) kGemmMinRows * hp_.n_expert;
 }
 

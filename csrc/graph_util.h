@@ -12,14 +12,17 @@ static constexpr int kMaxNodes = 4096;            // nodes of one per-layer grap
 static constexpr int kLayerNodes = 512;           // nodes of one layer in the fused graph, at most (model_fused.cpp)
 static constexpr int kGemmMinRows = 4;           // tokens per expert on average from which a ubatch runs expert_gemm
 static constexpr int kGemmExpertNodes = 32;       // graph nodes (and tensors) of one expert in expert_gemm, at most
-// ubatches of at most this many tokens use attn_decode on the CPU: those ggml's flash attention runs one query row
-// at a time with F16 sums (below its 64-row tile); from 64 rows on its tiled path sums in F32 as attn_decode does
+// ubatches of at most this many tokens use attn_decode on the CPU (one pass per KV head, one token per work item),
+// larger ones attn_prompt (64 x 64 tiles of (token, head) rows and KV positions)
 static constexpr int kAttnDecodeMaxT = 63;
 static constexpr int64_t kOutputScratch = 8 << 20;  // bytes of logits per output graph (runtime/planner.py counts it)
 
-// Decode-step attention on the CPU, a custom op (attn_decode.cpp): q [dk, n_head, T], K/V cache views, F16 mask,
-// sinks or null, *scale alive while the graph runs -> [dv, n_head, T].
+// Attention on the CPU as custom ops (attn_cpu.cpp), decode steps and small ubatches / prompt ubatches:
+// q [dk, n_head, T], K/V cache views (F16/F32), F16 mask, sinks or null, *scale alive while the graph runs
+// -> [dv, n_head, T].
 ggml_tensor * attn_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
+                          ggml_tensor * sinks, const float * scale);
+ggml_tensor * attn_prompt(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
                           ggml_tensor * sinks, const float * scale);
 
 inline std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }

@@ -102,9 +102,10 @@ ggml_tensor * Model::attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
         ggml_tensor * V = ggml_view_3d(ctx, L.v_cache, dv, n_kv, n_head_kv, L.v_cache->nb[1],
                                        ggml_row_size(L.v_cache->type, dv), 0);       // [dv, n_kv, h_kv]
         auto plain = [](const ggml_tensor * c) { return c->type == GGML_TYPE_F16 || c->type == GGML_TYPE_F32; };
-        if (opt_.decode_attn && backend_ == cpu_backend_ && T <= kAttnDecodeMaxT && plain(L.k_cache) && plain(L.v_cache) &&
-            mask->type == GGML_TYPE_F16)
-            return attn_decode(ctx, q, K, V, mask, L.sinks, &hp_.plan[il].kq_scale);
+        if (backend_ == cpu_backend_ && plain(L.k_cache) && plain(L.v_cache) && mask->type == GGML_TYPE_F16) {
+            if (T <= kAttnDecodeMaxT && opt_.decode_attn) return attn_decode(ctx, q, K, V, mask, L.sinks, &hp_.plan[il].kq_scale);
+            if (T > kAttnDecodeMaxT && opt_.prompt_attn) return attn_prompt(ctx, q, K, V, mask, L.sinks, &hp_.plan[il].kq_scale);
+        }
         ggml_tensor * o = ggml_flash_attn_ext(ctx, Q, K, V, mask, hp_.plan[il].kq_scale, 0.0f, 0.0f);       // [dv, n_head, T]
         if (L.sinks) ggml_flash_attn_ext_add_sinks(o, L.sinks);
         return o;

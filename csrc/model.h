@@ -150,9 +150,13 @@ struct ModelOptions {
     // only what graphs touch becomes resident (Model::reserve_scratch).
     size_t scratch_reserve = 0;
     // Decode steps and small ubatches (< 64 tokens) on the CPU with flash attention and an F16/F32 KV cache:
-    // attention as one pass per KV head for all its query heads, in F32 (attn_decode.cpp), instead of ggml's flash
-    // attention (one query head at a time, F16 sums). Off: ggml's op for every step.
+    // attention as one pass per KV head for all its query heads, in F32 (attn_cpu.cpp), instead of ggml's flash
+    // attention (one query head at a time, F16 sums). Off: ggml's op for those steps.
     bool decode_attn = true;
+    // Prompt ubatches (>= 64 tokens), same conditions: attention in tiles whose rows are (token, head) pairs of one KV
+    // head's group, so each K/V tile is converted once for all of them (attn_cpu.cpp), instead of ggml's tiled flash
+    // attention (one query head per tile). Off: ggml's op for those ubatches.
+    bool prompt_attn = true;
     // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
     // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
     bool overlap_reads = true;

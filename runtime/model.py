@@ -109,7 +109,8 @@ class Model:
                  cpu_compute: str = "auto", state_snapshots: int = DEFAULT_SNAPSHOTS, flash_attn: bool = True,
                  repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True,
                  overlap_reads: bool = True, standins: bool | str | os.PathLike = False,
-                 standin_threshold: float = 0.5, expert_gemm: bool = True, decode_attn: bool = True) -> None:
+                 standin_threshold: float = 0.5, expert_gemm: bool = True, decode_attn: bool = True,
+                 prompt_attn: bool = True) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -219,6 +220,7 @@ class Model:
                        flash_attn=bool(flash_attn), repack=bool(repack), swap_threshold=swap_threshold,
                        fused_graph=bool(fused_graph), overlap_reads=bool(overlap_reads), expert_gemm=bool(expert_gemm),
                        scratch_reserve=int(self.plan.scratch_bytes), decode_attn=bool(decode_attn),
+                       prompt_attn=bool(prompt_attn),
                        standin_path=self.standins_path or "", standin_slots=standin_slots,
                        standin_threshold=self.standin_threshold)
         self.flash_attn = bool(flash_attn)
@@ -654,7 +656,9 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     expert_gemm (CPU prompt ubatches: each expert's tokens in one 2-D matmul, ggml's repacked GEMM, default True;
     which way runs depends on the ubatch size alone, so offloading still changes no bit), decode_attn (CPU decode
     steps with flash attention: one pass over the KV cache per KV head for all its query heads, in F32, default True;
-    off: ggml's flash attention, one query head at a time)."""
+    off: ggml's flash attention, one query head at a time), prompt_attn (CPU prompt ubatches of 64 tokens and more with
+    flash attention: 64 x 64 tiles whose rows are (token, head) pairs sharing a KV head, default True; off: ggml's
+    tiled flash attention, one query head per tile)."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))

@@ -1,9 +1,9 @@
-"""Per-expert GEMMs for prompt ubatches (issue 21, csrc/ffn_moe.cpp expert_gemm): on the CPU, with the experts in
-ggml's repacked layouts, a ubatch that gives its experts >= 4 tokens each on average runs every expert's tokens as
-one 2-D matmul per matrix (ggml's repacked GEMM, 4 tokens per pass over the weights) instead of mul_mat_id's GEMV
-per token. Which way runs depends on the ubatch size and the pool's layout only, never on the cache: offloading
-changes no bit. Against mul_mat_id it changes only the kernels' summation order: the same greedy tokens, logits within
-the noise test_repack.py allows between two kernels."""
+"""Per-expert GEMMs for prompt ubatches (issue 21, csrc/ffn_moe.cpp expert_gemm): on the CPU, a ubatch that gives
+its experts >= 4 tokens each on average runs every expert's tokens as one 2-D matmul per matrix (ggml's repacked
+GEMM on repacked arenas, 4 tokens per pass over the weights; tinyBLAS on plain Q8_0/F16/F32 ones) instead of
+mul_mat_id's GEMV per token. Which way runs depends on the ubatch size and the pool's layout only, never on the
+cache: offloading changes no bit. Against mul_mat_id it changes only the kernels' summation order: the same greedy
+tokens, logits within the noise test_repack.py allows between two kernels."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,9 +58,13 @@ def test_gemm_runs_on_prompts_only_and_matches_mul_mat_id(runs):
     assert 0 < diff < NOISE_SHARE * quantization, (diff, quantization)     # 0: the other kernel did not run
 
 
-def test_f32_experts_keep_mul_mat_id(runs):
-    # plain (not repacked) arenas: ggml's mul_mat_id is as fast, and the f32 model's parity tests keep their path
-    assert runs["f32"][2]["total"]["gemm_experts"] == 0
+def test_plain_arenas_run_gemms_too(runs):
+    """F32 arenas are not repacked: their GEMMs are ggml's 2-D mul_mat (tinyBLAS), F32 sums in another order."""
+    lo, greedy, st, _ = runs["f32"]
+    lo_id, greedy_id, st_id, _ = _run(_path("f32"), expert_gemm=False)
+    assert st["total"]["gemm_experts"] > 0 and st_id["total"]["gemm_experts"] == 0
+    assert greedy == greedy_id
+    assert 0 < float(np.abs(lo - lo_id).max()) < 1e-4
 
 
 @pytest.mark.parametrize("n_io_threads", [0, 2])
