@@ -198,6 +198,7 @@ void bind_model(py::module_ & m) {
                  d["repacked_tensors"] = r.dense_tensors;
                  d["repacked_dense_bytes"] = r.dense_bytes;
                  d["repacked_arena_bytes"] = r.arena_bytes;
+                 d["repack_tiled_prompts"] = r.tiled_prompts;
                  return d;
              })
         .def("cache_stats",

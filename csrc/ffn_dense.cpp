@@ -24,9 +24,9 @@ ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u) {
 
 // down(act(gate x) * up x). x: [n_embd, T] -> [n_embd, T]
 ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
-    ggml_tensor * g = ggml_mul_mat(ctx, gate, x);
-    ggml_tensor * u = ggml_mul_mat(ctx, up, x);
-    return ggml_mul_mat(ctx, down, glu(ctx, g, u));
+    ggml_tensor * g = dense_mm(ctx, gate, x);
+    ggml_tensor * u = dense_mm(ctx, up, x);
+    return dense_mm(ctx, down, glu(ctx, g, u));
 }
 
 // The dense block of layer il on the residual stream h [n_embd, T]: ffn(ffn_norm(h)) [-> post norm of the

@@ -55,11 +55,13 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
 
 // One expert on its own tokens: x [n_embd, n] (the rows routed to expert e, held in slot `slot` of pool P) ->
 // [n_embd, n], with 2-D views of the slot's matrices. A view of a repacked arena is a repacked tensor (its buffer's
-// init_tensor picks the layout again), so ggml's repacked GEMM runs on it; plain arenas take ggml's mul_mat.
+// init_tensor picks the layout again), so ggml's repacked GEMM runs on it, unless tiled_weight unpacks it for the
+// tiled GEMM (unrepack.cpp: Q4_K, >= 8 tokens); plain arenas take ggml's mul_mat.
 ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x) {
     Layer & L = layers_[il];
     auto mat = [&](int r) {
-        return ggml_view_2d(ctx, P.arena[r], P.ne0[r], P.ne1[r], P.arena[r]->nb[1], (size_t) slot * P.arena[r]->nb[2]);
+        ggml_tensor * m = ggml_view_2d(ctx, P.arena[r], P.ne0[r], P.ne1[r], P.arena[r]->nb[1], (size_t) slot * P.arena[r]->nb[2]);
+        return tiled_weight(ctx, m, P.repacked[r], x->ne[1]);
     };
     auto bias = [&](ggml_tensor * y, ggml_tensor * b) {       // b [ne0, n_expert]: its row e, broadcast over tokens
         return b ? ggml_add(ctx, y, ggml_view_1d(ctx, b, b->ne[0], (size_t) e * b->nb[1])) : y;

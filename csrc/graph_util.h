@@ -25,6 +25,10 @@ ggml_tensor * attn_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, 
 ggml_tensor * attn_prompt(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
                           ggml_tensor * sinks, const float * scale);
 
+// Whether ggml's CPU_REPACK layout of Q4_K is the one ffn_moe.cpp unpacks (a round trip through buft), on a CPU
+// with ggml's tiled K-quant GEMM (x86, AVX2); false disables the unpacking (MOELITE_NO_UNREPACK=1 too).
+bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft);
+
 inline std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }
 
 // Copy host data into a graph input after the allocator placed it.

@@ -23,7 +23,7 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
     Layer & L = layers_[il];
-    ggml_tensor * q = ggml_mul_mat(ctx, L.wq, cur);                    // [n_head * dk, T]
+    ggml_tensor * q = dense_mm(ctx, L.wq, cur);                        // [n_head * dk, T]
     ggml_tensor * gate = nullptr;                                      // Qwen3.5: per head [q_h | gate_h]
     if (h.attn_output_gate) {
         const size_t el = ggml_element_size(q);
@@ -32,8 +32,8 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         q = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, h.n_head, T, 2 * p.head_k * el, q->nb[1], 0),
                          p.head_k * h.n_head, T);
     }
-    ggml_tensor * k = ggml_mul_mat(ctx, L.wk, cur);                    // [n_head_kv * dk, T]
-    ggml_tensor * v = L.wv ? ggml_mul_mat(ctx, L.wv, cur) : k;         // K = V layers (Gemma-4 global): raw k
+    ggml_tensor * k = dense_mm(ctx, L.wk, cur);                        // [n_head_kv * dk, T]
+    ggml_tensor * v = L.wv ? dense_mm(ctx, L.wv, cur) : k;             // K = V layers (Gemma-4 global): raw k
     if (L.bq) q = ggml_add(ctx, q, L.bq);
     if (L.bk) k = ggml_add(ctx, k, L.bk);
     if (L.bv) v = ggml_add(ctx, v, L.bv);
@@ -66,7 +66,7 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
     ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, n_head, T]
     o = ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T);
     if (gate) o = ggml_mul(ctx, o, ggml_sigmoid(ctx, gate));           // gated attention output
-    o = ggml_mul_mat(ctx, L.wo, o);                                    // [n_embd, T]
+    o = dense_mm(ctx, L.wo, o);                                        // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;
 }
 

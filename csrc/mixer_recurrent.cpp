@@ -31,27 +31,27 @@ ggml_tensor * Model::conv_with_state(ggml_context * ctx, ggml_cgraph * gf, int i
 ggml_tensor * Model::mixer_shortconv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T) {
     Layer & L = layers_[il];
     const int64_t H = hp_.n_embd;
-    ggml_tensor * bcx = ggml_mul_mat(ctx, L.sc_in, cur);               // [3H, T]: b, c, x
+    ggml_tensor * bcx = dense_mm(ctx, L.sc_in, cur);                   // [3H, T]: b, c, x
     auto part = [&](int i) { return ggml_view_2d(ctx, bcx, H, T, bcx->nb[1], i * H * ggml_element_size(bcx)); };
     ggml_tensor * y = ggml_mul(ctx, part(1), conv_with_state(ctx, gf, il, ggml_mul(ctx, part(0), part(2)), T));
-    return ggml_mul_mat(ctx, L.sc_out, y);                              // [H, T]
+    return dense_mm(ctx, L.sc_out, y);                                  // [H, T]
 }
 
 ggml_tensor * Model::mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T) {
     const HParams & h = hp_;
     Layer & L = layers_[il];
     const int64_t dk = h.ssm_d_state, Hk = h.ssm_n_group, Hv = h.ssm_dt_rank, dv = h.ssm_d_inner / Hv;
-    ggml_tensor * qkv = ggml_mul_mat(ctx, L.wqkv, cur);                 // [2 Hk dk + Hv dv, T]
-    ggml_tensor * z = ggml_mul_mat(ctx, L.wqkv_gate, cur);              // [Hv dv, T]
+    ggml_tensor * qkv = dense_mm(ctx, L.wqkv, cur);                     // [2 Hk dk + Hv dv, T]
+    ggml_tensor * z = dense_mm(ctx, L.wqkv_gate, cur);                  // [Hv dv, T]
     ggml_tensor *b, *a;
     if (L.ssm_ba) {                                                     // Qwen3-Next: per k-head group [b_g, a_g]
-        ggml_tensor * ba = ggml_reshape_3d(ctx, ggml_mul_mat(ctx, L.ssm_ba, cur), 2 * Hv / Hk, Hk, T);
+        ggml_tensor * ba = ggml_reshape_3d(ctx, dense_mm(ctx, L.ssm_ba, cur), 2 * Hv / Hk, Hk, T);
         const int64_t r = Hv / Hk;
         b = ggml_cont_2d(ctx, ggml_view_3d(ctx, ba, r, Hk, T, ba->nb[1], ba->nb[2], 0), Hv, T);
         a = ggml_cont_2d(ctx, ggml_view_3d(ctx, ba, r, Hk, T, ba->nb[1], ba->nb[2], r * ggml_element_size(ba)), Hv, T);
     } else {
-        b = ggml_mul_mat(ctx, L.ssm_beta, cur);                         // [Hv, T]
-        a = ggml_mul_mat(ctx, L.ssm_alpha, cur);
+        b = dense_mm(ctx, L.ssm_beta, cur);                             // [Hv, T]
+        a = dense_mm(ctx, L.ssm_alpha, cur);
     }
     ggml_tensor * beta = ggml_reshape_4d(ctx, ggml_sigmoid(ctx, b), 1, Hv, T, 1);
     ggml_tensor * g = ggml_mul(ctx, ggml_softplus(ctx, ggml_add(ctx, a, L.ssm_dt_b)), L.ssm_a);   // A = -exp(A_log)
@@ -84,7 +84,7 @@ ggml_tensor * Model::mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il
     // gated RMSNorm per v head (plain weight), then the output projection
     o = ggml_mul(ctx, ggml_mul(ctx, ggml_rms_norm(ctx, o, h.norm_eps), L.ssm_norm),
                  ggml_silu(ctx, ggml_reshape_3d(ctx, z, dv, Hv, T)));
-    return ggml_mul_mat(ctx, L.ssm_out, ggml_reshape_2d(ctx, o, dv * Hv, T));   // [H, T]
+    return dense_mm(ctx, L.ssm_out, ggml_reshape_2d(ctx, o, dv * Hv, T));       // [H, T]
 }
 
 ggml_tensor * Model::mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T) {
@@ -92,7 +92,7 @@ ggml_tensor * Model::mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, 
     Layer & L = layers_[il];
     const int64_t d_inner = h.ssm_d_inner, ds = h.ssm_d_state, ng = h.ssm_n_group, nh = h.ssm_dt_rank;
     const int64_t hd = d_inner / nh, C = d_inner + 2 * ng * ds;
-    ggml_tensor * zxbcdt = ggml_mul_mat(ctx, L.ssm_in, cur);           // [d_inner + C + nh, T]
+    ggml_tensor * zxbcdt = dense_mm(ctx, L.ssm_in, cur);               // [d_inner + C + nh, T]
     const size_t el = ggml_element_size(zxbcdt);
     ggml_tensor * z = ggml_view_3d(ctx, zxbcdt, hd, nh, T, hd * el, zxbcdt->nb[1], 0);
     ggml_tensor * xbc = ggml_view_2d(ctx, zxbcdt, C, T, zxbcdt->nb[1], d_inner * el);
@@ -114,7 +114,7 @@ ggml_tensor * Model::mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, 
     y = ggml_swiglu_split(ctx, ggml_cont(ctx, z), y);                  // y * silu(z)
     y = ggml_reshape_4d(ctx, y, d_inner / ng, ng, T, 1);
     y = ggml_mul(ctx, ggml_rms_norm(ctx, y, h.norm_eps), L.ssm_norm);  // grouped RMSNorm [d_inner / ng, ng]
-    return ggml_mul_mat(ctx, L.ssm_out, ggml_reshape_2d(ctx, y, d_inner, T));   // [H, T]
+    return dense_mm(ctx, L.ssm_out, ggml_reshape_2d(ctx, y, d_inner, T));       // [H, T]
 }
 
 }  // namespace moelite

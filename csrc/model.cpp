@@ -56,6 +56,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
 
     // the dense tensors: backend buffers (repacked ones apart), read from the file
     repack_buft_ = opt_.repack && backend_ == cpu_backend_ ? cpu_repack_buft(cpu_backend_) : nullptr;
+    unrepack_q4_K_ = opt_.expert_gemm && unrepack_q4_K_check(repack_buft_);
     alloc_weights();
     read_weights();
 
@@ -222,6 +223,7 @@ RepackInfo Model::repack_info() const {
     r.dense_tensors = repacked_tensors_;
     r.dense_bytes = repacked_bytes_;
     r.arena_bytes = cache_ ? cache_->repacked_arena_bytes() : 0;
+    r.tiled_prompts = unrepack_q4_K_;
     return r;
 }
 
@@ -803,7 +805,7 @@ int Model::output_rows_per_graph() const {
 // logits [n_vocab, rows]
 ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
     const HParams & h = hp_;
-    ggml_tensor * y = ggml_mul_mat(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));
+    ggml_tensor * y = dense_mm(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));
     if (output_b_) y = ggml_add(ctx, y, output_b_);
     if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
     if (h.final_softcap > 0.f)                                          // Gemma-4: c * tanh(y / c)

@@ -173,6 +173,7 @@ struct RepackInfo {                               // what the CPU_REPACK buffer 
     bool available = false;                       // this CPU backend has the buffer type and repack was asked for
     size_t dense_tensors = 0, dense_bytes = 0;    // dense weights repacked (part of dense_bytes())
     size_t arena_bytes = 0;                       // expert arena bytes repacked (part of the arena)
+    bool tiled_prompts = false;                   // prompt matmuls unpack repacked Q4_K for ggml's tiled GEMM
 };
 
 
@@ -317,6 +318,8 @@ private:
     ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
+    ggml_tensor * tiled_weight(ggml_context * ctx, ggml_tensor * w, bool repacked, int64_t n) const;
+    ggml_tensor * dense_mm(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) const;   // mul_mat, tiled_weight'd
     ggml_tensor * expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x);
     bool expert_gemm(int T, const Pool & P) const;   // a ubatch of T runs pool P's experts as per-expert matmuls
     ggml_tensor * combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_tensor * weights, const MoeFront & f);
@@ -351,6 +354,7 @@ private:
     ggml_context * ctx_w_ = nullptr;              // dense weight tensors
     ggml_backend_buffer_t buf_w_ = nullptr;
     ggml_backend_buffer_type_t repack_buft_ = nullptr;   // CPU_REPACK when repacking (CPU device, opt_.repack)
+    bool unrepack_q4_K_ = false;   // prompt GEMMs may unpack repacked Q4_K slots for ggml's tiled GEMM (ffn_moe.cpp)
     ggml_backend_buffer_t buf_rp_ = nullptr;      // dense weights in repacked layouts (no get_tensor: never read back)
     size_t repacked_tensors_ = 0, repacked_bytes_ = 0;
     ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors

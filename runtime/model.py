@@ -327,9 +327,11 @@ class Model:
             # low-bit stand-ins (standins=True, offloaded): side file, per-layer stand-in slots, threshold
             "standins": ({"path": self.standins_path, "slots": self.standin_slots,
                           "threshold": self.standin_threshold} if self.standins_path else None),
-            # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas
+            # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas;
+            # tiled_prompts: prompt matmuls over >= 8 tokens unpack repacked Q4_K for ggml's tiled GEMM (unrepack.cpp)
             "repack": {"available": mem["repack_available"], "dense_tensors": mem["repacked_tensors"],
-                       "dense_bytes": mem["repacked_dense_bytes"], "arena_bytes": mem["repacked_arena_bytes"]},
+                       "dense_bytes": mem["repacked_dense_bytes"], "arena_bytes": mem["repacked_arena_bytes"],
+                       "tiled_prompts": mem["repack_tiled_prompts"]},
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
             "scratch_bytes_in_use": mem["scratch_bytes"],
             "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),

@@ -1,4 +1,4 @@
-"""Decode-step attention on the CPU (issue 21, csrc/attn_decode.cpp, decode_attn): one pass over the KV cache per KV
+"""Decode-step attention on the CPU (issue 21, csrc/attn_cpu.cpp, decode_attn): one pass over the KV cache per KV
 head for all the query heads that share it, in F32, instead of ggml's flash attention (one query head at a time,
 F16 sums). With an F32 KV cache both compute the same sums in another order (float rounding apart); with the
 default F16 cache the new op is closer to the F32-cache result than ggml's, whose V sums round to F16. Families:

@@ -69,7 +69,8 @@ def test_repacked_matches_the_plain_layout(runs, type):
     quantization = float(np.abs(lo - runs[("f32", False)][0]).max())
     assert diff < NOISE_SHARE * quantization, (diff, quantization)
     assert not np.array_equal(lo_rp, lo) or info_rp["repack"]["dense_tensors"] == 0   # other kernels really ran
-    assert info["repack"] == {"available": False, "dense_tensors": 0, "dense_bytes": 0, "arena_bytes": 0}
+    assert info["repack"] == {"available": False, "dense_tensors": 0, "dense_bytes": 0, "arena_bytes": 0,
+                              "tiled_prompts": False}
 
 
 @pytest.mark.parametrize("type", TYPES)
@@ -126,3 +127,21 @@ def test_no_repack_from_the_cli(capsys, monkeypatch, tmp_path):
     assert on["token_ids"] == off["token_ids"]
     assert on["stats"]["memory"]["repacked_tensors"] > 0 and on["stats"]["memory"]["repacked_arena_bytes"] > 0
     assert off["stats"]["memory"]["repacked_tensors"] == 0 and not off["stats"]["memory"]["repack_available"]
+
+
+def test_prompts_unpack_q4_K_for_the_tiled_gemm():
+    """x86 (AVX2): a prompt's matmuls over >= 8 tokens unpack repacked Q4_K weights (dense ones and expert slots)
+    into plain rows for ggml's tiled GEMM, the kernel the plain layout runs there (csrc/unrepack.cpp). With 4 experts
+    and 200 tokens every matmul of the prompt is over >= 8 tokens, so the repacked and the plain model agree bit for
+    bit: the unpacking is exact. Decode steps keep the repacked GEMV."""
+    path = str(fixture_gguf("qwen3_moe", type="q4_k_m", **dict(SHAPES, num_experts=4))[1])
+    ids = [(13 * i + 5) % 250 + 3 for i in range(200)]
+    opts = dict(kv_type="f32", n_threads=2, n_ubatch=256)
+    with moelite.load(path, **opts) as m:
+        if not m.info()["repack"]["tiled_prompts"]:
+            pytest.skip("no tiled K-quant GEMM in this ggml CPU backend (x86 with AVX2 only)")
+        assert m.info()["repack"]["arena_bytes"] > 0
+        packed = m.logits(ids)
+    with moelite.load(path, repack=False, **opts) as m:
+        plain = m.logits(ids)
+    assert np.array_equal(packed, plain)
