@@ -325,8 +325,14 @@ def main() -> None:
             entry = {"path": label, "sizes": sizes, "bandwidth": bw, "scenarios": {},
                      "commit": results["commit"], "teacher": teacher,
                      "prompt_tokens": len(ids), "gen": a.learned_gen if teacher else a.gen}
-            if a.merge and not a.scenarios and name in results["models"]:
-                entry = results["models"][name]       # only the prompt sections run: keep the scenarios measured before
+            if a.merge and name in results["models"]:
+                # keep what this run does not redo: its scenarios, prompts, long prompt, features (each scenario
+                # remembers the commit it was measured at; the report names it where it differs)
+                old_entry = results["models"][name]
+                for v in old_entry["scenarios"].values():
+                    v.setdefault("commit", old_entry.get("commit"))
+                entry = {**old_entry, **({k: entry[k] for k in ("sizes", "bandwidth", "commit")} if a.scenarios else {})}
+                entry["scenarios"] = dict(old_entry["scenarios"])
             for sc in filter(None, a.scenarios.split(",")):
                 budget = None if sc == "resident" else int(sizes["file_size"] * int(sc) / 100)
                 rows: dict[str, list[dict]] = {e: [] for e in engines}
@@ -351,7 +357,8 @@ def main() -> None:
                         r = run(e, path, str(pf), a, budget, cgroup, extra)
                         rows[e].append(r)
                         print(name, sc, i, json.dumps(r), flush=True)
-                entry["scenarios"][sc] = {"budget": budget, "runs": rows, "skipped_llama": skipped}
+                entry["scenarios"][sc] = {"budget": budget, "runs": rows, "skipped_llama": skipped,
+                                          "commit": results["commit"]}
                 first = rows["moelite"][0] if rows.get("moelite") else {}
                 if teacher and "error" not in first:
                     entry["scenarios"][sc]["predicted"] = predicted_decode(
@@ -366,6 +373,7 @@ def main() -> None:
                 entry["long"] = long_prompt(name, path, a, [e for e in engines if e in a.long_engines.split(",")], cg,
                                             int(sizes["file_size"] * a.long_cap / 100))
                 entry["long"]["runs"] = {**old, **entry["long"]["runs"]}
+                entry["long"]["commit"] = results["commit"]
             if not a.feature_runs and a.merge and "features" in results["models"].get(name, {}):
                 entry["features"] = results["models"][name]["features"]   # measured before (its commit in the old report)
             if a.feature_runs:
@@ -424,7 +432,9 @@ def long_table(m: dict) -> list[str]:
     lg = m["long"]
     lines = ["", f"A {lg['tokens']}-token prompt under a cap of {lg['cap_percent']} % of the file "
              f"({lg['budget'] / 2**20:.0f} MiB; each engine in a cgroup of the cap + 10 % + 96 MiB; one run each; "
-             "llama.cpp with flash attention and without repacking, as in the capped scenarios):", "",
+             "llama.cpp with flash attention and without repacking, as in the capped scenarios"
+             + (f"; measured at commit `{lg['commit']}`" if lg.get("commit", m.get("commit")) != m.get("commit") else "")
+             + "):", "",
              "| engine | prefill tok/s | TTFT s | peak RSS MiB | peak RSS / cap | disk GB read |", "|---|---|---|---|---|---|"]
     for e, r in lg["runs"].items():
         if "error" in r:
@@ -725,6 +735,10 @@ def write_report(res: dict) -> None:
                              f"(waiting for expert reads) are {100 * stall:.0f} % of the run, the rest is compute "
                              "and graph overhead (resident decode itself is compute-bound on these threads: "
                              "see its % of the bandwidth roofline).")
+        older = sorted({s["commit"] for s in m["scenarios"].values() if s.get("commit") and s["commit"] != m.get("commit")})
+        for c in older:
+            notes.append(", ".join(sc for sc, s in m["scenarios"].items() if s.get("commit") == c)
+                         + f": measured at commit `{c}` (kept from an earlier run, `--merge`).")
         lines += [""] + [f"- {n}" for n in notes]
         if m.get("prompts"):
             lines += prompts_table(m)
