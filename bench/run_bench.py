@@ -369,7 +369,10 @@ def main() -> None:
             if a.prompts and not teacher:
                 entry["prompts"] = prompt_lengths(name, path, a, engines)
             if a.long and not teacher:
-                old = entry.get("long", {}).get("runs", {}) if a.merge else {}
+                old_long = entry.get("long", {}) if a.merge else {}
+                old = old_long.get("runs", {})
+                for r in old.values():                # engines not rerun keep the commit they were measured at
+                    r.setdefault("commit", old_long.get("commit", entry.get("commit")))
                 entry["long"] = long_prompt(name, path, a, [e for e in engines if e in a.long_engines.split(",")], cg,
                                             int(sizes["file_size"] * a.long_cap / 100))
                 entry["long"]["runs"] = {**old, **entry["long"]["runs"]}
@@ -440,7 +443,8 @@ def long_table(m: dict) -> list[str]:
         if "error" in r:
             lines.append(f"| {e} | failed: {r['error']} | | | | |")
             continue
-        lines.append(f"| {e} | {r['prefill_tok_s']:.1f} | {r['ttft_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
+        at = f" (at commit `{r['commit']}`)" if r.get("commit") else ""     # kept from an earlier run (--merge)
+        lines.append(f"| {e}{at} | {r['prefill_tok_s']:.1f} | {r['ttft_s']:.1f} | {r['peak_rss'] / 2**20:.0f} | "
                      f"{r['peak_rss'] / lg['budget']:.2f} | {r['disk_read_bytes'] / 1e9:.1f} |")
     return lines
 
