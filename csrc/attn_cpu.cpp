@@ -396,7 +396,7 @@ static void op_attn_prompt(ggml_tensor * dst, int ith, int nth, void * userdata)
                     all_zero &= m[j] == 0;
                 }
             }
-            if (mask ? all_inf : toks == 0) continue;        // masked out (causal future, outside a sliding window)
+            if (mask && all_inf) continue;                   // masked out (causal future, outside a sliding window)
             if (!all_zero)
                 for (int64_t tok = 0; tok < tq; ++tok) {
                     float * m = mt + tok * kTile;
@@ -431,20 +431,22 @@ static void op_attn_prompt(ggml_tensor * dst, int ith, int nth, void * userdata)
 }
 
 // q [dk, n_head, T], K/V views of the cache, mask [n_kv, >= T] F16 or null, sinks or null, *scale (kq scale; the
-// caller keeps it alive while the graph runs) -> [dv, n_head, T].
-ggml_tensor * attn_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
-                          ggml_tensor * sinks, const float * scale) {
+// caller keeps it alive while the graph runs) -> [dv, n_head, T], by op.
+static ggml_tensor * attn_node(ggml_context * ctx, ggml_custom_op_t op, ggml_tensor * q, ggml_tensor * K,
+                               ggml_tensor * V, ggml_tensor * mask, ggml_tensor * sinks, const float * scale) {
     ggml_tensor * args[5] = {q, K, V, mask, sinks};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, V->ne[0], q->ne[1], q->ne[2], 1, args, sinks ? 5 : 4, op_attn_decode,
+    return ggml_custom_4d(ctx, GGML_TYPE_F32, V->ne[0], q->ne[1], q->ne[2], 1, args, sinks ? 5 : 4, op,
                           GGML_N_TASKS_MAX, (void *) scale);
 }
 
-// The same inputs and output as attn_decode, for ubatches of 64 tokens and more.
+ggml_tensor * attn_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
+                          ggml_tensor * sinks, const float * scale) {
+    return attn_node(ctx, op_attn_decode, q, K, V, mask, sinks, scale);
+}
+
 ggml_tensor * attn_prompt(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
                           ggml_tensor * sinks, const float * scale) {
-    ggml_tensor * args[5] = {q, K, V, mask, sinks};
-    return ggml_custom_4d(ctx, GGML_TYPE_F32, V->ne[0], q->ne[1], q->ne[2], 1, args, sinks ? 5 : 4, op_attn_prompt,
-                          GGML_N_TASKS_MAX, (void *) scale);
+    return attn_node(ctx, op_attn_prompt, q, K, V, mask, sinks, scale);
 }
 
 }  // namespace moelite

@@ -25,7 +25,7 @@ ggml_tensor * attn_decode(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, 
 ggml_tensor * attn_prompt(ggml_context * ctx, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V, ggml_tensor * mask,
                           ggml_tensor * sinks, const float * scale);
 
-// Whether ggml's CPU_REPACK layout of Q4_K is the one ffn_moe.cpp unpacks (a round trip through buft), on a CPU
+// Whether ggml's CPU_REPACK layout of Q4_K is the one unrepack.cpp unpacks (a round trip through buft), on a CPU
 // with ggml's tiled K-quant GEMM (x86, AVX2); false disables the unpacking (MOELITE_NO_UNREPACK=1 too).
 bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft);
 

@@ -142,9 +142,10 @@ struct ModelOptions {
     // router logits and the experts) and the logits run in one ggml graph instead of 2 per MoE layer + 2;
     // bit-identical to the per-layer graphs (off: always per layer).
     bool fused_graph = true;
-    // Prompt ubatches on the CPU: each expert's tokens in one 2-D matmul per matrix (ggml's repacked GEMM, 4 tokens
-    // per pass over the weights) instead of mul_mat_id's one GEMV per token (ffn_moe.cpp). Which way a ubatch runs
-    // depends on its size alone: offloading changes no bit either way. Off: mul_mat_id always.
+    // Prompt ubatches on the CPU: each expert's tokens in one 2-D matmul per matrix (ggml's repacked, tiled or
+    // tinyBLAS GEMMs) instead of mul_mat_id's one GEMV per token (ffn_moe.cpp); with it, repacked Q4_K weights are
+    // unpacked for the tiled GEMM in prompts (unrepack.cpp). Which way a ubatch runs depends on its size alone:
+    // offloading changes no bit either way. Off: mul_mat_id always, repacked GEMMs only.
     bool expert_gemm = true;
     // Bytes the graph scratch is sized to at load (the planner's bound; 0: grown as graphs need). Virtual memory:
     // only what graphs touch becomes resident (Model::reserve_scratch).

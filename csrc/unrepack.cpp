@@ -63,10 +63,9 @@ static void op_unrepack_q4_K(ggml_tensor * dst, int ith, int nth, void *) {
         }
 }
 
-bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (!buft || !ggml_cpu_has_avx2() || ggml_type_size(GGML_TYPE_Q4_K) != kQ4K || std::getenv("MOELITE_NO_UNREPACK"))
-        return false;
+// A Q4_K tensor of pseudo-random bytes through buft's repack and back through q4_Kx8_to_q4_K: the same bytes?
+static bool round_trip(ggml_backend_buffer_type_t buft) {
     ggml_init_params ip = {ggml_tensor_overhead(), nullptr, true};
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_Q4_K, 512, 8);
@@ -87,6 +86,15 @@ bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
     }
     if (buf) ggml_backend_buffer_free(buf);
     ggml_free(ctx);
+    return ok;
+}
+#endif
+
+bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (!buft || !ggml_cpu_has_avx2() || ggml_type_size(GGML_TYPE_Q4_K) != kQ4K || std::getenv("MOELITE_NO_UNREPACK"))
+        return false;
+    static const bool ok = round_trip(buft);             // buft is the CPU backend's one CPU_REPACK type: once
     return ok;
 #else
     (void) buft;
