@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import hashlib
 import os
+import re
 import signal
 import sys
 import tempfile
@@ -207,6 +208,8 @@ def load_model(args: argparse.Namespace, **extra: Any):
                              else False,
                              standin_threshold=getattr(args, "standin_threshold", 0.5),
                              kv_type=getattr(args, "kv_type", "f16"), **extra)
+    if split_text(model):
+        print(f"moelite: {model.path}: {split_text(model)}", file=sys.stderr)
     if model.calibration_file:
         print(f"moelite: using calibration {model.calibration_file} (policy {model.policy.name})", file=sys.stderr)
     return model
@@ -241,7 +244,15 @@ def native_stderr_hidden(show: bool = False) -> Iterator[None]:
 
 
 def model_name(model) -> str:
-    return str(model.kv.get("general.name") or Path(model.path).stem)
+    """general.name, else the file name (a split set's without its -00001-of-0000N shard suffix)."""
+    return str(model.kv.get("general.name") or re.sub(r"-\d{5}-of-\d{5}$", "", Path(model.path).stem))
+
+
+def split_text(model) -> str | None:
+    """'split set of 3 files, 12.4 GiB' for a model read from a split set, else None."""
+    from ..runtime.planner import fmt_bytes
+    files = model.table.files
+    return f"split set of {len(files)} files, {fmt_bytes(model.table.size)}" if len(files) > 1 else None
 
 
 # --- status ----------------------------------------------------------------------------------------------
@@ -280,6 +291,8 @@ def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
     if getattr(model, "standin_threshold", 0.0) > 0:   # stand-ins on: how many experts ran as their low-bit copy
         parts.insert(3, f"{s['total']['standin_uses']} stand-in uses since load (--standin-threshold "
                         f"{model.standin_threshold:g})")
+    if split_text(model):                          # the set, named: its files are read as one
+        parts.append(split_text(model))
     if stream.finish_reason == "cancelled":
         parts.append("stopped")
     return " · ".join(parts)

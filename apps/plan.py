@@ -54,13 +54,13 @@ def main(args: argparse.Namespace) -> int:
     from ..runtime.validate import load_hparams
     from .machine import bandwidths
 
-    path, kv, tensors, data_size = model_table(model_arg(args), args.convert_type, args.verbose)
-    hp = load_hparams(path, kv, tensors, file_size=data_size)
+    path, label, kv, tensors, limits = model_table(model_arg(args), args.convert_type, args.verbose)
+    hp = load_hparams(path or label, kv, tensors, file_size=limits)
     n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
     budget = parse_size(args.memory_budget)
     kw = dict(n_ctx=n_ctx, n_ubatch=None, kv_elsize=KV_ELSIZE)         # n_ubatch None: chosen for the budget, as Model does
     full = plan_memory(hp, tensors, budget=1 << 62, **kw)              # everything resident: expert sizes
-    print(f"model     {path}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
+    print(f"model     {label}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
           f"({full.n_expert_used} used per token), n_ctx {n_ctx}")
     print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")
     if args.vram:
@@ -87,7 +87,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"machine   memory {fmt_bytes(bw['mem_bw'])}/s · disk {fmt_bytes(bw['disk_bw'])}/s ({bw['disk_method']}; "
           f"cached in {_machine_file()})")
     print(f"speed     {lo:.1f} - {hi:.1f} tok/s decode (bandwidth roofline, an upper bound; compute not counted)")
-    pred = predict_decode(plan, slots, _embedding_bytes(tensors), bw, path if data_size is None else None,
+    pred = predict_decode(plan, slots, _embedding_bytes(tensors), bw, path,
                           args.threads, args.remeasure)
     print(f"predicted {pred['tok_s']:.1f} tok/s decode at hit rate {100 * pred['hit_rate']:.1f} % ({pred['source']}; "
           f"{pred['threads']} threads)")
@@ -145,20 +145,22 @@ def active_bytes(plan, embd_bytes: int) -> int:
     return max(plan.dense_bytes - embd_bytes, 0) + sum(plan.n_expert_used * b for b in plan.expert_slot_bytes)
 
 
-def model_table(arg: str | None, convert_type: str, verbose: bool) -> tuple[str, dict, dict, int | None]:
-    """MODEL -> (path, GGUF keys, tensor table, bytes of tensor data or None: the file's). A Hugging Face directory
-    is described as it would be converted (config.json, tokenizer files, safetensors headers), not converted."""
-    from .. import _core
-    from ..runtime.model import _core_errors, default_model_path
+def model_table(arg: str | None, convert_type: str,
+                verbose: bool) -> tuple[str | None, str, dict, dict, int | dict[str, int]]:
+    """MODEL -> (GGUF path or None, what to call it, GGUF keys, tensor table, the bytes each tensor's range is checked
+    against: of the data, or per tensor its file's size). A split set is read whole from any shard (the path is its
+    first shard; the label names the set and its size). A Hugging Face directory is described as it would be
+    converted (config.json, tokenizer files, safetensors headers), not converted."""
+    from ..runtime.model import default_model_path, read_table
     if arg is not None and is_hf_dir(Path(arg).expanduser()):
         from ..converters.convert import describe
         path = str(Path(arg).expanduser())
         kv, tensors = describe(path, convert_type)
-        return f"{path} (as {convert_type})", kv, tensors, sum(t[3] for t in tensors.values())
+        return None, f"{path} (as {convert_type})", kv, tensors, sum(t[3] for t in tensors.values())
     path = resolve_model(arg, convert_type) or default_model_path()
-    with native_stderr_hidden(verbose), _core_errors(path):
-        meta = _core.read_gguf(path)
-    return path, meta["kv"], {n: (typ, shape, off, nb) for n, typ, shape, off, nb in meta["tensors"]}, None
+    with native_stderr_hidden(verbose):
+        table = read_table(path)
+    return table.path, table.describe(), table.kv, table.tensors, table.limits
 
 
 def _plan_gpu(hp: dict, tensors: dict, vram: int, ram: int, kw: dict) -> int:

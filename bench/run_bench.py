@@ -241,7 +241,7 @@ def predicted_decode(path: str, budget: int | None, threads: int, n_ctx: int) ->
     from moelite.apps.plan import _embedding_bytes, model_table, predict_decode
     from moelite.runtime.planner import plan_memory
     from moelite.runtime.validate import load_hparams
-    _, kv, tensors, _ = model_table(path, "q8_0", False)          # the file's tables only, as `moelite plan` reads it
+    _, _, kv, tensors, _ = model_table(path, "q8_0", False)       # the file's tables only, as `moelite plan` reads it
     plan = plan_memory(load_hparams(path, kv, tensors), tensors, budget=budget or 1 << 62, n_ctx=n_ctx, n_ubatch=None,
                        kv_elsize=2)
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]

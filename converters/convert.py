@@ -32,6 +32,7 @@ class ConvertReport:
     n_tensors: int
     file_size: int
     seconds: float
+    files: list[Path] = field(default_factory=list)              # out, or every shard of a split set (out = the first)
     tensor_types: dict[str, str] = field(default_factory=dict)   # GGUF name -> ggml type name
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (wanted, written)
     notes: list[str] = field(default_factory=list)
@@ -41,7 +42,8 @@ class ConvertReport:
         for t in self.tensor_types.values():
             counts[t] = counts.get(t, 0) + 1
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-        s = (f"{self.out}: {self.arch}, {self.n_tensors} tensors ({mix}), {self.file_size / 2**20:.1f} MiB "
+        where = f"{self.out} (split set of {len(self.files)} files)" if len(self.files) > 1 else f"{self.out}"
+        s = (f"{where}: {self.arch}, {self.n_tensors} tensors ({mix}), {self.file_size / 2**20:.1f} MiB "
              f"in {self.seconds:.1f} s")
         if self.fallbacks:
             s += f"\n{len(self.fallbacks)} tensor(s) fell back to another type (rows not a multiple of the block):"
@@ -57,14 +59,18 @@ def _tname(t: int) -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *, progress: bool = True,
-            n_threads: int = 2, fuse_gate_up: bool = False) -> ConvertReport:
+            n_threads: int = 2, fuse_gate_up: bool = False, split_max_size: int = 0,
+            split_max_tensors: int = 0) -> ConvertReport:
     """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
 
     type: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k (any case), or keep (GGUF
     input only: re-align, keep types).
     fuse_gate_up: write each layer's gate and up experts as one `ffn_gate_up_exps` [n_embd, 2 n_ff, n_expert]
     (llama.cpp's --fuse-gate-up-exps; llama.cpp loads it for the families whose loader knows the tensor).
-    Raises moelite.errors.ConversionError; on any failure no file is left at `out`."""
+    split_max_size (bytes of tensor data) / split_max_tensors: write a split set OUT-00001-of-0000N.gguf ... as
+    llama.cpp's converter and gguf-split do (0 = no limit; one file when everything fits in one shard); the
+    report's `out` is then the first shard. A GGUF input may itself be a split set, opened from any shard.
+    Raises moelite.errors.ConversionError; on any failure no file (no shard) is left at `out`."""
     timer = gguf_out.Timer()
     type = quant.canonical_type(type)                  # case-insensitive; ConversionError if unknown
     out = Path(out)
@@ -84,16 +90,23 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
     elif isinstance(source, GGUFSource) and source.file_type is not None:
         w.add_file_type(source.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return write_planned(out, w, planned, arch, type, timer, notes, n_threads=n_threads, progress=progress)
+    return write_planned(out, w, planned, arch, type, timer, notes, n_threads=n_threads, progress=progress,
+                         split_max_size=split_max_size, split_max_tensors=split_max_tensors)
 
 
 def write_planned(out: Path, w: gguf.GGUFWriter, planned: list, arch: str, type: str, timer: gguf_out.Timer,
-                  notes: list[str], *, n_threads: int, progress: bool) -> ConvertReport:
-    """Write the planned tensors after w's keys (gguf_out.write: atomic) and report what was written."""
+                  notes: list[str], *, n_threads: int, progress: bool, split_max_size: int = 0,
+                  split_max_tensors: int = 0) -> ConvertReport:
+    """Write the planned tensors after w's keys (gguf_out.write: atomic, split where asked) and report it."""
+    for what, v in (("split_max_size", split_max_size), ("split_max_tensors", split_max_tensors)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise ConversionError(f"{what} = {v!r}: expected an integer >= 0 (0 = no limit)")
     infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
-    size = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress)
+    files = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress,
+                           split_max_size=split_max_size, split_max_tensors=split_max_tensors)
     return ConvertReport(
-        out=out, arch=arch, type=type, n_tensors=len(planned), file_size=size, seconds=timer(),
+        out=files[0], arch=arch, type=type, n_tensors=len(planned), file_size=sum(f.stat().st_size for f in files),
+        seconds=timer(), files=files,
         tensor_types={p.name: _tname(p.type) for p in planned},
         fallbacks={p.name: (_tname(p.wanted), _tname(p.type)) for p in planned if p.wanted != p.type},
         notes=notes)

@@ -62,33 +62,106 @@ def _progress(total: int, enabled: bool, label: str):
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, dynamic_ncols=True)
 
 
+def split_names(out: Path, n: int) -> list[Path]:
+    """llama.cpp's shard names: OUT = dir/NAME.gguf -> dir/NAME-00001-of-0000n.gguf ... (one file: OUT itself)."""
+    return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
+
+
+def plan_split(tensors: list[tuple[str, tuple[int, ...], int, int]], max_size: int = 0,
+               max_tensors: int = 0) -> list[int]:
+    """How many tensors each shard takes, in file order, as llama.cpp's splitter fills them: a new shard starts
+    when the current one holds max_tensors, or when the next tensor would take it past max_size bytes of tensor
+    data (a tensor larger than max_size gets a shard of its own); 0 = no limit."""
+    counts, size = [0], 0
+    for _, _, _, nbytes in tensors:
+        if counts[-1] and ((max_tensors and counts[-1] >= max_tensors) or (max_size and size + nbytes > max_size)):
+            counts.append(0)
+            size = 0
+        counts[-1] += 1
+        size += nbytes
+    return counts
+
+
+def _shard_writer(w: gguf.GGUFWriter, no: int, count: int, n_tensors: int) -> gguf.GGUFWriter:
+    """Shard `no` of a split set: the first is w itself (all the keys), the others hold only the split keys; every
+    shard also says general.alignment, so each is page-aligned on its own (llama.cpp reads it per file)."""
+    if no == 0:
+        sw = w
+    else:
+        sw = gguf.GGUFWriter(path=None, arch=w.arch)
+        sw.kv_data[0].clear()                      # gguf-split's later shards: no model keys
+        sw.add_custom_alignment(ALIGNMENT)
+    V = gguf.GGUFValueType
+    sw.add_key_value(gguf.Keys.Split.LLM_KV_SPLIT_NO, no, V.UINT16)
+    sw.add_key_value(gguf.Keys.Split.LLM_KV_SPLIT_COUNT, count, V.UINT16)
+    sw.add_key_value(gguf.Keys.Split.LLM_KV_SPLIT_TENSORS_COUNT, n_tensors, V.INT32)
+    return sw
+
+
 def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...], int, int]],
-          produce: Callable[[int], np.ndarray], *, progress: bool = True) -> int:
-    """tensors: (name, byte_shape, ggml_type, nbytes) in file order; produce(i) -> uint8 array of
-    tensor i. Returns the output file size."""
+          produce: Callable[[int], np.ndarray], *, progress: bool = True, split_max_size: int = 0,
+          split_max_tensors: int = 0) -> list[Path]:
+    """tensors: (name, byte_shape, ggml_type, nbytes) in file order; produce(i) -> uint8 array of tensor i.
+    With a split limit that the tensors exceed, a split set OUT-00001-of-0000N.gguf ... (plan_split, llama.cpp's
+    names and split.* keys) instead of OUT. Atomic for the whole set: every file is written under a temp name and
+    fsync'd, then all are renamed; on any failure (or Ctrl-C) none is left. Returns the files written."""
     out = Path(out)
     parent = out.parent if str(out.parent) else Path(".")
     if out.is_dir():
         raise ConversionError(f"{out}: output path is a directory")
+    counts = plan_split(tensors, split_max_size, split_max_tensors)
+    finals = split_names(out, len(counts))
+    if len(counts) > 65535:
+        raise ConversionError(f"{out}: {len(counts)} shards: a split set holds at most 65535 (raise --split-max-size)")
+    tmps: list[Path] = []
+    renamed: list[Path] = []
+    bar = None
     try:
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=parent)
-        os.close(fd)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp_name, 0o666 & ~umask)
-    except OSError as e:
-        raise ConversionError(f"{out}: cannot write the output file: {e.strerror or e}") from e
-    tmp = Path(tmp_name)
-    bar = None
+        for final in finals:
+            try:
+                fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=parent)
+                os.close(fd)
+                os.chmod(tmp_name, 0o666 & ~umask)
+            except OSError as e:
+                raise ConversionError(f"{final}: cannot write the output file: {e.strerror or e}") from e
+            tmps.append(Path(tmp_name))
+        bar = _progress(sum(t[3] for t in tensors), progress, out.name)
+        first = 0
+        for no, (tmp, n) in enumerate(zip(tmps, counts)):
+            sw = _shard_writer(w, no, len(counts), len(tensors)) if len(counts) > 1 else w
+            _write_file(tmp, sw, tensors[first:first + n], lambda i, f=first: produce(f + i), bar)
+            first += n
+        for tmp, final in zip(tmps, finals):
+            os.replace(tmp, final)
+            renamed.append(final)
+        _fsync_dir(parent)
+        return finals
+    except BaseException as e:
+        for p in tmps + renamed:                  # a set is whole or absent: no shard of a failed write stays
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            short = e.errno is None and "requested and" in str(e)  # numpy tofile's short write
+            full = short or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+            what = "disk full (or file size limit reached)" if full else "write failed"
+            raise ConversionError(f"{out}: {what} while writing the output file: {e.strerror or e}") from e
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _write_file(path: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...], int, int]],
+                produce: Callable[[int], np.ndarray], bar: Any) -> None:
+    """One GGUF file: w's keys, these tensors' infos, then each tensor's bytes; flushed and fsync'd."""
     try:
         for name, byte_shape, ggml_type, nbytes in tensors:
             w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType(ggml_type))
-        w.open_output_file(tmp)
+        w.open_output_file(path)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
-        total = sum(t[3] for t in tensors)
-        bar = _progress(total, progress, out.name)
         for i, (name, _, _, nbytes) in enumerate(tensors):
             data = produce(i)
             if data.nbytes != nbytes:
@@ -102,26 +175,12 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
         f.flush()
         os.fsync(f.fileno())
         w.close()
-        os.replace(tmp, out)
-        _fsync_dir(parent)
-        return out.stat().st_size
-    except BaseException as e:
-        try:
-            if w.fout:
-                for f in w.fout:
-                    f.close()
-        except OSError:
-            pass
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            short = e.errno is None and "requested and" in str(e)  # numpy tofile's short write
-            full = short or e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
-            what = "disk full (or file size limit reached)" if full else "write failed"
-            raise ConversionError(f"{out}: {what} while writing the output file: {e.strerror or e}") from e
-        raise
     finally:
-        if bar is not None:
-            bar.close()
+        for f in w.fout or []:
+            try:
+                f.close()
+            except OSError:
+                pass
 
 
 def _fsync_dir(d: Path) -> None:

@@ -330,19 +330,30 @@ def _dequant_fp8_blocks(w: Lazy, s: Lazy, block: tuple[int, int]) -> Lazy:
 
 
 class GGUFSource:
-    """An existing GGUF file (re-quantize or re-align). Tensors keep their ggml type (raw_type) and are
-    dequantized only when the output type differs."""
+    """An existing GGUF file, or a split set opened from any of its shards (re-quantize, re-align, re-split).
+    Tensors keep their ggml type (raw_type) and are dequantized only when the output type differs."""
 
     def __init__(self, path: Path):
         import gguf
-        try:
-            self.reader = gguf.GGUFReader(str(path), "r")
-        except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct.error/OSError
-            raise ConversionError(f"{path}: not a readable GGUF file: {e}") from e
-        self.path = path
+
+        from moelite import _core
+        try:                  # the C++ reader finds a split set's shards and checks that they belong together
+            meta = _core.read_gguf(str(path))
+        except (_core.FormatError, _core.IOError) as e:
+            raise ConversionError(f"{path}: not a readable GGUF file: {e}") from None
+        self.files = [Path(p) for p, _ in meta["files"]]
+        self.size = int(meta["file_size"])
+        self.readers = []
+        for f in self.files:
+            try:
+                self.readers.append(gguf.GGUFReader(str(f), "r"))
+            except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct.error/OSError
+                raise ConversionError(f"{f}: not a readable GGUF file: {e}") from e
+        self.reader = self.readers[0]          # the metadata
+        self.path = self.files[0]
         arch = self.reader.get_field("general.architecture")
         if arch is None:
-            raise ConversionError(f"{path}: GGUF has no general.architecture key")
+            raise ConversionError(f"{self.path}: GGUF has no general.architecture key")
         self.arch = str(arch.contents())
         ft = self.reader.get_field("general.file_type")
         self.file_type: int | None = None if ft is None else int(ft.contents())
@@ -351,8 +362,8 @@ class GGUFSource:
         """(key, value, GGUFValueType, sub type) for every key except those the writer sets itself."""
         out = []
         for f in self.reader.fields.values():
-            if f.name.startswith("GGUF.") or f.name in ("general.alignment", "general.architecture",
-                                                         "general.file_type"):
+            if f.name.startswith(("GGUF.", "split.")) or f.name in ("general.alignment", "general.architecture",
+                                                                    "general.file_type"):
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if len(f.types) > 1 else None
@@ -362,7 +373,7 @@ class GGUFSource:
     def tensors(self) -> dict[str, Lazy]:
         """GGUF name -> Lazy: F32 tensors as float32, every other type as its packed bytes (raw_type)."""
         out: dict[str, Lazy] = {}
-        for t in self.reader.tensors:
+        for t in (t for r in self.readers for t in r.tensors):
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne -> numpy order
             ttype = int(t.tensor_type)
             if ttype == 0:

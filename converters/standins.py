@@ -42,10 +42,10 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     type = quant.canonical_type(type)
     if type == "keep":
         raise ConversionError("stand-ins need a type to re-quantize the experts to, not 'keep'")
-    model = Path(model)
     source = open_source(model)
     if not isinstance(source, GGUFSource):
         raise ConversionError(f"{model}: stand-ins are made from a GGUF file (convert the checkpoint first)")
+    model = source.path                 # a split set: its first shard, which the runtime looks the side file up by
     arch, (n_layer, n_expert) = source.arch, gguf_counts(source)   # the model's keys are not copied: only its experts
     experts = [(n, t) for n, t in source.tensors().items() if is_expert_weight(n)]
     if not experts:
@@ -54,7 +54,7 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     w = gguf_out.new_writer(arch)
     gguf_out.add_kv(w, KEY + "type", type)
     gguf_out.add_kv(w, KEY + "source", model.name)
-    gguf_out.add_kv(w, KEY + "source_size", model.stat().st_size, gguf.GGUFValueType.UINT64)
+    gguf_out.add_kv(w, KEY + "source_size", source.size, gguf.GGUFValueType.UINT64)   # all shards
     out = Path(out) if out is not None else standins_path(model)
     return write_planned(out, w, planned, arch, type, timer, [f"stand-ins of {model.name}"], n_threads=n_threads,
                          progress=progress)

@@ -119,8 +119,9 @@ void ExpertCache::put_slot(const Pool & P, int r, int slot, const void * src, ui
     }
 }
 
-ExpertCache::ExpertCache(const std::string & path, int n_layer, int n_expert)
-    : path_(path), n_layer_(n_layer), n_expert_(n_expert), layers_(n_layer), pinned_(n_layer) {
+ExpertCache::ExpertCache(const std::vector<GGUFFile> & files, int n_layer, int n_expert)
+    : n_layer_(n_layer), n_expert_(n_expert), layers_(n_layer), pinned_(n_layer) {
+    for (const GGUFFile & f : files) files_.push_back({f.path});
     reopen();
 }
 
@@ -131,8 +132,7 @@ ExpertCache::~ExpertCache() {
     }
     io_cv_.notify_all();
     for (auto & t : io_threads_) t.join();
-    if (fd_ >= 0) close(fd_);
-    if (fd_direct_ >= 0) close(fd_direct_);
+    close_files();
     for (auto & p : pools_)
         for (int r = 0; r < 3; ++r) {
             if (p.buf[r]) ggml_backend_buffer_free(p.buf[r]);
@@ -160,16 +160,25 @@ void ExpertCache::reopen() {
                 if (sl.state == SLOT_LOADING) return false;
         return true;
     });
-    if (fd_ >= 0) close(fd_);
-    if (fd_direct_ >= 0) close(fd_direct_);
-    fd_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd_ < 0) throw IOError(path_ + ": cannot open for expert reads: " + strerror(errno));
+    close_files();
+    for (File & f : files_) {
+        f.fd = open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (f.fd < 0) throw IOError(f.path + ": cannot open for expert reads: " + strerror(errno));
 #ifdef O_DIRECT
-    fd_direct_ = open(path_.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);   // -1 where the filesystem refuses it
+        f.fd_direct = open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);   // -1 where the filesystem refuses it
 #endif
-    struct stat st;
-    fstat(fd_, &st);
-    file_size_ = (uint64_t) st.st_size;
+        struct stat st;
+        fstat(f.fd, &st);
+        f.size = (uint64_t) st.st_size;
+    }
+}
+
+void ExpertCache::close_files() {
+    for (File & f : files_) {
+        if (f.fd >= 0) close(f.fd);
+        if (f.fd_direct >= 0) close(f.fd_direct);
+        f.fd = f.fd_direct = -1;
+    }
 }
 
 uint64_t ExpertCache::expert_bytes(const TensorInfo & g, const TensorInfo & u, const TensorInfo & d) {
@@ -199,7 +208,7 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     }
     CacheLayer & L = layers_[il];
     L.pool = pool;
-    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
+    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->file, t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
     L.slot_of.assign(n_expert_, -1);
     L.begun.assign(n_expert_, 0);
 }
@@ -335,14 +344,15 @@ int ExpertCache::victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L,
     }
 }
 
-void ExpertCache::read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap) {
+void ExpertCache::read_range(int file, void * dst, uint64_t off, uint64_t n, uint64_t cap) {
+    const File & f = files_[file];
     // O_DIRECT when offset is page aligned and the rounded read stays inside the file and the slot
     const uint64_t n_up = round_up(n, kPage);
-    if (fd_direct_ >= 0 && off % kPage == 0 && n_up <= cap && off + n_up <= file_size_) {
+    if (f.fd_direct >= 0 && off % kPage == 0 && n_up <= cap && off + n_up <= f.size) {
         uint64_t done = 0;
         bool ok = true;
         while (done < n_up) {
-            ssize_t r = pread(fd_direct_, (char *) dst + done, n_up - done, off + done);
+            ssize_t r = pread(f.fd_direct, (char *) dst + done, n_up - done, off + done);
             if (r <= 0) { ok = false; break; }
             done += (uint64_t) r;
         }
@@ -350,10 +360,10 @@ void ExpertCache::read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap)
     }
     uint64_t done = 0;
     while (done < n) {
-        ssize_t r = pread(fd_, (char *) dst + done, n - done, off + done);
+        ssize_t r = pread(f.fd, (char *) dst + done, n - done, off + done);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0)
-            throw IOError(path_ + ": expert read of " + std::to_string(n) + " bytes at offset " + std::to_string(off) +
+            throw IOError(f.path + ": expert read of " + std::to_string(n) + " bytes at offset " + std::to_string(off) +
                           " failed: " + (r == 0 ? std::string("unexpected end of file (truncated?)") : strerror(errno)));
         done += (uint64_t) r;
     }
@@ -392,11 +402,11 @@ void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, in
         const ExpertSource & src = L.src[r];
         const uint64_t off = src.offset + (uint64_t) expert * src.stride;
         if (P.host && !P.repacked[r]) {
-            read_range((char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes, P.slot_bytes[r]);
+            read_range(src.file, (char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes, P.slot_bytes[r]);
         } else {
             // the file bytes into this thread's staging buffer, then repacked into the slot (or copied to the device)
             char * buf = staging(P.slot_bytes[r]);
-            read_range(buf, off, src.nbytes, P.slot_bytes[r]);
+            read_range(src.file, buf, off, src.nbytes, P.slot_bytes[r]);
             put_slot(P, r, slot, buf, src.nbytes, false);
         }
     }
@@ -419,12 +429,13 @@ void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
 }
 
 void ExpertCache::check_on_disk(const CacheLayer & L, int expert) {
-    struct stat st;
-    if (fstat(fd_, &st) != 0) throw IOError(path_ + ": cannot stat the model file: " + strerror(errno));
     for (int r = 0; r < 3; ++r) {
+        const File & f = files_[L.src[r].file];
+        struct stat st;
+        if (fstat(f.fd, &st) != 0) throw IOError(f.path + ": cannot stat the model file: " + strerror(errno));
         const uint64_t end = L.src[r].offset + (uint64_t) expert * L.src[r].stride + L.src[r].nbytes;
         if (end > (uint64_t) st.st_size)
-            throw IOError(path_ + ": truncated while open: expert " + std::to_string(expert) + " needs bytes up to " +
+            throw IOError(f.path + ": truncated while open: expert " + std::to_string(expert) + " needs bytes up to " +
                           std::to_string(end) + " but the file now has " + std::to_string((uint64_t) st.st_size));
     }
 }

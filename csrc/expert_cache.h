@@ -33,8 +33,9 @@ namespace moelite {
 
 enum class Policy : int { LRU = 0, LFU = 1, LFUDA = 2, CONSISTENCY = 3 };
 
-struct ExpertSource {            // where one expert matrix of one layer lives in the file
-    uint64_t offset;             // absolute offset of expert 0
+struct ExpertSource {            // where one expert matrix of one layer lives in the file (set)
+    int file;                    // which file of the model's set (a split set's shard; 0 for one file)
+    uint64_t offset;             // absolute offset of expert 0 in that file
     uint64_t stride;             // bytes per expert (nb2 in the file)
     uint64_t nbytes;             // bytes to read per expert (== stride for GGUF)
 };
@@ -100,7 +101,8 @@ bool repack_supports(ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne
 
 class ExpertCache {
 public:
-    ExpertCache(const std::string & path, int n_layer, int n_expert);
+    // files: the model's file, or every shard of its split set (TensorInfo::file indexes them)
+    ExpertCache(const std::vector<GGUFFile> & files, int n_layer, int n_expert);
     ~ExpertCache();
 
     // Set up: describe a MoE layer (its three fused tensors) before finalize().
@@ -155,7 +157,7 @@ public:
     LayerStats stats(int il);               // a consistent copy of one layer's counters
     const std::vector<CacheLayer> & layers() const { return layers_; }
     void reset_stats();
-    void reopen();                          // reopen the file (after it was replaced or repaired)
+    void reopen();                          // reopen the files (after one was replaced or repaired)
 
 private:
     int choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now);
@@ -170,13 +172,17 @@ private:
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();
     void check_on_disk(const CacheLayer & L, int expert);   // IOError if the file no longer holds it
-    void read_range(void * dst, uint64_t off, uint64_t n, uint64_t cap);
+    void read_range(int file, void * dst, uint64_t off, uint64_t n, uint64_t cap);
     void touch(Slot & s, CacheLayer & L);
     void copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert);
 
-    std::string path_;
-    int fd_ = -1, fd_direct_ = -1;
-    uint64_t file_size_ = 0;
+    struct File {                            // one file of the set, opened for expert reads
+        std::string path;
+        int fd = -1, fd_direct = -1;         // fd_direct: O_DIRECT, -1 where the filesystem refuses it
+        uint64_t size = 0;
+    };
+    std::vector<File> files_;
+    void close_files();
     int n_layer_, n_expert_;
     std::vector<CacheLayer> layers_;
     std::vector<Pool> pools_;

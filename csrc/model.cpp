@@ -31,6 +31,7 @@ namespace moelite {
 
 Model::Model(const std::string & path, const HParams & hp, const ModelOptions & opt) : path_(path), hp_(hp), opt_(opt) {
     idx_ = std::make_unique<GGUFIndex>(path);
+    path_ = idx_->path;                       // a split set opened from a later shard: named by its first
     if (opt_.device == 1) {
 #ifdef MOELITE_CUDA
         if (opt_.gpu < 0 || opt_.gpu >= ggml_backend_cuda_get_device_count())
@@ -196,25 +197,15 @@ void Model::alloc_weights() {
 // The file bytes of every dense tensor: straight into host memory, else through a staging buffer and
 // ggml_backend_tensor_set (device memory: an upload; a repacked tensor: converted on the way in).
 void Model::read_weights() {
-    int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    if (fd < 0) throw IOError(path_ + ": " + strerror(errno));
+    FileSet fds(*idx_);
     std::vector<char> staging;
     for (auto & [t, info] : to_read_) {
         const bool direct = ggml_backend_buffer_is_host(t->buffer);
         char * dst = (char *) t->data;
         if (!direct) { staging.resize(info->nbytes); dst = staging.data(); }
-        uint64_t done = 0;
-        while (done < info->nbytes) {
-            ssize_t r = pread(fd, dst + done, info->nbytes - done, info->offset + done);
-            if (r <= 0) {
-                close(fd);
-                throw FormatError(path_ + ": reading tensor '" + info->name + "' failed (truncated file?)");
-            }
-            done += (uint64_t) r;
-        }
+        fds.read(*info, dst);
         if (!direct) ggml_backend_tensor_set(t, staging.data(), 0, info->nbytes);
     }
-    close(fd);
 }
 
 RepackInfo Model::repack_info() const {
@@ -262,11 +253,11 @@ void Model::build_layers() {
     rope_factors_ = load_tensor("rope_factors_short.weight", false, 1, {});
     if (!rope_factors_) rope_factors_ = load_tensor("rope_freqs.weight", false, 1, {});
 
-    cache_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
-    if (!opt_.host_slots.empty()) tier2_ = std::make_unique<ExpertCache>(path_, h.n_layer, h.n_expert);
+    cache_ = std::make_unique<ExpertCache>(idx_->files, h.n_layer, h.n_expert);
+    if (!opt_.host_slots.empty()) tier2_ = std::make_unique<ExpertCache>(idx_->files, h.n_layer, h.n_expert);
     if (!opt_.standin_path.empty()) {
         standin_idx_ = std::make_unique<GGUFIndex>(opt_.standin_path);
-        standin_ = std::make_unique<ExpertCache>(opt_.standin_path, h.n_layer, h.n_expert);
+        standin_ = std::make_unique<ExpertCache>(standin_idx_->files, h.n_layer, h.n_expert);
     }
     layers_.resize(h.n_layer);
     for (int il = 0; il < h.n_layer; ++il) {
@@ -375,10 +366,7 @@ std::vector<float> Model::read_f32(const TensorInfo & t, int64_t n) {
     if (t.type != GGML_TYPE_F32 || t.ne[0] != n || t.nbytes != (uint64_t) n * sizeof(float))
         throw FormatError(path_ + ": tensor '" + t.name + "' must be F32 [" + std::to_string(n) + "]");
     std::vector<float> v((size_t) n);
-    int fd = open(path_.c_str(), O_RDONLY | O_CLOEXEC);
-    ssize_t r = fd >= 0 ? pread(fd, v.data(), t.nbytes, t.offset) : -1;
-    if (fd >= 0) close(fd);
-    if (r != (ssize_t) t.nbytes) throw FormatError(path_ + ": cannot read '" + t.name + "'");
+    FileSet(*idx_).read(t, v.data());
     return v;
 }
 

@@ -89,7 +89,9 @@ static py::object gguf_array(gguf_context * ctx, int64_t k) {
     }
 }
 
-// read_gguf(path) -> dict(kv=..., tensors=[(name, type, shape(ggml order), offset, nbytes)], alignment, file_size)
+// read_gguf(path) -> dict(kv=..., tensors=[(name, type, shape(ggml order), offset, nbytes)], alignment, file_size,
+// path, files=[(path, size)], tensor_files=[file index per tensor]). `path` may be any shard of a split set: the whole
+// set is read (kv from its first shard, tensors from all, offsets within their own shard's file; file_size of all).
 static py::dict read_gguf(const std::string & path) {
     GGUFIndex idx(path);
     py::dict kv;
@@ -98,17 +100,22 @@ static py::dict read_gguf(const std::string & path) {
         const char * key = gguf_get_key(idx.ctx, k);
         kv[utf8(key, "metadata key '" + escaped(key) + "'")] = t == GGUF_TYPE_ARRAY ? gguf_array(idx.ctx, k) : gguf_value(idx.ctx, k, t);
     }
-    py::list tensors;
+    py::list tensors, tensor_files, files;
     for (const auto & t : idx.tensors) {
         py::tuple shape(t.n_dims);
         for (int d = 0; d < t.n_dims; ++d) shape[d] = t.ne[d];
         tensors.append(py::make_tuple(utf8(t.name.c_str(), "tensor name '" + escaped(t.name.c_str()) + "'"), (int) t.type, shape, t.offset, t.nbytes));
+        tensor_files.append(t.file);
     }
+    for (const auto & f : idx.files) files.append(py::make_tuple(f.path, f.size));
     py::dict out;
     out["kv"] = kv;
     out["tensors"] = tensors;
     out["alignment"] = idx.alignment;
     out["file_size"] = idx.file_size;
+    out["path"] = idx.path;
+    out["files"] = files;
+    out["tensor_files"] = tensor_files;
     return out;
 }
 

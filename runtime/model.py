@@ -56,6 +56,44 @@ def _core_errors(path: str):
         raise BudgetError(str(e)) from None
 
 
+@dataclass
+class GGUFTable:
+    """A model file as the C++ reader indexes it: one GGUF, or a split set (NAME-00001-of-0000N.gguf ...) read
+    whole from any of its shards."""
+    path: str                                 # the file, or the set's first shard (the one holding the metadata)
+    kv: dict[str, Any]
+    tensors: dict[str, tuple]                 # name -> (ggml type, shape in ggml order, offset in its file, nbytes)
+    files: list[tuple[str, int]]              # (path, size) of the file, or of every shard in order
+    tensor_file: dict[str, int]               # name -> index into files
+    alignment: int
+
+    @property
+    def size(self) -> int:
+        return sum(size for _, size in self.files)
+
+    @property
+    def limits(self) -> dict[str, int]:
+        """name -> size of the file its bytes lie in (runtime/validate.py checks each range against it)."""
+        return {name: self.files[f][1] for name, f in self.tensor_file.items()}
+
+    def describe(self) -> str:
+        """The file, or 'FIRST (split set of N files, SIZE)' for a status line."""
+        if len(self.files) == 1:
+            return self.path
+        return f"{self.path} (split set of {len(self.files)} files, {self.size / 2**30:.2f} GiB)"
+
+
+def read_table(path: str) -> GGUFTable:
+    """The GGUF (or split set) at path, indexed and range-checked by the C++ reader; errors as moelite.errors."""
+    with _core_errors(path):
+        meta = _core.read_gguf(path)
+    names = [t[0] for t in meta["tensors"]]
+    return GGUFTable(path=meta["path"], kv=meta["kv"],
+                     tensors={name: (typ, shape, off, nb) for name, typ, shape, off, nb in meta["tensors"]},
+                     files=[(str(p), int(n)) for p, n in meta["files"]],
+                     tensor_file=dict(zip(names, meta["tensor_files"])), alignment=int(meta["alignment"]))
+
+
 def resolve_device(device: str) -> str:
     """'auto' -> 'cuda' when this build has CUDA and a device is visible, else 'cpu'."""
     if device not in ("auto", "cpu", "cuda"):
@@ -134,12 +172,14 @@ class Model:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         self.device = resolve_device(device)
         from ..cache_policies.registry import DEFAULT_POLICY, make_policy   # policy names and knobs live there
-        with _core_errors(self.path):
-            meta = _core.read_gguf(self.path)
-        self.kv: dict[str, Any] = meta["kv"]
-        self.tensors = {name: (typ, shape, off, nbytes) for name, typ, shape, off, nbytes in meta["tensors"]}
-        self.alignment = meta["alignment"]
-        self.hparams = load_hparams(self.path, self.kv, self.tensors)   # parse_hparams + runtime/validate.py
+        # a split set is opened from any of its shards; self.path is then its first shard (side files hang off it)
+        self.table = read_table(self.path)
+        self.path = self.table.path
+        self.kv: dict[str, Any] = self.table.kv
+        self.tensors = self.table.tensors
+        self.alignment = self.table.alignment
+        # parse_hparams + runtime/validate.py
+        self.hparams = load_hparams(self.path, self.kv, self.tensors, file_size=self.table.limits)
         if kv_type == "q8_0":                    # each cached head must be whole q8_0 blocks of 32
             sizes = set(self.hparams.get("layer_head_k", [])) | set(self.hparams.get("layer_head_v", []))
             if self.hparams.get("kv_lora_rank"):
@@ -202,10 +242,9 @@ class Model:
             side = self.path + STANDINS_SUFFIX if standins is True else os.path.expanduser(str(standins))
             if not os.path.isfile(side):
                 raise UsageError(f"{side}: no stand-in file; write one with `moelite convert {self.path} --standins q2_k`")
-            with _core_errors(side):
-                smeta = _core.read_gguf(side)
-            stensors = {n: (t, shape, off, nb) for n, t, shape, off, nb in smeta["tensors"]}
-            check_standins(side, smeta["kv"], stensors, self.path, self.tensors)
+            stable = read_table(side)
+            stensors = stable.tensors
+            check_standins(side, stable.kv, stensors, self.path, self.tensors, self.table.size)
             if self.plan.slots is not None and self.device == "cpu":   # resident: every full expert is in memory
                 sb, _, _ = expert_slots_of(self.hparams, stensors)
                 self.plan.slots, standin_slots = plan_standins(self.plan, sb, shares)
@@ -334,7 +373,9 @@ class Model:
                        "tiled_prompts": mem["repack_tiled_prompts"]},
             "arena_bytes": mem["arena_bytes"], "scratch_bytes": p.scratch_bytes,      # the bound the plan reserves
             "scratch_bytes_in_use": mem["scratch_bytes"],
-            "expert_bytes_total": p.expert_bytes_total, "file_size": os.path.getsize(self.path),
+            "expert_bytes_total": p.expert_bytes_total, "file_size": self.table.size,
+            # the model's files: one, or every shard of a split set in order (path is then the first)
+            "files": [f for f, _ in self.table.files],
             "ram_tier_slots": self._core().tier2_quotas() or None, "cpu_compute": self.cpu_compute,
             "tier_costs": self._core().costs() if self.host_slots else None,
             "cpu_backend": cpu_backend()["variant"],    # ggml CPU variant of a portable build, or "built-in"

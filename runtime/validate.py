@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -223,13 +224,14 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
 
 
 def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | None = None,
-                     file_size: int | None = None) -> None:
-    """Types, byte sizes, data ranges (within file_size, by default the size of the file at path) and, with hp,
-    the shapes the graph uses."""
+                     file_size: int | Mapping[str, int] | None = None) -> None:
+    """Types, byte sizes, data ranges (within file_size, by default the size of the file at path; a mapping gives
+    each tensor the size of its own file, a split set's shard) and, with hp, the shapes the graph uses."""
     from .. import _core
     if file_size is None:
         file_size = os.path.getsize(path)
     for name, (typ, shape, offset, nbytes) in tensors.items():
+        limit = file_size[name] if isinstance(file_size, Mapping) else file_size
         if any(int(d) < 1 for d in shape):
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(shape)}, expected every dimension >= 1")
         n = math.prod(int(d) for d in shape)
@@ -237,9 +239,9 @@ def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | 
         if shape[0] % blck or _core.row_size(typ, shape[0]) * (n // shape[0]) != nbytes:
             raise ModelFormatError(f"{path}: tensor '{name}' of type {_core.type_name(typ).upper()} and shape {list(shape)} "
                                    f"claims {nbytes} bytes")
-        if offset < 0 or offset + nbytes > file_size:
+        if offset < 0 or offset + nbytes > limit:
             raise ModelFormatError(f"{path}: tensor '{name}' data [{offset}, {offset + nbytes}) lies outside the file "
-                                   f"({file_size} bytes)")
+                                   f"({limit} bytes)")
         if _F32_NAME.search(name):
             if typ != F32:
                 raise ModelFormatError(f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, expected F32")
@@ -375,14 +377,15 @@ STANDINS_SUFFIX = ".standins.gguf"          # converters/standins.py writes MODE
 
 
 def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], model_path: str,
-                   model_tensors: dict[str, tuple]) -> None:
-    """A stand-in side file (converters/standins.py) against its model: made from this very file (its recorded size),
-    every routed-expert tensor of the model present with the same shape, in a type the CPU multiplies."""
+                   model_tensors: dict[str, tuple], model_size: int) -> None:
+    """A stand-in side file (converters/standins.py) against its model: made from this very file (its recorded size:
+    model_size, all shards of a split set), every routed-expert tensor of the model present with the same shape, in
+    a type the CPU multiplies."""
     size = kv.get("moelite.standins.source_size")
     if not isinstance(size, int) or isinstance(size, bool):
         raise ModelFormatError(f"{path}: not a stand-in file (no integer moelite.standins.source_size)")
-    if size != os.path.getsize(model_path):
-        raise ModelFormatError(f"{path}: made for a file of {size} bytes, {model_path} has {os.path.getsize(model_path)}"
+    if size != model_size:
+        raise ModelFormatError(f"{path}: made for a file of {size} bytes, {model_path} has {model_size}"
                                f" (another model, or an older version of it): write it again with `moelite convert "
                                f"{model_path} --standins TYPE`")
     for name, (_typ, shape, _off, _nb) in model_tensors.items():
@@ -412,9 +415,10 @@ def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
                                    f"{len(tokens)}")
 
 
-def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple], file_size: int | None = None) -> dict[str, Any]:
+def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple],
+                 file_size: int | Mapping[str, int] | None = None) -> dict[str, Any]:
     """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError.
-    file_size: of the data the tensors' offsets point into (default: the file at path)."""
+    file_size: of the data the tensors' offsets point into (default: the file at path), or per tensor (split sets)."""
     check_raw_keys(path, kv, tensors)
     check_tokenizer_keys(path, kv)
     try:
