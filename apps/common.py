@@ -106,6 +106,10 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     g.add_argument("--no-repack", dest="repack", action="store_false",
                    help="llama.cpp's flag: keep the CPU's weights in the file's layout instead of ggml's repacked one "
                         "(interleaved rows for its AVX2/AVX-512/NEON kernels; default: repacked where ggml takes the type)")
+    g.add_argument("--mlock", action="store_true",
+                   help="llama.cpp's flag: lock the dense weights and the KV cache in RAM (mlock) so that neither swap "
+                        "nor reclaim pages them out; where RLIMIT_MEMLOCK refuses, a warning says how much was not "
+                        "locked and the model runs unlocked (without swap, moelite's resident part is unevictable anyway)")
     g.add_argument("--swap-threshold", type=float, default=0.0, metavar="X",
                    help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
                         "by a resident one whose router probability is at least (1 - X) of it; counted in --stats")
@@ -207,7 +211,7 @@ def load_model(args: argparse.Namespace, **extra: Any):
                              standins=(getattr(args, "standins_file", None) or True) if getattr(args, "standins", False)
                              else False,
                              standin_threshold=getattr(args, "standin_threshold", 0.5),
-                             kv_type=getattr(args, "kv_type", "f16"), **extra)
+                             kv_type=getattr(args, "kv_type", "f16"), mlock=getattr(args, "mlock", False), **extra)
     if split_text(model):
         print(f"moelite: {model.path}: {split_text(model)}", file=sys.stderr)
     if model.calibration_file:

@@ -104,6 +104,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "standin_path", o.standin_path); get(d, "standin_slots", o.standin_slots);
     get(d, "standin_threshold", o.standin_threshold);
     get(d, "swap_threshold", o.swap_threshold);
+    get(d, "mlock", o.mlock);
     if (o.cpu_compute < 0 || o.cpu_compute > 2) throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
 }
@@ -199,6 +200,13 @@ void bind_model(py::module_ & m) {
                  d["repacked_dense_bytes"] = r.dense_bytes;
                  d["repacked_arena_bytes"] = r.arena_bytes;
                  d["repack_tiled_prompts"] = r.tiled_prompts;
+                 // mlock (ModelOptions::mlock): bytes locked, bytes refused and the first errno (0: none)
+                 const LockInfo & lk = m.lock_info();
+                 d["mlock"] = lk.requested;
+                 d["locked_bytes"] = lk.locked_bytes;
+                 d["lock_failed_bytes"] = lk.failed_bytes;
+                 d["lock_errno"] = lk.err;
+                 d["dense_mmap"] = m.dense_mapped();   // MOELITE_DENSE_MMAP=1: dense weights in the page cache
                  return d;
              })
         .def("cache_stats",

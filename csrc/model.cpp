@@ -11,6 +11,8 @@
 #include "model.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,11 +57,18 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     ctx_w_ = ggml_init(ip);
     build_layers();
 
-    // the dense tensors: backend buffers (repacked ones apart), read from the file
+    // the dense tensors: backend buffers (repacked ones apart), read from the file; or, with the benchmark switch
+    // MOELITE_DENSE_MMAP=1 on the CPU, views of the file mapped into the page cache (llama.cpp's way)
     repack_buft_ = opt_.repack && backend_ == cpu_backend_ ? cpu_repack_buft(cpu_backend_) : nullptr;
     unrepack_q4_K_ = opt_.expert_gemm && unrepack_q4_K_check(repack_buft_);
-    alloc_weights();
-    read_weights();
+    const char * mm = std::getenv("MOELITE_DENSE_MMAP");
+    dense_mmap_ = backend_ == cpu_backend_ && mm && *mm && std::strcmp(mm, "0") != 0;
+    if (dense_mmap_) {
+        map_weights();
+    } else {
+        alloc_weights();
+        read_weights();
+    }
 
     // expert cache: quota per MoE layer (all experts when not given)
     std::vector<int> quota(hp_.n_layer, 0);
@@ -116,6 +125,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
             if (layers_[il].moe) { cache_->acquire(il, ids.data(), hp_.n_expert, slots.data()); cache_->release(il); }
         reset_stats();
     }
+    if (opt_.mlock) lock_memory();
 }
 
 // Per-layer quotas of a second expert cache (the RAM tier, the stand-ins) from the caller's list: one entry per
@@ -131,6 +141,7 @@ std::vector<int> Model::tier_quotas(const std::vector<int> & per_layer, const ch
 }
 
 Model::~Model() {
+    for (auto & [p, n] : locked_) munlock(p, n);
     standin_.reset();
     cache_.reset();
     tier2_.reset();
@@ -142,6 +153,10 @@ Model::~Model() {
     if (ctx_rs_) ggml_free(ctx_rs_);
     if (buf_w_) ggml_backend_buffer_free(buf_w_);
     if (buf_rp_) ggml_backend_buffer_free(buf_rp_);
+    for (ggml_backend_buffer_t b : buf_maps_)
+        if (b) ggml_backend_buffer_free(b);       // a view: the mapping itself is unmapped below
+    for (auto & [p, n] : maps_)
+        if (p) munmap(p, n);
     if (ctx_w_) ggml_free(ctx_w_);
     if (backend_ && backend_ != cpu_backend_) ggml_backend_free(backend_);
     if (cpu_backend_) ggml_backend_free(cpu_backend_);
@@ -192,6 +207,85 @@ void Model::alloc_weights() {
         advise_huge_pages(buf_w_);
     }
     for (ggml_backend_buffer_t b : {buf_w_, buf_rp_}) dense_bytes_ += b ? ggml_backend_buffer_get_size(b) : 0;
+}
+
+// MOELITE_DENSE_MMAP=1 (a benchmark switch): every dense tensor is a read-only view of its file, mapped MAP_SHARED
+// whole, one CPU buffer over each mapping of a split set (a tensor's data = its shard's base + its file offset).
+// The bytes live in the page cache, as llama.cpp holds them: a memory cap may evict them and a later step faults
+// them back in from disk. Never repacked (ggml's repacked layouts are copies). Counted in dense_bytes() all the same.
+void Model::map_weights() {
+    const size_t n_files = idx_->files.size();
+    maps_.assign(n_files, {nullptr, 0});
+    buf_maps_.assign(n_files, nullptr);
+    for (size_t f = 0; f < n_files; ++f) {
+        bool used = false;
+        for (auto & tr : to_read_) used |= tr.second->file == (int) f;
+        if (!used) continue;
+        const std::string & path = idx_->files[f].path;
+        const int fd = open(path.c_str(), O_RDONLY | O_CLOEXEC);
+        if (fd < 0) throw IOError(path + ": " + strerror(errno));
+        struct stat st;
+        void * p = MAP_FAILED;
+        int err = 0;
+        if (fstat(fd, &st) == 0 && st.st_size > 0) {
+            p = mmap(nullptr, (size_t) st.st_size, PROT_READ, MAP_SHARED, fd, 0);
+            err = errno;
+        } else {
+            err = errno ? errno : EINVAL;
+        }
+        close(fd);
+        if (p == MAP_FAILED) throw IOError(path + ": cannot map the file (MOELITE_DENSE_MMAP): " + strerror(err));
+        maps_[f] = {p, (size_t) st.st_size};
+        buf_maps_[f] = ggml_backend_cpu_buffer_from_ptr(p, (size_t) st.st_size);
+        if (!buf_maps_[f]) throw BudgetError(path + ": cannot make a buffer over the mapped file");
+    }
+    for (auto & [t, info] : to_read_) {
+        auto [base, size] = maps_[info->file];
+        if (info->offset + ggml_nbytes(t) > size)   // the index checked the file's size when it opened it
+            throw FormatError(idx_->files[info->file].path + ": tensor '" + info->name + "' extends past the end of the file");
+        if (ggml_backend_tensor_alloc(buf_maps_[info->file], t, (char *) base + info->offset) != GGML_STATUS_SUCCESS)
+            throw BudgetError(std::string("cannot place the mapped tensor '") + ggml_get_name(t) + "'");
+        dense_bytes_ += ggml_nbytes(t);
+    }
+}
+
+// ModelOptions::mlock: the host memory of the dense weights (anonymous buffers, or the mapped tensors' pages) and of
+// the KV cache / recurrent state, page-rounded, under mlock. A refusal (RLIMIT_MEMLOCK without CAP_IPC_LOCK: ENOMEM
+// or EPERM; EAGAIN) leaves that range unlocked and is counted, never thrown: the caller reports it.
+void Model::lock_memory() {
+    lock_.requested = true;
+    const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
+    std::vector<std::pair<uintptr_t, uintptr_t>> r;   // [lo, hi) page ranges
+    auto add = [&](const void * p, size_t n) {
+        if (!p || !n) return;
+        r.push_back({(uintptr_t) p & ~(page - 1), ((uintptr_t) p + n + page - 1) & ~(page - 1)});
+    };
+    auto add_buf = [&](ggml_backend_buffer_t b, bool host) {
+        if (b && host) add(ggml_backend_buffer_get_base(b), ggml_backend_buffer_get_size(b));
+    };
+    if (dense_mmap_) {
+        for (auto & tr : to_read_) add(tr.first->data, ggml_nbytes(tr.first));   // not the experts' part of the file
+    } else {
+        add_buf(buf_w_, buf_w_ && ggml_backend_buffer_is_host(buf_w_));
+        add_buf(buf_rp_, true);                   // CPU_REPACK: host memory that has no plain get/set
+    }
+    add_buf(buf_kv_, buf_kv_ && ggml_backend_buffer_is_host(buf_kv_));
+    add_buf(buf_rs_, buf_rs_ && ggml_backend_buffer_is_host(buf_rs_));
+    std::sort(r.begin(), r.end());
+    std::vector<std::pair<uintptr_t, uintptr_t>> merged;
+    for (auto & x : r) {
+        if (!merged.empty() && x.first <= merged.back().second) merged.back().second = std::max(merged.back().second, x.second);
+        else merged.push_back(x);
+    }
+    for (auto & [lo, hi] : merged) {
+        if (mlock((void *) lo, hi - lo) == 0) {
+            locked_.push_back({(void *) lo, hi - lo});
+            lock_.locked_bytes += hi - lo;
+        } else {
+            if (!lock_.err) lock_.err = errno;
+            lock_.failed_bytes += hi - lo;
+        }
+    }
 }
 
 // The file bytes of every dense tensor: straight into host memory, else through a staging buffer and

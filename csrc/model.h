@@ -168,6 +168,18 @@ struct ModelOptions {
     std::string standin_path;
     std::vector<int> standin_slots;
     float standin_threshold = 0.f;
+    // mlock() the dense weights and the KV cache (with the step state beside it) once loaded, so that neither swap
+    // nor reclaim can page them out. Where RLIMIT_MEMLOCK (without CAP_IPC_LOCK) refuses, nothing fails: lock_info()
+    // says what was not locked and why. Without swap, anonymous memory cannot be paged out anyway.
+    bool mlock = false;
+};
+
+// What Model::lock_memory() locked (ModelOptions::mlock), and the first refusal
+struct LockInfo {
+    bool requested = false;
+    size_t locked_bytes = 0;                      // page-rounded bytes under mlock
+    size_t failed_bytes = 0;                      // bytes mlock refused
+    int err = 0;                                  // errno of the first refusal (0: none)
 };
 
 struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
@@ -218,6 +230,10 @@ public:
     size_t dense_bytes() const { return dense_bytes_; }
     RepackInfo repack_info() const;
     size_t kv_bytes() const { return kv_bytes_; }
+    const LockInfo & lock_info() const { return lock_; }
+    // MOELITE_DENSE_MMAP=1 (a benchmark switch, CPU device): the dense weights are read-only views of the model
+    // file mapped MAP_SHARED (page cache, the way llama.cpp holds them) instead of anonymous memory; no repacking
+    bool dense_mapped() const { return dense_mmap_; }
     size_t scratch_bytes() const;
     bool fused_ok() const;                        // this model runs a step as one graph (model_fused.cpp)
     bool any_expert_gemm(int T) const;            // a ubatch of T runs some layer's experts as per-expert matmuls
@@ -243,7 +259,9 @@ private:
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
     std::vector<ggml_tensor *> matmul_weights() const;   // 2-D weights read only by ggml_mul_mat (repack candidates)
     void alloc_weights();                         // the repacked ones in buf_rp_, the rest in buf_w_
+    void map_weights();                           // MOELITE_DENSE_MMAP: views of the mapped file(s) instead
     void read_weights();
+    void lock_memory();                           // ModelOptions::mlock
     void alloc_kv();
     std::vector<int> tier_quotas(const std::vector<int> & per_layer, const char * what) const;
 
@@ -363,6 +381,11 @@ private:
     ggml_context * ctx_rs_ = nullptr;             // recurrent states (own buffer: zeroed on reset, saved whole)
     ggml_backend_buffer_t buf_rs_ = nullptr;
     std::vector<std::pair<ggml_tensor *, const TensorInfo *>> to_read_;
+    bool dense_mmap_ = false;                     // MOELITE_DENSE_MMAP=1 on a CPU device
+    std::vector<std::pair<void *, size_t>> maps_; // per file of the set: its read-only mapping (nullptr: unused)
+    std::vector<ggml_backend_buffer_t> buf_maps_; // per file: a CPU buffer over the mapping (tensors point into it)
+    std::vector<std::pair<void *, size_t>> locked_;   // page ranges under mlock, unlocked before they are freed
+    LockInfo lock_;
     size_t dense_bytes_ = 0, kv_bytes_ = 0;
 
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,

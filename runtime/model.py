@@ -148,7 +148,7 @@ class Model:
                  repack: bool = True, swap_threshold: float = 0.0, fused_graph: bool = True,
                  overlap_reads: bool = True, standins: bool | str | os.PathLike = False,
                  standin_threshold: float = 0.5, expert_gemm: bool = True, decode_attn: bool = True,
-                 prompt_attn: bool = True) -> None:
+                 prompt_attn: bool = True, mlock: bool = False) -> None:
         self.path = os.path.expanduser(str(path)) if path is not None else default_model_path()
         if os.path.isdir(self.path):
             raise ModelFormatError(f"{self.path}: is a directory (moelite.load converts a Hugging Face directory; "
@@ -170,6 +170,8 @@ class Model:
                              "routing weight at or below which a missing expert runs as its stand-in)")
         if cpu_compute not in CPU_COMPUTE:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
+        if not isinstance(mlock, (bool, np.bool_)):
+            raise UsageError(f"mlock {mlock!r}: expected True or False")
         self.device = resolve_device(device)
         from ..cache_policies.registry import DEFAULT_POLICY, make_policy   # policy names and knobs live there
         # a split set is opened from any of its shards; self.path is then its first shard (side files hang off it)
@@ -261,12 +263,14 @@ class Model:
                        scratch_reserve=int(self.plan.scratch_bytes), decode_attn=bool(decode_attn),
                        prompt_attn=bool(prompt_attn),
                        standin_path=self.standins_path or "", standin_slots=standin_slots,
-                       standin_threshold=self.standin_threshold)
+                       standin_threshold=self.standin_threshold, mlock=bool(mlock))
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
             self._m = _core.Model(self.path, self.hparams, options)
+        if mlock:
+            _warn_unlocked(self._m.memory())
         self._m.record_routes = record_trace
         self.policy = pol
         self._lock = threading.Lock()           # released by any thread: an abandoned stream is closed by the GC
@@ -379,6 +383,10 @@ class Model:
             "ram_tier_slots": self._core().tier2_quotas() or None, "cpu_compute": self.cpu_compute,
             "tier_costs": self._core().costs() if self.host_slots else None,
             "cpu_backend": cpu_backend()["variant"],    # ggml CPU variant of a portable build, or "built-in"
+            # mlock=True: page-rounded bytes of the dense weights + KV cache under mlock (0 when off or refused)
+            "mlock": mem["mlock"], "locked_bytes": mem["locked_bytes"],
+            # MOELITE_DENSE_MMAP=1 (benchmark switch): the dense weights are the model file's pages in the page cache
+            "dense_mmap": mem["dense_mmap"],
         }
 
     # --- evaluation --------------------------------------------------------------------------------------
@@ -686,6 +694,21 @@ def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
     return total
 
 
+def _warn_unlocked(mem: Mapping[str, Any]) -> None:
+    """mlock=True that the OS refused in part or whole: a warning saying why and how much, never an error."""
+    if not mem["lock_failed_bytes"]:
+        return
+    import errno as errno_mod
+    import resource
+    err = int(mem["lock_errno"])
+    soft, _ = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    limit = "unlimited" if soft == resource.RLIM_INFINITY else f"{soft} bytes"
+    total = mem["lock_failed_bytes"] + mem["locked_bytes"]
+    warnings.warn(f"mlock: {mem['lock_failed_bytes']} of {total} bytes (dense weights and KV cache) were not locked: "
+                  f"{errno_mod.errorcode.get(err, err)} ({os.strerror(err)}); RLIMIT_MEMLOCK is {limit} (raise it with "
+                  "`ulimit -l` or grant CAP_IPC_LOCK); the model runs unlocked", RuntimeWarning, stacklevel=4)
+
+
 def load(path: str | os.PathLike | None = None, *, convert_type: str | None = None, **options: Any) -> Model:
     """Open a MoE GGUF, a Hugging Face model directory (converted once into ~/.cache/moelite/converted, as the
     command line does; convert_type, default q8_0) or the embedded demo model when path is None. Options:
@@ -701,7 +724,8 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     steps with flash attention: one pass over the KV cache per KV head for all its query heads, in F32, default True;
     off: ggml's flash attention, one query head at a time), prompt_attn (CPU prompt ubatches of 64 tokens and more with
     flash attention: 64 x 64 tiles whose rows are (token, head) pairs sharing a KV head, default True; off: ggml's
-    tiled flash attention, one query head per tile)."""
+    tiled flash attention, one query head per tile), mlock (lock the dense weights and the KV cache in RAM, default
+    False; refused by RLIMIT_MEMLOCK: a RuntimeWarning, the model runs unlocked; info()['locked_bytes'])."""
     import inspect
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]
     unknown = sorted(set(options) - set(valid))
