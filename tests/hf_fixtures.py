@@ -15,6 +15,10 @@ norm_topk_prob=True, qwen2_moe False + shared expert, olmoe n_kv_heads == n_head
 q_lora_rank, deepseek_v3 with groups and a non-zero e_score_correction_bias, gpt_oss sliding/full layers
 with sinks and yarn, granitemoe non-trivial multipliers). All 1-D parameters (norm weights, biases, sinks)
 are perturbed away from their 1/0 init so that a wrong norm or bias mapping shows up in logits.
+
+config.json is what a checkpoint ships: each config class gets only the kwargs it defines (a key it would keep
+as an unknown attribute is left out, so save_pretrained adds nothing), and the release-only keys of the real
+config.json that the converter reads (RELEASE_KEYS) are written into it after save_pretrained.
 """
 from __future__ import annotations
 
@@ -37,7 +41,7 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
                   "gemma4_text")
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
-_FIXTURE_VERSION = 1  # bump when the generator changes, so stale caches are not reused
+_FIXTURE_VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 # families whose converter needs their own special tokens (llama.cpp's GLM vocab: BOS [gMASK], EOT <|user|>, ...)
@@ -61,8 +65,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "qwen2_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                       shared_expert_intermediate_size=64, norm_topk_prob=False, rms_norm_eps=1e-6,
                       rope_theta=1e6, decoder_sparse_step=1, mlp_only_layers=[], qkv_bias=True),
-    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16,
-                      norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, decoder_sparse_step=1,
+    "qwen3_moe": dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, decoder_sparse_step=1,
                       mlp_only_layers=[]),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2, intermediate_size=32, num_key_value_heads=4,
                   rms_norm_eps=1e-5, rope_theta=1e4, norm_topk_prob=False, pad_token_id=0),
@@ -91,26 +94,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
                        attention_multiplier=0.0078125, rms_norm_eps=1e-6),
     # --- wave 2 ---
     "glm4_moe": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                     first_k_dense_replace=1, num_hidden_layers=3, head_dim=16, partial_rotary_factor=0.5,
+                     first_k_dense_replace=1, num_hidden_layers=3, partial_rotary_factor=0.5,
                      attention_bias=True, use_qk_norm=False, n_group=2, topk_group=1, norm_topk_prob=True,
                      routed_scaling_factor=2.5, num_nextn_predict_layers=0, rms_norm_eps=1e-5, rope_theta=1e6),
     "glm4_moe_lite": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                          first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32,
+                          num_hidden_layers=3, num_key_value_heads=4, kv_lora_rank=32,
                           q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, head_dim=8,
                           n_group=1, topk_group=1, norm_topk_prob=True, routed_scaling_factor=1.8,
-                          rms_norm_eps=1e-5, rope_theta=1e6, num_nextn_predict_layers=0, scoring_func="sigmoid"),
+                          rms_norm_eps=1e-5, rope_theta=1e6),
     "dots1": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-                  first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, head_dim=16, n_group=1,
-                  topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, rope_theta=1e6,
-                  scoring_func="sigmoid"),
+                  first_k_dense_replace=1, num_hidden_layers=3, num_key_value_heads=4, n_group=1,
+                  topk_group=1, norm_topk_prob=True, routed_scaling_factor=2.5, rms_norm_eps=1e-5, rope_theta=1e6),
     "minimax_m2": dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=32, head_dim=16,
-                       partial_rotary_factor=0.5, rotary_dim=8, scoring_func="sigmoid", use_routing_bias=True,
-                       rms_norm_eps=1e-6, rope_theta=5e6),
+                       partial_rotary_factor=0.5, rms_norm_eps=1e-6, rope_theta=5e6),
     "ernie4_5_moe": dict(moe_num_experts=8, moe_k=2, moe_intermediate_size=32, moe_num_shared_experts=1,
                          moe_layer_start_index=1, moe_layer_interval=1, intermediate_size=64, num_hidden_layers=3,
                          use_bias=False, rms_norm_eps=1e-5, rope_theta=5e5, tie_word_embeddings=True),
-    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=[2, 2], moe_intermediate_size=[128, 128], num_shared_expert=[1, 1],
-                           head_dim=16, use_qk_norm=True, rms_norm_eps=1e-5, rope_theta=1e4),
+    "hunyuan_v1_moe": dict(num_experts=8, moe_topk=[2, 2], head_dim=16, rms_norm_eps=1e-5, rope_theta=1e4),
     "llama4_text": dict(num_local_experts=8, num_experts_per_tok=1, interleave_moe_layer_step=2, num_hidden_layers=4,
                         intermediate_size=32, intermediate_size_mlp=128, head_dim=16, use_qk_norm=True,
                         attention_chunk_size=8192, no_rope_layers=[1, 1, 1, 0], rms_norm_eps=1e-5, rope_theta=5e5),
@@ -126,7 +126,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "lfm2_moe": dict(num_hidden_layers=4, layer_types=["conv", "full_attention", "conv", "full_attention"],
                      conv_L_cache=3, num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
                      moe_intermediate_size=32, use_expert_bias=True, norm_topk_prob=True, routed_scaling_factor=1.0,
-                     rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=True),
+                     norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=True),
     "qwen3_5_moe_text": dict(num_hidden_layers=4, head_dim=32, linear_num_key_heads=2, linear_num_value_heads=4,
                              linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4, num_experts=8,
                              num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
@@ -147,6 +147,20 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
+}
+
+# family -> keys the real release config.json carries that the transformers config class does not define (so
+# save_pretrained cannot write them), written into config.json after save_pretrained; only keys the converter
+# reads. An override of one of them (make_hf_model(family, key=...)) takes its place.
+RELEASE_KEYS: dict[str, dict[str, Any]] = {
+    # Glm4MoeLiteConfig has mlp_layer_types instead (["dense", "sparse", "sparse"] here)
+    "glm4_moe_lite": {"first_k_dense_replace": 1},
+    # MiniMax-M2 states partial RoPE as rotary_dim (64 of 128); transformers turns it into partial_rotary_factor
+    "minimax_m2": {"rotary_dim": 8},
+    # Hunyuan-A13B stores these per layer; transformers' experts use intermediate_size (128 here)
+    "hunyuan_v1_moe": {"moe_intermediate_size": [128, 128], "num_shared_expert": [1, 1]},
+    # Gemma-4 (text_config); transformers folds them into per_layer_config (the class kwargs of CONFIGS)
+    "gemma4_text": {"global_head_dim": 32, "num_global_key_value_heads": 1},
 }
 
 
@@ -192,18 +206,36 @@ def _key(family: str, seed: int, overrides: dict[str, Any]) -> str:
     spec = {"v": _FIXTURE_VERSION, "f": family, "s": seed, "c": cfg, "o": overrides}
     if family in FAMILY_SPECIALS:
         spec["t"] = FAMILY_SPECIALS[family]
+    if family in RELEASE_KEYS:
+        spec["r"] = RELEASE_KEYS[family]
     blob = json.dumps(spec, sort_keys=True, default=str)
     return f"{family}-s{seed}-{hashlib.sha256(blob.encode()).hexdigest()[:10]}"
 
 
 def _config(family: str, overrides: dict[str, Any]):
-    from transformers import AutoConfig
+    """The transformers config of `family`, given only the kwargs its class takes: a kwarg the class would keep
+    as an unknown attribute (and so save_pretrained would write into config.json although the class does not
+    define it) is left out; a kwarg the class consumes (Gemma-4's global_head_dim, partial_rotary_factor) is
+    passed. Release-only keys are RELEASE_KEYS, written into config.json after save_pretrained."""
+    from transformers import CONFIG_MAPPING
+    cls = CONFIG_MAPPING[family]
     kw = {**_COMMON, **CONFIGS[family], **overrides}
     if "rope_theta" in kw and "rope_parameters" not in kw:
         kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
     kw.pop("rope_theta", None)
-    cfg = AutoConfig.for_model(family, **kw)
-    return cfg
+    own = class_keys(cls)
+    kept = cls(**kw).to_dict()
+    return cls(**{k: v for k, v in kw.items() if k in own or k not in kept})
+
+
+def class_keys(cls) -> set[str]:
+    """The config.json keys a transformers config class defines (its fields, the base class's, its aliases)."""
+    return set(cls().to_dict()) | set(cls.default_config_fields()) | set(getattr(cls, "attribute_map", {}))
+
+
+def _release_keys(family: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """RELEASE_KEYS of `family`, an override of one of them taking its place."""
+    return {k: overrides.get(k, v) for k, v in RELEASE_KEYS.get(family, {}).items()}
 
 
 def _perturb(model, seed: int) -> None:
@@ -243,6 +275,10 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
         # ~2 shards so the index file and multi-shard reading are exercised
         n_bytes = sum(p.numel() * 4 for p in model.parameters())
         model.save_pretrained(tmp, safe_serialization=True, max_shard_size=max(n_bytes // 2 + 1, 50_000))
+        release = _release_keys(family, config_overrides)
+        if release:  # what the real release config.json carries beyond what transformers writes
+            saved = json.loads((tmp / "config.json").read_text())
+            (tmp / "config.json").write_text(json.dumps({**saved, **release}, indent=2, sort_keys=True) + "\n")
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(tmp)
         _make_tokenizer(tmp, FAMILY_SPECIALS.get(family, []))

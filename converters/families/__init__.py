@@ -13,6 +13,10 @@ share its code, e.g. GLM-4.7-Flash beside DeepSeek-V3):
   skip          regexes of HF names that are dropped on purpose (e.g. DeepSeek-V3's MTP layer)
   tokenizer_pre llama.cpp `tokenizer.ggml.pre` of the real checkpoints of this family
 
+  defaults      {config.json key: transformers config class default}: what a key absent from config.json
+                means (real release configs omit keys their class defines with a default). Static defaults only;
+                a default computed from other keys (head_dim = hidden_size / heads) is computed where it is read.
+
 Everything shared by several families lives here: Config access, the common hyperparameters, the
 llama-style tensor names, and the one expert-stacking routine.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 
 import importlib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from moelite.errors import ConversionError
@@ -35,15 +39,27 @@ _MISSING = object()
 
 
 class Config:
-    """config.json with alias-aware, typed, error-naming access."""
+    """config.json with alias-aware, typed, error-naming access. A key absent from the file takes the default of
+    the family's transformers config class (`Family.defaults`, found by model_type), then the reader's `default`."""
 
-    def __init__(self, d: dict[str, Any], src: str = "config.json"):
+    def __init__(self, d: dict[str, Any], src: str = "config.json", defaults: dict[str, Any] | None = None):
         self.d, self.src = d, src
+        if defaults is None:
+            fam = registry().get(d.get("model_type")) if isinstance(d.get("model_type"), str) else None
+            defaults = fam.defaults if fam else {}
+        self.defaults = defaults
 
     def get(self, *keys: str, default: Any = _MISSING) -> Any:
+        """The first of `keys` (aliases of one value) that the file holds, else (none of them in the file) the
+        first with a class default, else `default`; ConversionError when none applies. An explicit null in the
+        file is no value, as in transformers (DeepSeek-V2-Lite's `"q_lora_rank": null`): no class default."""
         for k in keys:
             if self.d.get(k) is not None:
                 return self.d[k]
+        if not any(k in self.d for k in keys):
+            for k in keys:
+                if self.defaults.get(k) is not None:
+                    return self.defaults[k]
         if default is _MISSING:
             raise ConversionError(f"{self.src}: missing key {' / '.join(keys)}")
         return default
@@ -69,7 +85,8 @@ class Config:
         return v if v is None else bool(v)
 
     def has(self, key: str) -> bool:
-        return self.d.get(key) is not None
+        """The file or (the key absent from it) the class default gives `key` a value."""
+        return self.d.get(key) is not None or (key not in self.d and self.defaults.get(key) is not None)
 
     @property
     def n_layer(self) -> int:
@@ -85,13 +102,16 @@ class Config:
         return int(hd) if hd else self.int("hidden_size") // self.int("num_attention_heads")
 
     def rope(self) -> dict[str, Any]:
-        """transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`, one dict."""
-        rp = dict(self.d.get("rope_parameters") or self.d.get("rope_scaling") or {})
+        """transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`, one dict; absent, the class's
+        default rope_parameters (gpt-oss: yarn) and default theta (`rope_theta` in defaults, transformers'
+        `default_theta`)."""
+        rp = dict(self.d.get("rope_parameters") or self.d.get("rope_scaling") or self.defaults.get("rope_parameters")
+                  or {})
         rp = dict(rp.get("full_attention", rp))
         if "rope_type" not in rp and "type" in rp:
             rp["rope_type"] = rp["type"]
         if "rope_theta" not in rp and self.has("rope_theta"):
-            rp["rope_theta"] = self.d["rope_theta"]
+            rp["rope_theta"] = self.get("rope_theta")
         return rp
 
 
@@ -102,9 +122,11 @@ def common_hparams(c: Config) -> dict[str, Any]:
         "block_count": c.n_layer,
         "context_length": c.int("max_position_embeddings"),
         "embedding_length": c.int("hidden_size"),
-        "feed_forward_length": c.int("intermediate_size"),
+        # as llama.cpp: only when the class has it (Qwen3.5-MoE's experts use moe_intermediate_size, no dense FFN)
+        "feed_forward_length": c.int("intermediate_size") if c.has("intermediate_size") else None,
         "attention.head_count": c.int("num_attention_heads"),
-        "attention.head_count_kv": c.int("num_key_value_heads", "num_attention_heads"),
+        # absent with no class default: transformers sets it to num_attention_heads (MHA)
+        "attention.head_count_kv": c.int("num_key_value_heads", default=c.int("num_attention_heads")),
         "rope.freq_base": float(rp.get("rope_theta", 10000.0)),
         "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps", "norm_eps"),      # norm_eps: LFM2
         "expert_count": c.n_expert,
@@ -245,6 +267,7 @@ class Family:
     sanitize: Callable[[dict[str, Lazy], Config], None] = lambda w, c: None
     skip: tuple[str, ...] = ()
     tokenizer_pre: str = "default"
+    defaults: dict[str, Any] = field(default_factory=dict)   # transformers class defaults (module docstring)
 
     def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
         """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""
@@ -299,8 +322,9 @@ def registry() -> dict[str, Family]:
 def for_config(cfg: dict[str, Any], src: str = "config.json") -> Family:
     mt = cfg.get("model_type")
     reg = registry()
-    n_expert = next((cfg[k] for k in _EXPERT_KEYS if cfg.get(k) is not None), None)
-    if mt in reg:
+    defaults = reg[mt].defaults if isinstance(mt, str) and mt in reg else {}
+    n_expert = next((v[k] for v in (cfg, defaults) for k in _EXPERT_KEYS if v.get(k) is not None), None)
+    if isinstance(mt, str) and mt in reg:
         if not n_expert or int(n_expert) < 2:
             raise ConversionError(f"{src}: model_type {mt!r} with {n_expert or 0} experts is a dense (non-MoE) "
                                   f"model; moelite converts Mixture-of-Experts models only")

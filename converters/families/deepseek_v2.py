@@ -26,6 +26,30 @@ from ..lazy import Lazy
 from . import LLAMA_NAMES, MOE_NAMES, SIGMOID, SOFTMAX, Config, Family, common_hparams, stack_experts
 
 
+# transformers' DeepseekV2Config defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 102400,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-06,
+    "n_routed_experts": 64,
+    "first_k_dense_replace": 0,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "moe_intermediate_size": 1407,
+    "n_shared_experts": 2,
+    "routed_scaling_factor": 1.0,
+    "norm_topk_prob": False,
+    "rope_theta": 10000.0,
+}
+
+
 def hparams(c: Config, default_gating: int = SOFTMAX) -> dict[str, Any]:
     rp = c.rope()
     kv_lora, rope, nope = c.int("kv_lora_rank"), c.int("qk_rope_head_dim"), c.int("qk_nope_head_dim")
@@ -101,4 +125,5 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("deepseek_v2",), "deepseek2", hparams, TENSORS, sanitize, tokenizer_pre="deepseek-llm")
+FAMILY = Family(("deepseek_v2",), "deepseek2", hparams, TENSORS, sanitize, tokenizer_pre="deepseek-llm",
+                defaults=DEFAULTS)

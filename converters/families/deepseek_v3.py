@@ -17,6 +17,61 @@ from . import SIGMOID, Config, Family, drop_layers_beyond
 from .deepseek_v2 import TENSORS, hparams, sanitize
 
 
+# transformers' DeepseekV3Config defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 61,
+    "vocab_size": 129280,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "max_position_embeddings": 4096,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "rms_norm_eps": 1e-06,
+    "n_routed_experts": 256,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 3,
+    "q_lora_rank": 1536,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 128,
+    "v_head_dim": 128,
+    "moe_intermediate_size": 2048,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 2.5,
+    "norm_topk_prob": True,
+    "n_group": 8,
+    "topk_group": 4,
+    "rope_interleave": True,
+    "rope_theta": 10000.0,
+}
+# transformers' Glm4MoeLiteConfig defaults: the value of a key read here that config.json omits
+GLM4_MOE_LITE_DEFAULTS = {
+    "num_hidden_layers": 47,
+    "vocab_size": 154880,
+    "hidden_size": 2048,
+    "intermediate_size": 10240,
+    "max_position_embeddings": 202752,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 20,
+    "rms_norm_eps": 1e-05,
+    "n_routed_experts": 64,
+    "num_experts_per_tok": 4,
+    "q_lora_rank": 768,
+    "kv_lora_rank": 512,
+    "qk_rope_head_dim": 64,
+    "qk_nope_head_dim": 192,
+    "v_head_dim": 256,
+    "moe_intermediate_size": 1536,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 1.8,
+    "norm_topk_prob": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "rope_interleave": True,
+    "rope_theta": 10000.0,
+}
+
+
 def v3_hparams(c: Config) -> dict[str, Any]:
     if not c.bool("rope_interleave", default=True):
         raise ConversionError(f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
@@ -24,12 +79,28 @@ def v3_hparams(c: Config) -> dict[str, Any]:
     return hparams(c, default_gating=SIGMOID)
 
 
+def lite_hparams(c: Config) -> dict[str, Any]:
+    """GLM-4.7-Flash: the release config says `first_k_dense_replace`; transformers' Glm4MoeLiteConfig has
+    `mlp_layer_types` instead (default: the first layer dense, the rest sparse)."""
+    kv = v3_hparams(c)
+    if not c.has("first_k_dense_replace"):
+        types = c.get("mlp_layer_types", default=None) or ["dense"] + ["sparse"] * (c.n_layer - 1)
+        n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
+        if not isinstance(types, list) or len(types) != c.n_layer or set(types[n_dense:]) != {"sparse"}:
+            raise ConversionError(f"{c.src}: mlp_layer_types must list {c.n_layer} entries, the dense layers first "
+                                  f"then sparse (what the deepseek2 GGUF's leading_dense_block_count expresses)")
+        kv["leading_dense_block_count"] = n_dense
+    return kv
+
+
 def v3_sanitize(w, c: Config) -> None:
     drop_layers_beyond(w, c)                      # the MTP layer model.layers.{n_layer}
     sanitize(w, c)
 
 
-FAMILY = Family(("deepseek_v3",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="deepseek-v3")
+FAMILY = Family(("deepseek_v3",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="deepseek-v3",
+                defaults=DEFAULTS)
 # GLM-4.7-Flash: DeepSeek-V3's architecture (MLA, sigmoid + bias routing) with GLM's tokenizer
-GLM4_MOE_LITE = Family(("glm4_moe_lite",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="glm4")
+GLM4_MOE_LITE = Family(("glm4_moe_lite",), "deepseek2", lite_hparams, TENSORS, v3_sanitize, tokenizer_pre="glm4",
+                       defaults=GLM4_MOE_LITE_DEFAULTS)
 FAMILIES = (FAMILY, GLM4_MOE_LITE)

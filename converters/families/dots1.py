@@ -14,6 +14,26 @@ from . import LLAMA_NAMES, SIGMOID, SOFTMAX, Config, Family, common_hparams, sta
 from .glm4_moe import ATTN, DEEPSEEK_MOE_NAMES, MLP, deepseek_moe_hparams
 
 
+# transformers' Dots1Config defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 62,
+    "vocab_size": 152064,
+    "hidden_size": 4608,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-06,
+    "first_k_dense_replace": 0,
+    "moe_intermediate_size": 1408,
+    "routed_scaling_factor": 1.0,
+    "norm_topk_prob": False,
+    "n_group": 1,
+    "topk_group": 1,
+    "rope_theta": 10000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     gating = {"softmax": SOFTMAX, "sigmoid": SIGMOID}.get(c.get("scoring_func", default="sigmoid"), SIGMOID)
     return {
@@ -36,4 +56,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("dots1",), "dots1", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
+FAMILY = Family(("dots1",), "dots1", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)

@@ -20,6 +20,27 @@ ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
 
 
+# transformers' Ernie4_5_MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 28,
+    "vocab_size": 103424,
+    "hidden_size": 2560,
+    "intermediate_size": 12288,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 20,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-05,
+    "moe_num_experts": 64,
+    "moe_k": 6,
+    "moe_intermediate_size": 1536,
+    "moe_layer_start_index": 1,
+    "moe_layer_interval": 1,
+    "moe_layer_end_index": -1,
+    "moe_num_shared_experts": 2,
+    "rope_theta": 500000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     if c.has("moe_layer_end_index") and c.int("moe_layer_end_index") not in (-1, c.n_layer - 1):
         raise ConversionError(f"{c.src}: moe_layer_end_index = {c.int('moe_layer_end_index')} (dense layers after the "
@@ -75,4 +96,4 @@ def sanitize(w, c: Config) -> None:
 
 
 FAMILY = Family(("ernie4_5_moe",), "ernie4_5-moe", hparams, TENSORS, sanitize,
-                skip=(r"^model\.mtp_",), tokenizer_pre="llama-spm")
+                skip=(r"^model\.mtp_",), tokenizer_pre="llama-spm", defaults=DEFAULTS)

@@ -28,8 +28,34 @@ from . import LLAMA_NAMES, Config, Family, common_hparams, strip_prefix
 L = "model.layers.{bid}"
 
 
+# transformers' Gemma4TextConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 30,
+    "vocab_size": 262144,
+    "hidden_size": 2304,
+    "intermediate_size": 9216,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-06,
+    "enable_moe_block": False,
+    "hidden_size_per_layer_input": 256,
+    "num_kv_shared_layers": 0,
+    "sliding_window": 512,
+    "global_head_dim": 512,
+    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
+                                           "rope_theta": 1000000.0}},
+    # layer_types: 5 sliding then 1 full, the last layer full (computed in _layer_types)
+}
+
+
 def _layer_types(c: Config) -> list[str]:
-    types = c.get("layer_types")
+    types = c.get("layer_types", default=None)
+    if types is None:                                   # the class default: 5 sliding : 1 full, the last one full
+        types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(c.n_layer)]
+        types[-1] = "full_attention"
     if not isinstance(types, list) or len(types) != c.n_layer:
         raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries (sliding_attention / full_attention)")
     return types
@@ -56,8 +82,8 @@ def _full_head_dim(c: Config) -> int:
 
 
 def _rope(c: Config, kind: str) -> dict[str, Any]:
-    rp = c.d.get("rope_parameters") or {}
-    return dict(rp.get(kind) or {})
+    rp = c.get("rope_parameters")
+    return dict(rp.get(kind) or {}) if isinstance(rp, dict) else {}
 
 
 def hparams(c: Config) -> dict[str, Any]:
@@ -128,4 +154,4 @@ def sanitize(w, c: Config) -> None:
                                    "generated: proportional RoPE factors")
 
 
-FAMILY = Family(("gemma4_text",), "gemma4", hparams, TENSORS, sanitize, tokenizer_pre="gemma4")
+FAMILY = Family(("gemma4_text",), "gemma4", hparams, TENSORS, sanitize, tokenizer_pre="gemma4", defaults=DEFAULTS)

@@ -17,6 +17,30 @@ ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
 
 
+# transformers' Glm4MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 46,
+    "vocab_size": 151552,
+    "hidden_size": 4096,
+    "intermediate_size": 10944,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 96,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "n_routed_experts": 128,
+    "num_experts_per_tok": 8,
+    "first_k_dense_replace": 1,
+    "moe_intermediate_size": 1408,
+    "n_shared_experts": 1,
+    "routed_scaling_factor": 1.0,
+    "norm_topk_prob": True,
+    "n_group": 1,
+    "topk_group": 1,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.5,
+}
+
+
 def rotary_dims(c: Config, head_dim: int, default: float = 1.0) -> int:
     """Rotated dims per head: `rotary_dim`, else head_dim x `partial_rotary_factor` (top level or in
     rope_parameters, transformers 5)."""
@@ -81,4 +105,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("glm4_moe",), "glm4moe", hparams, TENSORS, sanitize, tokenizer_pre="glm4")
+FAMILY = Family(("glm4_moe",), "glm4moe", hparams, TENSORS, sanitize, tokenizer_pre="glm4", defaults=DEFAULTS)

@@ -22,6 +22,26 @@ from . import LLAMA_NAMES, Config, Family, common_hparams, split_interleaved
 SOFTMAX_WEIGHT = 3
 
 
+# transformers' GptOssConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 36,
+    "vocab_size": 201088,
+    "hidden_size": 2880,
+    "intermediate_size": 2880,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "rms_norm_eps": 1e-05,
+    "num_local_experts": 128,
+    "num_experts_per_tok": 4,
+    "sliding_window": 128,
+    "rope_theta": 150000.0,
+    "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                        "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     layer_types = c.get("layer_types", default=None) or [
         "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.n_layer)]
@@ -74,4 +94,4 @@ def sanitize(w, c: Config) -> None:
             split_interleaved(w, f"{x}.gate_up_proj_bias", f"{x}.gate_proj_bias", f"{x}.up_proj_bias", axis=-1)
 
 
-FAMILY = Family(("gpt_oss",), "gpt-oss", hparams, TENSORS, sanitize, tokenizer_pre="gpt-4o")
+FAMILY = Family(("gpt_oss",), "gpt-oss", hparams, TENSORS, sanitize, tokenizer_pre="gpt-4o", defaults=DEFAULTS)

@@ -21,28 +21,61 @@ M = "model.layers.{bid}.mamba"
 ATTENTION, MAMBA = {"attention", "full_attention"}, {"mamba", "linear_attention"}
 
 
+# transformers' GraniteMoeHybridConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-06,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "attention_multiplier": 1.0,
+    "embedding_multiplier": 1.0,
+    "residual_multiplier": 1.0,
+    "logits_scaling": 1.0,
+    "shared_intermediate_size": 1024,
+    "mamba_d_conv": 4,
+    "mamba_d_state": 256,
+    "mamba_n_groups": 1,
+    "mamba_n_heads": 128,
+    "mamba_expand": 2,
+    "rope_theta": 10000.0,
+}
+
+
 def _mamba_layers(c: Config) -> list[bool]:
-    types = c.get("layer_types")
+    # `layers_block_type`: transformers' alias; absent, the class makes every layer Mamba
+    types = c.get("layer_types", "layers_block_type", default=None) or ["mamba"] * c.n_layer
     if not isinstance(types, list) or len(types) != c.n_layer or set(types) - ATTENTION - MAMBA:
         raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries of mamba / attention "
                               f"(or transformers' linear_attention / full_attention)")
     return [t in MAMBA for t in types]
 
 
+def _d_head(c: Config) -> int:
+    """mamba_d_head; absent or "auto" (the class default): mamba_expand x hidden_size / mamba_n_heads."""
+    d = c.get("mamba_d_head", default="auto")
+    return c.int("mamba_expand") * c.int("hidden_size") // c.int("mamba_n_heads") if d == "auto" else c.int("mamba_d_head")
+
+
 def hparams(c: Config) -> dict[str, Any]:
-    if c.int("mamba_expand", default=2) * c.int("hidden_size") != c.int("mamba_n_heads") * c.int("mamba_d_head"):
+    if c.int("mamba_expand") * c.int("hidden_size") != c.int("mamba_n_heads") * _d_head(c):
         raise ConversionError(f"{c.src}: mamba_n_heads x mamba_d_head must equal mamba_expand x hidden_size")
     mamba = _mamba_layers(c)
     kv = {**granite_hparams(c)}
     kv.pop("rope.dimension_count", None)
-    nope = c.get("position_embedding_type", default="rope") == "nope"
+    # RoPE only for "rope": the class default (null) is NoPE, as the real models ("nope")
+    nope = c.get("position_embedding_type", default=None) != "rope"
     kv.update({
         "attention.head_count_kv": [0 if m else c.int("num_key_value_heads") for m in mamba],
         "ssm.conv_kernel": c.int("mamba_d_conv"),
         "ssm.state_size": c.int("mamba_d_state"),
         "ssm.group_count": c.int("mamba_n_groups"),
         "ssm.time_step_rank": c.int("mamba_n_heads"),
-        "ssm.inner_size": c.int("mamba_n_heads") * c.int("mamba_d_head"),
+        "ssm.inner_size": c.int("mamba_n_heads") * _d_head(c),
         "rope.scaling.finetuned": not nope,
     })
     if not nope:
@@ -79,4 +112,5 @@ def sanitize(w, c: Config) -> None:
         w[f"{m}.norm.weight"] = norm.map(lambda a: a.reshape(ng, n // ng), (ng, n // ng), "")
 
 
-FAMILY = Family(("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact")
+FAMILY = Family(("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact",
+                defaults=DEFAULTS)

@@ -18,6 +18,21 @@ ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
 
 
+# transformers' HunYuanMoEV1Config defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 290943,
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "rms_norm_eps": 1e-05,
+    "num_experts": 1,
+    "moe_topk": 1,
+    "rope_theta": 10000.0,
+}
+
+
 def uniform(c: Config, key: str, default: Any = None) -> Any:
     """A config value that real checkpoints store per layer: one value, or a list of equal values."""
     v = c.get(key, default=default)
@@ -65,4 +80,5 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("hunyuan_v1_moe",), "hunyuan-moe", hparams, TENSORS, sanitize, tokenizer_pre="hunyuan")
+FAMILY = Family(("hunyuan_v1_moe",), "hunyuan-moe", hparams, TENSORS, sanitize, tokenizer_pre="hunyuan",
+                defaults=DEFAULTS)

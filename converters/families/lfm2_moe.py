@@ -18,6 +18,27 @@ from . import SIGMOID, Config, Family, common_hparams, squeeze_conv, stack_exper
 L = "model.layers.{bid}"
 
 
+# transformers' Lfm2MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 65536,
+    "hidden_size": 2048,
+    "intermediate_size": 7168,
+    "max_position_embeddings": 128000,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "norm_eps": 1e-05,
+    "num_experts": 32,
+    "num_experts_per_tok": 4,
+    "conv_L_cache": 3,
+    "conv_bias": False,
+    "num_dense_layers": 2,
+    "moe_intermediate_size": 1792,
+    "routed_scaling_factor": 1.0,
+    "rope_theta": 1000000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     types = c.get("layer_types")
     if not isinstance(types, list) or len(types) != c.n_layer or set(types) - {"conv", "full_attention"}:
@@ -73,4 +94,4 @@ def sanitize(w, c: Config) -> None:
                   ("w1", "w2", "w3"))
 
 
-FAMILY = Family(("lfm2_moe",), "lfm2moe", hparams, TENSORS, sanitize, tokenizer_pre="lfm2")
+FAMILY = Family(("lfm2_moe",), "lfm2moe", hparams, TENSORS, sanitize, tokenizer_pre="lfm2", defaults=DEFAULTS)

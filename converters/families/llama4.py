@@ -22,9 +22,31 @@ from . import LLAMA_NAMES, Config, Family, common_hparams, split_halves, strip_p
 FF = "model.layers.{bid}.feed_forward"
 
 
+# transformers' Llama4TextConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 48,
+    "vocab_size": 202048,
+    "hidden_size": 5120,
+    "intermediate_size": 8192,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 40,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-05,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 1,
+    "intermediate_size_mlp": 16384,
+    "interleave_moe_layer_step": 1,
+    "attention_chunk_size": 8192,
+    "floor_scale": 8192,
+    "attn_scale": 0.1,
+    "rope_theta": 500000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
-    chunk = c.get("attention_chunk_size", default=8192)
-    if chunk not in (None, 8192) or c.get("floor_scale", default=8192) != 8192 or c.get("attn_scale", default=0.1) != 0.1:
+    chunk = c.get("attention_chunk_size", default=None)                   # absent: 8192; an explicit null: none
+    if chunk not in (None, 8192) or c.get("floor_scale") != 8192 or c.get("attn_scale") != 0.1:
         raise ConversionError(f"{c.src}: attention_chunk_size / floor_scale / attn_scale differ from 8192 / 8192 / "
                               f"0.1, which llama.cpp hard-codes for llama4 (the GGUF cannot carry them)")
     nope = c.get("no_rope_layers", default=None)
@@ -70,4 +92,4 @@ def sanitize(w, c: Config) -> None:
             w[f"{f}.experts.down_proj.weight"] = transpose_last(w.pop(f"{f}.experts.down_proj"))
 
 
-FAMILY = Family(("llama4_text",), "llama4", hparams, TENSORS, sanitize, tokenizer_pre="llama4")
+FAMILY = Family(("llama4_text",), "llama4", hparams, TENSORS, sanitize, tokenizer_pre="llama4", defaults=DEFAULTS)

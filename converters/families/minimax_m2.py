@@ -16,6 +16,23 @@ ATTN = "model.layers.{bid}.self_attn"
 MOE = "model.layers.{bid}.block_sparse_moe"
 
 
+# transformers' MiniMaxM2Config defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 62,
+    "vocab_size": 200064,
+    "hidden_size": 3072,
+    "intermediate_size": 1536,
+    "max_position_embeddings": 196608,
+    "num_attention_heads": 48,
+    "num_key_value_heads": 8,
+    "head_dim": 128,
+    "rms_norm_eps": 1e-06,
+    "num_local_experts": 256,
+    "num_experts_per_tok": 8,
+    "rope_theta": 5000000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     hd = c.head_dim
     return {
@@ -45,4 +62,5 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MOE + ".experts.{e}.{proj}.weight", MOE + ".experts.{proj}.weight", ("w1", "w2", "w3"))
 
 
-FAMILY = Family(("minimax_m2",), "minimax-m2", hparams, TENSORS, sanitize, tokenizer_pre="minimax-m2")
+FAMILY = Family(("minimax_m2",), "minimax-m2", hparams, TENSORS, sanitize, tokenizer_pre="minimax-m2",
+                defaults=DEFAULTS)

@@ -12,6 +12,22 @@ from ..lazy import permute_qk
 from . import LLAMA_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
 
 
+# transformers' MixtralConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 32000,
+    "hidden_size": 4096,
+    "intermediate_size": 14336,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "num_local_experts": 8,
+    "num_experts_per_tok": 2,
+    "rope_theta": 1000000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     return {
         **common_hparams(c),
@@ -34,7 +50,7 @@ TENSORS = {
 
 def permute_attention(w, c: Config) -> None:
     """HF rotate_half q/k rows -> ggml NORM-rope order (shared with granitemoe)."""
-    n_head, n_kv = c.int("num_attention_heads"), c.int("num_key_value_heads", "num_attention_heads")
+    n_head, n_kv = c.int("num_attention_heads"), c.int("num_key_value_heads", default=c.int("num_attention_heads"))
     for bid in range(c.n_layer):
         for proj, n in (("q_proj", n_head), ("k_proj", n_kv)):
             for suffix in ("weight", "bias"):
@@ -49,4 +65,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MOE + ".experts.{e}.{proj}.weight", MOE + ".experts.{proj}.weight", ("w1", "w2", "w3"))
 
 
-FAMILY = Family(("mixtral",), "llama", hparams, TENSORS, sanitize, tokenizer_pre="default")
+FAMILY = Family(("mixtral",), "llama", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS)

@@ -17,6 +17,23 @@ from ..lazy import const
 from . import LLAMA_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
 
 
+# transformers' PhimoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 32064,
+    "hidden_size": 4096,
+    "intermediate_size": 6400,
+    "max_position_embeddings": 131072,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "rms_norm_eps": 1e-05,
+    "num_local_experts": 16,
+    "num_experts_per_tok": 2,
+    "router_jitter_noise": 0.01,
+    "rope_theta": 1000000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     rp = c.rope()
     kv = {
@@ -65,4 +82,4 @@ def sanitize(w, c: Config) -> None:
                                                      f"config.json rope {kind}_factor")
 
 
-FAMILY = Family(("phimoe",), "phimoe", hparams, TENSORS, sanitize, tokenizer_pre="default")
+FAMILY = Family(("phimoe",), "phimoe", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS)

@@ -11,6 +11,25 @@ from typing import Any
 from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
 
 
+# transformers' Qwen2MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 24,
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "rms_norm_eps": 1e-06,
+    "num_experts": 60,
+    "num_experts_per_tok": 4,
+    "moe_intermediate_size": 1408,
+    "shared_expert_intermediate_size": 5632,
+    "norm_topk_prob": False,
+    "rope_theta": 10000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     return {
         **common_hparams(c),
@@ -38,4 +57,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen2_moe",), "qwen2moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
+FAMILY = Family(("qwen2_moe",), "qwen2moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)

@@ -29,6 +29,31 @@ L = "model.layers.{bid}"
 LA = L + ".linear_attn"
 
 
+# transformers' Qwen3_5MoeTextConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 40,
+    "vocab_size": 248320,
+    "hidden_size": 2048,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-06,
+    "num_experts": 256,
+    "num_experts_per_tok": 8,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.25,
+    "full_attention_interval": 4,
+}
+
+
 def _layer_types(c: Config) -> list[str]:
     types = c.get("layer_types", default=None)
     if types is None:
@@ -139,4 +164,5 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen3_5_moe_text",), "qwen35moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen35")
+FAMILY = Family(("qwen3_5_moe_text",), "qwen35moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen35",
+                defaults=DEFAULTS)

@@ -10,6 +10,24 @@ from typing import Any
 from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
 
 
+# transformers' Qwen3MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 24,
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 6144,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+    "rms_norm_eps": 1e-06,
+    "num_experts": 128,
+    "num_experts_per_tok": 8,
+    "moe_intermediate_size": 768,
+    "norm_topk_prob": False,
+    "rope_theta": 10000.0,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     return {
         **common_hparams(c),
@@ -34,4 +52,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen3_moe",), "qwen3moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
+FAMILY = Family(("qwen3_moe",), "qwen3moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)

@@ -28,6 +28,32 @@ TENSORS = {
 }
 
 
+# transformers' Qwen3NextConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 48,
+    "vocab_size": 151936,
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "max_position_embeddings": 32768,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 2,
+    "head_dim": 256,
+    "rms_norm_eps": 1e-06,
+    "num_experts": 512,
+    "num_experts_per_tok": 10,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 128,
+    "linear_value_head_dim": 128,
+    "linear_num_key_heads": 16,
+    "linear_num_value_heads": 32,
+    "moe_intermediate_size": 512,
+    "shared_expert_intermediate_size": 512,
+    "rope_theta": 10000.0,
+    "partial_rotary_factor": 0.25,
+    "full_attention_interval": 4,
+}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     kv = qwen35_hparams(c)
     kv.pop("rope.dimension_sections", None)                                 # plain NeoX RoPE, no M-RoPE
@@ -66,4 +92,4 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen3_next",), "qwen3next", hparams, TENSORS, sanitize, tokenizer_pre="qwen2")
+FAMILY = Family(("qwen3_next",), "qwen3next", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)
