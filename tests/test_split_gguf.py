@@ -174,6 +174,15 @@ def test_cli_convert_plan_run_split(tmp_path, capsys, monkeypatch):
     assert f"{shards[0]} (split set of {len(shards)} files, {total / 2**30:.2f} GiB)" in said
     assert main(["run", str(shards[1]), "-p", "Hello", "-n", "4", "--temp", "0", "--stats"]) == 0
     assert f"split set of {len(shards)} files" in capsys.readouterr().err
+    # analyze's calibration side file hangs off the first shard, and a load from any shard uses it
+    text = tmp_path / "t.txt"
+    text.write_text("It is a truth universally acknowledged that a single man in possession of a good fortune " * 20)
+    assert main(["analyze", str(shards[-1]), "--text", str(text), "--tokens", "200", "--seq-len", "100",
+                 "--threads", "1", "-c", "64", "--out", str(tmp_path / "rep")]) == 0
+    side = Path(str(shards[0]) + ".calibration.json")
+    assert side.is_file()
+    with moelite.load(str(shards[2]), n_threads=1) as m:
+        assert m.calibration_file == str(side)
 
 
 def test_standins_of_a_split_set(tmp_path):
@@ -232,6 +241,25 @@ def test_counts_disagree(parts, tmp_path):
     shards = write_shards(tmp_path, "t", path, groups,
                           kv=[{}, {}, {"split.tensors.count": (5, gguf.GGUFValueType.INT32)}])
     expect_error(shards[0], str(shards[2]), "split.tensors.count")
+
+
+def test_tensor_count_only_some_shards_give(parts, tmp_path):
+    """Found by tools/fuzz.py --target split: the first shard's split.tensors.count was taken from the next shard
+    when it was absent or negative, so a set whose shards disagreed about the count loaded."""
+    path, groups = parts
+    i32 = gguf.GGUFValueType.INT32
+    shards = write_shards(tmp_path, "b", path, groups, kv=[{"split.tensors.count": (-5, i32)}, {}, {}])
+    expect_error(shards[1], "split.tensors.count", "-5")
+    shards = write_shards(tmp_path, "c", path, groups, kv=[{"split.tensors.count": (-5, i32)}] * 3)
+    expect_error(shards[0], "split.tensors.count", "-5", str(sum(map(len, groups))))
+    # absent from every shard: not checked (llama.cpp's loader does not read it either)
+    shards = write_shards(tmp_path, "d", path, groups, kv=[{"split.tensors.count": None}] * 3)
+    with moelite.load(str(shards[1]), n_threads=1) as m:
+        assert m.info()["files"] == [str(p) for p in shards]
+    # absent from the first shard only (the core's check: needs a rebuild of csrc/gguf_index.cpp after 0000000)
+    shards = write_shards(tmp_path, "a", path, groups, kv=[{"split.tensors.count": None}, {}, {}])
+    for opened in (shards[0], shards[2]):
+        expect_error(opened, "split.tensors.count")
 
 
 def test_tensor_in_two_shards(parts, tmp_path):
