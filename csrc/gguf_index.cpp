@@ -132,7 +132,7 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
                                   ", expected " + std::to_string(i) + " for shard " + std::to_string(i + 1) + " of " +
                                   std::to_string(count) + ": a shard of another set, or renamed");
             const int64_t tc = int_key(shard.c, "split.tensors.count", sp, -1);
-            if (tensors_total < 0) tensors_total = tc;
+            if (i == 0) tensors_total = tc;             // shard 1 says (-1: absent); every shard must agree
             if (tc != tensors_total)
                 throw FormatError(sp + ": key 'split.tensors.count' = " + std::to_string(tc) + ", but shard 1 says " +
                                   std::to_string(tensors_total) + ": a shard of another set");

@@ -1,7 +1,8 @@
 """A CI-sized, seeded run of the fuzzing harness (tools/fuzz.py, issue 15): a few hundred structure-aware
-mutations of real GGUFs, HF checkpoints, traces and calibration side files, each in a forked child with an
-address-space limit and a timeout. None may crash (signal), hang, exhaust memory or end in a raw Python
-exception; converted files must load and run (no silent corruption from the converter)."""
+mutations of real GGUFs, HF checkpoints, traces, calibration side files and split GGUF sets, each in a forked
+child with an address-space limit and a timeout. None may crash (signal), hang, exhaust memory or end in a raw Python
+exception; converted files must load and run (no silent corruption from the converter), and a split set must load
+bit-identical to the unsplit model when nothing that matters changed and be refused when it is broken."""
 from __future__ import annotations
 
 import json
@@ -13,9 +14,9 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CASES = {"gguf": 120, "hf": 80, "trace": 150, "calibration": 60}
+CASES = {"gguf": 120, "hf": 80, "trace": 150, "calibration": 60, "split": 100}
 NEVER = ("other", "signal", "hang", "memory", "skipped")   # skipped: a mutator bug
-pytestmark = pytest.mark.slow       # about a minute: 410 forked cases
+pytestmark = pytest.mark.slow       # about a minute and a half: 510 forked cases
 
 
 @pytest.mark.parametrize("target", list(CASES))
@@ -29,6 +30,6 @@ def test_fuzz_smoke(target, tmp_path):
     assert sum(counts.values()) == CASES[target]
     assert counts["moelite"] > 0 and counts["ok"] > 0, counts        # the mutations reach both outcomes
     bad = {c: counts[c] for c in NEVER if counts[c]}
-    if target == "hf":
+    if target in ("hf", "split"):    # split: a valid set refused or not bit-identical, a broken one loaded
         bad.update({"silent": counts["silent"]} if counts["silent"] else {})
     assert not bad, f"{bad}\n" + "\n".join(f"{k['class']} {k['case']}: {k['detail']}" for k in summary["kept"])

@@ -256,7 +256,7 @@ def test_tensor_count_only_some_shards_give(parts, tmp_path):
     shards = write_shards(tmp_path, "d", path, groups, kv=[{"split.tensors.count": None}] * 3)
     with moelite.load(str(shards[1]), n_threads=1) as m:
         assert m.info()["files"] == [str(p) for p in shards]
-    # absent from the first shard only (the core's check: needs a rebuild of csrc/gguf_index.cpp after 0000000)
+    # absent from the first shard only: the core's check (csrc/gguf_index.cpp, shard 1's value is the reference)
     shards = write_shards(tmp_path, "a", path, groups, kv=[{"split.tensors.count": None}, {}, {}])
     for opened in (shards[0], shards[2]):
         expect_error(opened, "split.tensors.count")

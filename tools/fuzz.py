@@ -13,13 +13,20 @@ Targets and what a case does with its mutated input:
   trace        a routing trace .npz mutated in arrays (dtypes, shapes, values, keys) and bytes -> load_trace,
                srp, sch, static_sch, simulate
   calibration  a MODEL.gguf.calibration.json side file mutated as JSON -> moelite.load of the model
+  split        a split GGUF set (the GGUF seeds written as 3-4 shards by gguf-py's writer and by moelite convert)
+               with shards dropped, swapped, renamed, duplicated, truncated, split.* keys changed / retyped /
+               deleted, a tensor moved or in two shards, a shard of another set, or one shard mutated as in
+               `gguf` -> moelite.load from a random shard (resident or at the minimum budget), logits of 3 tokens
 
 Each case runs in a forked child with RLIMIT_AS (--mem above the parent's address space) and a wall-clock
 timeout, and is classified:
   ok        ran to the end          moelite   a moelite.errors exception (the wanted refusal)
   other     any other exception      signal    killed by a signal (SIGSEGV, SIGABRT from GGML_ASSERT, ...)
   hang      past --timeout           memory    MemoryError / allocation failure under the limit
-  silent    accepted but corrupt: non-finite logits, or a converted file that moelite refuses
+  silent    accepted but corrupt: non-finite logits, or a converted file that moelite refuses; split: a set
+            whose mutations changed nothing that matters loaded with logits not bit-identical to the unsplit
+            model (or was refused), or a set that must be refused (a missing, foreign, renamed or truncated
+            shard, split keys that disagree, a tensor in two shards) loaded
   skipped   the mutator itself failed to build the case (a harness bug: no input reached moelite)
 Reproducers of every class but ok and moelite are kept under OUT/TARGET/CLASS/ with a .txt of the error;
 OUT/summary.json holds seed, commit and counts. Seeds come from tests/ (built once, cached there).
@@ -55,7 +62,7 @@ import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent", "skipped")
-TARGETS = ("gguf", "hf", "trace", "calibration")
+TARGETS = ("gguf", "hf", "trace", "calibration", "split")
 GGUF_FAMILIES = (("qwen3_moe", "f32"), ("deepseek_v3", "q8_0"), ("gpt_oss", "q8_0"), ("mixtral", "q8_0"))
 HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
@@ -631,6 +638,385 @@ def _npy(a: Any) -> bytes:
     return b.getvalue()
 
 
+# ==== split GGUF sets ==========================================================================================
+# A case is a folder of shards plus case.json: which file to open, the budget, and what must happen. Each mutation
+# says what the set has become: "same" (nothing that matters changed: the load must give the unsplit model's logits
+# bit for bit and name the shards in order), "broken" (a set the loader must refuse: a missing, foreign, renamed or
+# truncated shard, split keys that disagree, a tensor in two shards) or "any" (a shard mutated as in `gguf`, or a
+# shard that now reads as a whole model: refused, or finite logits).
+SPLIT_KEYS = (b"split.no", b"split.count", b"split.tensors.count")
+INT_RANGE = {0: (0, 2**8 - 1), 1: (-2**7, 2**7 - 1), 2: (0, 2**16 - 1), 3: (-2**15, 2**15 - 1), 4: (0, 2**32 - 1),
+             5: (-2**31, 2**31 - 1), 10: (0, 2**64 - 1), 11: (-2**63, 2**63 - 1)}
+RANK = {"same": 0, "broken": 1, "any": 2}
+
+
+def kv_int(g: GGUF, key: bytes) -> int | str | None:
+    """An integer key as the core reads it (None: absent, 'bad': not an integer; u64 above int64 reads as -1)."""
+    for kv in g.kvs:
+        if kv.key == key:
+            if kv.vtype not in INT_T:
+                return "bad"
+            v = struct.unpack(SCALAR[kv.vtype], kv.payload)[0]
+            return -1 if kv.vtype == 10 and v > 2**63 - 1 else v
+    return None
+
+
+def set_kv(g: GGUF, key: bytes, vtype: int | None, payload: bytes = b"") -> None:
+    """Replace (or add, at the end) key; vtype None deletes it."""
+    kvs = [kv for kv in g.kvs if kv.key != key]
+    old = [i for i, kv in enumerate(g.kvs) if kv.key == key]
+    if vtype is not None:
+        kvs.insert(old[0] if old else len(kvs), KV(key, vtype, payload))
+    g.kvs = kvs
+
+
+def tensor_blob(g: GGUF, t: TInfo) -> bytes:
+    return g.data[t.offset:t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)]
+
+
+@dataclass
+class SplitCase:
+    prefix: str
+    n: int                              # the count in the shard names
+    files: dict[str, bytes]             # file name -> bytes (shards and any extra files)
+    open_idx: int                       # open the shard of this index (0-based) ...
+    open_name: str | None = None        # ... or this file
+    expect: str = "same"
+    why: list[str] = field(default_factory=list)
+
+    def name(self, i: int) -> str:
+        return f"{self.prefix}-{i + 1:05d}-of-{self.n:05d}.gguf"
+
+    def shard(self, i: int) -> GGUF:
+        return parse_gguf(self.files[self.name(i)])
+
+    def put(self, i: int, g: GGUF) -> None:
+        self.files[self.name(i)] = write_gguf(g)
+
+    def mark(self, expect: str, why: str) -> None:
+        self.why.append(f"{why} ({expect})")
+        if RANK[expect] > RANK[self.expect]:
+            self.expect = expect
+
+
+def _shape(b: bytes) -> tuple | None:
+    """What decides whether a shard can stand in for another: its split keys and tensor names (None: unparsable)."""
+    try:
+        g = parse_gguf(b)
+    except Exception:  # noqa: BLE001
+        return None
+    return tuple(kv_int(g, k) for k in SPLIT_KEYS), frozenset(t.name for t in g.tensors)
+
+
+# -- mutations that change nothing that matters (applied first) --
+def sm_rename_set(rng, s: SplitCase, seed: dict) -> None:
+    old = {s.name(i): i for i in range(s.n)}
+    s.prefix = rng.choice(["model", "Qwen3-30B-A3B-Q8_0", "a.b-c", "x" * 100, "m-00001-of-00002"])
+    s.files = {(s.name(old[k]) if k in old else k): v for k, v in s.files.items()}
+    s.mark("same", f"set renamed to {s.prefix}-*")
+
+
+def sm_extra_file(rng, s: SplitCase, seed: dict) -> None:
+    i = rng.randrange(s.n)
+    extra = rng.choice([s.name(i) + ".part", f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf",
+                        f"{s.prefix}-{i + 1:05d}-of-{s.n + 1:05d}.gguf", "other.gguf", f"{s.prefix}.gguf"])
+    s.files[extra] = s.files[s.name(i)]
+    s.mark("same", f"a copy of shard {i + 1} beside the set as {extra}")
+
+
+def sm_move_tensor(rng, s: SplitCase, seed: dict) -> None:
+    i, j = rng.sample(range(s.n), 2)
+    gi, gj = s.shard(i), s.shard(j)
+    if not gi.tensors:
+        return
+    t = gi.tensors.pop(rng.randrange(len(gi.tensors)))
+    blob = tensor_blob(gi, t)
+    relayout(gi, rng, set())
+    pos = len(gj.data) + (-len(gj.data) % gj.alignment)
+    gj.data = gj.data + bytes(pos - len(gj.data)) + blob
+    gj.tensors.insert(rng.randrange(len(gj.tensors) + 1), replace(t, dims=list(t.dims), offset=pos))
+    relayout(gj, rng, set())
+    s.put(i, gi)
+    s.put(j, gj)
+    s.mark("same", f"tensor {t.name!r} moved from shard {i + 1} to shard {j + 1}")
+
+
+def sm_retype_same(rng, s: SplitCase, seed: dict) -> None:
+    i = rng.randrange(s.n)
+    g = s.shard(i)
+    key = rng.choice(SPLIT_KEYS)
+    v = kv_int(g, key)
+    if not isinstance(v, int) or v < 0:
+        return
+    vt = rng.choice([t for t, (lo, hi) in INT_RANGE.items() if lo <= v <= hi])
+    set_kv(g, key, vt, encode_scalar(vt, v))
+    s.put(i, g)
+    s.mark("same", f"shard {i + 1}: {key.decode()} = {v} stored as type {vt}")
+
+
+def sm_drop_tensor_count(rng, s: SplitCase, seed: dict) -> None:
+    for i in range(s.n):
+        g = s.shard(i)
+        set_kv(g, b"split.tensors.count", None)
+        s.put(i, g)
+    s.mark("same", "split.tensors.count deleted from every shard")
+
+
+SPLIT_SAME = [sm_rename_set, sm_extra_file, sm_move_tensor, sm_retype_same, sm_drop_tensor_count]
+
+
+# -- the last mutation: a broken set, or a shard mutated as in `gguf` --
+def sm_drop(rng, s: SplitCase, seed: dict) -> None:
+    k = rng.randrange(s.n)
+    del s.files[s.name(k)]
+    s.mark("broken", f"shard {k + 1} deleted")
+
+
+def sm_swap(rng, s: SplitCase, seed: dict) -> None:
+    i, j = rng.sample(range(s.n), 2)
+    a, b = s.name(i), s.name(j)
+    s.files[a], s.files[b] = s.files[b], s.files[a]
+    s.mark("broken", f"shards {i + 1} and {j + 1} swapped")
+
+
+def sm_rename_one(rng, s: SplitCase, seed: dict) -> None:
+    k = rng.randrange(s.n)
+    new = rng.choice(["renamed.gguf", f"{s.prefix}-{k + 1:05d}-of-{s.n + 1:05d}.gguf",
+                      f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf", f"other-{k + 1:05d}-of-{s.n:05d}.gguf",
+                      f"{s.prefix}-{k + 1:05d}-of-{s.n:05d}.GGUF"])
+    s.files[new] = s.files.pop(s.name(k))
+    if rng.random() < 0.5:
+        s.open_name = new
+    s.mark("broken", f"shard {k + 1} renamed {new}")
+
+
+def sm_dup_over(rng, s: SplitCase, seed: dict) -> None:
+    i, j = rng.sample(range(s.n), 2)
+    s.files[s.name(j)] = s.files[s.name(i)]
+    s.mark("broken", f"shard {i + 1} copied over shard {j + 1}")
+
+
+def sm_truncate(rng, s: SplitCase, seed: dict) -> None:
+    k = rng.randrange(s.n)
+    b = s.files[s.name(k)]
+    g = parse_gguf(b)
+    start = len(b) - len(g.data)
+    need = start + max((t.offset + (tensor_nbytes(t.ttype, t.dims) or 0) for t in g.tensors), default=0)
+    r = rng.random()
+    if r < 0.3 or need <= start:
+        cut = rng.randrange(start)                       # in the header, KVs or tensor infos
+    elif r < 0.9 or need >= len(b):
+        cut = rng.randrange(start, need)                 # in the data
+    else:
+        cut = rng.randrange(need, len(b))                # only the padding after the last tensor
+    s.files[s.name(k)] = b[:cut]
+    s.mark("same" if cut >= need else "broken", f"shard {k + 1} truncated to {cut} of {len(b)} bytes "
+                                                f"(tensor data ends at {need})")
+
+
+def sm_key_value(rng, s: SplitCase, seed: dict) -> None:
+    key = rng.choice(SPLIT_KEYS)
+    every = rng.random() < 0.2
+    shards = range(s.n) if every else [rng.randrange(s.n)]
+    new = None
+    for i in shards:
+        g = s.shard(i)
+        old = kv_int(g, key)
+        vt = next((kv.vtype for kv in g.kvs if kv.key == key), 5)
+        if vt not in INT_T:
+            vt = 5
+        if new is None:
+            new = struct.unpack(SCALAR[vt], encode_scalar(vt, random_int_value(rng, old if isinstance(old, int) else None)))[0]
+        set_kv(g, key, vt, encode_scalar(vt, new))
+        s.put(i, g)
+    where = "every shard" if every else f"shard {shards[0] + 1}"
+    _judge_keys(s, key, seed, f"{where}: {key.decode()} = {new}")
+
+
+def _judge_keys(s: SplitCase, key: bytes, seed: dict, what: str) -> None:
+    """After `key` changed in some shards: a set the loader must take as before, one it must refuse, or one whose
+    opened shard now reads as a whole model (split.count 1 or absent there)."""
+    vals = [kv_int(s.shard(i), key) for i in range(s.n)]
+    if key == b"split.count" and vals[s.open_idx] in (1, None):
+        s.mark("any", f"{what} (the opened shard reads as a whole model)")
+    elif key == b"split.count":
+        s.mark("same" if all(v == s.n for v in vals) else "broken", what)
+    elif key == b"split.no":
+        s.mark("same" if vals == list(range(s.n)) else "broken", what)
+    else:
+        s.mark("same" if vals in ([None] * s.n, [seed["n_tensors"]] * s.n) else "broken", what)
+
+
+def sm_key_retype(rng, s: SplitCase, seed: dict) -> None:
+    k = rng.randrange(s.n)
+    g = s.shard(k)
+    key = rng.choice(SPLIT_KEYS)
+    vt = rng.choice([6, 12, 8, 7, 9])
+    payload = {6: encode_scalar(6, 2.0), 12: encode_scalar(12, 1.0), 8: encode_string(b"3"), 7: encode_scalar(7, 1),
+               9: struct.pack("<IQ", 2, 1) + encode_scalar(2, 1)}[vt]
+    set_kv(g, key, vt, payload)
+    s.put(k, g)
+    s.mark("broken", f"shard {k + 1}: {key.decode()} of type {vt}")
+
+
+def sm_key_delete(rng, s: SplitCase, seed: dict) -> None:
+    key = rng.choice(SPLIT_KEYS)
+    every = rng.random() < 0.25
+    shards = list(range(s.n)) if every else [rng.randrange(s.n)]
+    for i in shards:
+        g = s.shard(i)
+        set_kv(g, key, None)
+        s.put(i, g)
+    _judge_keys(s, key, seed, f"{'every shard' if every else f'shard {shards[0] + 1}'}: {key.decode()} deleted")
+
+
+def sm_tensor_twice(rng, s: SplitCase, seed: dict) -> None:
+    i, j = rng.sample(range(s.n), 2)
+    gi, gj = s.shard(i), s.shard(j)
+    if not gi.tensors:
+        return
+    t = rng.choice(gi.tensors)
+    pos = len(gj.data) + (-len(gj.data) % gj.alignment)
+    gj.data = gj.data + bytes(pos - len(gj.data)) + tensor_blob(gi, t)
+    gj.tensors.insert(rng.randrange(len(gj.tensors) + 1), replace(t, dims=list(t.dims), offset=pos))
+    relayout(gj, rng, set())
+    s.put(j, gj)
+    c = rng.random()
+    for k in range(s.n) if c < 0.6 else []:          # the count kept in step, or deleted, or left alone
+        g = s.shard(k)
+        v = kv_int(g, b"split.tensors.count")
+        if isinstance(v, int):
+            set_kv(g, b"split.tensors.count", 5, encode_scalar(5, v + 1)) if c < 0.3 else \
+                set_kv(g, b"split.tensors.count", None)
+            s.put(k, g)
+    s.mark("broken", f"tensor {t.name!r} of shard {i + 1} also in shard {j + 1}")
+
+
+def _foreign(s: SplitCase, k: int, b: bytes, what: str) -> None:
+    same = _shape(b) is not None and _shape(b) == _shape(s.files[s.name(k)])
+    s.files[s.name(k)] = b
+    s.mark("same" if same else "broken", f"shard {k + 1} replaced by {what}")
+
+
+def sm_foreign(rng, s: SplitCase, seed: dict) -> None:
+    kind = rng.choice([x for x in seed["sets"] if x != seed["kind"]])
+    other = seed["sets"][kind]
+    k = rng.randrange(min(s.n, len(other)))
+    _foreign(s, k, Path(other[k]).read_bytes(), f"shard {k + 1} of the model's {kind} set")
+
+
+def sm_foreign_model(rng, s: SplitCase, seed: dict) -> None:
+    other = rng.choice(seed["others"])
+    k = rng.randrange(min(s.n, len(other)))
+    _foreign(s, k, Path(other[k]).read_bytes(), f"shard {k + 1} of another model's set ({Path(other[k]).parent})")
+
+
+def sm_gguf(rng, s: SplitCase, seed: dict) -> None:
+    k = rng.randrange(s.n)
+    s.files[s.name(k)] = mutate_gguf(rng, s.files[s.name(k)])
+    s.mark("any", f"shard {k + 1} mutated as in the gguf target")
+
+
+SPLIT_LAST: list[tuple[float, Callable]] = [
+    (0.07, sm_drop), (0.06, sm_swap), (0.07, sm_rename_one), (0.05, sm_dup_over), (0.12, sm_truncate),
+    (0.14, sm_key_value), (0.05, sm_key_retype), (0.08, sm_key_delete), (0.08, sm_tensor_twice),
+    (0.10, sm_foreign), (0.03, sm_foreign_model), (0.15, sm_gguf)]
+
+
+def make_split_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
+    models = seeds["split"]
+    m = rng.randrange(len(models))
+    model = models[m]
+    kind = rng.choice(list(model["sets"]))
+    shards = model["sets"][kind]
+    seed = {"sets": model["sets"], "kind": kind, "n_tensors": model["n_tensors"],
+            "others": [o["sets"][kind] for j, o in enumerate(models) if j != m]}
+    s = SplitCase("m", len(shards), {f"m-{i + 1:05d}-of-{len(shards):05d}.gguf": Path(p).read_bytes()
+                                     for i, p in enumerate(shards)}, rng.randrange(len(shards)))
+    s.why.append(f"{Path(model['model']).name} as the {kind} set of {len(shards)} shards")
+    for _ in range(rng.choice([0, 0, 1, 1, 2])):
+        rng.choice(SPLIT_SAME)(rng, s, seed)
+    if rng.random() < 0.85:
+        r, acc = rng.random(), 0.0
+        for w, fn in SPLIT_LAST:
+            acc += w
+            if r < acc:
+                fn(rng, s, seed)
+                break
+    out = d / "set"
+    out.mkdir()
+    for name, b in s.files.items():
+        (out / name).write_bytes(b)
+    opened = s.open_name if s.open_name in s.files else s.name(s.open_idx)
+    if opened not in s.files:
+        opened = rng.choice(sorted(s.files))
+    budget = rng.random() < 0.25
+    (out / "case.json").write_text(json.dumps({
+        "open": opened, "expect": s.expect, "why": s.why, "files": [s.name(i) for i in range(s.n)],
+        "budget": model["minimum"] if budget else None, "ref": model["ref"]["minimum" if budget else "resident"]},
+        indent=1))
+    return out
+
+
+def write_gguf_py_set(src: Path, out: Path, max_tensors: int) -> list[Path]:
+    """src re-written by gguf-py's writer with split_max_tensors, as llama.cpp's converter splits (alignment 32,
+    the metadata in the first shard, only the split keys in the others)."""
+    import gguf
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(out, str(r.get_field("general.architecture").contents()), split_max_tensors=max_tensors)
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "general.alignment"):
+            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return sorted(out.parent.glob(f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
+
+
+SPLIT_LOAD = {"n_ctx": 16, "n_threads": 1, "prefetch": False}   # the reference and every case load alike
+SPLIT_IDS = [1, 2, 3]
+
+
+def build_split_seed_sets(cache: Path, models: list[str]) -> list[dict[str, Any]]:
+    """(In a subprocess.) Each model as three split sets (gguf-py's writer and moelite's with the same tensors per
+    shard, moelite's with 4+ shards), its logits resident and at the minimum budget; every set checked to give
+    them bit for bit."""
+    import moelite
+    from moelite import _core
+    from moelite.converters import convert
+
+    out = []
+    for model in models:
+        d = cache / "split" / Path(model).stem
+        shutil.rmtree(d, ignore_errors=True)
+        d.mkdir(parents=True)
+        n = len(_core.read_gguf(model)["tensors"])
+        for kind in ("py", "ml", "ml4"):
+            (d / kind).mkdir()
+        sets = {"py": write_gguf_py_set(Path(model), d / "py" / "m.gguf", n // 3 + 1),
+                "ml": convert(model, d / "ml" / "m.gguf", "keep", progress=False, split_max_tensors=n // 3 + 1).files,
+                "ml4": convert(model, d / "ml4" / "m.gguf", "keep", progress=False, split_max_tensors=n // 4 + 1).files}
+        with moelite.load(model, **SPLIT_LOAD) as m:
+            minimum = int(m.plan.minimum_budget)
+        ref = {}
+        for name, budget in (("resident", None), ("minimum", minimum)):
+            with moelite.load(model, memory_budget=budget, **SPLIT_LOAD) as m:
+                logits = np.asarray(m.logits(SPLIT_IDS))
+            np.save(d / f"ref-{name}.npy", logits)
+            ref[name] = str(d / f"ref-{name}.npy")
+            for kind, shards in sets.items():
+                with moelite.load(shards[-1], memory_budget=budget, **SPLIT_LOAD) as m:
+                    got = np.asarray(m.logits(SPLIT_IDS))
+                if got.tobytes() != logits.tobytes():
+                    raise SystemExit(f"seed set {kind} of {model} ({name}) does not give the unsplit logits")
+        out.append({"model": model, "n_tensors": n, "minimum": minimum, "ref": ref,
+                    "sets": {k: [str(p) for p in v] for k, v in sets.items()}})
+    return out
+
+
 # ==== case actions (run in the forked child) =================================================================
 class Silent(Exception):
     """Accepted input that produced corrupt output (non-finite logits, a converted file moelite refuses)."""
@@ -683,7 +1069,35 @@ def run_calibration(path: Path) -> None:
         pass
 
 
-RUNNERS = {"gguf": run_gguf, "hf": run_hf, "trace": run_trace, "calibration": run_calibration}
+def run_split(path: Path) -> None:
+    """Open the set from case.json's shard: a refusal (moelite.errors) or finite logits; bit-identical to the
+    unsplit model's, over the shards in order, when no mutation changed what matters; a refusal when one broke it."""
+    import moelite
+    case = json.loads((path / "case.json").read_text())
+    why = "; ".join(case["why"])
+    opts = dict(SPLIT_LOAD, memory_budget=case["budget"]) if case["budget"] else dict(SPLIT_LOAD)
+    try:
+        with moelite.load(path / case["open"], **opts) as m:
+            logits = np.asarray(m.logits(SPLIT_IDS))
+            files = m.info()["files"]
+    except moelite.errors.MoeliteError as e:
+        if case["expect"] == "same":
+            raise Silent(f"a valid set refused ({why}): {type(e).__name__}: {e}") from None
+        raise
+    if not np.isfinite(logits).all():
+        raise Silent(f"logits not finite ({int((~np.isfinite(logits)).sum())} values; {why})")
+    if case["expect"] == "broken":
+        raise Silent(f"a broken set loaded from {case['open']} ({why})")
+    if case["expect"] == "same":
+        ref = np.load(case["ref"])
+        if logits.shape != ref.shape or logits.tobytes() != ref.tobytes():
+            diff = float(np.abs(logits - ref).max()) if logits.shape == ref.shape else float("nan")
+            raise Silent(f"logits differ from the unsplit model's (max |diff| {diff}; {why})")
+        if files != [str(path / f) for f in case["files"]]:
+            raise Silent(f"info()['files'] = {files}, expected the {len(case['files'])} shards in order ({why})")
+
+
+RUNNERS = {"gguf": run_gguf, "hf": run_hf, "trace": run_trace, "calibration": run_calibration, "split": run_split}
 
 
 def child_main(target: str, path: Path, wfd: int, mem: int, err_path: Path) -> None:
@@ -800,8 +1214,34 @@ def calibration_seed(model: Path) -> dict[str, Any]:
     return {key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in calib.items()}
 
 
+def split_seeds(cache: Path, seeds: dict[str, Any]) -> list[dict[str, Any]]:
+    """The split target's seed sets (the GGUF seeds but the demo, built once in a subprocess, cached)."""
+    manifest = cache / "split.json"
+    models = [p for p in seeds["gguf"] if Path(p).parent.name != "data"]
+    if manifest.exists():
+        built = json.loads(manifest.read_text())
+        if [b["model"] for b in built] == models and all(Path(p).exists() for b in built for shards in
+                                                         b["sets"].values() for p in shards + list(b["ref"].values())):
+            return built
+    code = f"""
+import json, sys
+from pathlib import Path
+sys.path.insert(0, {str(ROOT / 'tools')!r})
+import fuzz
+print(json.dumps(fuzz.build_split_seed_sets(Path({str(cache)!r}), {models!r})))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    if r.returncode != 0:
+        raise SystemExit(f"building split seed sets failed:\n{r.stderr[-3000:]}{r.stdout[-1000:]}")
+    built = json.loads(r.stdout.strip().splitlines()[-1])
+    manifest.write_text(json.dumps(built, indent=1))
+    return built
+
+
 def make_case(target: str, rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
     """Write one mutated input under the empty folder d; returns the path the runner takes."""
+    if target == "split":
+        return make_split_case(rng, seeds, d)
     if target == "gguf":
         src = Path(rng.choice(seeds["gguf"]))
         p = d / "case.gguf"
@@ -923,6 +1363,8 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "tests"))
     import moelite  # noqa: F401 - imported before forking, so each case starts warm
     seeds = build_seeds(a.seeds_cache)
+    if a.target in ("split", "all"):
+        seeds["split"] = split_seeds(a.seeds_cache, seeds)
     a.out.mkdir(parents=True, exist_ok=True)
     camp = Campaign(a.out, a.seed, a.timeout, parse_size(a.mem))
     for target in (TARGETS if a.target == "all" else (a.target,)):
