@@ -14,6 +14,6 @@ from .convert import ConvertReport, convert
 from .quant import TYPES
 
 # bumped whenever the bytes written for the same input change; put it in caches of converted files
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: absent config.json keys take the transformers class default
 
 __all__ = ["convert", "ConvertReport", "TYPES", "FORMAT_VERSION"]

@@ -57,8 +57,9 @@ def _mamba_layers(c: Config) -> list[bool]:
 
 def _d_head(c: Config) -> int:
     """mamba_d_head; absent or "auto" (the class default): mamba_expand x hidden_size / mamba_n_heads."""
-    d = c.get("mamba_d_head", default="auto")
-    return c.int("mamba_expand") * c.int("hidden_size") // c.int("mamba_n_heads") if d == "auto" else c.int("mamba_d_head")
+    if c.get("mamba_d_head", default="auto") == "auto":
+        return c.int("mamba_expand") * c.int("hidden_size") // c.int("mamba_n_heads")
+    return c.int("mamba_d_head")
 
 
 def hparams(c: Config) -> dict[str, Any]:
