@@ -150,11 +150,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 # family -> keys the real release config.json carries that the transformers config class does not define (so
-# save_pretrained cannot write them), written into config.json after save_pretrained; only keys the converter
-# reads. An override of one of them (make_hf_model(family, key=...)) takes its place.
+# save_pretrained cannot write them), written into config.json after save_pretrained; only keys a converter reads
+# (moelite's, or llama.cpp's in test_llama_cpp_cross: without scoring_func it gates with softmax). An override of
+# one of them (make_hf_model(family, key=...)) takes its place.
 RELEASE_KEYS: dict[str, dict[str, Any]] = {
     # Glm4MoeLiteConfig has mlp_layer_types instead (["dense", "sparse", "sparse"] here)
-    "glm4_moe_lite": {"first_k_dense_replace": 1},
+    "glm4_moe_lite": {"first_k_dense_replace": 1, "scoring_func": "sigmoid"},
+    "dots1": {"scoring_func": "sigmoid"},
     # MiniMax-M2 states partial RoPE as rotary_dim (64 of 128); transformers turns it into partial_rotary_factor
     "minimax_m2": {"rotary_dim": 8},
     # Hunyuan-A13B stores these per layer; transformers' experts use intermediate_size (128 here)
