@@ -1,12 +1,13 @@
 """Granite-4.0-H (model_type `granitemoehybrid`, e.g. granite-4.0-h-tiny) -> GGUF arch `granitehybrid`.
 
-Hybrid: `layer_types` "mamba" layers are Mamba2 (mixer_recurrent.cpp: in_proj -> z, xBC, dt; causal conv with
-bias; selective scan with per-head A = -exp(A_log), D skip; grouped gated RMSNorm; out_proj), "attention" layers
-GQA; `position_embedding_type` "nope" (the real models) is written as llama.cpp's switch
-`rope.scaling.finetuned` = false. transformers 5 re-saves `layer_types` as linear_attention / full_attention:
-both vocabularies are accepted (llama.cpp's converter only knows the first and writes a broken file on the
-second). Every layer: routed experts (fused input_linear, split into gate/up) plus a shared MLP; Granite
-multipliers as granitemoe.py. `attention.head_count_kv` is per layer, 0 on Mamba layers.
+Hybrid: `layer_types` "mamba" layers are Mamba2 (mixer_recurrent.cpp: in_proj -> z, xBC, dt; causal conv with bias;
+selective scan with per-head A = -exp(A_log), D skip; grouped gated RMSNorm; out_proj), "attention" layers GQA;
+`position_embedding_type` "nope" (the real models; absent, the class default null, is NoPE too: RoPE only for
+"rope") is written as llama.cpp's switch `rope.scaling.finetuned` = false. transformers 5 re-saves `layer_types` as
+linear_attention / full_attention: both vocabularies are accepted (llama.cpp's converter only knows the first and
+writes a broken file on the second); absent, every layer is Mamba (the class default). Every layer: routed experts
+(fused input_linear, split into gate/up) plus a shared MLP; Granite multipliers as granitemoe.py.
+`attention.head_count_kv` is per layer, 0 on Mamba layers.
 """
 from __future__ import annotations
 
