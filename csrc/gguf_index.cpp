@@ -5,6 +5,7 @@
 #include <unistd.h>
 
 #include <cerrno>
+#include <cstdint>
 #include <cstring>
 
 #include <cstdio>
@@ -108,7 +109,8 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
                               "', so the other shards cannot be found (llama.cpp names them NAME-00001-of-" +
                               own.substr(own.size() - 10, 5) + ".gguf ...)");
         const std::string prefix = p.substr(0, p.size() - own.size());
-        int64_t tensors_total = -1;
+        constexpr int64_t kAbsent = INT64_MIN;
+        int64_t tensors_total = kAbsent;
         for (int i = 0; i < (int) count; ++i) {
             const std::string sp = split_shard_path(prefix, i + 1, (int) count);
             Ctx shard;
@@ -131,11 +133,14 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
                 throw FormatError(sp + ": key 'split.no' = " + (n < 0 ? std::string("(absent)") : std::to_string(n)) +
                                   ", expected " + std::to_string(i) + " for shard " + std::to_string(i + 1) + " of " +
                                   std::to_string(count) + ": a shard of another set, or renamed");
-            const int64_t tc = int_key(shard.c, "split.tensors.count", sp, -1);
-            if (i == 0) tensors_total = tc;             // shard 1 says (-1: absent); every shard must agree
+            const int64_t tc = int_key(shard.c, "split.tensors.count", sp, kAbsent);
+            auto said = [&](int64_t v) { return v == kAbsent ? std::string("(absent)") : std::to_string(v); };
+            if (tc != kAbsent && tc < 0)
+                throw FormatError(sp + ": key 'split.tensors.count' = " + std::to_string(tc) + ": expected an integer >= 0");
+            if (i == 0) tensors_total = tc;             // shard 1's value (or its absence) is the reference
             if (tc != tensors_total)
-                throw FormatError(sp + ": key 'split.tensors.count' = " + std::to_string(tc) + ", but shard 1 says " +
-                                  std::to_string(tensors_total) + ": a shard of another set");
+                throw FormatError(sp + ": key 'split.tensors.count' = " + said(tc) + ", but shard 1 says " +
+                                  said(tensors_total) + ": a shard of another set");
             files.push_back({sp, ssize, 0});
             add_tensors(shard.c, i);
             if (i == 0) {
@@ -144,7 +149,7 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
                 path = sp;
             }
         }
-        if (tensors_total >= 0 && (size_t) tensors_total != tensors.size()) {
+        if (tensors_total != kAbsent && (size_t) tensors_total != tensors.size()) {
             std::string held;                            // which shard holds how many: the odd one stands out
             for (const GGUFFile & f : files)
                 held += (held.empty() ? "" : ", ") + f.path.substr(f.path.rfind('/') + 1) + ": " + std::to_string(f.n_tensors);
