@@ -341,13 +341,6 @@ class GGUFSource:
             meta = _core.read_gguf(str(path))
         except (_core.FormatError, _core.IOError) as e:
             raise ConversionError(f"{path}: not a readable GGUF file: {e}") from None
-        from moelite.errors import ModelFormatError
-        from moelite.runtime.validate import check_split_keys
-
-        try:
-            check_split_keys(str(meta["files"][0][0]), meta["kv"], {t[0]: t for t in meta["tensors"]})
-        except ModelFormatError as e:
-            raise ConversionError(f"not a readable GGUF split set: {e}") from None
         self.files = [Path(p) for p, _ in meta["files"]]
         self.size = int(meta["file_size"])
         self.readers = []

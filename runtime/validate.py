@@ -415,20 +415,10 @@ def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
                                    f"{len(tokens)}")
 
 
-def check_split_keys(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> None:
-    """A split set's first shard: its split.tensors.count, when given, is the number of tensors the set holds (the
-    core compares the shards' counts with each other; a negative one there meant 'not given')."""
-    count, total = kv.get("split.count", 1), kv.get("split.tensors.count")
-    if isinstance(count, int) and count > 1 and total is not None and total != len(tensors):
-        raise ModelFormatError(f"{path}: key 'split.tensors.count' = {total!r}, but the {count} shards hold "
-                               f"{len(tensors)} tensors")
-
-
 def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple],
                  file_size: int | Mapping[str, int] | None = None) -> dict[str, Any]:
     """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError.
     file_size: of the data the tensors' offsets point into (default: the file at path), or per tensor (split sets)."""
-    check_split_keys(path, kv, tensors)
     check_raw_keys(path, kv, tensors)
     check_tokenizer_keys(path, kv)
     try:
