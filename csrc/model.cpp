@@ -563,7 +563,9 @@ void Model::load_ffn(int il, Layer & L) {
         L.down_shexp = load_tensor(blk(il, "ffn_down_shexp.weight"), true, 2, {L.gate_shexp->ne[1], E});
         L.gate_inp_shexp = load_tensor(blk(il, "ffn_gate_inp_shexp.weight"), false, 2, {E});
     }
-    if (const TensorInfo * pb = idx_->find(blk(il, "exp_probs_b.bias"))) L.exp_probs_b = read_f32(*pb, h.n_expert);
+    const TensorInfo * pb = idx_->find(blk(il, "exp_probs_b.bias"));
+    if (!pb) pb = idx_->find(blk(il, "exp_probs_b"));          // llama.cpp's hy_v3 name (no suffix)
+    if (pb) L.exp_probs_b = read_f32(*pb, h.n_expert);
     if (const TensorInfo * es = idx_->find(blk(il, "ffn_down_exps.scale"))) L.exp_scale = read_f32(*es, h.n_expert);
 }
 

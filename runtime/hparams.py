@@ -38,6 +38,8 @@ class ArchSpec:
     moe_step_key: bool = False          # MoE layers every `interleave_moe_layer_step` (ERNIE, Llama-4)
     sandwich: bool = False              # Gemma-4: per-layer head sizes, K=V, V norm, attention scale 1, softcap
     recurrent: int = 0                  # the recurrent mixer of its non-attention layers (MIXER_SHORTCONV / _DELTANET)
+    nope_full: bool = False             # RoPE on sliding-window layers only, full-attention layers NoPE (EXAONE-4)
+    ffn_by_tensors: bool = False        # dense or MoE decided per layer by which tensors exist (llama.cpp's hy_v3)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -63,6 +65,9 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen35moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
     "qwen3next": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
     "granitehybrid": ArchSpec(ROPE_NORM, weights_norm=True, recurrent=MIXER_MAMBA2),
+    # wave 3
+    "exaone-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_full=True),
+    "hy_v3": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, ffn_by_tensors=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -187,6 +192,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         kq_scale = float(k("attention.scale"))
 
     # sliding window layers (gpt-oss, gemma4): a per-layer bool array or a period
+    if spec.nope_full and f"{arch}.attention.sliding_window" not in kv:     # llama.cpp requires it too
+        raise ModelFormatError(f"{path}: missing key '{arch}.attention.sliding_window'")
     n_swa = int(k("attention.sliding_window", 0))
     swa_layers = [0] * n_layer
     pattern = kv.get(f"{arch}.attention.sliding_window_pattern")
@@ -237,6 +244,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         embd_scale=float(k("embedding_scale", 1.0)), residual_scale=float(k("residual_scale", 1.0)),
         logit_scale=float(k("logit_scale", 1.0)), final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
         context_length=int(k("context_length", 4096)),
+        n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
     )
     plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
                 layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head_kv=kv_heads,
@@ -246,10 +254,12 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     for il in range(n_layer):
         expected = il >= dense_lead and (moe_step <= 1 or (il + 1) % moe_step == 0)
         has = f"blk.{il}.ffn_gate_inp.weight" in tensors
-        if expected and not has and not spec.sandwich:
+        if expected and not has and not spec.sandwich and not spec.ffn_by_tensors:
             raise ModelFormatError(f"{path}: missing tensor 'blk.{il}.ffn_gate_inp.weight' (layer {il} should be a "
                                    f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})")
         plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
+    if spec.nope_full:        # EXAONE-4 attention: the full-attention layers take no position (llama.cpp: the same)
+        plan["layer_n_rot"] = [n_rot if s else 0 for s in swa_layers]
     if any(recurrent):
         _recurrent_plan(arch, k, hp, plan, recurrent)
     if spec.sandwich:

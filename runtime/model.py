@@ -359,6 +359,8 @@ class Model:
         return {
             "path": self.path, "name": self.kv.get("general.name", Path(self.path).stem),
             "architecture": self.hparams["arch"], "device": self.device, "n_layer": self.hparams["n_layer"],
+            # MTP blocks in the file (blk.{n_layer}..; shapes checked at load, not run, not counted as resident)
+            "n_layer_nextn": self.hparams.get("n_layer_nextn", 0),
             "n_expert": p.n_expert, "n_expert_used": p.n_expert_used, "n_ctx": self.n_ctx, "n_threads": self.n_threads,
             "policy": self.policy.name, "prefetch": self.prefetch, "memory_budget": p.budget,
             "offloaded": p.slots is not None,

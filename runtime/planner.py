@@ -172,6 +172,10 @@ def plan_standins(p: Plan, standin_slot_bytes: list[int], shares: list[float] | 
     return _split_slots(p, rest, shares), st
 
 
+def _mtp_block(name: str, n_layer: int) -> bool:
+    return name.startswith("blk.") and int(name.split(".", 2)[1]) >= n_layer
+
+
 def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
                 shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = DEFAULT_SNAPSHOTS,
                 flash_attn: bool = True) -> Plan:
@@ -181,7 +185,8 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
     rs = recurrent_state_bytes(hp) * (1 + n_snapshots)
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes, expert_names, n_ff = expert_slots_of(hp, tensors)
-    dense = sum(t[3] for n, t in tensors.items() if n not in expert_names)
+    # MTP blocks (blk.{n_layer}.., nextn_predict_layers) are not loaded: the main path never runs them
+    dense = sum(t[3] for n, t in tensors.items() if n not in expert_names and not _mtp_block(n, n_layer))
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
 
     head = max(hp.get("layer_head_k", [hp["n_embd_head_k"]]) + hp.get("layer_head_v", [hp["n_embd_head_v"]]))

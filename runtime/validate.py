@@ -81,6 +81,7 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
     "n_expert": (Rule("int", 2), "expert_count"),
     "n_expert_used": (COUNT, "expert_used_count"),
     "n_layer_dense_lead": (COUNT0, "leading_dense_block_count"),
+    "n_layer_nextn": (COUNT0, "nextn_predict_layers"),
     "q_lora_rank": (COUNT0, "attention.q_lora_rank"),
     "kv_lora_rank": (COUNT0, "attention.kv_lora_rank"),
     "n_swa": (COUNT0, "attention.sliding_window"),
@@ -114,6 +115,7 @@ RAW_RULES: dict[str, Rule] = {
     "attention.value_length_mla": COUNT, "expert_count": COUNT0, "expert_used_count": COUNT0,
     "rope.scaling.factor": Rule("real", 0.0), "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
     "attention.layer_norm_rms_epsilon": POSITIVE, "attention.layer_norm_epsilon": POSITIVE,
+    "nextn_predict_layers": COUNT0,
 }
 
 # ggml types with a CPU vec_dot kernel (ggml/src/ggml-cpu/ggml-cpu.c, type_traits_cpu[].vec_dot): the types
@@ -129,7 +131,8 @@ F32 = 0
 # tensors ggml adds / multiplies elementwise or reads as float arrays: must be F32 (binary ops assert on others)
 # F32 only: ggml's binary ops (norm weights, biases, scales), ggml_ssm_conv's kernels, the recurrent A / D vectors
 _F32_NAME = re.compile(r"(norm(_\d+)?\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight"
-                       r"|layer_output_scale\.weight|ssm_a|ssm_d|ssm_conv1d\.weight|shortconv\.conv\.weight)$")
+                       r"|layer_output_scale\.weight|ssm_a|ssm_d|ssm_conv1d\.weight|shortconv\.conv\.weight"
+                       r"|exp_probs_b)$")
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 
@@ -270,6 +273,7 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                        *((n, [hp["n_rot"] // 2]) for n in tensors if n.startswith("rope_factors_"))):
         expect(name, want)
     n_layer = hp["n_layer"]
+    _check_nextn(path, tensors, hp, expect)
     # per-layer attention sizes from the layer plan (Gemma-4 mixes head sizes and kv heads across layers)
     heads_kv = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     heads_k = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
@@ -282,6 +286,7 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                      "post_attention_norm.weight": [E], "attn_output.weight": [o_dim, E], "attn_output.bias": [E],
                      "attn_sinks.weight": [hp["n_head"]], "ffn_gate_inp.weight": [E, n_exp],
                      "ffn_gate_inp.bias": [n_exp], "exp_probs_b.bias": [n_exp], "ffn_gate_inp.scale": [E],
+                     "exp_probs_b": [n_exp],                                  # llama.cpp's hy_v3 name
                      "ffn_down_exps.scale": [n_exp], "layer_output_scale.weight": [1],
                      **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1",
                                                        "post_ffw_norm_2")}}
@@ -309,6 +314,46 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
                 expect(f"{b}ffn_gate{kind}.weight", [E, gate[1]])
                 expect(f"{b}ffn_up{kind}.weight", gate)
                 expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
+
+
+def _check_nextn(path: str, tensors: dict[str, tuple], hp: dict[str, Any], expect) -> None:
+    """MTP blocks blk.{n_layer + i} (`nextn_predict_layers`; loaded for speculative decoding, never run on the
+    main path): their projections have llama.cpp's shapes, eh_proj / enorm / hnorm are there when the block is,
+    and their decoder block has the trunk's shapes (norms, attention, the FFN kinds it holds)."""
+    E, V, n_layer = hp["n_embd"], hp["n_vocab"], hp["n_layer"]
+    # the MTP blocks the file holds (declared ones may live in another file, as llama.cpp allows); iterating the
+    # tensors, not the key, bounds the work whatever nextn_predict_layers says
+    held = sorted({int(m.group(1)) for n in tensors if (m := _BLK.match(n))})
+    for il in (i for i in held if n_layer <= i < n_layer + hp.get("n_layer_nextn", 0)):
+        b = f"blk.{il}."
+        for n in ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight"):
+            if b + n not in tensors:
+                raise ModelFormatError(f"{path}: missing tensor '{b}{n}' of MTP block {il} (key "
+                                       f"'{hp['arch']}.nextn_predict_layers' = {hp['n_layer_nextn']})")
+        for n, want in (("nextn.eh_proj.weight", [2 * E, E]), ("nextn.enorm.weight", [E]), ("nextn.hnorm.weight", [E]),
+                        ("nextn.shared_head_norm.weight", [E]), ("nextn.embed_tokens.weight", [E, V]),
+                        ("nextn.shared_head_head.weight", [E, V])):
+            expect(b + n, want)
+        last = f"blk.{n_layer - 1}."             # the block itself: what the trunk's last layer has, same shapes
+        for n in tensors:
+            if n.startswith(b) and not n.startswith(b + "nextn.") and last + n[len(b):] in tensors and \
+                    not n.endswith(("_exps.weight", "_shexp.weight", "ffn_gate.weight", "ffn_up.weight",
+                                    "ffn_down.weight")):
+                expect(n, [int(d) for d in tensors[last + n[len(b):]][1]])
+        for kind in ("", "_shexp"):
+            gate = tensors.get(f"{b}ffn_gate{kind}.weight")
+            if gate is not None:
+                n_ff = int(gate[1][-1])
+                expect(f"{b}ffn_gate{kind}.weight", [E, n_ff])
+                expect(f"{b}ffn_up{kind}.weight", [E, n_ff])
+                expect(f"{b}ffn_down{kind}.weight", [n_ff, E])
+        down = tensors.get(b + "ffn_down_exps.weight")
+        if down is not None:
+            n_ff = int(down[1][0])
+            for n, want in (("ffn_gate_exps.weight", [E, n_ff, hp["n_expert"]]),
+                            ("ffn_up_exps.weight", [E, n_ff, hp["n_expert"]]),
+                            ("ffn_down_exps.weight", [n_ff, E, hp["n_expert"]])):
+                expect(b + n, want)
 
 
 def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,

@@ -41,6 +41,8 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
                   "gemma4_text")
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
+# wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3")
 _FIXTURE_VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -144,6 +146,16 @@ CONFIGS: dict[str, dict[str, Any]] = {
                              mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=16, mamba_expand=2,
                              position_embedding_type="nope", embedding_multiplier=12.0, residual_multiplier=0.22,
                              logits_scaling=8.0, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
+    # --- wave 3 ---
+    # K-EXAONE: 3 sliding (RoPE) : 1 full (NoPE) layers, QK-norm, DeepSeek-V3 routing (groups, bias, x 2.5)
+    "exaone_moe": dict(num_hidden_layers=4, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       num_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
+                       routed_scaling_factor=2.5, sliding_window=5, sliding_window_pattern=4, rms_norm_eps=1e-5,
+                       rope_theta=1e6),
+    # Hy3: QK-norm GQA, the first layer dense (mlp_layer_types), sigmoid + bias routing x 2.826, a shared expert
+    "hy_v3": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                  num_shared_experts=1, head_dim=16, router_scaling_factor=2.826, rms_norm_eps=1e-5,
+                  initializer_range=0.02),   # the class default 0.006 leaves logits ~0.1: too weak a check
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -163,6 +175,8 @@ RELEASE_KEYS: dict[str, dict[str, Any]] = {
     "hunyuan_v1_moe": {"moe_intermediate_size": [128, 128], "num_shared_expert": [1, 1]},
     # Gemma-4 (text_config); transformers folds them into per_layer_config (the class kwargs of CONFIGS)
     "gemma4_text": {"global_head_dim": 32, "num_global_key_value_heads": 1},
+    # K-EXAONE's config.json says how its router scores (ExaoneMoeConfig has no such key; llama.cpp needs it)
+    "exaone_moe": {"scoring_func": "sigmoid"},
 }
 
 
@@ -257,7 +271,7 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
                   **config_overrides: Any) -> Path:
     """Build (or reuse) a tiny random HF checkpoint of `family`; returns its directory."""
     if family not in CONFIGS:
-        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES)}")
+        raise ValueError(f"unknown family {family!r}; known: {', '.join(FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES)}")
     del out_dir  # the cache is the output
     FIXTURE_ROOT.mkdir(parents=True, exist_ok=True)
     final = FIXTURE_ROOT / _key(family, seed, config_overrides)

@@ -14,7 +14,7 @@ import pytest
 import moelite
 from moelite import _core
 from fixture_models import RUNTIME_FAMILIES, fixture_gguf
-from hf_fixtures import HYBRID_FAMILIES, WAVE2_FAMILIES, hf_logits
+from hf_fixtures import HYBRID_FAMILIES, WAVE2_FAMILIES, WAVE3_FAMILIES, hf_logits
 from llama_cpp_ref import llama_cpp_logits, pinned_convert
 
 PROMPT = [(7 * i + 3) % 320 for i in range(12)]
@@ -37,7 +37,7 @@ def test_llama_cpp_runs_moelite_gguf(family):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", WAVE2_FAMILIES + HYBRID_FAMILIES + ("qwen3_moe",))
+@pytest.mark.parametrize("family", WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES + ("qwen3_moe",))
 def test_moelite_runs_llama_cpp_converted_gguf(family, tmp_path):
     hf, _ = fixture_gguf(family)
     if family == "granitemoehybrid":

@@ -21,13 +21,13 @@ import numpy as np
 import pytest
 
 import moelite
-from hf_fixtures import (FAMILIES, HYBRID_FAMILIES, RELEASE_KEYS, VOCAB_SIZE, WAVE2_FAMILIES, _config, _make_tokenizer,
-                         _perturb, class_keys, make_hf_model)
+from hf_fixtures import (FAMILIES, HYBRID_FAMILIES, RELEASE_KEYS, VOCAB_SIZE, WAVE2_FAMILIES, WAVE3_FAMILIES, _config,
+                         _make_tokenizer, _perturb, class_keys, make_hf_model)
 from moelite import _core
 from moelite.converters.convert import convert
 from moelite.converters.families import FAMILY_MODULES, registry
 
-ALL_FAMILIES = FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES
+ALL_FAMILIES = FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES
 # written by save_pretrained for every config: what it is, not a model hyperparameter
 METADATA = {"architectures", "model_type", "transformers_version", "dtype"}
 PROMPT = [(7 * i + 3) % VOCAB_SIZE for i in range(16)]

@@ -268,6 +268,11 @@ class Family:
     skip: tuple[str, ...] = ()
     tokenizer_pre: str = "default"
     defaults: dict[str, Any] = field(default_factory=dict)   # transformers class defaults (module docstring)
+    keep_mtp: bool = False    # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
+
+    def n_blocks(self, c: Config) -> int:
+        """Blocks written: the trunk, plus the MTP blocks of a family that keeps them."""
+        return c.n_layer + (c.int("num_nextn_predict_layers", default=0) if self.keep_mtp else 0)
 
     def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
         """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""
@@ -277,6 +282,7 @@ class Family:
             table.append((rx, gg))
         skips = [re.compile(s) for s in self.skip]
         out: list[tuple[tuple[int, int], str, Lazy]] = []
+        n_blocks = self.n_blocks(c)
         for i, (name, t) in enumerate(w.items()):
             if any(s.search(name) for s in skips):
                 continue
@@ -284,7 +290,7 @@ class Family:
                 m = rx.match(name)
                 if m:
                     bid = int(m.group("bid")) if "bid" in rx.groupindex else -1
-                    if bid >= c.n_layer:
+                    if bid >= n_blocks:
                         break
                     key = (bid if bid >= 0 else (-1 if gg.startswith("token_embd") else 1 << 30), i)
                     out.append((key, gg.format(bid=bid), t))
@@ -298,7 +304,8 @@ class Family:
 
 FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                   "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
-                  "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe", "qwen3_next", "granitemoehybrid")
+                  "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe", "qwen3_next", "granitemoehybrid",
+                  "exaone_moe", "hy_v3")
 DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
                      "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

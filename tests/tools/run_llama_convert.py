@@ -4,14 +4,16 @@ SRC_DIR holds convert_hf_to_gguf.py, conversion/ and gguf-py/ extracted from the
 Only the vocabulary is patched, as FAMILIES_WAVE2.md did: the fixtures' tokenizer is a 320-token GPT-2 BPE,
 whose pre-tokenizer hash llama.cpp does not know and which some families' set_vocab refuses (they want the
 real Gemma / GLM / ERNIE / Hunyuan tokenizer files). Tensors and hyperparameters go through llama.cpp's code
-unchanged; MTP layers are left out (--no-mtp) where the family supports MTP export.
+unchanged; MTP layers are left out (--no-mtp) where the family supports MTP export, unless this script is given
+--keep-mtp (its own switch, not passed on: the converter's default then keeps them).
 """
 import sys
 from pathlib import Path
 
 src = Path(sys.argv[1])
 sys.path[:0] = [str(src / "gguf-py"), str(src)]
-sys.argv = [str(src / "convert_hf_to_gguf.py")] + sys.argv[2:]
+keep_mtp = "--keep-mtp" in sys.argv
+sys.argv = [str(src / "convert_hf_to_gguf.py")] + [a for a in sys.argv[2:] if a != "--keep-mtp"]
 
 import convert_hf_to_gguf as conv  # noqa: E402
 from conversion import base  # noqa: E402
@@ -23,7 +25,7 @@ _get_model_class = conv.get_model_class
 def get_model_class(*args, **kwargs):
     cls = _get_model_class(*args, **kwargs)
     cls.set_vocab = lambda self: self._set_vocab_gpt2()     # this process converts one model: patch its class
-    if getattr(cls, "supports_mtp_export", False):
+    if getattr(cls, "supports_mtp_export", False) and not keep_mtp:
         cls.no_mtp = True
     return cls
 

@@ -1,0 +1,162 @@
+"""K-EXAONE (model_type `exaone_moe`) -> GGUF arch `exaone-moe`.
+
+Per layer: RMSNorm -> GQA attention with per-head q/k RMSNorm; sliding-window layers (`layer_types`, else
+`sliding_window_pattern`: an int period or an "LLLG" string) rotate q/k (NeoX RoPE), full-attention layers are
+NoPE (transformers: "global NoPE for hybrid attention"; llama.cpp's graph ropes only its SWA layers) -> RMSNorm ->
+the first `first_k_dense_replace` layers (or `mlp_layer_types`) dense SwiGLU, the rest DeepSeek-V3 routing:
+sigmoid scores, selection on score + `e_score_correction_bias` with groups, renormalised x `routed_scaling_factor`,
+plus `num_shared_experts` shared experts (width moe_intermediate_size x count).
+
+MTP: the release checkpoint keeps `num_nextn_predict_layers` blocks under `mtp.*` (`mtp.layers.{i}.*` a decoder
+block, `mtp.fc` / `mtp.pre_fc_norm_embedding` / `mtp.pre_fc_norm_hidden` / `mtp.norm` shared by them); they are
+written as llama.cpp does, blocks `blk.{n_layer + i}` with `nextn.{eh_proj,enorm,hnorm,shared_head_norm}`, and
+`nextn_predict_layers` counted in `block_count`. transformers' class has no MTP and ignores `mtp.*`.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from moelite.errors import ConversionError
+
+from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, stack_experts
+from .glm4_moe import DEEPSEEK_MOE_NAMES, MLP
+
+ATTN = "model.layers.{bid}.self_attn"
+
+# transformers' ExaoneMoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "num_hidden_layers": 32,
+    "vocab_size": 102400,
+    "hidden_size": 4096,
+    "intermediate_size": 16384,
+    "max_position_embeddings": 2048,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "rms_norm_eps": 1e-05,
+    "sliding_window": 4096,
+    "sliding_window_pattern": 4,
+    "first_k_dense_replace": 1,
+    "moe_intermediate_size": 1024,
+    "num_experts": 64,
+    "num_experts_per_tok": 8,
+    "num_shared_experts": 1,
+    "norm_topk_prob": True,
+    "routed_scaling_factor": 2.5,
+    "n_group": 1,
+    "topk_group": 1,
+}
+
+
+def n_nextn(c: Config) -> int:
+    return c.int("num_nextn_predict_layers", default=0)
+
+
+def swa_pattern(c: Config) -> list[bool]:
+    """Per layer: sliding (True) or full attention, as ExaoneMoeConfig derives `layer_types`."""
+    n = c.n_layer
+    types = c.get("layer_types", default=None)
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n or \
+                not set(types) <= {"sliding_attention", "full_attention"}:
+            raise ConversionError(f"{c.src}: key layer_types must list {n} entries of 'sliding_attention' / "
+                                  f"'full_attention'")
+        return [t == "sliding_attention" for t in types]
+    p = c.get("sliding_window_pattern")
+    if isinstance(p, str) and p and set(p) <= {"L", "G"}:
+        return [p[i % len(p)] == "L" for i in range(n)]
+    if isinstance(p, int) and not isinstance(p, bool) and p >= 1:
+        return [(i + 1) % p != 0 for i in range(n)]
+    raise ConversionError(f"{c.src}: key sliding_window_pattern = {str(p)[:40]}: expected a period >= 1 or a "
+                          f"string of 'L' / 'G'")
+
+
+def dense_lead(c: Config) -> int:
+    """Leading dense layers: `mlp_layer_types` (transformers' key, first) or `first_k_dense_replace`."""
+    types = c.get("mlp_layer_types", default=None)
+    if types is None:
+        return c.int("first_k_dense_replace")
+    n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
+    if not isinstance(types, list) or len(types) != c.n_layer or set(types[n_dense:]) != {"sparse"}:
+        raise ConversionError(f"{c.src}: mlp_layer_types must list {c.n_layer} entries, the dense layers first then "
+                              f"sparse (what the GGUF's leading_dense_block_count expresses)")
+    return n_dense
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    if c.get("sliding_window", default=None) is None:
+        # transformers then ropes every layer; llama.cpp's exaone-moe graph ropes sliding layers only
+        raise ConversionError(f"{c.src}: sliding_window null (RoPE on every layer, no sliding window) is not "
+                              f"supported: the exaone-moe GGUF ropes only its sliding-window layers")
+    scoring = c.get("scoring_func", "score_function", default="sigmoid")
+    if scoring != "sigmoid":      # transformers' router (DeepSeek-V3's) is sigmoid whatever the key says
+        raise ConversionError(f"{c.src}: key scoring_func = {str(scoring)[:40]}: expected 'sigmoid'")
+    nextn = n_nextn(c)
+    n_ff_exp, n_shared = c.int("moe_intermediate_size"), c.int("num_shared_experts")
+    kv = {
+        **common_hparams(c),
+        "block_count": c.n_layer + nextn,
+        "vocab_size": c.int("vocab_size"),
+        "attention.key_length": c.head_dim,
+        "attention.value_length": c.head_dim,
+        "attention.sliding_window": c.int("sliding_window"),
+        "attention.sliding_window_pattern": swa_pattern(c),
+        "expert_feed_forward_length": n_ff_exp,
+        "expert_shared_count": n_shared,
+        "expert_shared_feed_forward_length": n_ff_exp * n_shared,
+        "expert_weights_scale": c.float("routed_scaling_factor"),
+        "expert_weights_norm": c.bool("norm_topk_prob"),
+        "expert_gating_func": SIGMOID,
+        "expert_group_count": c.int("n_group"),
+        "expert_group_used_count": c.int("topk_group"),
+        "leading_dense_block_count": dense_lead(c),
+        "nextn_predict_layers": nextn,
+        "rope.scaling.type": "none",
+    }
+    return kv
+
+
+MTP_NAMES = {    # blk.{n_layer + i}: the MTP block's projections (its decoder block uses the trunk's names)
+    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",                  # [H, 2H]
+    "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",                      # [H]
+    "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
+    "model.layers.{bid}.shared_head.norm.weight": "blk.{bid}.nextn.shared_head_norm.weight",
+}
+
+TENSORS = {
+    **LLAMA_NAMES,
+    **DEEPSEEK_MOE_NAMES,
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
+    MLP + ".e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",               # [E] (release layout)
+    **MTP_NAMES,
+}
+
+_MTP_SHARED = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
+               "norm": "shared_head.norm"}
+
+
+def sanitize(w, c: Config) -> None:
+    n_layer, nextn = c.n_layer, n_nextn(c)
+    for name in [n for n in w if n.startswith("mtp.")]:
+        t = w.pop(name)
+        if nextn == 0:
+            continue                          # MTP weights without num_nextn_predict_layers: dropped, as llama.cpp
+        m = re.match(r"mtp\.layers\.(\d+)\.(.+)\Z", name)
+        if m:
+            i = int(m.group(1))
+            if i >= nextn:
+                raise ConversionError(f"{t.src}: tensor {name}: config.json says num_nextn_predict_layers = {nextn}")
+            w[f"model.layers.{n_layer + i}.{m.group(2)}"] = t
+            continue
+        m = re.match(r"mtp\.(\w+)\.weight\Z", name)
+        if not m or m.group(1) not in _MTP_SHARED:
+            raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family exaone-moe")
+        for i in range(nextn):               # one set shared by every MTP block, written to each
+            w[f"model.layers.{n_layer + i}.{_MTP_SHARED[m.group(1)]}.weight"] = t
+    c_all = Config({**c.d, "num_hidden_layers": n_layer + nextn}, c.src, c.defaults)
+    stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
+
+
+FAMILY = Family(("exaone_moe",), "exaone-moe", hparams, TENSORS, sanitize, tokenizer_pre="exaone-moe",
+                defaults=DEFAULTS, keep_mtp=True)

@@ -1,0 +1,143 @@
+"""Wave-3 families (FAMILIES_WAVE3.md) beyond parity (test_runtime_parity.py), offload exactness (test_offload.py) and
+llama.cpp both ways (test_llama_cpp_cross.py):
+
+- a prompt then one decode step through the KV cache equals transformers' logits of prompt + token;
+- MTP blocks as the release checkpoints hold them (K-EXAONE: `mtp.*`; Hy3: `model.layers.{n_layer}` + eh_proj /
+  enorm / hnorm / final_layernorm) are kept as llama.cpp keeps them (blk.{n_layer}.nextn.*, `nextn_predict_layers`
+  in block_count): the trunk's logits are unchanged bit for bit, the planner does not count them as resident,
+  llama.cpp loads the file, moelite loads llama.cpp's own conversion, and a wrong MTP shape is refused by name.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fixture_models import fixture_gguf
+from hf_fixtures import WAVE3_FAMILIES, edited_copy, hf_logits
+from moelite.converters import convert
+
+import moelite
+from moelite import _core
+from moelite.errors import ConversionError
+
+PROMPT = [(7 * i + 3) % 320 for i in range(12)]
+
+
+def logits(path, ids=PROMPT) -> np.ndarray:
+    with moelite.load(path, kv_type="f32", n_threads=1) as m:
+        return m.logits(ids)
+
+
+@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+def test_prompt_then_one_decode_step_match_transformers(family):
+    hf, path = fixture_gguf(family)
+    nxt = 123
+    with moelite.load(path, kv_type="f32", n_threads=1) as m:
+        prompt = m.eval(PROMPT)                                 # [n_vocab] of the last prompt token
+        step = m.eval([nxt])                                    # one step through the F32 KV cache
+    ref = hf_logits(hf, PROMPT + [nxt])
+    assert float(np.abs(prompt - ref[-2]).max()) <= 1e-3
+    assert float(np.abs(step - ref[-1]).max()) <= 1e-3
+
+
+def exaone_mtp(ts: dict, n_layer: int) -> dict:
+    """K-EXAONE's MTP as its checkpoint stores it: mtp.layers.0.* a decoder block with a dense MLP (what
+    llama.cpp's exaone-moe loader expects), and the projections shared by the MTP blocks."""
+    out = dict(ts)
+    for k, v in ts.items():
+        if k.startswith(f"model.layers.{n_layer - 1}.") and ".mlp." not in k:
+            out[k.replace(f"model.layers.{n_layer - 1}.", "mtp.layers.0.", 1)] = v + 0.01
+        if k.startswith("model.layers.0.mlp."):
+            out[k.replace("model.layers.0.", "mtp.layers.0.", 1)] = v * 0.5
+    H = ts["model.norm.weight"].shape[0]
+    rng = np.random.default_rng(3)
+    out["mtp.fc.weight"] = rng.standard_normal((H, 2 * H)).astype(np.float32) * 0.02
+    for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        out[f"mtp.{n}.weight"] = (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    return out
+
+
+def hy_v3_mtp(ts: dict, n_layer: int) -> dict:
+    """Hy3's MTP as its checkpoint stores it: one more decoder block (MoE) at model.layers.{n_layer}, plus
+    eh_proj / enorm / hnorm / final_layernorm."""
+    out = dict(ts)
+    for k, v in ts.items():
+        if k.startswith(f"model.layers.{n_layer - 1}."):
+            out[k.replace(f"model.layers.{n_layer - 1}.", f"model.layers.{n_layer}.", 1)] = v + 0.01
+    H = ts["model.norm.weight"].shape[0]
+    rng = np.random.default_rng(4)
+    out[f"model.layers.{n_layer}.eh_proj.weight"] = rng.standard_normal((H, 2 * H)).astype(np.float32) * 0.02
+    for n in ("enorm", "hnorm", "final_layernorm"):
+        out[f"model.layers.{n_layer}.{n}.weight"] = (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    return out
+
+
+MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp}
+
+
+def with_mtp(family: str, out: Path) -> Path:
+    hf, _ = fixture_gguf(family)
+    cfg = json.loads((hf / "config.json").read_text())
+    n_layer = cfg["num_hidden_layers"]
+    d = edited_copy(hf, out, lambda ts: MTP[family](ts, n_layer))
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+    return d
+
+
+@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+def test_mtp_blocks_are_kept_checked_and_not_run(family, tmp_path):
+    _, plain = fixture_gguf(family)
+    hf = with_mtp(family, tmp_path / "hf")
+    path = tmp_path / "mtp.gguf"
+    convert(hf, path, "f32", progress=False)
+    r = _core.read_gguf(str(path))
+    arch = r["kv"]["general.architecture"]
+    n_layer = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    assert r["kv"][f"{arch}.block_count"] == n_layer + 1 and r["kv"][f"{arch}.nextn_predict_layers"] == 1
+    names = {t[0]: list(t[2]) for t in r["tensors"]}
+    H = names["output_norm.weight"][0]
+    assert names[f"blk.{n_layer}.nextn.eh_proj.weight"] == [2 * H, H]
+    for n in ("enorm", "hnorm", "shared_head_norm"):
+        assert names[f"blk.{n_layer}.nextn.{n}.weight"] == [H]
+    assert f"blk.{n_layer}.attn_q.weight" in names and f"blk.{n_layer}.ffn_norm.weight" in names
+    assert not any(n.startswith(f"blk.{n_layer + 1}.") for n in names)
+
+    want = logits(plain)
+    with moelite.load(path, kv_type="f32", n_threads=1) as m:
+        assert np.array_equal(m.logits(PROMPT), want)          # the trunk is the same model, bit for bit
+        assert m.info()["n_layer"] == n_layer and m.info()["n_layer_nextn"] == 1
+        dense_mtp = m.plan.dense_bytes
+    with moelite.load(plain, kv_type="f32", n_threads=1) as m:
+        assert m.plan.dense_bytes == dense_mtp                  # MTP blocks are not loaded, so not planned
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+def test_mtp_gguf_both_ways_with_llama_cpp(family, tmp_path):
+    from llama_cpp_ref import llama_cpp_logits, pinned_convert
+    hf = with_mtp(family, tmp_path / "hf")
+    ours = tmp_path / "ours.gguf"
+    convert(hf, ours, "f32", progress=False)
+    assert float(np.abs(llama_cpp_logits(ours, PROMPT) - logits(ours)).max()) <= 1e-3
+    theirs = pinned_convert(hf, tmp_path / "theirs.gguf", "--keep-mtp")
+    r = _core.read_gguf(str(theirs))
+    assert r["kv"][f"{r['kv']['general.architecture']}.nextn_predict_layers"] == 1
+    assert float(np.abs(logits(theirs) - hf_logits(hf, PROMPT)).max()) <= 1e-3
+
+
+@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+def test_mtp_block_of_a_wrong_shape_is_refused_by_name(family, tmp_path):
+    hf = with_mtp(family, tmp_path / "hf")
+    key = "mtp.fc.weight" if family == "exaone_moe" else None
+
+    def cut(ts):
+        name = key or next(k for k in ts if k.endswith(".eh_proj.weight"))
+        ts[name] = ts[name][:, :-8]
+        return ts
+    bad = edited_copy(hf, tmp_path / "bad", cut)
+    path = tmp_path / "bad.gguf"
+    with pytest.raises(ConversionError, match="nextn.eh_proj"):          # the loader's check, before writing
+        convert(bad, path, "f32", progress=False)
+    assert not path.exists()
