@@ -44,6 +44,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "ssm_d_state", h.ssm_d_state); get(d, "ssm_n_group", h.ssm_n_group); get(d, "ssm_dt_rank", h.ssm_dt_rank);
     get(d, "ssm_d_inner", h.ssm_d_inner); get(d, "deltanet_repeat_interleave", h.deltanet_repeat_interleave);
     get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
+    get(d, "attn_temp_offset", h.attn_temp_offset); get(d, "group_top2", h.group_top2);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
     // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;

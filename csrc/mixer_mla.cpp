@@ -25,6 +25,7 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * q_abs = ggml_mul_mat(ctx, L.wk_b, ggml_permute(ctx, q_nope, 0, 2, 1, 3));   // [C, T, n_head]
     q_abs = ggml_permute(ctx, q_abs, 0, 2, 1, 3);                                              // [C, n_head, T]
     ggml_tensor * q_cat = ggml_concat(ctx, q_abs, q_pe, 0);                                    // [C + R, n_head, T]
+    if (p.attn_temp) q_cat = ggml_mul(ctx, q_cat, attn_temp_input(ctx, T));                  // Mistral-4 temperature
     ggml_tensor * c3 = ggml_reshape_3d(ctx, c, C, 1, T);
     ggml_tensor * k_cat = ggml_concat(ctx, c3, k_pe, 0);                                       // [C + R, 1, T]
     ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T);                             // [C, n_head, T]

@@ -755,10 +755,10 @@ void Model::build_masks(int T) {
     if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
     if (want[MASK_SWA]) fill(MASK_SWA, [&](int i, int j) { return h.n_swa <= 0 || i - j < h.n_swa; });
     if (want[MASK_CHUNKED]) fill(MASK_CHUNKED, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
-    if (temp) {                                   // llama.cpp: 1 + s * log(floor((pos + 1) / f) + 1)
+    if (temp) {                                   // llama.cpp: 1 + s * log(floor((pos + offset) / f) + 1)
         attn_temp_.resize(T);
         for (int t = 0; t < T; ++t)
-            attn_temp_[t] = 1.f + h.attn_temp_scale * std::log(std::floor((pos_[t] + 1.f) / h.attn_temp_floor) + 1.f);
+            attn_temp_[t] = 1.f + h.attn_temp_scale * std::log(std::floor((pos_[t] + h.attn_temp_offset) / h.attn_temp_floor) + 1.f);
     }
 }
 

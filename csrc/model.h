@@ -34,7 +34,7 @@ struct LayerPlan {
     float freq_base = 10000.f;
     float kq_scale = 0.f;
     bool rope_factors = true;                     // apply the model's rope_freqs / rope factors here
-    bool attn_temp = false;                       // Llama-4 NoPE layers: q *= 1 + s * log(1 + floor((pos + 1) / f))
+    bool attn_temp = false;                       // q *= 1 + s * log(1 + floor((pos + offset) / f)) (Llama-4 NoPE, Mistral-4)
 };
 
 // Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
@@ -70,6 +70,8 @@ struct HParams {
     float final_softcap = 0.f;                    // Gemma-4: logits = c * tanh(logits / c)
     int n_chunk = 0;                              // Llama-4 chunked attention: tokens see their chunk only
     float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
+    float attn_temp_offset = 1.f;                 // the temperature's position offset: Llama-4 pos + 1, MLA (Mistral-4) pos
+    bool group_top2 = false;                      // group score = sum of its top-2 scores whatever the gating (Mistral-4)
     bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
     // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =

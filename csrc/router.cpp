@@ -118,13 +118,13 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
             for (int e = 0; e < E; ++e) sel[e] = p[e] + (bias.empty() ? 0.f : bias[e]);
             if (h.n_group > 1 && h.topk_group < h.n_group) {
                 // group-limited routing: keep the topk_group groups with the best score (sum of top-2 with
-                // sigmoid scoring as DeepSeek-V3, max with softmax as DeepSeek-V2), mask the rest
+                // sigmoid scoring as DeepSeek-V3 and with softmax as Mistral-4, max with softmax as DeepSeek-V2)
                 const int gs = E / h.n_group;
                 std::vector<std::pair<float, int>> gscore(h.n_group);
                 for (int g = 0; g < h.n_group; ++g) {
                     std::vector<float> v(sel.begin() + g * gs, sel.begin() + (g + 1) * gs);
                     std::sort(v.begin(), v.end(), std::greater<float>());
-                    gscore[g] = {h.gating == GATING_SIGMOID ? v[0] + (gs > 1 ? v[1] : 0.f) : v[0], g};
+                    gscore[g] = {h.gating == GATING_SIGMOID || h.group_top2 ? v[0] + (gs > 1 ? v[1] : 0.f) : v[0], g};
                 }
                 std::stable_sort(gscore.begin(), gscore.end(), [](auto & a, auto & b) { return a.first > b.first; });
                 std::vector<char> keep(h.n_group, 0);

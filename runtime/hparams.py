@@ -40,6 +40,9 @@ class ArchSpec:
     recurrent: int = 0                  # the recurrent mixer of its non-attention layers (MIXER_SHORTCONV / _DELTANET)
     nope_full: bool = False             # RoPE on sliding-window layers only, full-attention layers NoPE (EXAONE-4)
     ffn_by_tensors: bool = False        # dense or MoE decided per layer by which tensors exist (llama.cpp's hy_v3)
+    mla_yarn: bool = False              # DeepSeek-2 MLA YaRN: log multiplier stored x 0.1, mscale^2 in the kq scale;
+                                        # `attention.temperature_scale` / `_length` scale q (llama.cpp's deepseek2 graph)
+    group_top2: bool = False            # expert groups scored by their top-2 sum under softmax too (Mistral-4)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -47,7 +50,7 @@ ARCHS: dict[str, ArchSpec] = {
     "qwen2moe": ArchSpec(ROPE_NEOX),
     "olmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_FULL),
     "llama": ArchSpec(ROPE_NORM, weights_norm=True),                       # Mixtral
-    "deepseek2": ArchSpec(ROPE_NORM),                                      # DeepSeek-V2/V3, GLM-4.7-Flash
+    "deepseek2": ArchSpec(ROPE_NORM, mla_yarn=True),                       # DeepSeek-V2/V3, GLM-4.7-Flash
     "gpt-oss": ArchSpec(ROPE_NEOX, gating=GATING_SOFTMAX_WEIGHT, act=ACT_SWIGLU_OAI, swa_period=2),
     "granitemoe": ArchSpec(ROPE_NORM, weights_norm=True),
     "phimoe": ArchSpec(ROPE_NEOX, gating=GATING_SPARSEMIXER, layernorm=True),
@@ -68,6 +71,7 @@ ARCHS: dict[str, ArchSpec] = {
     # wave 3
     "exaone-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_full=True),
     "hy_v3": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, ffn_by_tensors=True),
+    "mistral4": ArchSpec(ROPE_NORM, mla_yarn=True, group_top2=True),      # llama.cpp: the deepseek2 model
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -115,13 +119,14 @@ def _key(kv: dict, path: str, key: str, default: Any = ...) -> Any:
 
 def _rope_scaling(arch: str, k) -> dict[str, float]:
     """RoPE scaling, as llama.cpp derives its ggml_rope_ext arguments (llama-context.cpp)."""
+    mla_yarn = ARCHS[arch].mla_yarn
     scaling = k.raw("rope.scaling.type", "none")
     factor = float(k("rope.scaling.factor", 0.0) or 0.0)
     freq_scale = 1.0 / factor if (factor and scaling != "none") else 1.0
     ext_factor = 1.0 if scaling == "yarn" else 0.0
     attn_factor = 1.0
     log_mul = float(k("rope.scaling.yarn_log_multiplier", 0.0))
-    if arch == "deepseek2" and log_mul:
+    if mla_yarn and log_mul:
         log_mul /= 0.1                 # llama.cpp's converter stores 0.1 * mscale_all_dim
     if ext_factor != 0.0:
         f = 1.0 / freq_scale
@@ -129,7 +134,7 @@ def _rope_scaling(arch: str, k) -> dict[str, float]:
         def mscale(s: float, m: float) -> float:
             return 1.0 if s <= 1.0 else 0.1 * m * math.log(s) + 1.0
         if log_mul:
-            m = log_mul if (arch == "deepseek2" and log_mul != 1.0) else 1.0
+            m = log_mul if (mla_yarn and log_mul != 1.0) else 1.0
             attn_factor = mscale(f, m) / mscale(f, log_mul)
         else:
             attn_factor = mscale(f, 1.0)
@@ -184,7 +189,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     freq_base = float(k("rope.freq_base", 10000.0))
 
     kq_scale = 1.0 / math.sqrt(head_k) if head_k > 0 else 1.0
-    if arch == "deepseek2":
+    if spec.mla_yarn:
         org = rs["attn_factor"] * (1.0 + 0.1 * math.log(1.0 / rs["freq_scale"]))
         ms = org * (1.0 + 0.1 * rs["log_mul"] * math.log(1.0 / rs["freq_scale"]))
         kq_scale = ms * ms / math.sqrt(head_k)
@@ -245,6 +250,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         logit_scale=float(k("logit_scale", 1.0)), final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
         context_length=int(k("context_length", 4096)),
         n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
+        group_top2=spec.group_top2,
     )
     plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
                 layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head_kv=kv_heads,
@@ -266,6 +272,12 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         _gemma4_plan(path, k, hp, plan, n_layer)
     if arch == "llama4":
         _llama4_plan(k, hp, plan, n_layer, n_expert)
+    if spec.mla_yarn and float(k("attention.temperature_scale", 0.0) or 0.0) != 0.0:
+        # Mistral-4 (and Mistral-Large): q *= 1 + s * log(1 + floor(pos / length)) on every layer, as llama.cpp's
+        # deepseek2 graph; the key is what the HF converter of llama.cpp drops (moelite's writes it)
+        hp.update(attn_temp_scale=float(k("attention.temperature_scale")),
+                  attn_temp_floor=float(k("attention.temperature_length")), attn_temp_offset=0.0)
+        plan["layer_attn_temp"] = [1] * n_layer
     hp.update(plan)
     return hp
 

@@ -116,6 +116,7 @@ RAW_RULES: dict[str, Rule] = {
     "rope.scaling.factor": Rule("real", 0.0), "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
     "attention.layer_norm_rms_epsilon": POSITIVE, "attention.layer_norm_epsilon": POSITIVE,
     "nextn_predict_layers": COUNT0,
+    "attention.temperature_scale": REAL, "attention.temperature_length": COUNT,    # Mistral-4: divides positions
 }
 
 # ggml types with a CPU vec_dot kernel (ggml/src/ggml-cpu/ggml-cpu.c, type_traits_cpu[].vec_dot): the types

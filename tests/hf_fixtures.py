@@ -42,7 +42,10 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
-WAVE3_FAMILIES = ("exaone_moe", "hy_v3")
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4")
+# families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
+# takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
+WRAPPED = {"mistral4": "mistral3"}
 _FIXTURE_VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -156,6 +159,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "hy_v3": dict(num_hidden_layers=3, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                   num_shared_experts=1, head_dim=16, router_scaling_factor=2.826, rms_norm_eps=1e-5,
                   initializer_range=0.02),   # the class default 0.006 leaves logits ~0.1: too weak a check
+    # Mistral Small 4 (inside Mistral3ForConditionalGeneration): MLA, softmax routing over 2 groups, YaRN with
+    # mscale and the Llama-4 attention temperature (from position 512 on: the tests stay below, as llama.cpp's HF
+    # converter drops it; test_wave3_families checks it past its period)
+    "mistral4": dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
+                     num_key_value_heads=4, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
+                     qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16, n_group=2, topk_group=1,
+                     norm_topk_prob=True, routed_scaling_factor=1.5, num_hidden_layers=3, rms_norm_eps=1e-6,
+                     max_position_embeddings=8 * 512,
+                     rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=8.0, beta_fast=32.0, beta_slow=1.0,
+                                          mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=512,
+                                          llama_4_scaling_beta=0.1)),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -285,7 +299,10 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
     try:
         cfg = _config(family, config_overrides)
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+        if family in WRAPPED:
+            cfg, model = _wrapped_model(family, cfg)
+        else:
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
         _perturb(model, seed)
         model.eval()
         # ~2 shards so the index file and multi-shard reading are exercised
@@ -308,11 +325,26 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
     return final
 
 
+def _wrapped_model(family: str, text_cfg):
+    """The multimodal wrapper of `family` around its text config, with a tiny vision tower -> (config, model)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, Mistral3Config, PixtralVisionConfig
+    assert WRAPPED[family] == "mistral3"
+    vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                                 head_dim=16, image_size=28, patch_size=14)
+    cfg = Mistral3Config(text_config=text_cfg, vision_config=vision, image_token_index=VOCAB_SIZE - 1,
+                         tie_word_embeddings=text_cfg.tie_word_embeddings)
+    model = AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
+    return text_cfg, model
+
+
 def _load(model_dir):
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
     torch.set_num_threads(1)
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
+    wrapped = json.loads((Path(model_dir) / "config.json").read_text()).get("model_type") in WRAPPED.values()
+    auto = AutoModelForImageTextToText if wrapped else AutoModelForCausalLM
+    model = auto.from_pretrained(str(model_dir), dtype=torch.float32, attn_implementation="eager")
     model.eval()
     return model
 

@@ -21,8 +21,8 @@ import numpy as np
 import pytest
 
 import moelite
-from hf_fixtures import (FAMILIES, HYBRID_FAMILIES, RELEASE_KEYS, VOCAB_SIZE, WAVE2_FAMILIES, WAVE3_FAMILIES, _config,
-                         _make_tokenizer, _perturb, class_keys, make_hf_model)
+from hf_fixtures import (FAMILIES, HYBRID_FAMILIES, RELEASE_KEYS, VOCAB_SIZE, WAVE2_FAMILIES, WAVE3_FAMILIES, WRAPPED,
+                         _config, _make_tokenizer, _perturb, class_keys, make_hf_model)
 from moelite import _core
 from moelite.converters.convert import convert
 from moelite.converters.families import FAMILY_MODULES, registry
@@ -58,24 +58,36 @@ def gguf_contents(path: Path) -> tuple[dict, dict]:
     return kv, tensors
 
 
+def text_part(family: str, cfg: dict) -> dict:
+    """The family's own config: config.json, or its `text_config` when the family ships in a wrapper (WRAPPED)."""
+    return cfg["text_config"] if family in WRAPPED else cfg
+
+
 def minimal_copy(family: str, src: Path, out: Path) -> tuple[Path, list[str]]:
     """A copy of the fixture whose config.json keeps only the keys that differ from the class default (plus
-    model_type, architectures and the release keys); -> (dir, the keys left out)."""
+    model_type, architectures and the release keys); -> (dir, the keys left out). A wrapped family's text_config
+    is the part minimised."""
     shutil.copytree(src, out)
-    cfg = read_config(src)
+    outer = read_config(src)
+    cfg = text_part(family, outer)
     defaults = as_json(config_class(family)().to_dict())
     keep = {"model_type", "architectures"} | set(RELEASE_KEYS.get(family, {}))
     # special token ids stay: gguf-py's SpecialVocab reads them from config.json as llama.cpp's converter does;
     # a class default there names a token of the original vocabulary (Hunyuan's sep_token_id 4), not a hyperparameter
     keep |= {k for k in cfg if k.endswith("_token_id")}
     dropped = [k for k, v in cfg.items() if k not in keep and k in defaults and v == defaults[k]]
-    (out / "config.json").write_text(json.dumps({k: v for k, v in cfg.items() if k not in dropped}, indent=2))
+    small = {k: v for k, v in cfg.items() if k not in dropped}
+    (out / "config.json").write_text(json.dumps({**outer, "text_config": small} if family in WRAPPED else small,
+                                                indent=2))
     return out, dropped
 
 
 @pytest.mark.parametrize("family", ALL_FAMILIES)
 def test_fixture_config_is_what_save_pretrained_writes(family):
-    cfg = read_config(make_hf_model(family))
+    outer = read_config(make_hf_model(family))
+    if family in WRAPPED:
+        assert not set(outer) - class_keys(config_class(WRAPPED[family])) - METADATA
+    cfg = text_part(family, outer)
     added = set(cfg) - class_keys(config_class(family)) - METADATA - set(RELEASE_KEYS.get(family, {}))
     assert not added, f"{family}: config.json holds keys its transformers class does not define: {sorted(added)}"
     for k, v in RELEASE_KEYS.get(family, {}).items():
@@ -88,7 +100,7 @@ def test_minimal_config_converts_to_the_same_gguf(family, tmp_path):
     minimal, dropped = minimal_copy(family, full, tmp_path / family)
     assert dropped, f"{family}: no key of the fixture is at its class default; the test pins nothing"
     # transformers reads the minimal config to the same config (the keys left out are really defaults)
-    cls = config_class(family)
+    cls = config_class(WRAPPED.get(family, family))
     loaded = [as_json(cls.from_pretrained(str(d)).to_dict()) for d in (minimal, full)]
     assert loaded[0] == loaded[1]
     convert(full, tmp_path / "full.gguf", "f32", progress=False)

@@ -74,7 +74,7 @@ def hy_v3_mtp(ts: dict, n_layer: int) -> dict:
     return out
 
 
-MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp}
+MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp}     # the families whose release checkpoints hold MTP blocks
 
 
 def with_mtp(family: str, out: Path) -> Path:
@@ -86,7 +86,7 @@ def with_mtp(family: str, out: Path) -> Path:
     return d
 
 
-@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+@pytest.mark.parametrize("family", tuple(MTP))
 def test_mtp_blocks_are_kept_checked_and_not_run(family, tmp_path):
     _, plain = fixture_gguf(family)
     hf = with_mtp(family, tmp_path / "hf")
@@ -114,7 +114,7 @@ def test_mtp_blocks_are_kept_checked_and_not_run(family, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+@pytest.mark.parametrize("family", tuple(MTP))
 def test_mtp_gguf_both_ways_with_llama_cpp(family, tmp_path):
     from llama_cpp_ref import llama_cpp_logits, pinned_convert
     hf = with_mtp(family, tmp_path / "hf")
@@ -127,7 +127,7 @@ def test_mtp_gguf_both_ways_with_llama_cpp(family, tmp_path):
     assert float(np.abs(logits(theirs) - hf_logits(hf, PROMPT)).max()) <= 1e-3
 
 
-@pytest.mark.parametrize("family", WAVE3_FAMILIES)
+@pytest.mark.parametrize("family", tuple(MTP))
 def test_mtp_block_of_a_wrong_shape_is_refused_by_name(family, tmp_path):
     hf = with_mtp(family, tmp_path / "hf")
     key = "mtp.fc.weight" if family == "exaone_moe" else None
@@ -141,3 +141,19 @@ def test_mtp_block_of_a_wrong_shape_is_refused_by_name(family, tmp_path):
     with pytest.raises(ConversionError, match="nextn.eh_proj"):          # the loader's check, before writing
         convert(bad, path, "f32", progress=False)
     assert not path.exists()
+
+
+def test_mistral4_attention_temperature_past_its_period():
+    """Mistral Small 4's Llama-4 temperature, q x (1 + beta log(1 + floor(pos / L))), L =
+    original_max_position_embeddings: moelite's GGUF keeps it (attention.temperature_scale / _length), so positions
+    >= L match transformers; it changes the logits there (and only there)."""
+    rope = dict(rope_type="yarn", rope_theta=1e4, factor=8.0, beta_fast=32.0, beta_slow=1.0, mscale=1.0,
+                mscale_all_dim=1.0, original_max_position_embeddings=4)
+    hf, path = fixture_gguf("mistral4", max_position_embeddings=32, rope_parameters={**rope, "llama_4_scaling_beta": 2.0})
+    kv = _core.read_gguf(str(path))["kv"]
+    assert kv["mistral4.attention.temperature_scale"] == 2.0 and kv["mistral4.attention.temperature_length"] == 4
+    ref = hf_logits(hf, PROMPT)
+    assert float(np.abs(logits(path) - ref).max()) <= 1e-3
+    hf0, _ = fixture_gguf("mistral4", max_position_embeddings=32, rope_parameters={**rope, "llama_4_scaling_beta": 0.0})
+    ref0 = hf_logits(hf0, PROMPT)
+    assert float(np.abs(ref0[:4] - ref[:4]).max()) <= 1e-6 < 1e-2 < float(np.abs(ref0[4:] - ref[4:]).max())
