@@ -1,6 +1,6 @@
 // Mixer: multi-head attention with a KV cache (GQA, per-layer head sizes and kv heads, q/k norms before or
 // after RoPE, q/k/v/o biases, K = V layers, V norm, partial and per-layer RoPE, NoPE layers with Llama-4's
-// attention temperature, sinks). MLA builds its q/k/v in mixer_mla.cpp and shares attention() below.
+// attention temperature, sinks, a sigmoid output gate: per head from q (Qwen3.5) or per element (AFMoE)). MLA builds its q/k/v in mixer_mla.cpp and shares attention() below.
 //
 //   cur [n_embd, T] -> q [dk, n_head, T], k [dk, n_head_kv, T], v [dv, n_head_kv, T]
 //   -> attention() -> [dv, T, n_head] -> merge heads [dv * n_head, T] -> W_o -> [n_embd, T]
@@ -31,6 +31,8 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
                             p.head_k * h.n_head, T);
         q = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, h.n_head, T, 2 * p.head_k * el, q->nb[1], 0),
                          p.head_k * h.n_head, T);
+    } else if (L.wqkv_gate) {                                          // AFMoE: attn_gate [n_embd -> n_head * dv]
+        gate = dense_mm(ctx, L.wqkv_gate, cur);                        // [n_head * dv, T]
     }
     ggml_tensor * k = dense_mm(ctx, L.wk, cur);                        // [n_head_kv * dk, T]
     ggml_tensor * v = L.wv ? dense_mm(ctx, L.wv, cur) : k;             // K = V layers (Gemma-4 global): raw k

@@ -386,6 +386,8 @@ void Model::load_attention(int il, Layer & L) {
     L.bq = load_tensor(blk(il, "attn_q.bias"), false, 1, {q_dim});
     L.bk = load_tensor(blk(il, "attn_k.bias"), false, 1, {kv_dim});
     L.bv = L.wv ? load_tensor(blk(il, "attn_v.bias"), false, 1, {v_dim}) : nullptr;
+    // AFMoE: a per-element output gate from the normed input (Qwen3.5's gate rides in attn_q instead)
+    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, (int64_t) h.n_head * p.head_v});
     if (h.qk_norm == QK_NORM_HEAD) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {p.head_k});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {p.head_k});

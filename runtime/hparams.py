@@ -43,6 +43,8 @@ class ArchSpec:
     mla_yarn: bool = False              # DeepSeek-2 MLA YaRN: log multiplier stored x 0.1, mscale^2 in the kq scale;
                                         # `attention.temperature_scale` / `_length` scale q (llama.cpp's deepseek2 graph)
     group_top2: bool = False            # expert groups scored by their top-2 sum under softmax too (Mistral-4)
+    nope_step: int = 0                  # NoPE on layers (il + 1) % nope_step == 0 (llama.cpp's n_no_rope_layer_step)
+    mup_embd: bool = False              # embeddings x sqrt(n_embd), always (llama.cpp hardcodes it: AFMoE)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -72,6 +74,9 @@ ARCHS: dict[str, ArchSpec] = {
     "exaone-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_full=True),
     "hy_v3": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, ffn_by_tensors=True),
     "mistral4": ArchSpec(ROPE_NORM, mla_yarn=True, group_top2=True),      # llama.cpp: the deepseek2 model
+    # AFMoE: sandwich norms and the attention gate come with their tensors; SWA period 4 and NoPE step 4 hardcoded
+    "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4,
+                      mup_embd=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -266,6 +271,10 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
     if spec.nope_full:        # EXAONE-4 attention: the full-attention layers take no position (llama.cpp: the same)
         plan["layer_n_rot"] = [n_rot if s else 0 for s in swa_layers]
+    if spec.nope_step:
+        plan["layer_n_rot"] = [0 if (il + 1) % spec.nope_step == 0 else n_rot for il in range(n_layer)]
+    if spec.mup_embd:
+        hp["embd_scale"] = math.sqrt(n_embd)
     if any(recurrent):
         _recurrent_plan(arch, k, hp, plan, recurrent)
     if spec.sandwich:

@@ -294,7 +294,8 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
         if not (hp["layer_mixer"][il] if "layer_mixer" in hp else hp.get("kv_lora_rank")):     # not MLA
             q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim      # Qwen3.5: [q_h | gate_h] per head
             per_layer.update({"attn_q.weight": [E, q_rows], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
-                              "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim]})
+                              "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim],
+                              "attn_gate.weight": [E, hp["n_head"] * heads_v[il]]})       # AFMoE output gate
         if (hp["layer_mixer"][il] if "layer_mixer" in hp else int(bool(hp.get("kv_lora_rank")))) == MIXER_MLA:
             per_layer.update(_mla_shapes(path, b, hp, heads_k[il], heads_v[il], tensors))
         down = shape(b + "ffn_down_exps.weight")

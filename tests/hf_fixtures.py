@@ -42,7 +42,7 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 # wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
-WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4")
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3"}
@@ -170,6 +170,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                      rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=8.0, beta_fast=32.0, beta_slow=1.0,
                                           mscale=1.0, mscale_all_dim=1.0, original_max_position_embeddings=512,
                                           llama_4_scaling_beta=0.1)),
+    # Trinity: sandwich norms, QK-norm, per-element sigmoid attention gate, 3 sliding (RoPE) : 1 full (NoPE), muP
+    # embedding scale, sigmoid + bias routing renormalised x route_scale, a shared expert, the first layer dense
+    "afmoe": dict(num_hidden_layers=4, num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
+                  moe_intermediate_size=32, num_shared_experts=1, head_dim=16, route_scale=2.5, sliding_window=5,
+                  global_attn_every_n_layers=4, mup_enabled=True, rms_norm_eps=1e-5, rope_theta=1e4),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -191,6 +196,9 @@ RELEASE_KEYS: dict[str, dict[str, Any]] = {
     "gemma4_text": {"global_head_dim": 32, "num_global_key_value_heads": 1},
     # K-EXAONE's config.json says how its router scores (ExaoneMoeConfig has no such key; llama.cpp needs it)
     "exaone_moe": {"scoring_func": "sigmoid"},
+    # Trinity's config.json says its router renormalises (AfmoeConfig always does and has no such key; llama.cpp's
+    # converter writes expert_weights_norm only from it)
+    "afmoe": {"route_norm": True},
 }
 
 

@@ -157,3 +157,19 @@ def test_mistral4_attention_temperature_past_its_period():
     hf0, _ = fixture_gguf("mistral4", max_position_embeddings=32, rope_parameters={**rope, "llama_4_scaling_beta": 0.0})
     ref0 = hf_logits(hf0, PROMPT)
     assert float(np.abs(ref0[:4] - ref[:4]).max()) <= 1e-6 < 1e-2 < float(np.abs(ref0[4:] - ref[4:]).max())
+
+
+@pytest.mark.parametrize("override, key", [({"mup_enabled": False}, "mup_enabled"),
+                                           ({"global_attn_every_n_layers": 2}, "NoPE"),
+                                           ({"sliding_window": None}, "sliding_window")])
+def test_afmoe_values_llama_cpp_hardcodes_are_required(override, key, tmp_path):
+    """AFMoE: llama.cpp always scales embeddings by sqrt(H) and takes every 4th layer for NoPE (neither is in the
+    GGUF): a checkpoint that differs is refused by name rather than written as a file llama.cpp runs otherwise."""
+    hf, _ = fixture_gguf("afmoe")
+    cfg = json.loads((hf / "config.json").read_text())
+    cfg.pop("layer_types")
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=key):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
