@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,32 @@ def simd_flags() -> str:
     except OSError:
         pass
     return "unknown"
+
+
+def stock_copy(path: str) -> str:
+    """The model re-written by gguf-py's writer with its default alignment (32 bytes), as llama.cpp's converter writes
+    the GGUFs people download: most tensors then start off a page, so moelite reads those experts buffered (through the
+    page cache, as it does for stock files) instead of with O_DIRECT. Written once into bench/out/models/."""
+    import gguf
+    import numpy as np
+    out = OUT / "models" / (Path(path).stem + "-align32.gguf")
+    if out.exists():
+        return str(out)
+    r = gguf.GGUFReader(path)
+    tmp = out.with_suffix(".part")
+    w = gguf.GGUFWriter(tmp, str(r.get_field("general.architecture").contents()))
+    for f in r.fields.values():
+        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.alignment"):
+            continue
+        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(tmp, out)
+    return str(out)
 
 
 def cgroup_peak(cg: Cgroups, d: str | None) -> int | None:
@@ -104,6 +131,10 @@ def table(res: dict) -> list[str]:
         slack = sc.get("slack", 0.10)
         cap = f"{sc.get('cap', key)} % ({sc['budget'] / 2**20:.0f} MiB" + (")" if abs(slack - 0.10) < 1e-9 else
                                                                         f"; cgroup = cap + {slack:.0%} + 96 MiB)")
+        if sc.get("stock"):
+            cap += ", 32-byte-aligned copy"
+        if sc.get("commit", res["commit"]) != res["commit"]:
+            cap += f", at `{sc['commit']}`"
         base = med(sc["runs"].get(ENGINES[0][0], []), "decode_tok_s")
         for label, *_ in ENGINES:
             rows = sc["runs"].get(label)
@@ -115,10 +146,13 @@ def table(res: dict) -> list[str]:
                 continue
             d = med(rows, "decode_tok_s")
             vs = f"{d[0] / base[0]:.2f}x" if d and base else "-"
-            lines.append(f"| {cap} | {label} | {f(d, 1, 2)} | {vs} | "
+            err = re.sub(r"(/[^\s/:]+)+/", "", errs[0]) if errs else ""     # file names without their folders
+            why = err if len(err) <= 80 else (err[:30] + " ... " + err[-40:] if errs else "")
+            failed = f" ({len(errs)} of {len(rows)} runs failed: {why})" if errs else ""
+            lines.append(f"| {cap} | {label}{failed} | {f(d, 1, 2)} | {vs} | "
                          f"{f(med(rows, 'disk_per_token'), 1e6, 2)} | {f(med(rows, 'expert_per_token'), 1e6, 2)} | "
                          f"{f(med(rows, 'other_per_token'), 1e6, 2)} | {f(med(rows, 'peak_rss'), 2**20, 0)} | "
-                         f"{f(med(rows, 'cgroup_peak'), 2**20, 0)} |" + (f" ({len(errs)} failed: {errs[0][:120]})" if errs else ""))
+                         f"{f(med(rows, 'cgroup_peak'), 2**20, 0)} |")
     return lines
 
 
@@ -151,6 +185,9 @@ def main() -> None:
                     help="each cgroup allows the cap x (1 + SLACK) + 96 MiB (run_bench's rule: 0.10); 0: the cap itself "
                          "plus the interpreter's room, where what the process owns fills the cgroup")
     ap.add_argument("--merge", action="store_true", help="keep the caps of bench/out/dense.json this run does not redo")
+    ap.add_argument("--stock", action="store_true",
+                    help="run on a copy with gguf-py's 32-byte alignment (llama.cpp's converter): moelite's expert reads "
+                         "then go through the page cache too")
     ap.add_argument("--engines", default="", help="comma-separated indexes into the engine list (default: all)")
     ap.add_argument("--report-only", action="store_true", help="rewrite DENSE.md's table from bench/out/dense.json")
     a = ap.parse_args()
@@ -159,6 +196,8 @@ def main() -> None:
         write_report(json.loads((OUT / "dense.json").read_text()))
         return
     path = model_path(a.model, a.qwen_layers)
+    if a.stock:
+        path = stock_copy(path)
     ids, sizes = prompt_ids(path, a.prompt_tokens + a.gen)
     stem = Path(path).stem
     pf, tf = OUT / f"dense-prompt-{stem}.json", OUT / f"dense-teacher-{stem}.json"
@@ -190,18 +229,24 @@ def main() -> None:
     if not cg.base:
         raise SystemExit(f"no memory cgroup: {cg.reason} (the caps need one)")
     if a.merge and (OUT / "dense.json").exists():
-        res["caps"] = json.loads((OUT / "dense.json").read_text())["caps"]
+        old = json.loads((OUT / "dense.json").read_text())
+        res["caps"] = old["caps"]
+        if a.stock:                                   # the header names the model the other rows ran on
+            res.update({k: old[k] for k in ("model", "file_size", "dense_bytes")})
     try:
         for cap in a.caps.split(","):
             budget = int(sizes["file_size"] * int(cap) / 100)
             key = cap if abs(a.slack - 0.10) < 1e-9 else f"{cap}, cgroup = cap + {a.slack:.0%} + 96 MiB"
+            if a.stock:
+                key += ", stock alignment"
             runs: dict[str, list[dict]] = {label: [] for label, *_ in engines}
             for i in range(a.runs):
                 for k, (label, engine, flags, env) in enumerate(engines):
                     r = one(label, engine, flags, env, path, str(pf), str(tf), a, budget, cg, f"dense-{cap}-{k}-{i}")
                     runs[label].append(r)
                     print(key, label, i, json.dumps(r), flush=True)
-            res["caps"][key] = {"cap": int(cap), "budget": budget, "slack": a.slack, "runs": runs}
+            res["caps"][key] = {"cap": int(cap), "budget": budget, "slack": a.slack, "runs": runs, "commit": res["commit"],
+                               "model": os.path.relpath(path, ROOT), "stock": a.stock}
             (OUT / "dense.json").write_text(json.dumps(res, indent=1))
     finally:
         cg.cleanup()
