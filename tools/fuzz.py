@@ -826,7 +826,8 @@ def sm_key_value(rng, s: SplitCase, seed: dict) -> None:
         if vt not in INT_T:
             vt = 5
         if new is None:
-            new = struct.unpack(SCALAR[vt], encode_scalar(vt, random_int_value(rng, old if isinstance(old, int) else None)))[0]
+            v = random_int_value(rng, old if isinstance(old, int) else None)
+            new = struct.unpack(SCALAR[vt], encode_scalar(vt, v))[0]      # as stored: wrapped to the type
         set_kv(g, key, vt, encode_scalar(vt, new))
         s.put(i, g)
     where = "every shard" if every else f"shard {shards[0] + 1}"
