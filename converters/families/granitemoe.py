@@ -31,24 +31,8 @@ DEFAULTS = {
     "logits_scaling": 1.0,
     "rope_theta": 10000.0,
 }
-# transformers' GraniteMoeSharedConfig defaults: the value of a key read here that config.json omits
-SHARED_DEFAULTS = {
-    "num_hidden_layers": 32,
-    "vocab_size": 32000,
-    "hidden_size": 4096,
-    "intermediate_size": 11008,
-    "max_position_embeddings": 2048,
-    "num_attention_heads": 32,
-    "rms_norm_eps": 1e-06,
-    "num_local_experts": 8,
-    "num_experts_per_tok": 2,
-    "attention_multiplier": 1.0,
-    "embedding_multiplier": 1.0,
-    "residual_multiplier": 1.0,
-    "logits_scaling": 1.0,
-    "shared_intermediate_size": 0,
-    "rope_theta": 10000.0,
-}
+# transformers' GraniteMoeSharedConfig defaults: GraniteMoeConfig's plus the shared expert's width
+SHARED_DEFAULTS = {**DEFAULTS, "shared_intermediate_size": 0}
 
 
 def hparams(c: Config) -> dict[str, Any]:
