@@ -60,24 +60,12 @@ def stock_copy(path: str) -> str:
     """The model re-written by gguf-py's writer with its default alignment (32 bytes), as llama.cpp's converter writes
     the GGUFs people download: most tensors then start off a page, so moelite reads those experts buffered (through the
     page cache, as it does for stock files) instead of with O_DIRECT. Written once into bench/out/models/."""
-    import gguf
-    import numpy as np
+    from moelite.converters.gguf_out import rewrite_stock
     out = OUT / "models" / (Path(path).stem + "-align32.gguf")
     if out.exists():
         return str(out)
-    r = gguf.GGUFReader(path)
     tmp = out.with_suffix(".part")
-    w = gguf.GGUFWriter(tmp, str(r.get_field("general.architecture").contents()))
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.alignment"):
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+    rewrite_stock(path, tmp)
     os.replace(tmp, out)
     return str(out)
 

@@ -152,6 +152,26 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
             bar.close()
 
 
+def rewrite_stock(src: str | os.PathLike, out: str | os.PathLike, *, split_max_tensors: int = 0) -> list[Path]:
+    """src re-written by gguf-py's GGUFWriter the way llama.cpp's converter writes the GGUFs people download: its
+    default 32-byte alignment (most tensors then start off a page, so moelite reads their experts buffered), and with
+    split_max_tensors a split set (the keys in the first shard, only the split keys in the others). For tests,
+    benchmarks and the fuzzer; not atomic (moelite's own files come from write()). Returns the files written."""
+    r = gguf.GGUFReader(str(src))
+    out = Path(out)
+    w = gguf.GGUFWriter(out, str(r.get_field("general.architecture").contents()), split_max_tensors=split_max_tensors)
+    for f in r.fields.values():
+        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "general.alignment"):
+            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for t in r.tensors:
+        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return split_names(out, len(w.tensors))
+
+
 def _write_file(path: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...], int, int]],
                 produce: Callable[[int], np.ndarray], bar: Any) -> None:
     """One GGUF file: w's keys, these tensors' infos, then each tensor's bytes; flushed and fsync'd."""

@@ -17,6 +17,7 @@ import moelite
 from moelite import _core
 from moelite.apps.cli import main
 from moelite.converters import convert
+from moelite.converters.gguf_out import rewrite_stock
 from moelite.converters.standins import write_standins
 from moelite.errors import ConversionError, ModelFormatError
 from fixture_models import fixture_gguf
@@ -31,22 +32,8 @@ def shard_names(out: Path) -> list[Path]:
 
 
 def gguf_py_split(src: Path, out: Path, max_tensors: int) -> list[Path]:
-    """src re-written by gguf-py's writer with split_max_tensors, the way llama.cpp's converter splits: its
-    default alignment (32), the keys in the first shard, only the split keys in the others."""
-    r = gguf.GGUFReader(str(src))
-    arch = str(r.get_field("general.architecture").contents())
-    w = gguf.GGUFWriter(out, arch, split_max_tensors=max_tensors)
-    for f in r.fields.values():
-        if f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.alignment"):
-            continue
-        w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return shard_names(out)
+    """src re-written by gguf-py's writer with split_max_tensors, the way llama.cpp's converter splits."""
+    return rewrite_stock(src, out, split_max_tensors=max_tensors)
 
 
 def write_shards(d: Path, name: str, src: Path, groups: list[list[str]], kv: list[dict] | None = None,

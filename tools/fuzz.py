@@ -959,24 +959,6 @@ def make_split_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
     return out
 
 
-def write_gguf_py_set(src: Path, out: Path, max_tensors: int) -> list[Path]:
-    """src re-written by gguf-py's writer with split_max_tensors, as llama.cpp's converter splits (alignment 32,
-    the metadata in the first shard, only the split keys in the others)."""
-    import gguf
-    r = gguf.GGUFReader(str(src))
-    w = gguf.GGUFWriter(out, str(r.get_field("general.architecture").contents()), split_max_tensors=max_tensors)
-    for f in r.fields.values():
-        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "general.alignment"):
-            w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
-    for t in r.tensors:
-        w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return sorted(out.parent.glob(f"{out.stem}-[0-9][0-9][0-9][0-9][0-9]-of-[0-9][0-9][0-9][0-9][0-9].gguf"))
-
-
 SPLIT_LOAD = {"n_ctx": 16, "n_threads": 1, "prefetch": False}   # the reference and every case load alike
 SPLIT_IDS = [1, 2, 3]
 
@@ -988,6 +970,7 @@ def build_split_seed_sets(cache: Path, models: list[str]) -> list[dict[str, Any]
     import moelite
     from moelite import _core
     from moelite.converters import convert
+    from moelite.converters.gguf_out import rewrite_stock
 
     out = []
     for model in models:
@@ -997,7 +980,7 @@ def build_split_seed_sets(cache: Path, models: list[str]) -> list[dict[str, Any]
         n = len(_core.read_gguf(model)["tensors"])
         for kind in ("py", "ml", "ml4"):
             (d / kind).mkdir()
-        sets = {"py": write_gguf_py_set(Path(model), d / "py" / "m.gguf", n // 3 + 1),
+        sets = {"py": rewrite_stock(model, d / "py" / "m.gguf", split_max_tensors=n // 3 + 1),
                 "ml": convert(model, d / "ml" / "m.gguf", "keep", progress=False, split_max_tensors=n // 3 + 1).files,
                 "ml4": convert(model, d / "ml4" / "m.gguf", "keep", progress=False, split_max_tensors=n // 4 + 1).files}
         with moelite.load(model, **SPLIT_LOAD) as m:
