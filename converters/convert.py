@@ -194,10 +194,12 @@ def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config
     """A tensor whose shape contradicts config.json would load in neither llama.cpp nor moelite."""
     H, E = hp["embedding_length"], hp["expert_count"]
     I_exp = hp.get("expert_feed_forward_length", hp.get("feed_forward_length"))
+    He = hp.get("moe_latent_size") or H           # latent MoE: the experts' width
     want: dict[str, tuple[int, ...]] = {
         "token_embd.weight": (n_vocab, H), "output.weight": (n_vocab, H), "output_norm.weight": (H,),
-        "ffn_gate_inp.weight": (E, H), "ffn_gate_exps.weight": (E, I_exp, H), "ffn_up_exps.weight": (E, I_exp, H),
-        "ffn_down_exps.weight": (E, H, I_exp), "attn_norm.weight": (H,),
+        "ffn_gate_inp.weight": (E, H), "ffn_gate_exps.weight": (E, I_exp, He), "ffn_up_exps.weight": (E, I_exp, He),
+        "ffn_down_exps.weight": (E, He, I_exp), "attn_norm.weight": (H,),
+        "ffn_latent_down.weight": (He, H), "ffn_latent_up.weight": (H, He),
     }
     for name, t in tensors:
         key = re.sub(r"^blk\.\d+\.", "", name)

@@ -36,7 +36,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_layer_dense_lead", h.n_layer_dense_lead); get(d, "gating", h.gating);
     get(d, "weights_norm", h.weights_norm); get(d, "weights_scale", h.weights_scale);
     get(d, "n_group", h.n_group); get(d, "topk_group", h.topk_group); get(d, "jitter_eps", h.jitter_eps);
-    get(d, "act", h.act); get(d, "oai_alpha", h.oai_alpha); get(d, "oai_limit", h.oai_limit);
+    get(d, "act", h.act); get(d, "moe_latent", h.moe_latent); get(d, "oai_alpha", h.oai_alpha); get(d, "oai_limit", h.oai_limit);
     get(d, "embd_scale", h.embd_scale); get(d, "residual_scale", h.residual_scale); get(d, "logit_scale", h.logit_scale);
     get(d, "qk_norm_after_rope", h.qk_norm_after_rope); get(d, "v_norm", h.v_norm);
     get(d, "weights_before_ffn", h.weights_before_ffn); get(d, "final_softcap", h.final_softcap);
@@ -46,6 +46,8 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
     get(d, "attn_temp_offset", h.attn_temp_offset); get(d, "group_top2", h.group_top2);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
+    if (h.act < ACT_SILU || h.act > ACT_RELU_SQR) throw FormatError("act " + std::to_string(h.act) + " is out of range");
+    if (h.moe_latent < 0 || h.moe_latent > (1 << 20)) throw FormatError("moe_latent_size is out of range");
     // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
     std::vector<float> freq_base, kq_scale;
@@ -63,7 +65,7 @@ static HParams hparams_from(const py::dict & d) {
         p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
         p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
         p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i];
-        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_MAMBA2 || p.ffn < FFN_DENSE || p.ffn > FFN_MOE || p.mask < MASK_CAUSAL ||
+        if (p.mixer < MIXER_ATTN || p.mixer > MIXER_NONE || p.ffn < FFN_DENSE || p.ffn > FFN_NONE || p.mask < MASK_CAUSAL ||
             p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
             throw FormatError("layer plan of layer " + std::to_string(i) + " is out of range");
     }
@@ -339,6 +341,7 @@ void bind_model(py::module_ & m) {
             if (!t) throw FormatError(path + ": missing tensor 'blk." + std::to_string(il) + "." + n + "'");
             return t;
         };
-        return ExpertCache::expert_bytes(*f("ffn_gate_exps.weight"), *f("ffn_up_exps.weight"), *f("ffn_down_exps.weight"));
-    }, "bytes one expert of layer il takes in a cache slot (3 matrices, each padded to 4096)");
+        const TensorInfo * gate = idx.find("blk." + std::to_string(il) + ".ffn_gate_exps.weight");   // none: ReLU²
+        return ExpertCache::expert_bytes(gate, *f("ffn_up_exps.weight"), *f("ffn_down_exps.weight"));
+    }, "bytes one expert of layer il takes in a cache slot (3 matrices, or 2 without a gate, each padded to 4096)");
 }

@@ -181,23 +181,28 @@ void ExpertCache::close_files() {
     }
 }
 
-uint64_t ExpertCache::expert_bytes(const TensorInfo & g, const TensorInfo & u, const TensorInfo & d) {
-    return round_up(g.nb2(), kPage) + round_up(u.nb2(), kPage) + round_up(d.nb2(), kPage);
+uint64_t ExpertCache::expert_bytes(const TensorInfo * g, const TensorInfo & u, const TensorInfo & d) {
+    return (g ? round_up(g->nb2(), kPage) : 0) + round_up(u.nb2(), kPage) + round_up(d.nb2(), kPage);
 }
 
-void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down) {
-    const TensorInfo * t[3] = {&gate, &up, &down};
+void ExpertCache::add_layer(int il, const TensorInfo * gate, const TensorInfo & up, const TensorInfo & down) {
+    const TensorInfo * t[3] = {gate, &up, &down};
+    const int first = gate ? 0 : 1;              // gateless experts: matrices 1 (up) and 2 (down) only
     int pool = -1;
     for (size_t p = 0; p < pools_.size() && pool < 0; ++p) {
-        bool same = true;
-        for (int r = 0; r < 3; ++r)
+        bool same = pools_[p].first == first;
+        for (int r = first; r < 3; ++r)
             same = same && pools_[p].type[r] == t[r]->type && pools_[p].ne0[r] == t[r]->ne[0] &&
                    pools_[p].ne1[r] == t[r]->ne[1];
         if (same) pool = (int) p;
     }
     if (pool < 0) {
         Pool P;
-        for (int r = 0; r < 3; ++r) {
+        P.first = first;
+        P.type[0] = GGML_TYPE_F32;
+        P.ne0[0] = P.ne1[0] = 0;
+        P.slot_bytes[0] = 0;
+        for (int r = first; r < 3; ++r) {
             P.type[r] = t[r]->type;
             P.ne0[r] = t[r]->ne[0];
             P.ne1[r] = t[r]->ne[1];
@@ -208,7 +213,8 @@ void ExpertCache::add_layer(int il, const TensorInfo & gate, const TensorInfo & 
     }
     CacheLayer & L = layers_[il];
     L.pool = pool;
-    for (int r = 0; r < 3; ++r) L.src[r] = {t[r]->file, t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
+    L.src[0] = {0, 0, 0, 0};                     // no gate: nothing to read
+    for (int r = first; r < 3; ++r) L.src[r] = {t[r]->file, t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
     L.slot_of.assign(n_expert_, -1);
     L.begun.assign(n_expert_, 0);
 }
@@ -230,7 +236,7 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
         Pool & P = pools_[p];
         slots_[p].assign(P.n_slots, Slot{});
         P.host = ggml_backend_is_cpu(backend);
-        for (int r = 0; r < 3; ++r) {
+        for (int r = P.first; r < 3; ++r) {
             const size_t bytes = P.slot_bytes[r] * (size_t) std::max(P.n_slots, 1);
             void * base = nullptr;
             if (P.host && host_buft) {             // a RAM tier in pinned memory (fast host -> device copies)
@@ -389,7 +395,7 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
 void ExpertCache::copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert) {
     const Pool & from = tier2_->pool_of(il);
     tier2_->with_expert(il, expert, [&](const void * const src[3]) {
-        for (int r = 0; r < 3; ++r) put_slot(P, r, slot, src[r], L.src[r].nbytes, from.repacked[r]);
+        for (int r = P.first; r < 3; ++r) put_slot(P, r, slot, src[r], L.src[r].nbytes, from.repacked[r]);
     });
 }
 
@@ -398,7 +404,7 @@ void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, in
         copy_from_tier2(L, P, (int) (&L - layers_.data()), slot, expert);
         return;
     }
-    for (int r = 0; r < 3; ++r) {
+    for (int r = P.first; r < 3; ++r) {
         const ExpertSource & src = L.src[r];
         const uint64_t off = src.offset + (uint64_t) expert * src.stride;
         if (P.host && !P.repacked[r]) {
@@ -429,7 +435,7 @@ void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
 }
 
 void ExpertCache::check_on_disk(const CacheLayer & L, int expert) {
-    for (int r = 0; r < 3; ++r) {
+    for (int r = pools_[L.pool].first; r < 3; ++r) {
         const File & f = files_[L.src[r].file];
         struct stat st;
         if (fstat(f.fd, &st) != 0) throw IOError(f.path + ": cannot stat the model file: " + strerror(errno));
@@ -655,8 +661,8 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
     touch(sl, L);
     if (stalled) L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
     lock.unlock();
-    const void * src[3];
-    for (int r = 0; r < 3; ++r) src[r] = (const char *) P.mem[r] + (uint64_t) s * P.slot_bytes[r];
+    const void * src[3] = {nullptr, nullptr, nullptr};
+    for (int r = P.first; r < 3; ++r) src[r] = (const char *) P.mem[r] + (uint64_t) s * P.slot_bytes[r];
     auto unpin = [&] {
         lock.lock();
         sl.pins--;

@@ -1,7 +1,8 @@
 // The expert cache: slot arenas, the slot table (layer, expert) -> slot, replacement policies, disk reads.
 //
 // An expert of layer l is three byte ranges of the GGUF file (gate, up, down rows of the fused
-// ffn_*_exps tensors: offset + e * nb2). Layers whose three expert matrices share types and shapes share a
+// ffn_*_exps tensors: offset + e * nb2), or two where the experts have no gate (ReLU² up -> down: Nemotron-H;
+// the pool then holds matrices 1 and 2 only, Pool::first = 1). Layers whose three expert matrices share types and shapes share a
 // Pool: three ggml tensors [ne0, ne1, n_slots] (gate, up, down) over memory we own, slots padded to 4096
 // bytes so reads can use O_DIRECT. Each layer owns a contiguous range of its pool's slots (its quota);
 // the policy picks victims inside that range. The math never knows where an expert lives: routing ids
@@ -42,6 +43,7 @@ struct ExpertSource {            // where one expert matrix of one layer lives i
 
 struct Pool {
     ggml_type type[3];           // gate, up, down
+    int first = 0;               // first matrix held: 1 when the experts have no gate (arena[0] stays nullptr)
     int64_t ne0[3], ne1[3];
     uint64_t slot_bytes[3];      // padded to 4096
     int n_slots = 0;
@@ -105,8 +107,8 @@ public:
     ExpertCache(const std::vector<GGUFFile> & files, int n_layer, int n_expert);
     ~ExpertCache();
 
-    // Set up: describe a MoE layer (its three fused tensors) before finalize().
-    void add_layer(int il, const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
+    // Set up: describe a MoE layer (its fused tensors; gate nullptr: gateless experts) before finalize().
+    void add_layer(int il, const TensorInfo * gate, const TensorInfo & up, const TensorInfo & down);
     // Allocate pools. slots_per_layer[il] = quota (>= n_expert_used), 0 for non-MoE layers. host_buft: for a
     // host (RAM) tier, the buffer type of its arenas (CUDA pinned memory); nullptr: our own aligned memory, or
     // repack_buft (CPU_REPACK) for each matrix of a host pool that it repacks.
@@ -118,7 +120,7 @@ public:
     // a slot of a pool with the same layout (src_packed == P.repacked[r]). Repacks into a repacked host arena,
     // copies to a device arena (ggml_backend_tensor_set), memcpy otherwise.
     static void put_slot(const Pool & P, int r, int slot, const void * src, uint64_t n, bool src_packed);
-    static uint64_t expert_bytes(const TensorInfo & gate, const TensorInfo & up, const TensorInfo & down);
+    static uint64_t expert_bytes(const TensorInfo * gate, const TensorInfo & up, const TensorInfo & down);
 
     void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }
     void set_prefetch(bool on) { prefetch_ = on; }
@@ -151,6 +153,7 @@ public:
     // from the file: this cache is VRAM, tier 2 is RAM, tier 2 reads the file.
     void set_tier2(ExpertCache * t2) { tier2_ = t2; }
     // Tier-2 side: make expert e of layer il ready in this (host) cache, pinned while fn(gate, up, down)
+    // (gate nullptr for gateless experts)
     // reads it. Thread-safe; misses are read from the file in the calling thread.
     void with_expert(int il, int e, const std::function<void(const void * const src[3])> & fn);
     bool resident(int il, int e);           // held or on its way (ready or loading)

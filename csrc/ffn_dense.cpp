@@ -1,14 +1,16 @@
 // FFN block: the dense gated MLP (leading dense layers, shared experts, Gemma-4's parallel MLP) and the gated
-// activation every FFN of the family uses (SwiGLU, gpt-oss's clamped SwiGLU, GeGLU).
+// activation every FFN of the family uses (SwiGLU, gpt-oss's clamped SwiGLU, GeGLU), or Nemotron-H's FFNs without a
+// gate: down(relu(up x)^2).
 #include <cmath>
 
 #include "model.h"
 
 namespace moelite {
 
-// act(g) * u, elementwise; g, u: [n_ff, ...] of the same shape.
+// act(g) * u, elementwise; g, u: [n_ff, ...] of the same shape. No gate (ACT_RELU_SQR): relu(u)^2.
 ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u) {
     const HParams & h = hp_;
+    if (!g) return ggml_sqr(ctx, ggml_relu(ctx, u));
     if (h.act == ACT_SWIGLU_OAI) return ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit);
     if (h.act == ACT_GELU) {
         // GELU (tanh form) in f32: 0.5 g (1 + tanh(sqrt(2/pi) (g + 0.044715 g^3))). ggml-cpu's own GELU reads an
@@ -22,9 +24,9 @@ ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u) {
     return ggml_swiglu_split(ctx, g, u);
 }
 
-// down(act(gate x) * up x). x: [n_embd, T] -> [n_embd, T]
+// down(act(gate x) * up x), or down(relu(up x)^2) without a gate. x: [n_embd, T] -> [n_embd, T]
 ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down) {
-    ggml_tensor * g = dense_mm(ctx, gate, x);
+    ggml_tensor * g = gate ? dense_mm(ctx, gate, x) : nullptr;
     ggml_tensor * u = dense_mm(ctx, up, x);
     return dense_mm(ctx, down, glu(ctx, g, u));
 }

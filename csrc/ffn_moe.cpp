@@ -2,7 +2,8 @@
 //
 //   router_logits:  h [n_embd, T] -> [n_embd -> n_expert] logits (graph A; routing itself is on the host)
 //   expert_ffn:     hb [n_embd, 1 or K, T'] -> per-expert outputs [n_embd, K', T'] via mul_mat_id over slots
-//   combine:        weighted sum + shared expert + parallel dense -> residual -> x
+//                   (latent MoE, Nemotron-3 Super: n_embd_exp = L wide, hb = ffn_latent_down hn, computed in graph A)
+//   combine:        weighted sum (-> ffn_latent_up) + shared expert + parallel dense -> residual -> x
 // Two ways to run a layer's experts, bit-identical: one pass when its distinct experts fit the layer's slots
 // (run_experts), else expert-major groups (run_expert_pairs per group, then run_combine).
 // Prompt ubatches on the CPU (expert_gemm(T)) take a third way in every case: each expert's tokens gathered into
@@ -44,9 +45,9 @@ ggml_tensor * Model::expert_input(ggml_context * ctx, int il, ggml_tensor * h) {
 ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                                 ggml_tensor * eids) {
     Layer & L = layers_[il];
-    ggml_tensor * g = ggml_mul_mat_id(ctx, P.arena[0], hb, slots);     // [n_ff, K', T']
+    ggml_tensor * g = P.arena[0] ? ggml_mul_mat_id(ctx, P.arena[0], hb, slots) : nullptr;   // [n_ff, K', T'] or none
     ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
-    if (L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
+    if (g && L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
     if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
     ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], glu(ctx, g, u), slots);   // [n_embd, K', T']
     if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
@@ -66,7 +67,7 @@ ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P,
     auto bias = [&](ggml_tensor * y, ggml_tensor * b) {       // b [ne0, n_expert]: its row e, broadcast over tokens
         return b ? ggml_add(ctx, y, ggml_view_1d(ctx, b, b->ne[0], (size_t) e * b->nb[1])) : y;
     };
-    ggml_tensor * g = bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b);   // [n_ff, n]
+    ggml_tensor * g = P.arena[0] ? bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b) : nullptr;   // [n_ff, n]
     ggml_tensor * u = bias(ggml_mul_mat(ctx, mat(1), x), L.up_exps_b);     // [n_ff, n]
     return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u)), L.down_exps_b);   // [n_embd, n]
 }
@@ -112,24 +113,25 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
     const HParams & h = hp_;
     Layer & L = layers_[il];
     const int K = h.n_expert_used;
-    const int64_t T = d->ne[2];
+    const int64_t T = d->ne[2], ne = d->ne[0];   // n_embd, or the latent width
     ggml_tensor * moe;
     if (backend_ == cpu_backend_) {               // custom ops run on the CPU backend only
         ggml_tensor * args[2] = {d, weights};
-        moe = ggml_custom_4d(ctx, GGML_TYPE_F32, h.n_embd, T, 1, 1, args, h.weights_before_ffn ? 1 : 2, op_weighted_sum,
+        moe = ggml_custom_4d(ctx, GGML_TYPE_F32, ne, T, 1, 1, args, h.weights_before_ffn ? 1 : 2, op_weighted_sum,
                              GGML_N_TASKS_MAX, nullptr);
     } else {
         if (!h.weights_before_ffn) d = ggml_mul(ctx, d, weights);
-        moe = ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], 0);
-        for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, h.n_embd, T, d->nb[2], j * d->nb[1]));
+        moe = ggml_view_2d(ctx, d, ne, T, d->nb[2], 0);
+        for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, ne, T, d->nb[2], j * d->nb[1]));
     }
+    if (L.ffn_latent_up) moe = dense_mm(ctx, L.ffn_latent_up, moe);          // [L, T] -> [n_embd, T]
     if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
-    if (L.gate_shexp) {
+    if (L.up_shexp) {
         ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp);
         if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, f.hn)));
         moe = ggml_add(ctx, moe, s);
     }
-    if (L.ffn_gate) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe);   // parallel dense MLP (Gemma-4)
+    if (L.ffn_up) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe);     // parallel dense MLP (Gemma-4)
     return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true);
 }
 
@@ -138,7 +140,7 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
 ggml_tensor * Model::moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots,
                                ggml_tensor * weights, ggml_tensor * eids, int T) {
     const HParams & h = hp_;
-    ggml_tensor * hb = ggml_reshape_3d(ctx, f.hn, h.n_embd, 1, T);             // [n_embd, 1, T]
+    ggml_tensor * hb = ggml_reshape_3d(ctx, f.xe, h.n_embd_exp(), 1, T);      // [n_embd_exp, 1, T]
     if (h.weights_before_ffn)                                                   // [n_embd, K, T], scaled per (t, k)
         hb = ggml_mul(ctx, ggml_repeat(ctx, hb, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, h.n_expert_used, T)),
                       weights);
@@ -159,7 +161,7 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_set_input(weights);
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
     ggml_set_input(eids);
-    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr};
+    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr, rows_of(ctx, ffn_xe_, t0, T)};
     ggml_build_forward_expand(gf, ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
     compute(ctx, gf, galloc_);
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
@@ -193,10 +195,11 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         n_e += new_expert;
         if (i == P - 1) parts.emplace_back(start, P);
     }
+    const int64_t ne = h.n_embd_exp();           // the experts' input and output width
     std::vector<float> hn_host;
     if (on_cpu) {
-        hn_host.resize((size_t) h.n_embd * T);
-        ggml_backend_tensor_get(ffn_in_, hn_host.data(), 0, hn_host.size() * sizeof(float));
+        hn_host.resize((size_t) ne * T);
+        ggml_backend_tensor_get(ffn_xe_, hn_host.data(), 0, hn_host.size() * sizeof(float));
     }
     std::vector<float> out;                       // on_cpu: the outputs of a part, row i - i0 for pair order[i]
     for (const auto & [i0, i1] : parts) {
@@ -213,16 +216,16 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
         ggml_tensor * hn;
         if (on_cpu) {
-            hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, T);
+            hn = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne, T);
             ggml_set_input(hn);
         } else {
-            hn = rows_of(ctx, ffn_in_, 0, T);
+            hn = rows_of(ctx, ffn_xe_, 0, T);
         }
         ggml_tensor * t_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
         ggml_set_input(t_idx);
         ggml_tensor * r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(r_idx);
-        ggml_tensor * xs = ggml_get_rows(ctx, hn, t_idx);                      // [n_embd, n]
+        ggml_tensor * xs = ggml_get_rows(ctx, hn, t_idx);                      // [ne, n]
         ggml_tensor * pwt = nullptr;              // pair weights [1, n] (Llama-4: scale the expert input)
         if (h.weights_before_ffn) {
             pwt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
@@ -231,17 +234,17 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         }
         ggml_tensor * dst;                        // the outputs land in its rows r_idx
         if (on_cpu) {
-            dst = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, h.n_embd, n);
+            dst = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne, n);
             ggml_set_input(dst);                  // allocated first, and kept: the set_rows below write into it
             ggml_set_output(dst);
         } else {
-            dst = ggml_view_2d(ctx, ebuf_, h.n_embd, (int64_t) K * T, ebuf_->nb[1], 0);
+            dst = ggml_view_2d(ctx, ebuf_, ne, (int64_t) K * T, ebuf_->nb[1], 0);
         }
         ggml_tensor * slots = nullptr, * eids = nullptr;
         if (gemm) {
             for (int a = 0, b; a < n; a = b) {    // one expert: pairs [a, b)
                 for (b = a + 1; b < n && eid[b] == eid[a]; ++b) {}
-                ggml_tensor * x = ggml_view_2d(ctx, xs, h.n_embd, b - a, xs->nb[1], (size_t) a * xs->nb[1]);
+                ggml_tensor * x = ggml_view_2d(ctx, xs, ne, b - a, xs->nb[1], (size_t) a * xs->nb[1]);
                 ggml_tensor * d = expert_ffn_rows(ctx, il, pool, slot[a], eid[a], x);
                 gemm_experts_[il]++;
                 dst = ggml_set_rows(ctx, dst, d, ggml_view_1d(ctx, r_idx, b - a, (size_t) a * r_idx->nb[0]));
@@ -251,8 +254,8 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
             ggml_set_input(slots);
             eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
             ggml_set_input(eids);
-            ggml_tensor * d = expert_ffn(ctx, il, pool, ggml_reshape_3d(ctx, xs, h.n_embd, 1, n), slots, eids);
-            dst = ggml_set_rows(ctx, dst, ggml_reshape_2d(ctx, d, h.n_embd, n), r_idx);
+            ggml_tensor * d = expert_ffn(ctx, il, pool, ggml_reshape_3d(ctx, xs, ne, 1, n), slots, eids);
+            dst = ggml_set_rows(ctx, dst, ggml_reshape_2d(ctx, d, ne, n), r_idx);
         }
         ggml_build_forward_expand(gf, dst);
         compute(ctx, gf, on_cpu ? galloc_cpu_ : galloc_);
@@ -264,11 +267,11 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         if (pwt) set_input(pwt, pw.data(), ggml_nbytes(pwt));
         ggml_backend_graph_compute(on_cpu ? cpu_backend_ : backend_, gf);
         if (on_cpu) {
-            out.resize((size_t) h.n_embd * n);
+            out.resize((size_t) ne * n);
             ggml_backend_tensor_get(dst, out.data(), 0, out.size() * sizeof(float));
             for (int i = 0; i < n; ++i)
-                ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * h.n_embd,
-                                        (size_t) pairs.rows[order[i0 + i]] * ebuf_->nb[1], (size_t) h.n_embd * sizeof(float));
+                ggml_backend_tensor_set(ebuf_, out.data() + (size_t) i * ne,
+                                        (size_t) pairs.rows[order[i0 + i]] * ebuf_->nb[1], (size_t) ne * sizeof(float));
         }
         ggml_free(ctx);
     }
@@ -281,8 +284,8 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
     ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
     ggml_set_input(weights);
-    ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd, K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
-    const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr};
+    ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd_exp(), K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
+    const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr, rows_of(ctx, ffn_xe_, 0, T)};
     ggml_build_forward_expand(gf, ggml_cpy(ctx, combine(ctx, il, d, weights, f), rows_of(ctx, x_, 0, T)));
     compute(ctx, gf, galloc_);
     if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights));   // unused when weights_before_ffn

@@ -170,7 +170,7 @@ std::vector<ggml_tensor *> Model::matmul_weights() const {
     std::vector<ggml_tensor *> out;
     for (const Layer & L : layers_)
         for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.wq_a, L.wq_b, L.wkv_a, L.ffn_gate, L.ffn_up, L.ffn_down,
-                                L.gate_shexp, L.up_shexp, L.down_shexp})
+                                L.gate_shexp, L.up_shexp, L.down_shexp, L.ffn_latent_down, L.ffn_latent_up})
             if (t) out.push_back(t);
     if (output_ && output_ != tok_embd_) out.push_back(output_);
     return out;
@@ -357,11 +357,11 @@ void Model::build_layers() {
     for (int il = 0; il < h.n_layer; ++il) {
         Layer & L = layers_[il];
         const LayerPlan & p = h.plan[il];
-        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});
+        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});   // an FFN-only block's norm too
         L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
         if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET || p.mixer == MIXER_MAMBA2) {
             load_recurrent(il, L);
-        } else {
+        } else if (p.mixer != MIXER_NONE) {
             if (p.mixer == MIXER_MLA) load_mla(il, L);
             else load_attention(il, L);
             L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) h.n_head * p.head_v, E});
@@ -484,11 +484,21 @@ Model::ExpertTensors Model::expert_tensors(const GGUFIndex & idx, int il, int64_
                               std::to_string(il) + " should be a MoE layer)");
     const int64_t n_ff = d->ne[0];
     TensorInfo g, u;
-    if (const TensorInfo * gu = find_exps("ffn_gate_up_exps.weight")) {
+    const int64_t ne = h.n_embd_exp();            // the experts' width: n_embd, or latent MoE's L
+    const bool gated = h.act != ACT_RELU_SQR;
+    if (!gated) {                                 // ReLU² experts: up and down only (Nemotron-H)
+        const TensorInfo * ut = find_exps("ffn_up_exps.weight");
+        if (!ut) throw FormatError(file + ": missing tensor '" + blk(il, "ffn_up_exps.weight") + "' (layer " +
+                                   std::to_string(il) + " should be a MoE layer)");
+        if (idx.find(blk(il, "ffn_gate_exps.weight")) || idx.find(blk(il, "ffn_gate_up_exps.weight")))
+            throw FormatError(file + ": tensor '" + blk(il, "ffn_gate_exps.weight") + "': architecture '" + h.arch +
+                              "' has experts without a gate (ReLU²)");
+        g = u = *ut;
+    } else if (const TensorInfo * gu = find_exps("ffn_gate_up_exps.weight")) {
         // fused [n_embd, 2 n_ff, n_expert]: expert e's gate rows then its up rows, one contiguous block;
         // the cache reads the two halves (stride = the whole block) into its gate and up arenas
-        if (gu->ne[0] != E || gu->ne[1] != 2 * n_ff || (gu->nb2() % 2) != 0 || ggml_blck_size(gu->type) > E)
-            throw FormatError(file + ": tensor '" + gu->name + "' must be [" + std::to_string(E) + ", " +
+        if (gu->ne[0] != ne || gu->ne[1] != 2 * n_ff || (gu->nb2() % 2) != 0 || ggml_blck_size(gu->type) > ne)
+            throw FormatError(file + ": tensor '" + gu->name + "' must be [" + std::to_string(ne) + ", " +
                               std::to_string(2 * n_ff) + ", " + std::to_string(h.n_expert) + "]");
         g = u = *gu;
         g.ne[1] = u.ne[1] = n_ff;
@@ -504,14 +514,15 @@ Model::ExpertTensors Model::expert_tensors(const GGUFIndex & idx, int il, int64_
         g = *gt; u = *ut;
     }
     for (const TensorInfo * t : {&g, &u})
-        if (t->ne[0] != E || t->ne[1] != n_ff)
+        if (t->ne[0] != ne || t->ne[1] != n_ff)
             throw FormatError(file + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
-                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" + std::to_string(E) +
+                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" + std::to_string(ne) +
                               ", " + std::to_string(n_ff) + ", " + std::to_string(h.n_expert) + "]");
-    if (d->ne[1] != E)
+    if (d->ne[1] != ne)
         throw FormatError(file + ": tensor '" + d->name + "' has ne[1] = " + std::to_string(d->ne[1]) + ", expected " +
-                          std::to_string(E));
-    return {g, u, *d};
+                          std::to_string(ne));
+    (void) E;
+    return {g, u, *d, gated};
 }
 
 // FFN block of layer il: norms (pre, post, Gemma-4's sandwich set), a dense MLP (dense layers, or Gemma-4's
@@ -521,19 +532,22 @@ void Model::load_ffn(int il, Layer & L) {
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
     const int64_t E = h.n_embd;
+    if (p.ffn == FFN_NONE) return;                // a mixer-only block (Nemotron-H)
     L.attn_post_norm = load_tensor(blk(il, "post_attention_norm.weight"), false, 1, {E});
-    L.ffn_norm = load_tensor(blk(il, "ffn_norm.weight"), false, 1, {E});
+    L.ffn_norm = p.mixer == MIXER_NONE ? L.attn_norm : load_tensor(blk(il, "ffn_norm.weight"), false, 1, {E});
+    if (p.mixer == MIXER_NONE) L.ffn_norm_b = L.attn_norm_b;   // an FFN-only block: its one norm
     if (!L.ffn_norm) { L.ffn_norm = L.attn_post_norm; L.attn_post_norm = nullptr; }   // llama.cpp's alias
     if (!L.ffn_norm) throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_norm.weight") + "'");
-    L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
+    if (p.mixer != MIXER_NONE) L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
     L.ffn_post_norm = load_tensor(blk(il, "post_ffw_norm.weight"), false, 1, {E});
     L.out_scale = load_tensor(blk(il, "layer_output_scale.weight"), false, 1, {1});
-    const bool has_dense = idx_->find(blk(il, "ffn_gate.weight")) != nullptr;
+    const bool gated = h.act != ACT_RELU_SQR;     // ReLU² FFNs have up and down only
+    const bool has_dense = idx_->find(blk(il, gated ? "ffn_gate.weight" : "ffn_up.weight")) != nullptr;
     L.moe = p.ffn == FFN_MOE;
     if (!L.moe || has_dense) {
-        L.ffn_gate = load_tensor(blk(il, "ffn_gate.weight"), true, 2, {E});
-        L.ffn_up = load_tensor(blk(il, "ffn_up.weight"), true, 2, {E, L.ffn_gate->ne[1]});
-        L.ffn_down = load_tensor(blk(il, "ffn_down.weight"), true, 2, {L.ffn_gate->ne[1], E});
+        L.ffn_up = load_tensor(blk(il, "ffn_up.weight"), true, 2, {E});
+        L.ffn_gate = gated ? load_tensor(blk(il, "ffn_gate.weight"), true, 2, {E, L.ffn_up->ne[1]}) : nullptr;
+        L.ffn_down = load_tensor(blk(il, "ffn_down.weight"), true, 2, {L.ffn_up->ne[1], E});
     }
     if (!L.moe) return;
     L.ffn_exp_norm = load_tensor(blk(il, "pre_ffw_norm_2.weight"), false, 1, {E});
@@ -542,8 +556,8 @@ void Model::load_ffn(int il, Layer & L) {
 
     const ExpertTensors x = expert_tensors(*idx_, il, E);
     const int64_t n_ff = x.down.ne[0];
-    cache_->add_layer(il, x.gate, x.up, x.down);
-    if (tier2_) tier2_->add_layer(il, x.gate, x.up, x.down);
+    cache_->add_layer(il, x.gated ? &x.gate : nullptr, x.up, x.down);
+    if (tier2_) tier2_->add_layer(il, x.gated ? &x.gate : nullptr, x.up, x.down);
     if (standin_) {                               // the side file: the same experts, other bytes
         const ExpertTensors sx = expert_tensors(*standin_idx_, il, E);
         const TensorInfo * pairs[3][2] = {{&x.gate, &sx.gate}, {&x.up, &sx.up}, {&x.down, &sx.down}};
@@ -551,7 +565,11 @@ void Model::load_ffn(int il, Layer & L) {
             if (pr[0]->ne[0] != pr[1]->ne[0] || pr[0]->ne[1] != pr[1]->ne[1])
                 throw FormatError(opt_.standin_path + ": stand-in '" + pr[1]->name + "' has another shape than the "
                                   "model's (made for another model?)");
-        standin_->add_layer(il, sx.gate, sx.up, sx.down);
+        standin_->add_layer(il, sx.gated ? &sx.gate : nullptr, sx.up, sx.down);
+    }
+    if (h.moe_latent > 0) {                       // latent MoE: dense, resident projections around the experts
+        L.ffn_latent_down = load_tensor(blk(il, "ffn_latent_down.weight"), true, 2, {E, h.moe_latent});
+        L.ffn_latent_up = load_tensor(blk(il, "ffn_latent_up.weight"), true, 2, {h.moe_latent, E});
     }
     L.gate_inp = load_tensor(blk(il, "ffn_gate_inp.weight"), true, 2, {E, h.n_expert});
     L.gate_inp_b = load_tensor(blk(il, "ffn_gate_inp.bias"), false, 1, {h.n_expert});
@@ -559,10 +577,10 @@ void Model::load_ffn(int il, Layer & L) {
     L.gate_exps_b = load_tensor(blk(il, "ffn_gate_exps.bias"), false, 2, {n_ff, h.n_expert});
     L.up_exps_b = load_tensor(blk(il, "ffn_up_exps.bias"), false, 2, {n_ff, h.n_expert});
     L.down_exps_b = load_tensor(blk(il, "ffn_down_exps.bias"), false, 2, {E, h.n_expert});
-    L.gate_shexp = load_tensor(blk(il, "ffn_gate_shexp.weight"), false, 2, {E});
-    if (L.gate_shexp) {
-        L.up_shexp = load_tensor(blk(il, "ffn_up_shexp.weight"), true, 2, {E, L.gate_shexp->ne[1]});
-        L.down_shexp = load_tensor(blk(il, "ffn_down_shexp.weight"), true, 2, {L.gate_shexp->ne[1], E});
+    L.up_shexp = load_tensor(blk(il, "ffn_up_shexp.weight"), false, 2, {E});
+    if (L.up_shexp) {
+        L.gate_shexp = gated ? load_tensor(blk(il, "ffn_gate_shexp.weight"), true, 2, {E, L.up_shexp->ne[1]}) : nullptr;
+        L.down_shexp = load_tensor(blk(il, "ffn_down_shexp.weight"), true, 2, {L.up_shexp->ne[1], E});
         L.gate_inp_shexp = load_tensor(blk(il, "ffn_gate_inp_shexp.weight"), false, 2, {E});
     }
     const TensorInfo * pb = idx_->find(blk(il, "exp_probs_b.bias"));
@@ -584,6 +602,7 @@ void Model::alloc_kv() {
             any_recurrent = true;
             continue;
         }
+        if (p.mixer == MIXER_NONE) continue;     // an FFN-only block
         const bool mla = p.mixer == MIXER_MLA;
         const int64_t k_row = mla ? h.kv_lora_rank + p.n_rot : (int64_t) p.n_head_kv * p.head_k;
         const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) p.n_head_kv * p.head_v;
@@ -595,9 +614,10 @@ void Model::alloc_kv() {
     x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
+    ffn_xe_ = h.moe_latent > 0 ? ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.moe_latent, U) : ffn_in_;
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     lookahead_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
-    ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, (int64_t) std::max(h.n_expert_used, 1) * U);
+    ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_exp(), (int64_t) std::max(h.n_expert_used, 1) * U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
     advise_huge_pages(buf_kv_);
@@ -769,19 +789,25 @@ void Model::build_masks(int T) {
 // router logits (f.logits) for the routing and the experts.
 ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f) {
     Layer & L = layers_[il];
-    ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
-    switch (hp_.plan[il].mixer) {
-        case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
-        case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
-        case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
-        case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
-        default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
+    const LayerPlan & p = hp_.plan[il];
+    ggml_tensor * res = x;                                              // an FFN-only block: h = x
+    if (p.mixer != MIXER_NONE) {
+        ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
+        switch (p.mixer) {
+            case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
+            case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
+            case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
+            case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
+            default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
+        }
+        res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE);   // h = x + attn
     }
-    ggml_tensor * res = residual_out(ctx, il, cur, x, L.attn_post_norm, false);   // h = x + attn
+    if (p.ffn == FFN_NONE) return res;                                  // a mixer-only block
     if (!L.moe) return residual_out(ctx, il, dense_block(ctx, il, res), res, L.ffn_post_norm, true);
     f.res = res;
     f.hn = expert_input(ctx, il, res);                                  // [n_embd, T]
     f.logits = router_logits(ctx, il, res, f.hn);                       // [n_expert, T]
+    f.xe = L.ffn_latent_down ? dense_mm(ctx, L.ffn_latent_down, f.hn) : f.hn;   // [n_embd_exp, T]
     return nullptr;
 }
 
@@ -798,6 +824,7 @@ void Model::run_layer_front(int il, int T) {
     } else {
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.res, rows_of(ctx, ffn_inp_, 0, T)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.hn, rows_of(ctx, ffn_in_, 0, T)));
+        if (ffn_xe_ != ffn_in_) ggml_build_forward_expand(gf, ggml_cpy(ctx, f.xe, rows_of(ctx, ffn_xe_, 0, T)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.logits, rows_of(ctx, router_, 0, T)));
         const int nl = next_moe(il);
         if (nl >= 0 && (opt_.prefetch || record_routes)) {

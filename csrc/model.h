@@ -15,7 +15,8 @@
 namespace moelite {
 
 enum Gating : int { GATING_SOFTMAX = 1, GATING_SIGMOID = 2, GATING_SOFTMAX_WEIGHT = 3, GATING_SPARSEMIXER = 4 };
-enum Act : int { ACT_SILU = 0, ACT_SWIGLU_OAI = 1, ACT_GELU = 2 };   // GELU: tanh approximation (GeGLU)
+// GELU: tanh approximation (GeGLU). RELU_SQR: FFNs without a gate, down(relu(up x)^2) (Nemotron-H experts and MLPs)
+enum Act : int { ACT_SILU = 0, ACT_SWIGLU_OAI = 1, ACT_GELU = 2, ACT_RELU_SQR = 3 };
 // q/k norms: per head with weight (Qwen3), over the whole projection (OLMoE), per head without weight (Llama-4)
 enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NORM_L2 = 3 };
 
@@ -23,8 +24,11 @@ enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NOR
 // layer is built from, and the attention parameters that vary per layer (sliding/global mixes).
 // Recurrent mixers (shortconv: LFM2; deltanet: Qwen3.5 / Qwen3-Next Gated DeltaNet) keep a fixed-size state per
 // layer instead of KV: RecurrentState below.
-enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3, MIXER_MAMBA2 = 4 };
-enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1 };
+// Nemotron-H's blocks are single-purpose: MIXER_NONE is an FFN-only block (its one norm is attn_norm), FFN_NONE a
+// mixer-only block (x + mixer(norm(x)), nothing after).
+enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3, MIXER_MAMBA2 = 4,
+                       MIXER_NONE = 5 };
+enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1, FFN_NONE = 2 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
 
 struct LayerPlan {
@@ -60,6 +64,8 @@ struct HParams {
     int n_group = 1, topk_group = 1;
     float jitter_eps = 0.01f;
     int act = ACT_SILU;
+    int moe_latent = 0;                           // latent MoE (Nemotron-3 Super): experts run in this width, 0 = n_embd
+    int64_t n_embd_exp() const { return moe_latent > 0 ? moe_latent : n_embd; }   // the routed experts' in/out width
     float oai_alpha = 1.702f, oai_limit = 7.0f;
     // granite multipliers
     float embd_scale = 1.f, residual_scale = 1.f, logit_scale = 1.f;
@@ -102,6 +108,7 @@ struct Layer {
     ggml_tensor *gate_inp_s = nullptr;            // Gemma-4 router: proj(rms_norm(h) / sqrt(n_embd) * s)
     ggml_tensor *gate_exps_b = nullptr, *up_exps_b = nullptr, *down_exps_b = nullptr;
     ggml_tensor *gate_shexp = nullptr, *up_shexp = nullptr, *down_shexp = nullptr, *gate_inp_shexp = nullptr;
+    ggml_tensor *ffn_latent_down = nullptr, *ffn_latent_up = nullptr;   // latent MoE: [n_embd, L], [L, n_embd]
     std::vector<float> exp_probs_b;               // [n_expert] selection bias (DeepSeek-V3), host side
     std::vector<float> exp_scale;                 // [n_expert] per-expert output scale (Gemma-4), host side
     ggml_tensor *rope_freqs = nullptr;            // rope factors of this layer (model-wide tensor or none)
@@ -255,7 +262,7 @@ private:
     void load_attention(int il, Layer & L);
     void load_mla(int il, Layer & L);
     void load_ffn(int il, Layer & L);
-    struct ExpertTensors { TensorInfo gate, up, down; };
+    struct ExpertTensors { TensorInfo gate, up, down; bool gated = true; };   // gated false: gate unused (ReLU²)
     ExpertTensors expert_tensors(const GGUFIndex & idx, int il, int64_t n_embd) const;   // a MoE layer's, checked
     void load_recurrent(int il, Layer & L);
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
@@ -300,7 +307,9 @@ private:
     ggml_tensor * pos_input(ggml_context * ctx, int T);                 // [T] positions
     ggml_tensor * mask_input(ggml_context * ctx, int kind, int n_kv, int T);   // [n_kv, T] (F16 for flash attention)
     ggml_tensor * attn_temp_input(ggml_context * ctx, int T);           // [1, 1, T] Llama-4 NoPE temperature
-    struct MoeFront { ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr; };   // [n_embd, T] x2, [n_expert, T]
+    // h, the normed h and the routed experts' input (hn, or latent MoE's ffn_latent_down hn) [n_embd | L, T],
+    // router logits [n_expert, T]
+    struct MoeFront { ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr, *xe = nullptr; };
     // Layer il on the residual stream x [n_embd, T]: a dense layer's output, or nullptr for a MoE layer, whose
     // FFN front (h = x + mixer, the experts' input, router logits) is left in f.
     ggml_tensor * layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f);
@@ -333,7 +342,8 @@ private:
 
     // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)
     ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
-    ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u);   // act(g) * u, the family's act
+    // act(g) * u, the family's act; g nullptr (ACT_RELU_SQR, no gate): relu(u)^2
+    ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u);
     ggml_tensor * dense_block(ggml_context * ctx, int il, ggml_tensor * h);   // norm -> FFN (-> post norm)
     ggml_tensor * router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn);  // [n_expert, T]
     ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
@@ -408,7 +418,8 @@ private:
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
     ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,
-                *ebuf_ = nullptr;   // [n_embd, K * n_ubatch] expert outputs of the expert-major path
+                *ebuf_ = nullptr;   // [n_embd_exp, K * n_ubatch] expert outputs of the expert-major path
+    ggml_tensor * ffn_xe_ = nullptr;              // the experts' input [n_embd_exp, n_ubatch]: ffn_in_, or latent
 
     ggml_gallocr_t galloc_ = nullptr;
     std::vector<uint8_t> graph_mem_;              // tensor + graph metadata of one graph (kMaxNodes)

@@ -36,7 +36,7 @@ double Model::time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const P
     const HParams & h = hp_;
     ggml_context * ctx = begin_graph();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, 1, n);
+    ggml_tensor * x = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd_exp(), 1, n);
     ggml_set_input(x);
     ggml_tensor * slots = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
     ggml_set_input(slots);
@@ -49,7 +49,7 @@ double Model::time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const P
     L.gate_exps_b = saved[0]; L.up_exps_b = saved[1]; L.down_exps_b = saved[2];
     ggml_build_forward_expand(gf, d);
     compute(ctx, gf, galloc);
-    std::vector<float> xv((size_t) h.n_embd * n, 0.01f);
+    std::vector<float> xv((size_t) h.n_embd_exp() * n, 0.01f);
     std::vector<int32_t> sv(n, slot0);
     set_input(x, xv.data(), ggml_nbytes(x));
     set_input(slots, sv.data(), ggml_nbytes(slots));
@@ -79,7 +79,7 @@ void Model::measure_costs() {
     std::vector<double> t;
     for (int rep = 0; rep < 4; ++rep) {
         const auto t0 = std::chrono::steady_clock::now();
-        for (int r = 0; r < 3; ++r) {
+        for (int r = P1.first; r < 3; ++r) {
             const char * from = (const char *) P2.mem[r] + (uint64_t) s2 * P2.slot_bytes[r];
             ExpertCache::put_slot(P1, r, s1, from, src[r].nbytes, P2.repacked[r]);   // as copy_from_tier2 does
         }

@@ -18,9 +18,9 @@ from ..errors import ModelFormatError
 ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
-ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU = 0, 1, 2
-MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2 = 0, 1, 2, 3, 4
-FFN_DENSE, FFN_MOE = 0, 1
+ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU, ACT_RELU_SQR = 0, 1, 2, 3      # RELU_SQR: no gate, down(relu(up x)^2)
+MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_NONE = 0, 1, 2, 3, 4, 5
+FFN_DENSE, FFN_MOE, FFN_NONE = 0, 1, 2       # MIXER_NONE / FFN_NONE: Nemotron-H's FFN-only / mixer-only blocks
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
 
 
@@ -45,6 +45,9 @@ class ArchSpec:
     group_top2: bool = False            # expert groups scored by their top-2 sum under softmax too (Mistral-4)
     nope_step: int = 0                  # NoPE on layers (il + 1) % nope_step == 0 (llama.cpp's n_no_rope_layer_step)
     mup_embd: bool = False              # embeddings x sqrt(n_embd), always (llama.cpp hardcodes it: AFMoE)
+    # Nemotron-H: one block kind per layer (llama.cpp's rule: recurrent iff head_count_kv and feed_forward_length are
+    # 0, attention iff only feed_forward_length is), every block x + block(attn_norm(x)); attention NoPE always
+    single_blocks: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -77,6 +80,9 @@ ARCHS: dict[str, ArchSpec] = {
     # AFMoE: sandwich norms and the attention gate come with their tensors; SWA period 4 and NoPE step 4 hardcoded
     "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4,
                       mup_embd=True),
+    # Nemotron 3 (Nano / Super): Mamba2, NoPE attention and ReLU² MoE blocks; sigmoid gating hardcoded by llama.cpp
+    "nemotron_h_moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, act=ACT_RELU_SQR, recurrent=MIXER_MAMBA2,
+                               ffn_by_tensors=True, single_blocks=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -162,6 +168,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         return _key(kv, path, f"{arch}.{name}", default)
     k.raw = lambda name, default=None: kv.get(f"{arch}.{name}", default)
     k.path = path
+    k.kv = kv
 
     n_expert = int(k("expert_count", 0))
     if n_expert <= 1 or not any(n.endswith(("ffn_down_exps.weight")) for n in tensors):
@@ -228,6 +235,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         gating = GATING_SPARSEMIXER
     if arch in ("ernie4_5-moe", "hunyuan-moe", "gemma4"):     # llama.cpp's graphs hard-code softmax
         gating = GATING_SOFTMAX
+    if arch == "nemotron_h_moe":                              # and this one sigmoid
+        gating = GATING_SIGMOID
     n_expert_used = int(k("expert_used_count"))
     if not 0 < n_expert_used <= min(n_expert, 64):
         raise ModelFormatError(f"{path}: key '{arch}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}")
@@ -275,6 +284,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         plan["layer_n_rot"] = [0 if (il + 1) % spec.nope_step == 0 else n_rot for il in range(n_layer)]
     if spec.mup_embd:
         hp["embd_scale"] = math.sqrt(n_embd)
+    if spec.single_blocks:
+        _single_block_plan(path, k, hp, plan, tensors, recurrent)
     if any(recurrent):
         _recurrent_plan(arch, k, hp, plan, recurrent)
     if spec.sandwich:
@@ -291,6 +302,33 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     return hp
 
 
+def _single_block_plan(path: str, k, hp: dict, plan: dict, tensors: dict, recurrent: list[bool]) -> None:
+    """Nemotron-H: each layer is one block: Mamba2 (recurrent), attention (head_count_kv > 0, feed_forward_length
+    0; NoPE, as llama.cpp's graph) or an FFN (feed_forward_length > 0: routed experts where ffn_gate_inp exists, else
+    a dense ReLU² MLP); no block has both. Latent MoE: `moe_latent_size` > 0, the experts' width."""
+    n_layer = hp["n_layer"]
+    n_ff = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.feed_forward_length", n_layer, 0)]
+    heads = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.attention.head_count_kv", n_layer, 0)]
+    for il in range(n_layer):
+        if recurrent[il]:
+            plan["layer_ffn"][il] = FFN_NONE
+        elif n_ff[il] == 0:
+            if heads[il] <= 0:
+                raise ModelFormatError(f"{path}: layer {il} is neither recurrent, attention nor FFN (keys "
+                                       f"'{hp['arch']}.attention.head_count_kv' and 'feed_forward_length')")
+            plan["layer_ffn"][il] = FFN_NONE
+        else:
+            plan["layer_mixer"][il] = MIXER_NONE
+            plan["layer_n_head_kv"][il] = hp["n_head_kv"]          # unused: no KV
+    plan["layer_n_rot"] = [0] * n_layer
+    latent = k("moe_latent_size", 0)
+    if isinstance(latent, bool) or not isinstance(latent, (int, float)) or latent != int(latent) or \
+            not 0 <= latent <= hp["n_embd"]:
+        raise ModelFormatError(f"{path}: key '{hp['arch']}.moe_latent_size' = {latent!r}: expected an integer in "
+                               f"0..{hp['n_embd']} (embedding_length)")
+    hp["moe_latent"] = int(latent)
+
+
 def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: int, kv_heads: list[int]) -> list[bool]:
     """Which layers are recurrent, as llama.cpp decides: LFM2 by head_count_kv = 0; Qwen3.5 / Qwen3-Next by the
     `attention.recurrent_layers` array, else every layer but each `full_attention_interval`-th (default 4)."""
@@ -298,6 +336,9 @@ def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: i
         return [False] * n_layer
     if arch in ("lfm2moe", "granitehybrid"):
         return [h == 0 for h in kv_heads]
+    if spec.single_blocks:    # Nemotron-H: no KV heads and no FFN width
+        n_ff = _per_layer(kv, path, f"{arch}.feed_forward_length", n_layer, 0)
+        return [h == 0 and not f for h, f in zip(kv_heads, n_ff)]
     flags = kv.get(f"{arch}.attention.recurrent_layers")
     if flags is not None:
         flags = [bool(x) for x in _per_layer(kv, path, f"{arch}.attention.recurrent_layers", n_layer)]

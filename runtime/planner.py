@@ -137,12 +137,14 @@ def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
         if hp.get("layer_ffn", [1] * n_layer)[il] != 1:
             continue
         fused = f"blk.{il}.ffn_gate_up_exps.weight"
-        names = [fused] if fused in tensors else [f"blk.{il}.ffn_{r}_exps.weight" for r in ("gate", "up")]
+        # gateless (ReLU²) experts hold up and down only (hparams act 3): 2 matrices per slot
+        projs = ("up",) if hp.get("act") == 3 else ("gate", "up")
+        names = [fused] if fused in tensors else [f"blk.{il}.ffn_{r}_exps.weight" for r in projs]
         names.append(f"blk.{il}.ffn_down_exps.weight")
         if all(n in tensors for n in names) and il >= hp["n_layer_dense_lead"]:
             # the cache keeps gate and up in separate slots (a fused tensor's halves): page-padded each
             per = [tensors[n][3] // E for n in names]
-            halves = [per[0] // 2, per[0] // 2, per[1]] if len(names) == 2 else per
+            halves = [per[0] // 2, per[0] // 2, per[1]] if names[0] == fused else per
             slot_bytes[il] = sum(_page(b) for b in halves)
             expert_names.update(names)
             n_ff = max(n_ff, tensors[names[-1]][1][0])           # down_exps [n_ff, n_embd, E]
@@ -215,7 +217,9 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
 
     def plan_for(b: int | None) -> Plan:
         t = ubatch_for(b)
-        state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * hp["n_embd"])    # state between the layer graphs
+        # state between the layer graphs; latent MoE: the experts' input [L, t] and outputs [L, K t] (csrc alloc_kv)
+        ee = hp.get("moe_latent") or 0
+        state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee)
         return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t, rs)
 
     p = plan_for(budget)

@@ -303,18 +303,24 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
             per_layer["ffn_gate_up_exps.weight"] = [E, 2 * down[0], n_exp]     # fused gate + up (Gemma-4)
         for name, want in per_layer.items():
             expect(b + name, want)
-        gate_exps = shape(b + "ffn_gate_exps.weight")
+        # the experts' width: n_embd, or latent MoE's moe_latent_size (ffn_latent_down / up around them)
+        Ee = hp.get("moe_latent") or E
+        if hp.get("moe_latent"):
+            expect(b + "ffn_latent_down.weight", [E, Ee])
+            expect(b + "ffn_latent_up.weight", [Ee, E])
+        # gateless (ReLU²) experts and FFNs have up and down only: sized from up
+        gate_exps = shape(b + "ffn_gate_exps.weight") or shape(b + "ffn_up_exps.weight")
         if gate_exps is not None and len(gate_exps) == 3:
             n_ff = gate_exps[1]
-            for name, want in (("ffn_gate_exps.weight", [E, n_ff, n_exp]), ("ffn_up_exps.weight", [E, n_ff, n_exp]),
-                               ("ffn_down_exps.weight", [n_ff, E, n_exp]), ("ffn_gate_exps.bias", [n_ff, n_exp]),
-                               ("ffn_up_exps.bias", [n_ff, n_exp]), ("ffn_down_exps.bias", [E, n_exp])):
+            for name, want in (("ffn_gate_exps.weight", [Ee, n_ff, n_exp]), ("ffn_up_exps.weight", [Ee, n_ff, n_exp]),
+                               ("ffn_down_exps.weight", [n_ff, Ee, n_exp]), ("ffn_gate_exps.bias", [n_ff, n_exp]),
+                               ("ffn_up_exps.bias", [n_ff, n_exp]), ("ffn_down_exps.bias", [Ee, n_exp])):
                 expect(b + name, want)
         for kind in ("", "_shexp"):
-            gate = shape(f"{b}ffn_gate{kind}.weight")
+            gate = shape(f"{b}ffn_gate{kind}.weight") or shape(f"{b}ffn_up{kind}.weight")
             if gate is not None and len(gate) == 2:
                 expect(f"{b}ffn_gate{kind}.weight", [E, gate[1]])
-                expect(f"{b}ffn_up{kind}.weight", gate)
+                expect(f"{b}ffn_up{kind}.weight", [E, gate[1]])
                 expect(f"{b}ffn_down{kind}.weight", [gate[1], E])
 
 

@@ -16,7 +16,7 @@ RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2",
                     "glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
                     "llama4_text", "gemma4_text",
                     # wave 2 (hybrid recurrent)
-                    "lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid",
+                    "lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h",
                     # wave 3 (attention-only)
                     "exaone_moe", "hy_v3", "mistral4", "afmoe")
 

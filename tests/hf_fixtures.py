@@ -39,8 +39,8 @@ FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepse
 # wave 2 (FAMILIES_WAVE2.md): attention-only families; configs carry the keys and flags of the real checkpoints
 WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe", "llama4_text",
                   "gemma4_text")
-# wave 2, hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet layers
-HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid")
+# hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet / Mamba2 layers (wave 2; nemotron_h wave 3)
+HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
 WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
@@ -175,6 +175,14 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "afmoe": dict(num_hidden_layers=4, num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
                   moe_intermediate_size=32, num_shared_experts=1, head_dim=16, route_scale=2.5, sliding_window=5,
                   global_attn_every_n_layers=4, mup_enabled=True, rms_norm_eps=1e-5, rope_theta=1e4),
+    # Nemotron 3: single-purpose blocks (Mamba2, NoPE GQA attention, ReLU² MoE with a ReLU² shared expert and no
+    # gates), sigmoid + bias routing renormalised x routed_scaling_factor, latent MoE (Super's; Nano has none)
+    "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe"],
+                       n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
+                       moe_shared_expert_intermediate_size=48, moe_latent_size=32, n_group=1, topk_group=1,
+                       norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=16, mamba_num_heads=8,
+                       mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16,
+                       layer_norm_epsilon=1e-5),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),

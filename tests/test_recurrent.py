@@ -1,4 +1,5 @@
-"""Hybrid recurrent families (LFM2-MoE short conv, Qwen3.5-MoE Gated DeltaNet): the state carried across prompt
+"""Hybrid recurrent families (LFM2-MoE short conv, Qwen3.5-MoE Gated DeltaNet, Granite-4.0-H and Nemotron 3
+Mamba2): the state carried across prompt
 chunks, and prompt reuse through state snapshots giving exactly the tokens of a fresh recomputation.
 
 (f32 parity with transformers, prompt and single-token decode, and offload exactness run for these families in
@@ -96,6 +97,8 @@ def test_state_is_counted_in_the_budget(family):
     ("qwen3_next", "qwen3next.ssm.conv_kernel", 1),
     ("lfm2_moe", "lfm2moe.shortconv.l_cache", 100),
     ("granitemoehybrid", "granitehybrid.ssm.group_count", 3),
+    ("nemotron_h", "nemotron_h_moe.ssm.inner_size", 7),
+    ("nemotron_h", "nemotron_h_moe.moe_latent_size", 1 << 30),
 ])
 def test_bad_state_sizes_are_format_errors(family, key, value):
     """The keys the recurrent state is sized from are checked at the border (a zero once reached the planner's

@@ -16,7 +16,8 @@ from moelite import _core
 from moelite.runtime.planner import plan_host_tier, plan_memory
 from fixture_models import fixture_gguf
 
-FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")   # plain; shared experts + a dense lead layer; expert biases
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "nemotron_h")   # plain; shared experts + a dense lead layer; expert
+# biases; gateless (ReLU²) latent experts, two matrices per slot
 
 
 def _run(path, ids, **opts):

@@ -173,3 +173,61 @@ def test_afmoe_values_llama_cpp_hardcodes_are_required(override, key, tmp_path):
     with pytest.raises(ConversionError, match=key):
         convert(d, tmp_path / "bad.gguf", "f32", progress=False)
     assert not (tmp_path / "bad.gguf").exists()
+
+
+# Nemotron 3: Nano (no latent MoE) beside the default fixture (Super's latent MoE)
+NEMOTRON_NANO = {"moe_latent_size": None}
+
+
+@pytest.mark.parametrize("override", [{}, NEMOTRON_NANO])
+def test_nemotron_h_prompt_decode_and_offload(override):
+    """Nemotron-H: single-purpose blocks (Mamba2 / NoPE attention / ReLU² MoE without gates), latent MoE or not:
+    prompt and one decode step equal transformers; at the smallest budget (2-matrix expert slots, the latent
+    projections resident) the logits are those of the resident run bit for bit."""
+    hf, path = fixture_gguf("nemotron_h", **override)
+    nxt = 123
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
+        prompt = m.eval(PROMPT)
+        step = m.eval([nxt])
+        minimum = m.plan.minimum_budget
+        want = m.logits(PROMPT)
+        # the cache holds up and down only: the planner's slot bytes are the core's (gate absent)
+        assert [b for b in m.plan.expert_slot_bytes if b] == \
+            [_core.expert_bytes(str(path), il) for il in (1, 3, 5)]
+    ref = hf_logits(hf, PROMPT + [nxt])
+    assert float(np.abs(prompt - ref[len(PROMPT) - 1]).max()) <= 1e-3
+    assert float(np.abs(step - ref[-1]).max()) <= 1e-3
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=minimum) as m:
+        assert m.info()["offloaded"]
+        assert np.array_equal(m.logits(PROMPT), want)
+        assert m.stats()["total"]["misses"] > 0
+
+
+def test_nemotron_h_release_pattern_converts_identically(tmp_path):
+    """The release config.json states the blocks as `hybrid_override_pattern` (M, *, E) and `num_hidden_layers`
+    (transformers re-saves them as layers_block_type): the same GGUF."""
+    hf, path = fixture_gguf("nemotron_h")
+    cfg = json.loads((hf / "config.json").read_text())
+    letters = {"linear_attention": "M", "full_attention": "*", "moe": "E"}
+    pattern = "".join(letters[t] for t in cfg.pop("layers_block_type"))
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, "hybrid_override_pattern": pattern, "num_hidden_layers": 6}))
+    convert(d, tmp_path / "release.gguf", "f32", progress=False)
+    assert np.array_equal(logits(tmp_path / "release.gguf"), logits(path))
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"layers_block_type": ["linear_attention", "moe", "full_attention", "mlp", "linear_attention", "moe"]}, "mlp"),
+    ({"mlp_hidden_act": "silu"}, "mlp_hidden_act"),
+    ({"use_conv_bias": False}, "use_conv_bias"),
+    ({"layers_block_type": ["linear_attention", "full_attention"] * 3}, "dense")])
+def test_nemotron_h_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path):
+    """llama.cpp's nemotron_h_moe takes every FFN block for MoE, runs ReLU² and adds a conv bias always: a
+    checkpoint that differs is refused by name rather than written as a file that runs otherwise."""
+    hf, _ = fixture_gguf("nemotron_h")
+    cfg = json.loads((hf / "config.json").read_text())
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=key):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
