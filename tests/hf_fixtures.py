@@ -262,7 +262,9 @@ def _config(family: str, overrides: dict[str, Any]):
     """The transformers config of `family`, given only the kwargs its class takes: a kwarg the class would keep
     as an unknown attribute (and so save_pretrained would write into config.json although the class does not
     define it) is left out; a kwarg the class consumes (Gemma-4's global_head_dim, partial_rotary_factor) is
-    passed. Release-only keys are RELEASE_KEYS, written into config.json after save_pretrained."""
+    passed. Release-only keys are RELEASE_KEYS, written into config.json after save_pretrained. A test's own
+    override is always passed: it stands for a key a real config.json carries and the modeling code reads as an
+    attribute (Qwen3-MoE's head_dim: transformers' class does not define it, its attention reads it)."""
     from transformers import CONFIG_MAPPING
     cls = CONFIG_MAPPING[family]
     kw = {**_COMMON, **CONFIGS[family], **overrides}
@@ -271,7 +273,7 @@ def _config(family: str, overrides: dict[str, Any]):
     kw.pop("rope_theta", None)
     own = class_keys(cls)
     kept = cls(**kw).to_dict()
-    return cls(**{k: v for k, v in kw.items() if k in own or k not in kept})
+    return cls(**{k: v for k, v in kw.items() if k in own or k not in kept or k in overrides})
 
 
 def class_keys(cls) -> set[str]:
