@@ -33,9 +33,11 @@ ggml_tensor * Model::router_logits(ggml_context * ctx, int il, ggml_tensor * h, 
     return logits;
 }
 
-// The experts' input: ffn_norm(h), or Gemma-4's separate pre-norm of the expert path.
+// The experts' input: ffn_norm(h), or Gemma-4's separate pre-norm of the expert path. Parallel blocks (Command-R)
+// norm the layer's input with attn_norm: what the next layer's gate lookahead applies to h.
 ggml_tensor * Model::expert_input(ggml_context * ctx, int il, ggml_tensor * h) {
     Layer & L = layers_[il];
+    if (hp_.parallel_residual) return norm(ctx, h, L.attn_norm, L.attn_norm_b);
     return L.ffn_exp_norm ? norm(ctx, h, L.ffn_exp_norm, nullptr) : norm(ctx, h, L.ffn_norm, L.ffn_norm_b);
 }
 
@@ -130,6 +132,7 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
         ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp);
         if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, f.hn)));
         moe = ggml_add(ctx, moe, s);
+        if (h.shexp_average) moe = ggml_scale(ctx, moe, 0.5f);          // Cohere2-MoE: the mean of the two
     }
     if (L.ffn_up) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe);     // parallel dense MLP (Gemma-4)
     return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true);

@@ -537,7 +537,8 @@ void Model::load_ffn(int il, Layer & L) {
     L.ffn_norm = p.mixer == MIXER_NONE ? L.attn_norm : load_tensor(blk(il, "ffn_norm.weight"), false, 1, {E});
     if (p.mixer == MIXER_NONE) L.ffn_norm_b = L.attn_norm_b;   // an FFN-only block: its one norm
     if (!L.ffn_norm) { L.ffn_norm = L.attn_post_norm; L.attn_post_norm = nullptr; }   // llama.cpp's alias
-    if (!L.ffn_norm) throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_norm.weight") + "'");
+    if (!L.ffn_norm && !h.parallel_residual)      // parallel blocks: the FFN reads attn_norm's output
+        throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_norm.weight") + "'");
     if (p.mixer != MIXER_NONE) L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
     L.ffn_post_norm = load_tensor(blk(il, "post_ffw_norm.weight"), false, 1, {E});
     L.out_scale = load_tensor(blk(il, "layer_output_scale.weight"), false, 1, {1});
@@ -790,9 +791,9 @@ void Model::build_masks(int T) {
 ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f) {
     Layer & L = layers_[il];
     const LayerPlan & p = hp_.plan[il];
-    ggml_tensor * res = x;                                              // an FFN-only block: h = x
+    ggml_tensor * res = x, * xn = nullptr;                              // an FFN-only block: h = x
     if (p.mixer != MIXER_NONE) {
-        ggml_tensor * cur = norm(ctx, x, L.attn_norm, L.attn_norm_b);
+        ggml_tensor * cur = xn = norm(ctx, x, L.attn_norm, L.attn_norm_b);   // [n_embd, T]
         switch (p.mixer) {
             case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
             case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
@@ -803,9 +804,12 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
         res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE);   // h = x + attn
     }
     if (p.ffn == FFN_NONE) return res;                                  // a mixer-only block
-    if (!L.moe) return residual_out(ctx, il, dense_block(ctx, il, res), res, L.ffn_post_norm, true);
+    const bool par = hp_.parallel_residual && xn;   // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
+    if (!L.moe)
+        return residual_out(ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down) : dense_block(ctx, il, res),
+                            res, L.ffn_post_norm, true);
     f.res = res;
-    f.hn = expert_input(ctx, il, res);                                  // [n_embd, T]
+    f.hn = par ? xn : expert_input(ctx, il, res);                       // [n_embd, T]
     f.logits = router_logits(ctx, il, res, f.hn);                       // [n_expert, T]
     f.xe = L.ffn_latent_down ? dense_mm(ctx, L.ffn_latent_down, f.hn) : f.hn;   // [n_embd_exp, T]
     return nullptr;

@@ -78,6 +78,8 @@ struct HParams {
     float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
     float attn_temp_offset = 1.f;                 // the temperature's position offset: Llama-4 pos + 1, MLA (Mistral-4) pos
     bool group_top2 = false;                      // group score = sum of its top-2 scores whatever the gating (Mistral-4)
+    bool parallel_residual = false;               // Command-R: x + attn(n) + ffn(n), n = attn_norm(x) (Cohere2-MoE)
+    bool shexp_average = false;                   // (routed + shared expert) / 2 (Cohere2-MoE)
     bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
     // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =

@@ -48,6 +48,13 @@ class ArchSpec:
     # Nemotron-H: one block kind per layer (llama.cpp's rule: recurrent iff head_count_kv and feed_forward_length are
     # 0, attention iff only feed_forward_length is), every block x + block(attn_norm(x)); attention NoPE always
     single_blocks: bool = False
+    # Command-R blocks (Cohere2-MoE): x + attn(n) + ffn(n), n = attn_norm(x), no ffn_norm; RMSNorm when the file has
+    # `attention.layer_norm_rms_epsilon`, else LayerNorm without bias; logits x `logit_scale` (Granite divides)
+    parallel: bool = False
+    swa_dense_first: bool = False       # period fallback: layer il is SWA iff il % period != 0 (llama.cpp dense_first)
+    rope_dense_lead: bool = False       # nope_full, but leading dense layers keep RoPE (llama.cpp's force_rope);
+                                        # `moelite.rope_dense_lead` = false (moelite's converter): as transformers
+    shexp_average: bool = False         # (routed + shared expert) / 2 (llama.cpp hardcodes `average`: Cohere2-MoE)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -83,6 +90,9 @@ ARCHS: dict[str, ArchSpec] = {
     # Nemotron 3 (Nano / Super): Mamba2, NoPE attention and ReLU² MoE blocks; sigmoid gating hardcoded by llama.cpp
     "nemotron_h_moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, act=ACT_RELU_SQR, recurrent=MIXER_MAMBA2,
                                ffn_by_tensors=True, single_blocks=True),
+    # Cohere North: sliding RoPE 3 : 1 full NoPE, the dense lead roped; sigmoid gating when the key is absent
+    "cohere2moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True, nope_full=True,
+                           rope_dense_lead=True, parallel=True, shexp_average=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -197,6 +207,9 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         head_v = int(k("attention.value_length_mla", head_v))
     n_rot = int(k("rope.dimension_count", head_k))
     eps = float(k("attention.layer_norm_rms_epsilon", k("attention.layer_norm_epsilon", 1e-5)))
+    layernorm = spec.layernorm
+    if spec.parallel and f"{arch}.attention.layer_norm_rms_epsilon" not in kv:      # Cohere: LayerNorm, no bias
+        layernorm, eps = True, float(k("attention.layer_norm_epsilon"))
     rs = _rope_scaling(arch, k)
     freq_base = float(k("rope.freq_base", 10000.0))
 
@@ -222,7 +235,9 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                                        f"{len(swa_layers)} entries, expected {n_layer}")
         else:
             period = int(pattern) if pattern is not None else spec.swa_period
-            if period > 0:
+            if period > 0 and spec.swa_dense_first:
+                swa_layers = [int(il % period != 0) for il in range(n_layer)]
+            elif period > 0:
                 swa_layers = [int(il % period < period - 1) for il in range(n_layer)]
 
     gating = int(k("expert_gating_func", spec.gating) or spec.gating)
@@ -248,7 +263,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
 
     hp: dict[str, Any] = dict(
         arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=max(kv_heads),
-        n_embd_head_k=head_k, n_embd_head_v=head_v, norm_eps=eps, layernorm=spec.layernorm, qk_norm=qk_norm,
+        n_embd_head_k=head_k, n_embd_head_v=head_v, norm_eps=eps, layernorm=layernorm, qk_norm=qk_norm,
         qk_norm_after_rope=spec.qk_norm_after_rope, n_rot=n_rot, rope_type=spec.rope_type,
         n_ctx_orig=int(k("rope.scaling.original_context_length", k("context_length", 4096))),
         freq_base=freq_base, freq_scale=rs["freq_scale"], ext_factor=rs["ext_factor"],
@@ -264,7 +279,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         logit_scale=float(k("logit_scale", 1.0)), final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
         context_length=int(k("context_length", 4096)),
         n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
-        group_top2=spec.group_top2,
+        group_top2=spec.group_top2, parallel_residual=spec.parallel, shexp_average=spec.shexp_average,
     )
     plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
                 layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head_kv=kv_heads,
@@ -279,13 +294,22 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                                    f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})")
         plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
     if spec.nope_full:        # EXAONE-4 attention: the full-attention layers take no position (llama.cpp: the same)
-        plan["layer_n_rot"] = [n_rot if s else 0 for s in swa_layers]
+        # Cohere2-MoE: leading dense layers keep it (llama.cpp's force_rope; transformers only with
+        # prefix_dense_sliding_window_pattern 1, which moelite's converter writes as `moelite.rope_dense_lead`)
+        keep = kv.get("moelite.rope_dense_lead", True)
+        if not isinstance(keep, (bool, int)) and not (hasattr(keep, "item") and not hasattr(keep, "__len__")):
+            raise ModelFormatError(f"{path}: key 'moelite.rope_dense_lead' should be a bool")
+        lead = dense_lead if spec.rope_dense_lead and bool(keep) else 0
+        plan["layer_n_rot"] = [n_rot if s or il < lead else 0 for il, s in enumerate(swa_layers)]
     if spec.nope_step:
         plan["layer_n_rot"] = [0 if (il + 1) % spec.nope_step == 0 else n_rot for il in range(n_layer)]
     if spec.mup_embd:
         hp["embd_scale"] = math.sqrt(n_embd)
     if spec.single_blocks:
         _single_block_plan(path, k, hp, plan, tensors, recurrent)
+    if spec.parallel:         # Cohere multiplies the logits by logit_scale (0: none), the C++ head divides (Granite)
+        scale = float(k("logit_scale", 0.0))
+        hp["logit_scale"] = 1.0 / scale if scale else 1.0
     if any(recurrent):
         _recurrent_plan(arch, k, hp, plan, recurrent)
     if spec.sandwich:

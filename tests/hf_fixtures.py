@@ -42,7 +42,7 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 # hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet / Mamba2 layers (wave 2; nemotron_h wave 3)
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
-WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe")
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3"}
@@ -175,6 +175,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "afmoe": dict(num_hidden_layers=4, num_dense_layers=1, num_experts=8, num_experts_per_tok=2,
                   moe_intermediate_size=32, num_shared_experts=1, head_dim=16, route_scale=2.5, sliding_window=5,
                   global_attn_every_n_layers=4, mup_enabled=True, rms_norm_eps=1e-5, rope_theta=1e4),
+    # Cohere North: parallel blocks, RMSNorm, 3 sliding (RoPE) : 1 full (NoPE) after a dense first layer (full, roped),
+    # sigmoid routing without renormalisation, logit scale, tied embeddings (first_k_dense_replace: a kwarg the class
+    # turns into mlp_layer_types / layer_types)
+    "cohere2_moe": dict(num_hidden_layers=5, first_k_dense_replace=1, num_experts=8, num_experts_per_tok=2,
+                        intermediate_size=32, prefix_dense_intermediate_size=128, head_dim=16, sliding_window=5,
+                        expert_selection_fn="sigmoid", norm_topk_prob=False, logit_scale=0.25, rms_norm_eps=1e-5,
+                        rope_theta=5e4, tie_word_embeddings=True),
     # Nemotron 3: single-purpose blocks (Mamba2, NoPE GQA attention, ReLU² MoE with a ReLU² shared expert and no
     # gates), sigmoid + bias routing renormalised x routed_scaling_factor, latent MoE (Super's; Nano has none)
     "nemotron_h": dict(layers_block_type=["linear_attention", "moe", "full_attention", "moe", "linear_attention", "moe"],

@@ -175,6 +175,47 @@ def test_afmoe_values_llama_cpp_hardcodes_are_required(override, key, tmp_path):
     assert not (tmp_path / "bad.gguf").exists()
 
 
+@pytest.mark.parametrize("override", [
+    {"expert_selection_fn": "softmax", "norm_topk_prob": True},        # the class default: softmax over the top-k
+    {"rms_norm_eps": None},                                             # LayerNorm without bias
+    {"num_shared_experts": 1},                                          # (routed + shared) / 2
+    {"first_k_dense_replace": 2, "prefix_dense_sliding_window_pattern": 2},   # dense layers [S, F]: F is NoPE
+])
+def test_cohere2moe_variants_match_transformers(override):
+    """Cohere2-MoE beyond North's config: what transformers' class allows and moelite's converter writes
+    (softmax gating, LayerNorm when rms_norm_eps is null, the averaged shared expert, a NoPE dense layer)."""
+    hf, path = fixture_gguf("cohere2_moe", **override)
+    assert float(np.abs(logits(path) - hf_logits(hf, PROMPT)).max()) <= 1e-3
+
+
+def test_cohere2moe_a_file_without_the_moelite_key_ropes_the_dense_lead_as_llama_cpp():
+    """The leading dense layers: transformers ropes them only with prefix_dense_sliding_window_pattern 1 (moelite's
+    converter writes `moelite.rope_dense_lead`); llama.cpp always (its files lack the key): both readings run."""
+    from moelite.runtime.hparams import parse_hparams
+    _, path = fixture_gguf("cohere2_moe", first_k_dense_replace=2, prefix_dense_sliding_window_pattern=2)
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    assert not kv["moelite.rope_dense_lead"]
+    assert parse_hparams("f", kv, tensors)["layer_n_rot"] == [16, 0, 16, 16, 16]
+    del kv["moelite.rope_dense_lead"]
+    assert parse_hparams("f", kv, tensors)["layer_n_rot"] == [16, 16, 16, 16, 16]
+
+
+@pytest.mark.parametrize("override, key", [({"shared_expert_combination_strategy": "sum"},
+                                            "shared_expert_combination_strategy"),
+                                           ({"sliding_window": None}, "sliding_window")])
+def test_cohere2moe_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path):
+    """llama.cpp's cohere2moe graph averages a shared expert and requires a sliding window: a checkpoint that sums
+    them, or has no window, is refused by name rather than written as a file llama.cpp runs otherwise."""
+    hf, _ = fixture_gguf("cohere2_moe", num_shared_experts=1)
+    cfg = json.loads((hf / "config.json").read_text())
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=key):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 # Nemotron 3: Nano (no latent MoE) beside the default fixture (Super's latent MoE)
 NEMOTRON_NANO = {"moe_latent_size": None}
 

@@ -1,0 +1,157 @@
+"""Cohere North (model_type `cohere2_moe`) -> GGUF arch `cohere2moe`.
+
+Per layer, a Command-R parallel block: n = norm(x) (RMSNorm when `rms_norm_eps` is set, else LayerNorm without
+bias), x + attn(n) + ffn(n); no second norm. Attention: GQA, interleaved-pair RoPE (ggml's normal mode) on the
+sliding-window layers, none on the full-attention ones, except that the leading dense layers keep it when
+`prefix_dense_sliding_window_pattern` is 1 (transformers' force_rope). FFN: the leading dense layers
+(`mlp_layer_types`, width `prefix_dense_intermediate_size`) a SwiGLU MLP; the rest MoE: top-k on the raw router
+logits, then softmax over the k (`expert_selection_fn` "softmax", the class default: the same weights as softmax
+over all experts then renormalised), or sigmoid of the k, renormalised when `norm_topk_prob`; plus
+`num_shared_experts` shared experts combined as (routed + shared) / 2 (`average`). Logits x `logit_scale`.
+
+What llama.cpp reads or hardcodes, and what this converter therefore writes or refuses:
+- `expert_gating_func`: llama.cpp takes sigmoid when the key is absent, and its converter never writes it, so a
+  checkpoint with the default softmax selection runs as sigmoid there; written here always.
+- the shared expert: llama.cpp's graph averages (its converter refuses `sum`): `sum` is refused here by name.
+- RoPE on the leading dense layers: llama.cpp always (force_rope); transformers only with
+  prefix_dense_sliding_window_pattern 1. moelite writes what transformers does as `moelite.rope_dense_lead`
+  (llama.cpp ignores the key: a checkpoint with another prefix pattern runs differently there).
+MTP blocks (`num_nextn_predict_layers`) are dropped, as llama.cpp's `--no-mtp`.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from moelite.errors import ConversionError
+
+from . import SIGMOID, SOFTMAX, Config, Family, common_hparams, split_halves, stack_experts
+
+ATTN = "model.layers.{bid}.self_attn"
+MLP = "model.layers.{bid}.mlp"
+
+# transformers' Cohere2MoeConfig defaults: the value of a key read here that config.json omits
+DEFAULTS = {
+    "vocab_size": 256000,
+    "hidden_size": 8192,
+    "intermediate_size": 22528,
+    "logit_scale": 0.0625,
+    "num_hidden_layers": 40,
+    "num_attention_heads": 64,
+    "head_dim": 128,
+    "max_position_embeddings": 8192,
+    "layer_norm_eps": 1e-05,
+    "rope_theta": 10000.0,
+    "sliding_window": 4096,
+    "num_experts_per_tok": 2,
+    "num_experts": 8,
+    "num_shared_experts": 0,
+    "shared_expert_combination_strategy": "average",
+    "expert_selection_fn": "softmax",
+    "prefix_dense_sliding_window_pattern": 1,
+    "norm_topk_prob": True,
+    "sliding_window_pattern": 4,
+}
+
+
+def dense_lead(c: Config) -> int:
+    """Leading dense layers: `mlp_layer_types` (dense first, then sparse) or `first_k_dense_replace`."""
+    types = c.get("mlp_layer_types", default=None)
+    if types is None:
+        return c.int("first_k_dense_replace", default=0)
+    n = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
+    if not isinstance(types, list) or len(types) != c.n_layer or set(types[n:]) - {"sparse"}:
+        raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries, the dense layers first "
+                              f"then sparse (what the GGUF's leading_dense_block_count expresses)")
+    return n
+
+
+def swa_pattern(c: Config, n_dense: int) -> list[bool]:
+    """Per layer: sliding (True) or full attention, as Cohere2MoeConfig derives `layer_types`."""
+    n = c.n_layer
+    types = c.get("layer_types", default=None)
+    if types is not None:
+        if not isinstance(types, list) or len(types) != n or \
+                not set(types) <= {"sliding_attention", "full_attention"}:
+            raise ConversionError(f"{c.src}: key layer_types must list {n} entries of 'sliding_attention' / "
+                                  f"'full_attention'")
+        return [t == "sliding_attention" for t in types]
+    pre, rest = c.int("prefix_dense_sliding_window_pattern"), c.int("sliding_window_pattern")
+    if pre < 1 or rest < 1:
+        raise ConversionError(f"{c.src}: keys prefix_dense_sliding_window_pattern / sliding_window_pattern must be "
+                              f">= 1")
+    return [(i + 1) % pre != 0 for i in range(n_dense)] + [(i + 1) % rest != 0 for i in range(n - n_dense)]
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    if c.get("sliding_window", default=None) is None:
+        raise ConversionError(f"{c.src}: sliding_window null is not supported: the cohere2moe GGUF requires "
+                              f"`attention.sliding_window` (llama.cpp reads it unconditionally)")
+    n_ff_exp, n_shared = c.int("intermediate_size"), c.int("num_shared_experts")
+    if n_shared > 0 and c.get("shared_expert_combination_strategy") != "average":
+        raise ConversionError(f"{c.src}: shared_expert_combination_strategy = "
+                              f"{str(c.get('shared_expert_combination_strategy'))[:40]} is not supported: the "
+                              f"cohere2moe GGUF averages routed and shared experts (llama.cpp hardcodes 'average')")
+    selection = c.get("expert_selection_fn")
+    if selection not in ("softmax", "sigmoid"):
+        raise ConversionError(f"{c.src}: key expert_selection_fn = {str(selection)[:40]}: expected 'softmax' or "
+                              f"'sigmoid'")
+    n_dense = dense_lead(c)
+    rms = c.get("rms_norm_eps", default=None)           # null (the class default): LayerNorm
+    kv = {
+        **common_hparams(Config({**c.d, "rms_norm_eps": 1.0}, c.src, c.defaults)),
+        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps") if rms is not None else None,
+        "attention.layer_norm_epsilon": c.float("layer_norm_eps"),
+        # the dense layers' width (llama.cpp's converter: prefix_dense_intermediate_size first)
+        "feed_forward_length": c.int("prefix_dense_intermediate_size", default=n_ff_exp),
+        "vocab_size": c.int("vocab_size"),
+        "logit_scale": c.float("logit_scale"),
+        "attention.sliding_window": c.int("sliding_window"),
+        "attention.sliding_window_pattern": swa_pattern(c, n_dense),
+        "leading_dense_block_count": n_dense,
+        "expert_feed_forward_length": n_ff_exp,
+        # softmax over the top-k logits = softmax over all, then the top-k renormalised
+        "expert_gating_func": SOFTMAX if selection == "softmax" else SIGMOID,
+        "expert_weights_norm": selection == "softmax" or c.bool("norm_topk_prob"),
+        "rope.dimension_count": c.head_dim,
+        "rope.scaling.type": "none",
+        "moelite.rope_dense_lead": c.int("prefix_dense_sliding_window_pattern") == 1,
+    }
+    if n_shared > 0:
+        kv.update({"expert_shared_count": n_shared, "expert_shared_feed_forward_length": n_ff_exp * n_shared})
+    return kv
+
+
+TENSORS = {
+    "model.embed_tokens.weight": "token_embd.weight",
+    "model.norm.weight": "output_norm.weight",
+    "lm_head.weight": "output.weight",
+    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",    # the block's one norm
+    ATTN + ".q_proj.weight": "blk.{bid}.attn_q.weight",
+    ATTN + ".k_proj.weight": "blk.{bid}.attn_k.weight",
+    ATTN + ".v_proj.weight": "blk.{bid}.attn_v.weight",
+    ATTN + ".o_proj.weight": "blk.{bid}.attn_output.weight",
+    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I_dense, H]
+    MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
+    MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
+    MLP + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",                        # [E, H]
+    MLP + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",          # [E, I, H]
+    MLP + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
+    MLP + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",          # [E, H, I]
+    MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared * I, H]
+    MLP + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
+    MLP + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
+}
+
+
+def sanitize(w, c: Config) -> None:
+    for bid in range(c.n_layer):             # transformers' in-memory fused experts, if a checkpoint holds them
+        e = MLP.format(bid=bid) + ".experts."
+        if e + "gate_up_proj" in w:
+            split_halves(w, e + "gate_up_proj", e + "gate_proj.weight", e + "up_proj.weight", axis=-2)
+        if e + "down_proj" in w:
+            w[e + "down_proj.weight"] = w.pop(e + "down_proj")
+    stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
+
+
+FAMILY = Family(("cohere2_moe",), "cohere2moe", hparams, TENSORS, sanitize, tokenizer_pre="cohere2moe",
+                defaults=DEFAULTS)
