@@ -197,6 +197,44 @@ def stack_experts(w: dict[str, Lazy], c: Config, per_expert: str, fused: str,
             w[out] = stack([w.pop(n) for n in names], out)
 
 
+def leading_dense_layers(c: Config, types: Any = _MISSING, default: Any = _MISSING) -> int:
+    """Leading dense layers (a GGUF's leading_dense_block_count) from transformers' `mlp_layer_types` (the dense
+    layers first, then sparse; `types` overrides the lookup), else the release key `first_k_dense_replace`."""
+    types = c.get("mlp_layer_types", default=None) if types is _MISSING else types
+    if types is None:
+        return c.int("first_k_dense_replace", default=default)
+    n = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
+    if not isinstance(types, list) or len(types) != c.n_layer or set(types[n:]) - {"sparse"}:
+        raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries, the dense layers first "
+                              f"then sparse (what the GGUF's leading_dense_block_count expresses)")
+    return n
+
+
+def sliding_layers(c: Config) -> list[bool] | None:
+    """transformers 5's per-layer `layer_types` (sliding_attention / full_attention) as 'is sliding' per layer; None
+    when the config has none (the family derives the pattern from its own keys, as its config class does)."""
+    types = c.get("layer_types", default=None)
+    if types is None:
+        return None
+    if not isinstance(types, list) or len(types) != c.n_layer or \
+            not set(types) <= {"sliding_attention", "full_attention"}:
+        raise ConversionError(f"{c.src}: key layer_types must list {c.n_layer} entries of 'sliding_attention' / "
+                              f"'full_attention'")
+    return [t == "sliding_attention" for t in types]
+
+
+def unfuse_experts(w: dict[str, Lazy], c: Config, experts: str) -> None:
+    """Experts as transformers holds them in memory (`experts.gate_up_proj` [E, 2I, H] gate rows first, and
+    `experts.down_proj`), if a checkpoint was saved that way, renamed / split into the per-matrix stacked names
+    `experts.{gate,up,down}_proj.weight`; experts: the prefix with "{bid}" for the layer."""
+    for bid in range(c.n_layer):
+        e = experts.format(bid=bid) + "."
+        if e + "gate_up_proj" in w:
+            split_halves(w, e + "gate_up_proj", e + "gate_proj.weight", e + "up_proj.weight", axis=-2)
+        if e + "down_proj" in w:
+            w[e + "down_proj.weight"] = w.pop(e + "down_proj")
+
+
 def drop_layers_beyond(w: dict[str, Lazy], c: Config) -> None:
     """Drop the layers after num_hidden_layers: the MTP / next-token-prediction block some checkpoints keep
     as `model.layers.{n_layer}` (GLM-4.x, DeepSeek-V3), dropped on purpose as llama.cpp's `--no-mtp` does."""

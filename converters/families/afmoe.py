@@ -23,7 +23,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, split_halves, stack_experts
+from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, sliding_layers, stack_experts, unfuse_experts
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -55,13 +55,9 @@ DEFAULTS = {
 def swa_pattern(c: Config) -> list[bool]:
     """Per layer: sliding (True) or full attention, as AfmoeConfig derives `layer_types`."""
     n = c.n_layer
-    types = c.get("layer_types", default=None)
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n or \
-                not set(types) <= {"sliding_attention", "full_attention"}:
-            raise ConversionError(f"{c.src}: key layer_types must list {n} entries of 'sliding_attention' / "
-                                  f"'full_attention'")
-        return [t == "sliding_attention" for t in types]
+    flags = sliding_layers(c)
+    if flags is not None:
+        return flags
     every = c.int("global_attn_every_n_layers")
     if every < 1:
         raise ConversionError(f"{c.src}: key global_attn_every_n_layers = {every}: expected >= 1")
@@ -122,12 +118,7 @@ TENSORS = {
 
 
 def sanitize(w, c: Config) -> None:
-    for bid in range(c.n_layer):             # transformers' in-memory fused experts, if a checkpoint holds them
-        e = MLP.format(bid=bid) + ".experts."
-        if e + "gate_up_proj" in w:
-            split_halves(w, e + "gate_up_proj", e + "gate_proj.weight", e + "up_proj.weight", axis=-2)
-        if e + "down_proj" in w:
-            w[e + "down_proj.weight"] = w.pop(e + "down_proj")
+    unfuse_experts(w, c, MLP + ".experts")
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 

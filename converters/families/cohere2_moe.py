@@ -24,7 +24,8 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, SOFTMAX, Config, Family, common_hparams, split_halves, stack_experts
+from . import (SIGMOID, SOFTMAX, Config, Family, common_hparams, leading_dense_layers, sliding_layers, stack_experts,
+               unfuse_experts)
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -53,28 +54,12 @@ DEFAULTS = {
 }
 
 
-def dense_lead(c: Config) -> int:
-    """Leading dense layers: `mlp_layer_types` (dense first, then sparse) or `first_k_dense_replace`."""
-    types = c.get("mlp_layer_types", default=None)
-    if types is None:
-        return c.int("first_k_dense_replace", default=0)
-    n = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
-    if not isinstance(types, list) or len(types) != c.n_layer or set(types[n:]) - {"sparse"}:
-        raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries, the dense layers first "
-                              f"then sparse (what the GGUF's leading_dense_block_count expresses)")
-    return n
-
-
 def swa_pattern(c: Config, n_dense: int) -> list[bool]:
     """Per layer: sliding (True) or full attention, as Cohere2MoeConfig derives `layer_types`."""
     n = c.n_layer
-    types = c.get("layer_types", default=None)
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n or \
-                not set(types) <= {"sliding_attention", "full_attention"}:
-            raise ConversionError(f"{c.src}: key layer_types must list {n} entries of 'sliding_attention' / "
-                                  f"'full_attention'")
-        return [t == "sliding_attention" for t in types]
+    flags = sliding_layers(c)
+    if flags is not None:
+        return flags
     pre, rest = c.int("prefix_dense_sliding_window_pattern"), c.int("sliding_window_pattern")
     if pre < 1 or rest < 1:
         raise ConversionError(f"{c.src}: keys prefix_dense_sliding_window_pattern / sliding_window_pattern must be "
@@ -95,7 +80,7 @@ def hparams(c: Config) -> dict[str, Any]:
     if selection not in ("softmax", "sigmoid"):
         raise ConversionError(f"{c.src}: key expert_selection_fn = {str(selection)[:40]}: expected 'softmax' or "
                               f"'sigmoid'")
-    n_dense = dense_lead(c)
+    n_dense = leading_dense_layers(c, default=0)
     rms = c.get("rms_norm_eps", default=None)           # null (the class default): LayerNorm
     kv = {
         **common_hparams(Config({**c.d, "rms_norm_eps": 1.0}, c.src, c.defaults)),
@@ -144,12 +129,7 @@ TENSORS = {
 
 
 def sanitize(w, c: Config) -> None:
-    for bid in range(c.n_layer):             # transformers' in-memory fused experts, if a checkpoint holds them
-        e = MLP.format(bid=bid) + ".experts."
-        if e + "gate_up_proj" in w:
-            split_halves(w, e + "gate_up_proj", e + "gate_proj.weight", e + "up_proj.weight", axis=-2)
-        if e + "down_proj" in w:
-            w[e + "down_proj.weight"] = w.pop(e + "down_proj")
+    unfuse_experts(w, c, MLP + ".experts")
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, drop_layers_beyond
+from . import SIGMOID, Config, Family, drop_layers_beyond, leading_dense_layers
 from .deepseek_v2 import TENSORS, hparams, sanitize
 
 
@@ -85,11 +85,7 @@ def lite_hparams(c: Config) -> dict[str, Any]:
     kv = v3_hparams(c)
     if not c.has("first_k_dense_replace"):
         types = c.get("mlp_layer_types", default=None) or ["dense"] + ["sparse"] * (c.n_layer - 1)
-        n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types))
-        if not isinstance(types, list) or len(types) != c.n_layer or set(types[n_dense:]) != {"sparse"}:
-            raise ConversionError(f"{c.src}: mlp_layer_types must list {c.n_layer} entries, the dense layers first "
-                                  f"then sparse (what the deepseek2 GGUF's leading_dense_block_count expresses)")
-        kv["leading_dense_block_count"] = n_dense
+        kv["leading_dense_block_count"] = leading_dense_layers(c, types)
     return kv
 
 

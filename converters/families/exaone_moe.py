@@ -19,7 +19,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, stack_experts
+from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, leading_dense_layers, sliding_layers, stack_experts
 from .glm4_moe import DEEPSEEK_MOE_NAMES, MLP
 
 ATTN = "model.layers.{bid}.self_attn"
@@ -55,13 +55,9 @@ def n_nextn(c: Config) -> int:
 def swa_pattern(c: Config) -> list[bool]:
     """Per layer: sliding (True) or full attention, as ExaoneMoeConfig derives `layer_types`."""
     n = c.n_layer
-    types = c.get("layer_types", default=None)
-    if types is not None:
-        if not isinstance(types, list) or len(types) != n or \
-                not set(types) <= {"sliding_attention", "full_attention"}:
-            raise ConversionError(f"{c.src}: key layer_types must list {n} entries of 'sliding_attention' / "
-                                  f"'full_attention'")
-        return [t == "sliding_attention" for t in types]
+    flags = sliding_layers(c)
+    if flags is not None:
+        return flags
     p = c.get("sliding_window_pattern")
     if isinstance(p, str) and p and set(p) <= {"L", "G"}:
         return [p[i % len(p)] == "L" for i in range(n)]
@@ -69,18 +65,6 @@ def swa_pattern(c: Config) -> list[bool]:
         return [(i + 1) % p != 0 for i in range(n)]
     raise ConversionError(f"{c.src}: key sliding_window_pattern = {str(p)[:40]}: expected a period >= 1 or a "
                           f"string of 'L' / 'G'")
-
-
-def dense_lead(c: Config) -> int:
-    """Leading dense layers: `mlp_layer_types` (transformers' key, first) or `first_k_dense_replace`."""
-    types = c.get("mlp_layer_types", default=None)
-    if types is None:
-        return c.int("first_k_dense_replace")
-    n_dense = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
-    if not isinstance(types, list) or len(types) != c.n_layer or set(types[n_dense:]) != {"sparse"}:
-        raise ConversionError(f"{c.src}: mlp_layer_types must list {c.n_layer} entries, the dense layers first then "
-                              f"sparse (what the GGUF's leading_dense_block_count expresses)")
-    return n_dense
 
 
 def hparams(c: Config) -> dict[str, Any]:
@@ -109,7 +93,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "expert_gating_func": SIGMOID,
         "expert_group_count": c.int("n_group"),
         "expert_group_used_count": c.int("topk_group"),
-        "leading_dense_block_count": dense_lead(c),
+        "leading_dense_block_count": leading_dense_layers(c),
         "nextn_predict_layers": nextn,
         "rope.scaling.type": "none",
     }
