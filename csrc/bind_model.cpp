@@ -46,18 +46,22 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
     get(d, "attn_temp_offset", h.attn_temp_offset); get(d, "group_top2", h.group_top2);
     get(d, "parallel_residual", h.parallel_residual); get(d, "shexp_average", h.shexp_average);
+    get(d, "attn_gate_softplus", h.attn_gate_softplus);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
     if (h.act < ACT_SILU || h.act > ACT_RELU_SQR) throw FormatError("act " + std::to_string(h.act) + " is out of range");
     if (h.moe_latent < 0 || h.moe_latent > (1 << 20)) throw FormatError("moe_latent_size is out of range");
     // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
+    const size_t n = (size_t) std::max(h.n_layer, 0);
+    std::vector<int> n_head(n, h.n_head), rope_scaling(n, 1);   // optional lists: model-wide heads, scaling on
     std::vector<float> freq_base, kq_scale;
     get(d, "layer_mixer", mixer); get(d, "layer_ffn", ffn); get(d, "layer_mask", mask);
     get(d, "layer_n_head_kv", n_head_kv); get(d, "layer_head_k", head_k); get(d, "layer_head_v", head_v);
     get(d, "layer_n_rot", n_rot); get(d, "layer_rope_factors", rope_factors); get(d, "layer_attn_temp", attn_temp);
     get(d, "layer_freq_base", freq_base); get(d, "layer_kq_scale", kq_scale);
-    const size_t n = (size_t) std::max(h.n_layer, 0);
-    for (auto * v : {&mixer, &ffn, &mask, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp})
+    get(d, "layer_n_head", n_head); get(d, "layer_rope_scaling", rope_scaling);
+    for (auto * v : {&mixer, &ffn, &mask, &n_head, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp,
+                     &rope_scaling})
         if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
     if (freq_base.size() != n || kq_scale.size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
     h.plan.resize(n);
@@ -65,9 +69,10 @@ static HParams hparams_from(const py::dict & d) {
         LayerPlan & p = h.plan[i];
         p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
         p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
-        p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i];
+        p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i]; p.n_head = n_head[i]; p.rope_scaling = rope_scaling[i] != 0;
         if (p.mixer < MIXER_ATTN || p.mixer > MIXER_NONE || p.ffn < FFN_DENSE || p.ffn > FFN_NONE || p.mask < MASK_CAUSAL ||
-            p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
+            p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.n_head <= 0 || p.n_head > h.n_head || p.n_head % p.n_head_kv ||
+            p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)
             throw FormatError("layer plan of layer " + std::to_string(i) + " is out of range");
     }
     bool shortconv = false, deltanet = false, mamba2 = false;

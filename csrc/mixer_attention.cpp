@@ -1,6 +1,8 @@
 // Mixer: multi-head attention with a KV cache (GQA, per-layer head sizes and kv heads, q/k norms before or
 // after RoPE, q/k/v/o biases, K = V layers, V norm, partial and per-layer RoPE, NoPE layers with Llama-4's
-// attention temperature, sinks, a sigmoid output gate: per head from q (Qwen3.5) or per element (AFMoE)). MLA builds its q/k/v in mixer_mla.cpp and shares attention() below.
+// attention temperature, sinks, output gates: sigmoid per head from q (Qwen3.5); from attn_gate on the input,
+// sigmoid per element (AFMoE) or softplus per head or per element (Laguna)). Query heads per layer (p.n_head).
+// MLA builds its q/k/v in mixer_mla.cpp and shares attention() below.
 //
 //   cur [n_embd, T] -> q [dk, n_head, T], k [dk, n_head_kv, T], v [dv, n_head_kv, T]
 //   -> attention() -> [dv, T, n_head] -> merge heads [dv * n_head, T] -> W_o -> [n_embd, T]
@@ -9,13 +11,15 @@
 
 namespace moelite {
 
-// RoPE of layer il (its rotated dims, base and factors); t: [d, n_heads, T]. NoPE layers return t.
+// RoPE of layer il (its rotated dims, base and factors; the model's scaling unless the layer runs plain RoPE);
+// t: [d, n_heads, T]. NoPE layers return t.
 ggml_tensor * Model::rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos) {
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
     if (p.n_rot == 0) return t;
+    const bool s = p.rope_scaling;
     return ggml_rope_ext(ctx, t, pos, layers_[il].rope_freqs, p.n_rot, h.rope_type, h.n_ctx_orig, p.freq_base,
-                         h.freq_scale, h.ext_factor, h.attn_factor, h.beta_fast, h.beta_slow);
+                         s ? h.freq_scale : 1.f, s ? h.ext_factor : 0.f, s ? h.attn_factor : 1.f, h.beta_fast, h.beta_slow);
 }
 
 ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur,
@@ -27,12 +31,12 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
     ggml_tensor * gate = nullptr;                                      // Qwen3.5: per head [q_h | gate_h]
     if (h.attn_output_gate) {
         const size_t el = ggml_element_size(q);
-        gate = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, h.n_head, T, 2 * p.head_k * el, q->nb[1], p.head_k * el),
-                            p.head_k * h.n_head, T);
-        q = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, h.n_head, T, 2 * p.head_k * el, q->nb[1], 0),
-                         p.head_k * h.n_head, T);
-    } else if (L.wqkv_gate) {                                          // AFMoE: attn_gate [n_embd -> n_head * dv]
-        gate = dense_mm(ctx, L.wqkv_gate, cur);                        // [n_head * dv, T]
+        gate = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, p.n_head, T, 2 * p.head_k * el, q->nb[1], p.head_k * el),
+                            p.head_k * p.n_head, T);
+        q = ggml_cont_2d(ctx, ggml_view_3d(ctx, q, p.head_k, p.n_head, T, 2 * p.head_k * el, q->nb[1], 0),
+                         p.head_k * p.n_head, T);
+    } else if (L.wqkv_gate) {                                          // attn_gate [n_embd -> n_head * dv or n_head]
+        gate = dense_mm(ctx, L.wqkv_gate, cur);                        // [n_head * dv, T] or [n_head, T]
     }
     ggml_tensor * k = dense_mm(ctx, L.wk, cur);                        // [n_head_kv * dk, T]
     ggml_tensor * v = L.wv ? dense_mm(ctx, L.wv, cur) : k;             // K = V layers (Gemma-4 global): raw k
@@ -43,7 +47,7 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         q = ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.q_norm);
         k = ggml_mul(ctx, ggml_rms_norm(ctx, k, h.norm_eps), L.k_norm);
     }
-    q = ggml_reshape_3d(ctx, q, p.head_k, h.n_head, T);
+    q = ggml_reshape_3d(ctx, q, p.head_k, p.n_head, T);
     k = ggml_reshape_3d(ctx, k, p.head_k, p.n_head_kv, T);
     v = ggml_reshape_3d(ctx, v, p.head_v, p.n_head_kv, T);
     const bool head_norm = h.qk_norm == QK_NORM_HEAD;
@@ -66,8 +70,13 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         q = ggml_mul(ctx, q, attn_temp_input(ctx, T));
     }
     ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, n_head, T]
-    o = ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T);
-    if (gate) o = ggml_mul(ctx, o, ggml_sigmoid(ctx, gate));           // gated attention output
+    if (gate) {                                                        // gated attention output
+        gate = h.attn_gate_softplus ? ggml_softplus(ctx, gate) : ggml_sigmoid(ctx, gate);
+        if (gate->ne[0] == p.n_head) gate = ggml_reshape_3d(ctx, gate, 1, p.n_head, T);   // per head: over dv
+        else o = ggml_reshape_2d(ctx, o, p.head_v * p.n_head, T);
+        o = ggml_mul(ctx, o, gate);
+    }
+    o = ggml_reshape_2d(ctx, o, p.head_v * p.n_head, T);
     o = dense_mm(ctx, L.wo, o);                                        // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;
 }

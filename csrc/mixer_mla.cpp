@@ -16,9 +16,9 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     const int64_t R = p.n_rot, nope = p.head_k - R, C = h.kv_lora_rank;
     ggml_tensor * q = L.wq_a ? dense_mm(ctx, L.wq_b, norm(ctx, dense_mm(ctx, L.wq_a, cur), L.q_a_norm, nullptr))
                              : dense_mm(ctx, L.wq, cur);             // [n_head * dk, T]
-    q = ggml_reshape_3d(ctx, q, p.head_k, h.n_head, T);
-    ggml_tensor * q_nope = ggml_view_3d(ctx, q, nope, h.n_head, T, q->nb[1], q->nb[2], 0);
-    ggml_tensor * q_pe = rope(ctx, il, ggml_view_3d(ctx, q, R, h.n_head, T, q->nb[1], q->nb[2], nope * ggml_element_size(q)), pos);
+    q = ggml_reshape_3d(ctx, q, p.head_k, p.n_head, T);
+    ggml_tensor * q_nope = ggml_view_3d(ctx, q, nope, p.n_head, T, q->nb[1], q->nb[2], 0);
+    ggml_tensor * q_pe = rope(ctx, il, ggml_view_3d(ctx, q, R, p.n_head, T, q->nb[1], q->nb[2], nope * ggml_element_size(q)), pos);
     ggml_tensor * kv = dense_mm(ctx, L.wkv_a, cur);                    // [C + R, T]
     ggml_tensor * c = norm(ctx, ggml_view_2d(ctx, kv, C, T, kv->nb[1], 0), L.kv_a_norm, nullptr);   // [C, T]
     ggml_tensor * k_pe = rope(ctx, il, ggml_view_3d(ctx, kv, R, 1, T, kv->nb[1], kv->nb[1], C * ggml_element_size(kv)), pos);
@@ -31,7 +31,7 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T);                             // [C, n_head, T]
     o = ggml_mul_mat(ctx, L.wv_b, ggml_permute(ctx, o, 0, 2, 1, 3));                           // [dv, T, n_head]
     o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));                                      // [dv, n_head, T]
-    o = dense_mm(ctx, L.wo, ggml_reshape_2d(ctx, o, p.head_v * h.n_head, T));                 // [n_embd, T]
+    o = dense_mm(ctx, L.wo, ggml_reshape_2d(ctx, o, p.head_v * p.n_head, T));                 // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;
 }
 

@@ -364,9 +364,9 @@ void Model::build_layers() {
         } else if (p.mixer != MIXER_NONE) {
             if (p.mixer == MIXER_MLA) load_mla(il, L);
             else load_attention(il, L);
-            L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) h.n_head * p.head_v, E});
+            L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) p.n_head * p.head_v, E});
             L.bo = load_tensor(blk(il, "attn_output.bias"), false, 1, {E});
-            L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {h.n_head});
+            L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {p.n_head});
             L.rope_freqs = p.rope_factors ? rope_factors_ : nullptr;
         }
         load_ffn(il, L);
@@ -376,7 +376,7 @@ void Model::build_layers() {
 void Model::load_attention(int il, Layer & L) {
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
-    const int64_t E = h.n_embd, q_dim = (int64_t) h.n_head * p.head_k, kv_dim = (int64_t) p.n_head_kv * p.head_k,
+    const int64_t E = h.n_embd, q_dim = (int64_t) p.n_head * p.head_k, kv_dim = (int64_t) p.n_head_kv * p.head_k,
                   v_dim = (int64_t) p.n_head_kv * p.head_v;
     L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, (h.attn_output_gate ? 2 : 1) * q_dim});   // [+ gate]
     L.wk = load_tensor(blk(il, "attn_k.weight"), true, 2, {E, kv_dim});
@@ -386,8 +386,11 @@ void Model::load_attention(int il, Layer & L) {
     L.bq = load_tensor(blk(il, "attn_q.bias"), false, 1, {q_dim});
     L.bk = load_tensor(blk(il, "attn_k.bias"), false, 1, {kv_dim});
     L.bv = L.wv ? load_tensor(blk(il, "attn_v.bias"), false, 1, {v_dim}) : nullptr;
-    // AFMoE: a per-element output gate from the normed input (Qwen3.5's gate rides in attn_q instead)
-    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, (int64_t) h.n_head * p.head_v});
+    // an output gate from the normed input (Qwen3.5's gate rides in attn_q instead): per element (AFMoE, Laguna M.1)
+    // or, a width of n_head, per head (Laguna XS.2): llama.cpp tells them apart by that width too
+    const TensorInfo * g = idx_->find(blk(il, "attn_gate.weight"));
+    const bool per_head = g && g->ne[1] == p.n_head;
+    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, per_head ? p.n_head : (int64_t) p.n_head * p.head_v});
     if (h.qk_norm == QK_NORM_HEAD) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {p.head_k});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {p.head_k});
@@ -400,7 +403,7 @@ void Model::load_attention(int il, Layer & L) {
 void Model::load_mla(int il, Layer & L) {
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
-    const int64_t E = h.n_embd, q_dim = (int64_t) h.n_head * p.head_k, nope = p.head_k - p.n_rot;
+    const int64_t E = h.n_embd, q_dim = (int64_t) p.n_head * p.head_k, nope = p.head_k - p.n_rot;
     if (h.q_lora_rank > 0) {
         L.wq_a = load_tensor(blk(il, "attn_q_a.weight"), true, 2, {E, h.q_lora_rank});
         L.q_a_norm = load_tensor(blk(il, "attn_q_a_norm.weight"), true, 1, {h.q_lora_rank});
@@ -414,8 +417,8 @@ void Model::load_mla(int il, Layer & L) {
         throw FormatError(path_ + ": tensor '" + blk(il, "attn_kv_b.weight") +
                           "' (pre-MLA DeepSeek GGUF layout) is not supported; re-convert with `moelite convert` "
                           "to get attn_k_b / attn_v_b");
-    L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, h.n_head});
-    L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, h.n_head});
+    L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, p.n_head});
+    L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, p.n_head});
 }
 
 // Recurrent mixer weights (shapes: mixer_recurrent.cpp). Conv kernels and the DeltaNet gate vectors must be F32

@@ -33,8 +33,10 @@ enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
 
 struct LayerPlan {
     int mixer = MIXER_ATTN, ffn = FFN_DENSE, mask = MASK_CAUSAL;
-    int n_head_kv = 0, head_k = 0, head_v = 0;    // per-head sizes (MLA: of the decompressed heads)
+    int n_head = 0, n_head_kv = 0;                // query heads (Laguna: per layer) and kv heads
+    int head_k = 0, head_v = 0;                   // per-head sizes (MLA: of the decompressed heads)
     int n_rot = 0;                                // rotated dims; 0 = NoPE layer
+    bool rope_scaling = true;                     // the model's RoPE scaling (YaRN) here; off: plain RoPE (Laguna SWA)
     float freq_base = 10000.f;
     float kq_scale = 0.f;
     bool rope_factors = true;                     // apply the model's rope_freqs / rope factors here
@@ -81,6 +83,7 @@ struct HParams {
     bool parallel_residual = false;               // Command-R: x + attn(n) + ffn(n), n = attn_norm(x) (Cohere2-MoE)
     bool shexp_average = false;                   // (routed + shared expert) / 2 (Cohere2-MoE)
     bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
+    bool attn_gate_softplus = false;              // attn_gate tensor: out *= softplus(gate) (Laguna), else sigmoid
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
     // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =
     // heads, d_inner = heads * head size

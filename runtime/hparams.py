@@ -55,6 +55,10 @@ class ArchSpec:
     rope_dense_lead: bool = False       # nope_full, but leading dense layers keep RoPE (llama.cpp's force_rope);
                                         # `moelite.rope_dense_lead` = false (moelite's converter): as transformers
     shexp_average: bool = False         # (routed + shared expert) / 2 (llama.cpp hardcodes `average`: Cohere2-MoE)
+    # sliding layers rope with `rope.freq_base_swa` / `rope.dimension_count_swa` and without the model's RoPE scaling
+    # (plain RoPE, attention factor 1), full layers with the scaling (YaRN): llama.cpp's laguna graph
+    swa_rope: bool = False
+    gate_softplus: bool = False         # attn_gate: o *= softplus(gate) (Laguna), else sigmoid (AFMoE)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -93,6 +97,10 @@ ARCHS: dict[str, ArchSpec] = {
     # Cohere North: sliding RoPE 3 : 1 full NoPE, the dense lead roped; sigmoid gating when the key is absent
     "cohere2moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True, nope_full=True,
                            rope_dense_lead=True, parallel=True, shexp_average=True),
+    # Laguna: query heads per layer (attention.head_count array), softplus attention gate per head (or per element:
+    # the gate's width says which), sliding layers plain RoPE; pattern array, else full at il % 4 == 0
+    "laguna": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True,
+                       swa_rope=True, gate_softplus=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -192,15 +200,20 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     if n_layer <= 0:
         raise ModelFormatError(f"{path}: key '{arch}.block_count' minus '{arch}.nextn_predict_layers' is {n_layer}, "
                                f"expected >= 1")
-    n_head = int(k("attention.head_count"))
-    kv_heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, n_head)]
+    # query heads per layer (llama.cpp reads head_count with get_key_or_arr; Laguna stores an array), kv heads
+    # default to them; n_head: the most of any layer (scratch bounds)
+    heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer)]
+    n_head = max(heads)
+    kv_heads = [h if v is None else int(v)
+                for h, v in zip(heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None))]
+    heads = [h or n_head for h in heads]          # layers without attention (Nemotron-H's array): unused
     recurrent = _recurrent_layers(path, kv, arch, spec, n_layer, kv_heads)
     if any(recurrent):       # recurrent layers hold no KV: give them the attention layers' value (unused)
         attn_kv = [h for h, r in zip(kv_heads, recurrent) if not r and h > 0] or [max(max(kv_heads), 1)]
         kv_heads = [attn_kv[0] if r else h for h, r in zip(kv_heads, recurrent)]
     n_vocab = int(tensors["token_embd.weight"][1][1])
-    head_k = int(k("attention.key_length", n_embd // max(n_head, 1)))
-    head_v = int(k("attention.value_length", n_embd // max(n_head, 1)))
+    head_k = int(k("attention.key_length", n_embd // max(heads[0], 1)))
+    head_v = int(k("attention.value_length", n_embd // max(heads[0], 1)))
     kv_lora = int(k("attention.kv_lora_rank", 0))
     if kv_lora:       # MLA: per-head sizes of the decompressed heads
         head_k = int(k("attention.key_length_mla", head_k))
@@ -280,9 +293,11 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         context_length=int(k("context_length", 4096)),
         n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
         group_top2=spec.group_top2, parallel_residual=spec.parallel, shexp_average=spec.shexp_average,
+        attn_gate_softplus=spec.gate_softplus,
     )
     plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
-                layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head_kv=kv_heads,
+                layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head=heads,
+                layer_n_head_kv=kv_heads, layer_rope_scaling=[1] * n_layer,
                 layer_head_k=[head_k] * n_layer, layer_head_v=[head_v] * n_layer, layer_n_rot=[n_rot] * n_layer,
                 layer_freq_base=[freq_base] * n_layer, layer_kq_scale=[kq_scale] * n_layer,
                 layer_rope_factors=[1] * n_layer, layer_attn_temp=[0] * n_layer)
@@ -305,6 +320,10 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         plan["layer_n_rot"] = [0 if (il + 1) % spec.nope_step == 0 else n_rot for il in range(n_layer)]
     if spec.mup_embd:
         hp["embd_scale"] = math.sqrt(n_embd)
+    if spec.swa_rope:         # sliding layers: own theta and rotated dims (llama.cpp's defaults: the full layers')
+        rot_swa, base_swa = int(k("rope.dimension_count_swa", n_rot)), float(k("rope.freq_base_swa", freq_base))
+        for il in (i for i, s in enumerate(swa_layers) if s):
+            plan["layer_n_rot"][il], plan["layer_freq_base"][il], plan["layer_rope_scaling"][il] = rot_swa, base_swa, 0
     if spec.single_blocks:
         _single_block_plan(path, k, hp, plan, tensors, recurrent)
     if spec.parallel:         # Cohere multiplies the logits by logit_scale (0: none), the C++ head divides (Granite)

@@ -197,7 +197,8 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the
         # expert activations [n_ff, K, t] x 3 + [n_embd, K, t] x 2, plus a few [n_embd, t] temporaries
         # flash attention never materializes the scores: its q/k/v/output rows per token instead
-        attn = 4 * hp["n_head"] * head if flash_attn else 2 * hp["n_head"] * n_ctx
+        n_head = max(hp.get("layer_n_head", [hp["n_head"]]))         # query heads of the widest layer
+        attn = 4 * n_head * head if flash_attn else 2 * n_head * n_ctx
         experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
         # + the output graph's logits, a block of rows at a time (csrc kOutputScratch = 8 MiB)
         row = 4 * (hp["n_vocab"] + 2 * hp["n_embd"])

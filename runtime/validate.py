@@ -100,6 +100,7 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
     "act": (COUNT0, None),
     "jitter_eps": (Rule("real", 0.0), "expert_router_jitter"),
     # the per-layer plan (lists of n_layer entries)
+    "layer_n_head": (COUNT, "attention.head_count"),
     "layer_n_head_kv": (COUNT, "attention.head_count_kv"),
     "layer_head_k": (COUNT, "attention.key_length"),
     "layer_head_v": (COUNT, "attention.value_length"),
@@ -218,8 +219,12 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
             need(len(v) == n_layer, field, f"expected {n_layer} entries (one per layer)")
     for il in range(n_layer if "layer_n_head_kv" in hp else 0):
         kv_heads, head_k, n_rot = hp["layer_n_head_kv"][il], hp["layer_head_k"][il], hp["layer_n_rot"][il]
-        if n_head % kv_heads:
-            raise _fail(path, name("layer_n_head_kv") + f"[{il}]", kv_heads, f"expected a divisor of n_head = {n_head}")
+        q_heads = hp.get("layer_n_head", [n_head] * n_layer)[il]
+        if q_heads > n_head:
+            raise _fail(path, name("layer_n_head") + f"[{il}]", q_heads, f"expected <= n_head = {n_head}")
+        if q_heads % kv_heads:
+            raise _fail(path, name("layer_n_head_kv") + f"[{il}]", kv_heads,
+                        f"expected a divisor of the layer's query heads {q_heads}")
         if n_rot % 2 or n_rot > head_k:
             raise _fail(path, name("layer_n_rot") + f"[{il}]", n_rot, f"expected an even number <= the head size {head_k}")
     if tensors is not None:
@@ -279,13 +284,14 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
     heads_kv = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     heads_k = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
     heads_v = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
+    heads_q = hp.get("layer_n_head", [hp["n_head"]] * n_layer)          # Laguna: query heads per layer
     for il in range(n_layer):
         b = f"blk.{il}."
-        q_dim, o_dim = hp["n_head"] * heads_k[il], hp["n_head"] * heads_v[il]
+        q_dim, o_dim = heads_q[il] * heads_k[il], heads_q[il] * heads_v[il]
         kv_dim, v_dim = heads_kv[il] * heads_k[il], heads_kv[il] * heads_v[il]
         per_layer = {"attn_norm.weight": [E], "attn_norm.bias": [E], "ffn_norm.weight": [E], "ffn_norm.bias": [E],
                      "post_attention_norm.weight": [E], "attn_output.weight": [o_dim, E], "attn_output.bias": [E],
-                     "attn_sinks.weight": [hp["n_head"]], "ffn_gate_inp.weight": [E, n_exp],
+                     "attn_sinks.weight": [heads_q[il]], "ffn_gate_inp.weight": [E, n_exp],
                      "ffn_gate_inp.bias": [n_exp], "exp_probs_b.bias": [n_exp], "ffn_gate_inp.scale": [E],
                      "exp_probs_b": [n_exp],                                  # llama.cpp's hy_v3 name
                      "ffn_down_exps.scale": [n_exp], "layer_output_scale.weight": [1],
@@ -295,7 +301,9 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
             q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim      # Qwen3.5: [q_h | gate_h] per head
             per_layer.update({"attn_q.weight": [E, q_rows], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
                               "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim],
-                              "attn_gate.weight": [E, hp["n_head"] * heads_v[il]]})       # AFMoE output gate
+                              # output gate per element (AFMoE), or per head (Laguna: llama.cpp's rule, by width)
+                              "attn_gate.weight": [E, heads_q[il] if (shape(b + "attn_gate.weight") or [0, 0])[1] ==
+                                                   heads_q[il] else o_dim]})
         if (hp["layer_mixer"][il] if "layer_mixer" in hp else int(bool(hp.get("kv_lora_rank")))) == MIXER_MLA:
             per_layer.update(_mla_shapes(path, b, hp, heads_k[il], heads_v[il], tensors))
         down = shape(b + "ffn_down_exps.weight")
@@ -370,8 +378,10 @@ def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,
     checkpoint holds, the keys decide what the core reads) and have these shapes."""
     if b + "attn_kv_b.weight" in tensors:          # the pre-MLA layout: the core names it
         return {}
-    E, n_head, q_lora, kv_lora = hp["n_embd"], hp["n_head"], hp["q_lora_rank"], hp["kv_lora_rank"]
-    n_rot = hp["layer_n_rot"][int(b.split(".")[1])] if "layer_n_rot" in hp else hp["n_rot"]
+    il = int(b.split(".")[1])
+    E, q_lora, kv_lora = hp["n_embd"], hp["q_lora_rank"], hp["kv_lora_rank"]
+    n_head = hp["layer_n_head"][il] if "layer_n_head" in hp else hp["n_head"]
+    n_rot = hp["layer_n_rot"][il] if "layer_n_rot" in hp else hp["n_rot"]
     q_dim = n_head * head_k
     want = {"attn_kv_a_mqa.weight": [E, kv_lora + n_rot], "attn_kv_a_norm.weight": [kv_lora],
             "attn_k_b.weight": [head_k - n_rot, kv_lora, n_head], "attn_v_b.weight": [kv_lora, head_v, n_head]}

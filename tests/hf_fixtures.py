@@ -42,7 +42,7 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 # hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet / Mamba2 layers (wave 2; nemotron_h wave 3)
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
-WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe")
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3"}
@@ -190,6 +190,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
                        norm_topk_prob=True, routed_scaling_factor=2.5, head_dim=16, mamba_num_heads=8,
                        mamba_head_dim=16, n_groups=2, ssm_state_size=16, conv_kernel=4, chunk_size=16,
                        layer_norm_epsilon=1e-5),
+    # Laguna XS.2: query heads per layer, full layers at il % 4 == 0 (llama.cpp's fallback pattern) with partial YaRN
+    # RoPE, sliding layers plain full RoPE on their own theta, QK-norm, per-head softplus output gate, sigmoid + bias
+    # routing renormalised x 2.5, a shared expert of its own width, the first layer dense
+    "laguna": dict(num_hidden_layers=5, num_attention_heads_per_layer=[4, 6, 6, 6, 4], head_dim=16, num_experts=8,
+                   num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=48,
+                   mlp_layer_types=["dense"] + ["sparse"] * 4, moe_routed_scaling_factor=2.5, gating=True,
+                   sliding_window=5, layer_types=["full_attention"] + ["sliding_attention"] * 3 + ["full_attention"],
+                   rms_norm_eps=1e-6,
+                   rope_parameters={
+                       "full_attention": {"rope_type": "yarn", "rope_theta": 5e5, "partial_rotary_factor": 0.5,
+                                          "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
+                                          "beta_slow": 1.0},
+                       "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}}),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),

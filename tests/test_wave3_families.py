@@ -272,3 +272,39 @@ def test_nemotron_h_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path
     with pytest.raises(ConversionError, match=key):
         convert(d, tmp_path / "bad.gguf", "f32", progress=False)
     assert not (tmp_path / "bad.gguf").exists()
+
+
+FULL5 = ["full_attention"] * 5
+
+
+@pytest.mark.parametrize("override", [{"gating": "per-element"},                       # Laguna M.1's gate
+                                      {"layer_types": FULL5},                           # no sliding layer: no window
+                                      {"num_attention_heads_per_layer": None}])          # one head count (M.1)
+def test_laguna_variants_match_transformers(override):
+    """Laguna's other shapes: the softplus gate per element (its width n_head * head_dim tells it apart, as in
+    llama.cpp), all layers full attention (YaRN everywhere, no window written), a model-wide head count."""
+    hf, path = fixture_gguf("laguna", **override)
+    assert float(np.abs(logits(path) - hf_logits(hf, PROMPT)).max()) <= 1e-3
+
+
+def test_laguna_layer_shapes_and_rope_per_type():
+    """The layer plan counts each layer's query heads (attention and planner), and rotates the sliding layers with
+    their own dims and theta, without YaRN (llama.cpp's laguna graph)."""
+    from moelite.runtime.hparams import parse_hparams
+    _, path = fixture_gguf("laguna")
+    g = _core.read_gguf(str(path))
+    hp = parse_hparams(str(path), g["kv"], {t[0]: (t[1], t[2], None, t[4]) for t in g["tensors"]})
+    assert hp["layer_n_head"] == [4, 6, 6, 6, 4] and hp["n_head"] == 6
+    assert hp["layer_mask"] == [0, 1, 1, 1, 0] and hp["layer_rope_scaling"] == [1, 0, 0, 0, 1]
+    assert hp["layer_n_rot"] == [8, 16, 16, 16, 8] and hp["layer_freq_base"] == [5e5, 1e4, 1e4, 1e4, 5e5]
+
+
+def test_laguna_router_softcap_is_refused(tmp_path):
+    """llama.cpp's laguna graph has no router logit softcap: a checkpoint with one is refused by name."""
+    hf, _ = fixture_gguf("laguna")
+    cfg = json.loads((hf / "config.json").read_text())
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, "moe_router_logit_softcapping": 30.0}))
+    with pytest.raises(ConversionError, match="moe_router_logit_softcapping"):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
