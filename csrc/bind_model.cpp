@@ -46,7 +46,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_chunk", h.n_chunk); get(d, "attn_temp_scale", h.attn_temp_scale); get(d, "attn_temp_floor", h.attn_temp_floor);
     get(d, "attn_temp_offset", h.attn_temp_offset); get(d, "group_top2", h.group_top2);
     get(d, "parallel_residual", h.parallel_residual); get(d, "shexp_average", h.shexp_average);
-    get(d, "attn_gate_softplus", h.attn_gate_softplus);
+    get(d, "attn_gate_softplus", h.attn_gate_softplus); get(d, "attn_value_scale", h.attn_value_scale);
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
     if (h.act < ACT_SILU || h.act > ACT_RELU_SQR) throw FormatError("act " + std::to_string(h.act) + " is out of range");
     if (h.moe_latent < 0 || h.moe_latent > (1 << 20)) throw FormatError("moe_latent_size is out of range");

@@ -70,6 +70,7 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
         q = ggml_mul(ctx, q, attn_temp_input(ctx, T));
     }
     ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);              // [dv, n_head, T]
+    if (h.attn_value_scale != 1.f) o = ggml_scale(ctx, o, h.attn_value_scale);   // = V x scale (MiMo-V2)
     if (gate) {                                                        // gated attention output
         gate = h.attn_gate_softplus ? ggml_softplus(ctx, gate) : ggml_sigmoid(ctx, gate);
         if (gate->ne[0] == p.n_head) gate = ggml_reshape_3d(ctx, gate, 1, p.n_head, T);   // per head: over dv

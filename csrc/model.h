@@ -84,6 +84,7 @@ struct HParams {
     bool shexp_average = false;                   // (routed + shared expert) / 2 (Cohere2-MoE)
     bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
     bool attn_gate_softplus = false;              // attn_gate tensor: out *= softplus(gate) (Laguna), else sigmoid
+    float attn_value_scale = 1.f;                 // V x this (MiMo-V2: attention.value_scale), applied to the output
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
     // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =
     // heads, d_inner = heads * head size

@@ -101,6 +101,10 @@ ARCHS: dict[str, ArchSpec] = {
     # the gate's width says which), sliding layers plain RoPE; pattern array, else full at il % 4 == 0
     "laguna": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True,
                        swa_rope=True, gate_softplus=True),
+    # MiMo-V2-Flash: KV heads per layer (an array counting the MTP blocks), sinks on the SWA layers (their tensors),
+    # sliding layers on their own RoPE theta, V x `attention.value_scale`; llama.cpp's graph hardcodes renormalised
+    # sigmoid routing and tells dense from MoE layers by their tensors (its converter writes no dense-lead key)
+    "mimo2": ArchSpec(ROPE_NEOX, gating=GATING_SIGMOID, weights_norm=None, swa_rope=True, ffn_by_tensors=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -116,8 +120,9 @@ def _number(kv: dict, path: str, key: str, v: Any) -> Any:
     raise ModelFormatError(f"{path}: key '{key}' should be a number, got {type(v).__name__}")
 
 
-def _per_layer(kv: dict, path: str, key: str, n_layer: int, default: Any = ...) -> list:
-    """A key that llama.cpp reads with get_key_or_arr: one value for every layer, or an array of n_layer."""
+def _per_layer(kv: dict, path: str, key: str, n_layer: int, default: Any = ..., n_block: int = 0) -> list:
+    """A key that llama.cpp reads with get_key_or_arr: one value for every layer, or an array of n_layer (or of
+    n_block: the trunk and its MTP blocks, as llama.cpp's mimo2 writes them; the trunk's entries are returned)."""
     if key not in kv:
         if default is ...:
             raise ModelFormatError(f"{path}: missing key '{key}'")
@@ -126,6 +131,8 @@ def _per_layer(kv: dict, path: str, key: str, n_layer: int, default: Any = ...) 
     if isinstance(v, str) or not hasattr(v, "__len__"):
         return [_number(kv, path, key, v)] * n_layer
     vals = [_number(kv, path, key, x) for x in v]
+    if n_block > n_layer and len(vals) == n_block:
+        vals = vals[:n_layer]
     if len(vals) != n_layer:
         raise ModelFormatError(f"{path}: key '{key}' has {len(vals)} entries, expected {n_layer} (one per layer)")
     return vals
@@ -205,8 +212,17 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer)]
     n_head = max(heads)
     kv_heads = [h if v is None else int(v)
-                for h, v in zip(heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None))]
+                for h, v in zip(heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None,
+                                         int(k("block_count"))))]
     heads = [h or n_head for h in heads]          # layers without attention (Nemotron-H's array): unused
+    # MTP blocks with their own KV heads (MiMo-V2: SWA blocks after a full last layer): their shapes are checked
+    # against the last trunk layer with as many (validate._check_nextn)
+    kv_all = kv.get(f"{arch}.attention.head_count_kv")
+    nextn_ref = []            # per MTP block (blk.{n_layer + i}): the trunk layer its shapes follow
+    if hasattr(kv_all, "__len__") and not isinstance(kv_all, str) and len(kv_all) == int(k("block_count")) > n_layer:
+        for ib in range(n_layer, len(kv_all)):
+            want = _number(kv, path, f"{arch}.attention.head_count_kv", kv_all[ib])
+            nextn_ref.append(max((il for il in range(n_layer) if kv_heads[il] == want), default=n_layer - 1))
     recurrent = _recurrent_layers(path, kv, arch, spec, n_layer, kv_heads)
     if any(recurrent):       # recurrent layers hold no KV: give them the attention layers' value (unused)
         attn_kv = [h for h, r in zip(kv_heads, recurrent) if not r and h > 0] or [max(max(kv_heads), 1)]
@@ -294,6 +310,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
         group_top2=spec.group_top2, parallel_residual=spec.parallel, shexp_average=spec.shexp_average,
         attn_gate_softplus=spec.gate_softplus,
+        attn_value_scale=float(k("attention.value_scale", 1.0) or 1.0),     # V x this (MiMo-V2; 0: none, llama.cpp)
+        nextn_ref=nextn_ref,
     )
     plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
                 layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head=heads,

@@ -350,7 +350,9 @@ def _check_nextn(path: str, tensors: dict[str, tuple], hp: dict[str, Any], expec
                         ("nextn.shared_head_norm.weight", [E]), ("nextn.embed_tokens.weight", [E, V]),
                         ("nextn.shared_head_head.weight", [E, V])):
             expect(b + n, want)
-        last = f"blk.{n_layer - 1}."             # the block itself: what the trunk's last layer has, same shapes
+        # the block itself: what the trunk's last layer of its kind has (MiMo-V2: the last SWA layer), same shapes
+        ref = hp.get("nextn_ref") or []
+        last = f"blk.{ref[il - n_layer] if il - n_layer < len(ref) else n_layer - 1}."
         for n in tensors:
             if n.startswith(b) and not n.startswith(b + "nextn.") and last + n[len(b):] in tensors and \
                     not n.endswith(("_exps.weight", "_shexp.weight", "ffn_gate.weight", "ffn_up.weight",

@@ -42,7 +42,8 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 # hybrid recurrent: attention layers mixed with short-conv / Gated DeltaNet / Mamba2 layers (wave 2; nemotron_h wave 3)
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
-WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna")
+WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna",
+                  "mimo_v2_flash")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3"}
@@ -203,6 +204,13 @@ CONFIGS: dict[str, dict[str, Any]] = {
                                           "factor": 4.0, "original_max_position_embeddings": 128, "beta_fast": 32.0,
                                           "beta_slow": 1.0},
                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 1.0}}),
+    # MiMo-V2-Flash: full layers [F, S, S, F] (the last full, as the release's 48th), SWA layers with twice the KV heads
+    # and sinks, q/k heads 24 / v heads 16, partial RoPE (0.334: 8 of 24 dims, class thetas), V x 0.707, sigmoid +
+    # bias routing renormalised, no shared expert, the first layer dense; the window 5 + the query
+    "mimo_v2_flash": dict(num_hidden_layers=4, num_key_value_heads=1, head_dim=24, v_head_dim=16, n_routed_experts=8,
+                          num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, sliding_window=6,
+                          layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                          rms_norm_eps=1e-5),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -227,6 +235,13 @@ RELEASE_KEYS: dict[str, dict[str, Any]] = {
     # Trinity's config.json says its router renormalises (AfmoeConfig always does and has no such key; llama.cpp's
     # converter writes expert_weights_norm only from it)
     "afmoe": {"route_norm": True},
+    # MiMo-V2-Flash's release config.json states its layout in its own keys (transformers reads only
+    # sliding_window_size of them, as sliding_window - 1, and hardcodes the rest); llama.cpp's converter reads them
+    "mimo_v2_flash": {"hybrid_layer_pattern": [0, 1, 1, 0], "moe_layer_freq": [0, 1, 1, 1],
+                      "swa_num_key_value_heads": 2, "swa_num_attention_heads": 4, "swa_head_dim": 24,
+                      "swa_v_head_dim": 16, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
+                      "sliding_window_size": 5, "rope_theta": 5e6, "swa_rope_theta": 1e4, "partial_rotary_factor": 0.334,
+                      "layernorm_epsilon": 1e-5},
 }
 
 

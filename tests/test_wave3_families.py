@@ -74,7 +74,31 @@ def hy_v3_mtp(ts: dict, n_layer: int) -> dict:
     return out
 
 
-MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp}     # the families whose release checkpoints hold MTP blocks
+def mimo_mtp(ts: dict, n_layer: int) -> dict:
+    """MiMo-V2's MTP as its release stores it: model.mtp.layers.{0,1,2}, each a decoder block with SWA attention
+    (twice the KV heads, sinks: layer 1's shapes) and a dense MLP, plus eh_proj / enorm / hnorm / final_layernorm;
+    config.json does not give the count (3, as llama.cpp hardcodes)."""
+    out = dict(ts)
+    H = ts["model.norm.weight"].shape[0]
+    rng = np.random.default_rng(5)
+    for i in range(N_MTP["mimo_v2_flash"]):
+        p = f"model.mtp.layers.{i}."
+        for k, v in ts.items():
+            if k.startswith("model.layers.1.") and ".mlp." not in k:
+                out[k.replace("model.layers.1.", p, 1)] = v + 0.01 * (i + 1)
+            if k.startswith("model.layers.0.mlp."):
+                out[k.replace("model.layers.0.", p, 1)] = v * 0.5
+        out[p + "eh_proj.weight"] = rng.standard_normal((H, 2 * H)).astype(np.float32) * 0.02
+        for n in ("enorm", "hnorm", "final_layernorm"):
+            out[p + f"{n}.weight"] = (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+    return out
+
+
+# the families whose release checkpoints hold MTP blocks; N_MTP: those whose config.json does not say how many
+MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp, "mimo_v2_flash": mimo_mtp}
+N_MTP = {"mimo_v2_flash": 3}
+# the MTP head's norm: nextn.shared_head_norm, or (MiMo-V2: final_layernorm, as llama.cpp maps it) layer_output_norm
+HEAD_NORM = {"mimo_v2_flash": "layer_output_norm"}
 
 
 def with_mtp(family: str, out: Path) -> Path:
@@ -82,7 +106,8 @@ def with_mtp(family: str, out: Path) -> Path:
     cfg = json.loads((hf / "config.json").read_text())
     n_layer = cfg["num_hidden_layers"]
     d = edited_copy(hf, out, lambda ts: MTP[family](ts, n_layer))
-    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+    if family not in N_MTP:
+        (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
     return d
 
 
@@ -95,19 +120,21 @@ def test_mtp_blocks_are_kept_checked_and_not_run(family, tmp_path):
     r = _core.read_gguf(str(path))
     arch = r["kv"]["general.architecture"]
     n_layer = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
-    assert r["kv"][f"{arch}.block_count"] == n_layer + 1 and r["kv"][f"{arch}.nextn_predict_layers"] == 1
+    n_mtp = N_MTP.get(family, 1)
+    assert r["kv"][f"{arch}.block_count"] == n_layer + n_mtp and r["kv"][f"{arch}.nextn_predict_layers"] == n_mtp
     names = {t[0]: list(t[2]) for t in r["tensors"]}
     H = names["output_norm.weight"][0]
-    assert names[f"blk.{n_layer}.nextn.eh_proj.weight"] == [2 * H, H]
-    for n in ("enorm", "hnorm", "shared_head_norm"):
-        assert names[f"blk.{n_layer}.nextn.{n}.weight"] == [H]
-    assert f"blk.{n_layer}.attn_q.weight" in names and f"blk.{n_layer}.ffn_norm.weight" in names
-    assert not any(n.startswith(f"blk.{n_layer + 1}.") for n in names)
+    for il in range(n_layer, n_layer + n_mtp):
+        assert names[f"blk.{il}.nextn.eh_proj.weight"] == [2 * H, H]
+        for n in ("nextn.enorm", "nextn.hnorm", HEAD_NORM.get(family, "nextn.shared_head_norm")):
+            assert names[f"blk.{il}.{n}.weight"] == [H]
+        assert f"blk.{il}.attn_q.weight" in names and f"blk.{il}.ffn_norm.weight" in names
+    assert not any(n.startswith(f"blk.{n_layer + n_mtp}.") for n in names)
 
     want = logits(plain)
     with moelite.load(path, kv_type="f32", n_threads=1) as m:
         assert np.array_equal(m.logits(PROMPT), want)          # the trunk is the same model, bit for bit
-        assert m.info()["n_layer"] == n_layer and m.info()["n_layer_nextn"] == 1
+        assert m.info()["n_layer"] == n_layer and m.info()["n_layer_nextn"] == n_mtp
         dense_mtp = m.plan.dense_bytes
     with moelite.load(plain, kv_type="f32", n_threads=1) as m:
         assert m.plan.dense_bytes == dense_mtp                  # MTP blocks are not loaded, so not planned
@@ -121,9 +148,13 @@ def test_mtp_gguf_both_ways_with_llama_cpp(family, tmp_path):
     ours = tmp_path / "ours.gguf"
     convert(hf, ours, "f32", progress=False)
     assert float(np.abs(llama_cpp_logits(ours, PROMPT) - logits(ours)).max()) <= 1e-3
-    theirs = pinned_convert(hf, tmp_path / "theirs.gguf", "--keep-mtp")
+    extra = ()
+    if family == "mimo_v2_flash":       # llama.cpp's converter reads MiMo-V2 only from config.json itself
+        from test_llama_cpp_cross import mimo_release_style
+        hf, extra = mimo_release_style(hf, tmp_path / "hf-release"), ("--raw-config",)
+    theirs = pinned_convert(hf, tmp_path / "theirs.gguf", "--keep-mtp", *extra)
     r = _core.read_gguf(str(theirs))
-    assert r["kv"][f"{r['kv']['general.architecture']}.nextn_predict_layers"] == 1
+    assert r["kv"][f"{r['kv']['general.architecture']}.nextn_predict_layers"] == N_MTP.get(family, 1)
     assert float(np.abs(logits(theirs) - hf_logits(hf, PROMPT)).max()) <= 1e-3
 
 
@@ -272,6 +303,55 @@ def test_nemotron_h_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path
     with pytest.raises(ConversionError, match=key):
         convert(d, tmp_path / "bad.gguf", "f32", progress=False)
     assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_mimo_release_config_converts_as_transformers_reads_it(tmp_path):
+    """MiMo-V2-Flash's release config.json: hybrid_layer_pattern / moe_layer_freq / rope_theta, swa_rope_theta,
+    partial_rotary_factor instead of transformers' layer_types / mlp_layer_types / rope_parameters, and
+    sliding_window = sliding_window_size (128 both): transformers (as the SGLang reference) attends
+    sliding_window_size previous tokens plus the query, so moelite writes sliding_window_size + 1 (llama.cpp's
+    converter writes the raw sliding_window: one token fewer). The same model as the transformers-saved fixture
+    (transformers itself ignores hybrid_layer_pattern and takes its default pattern, the release's for 48 layers)."""
+    hf, path = fixture_gguf("mimo_v2_flash")
+    cfg = json.loads((hf / "config.json").read_text())
+    for k in ("layer_types", "mlp_layer_types", "rope_parameters"):
+        cfg.pop(k)
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, "sliding_window": cfg["sliding_window_size"]}))
+    convert(d, tmp_path / "release.gguf", "f32", progress=False)
+    assert _core.read_gguf(str(tmp_path / "release.gguf"))["kv"]["mimo2.attention.sliding_window"] == 6
+    assert np.array_equal(logits(tmp_path / "release.gguf"), logits(path))
+
+
+@pytest.mark.parametrize("override, key", [({"swa_head_dim": 16}, "swa_head_dim"),
+                                           ({"topk_method": "greedy"}, "topk_method"),
+                                           ({"norm_topk_prob": False}, "norm_topk_prob"),
+                                           ({"hybrid_layer_pattern": [0, 1, 1, 1]}, "hybrid_layer_pattern")])
+def test_mimo_what_the_gguf_cannot_express_is_refused(override, key, tmp_path):
+    """llama.cpp's mimo2 has one head size for all layers and hardcodes renormalised noaux_tc routing; two layer
+    patterns that disagree have no one meaning: refused by name, nothing written."""
+    hf, _ = fixture_gguf("mimo_v2_flash")
+    cfg = json.loads((hf / "config.json").read_text())
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=key):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_mimo_fused_qkv_proj_converts_identically(tmp_path):
+    """MiMo-V2.5's layout: one qkv_proj per layer, rows [Q | K | V] (K and V with the layer's own KV heads): split
+    back into q / k / v, the same GGUF tensors as the separate projections."""
+    hf, path = fixture_gguf("mimo_v2_flash")
+
+    def fuse(ts):
+        for il in range(4):
+            a = f"model.layers.{il}.self_attn."
+            ts[a + "qkv_proj.weight"] = np.concatenate([ts.pop(a + f"{p}_proj.weight") for p in "qkv"], axis=0)
+        return ts
+    d = edited_copy(hf, tmp_path / "hf", fuse)
+    convert(d, tmp_path / "fused.gguf", "f32", progress=False)
+    assert np.array_equal(logits(tmp_path / "fused.gguf"), logits(path))
 
 
 FULL5 = ["full_attention"] * 5

@@ -311,10 +311,11 @@ class Family:
     tokenizer_pre: str = "default"
     defaults: dict[str, Any] = field(default_factory=dict)   # transformers class defaults (module docstring)
     keep_mtp: bool = False    # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
+    n_mtp: int = 0            # MTP blocks when config.json does not say (MiMo-V2: 3, as llama.cpp hardcodes)
 
     def n_blocks(self, c: Config) -> int:
         """Blocks written: the trunk, plus the MTP blocks of a family that keeps them."""
-        return c.n_layer + (c.int("num_nextn_predict_layers", default=0) if self.keep_mtp else 0)
+        return c.n_layer + (c.int("num_nextn_predict_layers", default=self.n_mtp) if self.keep_mtp else 0)
 
     def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
         """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""
@@ -347,7 +348,8 @@ class Family:
 FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
                   "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
                   "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe", "qwen3_next", "granitemoehybrid",
-                  "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "nemotron_h", "laguna")
+                  "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "nemotron_h", "laguna",
+                  "mimo_v2_flash")
 DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
                      "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")

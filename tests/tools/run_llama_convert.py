@@ -5,20 +5,26 @@ Only the vocabulary is patched, as FAMILIES_WAVE2.md did: the fixtures' tokenize
 whose pre-tokenizer hash llama.cpp does not know and which some families' set_vocab refuses (they want the
 real Gemma / GLM / ERNIE / Hunyuan tokenizer files). Tensors and hyperparameters go through llama.cpp's code
 unchanged; MTP layers are left out (--no-mtp) where the family supports MTP export, unless this script is given
---keep-mtp (its own switch, not passed on: the converter's default then keeps them).
+--keep-mtp (its own switch, not passed on: the converter's default then keeps them). --raw-config (its own switch
+too) makes the converter read config.json verbatim instead of through transformers' AutoConfig, as it does when
+AutoConfig fails: transformers 5.25 rewrites MiMo-V2's rope keys, which its converter then misses (FAMILIES_WAVE3.md).
 """
+import json
 import sys
 from pathlib import Path
 
 src = Path(sys.argv[1])
 sys.path[:0] = [str(src / "gguf-py"), str(src)]
-keep_mtp = "--keep-mtp" in sys.argv
-sys.argv = [str(src / "convert_hf_to_gguf.py")] + [a for a in sys.argv[2:] if a != "--keep-mtp"]
+keep_mtp, raw_config = "--keep-mtp" in sys.argv, "--raw-config" in sys.argv
+sys.argv = [str(src / "convert_hf_to_gguf.py")] + [a for a in sys.argv[2:] if a not in ("--keep-mtp", "--raw-config")]
 
 import convert_hf_to_gguf as conv  # noqa: E402
 from conversion import base  # noqa: E402
 
 base.TextModel.get_vocab_base_pre = lambda self, tokenizer: "gpt-2"
+if raw_config:
+    base.ModelBase.load_hparams = staticmethod(
+        lambda dir_model, is_mistral_format: json.loads((Path(dir_model) / "config.json").read_text()))
 _get_model_class = conv.get_model_class
 
 
