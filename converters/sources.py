@@ -99,7 +99,10 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
                 raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]")
         for key in _CONFIG_POSITIVE:
             v = values.get(key)
-            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < math.inf):
+            # rope_theta per layer: Step-3.5's release config.json
+            items = v if key == "rope_theta" and isinstance(v, list) and 0 < len(v) <= 1 << 16 else [v]
+            if v is not None and any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf
+                                     for x in items):
                 raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected a finite number > 0")
     n_layer = cfg.get("num_hidden_layers")
     held = len({m.group(1) for name in weight_map if (m := _LAYER.search(name))})

@@ -1,4 +1,5 @@
 // pybind11 bindings of the Model (csrc/model.h): dict in, numpy out.
+#include <cmath>
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
@@ -54,22 +55,27 @@ static HParams hparams_from(const py::dict & d) {
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
     const size_t n = (size_t) std::max(h.n_layer, 0);
     std::vector<int> n_head(n, h.n_head), rope_scaling(n, 1);   // optional lists: model-wide heads, scaling on
-    std::vector<float> freq_base, kq_scale;
+    std::vector<float> freq_base, kq_scale, clamp_exp(n, 0.f), clamp_shexp(n, 0.f);   // optional lists: no clamps
     get(d, "layer_mixer", mixer); get(d, "layer_ffn", ffn); get(d, "layer_mask", mask);
     get(d, "layer_n_head_kv", n_head_kv); get(d, "layer_head_k", head_k); get(d, "layer_head_v", head_v);
     get(d, "layer_n_rot", n_rot); get(d, "layer_rope_factors", rope_factors); get(d, "layer_attn_temp", attn_temp);
     get(d, "layer_freq_base", freq_base); get(d, "layer_kq_scale", kq_scale);
     get(d, "layer_n_head", n_head); get(d, "layer_rope_scaling", rope_scaling);
+    get(d, "layer_clamp_exp", clamp_exp); get(d, "layer_clamp_shexp", clamp_shexp);
     for (auto * v : {&mixer, &ffn, &mask, &n_head, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp,
                      &rope_scaling})
         if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
-    if (freq_base.size() != n || kq_scale.size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
+    if (freq_base.size() != n || kq_scale.size() != n || clamp_exp.size() != n || clamp_shexp.size() != n)
+        throw FormatError("layer plan: a per-layer list does not have n_layer entries");
     h.plan.resize(n);
     for (size_t i = 0; i < n; ++i) {
         LayerPlan & p = h.plan[i];
         p.mixer = mixer[i]; p.ffn = ffn[i]; p.mask = mask[i]; p.n_head_kv = n_head_kv[i]; p.head_k = head_k[i];
         p.head_v = head_v[i]; p.n_rot = n_rot[i]; p.rope_factors = rope_factors[i] != 0; p.attn_temp = attn_temp[i] != 0;
         p.freq_base = freq_base[i]; p.kq_scale = kq_scale[i]; p.n_head = n_head[i]; p.rope_scaling = rope_scaling[i] != 0;
+        p.clamp_exp = clamp_exp[i]; p.clamp_shexp = clamp_shexp[i];
+        if (!(p.clamp_exp >= 0.f && p.clamp_exp < INFINITY && p.clamp_shexp >= 0.f && p.clamp_shexp < INFINITY))
+            throw FormatError("layer plan of layer " + std::to_string(i) + ": a SwiGLU clamp is negative / not finite");
         if (p.mixer < MIXER_ATTN || p.mixer > MIXER_NONE || p.ffn < FFN_DENSE || p.ffn > FFN_NONE || p.mask < MASK_CAUSAL ||
             p.mask > MASK_CHUNKED || p.n_head_kv <= 0 || p.n_head <= 0 || p.n_head > h.n_head || p.n_head % p.n_head_kv ||
             p.head_k <= 0 || p.head_v <= 0 || p.n_rot < 0 || p.n_rot > p.head_k)

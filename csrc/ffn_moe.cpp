@@ -51,7 +51,8 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
     ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
     if (g && L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
     if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
-    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], glu(ctx, g, u), slots);   // [n_embd, K', T']
+    ggml_tensor * a = glu(ctx, g, u, hp_.plan[il].clamp_exp);          // [n_ff, K', T']
+    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots);      // [n_embd, K', T']
     if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
     return d;
 }
@@ -71,7 +72,7 @@ ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P,
     };
     ggml_tensor * g = P.arena[0] ? bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b) : nullptr;   // [n_ff, n]
     ggml_tensor * u = bias(ggml_mul_mat(ctx, mat(1), x), L.up_exps_b);     // [n_ff, n]
-    return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u)), L.down_exps_b);   // [n_embd, n]
+    return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u, hp_.plan[il].clamp_exp)), L.down_exps_b);   // [n_embd, n]
 }
 
 // Prompt ubatches: the grouped way (see the top of this file) for a pool the CPU computes, when the ubatch gives its
@@ -129,7 +130,7 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
     if (L.ffn_latent_up) moe = dense_mm(ctx, L.ffn_latent_up, moe);          // [L, T] -> [n_embd, T]
     if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
     if (L.up_shexp) {
-        ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp);
+        ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp, h.plan[il].clamp_shexp);
         if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, f.hn)));
         moe = ggml_add(ctx, moe, s);
         if (h.shexp_average) moe = ggml_scale(ctx, moe, 0.5f);          // Cohere2-MoE: the mean of the two

@@ -809,8 +809,8 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
     if (p.ffn == FFN_NONE) return res;                                  // a mixer-only block
     const bool par = hp_.parallel_residual && xn;   // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
     if (!L.moe)
-        return residual_out(ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down) : dense_block(ctx, il, res),
-                            res, L.ffn_post_norm, true);
+        return residual_out(ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down, p.clamp_shexp)
+                                         : dense_block(ctx, il, res), res, L.ffn_post_norm, true);
     f.res = res;
     f.hn = par ? xn : expert_input(ctx, il, res);                       // [n_embd, T]
     f.logits = router_logits(ctx, il, res, f.hn);                       // [n_expert, T]

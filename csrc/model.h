@@ -41,6 +41,8 @@ struct LayerPlan {
     float kq_scale = 0.f;
     bool rope_factors = true;                     // apply the model's rope_freqs / rope factors here
     bool attn_temp = false;                       // q *= 1 + s * log(1 + floor((pos + offset) / f)) (Llama-4 NoPE, Mistral-4)
+    // SwiGLU limits L (Step-3.5), 0 = none: min(silu(g), L) * clamp(u, -L, L), routed experts / dense and shared FFNs
+    float clamp_exp = 0.f, clamp_shexp = 0.f;
 };
 
 // Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
@@ -347,9 +349,10 @@ private:
                             ggml_tensor * v, int T);                                 // KV cache + softmax(QK)V
 
     // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)
-    ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down);
-    // act(g) * u, the family's act; g nullptr (ACT_RELU_SQR, no gate): relu(u)^2
-    ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u);
+    ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down,
+                      float limit = 0.f);
+    // act(g) * u, the family's act; g nullptr (ACT_RELU_SQR, no gate): relu(u)^2; limit > 0: SwiGLU clamped after SiLU
+    ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u, float limit = 0.f);
     ggml_tensor * dense_block(ggml_context * ctx, int il, ggml_tensor * h);   // norm -> FFN (-> post norm)
     ggml_tensor * router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn);  // [n_expert, T]
     ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input

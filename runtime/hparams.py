@@ -58,7 +58,11 @@ class ArchSpec:
     # sliding layers rope with `rope.freq_base_swa` / `rope.dimension_count_swa` and without the model's RoPE scaling
     # (plain RoPE, attention factor 1), full layers with the scaling (YaRN): llama.cpp's laguna graph
     swa_rope: bool = False
-    gate_softplus: bool = False         # attn_gate: o *= softplus(gate) (Laguna), else sigmoid (AFMoE)
+    gate_softplus: bool = False         # attn_gate: o *= softplus(gate) (Laguna), else sigmoid (AFMoE, Step-3.5)
+    rope_half_full: bool = False        # full-attention layers rotate rope.dimension_count / 2 (llama.cpp's step35)
+    # per-layer SwiGLU limits `swiglu_clamp_exp` / `_shexp` (0 = none), applied after the SiLU: min(silu(g), L) *
+    # clamp(u, -L, L) (llama.cpp's default order in build_moe_ffn / build_ffn; the shared limit also on dense layers)
+    swiglu_clamp: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -105,6 +109,11 @@ ARCHS: dict[str, ArchSpec] = {
     # sliding layers on their own RoPE theta, V x `attention.value_scale`; llama.cpp's graph hardcodes renormalised
     # sigmoid routing and tells dense from MoE layers by their tensors (its converter writes no dense-lead key)
     "mimo2": ArchSpec(ROPE_NEOX, gating=GATING_SIGMOID, weights_norm=None, swa_rope=True, ffn_by_tensors=True),
+    # Step-3.5: query heads per layer, per-head sigmoid attention gate (its tensor's width), sliding layers full RoPE
+    # on their own theta without the rope factors, full layers half (hardcoded); per-layer SwiGLU clamps; llama.cpp's
+    # graph tells dense from MoE layers by their tensors and gates with sigmoid when the key is absent
+    "step35": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_rope=True, ffn_by_tensors=True,
+                       rope_half_full=True, swiglu_clamp=True),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -209,7 +218,8 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                                f"expected >= 1")
     # query heads per layer (llama.cpp reads head_count with get_key_or_arr; Laguna stores an array), kv heads
     # default to them; n_head: the most of any layer (scratch bounds)
-    heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer)]
+    heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer,
+                                        n_block=int(k("block_count")))]
     n_head = max(heads)
     kv_heads = [h if v is None else int(v)
                 for h, v in zip(heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None,
@@ -342,6 +352,18 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         rot_swa, base_swa = int(k("rope.dimension_count_swa", n_rot)), float(k("rope.freq_base_swa", freq_base))
         for il in (i for i, s in enumerate(swa_layers) if s):
             plan["layer_n_rot"][il], plan["layer_freq_base"][il], plan["layer_rope_scaling"][il] = rot_swa, base_swa, 0
+            if spec.rope_half_full:     # llama.cpp's step35: no rope factors on sliding layers
+                plan["layer_rope_factors"][il] = 0
+    if spec.rope_half_full:
+        for il in (i for i, s in enumerate(swa_layers) if not s):
+            plan["layer_n_rot"][il] = n_rot // 2
+    if spec.swiglu_clamp:
+        for name in ("exp", "shexp"):
+            vals = [float(x) for x in _per_layer(kv, path, f"{arch}.swiglu_clamp_{name}", n_layer, 0.0,
+                                                  int(k("block_count")))]
+            if any(not 0.0 <= v < math.inf for v in vals):
+                raise ModelFormatError(f"{path}: key '{arch}.swiglu_clamp_{name}': expected non-negative finite limits")
+            plan[f"layer_clamp_{name}"] = vals
     if spec.single_blocks:
         _single_block_plan(path, k, hp, plan, tensors, recurrent)
     if spec.parallel:         # Cohere multiplies the logits by logit_scale (0: none), the C++ head divides (Granite)

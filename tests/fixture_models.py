@@ -18,7 +18,8 @@ RUNTIME_FAMILIES = ("qwen3_moe", "qwen2_moe", "olmoe", "mixtral", "deepseek_v2",
                     # wave 2 (hybrid recurrent)
                     "lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h",
                     # wave 3 (attention-only)
-                    "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna", "mimo_v2_flash")
+                    "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna", "mimo_v2_flash",
+                    "step3p5")
 
 
 def fixture_gguf(family: str, type: str = "f32", seed: int = 0, **overrides) -> tuple[Path, Path]:

@@ -43,10 +43,10 @@ WAVE2_FAMILIES = ("glm4_moe", "glm4_moe_lite", "dots1", "minimax_m2", "ernie4_5_
 HYBRID_FAMILIES = ("lfm2_moe", "qwen3_5_moe_text", "qwen3_next", "granitemoehybrid", "nemotron_h")
 # wave 3 (FAMILIES_WAVE3.md), attention-only: the release configs' keys and flags
 WAVE3_FAMILIES = ("exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "laguna",
-                  "mimo_v2_flash")
+                  "mimo_v2_flash", "step3p5")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
-WRAPPED = {"mistral4": "mistral3"}
+WRAPPED = {"mistral4": "mistral3", "step3p5": "step3p7"}
 _FIXTURE_VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
@@ -211,6 +211,19 @@ CONFIGS: dict[str, dict[str, Any]] = {
                           num_experts_per_tok=2, moe_intermediate_size=32, n_group=1, topk_group=1, sliding_window=6,
                           layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
                           rms_norm_eps=1e-5),
+    # Step-3.5 (inside Step3p7ForConditionalGeneration, as Step-3.7-Flash ships): [F, S, S, F], sliding layers with
+    # their own query heads (6), full layers half-rotated on theta 5e6, sliding full RoPE on 1e4; per-head sigmoid
+    # gate, (1+w) norms, QK-norm; the first layer dense; sigmoid + bias routing renormalised x 2.5 + a shared expert;
+    # SwiGLU clamps on the last layers (routed 0.5 / shared 0.4: they bite on these tiny activations)
+    "step3p5": dict(num_hidden_layers=4, head_dim=16, n_routed_experts=8, num_experts_per_tok=2,
+                    moe_intermediate_size=32, share_expert_dim=48, moe_router_scaling_factor=2.5, sliding_window=5,
+                    layer_types=["full_attention", "sliding_attention", "sliding_attention", "full_attention"],
+                    num_sliding_attention_heads=6, mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                    swiglu_limits=[0.0, 0.0, 0.5, 0.5], swiglu_limits_shared=[0.4, 0.0, 0.4, 0.4], rms_norm_eps=1e-5,
+                    rope_parameters={
+                        "full_attention": {"rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 0.5},
+                        "sliding_attention": {"rope_type": "default", "rope_theta": 1e4,
+                                              "partial_rotary_factor": 1.0}}),
     "granitemoeshared": dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, rope_theta=1e4,
                              shared_intermediate_size=80, embedding_multiplier=12.0, logits_scaling=8.0,
                              residual_multiplier=0.22, attention_multiplier=0.0078125, rms_norm_eps=1e-6),
@@ -242,6 +255,12 @@ RELEASE_KEYS: dict[str, dict[str, Any]] = {
                       "swa_v_head_dim": 16, "topk_method": "noaux_tc", "scoring_func": "sigmoid",
                       "sliding_window_size": 5, "rope_theta": 5e6, "swa_rope_theta": 1e4, "partial_rotary_factor": 0.334,
                       "layernorm_epsilon": 1e-5},
+    # Step-3.5-Flash's config.json (text_config of Step-3.7-Flash) in its own keys, which transformers 5.25 consumes
+    # (its class keys above say the same); llama.cpp's converter reads them (norm_expert_weight: else no renorm)
+    "step3p5": {"attention_other_setting": {"attention_type": "sliding_attention", "num_attention_heads": 6,
+                                            "num_attention_groups": 2, "head_dim": 16, "true_head_dim": 16},
+                "moe_layers_enum": "1,2,3", "rope_theta": [5e6, 1e4, 1e4, 5e6],
+                "partial_rotary_factors": [0.5, 1.0, 1.0, 0.5], "norm_expert_weight": True},
 }
 
 
@@ -364,7 +383,11 @@ def make_hf_model(family: str, out_dir: str | os.PathLike | None = None, *, seed
         release = _release_keys(family, config_overrides)
         if release:  # what the real release config.json carries beyond what transformers writes
             saved = json.loads((tmp / "config.json").read_text())
-            (tmp / "config.json").write_text(json.dumps({**saved, **release}, indent=2, sort_keys=True) + "\n")
+            if family in WRAPPED:         # the text model's own keys: in text_config
+                saved = {**saved, "text_config": {**saved["text_config"], **release}}
+            else:
+                saved = {**saved, **release}
+            (tmp / "config.json").write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n")
         GenerationConfig(bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id,
                          pad_token_id=cfg.pad_token_id, do_sample=False).save_pretrained(tmp)
         _make_tokenizer(tmp, FAMILY_SPECIALS.get(family, []))
@@ -382,6 +405,11 @@ def _wrapped_model(family: str, text_cfg):
     """The multimodal wrapper of `family` around its text config, with a tiny vision tower -> (config, model)."""
     import torch
     from transformers import AutoModelForImageTextToText, Mistral3Config, PixtralVisionConfig
+    if WRAPPED[family] == "step3p7":
+        from transformers import Step3p7Config, Step3p7VisionConfig
+        vision = Step3p7VisionConfig(width=32, layers=1, heads=2, image_size=28, patch_size=14)
+        cfg = Step3p7Config(text_config=text_cfg, vision_config=vision, image_token_id=VOCAB_SIZE - 1)
+        return text_cfg, AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     assert WRAPPED[family] == "mistral3"
     vision = PixtralVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                                  head_dim=16, image_size=28, patch_size=14)

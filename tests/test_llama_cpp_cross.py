@@ -50,6 +50,25 @@ def mimo_release_style(hf, out):
     return d
 
 
+def step35_release_style(hf, out):
+    """Step-3.5-Flash's text config as its release config.json states it (attention_other_setting, moe_layers_enum,
+    rope_theta per layer + partial_rotary_factors, num_attention_groups, moe_num_experts / moe_top_k) without
+    transformers' derived keys. llama.cpp's converter reads these only from config.json itself (`--raw-config`):
+    transformers 5.25's AutoConfig consumes them (KeyError 'num_attention_groups', FAMILIES_WAVE3.md)."""
+    import json
+    from hf_fixtures import edited_copy
+    d = edited_copy(hf, out, lambda ts: ts)
+    cfg = json.loads((d / "config.json").read_text())
+    t = cfg["text_config"]
+    for k in ("mlp_layer_types", "rope_parameters", "num_sliding_attention_heads", "per_layer_config"):
+        t.pop(k)
+    for new, old in (("num_attention_groups", "num_key_value_heads"), ("moe_num_experts", "n_routed_experts"),
+                     ("moe_top_k", "num_experts_per_tok")):
+        t[new] = t.pop(old)
+    (d / "config.json").write_text(json.dumps(cfg))
+    return d
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES + ("qwen3_moe",))
 def test_moelite_runs_llama_cpp_converted_gguf(family, tmp_path):
@@ -66,6 +85,8 @@ def test_moelite_runs_llama_cpp_converted_gguf(family, tmp_path):
     extra = ()
     if family == "mimo_v2_flash":
         hf, extra = mimo_release_style(hf, tmp_path / "hf"), ("--raw-config",)
+    if family == "step3p5":
+        hf, extra = step35_release_style(hf, tmp_path / "hf"), ("--raw-config",)
     path = pinned_convert(hf, tmp_path / f"{family}.gguf", *extra)
     err = float(np.abs(moelite_logits(path) - hf_logits(hf, PROMPT)).max())
     assert err <= 1e-3, f"{family}: moelite on llama.cpp's GGUF vs transformers max |logit diff| = {err}"

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fixture_models import fixture_gguf
-from hf_fixtures import WAVE3_FAMILIES, edited_copy, hf_logits
+from hf_fixtures import WAVE3_FAMILIES, WRAPPED, edited_copy, hf_logits
 from moelite.converters import convert
 
 import moelite
@@ -94,8 +94,24 @@ def mimo_mtp(ts: dict, n_layer: int) -> dict:
     return out
 
 
+def step35_mtp(ts: dict, n_layer: int) -> dict:
+    """Step-3.5's MTP as its release stores it: a decoder block (full attention with its gate, MoE + shared expert)
+    at model.layers.{n_layer}, plus eh_proj / enorm / hnorm and transformer.shared_head.norm (zero-centred norms)."""
+    out = dict(ts)
+    for k, v in ts.items():
+        if k.startswith(f"model.layers.{n_layer - 1}."):
+            out[k.replace(f"model.layers.{n_layer - 1}.", f"model.layers.{n_layer}.", 1)] = v + 0.01
+    H = ts["model.norm.weight"].shape[0]
+    rng = np.random.default_rng(6)
+    p = f"model.layers.{n_layer}."
+    out[p + "eh_proj.weight"] = rng.standard_normal((H, 2 * H)).astype(np.float32) * 0.02
+    for n in ("enorm", "hnorm", "transformer.shared_head.norm"):
+        out[p + f"{n}.weight"] = (0.1 * rng.standard_normal(H)).astype(np.float32)
+    return out
+
+
 # the families whose release checkpoints hold MTP blocks; N_MTP: those whose config.json does not say how many
-MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp, "mimo_v2_flash": mimo_mtp}
+MTP = {"exaone_moe": exaone_mtp, "hy_v3": hy_v3_mtp, "mimo_v2_flash": mimo_mtp, "step3p5": step35_mtp}
 N_MTP = {"mimo_v2_flash": 3}
 # the MTP head's norm: nextn.shared_head_norm, or (MiMo-V2: final_layernorm, as llama.cpp maps it) layer_output_norm
 HEAD_NORM = {"mimo_v2_flash": "layer_output_norm"}
@@ -104,10 +120,13 @@ HEAD_NORM = {"mimo_v2_flash": "layer_output_norm"}
 def with_mtp(family: str, out: Path) -> Path:
     hf, _ = fixture_gguf(family)
     cfg = json.loads((hf / "config.json").read_text())
-    n_layer = cfg["num_hidden_layers"]
+    text = cfg.get("text_config", cfg) if family in WRAPPED else cfg
+    n_layer = text["num_hidden_layers"]
     d = edited_copy(hf, out, lambda ts: MTP[family](ts, n_layer))
     if family not in N_MTP:
-        (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+        text = {**text, "num_nextn_predict_layers": 1}
+        cfg = {**cfg, "text_config": text} if family in WRAPPED else text
+        (d / "config.json").write_text(json.dumps(cfg, indent=2))
     return d
 
 
@@ -119,7 +138,8 @@ def test_mtp_blocks_are_kept_checked_and_not_run(family, tmp_path):
     convert(hf, path, "f32", progress=False)
     r = _core.read_gguf(str(path))
     arch = r["kv"]["general.architecture"]
-    n_layer = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    cfg = json.loads((hf / "config.json").read_text())
+    n_layer = (cfg["text_config"] if family in WRAPPED else cfg)["num_hidden_layers"]
     n_mtp = N_MTP.get(family, 1)
     assert r["kv"][f"{arch}.block_count"] == n_layer + n_mtp and r["kv"][f"{arch}.nextn_predict_layers"] == n_mtp
     names = {t[0]: list(t[2]) for t in r["tensors"]}
@@ -152,6 +172,9 @@ def test_mtp_gguf_both_ways_with_llama_cpp(family, tmp_path):
     if family == "mimo_v2_flash":       # llama.cpp's converter reads MiMo-V2 only from config.json itself
         from test_llama_cpp_cross import mimo_release_style
         hf, extra = mimo_release_style(hf, tmp_path / "hf-release"), ("--raw-config",)
+    if family == "step3p5":             # and Step-3.5 (AutoConfig consumes its release keys)
+        from test_llama_cpp_cross import step35_release_style
+        hf, extra = step35_release_style(hf, tmp_path / "hf-release"), ("--raw-config",)
     theirs = pinned_convert(hf, tmp_path / "theirs.gguf", "--keep-mtp", *extra)
     r = _core.read_gguf(str(theirs))
     assert r["kv"][f"{r['kv']['general.architecture']}.nextn_predict_layers"] == N_MTP.get(family, 1)
@@ -386,5 +409,76 @@ def test_laguna_router_softcap_is_refused(tmp_path):
     d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
     (d / "config.json").write_text(json.dumps({**cfg, "moe_router_logit_softcapping": 30.0}))
     with pytest.raises(ConversionError, match="moe_router_logit_softcapping"):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def step35_copy(tmp_path: Path, edit, name: str = "hf") -> Path:
+    """A copy of the Step-3.5 fixture (Step3p7ForConditionalGeneration) whose text_config is edit(text_config)."""
+    hf, _ = fixture_gguf("step3p5")
+    cfg = json.loads((hf / "config.json").read_text())
+    d = edited_copy(hf, tmp_path / name, lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, "text_config": edit(dict(cfg["text_config"]))}))
+    return d
+
+
+def test_step35_swiglu_clamps_bite_and_match_transformers():
+    """The per-layer SwiGLU limits (routed and shared / dense separately, after the SiLU) change this fixture's
+    logits, and both with and without them moelite matches transformers."""
+    hf, path = fixture_gguf("step3p5")
+    hf0, path0 = fixture_gguf("step3p5", swiglu_limits=None, swiglu_limits_shared=None)
+    clamped, free = logits(path), logits(path0)
+    assert float(np.abs(clamped - free).max()) > 3e-3            # 6e-3 here: above the 1e-3 tolerance
+    assert float(np.abs(free - hf_logits(hf0, PROMPT)).max()) <= 1e-3
+    assert float(np.abs(clamped - hf_logits(hf, PROMPT)).max()) <= 1e-3
+
+
+def test_step35_layer_plan():
+    """Sliding layers: their own query heads, full RoPE on rope.freq_base_swa without rope factors; full layers
+    rotate rope.dimension_count / 2 (llama.cpp hardcodes both); the clamps per layer; dense / MoE by tensors."""
+    from moelite.runtime.hparams import parse_hparams
+    _, path = fixture_gguf("step3p5")
+    g = _core.read_gguf(str(path))
+    assert g["kv"]["step35.rope.dimension_count"] == 16
+    hp = parse_hparams(str(path), g["kv"], {t[0]: (t[1], t[2], None, t[4]) for t in g["tensors"]})
+    assert hp["layer_n_head"] == [4, 6, 6, 4] and hp["n_head"] == 6 and hp["layer_mask"] == [0, 1, 1, 0]
+    assert hp["layer_n_rot"] == [8, 16, 16, 8] and hp["layer_freq_base"] == [5e6, 1e4, 1e4, 5e6]
+    assert hp["layer_rope_factors"] == [1, 0, 0, 1] and hp["layer_ffn"] == [0, 1, 1, 1]
+    assert hp["layer_clamp_exp"] == [0, 0, 0.5, 0.5]
+    assert np.allclose(hp["layer_clamp_shexp"], [0.4, 0, 0.4, 0.4])
+
+
+def test_step35_release_config_converts_as_transformers_reads_it(tmp_path):
+    """Step-3.5-Flash's config.json in its own keys only (attention_other_setting, moe_layers_enum, rope_theta per
+    layer + partial_rotary_factors, num_attention_groups, moe_num_experts / moe_top_k, the lists padded with an MTP
+    entry the checkpoint does not hold... is not allowed: num_nextn_predict_layers 0), none of transformers' derived
+    keys: the same model, bit for bit."""
+    _, path = fixture_gguf("step3p5")
+
+    def release(t):
+        for k in ("layer_types", "mlp_layer_types", "rope_parameters", "num_sliding_attention_heads",
+                  "per_layer_config", "query_pre_attn_scalar"):
+            t.pop(k)
+        for new, old in (("num_attention_groups", "num_key_value_heads"), ("moe_num_experts", "n_routed_experts"),
+                         ("moe_top_k", "num_experts_per_tok")):
+            t[new] = t.pop(old)
+        t["layer_types"] = ["full_attention", "sliding_attention", "sliding_attention", "full_attention"]
+        return t
+    d = step35_copy(tmp_path, release)
+    convert(d, tmp_path / "release.gguf", "f32", progress=False)
+    assert np.array_equal(logits(tmp_path / "release.gguf"), logits(path))
+
+
+@pytest.mark.parametrize("edit, key", [
+    (lambda t: {**t, "rope_parameters": {**t["rope_parameters"], "full_attention": {
+        "rope_type": "default", "rope_theta": 5e6, "partial_rotary_factor": 1.0}}}, "partial rotary"),
+    (lambda t: {**t, "query_pre_attn_scalar": 32}, "query_pre_attn_scalar"),
+    (lambda t: {**t, "norm_expert_weight": False}, "norm_expert_weight"),
+    (lambda t: {**t, "swiglu_limits": [0, 0, 0, -1]}, "swiglu_limits")])
+def test_step35_what_the_gguf_cannot_express_is_refused(edit, key, tmp_path):
+    """llama.cpp's step35 rotates half the head on full layers and all of it on sliding ones, scales by
+    1/sqrt(head_dim); transformers always renormalises; a negative limit is no limit: refused by name."""
+    d = step35_copy(tmp_path, edit)
+    with pytest.raises(ConversionError, match=key):
         convert(d, tmp_path / "bad.gguf", "f32", progress=False)
     assert not (tmp_path / "bad.gguf").exists()

@@ -349,7 +349,7 @@ FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "
                   "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
                   "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe", "qwen3_next", "granitemoehybrid",
                   "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "nemotron_h", "laguna",
-                  "mimo_v2_flash")
+                  "mimo_v2_flash", "step3p5")
 DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
                      "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
