@@ -25,6 +25,18 @@ from moelite.errors import ConversionError
 PROMPT = [(7 * i + 3) % 320 for i in range(12)]
 
 
+def assert_refused(tmp_path, family: str, override: dict, key: str, drop: tuple[str, ...] = (), **fixture) -> None:
+    """The family's fixture with its config.json changed by override (and the keys in drop removed) is refused by
+    the converter with an error naming key, and nothing is written."""
+    hf, _ = fixture_gguf(family, **fixture)
+    cfg = {k: v for k, v in json.loads((hf / "config.json").read_text()).items() if k not in drop}
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=key):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
 def logits(path, ids=PROMPT) -> np.ndarray:
     with moelite.load(path, kv_type="f32", n_threads=1) as m:
         return m.logits(ids)
@@ -219,14 +231,7 @@ def test_mistral4_attention_temperature_past_its_period():
 def test_afmoe_values_llama_cpp_hardcodes_are_required(override, key, tmp_path):
     """AFMoE: llama.cpp always scales embeddings by sqrt(H) and takes every 4th layer for NoPE (neither is in the
     GGUF): a checkpoint that differs is refused by name rather than written as a file llama.cpp runs otherwise."""
-    hf, _ = fixture_gguf("afmoe")
-    cfg = json.loads((hf / "config.json").read_text())
-    cfg.pop("layer_types")
-    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
-    (d / "config.json").write_text(json.dumps({**cfg, **override}))
-    with pytest.raises(ConversionError, match=key):
-        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
-    assert not (tmp_path / "bad.gguf").exists()
+    assert_refused(tmp_path, "afmoe", override, key, drop=("layer_types",))
 
 
 @pytest.mark.parametrize("override", [
@@ -261,13 +266,7 @@ def test_cohere2moe_a_file_without_the_moelite_key_ropes_the_dense_lead_as_llama
 def test_cohere2moe_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path):
     """llama.cpp's cohere2moe graph averages a shared expert and requires a sliding window: a checkpoint that sums
     them, or has no window, is refused by name rather than written as a file llama.cpp runs otherwise."""
-    hf, _ = fixture_gguf("cohere2_moe", num_shared_experts=1)
-    cfg = json.loads((hf / "config.json").read_text())
-    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
-    (d / "config.json").write_text(json.dumps({**cfg, **override}))
-    with pytest.raises(ConversionError, match=key):
-        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
-    assert not (tmp_path / "bad.gguf").exists()
+    assert_refused(tmp_path, "cohere2_moe", override, key, num_shared_experts=1)
 
 
 # Nemotron 3: Nano (no latent MoE) beside the default fixture (Super's latent MoE)
@@ -319,13 +318,7 @@ def test_nemotron_h_release_pattern_converts_identically(tmp_path):
 def test_nemotron_h_what_llama_cpp_cannot_run_is_refused(override, key, tmp_path):
     """llama.cpp's nemotron_h_moe takes every FFN block for MoE, runs ReLU² and adds a conv bias always: a
     checkpoint that differs is refused by name rather than written as a file that runs otherwise."""
-    hf, _ = fixture_gguf("nemotron_h")
-    cfg = json.loads((hf / "config.json").read_text())
-    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
-    (d / "config.json").write_text(json.dumps({**cfg, **override}))
-    with pytest.raises(ConversionError, match=key):
-        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
-    assert not (tmp_path / "bad.gguf").exists()
+    assert_refused(tmp_path, "nemotron_h", override, key)
 
 
 def test_mimo_release_config_converts_as_transformers_reads_it(tmp_path):
@@ -353,13 +346,7 @@ def test_mimo_release_config_converts_as_transformers_reads_it(tmp_path):
 def test_mimo_what_the_gguf_cannot_express_is_refused(override, key, tmp_path):
     """llama.cpp's mimo2 has one head size for all layers and hardcodes renormalised noaux_tc routing; two layer
     patterns that disagree have no one meaning: refused by name, nothing written."""
-    hf, _ = fixture_gguf("mimo_v2_flash")
-    cfg = json.loads((hf / "config.json").read_text())
-    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
-    (d / "config.json").write_text(json.dumps({**cfg, **override}))
-    with pytest.raises(ConversionError, match=key):
-        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
-    assert not (tmp_path / "bad.gguf").exists()
+    assert_refused(tmp_path, "mimo_v2_flash", override, key)
 
 
 def test_mimo_fused_qkv_proj_converts_identically(tmp_path):
@@ -404,13 +391,7 @@ def test_laguna_layer_shapes_and_rope_per_type():
 
 def test_laguna_router_softcap_is_refused(tmp_path):
     """llama.cpp's laguna graph has no router logit softcap: a checkpoint with one is refused by name."""
-    hf, _ = fixture_gguf("laguna")
-    cfg = json.loads((hf / "config.json").read_text())
-    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
-    (d / "config.json").write_text(json.dumps({**cfg, "moe_router_logit_softcapping": 30.0}))
-    with pytest.raises(ConversionError, match="moe_router_logit_softcapping"):
-        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
-    assert not (tmp_path / "bad.gguf").exists()
+    assert_refused(tmp_path, "laguna", {"moe_router_logit_softcapping": 30.0}, "moe_router_logit_softcapping")
 
 
 def step35_copy(tmp_path: Path, edit, name: str = "hf") -> Path:

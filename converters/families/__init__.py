@@ -266,6 +266,21 @@ def strip_prefix(w: dict[str, Lazy], renames: tuple[tuple[str, str], ...], drop:
                 break
 
 
+def mamba2_mixer(w: dict[str, Lazy], m: str, n_groups: int) -> None:
+    """A Mamba2 mixer at prefix m as llama.cpp stores it (mixer_recurrent.cpp reads it so): conv1d [C, 1, K] ->
+    [C, K], A_log -> A = -exp(A_log) [nh, 1], D [nh] -> [nh, 1], the gated norm's weight [d_inner] -> [n_groups,
+    d_inner / n_groups]. Nothing when the layer has no mixer (m.in_proj absent)."""
+    if f"{m}.in_proj.weight" not in w:
+        return
+    squeeze_conv(w, f"{m}.conv1d.weight")
+    neg_exp(w, f"{m}.A_log", (w[f"{m}.A_log"].shape[0], 1))
+    d = w[f"{m}.D"]
+    w[f"{m}.D"] = d.map(lambda a: a.reshape(-1, 1), (d.shape[0], 1), "")
+    norm = w[f"{m}.norm.weight"]
+    n = norm.shape[0]
+    w[f"{m}.norm.weight"] = norm.map(lambda a: a.reshape(n_groups, n // n_groups), (n_groups, n // n_groups), "")
+
+
 def squeeze_conv(w: dict[str, Lazy], name: str) -> None:
     """A depthwise conv1d weight [C, 1, K] -> [C, K] (ggml ne {K, C}: ggml_ssm_conv's kernel)."""
     t = w[name]

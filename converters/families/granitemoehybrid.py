@@ -15,7 +15,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import Config, Family, neg_exp, squeeze_conv
+from . import Config, Family, mamba2_mixer
 from .granitemoe import TENSORS as GRANITE_TENSORS, hparams as granite_hparams, sanitize as granite_sanitize
 
 M = "model.layers.{bid}.mamba"
@@ -102,16 +102,7 @@ def sanitize(w, c: Config) -> None:
     granite_sanitize(w, c)
     ng = c.int("mamba_n_groups")
     for bid in range(c.n_layer):
-        m = M.format(bid=bid)
-        if f"{m}.in_proj.weight" not in w:
-            continue
-        squeeze_conv(w, f"{m}.conv1d.weight")
-        neg_exp(w, f"{m}.A_log", (w[f"{m}.A_log"].shape[0], 1))
-        d = w[f"{m}.D"]
-        w[f"{m}.D"] = d.map(lambda a: a.reshape(-1, 1), (d.shape[0], 1), "")
-        norm = w[f"{m}.norm.weight"]
-        n = norm.shape[0]
-        w[f"{m}.norm.weight"] = norm.map(lambda a: a.reshape(ng, n // ng), (ng, n // ng), "")
+        mamba2_mixer(w, M.format(bid=bid), ng)
 
 
 FAMILY = Family(("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact",

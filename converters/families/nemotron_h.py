@@ -21,7 +21,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, neg_exp, squeeze_conv, stack_experts
+from . import SIGMOID, Config, Family, mamba2_mixer, stack_experts
 
 B = "backbone.layers.{bid}"
 M = B + ".mixer"
@@ -163,15 +163,7 @@ def sanitize(w, c: Config) -> None:
         for proj in ("up_proj", "down_proj"):                     # transformers' in-memory stacked experts
             if f"{m}.experts.{proj}" in w:
                 w[f"{m}.experts.{proj}.weight"] = w.pop(f"{m}.experts.{proj}")
-        if f"{m}.in_proj.weight" not in w:
-            continue
-        squeeze_conv(w, f"{m}.conv1d.weight")
-        neg_exp(w, f"{m}.A_log", (w[f"{m}.A_log"].shape[0], 1))
-        d = w[f"{m}.D"]
-        w[f"{m}.D"] = d.map(lambda a: a.reshape(-1, 1), (d.shape[0], 1), "")
-        norm = w[f"{m}.norm.weight"]
-        n = norm.shape[0]
-        w[f"{m}.norm.weight"] = norm.map(lambda a: a.reshape(ng, n // ng), (ng, n // ng), "")
+        mamba2_mixer(w, m, ng)
     stack_experts(w, c, M + ".experts.{e}.{proj}.weight", M + ".experts.{proj}.weight", projs=("up_proj", "down_proj"))
 
 
