@@ -1,4 +1,4 @@
-"""Local routing consistency: SRP and SCH, exactly as defined in ROUTING_METRICS.md (shared docs).
+"""Local routing consistency: SRP and SCH, defined here (the project's reference definition).
 
 Notation: a trace has sequences of T tokens, L routed layers, k ids per row, E experts per layer. A window
 is m consecutive tokens fully inside one sequence (starts p = 0..T-m, stride 1); windows never cross a
@@ -11,7 +11,7 @@ sequence boundary. f(window, expert) = number of tokens of the window whose top-
   does several m in one pass. Both rest on `f_histograms` (the histogram of f per layer), computed by
   a sparse event sweep in O(N*L*k) per m, independent of E and m.
 - `sch(trace, m, rho, level)`: the segment-cache oracle simulated token by token per sequence (rules 1-5
-  of ROUTING_METRICS.md), capacity C = round(rho * k) per layer or round(rho * L * k) for the model
+  in sch_hits' docstring), capacity C = round(rho * k) per layer or round(rho * L * k) for the model
   level; per-sequence hit rates averaged over sequences. Sequential: pure Python with a lazy heap,
   about 3 us per id.
 - `static_sch(trace, m, rho, level)`: the paper's first ("legacy") SCH: for every window, cache the C
@@ -198,8 +198,18 @@ def _check_level(level: str) -> None:
 def sch_hits(rows: np.ndarray, m: int, capacity: int) -> int:
     """Hits of the segment-cache oracle over one sequence: rows int [T, w] of distinct ids in score order.
 
-    Rules 1-5 of ROUTING_METRICS.md. The eviction order min (F[y], last[y]) is kept in a lazy heap:
-    every change of a cached id's key pushes a fresh entry; stale entries are skipped when popped.
+    The rules (numbered as the tests cite them):
+    1. start: F[y] = uses of y in the first min(m, T) tokens; the cache empty; clock 0;
+    2. token t's lookups see the cache as it was before token t: an id already seen in this sequence hits iff it
+       is cached; a first-seen id hits iff fewer than `capacity` distinct ids were seen before it (ids of the row
+       counted in order): filling a cold cache costs nothing;
+    3. then its updates, ids in row order: an uncached x evicts, when the cache is full, the cached y with the
+       least (F[y], last[y]) (fewest uses ahead in the window, then least recent) and is inserted; after each id
+       clock += 1, F[x] -= 1, last[x] = clock; no id is protected, not even one of the current row;
+    4. the window slides: when t + m < T, F[y] += 1 for each y of row t + m;
+    5. hit rate = hits / (T * k).
+    The eviction order min (F[y], last[y]) is kept in a lazy heap: every change of a cached id's key pushes a
+    fresh entry; stale entries are skipped when popped.
     """
     seq = rows.tolist()
     n_tok = len(seq)

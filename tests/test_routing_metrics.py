@@ -1,5 +1,5 @@
-"""SRP / SCH / static SCH against brute-force implementations written as literally as ROUTING_METRICS.md,
-hand-checkable traces, and trace validation / file round trips."""
+"""SRP / SCH / static SCH against brute-force implementations written as literally as cache_policies/metrics.py
+defines them, hand-checkable traces, and trace validation / file round trips."""
 from __future__ import annotations
 
 from collections import Counter
@@ -63,7 +63,7 @@ def brute_srp(trace: Trace, m: int, layers: list[int]):
 
 
 def brute_sch_hits(rows: list[list[int]], m: int, cap: int) -> int:
-    """Rules 1-5 of ROUTING_METRICS.md, one statement per rule."""
+    """Rules 1-5 of metrics.sch_hits, one statement per rule."""
     n_tok = len(rows)
     fut = Counter(y for t in range(min(m, n_tok)) for y in rows[t])  # 1
     cache, last, seen, clock, hits = [], {}, set(), 0, 0

@@ -2,7 +2,7 @@
 
 Routing is measured through moelite on the bench's own GGUF (q4_k_m), on held-out text of every domain (the
 training run's held-out documents, split by document hash), 256-token sequences (the training context), each
-in a fresh context. Metrics as ../../shared/ROUTING_METRICS.md defines them (cache_policies.metrics):
+in a fresh context. Metrics as cache_policies/metrics.py defines them:
 SRP(16) per layer against its floor 2r/(1+r), r = k/E, and SCH(16, 2) per layer against the same trace with
 its tokens shuffled inside each sequence (same expert popularity, no locality): the floor SCH has to beat.
 """

@@ -1,6 +1,6 @@
 """Build question/answer pairs for instruction-tuning the demo MoE (issue 19). Dev-only.
 
-Every pair comes from text already on the machine or in the demo's Debian packages (../../shared/CORPORA.md):
+Every pair comes from text already on the machine or in the demo's Debian packages (tools/train_demo.py --fetch):
   stdlib   Python standard library docstrings, read with `ast` (nothing is imported):
            "What does json.dumps do?" / "What is the json module for?" -> the docstring's first sentences
   foldoc   the Free On-line Dictionary of Computing (Debian `dict-foldoc`): "What is Debian?" -> the

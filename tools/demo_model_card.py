@@ -252,7 +252,7 @@ def quality_section(before: dict | None, after: dict | None) -> str:
 def routing_section(log: dict, tuned: bool) -> str:
     srp, c = log.get("srp"), log["config"]
     L = ["## Routing consistency\n",
-         "Model-level SRP at m = 16 (definition: `shared/ROUTING_METRICS.md`; computed by "
+         "Model-level SRP at m = 16 (definition: `cache_policies/metrics.py`; computed by "
          "`tools/demo_routing_srp.py` from the HF router logits on held-out text, all layers pooled).\n"]
     if not srp:
         floor = 2 * c['top_k'] / c['experts'] / (1 + c['top_k'] / c['experts'])

@@ -1,6 +1,6 @@
 """Model-level SRP(m) of the trained demo model, straight from its HF routing (issue 6, model card).
 
-SRP as defined in ../../shared/ROUTING_METRICS.md: for every layer l, expert e, sequence and stride-1
+SRP as defined in cache_policies/metrics.py: for every layer l, expert e, sequence and stride-1
 window of m tokens inside the sequence, f = tokens of the window whose top-k contains e. Pool all
 (window, expert) pairs of all layers; SRP(m) = max over alpha in 0..m of
 2 * sum f*[f>=alpha] / sum (m*[f>=alpha] + f). Floor (alpha = 0): 2r/(1+r), r = k/E.

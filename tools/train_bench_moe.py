@@ -17,7 +17,7 @@ How it is trained (compute per token follows the 22 M active parameters, not the
      zero-initialised second half, router rows copied with 30 % noise (tools/train_demo.py
      upcycle_state_dict); the tokenizer is the demo's, byte for byte;
   2. continued training on the demo's corpora (Austen prose, Python docs, Python and Go code;
-     ../shared/CORPORA.md), step-based schedule (deterministic: batches depend on (seed, step) only),
+     tools/train_demo.py --fetch), step-based schedule (deterministic: batches depend on (seed, step) only),
      checkpoints every 10 min, --resume continues a stopped run;
   3. `moelite convert --type q4_k_m` of the HF checkpoint -> <cache>/bench-moe-q4_k_m.gguf;
   4. the card: held-out loss vs the unigram baseline, and SRP(16) / SCH(16, 2) per layer vs the floor,

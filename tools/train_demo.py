@@ -4,7 +4,7 @@ Dev-only: never imported by the runtime. Needs torch, transformers, tokenizers, 
 Austen corpus, the PyPI package `rdata`.
 
 Pipeline (every stage is cached under --corpus-dir, so a rerun or --resume skips it):
-  1. corpus: Debian packages (apt-get download + dpkg-deb -x, see ../../shared/CORPORA.md) ->
+  1. corpus: Debian packages (apt-get download + dpkg-deb -x, with --fetch) ->
      documents of four domains (prose, technical, code_python, code_go) -> held-out documents per
      domain (split by document hash, never by line) -> corpus.jsonl
   2. tokenizer: byte-level BPE (Qwen2 pre-tokenizer regex) with the ChatML special tokens
