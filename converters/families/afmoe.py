@@ -24,6 +24,7 @@ from typing import Any
 from moelite.errors import ConversionError
 
 from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, sliding_layers, stack_experts, unfuse_experts
+from .glm4_moe import DEEPSEEK_MOE_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -103,17 +104,9 @@ TENSORS = {
     ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
     ATTN + ".gate_proj.weight": "blk.{bid}.attn_gate.weight",                     # [n_head * head_dim, H]
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I, H]
-    MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
-    MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
+    **DEEPSEEK_MOE_NAMES,                                                         # dense, experts, shared experts
     MLP + ".router.gate.weight": "blk.{bid}.ffn_gate_inp.weight",                 # [E, H]
     MLP + ".expert_bias": "blk.{bid}.exp_probs_b.bias",                           # [E]
-    MLP + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",          # [E, I, H]
-    MLP + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
-    MLP + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",          # [E, H, I]
-    MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared * I, H]
-    MLP + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
-    MLP + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
 }
 
 

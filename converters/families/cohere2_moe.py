@@ -26,6 +26,7 @@ from moelite.errors import ConversionError
 
 from . import (SIGMOID, SOFTMAX, Config, Family, common_hparams, leading_dense_layers, sliding_layers, stack_experts,
                unfuse_experts)
+from .glm4_moe import DEEPSEEK_MOE_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -115,16 +116,7 @@ TENSORS = {
     ATTN + ".k_proj.weight": "blk.{bid}.attn_k.weight",
     ATTN + ".v_proj.weight": "blk.{bid}.attn_v.weight",
     ATTN + ".o_proj.weight": "blk.{bid}.attn_output.weight",
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I_dense, H]
-    MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
-    MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
-    MLP + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",                        # [E, H]
-    MLP + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",          # [E, I, H]
-    MLP + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
-    MLP + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",          # [E, H, I]
-    MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared * I, H]
-    MLP + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
-    MLP + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
+    **DEEPSEEK_MOE_NAMES,              # dense layers [I_dense, H], router, experts, shared experts [n_shared * I, H]
 }
 
 
