@@ -266,6 +266,21 @@ def strip_prefix(w: dict[str, Lazy], renames: tuple[tuple[str, str], ...], drop:
                 break
 
 
+def mamba2_names(m: str) -> dict[str, str]:
+    """HF -> GGUF names of a Mamba2 mixer at prefix m ("{bid}" for the layer), as llama.cpp names them; the shapes
+    after mamba2_mixer."""
+    return {
+        m + ".in_proj.weight": "blk.{bid}.ssm_in.weight",                      # [d_inner + C + nh, H]
+        m + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                   # [C, 1, K] -> [C, K]
+        m + ".conv1d.bias": "blk.{bid}.ssm_conv1d.bias",
+        m + ".dt_bias": "blk.{bid}.ssm_dt.bias",                               # [nh]
+        m + ".A_log": "blk.{bid}.ssm_a",                                       # [nh] -> [nh, 1] = -exp(A_log)
+        m + ".D": "blk.{bid}.ssm_d",                                           # [nh] -> [nh, 1]
+        m + ".norm.weight": "blk.{bid}.ssm_norm.weight",                       # [d_inner] -> [ng, d_inner / ng]
+        m + ".out_proj.weight": "blk.{bid}.ssm_out.weight",
+    }
+
+
 def mamba2_mixer(w: dict[str, Lazy], m: str, n_groups: int) -> None:
     """A Mamba2 mixer at prefix m as llama.cpp stores it (mixer_recurrent.cpp reads it so): conv1d [C, 1, K] ->
     [C, K], A_log -> A = -exp(A_log) [nh, 1], D [nh] -> [nh, 1], the gated norm's weight [d_inner] -> [n_groups,

@@ -15,7 +15,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import Config, Family, mamba2_mixer
+from . import Config, Family, mamba2_mixer, mamba2_names
 from .granitemoe import TENSORS as GRANITE_TENSORS, hparams as granite_hparams, sanitize as granite_sanitize
 
 M = "model.layers.{bid}.mamba"
@@ -87,14 +87,7 @@ def hparams(c: Config) -> dict[str, Any]:
 
 TENSORS = {
     **GRANITE_TENSORS,
-    M + ".in_proj.weight": "blk.{bid}.ssm_in.weight",                      # [d_inner + C + nh, H]
-    M + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                   # [C, 1, K] -> [C, K]
-    M + ".conv1d.bias": "blk.{bid}.ssm_conv1d.bias",
-    M + ".dt_bias": "blk.{bid}.ssm_dt.bias",                               # [nh]
-    M + ".A_log": "blk.{bid}.ssm_a",                                       # [nh] -> [nh, 1] = -exp(A_log)
-    M + ".D": "blk.{bid}.ssm_d",                                           # [nh] -> [nh, 1]
-    M + ".norm.weight": "blk.{bid}.ssm_norm.weight",                       # [d_inner] -> [ng, d_inner / ng]
-    M + ".out_proj.weight": "blk.{bid}.ssm_out.weight",
+    **mamba2_names(M),
 }
 
 

@@ -21,7 +21,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, mamba2_mixer, stack_experts
+from . import SIGMOID, Config, Family, mamba2_mixer, mamba2_names, stack_experts
 
 B = "backbone.layers.{bid}"
 M = B + ".mixer"
@@ -133,14 +133,7 @@ TENSORS = {
     "backbone.norm_f.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
     B + ".norm.weight": "blk.{bid}.attn_norm.weight",                       # every block's one norm
-    M + ".in_proj.weight": "blk.{bid}.ssm_in.weight",                       # [d_inner + C + nh, H]
-    M + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                    # [C, 1, K] -> [C, K]
-    M + ".conv1d.bias": "blk.{bid}.ssm_conv1d.bias",
-    M + ".dt_bias": "blk.{bid}.ssm_dt.bias",                                # [nh]
-    M + ".A_log": "blk.{bid}.ssm_a",                                        # [nh] -> [nh, 1] = -exp(A_log)
-    M + ".D": "blk.{bid}.ssm_d",                                            # [nh] -> [nh, 1]
-    M + ".norm.weight": "blk.{bid}.ssm_norm.weight",                        # [d_inner] -> [ng, d_inner / ng]
-    M + ".out_proj.weight": "blk.{bid}.ssm_out.weight",
+    **mamba2_names(M),
     M + ".q_proj.weight": "blk.{bid}.attn_q.weight",
     M + ".k_proj.weight": "blk.{bid}.attn_k.weight",
     M + ".v_proj.weight": "blk.{bid}.attn_v.weight",
