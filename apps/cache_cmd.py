@@ -1,5 +1,6 @@
 """moelite cache [list | remove NAME... | remove --all]: the converted models (and the machine measurement) that
 moelite keeps in ~/.cache/moelite ($XDG_CACHE_HOME/moelite)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,7 +8,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
-from .common import cache_dir
+from ..runtime.files import cache_dir
 
 NAME = "cache"
 HELP = "list or remove the converted models kept in ~/.cache/moelite"
@@ -27,6 +28,7 @@ def entries() -> list[Path]:
 
 def main(args: argparse.Namespace) -> int:
     from ..runtime.planner import fmt_bytes
+
     files = entries()
     if args.action == "list":
         if args.names or args.all:
@@ -34,7 +36,9 @@ def main(args: argparse.Namespace) -> int:
         print(f"{cache_dir()}: {len(files)} file(s), {fmt_bytes(sum(f.stat().st_size for f in files))}")
         for f in files:
             st = f.stat()
-            print(f"  {f.name}  {fmt_bytes(st.st_size)}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(st.st_mtime))}")
+            print(
+                f"  {f.name}  {fmt_bytes(st.st_size)}  {time.strftime('%Y-%m-%d %H:%M', time.localtime(st.st_mtime))}"
+            )
         return 0
     if args.all == bool(args.names):
         raise UsageError("cache remove: give the NAMEs to remove ('moelite cache list' shows them) or --all")

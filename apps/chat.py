@@ -3,6 +3,7 @@
 Answers stream token by token; the history goes through the model's chat template each turn (the runtime
 reuses the cached prefix, so only the new turn is evaluated). Ctrl-C stops the answer, not the app.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,26 +13,43 @@ import sys
 from rich.markup import escape
 
 from ..errors import MoeliteError
-from .common import (PrefillProgress, add_common, add_sampling, cache_counts, context_note, load_model, memory_text,
-                     model_name, restore_ctrl_c, status_line)
+from .common import (
+    PrefillProgress,
+    add_common,
+    add_sampling,
+    add_speculative,
+    cache_counts,
+    context_note,
+    load_model,
+    memory_text,
+    model_name,
+    restore_ctrl_c,
+    status_line,
+)
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "chat"
 HELP = "chat with a model in the terminal"
 # C0/C1 control characters (escape sequences) from a model must not drive the terminal; keep \t and \n
 _CONTROL = {c: None for c in [*range(0, 9), *range(11, 32), *range(127, 160)]}
-COMMANDS = {"/help": "show this help", "/reset": "forget the conversation", "/stats": "expert cache statistics",
-            "/exit": "quit (or Ctrl-D)"}
+COMMANDS = {
+    "/help": "show this help",
+    "/reset": "forget the conversation",
+    "/stats": "expert cache statistics",
+    "/exit": "quit (or Ctrl-D)",
+}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
     p.add_argument("--system", help="system message")
     add_sampling(p)
+    add_speculative(p)
 
 
 def main(args: argparse.Namespace) -> int:
     from rich.console import Console
+
     console = Console(highlight=False, stderr=False)
     sampling = sampling_kwargs(vars(args))
     stop = stop_list(args.stop)
@@ -39,12 +57,14 @@ def main(args: argparse.Namespace) -> int:
         import readline  # noqa: F401  (line editing and history for input())
     except ImportError:
         pass
-    restore_ctrl_c()               # Ctrl-C is part of this app's interface (stop an answer; a hint at the prompt)
+    restore_ctrl_c()  # Ctrl-C is part of this app's interface (stop an answer; a hint at the prompt)
     with load_model(args) as model:
         budget = model.plan.budget
-        console.print(f"[bold]{escape(model_name(model))}[/] · policy {model.policy.name} · "
-                      f"{'budget ' + _fmt(budget) if budget else 'all experts resident'} · type /help for commands",
-                      style="dim")
+        console.print(
+            f"[bold]{escape(model_name(model))}[/] · policy {model.policy.name} · "
+            f"{'budget ' + _fmt(budget) if budget else 'all experts resident'} · type /help for commands",
+            style="dim",
+        )
         history = _initial(args)
         while True:
             try:
@@ -66,10 +86,13 @@ def main(args: argparse.Namespace) -> int:
             try:
                 dropped = _fit(model, history)
                 if dropped:
-                    console.print(f"(the {dropped} oldest message{'s' if dropped > 1 else ''} no longer fit the "
-                                  f"context of {model.n_ctx} tokens and were dropped)", style="dim")
+                    console.print(
+                        f"(the {dropped} oldest message{'s' if dropped > 1 else ''} no longer fit the "
+                        f"context of {model.n_ctx} tokens and were dropped)",
+                        style="dim",
+                    )
                 answer = _answer(model, history, console, args, sampling, stop)
-            except MoeliteError as e:           # e.g. a message longer than the context: say so, keep chatting
+            except MoeliteError as e:  # e.g. a message longer than the context: say so, keep chatting
                 history.pop()
                 console.print(f"error: {escape(str(e))}", style="red")
                 continue
@@ -93,8 +116,14 @@ def _fit(model, history: list[dict]) -> int:
 def _answer(model, history: list[dict], console, args, sampling: dict, stop: list[str]) -> str:
     """Stream one answer; Ctrl-C (SIGINT) cancels it after the current token."""
     before = cache_counts(model)
-    stream = TextStream(model, prompt_ids(model, messages=history), max_tokens=args.max_tokens, stop=stop,
-                        ignore_eos=args.ignore_eos, **sampling)
+    stream = TextStream(
+        model,
+        prompt_ids(model, messages=history),
+        max_tokens=args.max_tokens,
+        stop=stop,
+        ignore_eos=args.ignore_eos,
+        **sampling,
+    )
     old = signal.signal(signal.SIGINT, lambda signum, frame: stream.cancel())
     model.prefill_progress = PrefillProgress()
     try:
@@ -109,7 +138,7 @@ def _answer(model, history: list[dict], console, args, sampling: dict, stop: lis
     note = context_note(model, stream)
     if note:
         console.print(f"({note})", style="yellow")
-    console.print(status_line(model, stream, before), style="dim", soft_wrap=True)   # one line, however long
+    console.print(status_line(model, stream, before), style="dim", soft_wrap=True)  # one line, however long
     return stream.text
 
 
@@ -134,23 +163,35 @@ def _command(text: str, model, console, history: list[dict], args) -> str | None
 
 def print_stats(model, console) -> None:
     from rich.table import Table
+
     s = model.stats()
     t = s["total"]
-    console.print(f"cache: policy {s['policy']} · {t['hits']} hits · {t['misses']} misses · "
-                  f"hit rate {100 * t['hit_rate']:.1f} % · {_fmt(t['bytes_read'])} read · "
-                  f"stall {t['stall_s']:.3f} s · {t['substitutions']} swapped · {t['standin_uses']} stand-ins · "
-                  f"{memory_text(model, s)}")
+    console.print(
+        f"cache: policy {s['policy']} · {t['hits']} hits · {t['misses']} misses · "
+        f"hit rate {100 * t['hit_rate']:.1f} % · {_fmt(t['bytes_read'])} read · "
+        f"stall {t['stall_s']:.3f} s · {t['substitutions']} swapped · {t['standin_uses']} stand-ins · "
+        f"{memory_text(model, s)}"
+    )
     table = Table("layer", "slots", "hits", "misses", "hit rate", "read", "stall s", "swapped", "stand-ins")
     slots = model.info()["expert_slots"]
     for row in s["per_layer"]:
         n = row["hits"] + row["misses"]
         quota = slots[row["layer"]] if row["layer"] < len(slots) else "-"
-        table.add_row(str(row["layer"]), str(quota), str(row["hits"]), str(row["misses"]),
-                      f"{100 * row['hits'] / n:.1f} %" if n else "-", _fmt(row["bytes_read"]), f"{row['stall_s']:.3f}",
-                      str(row.get("substitutions", 0)), str(row.get("standin_uses", 0)))
+        table.add_row(
+            str(row["layer"]),
+            str(quota),
+            str(row["hits"]),
+            str(row["misses"]),
+            f"{100 * row['hits'] / n:.1f} %" if n else "-",
+            _fmt(row["bytes_read"]),
+            f"{row['stall_s']:.3f}",
+            str(row.get("substitutions", 0)),
+            str(row.get("standin_uses", 0)),
+        )
     console.print(table)
 
 
 def _fmt(n: float | None) -> str:
     from ..runtime.planner import fmt_bytes
+
     return fmt_bytes(n or 0)

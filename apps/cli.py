@@ -1,8 +1,9 @@
 """The `moelite` command: one argparse parser with a subcommand per module (chat, run, convert, plan,
-analyze, serve, cache). User errors print one line `moelite: error: ...` and exit 2 (bad usage) or 1 (the model or
-the machine failed); any other exception is a bug: one line that says so and asks for a report, exit 1.
+analyze, serve, perplexity, cache). User errors print one line `moelite: error: ...` and exit 2 (bad usage) or 1 (the
+model or the machine failed); any other exception is a bug: one line that says so and asks for a report, exit 1.
 `--verbose` shows the traceback (and the native libraries' own stderr lines, hidden otherwise). Warnings are
 one line `moelite: warning: ...`."""
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,17 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> Parser:
-    from . import analyze_cmd, cache_cmd, chat, convert_cmd, plan, run_cmd, serve
-    p = Parser(prog=PROG, description="Run Mixture-of-Experts models whose experts do not fit in memory.")
+    from . import analyze_cmd, cache_cmd, chat, convert_cmd, perplexity_cmd, plan, run_cmd, serve
+
+    p = Parser(
+        prog=PROG,
+        description="Run Mixture-of-Experts models whose experts do not fit in memory.",
+        epilog="Documentation: README.md and docs/ in moelite's source tree; docs/USAGE.md has every command and "
+        "option, docs/ARCHITECTURE.md how it works.",
+    )
     p.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for mod in (chat, run_cmd, serve, convert_cmd, plan, analyze_cmd, cache_cmd):
+    for mod in (chat, run_cmd, serve, perplexity_cmd, convert_cmd, plan, analyze_cmd, cache_cmd):
         sp = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
         sp.add_argument("--verbose", "-v", action="store_true", help="show tracebacks and extra diagnostics")
         mod.add_arguments(sp)
@@ -38,6 +45,7 @@ def build_parser() -> Parser:
 
 def _version() -> str:
     from .. import __version__
+
     return __version__
 
 
@@ -45,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-    except SystemExit as e:            # --help, --version, usage errors (already printed)
+    except SystemExit as e:  # --help, --version, usage errors (already printed)
         return e.code if isinstance(e.code, int) else 2
     if args.command is None:
         parser.print_help(sys.stderr)
@@ -56,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{PROG}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:          # `moelite run ... | head`
+    except BrokenPipeError:  # `moelite run ... | head`
         sys.stderr.close()
         return 0
     except MoeliteError as e:
         return _fail(args, e, 2 if isinstance(e, UsageError) else 1)
-    except OSError as e:             # port in use, unwritable cache dir, ...
+    except OSError as e:  # port in use, unwritable cache dir, ...
         return _fail(args, e, 1)
-    except Exception as e:           # a bug in moelite: say so in one line
+    except Exception as e:  # a bug in moelite: say so in one line
         return _fail(args, e, 1, bug=True)
 
 
@@ -72,8 +80,9 @@ def _fail(args: argparse.Namespace, e: BaseException, code: int, bug: bool = Fal
         traceback.print_exc()
     msg = " ".join(str(e).split()) or type(e).__name__
     if bug:
-        msg = (f"internal error ({type(e).__name__}: {msg}); please report it with the command line"
-               + ("" if getattr(args, "verbose", False) else " and the output of --verbose"))
+        msg = f"internal error ({type(e).__name__}: {msg}); please report it with the command line" + (
+            "" if getattr(args, "verbose", False) else " and the output of --verbose"
+        )
     print(f"{PROG}: error: {msg}", file=sys.stderr)
     return code
 

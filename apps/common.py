@@ -1,10 +1,10 @@
 """What every `moelite` command shares: the common flags, finding and loading the model (a GGUF, a Hugging
 Face directory converted on the fly, or the embedded demo), and the one status line."""
+
 from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import os
 import re
 import signal
@@ -16,49 +16,38 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BudgetError, UsageError
+from ..runtime.args import INT32_MAX, MAX_THREADS, cli_float, cli_int
+from ..runtime.files import DEFAULT_CONVERT_TYPE, resolve_model
 
-DEFAULT_CONVERT_TYPE = "q8_0"
-
-
-# --- argparse value types: one clear message per bad value -------------------------------------------------
-def _number(kind: type, lo: float | None, what: str, hi: float | None = None):
-    def parse(text: str):
-        try:
-            v = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
-        if v != v or (lo is not None and v < lo) or (hi is not None and v > hi):   # NaN or out of range
-            raise argparse.ArgumentTypeError(f"{text!r} is not {what}")
-        return v
-    parse.__name__ = what
-    return parse
-
-
-positive_int = _number(int, 1, "an integer >= 1")
-nonneg_int = _number(int, 0, "an integer >= 0")
-seed_int = _number(int, -1, "an integer >= 0 (or -1: random)")
-nonneg_float = _number(float, 0, "a number >= 0")
-port_number = _number(int, 0, "a port number (0-65535)", 65535)
+# --- argparse value types: one clear message per bad value, the ranges of runtime/args.py (the API's checks) ------
+positive_int = cli_int(1, INT32_MAX)
+nonneg_int = cli_int(0, INT32_MAX)
+nonneg_float = cli_float(0.0)  # finite: 'inf' and 'nan' are refused
+port_number = cli_int(0, 65535)
 
 
 def _checked(check):
     """An argparse type that keeps the text when check(text) passes and turns its moelite error into a usage error."""
+
     def parse(text: str) -> str:
         try:
             check(text)
         except (BudgetError, UsageError) as e:
             raise argparse.ArgumentTypeError(str(e)) from None
         return text
+
     return parse
 
 
 def _parse_size(text: str) -> None:
-    from ..runtime.planner import parse_size      # imported late: `moelite --help` stays fast
+    from ..runtime.planner import parse_size  # imported late: `moelite --help` stays fast
+
     parse_size(text)
 
 
 def _policy_id(text: str) -> None:
     from ..cache_policies.registry import policy_id
+
     policy_id(text)
 
 
@@ -84,109 +73,203 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
     if model:
         add_model_arg(p, "a .gguf file or a Hugging Face model directory (default: the embedded demo model)")
     from ..runtime.planner import SIZE_RULE
+
     g = p.add_argument_group("model options")
-    g.add_argument("--memory-budget", "-M", type=budget_arg, metavar="SIZE",
-                   help=f"memory for everything (dense weights, KV cache, expert slots), e.g. 1.5GiB, 800MB ({SIZE_RULE}; "
-                        "default: all resident if it fits in free RAM)")
-    g.add_argument("--policy", type=policy_arg, default=None,
-                   help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lfuda)")
-    g.add_argument("--threads", "-t", type=positive_int, help="compute threads (default: cores, at most 8)")
-    g.add_argument("--ctx-size", "-c", type=positive_int, help="context size in tokens (default: min(model, 4096))")
-    g.add_argument("--convert-type", default=DEFAULT_CONVERT_TYPE, metavar="TYPE",
-                   help=f"tensor type when MODEL is a Hugging Face directory (default {DEFAULT_CONVERT_TYPE})")
-    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
-                   help="where the dense part and the expert arena live (default auto: cuda when built and visible)")
-    g.add_argument("--vram-budget", type=budget_arg, metavar="SIZE",
-                   help="on cuda: VRAM for dense weights, KV cache and the expert arena; --memory-budget is then the "
-                        "RAM tier between VRAM and disk")
-    g.add_argument("--kv-type", "-ctk", "--cache-type-k", dest="kv_type", choices=("f16", "f32", "q8_0"), default="f16",
-                   help="KV cache type for K and V (default f16; q8_0 halves it and needs flash attention)")
-    g.add_argument("-fa", "--flash-attn", choices=("on", "off", "auto"), default="auto",
-                   help="attention through ggml's flash attention (default auto = on, as llama.cpp)")
-    g.add_argument("--no-repack", dest="repack", action="store_false",
-                   help="llama.cpp's flag: keep the CPU's weights in the file's layout instead of ggml's repacked one "
-                        "(interleaved rows for its AVX2/AVX-512/NEON kernels; default: repacked where ggml takes the type)")
-    g.add_argument("--mlock", action="store_true",
-                   help="llama.cpp's flag: lock the dense weights and the KV cache in RAM (mlock) so that neither swap "
-                        "nor reclaim pages them out; where RLIMIT_MEMLOCK refuses, a warning says how much was not "
-                        "locked and the model runs unlocked (without swap, moelite's resident part is unevictable anyway)")
-    g.add_argument("--swap-threshold", type=float, default=0.0, metavar="X",
-                   help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
-                        "by a resident one whose router probability is at least (1 - X) of it; counted in --stats")
-    g.add_argument("--standins", action="store_true",
-                   help="faster than exact (lossy, off by default): a missing expert the router weighs little runs as "
-                        "its low-bit stand-in from MODEL.gguf.standins.gguf (written by `moelite convert MODEL.gguf "
-                        "--standins q2_k`) instead of being read; counted in --stats")
-    g.add_argument("--standins-file", metavar="FILE", default=None,
-                   help="with --standins: the stand-ins' side file, if not MODEL.gguf.standins.gguf")
-    g.add_argument("--standin-threshold", type=float, default=0.5, metavar="X",
-                   help="with --standins: a missing expert whose weight is at most X times the token's top weight "
-                        "runs as its stand-in (0 < X <= 1, default 0.5; 1: every missing expert)")
-    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", dest="n_gpu_layers", type=nonneg_int, metavar="N",
-                   help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
-                        "on the GPU and streams experts; it does not split layers)")
+    g.add_argument(
+        "--memory-budget",
+        "-M",
+        type=budget_arg,
+        metavar="SIZE",
+        help=f"memory for everything (dense weights, KV cache, expert slots), e.g. 1.5GiB, 800MB ({SIZE_RULE}; "
+        "default: all resident if it fits in free RAM)",
+    )
+    g.add_argument(
+        "--policy",
+        type=policy_arg,
+        default=None,
+        help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lfuda)",
+    )
+    g.add_argument("--threads", "-t", type=cli_int(1, MAX_THREADS), help="compute threads (default: cores, at most 8)")
+    g.add_argument(
+        "--ctx-size", "-c", type=cli_int(8, INT32_MAX), help="context size in tokens (default: min(model, 4096))"
+    )
+    g.add_argument(
+        "--convert-type",
+        default=DEFAULT_CONVERT_TYPE,
+        metavar="TYPE",
+        help=f"tensor type when MODEL is a Hugging Face directory (default {DEFAULT_CONVERT_TYPE})",
+    )
+    g.add_argument(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default=None,
+        help="where the dense part and the expert arena live (default auto: cuda when built and visible)",
+    )
+    g.add_argument(
+        "--vram-budget",
+        type=budget_arg,
+        metavar="SIZE",
+        help="on cuda: VRAM for dense weights, KV cache and the expert arena; --memory-budget is then the "
+        "RAM tier between VRAM and disk",
+    )
+    g.add_argument(
+        "--kv-type",
+        "-ctk",
+        "--cache-type-k",
+        dest="kv_type",
+        choices=("f16", "f32", "q8_0"),
+        default="f16",
+        help="KV cache type for K and V (default f16; q8_0 halves it and needs flash attention)",
+    )
+    g.add_argument(
+        "-fa",
+        "--flash-attn",
+        choices=("on", "off", "auto"),
+        default="auto",
+        help="attention through ggml's flash attention (default auto = on, as llama.cpp)",
+    )
+    g.add_argument(
+        "--no-repack",
+        dest="repack",
+        action="store_false",
+        help="llama.cpp's flag: keep the CPU's weights in the file's layout instead of ggml's repacked one "
+        "(interleaved rows for its AVX2/AVX-512/NEON kernels; default: repacked where ggml takes the type)",
+    )
+    g.add_argument(
+        "--mlock",
+        action="store_true",
+        help="llama.cpp's flag: lock the dense weights and the KV cache in RAM (mlock) so that neither swap "
+        "nor reclaim pages them out; where RLIMIT_MEMLOCK refuses, a warning says how much was not "
+        "locked and the model runs unlocked (without swap, moelite's resident part is unevictable anyway)",
+    )
+    g.add_argument(
+        "--swap-threshold",
+        type=cli_float(0.0, 1.0, hi_open=True),
+        default=0.0,
+        metavar="X",
+        help="faster than exact (lossy, default 0 = off): a routed expert that is not in memory is replaced "
+        "by a resident one whose router probability is at least (1 - X) of it; counted in --stats",
+    )
+    g.add_argument(
+        "--standins",
+        action="store_true",
+        help="faster than exact (lossy, off by default): a missing expert the router weighs little runs as "
+        "its low-bit stand-in from MODEL.gguf.standins.gguf (written by `moelite convert MODEL.gguf "
+        "--standins q2_k`) instead of being read; counted in --stats",
+    )
+    g.add_argument(
+        "--standins-file",
+        metavar="FILE",
+        default=None,
+        help="with --standins: the stand-ins' side file, if not MODEL.gguf.standins.gguf",
+    )
+    g.add_argument(
+        "--standin-threshold",
+        type=cli_float(0.0, 1.0, lo_open=True),
+        default=0.5,
+        metavar="X",
+        help="with --standins: a missing expert whose weight is at most X times the token's top weight "
+        "runs as its stand-in (0 < X <= 1, default 0.5; 1: every missing expert)",
+    )
+    g.add_argument(
+        "-ngl",
+        "--n-gpu-layers",
+        "--gpu-layers",
+        dest="n_gpu_layers",
+        type=nonneg_int,
+        metavar="N",
+        help="llama.cpp's flag: 0 = --device cpu; any N > 0 = --device cuda (moelite keeps every layer "
+        "on the GPU and streams experts; it does not split layers)",
+    )
 
 
 def add_sampling(p: argparse.ArgumentParser) -> None:
     """The sampling flags; their defaults are the API's (runtime/sampling.py), shown in --help."""
-    from ..runtime.sampling import DEFAULT_MAX_TOKENS, SamplerConfig
+    from ..runtime.sampling import DEFAULT_MAX_TOKENS, RANGES, SamplerConfig
+
     d = SamplerConfig()
+    r = RANGES  # each flag takes its option's range
     g = p.add_argument_group("sampling (defaults as in the Python API and the server)")
-    g.add_argument("-n", "--max-tokens", "--n-predict", dest="max_tokens", type=nonneg_int, default=DEFAULT_MAX_TOKENS,
-                   help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})")
-    g.add_argument("--temp", "--temperature", dest="temperature", type=nonneg_float,
-                   help=f"0 = greedy (default {d.temperature:g}); e.g. 0.8 for varied text")
-    g.add_argument("--top-k", type=nonneg_int, help=f"keep the k most likely tokens (default {d.top_k} = off)")
-    g.add_argument("--top-p", type=nonneg_float, help=f"nucleus sampling mass (default {d.top_p:g} = off)")
-    g.add_argument("--min-p", type=nonneg_float, help=f"drop tokens below min_p * p_max (default {d.min_p:g} = off)")
-    g.add_argument("--repeat-penalty", dest="repetition_penalty", type=nonneg_float,
-                   help=f"penalty for repeated tokens (default {d.repetition_penalty:g} = off)")
-    g.add_argument("--seed", type=seed_int, help="random seed (default -1: fresh)")
+    g.add_argument(
+        "-n",
+        "--max-tokens",
+        "--n-predict",
+        dest="max_tokens",
+        type=cli_int(**r["max_tokens"]),
+        default=DEFAULT_MAX_TOKENS,
+        help=f"tokens to generate at most (default {DEFAULT_MAX_TOKENS})",
+    )
+    g.add_argument(
+        "--temp",
+        "--temperature",
+        dest="temperature",
+        type=cli_float(**r["temperature"]),
+        help=f"0 = greedy (default {d.temperature:g}); e.g. 0.8 for varied text",
+    )
+    g.add_argument(
+        "--top-k", type=cli_int(**r["top_k"]), help=f"keep the k most likely tokens (default {d.top_k} = off)"
+    )
+    g.add_argument("--top-p", type=cli_float(**r["top_p"]), help=f"nucleus sampling mass (default {d.top_p:g} = off)")
+    g.add_argument(
+        "--min-p", type=cli_float(**r["min_p"]), help=f"drop tokens below min_p * p_max (default {d.min_p:g} = off)"
+    )
+    g.add_argument(
+        "--repeat-penalty",
+        dest="repetition_penalty",
+        type=cli_float(**r["repetition_penalty"]),
+        help=f"penalty for repeated tokens (default {d.repetition_penalty:g} = off)",
+    )
+    g.add_argument(
+        "--seed", type=cli_int(-1, r["seed"]["hi"], why="-1: random"), help="random seed (default -1: fresh)"
+    )
     g.add_argument("--stop", action="append", default=[], metavar="TEXT", help="stop at this text (repeatable)")
     g.add_argument("--ignore-eos", action="store_true", help="do not stop at end-of-text tokens")
 
 
+def add_speculative(p: argparse.ArgumentParser) -> None:
+    """Speculative decoding (runtime/speculative.py, docs/SPECULATIVE.md): draft source and window limits."""
+    from ..runtime.speculative import DEFAULT_DRAFT_MAX, DEFAULT_DRAFT_MIN, MAX_DRAFT, MODES
+
+    g = p.add_argument_group("speculative decoding (docs/SPECULATIVE.md; off by default)")
+    g.add_argument(
+        "--speculative",
+        choices=[m for m in MODES if m != "mtp"],
+        default=None,
+        help="draft source: ngram (look the last tokens up in the prompt and the text so far), draft (a small "
+        "model, -md); default off, or draft when -md is given",
+    )
+    g.add_argument(
+        "-md",
+        "--model-draft",
+        dest="model_draft",
+        metavar="FILE",
+        help="draft model: a small GGUF with the same vocabulary, held in memory within --memory-budget",
+    )
+    g.add_argument(
+        "--draft-max",
+        type=cli_int(1, MAX_DRAFT),
+        default=DEFAULT_DRAFT_MAX,
+        metavar="N",
+        help=f"drafted tokens per window at most (default {DEFAULT_DRAFT_MAX})",
+    )
+    g.add_argument(
+        "--draft-min",
+        type=cli_int(0, MAX_DRAFT),
+        default=DEFAULT_DRAFT_MIN,
+        metavar="N",
+        help=f"a window with fewer drafts is not verified (default {DEFAULT_DRAFT_MIN})",
+    )
+
+
+def speculative_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """The load options of add_speculative's flags (none when the command has no such flags)."""
+    if not hasattr(args, "draft_max"):
+        return {}
+    mode = args.speculative or ("draft" if args.model_draft else "off")
+    return dict(speculative=mode, draft_max=args.draft_max, draft_min=args.draft_min, draft_model=args.model_draft)
+
+
 # --- the model -------------------------------------------------------------------------------------------
-def cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "moelite"
-
-
-def is_hf_dir(path: Path) -> bool:
-    return path.is_dir() and (path / "config.json").is_file()
-
-
-def converted_path(src: Path, type: str) -> Path:
-    """Cache file of a converted HF directory, keyed by its absolute path and newest mtime."""
-    src = src.resolve()
-    mtime = max([src.stat().st_mtime_ns] + [f.stat().st_mtime_ns for f in src.iterdir() if f.is_file()])
-    key = hashlib.sha1(f"{src}\0{mtime}\0{type}".encode()).hexdigest()[:12]
-    return cache_dir() / "converted" / f"{src.name}-{type}-{key}.gguf"
-
-
-def resolve_model(arg: str | None, convert_type: str = DEFAULT_CONVERT_TYPE, progress: bool = True) -> str | None:
-    """MODEL argument -> a GGUF path (None = the embedded demo). A HF directory is converted once."""
-    if arg is None:
-        return None
-    path = Path(arg).expanduser()
-    if is_hf_dir(path):
-        out = converted_path(path, convert_type)
-        if not out.exists():
-            from ..converters import convert
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if progress:
-                print(f"moelite: converting {path} to {convert_type} (once) into {out}", file=sys.stderr)
-            report = convert(path, out, type=convert_type, progress=progress)   # writes a temp name, then renames
-            if progress:
-                print(f"moelite: wrote {report.summary()}", file=sys.stderr)
-        return str(out)
-    if path.is_dir():
-        raise UsageError(f"{arg}: a directory without config.json (expected a .gguf file or a Hugging Face model dir)")
-    if not path.exists():
-        raise UsageError(f"{arg}: no such file")
-    return str(path)
-
-
 def device_arg(args: argparse.Namespace) -> str:
     """--device and -ngl -> the Model's device."""
     ngl = getattr(args, "n_gpu_layers", None)
@@ -202,16 +285,27 @@ def device_arg(args: argparse.Namespace) -> str:
 def load_model(args: argparse.Namespace, **extra: Any):
     """Open the model named by the common flags."""
     import moelite
+
     path = resolve_model(model_arg(args), args.convert_type, progress=True)
     with native_stderr_hidden(args.verbose):
-        model = moelite.load(path, memory_budget=args.memory_budget, policy=args.policy, n_threads=args.threads,
-                             n_ctx=args.ctx_size, device=device_arg(args), vram_budget=args.vram_budget,
-                             flash_attn=getattr(args, "flash_attn", "auto") != "off", repack=getattr(args, "repack", True),
-                             swap_threshold=getattr(args, "swap_threshold", 0.0),
-                             standins=(getattr(args, "standins_file", None) or True) if getattr(args, "standins", False)
-                             else False,
-                             standin_threshold=getattr(args, "standin_threshold", 0.5),
-                             kv_type=getattr(args, "kv_type", "f16"), mlock=getattr(args, "mlock", False), **extra)
+        model = moelite.load(
+            path,
+            memory_budget=args.memory_budget,
+            policy=args.policy,
+            n_threads=args.threads,
+            n_ctx=args.ctx_size,
+            device=device_arg(args),
+            vram_budget=args.vram_budget,
+            flash_attn=getattr(args, "flash_attn", "auto") != "off",
+            repack=getattr(args, "repack", True),
+            swap_threshold=getattr(args, "swap_threshold", 0.0),
+            standins=(getattr(args, "standins_file", None) or True) if getattr(args, "standins", False) else False,
+            standin_threshold=getattr(args, "standin_threshold", 0.5),
+            kv_type=getattr(args, "kv_type", "f16"),
+            mlock=getattr(args, "mlock", False),
+            **speculative_kwargs(args),
+            **extra,
+        )
     if split_text(model):
         print(f"moelite: {model.path}: {split_text(model)}", file=sys.stderr)
     if model.calibration_file:
@@ -227,7 +321,7 @@ def native_stderr_hidden(show: bool = False) -> Iterator[None]:
     sys.stderr.flush()
     try:
         real = os.dup(2)
-    except OSError:                         # no file descriptor 2 (a GUI's embedded interpreter): nothing to hide
+    except OSError:  # no file descriptor 2 (a GUI's embedded interpreter): nothing to hide
         yield
         return
     py_stderr = sys.stderr
@@ -255,6 +349,7 @@ def model_name(model) -> str:
 def split_text(model) -> str | None:
     """'split set of 3 files, 12.4 GiB' for a model read from a split set, else None."""
     from ..runtime.planner import fmt_bytes
+
     files = model.table.files
     return f"split set of {len(files)} files, {fmt_bytes(model.table.size)}" if len(files) > 1 else None
 
@@ -276,6 +371,7 @@ def memory_text(model, s: dict) -> str:
     """'model memory 4.21 MiB of budget 4.80 MiB · process RSS 55.1 MiB' (the budget covers the model's own
     buffers; RSS also counts Python, libraries and the page cache of the mapped file)."""
     from ..runtime.planner import fmt_bytes
+
     budget = model.plan.budget
     used = f"model memory {fmt_bytes(accounted_bytes(model, s['memory']))}"
     used += f" of budget {fmt_bytes(budget)}" if budget else " (all resident)"
@@ -288,14 +384,22 @@ def status_line(model, stream, before: tuple[int, int] = (0, 0)) -> str:
     s = model.stats()
     hits, misses = s["total"]["hits"] - before[0], s["total"]["misses"] - before[1]
     rate = 100.0 * hits / (hits + misses) if hits + misses else 100.0
-    parts = [f"{stream.decode_tok_s:.1f} tok/s", f"{stream.prompt_tokens} prompt + {stream.completion_tokens} tok",
-             f"cache {rate:.1f} % hit", memory_text(model, s)]
-    if getattr(model, "swap_threshold", 0.0) > 0:      # lossy mode on: say how often it changed the routing
-        parts.insert(3, f"{s['total']['substitutions']} experts swapped since load (--swap-threshold {model.swap_threshold:g})")
-    if getattr(model, "standin_threshold", 0.0) > 0:   # stand-ins on: how many experts ran as their low-bit copy
-        parts.insert(3, f"{s['total']['standin_uses']} stand-in uses since load (--standin-threshold "
-                        f"{model.standin_threshold:g})")
-    if split_text(model):                          # the set, named: its files are read as one
+    parts = [
+        f"{stream.decode_tok_s:.1f} tok/s",
+        f"{stream.prompt_tokens} prompt + {stream.completion_tokens} tok",
+        f"cache {rate:.1f} % hit",
+        memory_text(model, s),
+    ]
+    if getattr(model, "swap_threshold", 0.0) > 0:  # lossy mode on: say how often it changed the routing
+        parts.insert(
+            3, f"{s['total']['substitutions']} experts swapped since load (--swap-threshold {model.swap_threshold:g})"
+        )
+    if getattr(model, "standin_threshold", 0.0) > 0:  # stand-ins on: how many experts ran as their low-bit copy
+        parts.insert(
+            3,
+            f"{s['total']['standin_uses']} stand-in uses since load (--standin-threshold {model.standin_threshold:g})",
+        )
+    if split_text(model):  # the set, named: its files are read as one
         parts.append(split_text(model))
     if stream.finish_reason == "cancelled":
         parts.append("stopped")

@@ -1,4 +1,5 @@
 """moelite run [MODEL] -p PROMPT: one prompt, the answer streamed to stdout (or one JSON object)."""
+
 from __future__ import annotations
 
 import argparse
@@ -6,8 +7,17 @@ import json
 import sys
 
 from ..errors import UsageError
-from .common import (PrefillProgress, accounted_bytes, add_common, add_sampling, context_note, load_model,
-                     restore_ctrl_c, status_line)
+from .common import (
+    PrefillProgress,
+    accounted_bytes,
+    add_common,
+    add_sampling,
+    add_speculative,
+    context_note,
+    load_model,
+    restore_ctrl_c,
+    status_line,
+)
 from .textgen import TextStream, prompt_ids, sampling_kwargs, stop_list
 
 NAME = "run"
@@ -24,17 +34,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object: text, token ids, stats")
     p.add_argument("--stats", action="store_true", help="print a status line (tok/s, cache, memory) to stderr")
     add_sampling(p)
+    add_speculative(p)
 
 
 def main(args: argparse.Namespace) -> int:
     prompt = read_prompt(args)
     sampling = sampling_kwargs(vars(args))
     stop = stop_list(args.stop)
-    if sys.stderr.isatty():        # on a terminal, Ctrl-C stops a long prompt or the answer
+    if sys.stderr.isatty():  # on a terminal, Ctrl-C stops a long prompt or the answer
         restore_ctrl_c()
     with load_model(args) as model:
         if args.chat:
-            messages = ([{"role": "system", "content": args.system}] if args.system else [])
+            messages = [{"role": "system", "content": args.system}] if args.system else []
             ids = prompt_ids(model, messages=messages + [{"role": "user", "content": prompt}])
         else:
             ids = prompt_ids(model, prompt)
@@ -71,10 +82,19 @@ def read_prompt(args: argparse.Namespace) -> str:
 def result_json(model, stream: TextStream) -> dict:
     s = model.stats()
     return {
-        "text": stream.text, "token_ids": stream.token_ids, "finish_reason": stream.finish_reason,
+        "text": stream.text,
+        "token_ids": stream.token_ids,
+        "finish_reason": stream.finish_reason,
         "usage": {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens},
-        "stats": {"decode_tok_s": stream.decode_tok_s, "cache": s["total"], "rss_bytes": s["rss_bytes"],
-                  "memory_budget": model.plan.budget, "accounted_bytes": accounted_bytes(model, s["memory"]),
-                  "policy": s["policy"], "memory": s["memory"]},
+        "stats": {
+            "decode_tok_s": stream.decode_tok_s,
+            "cache": s["total"],
+            "rss_bytes": s["rss_bytes"],
+            "memory_budget": model.plan.budget,
+            "accounted_bytes": accounted_bytes(model, s["memory"]),
+            "policy": s["policy"],
+            "speculative": s["speculative"],  # None unless --speculative / -md
+            "memory": s["memory"],
+        },
         "model": {"path": model.path, "architecture": model.hparams["arch"]},
     }

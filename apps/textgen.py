@@ -5,6 +5,7 @@ the three commands accept the same names and give the same messages). `TextStrea
 keeps what belongs to *this* request: token ids, counts, finish reason and timings (Model.last_stats
 belongs to whichever request ran last, which matters when the server shares one model).
 """
+
 from __future__ import annotations
 
 import time
@@ -20,6 +21,7 @@ def sampling_kwargs(values: Mapping[str, Any]) -> dict[str, Any]:
     """The sampling options present (not None) in `values`, checked now (UsageError naming the option),
     not at the first token: a streaming answer cannot turn into an error after it started."""
     from ..runtime.sampling import SAMPLER_KEYS, SamplerConfig
+
     kw = {k: values[k] for k in SAMPLER_KEYS if values.get(k) is not None}
     SamplerConfig(**kw)
     return kw
@@ -52,20 +54,47 @@ class TextStream:
     `text`, `token_ids`, `prompt_tokens`, `completion_tokens`, `finish_reason` ('stop' | 'length' |
     'cancelled'), `decode_tok_s`."""
 
-    def __init__(self, model, ids: Sequence[int], *, max_tokens: int, stop: Sequence[str] = (),
-                 ignore_eos: bool = False, **sampling: Any) -> None:
+    def __init__(
+        self,
+        model,
+        ids: Sequence[int],
+        *,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+        ignore_eos: bool = False,
+        logprobs: int | None = None,
+        logits_processor: Any = None,
+        **sampling: Any,
+    ) -> None:
         from ..runtime.sampling import StopChecker
+
         self.model = model
         self.prompt_tokens = len(ids)
         self.max_tokens = max_tokens
         self.token_ids: list[int] = []
         self.pieces: list[str] = []
+        # logprobs=N (the server's logprobs / top_logprobs): each generated token's TokenLogprob with its N most
+        # likely alternatives, and per yielded piece the number of tokens recorded when it was yielded
+        self.top_n = logprobs
+        self.logprobs: list = []
+        self.piece_ends: list[int] = []
         self.finish_reason: str | None = None
         self.cancelled = False
         self._stopper = StopChecker(list(stop))
-        self._gen = model.stream_tokens(list(ids), max_tokens=max_tokens, stop_ids=() if ignore_eos else None,
-                                        **sampling)
+        self._gen = model.stream_tokens(
+            list(ids),
+            max_tokens=max_tokens,
+            stop_ids=() if ignore_eos else None,
+            on_token=self._record if logprobs is not None else None,
+            logits_processor=logits_processor,  # a grammar's mask (response_format, tool_choice), or None
+            **sampling,
+        )
         self._t_first = self._t_end = 0.0
+
+    def _record(self, token: int, logits) -> None:
+        from ..runtime.perplexity import step_logprob
+
+        self.logprobs.append(step_logprob(logits, token, self.top_n or 0))
 
     def cancel(self) -> None:
         """Stop after the current token (safe from a signal handler or another thread)."""
@@ -77,7 +106,7 @@ class TextStream:
         stopper = self._stopper
         try:
             for tok in self._gen if not self.cancelled else ():
-                if self.cancelled:                 # cancel() before the model's generation started
+                if self.cancelled:  # cancel() before the model's generation started
                     break
                 if not self.token_ids:
                     self._t_first = time.perf_counter()
@@ -85,6 +114,7 @@ class TextStream:
                 piece = stopper.push(dec.push(tok))
                 if piece:
                     self.pieces.append(piece)
+                    self.piece_ends.append(len(self.logprobs))
                     yield piece
                 if stopper.stopped:
                     break
@@ -93,9 +123,10 @@ class TextStream:
                 tail += stopper.flush()
                 if tail:
                     self.pieces.append(tail)
+                    self.piece_ends.append(len(self.logprobs))
                     yield tail
         finally:
-            self._gen.close()                      # releases the model's lock at once
+            self._gen.close()  # releases the model's lock at once
             self._t_end = time.perf_counter()
             self.finish_reason = self._finish(stopper.stopped)
 
@@ -107,7 +138,7 @@ class TextStream:
             return "cancelled"
         if n >= self.max_tokens or self.prompt_tokens + n >= self.model.n_ctx:
             return "length"
-        return "stop"                               # an end-of-text token
+        return "stop"  # an end-of-text token
 
     @property
     def text(self) -> str:

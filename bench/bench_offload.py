@@ -6,6 +6,7 @@ the expert bytes (plus the dense part, KV cache and scratch), on one GGUF.
 Prints a table: decode tok/s, hit rate, prefetch precision (useful / issued) and recall (prefetched uses /
 all non-resident uses), MB read per token, I/O stall per token. No thresholds: numbers for the report.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,12 +34,15 @@ def prompt_ids(m: moelite.Model, text: str | None, n: int) -> list[int]:
     return [(7 * i + 3) % m.n_vocab for i in range(n)]
 
 
-def run_one(path: str, budget: int | None, policy: str, prefetch: bool, tokens: int, text: str | None,
-            threads: int, n_ctx: int) -> dict:
-    with moelite.load(path, memory_budget=budget, policy=policy, prefetch=prefetch, n_threads=threads, n_ctx=n_ctx) as m:
+def run_one(
+    path: str, budget: int | None, policy: str, prefetch: bool, tokens: int, text: str | None, threads: int, n_ctx: int
+) -> dict:
+    with moelite.load(
+        path, memory_budget=budget, policy=policy, prefetch=prefetch, n_threads=threads, n_ctx=n_ctx
+    ) as m:
         ids = prompt_ids(m, text, 128)
         t0 = time.perf_counter()
-        m.logits(ids)                                   # prefill (warms the cache)
+        m.logits(ids)  # prefill (warms the cache)
         t_prefill = time.perf_counter() - t0
         m.reset_stats()
         t0 = time.perf_counter()
@@ -47,13 +51,21 @@ def run_one(path: str, budget: int | None, policy: str, prefetch: bool, tokens: 
         s = m.stats()["total"]
         info = m.info()
     n = len(out)
-    lookups = s["hits"] + s["misses"]
     return {
-        "policy": policy, "prefetch": prefetch, "budget": budget, "slots": info["expert_slots"],
-        "decode_tok_s": n / dt, "prefill_tok_s": len(ids) / t_prefill, "hit_rate": s["hit_rate"],
+        "policy": policy,
+        "prefetch": prefetch,
+        "budget": budget,
+        "slots": info["expert_slots"],
+        "decode_tok_s": n / dt,
+        "prefill_tok_s": len(ids) / t_prefill,
+        "hit_rate": s["hit_rate"],
         "prefetch_precision": s["prefetch_hits"] / s["prefetch_issued"] if s["prefetch_issued"] else None,
-        "prefetch_recall": s["prefetch_hits"] / (s["prefetch_hits"] + s["misses"]) if s["prefetch_hits"] + s["misses"] else None,
-        "mb_read_per_token": s["bytes_read"] / n / 1e6, "stall_s_per_token": s["stall_s"] / n, "tokens": n,
+        "prefetch_recall": s["prefetch_hits"] / (s["prefetch_hits"] + s["misses"])
+        if s["prefetch_hits"] + s["misses"]
+        else None,
+        "mb_read_per_token": s["bytes_read"] / n / 1e6,
+        "stall_s_per_token": s["stall_s"] / n,
+        "tokens": n,
     }
 
 
@@ -83,21 +95,47 @@ def main() -> None:
                 r["fraction"] = frac
                 rows.append(r)
                 print(json.dumps(r), file=sys.stderr, flush=True)
-    t = Table(title=f"{Path(path).name}: expert bytes {fmt_bytes(plan.expert_bytes_total)}, dense {fmt_bytes(plan.dense_bytes)}")
-    for col in ("experts in RAM", "policy", "prefetch", "tok/s", "hit rate", "pf precision", "pf recall", "MB read/tok", "stall ms/tok"):
+    t = Table(
+        title=f"{Path(path).name}: expert bytes {fmt_bytes(plan.expert_bytes_total)}, dense {fmt_bytes(plan.dense_bytes)}"
+    )
+    for col in (
+        "experts in RAM",
+        "policy",
+        "prefetch",
+        "tok/s",
+        "hit rate",
+        "pf precision",
+        "pf recall",
+        "MB read/tok",
+        "stall ms/tok",
+    ):
         t.add_column(col)
     for r in rows:
         pct = lambda x: "-" if x is None else f"{100 * x:.1f}%"
-        t.add_row(f"{100 * r['fraction']:.0f}%", r["policy"], "on" if r["prefetch"] else "off", f"{r['decode_tok_s']:.2f}",
-                  pct(r["hit_rate"]), pct(r["prefetch_precision"]), pct(r["prefetch_recall"]),
-                  f"{r['mb_read_per_token']:.1f}", f"{1000 * r['stall_s_per_token']:.1f}")
+        t.add_row(
+            f"{100 * r['fraction']:.0f}%",
+            r["policy"],
+            "on" if r["prefetch"] else "off",
+            f"{r['decode_tok_s']:.2f}",
+            pct(r["hit_rate"]),
+            pct(r["prefetch_precision"]),
+            pct(r["prefetch_recall"]),
+            f"{r['mb_read_per_token']:.1f}",
+            f"{1000 * r['stall_s_per_token']:.1f}",
+        )
     Console().print(t)
     if a.md:
         head = [c.header for c in t.columns]
-        md = [f"### {t.title}", "", f"{a.tokens} generated tokens (greedy) after a {len(prompt_ids_used)}-token prompt "
-              f"({'the start of ' + a.prompt_file if a.prompt_file else 'synthetic token ids'}), "
-              f"{a.threads} threads; hit rate, prefetch and reads over the generated tokens only.", "",
-              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        md = [
+            f"### {t.title}",
+            "",
+            f"{a.tokens} generated tokens (greedy) after a {len(prompt_ids_used)}-token prompt "
+            f"({'the start of ' + a.prompt_file if a.prompt_file else 'synthetic token ids'}), "
+            f"{a.threads} threads; hit rate, prefetch and reads over the generated tokens only.",
+            "",
+            "| " + " | ".join(head) + " |",
+            "|" + "---|" * len(head),
+        ]
         cells = [list(c._cells) for c in t.columns]
         md += ["| " + " | ".join(col[i] for col in cells) + " |" for i in range(len(rows))]
         with open(a.md, "a") as f:

@@ -7,6 +7,7 @@ Each engine runs in its own `perf record` (the load is skipped with --delay); th
 symbols (matmul kernels, attention, activation quantization, thread synchronisation, other) and lists the top ones.
 Writes bench/PROFILE.md. Needs `perf` (linux-tools) and permission to profile the process (perf_event_paranoid).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,18 +51,28 @@ else:
 print(json.dumps({"tok_s": n / (time.perf_counter() - t)}))
 """
 
-GROUPS = [("matmul kernels (weights x activations)", r"gemv|gemm|vec_dot_q|vec_dot_iq|mul_mat|repack"),
-          ("attention (KV dot, softmax, flash attention)", r"vec_dot_f16|flash_attn|soft_max|fp32_to_fp16"),
-          ("activation quantization", r"quantize_row|quantize_mat"),
-          ("thread synchronisation and spin", r"barrier|omp|threadpool|sched_yield|futex"),
-          ("unresolved (ggml's static functions: tiled flash attention's GEMM, thread pool loops)", r"^0x"),
-          ("kernel (page faults, scheduling)", r"^\[k\]")]
+GROUPS = [
+    ("matmul kernels (weights x activations)", r"gemv|gemm|vec_dot_q|vec_dot_iq|mul_mat|repack"),
+    ("attention (KV dot, softmax, flash attention)", r"vec_dot_f16|flash_attn|soft_max|fp32_to_fp16"),
+    ("activation quantization", r"quantize_row|quantize_mat"),
+    ("thread synchronisation and spin", r"barrier|omp|threadpool|sched_yield|futex"),
+    ("unresolved (ggml's static functions: tiled flash attention's GEMM, thread pool loops)", r"^0x"),
+    ("kernel (page faults, scheduling)", r"^\[k\]"),
+]
 # "before" columns: a prompt's experts by mul_mat_id (one GEMV per token, before expert_gemm); a decode step as
 # per-layer graphs (before the one-graph step)
-ENGINES = {"prefill": [("moelite", "moelite (per-expert GEMMs)"), ("moelite-mmid", "moelite (mul_mat_id, before)"),
-                       ("llama", "llama.cpp")],
-           "decode": [("moelite", "moelite (one graph per step)"), ("moelite-layered", "moelite (per-layer graphs, before)"),
-                      ("llama", "llama.cpp")]}
+ENGINES = {
+    "prefill": [
+        ("moelite", "moelite (per-expert GEMMs)"),
+        ("moelite-mmid", "moelite (mul_mat_id, before)"),
+        ("llama", "llama.cpp"),
+    ],
+    "decode": [
+        ("moelite", "moelite (one graph per step)"),
+        ("moelite-layered", "moelite (per-layer graphs, before)"),
+        ("llama", "llama.cpp"),
+    ],
+}
 
 
 def profile(engine: str, path: str, what: str, reps: int, n_prompt: int) -> dict:
@@ -70,18 +81,24 @@ def profile(engine: str, path: str, what: str, reps: int, n_prompt: int) -> dict
         args = [engine, path, what, str(reps), str(n_prompt)]
         load_s = _load_seconds(args)
         child = [sys.executable, "-c", CHILD, *args]
-        r = subprocess.run(["perf", "record", "-q", "-F", "1999", "-D", str(int(load_s * 1000)), "-o", str(data), *child],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["perf", "record", "-q", "-F", "1999", "-D", str(int(load_s * 1000)), "-o", str(data), *child],
+            capture_output=True,
+            text=True,
+        )
         if r.returncode != 0:
             raise SystemExit(f"perf record failed: {r.stderr[-500:]}")
         tok_s = __import__("json").loads(r.stdout.strip().splitlines()[-1])["tok_s"]
-        rep = subprocess.run(["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "symbol"],
-                             capture_output=True, text=True).stdout
+        rep = subprocess.run(
+            ["perf", "report", "-i", str(data), "--stdio", "--no-children", "--sort", "symbol"],
+            capture_output=True,
+            text=True,
+        ).stdout
     rows = []
     for line in rep.splitlines():
         m = re.match(r"\s*([0-9.]+)%\s+(\[[k.]\])\s+(.+?)\s*$", line)
         if m:
-            sym = re.sub(r"(\s+-)+\s*$", "", m.group(3)).strip()     # perf's empty trailing columns
+            sym = re.sub(r"(\s+-)+\s*$", "", m.group(3)).strip()  # perf's empty trailing columns
             rows.append((float(m.group(1)), ("[k] " if m.group(2) == "[k]" else "") + sym))
     return {"tok_s": tok_s, "rows": rows}
 
@@ -90,9 +107,14 @@ def _load_seconds(args: list[str]) -> float:
     """How long the child takes to reach its timed part (load + warm-up; the same child, stopped there), so that
     perf skips it; the child sleeps a second at that point, which covers the difference between two loads."""
     import time
+
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", CHILD.replace("time.sleep(1.0)", "raise SystemExit(0)"), *args],
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(
+        [sys.executable, "-c", CHILD.replace("time.sleep(1.0)", "raise SystemExit(0)"), *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        check=True,
+    )
     return time.perf_counter() - t + 0.5
 
 
@@ -111,10 +133,18 @@ def group(rows: list[tuple[float, str]]) -> dict[str, float]:
 
 def section(model: str, path: str, what: str, reps: int, n_prompt: int) -> list[str]:
     res = {e: profile(e, path, what, reps, n_prompt) for e, _ in ENGINES[what]}
-    work = f"a {n_prompt}-token prefill" if what == "prefill" else f"one-token decode steps after a {n_prompt}-token prompt"
-    lines = [f"## {model}: {what} ({reps} x {work})", "",
-             "| | " + " | ".join(label for _, label in ENGINES[what]) + " |", "|---" * (len(ENGINES[what]) + 1) + "|",
-             "| tok/s | " + " | ".join(f"{res[e]['tok_s']:.1f}" for e, _ in ENGINES[what]) + " |"]
+    work = (
+        f"a {n_prompt}-token prefill"
+        if what == "prefill"
+        else f"one-token decode steps after a {n_prompt}-token prompt"
+    )
+    lines = [
+        f"## {model}: {what} ({reps} x {work})",
+        "",
+        "| | " + " | ".join(label for _, label in ENGINES[what]) + " |",
+        "|---" * (len(ENGINES[what]) + 1) + "|",
+        "| tok/s | " + " | ".join(f"{res[e]['tok_s']:.1f}" for e, _ in ENGINES[what]) + " |",
+    ]
     grouped = {e: group(res[e]["rows"]) for e, _ in ENGINES[what]}
     for g in [*(g for g, _ in GROUPS), "other"]:
         lines.append(f"| {g} | " + " | ".join(f"{grouped[e][g]:.1f} %" for e, _ in ENGINES[what]) + " |")
@@ -133,12 +163,16 @@ def main() -> None:
     if not shutil.which("perf"):
         raise SystemExit("perf not found (install linux-tools)")
     path = model_path(a.model, 10)
-    lines = ["# Where the time goes: perf profiles", "",
-             f"Generated by `python bench/bench_profile.py --model {a.model} --what {a.what}` on: {machine()}; 2 threads; "
-             f"`{Path(path).name}`, every expert resident; the load is not sampled. Shares are of all samples of the "
-             "process (both threads). Both engines' libraries are stripped: their static functions (the tiled flash "
-             "attention's GEMM micro-kernel, thread pool loops) show as unresolved addresses, a group of their own.", ""]
-    for what in (("prefill", "decode") if a.what == "both" else (a.what,)):
+    lines = [
+        "# Where the time goes: perf profiles",
+        "",
+        f"Generated by `python bench/bench_profile.py --model {a.model} --what {a.what}` on: {machine()}; 2 threads; "
+        f"`{Path(path).name}`, every expert resident; the load is not sampled. Shares are of all samples of the "
+        "process (both threads). Both engines' libraries are stripped: their static functions (the tiled flash "
+        "attention's GEMM micro-kernel, thread pool loops) show as unresolved addresses, a group of their own.",
+        "",
+    ]
+    for what in ("prefill", "decode") if a.what == "both" else (a.what,):
         lines += section(a.model, path, what, 20 if what == "prefill" else 400, a.prompt)
     (ROOT / "bench" / "PROFILE.md").write_text("\n".join(lines))
     print("\n".join(lines))

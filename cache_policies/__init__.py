@@ -10,6 +10,7 @@
 Modules: trace (format + validation), metrics (SRP, SCH, static SCH), registry (runtime policy ids and
 knobs), simulator (cache model and policy semantics), calibration, report (JSON, PNG, rich).
 """
+
 from __future__ import annotations
 
 from .calibration import calibrate, evaluate_candidates, expert_frequency
@@ -18,7 +19,26 @@ from .registry import POLICY_IDS, PolicyConfig, layer_capacities, make_policy, p
 from .simulator import SIM_POLICIES, SimResult, simulate, sweep
 from .trace import Trace, load_trace, save_trace
 
-__all__ = ["Trace", "load_trace", "save_trace", "SRPResult", "srp", "srp_many", "sch", "static_sch",
-           "POLICY_IDS", "PolicyConfig", "make_policy", "policy_id", "policy_name", "layer_capacities",
-           "SIM_POLICIES", "SimResult", "simulate", "sweep", "calibrate", "evaluate_candidates",
-           "expert_frequency"]
+__all__ = [
+    "Trace",
+    "load_trace",
+    "save_trace",
+    "SRPResult",
+    "srp",
+    "srp_many",
+    "sch",
+    "static_sch",
+    "POLICY_IDS",
+    "PolicyConfig",
+    "make_policy",
+    "policy_id",
+    "policy_name",
+    "layer_capacities",
+    "SIM_POLICIES",
+    "SimResult",
+    "simulate",
+    "sweep",
+    "calibrate",
+    "evaluate_candidates",
+    "expert_frequency",
+]

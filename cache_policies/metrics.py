@@ -18,32 +18,44 @@ sequence boundary. f(window, expert) = number of tokens of the window whose top-
   experts with the highest f in that window; hit rate = sum over windows of those f / (windows * m * k *
   layers of the group), pooled over all windows of all sequences.
 """
+
 from __future__ import annotations
 
 import heapq
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import numpy as np
 
 from moelite.errors import UsageError
 
-from .trace import Trace
+from ..runtime.args import finite_float, int_in, ints_in
+from .trace import Trace, as_trace
 
 _BLOCK_CELLS = 1 << 22  # window counts are built in blocks of about this many int32 cells (16 MiB)
+_PAIR_BINS = 1 << 22  # _sweep's (f, length) histogram up to this many int64 bins (32 MiB, m <= 2047), then weights
 
 
 class SRPResult(NamedTuple):
     """SRP of one group (floats) or of every layer (arrays [L])."""
+
     value: float | np.ndarray
     alpha: int | np.ndarray
     rho_hat: float | np.ndarray
 
 
 # windows -----------------------------------------------------------------------------------------------
-def _check_m(m: int) -> int:
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or m < 1:
-        raise UsageError(f"segment length m must be an integer >= 1, got {m!r}")
-    return int(m)
+def _check_m(trace: Trace, m: int, name: str = "m") -> int:
+    """A segment length: an int in [1, n_tokens]. A window longer than the whole trace holds nothing; the bound comes
+    before any array of m + 1 bins is made (a window longer than every sequence but not than the trace gives nan)."""
+    return int_in(
+        name, m, 1, trace.n_tokens, why=f"a segment length no longer than the trace's {trace.n_tokens} tokens"
+    )
+
+
+def _check_ms(trace: Trace, ms: Sequence[int]) -> list[int]:
+    why = f"segment lengths no longer than the trace's {trace.n_tokens} tokens"
+    return ints_in("ms", ms, 1, trace.n_tokens, why=why)
 
 
 def _valid_starts(trace: Trace, m: int) -> np.ndarray:
@@ -59,7 +71,8 @@ def window_counts(trace: Trace, m: int) -> Iterator[np.ndarray]:
     One-hot rows -> cumulative sum over tokens -> f = c[p + m] - c[p]; all windows of all sequences
     come out exactly once, in token order.
     """
-    m = _check_m(m)
+    trace = as_trace(trace)
+    m = _check_m(trace, m)
     n, n_layers, k = trace.ids.shape
     n_expert = trace.n_expert
     valid = _valid_starts(trace, m)
@@ -68,12 +81,12 @@ def window_counts(trace: Trace, m: int) -> Iterator[np.ndarray]:
         rows = min(n, s + block + m - 1) - s  # tokens needed by the window starts s .. s+block-1
         n_win = rows - m + 1
         onehot = np.zeros((rows, n_layers * n_expert), dtype=np.uint8)  # [rows, L*E]
-        col = trace.ids[s:s + rows] + (np.arange(n_layers, dtype=np.int32) * n_expert)[None, :, None]
+        col = trace.ids[s : s + rows] + (np.arange(n_layers, dtype=np.int32) * n_expert)[None, :, None]
         np.put_along_axis(onehot, col.reshape(rows, n_layers * k), 1, axis=1)
         csum = np.zeros((rows + 1, n_layers * n_expert), dtype=np.int32)
         np.cumsum(onehot, axis=0, dtype=np.int32, out=csum[1:])
-        f = csum[m:m + n_win] - csum[:n_win]  # [n_win, L*E]
-        ok = valid[s:s + n_win]
+        f = csum[m : m + n_win] - csum[:n_win]  # [n_win, L*E]
+        ok = valid[s : s + n_win]
         if not ok.all():
             f = f[ok]
         if len(f):
@@ -94,7 +107,8 @@ def f_histograms(trace: Trace, ms: Sequence[int]) -> list[np.ndarray]:
     experts are sorted by (expert, position); between consecutive events f is constant, so hist[f] +=
     segment length. Pairs with f = 0 are the rest (their bin collects junk across expert boundaries).
     """
-    ms = [_check_m(m) for m in ms]
+    trace = as_trace(trace)
+    ms = _check_ms(trace, ms)
     n, n_layers, _ = trace.ids.shape
     lengths = np.diff(trace.offsets)
     hists = [np.zeros((n_layers, m + 1), dtype=np.int64) for m in ms]
@@ -121,8 +135,9 @@ def _occurrence_keys(ids_l: np.ndarray, n_expert: int, seq_start: np.ndarray, se
     flat = ids_l.ravel().astype(np.uint16 if n_expert <= 1 << 16 else np.int64)
     order = np.argsort(flat, kind="stable").astype(dtype)  # 16-bit keys: radix sort
     tok = order // dtype(k)
-    base = np.repeat((np.arange(n_expert) * (n + 1)).astype(dtype),
-                     np.bincount(flat, minlength=n_expert))  # keeps experts apart and in order
+    base = np.repeat(
+        (np.arange(n_expert) * (n + 1)).astype(dtype), np.bincount(flat, minlength=n_expert)
+    )  # keeps experts apart and in order
     return base + tok, base + seq_start[tok], base + seq_end[tok]
 
 
@@ -141,7 +156,9 @@ def _sweep(occ: np.ndarray, lo: np.ndarray, end: np.ndarray, m: int) -> np.ndarr
     f -= np.arange(1, 2 * n + 1, dtype=f.dtype)
     keys >>= 1
     length = np.subtract(keys[1:], keys[:-1])  # a segment with f >= 1 lies in one occurrence's span,
-    np.clip(length, 0, m, out=length)          # so length <= m: only junk f = 0 segments get clipped
+    np.clip(length, 0, m, out=length)  # so length <= m: only junk f = 0 segments get clipped
+    if (m + 1) ** 2 > _PAIR_BINS:  # a long window: (f, length) pairs would need (m + 1)^2 bins
+        return np.bincount(f[:-1], weights=length, minlength=m + 1).astype(np.int64)  # exact below 2^53
     pair = f[:-1]
     pair *= m + 1
     pair += length  # an unweighted bincount of (f, length): several times faster than weights=
@@ -172,12 +189,17 @@ def best_threshold(hist: np.ndarray, m: int, k: int, n_expert: int) -> tuple[flo
 
 
 def srp(trace: Trace, m: int, level: str = "model") -> SRPResult:
-    """SRP(m) with its best threshold alpha and rho_hat; floats for level="model", arrays [L] for "layer"."""
-    return srp_many(trace, [m], level)[_check_m(m)]
+    """SRP(m) with its best threshold alpha and rho_hat; floats for level="model", arrays [L] for "layer".
+    m: 1 <= m <= trace.n_tokens (UsageError otherwise)."""
+    trace = as_trace(trace)
+    m = _check_m(trace, m)
+    return srp_many(trace, [m], level)[m]
 
 
 def srp_many(trace: Trace, ms: Sequence[int], level: str = "model") -> dict[int, SRPResult]:
     """`srp` for several segment lengths in one pass over the trace: {m: SRPResult}."""
+    trace = as_trace(trace)
+    ms = _check_ms(trace, ms)
     _check_level(level)
     out = {}
     for m, hist in zip(ms, f_histograms(trace, ms)):
@@ -190,7 +212,7 @@ def srp_many(trace: Trace, ms: Sequence[int], level: str = "model") -> dict[int,
 
 
 def _check_level(level: str) -> None:
-    if level not in ("model", "layer"):
+    if not isinstance(level, str) or level not in ("model", "layer"):
         raise UsageError(f"level must be 'model' or 'layer', got {level!r}")
 
 
@@ -214,7 +236,7 @@ def sch_hits(rows: np.ndarray, m: int, capacity: int) -> int:
     seq = rows.tolist()
     n_tok = len(seq)
     fut: dict[int, int] = {}  # F[y]: uses in the look-ahead window
-    for row in seq[:min(m, n_tok)]:
+    for row in seq[: min(m, n_tok)]:
         for y in row:
             fut[y] = fut.get(y, 0) + 1
     last: dict[int, int] = {}  # last[y]; an id is "seen" iff it is in last or in seen_row
@@ -250,10 +272,15 @@ def sch_hits(rows: np.ndarray, m: int, capacity: int) -> int:
     return hits
 
 
-def _capacity(rho: float, width: int) -> int:
-    cap = int(round(rho * width))
+def _capacity(rho: float, width: int, keys: int) -> int:
+    """C = round(rho * width) slots for rows of `width` ids, at most `keys` (the distinct ids there are: more slots
+    hold nothing more, and rho = 1e308 would overflow); rho a finite number > 0 giving at least one slot."""
+    rho = finite_float("rho", rho, 0.0, lo_open=True, why="the cache size in units of ids per row")
+    cap = round(min(rho * width, float(keys)))
     if cap < 1:
-        raise UsageError(f"cache ratio rho = {rho} gives a capacity of {cap} slots for {width} ids per row")
+        raise UsageError(
+            f"rho={rho!r} gives a capacity of {cap} slots for {width} ids per row: expected rho >= {0.5 / width:g}"
+        )
     return cap
 
 
@@ -264,33 +291,35 @@ def model_rows(ids: np.ndarray, n_expert: int) -> np.ndarray:
 
 
 def sch(trace: Trace, m: int, rho: float = 2.0, level: str = "model") -> float | np.ndarray:
-    """SCH(m, rho): mean over sequences of the oracle's hit rate; a float for "model", [L] for "layer"."""
-    m = _check_m(m)
+    """SCH(m, rho): mean over sequences of the oracle's hit rate; a float for "model", [L] for "layer".
+    m: 1 <= m <= trace.n_tokens; rho: finite, > 0, round(rho * ids per row) >= 1 (UsageError otherwise)."""
+    trace = as_trace(trace)
+    m = _check_m(trace, m)
     _check_level(level)
     if level == "model":
-        cap = _capacity(rho, trace.n_layers * trace.k)
+        cap = _capacity(rho, trace.n_layers * trace.k, trace.n_layers * trace.n_expert)
         rates = [sch_hits(model_rows(s, trace.n_expert), m, cap) / s.size for s in trace.sequences()]
         return float(np.mean(rates))
-    cap = _capacity(rho, trace.k)
-    rates = [[sch_hits(s[:, l], m, cap) / s[:, l].size for l in range(trace.n_layers)]
-             for s in trace.sequences()]
+    cap = _capacity(rho, trace.k, trace.n_expert)
+    rates = [[sch_hits(s[:, l], m, cap) / s[:, l].size for l in range(trace.n_layers)] for s in trace.sequences()]
     return np.mean(np.array(rates), axis=0)
 
 
 def static_sch(trace: Trace, m: int, rho: float = 2.0, level: str = "model") -> float | np.ndarray:
     """Legacy static SCH: per window, cache the top-C experts by f (C = round(rho*k) per layer, or
     round(rho*L*k) over the pooled L*E experts); hit rate pooled over all windows of all sequences."""
-    m = _check_m(m)
+    trace = as_trace(trace)
+    m = _check_m(trace, m)
     _check_level(level)
     n_layers, k, n_expert = trace.n_layers, trace.k, trace.n_expert
     pooled = level == "model"
     width = n_layers * k if pooled else k
-    cap = min(_capacity(rho, width), n_layers * n_expert if pooled else n_expert)
+    cap = _capacity(rho, width, n_layers * n_expert if pooled else n_expert)
     kept = np.zeros(1 if pooled else n_layers, dtype=np.int64)
     n_win = 0
     for f in window_counts(trace, m):  # [n, L, E]
         g = f.reshape(len(f), 1, -1) if pooled else f
-        top = np.partition(g, g.shape[-1] - cap, axis=-1)[..., g.shape[-1] - cap:]
+        top = np.partition(g, g.shape[-1] - cap, axis=-1)[..., g.shape[-1] - cap :]
         kept += top.sum(axis=(0, 2))
         n_win += len(f)
     if n_win == 0:

@@ -9,15 +9,19 @@ Knobs (validated by `make_policy`; an unknown knob or a bad value raises moelite
 - consistency: `m`: int >= 1, the number of most recent tokens whose experts of a layer are protected
   (default 16, the paper's headline segment length).
 """
+
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from moelite.errors import UsageError
+
+from ..runtime.args import INT32_MAX, finite_float, int_in
 
 POLICY_IDS: dict[str, int] = {"lru": 0, "lfu": 1, "lfuda": 2, "consistency": 3}
 # The policy a load uses when neither the caller nor a calibration names one. LFUDA: on every model measured in
@@ -27,13 +31,18 @@ POLICY_IDS: dict[str, int] = {"lru": 0, "lfu": 1, "lfuda": 2, "consistency": 3}
 # its slot after the topic changes); LFUDA ages those counts.
 DEFAULT_POLICY = "lfuda"
 DEFAULT_M = 16
-_KNOBS: dict[str, tuple[str, ...]] = {"lru": ("shares",), "lfu": ("shares",), "lfuda": ("shares",),
-                                      "consistency": ("m", "shares")}
+_KNOBS: dict[str, tuple[str, ...]] = {
+    "lru": ("shares",),
+    "lfu": ("shares",),
+    "lfuda": ("shares",),
+    "consistency": ("m", "shares"),
+}
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """A validated policy choice: name, its C++ id and its knobs (m is None except for consistency)."""
+
     name: str
     id: int
     m: int | None = None
@@ -48,8 +57,8 @@ class PolicyConfig:
 
 def policy_id(name: str) -> int:
     """Integer id of a runtime policy name; UsageError naming the valid names otherwise."""
-    if name not in POLICY_IDS:
-        raise UsageError(f"unknown cache policy {name!r}; valid policies: {', '.join(POLICY_IDS)}")
+    if not isinstance(name, str) or name not in POLICY_IDS:
+        raise UsageError(f"unknown cache policy {name!r:.80}; valid policies: {', '.join(POLICY_IDS)}")
     return POLICY_IDS[name]
 
 
@@ -72,34 +81,31 @@ def make_policy(name: str, *, n_layers: int | None = None, **knobs: Any) -> Poli
     return PolicyConfig(name=name, id=pid, m=m, shares=shares)
 
 
-def check_m(m: Any) -> int:
-    """The consistency window: an int in [1, 2^31) (bool and float refused; the C++ core keeps it in an int32)."""
-    if isinstance(m, bool) or not isinstance(m, (int, np.integer)) or not 1 <= m < 2**31:
-        raise UsageError(f"consistency knob m must be an integer in [1, 2^31), got {m!r}")
-    return int(m)
+def check_m(m: Any, name: str = "m") -> int:
+    """The consistency window: an int in [1, 2^31 - 1] (bool and float refused; the C++ core keeps it in an int32)."""
+    return int_in(name, m, 1, INT32_MAX, why="the consistency window in tokens")
 
 
 def check_shares(shares: Sequence[float] | None, n_layers: int | None = None) -> tuple[float, ...] | None:
     """Per-layer fractions: finite, >= 0, summing to 1 (within 1e-6); None means uniform."""
     if shares is None:
         return None
-    try:
-        vals = tuple(float(s) for s in shares)
-    except (TypeError, ValueError):
-        raise UsageError(f"shares must be a list of numbers, got {shares!r}") from None
+    flat = not isinstance(shares, np.ndarray) or shares.ndim == 1
+    if isinstance(shares, (str, bytes, dict)) or not isinstance(shares, Iterable) or not flat:
+        raise UsageError(f"shares must be a list of numbers, got {shares!r:.80}")
+    vals = tuple(finite_float(f"shares[{i}]", v, 0.0) for i, v in enumerate(shares))
     if not vals:
         raise UsageError("shares must not be empty (use None for a uniform split)")
     if n_layers is not None and len(vals) != n_layers:
         raise UsageError(f"shares has {len(vals)} entries for {n_layers} routed layers")
-    if any(not math.isfinite(v) or v < 0 for v in vals):
-        raise UsageError(f"shares must be finite and >= 0, got {list(vals)}")
     if abs(math.fsum(vals) - 1.0) > 1e-6:
         raise UsageError(f"shares must sum to 1, got a sum of {math.fsum(vals):.6g}")
     return vals
 
 
-def layer_capacities(total: int, n_layers: int, shares: Sequence[float] | None = None,
-                     min_per_layer: int = 1) -> list[int]:
+def layer_capacities(
+    total: int, n_layers: int, shares: Sequence[float] | None = None, min_per_layer: int = 1
+) -> list[int]:
     """Slots per layer: largest-remainder rounding of share * total (ties to the lower layer index).
 
     Raises UsageError if a layer gets fewer than min_per_layer slots (the runtime needs k per layer: a
@@ -111,10 +117,12 @@ def layer_capacities(total: int, n_layers: int, shares: Sequence[float] | None =
     caps = [int(math.floor(x + 1e-9)) for x in exact]
     left = total - sum(caps)
     order = sorted(range(n_layers), key=lambda l: (-(exact[l] - caps[l]), l))
-    for l in order[:max(left, 0)]:
+    for l in order[: max(left, 0)]:
         caps[l] += 1
     if min(caps) < min_per_layer:
         l = caps.index(min(caps))
-        raise UsageError(f"{total} slots with these shares give layer {l} only {caps[l]} slots; "
-                         f"each layer needs at least {min_per_layer}")
+        raise UsageError(
+            f"{total} slots with these shares give layer {l} only {caps[l]} slots; "
+            f"each layer needs at least {min_per_layer}"
+        )
     return caps

@@ -10,11 +10,12 @@ sch: [{m, rho, value}] (model level; every m at rho = 2, every rho at m = sch_rh
 sequence)); sch_static: the same pairs;
 hit_rate: [SimResult.to_dict()] over policies x sizes (x prefetch off/on); expert_freq: [L][E].
 """
+
 from __future__ import annotations
 
 import json
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -32,10 +33,18 @@ def default_sizes(trace: Trace) -> list[int]:
     return sorted({min(full, int(round(r * active))) for r in (1, 1.5, 2, 3, 4, 6, 8)})
 
 
-def build_report(trace: Trace, *, ms: Sequence[int] = (4, 16, 64, 256), rhos: Sequence[float] = (1, 2, 4),
-                 sizes: Sequence[int] | None = None, policies: Sequence[str] = SIM_POLICIES,
-                 layer_m: int = 16, sim_m: int = 16, prefetch: bool | None = None,
-                 precision: float | None = None) -> dict:
+def build_report(
+    trace: Trace,
+    *,
+    ms: Sequence[int] = (4, 16, 64, 256),
+    rhos: Sequence[float] = (1, 2, 4),
+    sizes: Sequence[int] | None = None,
+    policies: Sequence[str] = SIM_POLICIES,
+    layer_m: int = 16,
+    sim_m: int = 16,
+    prefetch: bool | None = None,
+    precision: float | None = None,
+) -> dict:
     """Every metric of the module docstring. SCH is computed for each m at rho = 2 and each rho at m = 16
     (the paper's defaults); the simulator sweeps `policies` over `sizes` (default_sizes) without
     prefetch and, when prefetch is True (None: when the trace has lookahead_ids or precision is given),
@@ -48,15 +57,26 @@ def build_report(trace: Trace, *, ms: Sequence[int] = (4, 16, 64, 256), rhos: Se
     m_rho = min(16, longest)
     pairs = sorted({(m, 2.0) for m in ms} | {(m_rho, float(r)) for r in rhos})
     sizes = sizes or default_sizes(trace)
-    sims = [s for pf in ((False, True) if prefetch else (False,))
-            for s in sweep(trace, policies, sizes, m=sim_m, prefetch=pf, precision=precision)]
+    sims = [
+        s
+        for pf in ((False, True) if prefetch else (False,))
+        for s in sweep(trace, policies, sizes, m=sim_m, prefetch=pf, precision=precision)
+    ]
     return {
-        "model": trace.model, "n_tokens": trace.n_tokens, "n_sequences": trace.n_sequences,
-        "n_layers": trace.n_layers, "n_expert": trace.n_expert, "k": trace.k,
+        "model": trace.model,
+        "n_tokens": trace.n_tokens,
+        "n_sequences": trace.n_sequences,
+        "n_layers": trace.n_layers,
+        "n_expert": trace.n_expert,
+        "k": trace.k,
         "layers": trace.layers.tolist(),
         "srp": [dict(zip(("value", "alpha", "rho_hat"), map(_plain, srp(trace, m))), m=m) for m in ms],
-        "srp_layer": {"m": min(layer_m, longest), "value": layer.value.tolist(), "alpha": layer.alpha.tolist(),
-                      "rho_hat": layer.rho_hat.tolist()},
+        "srp_layer": {
+            "m": min(layer_m, longest),
+            "value": layer.value.tolist(),
+            "alpha": layer.alpha.tolist(),
+            "rho_hat": layer.rho_hat.tolist(),
+        },
         "sch_rho_m": m_rho,
         "sch": [{"m": m, "rho": r, "value": float(sch(trace, m, r))} for m, r in pairs],
         "sch_static": [{"m": m, "rho": r, "value": float(static_sch(trace, m, r))} for m, r in pairs],
@@ -79,8 +99,10 @@ def write_json(obj: dict, path: str | os.PathLike) -> None:
 def write_report(rep: dict, out_dir: str | os.PathLike) -> list[str]:
     """report.json plus the five PNGs into out_dir (created); returns the paths written."""
     os.makedirs(out_dir, exist_ok=True)
-    out = [os.path.join(out_dir, name) for name in
-           ("report.json", "srp.png", "sch.png", "hit_rate.png", "layers.png", "experts.png")]
+    out = [
+        os.path.join(out_dir, name)
+        for name in ("report.json", "srp.png", "sch.png", "hit_rate.png", "layers.png", "experts.png")
+    ]
     write_json(rep, out[0])
     plot_srp(rep, out[1])
     plot_sch(rep, out[2])
@@ -93,8 +115,10 @@ def write_report(rep: dict, out_dir: str | os.PathLike) -> list[str]:
 # plots -------------------------------------------------------------------------------------------------
 def _figure(title: str, xlabel: str, ylabel: str, size=(6, 4)):
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=size)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
@@ -128,8 +152,9 @@ def plot_srp(rep: dict, path) -> None:
 
 def plot_sch(rep: dict, path) -> None:
     """SCH vs cache ratio rho at m = 16 (oracle and static)."""
-    plt, fig, ax = _figure(f"SCH — {rep['model'] or 'trace'}", "cache ratio rho (slots / active experts)",
-                           "hit rate (model level)")
+    plt, fig, ax = _figure(
+        f"SCH — {rep['model'] or 'trace'}", "cache ratio rho (slots / active experts)", "hit rate (model level)"
+    )
     m16 = rep["sch_rho_m"]
     for key, label in (("sch", "SCH oracle"), ("sch_static", "static SCH")):
         pts = sorted((r["rho"], r["value"]) for r in rep[key] if r["m"] == m16)
@@ -160,8 +185,10 @@ def plot_layers(rep: dict, path) -> None:
     """Per layer, one quantity per axis: SRP at the report's layer m (top), and the simulated hit rate of each
     selectable policy at the middle cache size (bottom)."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
     mid = sizes[len(sizes) // 2]
     rows = [r for r in rep["hit_rate"] if r["total_slots"] == mid and not r["prefetch"] and r["policy"] not in ORACLES]
@@ -195,21 +222,32 @@ def print_summary(rep: dict, console=None) -> None:
     """Rich tables: SRP / SCH per m, then hit rate per policy and cache size (rates in %)."""
     from rich.console import Console
     from rich.table import Table
+
     console = console or Console()
-    head = f"{rep['model'] or 'trace'}: {rep['n_sequences']} seq, {rep['n_tokens']} tokens, " \
-           f"L={rep['n_layers']} E={rep['n_expert']} k={rep['k']}"
+    head = (
+        f"{rep['model'] or 'trace'}: {rep['n_sequences']} seq, {rep['n_tokens']} tokens, "
+        f"L={rep['n_layers']} E={rep['n_expert']} k={rep['k']}"
+    )
     metrics = Table(title=head, caption=SRP_LINE + "\n" + SCH_LINE)
     for col in ("m", "SRP (%)", "alpha", "rho_hat", "SCH rho=2 (%)", "static SCH rho=2 (%)"):
         metrics.add_column(col, justify="right")
     sch2 = {r["m"]: r["value"] for r in rep["sch"] if r["rho"] == 2.0}
     static2 = {r["m"]: r["value"] for r in rep["sch_static"] if r["rho"] == 2.0}
     for r in rep["srp"]:
-        metrics.add_row(str(r["m"]), _pct(r["value"]), str(r["alpha"]), f"{r['rho_hat']:.2f}",
-                        _pct(sch2.get(r["m"])), _pct(static2.get(r["m"])))
+        metrics.add_row(
+            str(r["m"]),
+            _pct(r["value"]),
+            str(r["alpha"]),
+            f"{r['rho_hat']:.2f}",
+            _pct(sch2.get(r["m"])),
+            _pct(static2.get(r["m"])),
+        )
     console.print(metrics)
     sizes = sorted({r["total_slots"] for r in rep["hit_rate"]})
-    sims = Table(title="simulated hit rate (%) by cache size in expert slots",
-                 caption="rows marked 'oracle' need the future: a ceiling to compare with, not a policy to select")
+    sims = Table(
+        title="simulated hit rate (%) by cache size in expert slots",
+        caption="rows marked 'oracle' need the future: a ceiling to compare with, not a policy to select",
+    )
     sims.add_column("policy")
     for n in sizes:
         sims.add_column(str(n), justify="right")
@@ -219,10 +257,14 @@ def print_summary(rep: dict, console=None) -> None:
     console.print(sims)
 
 
-SRP_LINE = ("SRP(m): how much of a window of m tokens' expert choices a fixed set of experts covers "
-            "(1 = every token in the window uses the same experts; the floor is what random routing gives)")
-SCH_LINE = ("SCH(m, rho): the hit rate of a cache of rho x k slots per layer filled with the window's most used "
-            "experts (oracle: chosen knowing the window; static: from the previous window)")
+SRP_LINE = (
+    "SRP(m): how much of a window of m tokens' expert choices a fixed set of experts covers "
+    "(1 = every token in the window uses the same experts; the floor is what random routing gives)"
+)
+SCH_LINE = (
+    "SCH(m, rho): the hit rate of a cache of rho x k slots per layer filled with the window's most used "
+    "experts (oracle: chosen knowing the window; static: from the previous window)"
+)
 ORACLES = ("belady", "sch_oracle", "oracle")
 
 

@@ -39,19 +39,21 @@ Cache model (what the C++ core does; C++ must match this text):
   hit before its eviction), prefetch wasted (evicted or still unused when its sequence ends). Hits on
   prefetched entries are hits.
 """
+
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
 
 import numpy as np
 
 from moelite.errors import UsageError
 
+from ..runtime.args import finite_float, int_in
 from .metrics import model_rows
 from .registry import POLICY_IDS, check_m, check_shares, layer_capacities
-from .trace import Trace
+from .trace import Trace, as_trace
 
 SIM_POLICIES = (*POLICY_IDS, "window_lfu", "belady", "sch")
 
@@ -59,6 +61,7 @@ SIM_POLICIES = (*POLICY_IDS, "window_lfu", "belady", "sch")
 @dataclass
 class SimResult:
     """Counters of one simulation, per layer (int64 [L]), plus the configuration that produced them."""
+
     policy: str
     total_slots: int
     caps: list[int]
@@ -84,34 +87,55 @@ class SimResult:
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
-        out = {"policy": self.policy, "total_slots": self.total_slots, "caps": list(self.caps), "m": self.m,
-               "pooled": self.pooled, "prefetch": self.prefetch, "shares": self.shares,
-               "hit_rate": self.hit_rate, "layer_hit_rate": self.layer_hit_rate.tolist()}
+        out = {
+            "policy": self.policy,
+            "total_slots": self.total_slots,
+            "caps": list(self.caps),
+            "m": self.m,
+            "pooled": self.pooled,
+            "prefetch": self.prefetch,
+            "shares": self.shares,
+            "hit_rate": self.hit_rate,
+            "layer_hit_rate": self.layer_hit_rate.tolist(),
+        }
         for name in ("hits", "misses", "prefetch_loads", "prefetch_useful", "prefetch_wasted"):
             out[name] = getattr(self, name).tolist()
         return out
 
 
-def simulate(trace: Trace, policy: str, total_slots: int, *, m: int = 16,
-             shares: Sequence[float] | None = None, pooled: bool = False, prefetch: bool = False,
-             precision: float | None = None, seed: int = 0) -> SimResult:
+def simulate(
+    trace: Trace,
+    policy: str,
+    total_slots: int,
+    *,
+    m: int = 16,
+    shares: Sequence[float] | None = None,
+    pooled: bool = False,
+    prefetch: bool = False,
+    precision: float | None = None,
+    seed: int = 0,
+) -> SimResult:
     """Simulate one policy at one cache size (in expert slots) over every sequence of the trace.
 
     m is used by "consistency", "window_lfu" and "sch" only; shares by per-layer pools only (pooled=True: one pool of
     total_slots). precision: None -> predictions from trace.lookahead_ids;
-    a float in [0, 1] -> degraded true ids (see module docstring).
+    a float in [0, 1] -> degraded true ids (see module docstring), drawn from numpy's generator seeded by `seed` >= 0.
+    total_slots: an int >= k (pooled) or >= L * k (per-layer pools); m: an int in [1, 2^31 - 1] as in the runtime.
     """
-    if policy not in SIM_POLICIES:
+    trace = as_trace(trace)
+    if not isinstance(policy, str) or policy not in SIM_POLICIES:
         raise UsageError(f"unknown simulated policy {policy!r}; valid: {', '.join(SIM_POLICIES)}")
     m = check_m(m)
     shares = check_shares(shares, trace.n_layers)
     n_layers, k, n_expert = trace.n_layers, trace.k, trace.n_expert
+    why = f"{'the pool' if pooled else f'each of the {n_layers} layer pools'} needs at least {k} slots, a row of k"
+    total_slots = int_in("total_slots", total_slots, k if pooled else n_layers * k, why=why)
+    precision = finite_float("precision", precision, 0.0, 1.0, optional=True)
+    seed = int_in("seed", seed, 0)
     if pooled:
-        if total_slots < k:
-            raise UsageError(f"{total_slots} slots cannot hold one row of k = {k} experts")
-        caps = [int(total_slots)]
+        caps = [total_slots]
     else:
-        caps = layer_capacities(int(total_slots), n_layers, shares, min_per_layer=k)
+        caps = layer_capacities(total_slots, n_layers, shares, min_per_layer=k)
     predictions = _predictions(trace, precision, seed) if prefetch else None
     counters = np.zeros((5, n_layers), dtype=np.int64)
     for s in range(trace.n_sequences):
@@ -123,8 +147,16 @@ def simulate(trace: Trace, policy: str, total_slots: int, *, m: int = 16,
             pred = np.where(raw < 0, -1, model_rows(raw, n_expert).reshape(raw.shape) + n_expert)
             pred = pred.reshape(-1, k)
         _Run(policy, keys, pred, n_layers, n_expert, caps, pooled, m, counters).run()
-    return SimResult(policy, int(total_slots), caps, m if policy in ("consistency", "window_lfu", "sch") else None,
-                     pooled, prefetch, *counters, shares=None if shares is None else list(shares))
+    return SimResult(
+        policy,
+        int(total_slots),
+        caps,
+        m if policy in ("consistency", "window_lfu", "sch") else None,
+        pooled,
+        prefetch,
+        *counters,
+        shares=None if shares is None else list(shares),
+    )
 
 
 def sweep(trace: Trace, policies: Iterable[str], sizes: Iterable[int], **kwargs) -> list[SimResult]:
@@ -138,21 +170,19 @@ def _predictions(trace: Trace, precision: float | None, seed: int) -> np.ndarray
         if trace.lookahead_ids is None:
             raise UsageError("trace has no lookahead_ids: pass precision=... to prefetch from degraded true ids")
         return trace.lookahead_ids
-    if not 0.0 <= precision <= 1.0:
-        raise UsageError(f"precision must be in [0, 1], got {precision}")
     rng = np.random.default_rng(seed)
     n, n_layers, k = trace.ids.shape
     true = np.concatenate([trace.ids[:, 1:], np.full((n, 1, k), -1, np.int32)], axis=1)  # [N, L, k]
     pred = true.copy()
     rows = min(4096, max(1, (1 << 22) // (n_layers * trace.n_expert)))  # noise blocks of at most 16 MiB
     for lo in range(0, n, rows):  # a random wrong expert per slot: the k lowest random keys of non-true ids
-        tr = trace.ids[lo:lo + rows, 1:]
+        tr = trace.ids[lo : lo + rows, 1:]
         noise = rng.random((*tr.shape[:2], trace.n_expert), dtype=np.float32)
         np.put_along_axis(noise, tr, 2.0, axis=-1)
         wrong = np.argpartition(noise, min(k, trace.n_expert - 1), axis=-1)[..., :k].astype(np.int32)
         wrong = np.where(np.take_along_axis(noise, wrong, axis=-1) < 2.0, wrong, -1)  # E < 2k: too few
         keep = rng.random(tr.shape) < precision
-        pred[lo:lo + rows, :-1] = np.where(keep, tr, wrong)
+        pred[lo : lo + rows, :-1] = np.where(keep, tr, wrong)
     return pred
 
 
@@ -170,7 +200,9 @@ class _Run:
         self.age = [0] * len(caps)  # lfuda, per pool
         self.score: dict[int, int] = defaultdict(int)  # lfu: count; lfuda: K; belady: -next use; sch: look-ahead uses
         self.count: dict[int, int] = defaultdict(int)
-        self.win: dict[int, int] = defaultdict(int)  # consistency, window_lfu: tokens among the last m that used the key
+        self.win: dict[int, int] = defaultdict(
+            int
+        )  # consistency, window_lfu: tokens among the last m that used the key
         self.prefetched: set[int] = set()
         if policy == "belady":
             self.next_use, first = _next_uses(keys)

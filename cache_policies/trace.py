@@ -24,19 +24,20 @@ non-3-D rows, an empty trace (no sequence, a sequence of 0 tokens, 0 layers or k
 scores or lookahead_ids whose shape differs from ids, non-float scores, scores not descending along k,
 bad offsets or layers, a repeated id in a lookahead row (last layer excepted).
 """
+
 from __future__ import annotations
 
 import math
 import os
 import zipfile
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 import numpy as np
 import numpy.lib.format as npy_format
 
-from moelite.errors import TraceError
+from moelite.errors import TraceError, UsageError
 from moelite.fileio import atomic_open
 
 FORMAT_VERSION = 1
@@ -108,22 +109,38 @@ class Trace:
         return [self.ids[self.seq_slice(s)] for s in range(self.n_sequences)]
 
     @classmethod
-    def from_sequences(cls, ids: Sequence, n_expert: int, *, scores: Sequence | None = None,
-                       lookahead_ids: Sequence | None = None, layers=None, model: str = "",
-                       source: str = "<memory>") -> "Trace":
+    def from_sequences(
+        cls,
+        ids: Sequence,
+        n_expert: int,
+        *,
+        scores: Sequence | None = None,
+        lookahead_ids: Sequence | None = None,
+        layers=None,
+        model: str = "",
+        source: str = "<memory>",
+    ) -> Trace:
         """Build a trace from per-sequence arrays (or nested lists), each [T_s, L, k]."""
         if len(ids) == 0:
             raise TraceError(f"{source}: empty trace (no sequence)")
         seqs = [_as_ids(a, f"ids[{s}]", source) for s, a in enumerate(ids)]
         for s, a in enumerate(seqs[1:], 1):
             if a.shape[1:] != seqs[0].shape[1:]:
-                raise TraceError(f"{source}: ids[{s}] has [n_layers, k] = {list(a.shape[1:])}, "
-                                 f"ids[0] has {list(seqs[0].shape[1:])} (ragged rows)")
+                raise TraceError(
+                    f"{source}: ids[{s}] has [n_layers, k] = {list(a.shape[1:])}, "
+                    f"ids[0] has {list(seqs[0].shape[1:])} (ragged rows)"
+                )
         offsets = np.concatenate([[0], np.cumsum([a.shape[0] for a in seqs])])
-        return cls(ids=np.concatenate(seqs), n_expert=n_expert, offsets=offsets,
-                   scores=_concat_optional(scores, "scores", len(seqs), source),
-                   lookahead_ids=_concat_optional(lookahead_ids, "lookahead_ids", len(seqs), source),
-                   layers=layers, model=model, source=source)
+        return cls(
+            ids=np.concatenate(seqs),
+            n_expert=n_expert,
+            offsets=offsets,
+            scores=_concat_optional(scores, "scores", len(seqs), source),
+            lookahead_ids=_concat_optional(lookahead_ids, "lookahead_ids", len(seqs), source),
+            layers=layers,
+            model=model,
+            source=source,
+        )
 
 
 # validation helpers (each raises TraceError naming the source and the array) ----------------------------
@@ -146,15 +163,25 @@ def _as_ids(a, name: str, source: str) -> np.ndarray:
 
 
 def _as_int32(arr: np.ndarray, name: str, source: str) -> np.ndarray:
-    """An integer array as int32, refusing values the cast would wrap (2**32 + 3 must not read as 3)."""
+    """An integer array as int32, refusing values the cast would wrap (2**32 + 3 must not read as 3): the range is
+    checked in the array's own dtype (min / max of int64 or uint64 are exact) before any cast."""
     if arr.dtype.kind not in "iu":
         raise TraceError(f"{source}: {name} must have an integer dtype, got {arr.dtype}")
     if arr.dtype == np.int32:
         return arr
-    if arr.size and (int(arr.min()) < -2**31 or int(arr.max()) >= 2**31):
+    if arr.size and (int(arr.min()) < -(2**31) or int(arr.max()) >= 2**31):
         bad = int(arr.max()) if int(arr.max()) >= 2**31 else int(arr.min())
-        raise TraceError(f"{source}: {name} holds {bad}, outside the int32 range")
+        raise TraceError(f"{source}: {name} holds {bad}, outside the int32 range [-2^31, 2^31)")
     return arr.astype(np.int32)
+
+
+def as_trace(trace: object, name: str = "trace") -> Trace:
+    """The analyses' first argument: a Trace (UsageError naming what was passed instead)."""
+    if not isinstance(trace, Trace):
+        raise UsageError(
+            f"{name} must be a moelite.cache_policies.Trace (load_trace / Trace(...)), got {type(trace).__name__}"
+        )
+    return trace
 
 
 def _as_n_expert(n_expert, n_layers: int, k: int, source: str) -> int:
@@ -163,8 +190,10 @@ def _as_n_expert(n_expert, n_layers: int, k: int, source: str) -> int:
     if isinstance(n_expert, (bool, np.bool_)) or not isinstance(n_expert, (int, np.integer)) or n_expert < 1:
         raise TraceError(f"{source}: n_expert must be a positive integer, got {_brief(n_expert)}")
     if n_expert > MAX_EXPERT or n_expert * n_layers > MAX_KEYS:
-        raise TraceError(f"{source}: n_expert = {n_expert} with {n_layers} layers: expected at most {MAX_EXPERT} "
-                         f"experts per layer and {MAX_KEYS} (layer, expert) pairs in all")
+        raise TraceError(
+            f"{source}: n_expert = {n_expert} with {n_layers} layers: expected at most {MAX_EXPERT} "
+            f"experts per layer and {MAX_KEYS} (layer, expert) pairs in all"
+        )
     if k > n_expert:
         raise TraceError(f"{source}: k = {k} ids per row but only n_expert = {n_expert}")
     return int(n_expert)
@@ -190,14 +219,17 @@ def _as_offsets(offsets, n: int, source: str) -> np.ndarray:
         return np.array([0, n], dtype=np.int64)
     off = _as_array(offsets, "offsets", source)
     if off.ndim != 1 or off.dtype.kind not in "iu" or len(off) < 2:
-        raise TraceError(f"{source}: offsets must be a 1-D integer array [n_sequences + 1], got "
-                         f"{off.dtype} {list(off.shape)}")
+        raise TraceError(
+            f"{source}: offsets must be a 1-D integer array [n_sequences + 1], got {off.dtype} {list(off.shape)}"
+        )
     if off.dtype == np.uint64 and off.size and int(off.max()) > n:
         raise TraceError(f"{source}: offsets must rise strictly from 0 to n_tokens = {n}, got {int(off.max())}")
     off = off.astype(np.int64)
     if off[0] != 0 or off[-1] != n or (np.diff(off) <= 0).any():
-        raise TraceError(f"{source}: offsets must rise strictly from 0 to n_tokens = {n} "
-                         f"(no empty sequence), got {off.tolist()[:8]}...")
+        raise TraceError(
+            f"{source}: offsets must rise strictly from 0 to n_tokens = {n} "
+            f"(no empty sequence), got {off.tolist()[:8]}..."
+        )
     return off
 
 
@@ -220,8 +252,10 @@ def _as_scores(scores, shape: tuple, source: str) -> np.ndarray | None:
     rising = arr[..., 1:] > arr[..., :-1]  # [N, L, k-1]
     if rising.any():
         t, l, j = np.argwhere(rising)[0].tolist()
-        raise TraceError(f"{source}: scores[{t}, {l}] = {arr[t, l].tolist()} is not in descending order "
-                         "(ids must be listed by descending router score)")
+        raise TraceError(
+            f"{source}: scores[{t}, {l}] = {arr[t, l].tolist()} is not in descending order "
+            "(ids must be listed by descending router score)"
+        )
     return arr
 
 
@@ -230,8 +264,9 @@ def _as_layers(layers, n_layers: int, source: str) -> np.ndarray:
         return np.arange(n_layers, dtype=np.int32)
     arr = _as_array(layers, "layers", source)
     if arr.ndim != 1 or arr.dtype.kind not in "iu" or len(arr) != n_layers:
-        raise TraceError(f"{source}: layers must be {n_layers} integer block indices, got "
-                         f"{arr.dtype} {list(arr.shape)}")
+        raise TraceError(
+            f"{source}: layers must be {n_layers} integer block indices, got {arr.dtype} {list(arr.shape)}"
+        )
     arr = _as_int32(arr, "layers", source)
     if (arr < 0).any() or (np.diff(arr) <= 0).any():
         raise TraceError(f"{source}: layers must be non-negative and increasing, got {_brief(arr)}")
@@ -267,9 +302,14 @@ def _concat_optional(parts, name: str, n_seq: int, source: str) -> np.ndarray | 
 # files ----------------------------------------------------------------------------------------------------
 def save_trace(trace: Trace, path: str | os.PathLike) -> None:
     """Write `trace` to `path` (.npz, layout in the module docstring) atomically: temp file, fsync, rename."""
-    arrays = {"ids": trace.ids, "offsets": trace.offsets, "layers": trace.layers,
-              "n_expert": np.int64(trace.n_expert), "model": np.str_(trace.model),
-              "format_version": np.int64(FORMAT_VERSION)}
+    arrays = {
+        "ids": trace.ids,
+        "offsets": trace.offsets,
+        "layers": trace.layers,
+        "n_expert": np.int64(trace.n_expert),
+        "model": np.str_(trace.model),
+        "format_version": np.int64(FORMAT_VERSION),
+    }
     if trace.scores is not None:
         arrays["scores"] = trace.scores
     if trace.lookahead_ids is not None:
@@ -284,14 +324,23 @@ def load_trace(path: str | os.PathLike) -> Trace:
     data = read_npz(source)
     if "n_expert" not in data:
         raise TraceError(f"{source}: missing key 'n_expert'")
-    common = {"n_expert": data["n_expert"], "layers": data.get("layers"), "model": data.get("model", ""),
-              "source": source}
+    common = {
+        "n_expert": data["n_expert"],
+        "layers": data.get("layers"),
+        "model": data.get("model", ""),
+        "source": source,
+    }
     if "ids_0" in data:
         return _load_per_sequence(data, common)
     if "ids" not in data:
         raise TraceError(f"{source}: missing key 'ids' (or 'ids_0', 'ids_1', ...)")
-    return Trace(ids=data["ids"], offsets=data.get("offsets"), scores=data.get("scores"),
-                 lookahead_ids=data.get("lookahead_ids"), **common)
+    return Trace(
+        ids=data["ids"],
+        offsets=data.get("offsets"),
+        scores=data.get("scores"),
+        lookahead_ids=data.get("lookahead_ids"),
+        **common,
+    )
 
 
 def read_npz(source: str) -> dict[str, np.ndarray]:
@@ -300,8 +349,11 @@ def read_npz(source: str) -> dict[str, np.ndarray]:
     than a zip of plain .npy arrays (a bare .npy, a damaged archive, pickled objects)."""
     try:
         with zipfile.ZipFile(source) as zf:
-            return {info.filename[:-4]: _read_member(zf, info, source) for info in zf.infolist()
-                    if info.filename.endswith(".npy")}
+            return {
+                info.filename[:-4]: _read_member(zf, info, source)
+                for info in zf.infolist()
+                if info.filename.endswith(".npy")
+            }
     except TraceError:
         raise
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:
@@ -318,8 +370,10 @@ def _read_member(zf: zipfile.ZipFile, info: zipfile.ZipInfo, source: str) -> np.
             raise TraceError(f"{source}: array '{name}' holds Python objects ({dtype}); expected numbers")
         count = math.prod(shape)
         if count * dtype.itemsize > info.file_size:
-            raise TraceError(f"{source}: array '{name}' claims shape {list(shape)} of {dtype} but the archive "
-                             f"stores {info.file_size} bytes for it")
+            raise TraceError(
+                f"{source}: array '{name}' claims shape {list(shape)} of {dtype} but the archive "
+                f"stores {info.file_size} bytes for it"
+            )
         data = bytearray(count * dtype.itemsize)
         got = f.readinto(data)
     if got != len(data):
@@ -331,12 +385,17 @@ def _load_per_sequence(data: dict, common: dict) -> Trace:
     n_seq = 0
     while f"ids_{n_seq}" in data:
         n_seq += 1
+
     def part(name: str):
+        """The arrays name_0 .. name_{n_seq-1}; integer ones each checked against int32 under its own key (an int64
+        id shifted by k * 2^32 must not wrap, nor reach np.concatenate's type promotion with another part)."""
         if f"{name}_0" not in data:
             return None
         missing = [s for s in range(n_seq) if f"{name}_{s}" not in data]
         if missing:
             raise TraceError(f"{common['source']}: {name}_{missing[0]} missing ({n_seq} sequences)")
-        return [data[f"{name}_{s}"] for s in range(n_seq)]
-    return Trace.from_sequences(part("ids"), scores=part("scores"),
-                                lookahead_ids=part("lookahead_ids"), **common)
+        if name == "scores":
+            return [data[f"{name}_{s}"] for s in range(n_seq)]
+        return [_as_int32(np.asarray(data[f"{name}_{s}"]), f"{name}_{s}", common["source"]) for s in range(n_seq)]
+
+    return Trace.from_sequences(part("ids"), scores=part("scores"), lookahead_ids=part("lookahead_ids"), **common)

@@ -1,18 +1,29 @@
 # Cross-compile moelite._core for aarch64 Linux with Debian's gcc-aarch64-linux-gnu / g++-aarch64-linux-gnu.
 #
 #   cmake -S . -B build/arm64 -G Ninja -DCMAKE_TOOLCHAIN_FILE=cmake/aarch64-linux-gnu.cmake \
-#         -DMOELITE_ARM64_ROOT=/work/arm64-root -Dpybind11_DIR=$(python -c "import pybind11; print(pybind11.get_cmake_dir())")
+#         -DMOELITE_ARM64_ROOT=build/arm64-root -Dpybind11_DIR=$(python -c "import pybind11; print(pybind11.get_cmake_dir())")
 #
 # MOELITE_ARM64_ROOT is an arm64 Debian tree (tools/arm64_check.sh makes one with mmdebstrap) that holds the
 # target Python's headers (libpython3.11-dev): the extension is built for that Python, and its suffix is taken
-# from it. The host Python still runs the configure-time helpers (cmake/fetch_ggml.py).
+# from it. The host Python still runs the configure-time helpers (cmake/fetch_ggml.py). The tree is, first found:
+# -DMOELITE_ARM64_ROOT, the environment's MOELITE_ARM64_ROOT, build/arm64-root of this source tree.
 # tools/arm64_check.sh runs the result under qemu-aarch64-static; see docs/ARM64.md.
 set(CMAKE_SYSTEM_NAME Linux)
 set(CMAKE_SYSTEM_PROCESSOR aarch64)
 set(CMAKE_C_COMPILER aarch64-linux-gnu-gcc)
 set(CMAKE_CXX_COMPILER aarch64-linux-gnu-g++)
 
-set(MOELITE_ARM64_ROOT "/work/arm64-root" CACHE PATH "an arm64 Debian tree with python3 and libpython3-dev")
+if(NOT MOELITE_ARM64_ROOT)
+    if(DEFINED ENV{MOELITE_ARM64_ROOT} AND NOT "$ENV{MOELITE_ARM64_ROOT}" STREQUAL "")
+        set(MOELITE_ARM64_ROOT "$ENV{MOELITE_ARM64_ROOT}")
+    else()
+        get_filename_component(MOELITE_ARM64_ROOT "${CMAKE_CURRENT_LIST_DIR}/../build/arm64-root" ABSOLUTE)
+    endif()
+endif()
+set(MOELITE_ARM64_ROOT "${MOELITE_ARM64_ROOT}" CACHE PATH "an arm64 Debian tree with python3 and libpython3-dev")
+# try_compile() (CMake's compiler checks) configures a project of its own that re-reads this file without the
+# cache: the root must reach it, or it looks in the default tree
+list(APPEND CMAKE_TRY_COMPILE_PLATFORM_VARIABLES MOELITE_ARM64_ROOT)
 # try_run() checks (none are needed by moelite's options, but keep them runnable) go through qemu
 set(CMAKE_CROSSCOMPILING_EMULATOR qemu-aarch64-static -L "${MOELITE_ARM64_ROOT}")
 

@@ -4,6 +4,7 @@ Run by CMakeLists.txt at configure time. Downloads llama-cpp-python==VERSION's s
 checks its sha256, extracts only vendor/llama.cpp/ggml into DEST. Idempotent: a DEST that already holds
 the stamp of this sha256 is left alone. MOELITE_GGML_SDIST=/path/to/sdist.tar.gz skips the download.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -40,8 +41,19 @@ def download(cache: Path) -> Path:
     else:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             # --no-build-isolation + --no-deps: we want the archive only, not its metadata build
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--no-build-isolation", "-d", tmp, f"{PACKAGE}=={VERSION}"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "--no-build-isolation",
+                "-d",
+                tmp,
+                f"{PACKAGE}=={VERSION}",
+            ]
             r = subprocess.run(cmd, capture_output=True, text=True)
             got = list(Path(tmp).glob("*.tar.gz"))
             if not got:
@@ -55,7 +67,7 @@ def download(cache: Path) -> Path:
 
 
 def main() -> None:
-    dest = Path(sys.argv[1]).resolve()          # third_party/llama.cpp (holds ggml/ and models/)
+    dest = Path(sys.argv[1]).resolve()  # third_party/llama.cpp (holds ggml/ and models/)
     stamp = dest / ".stamp"
     if stamp.exists() and stamp.read_text().strip() == SHA256:
         return

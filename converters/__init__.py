@@ -8,6 +8,7 @@
 
 See converters/README.md for the conventions (names, keys, MLA tensors, Q/K permutation, fallbacks).
 """
+
 from __future__ import annotations
 
 from .convert import ConvertReport, convert

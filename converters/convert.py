@@ -4,14 +4,16 @@ Data flow: source (Lazy tensors, nothing read) -> family.sanitize (stack / split
 -> family.map_names (GGUF names) -> shape checks against config.json -> quant.plan (ggml type per
 tensor) -> gguf_out.write (header, KV, tensor infos, then each tensor materialised and written).
 """
+
 from __future__ import annotations
 
 import contextlib
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import gguf
 
@@ -32,8 +34,8 @@ class ConvertReport:
     n_tensors: int
     file_size: int
     seconds: float
-    files: list[Path] = field(default_factory=list)              # out, or every shard of a split set (out = the first)
-    tensor_types: dict[str, str] = field(default_factory=dict)   # GGUF name -> ggml type name
+    files: list[Path] = field(default_factory=list)  # out, or every shard of a split set (out = the first)
+    tensor_types: dict[str, str] = field(default_factory=dict)  # GGUF name -> ggml type name
     fallbacks: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (wanted, written)
     notes: list[str] = field(default_factory=list)
 
@@ -43,8 +45,10 @@ class ConvertReport:
             counts[t] = counts.get(t, 0) + 1
         mix = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
         where = f"{self.out} (split set of {len(self.files)} files)" if len(self.files) > 1 else f"{self.out}"
-        s = (f"{where}: {self.arch}, {self.n_tensors} tensors ({mix}), {self.file_size / 2**20:.1f} MiB "
-             f"in {self.seconds:.1f} s")
+        s = (
+            f"{where}: {self.arch}, {self.n_tensors} tensors ({mix}), {self.file_size / 2**20:.1f} MiB "
+            f"in {self.seconds:.1f} s"
+        )
         if self.fallbacks:
             s += f"\n{len(self.fallbacks)} tensor(s) fell back to another type (rows not a multiple of the block):"
             for n, (a, b) in list(self.fallbacks.items())[:8]:
@@ -58,9 +62,17 @@ def _tname(t: int) -> str:
     return gguf.GGMLQuantizationType(t).name.lower()
 
 
-def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *, progress: bool = True,
-            n_threads: int = 2, fuse_gate_up: bool = False, split_max_size: int = 0,
-            split_max_tensors: int = 0) -> ConvertReport:
+def convert(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    type: str = "f32",
+    *,
+    progress: bool = True,
+    n_threads: int = 2,
+    fuse_gate_up: bool = False,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+) -> ConvertReport:
     """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
 
     type: f32, f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k, q5_k_m, q4_k_m, q3_k_m, q2_k (any case), or keep (GGUF
@@ -72,7 +84,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
     report's `out` is then the first shard. A GGUF input may itself be a split set, opened from any shard.
     Raises moelite.errors.ConversionError; on any failure no file (no shard) is left at `out`."""
     timer = gguf_out.Timer()
-    type = quant.canonical_type(type)                  # case-insensitive; ConversionError if unknown
+    type = quant.canonical_type(type)  # case-insensitive; ConversionError if unknown
     out = Path(out)
     source = open_source(src)
     if isinstance(source, GGUFSource):
@@ -90,26 +102,61 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, type: str = "f32", *
     elif isinstance(source, GGUFSource) and source.file_type is not None:
         w.add_file_type(source.file_type)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
-    return write_planned(out, w, planned, arch, type, timer, notes, n_threads=n_threads, progress=progress,
-                         split_max_size=split_max_size, split_max_tensors=split_max_tensors)
+    return write_planned(
+        out,
+        w,
+        planned,
+        arch,
+        type,
+        timer,
+        notes,
+        n_threads=n_threads,
+        progress=progress,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+    )
 
 
-def write_planned(out: Path, w: gguf.GGUFWriter, planned: list, arch: str, type: str, timer: gguf_out.Timer,
-                  notes: list[str], *, n_threads: int, progress: bool, split_max_size: int = 0,
-                  split_max_tensors: int = 0) -> ConvertReport:
+def write_planned(
+    out: Path,
+    w: gguf.GGUFWriter,
+    planned: list,
+    arch: str,
+    type: str,
+    timer: gguf_out.Timer,
+    notes: list[str],
+    *,
+    n_threads: int,
+    progress: bool,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+) -> ConvertReport:
     """Write the planned tensors after w's keys (gguf_out.write: atomic, split where asked) and report it."""
     for what, v in (("split_max_size", split_max_size), ("split_max_tensors", split_max_tensors)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 0:
             raise ConversionError(f"{what} = {v!r}: expected an integer >= 0 (0 = no limit)")
     infos = [(p.name, p.byte_shape, p.type, p.nbytes) for p in planned]
-    files = gguf_out.write(out, w, infos, lambda i: quant.encode(planned[i], n_threads), progress=progress,
-                           split_max_size=split_max_size, split_max_tensors=split_max_tensors)
+    files = gguf_out.write(
+        out,
+        w,
+        infos,
+        lambda i: quant.encode(planned[i], n_threads),
+        progress=progress,
+        split_max_size=split_max_size,
+        split_max_tensors=split_max_tensors,
+    )
     return ConvertReport(
-        out=files[0], arch=arch, type=type, n_tensors=len(planned), file_size=sum(f.stat().st_size for f in files),
-        seconds=timer(), files=files,
+        out=files[0],
+        arch=arch,
+        type=type,
+        n_tensors=len(planned),
+        file_size=sum(f.stat().st_size for f in files),
+        seconds=timer(),
+        files=files,
         tensor_types={p.name: _tname(p.type) for p in planned},
         fallbacks={p.name: (_tname(p.wanted), _tname(p.type)) for p in planned if p.wanted != p.type},
-        notes=notes)
+        notes=notes,
+    )
 
 
 def describe(src: str | os.PathLike, type: str = "q8_0") -> tuple[dict[str, Any], dict[str, tuple]]:
@@ -125,12 +172,17 @@ def describe(src: str | os.PathLike, type: str = "q8_0") -> tuple[dict[str, Any]
 
 
 def _kv_and_table(w: gguf.GGUFWriter, planned: list) -> tuple[dict[str, Any], dict[str, tuple]]:
-    kv = {k: v.value for k, v in w.kv_data[0].items()}
+    return {k: v.value for k, v in w.kv_data[0].items()}, planned_table(planned)
+
+
+def planned_table(planned: list) -> dict[str, tuple]:
+    """quant.plan's tensors as moelite reads a GGUF's table: name -> (ggml type, shape in ggml order, offset,
+    nbytes), laid out one after the other."""
     table, pos = {}, 0
     for p in planned:
         table[p.name] = (p.type, (p.n_per_row, *reversed(p.lazy.shape[:-1])), pos, p.nbytes)
         pos += p.nbytes
-    return kv, table
+    return table
 
 
 def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
@@ -138,6 +190,7 @@ def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
     moelite would refuse (or crash on) is never written."""
     from moelite.errors import ModelFormatError
     from moelite.runtime.validate import load_hparams
+
     kv, table = _kv_and_table(w, planned)
     try:
         load_hparams(str(out), kv, table, file_size=sum(t[3] for t in table.values()))
@@ -145,7 +198,7 @@ def _check_loadable(out: Path, w: gguf.GGUFWriter, planned: list) -> None:
         raise ConversionError(f"{e} (the converted model would not load; nothing written)") from None
 
 
-READABLE_QUANT = ("fp8", "mxfp4")    # DeepSeek-V3 style FP8 blocks (dequantized), gpt-oss MXFP4 (kept)
+READABLE_QUANT = ("fp8", "mxfp4")  # DeepSeek-V3 style FP8 blocks (dequantized), gpt-oss MXFP4 (kept)
 
 
 @contextlib.contextmanager
@@ -162,14 +215,16 @@ def _config_values(cfg_src: str) -> Iterator[None]:
 
 def _from_hf(source: HFSource):
     cfg_src = str(source.dir / "config.json")
-    cfg = text_config(source.config)          # multimodal checkpoints: the text model's config
+    cfg = text_config(source.config)  # multimodal checkpoints: the text model's config
     with _config_values(cfg_src):
         family = for_config(cfg, cfg_src)
         c = Config(cfg, cfg_src)
     qc = source.config.get("quantization_config") or cfg.get("quantization_config")
     if isinstance(qc, dict) and qc.get("quant_method") not in READABLE_QUANT:
-        raise ConversionError(f"{cfg_src}: quantization_config.quant_method = {qc.get('quant_method')!r} is not a "
-                              f"format moelite reads ({', '.join(READABLE_QUANT)}); convert the unquantized checkpoint")
+        raise ConversionError(
+            f"{cfg_src}: quantization_config.quant_method = {qc.get('quant_method')!r} is not a "
+            f"format moelite reads ({', '.join(READABLE_QUANT)}); convert the unquantized checkpoint"
+        )
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
     with _config_values(cfg_src):
@@ -194,19 +249,26 @@ def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config
     """A tensor whose shape contradicts config.json would load in neither llama.cpp nor moelite."""
     H, E = hp["embedding_length"], hp["expert_count"]
     I_exp = hp.get("expert_feed_forward_length", hp.get("feed_forward_length"))
-    He = hp.get("moe_latent_size") or H           # latent MoE: the experts' width
+    He = hp.get("moe_latent_size") or H  # latent MoE: the experts' width
     want: dict[str, tuple[int, ...]] = {
-        "token_embd.weight": (n_vocab, H), "output.weight": (n_vocab, H), "output_norm.weight": (H,),
-        "ffn_gate_inp.weight": (E, H), "ffn_gate_exps.weight": (E, I_exp, He), "ffn_up_exps.weight": (E, I_exp, He),
-        "ffn_down_exps.weight": (E, He, I_exp), "attn_norm.weight": (H,),
-        "ffn_latent_down.weight": (He, H), "ffn_latent_up.weight": (H, He),
+        "token_embd.weight": (n_vocab, H),
+        "output.weight": (n_vocab, H),
+        "output_norm.weight": (H,),
+        "ffn_gate_inp.weight": (E, H),
+        "ffn_gate_exps.weight": (E, I_exp, He),
+        "ffn_up_exps.weight": (E, I_exp, He),
+        "ffn_down_exps.weight": (E, He, I_exp),
+        "attn_norm.weight": (H,),
+        "ffn_latent_down.weight": (He, H),
+        "ffn_latent_up.weight": (H, He),
     }
     for name, t in tensors:
         key = re.sub(r"^blk\.\d+\.", "", name)
         if key in want and tuple(t.shape) != want[key]:
             raise ConversionError(
                 f"{t.src}: tensor {name} has shape {list(t.shape)} but config.json ({src}) implies "
-                f"{list(want[key])} (hidden_size={H}, experts={E}, expert intermediate={I_exp}, vocab={n_vocab})")
+                f"{list(want[key])} (hidden_size={H}, experts={E}, expert intermediate={I_exp}, vocab={n_vocab})"
+            )
 
 
 def _fuse_gate_up(tensors: list[tuple[str, Lazy]]) -> list[tuple[str, Lazy]]:
@@ -242,4 +304,5 @@ def gguf_counts(source: GGUFSource) -> tuple[int, int]:
     def geti(key: str) -> int:
         v = kv.get(f"{source.arch}.{key}")
         return int(v) if v is not None else 0
+
     return geti("block_count"), geti("expert_count")

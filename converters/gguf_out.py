@@ -5,14 +5,16 @@ Safety: the file is written under a temp name in the destination directory, fsyn
 error or Ctrl-C removes the temp file, so OUT is either complete or absent (an existing OUT is left
 untouched on failure).
 """
+
 from __future__ import annotations
 
 import errno
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 import numpy as np
@@ -67,8 +69,9 @@ def split_names(out: Path, n: int) -> list[Path]:
     return [out] if n == 1 else [out.with_name(f"{out.stem}-{i + 1:05d}-of-{n:05d}.gguf") for i in range(n)]
 
 
-def plan_split(tensors: list[tuple[str, tuple[int, ...], int, int]], max_size: int = 0,
-               max_tensors: int = 0) -> list[int]:
+def plan_split(
+    tensors: list[tuple[str, tuple[int, ...], int, int]], max_size: int = 0, max_tensors: int = 0
+) -> list[int]:
     """How many tensors each shard takes, in file order, as llama.cpp's splitter fills them: a new shard starts
     when the current one holds max_tensors, or when the next tensor would take it past max_size bytes of tensor
     data (a tensor larger than max_size gets a shard of its own); 0 = no limit."""
@@ -89,7 +92,7 @@ def _shard_writer(w: gguf.GGUFWriter, no: int, count: int, n_tensors: int) -> gg
         sw = w
     else:
         sw = gguf.GGUFWriter(path=None, arch=w.arch)
-        sw.kv_data[0].clear()                      # gguf-split's later shards: no model keys
+        sw.kv_data[0].clear()  # gguf-split's later shards: no model keys
         sw.add_custom_alignment(ALIGNMENT)
     V = gguf.GGUFValueType
     sw.add_key_value(gguf.Keys.Split.LLM_KV_SPLIT_NO, no, V.UINT16)
@@ -98,9 +101,16 @@ def _shard_writer(w: gguf.GGUFWriter, no: int, count: int, n_tensors: int) -> gg
     return sw
 
 
-def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...], int, int]],
-          produce: Callable[[int], np.ndarray], *, progress: bool = True, split_max_size: int = 0,
-          split_max_tensors: int = 0) -> list[Path]:
+def write(
+    out: Path,
+    w: gguf.GGUFWriter,
+    tensors: list[tuple[str, tuple[int, ...], int, int]],
+    produce: Callable[[int], np.ndarray],
+    *,
+    progress: bool = True,
+    split_max_size: int = 0,
+    split_max_tensors: int = 0,
+) -> list[Path]:
     """tensors: (name, byte_shape, ggml_type, nbytes) in file order; produce(i) -> uint8 array of tensor i.
     With a split limit that the tensors exceed, a split set OUT-00001-of-0000N.gguf ... (plan_split, llama.cpp's
     names and split.* keys) instead of OUT. Atomic for the whole set: every file is written under a temp name and
@@ -131,7 +141,7 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
         first = 0
         for no, (tmp, n) in enumerate(zip(tmps, counts)):
             sw = _shard_writer(w, no, len(counts), len(tensors)) if len(counts) > 1 else w
-            _write_file(tmp, sw, tensors[first:first + n], lambda i, f=first: produce(f + i), bar)
+            _write_file(tmp, sw, tensors[first : first + n], lambda i, f=first: produce(f + i), bar)
             first += n
         for tmp, final in zip(tmps, finals):
             os.replace(tmp, final)
@@ -139,7 +149,7 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
         _fsync_dir(parent)
         return finals
     except BaseException as e:
-        for p in tmps + renamed:                  # a set is whole or absent: no shard of a failed write stays
+        for p in tmps + renamed:  # a set is whole or absent: no shard of a failed write stays
             p.unlink(missing_ok=True)
         if isinstance(e, OSError):
             short = e.errno is None and "requested and" in str(e)  # numpy tofile's short write
@@ -152,17 +162,24 @@ def write(out: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...
             bar.close()
 
 
-def rewrite_stock(src: str | os.PathLike, out: str | os.PathLike, *, split_max_tensors: int = 0) -> list[Path]:
+def rewrite_stock(
+    src: str | os.PathLike, out: str | os.PathLike, *, split_max_tensors: int = 0, kv: dict[str, Any] | None = None
+) -> list[Path]:
     """src re-written by gguf-py's GGUFWriter the way llama.cpp's converter writes the GGUFs people download: its
     default 32-byte alignment (most tensors then start off a page, so moelite reads their experts buffered), and with
-    split_max_tensors a split set (the keys in the first shard, only the split keys in the others). For tests,
-    benchmarks and the fuzzer; not atomic (moelite's own files come from write()). Returns the files written."""
+    split_max_tensors a split set (the keys in the first shard, only the split keys in the others). `kv` replaces or
+    adds keys (add_kv's types; e.g. another chat template). For tests, benchmarks and the fuzzer; not atomic (moelite's
+    own files come from write()). Returns the files written."""
     r = gguf.GGUFReader(str(src))
     out = Path(out)
     w = gguf.GGUFWriter(out, str(r.get_field("general.architecture").contents()), split_max_tensors=split_max_tensors)
+    kv = kv or {}
     for f in r.fields.values():
-        if not f.name.startswith("GGUF.") and f.name not in ("general.architecture", "general.alignment"):
+        skip = f.name.startswith("GGUF.") or f.name in ("general.architecture", "general.alignment") or f.name in kv
+        if not skip:
             w.add_key_value(f.name, f.contents(), f.types[0], f.types[-1] if len(f.types) > 1 else None)
+    for key, value in kv.items():
+        add_kv(w, key, value)
     for t in r.tensors:
         w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()
@@ -172,12 +189,19 @@ def rewrite_stock(src: str | os.PathLike, out: str | os.PathLike, *, split_max_t
     return split_names(out, len(w.tensors))
 
 
-def _write_file(path: Path, w: gguf.GGUFWriter, tensors: list[tuple[str, tuple[int, ...], int, int]],
-                produce: Callable[[int], np.ndarray], bar: Any) -> None:
+def _write_file(
+    path: Path,
+    w: gguf.GGUFWriter,
+    tensors: list[tuple[str, tuple[int, ...], int, int]],
+    produce: Callable[[int], np.ndarray],
+    bar: Any,
+) -> None:
     """One GGUF file: w's keys, these tensors' infos, then each tensor's bytes; flushed and fsync'd."""
     try:
         for name, byte_shape, ggml_type, nbytes in tensors:
-            w.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType(ggml_type))
+            w.add_tensor_info(
+                name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=gguf.GGMLQuantizationType(ggml_type)
+            )
         w.open_output_file(path)
         w.write_header_to_file()
         w.write_kv_data_to_file()

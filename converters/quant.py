@@ -19,6 +19,7 @@ Rules (llama.cpp's, re-stated):
   input tensor is copied when the planned type is its own type, else dequantized and re-quantized;
   with type "keep" (GGUF input only) every tensor keeps its type.
 """
+
 from __future__ import annotations
 
 import re
@@ -33,15 +34,49 @@ from moelite.errors import ConversionError
 
 from .lazy import OPAQUE, Lazy
 
-TYPES = {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_k": T.Q4_K,
-         "q5_k": T.Q5_K, "q6_k": T.Q6_K, "q5_k_m": T.Q5_K, "q4_k_m": T.Q4_K, "q3_k_m": T.Q3_K, "q2_k": T.Q2_K,
-         "keep": None}
-FILE_TYPES = {"f32": FT.ALL_F32, "f16": FT.MOSTLY_F16, "bf16": FT.MOSTLY_BF16, "q8_0": FT.MOSTLY_Q8_0,
-              "q4_0": FT.MOSTLY_Q4_0, "q4_k": FT.MOSTLY_Q4_K_S, "q5_k": FT.MOSTLY_Q5_K_S, "q6_k": FT.MOSTLY_Q6_K,
-              "q5_k_m": FT.MOSTLY_Q5_K_M, "q4_k_m": FT.MOSTLY_Q4_K_M, "q3_k_m": FT.MOSTLY_Q3_K_M, "q2_k": FT.MOSTLY_Q2_K}
+TYPES = {
+    "f32": T.F32,
+    "f16": T.F16,
+    "bf16": T.BF16,
+    "q8_0": T.Q8_0,
+    "q4_0": T.Q4_0,
+    "q4_k": T.Q4_K,
+    "q5_k": T.Q5_K,
+    "q6_k": T.Q6_K,
+    "q5_k_m": T.Q5_K,
+    "q4_k_m": T.Q4_K,
+    "q3_k_m": T.Q3_K,
+    "q2_k": T.Q2_K,
+    "keep": None,
+}
+FILE_TYPES = {
+    "f32": FT.ALL_F32,
+    "f16": FT.MOSTLY_F16,
+    "bf16": FT.MOSTLY_BF16,
+    "q8_0": FT.MOSTLY_Q8_0,
+    "q4_0": FT.MOSTLY_Q4_0,
+    "q4_k": FT.MOSTLY_Q4_K_S,
+    "q5_k": FT.MOSTLY_Q5_K_S,
+    "q6_k": FT.MOSTLY_Q6_K,
+    "q5_k_m": FT.MOSTLY_Q5_K_M,
+    "q4_k_m": FT.MOSTLY_Q4_K_M,
+    "q3_k_m": FT.MOSTLY_Q3_K_M,
+    "q2_k": FT.MOSTLY_Q2_K,
+}
 MIXES = ("q5_k_m", "q4_k_m", "q3_k_m", "q2_k")
-FALLBACK = {T.Q2_K: T.Q4_0, T.Q3_K: T.Q4_0, T.Q4_K: T.Q5_0, T.Q5_K: T.Q5_1, T.Q6_K: T.Q8_0, T.Q8_0: T.F16, T.Q4_0: T.F16, T.Q5_0: T.F16,
-            T.Q5_1: T.F16, T.Q4_1: T.F16, T.MXFP4: T.Q8_0}
+FALLBACK = {
+    T.Q2_K: T.Q4_0,
+    T.Q3_K: T.Q4_0,
+    T.Q4_K: T.Q5_0,
+    T.Q5_K: T.Q5_1,
+    T.Q6_K: T.Q8_0,
+    T.Q8_0: T.F16,
+    T.Q4_0: T.F16,
+    T.Q5_0: T.F16,
+    T.Q5_1: T.F16,
+    T.Q4_1: T.F16,
+    T.MXFP4: T.Q8_0,
+}
 
 
 def canonical_type(name: str) -> str:
@@ -54,6 +89,7 @@ def canonical_type(name: str) -> str:
 
 def _core():
     from moelite import _core
+
     return _core
 
 
@@ -67,9 +103,15 @@ def fits(ggml_type: int, n_per_row: int) -> bool:
 
 
 def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
-    return (sum(d > 1 for d in shape) < 2 or not name.endswith("weight") or "ffn_gate_inp" in name
-            or "_norm" in name or name.endswith("exp_probs_b.weight")
-            or "ssm_conv1d" in name or "shortconv.conv" in name)       # ggml_ssm_conv takes F32 kernels
+    return (
+        sum(d > 1 for d in shape) < 2
+        or not name.endswith("weight")
+        or "ffn_gate_inp" in name
+        or "_norm" in name
+        or name.endswith("exp_probs_b.weight")
+        or "ssm_conv1d" in name
+        or "shortconv.conv" in name
+    )  # ggml_ssm_conv takes F32 kernels
 
 
 def _more_bits(i: int, n: int) -> bool:
@@ -80,9 +122,9 @@ def _more_bits(i: int, n: int) -> bool:
 class Planned:
     name: str
     lazy: Lazy
-    type: int                       # ggml type id written
-    wanted: int                     # type the plan asked for before fallback
-    n_per_row: int                  # ne[0]
+    type: int  # ggml type id written
+    wanted: int  # type the plan asked for before fallback
+    n_per_row: int  # ne[0]
 
     @property
     def byte_shape(self) -> tuple[int, ...]:

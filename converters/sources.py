@@ -5,6 +5,7 @@ safetensors is parsed here (8-byte header length, JSON header, raw data) rather 
 `safetensors` numpy API because that API has no bfloat16 or float8; the header also lets us detect
 truncated shards before writing anything.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,8 +23,17 @@ from moelite.errors import ConversionError
 from .lazy import OPAQUE, Lazy
 
 _ST_DTYPES = {  # safetensors dtype -> (numpy storage dtype, itemsize)
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F8_E4M3": np.uint8,
-    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": np.uint16,
+    "F8_E4M3": np.uint8,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_,
 }
 _RAW_DTYPES = {"U8", "I8"}  # packed data (MXFP4 blocks / E8M0 scales): never converted to float
 
@@ -33,7 +43,7 @@ def _fp8_e4m3_table() -> np.ndarray:
     c = np.arange(256)
     sign = np.where(c & 0x80, -1.0, 1.0)
     exp, man = (c >> 3) & 0xF, c & 0x7
-    val = np.where(exp == 0, man / 8.0 * 2.0 ** -6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
+    val = np.where(exp == 0, man / 8.0 * 2.0**-6, (1 + man / 8.0) * 2.0 ** (exp - 7.0))
     val = np.where((exp == 15) & (man == 7), np.nan, val)
     return (sign * val).astype(np.float32)
 
@@ -69,18 +79,40 @@ def _plain_name(fn: str) -> bool:
 # int32 or a layer count above the layers the checkpoint holds would allocate or loop without bound.
 INT32_MAX = 2**31 - 1
 _CONFIG_INTS = {
-    "num_hidden_layers": (1, INT32_MAX), "hidden_size": (1, INT32_MAX), "intermediate_size": (1, INT32_MAX),
-    "moe_intermediate_size": (1, INT32_MAX), "shared_expert_intermediate_size": (0, INT32_MAX),
-    "num_attention_heads": (1, INT32_MAX), "num_key_value_heads": (1, INT32_MAX), "head_dim": (1, INT32_MAX),
-    "vocab_size": (1, INT32_MAX), "max_position_embeddings": (1, INT32_MAX),
-    "num_experts": (1, 1 << 16), "num_local_experts": (1, 1 << 16), "n_routed_experts": (1, 1 << 16),
-    "num_experts_per_tok": (1, 1 << 16), "n_shared_experts": (0, 1 << 16), "n_group": (1, 1 << 16),
-    "topk_group": (1, 1 << 16), "first_k_dense_replace": (0, INT32_MAX), "kv_lora_rank": (0, INT32_MAX),
-    "q_lora_rank": (0, INT32_MAX), "qk_rope_head_dim": (0, INT32_MAX), "qk_nope_head_dim": (0, INT32_MAX),
-    "v_head_dim": (0, INT32_MAX), "sliding_window": (0, INT32_MAX), "decoder_sparse_step": (1, INT32_MAX),
+    "num_hidden_layers": (1, INT32_MAX),
+    "hidden_size": (1, INT32_MAX),
+    "intermediate_size": (1, INT32_MAX),
+    "moe_intermediate_size": (1, INT32_MAX),
+    "shared_expert_intermediate_size": (0, INT32_MAX),
+    "num_attention_heads": (1, INT32_MAX),
+    "num_key_value_heads": (1, INT32_MAX),
+    "head_dim": (1, INT32_MAX),
+    "vocab_size": (1, INT32_MAX),
+    "max_position_embeddings": (1, INT32_MAX),
+    "num_experts": (1, 1 << 16),
+    "num_local_experts": (1, 1 << 16),
+    "n_routed_experts": (1, 1 << 16),
+    "num_experts_per_tok": (1, 1 << 16),
+    "n_shared_experts": (0, 1 << 16),
+    "n_group": (1, 1 << 16),
+    "topk_group": (1, 1 << 16),
+    "first_k_dense_replace": (0, INT32_MAX),
+    "kv_lora_rank": (0, INT32_MAX),
+    "q_lora_rank": (0, INT32_MAX),
+    "qk_rope_head_dim": (0, INT32_MAX),
+    "qk_nope_head_dim": (0, INT32_MAX),
+    "v_head_dim": (0, INT32_MAX),
+    "sliding_window": (0, INT32_MAX),
+    "decoder_sparse_step": (1, INT32_MAX),
 }
-_CONFIG_SCALARS = {"num_hidden_layers", "hidden_size", "vocab_size", "num_attention_heads", "head_dim",
-                   "max_position_embeddings"}
+_CONFIG_SCALARS = {
+    "num_hidden_layers",
+    "hidden_size",
+    "vocab_size",
+    "num_attention_heads",
+    "head_dim",
+    "max_position_embeddings",
+}
 _CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -96,19 +128,23 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
             per_layer = key not in _CONFIG_SCALARS and isinstance(v, list) and 0 < len(v) <= 1 << 16
             items = v if per_layer else [v]
             if v is not None and any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in items):
-                raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]")
+                raise ConversionError(
+                    f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]"
+                )
         for key in _CONFIG_POSITIVE:
             v = values.get(key)
             # rope_theta per layer: Step-3.5's release config.json
             items = v if key == "rope_theta" and isinstance(v, list) and 0 < len(v) <= 1 << 16 else [v]
-            if v is not None and any(isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf
-                                     for x in items):
+            if v is not None and any(
+                isinstance(x, bool) or not isinstance(x, (int, float)) or not 0 < x < math.inf for x in items
+            ):
                 raise ConversionError(f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected a finite number > 0")
     n_layer = cfg.get("num_hidden_layers")
     held = len({m.group(1) for name in weight_map if (m := _LAYER.search(name))})
     if isinstance(n_layer, int) and held and n_layer > held:
-        raise ConversionError(f"{path}: key 'num_hidden_layers' = {n_layer} but the checkpoint holds tensors "
-                              f"for {held} layers")
+        raise ConversionError(
+            f"{path}: key 'num_hidden_layers' = {n_layer} but the checkpoint holds tensors for {held} layers"
+        )
 
 
 _SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -125,17 +161,28 @@ def check_tokenizer_config(path: Path) -> None:
         return ConversionError(f"{path}: key '{key}' = {str(cfg[key])[:60]}: expected {expected}")
 
     ct = cfg.get("chat_template")
-    if ct is not None and not isinstance(ct, str) and not (isinstance(ct, list) and all(
-            isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str) for x in ct)):
-        raise bad("chat_template", "a string or a list of {\"name\": string, \"template\": string}")
+    if (
+        ct is not None
+        and not isinstance(ct, str)
+        and not (
+            isinstance(ct, list)
+            and all(
+                isinstance(x, dict) and isinstance(x.get("name"), str) and isinstance(x.get("template"), str)
+                for x in ct
+            )
+        )
+    ):
+        raise bad("chat_template", 'a string or a list of {"name": string, "template": string}')
     for key in _SPECIAL_TOKEN_KEYS:
         v = cfg.get(key)
         if v is not None and not isinstance(v, str) and not (isinstance(v, dict) and isinstance(v.get("content"), str)):
-            raise bad(key, "a string or {\"content\": string}")
+            raise bad(key, 'a string or {"content": string}')
     added = cfg.get("added_tokens_decoder")
-    if added is not None and not (isinstance(added, dict) and all(
-            isinstance(v, dict) and isinstance(v.get("content"), str) and k.isdigit() for k, v in added.items())):
-        raise bad("added_tokens_decoder", "{\"<id>\": {\"content\": string, ...}}")
+    if added is not None and not (
+        isinstance(added, dict)
+        and all(isinstance(v, dict) and isinstance(v.get("content"), str) and k.isdigit() for k, v in added.items())
+    ):
+        raise bad("added_tokens_decoder", '{"<id>": {"content": string, ...}}')
 
 
 def check_tokenizer_json(path: Path) -> None:
@@ -143,7 +190,8 @@ def check_tokenizer_json(path: Path) -> None:
     if not path.is_file():
         return
     from tokenizers import Tokenizer
-    read_json(path, dict)                          # the nesting / type errors, named
+
+    read_json(path, dict)  # the nesting / type errors, named
     try:
         Tokenizer.from_str(path.read_text(encoding="utf-8"))
     except Exception as e:  # noqa: BLE001 - the library raises its own Exception type
@@ -163,8 +211,10 @@ class SafetensorsFile:
                     raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
                 (n,) = struct.unpack("<Q", head)
                 if n > size - 8 or n > 100 << 20:
-                    raise ConversionError(f"{path}: truncated or corrupt safetensors file: header says "
-                                          f"{n} bytes of JSON, the file has {size} bytes")
+                    raise ConversionError(
+                        f"{path}: truncated or corrupt safetensors file: header says "
+                        f"{n} bytes of JSON, the file has {size} bytes"
+                    )
                 header = json.loads(f.read(n))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise ConversionError(f"{path}: cannot read safetensors header: {type(e).__name__}: {e}") from None
@@ -199,8 +249,14 @@ class SafetensorsFile:
         if len(shape) >= 2:
             stride = math.prod(shape[1:]) * np_dt.itemsize
             parter = lambda e: self._lazy(f"{name}[{e}]", dt, shape[1:], offset + e * stride)  # noqa: E731
-        return Lazy(shape, load, f"{path.name}:{name}", parter,
-                    raw_type=OPAQUE if dt in _RAW_DTYPES else None, f32_exact=dt in ("F32", "F64"))
+        return Lazy(
+            shape,
+            load,
+            f"{path.name}:{name}",
+            parter,
+            raw_type=OPAQUE if dt in _RAW_DTYPES else None,
+            f32_exact=dt in ("F32", "F64"),
+        )
 
 
 def _check_header(path: Path, header: dict[str, Any], data_size: int) -> None:
@@ -217,45 +273,54 @@ def _check_header(path: Path, header: dict[str, Any], data_size: int) -> None:
         if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
             raise ConversionError(f"{path}: tensor {name}: shape {shape!r}, expected a list of integers >= 0")
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_count(o) for o in offs) and offs[0] <= offs[1]):
-            raise ConversionError(f"{path}: tensor {name}: data_offsets {offs!r}, expected [begin, end] with "
-                                  "0 <= begin <= end")
+            raise ConversionError(
+                f"{path}: tensor {name}: data_offsets {offs!r}, expected [begin, end] with 0 <= begin <= end"
+            )
         begin, end = offs
         expect = math.prod(shape) * np.dtype(_ST_DTYPES[dt]).itemsize
         if end - begin != expect:
-            raise ConversionError(f"{path}: tensor {name}: {end - begin} bytes for shape {shape} "
-                                  f"{dt}, expected {expect}")
+            raise ConversionError(
+                f"{path}: tensor {name}: {end - begin} bytes for shape {shape} {dt}, expected {expect}"
+            )
         if end > data_size:
-            raise ConversionError(f"{path}: truncated safetensors file: tensor {name} ends at byte "
-                                  f"{end} of the data section, which has {data_size} bytes")
+            raise ConversionError(
+                f"{path}: truncated safetensors file: tensor {name} ends at byte "
+                f"{end} of the data section, which has {data_size} bytes"
+            )
         spans.append((begin, end, name))
     pos, prev = 0, "the header"
     for begin, end, name in sorted(spans):
         if begin != pos:
             what = "overlaps" if begin < pos else "leaves a gap after"
-            raise ConversionError(f"{path}: tensor {name} (data_offsets [{begin}, {end}]) {what} {prev}: "
-                                  "corrupt safetensors header")
+            raise ConversionError(
+                f"{path}: tensor {name} (data_offsets [{begin}, {end}]) {what} {prev}: corrupt safetensors header"
+            )
         pos, prev = end, f"tensor {name}"
     if pos != data_size:
-        raise ConversionError(f"{path}: the tensors cover {pos} bytes but the data section has {data_size} "
-                              "(wrong header length or trailing bytes): corrupt safetensors file")
+        raise ConversionError(
+            f"{path}: the tensors cover {pos} bytes but the data section has {data_size} "
+            "(wrong header length or trailing bytes): corrupt safetensors file"
+        )
 
 
 def _is_count(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**62
 
 
-MAX_WEIGHT = 1e10   # |w| above this in a checkpoint is corruption (real weights stay below ~1e4): logits overflow
+MAX_WEIGHT = 1e10  # |w| above this in a checkpoint is corruption (real weights stay below ~1e4): logits overflow
 
 
 def _finite(a: np.ndarray, path: Path, name: str) -> np.ndarray:
     """A weight with NaN, inf or absurd magnitudes converts into a model whose logits are not finite."""
     flat = a.reshape(-1)
-    for start in range(0, flat.size, 1 << 20):            # in chunks: no second copy of a large tensor
-        bad = ~(np.abs(flat[start:start + (1 << 20)]) <= MAX_WEIGHT)
+    for start in range(0, flat.size, 1 << 20):  # in chunks: no second copy of a large tensor
+        bad = ~(np.abs(flat[start : start + (1 << 20)]) <= MAX_WEIGHT)
         if bad.any():
             i = np.unravel_index(start + int(np.argmax(bad)), a.shape)
-            raise ConversionError(f"{path}: tensor {name} holds {a[i]} at {list(map(int, i))} (expected finite "
-                                  f"values of magnitude <= {MAX_WEIGHT:g}): corrupt checkpoint")
+            raise ConversionError(
+                f"{path}: tensor {name} holds {a[i]} at {list(map(int, i))} (expected finite "
+                f"values of magnitude <= {MAX_WEIGHT:g}): corrupt checkpoint"
+            )
     return a
 
 
@@ -278,15 +343,18 @@ class HFSource:
         if index.is_file():
             weight_map: dict[str, str] = read_json(index, dict).get("weight_map")
             if not isinstance(weight_map, dict) or not all(
-                    isinstance(v, str) and _plain_name(v) for v in weight_map.values()):
-                raise ConversionError(f"{index}: key 'weight_map' must map tensor names to shard file names in "
-                                      "this directory")
+                isinstance(v, str) and _plain_name(v) for v in weight_map.values()
+            ):
+                raise ConversionError(
+                    f"{index}: key 'weight_map' must map tensor names to shard file names in this directory"
+                )
             files = sorted(set(weight_map.values()))
             for fn in files:
                 if not (self.dir / fn).is_file():
                     first = next(k for k, v in weight_map.items() if v == fn)
-                    raise ConversionError(f"{self.dir / fn}: missing shard (listed in {index.name} for tensor "
-                                          f"{first} and others)")
+                    raise ConversionError(
+                        f"{self.dir / fn}: missing shard (listed in {index.name} for tensor {first} and others)"
+                    )
         else:
             files = sorted(p.name for p in self.dir.glob("*.safetensors"))
             if not files:
@@ -299,8 +367,9 @@ class HFSource:
         self.weight_map = {k: v for k, v in weight_map.items() if k in shards[v].tensors}
         missing = sorted(set(weight_map) - set(self.weight_map))
         if missing:
-            raise ConversionError(f"{self.dir / weight_map[missing[0]]}: tensor {missing[0]} is listed in the "
-                                  f"index but not in the shard")
+            raise ConversionError(
+                f"{self.dir / weight_map[missing[0]]}: tensor {missing[0]} is listed in the index but not in the shard"
+            )
         return shards
 
     def tensors(self) -> dict[str, Lazy]:
@@ -321,8 +390,10 @@ def _dequant_fp8_blocks(w: Lazy, s: Lazy, block: tuple[int, int]) -> Lazy:
     rows_, cols = w.shape[-2:]
     want = (math.ceil(rows_ / block[0]), math.ceil(cols / block[1]))
     if tuple(s.shape[-2:]) != want:
-        raise ConversionError(f"{s.src}: FP8 scale shape {list(s.shape)}, expected {list(want)} for weight "
-                              f"{list(w.shape)} with {block[0]}x{block[1]} blocks")
+        raise ConversionError(
+            f"{s.src}: FP8 scale shape {list(s.shape)}, expected {list(want)} for weight "
+            f"{list(w.shape)} with {block[0]}x{block[1]} blocks"
+        )
 
     def load() -> np.ndarray:
         sc = s.load()
@@ -340,7 +411,8 @@ class GGUFSource:
         import gguf
 
         from moelite import _core
-        try:                  # the C++ reader finds a split set's shards and checks that they belong together
+
+        try:  # the C++ reader finds a split set's shards and checks that they belong together
             meta = _core.read_gguf(str(path))
         except (_core.FormatError, _core.IOError) as e:
             raise ConversionError(f"{path}: not a readable GGUF file: {e}") from None
@@ -352,7 +424,7 @@ class GGUFSource:
                 self.readers.append(gguf.GGUFReader(str(f), "r"))
             except Exception as e:  # noqa: BLE001 - the reader raises ValueError/struct.error/OSError
                 raise ConversionError(f"{f}: not a readable GGUF file: {e}") from e
-        self.reader = self.readers[0]          # the metadata
+        self.reader = self.readers[0]  # the metadata
         self.path = self.files[0]
         arch = self.reader.get_field("general.architecture")
         if arch is None:
@@ -365,8 +437,11 @@ class GGUFSource:
         """(key, value, GGUFValueType, sub type) for every key except those the writer sets itself."""
         out = []
         for f in self.reader.fields.values():
-            if f.name.startswith(("GGUF.", "split.")) or f.name in ("general.alignment", "general.architecture",
-                                                                    "general.file_type"):
+            if f.name.startswith(("GGUF.", "split.")) or f.name in (
+                "general.alignment",
+                "general.architecture",
+                "general.file_type",
+            ):
                 continue
             vtype = f.types[0]
             sub = f.types[-1] if len(f.types) > 1 else None
@@ -380,11 +455,17 @@ class GGUFSource:
             shape = tuple(int(d) for d in reversed(t.shape.tolist()))  # ggml ne -> numpy order
             ttype = int(t.tensor_type)
             if ttype == 0:
-                out[t.name] = Lazy(shape, lambda d=t.data, s=shape: np.array(d, np.float32).reshape(s),
-                                   f"{self.path.name}:{t.name}")
+                out[t.name] = Lazy(
+                    shape, lambda d=t.data, s=shape: np.array(d, np.float32).reshape(s), f"{self.path.name}:{t.name}"
+                )
             else:
-                out[t.name] = Lazy(shape, lambda d=t.data: np.array(d).view(np.uint8),
-                                   f"{self.path.name}:{t.name}", raw_type=ttype, f32_exact=False)
+                out[t.name] = Lazy(
+                    shape,
+                    lambda d=t.data: np.array(d).view(np.uint8),
+                    f"{self.path.name}:{t.name}",
+                    raw_type=ttype,
+                    f32_exact=False,
+                )
         return out
 
 

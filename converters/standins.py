@@ -8,6 +8,7 @@ Keys: general.architecture (the model's), moelite.standins.type (the requested t
 (the model's file name) and moelite.standins.source_size (its size in bytes: a stand-in file made for another
 file, or for an older version of this one, is refused at load).
 """
+
 from __future__ import annotations
 
 import os
@@ -33,8 +34,14 @@ def is_expert_weight(name: str) -> bool:
     return name.startswith("blk.") and name.endswith("_exps.weight")
 
 
-def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.PathLike | None = None, *,
-                   progress: bool = True, n_threads: int = 2) -> ConvertReport:
+def write_standins(
+    model: str | os.PathLike,
+    type: str = "q2_k",
+    out: str | os.PathLike | None = None,
+    *,
+    progress: bool = True,
+    n_threads: int = 2,
+) -> ConvertReport:
     """MODEL.gguf -> OUT (default MODEL.gguf.standins.gguf): every routed-expert tensor re-quantized to `type`
     (a type name `moelite convert` takes; q2_k is llama.cpp's Q2_K mix: down experts Q3_K). Written atomically
     (no file at OUT on failure). Raises ConversionError."""
@@ -45,8 +52,8 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     source = open_source(model)
     if not isinstance(source, GGUFSource):
         raise ConversionError(f"{model}: stand-ins are made from a GGUF file (convert the checkpoint first)")
-    model = source.path                 # a split set: its first shard, which the runtime looks the side file up by
-    arch, (n_layer, n_expert) = source.arch, gguf_counts(source)   # the model's keys are not copied: only its experts
+    model = source.path  # a split set: its first shard, which the runtime looks the side file up by
+    arch, (n_layer, n_expert) = source.arch, gguf_counts(source)  # the model's keys are not copied: only its experts
     experts = [(n, t) for n, t in source.tensors().items() if is_expert_weight(n)]
     if not experts:
         raise ConversionError(f"{model}: no routed-expert tensors (blk.N.ffn_*_exps.weight): not a MoE model")
@@ -54,7 +61,8 @@ def write_standins(model: str | os.PathLike, type: str = "q2_k", out: str | os.P
     w = gguf_out.new_writer(arch)
     gguf_out.add_kv(w, KEY + "type", type)
     gguf_out.add_kv(w, KEY + "source", model.name)
-    gguf_out.add_kv(w, KEY + "source_size", source.size, gguf.GGUFValueType.UINT64)   # all shards
+    gguf_out.add_kv(w, KEY + "source_size", source.size, gguf.GGUFValueType.UINT64)  # all shards
     out = Path(out) if out is not None else standins_path(model)
-    return write_planned(out, w, planned, arch, type, timer, [f"stand-ins of {model.name}"], n_threads=n_threads,
-                         progress=progress)
+    return write_planned(
+        out, w, planned, arch, type, timer, [f"stand-ins of {model.name}"], n_threads=n_threads, progress=progress
+    )

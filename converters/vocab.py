@@ -15,6 +15,7 @@ family's `tokenizer_pre` (`add_vocab`'s `family_pre`):
 Reads tokenizer files with plain JSON (no transformers). Special token ids, add_bos/add_eos, merges and the
 chat template come from gguf-py's SpecialVocab, the same code llama.cpp's converter uses.
 """
+
 from __future__ import annotations
 
 import base64
@@ -22,24 +23,31 @@ import binascii
 import json
 import logging
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import gguf
 
 from moelite.errors import ConversionError
 
 NORMAL, USER_DEFINED, CONTROL, UNUSED, BYTE, UNKNOWN = (
-    int(gguf.TokenType.NORMAL), int(gguf.TokenType.USER_DEFINED), int(gguf.TokenType.CONTROL),
-    int(gguf.TokenType.UNUSED), int(gguf.TokenType.BYTE), int(gguf.TokenType.UNKNOWN))
+    int(gguf.TokenType.NORMAL),
+    int(gguf.TokenType.USER_DEFINED),
+    int(gguf.TokenType.CONTROL),
+    int(gguf.TokenType.UNUSED),
+    int(gguf.TokenType.BYTE),
+    int(gguf.TokenType.UNKNOWN),
+)
 _SPM_SPACE = "\u2581"
 _BYTE_TOKEN = re.compile(r"<0x[0-9A-Fa-f]{2}>")
 
 # llama.cpp's _set_vocab_glm: special token type -> token text (set unless the tokenizer files set it)
 GLM_SPECIALS = {"bos": "[gMASK]", "eot": "<|user|>", "unk": "<|endoftext|>", "eom": "<|observation|>"}
 # llama.cpp's Gemma4Model.set_vocab: tokens always rendered (user-defined), so a chat parser can read them
-GEMMA4_VISIBLE = frozenset({"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>",
-                            "<tool_response|>", "<|\"|>"})
+GEMMA4_VISIBLE = frozenset(
+    {"<|channel>", "<channel|>", "<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>'}
+)
 # Hunyuan-MoE's tokenizer (tokenization_hy.py): special tokens right after the ranks, then extras to vocab_size
 HUNYUAN_SPECIALS = ("<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>")
 HUNYUAN_BOS = "<|bos|>"  # llama.cpp overwrites config.json's BOS id with this token's
@@ -49,7 +57,7 @@ def add_vocab(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre: str
     """Add tokenizer keys to `w`; returns a small summary for the report."""
     writer = _WRITERS.get(family_pre, _write_tokenizer_json)
     if writer is not _write_tokenizer_json and _plain_byte_level(Path(model_dir)):
-        writer = _write_tokenizer_json   # a GPT-2 byte-level tokenizer.json (the test fixtures): the generic path
+        writer = _write_tokenizer_json  # a GPT-2 byte-level tokenizer.json (the test fixtures): the generic path
     return writer(w, Path(model_dir), n_vocab, family_pre)
 
 
@@ -60,15 +68,24 @@ def _plain_byte_level(model_dir: Path) -> bool:
         return False
     tj = _read_json(path, "tokenizer.json (JSON object)")
     model, pt = tj.get("model") or {}, tj.get("pre_tokenizer") or {}
-    return isinstance(model, dict) and isinstance(pt, dict) and model.get("type") == "BPE" and \
-        not model.get("byte_fallback") and pt.get("type") == "ByteLevel"
+    return (
+        isinstance(model, dict)
+        and isinstance(pt, dict)
+        and model.get("type") == "BPE"
+        and not model.get("byte_fallback")
+        and pt.get("type") == "ByteLevel"
+    )
 
 
 # --- shared ------------------------------------------------------------------------------------------------
 def _looks_special(tok: str) -> bool:
     """llama.cpp's does_token_look_special."""
-    return (tok in ("<pad>", "<mask>", "<2mass>", "[@BOS@]") or (tok.startswith("<|") and tok.endswith("|>"))
-            or (tok.startswith("<｜") and tok.endswith("｜>")) or (tok.startswith("<unused") and tok.endswith(">")))
+    return (
+        tok in ("<pad>", "<mask>", "<2mass>", "[@BOS@]")
+        or (tok.startswith("<|") and tok.endswith("|>"))
+        or (tok.startswith("<｜") and tok.endswith("｜>"))
+        or (tok.startswith("<unused") and tok.endswith(">"))
+    )
 
 
 def _read_json(path: Path, what: str = "JSON object") -> Any:
@@ -89,8 +106,10 @@ def _tokenizer_config(model_dir: Path) -> dict[str, Any]:
 def _tokenizer_json(model_dir: Path) -> tuple[str, dict[str, Any], Path]:
     tpath = model_dir / "tokenizer.json"
     if not tpath.is_file():
-        raise ConversionError(f"{model_dir}: no tokenizer.json (moelite needs the fast tokenizer file, or this "
-                              "family's tokenizer.model / *.tiktoken)")
+        raise ConversionError(
+            f"{model_dir}: no tokenizer.json (moelite needs the fast tokenizer file, or this "
+            "family's tokenizer.model / *.tiktoken)"
+        )
     tj = _read_json(tpath, "tokenizer.json (JSON object)")
     model = tj.get("model")
     if not isinstance(model, dict) or model.get("type") != "BPE":
@@ -106,11 +125,17 @@ def _bpe_vocab(tj: dict[str, Any], tpath: Path, n_vocab: int) -> tuple[dict[int,
     """id -> text of the BPE vocab plus added tokens, the added tokens by text, and the base vocab size."""
     vocab = tj["model"].get("vocab") or {}
     added_list = tj.get("added_tokens") or []
-    if not isinstance(vocab, dict) or not isinstance(added_list, list) or not all(
+    if (
+        not isinstance(vocab, dict)
+        or not isinstance(added_list, list)
+        or not all(
             isinstance(a, dict) and isinstance(a.get("content"), str) and isinstance(a.get("id"), int)
-            for a in added_list):
-        raise ConversionError(f"{tpath}: 'model.vocab' must map strings to ids and 'added_tokens' be a list of "
-                              "{content, id} objects")
+            for a in added_list
+        )
+    ):
+        raise ConversionError(
+            f"{tpath}: 'model.vocab' must map strings to ids and 'added_tokens' be a list of {{content, id}} objects"
+        )
     rev = {i: t for t, i in vocab.items() if isinstance(i, int)}
     if len(rev) != len(vocab):
         raise ConversionError(f"{tpath}: 'model.vocab' has ids that are not unique integers")
@@ -128,19 +153,29 @@ def _special_vocab(model_dir: Path, n_vocab: int, load_merges: bool) -> gguf.Spe
     try:
         return gguf.SpecialVocab(model_dir, load_merges=load_merges, n_vocab=n_vocab)
     except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as e:
-        raise ConversionError(f"{model_dir}: tokenizer files (tokenizer.json / tokenizer_config.json / "
-                              f"config.json) have a field of the wrong type: {e}") from e
+        raise ConversionError(
+            f"{model_dir}: tokenizer files (tokenizer.json / tokenizer_config.json / "
+            f"config.json) have a field of the wrong type: {e}"
+        ) from e
 
 
-def _finish(w: gguf.GGUFWriter, model_dir: Path, special: gguf.SpecialVocab, n_vocab: int,
-            hf_json: str | None) -> dict[str, Any]:
+def _finish(
+    w: gguf.GGUFWriter, model_dir: Path, special: gguf.SpecialVocab, n_vocab: int, hf_json: str | None
+) -> dict[str, Any]:
     """Special ids, add_* flags, merges and chat template; the verbatim tokenizer.json when there is one."""
     template = special.chat_template
-    if template is not None and not isinstance(template, str) and not all(
+    if (
+        template is not None
+        and not isinstance(template, str)
+        and not all(
             isinstance(t, dict) and isinstance(t.get("name"), str) and isinstance(t.get("template"), str)
-            for t in template):
-        raise ConversionError(f"{model_dir / 'tokenizer_config.json'}: 'chat_template' must be a string or a list "
-                              "of {name, template} objects")
+            for t in template
+        )
+    ):
+        raise ConversionError(
+            f"{model_dir / 'tokenizer_config.json'}: 'chat_template' must be a string or a list "
+            "of {name, template} objects"
+        )
     special.add_to_gguf(w, quiet=True)
     if special.chat_template is None:
         template = _tokenizer_config(model_dir).get("chat_template")
@@ -149,12 +184,16 @@ def _finish(w: gguf.GGUFWriter, model_dir: Path, special: gguf.SpecialVocab, n_v
             special.chat_template = template
     if hf_json is not None:
         w.add_string("tokenizer.huggingface.json", hf_json)
-    return {"n_vocab": n_vocab, "special": dict(special.special_token_ids),
-            "chat_template": special.chat_template is not None}
+    return {
+        "n_vocab": n_vocab,
+        "special": dict(special.special_token_ids),
+        "chat_template": special.chat_template is not None,
+    }
 
 
-def _set_specials_by_text(special: gguf.SpecialVocab, wanted: dict[str, str], ids: dict[str, int],
-                          override: bool = False) -> None:
+def _set_specials_by_text(
+    special: gguf.SpecialVocab, wanted: dict[str, str], ids: dict[str, int], override: bool = False
+) -> None:
     """Special token ids by token text (`override`: replace ids the tokenizer files set). A token the
     vocabulary lacks (a test tokenizer) is left unset, where llama.cpp's converter stops with a KeyError."""
     for typ, text in wanted.items():
@@ -215,6 +254,7 @@ def _write_tokenizer_json(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fam
 def _special_texts(cfg: dict[str, Any], where: Path) -> set[str]:
     """The tokens transformers counts as special (`all_special_tokens`): the named ones of
     tokenizer_config.json plus `extra_special_tokens` / `additional_special_tokens`."""
+
     def text(v: Any) -> str | None:
         return v if isinstance(v, str) else v.get("content") if isinstance(v, dict) else None
 
@@ -222,8 +262,9 @@ def _special_texts(cfg: dict[str, Any], where: Path) -> set[str]:
     for key in ("extra_special_tokens", "additional_special_tokens"):
         extra = cfg.get(key) or []
         if not isinstance(extra, (list, dict)):
-            raise ConversionError(f"{where}: '{key}' must be a list or an object of tokens, "
-                                  f"found {type(extra).__name__}")
+            raise ConversionError(
+                f"{where}: '{key}' must be a list or an object of tokens, found {type(extra).__name__}"
+            )
         out |= {text(v) for v in (extra.values() if isinstance(extra, dict) else extra)}
     return {t for t in out if t}
 
@@ -289,8 +330,9 @@ def _write_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fami
     try:
         import sentencepiece
     except ImportError as e:  # a dependency of moelite; only missing from a broken install
-        raise ConversionError(f"{path}: reading it needs the 'sentencepiece' package "
-                              "(pip install sentencepiece)") from e
+        raise ConversionError(
+            f"{path}: reading it needs the 'sentencepiece' package (pip install sentencepiece)"
+        ) from e
     sp = sentencepiece.SentencePieceProcessor()
     try:
         sp.LoadFromFile(str(path))
@@ -303,8 +345,17 @@ def _write_sentencepiece(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, fami
         raise ConversionError(f"{path}: {sp.vocab_size()} pieces, more than vocab_size {n_vocab} of config.json")
     for i in range(sp.vocab_size()):
         tokens[i], scores[i] = sp.IdToPiece(i), sp.GetScore(i)
-        types[i] = (UNKNOWN if sp.IsUnknown(i) else CONTROL if sp.IsControl(i) else UNUSED if sp.IsUnused(i)
-                    else BYTE if sp.IsByte(i) else NORMAL)
+        types[i] = (
+            UNKNOWN
+            if sp.IsUnknown(i)
+            else CONTROL
+            if sp.IsControl(i)
+            else UNUSED
+            if sp.IsUnused(i)
+            else BYTE
+            if sp.IsByte(i)
+            else NORMAL
+        )
 
     def put(i: Any, text: Any, kind: int, where: str) -> None:
         if not isinstance(i, int) or not isinstance(text, str):
@@ -375,7 +426,7 @@ def _merge_parts(ranks: dict[bytes, int], token: bytes, rank: int) -> list[bytes
         best = min(range(len(parts) - 1), key=lambda k: ranks.get(parts[k] + parts[k + 1], rank))
         if ranks.get(parts[best] + parts[best + 1], rank) >= rank:
             break
-        parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        parts[best : best + 2] = [parts[best] + parts[best + 1]]
     return parts
 
 
@@ -394,8 +445,10 @@ def _tiktoken_file(model_dir: Path, cfg: dict[str, Any]) -> Path:
         return model_dir / name
     found = sorted(model_dir.glob("*.tiktoken"))
     if len(found) != 1:
-        raise ConversionError(f"{model_dir}: no tokenizer.json and {len(found)} *.tiktoken files (expected "
-                              "one tiktoken ranks file, e.g. hy.tiktoken)")
+        raise ConversionError(
+            f"{model_dir}: no tokenizer.json and {len(found)} *.tiktoken files (expected "
+            "one tiktoken ranks file, e.g. hy.tiktoken)"
+        )
     return found[0]
 
 
@@ -410,7 +463,7 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
     if len(ranks) > n_vocab:
         raise ConversionError(f"{path}: {len(ranks)} ranks, more than vocab_size {n_vocab} of config.json")
     specials = list(HUNYUAN_SPECIALS) + [f"<|extra_{k}|>" for k in range(n_vocab - len(ranks) - len(HUNYUAN_SPECIALS))]
-    special_ids = {t: len(ranks) + k for k, t in enumerate(specials[:n_vocab - len(ranks)])}
+    special_ids = {t: len(ranks) + k for k, t in enumerate(specials[: n_vocab - len(ranks)])}
     for key, data in _added_tokens_decoder(cfg, model_dir).items():  # explicit ids win over the defaults
         if isinstance(data.get("content"), str):
             special_ids[data["content"]] = int(key)

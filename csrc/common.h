@@ -14,11 +14,17 @@
 namespace moelite {
 
 // Bad model file (missing/mis-shaped tensor, bad key, truncated data). Maps to moelite.errors.ModelFormatError.
-struct FormatError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct FormatError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 // Disk read failure while the model is open. Maps to moelite.errors.ExpertIOError.
-struct IOError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct IOError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 // A memory budget that cannot hold what is asked. Maps to moelite.errors.BudgetError.
-struct BudgetError : std::runtime_error { using std::runtime_error::runtime_error; };
+struct BudgetError : std::runtime_error {
+    using std::runtime_error::runtime_error;
+};
 
 inline bool valid_ggml_type(int t) {
     if (t < 0 || t >= GGML_TYPE_COUNT) return false;
@@ -32,16 +38,19 @@ inline bool valid_ggml_type(int t) {
 inline void advise_huge_pages(void * p, size_t n) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
     static const bool off = std::getenv("MOELITE_NO_HUGEPAGES") != nullptr;
-    const uintptr_t huge = 2u << 20, lo = ((uintptr_t) p + huge - 1) & ~(huge - 1), hi = ((uintptr_t) p + n) & ~(huge - 1);
+    const uintptr_t huge = 2u << 20, lo = ((uintptr_t) p + huge - 1) & ~(huge - 1),
+                    hi = ((uintptr_t) p + n) & ~(huge - 1);
     if (!off && p && hi > lo) madvise((void *) lo, hi - lo, MADV_HUGEPAGE);
 #else
-    (void) p; (void) n;
+    (void) p;
+    (void) n;
 #endif
 }
 
 // The same for a whole backend buffer, when it is host memory.
 inline void advise_huge_pages(ggml_backend_buffer_t b) {
-    if (b && ggml_backend_buffer_is_host(b)) advise_huge_pages(ggml_backend_buffer_get_base(b), ggml_backend_buffer_get_size(b));
+    if (b && ggml_backend_buffer_is_host(b))
+        advise_huge_pages(ggml_backend_buffer_get_base(b), ggml_backend_buffer_get_size(b));
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -26,7 +26,7 @@ static uint64_t round_up(uint64_t x, uint64_t a) { return (x + a - 1) / a * a; }
 ggml_tensor * make_arena_tensor(ggml_context * ctx, ggml_backend_buffer_t buf, void * mem, ggml_type type, int64_t ne0,
                                 int64_t ne1, int n_slots, uint64_t slot_bytes) {
     ggml_tensor * t = ggml_new_tensor_3d(ctx, type, ne0, ne1, n_slots);
-    t->nb[2] = slot_bytes;                 // padded slot stride: slots start on pages
+    t->nb[2] = slot_bytes; // padded slot stride: slots start on pages
     t->nb[3] = slot_bytes * n_slots;
     ggml_backend_tensor_alloc(buf, t, mem);
     return t;
@@ -40,11 +40,15 @@ static void drop_ggml_debug_log() {
         static ggml_log_callback prev = nullptr;
         static void * prev_ud = nullptr;
         ggml_log_get(&prev, &prev_ud);
-        ggml_log_set([](ggml_log_level level, const char * text, void *) {
-            if (level == GGML_LOG_LEVEL_DEBUG) return;
-            if (prev) prev(level, text, prev_ud);
-            else std::fputs(text, stderr);
-        }, nullptr);
+        ggml_log_set(
+            [](ggml_log_level level, const char * text, void *) {
+                if (level == GGML_LOG_LEVEL_DEBUG) return;
+                if (prev)
+                    prev(level, text, prev_ud);
+                else
+                    std::fputs(text, stderr);
+            },
+            nullptr);
     });
 }
 
@@ -66,9 +70,9 @@ bool repack_supports(ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne
     if (!buft || ne0 % ggml_blck_size(type) != 0) return false;
     ggml_init_params ip = {ggml_tensor_overhead() * 4, nullptr, true};
     ggml_context * ctx = ggml_init(ip);
-    const int64_t T = 8;                          // a few tokens: the op's shape, never computed
+    const int64_t T = 8; // a few tokens: the op's shape, never computed
     ggml_tensor * op;
-    if (n_mat > 0) {                              // the kernel handles one matrix too; the check wants 3 dims
+    if (n_mat > 0) { // the kernel handles one matrix too; the check wants 3 dims
         ggml_tensor * w = ggml_new_tensor_3d(ctx, type, ne0, ne1, std::max<int64_t>(n_mat, 2));
         op = ggml_mul_mat_id(ctx, w, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, ne0, 1, T),
                              ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, T));
@@ -99,14 +103,15 @@ static char * staging(uint64_t size) {
 void ExpertCache::put_slot(const Pool & P, int r, int slot, const void * src, uint64_t n, bool src_packed) {
     const uint64_t off = (uint64_t) slot * P.slot_bytes[r];
     if (!P.host) {
-        ggml_backend_tensor_set(P.arena[r], src, off, n);                  // host -> device
+        ggml_backend_tensor_set(P.arena[r], src, off, n); // host -> device
     } else if (P.repacked[r] && !src_packed) {
         // a 2-D tensor exactly on the slot, in the arena's buffer (its init_tensor picks the repack layout);
         // setting it whole converts the file bytes into the slot
         ggml_init_params ip = {ggml_tensor_overhead(), nullptr, true};
         ggml_context * ctx = ggml_init(ip);
         ggml_tensor * t = ggml_new_tensor_2d(ctx, P.type[r], P.ne0[r], P.ne1[r]);
-        if (n != ggml_nbytes(t) || ggml_backend_tensor_alloc(P.buf[r], t, (char *) P.mem[r] + off) != GGML_STATUS_SUCCESS) {
+        if (n != ggml_nbytes(t) ||
+            ggml_backend_tensor_alloc(P.buf[r], t, (char *) P.mem[r] + off) != GGML_STATUS_SUCCESS) {
             ggml_free(ctx);
             throw std::logic_error("expert cache: a repacked slot takes one whole matrix");
         }
@@ -145,15 +150,17 @@ void ExpertCache::reopen() {
     std::unique_lock<std::mutex> lock(mu_);
     // no read may be in flight on the descriptors we are about to replace: queued reads are dropped (their
     // slots become empty again), running ones are waited for
-    for (const IOTask & t : io_queue_) {
-        CacheLayer & L = layers_[t.il];
-        Slot & sl = slots_[L.pool][t.slot];
-        sl.state = SLOT_EMPTY;
-        sl.expert = -1;
-        sl.prefetched = false;
-        L.slot_of[t.expert] = -1;
+    for (auto * q : {&io_demand_, &io_queue_}) {
+        for (const IOTask & t : *q) {
+            CacheLayer & L = layers_[t.il];
+            Slot & sl = slots_[L.pool][t.slot];
+            sl.state = SLOT_EMPTY;
+            sl.expert = -1;
+            sl.prefetched = false;
+            L.slot_of[t.expert] = -1;
+        }
+        q->clear();
     }
-    io_queue_.clear();
     loaded_.wait(lock, [this] {
         for (auto & pool : slots_)
             for (auto & sl : pool)
@@ -165,7 +172,7 @@ void ExpertCache::reopen() {
         f.fd = open(f.path.c_str(), O_RDONLY | O_CLOEXEC);
         if (f.fd < 0) throw IOError(f.path + ": cannot open for expert reads: " + strerror(errno));
 #ifdef O_DIRECT
-        f.fd_direct = open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT);   // -1 where the filesystem refuses it
+        f.fd_direct = open(f.path.c_str(), O_RDONLY | O_CLOEXEC | O_DIRECT); // -1 where the filesystem refuses it
 #endif
         struct stat st;
         fstat(f.fd, &st);
@@ -187,7 +194,7 @@ uint64_t ExpertCache::expert_bytes(const TensorInfo * g, const TensorInfo & u, c
 
 void ExpertCache::add_layer(int il, const TensorInfo * gate, const TensorInfo & up, const TensorInfo & down) {
     const TensorInfo * t[3] = {gate, &up, &down};
-    const int first = gate ? 0 : 1;              // gateless experts: matrices 1 (up) and 2 (down) only
+    const int first = gate ? 0 : 1; // gateless experts: matrices 1 (up) and 2 (down) only
     int pool = -1;
     for (size_t p = 0; p < pools_.size() && pool < 0; ++p) {
         bool same = pools_[p].first == first;
@@ -213,7 +220,7 @@ void ExpertCache::add_layer(int il, const TensorInfo * gate, const TensorInfo & 
     }
     CacheLayer & L = layers_[il];
     L.pool = pool;
-    L.src[0] = {0, 0, 0, 0};                     // no gate: nothing to read
+    L.src[0] = {0, 0, 0, 0}; // no gate: nothing to read
     for (int r = first; r < 3; ++r) L.src[r] = {t[r]->file, t[r]->offset, t[r]->expert_stride(), t[r]->nb2()};
     L.slot_of.assign(n_expert_, -1);
     L.begun.assign(n_expert_, 0);
@@ -239,34 +246,39 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
         for (int r = P.first; r < 3; ++r) {
             const size_t bytes = P.slot_bytes[r] * (size_t) std::max(P.n_slots, 1);
             void * base = nullptr;
-            if (P.host && host_buft) {             // a RAM tier in pinned memory (fast host -> device copies)
+            if (P.host && host_buft) { // a RAM tier in pinned memory (fast host -> device copies)
                 P.buf[r] = ggml_backend_buft_alloc_buffer(host_buft, bytes);
-                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes of pinned host memory for the RAM tier");
+                if (!P.buf[r])
+                    throw BudgetError("cannot allocate " + std::to_string(bytes) +
+                                      " bytes of pinned host memory for the RAM tier");
                 ggml_backend_buffer_clear(P.buf[r], 0);
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
             } else if (P.host && repack_supports(repack_buft, P.type[r], P.ne0[r], P.ne1[r], P.n_slots)) {
-                P.buf[r] = ggml_backend_buft_alloc_buffer(repack_buft, bytes);   // reads repack through staging
-                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
+                P.buf[r] = ggml_backend_buft_alloc_buffer(repack_buft, bytes); // reads repack through staging
+                if (!P.buf[r])
+                    throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
                 advise_huge_pages(P.buf[r]);
-                ggml_backend_buffer_clear(P.buf[r], 0);                          // zero blocks compute zeros
+                ggml_backend_buffer_clear(P.buf[r], 0); // zero blocks compute zeros
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
                 P.repacked[r] = true;
-            } else if (P.host) {                   // our own page-aligned memory: disk reads land in place
+            } else if (P.host) { // our own page-aligned memory: disk reads land in place
                 if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
                     throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
                 P.own_mem[r] = true;
                 advise_huge_pages(P.mem[r], bytes);
-                std::memset(P.mem[r], 0, bytes);   // empty slots compute zeros, never garbage
+                std::memset(P.mem[r], 0, bytes); // empty slots compute zeros, never garbage
                 P.buf[r] = ggml_backend_cpu_buffer_from_ptr(P.mem[r], bytes);
                 base = P.mem[r];
-            } else {                               // device memory (VRAM): reads go through a host staging buffer
+            } else { // device memory (VRAM): reads go through a host staging buffer
                 P.buf[r] = ggml_backend_buft_alloc_buffer(ggml_backend_get_default_buffer_type(backend), bytes);
-                if (!P.buf[r]) throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes of device memory for the expert arena");
+                if (!P.buf[r])
+                    throw BudgetError("cannot allocate " + std::to_string(bytes) +
+                                      " bytes of device memory for the expert arena");
                 ggml_backend_buffer_clear(P.buf[r], 0);
                 base = ggml_backend_buffer_get_base(P.buf[r]);
             }
-            P.arena[r] = make_arena_tensor(ctx_, P.buf[r], base, P.type[r], P.ne0[r], P.ne1[r],
-                                           std::max(P.n_slots, 1), P.slot_bytes[r]);
+            P.arena[r] = make_arena_tensor(ctx_, P.buf[r], base, P.type[r], P.ne0[r], P.ne1[r], std::max(P.n_slots, 1),
+                                           P.slot_bytes[r]);
         }
     }
 }
@@ -305,21 +317,21 @@ int ExpertCache::choose_victim(CacheLayer & L, Pool & P, const std::vector<char>
     auto & S = slots_[L.pool];
     (void) P;
     int best = -1;
-    std::vector<int> recent_uses;                        // consistency: uses by the last m tokens
+    std::vector<int> recent_uses; // consistency: uses by the last m tokens
     if (policy_ == Policy::CONSISTENCY) {
         recent_uses.assign(n_expert_, 0);
         for (auto & tok : L.recent)
             for (int e : tok) recent_uses[e]++;
     }
-    auto better = [&](const Slot & a, const Slot & b) {   // is a a better victim than b? ties: LRU
+    auto better = [&](const Slot & a, const Slot & b) { // is a a better victim than b? ties: LRU
         switch (policy_) {
-            case Policy::LRU: return a.last < b.last;
-            case Policy::LFU: return a.count != b.count ? a.count < b.count : a.last < b.last;
-            case Policy::LFUDA: return a.prio != b.prio ? a.prio < b.prio : a.last < b.last;
-            case Policy::CONSISTENCY: {
-                const int ua = recent_uses[a.expert], ub = recent_uses[b.expert];
-                return ua != ub ? ua < ub : a.last < b.last;
-            }
+        case Policy::LRU: return a.last < b.last;
+        case Policy::LFU: return a.count != b.count ? a.count < b.count : a.last < b.last;
+        case Policy::LFUDA: return a.prio != b.prio ? a.prio < b.prio : a.last < b.last;
+        case Policy::CONSISTENCY: {
+            const int ua = recent_uses[a.expert], ub = recent_uses[b.expert];
+            return ua != ub ? ua < ub : a.last < b.last;
+        }
         }
         return false;
     };
@@ -359,7 +371,10 @@ void ExpertCache::read_range(int file, void * dst, uint64_t off, uint64_t n, uin
         bool ok = true;
         while (done < n_up) {
             ssize_t r = pread(f.fd_direct, (char *) dst + done, n_up - done, off + done);
-            if (r <= 0) { ok = false; break; }
+            if (r <= 0) {
+                ok = false;
+                break;
+            }
             done += (uint64_t) r;
         }
         if (ok) return;
@@ -369,8 +384,9 @@ void ExpertCache::read_range(int file, void * dst, uint64_t off, uint64_t n, uin
         ssize_t r = pread(f.fd, (char *) dst + done, n - done, off + done);
         if (r < 0 && errno == EINTR) continue;
         if (r <= 0)
-            throw IOError(f.path + ": expert read of " + std::to_string(n) + " bytes at offset " + std::to_string(off) +
-                          " failed: " + (r == 0 ? std::string("unexpected end of file (truncated?)") : strerror(errno)));
+            throw IOError(
+                f.path + ": expert read of " + std::to_string(n) + " bytes at offset " + std::to_string(off) +
+                " failed: " + (r == 0 ? std::string("unexpected end of file (truncated?)") : strerror(errno)));
         done += (uint64_t) r;
     }
 }
@@ -380,14 +396,17 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
     if (S.expert >= 0) {
         L.slot_of[S.expert] = -1;
         L.stats.evictions++;
-        if (S.prefetched) { L.stats.prefetch_wasted++; L.prefetch_ema *= 0.9; }
+        if (S.prefetched) {
+            L.stats.prefetch_wasted++;
+            L.prefetch_ema *= 0.9;
+        }
         if (policy_ == Policy::LFUDA) L.lfuda_age = S.prio;
     }
     S.expert = expert;
     S.state = SLOT_LOADING;
     S.count = 0;
-    S.last = ++tick_;                    // a fresh entry is the most recent (a prefetch too: not the next victim)
-    S.prio = L.lfuda_age;                // LFUDA: count 0 + age until its first use
+    S.last = ++tick_;     // a fresh entry is the most recent (a prefetch too: not the next victim)
+    S.prio = L.lfuda_age; // LFUDA: count 0 + age until its first use
     S.prefetched = prefetched;
     L.slot_of[expert] = slot;
 }
@@ -408,7 +427,8 @@ void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, in
         const ExpertSource & src = L.src[r];
         const uint64_t off = src.offset + (uint64_t) expert * src.stride;
         if (P.host && !P.repacked[r]) {
-            read_range(src.file, (char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes, P.slot_bytes[r]);
+            read_range(src.file, (char *) P.mem[r] + (uint64_t) slot * P.slot_bytes[r], off, src.nbytes,
+                       P.slot_bytes[r]);
         } else {
             // the file bytes into this thread's staging buffer, then repacked into the slot (or copied to the device)
             char * buf = staging(P.slot_bytes[r]);
@@ -453,26 +473,25 @@ void ExpertCache::start_io(int n_io) {
 void ExpertCache::io_loop() {
     std::unique_lock<std::mutex> lock(mu_);
     for (;;) {
-        io_cv_.wait(lock, [this] { return io_stop_ || !io_queue_.empty(); });
+        io_cv_.wait(lock, [this] { return io_stop_ || !io_demand_.empty() || !io_queue_.empty(); });
         if (io_stop_) return;
-        IOTask t = io_queue_.front();
-        io_queue_.pop_front();
+        auto & q = io_demand_.empty() ? io_queue_ : io_demand_;
+        IOTask t = q.front();
+        q.pop_front();
         CacheLayer & L = layers_[t.il];
         Pool & P = pools_[L.pool];
         Slot & S = slots_[L.pool][t.slot];
         lock.unlock();
         bool ok = true;
         try {
-            read_expert(L, P, t.slot, t.expert);     // slot is LOADING: nobody else touches it
-        } catch (...) {
-            ok = false;
-        }
+            read_expert(L, P, t.slot, t.expert); // slot is LOADING: nobody else touches it
+        } catch (...) { ok = false; }
         lock.lock();
         if (ok) {
             S.state = SLOT_READY;
             L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
             L.stats.loads++;
-        } else {                                     // the next acquire reads it synchronously and reports
+        } else { // the next acquire reads it synchronously and reports
             S.state = SLOT_EMPTY;
             S.expert = -1;
             S.prefetched = false;
@@ -482,11 +501,25 @@ void ExpertCache::io_loop() {
     }
 }
 
+namespace {
+struct Stopwatch { // seconds since construction
+    std::chrono::steady_clock::time_point t0 = std::chrono::steady_clock::now();
+    double s() const { return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count(); }
+};
+struct Booked { // a call's time since `call` added to `book_s` however it returns (declared under mu_)
+    double & book_s;
+    const Stopwatch & call;
+    ~Booked() { book_s += call.s(); }
+};
+} // namespace
+
 void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     if (io_threads_.empty() || !prefetch_) return;
+    const Stopwatch call;
     std::lock_guard<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     if (L.pool < 0) return;
+    const Booked book{L.stats.book_s, call};
     // adaptive: a layer whose predictions are mostly wasted stops prefetching (it would evict useful
     // experts and double the disk traffic), but probes every 16th step to notice when they improve
     if (L.prefetch_ema < kMinPrefetchPrecision && (L.prefetch_calls++ % 16) != 0) return;
@@ -496,9 +529,11 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     int issued = 0;
     for (int i = 0; i < n && issued < L.quota; ++i) {
         const int e = ids[i];
-        if (L.slot_of[e] >= 0) continue;                 // cached or already on its way
-        try { check_on_disk(L, e); } catch (const IOError &) { continue; }   // acquire() will report it
-        const int s = choose_victim(L, P, wanted);       // never a pinned, loading or wanted slot
+        if (L.slot_of[e] >= 0) continue; // cached or already on its way
+        try {
+            check_on_disk(L, e);
+        } catch (const IOError &) { continue; }    // acquire() will report it
+        const int s = choose_victim(L, P, wanted); // never a pinned, loading or wanted slot
         if (s < 0) break;
         begin_load(L, s, e, true);
         io_queue_.push_back({il, s, e});
@@ -508,7 +543,7 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     if (issued) io_cv_.notify_all();
 }
 
-enum : uint8_t { BEGUN_READ = 1, BEGUN_PINNED = 2 };   // CacheLayer::begun: counted / counted, pinned, touched
+enum : uint8_t { BEGUN_READ = 1, BEGUN_PINNED = 2 }; // CacheLayer::begun: counted / counted, pinned, touched
 
 // Step 1 of acquire: misses get a victim slot each (never a pinned, loading or needed one) and are read in parallel
 // by the I/O threads, ahead of queued prefetches; with no I/O threads they are read here, one by one. Experts a
@@ -521,35 +556,58 @@ int ExpertCache::start_misses(std::unique_lock<std::mutex> & lock, int il, const
     int n_missed = 0;
     for (int e : distinct) {
         if (L.begun[e]) continue;
-        if (L.slot_of[e] >= 0) {                          // cached, or a prefetch is reading it
-            if (S[L.slot_of[e]].state == SLOT_READY) L.stats.hits++;
+        if (L.slot_of[e] >= 0) { // cached, or a prefetch is reading it (or queued to: now a demand read)
+            if (S[L.slot_of[e]].state == SLOT_READY)
+                L.stats.hits++;
+            else if (promote(il, e))
+                ++n_missed;
             continue;
         }
-        check_on_disk(L, e);                              // fail before evicting anything
+        check_on_disk(L, e); // fail before evicting anything
         const int v = victim_for(lock, L, P, needed, e);
-        if (v < 0) continue;                              // a prefetch brought it meanwhile
+        if (v < 0) continue; // a prefetch brought it meanwhile
         L.stats.misses++;
         ++n_missed;
         if (mark) L.begun[e] = BEGUN_READ;
         begin_load(L, v, e, false);
         if (io_threads_.empty()) {
-            try { read_expert(L, P, v, e); } catch (...) { S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1; throw; }
+            const Stopwatch read;
+            try {
+                read_expert(L, P, v, e);
+            } catch (...) {
+                S[v].state = SLOT_EMPTY;
+                S[v].expert = -1;
+                L.slot_of[e] = -1;
+                throw;
+            }
             S[v].state = SLOT_READY;
             L.stats.bytes_read += L.src[0].nbytes + L.src[1].nbytes + L.src[2].nbytes;
             L.stats.loads++;
+            L.stats.wait_s += read.s();
         } else {
-            io_queue_.push_front({il, v, e});
+            io_demand_.push_back({il, v, e});
         }
     }
-    if (n_missed) io_cv_.notify_all();
+    if (n_missed) io_cv_.notify_all(); // the step's reads queued together, then the I/O threads woken once
     return n_missed;
+}
+
+bool ExpertCache::promote(int il, int expert) {
+    for (auto it = io_queue_.begin(); it != io_queue_.end(); ++it)
+        if (it->il == il && it->expert == expert) {
+            io_demand_.push_back(*it);
+            io_queue_.erase(it);
+            layers_[il].stats.promoted++;
+            return true;
+        }
+    return false; // already being read, or a demand read
 }
 
 void ExpertCache::pin(int il, int slot) {
     Slot & sl = slots_[layers_[il].pool][slot];
     sl.pins++;
     pinned_[il].push_back(slot);
-    touch(sl, layers_[il]);                               // one access per distinct expert per step
+    touch(sl, layers_[il]); // one access per distinct expert per step
 }
 
 // The distinct expert ids of ids[0..n), in order of first use; needed[e] = 1 for each of them.
@@ -557,19 +615,24 @@ std::vector<int> ExpertCache::distinct_of(const int32_t * ids, int n, std::vecto
     needed.assign(n_expert_, 0);
     std::vector<int> distinct;
     for (int i = 0; i < n; ++i)
-        if (!needed[ids[i]]) { needed[ids[i]] = 1; distinct.push_back(ids[i]); }
+        if (!needed[ids[i]]) {
+            needed[ids[i]] = 1;
+            distinct.push_back(ids[i]);
+        }
     return distinct;
 }
 
 int ExpertCache::begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+    const Stopwatch call;
     std::unique_lock<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
+    const Booked book{L.stats.book_s, call};
     auto & S = slots_[L.pool];
     std::vector<char> needed;
     const std::vector<int> distinct = distinct_of(ids, n, needed);
     if (io_threads_.empty() || (int) distinct.size() > L.quota) return -1;
     int ready = 0;
-    for (int e : distinct)                                // ready now: counted, pinned and touched here
+    for (int e : distinct) // ready now: counted, pinned and touched here
         if (L.slot_of[e] >= 0 && S[L.slot_of[e]].state == SLOT_READY) {
             L.stats.hits++;
             pin(il, L.slot_of[e]);
@@ -582,6 +645,7 @@ int ExpertCache::begin_acquire(int il, const int32_t * ids, int n, int32_t * slo
 }
 
 bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_out) {
+    const Stopwatch call;
     std::unique_lock<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
     Pool & P = pools_[L.pool];
@@ -590,6 +654,7 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
     const std::vector<int> distinct = distinct_of(ids, n, needed);
     if ((int) distinct.size() > L.quota) return false;
     const auto t0 = std::chrono::steady_clock::now();
+    const double wait0 = L.stats.wait_s;
     // 1. read the misses (see start_misses)
     const int n_missed = start_misses(lock, il, distinct, needed, false);
     // 2. wait for every needed expert still being read (ours or an earlier prefetch)
@@ -599,22 +664,29 @@ bool ExpertCache::acquire(int il, const int32_t * ids, int n, int32_t * slots_ou
         return false;
     };
     const bool waited = pending();
-    if (waited) loaded_.wait(lock, [&] { return !pending(); });
+    if (waited) {
+        const Stopwatch wait;
+        loaded_.wait(lock, [&] { return !pending(); });
+        L.stats.wait_s += wait.s();
+    }
     // 3. a failed asynchronous read is retried here, synchronously, so that its error is raised to the caller
     for (int e : distinct)
         if (L.slot_of[e] < 0) {
             check_on_disk(L, e);
             const int v = choose_victim(L, P, needed);
             if (v < 0) throw BudgetError("expert cache: no evictable slot in layer " + std::to_string(il));
+            const Stopwatch read;
             load(L, P, v, e);
+            L.stats.wait_s += read.s();
         }
     for (int e : distinct) {
         if (L.begun[e] != BEGUN_PINNED) pin(il, L.slot_of[e]);
         L.begun[e] = 0;
     }
-    for (int i = 0; i < n; ++i) slots_out[i] = L.slot_of[ids[i]];   // slot index inside the pool tensors
+    for (int i = 0; i < n; ++i) slots_out[i] = L.slot_of[ids[i]]; // slot index inside the pool tensors
     if (n_missed || waited)
         L.stats.stall_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    L.stats.book_s += call.s() - (L.stats.wait_s - wait0);
     return true;
 }
 
@@ -628,21 +700,29 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
     for (;;) {
         const int s = L.slot_of[e];
         if (s >= 0 && S[s].state == SLOT_READY) break;
-        if (s >= 0) { stalled = true; loaded_.wait(lock); continue; }      // another thread is reading it
+        if (s >= 0) {
+            stalled = true;
+            loaded_.wait(lock);
+            continue;
+        } // another thread is reading it
         check_on_disk(L, e);
         std::vector<char> needed(n_expert_, 0);
         needed[e] = 1;
         stalled = true;
         const int v = victim_for(lock, L, P, needed, e);
-        if (v < 0) continue;                           // another thread brought it meanwhile
+        if (v < 0) continue; // another thread brought it meanwhile
         L.stats.misses++;
         begin_load(L, v, e, false);
         lock.unlock();
         std::exception_ptr err;
-        try { read_expert(L, P, v, e); } catch (...) { err = std::current_exception(); }
+        try {
+            read_expert(L, P, v, e);
+        } catch (...) { err = std::current_exception(); }
         lock.lock();
-        if (err) {                                     // the slot is empty again; the caller gets the read's error
-            S[v].state = SLOT_EMPTY; S[v].expert = -1; L.slot_of[e] = -1;
+        if (err) { // the slot is empty again; the caller gets the read's error
+            S[v].state = SLOT_EMPTY;
+            S[v].expert = -1;
+            L.slot_of[e] = -1;
             loaded_.notify_all();
             std::rethrow_exception(err);
         }
@@ -667,9 +747,14 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
         lock.lock();
         sl.pins--;
         L.transient--;
-        loaded_.notify_all();                          // a victim_for() may be waiting for this slot
+        loaded_.notify_all(); // a victim_for() may be waiting for this slot
     };
-    try { fn(src); } catch (...) { unpin(); throw; }
+    try {
+        fn(src);
+    } catch (...) {
+        unpin();
+        throw;
+    }
     unpin();
 }
 
@@ -687,9 +772,9 @@ void ExpertCache::release(int il) {
     std::lock_guard<std::mutex> lock(mu_);
     auto & S = slots_[layers_[il].pool];
     for (int s : pinned_[il]) S[s].pins--;
-    if (!pinned_[il].empty()) loaded_.notify_all();   // slots another thread's victim_for() may wait for
+    if (!pinned_[il].empty()) loaded_.notify_all(); // slots another thread's victim_for() may wait for
     pinned_[il].clear();
-    std::fill(layers_[il].begun.begin(), layers_[il].begun.end(), 0);   // a step given up between the halves
+    std::fill(layers_[il].begun.begin(), layers_[il].begun.end(), 0); // a step given up between the halves
 }
 
 void ExpertCache::note_token_experts(int il, const int32_t * ids, int k) {
@@ -698,8 +783,18 @@ void ExpertCache::note_token_experts(int il, const int32_t * ids, int k) {
     while ((int) L.recent.size() > window_m_) L.recent.pop_front();
 }
 
+ExpertCache::Times ExpertCache::times() {
+    std::lock_guard<std::mutex> lock(mu_);
+    Times t;
+    for (const CacheLayer & L : layers_) {
+        t.wait_s += L.stats.wait_s;
+        t.book_s += L.stats.book_s;
+    }
+    return t;
+}
+
 void ExpertCache::reset_stats() {
     for (auto & L : layers_) L.stats = LayerStats{};
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -34,57 +34,61 @@ namespace moelite {
 
 enum class Policy : int { LRU = 0, LFU = 1, LFUDA = 2, CONSISTENCY = 3 };
 
-struct ExpertSource {            // where one expert matrix of one layer lives in the file (set)
-    int file;                    // which file of the model's set (a split set's shard; 0 for one file)
-    uint64_t offset;             // absolute offset of expert 0 in that file
-    uint64_t stride;             // bytes per expert (nb2 in the file)
-    uint64_t nbytes;             // bytes to read per expert (== stride for GGUF)
+struct ExpertSource { // where one expert matrix of one layer lives in the file (set)
+    int file;         // which file of the model's set (a split set's shard; 0 for one file)
+    uint64_t offset;  // absolute offset of expert 0 in that file
+    uint64_t stride;  // bytes per expert (nb2 in the file)
+    uint64_t nbytes;  // bytes to read per expert (== stride for GGUF)
 };
 
 struct Pool {
-    ggml_type type[3];           // gate, up, down
-    int first = 0;               // first matrix held: 1 when the experts have no gate (arena[0] stays nullptr)
+    ggml_type type[3]; // gate, up, down
+    int first = 0;     // first matrix held: 1 when the experts have no gate (arena[0] stays nullptr)
     int64_t ne0[3], ne1[3];
-    uint64_t slot_bytes[3];      // padded to 4096
+    uint64_t slot_bytes[3]; // padded to 4096
     int n_slots = 0;
-    void * mem[3] = {nullptr, nullptr, nullptr};   // host arenas: our memory; device arenas: nullptr
+    void * mem[3] = {nullptr, nullptr, nullptr}; // host arenas: our memory; device arenas: nullptr
     bool host = true;
-    bool own_mem[3] = {false, false, false};   // mem[r] from posix_memalign (freed by us), not from a backend buffer
+    bool own_mem[3] = {false, false, false}; // mem[r] from posix_memalign (freed by us), not from a backend buffer
     ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
-    ggml_tensor * arena[3] = {nullptr, nullptr, nullptr};   // [ne0, ne1, n_slots]
-    bool repacked[3] = {false, false, false};              // arena in the CPU_REPACK buffer type (see above)
+    ggml_tensor * arena[3] = {nullptr, nullptr, nullptr}; // [ne0, ne1, n_slots]
+    bool repacked[3] = {false, false, false};             // arena in the CPU_REPACK buffer type (see above)
 };
 
 struct LayerStats {
     uint64_t hits = 0, misses = 0, prefetch_issued = 0, prefetch_hits = 0, prefetch_wasted = 0, bytes_read = 0,
              loads = 0, evictions = 0,
-             overlapped = 0;     // steps that computed their ready experts while their misses were read
-    double stall_s = 0.0;
+             overlapped = 0, // steps that computed their ready experts while their misses were read
+        promoted = 0;        // queued prefetches a step came to need, moved ahead as demand reads
+    double stall_s = 0.0;    // seconds of acquire() calls that read or waited for a read (bookkeeping included)
+    // the compute thread's seconds in the cache's calls, split: waiting for reads (the condition variable, reads
+    // done in the calling thread) and the rest (slot table, victims, queueing, pins: bookkeeping)
+    double wait_s = 0.0, book_s = 0.0;
 };
 
 enum SlotState : uint8_t { SLOT_EMPTY = 0, SLOT_LOADING = 1, SLOT_READY = 2 };
 
 struct Slot {
-    int expert = -1;             // expert id held (-1: empty)
+    int expert = -1; // expert id held (-1: empty)
     uint8_t state = SLOT_EMPTY;
-    int pins = 0;                // > 0 while a graph may read it or a read is in flight
-    uint64_t last = 0;           // tick of last access (LRU)
-    uint64_t count = 0;          // accesses since insert (LFU)
-    double prio = 0.0;           // LFUDA priority
-    bool prefetched = false;     // loaded by prefetch and not yet used
+    int pins = 0;            // > 0 while a graph may read it or a read is in flight
+    uint64_t last = 0;       // tick of last access (LRU)
+    uint64_t count = 0;      // accesses since insert (LFU)
+    double prio = 0.0;       // LFUDA priority
+    bool prefetched = false; // loaded by prefetch and not yet used
 };
 
 struct CacheLayer {
     int pool = -1;
-    int base = 0, quota = 0;     // slots [base, base + quota) of the pool
+    int base = 0, quota = 0; // slots [base, base + quota) of the pool
     ExpertSource src[3];
-    std::vector<int> slot_of;    // [n_expert] -> slot index in pool, or -1
+    std::vector<int> slot_of; // [n_expert] -> slot index in pool, or -1
     double lfuda_age = 0.0;
-    double prefetch_ema = 0.5;   // running precision of this layer's prefetches (1 = used, 0 = evicted unused)
+    double prefetch_ema = 0.5; // running precision of this layer's prefetches (1 = used, 0 = evicted unused)
     uint64_t prefetch_calls = 0;
-    std::deque<std::vector<int>> recent;   // consistency policy: experts of the last m tokens
-    std::vector<uint8_t> begun;            // [n_expert] begin_acquire() of this step: BEGUN_READ / BEGUN_PINNED
-    int transient = 0;                     // slots pinned by with_expert() copies in flight (another thread's)
+    std::deque<std::vector<int>> recent; // consistency policy: experts of the last m tokens
+    std::vector<uint8_t> begun;          // [n_expert] begin_acquire() of this step: BEGUN_READ / BEGUN_PINNED
+    int transient = 0;                   // slots pinned by with_expert() copies in flight (another thread's)
     LayerStats stats;
 };
 
@@ -102,7 +106,7 @@ ggml_backend_buffer_type_t cpu_repack_buft(ggml_backend_t backend);
 bool repack_supports(ggml_backend_buffer_type_t buft, ggml_type type, int64_t ne0, int64_t ne1, int64_t n_mat);
 
 class ExpertCache {
-public:
+  public:
     // files: the model's file, or every shard of its split set (TensorInfo::file indexes them)
     ExpertCache(const std::vector<GGUFFile> & files, int n_layer, int n_expert);
     ~ExpertCache();
@@ -115,14 +119,17 @@ public:
     void finalize(const std::vector<int> & slots_per_layer, ggml_backend_t backend,
                   ggml_backend_buffer_type_t host_buft = nullptr, ggml_backend_buffer_type_t repack_buft = nullptr);
     size_t arena_bytes() const;
-    size_t repacked_arena_bytes() const;    // the part of arena_bytes() in repacked arenas
+    size_t repacked_arena_bytes() const; // the part of arena_bytes() in repacked arenas
     // Write n bytes of matrix r of an expert into `slot` of pool P: file bytes (src_packed false) or the bytes of
     // a slot of a pool with the same layout (src_packed == P.repacked[r]). Repacks into a repacked host arena,
     // copies to a device arena (ggml_backend_tensor_set), memcpy otherwise.
     static void put_slot(const Pool & P, int r, int slot, const void * src, uint64_t n, bool src_packed);
     static uint64_t expert_bytes(const TensorInfo * gate, const TensorInfo & up, const TensorInfo & down);
 
-    void set_policy(Policy p, int window_m) { policy_ = p; window_m_ = window_m < 1 ? 1 : window_m; }
+    void set_policy(Policy p, int window_m) {
+        policy_ = p;
+        window_m_ = window_m < 1 ? 1 : window_m;
+    }
     void set_prefetch(bool on) { prefetch_ = on; }
     // Start n_io I/O threads for asynchronous prefetch (0: prefetch disabled).
     void start_io(int n_io);
@@ -141,8 +148,8 @@ public:
     // there are no I/O threads or the distinct ids exceed the quota. The acquire() that follows, for the same ids,
     // waits for the rest and counts, pins and touches nothing twice.
     int begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out);
-    void release(int il);                  // unpin everything acquire() pinned for this layer
-    void note_token_experts(int il, const int32_t * ids, int k);   // consistency window update (one token)
+    void release(int il);                                        // unpin everything acquire() pinned for this layer
+    void note_token_experts(int il, const int32_t * ids, int k); // consistency window update (one token)
     int distinct(const int32_t * ids, int n) const;
     int quota(int il) const { return layers_[il].quota; }
 
@@ -156,32 +163,37 @@ public:
     // (gate nullptr for gateless experts)
     // reads it. Thread-safe; misses are read from the file in the calling thread.
     void with_expert(int il, int e, const std::function<void(const void * const src[3])> & fn);
-    bool resident(int il, int e);           // held or on its way (ready or loading)
-    LayerStats stats(int il);               // a consistent copy of one layer's counters
+    bool resident(int il, int e); // held or on its way (ready or loading)
+    LayerStats stats(int il);     // a consistent copy of one layer's counters
+    // wait_s and book_s (LayerStats) summed over the layers since the last reset_stats()
+    struct Times {
+        double wait_s = 0.0, book_s = 0.0;
+    };
+    Times times();
     const std::vector<CacheLayer> & layers() const { return layers_; }
     void reset_stats();
-    void reopen();                          // reopen the files (after one was replaced or repaired)
+    void reopen(); // reopen the files (after one was replaced or repaired)
 
-private:
+  private:
     int choose_victim(CacheLayer & L, Pool & P, const std::vector<char> & needed_now);
     int victim_for(std::unique_lock<std::mutex> & lock, CacheLayer & L, Pool & P, const std::vector<char> & needed,
                    int e);
-    void load(CacheLayer & L, Pool & P, int slot, int expert);                  // sync; mu_ held
+    void load(CacheLayer & L, Pool & P, int slot, int expert); // sync; mu_ held
     int start_misses(std::unique_lock<std::mutex> & lock, int il, const std::vector<int> & distinct,
-                     const std::vector<char> & needed, bool mark);             // acquire's step 1; mu_ held
-    void pin(int il, int slot);                                                 // mu_ held
+                     const std::vector<char> & needed, bool mark); // acquire's step 1; mu_ held
+    void pin(int il, int slot);                                    // mu_ held
     std::vector<int> distinct_of(const int32_t * ids, int n, std::vector<char> & needed) const;
-    void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);      // mark; mu_ held
+    void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);       // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();
-    void check_on_disk(const CacheLayer & L, int expert);   // IOError if the file no longer holds it
+    void check_on_disk(const CacheLayer & L, int expert); // IOError if the file no longer holds it
     void read_range(int file, void * dst, uint64_t off, uint64_t n, uint64_t cap);
     void touch(Slot & s, CacheLayer & L);
     void copy_from_tier2(const CacheLayer & L, const Pool & P, int il, int slot, int expert);
 
-    struct File {                            // one file of the set, opened for expert reads
+    struct File { // one file of the set, opened for expert reads
         std::string path;
-        int fd = -1, fd_direct = -1;         // fd_direct: O_DIRECT, -1 where the filesystem refuses it
+        int fd = -1, fd_direct = -1; // fd_direct: O_DIRECT, -1 where the filesystem refuses it
         uint64_t size = 0;
     };
     std::vector<File> files_;
@@ -189,22 +201,26 @@ private:
     int n_layer_, n_expert_;
     std::vector<CacheLayer> layers_;
     std::vector<Pool> pools_;
-    std::vector<std::vector<Slot>> slots_;  // per pool
-    std::vector<std::vector<int>> pinned_;  // per layer: slots pinned by acquire()
+    std::vector<std::vector<Slot>> slots_; // per pool
+    std::vector<std::vector<int>> pinned_; // per layer: slots pinned by acquire()
     ggml_context * ctx_ = nullptr;
     Policy policy_ = Policy::LFUDA;
     int window_m_ = 16;
     uint64_t tick_ = 0;
     std::mutex mu_;
-    std::condition_variable loaded_;         // a slot left the LOADING state
-    // I/O pool for prefetch: tasks (layer, slot, expert)
-    struct IOTask { int il, slot, expert; };
-    std::deque<IOTask> io_queue_;
+    std::condition_variable loaded_; // a slot left the LOADING state
+    // I/O pool: tasks (layer, slot, expert); the I/O threads take demand reads (a step's misses, FIFO) before
+    // prefetches (FIFO)
+    struct IOTask {
+        int il, slot, expert;
+    };
+    std::deque<IOTask> io_demand_, io_queue_;
+    bool promote(int il, int expert); // a queued prefetch of (il, expert) to the end of io_demand_; mu_ held
     std::condition_variable io_cv_;
     std::vector<std::thread> io_threads_;
     bool io_stop_ = false;
     bool prefetch_ = true;
-    ExpertCache * tier2_ = nullptr;         // not owned
+    ExpertCache * tier2_ = nullptr; // not owned
 };
 
-}  // namespace moelite
+} // namespace moelite

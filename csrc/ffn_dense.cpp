@@ -11,7 +11,7 @@ namespace moelite {
 ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u, float limit) {
     const HParams & h = hp_;
     if (!g) return ggml_sqr(ctx, ggml_relu(ctx, u));
-    if (limit > 0.f && h.act == ACT_SILU)           // Step-3.5's clamp, after the SiLU: min(silu(g), L) * clamp(u, +-L)
+    if (limit > 0.f && h.act == ACT_SILU) // Step-3.5's clamp, after the SiLU: min(silu(g), L) * clamp(u, +-L)
         return ggml_mul(ctx, ggml_clamp(ctx, ggml_silu(ctx, g), -INFINITY, limit), ggml_clamp(ctx, u, -limit, limit));
     if (h.act == ACT_SWIGLU_OAI) return ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit);
     if (h.act == ACT_GELU) {
@@ -38,10 +38,10 @@ ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate
 // parallel dense path, Gemma-4]. The caller adds the residual (residual_out).
 ggml_tensor * Model::dense_block(ggml_context * ctx, int il, ggml_tensor * h) {
     Layer & L = layers_[il];
-    ggml_tensor * y = ffn(ctx, norm(ctx, h, L.ffn_norm, L.ffn_norm_b), L.ffn_gate, L.ffn_up, L.ffn_down,
-                          hp_.plan[il].clamp_shexp);
+    ggml_tensor * y =
+        ffn(ctx, norm(ctx, h, L.ffn_norm, L.ffn_norm_b), L.ffn_gate, L.ffn_up, L.ffn_down, hp_.plan[il].clamp_shexp);
     if (L.ffn_post_norm_dense) y = norm(ctx, y, L.ffn_post_norm_dense, nullptr);
     return y;
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -28,7 +28,7 @@ ggml_tensor * Model::router_logits(ggml_context * ctx, int il, ggml_tensor * h, 
     } else {
         in = hn ? hn : expert_input(ctx, il, h);
     }
-    ggml_tensor * logits = ggml_mul_mat(ctx, L.gate_inp, in);                // [n_expert, T]
+    ggml_tensor * logits = ggml_mul_mat(ctx, L.gate_inp, in); // [n_expert, T]
     if (L.gate_inp_b) logits = ggml_add(ctx, logits, L.gate_inp_b);
     return logits;
 }
@@ -47,12 +47,12 @@ ggml_tensor * Model::expert_input(ggml_context * ctx, int il, ggml_tensor * h) {
 ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                                 ggml_tensor * eids) {
     Layer & L = layers_[il];
-    ggml_tensor * g = P.arena[0] ? ggml_mul_mat_id(ctx, P.arena[0], hb, slots) : nullptr;   // [n_ff, K', T'] or none
-    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);     // [n_ff, K', T']
+    ggml_tensor * g = P.arena[0] ? ggml_mul_mat_id(ctx, P.arena[0], hb, slots) : nullptr; // [n_ff, K', T'] or none
+    ggml_tensor * u = ggml_mul_mat_id(ctx, P.arena[1], hb, slots);                        // [n_ff, K', T']
     if (g && L.gate_exps_b) g = ggml_add_id(ctx, g, L.gate_exps_b, eids);
     if (L.up_exps_b) u = ggml_add_id(ctx, u, L.up_exps_b, eids);
-    ggml_tensor * a = glu(ctx, g, u, hp_.plan[il].clamp_exp);          // [n_ff, K', T']
-    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots);      // [n_embd, K', T']
+    ggml_tensor * a = glu(ctx, g, u, hp_.plan[il].clamp_exp);     // [n_ff, K', T']
+    ggml_tensor * d = ggml_mul_mat_id(ctx, P.arena[2], a, slots); // [n_embd, K', T']
     if (L.down_exps_b) d = ggml_add_id(ctx, d, L.down_exps_b, eids);
     return d;
 }
@@ -64,15 +64,16 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
 ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x) {
     Layer & L = layers_[il];
     auto mat = [&](int r) {
-        ggml_tensor * m = ggml_view_2d(ctx, P.arena[r], P.ne0[r], P.ne1[r], P.arena[r]->nb[1], (size_t) slot * P.arena[r]->nb[2]);
+        ggml_tensor * m =
+            ggml_view_2d(ctx, P.arena[r], P.ne0[r], P.ne1[r], P.arena[r]->nb[1], (size_t) slot * P.arena[r]->nb[2]);
         return tiled_weight(ctx, m, P.repacked[r], x->ne[1]);
     };
-    auto bias = [&](ggml_tensor * y, ggml_tensor * b) {       // b [ne0, n_expert]: its row e, broadcast over tokens
+    auto bias = [&](ggml_tensor * y, ggml_tensor * b) { // b [ne0, n_expert]: its row e, broadcast over tokens
         return b ? ggml_add(ctx, y, ggml_view_1d(ctx, b, b->ne[0], (size_t) e * b->nb[1])) : y;
     };
-    ggml_tensor * g = P.arena[0] ? bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b) : nullptr;   // [n_ff, n]
-    ggml_tensor * u = bias(ggml_mul_mat(ctx, mat(1), x), L.up_exps_b);     // [n_ff, n]
-    return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u, hp_.plan[il].clamp_exp)), L.down_exps_b);   // [n_embd, n]
+    ggml_tensor * g = P.arena[0] ? bias(ggml_mul_mat(ctx, mat(0), x), L.gate_exps_b) : nullptr;    // [n_ff, n]
+    ggml_tensor * u = bias(ggml_mul_mat(ctx, mat(1), x), L.up_exps_b);                             // [n_ff, n]
+    return bias(ggml_mul_mat(ctx, mat(2), glu(ctx, g, u, hp_.plan[il].clamp_exp)), L.down_exps_b); // [n_embd, n]
 }
 
 // Prompt ubatches: the grouped way (see the top of this file) for a pool the CPU computes, when the ubatch gives its
@@ -116,9 +117,9 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
     const HParams & h = hp_;
     Layer & L = layers_[il];
     const int K = h.n_expert_used;
-    const int64_t T = d->ne[2], ne = d->ne[0];   // n_embd, or the latent width
+    const int64_t T = d->ne[2], ne = d->ne[0]; // n_embd, or the latent width
     ggml_tensor * moe;
-    if (backend_ == cpu_backend_) {               // custom ops run on the CPU backend only
+    if (backend_ == cpu_backend_) { // custom ops run on the CPU backend only
         ggml_tensor * args[2] = {d, weights};
         moe = ggml_custom_4d(ctx, GGML_TYPE_F32, ne, T, 1, 1, args, h.weights_before_ffn ? 1 : 2, op_weighted_sum,
                              GGML_N_TASKS_MAX, nullptr);
@@ -127,15 +128,15 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
         moe = ggml_view_2d(ctx, d, ne, T, d->nb[2], 0);
         for (int j = 1; j < K; ++j) moe = ggml_add(ctx, moe, ggml_view_2d(ctx, d, ne, T, d->nb[2], j * d->nb[1]));
     }
-    if (L.ffn_latent_up) moe = dense_mm(ctx, L.ffn_latent_up, moe);          // [L, T] -> [n_embd, T]
+    if (L.ffn_latent_up) moe = dense_mm(ctx, L.ffn_latent_up, moe); // [L, T] -> [n_embd, T]
     if (L.ffn_post_norm_exp) moe = norm(ctx, moe, L.ffn_post_norm_exp, nullptr);
     if (L.up_shexp) {
         ggml_tensor * s = ffn(ctx, f.hn, L.gate_shexp, L.up_shexp, L.down_shexp, h.plan[il].clamp_shexp);
         if (L.gate_inp_shexp) s = ggml_mul(ctx, s, ggml_sigmoid(ctx, ggml_mul_mat(ctx, L.gate_inp_shexp, f.hn)));
         moe = ggml_add(ctx, moe, s);
-        if (h.shexp_average) moe = ggml_scale(ctx, moe, 0.5f);          // Cohere2-MoE: the mean of the two
+        if (h.shexp_average) moe = ggml_scale(ctx, moe, 0.5f); // Cohere2-MoE: the mean of the two
     }
-    if (L.ffn_up) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe);     // parallel dense MLP (Gemma-4)
+    if (L.ffn_up) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe); // parallel dense MLP (Gemma-4)
     return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true);
 }
 
@@ -144,8 +145,8 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
 ggml_tensor * Model::moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots,
                                ggml_tensor * weights, ggml_tensor * eids, int T) {
     const HParams & h = hp_;
-    ggml_tensor * hb = ggml_reshape_3d(ctx, f.xe, h.n_embd_exp(), 1, T);      // [n_embd_exp, 1, T]
-    if (h.weights_before_ffn)                                                   // [n_embd, K, T], scaled per (t, k)
+    ggml_tensor * hb = ggml_reshape_3d(ctx, f.xe, h.n_embd_exp(), 1, T); // [n_embd_exp, 1, T]
+    if (h.weights_before_ffn)                                            // [n_embd, K, T], scaled per (t, k)
         hb = ggml_mul(ctx, ggml_repeat(ctx, hb, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, h.n_embd, h.n_expert_used, T)),
                       weights);
     return combine(ctx, il, expert_ffn(ctx, il, cache_->pool_of(il), hb, slots, eids), weights, f);
@@ -163,10 +164,12 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_set_input(slots);
     ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
     ggml_set_input(weights);
-    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T);   // expert ids, for per-expert biases
+    ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T); // expert ids, for per-expert biases
     ggml_set_input(eids);
-    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr, rows_of(ctx, ffn_xe_, t0, T)};
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
+    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr,
+                     rows_of(ctx, ffn_xe_, t0, T)};
+    ggml_build_forward_expand(gf,
+                              ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
     compute(ctx, gf, galloc_);
     set_input(slots, slot_ids.data(), ggml_nbytes(slots));
     set_input(weights, w.data() + (size_t) t0 * K, ggml_nbytes(weights));
@@ -187,7 +190,7 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
     if (P == 0) return;
     const Pool & pool = pool_in ? *pool_in : on_cpu ? tier2_->pool_of(il) : cache_->pool_of(il);
     const bool gemm = expert_gemm(T, pool);
-    std::vector<int> order(P);                    // the pairs in the order they are computed
+    std::vector<int> order(P); // the pairs in the order they are computed
     for (int i = 0; i < P; ++i) order[i] = i;
     if (gemm) std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return pairs.eid[a] < pairs.eid[b]; });
     // [i0, i1) ranges of `order` computed by one graph: all of them, or (gemm) whole experts, at most per_graph each
@@ -195,25 +198,32 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
     const int per_graph = (kMaxNodes - 64) / kGemmExpertNodes;
     for (int i = 0, n_e = 0, start = 0; i < P; ++i) {
         const bool new_expert = i == 0 || pairs.eid[order[i]] != pairs.eid[order[i - 1]];
-        if (gemm && new_expert && n_e == per_graph) { parts.emplace_back(start, i); start = i; n_e = 0; }
+        if (gemm && new_expert && n_e == per_graph) {
+            parts.emplace_back(start, i);
+            start = i;
+            n_e = 0;
+        }
         n_e += new_expert;
         if (i == P - 1) parts.emplace_back(start, P);
     }
-    const int64_t ne = h.n_embd_exp();           // the experts' input and output width
+    const int64_t ne = h.n_embd_exp(); // the experts' input and output width
     std::vector<float> hn_host;
     if (on_cpu) {
         hn_host.resize((size_t) ne * T);
         ggml_backend_tensor_get(ffn_xe_, hn_host.data(), 0, hn_host.size() * sizeof(float));
     }
-    std::vector<float> out;                       // on_cpu: the outputs of a part, row i - i0 for pair order[i]
+    std::vector<float> out; // on_cpu: the outputs of a part, row i - i0 for pair order[i]
     for (const auto & [i0, i1] : parts) {
         const int n = i1 - i0;
         std::vector<int32_t> tok(n), slot(n), eid(n);
-        std::vector<int64_t> dst_row(n);          // its row of ebuf_, or (on_cpu) of the part's output
+        std::vector<int64_t> dst_row(n); // its row of ebuf_, or (on_cpu) of the part's output
         std::vector<float> pw(n);
         for (int i = 0; i < n; ++i) {
             const int j = order[i0 + i];
-            tok[i] = pairs.tok[j]; slot[i] = pairs.slot[j]; eid[i] = pairs.eid[j]; pw[i] = pairs.w[j];
+            tok[i] = pairs.tok[j];
+            slot[i] = pairs.slot[j];
+            eid[i] = pairs.eid[j];
+            pw[i] = pairs.w[j];
             dst_row[i] = on_cpu ? i : pairs.rows[j];
         }
         ggml_context * ctx = begin_graph();
@@ -229,24 +239,24 @@ void Model::run_expert_pairs(int il, int T, const ExpertPairs & pairs, bool on_c
         ggml_set_input(t_idx);
         ggml_tensor * r_idx = ggml_new_tensor_1d(ctx, GGML_TYPE_I64, n);
         ggml_set_input(r_idx);
-        ggml_tensor * xs = ggml_get_rows(ctx, hn, t_idx);                      // [ne, n]
-        ggml_tensor * pwt = nullptr;              // pair weights [1, n] (Llama-4: scale the expert input)
+        ggml_tensor * xs = ggml_get_rows(ctx, hn, t_idx); // [ne, n]
+        ggml_tensor * pwt = nullptr;                      // pair weights [1, n] (Llama-4: scale the expert input)
         if (h.weights_before_ffn) {
             pwt = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, 1, n);
             ggml_set_input(pwt);
             xs = ggml_mul(ctx, xs, pwt);
         }
-        ggml_tensor * dst;                        // the outputs land in its rows r_idx
+        ggml_tensor * dst; // the outputs land in its rows r_idx
         if (on_cpu) {
             dst = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, ne, n);
-            ggml_set_input(dst);                  // allocated first, and kept: the set_rows below write into it
+            ggml_set_input(dst); // allocated first, and kept: the set_rows below write into it
             ggml_set_output(dst);
         } else {
             dst = ggml_view_2d(ctx, ebuf_, ne, (int64_t) K * T, ebuf_->nb[1], 0);
         }
-        ggml_tensor * slots = nullptr, * eids = nullptr;
+        ggml_tensor *slots = nullptr, *eids = nullptr;
         if (gemm) {
-            for (int a = 0, b; a < n; a = b) {    // one expert: pairs [a, b)
+            for (int a = 0, b; a < n; a = b) { // one expert: pairs [a, b)
                 for (b = a + 1; b < n && eid[b] == eid[a]; ++b) {}
                 ggml_tensor * x = ggml_view_2d(ctx, xs, ne, b - a, xs->nb[1], (size_t) a * xs->nb[1]);
                 ggml_tensor * d = expert_ffn_rows(ctx, il, pool, slot[a], eid[a], x);
@@ -292,7 +302,7 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr, rows_of(ctx, ffn_xe_, 0, T)};
     ggml_build_forward_expand(gf, ggml_cpy(ctx, combine(ctx, il, d, weights, f), rows_of(ctx, x_, 0, T)));
     compute(ctx, gf, galloc_);
-    if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights));   // unused when weights_before_ffn
+    if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights)); // unused when weights_before_ffn
     ggml_backend_graph_compute(backend_, gf);
     ggml_free(ctx);
 }
@@ -301,9 +311,9 @@ ExpertPairs::ExpertPairs(const std::vector<int32_t> & ids, const std::vector<flo
                          const std::vector<int> & slot_of) {
     for (size_t i = 0; i < ids.size(); ++i) {
         const int s = slot_of[ids[i]];
-        if (s < 0) continue;                      // not in this group
+        if (s < 0) continue; // not in this group
         tok.push_back((int32_t) (i / K));
-        rows.push_back((int64_t) i);              // row t * K + k of ebuf_
+        rows.push_back((int64_t) i); // row t * K + k of ebuf_
         slot.push_back(s);
         eid.push_back(ids[i]);
         w.push_back(weights[i]);
@@ -326,7 +336,8 @@ bool Model::moe_layer_standins(int il, const std::vector<int32_t> & ids, const s
     for (int k = 0; k < K; ++k) wmax = std::max(wmax, std::fabs(w[k]));
     std::vector<int32_t> full, low;
     for (int k = 0; k < K; ++k)
-        (!cache_->resident(il, ids[k]) && std::fabs(w[k]) <= opt_.standin_threshold * wmax ? low : full).push_back(ids[k]);
+        (!cache_->resident(il, ids[k]) && std::fabs(w[k]) <= opt_.standin_threshold * wmax ? low : full)
+            .push_back(ids[k]);
     if (low.empty()) return false;
     std::vector<int> slot_full(hp_.n_expert, -1), slot_low(hp_.n_expert, -1);
     std::vector<int32_t> slots(K);
@@ -339,7 +350,11 @@ bool Model::moe_layer_standins(int il, const std::vector<int32_t> & ids, const s
             run_expert_pairs(il, 1, ExpertPairs(ids, w, K, slot_full), false);
         }
         run_expert_pairs(il, 1, ExpertPairs(ids, w, K, slot_low), false, &standin_->pool_of(il));
-    } catch (...) { standin_->release(il); cache_->release(il); throw; }
+    } catch (...) {
+        standin_->release(il);
+        cache_->release(il);
+        throw;
+    }
     standin_->release(il);
     cache_->release(il);
     run_combine(il, 1, w);
@@ -358,7 +373,7 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
         std::vector<int32_t> slots((size_t) n);
         try {
             const int ready = opt_.overlap_reads ? cache_->begin_acquire(il, ids.data(), n, slots.data()) : -1;
-            if (ready > 0 && ready < n_distinct) {             // compute the ready ones while the misses are read
+            if (ready > 0 && ready < n_distinct) { // compute the ready ones while the misses are read
                 std::vector<int> early(hp_.n_expert, -1), late(hp_.n_expert, -1);
                 for (int i = 0; i < n; ++i) early[ids[i]] = slots[i];
                 run_expert_pairs(il, T, ExpertPairs(ids, w, K, early), false);
@@ -372,21 +387,27 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
             cache_->acquire(il, ids.data(), n, slots.data());
             if (!expert_gemm(T, cache_->pool_of(il))) {
                 run_experts(il, 0, T, slots, w, ids);
-            } else {                                // per-expert GEMMs: the expert-major path, one group
+            } else { // per-expert GEMMs: the expert-major path, one group
                 std::vector<int> slot_of(hp_.n_expert, -1);
                 for (int i = 0; i < n; ++i) slot_of[ids[i]] = slots[i];
                 run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), false);
                 run_combine(il, T, w);
             }
-        } catch (...) { cache_->release(il); throw; }
+        } catch (...) {
+            cache_->release(il);
+            throw;
+        }
         cache_->release(il);
         return;
     }
     std::vector<char> seen(hp_.n_expert, 0);
     for (int32_t e : on_cpu) seen[e] = 1;
-    std::vector<int32_t> experts;                 // the arena's share, in order of first use
+    std::vector<int32_t> experts; // the arena's share, in order of first use
     for (int i = 0; i < n; ++i)
-        if (!seen[ids[i]]) { seen[ids[i]] = 1; experts.push_back(ids[i]); }
+        if (!seen[ids[i]]) {
+            seen[ids[i]] = 1;
+            experts.push_back(ids[i]);
+        }
     auto run_groups = [&](ExpertCache & tier, const std::vector<int32_t> & list, bool cpu) {
         const int q = tier.quota(il);
         std::vector<int32_t> gslots;
@@ -397,7 +418,12 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
             std::fill(slot_of.begin(), slot_of.end(), -1);
             tier.acquire(il, &list[g0], gn, gslots.data());
             for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
-            try { run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), cpu); } catch (...) { tier.release(il); throw; }
+            try {
+                run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), cpu);
+            } catch (...) {
+                tier.release(il);
+                throw;
+            }
             tier.release(il);
         }
     };
@@ -409,4 +435,4 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
     run_combine(il, T, w);
 }
 
-}  // namespace moelite
+} // namespace moelite

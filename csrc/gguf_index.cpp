@@ -21,21 +21,23 @@ gguf_context * open_gguf(const std::string & path, uint64_t & size) {
     struct stat st;
     if (stat(path.c_str(), &st) != 0) throw FormatError(path + ": cannot open (no such file or not readable)");
     size = (uint64_t) st.st_size;
-    gguf_init_params params = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    gguf_init_params params = {/*no_alloc =*/true, /*ctx =*/nullptr};
     // ggml says why a header is refused only in its log: collect that text (instead of letting it reach stderr)
     // for the error message, then restore the previous logger
     ggml_log_callback prev_cb = nullptr;
     void * prev_ud = nullptr;
     ggml_log_get(&prev_cb, &prev_ud);
     std::string why;
-    ggml_log_set([](ggml_log_level level, const char * text, void * ud) {
-        if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_CONT)
-            *static_cast<std::string *>(ud) += text;
-    }, &why);
+    ggml_log_set(
+        [](ggml_log_level level, const char * text, void * ud) {
+            if (level == GGML_LOG_LEVEL_ERROR || level == GGML_LOG_LEVEL_WARN || level == GGML_LOG_LEVEL_CONT)
+                *static_cast<std::string *>(ud) += text;
+        },
+        &why);
     gguf_context * ctx = gguf_init_from_file(path.c_str(), params);
     ggml_log_set(prev_cb, prev_ud);
     if (!ctx) {
-        std::string said;                                 // ggml's lines, its "function: " prefixes dropped
+        std::string said; // ggml's lines, its "function: " prefixes dropped
         size_t pos = 0;
         while (pos < why.size()) {
             size_t end = why.find('\n', pos);
@@ -46,8 +48,10 @@ gguf_context * open_gguf(const std::string & path, uint64_t & size) {
             if (!line.empty()) said += (said.empty() ? "" : "; ") + line;
             pos = end + 1;
         }
-        throw FormatError(path + ": not a valid GGUF file" + (said.empty() ? std::string(" (bad magic, version, header or "
-                          "truncated metadata)") : ": " + said.substr(0, 300)));
+        throw FormatError(path + ": not a valid GGUF file" +
+                          (said.empty() ? std::string(" (bad magic, version, header or "
+                                                      "truncated metadata)")
+                                        : ": " + said.substr(0, 300)));
     }
     return ctx;
 }
@@ -57,27 +61,29 @@ int64_t int_key(gguf_context * ctx, const char * key, const std::string & path, 
     const int64_t k = gguf_find_key(ctx, key);
     if (k < 0) return fallback;
     switch (gguf_get_kv_type(ctx, k)) {
-        case GGUF_TYPE_UINT8: return gguf_get_val_u8(ctx, k);
-        case GGUF_TYPE_INT8: return gguf_get_val_i8(ctx, k);
-        case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx, k);
-        case GGUF_TYPE_INT16: return gguf_get_val_i16(ctx, k);
-        case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx, k);
-        case GGUF_TYPE_INT32: return gguf_get_val_i32(ctx, k);
-        case GGUF_TYPE_UINT64: {
-            const uint64_t v = gguf_get_val_u64(ctx, k);
-            return v > (uint64_t) INT64_MAX ? -1 : (int64_t) v;
-        }
-        case GGUF_TYPE_INT64: return gguf_get_val_i64(ctx, k);
-        default: throw FormatError(path + ": key '" + key + "' is not an integer");
+    case GGUF_TYPE_UINT8: return gguf_get_val_u8(ctx, k);
+    case GGUF_TYPE_INT8: return gguf_get_val_i8(ctx, k);
+    case GGUF_TYPE_UINT16: return gguf_get_val_u16(ctx, k);
+    case GGUF_TYPE_INT16: return gguf_get_val_i16(ctx, k);
+    case GGUF_TYPE_UINT32: return gguf_get_val_u32(ctx, k);
+    case GGUF_TYPE_INT32: return gguf_get_val_i32(ctx, k);
+    case GGUF_TYPE_UINT64: {
+        const uint64_t v = gguf_get_val_u64(ctx, k);
+        return v > (uint64_t) INT64_MAX ? -1 : (int64_t) v;
+    }
+    case GGUF_TYPE_INT64: return gguf_get_val_i64(ctx, k);
+    default: throw FormatError(path + ": key '" + key + "' is not an integer");
     }
 }
 
-struct Ctx {                         // frees a gguf_context on every path out of the constructor
+struct Ctx { // frees a gguf_context on every path out of the constructor
     gguf_context * c = nullptr;
-    ~Ctx() { if (c) gguf_free(c); }
+    ~Ctx() {
+        if (c) gguf_free(c);
+    }
 };
 
-}  // namespace
+} // namespace
 
 std::string split_shard_path(const std::string & prefix, int no, int count) {
     char tail[48];
@@ -127,8 +133,9 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
             }
             const int64_t c = int_key(shard.c, "split.count", sp, -1), n = int_key(shard.c, "split.no", sp, -1);
             if (c != count)
-                throw FormatError(sp + ": key 'split.count' = " + (c < 0 ? std::string("(absent)") : std::to_string(c)) +
-                                  ", but the set has " + std::to_string(count) + " shards (" + p + "): a file of another set");
+                throw FormatError(
+                    sp + ": key 'split.count' = " + (c < 0 ? std::string("(absent)") : std::to_string(c)) +
+                    ", but the set has " + std::to_string(count) + " shards (" + p + "): a file of another set");
             if (n != i)
                 throw FormatError(sp + ": key 'split.no' = " + (n < 0 ? std::string("(absent)") : std::to_string(n)) +
                                   ", expected " + std::to_string(i) + " for shard " + std::to_string(i + 1) + " of " +
@@ -136,23 +143,25 @@ GGUFIndex::GGUFIndex(const std::string & p) : path(p) {
             const int64_t tc = int_key(shard.c, "split.tensors.count", sp, kAbsent);
             auto said = [&](int64_t v) { return v == kAbsent ? std::string("(absent)") : std::to_string(v); };
             if (tc != kAbsent && tc < 0)
-                throw FormatError(sp + ": key 'split.tensors.count' = " + std::to_string(tc) + ": expected an integer >= 0");
-            if (i == 0) tensors_total = tc;             // shard 1's value (or its absence) is the reference
+                throw FormatError(sp + ": key 'split.tensors.count' = " + std::to_string(tc) +
+                                  ": expected an integer >= 0");
+            if (i == 0) tensors_total = tc; // shard 1's value (or its absence) is the reference
             if (tc != tensors_total)
                 throw FormatError(sp + ": key 'split.tensors.count' = " + said(tc) + ", but shard 1 says " +
                                   said(tensors_total) + ": a shard of another set");
             files.push_back({sp, ssize, 0});
             add_tensors(shard.c, i);
             if (i == 0) {
-                ctx = shard.c;                           // the metadata
+                ctx = shard.c; // the metadata
                 shard.c = nullptr;
                 path = sp;
             }
         }
         if (tensors_total != kAbsent && (size_t) tensors_total != tensors.size()) {
-            std::string held;                            // which shard holds how many: the odd one stands out
+            std::string held; // which shard holds how many: the odd one stands out
             for (const GGUFFile & f : files)
-                held += (held.empty() ? "" : ", ") + f.path.substr(f.path.rfind('/') + 1) + ": " + std::to_string(f.n_tensors);
+                held += (held.empty() ? "" : ", ") + f.path.substr(f.path.rfind('/') + 1) + ": " +
+                        std::to_string(f.n_tensors);
             throw FormatError(path + ": key 'split.tensors.count' = " + std::to_string(tensors_total) + ", but the " +
                               std::to_string(count) + " shards hold " + std::to_string(tensors.size()) + " tensors (" +
                               held + "): a shard of another set");
@@ -189,7 +198,7 @@ void GGUFIndex::add_tensors(gguf_context * c, int file) {
                               ", " + std::to_string(t.offset + t.nbytes) + ") but the file has " +
                               std::to_string(f.size) + " bytes");
         auto it = by_name.find(t.name);
-        if (it != by_name.end())                  // one file never repeats a name (ggml refuses it): two shards do
+        if (it != by_name.end()) // one file never repeats a name (ggml refuses it): two shards do
             throw FormatError(f.path + ": tensor '" + t.name + "' is also in " + files[tensors[it->second].file].path +
                               ": a shard of another set");
         by_name[t.name] = tensors.size();
@@ -225,4 +234,4 @@ const TensorInfo * GGUFIndex::find(const std::string & name) const {
     return it == by_name.end() ? nullptr : &tensors[it->second];
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -16,8 +16,8 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cerrno>
+#include <chrono>
 #include <cmath>
 #include <cstring>
 #include <numeric>
@@ -33,7 +33,7 @@ namespace moelite {
 
 Model::Model(const std::string & path, const HParams & hp, const ModelOptions & opt) : path_(path), hp_(hp), opt_(opt) {
     idx_ = std::make_unique<GGUFIndex>(path);
-    path_ = idx_->path;                       // a split set opened from a later shard: named by its first
+    path_ = idx_->path; // a split set opened from a later shard: named by its first
     if (opt_.device == 1) {
 #ifdef MOELITE_CUDA
         if (opt_.gpu < 0 || opt_.gpu >= ggml_backend_cuda_get_device_count())
@@ -82,13 +82,13 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         }
     cache_->finalize(quota, backend_, nullptr, repack_buft_);
     cache_->set_policy((Policy) opt_.policy, opt_.window_m);
-    if (tier2_) {                                 // RAM tier: quotas clamped like the arena's
+    if (tier2_) { // RAM tier: quotas clamped like the arena's
         const std::vector<int> hq = tier_quotas(opt_.host_slots, "host_slots");
         ggml_backend_buffer_type_t pinned = nullptr;
 #ifdef MOELITE_CUDA
         if (opt_.device == 1) pinned = ggml_backend_cuda_host_buffer_type();
 #endif
-        tier2_->finalize(hq, cpu_backend_, pinned, pinned ? nullptr : repack_buft_);   // a GPU's RAM tier stays plain
+        tier2_->finalize(hq, cpu_backend_, pinned, pinned ? nullptr : repack_buft_); // a GPU's RAM tier stays plain
         tier2_->set_policy((Policy) opt_.policy, opt_.window_m);
         cache_->set_tier2(tier2_.get());
     }
@@ -96,7 +96,8 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     swaps_.assign(hp_.n_layer, 0);
     gemm_experts_.assign(hp_.n_layer, 0);
     standin_uses_.assign(hp_.n_layer, 0);
-    if (standin_) {                               // its own slots (quota >= n_expert_used) and I/O threads
+    decode_times_ = DecodeTimes{};
+    if (standin_) { // its own slots (quota >= n_expert_used) and I/O threads
         standin_->finalize(tier_quotas(opt_.standin_slots, "standin_slots"), backend_, nullptr, repack_buft_);
         standin_->set_policy((Policy) opt_.policy, opt_.window_m);
         if (opt_.n_io_threads > 0) standin_->start_io(opt_.n_io_threads);
@@ -108,13 +109,13 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     galloc_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(backend_));
     graph_mem_.resize(ggml_tensor_overhead() * kMaxNodes + ggml_graph_overhead_custom(kMaxNodes, false));
     if (backend_ == cpu_backend_ && opt_.scratch_reserve > 0) reserve_scratch(opt_.scratch_reserve);
-    if (fused_ok()) {                             // one graph for the step: at most kLayerNodes per layer
+    if (fused_ok()) { // one graph for the step: at most kLayerNodes per layer
         fused_nodes_ = kLayerNodes * (hp_.n_layer + 1);
         fused_mem_.resize(ggml_tensor_overhead() * fused_nodes_ + ggml_graph_overhead_custom(fused_nodes_, false));
     }
     if (tier2_) {
         galloc_cpu_ = ggml_gallocr_new(ggml_backend_get_default_buffer_type(cpu_backend_));
-        measure_costs();                          // before any expert is loaded: it writes into empty slots
+        measure_costs(); // before any expert is loaded: it writes into empty slots
     }
 
     // fully resident: load every expert now so that the first tokens do not pay for disk reads
@@ -122,7 +123,10 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         std::vector<int32_t> ids(hp_.n_expert), slots(hp_.n_expert);
         std::iota(ids.begin(), ids.end(), 0);
         for (int il = 0; il < hp_.n_layer; ++il)
-            if (layers_[il].moe) { cache_->acquire(il, ids.data(), hp_.n_expert, slots.data()); cache_->release(il); }
+            if (layers_[il].moe) {
+                cache_->acquire(il, ids.data(), hp_.n_expert, slots.data());
+                cache_->release(il);
+            }
         reset_stats();
     }
     if (opt_.mlock) lock_memory();
@@ -154,7 +158,7 @@ Model::~Model() {
     if (buf_w_) ggml_backend_buffer_free(buf_w_);
     if (buf_rp_) ggml_backend_buffer_free(buf_rp_);
     for (ggml_backend_buffer_t b : buf_maps_)
-        if (b) ggml_backend_buffer_free(b);       // a view: the mapping itself is unmapped below
+        if (b) ggml_backend_buffer_free(b); // a view: the mapping itself is unmapped below
     for (auto & [p, n] : maps_)
         if (p) munmap(p, n);
     if (ctx_w_) ggml_free(ctx_w_);
@@ -186,10 +190,11 @@ void Model::alloc_weights() {
             packed.push_back(t);
     if (!packed.empty()) {
         const size_t align = ggml_backend_buft_get_alignment(repack_buft_);
-        size_t size = align;                      // slack for the first tensor's alignment
+        size_t size = align; // slack for the first tensor's alignment
         for (ggml_tensor * t : packed) size += GGML_PAD(ggml_backend_buft_get_alloc_size(repack_buft_, t), align);
         buf_rp_ = ggml_backend_buft_alloc_buffer(repack_buft_, size);
-        if (!buf_rp_) throw BudgetError("cannot allocate " + std::to_string(size) + " bytes for the repacked dense weights");
+        if (!buf_rp_)
+            throw BudgetError("cannot allocate " + std::to_string(size) + " bytes for the repacked dense weights");
         advise_huge_pages(buf_rp_);
         ggml_tallocr ta = ggml_tallocr_new(buf_rp_);
         for (ggml_tensor * t : packed) {
@@ -199,7 +204,7 @@ void Model::alloc_weights() {
         }
         repacked_tensors_ = packed.size();
     }
-    bool rest = false;                            // anything left for the plain buffer?
+    bool rest = false; // anything left for the plain buffer?
     for (ggml_tensor * t = ggml_get_first_tensor(ctx_w_); t; t = ggml_get_next_tensor(ctx_w_, t)) rest |= !t->data;
     if (rest) {
         buf_w_ = ggml_backend_alloc_ctx_tensors(ctx_w_, backend_);
@@ -241,8 +246,9 @@ void Model::map_weights() {
     }
     for (auto & [t, info] : to_read_) {
         auto [base, size] = maps_[info->file];
-        if (info->offset + ggml_nbytes(t) > size)   // the index checked the file's size when it opened it
-            throw FormatError(idx_->files[info->file].path + ": tensor '" + info->name + "' extends past the end of the file");
+        if (info->offset + ggml_nbytes(t) > size) // the index checked the file's size when it opened it
+            throw FormatError(idx_->files[info->file].path + ": tensor '" + info->name +
+                              "' extends past the end of the file");
         if (ggml_backend_tensor_alloc(buf_maps_[info->file], t, (char *) base + info->offset) != GGML_STATUS_SUCCESS)
             throw BudgetError(std::string("cannot place the mapped tensor '") + ggml_get_name(t) + "'");
         dense_bytes_ += ggml_nbytes(t);
@@ -255,7 +261,7 @@ void Model::map_weights() {
 void Model::lock_memory() {
     lock_.requested = true;
     const uintptr_t page = (uintptr_t) sysconf(_SC_PAGESIZE);
-    std::vector<std::pair<uintptr_t, uintptr_t>> r;   // [lo, hi) page ranges
+    std::vector<std::pair<uintptr_t, uintptr_t>> r; // [lo, hi) page ranges
     auto add = [&](const void * p, size_t n) {
         if (!p || !n) return;
         r.push_back({(uintptr_t) p & ~(page - 1), ((uintptr_t) p + n + page - 1) & ~(page - 1)});
@@ -264,18 +270,20 @@ void Model::lock_memory() {
         if (b && host) add(ggml_backend_buffer_get_base(b), ggml_backend_buffer_get_size(b));
     };
     if (dense_mmap_) {
-        for (auto & tr : to_read_) add(tr.first->data, ggml_nbytes(tr.first));   // not the experts' part of the file
+        for (auto & tr : to_read_) add(tr.first->data, ggml_nbytes(tr.first)); // not the experts' part of the file
     } else {
         add_buf(buf_w_, buf_w_ && ggml_backend_buffer_is_host(buf_w_));
-        add_buf(buf_rp_, true);                   // CPU_REPACK: host memory that has no plain get/set
+        add_buf(buf_rp_, true); // CPU_REPACK: host memory that has no plain get/set
     }
     add_buf(buf_kv_, buf_kv_ && ggml_backend_buffer_is_host(buf_kv_));
     add_buf(buf_rs_, buf_rs_ && ggml_backend_buffer_is_host(buf_rs_));
     std::sort(r.begin(), r.end());
     std::vector<std::pair<uintptr_t, uintptr_t>> merged;
     for (auto & x : r) {
-        if (!merged.empty() && x.first <= merged.back().second) merged.back().second = std::max(merged.back().second, x.second);
-        else merged.push_back(x);
+        if (!merged.empty() && x.first <= merged.back().second)
+            merged.back().second = std::max(merged.back().second, x.second);
+        else
+            merged.push_back(x);
     }
     for (auto & [lo, hi] : merged) {
         if (mlock((void *) lo, hi - lo) == 0) {
@@ -296,7 +304,10 @@ void Model::read_weights() {
     for (auto & [t, info] : to_read_) {
         const bool direct = ggml_backend_buffer_is_host(t->buffer);
         char * dst = (char *) t->data;
-        if (!direct) { staging.resize(info->nbytes); dst = staging.data(); }
+        if (!direct) {
+            staging.resize(info->nbytes);
+            dst = staging.data();
+        }
         fds.read(*info, dst);
         if (!direct) ggml_backend_tensor_set(t, staging.data(), 0, info->nbytes);
     }
@@ -312,10 +323,12 @@ RepackInfo Model::repack_info() const {
     return r;
 }
 
-ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_dims_expect, std::vector<int64_t> shape) {
+ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_dims_expect,
+                                 std::vector<int64_t> shape) {
     const TensorInfo * t = idx_->find(name);
     if (!t) {
-        if (required) throw FormatError(path_ + ": missing tensor '" + name + "' (required by architecture '" + hp_.arch + "')");
+        if (required)
+            throw FormatError(path_ + ": missing tensor '" + name + "' (required by architecture '" + hp_.arch + "')");
         return nullptr;
     }
     if (n_dims_expect > 0 && t->n_dims > n_dims_expect)
@@ -323,8 +336,8 @@ ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_
                           std::to_string(n_dims_expect));
     for (size_t d = 0; d < shape.size(); ++d)
         if (shape[d] > 0 && t->ne[d] != shape[d])
-            throw FormatError(path_ + ": tensor '" + name + "' has ne[" + std::to_string(d) + "] = " + std::to_string(t->ne[d]) +
-                              ", expected " + std::to_string(shape[d]));
+            throw FormatError(path_ + ": tensor '" + name + "' has ne[" + std::to_string(d) +
+                              "] = " + std::to_string(t->ne[d]) + ", expected " + std::to_string(shape[d]));
     ggml_tensor * g = ggml_new_tensor(ctx_w_, t->type, std::max(1, t->n_dims), t->ne);
     ggml_set_name(g, name.c_str());
     to_read_.push_back({g, t});
@@ -339,10 +352,10 @@ void Model::build_layers() {
                           std::to_string(h.n_layer));
     tok_embd_ = load_tensor("token_embd.weight", true, 2, {E, h.n_vocab});
     out_norm_ = load_tensor("output_norm.weight", false, 1, {E});
-    if (!out_norm_) out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E});   // LFM2's final norm name
+    if (!out_norm_) out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E}); // LFM2's final norm name
     out_norm_b_ = load_tensor("output_norm.bias", false, 1, {E});
     output_ = load_tensor("output.weight", false, 2, {E, h.n_vocab});
-    if (!output_) output_ = tok_embd_;   // tied embeddings
+    if (!output_) output_ = tok_embd_; // tied embeddings
     output_b_ = load_tensor("output.bias", false, 1, {h.n_vocab});
     rope_factors_ = load_tensor("rope_factors_short.weight", false, 1, {});
     if (!rope_factors_) rope_factors_ = load_tensor("rope_freqs.weight", false, 1, {});
@@ -357,13 +370,17 @@ void Model::build_layers() {
     for (int il = 0; il < h.n_layer; ++il) {
         Layer & L = layers_[il];
         const LayerPlan & p = h.plan[il];
-        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E});   // an FFN-only block's norm too
+        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E}); // an FFN-only block's norm too
         L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
-        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET || p.mixer == MIXER_MAMBA2) {
+        if (p.mixer == MIXER_KDA) {
+            load_kda(il, L);
+        } else if (is_recurrent(p.mixer)) {
             load_recurrent(il, L);
         } else if (p.mixer != MIXER_NONE) {
-            if (p.mixer == MIXER_MLA) load_mla(il, L);
-            else load_attention(il, L);
+            if (p.mixer == MIXER_MLA)
+                load_mla(il, L);
+            else
+                load_attention(il, L);
             L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {(int64_t) p.n_head * p.head_v, E});
             L.bo = load_tensor(blk(il, "attn_output.bias"), false, 1, {E});
             L.sinks = load_tensor(blk(il, "attn_sinks.weight"), false, 1, {p.n_head});
@@ -378,10 +395,10 @@ void Model::load_attention(int il, Layer & L) {
     const LayerPlan & p = h.plan[il];
     const int64_t E = h.n_embd, q_dim = (int64_t) p.n_head * p.head_k, kv_dim = (int64_t) p.n_head_kv * p.head_k,
                   v_dim = (int64_t) p.n_head_kv * p.head_v;
-    L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, (h.attn_output_gate ? 2 : 1) * q_dim});   // [+ gate]
+    L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, (h.attn_output_gate ? 2 : 1) * q_dim}); // [+ gate]
     L.wk = load_tensor(blk(il, "attn_k.weight"), true, 2, {E, kv_dim});
     L.wv = load_tensor(blk(il, "attn_v.weight"), false, 2, {E, v_dim});
-    if (!L.wv && kv_dim != v_dim)                 // K = V layers reuse the k projection as V
+    if (!L.wv && kv_dim != v_dim) // K = V layers reuse the k projection as V
         throw FormatError(path_ + ": missing tensor '" + blk(il, "attn_v.weight") + "'");
     L.bq = load_tensor(blk(il, "attn_q.bias"), false, 1, {q_dim});
     L.bk = load_tensor(blk(il, "attn_k.bias"), false, 1, {kv_dim});
@@ -390,7 +407,8 @@ void Model::load_attention(int il, Layer & L) {
     // or, a width of n_head, per head (Laguna XS.2): llama.cpp tells them apart by that width too
     const TensorInfo * g = idx_->find(blk(il, "attn_gate.weight"));
     const bool per_head = g && g->ne[1] == p.n_head;
-    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, per_head ? p.n_head : (int64_t) p.n_head * p.head_v});
+    L.wqkv_gate =
+        load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, per_head ? p.n_head : (int64_t) p.n_head * p.head_v});
     if (h.qk_norm == QK_NORM_HEAD) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {p.head_k});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {p.head_k});
@@ -419,6 +437,16 @@ void Model::load_mla(int il, Layer & L) {
                           "to get attn_k_b / attn_v_b");
     L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, p.n_head});
     L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, p.n_head});
+    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, p.n_head}); // Ling-3.0: per head, sigmoid
+    if (p.indexer == INDEXER_FULL) { // DSA lightning indexer (mixer_dsa.cpp); shared layers have none
+        const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
+        if (!L.wq_a) throw FormatError(path_ + ": the DSA indexer needs the q latent (attention.q_lora_rank)");
+        L.idx_wq_b = load_tensor(blk(il, "indexer.attn_q_b.weight"), true, 2, {h.q_lora_rank, H * d});
+        L.idx_wk = load_tensor(blk(il, "indexer.attn_k.weight"), true, 2, {E, d});
+        L.idx_k_norm = load_tensor(blk(il, "indexer.k_norm.weight"), true, 1, {d});
+        L.idx_k_norm_b = load_tensor(blk(il, "indexer.k_norm.bias"), true, 1, {d});
+        L.idx_proj = load_tensor(blk(il, "indexer.proj.weight"), true, 2, {E, H});
+    }
 }
 
 // Recurrent mixer weights (shapes: mixer_recurrent.cpp). Conv kernels and the DeltaNet gate vectors must be F32
@@ -457,7 +485,39 @@ void Model::load_recurrent(int il, Layer & L) {
     }
     for (ggml_tensor * t : {L.sc_conv, L.ssm_conv1d, L.ssm_conv1d_b, L.ssm_dt_b, L.ssm_a, L.ssm_d, L.ssm_norm})
         if (t && t->type != GGML_TYPE_F32)
-            throw FormatError(path_ + ": tensor '" + ggml_get_name(t) + "' must be F32, it is " + ggml_type_name(t->type));
+            throw FormatError(path_ + ": tensor '" + ggml_get_name(t) + "' must be F32, it is " +
+                              ggml_type_name(t->type));
+}
+
+// KDA weights (shapes: mixer_recurrent.cpp), as llama.cpp's kimi-linear loader takes them: conv kernels {K, 1, C, 1}
+// (or with the trailing 1s dropped), A {1, H} or {1, H, 1, 1}; kernels, A, dt and the norm F32.
+void Model::load_kda(int il, Layer & L) {
+    const HParams & h = hp_;
+    const int64_t E = h.n_embd, K = h.ssm_conv_kernel, S = h.ssm_d_state, H = h.ssm_dt_rank, C = S * H;
+    L.wq = load_tensor(blk(il, "attn_q.weight"), true, 2, {E, C});
+    L.wk = load_tensor(blk(il, "attn_k.weight"), true, 2, {E, C});
+    L.wv = load_tensor(blk(il, "attn_v.weight"), true, 2, {E, C});
+    L.wo = load_tensor(blk(il, "attn_output.weight"), true, 2, {C, E});
+    auto conv = [&](const char * name) { // ne {K, 1, C, 1}, {K, 1, C} or {K, C}
+        const TensorInfo * t = idx_->find(blk(il, name));
+        const bool two = t && t->n_dims == 2;
+        return two ? load_tensor(blk(il, name), true, 2, {K, C}) : load_tensor(blk(il, name), true, 4, {K, 1, C, 1});
+    };
+    L.ssm_conv_q = conv("ssm_conv1d_q.weight");
+    L.ssm_conv_k = conv("ssm_conv1d_k.weight");
+    L.ssm_conv_v = conv("ssm_conv1d_v.weight");
+    L.ssm_f_b = load_tensor(blk(il, "ssm_f_b.weight"), false, 2, {S, C});
+    L.ssm_f_a = load_tensor(blk(il, "ssm_f_a.weight"), true, 2, {E, L.ssm_f_b ? S : C}); // full rank without f_b
+    L.ssm_g_b = load_tensor(blk(il, "ssm_g_b.weight"), false, 2, {S, C});
+    L.ssm_g_a = load_tensor(blk(il, "ssm_g_a.weight"), true, 2, {E, L.ssm_g_b ? S : C});
+    L.ssm_beta = load_tensor(blk(il, "ssm_beta.weight"), true, 2, {E, H});
+    L.ssm_a = load_tensor(blk(il, "ssm_a"), true, 4, {1, H, 1, 1});
+    L.ssm_dt_b = load_tensor(blk(il, "ssm_dt.bias"), true, 1, {C});
+    L.ssm_norm = load_tensor(blk(il, "ssm_norm.weight"), true, 1, {S});
+    for (ggml_tensor * t : {L.ssm_conv_q, L.ssm_conv_k, L.ssm_conv_v, L.ssm_a, L.ssm_dt_b, L.ssm_norm})
+        if (t->type != GGML_TYPE_F32)
+            throw FormatError(path_ + ": tensor '" + ggml_get_name(t) + "' must be F32, it is " +
+                              ggml_type_name(t->type));
 }
 
 // An F32 vector tensor read to the host (router selection bias, per-expert scales).
@@ -478,21 +538,23 @@ Model::ExpertTensors Model::expert_tensors(const GGUFIndex & idx, int il, int64_
         const TensorInfo * t = idx.find(blk(il, name));
         if (t && (t->n_dims != 3 || t->ne[2] != h.n_expert))
             throw FormatError(file + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
-                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected 3 dims with ne[2] = " +
-                              std::to_string(h.n_expert) + " experts");
+                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) +
+                              "], expected 3 dims with ne[2] = " + std::to_string(h.n_expert) + " experts");
         return t;
     };
     const TensorInfo * d = find_exps("ffn_down_exps.weight");
-    if (!d) throw FormatError(file + ": missing tensor '" + blk(il, "ffn_down_exps.weight") + "' (layer " +
-                              std::to_string(il) + " should be a MoE layer)");
+    if (!d)
+        throw FormatError(file + ": missing tensor '" + blk(il, "ffn_down_exps.weight") + "' (layer " +
+                          std::to_string(il) + " should be a MoE layer)");
     const int64_t n_ff = d->ne[0];
     TensorInfo g, u;
-    const int64_t ne = h.n_embd_exp();            // the experts' width: n_embd, or latent MoE's L
+    const int64_t ne = h.n_embd_exp(); // the experts' width: n_embd, or latent MoE's L
     const bool gated = h.act != ACT_RELU_SQR;
-    if (!gated) {                                 // ReLU² experts: up and down only (Nemotron-H)
+    if (!gated) { // ReLU² experts: up and down only (Nemotron-H)
         const TensorInfo * ut = find_exps("ffn_up_exps.weight");
-        if (!ut) throw FormatError(file + ": missing tensor '" + blk(il, "ffn_up_exps.weight") + "' (layer " +
-                                   std::to_string(il) + " should be a MoE layer)");
+        if (!ut)
+            throw FormatError(file + ": missing tensor '" + blk(il, "ffn_up_exps.weight") + "' (layer " +
+                              std::to_string(il) + " should be a MoE layer)");
         if (idx.find(blk(il, "ffn_gate_exps.weight")) || idx.find(blk(il, "ffn_gate_up_exps.weight")))
             throw FormatError(file + ": tensor '" + blk(il, "ffn_gate_exps.weight") + "': architecture '" + h.arch +
                               "' has experts without a gate (ReLU²)");
@@ -506,21 +568,24 @@ Model::ExpertTensors Model::expert_tensors(const GGUFIndex & idx, int il, int64_
         g = u = *gu;
         g.ne[1] = u.ne[1] = n_ff;
         g.stride2 = u.stride2 = gu->nb2();
-        g.nbytes = u.nbytes = gu->nbytes / 2;       // nb2() = half an expert block
+        g.nbytes = u.nbytes = gu->nbytes / 2; // nb2() = half an expert block
         u.offset = gu->offset + gu->nb2() / 2;
     } else {
         const TensorInfo * gt = find_exps("ffn_gate_exps.weight");
         const TensorInfo * ut = find_exps("ffn_up_exps.weight");
         if (!gt || !ut)
-            throw FormatError(file + ": missing tensor '" + blk(il, gt ? "ffn_up_exps.weight" : "ffn_gate_exps.weight") +
-                              "' (layer " + std::to_string(il) + " should be a MoE layer)");
-        g = *gt; u = *ut;
+            throw FormatError(file + ": missing tensor '" +
+                              blk(il, gt ? "ffn_up_exps.weight" : "ffn_gate_exps.weight") + "' (layer " +
+                              std::to_string(il) + " should be a MoE layer)");
+        g = *gt;
+        u = *ut;
     }
     for (const TensorInfo * t : {&g, &u})
         if (t->ne[0] != ne || t->ne[1] != n_ff)
             throw FormatError(file + ": tensor '" + t->name + "' has shape [" + std::to_string(t->ne[0]) + ", " +
-                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" + std::to_string(ne) +
-                              ", " + std::to_string(n_ff) + ", " + std::to_string(h.n_expert) + "]");
+                              std::to_string(t->ne[1]) + ", " + std::to_string(t->ne[2]) + "], expected [" +
+                              std::to_string(ne) + ", " + std::to_string(n_ff) + ", " + std::to_string(h.n_expert) +
+                              "]");
     if (d->ne[1] != ne)
         throw FormatError(file + ": tensor '" + d->name + "' has ne[1] = " + std::to_string(d->ne[1]) + ", expected " +
                           std::to_string(ne));
@@ -535,17 +600,20 @@ void Model::load_ffn(int il, Layer & L) {
     const HParams & h = hp_;
     const LayerPlan & p = h.plan[il];
     const int64_t E = h.n_embd;
-    if (p.ffn == FFN_NONE) return;                // a mixer-only block (Nemotron-H)
+    if (p.ffn == FFN_NONE) return; // a mixer-only block (Nemotron-H)
     L.attn_post_norm = load_tensor(blk(il, "post_attention_norm.weight"), false, 1, {E});
     L.ffn_norm = p.mixer == MIXER_NONE ? L.attn_norm : load_tensor(blk(il, "ffn_norm.weight"), false, 1, {E});
-    if (p.mixer == MIXER_NONE) L.ffn_norm_b = L.attn_norm_b;   // an FFN-only block: its one norm
-    if (!L.ffn_norm) { L.ffn_norm = L.attn_post_norm; L.attn_post_norm = nullptr; }   // llama.cpp's alias
-    if (!L.ffn_norm && !h.parallel_residual)      // parallel blocks: the FFN reads attn_norm's output
+    if (p.mixer == MIXER_NONE) L.ffn_norm_b = L.attn_norm_b; // an FFN-only block: its one norm
+    if (!L.ffn_norm) {
+        L.ffn_norm = L.attn_post_norm;
+        L.attn_post_norm = nullptr;
+    } // llama.cpp's alias
+    if (!L.ffn_norm && !h.parallel_residual) // parallel blocks: the FFN reads attn_norm's output
         throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_norm.weight") + "'");
     if (p.mixer != MIXER_NONE) L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
     L.ffn_post_norm = load_tensor(blk(il, "post_ffw_norm.weight"), false, 1, {E});
     L.out_scale = load_tensor(blk(il, "layer_output_scale.weight"), false, 1, {1});
-    const bool gated = h.act != ACT_RELU_SQR;     // ReLU² FFNs have up and down only
+    const bool gated = h.act != ACT_RELU_SQR; // ReLU² FFNs have up and down only
     const bool has_dense = idx_->find(blk(il, gated ? "ffn_gate.weight" : "ffn_up.weight")) != nullptr;
     L.moe = p.ffn == FFN_MOE;
     if (!L.moe || has_dense) {
@@ -562,16 +630,17 @@ void Model::load_ffn(int il, Layer & L) {
     const int64_t n_ff = x.down.ne[0];
     cache_->add_layer(il, x.gated ? &x.gate : nullptr, x.up, x.down);
     if (tier2_) tier2_->add_layer(il, x.gated ? &x.gate : nullptr, x.up, x.down);
-    if (standin_) {                               // the side file: the same experts, other bytes
+    if (standin_) { // the side file: the same experts, other bytes
         const ExpertTensors sx = expert_tensors(*standin_idx_, il, E);
         const TensorInfo * pairs[3][2] = {{&x.gate, &sx.gate}, {&x.up, &sx.up}, {&x.down, &sx.down}};
         for (auto & pr : pairs)
             if (pr[0]->ne[0] != pr[1]->ne[0] || pr[0]->ne[1] != pr[1]->ne[1])
-                throw FormatError(opt_.standin_path + ": stand-in '" + pr[1]->name + "' has another shape than the "
+                throw FormatError(opt_.standin_path + ": stand-in '" + pr[1]->name +
+                                  "' has another shape than the "
                                   "model's (made for another model?)");
         standin_->add_layer(il, sx.gated ? &sx.gate : nullptr, sx.up, sx.down);
     }
-    if (h.moe_latent > 0) {                       // latent MoE: dense, resident projections around the experts
+    if (h.moe_latent > 0) { // latent MoE: dense, resident projections around the experts
         L.ffn_latent_down = load_tensor(blk(il, "ffn_latent_down.weight"), true, 2, {E, h.moe_latent});
         L.ffn_latent_up = load_tensor(blk(il, "ffn_latent_up.weight"), true, 2, {h.moe_latent, E});
     }
@@ -588,31 +657,35 @@ void Model::load_ffn(int il, Layer & L) {
         L.gate_inp_shexp = load_tensor(blk(il, "ffn_gate_inp_shexp.weight"), false, 2, {E});
     }
     const TensorInfo * pb = idx_->find(blk(il, "exp_probs_b.bias"));
-    if (!pb) pb = idx_->find(blk(il, "exp_probs_b"));          // llama.cpp's hy_v3 name (no suffix)
+    if (!pb) pb = idx_->find(blk(il, "exp_probs_b")); // llama.cpp's hy_v3 name (no suffix)
     if (pb) L.exp_probs_b = read_f32(*pb, h.n_expert);
     if (const TensorInfo * es = idx_->find(blk(il, "ffn_down_exps.scale"))) L.exp_scale = read_f32(*es, h.n_expert);
 }
 
 void Model::alloc_kv() {
     const HParams & h = hp_;
-    ggml_init_params ip = {ggml_tensor_overhead() * (2 * h.n_layer + 8), nullptr, true};
+    ggml_init_params ip = {ggml_tensor_overhead() * (3 * h.n_layer + 9), nullptr, true};
     ctx_kv_ = ggml_init(ip);
+    bool shared_indexer = false;
     bool any_recurrent = false;
     for (int il = 0; il < h.n_layer; ++il) {
         // per layer: [n_head_kv * head_k] rows of K; V transposed. MLA caches the compressed latent:
         // K = [kv_lora + rope] per token (one shared head), V = the latent part
         const LayerPlan & p = h.plan[il];
-        if (p.mixer == MIXER_SHORTCONV || p.mixer == MIXER_DELTANET || p.mixer == MIXER_MAMBA2) {
+        if (is_recurrent(p.mixer)) {
             any_recurrent = true;
             continue;
         }
-        if (p.mixer == MIXER_NONE) continue;     // an FFN-only block
+        if (p.mixer == MIXER_NONE) continue; // an FFN-only block
         const bool mla = p.mixer == MIXER_MLA;
         const int64_t k_row = mla ? h.kv_lora_rank + p.n_rot : (int64_t) p.n_head_kv * p.head_k;
         const int64_t v_row = mla ? h.kv_lora_rank : (int64_t) p.n_head_kv * p.head_v;
         layers_[il].k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, k_row, opt_.n_ctx);
         layers_[il].v_cache = opt_.flash_attn ? ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, v_row, opt_.n_ctx)
                                               : ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, opt_.n_ctx, v_row);
+        if (p.indexer == INDEXER_FULL) // DSA: the indexer's roped keys, one head per position
+            layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
+        shared_indexer = shared_indexer || p.indexer == INDEXER_SHARED;
     }
     const int U = opt_.n_ubatch;
     x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
@@ -622,6 +695,7 @@ void Model::alloc_kv() {
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     lookahead_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_exp(), (int64_t) std::max(h.n_expert_used, 1) * U);
+    if (shared_indexer) dsa_topk_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_I32, h.indexer_top_k, U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
     if (!buf_kv_) throw BudgetError("cannot allocate the KV cache");
     advise_huge_pages(buf_kv_);
@@ -635,14 +709,19 @@ void Model::alloc_kv() {
         if (h.plan[il].mixer == MIXER_SHORTCONV) {
             L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, h.n_embd);
         } else if (h.plan[il].mixer == MIXER_DELTANET) {
-            const int64_t C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner, dv = h.ssm_d_inner / h.ssm_dt_rank;
+            const int64_t C = 2 * (int64_t) h.ssm_n_group * h.ssm_d_state + h.ssm_d_inner,
+                          dv = h.ssm_d_inner / h.ssm_dt_rank;
             L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, C);
             L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, dv, dv, h.ssm_dt_rank);
+        } else if (h.plan[il].mixer == MIXER_KDA) { // conv over [q | k | v], state [S, S, H]
+            L.conv_state =
+                ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, 3 * (int64_t) h.ssm_d_inner);
+            L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, h.ssm_d_state, h.ssm_d_state, h.ssm_dt_rank);
         } else if (h.plan[il].mixer == MIXER_MAMBA2) {
             const int64_t C = h.ssm_d_inner + 2 * (int64_t) h.ssm_n_group * h.ssm_d_state;
             L.conv_state = ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, h.ssm_conv_kernel - 1, C);
-            L.ssm_state = ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, h.ssm_d_state, h.ssm_d_inner / h.ssm_dt_rank,
-                                             h.ssm_dt_rank);
+            L.ssm_state =
+                ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, h.ssm_d_state, h.ssm_d_inner / h.ssm_dt_rank, h.ssm_dt_rank);
         }
     }
     buf_rs_ = ggml_backend_alloc_ctx_tensors(ctx_rs_, backend_);
@@ -696,6 +775,15 @@ ggml_tensor * Model::mask_input(ggml_context * ctx, int kind, int n_kv, int T) {
     return m;
 }
 
+ggml_tensor * Model::mask_f32_input(ggml_context * ctx, int n_kv, int T) {
+    if (!gin_.mask_f32) {
+        gin_.mask_f32 = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_kv, T);
+        ggml_set_input(gin_.mask_f32);
+        ggml_set_name(gin_.mask_f32, "mask_dsa");
+    }
+    return gin_.mask_f32;
+}
+
 ggml_tensor * Model::attn_temp_input(ggml_context * ctx, int T) {
     if (!gin_.attn_temp) {
         gin_.attn_temp = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, T);
@@ -712,10 +800,13 @@ void Model::set_graph_inputs() {
     for (int k = 0; k < 3; ++k) {
         ggml_tensor * t = gin_.mask[k];
         if (!t) continue;
-        if (t->type == GGML_TYPE_F16) set_input(t, mask16_[k].data(), ggml_nbytes(t));   // flash attention's masks
-        else set_input(t, masks[k]->data(), ggml_nbytes(t));
+        if (t->type == GGML_TYPE_F16)
+            set_input(t, mask16_[k].data(), ggml_nbytes(t)); // flash attention's masks
+        else
+            set_input(t, masks[k]->data(), ggml_nbytes(t));
     }
     if (gin_.attn_temp) set_input(gin_.attn_temp, attn_temp_.data(), ggml_nbytes(gin_.attn_temp));
+    if (gin_.mask_f32) set_input(gin_.mask_f32, mask_dsa_.data(), ggml_nbytes(gin_.mask_f32));
     if (gin_.pos && gin_.pos->buffer) set_input(gin_.pos, pos_.data(), ggml_nbytes(gin_.pos));
 }
 
@@ -750,7 +841,7 @@ void Model::run_embed(const int32_t * tokens, int T) {
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
     ggml_tensor * inp = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
     ggml_set_input(inp);
-    ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp);               // [n_embd, T]
+    ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp); // [n_embd, T]
     if (hp_.embd_scale != 1.f) x = ggml_scale(ctx, x, hp_.embd_scale);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, x, ggml_view_2d(ctx, x_, hp_.n_embd, T, x_->nb[1], 0)));
     compute(ctx, gf, galloc_);
@@ -764,8 +855,12 @@ void Model::run_embed(const int32_t * tokens, int T) {
 void Model::build_masks(int T) {
     const HParams & h = hp_;
     const int n_kv = n_past_ + T;
-    bool want[3] = {false, false, false}, temp = false;
-    for (const LayerPlan & p : h.plan) { want[p.mask] = true; temp = temp || p.attn_temp; }
+    bool want[3] = {false, false, false}, temp = false, dsa = false;
+    for (const LayerPlan & p : h.plan) {
+        want[p.mask] = true;
+        temp = temp || p.attn_temp;
+        dsa = dsa || p.indexer != INDEXER_NONE;
+    }
     // flash attention takes F16 masks, the plain path F32: one copy per kind, in the type its graphs read
     std::vector<float> * masks[3] = {&mask_, &mask_swa_, &mask_chunk_};
     auto fill = [&](int kind, auto visible) {
@@ -775,16 +870,25 @@ void Model::build_masks(int T) {
                 for (int j = 0; j <= pos_[t]; ++j)
                     if (visible(pos_[t], j)) m[(size_t) t * n_kv + j] = zero;
         };
-        if (opt_.flash_attn) build(mask16_[kind], ggml_fp32_to_fp16(-INFINITY), ggml_fp32_to_fp16(0.f));
-        else build(*masks[kind], -INFINITY, 0.f);
+        if (opt_.flash_attn)
+            build(mask16_[kind], ggml_fp32_to_fp16(-INFINITY), ggml_fp32_to_fp16(0.f));
+        else
+            build(*masks[kind], -INFINITY, 0.f);
     };
     if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
+    if (dsa && n_kv > h.indexer_top_k) { // the indexer's scores take the causal mask in F32
+        mask_dsa_.assign((size_t) n_kv * T, -INFINITY);
+        for (int t = 0; t < T; ++t)
+            for (int j = 0; j <= pos_[t]; ++j) mask_dsa_[(size_t) t * n_kv + j] = 0.f;
+    }
     if (want[MASK_SWA]) fill(MASK_SWA, [&](int i, int j) { return h.n_swa <= 0 || i - j < h.n_swa; });
-    if (want[MASK_CHUNKED]) fill(MASK_CHUNKED, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
-    if (temp) {                                   // llama.cpp: 1 + s * log(floor((pos + offset) / f) + 1)
+    if (want[MASK_CHUNKED])
+        fill(MASK_CHUNKED, [&](int i, int j) { return h.n_chunk <= 0 || i / h.n_chunk == j / h.n_chunk; });
+    if (temp) { // llama.cpp: 1 + s * log(floor((pos + offset) / f) + 1)
         attn_temp_.resize(T);
         for (int t = 0; t < T; ++t)
-            attn_temp_[t] = 1.f + h.attn_temp_scale * std::log(std::floor((pos_[t] + h.attn_temp_offset) / h.attn_temp_floor) + 1.f);
+            attn_temp_[t] = 1.f + h.attn_temp_scale *
+                                      std::log(std::floor((pos_[t] + h.attn_temp_offset) / h.attn_temp_floor) + 1.f);
     }
 }
 
@@ -794,27 +898,29 @@ void Model::build_masks(int T) {
 ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f) {
     Layer & L = layers_[il];
     const LayerPlan & p = hp_.plan[il];
-    ggml_tensor * res = x, * xn = nullptr;                              // an FFN-only block: h = x
+    ggml_tensor *res = x, *xn = nullptr; // an FFN-only block: h = x
     if (p.mixer != MIXER_NONE) {
-        ggml_tensor * cur = xn = norm(ctx, x, L.attn_norm, L.attn_norm_b);   // [n_embd, T]
+        ggml_tensor * cur = xn = norm(ctx, x, L.attn_norm, L.attn_norm_b); // [n_embd, T]
         switch (p.mixer) {
-            case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
-            case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
-            case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
-            case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
-            default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
+        case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
+        case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
+        case MIXER_DELTANET: cur = mixer_deltanet(ctx, gf, il, cur, T); break;
+        case MIXER_MAMBA2: cur = mixer_mamba2(ctx, gf, il, cur, T); break;
+        case MIXER_KDA: cur = mixer_kda(ctx, gf, il, cur, T); break;
+        default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
         }
-        res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE);   // h = x + attn
+        res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE); // h = x + attn
     }
-    if (p.ffn == FFN_NONE) return res;                                  // a mixer-only block
-    const bool par = hp_.parallel_residual && xn;   // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
+    if (p.ffn == FFN_NONE) return res;            // a mixer-only block
+    const bool par = hp_.parallel_residual && xn; // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
     if (!L.moe)
-        return residual_out(ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down, p.clamp_shexp)
-                                         : dense_block(ctx, il, res), res, L.ffn_post_norm, true);
+        return residual_out(
+            ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down, p.clamp_shexp) : dense_block(ctx, il, res),
+            res, L.ffn_post_norm, true);
     f.res = res;
-    f.hn = par ? xn : expert_input(ctx, il, res);                       // [n_embd, T]
-    f.logits = router_logits(ctx, il, res, f.hn);                       // [n_expert, T]
-    f.xe = L.ffn_latent_down ? dense_mm(ctx, L.ffn_latent_down, f.hn) : f.hn;   // [n_embd_exp, T]
+    f.hn = par ? xn : expert_input(ctx, il, res);                             // [n_embd, T]
+    f.logits = router_logits(ctx, il, res, f.hn);                             // [n_expert, T]
+    f.xe = L.ffn_latent_down ? dense_mm(ctx, L.ffn_latent_down, f.hn) : f.hn; // [n_embd_exp, T]
     return nullptr;
 }
 
@@ -824,7 +930,7 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
 void Model::run_layer_front(int il, int T) {
     ggml_context * ctx = begin_graph();
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-    ggml_tensor * x = rows_of(ctx, x_, 0, T);                           // [n_embd, T] residual stream
+    ggml_tensor * x = rows_of(ctx, x_, 0, T); // [n_embd, T] residual stream
     MoeFront f;
     if (ggml_tensor * y = layer_front(ctx, gf, il, x, T, f)) {
         ggml_build_forward_expand(gf, ggml_cpy(ctx, y, x));
@@ -870,8 +976,8 @@ bool Model::last_row_finite(int T) const {
 void Model::check_finite(int il, int T) {
     if (!last_row_finite(T))
         throw FormatError(il < 0 ? std::string("the token embeddings (token_embd.weight) hold NaN or Inf values")
-                                     : "layer " + std::to_string(il) + " produced NaN or Inf values: the weights of blk." +
-                                           std::to_string(il) + ".* (or the layers before it) hold NaN/Inf or overflow");
+                                 : "layer " + std::to_string(il) + " produced NaN or Inf values: the weights of blk." +
+                                       std::to_string(il) + ".* (or the layers before it) hold NaN/Inf or overflow");
 }
 
 void Model::reset() {
@@ -898,13 +1004,14 @@ std::vector<uint8_t> Model::save_state() const {
 }
 
 void Model::load_state(const uint8_t * data, size_t n, int n_past) {
-    if (n != state_bytes()) throw std::invalid_argument("state blob of " + std::to_string(n) + " bytes, expected " +
-                                                        std::to_string(state_bytes()));
+    if (n != state_bytes())
+        throw std::invalid_argument("state blob of " + std::to_string(n) + " bytes, expected " +
+                                    std::to_string(state_bytes()));
     if (n_past < 0 || n_past > n_past_) throw std::invalid_argument("state position beyond the cached context");
     for (ggml_tensor * t = ggml_get_first_tensor(ctx_rs_); t; t = ggml_get_next_tensor(ctx_rs_, t))
         ggml_backend_tensor_set(t, data + ((char *) t->data - (char *) ggml_backend_buffer_get_base(buf_rs_)), 0,
                                 ggml_nbytes(t));
-    n_past_ = n_past;                             // KV rows past n_past are overwritten by the next eval
+    n_past_ = n_past; // KV rows past n_past are overwritten by the next eval
 }
 
 void Model::reset_stats() {
@@ -914,6 +1021,7 @@ void Model::reset_stats() {
     swaps_.assign(hp_.n_layer, 0);
     gemm_experts_.assign(hp_.n_layer, 0);
     standin_uses_.assign(hp_.n_layer, 0);
+    decode_times_ = DecodeTimes{};
     if (standin_) standin_->reset_stats();
 }
 
@@ -928,7 +1036,7 @@ ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
     ggml_tensor * y = dense_mm(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));
     if (output_b_) y = ggml_add(ctx, y, output_b_);
     if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
-    if (h.final_softcap > 0.f)                                          // Gemma-4: c * tanh(y / c)
+    if (h.final_softcap > 0.f) // Gemma-4: c * tanh(y / c)
         y = ggml_scale(ctx, ggml_tanh(ctx, ggml_scale(ctx, y, 1.f / h.final_softcap)), h.final_softcap);
     return y;
 }
@@ -942,7 +1050,7 @@ void Model::run_output(int T, int n_out, float * logits) {
         const int rows = std::min(per, n_out - r0);
         ggml_context * ctx = begin_graph();
         ggml_cgraph * gf = ggml_new_graph_custom(ctx, kMaxNodes, false);
-        ggml_tensor * y = output_head(ctx, rows_of(ctx, x_, T - n_out + r0, rows));   // [n_vocab, rows]
+        ggml_tensor * y = output_head(ctx, rows_of(ctx, x_, T - n_out + r0, rows)); // [n_vocab, rows]
         ggml_set_output(y);
         ggml_build_forward_expand(gf, y);
         compute(ctx, gf, galloc_);
@@ -957,14 +1065,28 @@ void Model::run_output(int T, int n_out, float * logits) {
 }
 
 void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits) {
+    if (n_tokens != 1) return eval_tokens(tokens, n_tokens, n_out, logits);
+    const auto t0 = std::chrono::steady_clock::now();
+    const ExpertCache::Times c0 = cache_->times();
+    eval_tokens(tokens, n_tokens, n_out, logits);
+    const ExpertCache::Times c1 = cache_->times();
+    decode_times_.steps++;
+    decode_times_.step_s += std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+    decode_times_.wait_s += c1.wait_s - c0.wait_s;
+    decode_times_.book_s += c1.book_s - c0.book_s;
+}
+
+void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float * logits) {
     const HParams & h = hp_;
     if (n_past_ + n_tokens > opt_.n_ctx)
-        throw BudgetError("context overflow: " + std::to_string(n_past_ + n_tokens) + " tokens exceed n_ctx = " +
-                          std::to_string(opt_.n_ctx));
+        throw BudgetError("context overflow: " + std::to_string(n_past_ + n_tokens) +
+                          " tokens exceed n_ctx = " + std::to_string(opt_.n_ctx));
     for (int i = 0; i < n_tokens; ++i)
         if (tokens[i] < 0 || tokens[i] >= h.n_vocab)
-            throw FormatError("token id " + std::to_string(tokens[i]) + " out of range [0, " + std::to_string(h.n_vocab) + ")");
+            throw FormatError("token id " + std::to_string(tokens[i]) + " out of range [0, " +
+                              std::to_string(h.n_vocab) + ")");
     const int K = h.n_expert_used;
+    step_ids.resize(h.n_layer);
     for (int start = 0; start < n_tokens; start += opt_.n_ubatch) {
         const int T = std::min(opt_.n_ubatch, n_tokens - start);
         pos_.resize(T);
@@ -983,8 +1105,12 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
         std::vector<float> w, la_w, sc;
         for (int il = 0; il < h.n_layer; ++il) {
             run_layer_front(il, T);
-            if (!layers_[il].moe) { check_finite(il, T); continue; }
+            if (!layers_[il].moe) {
+                check_finite(il, T);
+                continue;
+            }
             route(il, router_, T, ids, w, record_routes ? &sc : nullptr, true);
+            step_ids[il] = ids;
             const int nl = next_moe(il);
             if (nl >= 0 && (opt_.prefetch || record_routes)) {
                 route(nl, lookahead_, T, la_ids, la_w);
@@ -1009,4 +1135,4 @@ void Model::eval(const int32_t * tokens, int n_tokens, int n_out, float * logits
     }
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -6,11 +6,11 @@
 #include <vector>
 
 #include "expert_cache.h"
-#include "tiering.h"
 #include "ggml-alloc.h"
 #include "ggml-backend.h"
 #include "ggml.h"
 #include "gguf_index.h"
+#include "tiering.h"
 
 namespace moelite {
 
@@ -25,33 +25,51 @@ enum QKNorm : int { QK_NORM_NONE = 0, QK_NORM_HEAD = 1, QK_NORM_FULL = 2, QK_NOR
 // Recurrent mixers (shortconv: LFM2; deltanet: Qwen3.5 / Qwen3-Next Gated DeltaNet) keep a fixed-size state per
 // layer instead of KV: RecurrentState below.
 // Nemotron-H's blocks are single-purpose: MIXER_NONE is an FFN-only block (its one norm is attn_norm), FFN_NONE a
-// mixer-only block (x + mixer(norm(x)), nothing after).
-enum MixerKind : int { MIXER_ATTN = 0, MIXER_MLA = 1, MIXER_SHORTCONV = 2, MIXER_DELTANET = 3, MIXER_MAMBA2 = 4,
-                       MIXER_NONE = 5 };
+// mixer-only block (x + mixer(norm(x)), nothing after). MIXER_KDA: Kimi Delta Attention (Kimi-Linear), the gated
+// delta rule with a per-channel decay.
+enum MixerKind : int {
+    MIXER_ATTN = 0,
+    MIXER_MLA = 1,
+    MIXER_SHORTCONV = 2,
+    MIXER_DELTANET = 3,
+    MIXER_MAMBA2 = 4,
+    MIXER_NONE = 5,
+    MIXER_KDA = 6,
+    MIXER_LAST = MIXER_KDA
+};
+// a mixer with a fixed-size state (RecurrentState) instead of a KV cache
+inline bool is_recurrent(int mixer) {
+    return mixer == MIXER_SHORTCONV || mixer == MIXER_DELTANET || mixer == MIXER_MAMBA2 || mixer == MIXER_KDA;
+}
 enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1, FFN_NONE = 2 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
+enum IndexerKind : int { INDEXER_NONE = 0, INDEXER_FULL = 1, INDEXER_SHARED = 2 };
 
 struct LayerPlan {
     int mixer = MIXER_ATTN, ffn = FFN_DENSE, mask = MASK_CAUSAL;
-    int n_head = 0, n_head_kv = 0;                // query heads (Laguna: per layer) and kv heads
-    int head_k = 0, head_v = 0;                   // per-head sizes (MLA: of the decompressed heads)
-    int n_rot = 0;                                // rotated dims; 0 = NoPE layer
-    bool rope_scaling = true;                     // the model's RoPE scaling (YaRN) here; off: plain RoPE (Laguna SWA)
+    int n_head = 0, n_head_kv = 0; // query heads (Laguna: per layer) and kv heads
+    int head_k = 0, head_v = 0;    // per-head sizes (MLA: of the decompressed heads)
+    int n_rot = 0;                 // rotated dims; 0 = NoPE layer
+    bool rotate = true;            // false: MLA's rope dims are kept but never rotated (Kimi-Linear's NoPE MLA)
+    bool rope_scaling = true;      // the model's RoPE scaling (YaRN) here; off: plain RoPE (Laguna SWA)
     float freq_base = 10000.f;
     float kq_scale = 0.f;
-    bool rope_factors = true;                     // apply the model's rope_freqs / rope factors here
-    bool attn_temp = false;                       // q *= 1 + s * log(1 + floor((pos + offset) / f)) (Llama-4 NoPE, Mistral-4)
+    bool rope_factors = true; // apply the model's rope_freqs / rope factors here
+    bool attn_temp = false;   // q *= 1 + s * log(1 + floor((pos + offset) / f)) (Llama-4 NoPE, Mistral-4)
     // SwiGLU limits L (Step-3.5), 0 = none: min(silu(g), L) * clamp(u, -L, L), routed experts / dense and shared FFNs
     float clamp_exp = 0.f, clamp_shexp = 0.f;
+    // DSA on an MLA layer (mixer_mla.cpp): INDEXER_FULL runs its own lightning indexer, INDEXER_SHARED reuses the
+    // selection of the last full layer before it (GLM-5.2's IndexShare)
+    int indexer = INDEXER_NONE;
 };
 
 // Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
 struct HParams {
     std::string arch;
     int n_vocab = 0, n_embd = 0, n_layer = 0, n_head = 0, n_head_kv = 0;
-    int n_embd_head_k = 0, n_embd_head_v = 0;     // per-head sizes (MLA: of the decompressed heads)
+    int n_embd_head_k = 0, n_embd_head_v = 0; // per-head sizes (MLA: of the decompressed heads)
     float norm_eps = 1e-6f;
-    bool layernorm = false;                       // LayerNorm with bias (phimoe) instead of RMSNorm
+    bool layernorm = false; // LayerNorm with bias (phimoe) instead of RMSNorm
     int qk_norm = QK_NORM_NONE;
     // RoPE (ggml_rope_ext parameters)
     int n_rot = 0, rope_type = 0, n_ctx_orig = 0;
@@ -68,31 +86,37 @@ struct HParams {
     int n_group = 1, topk_group = 1;
     float jitter_eps = 0.01f;
     int act = ACT_SILU;
-    int moe_latent = 0;                           // latent MoE (Nemotron-3 Super): experts run in this width, 0 = n_embd
-    int64_t n_embd_exp() const { return moe_latent > 0 ? moe_latent : n_embd; }   // the routed experts' in/out width
+    int moe_latent = 0; // latent MoE (Nemotron-3 Super): experts run in this width, 0 = n_embd
+    int64_t n_embd_exp() const { return moe_latent > 0 ? moe_latent : n_embd; } // the routed experts' in/out width
     float oai_alpha = 1.702f, oai_limit = 7.0f;
     // granite multipliers
     float embd_scale = 1.f, residual_scale = 1.f, logit_scale = 1.f;
     // wave-2 switches
-    bool qk_norm_after_rope = false;              // Hunyuan: q/k norm after RoPE
-    bool v_norm = false;                          // Gemma-4: RMSNorm without weight on V
-    bool weights_before_ffn = false;              // Llama-4: routing weight scales the expert input
-    float final_softcap = 0.f;                    // Gemma-4: logits = c * tanh(logits / c)
-    int n_chunk = 0;                              // Llama-4 chunked attention: tokens see their chunk only
+    bool qk_norm_after_rope = false; // Hunyuan: q/k norm after RoPE
+    bool v_norm = false;             // Gemma-4: RMSNorm without weight on V
+    bool weights_before_ffn = false; // Llama-4: routing weight scales the expert input
+    float final_softcap = 0.f;       // Gemma-4: logits = c * tanh(logits / c)
+    int n_chunk = 0;                 // Llama-4 chunked attention: tokens see their chunk only
     float attn_temp_scale = 0.1f, attn_temp_floor = 8192.f;
-    float attn_temp_offset = 1.f;                 // the temperature's position offset: Llama-4 pos + 1, MLA (Mistral-4) pos
-    bool group_top2 = false;                      // group score = sum of its top-2 scores whatever the gating (Mistral-4)
-    bool parallel_residual = false;               // Command-R: x + attn(n) + ffn(n), n = attn_norm(x) (Cohere2-MoE)
-    bool shexp_average = false;                   // (routed + shared expert) / 2 (Cohere2-MoE)
-    bool attn_output_gate = false;                // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
-    bool attn_gate_softplus = false;              // attn_gate tensor: out *= softplus(gate) (Laguna), else sigmoid
-    float attn_value_scale = 1.f;                 // V x this (MiMo-V2: attention.value_scale), applied to the output
+    float attn_temp_offset = 1.f;    // the temperature's position offset: Llama-4 pos + 1, MLA (Mistral-4) pos
+    bool group_top2 = false;         // group score = sum of its top-2 scores whatever the gating (Mistral-4)
+    bool parallel_residual = false;  // Command-R: x + attn(n) + ffn(n), n = attn_norm(x) (Cohere2-MoE)
+    bool shexp_average = false;      // (routed + shared expert) / 2 (Cohere2-MoE)
+    bool attn_output_gate = false;   // Qwen3.5: q_proj also emits a per-head gate, out *= sigmoid(gate)
+    bool attn_gate_softplus = false; // attn_gate tensor: out *= softplus(gate) (Laguna), else sigmoid
+    float attn_value_scale = 1.f;    // V x this (MiMo-V2: attention.value_scale), applied to the output
     // recurrent mixers (llama.cpp's ssm.* keys): conv kernel; DeltaNet: d_state = head size of k/q, n_group = k
     // heads, dt_rank = v heads, d_inner = v heads * v head size; Mamba2: d_state, n_group (B/C groups), dt_rank =
     // heads, d_inner = heads * head size
     int ssm_conv_kernel = 0, ssm_d_state = 0, ssm_n_group = 0, ssm_dt_rank = 0, ssm_d_inner = 0;
-    bool deltanet_repeat_interleave = false;      // Qwen3-Next: q/k heads shared by consecutive v heads (no reorder)
-    std::vector<LayerPlan> plan;                  // [n_layer]
+    bool deltanet_repeat_interleave = false; // Qwen3-Next: q/k heads shared by consecutive v heads (no reorder)
+    // KDA decay: 0 = A softplus(f + dt) with A = -exp(A_log) (Kimi-Linear); < 0 = Ling-3.0's bounded ("safe") gate
+    // lb * sigmoid(A (f + dt)) with A = exp(A_log), this lb
+    float kda_gate_lb = 0.f;
+    // DSA lightning indexer (deepseek32, glm-dsa): heads, head size (RoPE on its first n_rot dims, in this mode),
+    // positions each token attends to once the context is longer
+    int indexer_n_head = 0, indexer_head_size = 0, indexer_top_k = 0, indexer_rope_type = 0;
+    std::vector<LayerPlan> plan; // [n_layer]
 };
 
 struct Layer {
@@ -104,29 +128,38 @@ struct Layer {
     // MLA
     ggml_tensor *wq_a = nullptr, *q_a_norm = nullptr, *wq_b = nullptr, *wkv_a = nullptr, *kv_a_norm = nullptr,
                 *wk_b = nullptr, *wv_b = nullptr;
-    ggml_tensor *attn_post_norm = nullptr;        // Gemma-4 sandwich norm on the attention output
+    ggml_tensor * attn_post_norm = nullptr; // Gemma-4 sandwich norm on the attention output
     ggml_tensor *ffn_norm = nullptr, *ffn_norm_b = nullptr;
-    ggml_tensor *ffn_exp_norm = nullptr;          // Gemma-4: experts' own pre-norm (pre_ffw_norm_2)
+    ggml_tensor * ffn_exp_norm = nullptr; // Gemma-4: experts' own pre-norm (pre_ffw_norm_2)
     ggml_tensor *ffn_post_norm = nullptr, *ffn_post_norm_dense = nullptr, *ffn_post_norm_exp = nullptr;
-    ggml_tensor *out_scale = nullptr;             // Gemma-4 layer_output_scale [1]
+    ggml_tensor * out_scale = nullptr; // Gemma-4 layer_output_scale [1]
     // dense FFN (leading dense layers)
     ggml_tensor *ffn_gate = nullptr, *ffn_up = nullptr, *ffn_down = nullptr;
     // MoE
     ggml_tensor *gate_inp = nullptr, *gate_inp_b = nullptr;
-    ggml_tensor *gate_inp_s = nullptr;            // Gemma-4 router: proj(rms_norm(h) / sqrt(n_embd) * s)
+    ggml_tensor * gate_inp_s = nullptr; // Gemma-4 router: proj(rms_norm(h) / sqrt(n_embd) * s)
     ggml_tensor *gate_exps_b = nullptr, *up_exps_b = nullptr, *down_exps_b = nullptr;
     ggml_tensor *gate_shexp = nullptr, *up_shexp = nullptr, *down_shexp = nullptr, *gate_inp_shexp = nullptr;
-    ggml_tensor *ffn_latent_down = nullptr, *ffn_latent_up = nullptr;   // latent MoE: [n_embd, L], [L, n_embd]
-    std::vector<float> exp_probs_b;               // [n_expert] selection bias (DeepSeek-V3), host side
-    std::vector<float> exp_scale;                 // [n_expert] per-expert output scale (Gemma-4), host side
-    ggml_tensor *rope_freqs = nullptr;            // rope factors of this layer (model-wide tensor or none)
+    ggml_tensor *ffn_latent_down = nullptr, *ffn_latent_up = nullptr; // latent MoE: [n_embd, L], [L, n_embd]
+    std::vector<float> exp_probs_b;     // [n_expert] selection bias (DeepSeek-V3), host side
+    std::vector<float> exp_scale;       // [n_expert] per-expert output scale (Gemma-4), host side
+    ggml_tensor * rope_freqs = nullptr; // rope factors of this layer (model-wide tensor or none)
     // recurrent mixers: LFM2 short conv; Gated DeltaNet (wqkv = attn_qkv, wqkv_gate = attn_gate = z)
     ggml_tensor *sc_conv = nullptr, *sc_in = nullptr, *sc_out = nullptr;
-    ggml_tensor *ssm_in = nullptr, *ssm_conv1d_b = nullptr, *ssm_d = nullptr;   // Mamba2 (Granite-4.0-H)
+    ggml_tensor *ssm_in = nullptr, *ssm_conv1d_b = nullptr, *ssm_d = nullptr; // Mamba2 (Granite-4.0-H)
     ggml_tensor *wqkv = nullptr, *wqkv_gate = nullptr, *ssm_conv1d = nullptr, *ssm_dt_b = nullptr, *ssm_a = nullptr,
                 *ssm_beta = nullptr, *ssm_alpha = nullptr, *ssm_ba = nullptr, *ssm_norm = nullptr, *ssm_out = nullptr;
+    // DSA indexer (INDEXER_FULL layers): q from the MLA's q latent, one key head from the input (LayerNorm), per-head
+    // weights; its key cache [indexer_head_size, n_ctx] (roped keys, positions like the KV cache's)
+    ggml_tensor *idx_wq_b = nullptr, *idx_wk = nullptr, *idx_k_norm = nullptr, *idx_k_norm_b = nullptr,
+                *idx_proj = nullptr, *idx_k_cache = nullptr;
     // KV cache (attention layers) or recurrent state (conv [K - 1, channels]; DeltaNet [S_v, S_v, H_v])
-    ggml_tensor *k_cache = nullptr, *v_cache = nullptr;   // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
+    // KDA (wq / wk / wv / wo = attn_q / k / v / output, ssm_beta, ssm_a [1, H], ssm_dt_b [C], ssm_norm [S]): a
+    // depthwise conv kernel per projection ({K, 1, C, 1} as llama.cpp stores them), the decay's and the output
+    // gate's low-rank pairs (f_a [n_embd -> S], f_b [S -> C]; f_b / g_b absent: f_a / g_a full rank [n_embd -> C])
+    ggml_tensor *ssm_conv_q = nullptr, *ssm_conv_k = nullptr, *ssm_conv_v = nullptr;
+    ggml_tensor *ssm_f_a = nullptr, *ssm_f_b = nullptr, *ssm_g_a = nullptr, *ssm_g_b = nullptr;
+    ggml_tensor *k_cache = nullptr, *v_cache = nullptr; // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
     ggml_tensor *conv_state = nullptr, *ssm_state = nullptr;
 };
 
@@ -135,18 +168,18 @@ struct ModelOptions {
     int n_threads = 2;
     int n_ubatch = 512;
     ggml_type kv_type = GGML_TYPE_F16;
-    std::vector<int> expert_slots;                // per layer quota; empty = all experts resident
-    int policy = 2;                               // Policy::LFUDA, the Python default (cache_policies/registry.py)
+    std::vector<int> expert_slots; // per layer quota; empty = all experts resident
+    int policy = 2;                // Policy::LFUDA, the Python default (cache_policies/registry.py)
     int window_m = 16;
-    bool prefetch = true;                         // next-layer gate lookahead -> async reads
+    bool prefetch = true; // next-layer gate lookahead -> async reads
     int n_io_threads = 2;
-    int device = 0;                               // 0: CPU; 1: CUDA (build with MOELITE_CUDA)
-    int gpu = 0;                                  // CUDA device index
+    int device = 0; // 0: CPU; 1: CUDA (build with MOELITE_CUDA)
+    int gpu = 0;    // CUDA device index
     // tier 2 (tiering.h): per layer RAM slots between the expert arena and the file; empty = no tier 2.
     // With device CPU the "VRAM" arena is host memory too: that runs the tiering logic on any machine.
     std::vector<int> host_slots;
-    int cpu_compute = 1;                          // CpuCompute: 0 never, 1 cost model, 2 always
-    bool flash_attn = true;                       // ggml_flash_attn_ext (V cached untransposed); off: softmax(QK)V
+    int cpu_compute = 1;    // CpuCompute: 0 never, 1 cost model, 2 always
+    bool flash_attn = true; // ggml_flash_attn_ext (V cached untransposed); off: softmax(QK)V
     // CPU device: weights in ggml's repacked layouts (CPU_REPACK) where its kernels take them: the mul_mat-only
     // dense weights and the expert arenas, resident or offloaded alike (expert_cache.h); off: llama.cpp's --no-repack
     bool repack = true;
@@ -167,7 +200,7 @@ struct ModelOptions {
     // Bytes the graph scratch is sized to at load (the planner's bound; 0: grown as graphs need). Virtual memory:
     // only what graphs touch becomes resident (Model::reserve_scratch).
     size_t scratch_reserve = 0;
-    // Decode steps and small ubatches (< 64 tokens) on the CPU with flash attention and an F16/F32 KV cache:
+    // Decode steps and small ubatches (< 64 tokens) on the CPU with flash attention and an F16/F32/Q8_0 KV cache:
     // attention as one pass per KV head for all its query heads, in F32 (attn_cpu.cpp), instead of ggml's flash
     // attention (one query head at a time, F16 sums). Off: ggml's op for those steps.
     bool decode_attn = true;
@@ -194,39 +227,40 @@ struct ModelOptions {
 // What Model::lock_memory() locked (ModelOptions::mlock), and the first refusal
 struct LockInfo {
     bool requested = false;
-    size_t locked_bytes = 0;                      // page-rounded bytes under mlock
-    size_t failed_bytes = 0;                      // bytes mlock refused
-    int err = 0;                                  // errno of the first refusal (0: none)
+    size_t locked_bytes = 0; // page-rounded bytes under mlock
+    size_t failed_bytes = 0; // bytes mlock refused
+    int err = 0;             // errno of the first refusal (0: none)
 };
 
-struct RepackInfo {                               // what the CPU_REPACK buffer type holds (zeros: none)
-    bool available = false;                       // this CPU backend has the buffer type and repack was asked for
-    size_t dense_tensors = 0, dense_bytes = 0;    // dense weights repacked (part of dense_bytes())
-    size_t arena_bytes = 0;                       // expert arena bytes repacked (part of the arena)
-    bool tiled_prompts = false;                   // prompt matmuls unpack repacked Q4_K for ggml's tiled GEMM
+struct RepackInfo {                            // what the CPU_REPACK buffer type holds (zeros: none)
+    bool available = false;                    // this CPU backend has the buffer type and repack was asked for
+    size_t dense_tensors = 0, dense_bytes = 0; // dense weights repacked (part of dense_bytes())
+    size_t arena_bytes = 0;                    // expert arena bytes repacked (part of the arena)
+    bool tiled_prompts = false;                // prompt matmuls unpack repacked Q4_K for ggml's tiled GEMM
 };
-
 
 // The (token, k) pairs of a step that one group of resident experts serves (ffn_moe.cpp): pair i = (t, k) with
 // ids[i] in the group (slot_of[ids[i]] >= 0); its output goes to row i = t * K + k of the expert-output buffer.
 struct ExpertPairs {
-    std::vector<int32_t> tok, slot, eid;          // token, slot and expert of each pair
-    std::vector<int64_t> rows;                    // t * K + k
-    std::vector<float> w;                         // its routing weight (Llama-4 scales the input with it)
-    ExpertPairs(const std::vector<int32_t> & ids, const std::vector<float> & weights, int K, const std::vector<int> & slot_of);
+    std::vector<int32_t> tok, slot, eid; // token, slot and expert of each pair
+    std::vector<int64_t> rows;           // t * K + k
+    std::vector<float> w;                // its routing weight (Llama-4 scales the input with it)
+    ExpertPairs(const std::vector<int32_t> & ids, const std::vector<float> & weights, int K,
+                const std::vector<int> & slot_of);
 };
 
 class Model {
-public:
+  public:
     Model(const std::string & path, const HParams & hp, const ModelOptions & opt);
     ~Model();
 
     // Evaluate tokens at positions n_past.. (appending to the KV cache). logits: [n_out, n_vocab] for the
     // last n_out tokens (n_out <= n_tokens).
     void eval(const int32_t * tokens, int n_tokens, int n_out, float * logits);
-    void reset();                                 // position 0; recurrent state zeroed
+    void eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float * logits); // eval() untimed
+    void reset(); // position 0; recurrent state zeroed
     int n_past() const { return n_past_; }
-    void truncate(int n);                         // KV only: a recurrent state cannot go back (restore a snapshot)
+    void truncate(int n); // KV only: a recurrent state cannot go back (restore a snapshot)
     // Recurrent state of all recurrent layers as one blob (snapshots for prompt reuse), and its restore at the
     // position it was taken (the KV cache is truncated there).
     bool recurrent() const { return buf_rs_ != nullptr; }
@@ -238,11 +272,20 @@ public:
     ExpertCache & cache() { return *cache_; }
     ExpertCache * tier2() { return tier2_.get(); }
     const CostModel & costs() const { return costs_; }
-    const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; }   // per layer: experts run by the CPU
-    const std::vector<uint64_t> & swaps() const { return swaps_; }   // per layer: routed experts replaced (cache-aware)
-    const std::vector<uint64_t> & gemm_experts() const { return gemm_experts_; }   // per layer: experts run by expert_gemm
-    const std::vector<uint64_t> & standin_uses() const { return standin_uses_; }   // per layer: experts run as stand-ins
+    const std::vector<uint64_t> & cpu_experts() const { return cpu_experts_; } // per layer: experts run by the CPU
+    const std::vector<uint64_t> & swaps() const { return swaps_; } // per layer: routed experts replaced (cache-aware)
+    const std::vector<uint64_t> & gemm_experts() const {
+        return gemm_experts_;
+    } // per layer: experts run by expert_gemm
+    const std::vector<uint64_t> & standin_uses() const { return standin_uses_; } // per layer: experts run as stand-ins
     ExpertCache * standins() { return standin_.get(); }
+    // Decode steps (eval() of one token) since reset_stats(): their wall seconds and, of those, the expert cache's
+    // waits for reads and its bookkeeping (ExpertCache::times()); the rest is compute and graph overhead.
+    struct DecodeTimes {
+        uint64_t steps = 0;
+        double step_s = 0.0, wait_s = 0.0, book_s = 0.0;
+    };
+    const DecodeTimes & decode_times() const { return decode_times_; }
     void reset_stats();
     size_t dense_bytes() const { return dense_bytes_; }
     RepackInfo repack_info() const;
@@ -252,17 +295,20 @@ public:
     // file mapped MAP_SHARED (page cache, the way llama.cpp holds them) instead of anonymous memory; no repacking
     bool dense_mapped() const { return dense_mmap_; }
     size_t scratch_bytes() const;
-    bool fused_ok() const;                        // this model runs a step as one graph (model_fused.cpp)
-    bool any_expert_gemm(int T) const;            // a ubatch of T runs some layer's experts as per-expert matmuls
-    void reserve_scratch(size_t bytes);           // size galloc_'s buffer once, on huge pages
+    bool fused_ok() const;              // this model runs a step as one graph (model_fused.cpp)
+    bool any_expert_gemm(int T) const;  // a ubatch of T runs some layer's experts as per-expert matmuls
+    void reserve_scratch(size_t bytes); // size galloc_'s buffer once, on huge pages
 
     // routing trace, when record_routes: per layer, per evaluated token, k ids in descending score order
     bool record_routes = false;
-    std::vector<std::vector<int32_t>> route_ids;  // [n_layer][n_tokens * k]
-    std::vector<std::vector<float>> route_w;      // [n_layer][n_tokens * k] selection scores (descending)
-    std::vector<std::vector<int32_t>> route_la;   // [n_layer][n_tokens * k] lookahead prediction for this layer
+    std::vector<std::vector<int32_t>> route_ids; // [n_layer][n_tokens * k]
+    std::vector<std::vector<float>> route_w;     // [n_layer][n_tokens * k] selection scores (descending)
+    std::vector<std::vector<int32_t>> route_la;  // [n_layer][n_tokens * k] lookahead prediction for this layer
+    // routing of the last eval() ubatch, always kept (speculative decoding's window planner reads it): per layer,
+    // [T * k] expert ids of its T rows (empty for a layer without routed experts)
+    std::vector<std::vector<int32_t>> step_ids;
 
-private:
+  private:
     // ---- loading (model.cpp)
     ggml_tensor * load_tensor(const std::string & name, bool required, int n_dims_expect = -1,
                               std::vector<int64_t> shape = {});
@@ -270,15 +316,19 @@ private:
     void load_attention(int il, Layer & L);
     void load_mla(int il, Layer & L);
     void load_ffn(int il, Layer & L);
-    struct ExpertTensors { TensorInfo gate, up, down; bool gated = true; };   // gated false: gate unused (ReLU²)
-    ExpertTensors expert_tensors(const GGUFIndex & idx, int il, int64_t n_embd) const;   // a MoE layer's, checked
+    struct ExpertTensors {
+        TensorInfo gate, up, down;
+        bool gated = true;
+    }; // gated false: gate unused (ReLU²)
+    ExpertTensors expert_tensors(const GGUFIndex & idx, int il, int64_t n_embd) const; // a MoE layer's, checked
     void load_recurrent(int il, Layer & L);
+    void load_kda(int il, Layer & L);
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
-    std::vector<ggml_tensor *> matmul_weights() const;   // 2-D weights read only by ggml_mul_mat (repack candidates)
-    void alloc_weights();                         // the repacked ones in buf_rp_, the rest in buf_w_
-    void map_weights();                           // MOELITE_DENSE_MMAP: views of the mapped file(s) instead
+    std::vector<ggml_tensor *> matmul_weights() const; // 2-D weights read only by ggml_mul_mat (repack candidates)
+    void alloc_weights();                              // the repacked ones in buf_rp_, the rest in buf_w_
+    void map_weights();                                // MOELITE_DENSE_MMAP: views of the mapped file(s) instead
     void read_weights();
-    void lock_memory();                           // ModelOptions::mlock
+    void lock_memory(); // ModelOptions::mlock
     void alloc_kv();
     std::vector<int> tier_quotas(const std::vector<int> & per_layer, const char * what) const;
 
@@ -286,82 +336,96 @@ private:
     // layers host routing + the expert cache + graph B (ffn_moe.cpp); or one graph for the step (model_fused.cpp)
     ggml_context * begin_graph();
     void compute(ggml_context * ctx, ggml_cgraph * gf, ggml_gallocr_t galloc);
-    void set_graph_inputs();                      // after compute(): the shared inputs this graph created
+    void set_graph_inputs(); // after compute(): the shared inputs this graph created
     void run_embed(const int32_t * tokens, int T);
     void run_layer_front(int il, int T);
     void run_output(int T, int n_out, float * logits);
-    int output_rows_per_graph() const;            // logits rows per output graph (kOutputScratch)
+    int output_rows_per_graph() const; // logits rows per output graph (kOutputScratch)
     void build_masks(int T);
-    bool last_row_finite(int T) const;            // the residual stream's row T - 1 (x_) holds no NaN/Inf
-    void check_finite(int il, int T);             // FormatError naming layer il (-1: embeddings) on NaN/Inf
+    bool last_row_finite(int T) const; // the residual stream's row T - 1 (x_) holds no NaN/Inf
+    void check_finite(int il, int T);  // FormatError naming layer il (-1: embeddings) on NaN/Inf
     int next_moe(int il) const;
 
     // ---- the fused step (model_fused.cpp)
-    struct RouteOp {                              // one MoE layer's routing inside the fused graph
+    struct RouteOp { // one MoE layer's routing inside the fused graph
         Model * model;
         int il, T;
-        std::vector<int32_t> ids;                 // [T * k] expert ids, as route() returns them
-        std::vector<float> w;                     // [T * k] combine weights
-        bool failed = false;                      // route() threw: the caller reruns the step per layer
+        std::vector<int32_t> ids; // [T * k] expert ids, as route() returns them
+        std::vector<float> w;     // [T * k] combine weights
+        bool failed = false;      // route() threw: the caller reruns the step per layer
     };
-    bool eval_fused(const int32_t * tokens, int T, int n_out, float * logits);   // false: rerun per layer
-    static void op_route(ggml_tensor * dst, int ith, int nth, void * userdata);     // -> slots [k, T]
-    static void op_weights(ggml_tensor * dst, int ith, int nth, void * userdata);   // -> weights [1, k, T]
-    static void op_expert_ids(ggml_tensor * dst, int ith, int nth, void * userdata);   // -> expert ids [k, T]
+    bool eval_fused(const int32_t * tokens, int T, int n_out, float * logits);       // false: rerun per layer
+    static void op_route(ggml_tensor * dst, int ith, int nth, void * userdata);      // -> slots [k, T]
+    static void op_weights(ggml_tensor * dst, int ith, int nth, void * userdata);    // -> weights [1, k, T]
+    static void op_expert_ids(ggml_tensor * dst, int ith, int nth, void * userdata); // -> expert ids [k, T]
 
     // ---- graph builders shared by the per-layer and the fused step
     // Graph inputs shared by every layer of one graph: created on first use, reset by begin_graph(), set by
     // set_graph_inputs() after allocation.
-    ggml_tensor * pos_input(ggml_context * ctx, int T);                 // [T] positions
-    ggml_tensor * mask_input(ggml_context * ctx, int kind, int n_kv, int T);   // [n_kv, T] (F16 for flash attention)
-    ggml_tensor * attn_temp_input(ggml_context * ctx, int T);           // [1, 1, T] Llama-4 NoPE temperature
+    ggml_tensor * pos_input(ggml_context * ctx, int T);                      // [T] positions
+    ggml_tensor * mask_input(ggml_context * ctx, int kind, int n_kv, int T); // [n_kv, T] (F16 for flash attention)
+    ggml_tensor * attn_temp_input(ggml_context * ctx, int T);                // [1, 1, T] Llama-4 NoPE temperature
+    ggml_tensor * mask_f32_input(ggml_context * ctx, int n_kv, int T);       // [n_kv, T] causal, F32 (DSA scores)
     // h, the normed h and the routed experts' input (hn, or latent MoE's ffn_latent_down hn) [n_embd | L, T],
     // router logits [n_expert, T]
-    struct MoeFront { ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr, *xe = nullptr; };
+    struct MoeFront {
+        ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr, *xe = nullptr;
+    };
     // Layer il on the residual stream x [n_embd, T]: a dense layer's output, or nullptr for a MoE layer, whose
     // FFN front (h = x + mixer, the experts' input, router logits) is left in f.
     ggml_tensor * layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f);
     // Experts of layer il (every one resident) + combine: slots / eids [k, T], weights [1, k, T] -> new residual
     ggml_tensor * moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots, ggml_tensor * weights,
                             ggml_tensor * eids, int T);
-    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x);     // x [n_embd, rows] -> logits [n_vocab, rows]
-    ggml_tensor * rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T);   // [ne0, T] view of a state tensor
+    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x); // x [n_embd, rows] -> logits [n_vocab, rows]
+    ggml_tensor * rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T); // [ne0, T] view of a state tensor
 
     // ---- shared small builders (model.cpp)
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
-    ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w);   // plain RMSNorm (* w if given)
+    ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w); // plain RMSNorm (* w if given)
     // y -> (post norm) -> * residual_scale -> + h -> (* layer output scale); the layer's new residual stream
     ggml_tensor * residual_out(ggml_context * ctx, int il, ggml_tensor * y, ggml_tensor * h, ggml_tensor * post_norm,
                                bool layer_end);
 
     // ---- mixers: x normed [n_embd, T] -> attention output after W_o [n_embd, T]
     ggml_tensor * mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
-                                  int T);                                            // mixer_attention.cpp
+                                  int T); // mixer_attention.cpp
     ggml_tensor * mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
-                            int T);                                                  // mixer_mla.cpp
+                            int T); // mixer_mla.cpp
     ggml_tensor * mixer_shortconv(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur,
-                                  int T);                                            // mixer_recurrent.cpp
+                                  int T); // mixer_recurrent.cpp
     ggml_tensor * mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
     ggml_tensor * mixer_mamba2(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
-    ggml_tensor * conv_with_state(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T);
-    ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos);
+    ggml_tensor * mixer_kda(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, int T);
+    // x [C, T] -> causal depthwise conv (kernel [K, C]) over [state | x] -> [C, T]; state [K - 1, C] updated
+    ggml_tensor * conv_with_state(ggml_context * ctx, ggml_cgraph * gf, ggml_tensor * state, ggml_tensor * kernel,
+                                  ggml_tensor * x, int T);
+    // mode < 0: the model's RoPE mode (the DSA indexer passes its own)
+    ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos, int mode = -1);
+    // KV cache + softmax(QK)V; mask: the layer plan's (null) or the caller's [n_kv, T] (DSA's selection)
     ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
-                            ggml_tensor * v, int T);                                 // KV cache + softmax(QK)V
+                            ggml_tensor * v, int T, ggml_tensor * mask = nullptr);
+    // DSA (mixer_dsa.cpp): the indexer of layer il writes its keys; the selection as an attention mask [n_kv, T]
+    // (F16 with flash attention), or null while every position fits the budget (dense attention)
+    ggml_tensor * dsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
+                           ggml_tensor * pos, int T);
+    ggml_tensor * dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
+                             ggml_tensor * pos, int T); // [n_kv, T] causal-masked, or null under the budget
 
     // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)
     ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down,
                       float limit = 0.f);
     // act(g) * u, the family's act; g nullptr (ACT_RELU_SQR, no gate): relu(u)^2; limit > 0: SwiGLU clamped after SiLU
     ggml_tensor * glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u, float limit = 0.f);
-    ggml_tensor * dense_block(ggml_context * ctx, int il, ggml_tensor * h);   // norm -> FFN (-> post norm)
-    ggml_tensor * router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn);  // [n_expert, T]
-    ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h);    // the experts' normed input
+    ggml_tensor * dense_block(ggml_context * ctx, int il, ggml_tensor * h); // norm -> FFN (-> post norm)
+    ggml_tensor * router_logits(ggml_context * ctx, int il, ggml_tensor * h, ggml_tensor * hn); // [n_expert, T]
+    ggml_tensor * expert_input(ggml_context * ctx, int il, ggml_tensor * h); // the experts' normed input
     ggml_tensor * expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml_tensor * hb, ggml_tensor * slots,
                              ggml_tensor * eids);
     ggml_tensor * tiled_weight(ggml_context * ctx, ggml_tensor * w, bool repacked, int64_t n) const;
-    ggml_tensor * dense_mm(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) const;   // mul_mat, tiled_weight'd
+    ggml_tensor * dense_mm(ggml_context * ctx, ggml_tensor * w, ggml_tensor * x) const; // mul_mat, tiled_weight'd
     ggml_tensor * expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x);
-    bool expert_gemm(int T, const Pool & P) const;   // a ubatch of T runs pool P's experts as per-expert matmuls
+    bool expert_gemm(int T, const Pool & P) const; // a ubatch of T runs pool P's experts as per-expert matmuls
     ggml_tensor * combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_tensor * weights, const MoeFront & f);
     void moe_layer(int il, int T, const std::vector<int32_t> & ids, const std::vector<float> & w);
     void run_experts(int il, int t0, int t1, const std::vector<int32_t> & slot_ids, const std::vector<float> & w,
@@ -376,7 +440,7 @@ private:
     void route(int il, ggml_tensor * logits_src, int T, std::vector<int32_t> & ids, std::vector<float> & w,
                std::vector<float> * score = nullptr, bool swap = false);
     void route_host(int il, const float * logits, int T, std::vector<int32_t> & ids, std::vector<float> & w,
-                    std::vector<float> * score, bool swap);          // logits [n_expert, T] in host memory
+                    std::vector<float> * score, bool swap); // logits [n_expert, T] in host memory
 
     void swap_for_resident(int il, const std::vector<char> & resident, const std::vector<float> & p,
                            const std::vector<float> & sel, int32_t * id, int K);
@@ -391,56 +455,65 @@ private:
     ModelOptions opt_;
     std::unique_ptr<GGUFIndex> idx_;
     ggml_backend_t backend_ = nullptr;
-    ggml_context * ctx_w_ = nullptr;              // dense weight tensors
+    ggml_context * ctx_w_ = nullptr; // dense weight tensors
     ggml_backend_buffer_t buf_w_ = nullptr;
-    ggml_backend_buffer_type_t repack_buft_ = nullptr;   // CPU_REPACK when repacking (CPU device, opt_.repack)
-    bool unrepack_q4_K_ = false;   // prompt GEMMs may unpack repacked Q4_K slots for ggml's tiled GEMM (ffn_moe.cpp)
-    ggml_backend_buffer_t buf_rp_ = nullptr;      // dense weights in repacked layouts (no get_tensor: never read back)
+    ggml_backend_buffer_type_t repack_buft_ = nullptr; // CPU_REPACK when repacking (CPU device, opt_.repack)
+    bool unrepack_q4_K_ = false; // prompt GEMMs may unpack repacked Q4_K slots for ggml's tiled GEMM (ffn_moe.cpp)
+    ggml_backend_buffer_t buf_rp_ = nullptr; // dense weights in repacked layouts (no get_tensor: never read back)
     size_t repacked_tensors_ = 0, repacked_bytes_ = 0;
-    ggml_context * ctx_kv_ = nullptr;             // KV cache + persistent state tensors
+    ggml_context * ctx_kv_ = nullptr; // KV cache + persistent state tensors
     ggml_backend_buffer_t buf_kv_ = nullptr;
-    ggml_context * ctx_rs_ = nullptr;             // recurrent states (own buffer: zeroed on reset, saved whole)
+    ggml_context * ctx_rs_ = nullptr; // recurrent states (own buffer: zeroed on reset, saved whole)
     ggml_backend_buffer_t buf_rs_ = nullptr;
     std::vector<std::pair<ggml_tensor *, const TensorInfo *>> to_read_;
-    bool dense_mmap_ = false;                     // MOELITE_DENSE_MMAP=1 on a CPU device
-    std::vector<std::pair<void *, size_t>> maps_; // per file of the set: its read-only mapping (nullptr: unused)
-    std::vector<ggml_backend_buffer_t> buf_maps_; // per file: a CPU buffer over the mapping (tensors point into it)
-    std::vector<std::pair<void *, size_t>> locked_;   // page ranges under mlock, unlocked before they are freed
+    bool dense_mmap_ = false;                       // MOELITE_DENSE_MMAP=1 on a CPU device
+    std::vector<std::pair<void *, size_t>> maps_;   // per file of the set: its read-only mapping (nullptr: unused)
+    std::vector<ggml_backend_buffer_t> buf_maps_;   // per file: a CPU buffer over the mapping (tensors point into it)
+    std::vector<std::pair<void *, size_t>> locked_; // page ranges under mlock, unlocked before they are freed
     LockInfo lock_;
     size_t dense_bytes_ = 0, kv_bytes_ = 0;
 
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
                 *output_b_ = nullptr, *rope_factors_ = nullptr;
     std::vector<Layer> layers_;
-    std::unique_ptr<ExpertCache> tier2_;          // declared before cache_: destroyed after it
+    std::unique_ptr<ExpertCache> tier2_; // declared before cache_: destroyed after it
     std::unique_ptr<ExpertCache> cache_;
-    ggml_backend_t cpu_backend_ = nullptr;        // runs tier-2 experts; == backend_ on a CPU device
+    ggml_backend_t cpu_backend_ = nullptr; // runs tier-2 experts; == backend_ on a CPU device
     ggml_threadpool * cpu_threadpool_ = nullptr;
     ggml_gallocr_t galloc_cpu_ = nullptr;
     CostModel costs_;
     std::vector<uint64_t> cpu_experts_;
     std::vector<uint64_t> swaps_;
     std::vector<uint64_t> gemm_experts_;
-    std::unique_ptr<GGUFIndex> standin_idx_;      // the stand-ins' side file (opt_.standin_path)
-    std::unique_ptr<ExpertCache> standin_;        // its experts, cached like the full ones
+    DecodeTimes decode_times_;
+    std::unique_ptr<GGUFIndex> standin_idx_; // the stand-ins' side file (opt_.standin_path)
+    std::unique_ptr<ExpertCache> standin_;   // its experts, cached like the full ones
     std::vector<uint64_t> standin_uses_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
     ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,
-                *ebuf_ = nullptr;   // [n_embd_exp, K * n_ubatch] expert outputs of the expert-major path
-    ggml_tensor * ffn_xe_ = nullptr;              // the experts' input [n_embd_exp, n_ubatch]: ffn_in_, or latent
+                *ebuf_ = nullptr;    // [n_embd_exp, K * n_ubatch] expert outputs of the expert-major path
+    ggml_tensor * ffn_xe_ = nullptr; // the experts' input [n_embd_exp, n_ubatch]: ffn_in_, or latent
+    // DSA with IndexShare: the last full indexer layer's selection [top_k, n_ubatch] I32, read by the shared layers
+    // after it (the per-layer step runs each layer in its own graph)
+    ggml_tensor * dsa_topk_ = nullptr;
 
     ggml_gallocr_t galloc_ = nullptr;
-    std::vector<uint8_t> graph_mem_;              // tensor + graph metadata of one graph (kMaxNodes)
-    std::vector<uint8_t> fused_mem_;              // the same for the fused graph (fused_nodes_)
+    std::vector<uint8_t> graph_mem_; // tensor + graph metadata of one graph (kMaxNodes)
+    std::vector<uint8_t> fused_mem_; // the same for the fused graph (fused_nodes_)
     int fused_nodes_ = 0;
-    std::vector<RouteOp> route_ops_;              // the fused graph's routing ops (reserved: addresses stable)
-    struct GraphInputs { ggml_tensor *pos = nullptr, *mask[3] = {nullptr, nullptr, nullptr}, *attn_temp = nullptr; };
-    GraphInputs gin_;                             // the current graph's shared inputs
+    std::vector<RouteOp> route_ops_; // the fused graph's routing ops (reserved: addresses stable)
+    struct GraphInputs {
+        ggml_tensor *pos = nullptr, *mask[3] = {nullptr, nullptr, nullptr}, *attn_temp = nullptr;
+        ggml_tensor * mask_f32 = nullptr; // causal F32 for the DSA scores (flash attention's masks are F16)
+        ggml_tensor * dsa_topk = nullptr; // the last full indexer layer's selection [top_k, T] in this graph
+    };
+    GraphInputs gin_; // the current graph's shared inputs
     int n_past_ = 0;
     std::vector<int32_t> pos_;
-    std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_;   // host inputs of one ubatch
-    std::vector<ggml_fp16_t> mask16_[3];          // the same in F16 for flash attention (causal, swa, chunk), instead
+    std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_; // host inputs of one ubatch
+    std::vector<float> mask_dsa_;        // the causal mask in F32 for the DSA scores (models with an indexer)
+    std::vector<ggml_fp16_t> mask16_[3]; // the same in F16 for flash attention (causal, swa, chunk), instead
 };
 
-}  // namespace moelite
+} // namespace moelite

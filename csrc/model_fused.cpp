@@ -48,7 +48,8 @@ void Model::op_route(ggml_tensor * dst, int ith, int, void * userdata) {
         r.ids.assign(n, 0);
         r.w.assign(n, 0.f);
     }
-    const std::vector<int> & slot_of = m.cache_->layers()[r.il].slot_of;   // fixed: every expert is resident
+    m.step_ids[r.il] = r.ids;
+    const std::vector<int> & slot_of = m.cache_->layers()[r.il].slot_of; // fixed: every expert is resident
     int32_t * slots = (int32_t *) dst->data;
     for (int i = 0; i < n; ++i) slots[i] = slot_of[r.ids[i]];
 }
@@ -78,10 +79,10 @@ bool Model::eval_fused(const int32_t * tokens, int T, int n_out, float * logits)
     ggml_cgraph * gf = ggml_new_graph_custom(ctx, fused_nodes_, false);
     ggml_tensor * inp = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, T);
     ggml_set_input(inp);
-    ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp);                 // [n_embd, T]
+    ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp); // [n_embd, T]
     if (h.embd_scale != 1.f) x = ggml_scale(ctx, x, h.embd_scale);
     route_ops_.clear();
-    route_ops_.reserve(h.n_layer);                // the ops point into it: no reallocation while the graph lives
+    route_ops_.reserve(h.n_layer); // the ops point into it: no reallocation while the graph lives
     for (int il = 0; il < h.n_layer; ++il) {
         MoeFront f;
         ggml_tensor * y = layer_front(ctx, gf, il, x, T, f);
@@ -99,7 +100,7 @@ bool Model::eval_fused(const int32_t * tokens, int T, int n_out, float * logits)
         x = y;
     }
     ggml_build_forward_expand(gf, ggml_cpy(ctx, x, rows_of(ctx, x_, 0, T)));
-    ggml_tensor * out = nullptr;                  // more rows than one output graph takes: run_output() after
+    ggml_tensor * out = nullptr; // more rows than one output graph takes: run_output() after
     if (n_out > 0 && n_out <= output_rows_per_graph()) {
         out = output_head(ctx, ggml_view_2d(ctx, x, h.n_embd, n_out, x->nb[1], (size_t) (T - n_out) * x->nb[1]));
         ggml_set_output(out);
@@ -129,4 +130,4 @@ bool Model::eval_fused(const int32_t * tokens, int T, int n_out, float * logits)
     return true;
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -6,10 +6,10 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "bindings.h"
 #include "common.h"
 #include "gguf_index.h"
 #include "quantize.h"
-#include "bindings.h"
 
 namespace py = pybind11;
 using namespace moelite;
@@ -18,7 +18,10 @@ using namespace moelite;
 static std::string escaped(const char * s) {
     std::string out;
     for (const unsigned char * p = (const unsigned char *) s; *p; ++p) {
-        if (*p >= 0x20 && *p < 0x7f) { out += (char) *p; continue; }
+        if (*p >= 0x20 && *p < 0x7f) {
+            out += (char) *p;
+            continue;
+        }
         char buf[8];
         snprintf(buf, sizeof buf, "\\x%02x", *p);
         out += buf;
@@ -38,20 +41,20 @@ static py::str utf8(const char * s, const std::string & what) {
 
 static py::object gguf_value(gguf_context * ctx, int64_t k, gguf_type t) {
     switch (t) {
-        case GGUF_TYPE_UINT8: return py::int_(gguf_get_val_u8(ctx, k));
-        case GGUF_TYPE_INT8: return py::int_(gguf_get_val_i8(ctx, k));
-        case GGUF_TYPE_UINT16: return py::int_(gguf_get_val_u16(ctx, k));
-        case GGUF_TYPE_INT16: return py::int_(gguf_get_val_i16(ctx, k));
-        case GGUF_TYPE_UINT32: return py::int_(gguf_get_val_u32(ctx, k));
-        case GGUF_TYPE_INT32: return py::int_(gguf_get_val_i32(ctx, k));
-        case GGUF_TYPE_UINT64: return py::int_(gguf_get_val_u64(ctx, k));
-        case GGUF_TYPE_INT64: return py::int_(gguf_get_val_i64(ctx, k));
-        case GGUF_TYPE_FLOAT32: return py::float_(gguf_get_val_f32(ctx, k));
-        case GGUF_TYPE_FLOAT64: return py::float_(gguf_get_val_f64(ctx, k));
-        case GGUF_TYPE_BOOL: return py::bool_(gguf_get_val_bool(ctx, k));
-        case GGUF_TYPE_STRING:
-            return utf8(gguf_get_val_str(ctx, k), "the value of key '" + escaped(gguf_get_key(ctx, k)) + "'");
-        default: return py::none();
+    case GGUF_TYPE_UINT8: return py::int_(gguf_get_val_u8(ctx, k));
+    case GGUF_TYPE_INT8: return py::int_(gguf_get_val_i8(ctx, k));
+    case GGUF_TYPE_UINT16: return py::int_(gguf_get_val_u16(ctx, k));
+    case GGUF_TYPE_INT16: return py::int_(gguf_get_val_i16(ctx, k));
+    case GGUF_TYPE_UINT32: return py::int_(gguf_get_val_u32(ctx, k));
+    case GGUF_TYPE_INT32: return py::int_(gguf_get_val_i32(ctx, k));
+    case GGUF_TYPE_UINT64: return py::int_(gguf_get_val_u64(ctx, k));
+    case GGUF_TYPE_INT64: return py::int_(gguf_get_val_i64(ctx, k));
+    case GGUF_TYPE_FLOAT32: return py::float_(gguf_get_val_f32(ctx, k));
+    case GGUF_TYPE_FLOAT64: return py::float_(gguf_get_val_f64(ctx, k));
+    case GGUF_TYPE_BOOL: return py::bool_(gguf_get_val_bool(ctx, k));
+    case GGUF_TYPE_STRING:
+        return utf8(gguf_get_val_str(ctx, k), "the value of key '" + escaped(gguf_get_key(ctx, k)) + "'");
+    default: return py::none();
     }
 }
 
@@ -74,18 +77,18 @@ static py::object gguf_array(gguf_context * ctx, int64_t k) {
         return py::object(a);
     };
     switch (at) {
-        case GGUF_TYPE_UINT8: return mk(uint8_t{});
-        case GGUF_TYPE_INT8: return mk(int8_t{});
-        case GGUF_TYPE_UINT16: return mk(uint16_t{});
-        case GGUF_TYPE_INT16: return mk(int16_t{});
-        case GGUF_TYPE_UINT32: return mk(uint32_t{});
-        case GGUF_TYPE_INT32: return mk(int32_t{});
-        case GGUF_TYPE_UINT64: return mk(uint64_t{});
-        case GGUF_TYPE_INT64: return mk(int64_t{});
-        case GGUF_TYPE_FLOAT32: return mk(float{});
-        case GGUF_TYPE_FLOAT64: return mk(double{});
-        case GGUF_TYPE_BOOL: return mk(bool{});
-        default: return py::none();
+    case GGUF_TYPE_UINT8: return mk(uint8_t{});
+    case GGUF_TYPE_INT8: return mk(int8_t{});
+    case GGUF_TYPE_UINT16: return mk(uint16_t{});
+    case GGUF_TYPE_INT16: return mk(int16_t{});
+    case GGUF_TYPE_UINT32: return mk(uint32_t{});
+    case GGUF_TYPE_INT32: return mk(int32_t{});
+    case GGUF_TYPE_UINT64: return mk(uint64_t{});
+    case GGUF_TYPE_INT64: return mk(int64_t{});
+    case GGUF_TYPE_FLOAT32: return mk(float{});
+    case GGUF_TYPE_FLOAT64: return mk(double{});
+    case GGUF_TYPE_BOOL: return mk(bool{});
+    default: return py::none();
     }
 }
 
@@ -98,13 +101,15 @@ static py::dict read_gguf(const std::string & path) {
     for (int64_t k = 0; k < gguf_get_n_kv(idx.ctx); ++k) {
         const gguf_type t = gguf_get_kv_type(idx.ctx, k);
         const char * key = gguf_get_key(idx.ctx, k);
-        kv[utf8(key, "metadata key '" + escaped(key) + "'")] = t == GGUF_TYPE_ARRAY ? gguf_array(idx.ctx, k) : gguf_value(idx.ctx, k, t);
+        kv[utf8(key, "metadata key '" + escaped(key) + "'")] =
+            t == GGUF_TYPE_ARRAY ? gguf_array(idx.ctx, k) : gguf_value(idx.ctx, k, t);
     }
     py::list tensors, tensor_files, files;
     for (const auto & t : idx.tensors) {
         py::tuple shape(t.n_dims);
         for (int d = 0; d < t.n_dims; ++d) shape[d] = t.ne[d];
-        tensors.append(py::make_tuple(utf8(t.name.c_str(), "tensor name '" + escaped(t.name.c_str()) + "'"), (int) t.type, shape, t.offset, t.nbytes));
+        tensors.append(py::make_tuple(utf8(t.name.c_str(), "tensor name '" + escaped(t.name.c_str()) + "'"),
+                                      (int) t.type, shape, t.offset, t.nbytes));
         tensor_files.append(t.file);
     }
     for (const auto & f : idx.files) files.append(py::make_tuple(f.path, f.size));
@@ -162,13 +167,9 @@ PYBIND11_MODULE(_core, m) {
         };
         try {
             if (p) std::rethrow_exception(p);
-        } catch (const FormatError & e) {
-            raise(format_error, e.what());
-        } catch (const IOError & e) {
+        } catch (const FormatError & e) { raise(format_error, e.what()); } catch (const IOError & e) {
             raise(io_error, e.what());
-        } catch (const BudgetError & e) {
-            raise(budget_error, e.what());
-        }
+        } catch (const BudgetError & e) { raise(budget_error, e.what()); }
     });
 
     m.def("read_gguf", &read_gguf, py::arg("path"), "metadata and tensor table of a GGUF file (ggml's gguf API)");
@@ -189,4 +190,5 @@ PYBIND11_MODULE(_core, m) {
     m.attr("has_cuda") = false;
 #endif
     bind_model(m);
+    bind_attn(m);
 }

@@ -24,7 +24,7 @@ void quantize_rows(ggml_type type, const float * src, void * dst, int64_t nrows,
                           ggml_type_name(type) + " (block size " + std::to_string(ggml_blck_size(type)) + ")");
     if (ggml_quantize_requires_imatrix(type))
         throw FormatError(std::string(ggml_type_name(type)) + " needs an importance matrix; not supported");
-    ggml_quantize_init(type);   // not thread-safe on first use: do it before spawning
+    ggml_quantize_init(type); // not thread-safe on first use: do it before spawning
     const size_t rs = ggml_row_size(type, n_per_row);
     n_threads = std::max(1, std::min<int>(n_threads, (int) nrows));
     std::vector<std::thread> pool;
@@ -40,10 +40,13 @@ void quantize_rows(ggml_type type, const float * src, void * dst, int64_t nrows,
 }
 
 void dequantize_rows(ggml_type type, const void * src, float * dst, int64_t n) {
-    if (type == GGML_TYPE_F32) { std::memcpy(dst, src, n * sizeof(float)); return; }
+    if (type == GGML_TYPE_F32) {
+        std::memcpy(dst, src, n * sizeof(float));
+        return;
+    }
     const auto * tr = ggml_get_type_traits(type);
     if (!tr->to_float) throw FormatError(std::string("no dequantizer for ggml type ") + ggml_type_name(type));
     tr->to_float(src, dst, n);
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -25,7 +25,8 @@ void Model::swap_for_resident(int il, const std::vector<char> & resident, const 
         const float floor = (1.f - opt_.swap_threshold) * p[id[j]];
         int best = -1;
         for (int e = 0; e < E; ++e)
-            if (resident[e] && !chosen[e] && sel[e] != -INFINITY && p[e] >= floor && (best < 0 || p[e] > p[best])) best = e;
+            if (resident[e] && !chosen[e] && sel[e] != -INFINITY && p[e] >= floor && (best < 0 || p[e] > p[best]))
+                best = e;
         if (best < 0) continue;
         chosen[id[j]] = 0;
         chosen[best] = 1;
@@ -33,8 +34,7 @@ void Model::swap_for_resident(int il, const std::vector<char> & resident, const 
         swaps_[il]++;
         changed = true;
     }
-    if (changed)
-        std::sort(id, id + K, [&](int a, int b) { return sel[a] > sel[b] || (sel[a] == sel[b] && a < b); });
+    if (changed) std::sort(id, id + K, [&](int a, int b) { return sel[a] > sel[b] || (sel[a] == sel[b] && a < b); });
 }
 
 // Routing of layer il for T tokens from router logits in logits_src [n_expert, >= T]:
@@ -58,10 +58,10 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
     std::vector<int> order(E);
     const std::vector<float> & bias = layers_[il].exp_probs_b;
     const std::vector<float> & escale = layers_[il].exp_scale;
-    for (size_t i = 0, n = (size_t) E * T; i < n; ++i)   // NaN would break the ordering the top-k sort relies on
+    for (size_t i = 0, n = (size_t) E * T; i < n; ++i) // NaN would break the ordering the top-k sort relies on
         if (!std::isfinite(logits[i]))
-            throw FormatError("layer " + std::to_string(il) + ": router logits are NaN or Inf (blk." + std::to_string(il) +
-                              ".ffn_gate_inp.weight or the layer's input hold NaN/Inf)");
+            throw FormatError("layer " + std::to_string(il) + ": router logits are NaN or Inf (blk." +
+                              std::to_string(il) + ".ffn_gate_inp.weight or the layer's input hold NaN/Inf)");
     // cache-aware routing: which experts are resident (held or on their way) when this layer is routed
     std::vector<char> resident;
     if (swap && opt_.swap_threshold > 0.f && cache_ && cache_->has_layer(il) && cache_->quota(il) < E) {
@@ -72,7 +72,7 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
         const float * z = &logits[(size_t) t * E];
         int32_t * id = &ids[(size_t) t * K];
         float * wt = &w[(size_t) t * K];
-        auto topk_by = [&](const std::vector<float> & s) {   // stable: ties to the lower expert id
+        auto topk_by = [&](const std::vector<float> & s) { // stable: ties to the lower expert id
             std::iota(order.begin(), order.end(), 0);
             std::partial_sort(order.begin(), order.begin() + K, order.end(),
                               [&](int a, int b) { return s[a] > s[b] || (s[a] == s[b] && a < b); });
@@ -82,7 +82,10 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
             float m = -INFINITY;
             for (int i = 0; i < n; ++i) m = std::max(m, in[i]);
             double s = 0;
-            for (int i = 0; i < n; ++i) { out[i] = std::exp(in[i] - m); s += out[i]; }
+            for (int i = 0; i < n; ++i) {
+                out[i] = std::exp(in[i] - m);
+                s += out[i];
+            }
             for (int i = 0; i < n; ++i) out[i] = (float) (out[i] / s);
         };
         if (h.gating == GATING_SPARSEMIXER) {
@@ -90,7 +93,8 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
             std::vector<float> masked(z, z + E);
             for (int j = 0; j < K; ++j) {
                 int best = 0;
-                for (int e = 1; e < E; ++e) if (masked[e] > masked[best]) best = e;
+                for (int e = 1; e < E; ++e)
+                    if (masked[e] > masked[best]) best = e;
                 const float thr = masked[best];
                 std::vector<float> g(E);
                 for (int e = 0; e < E; ++e) {
@@ -105,16 +109,19 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
             }
             continue;
         }
-        if (h.gating == GATING_SOFTMAX_WEIGHT) {                // gpt-oss: top-k of logits, softmax over them
+        if (h.gating == GATING_SOFTMAX_WEIGHT) { // gpt-oss: top-k of logits, softmax over them
             sel.assign(z, z + E);
             topk_by(sel);
             float zz[64];
             for (int j = 0; j < K; ++j) zz[j] = z[id[j]];
             softmax(zz, wt, K);
-            if (score) for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = zz[j];
+            if (score)
+                for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = zz[j];
         } else {
-            if (h.gating == GATING_SIGMOID) for (int e = 0; e < E; ++e) p[e] = 1.f / (1.f + std::exp(-z[e]));
-            else softmax(z, p.data(), E);
+            if (h.gating == GATING_SIGMOID)
+                for (int e = 0; e < E; ++e) p[e] = 1.f / (1.f + std::exp(-z[e]));
+            else
+                softmax(z, p.data(), E);
             for (int e = 0; e < E; ++e) sel[e] = p[e] + (bias.empty() ? 0.f : bias[e]);
             if (h.n_group > 1 && h.topk_group < h.n_group) {
                 // group-limited routing: keep the topk_group groups with the best score (sum of top-2 with
@@ -129,18 +136,25 @@ void Model::route_host(int il, const float * logits, int T, std::vector<int32_t>
                 std::stable_sort(gscore.begin(), gscore.end(), [](auto & a, auto & b) { return a.first > b.first; });
                 std::vector<char> keep(h.n_group, 0);
                 for (int g = 0; g < h.topk_group; ++g) keep[gscore[g].second] = 1;
-                for (int e = 0; e < E; ++e) if (!keep[e / gs]) sel[e] = -INFINITY;
+                for (int e = 0; e < E; ++e)
+                    if (!keep[e / gs]) sel[e] = -INFINITY;
             }
             topk_by(sel);
             if (!resident.empty()) swap_for_resident(il, resident, p, sel, id, K);
-            if (score) for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = sel[id[j]];
+            if (score)
+                for (int j = 0; j < K; ++j) (*score)[(size_t) t * K + j] = sel[id[j]];
             double s = 0;
-            for (int j = 0; j < K; ++j) { wt[j] = p[id[j]]; s += wt[j]; }
-            if (h.weights_norm) for (int j = 0; j < K; ++j) wt[j] = (float) (wt[j] / (s + (h.gating == GATING_SIGMOID ? 1e-20 : 0.0)));
+            for (int j = 0; j < K; ++j) {
+                wt[j] = p[id[j]];
+                s += wt[j];
+            }
+            if (h.weights_norm)
+                for (int j = 0; j < K; ++j) wt[j] = (float) (wt[j] / (s + (h.gating == GATING_SIGMOID ? 1e-20 : 0.0)));
         }
         for (int j = 0; j < K; ++j) wt[j] *= h.weights_scale;
-        if (!escale.empty()) for (int j = 0; j < K; ++j) wt[j] *= escale[id[j]];   // Gemma-4 per-expert scale
+        if (!escale.empty())
+            for (int j = 0; j < K; ++j) wt[j] *= escale[id[j]]; // Gemma-4 per-expert scale
     }
 }
 
-}  // namespace moelite
+} // namespace moelite

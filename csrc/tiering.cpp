@@ -42,11 +42,13 @@ double Model::time_expert(ggml_backend_t backend, ggml_gallocr_t galloc, const P
     ggml_set_input(slots);
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, 1, n);
     ggml_set_input(eids);
-    Layer & L = layers_[il];                      // time the matrices alone (biases may live on the other device)
+    Layer & L = layers_[il]; // time the matrices alone (biases may live on the other device)
     ggml_tensor * saved[3] = {L.gate_exps_b, L.up_exps_b, L.down_exps_b};
     L.gate_exps_b = L.up_exps_b = L.down_exps_b = nullptr;
     ggml_tensor * d = expert_ffn(ctx, il, P, x, slots, eids);
-    L.gate_exps_b = saved[0]; L.up_exps_b = saved[1]; L.down_exps_b = saved[2];
+    L.gate_exps_b = saved[0];
+    L.up_exps_b = saved[1];
+    L.down_exps_b = saved[2];
     ggml_build_forward_expand(gf, d);
     compute(ctx, gf, galloc);
     std::vector<float> xv((size_t) h.n_embd_exp() * n, 0.01f);
@@ -81,14 +83,14 @@ void Model::measure_costs() {
         const auto t0 = std::chrono::steady_clock::now();
         for (int r = P1.first; r < 3; ++r) {
             const char * from = (const char *) P2.mem[r] + (uint64_t) s2 * P2.slot_bytes[r];
-            ExpertCache::put_slot(P1, r, s1, from, src[r].nbytes, P2.repacked[r]);   // as copy_from_tier2 does
+            ExpertCache::put_slot(P1, r, s1, from, src[r].nbytes, P2.repacked[r]); // as copy_from_tier2 does
         }
         ggml_backend_synchronize(backend_);
         if (rep) t.push_back(std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
     }
     std::sort(t.begin(), t.end());
     costs_.h2d_bytes_per_s = costs_.expert_bytes / std::max(t[t.size() / 2], 1e-9);
-    const int nb = 32;                            // fixed part and per-token slope from 1 and nb tokens
+    const int nb = 32; // fixed part and per-token slope from 1 and nb tokens
     const double c1 = time_expert(cpu_backend_, galloc_cpu_, P2, s2, il, 1);
     const double cn = time_expert(cpu_backend_, galloc_cpu_, P2, s2, il, nb);
     const double g1 = time_expert(backend_, galloc_, P1, s1, il, 1);
@@ -99,4 +101,4 @@ void Model::measure_costs() {
     costs_.gpu_fixed_s = std::max(0.0, g1 - costs_.gpu_per_token_s);
 }
 
-}  // namespace moelite
+} // namespace moelite

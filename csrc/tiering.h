@@ -18,10 +18,10 @@
 namespace moelite {
 
 struct CostModel {
-    double h2d_bytes_per_s = 0.0;     // measured host -> device copy rate (pinned); 0: unknown
-    double cpu_fixed_s = 0.0, cpu_per_token_s = 0.0;   // one expert on the CPU backend
-    double gpu_fixed_s = 0.0, gpu_per_token_s = 0.0;   // one expert on the device backend
-    double expert_bytes = 0.0;        // bytes copied per expert (gate + up + down)
+    double h2d_bytes_per_s = 0.0;                    // measured host -> device copy rate (pinned); 0: unknown
+    double cpu_fixed_s = 0.0, cpu_per_token_s = 0.0; // one expert on the CPU backend
+    double gpu_fixed_s = 0.0, gpu_per_token_s = 0.0; // one expert on the device backend
+    double expert_bytes = 0.0;                       // bytes copied per expert (gate + up + down)
     bool valid() const { return h2d_bytes_per_s > 0.0 && expert_bytes > 0.0; }
 };
 
@@ -43,4 +43,4 @@ inline bool run_on_cpu(const CostModel & c, CpuCompute mode, int n, double reuse
     return cpu_cost(c, n) < copy_cost(c, n, reuse);
 }
 
-}  // namespace moelite
+} // namespace moelite

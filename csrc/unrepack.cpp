@@ -21,16 +21,16 @@
 
 namespace moelite {
 
-static constexpr int64_t kTiledMinRows = 8;           // ggml's tiled floor (tiled.cpp: "profitable at rows >= 8")
-static constexpr size_t kQ4K = 144, kQ4Kx8 = 8 * kQ4K;   // bytes of block_q4_K, block_q4_Kx8
+static constexpr int64_t kTiledMinRows = 8;            // ggml's tiled floor (tiled.cpp: "profitable at rows >= 8")
+static constexpr size_t kQ4K = 144, kQ4Kx8 = 8 * kQ4K; // bytes of block_q4_K, block_q4_Kx8
 
 static void q4_Kx8_to_q4_K(const uint8_t * in, uint8_t * const out[8]) {
-    const uint8_t * sc = in + 32, * qs = in + 128;
+    const uint8_t *sc = in + 32, *qs = in + 128;
     for (int j = 0; j < 8; ++j) {
         uint8_t * o = out[j];
-        std::memcpy(o, in + 2 * j, 2);                   // d
-        std::memcpy(o + 2, in + 16 + 2 * j, 2);          // dmin
-        uint8_t s[8], m[8];                              // row j's 6-bit scale and min of each sub-block
+        std::memcpy(o, in + 2 * j, 2);          // d
+        std::memcpy(o + 2, in + 16 + 2 * j, 2); // dmin
+        uint8_t s[8], m[8];                     // row j's 6-bit scale and min of each sub-block
         for (int sb = 0; sb < 8; ++sb) {
             const uint8_t * g = sc + (sb < 4 ? 12 * sb : 48 + 12 * (sb - 4));
             if (j < 4) {
@@ -41,7 +41,7 @@ static void q4_Kx8_to_q4_K(const uint8_t * in, uint8_t * const out[8]) {
                 m[sb] = (g[j + 4] >> 4) | ((g[j] >> 6) << 4);
             }
         }
-        uint8_t * q = o + 4;                             // Q4_K's 12 bytes of scales and mins
+        uint8_t * q = o + 4; // Q4_K's 12 bytes of scales and mins
         for (int k = 0; k < 4; ++k) {
             q[k] = (uint8_t) ((s[k] & 63) | ((s[k + 4] >> 4) << 6));
             q[k + 4] = (uint8_t) ((m[k] & 63) | ((m[k + 4] >> 4) << 6));
@@ -71,11 +71,16 @@ static bool round_trip(ggml_backend_buffer_type_t buft) {
     ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_Q4_K, 512, 8);
     ggml_backend_buffer_t buf = ggml_backend_buft_alloc_buffer(buft, ggml_backend_buft_get_alloc_size(buft, t));
     bool ok = buf && ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf)) == GGML_STATUS_SUCCESS &&
-              t->extra != nullptr;                       // ggml repacks it (else it is plain already)
+              t->extra != nullptr; // ggml repacks it (else it is plain already)
     if (ok) {
         std::vector<uint8_t> plain(ggml_nbytes(t)), back(plain.size());
-        uint32_t x = 2463534242u;                        // xorshift bytes: every bit of every field is checked
-        for (uint8_t & b : plain) { x ^= x << 13; x ^= x >> 17; x ^= x << 5; b = (uint8_t) x; }
+        uint32_t x = 2463534242u; // xorshift bytes: every bit of every field is checked
+        for (uint8_t & b : plain) {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            b = (uint8_t) x;
+        }
         ggml_backend_tensor_set(t, plain.data(), 0, plain.size());
         for (int64_t xb = 0; xb < 2; ++xb) {
             uint8_t * out[8];
@@ -94,11 +99,11 @@ bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
 #if defined(__x86_64__) || defined(_M_X64)
     if (!buft || !ggml_cpu_has_avx2() || ggml_type_size(GGML_TYPE_Q4_K) != kQ4K || std::getenv("MOELITE_NO_UNREPACK"))
         return false;
-    static const bool ok = round_trip(buft);             // buft is the CPU backend's one CPU_REPACK type: once
+    static const bool ok = round_trip(buft); // buft is the CPU backend's one CPU_REPACK type: once
     return ok;
 #else
     (void) buft;
-    return false;                                        // ggml's tiled GEMM is x86-only
+    return false; // ggml's tiled GEMM is x86-only
 #endif
 }
 
@@ -106,7 +111,8 @@ bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
 // and n is enough for ggml's tiled GEMM, else w itself.
 ggml_tensor * Model::tiled_weight(ggml_context * ctx, ggml_tensor * w, bool repacked, int64_t n) const {
     if (!unrepack_q4_K_ || !repacked || w->type != GGML_TYPE_Q4_K || n < kTiledMinRows) return w;
-    return ggml_custom_4d(ctx, GGML_TYPE_Q4_K, w->ne[0], w->ne[1], 1, 1, &w, 1, op_unrepack_q4_K, GGML_N_TASKS_MAX, nullptr);
+    return ggml_custom_4d(ctx, GGML_TYPE_Q4_K, w->ne[0], w->ne[1], 1, 1, &w, 1, op_unrepack_q4_K, GGML_N_TASKS_MAX,
+                          nullptr);
 }
 
 // A dense weight (in buf_rp_ when repacked) times x [ne0, n].
@@ -114,4 +120,4 @@ ggml_tensor * Model::dense_mm(ggml_context * ctx, ggml_tensor * w, ggml_tensor *
     return ggml_mul_mat(ctx, tiled_weight(ctx, w, buf_rp_ && w->buffer == buf_rp_, x->ne[1]), x);
 }
 
-}  // namespace moelite
+} // namespace moelite

@@ -16,15 +16,17 @@ while rendering (a limit, a sandbox violation, an error) is replaced by the defa
 A model without a template gets ChatML (`DEFAULT_CHAT_TEMPLATE`): `<|im_start|>{role}\\n{content}<|im_end|>\\n`
 per message, then `<|im_start|>assistant\\n` when a generation prompt is asked for.
 """
+
 from __future__ import annotations
 
 import contextvars
 import json
 import re
 import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import datetime
 from functools import lru_cache
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -56,8 +58,8 @@ _SPECIAL_TOKEN_KEYS = {
 }
 
 
-MAX_OUTPUT = 1 << 24         # characters of output, and items of any string or list a template builds
-MAX_ITERATIONS = 1 << 20     # loop iterations per render, all loops together
+MAX_OUTPUT = 1 << 24  # characters of output, and items of any string or list a template builds
+MAX_ITERATIONS = 1 << 20  # loop iterations per render, all loops together
 
 
 class ChatTemplate:
@@ -65,8 +67,13 @@ class ChatTemplate:
     file's template): a template that does not parse or fails while rendering gives way to the default
     template with a warning, instead of an error."""
 
-    def __init__(self, source: str | None = None, special_tokens: Mapping[str, str] | None = None,
-                 origin: str = "chat template", fallback: bool = False) -> None:
+    def __init__(
+        self,
+        source: str | None = None,
+        special_tokens: Mapping[str, str] | None = None,
+        origin: str = "chat template",
+        fallback: bool = False,
+    ) -> None:
         self.is_default = not source
         self.source = source or DEFAULT_CHAT_TEMPLATE
         self.special_tokens = dict(special_tokens or {})
@@ -80,14 +87,18 @@ class ChatTemplate:
             self._give_up(f"does not parse: {e}{where}")
 
     def _give_up(self, why: str) -> None:
-        warnings.warn(f"{self.origin}: chat template {why}; using the default (ChatML) template instead",
-                      UserWarning, stacklevel=3)
+        warnings.warn(
+            f"{self.origin}: chat template {why}; using the default (ChatML) template instead",
+            UserWarning,
+            stacklevel=3,
+        )
         self.is_default, self.fallback, self.source = True, False, DEFAULT_CHAT_TEMPLATE
         self._template = _compile(DEFAULT_CHAT_TEMPLATE)
 
     @classmethod
-    def from_gguf_kv(cls, kv: Mapping[str, Any], tokenizer: "Tokenizer | None" = None, path: str = "",
-                     name: str | None = None) -> "ChatTemplate":
+    def from_gguf_kv(
+        cls, kv: Mapping[str, Any], tokenizer: Tokenizer | None = None, path: str = "", name: str | None = None
+    ) -> ChatTemplate:
         """The template of a GGUF file (`tokenizer.chat_template`, or `tokenizer.chat_template.<name>`),
         with the special-token strings looked up in `tokenizer`."""
         key = "tokenizer.chat_template" + (f".{name}" if name else "")
@@ -105,9 +116,14 @@ class ChatTemplate:
             raise TokenizerError(f"{path}: key '{key}' holds a {type(source).__name__}, expected a string")
         return cls(source, special, origin=f"{path}: key '{key}'", fallback=True)
 
-    def render(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
-               tools: Sequence[Mapping[str, Any]] | None = None,
-               documents: Sequence[Mapping[str, Any]] | None = None, **kwargs: Any) -> str:
+    def render(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        documents: Sequence[Mapping[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
         """The prompt text for `messages` ([{"role": ..., "content": ...}, ...]). Extra keyword arguments
         become template variables (e.g. `enable_thinking=False`) and override the special tokens."""
         if not messages:
@@ -117,14 +133,28 @@ class ChatTemplate:
             if not isinstance(m, Mapping):
                 raise UsageError(f"chat messages must be dicts with 'role' and 'content', got {m!r}")
             chat.append({k: _plain(v) for k, v in m.items() if v is not None})
-        variables = dict(messages=chat, tools=_plain(tools), documents=_plain(documents),
-                         add_generation_prompt=add_generation_prompt, **self.special_tokens, **_plain(kwargs))
+        variables = dict(
+            messages=chat,
+            tools=_plain(tools),
+            documents=_plain(documents),
+            add_generation_prompt=add_generation_prompt,
+            **self.special_tokens,
+            **_plain(kwargs),
+        )
         try:
             return _render(self._template, variables)
         except _Refusal as e:  # raise_exception() in the template: it refuses this conversation
             raise UsageError(f"chat template rejected the conversation: {e}") from None
-        except (jinja2.TemplateError, RecursionError, ArithmeticError, LookupError, TypeError, ValueError,
-                AttributeError, MemoryError) as e:     # a sandbox violation, a limit, a broken template
+        except (
+            jinja2.TemplateError,
+            RecursionError,
+            ArithmeticError,
+            LookupError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            MemoryError,
+        ) as e:  # a sandbox violation, a limit, a broken template
             if not self.fallback:
                 raise UsageError(f"{self.origin}: chat template failed: {type(e).__name__}: {e}") from None
             self._give_up(f"failed ({type(e).__name__}: {str(e)[:200]})")
@@ -166,6 +196,7 @@ def _plain(value: Any) -> Any:
 
 class _GenerationBlock(jinja2.ext.Extension):
     """`{% generation %}...{% endgeneration %}` marks assistant text for training masks; here a no-op."""
+
     tags = {"generation"}
 
     def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
@@ -206,13 +237,13 @@ def _raise_exception(message: str) -> None:
 
 
 # ---- limits ---------------------------------------------------------------------------------------------
-_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_budget", default=[MAX_ITERATIONS])
-_BIG_FORMAT = re.compile(r"\d{7,}")      # a width / precision of a million or more in a format string
+_budget: contextvars.ContextVar[list[int]] = contextvars.ContextVar("chat_template_budget")
+_BIG_FORMAT = re.compile(r"\d{7,}")  # a width / precision of a million or more in a format string
 
 
 def _counted(iterable: Iterable[Any]) -> Iterator[Any]:
     """The iterable of a {% for %}, drawing one unit per item from this render's budget."""
-    budget = _budget.get()
+    budget = _budget.get([MAX_ITERATIONS])  # outside a render (no budget set): a fresh one, never a shared list
     for item in iterable:
         budget[0] -= 1
         if budget[0] < 0:
@@ -242,7 +273,8 @@ def _limited_filter(f: Callable[..., Any]) -> Callable[..., Any]:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         _check_args([*args[1:], *kwargs.values()])
         return _check_size(f(*args, **kwargs))
-    for attr in ("jinja_pass_arg",):            # keep @pass_context / @pass_environment markers
+
+    for attr in ("jinja_pass_arg",):  # keep @pass_context / @pass_environment markers
         if hasattr(f, attr):
             setattr(wrapper, attr, getattr(f, attr))
     return wrapper
@@ -250,6 +282,7 @@ def _limited_filter(f: Callable[..., Any]) -> Callable[..., Any]:
 
 class _LimitedEnvironment(ImmutableSandboxedEnvironment):
     """The sandbox plus size, argument and iteration limits (module docstring)."""
+
     intercepted_binops = frozenset(["*", "**", "+", "%", "//", "/"])
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
@@ -267,20 +300,24 @@ class _LimitedEnvironment(ImmutableSandboxedEnvironment):
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _check_args([*args, *kwargs.values()])
-        if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(getattr(__obj, "__self__", None), str):
+        if getattr(__obj, "__name__", "") in ("format", "format_map") and isinstance(
+            getattr(__obj, "__self__", None), str
+        ):
             _check_args([__obj.__self__])
         return _check_size(super().call(__context, __obj, *args, **kwargs))
 
     def _parse(self, source: str, name: str | None, filename: str | None) -> nodes.Template:
         tree = super()._parse(source, name, filename)
-        for loop in tree.find_all(nodes.For):    # every loop draws from the render's iteration budget
-            loop.iter = nodes.Call(nodes.Name("__moelite_counted", "load"), [loop.iter], [], None, None,
-                                   lineno=loop.iter.lineno)
+        for loop in tree.find_all(nodes.For):  # every loop draws from the render's iteration budget
+            loop.iter = nodes.Call(
+                nodes.Name("__moelite_counted", "load"), [loop.iter], [], None, None, lineno=loop.iter.lineno
+            )
         return tree
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     # jinja's own tojson HTML-escapes <, >, &, ' -- chat templates expect plain JSON
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
@@ -295,12 +332,18 @@ def _dict(*args: Any, **kwargs: Any) -> dict:
 
 @lru_cache(maxsize=16)
 def _compile(source: str) -> jinja2.Template:
-    env = _LimitedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                              extensions=[_GenerationBlock, jinja2.ext.loopcontrols])
+    env = _LimitedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_GenerationBlock, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.filters = {name: _limited_filter(f) for name, f in env.filters.items()}
-    env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now, dict=_dict,
-                       namespace=_Namespace, __moelite_counted=_counted)
+    env.globals.update(
+        raise_exception=_raise_exception,
+        strftime_now=_strftime_now,
+        dict=_dict,
+        namespace=_Namespace,
+        __moelite_counted=_counted,
+    )
     return env.from_string(source)
 
 

@@ -7,6 +7,7 @@ chunked) and the attention parameters that vary per layer (kv heads, head sizes,
 Key names are llama.cpp's; where llama.cpp hard-codes a value for an architecture (Llama-4's chunk size,
 ERNIE's always-renormalised routing), the spec says so.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,59 +19,69 @@ from ..errors import ModelFormatError
 ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
-ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU, ACT_RELU_SQR = 0, 1, 2, 3      # RELU_SQR: no gate, down(relu(up x)^2)
-MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_NONE = 0, 1, 2, 3, 4, 5
-FFN_DENSE, FFN_MOE, FFN_NONE = 0, 1, 2       # MIXER_NONE / FFN_NONE: Nemotron-H's FFN-only / mixer-only blocks
+ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU, ACT_RELU_SQR = 0, 1, 2, 3  # RELU_SQR: no gate, down(relu(up x)^2)
+MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_NONE, MIXER_KDA = 0, 1, 2, 3, 4, 5, 6
+FFN_DENSE, FFN_MOE, FFN_NONE = 0, 1, 2  # MIXER_NONE / FFN_NONE: Nemotron-H's FFN-only / mixer-only blocks
+RECURRENT_MIXERS = (MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_KDA)  # a fixed-size state, no KV
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
 
 
 @dataclass(frozen=True)
 class ArchSpec:
     """What an architecture needs beyond the common keys (defaults follow llama.cpp's runtime)."""
+
     rope_type: int
-    qk_norm: int = QK_NORM_NONE         # used when the file has attn_q_norm tensors (QK_NORM_L2 needs none)
+    qk_norm: int = QK_NORM_NONE  # used when the file has attn_q_norm tensors (QK_NORM_L2 needs none)
     qk_norm_after_rope: bool = False
     gating: int = GATING_SOFTMAX
-    weights_norm: bool | None = False   # default of `{arch}.expert_weights_norm`; None = always on (hard-coded)
+    weights_norm: bool | None = False  # default of `{arch}.expert_weights_norm`; None = always on (hard-coded)
     layernorm: bool = False
     act: int = ACT_SILU
-    swa_period: int = 0                 # alternating sliding window: layer il is SWA iff il % period < period - 1
-    moe_step_key: bool = False          # MoE layers every `interleave_moe_layer_step` (ERNIE, Llama-4)
-    sandwich: bool = False              # Gemma-4: per-layer head sizes, K=V, V norm, attention scale 1, softcap
-    recurrent: int = 0                  # the recurrent mixer of its non-attention layers (MIXER_SHORTCONV / _DELTANET)
-    nope_full: bool = False             # RoPE on sliding-window layers only, full-attention layers NoPE (EXAONE-4)
-    ffn_by_tensors: bool = False        # dense or MoE decided per layer by which tensors exist (llama.cpp's hy_v3)
-    mla_yarn: bool = False              # DeepSeek-2 MLA YaRN: log multiplier stored x 0.1, mscale^2 in the kq scale;
-                                        # `attention.temperature_scale` / `_length` scale q (llama.cpp's deepseek2 graph)
-    group_top2: bool = False            # expert groups scored by their top-2 sum under softmax too (Mistral-4)
-    nope_step: int = 0                  # NoPE on layers (il + 1) % nope_step == 0 (llama.cpp's n_no_rope_layer_step)
-    mup_embd: bool = False              # embeddings x sqrt(n_embd), always (llama.cpp hardcodes it: AFMoE)
+    swa_period: int = 0  # alternating sliding window: layer il is SWA iff il % period < period - 1
+    moe_step_key: bool = False  # MoE layers every `interleave_moe_layer_step` (ERNIE, Llama-4)
+    sandwich: bool = False  # Gemma-4: per-layer head sizes, K=V, V norm, attention scale 1, softcap
+    recurrent: int = 0  # the recurrent mixer of its non-attention layers (MIXER_SHORTCONV / _DELTANET / ...)
+    recurrent_by_kv: bool = False  # recurrent layers are those with head_count_kv 0 (llama.cpp's LFM2 / Jamba rule)
+    mla_nope: bool = False  # MLA's rope dims are kept (in kv_a_mqa and the cache) but never rotated (Kimi-Linear)
+    kda_safe_gate: bool = False  # KDA's bounded decay when the file has no `kda.safe_gate` (llama.cpp's default)
+    nope_full: bool = False  # RoPE on sliding-window layers only, full-attention layers NoPE (EXAONE-4)
+    ffn_by_tensors: bool = False  # dense or MoE decided per layer by which tensors exist (llama.cpp's hy_v3)
+    mla_yarn: bool = False  # DeepSeek-2 MLA YaRN: log multiplier stored x 0.1, mscale^2 in the kq scale;
+    # `attention.temperature_scale` / `_length` scale q (llama.cpp's deepseek2 graph)
+    group_top2: bool = False  # expert groups scored by their top-2 sum under softmax too (Mistral-4)
+    nope_step: int = 0  # NoPE on layers (il + 1) % nope_step == 0 (llama.cpp's n_no_rope_layer_step)
+    mup_embd: bool = False  # embeddings x sqrt(n_embd), always (llama.cpp hardcodes it: AFMoE)
     # Nemotron-H: one block kind per layer (llama.cpp's rule: recurrent iff head_count_kv and feed_forward_length are
     # 0, attention iff only feed_forward_length is), every block x + block(attn_norm(x)); attention NoPE always
     single_blocks: bool = False
     # Command-R blocks (Cohere2-MoE): x + attn(n) + ffn(n), n = attn_norm(x), no ffn_norm; RMSNorm when the file has
     # `attention.layer_norm_rms_epsilon`, else LayerNorm without bias; logits x `logit_scale` (Granite divides)
     parallel: bool = False
-    swa_dense_first: bool = False       # period fallback: layer il is SWA iff il % period != 0 (llama.cpp dense_first)
-    rope_dense_lead: bool = False       # nope_full, but leading dense layers keep RoPE (llama.cpp's force_rope);
-                                        # `moelite.rope_dense_lead` = false (moelite's converter): as transformers
-    shexp_average: bool = False         # (routed + shared expert) / 2 (llama.cpp hardcodes `average`: Cohere2-MoE)
+    swa_dense_first: bool = False  # period fallback: layer il is SWA iff il % period != 0 (llama.cpp dense_first)
+    rope_dense_lead: bool = False  # nope_full, but leading dense layers keep RoPE (llama.cpp's force_rope);
+    # `moelite.rope_dense_lead` = false (moelite's converter): as transformers
+    shexp_average: bool = False  # (routed + shared expert) / 2 (llama.cpp hardcodes `average`: Cohere2-MoE)
     # sliding layers rope with `rope.freq_base_swa` / `rope.dimension_count_swa` and without the model's RoPE scaling
     # (plain RoPE, attention factor 1), full layers with the scaling (YaRN): llama.cpp's laguna graph
     swa_rope: bool = False
-    gate_softplus: bool = False         # attn_gate: o *= softplus(gate) (Laguna), else sigmoid (AFMoE, Step-3.5)
-    rope_half_full: bool = False        # full-attention layers rotate rope.dimension_count / 2 (llama.cpp's step35)
+    gate_softplus: bool = False  # attn_gate: o *= softplus(gate) (Laguna), else sigmoid (AFMoE, Step-3.5)
+    rope_half_full: bool = False  # full-attention layers rotate rope.dimension_count / 2 (llama.cpp's step35)
     # per-layer SwiGLU limits `swiglu_clamp_exp` / `_shexp` (0 = none), applied after the SiLU: min(silu(g), L) *
     # clamp(u, -L, L) (llama.cpp's default order in build_moe_ffn / build_ffn; the shared limit also on dense layers)
     swiglu_clamp: bool = False
+    dense_unclamped: bool = False  # the shared limit does not reach dense layers (transformers' Ling-3.0; llama.cpp's
+    # build_ffn would clamp them with it)
+    # DSA (DeepSeek Sparse Attention) on the MLA layers: the lightning indexer's RoPE mode (ROPE_NEOX: DeepSeek-V3.2,
+    # ROPE_NORM: GLM-5), -1 = no indexer; keys `attention.indexer.{head_count, key_length, top_k, types}`
+    indexer_rope: int = -1
 
 
 ARCHS: dict[str, ArchSpec] = {
     "qwen3moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=True),
     "qwen2moe": ArchSpec(ROPE_NEOX),
     "olmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_FULL),
-    "llama": ArchSpec(ROPE_NORM, weights_norm=True),                       # Mixtral
-    "deepseek2": ArchSpec(ROPE_NORM, mla_yarn=True),                       # DeepSeek-V2/V3, GLM-4.7-Flash
+    "llama": ArchSpec(ROPE_NORM, weights_norm=True),  # Mixtral
+    "deepseek2": ArchSpec(ROPE_NORM, mla_yarn=True),  # DeepSeek-V2/V3, GLM-4.7-Flash
     "gpt-oss": ArchSpec(ROPE_NEOX, gating=GATING_SOFTMAX_WEIGHT, act=ACT_SWIGLU_OAI, swa_period=2),
     "granitemoe": ArchSpec(ROPE_NORM, weights_norm=True),
     "phimoe": ArchSpec(ROPE_NEOX, gating=GATING_SPARSEMIXER, layernorm=True),
@@ -83,28 +94,57 @@ ARCHS: dict[str, ArchSpec] = {
     "llama4": ArchSpec(ROPE_NORM, qk_norm=QK_NORM_L2, gating=GATING_SIGMOID, moe_step_key=True),
     "gemma4": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, act=ACT_GELU, sandwich=True),
     # wave 2, hybrid recurrent
-    "lfm2moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, weights_norm=None,
-                        recurrent=MIXER_SHORTCONV),
+    "lfm2moe": ArchSpec(
+        ROPE_NEOX,
+        qk_norm=QK_NORM_HEAD,
+        gating=GATING_SIGMOID,
+        weights_norm=None,
+        recurrent=MIXER_SHORTCONV,
+        recurrent_by_kv=True,
+    ),
     "qwen35moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
     "qwen3next": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET),
-    "granitehybrid": ArchSpec(ROPE_NORM, weights_norm=True, recurrent=MIXER_MAMBA2),
+    "granitehybrid": ArchSpec(ROPE_NORM, weights_norm=True, recurrent=MIXER_MAMBA2, recurrent_by_kv=True),
     # wave 3
     "exaone-moe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_full=True),
     "hy_v3": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, ffn_by_tensors=True),
-    "mistral4": ArchSpec(ROPE_NORM, mla_yarn=True, group_top2=True),      # llama.cpp: the deepseek2 model
+    "mistral4": ArchSpec(ROPE_NORM, mla_yarn=True, group_top2=True),  # llama.cpp: the deepseek2 model
+    # DeepSeek-V3.2 / GLM-5: deepseek2's MLA + MoE with the DSA indexer (GLM: IndexShare layers, sigmoid by default)
+    "deepseek32": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, mla_yarn=True, indexer_rope=ROPE_NEOX),
+    "glm-dsa": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, mla_yarn=True, indexer_rope=ROPE_NORM),
     # AFMoE: sandwich norms and the attention gate come with their tensors; SWA period 4 and NoPE step 4 hardcoded
-    "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4,
-                      mup_embd=True),
+    "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4, mup_embd=True),
     # Nemotron 3 (Nano / Super): Mamba2, NoPE attention and ReLU² MoE blocks; sigmoid gating hardcoded by llama.cpp
-    "nemotron_h_moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, act=ACT_RELU_SQR, recurrent=MIXER_MAMBA2,
-                               ffn_by_tensors=True, single_blocks=True),
+    "nemotron_h_moe": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        act=ACT_RELU_SQR,
+        recurrent=MIXER_MAMBA2,
+        ffn_by_tensors=True,
+        single_blocks=True,
+    ),
     # Cohere North: sliding RoPE 3 : 1 full NoPE, the dense lead roped; sigmoid gating when the key is absent
-    "cohere2moe": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True, nope_full=True,
-                           rope_dense_lead=True, parallel=True, shexp_average=True),
+    "cohere2moe": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        swa_period=4,
+        swa_dense_first=True,
+        nope_full=True,
+        rope_dense_lead=True,
+        parallel=True,
+        shexp_average=True,
+    ),
     # Laguna: query heads per layer (attention.head_count array), softplus attention gate per head (or per element:
     # the gate's width says which), sliding layers plain RoPE; pattern array, else full at il % 4 == 0
-    "laguna": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, swa_dense_first=True,
-                       swa_rope=True, gate_softplus=True),
+    "laguna": ArchSpec(
+        ROPE_NEOX,
+        qk_norm=QK_NORM_HEAD,
+        gating=GATING_SIGMOID,
+        swa_period=4,
+        swa_dense_first=True,
+        swa_rope=True,
+        gate_softplus=True,
+    ),
     # MiMo-V2-Flash: KV heads per layer (an array counting the MTP blocks), sinks on the SWA layers (their tensors),
     # sliding layers on their own RoPE theta, V x `attention.value_scale`; llama.cpp's graph hardcodes renormalised
     # sigmoid routing and tells dense from MoE layers by their tensors (its converter writes no dense-lead key)
@@ -112,8 +152,36 @@ ARCHS: dict[str, ArchSpec] = {
     # Step-3.5: query heads per layer, per-head sigmoid attention gate (its tensor's width), sliding layers full RoPE
     # on their own theta without the rope factors, full layers half (hardcoded); per-layer SwiGLU clamps; llama.cpp's
     # graph tells dense from MoE layers by their tensors and gates with sigmoid when the key is absent
-    "step35": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_rope=True, ffn_by_tensors=True,
-                       rope_half_full=True, swiglu_clamp=True),
+    "step35": ArchSpec(
+        ROPE_NEOX,
+        qk_norm=QK_NORM_HEAD,
+        gating=GATING_SIGMOID,
+        swa_rope=True,
+        ffn_by_tensors=True,
+        rope_half_full=True,
+        swiglu_clamp=True,
+    ),
+    # Kimi-Linear: KDA layers (head_count_kv 0) 3 : 1 NoPE MLA, DeepSeek-V3 routing; llama.cpp's graph always
+    # renormalises the top-k weights (its converter writes no expert_weights_norm)
+    "kimi-linear": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        weights_norm=None,
+        recurrent=MIXER_KDA,
+        recurrent_by_kv=True,
+        mla_nope=True,
+    ),
+    # Ling-3.0: KDA layers (head_count_kv 0) with the bounded decay and full-rank gates, then one MLA layer (RoPE, a
+    # per-head sigmoid output gate: its tensor); grouped sigmoid routing; per-layer SwiGLU clamps after the SiLU
+    "bailingmoe3": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        recurrent=MIXER_KDA,
+        recurrent_by_kv=True,
+        kda_safe_gate=True,
+        swiglu_clamp=True,
+        dense_unclamped=True,
+    ),
 }
 
 # Llama-4: llama.cpp hard-codes these (they are not in the GGUF): chunked attention on 3 of 4 layers, NoPE +
@@ -124,7 +192,7 @@ LLAMA4_CHUNK, LLAMA4_TEMP_FLOOR, LLAMA4_TEMP_SCALE, LLAMA4_NOPE_STEP = 8192, 819
 def _number(kv: dict, path: str, key: str, v: Any) -> Any:
     if isinstance(v, (bool, int, float)):
         return v
-    if hasattr(v, "item") and not hasattr(v, "__len__"):          # numpy scalar
+    if hasattr(v, "item") and not hasattr(v, "__len__"):  # numpy scalar
         return v.item()
     raise ModelFormatError(f"{path}: key '{key}' should be a number, got {type(v).__name__}")
 
@@ -172,12 +240,13 @@ def _rope_scaling(arch: str, k) -> dict[str, float]:
     attn_factor = 1.0
     log_mul = float(k("rope.scaling.yarn_log_multiplier", 0.0))
     if mla_yarn and log_mul:
-        log_mul /= 0.1                 # llama.cpp's converter stores 0.1 * mscale_all_dim
+        log_mul /= 0.1  # llama.cpp's converter stores 0.1 * mscale_all_dim
     if ext_factor != 0.0:
         f = 1.0 / freq_scale
 
         def mscale(s: float, m: float) -> float:
             return 1.0 if s <= 1.0 else 0.1 * m * math.log(s) + 1.0
+
         if log_mul:
             m = log_mul if (mla_yarn and log_mul != 1.0) else 1.0
             attn_factor = mscale(f, m) / mscale(f, log_mul)
@@ -194,60 +263,69 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     if arch is None:
         raise ModelFormatError(f"{path}: missing key 'general.architecture'")
     if arch not in ARCHS:
-        raise ModelFormatError(f"{path}: unknown architecture '{arch}' (key general.architecture); "
-                               f"supported: {', '.join(sorted(ARCHS))}")
+        raise ModelFormatError(
+            f"{path}: unknown architecture '{arch}' (key general.architecture); supported: {', '.join(sorted(ARCHS))}"
+        )
     spec = ARCHS[arch]
 
     def k(name: str, default: Any = ...) -> Any:
         return _key(kv, path, f"{arch}.{name}", default)
+
     k.raw = lambda name, default=None: kv.get(f"{arch}.{name}", default)
     k.path = path
     k.kv = kv
 
     n_expert = int(k("expert_count", 0))
-    if n_expert <= 1 or not any(n.endswith(("ffn_down_exps.weight")) for n in tensors):
-        raise ModelFormatError(f"{path}: not a Mixture-of-Experts model (key '{arch}.expert_count' = {n_expert}, "
-                               f"no 'blk.N.ffn_down_exps.weight' tensors)")
+    if n_expert <= 1 or not any(n.endswith("ffn_down_exps.weight") for n in tensors):
+        raise ModelFormatError(
+            f"{path}: not a Mixture-of-Experts model (key '{arch}.expert_count' = {n_expert}, "
+            f"no 'blk.N.ffn_down_exps.weight' tensors)"
+        )
     if "token_embd.weight" not in tensors:
         raise ModelFormatError(f"{path}: missing tensor 'token_embd.weight'")
     n_embd = int(k("embedding_length"))
     # MTP / next-token-prediction layers sit after the trunk (blk.{n_layer}..): never run, as llama.cpp
     n_layer = int(k("block_count")) - int(k("nextn_predict_layers", 0))
     if n_layer <= 0:
-        raise ModelFormatError(f"{path}: key '{arch}.block_count' minus '{arch}.nextn_predict_layers' is {n_layer}, "
-                               f"expected >= 1")
+        raise ModelFormatError(
+            f"{path}: key '{arch}.block_count' minus '{arch}.nextn_predict_layers' is {n_layer}, expected >= 1"
+        )
     # query heads per layer (llama.cpp reads head_count with get_key_or_arr; Laguna stores an array), kv heads
     # default to them; n_head: the most of any layer (scratch bounds)
-    heads = [int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer,
-                                        n_block=int(k("block_count")))]
+    heads = [
+        int(x) for x in _per_layer(kv, path, f"{arch}.attention.head_count", n_layer, n_block=int(k("block_count")))
+    ]
     n_head = max(heads)
-    kv_heads = [h if v is None else int(v)
-                for h, v in zip(heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None,
-                                         int(k("block_count"))))]
-    heads = [h or n_head for h in heads]          # layers without attention (Nemotron-H's array): unused
+    kv_heads = [
+        h if v is None else int(v)
+        for h, v in zip(
+            heads, _per_layer(kv, path, f"{arch}.attention.head_count_kv", n_layer, None, int(k("block_count")))
+        )
+    ]
+    heads = [h or n_head for h in heads]  # layers without attention (Nemotron-H's array): unused
     # MTP blocks with their own KV heads (MiMo-V2: SWA blocks after a full last layer): their shapes are checked
     # against the last trunk layer with as many (validate._check_nextn)
     kv_all = kv.get(f"{arch}.attention.head_count_kv")
-    nextn_ref = []            # per MTP block (blk.{n_layer + i}): the trunk layer its shapes follow
+    nextn_ref = []  # per MTP block (blk.{n_layer + i}): the trunk layer its shapes follow
     if hasattr(kv_all, "__len__") and not isinstance(kv_all, str) and len(kv_all) == int(k("block_count")) > n_layer:
         for ib in range(n_layer, len(kv_all)):
             want = _number(kv, path, f"{arch}.attention.head_count_kv", kv_all[ib])
             nextn_ref.append(max((il for il in range(n_layer) if kv_heads[il] == want), default=n_layer - 1))
     recurrent = _recurrent_layers(path, kv, arch, spec, n_layer, kv_heads)
-    if any(recurrent):       # recurrent layers hold no KV: give them the attention layers' value (unused)
+    if any(recurrent):  # recurrent layers hold no KV: give them the attention layers' value (unused)
         attn_kv = [h for h, r in zip(kv_heads, recurrent) if not r and h > 0] or [max(max(kv_heads), 1)]
         kv_heads = [attn_kv[0] if r else h for h, r in zip(kv_heads, recurrent)]
     n_vocab = int(tensors["token_embd.weight"][1][1])
     head_k = int(k("attention.key_length", n_embd // max(heads[0], 1)))
     head_v = int(k("attention.value_length", n_embd // max(heads[0], 1)))
     kv_lora = int(k("attention.kv_lora_rank", 0))
-    if kv_lora:       # MLA: per-head sizes of the decompressed heads
+    if kv_lora:  # MLA: per-head sizes of the decompressed heads
         head_k = int(k("attention.key_length_mla", head_k))
         head_v = int(k("attention.value_length_mla", head_v))
     n_rot = int(k("rope.dimension_count", head_k))
     eps = float(k("attention.layer_norm_rms_epsilon", k("attention.layer_norm_epsilon", 1e-5)))
     layernorm = spec.layernorm
-    if spec.parallel and f"{arch}.attention.layer_norm_rms_epsilon" not in kv:      # Cohere: LayerNorm, no bias
+    if spec.parallel and f"{arch}.attention.layer_norm_rms_epsilon" not in kv:  # Cohere: LayerNorm, no bias
         layernorm, eps = True, float(k("attention.layer_norm_epsilon"))
     rs = _rope_scaling(arch, k)
     freq_base = float(k("rope.freq_base", 10000.0))
@@ -257,11 +335,11 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         org = rs["attn_factor"] * (1.0 + 0.1 * math.log(1.0 / rs["freq_scale"]))
         ms = org * (1.0 + 0.1 * rs["log_mul"] * math.log(1.0 / rs["freq_scale"]))
         kq_scale = ms * ms / math.sqrt(head_k)
-    if f"{arch}.attention.scale" in kv:                  # granite: attention_multiplier
+    if f"{arch}.attention.scale" in kv:  # granite: attention_multiplier
         kq_scale = float(k("attention.scale"))
 
     # sliding window layers (gpt-oss, gemma4): a per-layer bool array or a period
-    if spec.nope_full and f"{arch}.attention.sliding_window" not in kv:     # llama.cpp requires it too
+    if spec.nope_full and f"{arch}.attention.sliding_window" not in kv:  # llama.cpp requires it too
         raise ModelFormatError(f"{path}: missing key '{arch}.attention.sliding_window'")
     n_swa = int(k("attention.sliding_window", 0))
     swa_layers = [0] * n_layer
@@ -270,8 +348,10 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         if pattern is not None and hasattr(pattern, "__len__"):
             swa_layers = [int(bool(x)) for x in pattern][:n_layer]
             if len(swa_layers) != n_layer:
-                raise ModelFormatError(f"{path}: key '{arch}.attention.sliding_window_pattern' has "
-                                       f"{len(swa_layers)} entries, expected {n_layer}")
+                raise ModelFormatError(
+                    f"{path}: key '{arch}.attention.sliding_window_pattern' has "
+                    f"{len(swa_layers)} entries, expected {n_layer}"
+                )
         else:
             period = int(pattern) if pattern is not None else spec.swa_period
             if period > 0 and spec.swa_dense_first:
@@ -280,20 +360,26 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
                 swa_layers = [int(il % period < period - 1) for il in range(n_layer)]
 
     gating = int(k("expert_gating_func", spec.gating) or spec.gating)
-    if arch == "deepseek2" and not k("expert_gating_func", 0) and n_layer in (47, 48) and \
-            int(tensors["token_embd.weight"][1][1]) == 154880:
-        gating = GATING_SIGMOID     # GLM-4.7-Flash GGUFs without the key: llama.cpp's rule (by shape)
+    if (
+        arch == "deepseek2"
+        and not k("expert_gating_func", 0)
+        and n_layer in (47, 48)
+        and int(tensors["token_embd.weight"][1][1]) == 154880
+    ):
+        gating = GATING_SIGMOID  # GLM-4.7-Flash GGUFs without the key: llama.cpp's rule (by shape)
     if arch == "gpt-oss":
         gating = GATING_SOFTMAX_WEIGHT
     if arch == "phimoe" and gating == GATING_SOFTMAX:
         gating = GATING_SPARSEMIXER
-    if arch in ("ernie4_5-moe", "hunyuan-moe", "gemma4"):     # llama.cpp's graphs hard-code softmax
+    if arch in ("ernie4_5-moe", "hunyuan-moe", "gemma4"):  # llama.cpp's graphs hard-code softmax
         gating = GATING_SOFTMAX
-    if arch == "nemotron_h_moe":                              # and this one sigmoid
+    if arch == "nemotron_h_moe":  # and this one sigmoid
         gating = GATING_SIGMOID
     n_expert_used = int(k("expert_used_count"))
     if not 0 < n_expert_used <= min(n_expert, 64):
-        raise ModelFormatError(f"{path}: key '{arch}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}")
+        raise ModelFormatError(
+            f"{path}: key '{arch}.expert_used_count' = {n_expert_used}, expected 1..{min(n_expert, 64)}"
+        )
     has_qk_norm = spec.qk_norm == QK_NORM_L2 or any(n.endswith("attn_q_norm.weight") for n in tensors)
     qk_norm = spec.qk_norm if has_qk_norm else QK_NORM_NONE
     weights_norm = True if spec.weights_norm is None else bool(k("expert_weights_norm", spec.weights_norm))
@@ -301,42 +387,82 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     moe_step = int(k("interleave_moe_layer_step", 1) or 1) if spec.moe_step_key else 1
 
     hp: dict[str, Any] = dict(
-        arch=arch, n_vocab=n_vocab, n_embd=n_embd, n_layer=n_layer, n_head=n_head, n_head_kv=max(kv_heads),
-        n_embd_head_k=head_k, n_embd_head_v=head_v, norm_eps=eps, layernorm=layernorm, qk_norm=qk_norm,
-        qk_norm_after_rope=spec.qk_norm_after_rope, n_rot=n_rot, rope_type=spec.rope_type,
+        arch=arch,
+        n_vocab=n_vocab,
+        n_embd=n_embd,
+        n_layer=n_layer,
+        n_head=n_head,
+        n_head_kv=max(kv_heads),
+        n_embd_head_k=head_k,
+        n_embd_head_v=head_v,
+        norm_eps=eps,
+        layernorm=layernorm,
+        qk_norm=qk_norm,
+        qk_norm_after_rope=spec.qk_norm_after_rope,
+        n_rot=n_rot,
+        rope_type=spec.rope_type,
         n_ctx_orig=int(k("rope.scaling.original_context_length", k("context_length", 4096))),
-        freq_base=freq_base, freq_scale=rs["freq_scale"], ext_factor=rs["ext_factor"],
-        attn_factor=rs["attn_factor"], beta_fast=float(k("rope.scaling.yarn_beta_fast", 32.0)),
-        beta_slow=float(k("rope.scaling.yarn_beta_slow", 1.0)), kq_scale=kq_scale, n_swa=n_swa, swa_layers=swa_layers,
-        q_lora_rank=int(k("attention.q_lora_rank", 0)), kv_lora_rank=kv_lora,
-        n_expert=n_expert, n_expert_used=n_expert_used, n_layer_dense_lead=dense_lead,
-        gating=gating, weights_norm=weights_norm, weights_scale=float(k("expert_weights_scale", 1.0) or 1.0),
-        n_group=int(k("expert_group_count", 1) or 1), topk_group=int(k("expert_group_used_count", 1) or 1),
+        freq_base=freq_base,
+        freq_scale=rs["freq_scale"],
+        ext_factor=rs["ext_factor"],
+        attn_factor=rs["attn_factor"],
+        beta_fast=float(k("rope.scaling.yarn_beta_fast", 32.0)),
+        beta_slow=float(k("rope.scaling.yarn_beta_slow", 1.0)),
+        kq_scale=kq_scale,
+        n_swa=n_swa,
+        swa_layers=swa_layers,
+        q_lora_rank=int(k("attention.q_lora_rank", 0)),
+        kv_lora_rank=kv_lora,
+        n_expert=n_expert,
+        n_expert_used=n_expert_used,
+        n_layer_dense_lead=dense_lead,
+        gating=gating,
+        weights_norm=weights_norm,
+        weights_scale=float(k("expert_weights_scale", 1.0) or 1.0),
+        n_group=int(k("expert_group_count", 1) or 1),
+        topk_group=int(k("expert_group_used_count", 1) or 1),
         jitter_eps=float(kv.get(f"{arch}.expert_router_jitter", kv.get("moelite.router_jitter_eps", 0.01))),
-        act=spec.act, oai_alpha=1.702, oai_limit=float(k("expert_swiglu_limit", 7.0)),
-        embd_scale=float(k("embedding_scale", 1.0)), residual_scale=float(k("residual_scale", 1.0)),
-        logit_scale=float(k("logit_scale", 1.0)), final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
+        act=spec.act,
+        oai_alpha=1.702,
+        oai_limit=float(k("expert_swiglu_limit", 7.0)),
+        embd_scale=float(k("embedding_scale", 1.0)),
+        residual_scale=float(k("residual_scale", 1.0)),
+        logit_scale=float(k("logit_scale", 1.0)),
+        final_softcap=float(k("final_logit_softcapping", 0.0) or 0.0),
         context_length=int(k("context_length", 4096)),
-        n_layer_nextn=int(k("nextn_predict_layers", 0)),     # MTP blocks blk.{n_layer}..: checked, not run
-        group_top2=spec.group_top2, parallel_residual=spec.parallel, shexp_average=spec.shexp_average,
+        n_layer_nextn=int(k("nextn_predict_layers", 0)),  # MTP blocks blk.{n_layer}..: checked, not run
+        group_top2=spec.group_top2,
+        parallel_residual=spec.parallel,
+        shexp_average=spec.shexp_average,
         attn_gate_softplus=spec.gate_softplus,
-        attn_value_scale=float(k("attention.value_scale", 1.0) or 1.0),     # V x this (MiMo-V2; 0: none, llama.cpp)
+        attn_value_scale=float(k("attention.value_scale", 1.0) or 1.0),  # V x this (MiMo-V2; 0: none, llama.cpp)
         nextn_ref=nextn_ref,
     )
-    plan = dict(layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer, layer_ffn=[FFN_DENSE] * n_layer,
-                layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers], layer_n_head=heads,
-                layer_n_head_kv=kv_heads, layer_rope_scaling=[1] * n_layer,
-                layer_head_k=[head_k] * n_layer, layer_head_v=[head_v] * n_layer, layer_n_rot=[n_rot] * n_layer,
-                layer_freq_base=[freq_base] * n_layer, layer_kq_scale=[kq_scale] * n_layer,
-                layer_rope_factors=[1] * n_layer, layer_attn_temp=[0] * n_layer)
+    plan = dict(
+        layer_mixer=[MIXER_MLA if kv_lora else MIXER_ATTN] * n_layer,
+        layer_ffn=[FFN_DENSE] * n_layer,
+        layer_mask=[MASK_SWA if s else MASK_CAUSAL for s in swa_layers],
+        layer_n_head=heads,
+        layer_n_head_kv=kv_heads,
+        layer_rope_scaling=[1] * n_layer,
+        layer_head_k=[head_k] * n_layer,
+        layer_head_v=[head_v] * n_layer,
+        layer_n_rot=[n_rot] * n_layer,
+        layer_freq_base=[freq_base] * n_layer,
+        layer_kq_scale=[kq_scale] * n_layer,
+        layer_rope_factors=[1] * n_layer,
+        layer_attn_temp=[0] * n_layer,
+    )
     for il in range(n_layer):
         expected = il >= dense_lead and (moe_step <= 1 or (il + 1) % moe_step == 0)
         has = f"blk.{il}.ffn_gate_inp.weight" in tensors
         if expected and not has and not spec.sandwich and not spec.ffn_by_tensors:
-            raise ModelFormatError(f"{path}: missing tensor 'blk.{il}.ffn_gate_inp.weight' (layer {il} should be a "
-                                   f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})")
+            raise ModelFormatError(
+                f"{path}: missing tensor 'blk.{il}.ffn_gate_inp.weight' (layer {il} should be a "
+                f"MoE layer: leading_dense_block_count = {dense_lead}, MoE step {moe_step})"
+            )
         plan["layer_ffn"][il] = FFN_MOE if has else FFN_DENSE
-    if spec.nope_full:        # EXAONE-4 attention: the full-attention layers take no position (llama.cpp: the same)
+    if spec.nope_full:  # EXAONE-4 attention: the full-attention layers take no position (llama.cpp: the same)
         # Cohere2-MoE: leading dense layers keep it (llama.cpp's force_rope; transformers only with
         # prefix_dense_sliding_window_pattern 1, which moelite's converter writes as `moelite.rope_dense_lead`)
         keep = kv.get("moelite.rope_dense_lead", True)
@@ -348,25 +474,30 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         plan["layer_n_rot"] = [0 if (il + 1) % spec.nope_step == 0 else n_rot for il in range(n_layer)]
     if spec.mup_embd:
         hp["embd_scale"] = math.sqrt(n_embd)
-    if spec.swa_rope:         # sliding layers: own theta and rotated dims (llama.cpp's defaults: the full layers')
+    if spec.swa_rope:  # sliding layers: own theta and rotated dims (llama.cpp's defaults: the full layers')
         rot_swa, base_swa = int(k("rope.dimension_count_swa", n_rot)), float(k("rope.freq_base_swa", freq_base))
         for il in (i for i, s in enumerate(swa_layers) if s):
             plan["layer_n_rot"][il], plan["layer_freq_base"][il], plan["layer_rope_scaling"][il] = rot_swa, base_swa, 0
-            if spec.rope_half_full:     # llama.cpp's step35: no rope factors on sliding layers
+            if spec.rope_half_full:  # llama.cpp's step35: no rope factors on sliding layers
                 plan["layer_rope_factors"][il] = 0
     if spec.rope_half_full:
         for il in (i for i, s in enumerate(swa_layers) if not s):
             plan["layer_n_rot"][il] = n_rot // 2
     if spec.swiglu_clamp:
         for name in ("exp", "shexp"):
-            vals = [float(x) for x in _per_layer(kv, path, f"{arch}.swiglu_clamp_{name}", n_layer, 0.0,
-                                                  int(k("block_count")))]
+            vals = [
+                float(x)
+                for x in _per_layer(kv, path, f"{arch}.swiglu_clamp_{name}", n_layer, 0.0, int(k("block_count")))
+            ]
             if any(not 0.0 <= v < math.inf for v in vals):
                 raise ModelFormatError(f"{path}: key '{arch}.swiglu_clamp_{name}': expected non-negative finite limits")
             plan[f"layer_clamp_{name}"] = vals
+        if spec.dense_unclamped:
+            shexp = plan["layer_clamp_shexp"]
+            plan["layer_clamp_shexp"] = [0.0 if f == FFN_DENSE else v for f, v in zip(plan["layer_ffn"], shexp)]
     if spec.single_blocks:
         _single_block_plan(path, k, hp, plan, tensors, recurrent)
-    if spec.parallel:         # Cohere multiplies the logits by logit_scale (0: none), the C++ head divides (Granite)
+    if spec.parallel:  # Cohere multiplies the logits by logit_scale (0: none), the C++ head divides (Granite)
         scale = float(k("logit_scale", 0.0))
         hp["logit_scale"] = 1.0 / scale if scale else 1.0
     if any(recurrent):
@@ -375,14 +506,57 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         _gemma4_plan(path, k, hp, plan, n_layer)
     if arch == "llama4":
         _llama4_plan(k, hp, plan, n_layer, n_expert)
+    if spec.mla_nope:
+        plan["layer_rotate"] = [0] * n_layer
+    if spec.indexer_rope >= 0:
+        _indexer_plan(path, k, hp, plan, n_layer, spec.indexer_rope)
     if spec.mla_yarn and float(k("attention.temperature_scale", 0.0) or 0.0) != 0.0:
         # Mistral-4 (and Mistral-Large): q *= 1 + s * log(1 + floor(pos / length)) on every layer, as llama.cpp's
         # deepseek2 graph; the key is what the HF converter of llama.cpp drops (moelite's writes it)
-        hp.update(attn_temp_scale=float(k("attention.temperature_scale")),
-                  attn_temp_floor=float(k("attention.temperature_length")), attn_temp_offset=0.0)
+        hp.update(
+            attn_temp_scale=float(k("attention.temperature_scale")),
+            attn_temp_floor=float(k("attention.temperature_length")),
+            attn_temp_offset=0.0,
+        )
         plan["layer_attn_temp"] = [1] * n_layer
     hp.update(plan)
     return hp
+
+
+INDEXER_NONE, INDEXER_FULL, INDEXER_SHARED = 0, 1, 2  # csrc LayerPlan::indexer
+
+
+def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: int) -> None:
+    """DSA: the lightning indexer's sizes and, per layer, whether it runs its own indexer (full) or reuses the
+    selection of the last full layer before it (IndexShare: `attention.indexer.types`, true = full). Without the key
+    every layer is full, as llama.cpp reads GLM-5 / 5.1 files (it assumes GLM-5.2's pattern from a 1M context on)."""
+    n_idx, d_idx, top_k = (int(k(f"attention.indexer.{n}")) for n in ("head_count", "key_length", "top_k"))
+    if n_idx < 1 or top_k < 1 or not hp["n_rot"] <= d_idx:
+        raise ModelFormatError(
+            f"{path}: keys '{hp['arch']}.attention.indexer.head_count' = {n_idx}, '.key_length' = {d_idx}, "
+            f"'.top_k' = {top_k}: expected >= 1 heads, >= 1 positions and a key of >= rope.dimension_count dims"
+        )
+    raw = k.raw("attention.indexer.types")
+    if raw is None:
+        if hp["arch"] == "glm-dsa" and hp["context_length"] >= 1048576:
+            raise ModelFormatError(
+                f"{path}: missing key '{hp['arch']}.attention.indexer.types' (a GLM-5.2 file: llama.cpp assumes a "
+                f"built-in IndexShare pattern there; re-convert to write it)"
+            )
+        full = [True] * n_layer
+    else:
+        full = [
+            bool(x)
+            for x in _per_layer(
+                k.kv, path, f"{hp['arch']}.attention.indexer.types", n_layer, True, int(k("block_count"))
+            )
+        ]
+    if not full[0]:
+        raise ModelFormatError(
+            f"{path}: key '{hp['arch']}.attention.indexer.types': layer 0 shares the selection of no earlier layer"
+        )
+    hp.update(indexer_n_head=n_idx, indexer_head_size=d_idx, indexer_top_k=top_k, indexer_rope_type=rope_type)
+    plan["layer_indexer"] = [INDEXER_FULL if f else INDEXER_SHARED for f in full]
 
 
 def _single_block_plan(path: str, k, hp: dict, plan: dict, tensors: dict, recurrent: list[bool]) -> None:
@@ -390,37 +564,47 @@ def _single_block_plan(path: str, k, hp: dict, plan: dict, tensors: dict, recurr
     0; NoPE, as llama.cpp's graph) or an FFN (feed_forward_length > 0: routed experts where ffn_gate_inp exists, else
     a dense ReLU² MLP); no block has both. Latent MoE: `moe_latent_size` > 0, the experts' width."""
     n_layer = hp["n_layer"]
-    n_ff = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.feed_forward_length", n_layer, 0)]
-    heads = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.attention.head_count_kv", n_layer, 0)]
+    n_block = n_layer + hp["n_layer_nextn"]  # the arrays count the MTP block too (llama.cpp's converter)
+    n_ff = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.feed_forward_length", n_layer, 0, n_block)]
+    heads = [int(x) for x in _per_layer(k.kv, path, f"{hp['arch']}.attention.head_count_kv", n_layer, 0, n_block)]
     for il in range(n_layer):
         if recurrent[il]:
             plan["layer_ffn"][il] = FFN_NONE
         elif n_ff[il] == 0:
             if heads[il] <= 0:
-                raise ModelFormatError(f"{path}: layer {il} is neither recurrent, attention nor FFN (keys "
-                                       f"'{hp['arch']}.attention.head_count_kv' and 'feed_forward_length')")
+                raise ModelFormatError(
+                    f"{path}: layer {il} is neither recurrent, attention nor FFN (keys "
+                    f"'{hp['arch']}.attention.head_count_kv' and 'feed_forward_length')"
+                )
             plan["layer_ffn"][il] = FFN_NONE
         else:
             plan["layer_mixer"][il] = MIXER_NONE
-            plan["layer_n_head_kv"][il] = hp["n_head_kv"]          # unused: no KV
+            plan["layer_n_head_kv"][il] = hp["n_head_kv"]  # unused: no KV
     plan["layer_n_rot"] = [0] * n_layer
     latent = k("moe_latent_size", 0)
-    if isinstance(latent, bool) or not isinstance(latent, (int, float)) or latent != int(latent) or \
-            not 0 <= latent <= hp["n_embd"]:
-        raise ModelFormatError(f"{path}: key '{hp['arch']}.moe_latent_size' = {latent!r}: expected an integer in "
-                               f"0..{hp['n_embd']} (embedding_length)")
+    if (
+        isinstance(latent, bool)
+        or not isinstance(latent, (int, float))
+        or latent != int(latent)
+        or not 0 <= latent <= hp["n_embd"]
+    ):
+        raise ModelFormatError(
+            f"{path}: key '{hp['arch']}.moe_latent_size' = {latent!r}: expected an integer in "
+            f"0..{hp['n_embd']} (embedding_length)"
+        )
     hp["moe_latent"] = int(latent)
 
 
 def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: int, kv_heads: list[int]) -> list[bool]:
-    """Which layers are recurrent, as llama.cpp decides: LFM2 by head_count_kv = 0; Qwen3.5 / Qwen3-Next by the
+    """Which layers are recurrent, as llama.cpp decides: LFM2 / Kimi-Linear by head_count_kv = 0; Qwen3.5 by the
     `attention.recurrent_layers` array, else every layer but each `full_attention_interval`-th (default 4)."""
     if not spec.recurrent:
         return [False] * n_layer
-    if arch in ("lfm2moe", "granitehybrid"):
+    if spec.recurrent_by_kv:
         return [h == 0 for h in kv_heads]
-    if spec.single_blocks:    # Nemotron-H: no KV heads and no FFN width
-        n_ff = _per_layer(kv, path, f"{arch}.feed_forward_length", n_layer, 0)
+    if spec.single_blocks:  # Nemotron-H: no KV heads and no FFN width
+        n_block = int(_key(kv, path, f"{arch}.block_count"))  # with its MTP block (an array entry each)
+        n_ff = _per_layer(kv, path, f"{arch}.feed_forward_length", n_layer, 0, n_block)
         return [h == 0 and not f for h, f in zip(kv_heads, n_ff)]
     flags = kv.get(f"{arch}.attention.recurrent_layers")
     if flags is not None:
@@ -438,32 +622,67 @@ def _recurrent_plan(arch: str, k, hp: dict, plan: dict, recurrent: list[bool]) -
     for il, r in enumerate(recurrent):
         if r:
             plan["layer_mixer"][il] = mixer
-    names = ("shortconv.l_cache",) if mixer == MIXER_SHORTCONV else (
-        "ssm.conv_kernel", "ssm.state_size", "ssm.group_count", "ssm.time_step_rank", "ssm.inner_size")
-    for name in names:                        # sizes the state is allocated from: checked before anything uses them
+    if mixer == MIXER_SHORTCONV:
+        names: tuple[str, ...] = ("shortconv.l_cache",)
+    elif mixer == MIXER_KDA:
+        names = ("ssm.conv_kernel", "kda.head_dim")
+    else:
+        names = ("ssm.conv_kernel", "ssm.state_size", "ssm.group_count", "ssm.time_step_rank", "ssm.inner_size")
+    for name in names:  # sizes the state is allocated from: checked before anything uses them
         v = k(name)
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v) or not 1 <= v <= 1 << 20 or \
-                (name.endswith(("l_cache", "conv_kernel")) and not 2 <= v <= 64):
-            raise ModelFormatError(f"{k.path}: key '{arch}.{name}' = {v!r}: expected a positive integer "
-                                   f"(conv kernels 2..64)")
-    if mixer != MIXER_SHORTCONV and (int(k("ssm.inner_size")) % int(k("ssm.time_step_rank")) or
-                                     int(k("ssm.time_step_rank")) % int(k("ssm.group_count"))):
-        raise ModelFormatError(f"{k.path}: keys '{arch}.ssm.inner_size' / 'time_step_rank' / 'group_count': expected "
-                               f"inner_size a multiple of time_step_rank, and time_step_rank of group_count")
+        if (
+            isinstance(v, bool)
+            or not isinstance(v, (int, float))
+            or v != int(v)
+            or not 1 <= v <= 1 << 20
+            or (name.endswith(("l_cache", "conv_kernel")) and not 2 <= v <= 64)
+        ):
+            raise ModelFormatError(
+                f"{k.path}: key '{arch}.{name}' = {v!r}: expected a positive integer (conv kernels 2..64)"
+            )
+    if mixer not in (MIXER_SHORTCONV, MIXER_KDA) and (
+        int(k("ssm.inner_size")) % int(k("ssm.time_step_rank"))
+        or int(k("ssm.time_step_rank")) % int(k("ssm.group_count"))
+    ):
+        raise ModelFormatError(
+            f"{k.path}: keys '{arch}.ssm.inner_size' / 'time_step_rank' / 'group_count': expected "
+            f"inner_size a multiple of time_step_rank, and time_step_rank of group_count"
+        )
     if mixer == MIXER_SHORTCONV:
         hp.update(ssm_conv_kernel=int(k("shortconv.l_cache")))
+    elif mixer == MIXER_KDA:
+        # KDA (llama.cpp's kimi-linear): the model's query heads, each of kda.head_dim for q, k and v; the state
+        # sizes in the DeltaNet fields (S = head_dim, H heads, inner H x S)
+        d, n = int(k("kda.head_dim")), hp["n_head"]
+        hp.update(
+            ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=d, ssm_n_group=n, ssm_dt_rank=n, ssm_d_inner=n * d
+        )
+        if bool(k("kda.safe_gate", ARCHS[arch].kda_safe_gate)):  # lb * sigmoid(exp(A_log) (f + dt)), lb < 0
+            lb = k("kda.gate_lower_bound")
+            if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not -1e30 < lb < 0:
+                raise ModelFormatError(f"{k.path}: key '{arch}.kda.gate_lower_bound' = {lb!r}: expected a number < 0")
+            hp["kda_gate_lb"] = float(lb)
     elif mixer == MIXER_MAMBA2:
-        hp.update(ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=int(k("ssm.state_size")),
-                  ssm_n_group=int(k("ssm.group_count")), ssm_dt_rank=int(k("ssm.time_step_rank")),
-                  ssm_d_inner=int(k("ssm.inner_size")))
+        hp.update(
+            ssm_conv_kernel=int(k("ssm.conv_kernel")),
+            ssm_d_state=int(k("ssm.state_size")),
+            ssm_n_group=int(k("ssm.group_count")),
+            ssm_dt_rank=int(k("ssm.time_step_rank")),
+            ssm_d_inner=int(k("ssm.inner_size")),
+        )
         # Granite-4.0-H: `rope.scaling.finetuned` = false marks NoPE attention (llama.cpp's switch)
         if arch == "granitehybrid" and not bool(k.raw("rope.scaling.finetuned", True)):
             plan["layer_n_rot"] = [0] * len(recurrent)
     else:
-        hp.update(ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=int(k("ssm.state_size")),
-                  ssm_n_group=int(k("ssm.group_count")), ssm_dt_rank=int(k("ssm.time_step_rank")),
-                  ssm_d_inner=int(k("ssm.inner_size")), attn_output_gate=True,
-                  deltanet_repeat_interleave=arch == "qwen3next")
+        hp.update(
+            ssm_conv_kernel=int(k("ssm.conv_kernel")),
+            ssm_d_state=int(k("ssm.state_size")),
+            ssm_n_group=int(k("ssm.group_count")),
+            ssm_dt_rank=int(k("ssm.time_step_rank")),
+            ssm_d_inner=int(k("ssm.inner_size")),
+            attn_output_gate=True,
+            deltanet_repeat_interleave=arch == "qwen3next",
+        )
 
 
 def _gemma4_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
@@ -475,8 +694,10 @@ def _gemma4_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
     rot_swa = int(k("rope.dimension_count_swa", head_swa))
     base_swa = float(k("rope.freq_base_swa", hp["freq_base"]))
     if int(k("embedding_length_per_layer_input", 0) or 0):
-        raise ModelFormatError(f"{path}: per-layer embeddings (key 'gemma4.embedding_length_per_layer_input', the "
-                               f"E2B/E4B models) are not supported; moelite runs the Gemma-4 MoE models")
+        raise ModelFormatError(
+            f"{path}: per-layer embeddings (key 'gemma4.embedding_length_per_layer_input', the "
+            f"E2B/E4B models) are not supported; moelite runs the Gemma-4 MoE models"
+        )
     if int(k("attention.shared_kv_layers", 0) or 0):
         raise ModelFormatError(f"{path}: key 'gemma4.attention.shared_kv_layers' (KV sharing) is not supported")
     for il in range(n_layer):
@@ -497,7 +718,7 @@ def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
     if n_expert == 128:
         hp["qk_norm"] = QK_NORM_NONE
     if k.raw("attention.sliding_window") is not None and int(k("attention.sliding_window")) == 0:
-        return                                           # no chunking: RoPE on every layer
+        return  # no chunking: RoPE on every layer
     base_swa = float(k("rope.freq_base_swa", hp["freq_base"]))
     hp.update(n_chunk=LLAMA4_CHUNK, attn_temp_floor=LLAMA4_TEMP_FLOOR, attn_temp_scale=LLAMA4_TEMP_SCALE)
     for il in range(n_layer):

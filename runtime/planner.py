@@ -5,6 +5,7 @@ budget = dense (resident: attention, embeddings, norms, routers, shared experts)
 A budget that cannot hold the dense part plus n_expert_used slots per MoE layer is an error that names the
 minimum. Without a budget, everything stays resident when it fits in available RAM, else 70 % of it is used.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,22 @@ from ..errors import BudgetError
 
 # One rule, case-insensitive: B = bytes; KB MB GB TB = powers of 1000; K M G T and KiB MiB GiB TiB = powers of 1024
 # (as llama.cpp's and most tools' bare suffixes). A number alone is bytes.
-_UNITS = {"": 1, "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
-          "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4, "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 1000,
+    "MB": 1000**2,
+    "GB": 1000**3,
+    "TB": 1000**4,
+    "K": 1024,
+    "M": 1024**2,
+    "G": 1024**3,
+    "T": 1024**4,
+    "KIB": 1024,
+    "MIB": 1024**2,
+    "GIB": 1024**3,
+    "TIB": 1024**4,
+}
 SIZE_RULE = "B bytes; KB/MB/GB decimal; K/M/G and KiB/MiB/GiB binary; any case"
 _MAX_SIZE = 1 << 60
 
@@ -33,10 +48,12 @@ def parse_size(value: str | int | float | None, what: str = "memory budget") -> 
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
         if not m or m.group(2).upper() not in _UNITS:
-            raise BudgetError(f"bad {what} size {value!r}: expected a number with a unit, e.g. '1.5GiB', '800MB', "
-                              f"'512m' ({SIZE_RULE})")
+            raise BudgetError(
+                f"bad {what} size {value!r}: expected a number with a unit, e.g. '1.5GiB', '800MB', "
+                f"'512m' ({SIZE_RULE})"
+            )
         n = float(m.group(1)) * _UNITS[m.group(2).upper()]
-    if not 0 < n < _MAX_SIZE:                       # also NaN and infinities
+    if not 0 < n < _MAX_SIZE:  # also NaN and infinities
         raise BudgetError(f"{what} must be a positive size below {fmt_bytes(_MAX_SIZE)}, got {value!r}")
     return int(n)
 
@@ -57,13 +74,13 @@ class Plan:
     dense_bytes: int
     kv_bytes: int
     scratch_bytes: int
-    expert_slot_bytes: list[int]      # per layer: bytes of one expert slot (0 for dense layers)
+    expert_slot_bytes: list[int]  # per layer: bytes of one expert slot (0 for dense layers)
     n_expert: int
     n_expert_used: int
-    slots: list[int] | None           # per layer quota; None = everything resident
+    slots: list[int] | None  # per layer quota; None = everything resident
     budget: int | None
-    n_ubatch: int = 512               # prompt tokens per graph (smaller under a tight budget: less scratch)
-    rs_bytes: int = 0                 # recurrent state: the live one + its snapshots for prompt reuse
+    n_ubatch: int = 512  # prompt tokens per graph (smaller under a tight budget: less scratch)
+    rs_bytes: int = 0  # recurrent state: the live one + its snapshots for prompt reuse
 
     @property
     def moe_layers(self) -> list[int]:
@@ -75,40 +92,57 @@ class Plan:
 
     @property
     def minimum_budget(self) -> int:
-        return (self.dense_bytes + self.kv_bytes + self.rs_bytes + self.scratch_bytes +
-                sum(b * self.n_expert_used for b in self.expert_slot_bytes))
+        return (
+            self.dense_bytes
+            + self.kv_bytes
+            + self.rs_bytes
+            + self.scratch_bytes
+            + sum(b * self.n_expert_used for b in self.expert_slot_bytes)
+        )
 
     @property
     def resident_bytes(self) -> int:
         slots = self.slots or [self.n_expert if b else 0 for b in self.expert_slot_bytes]
-        return (self.dense_bytes + self.kv_bytes + self.rs_bytes + self.scratch_bytes +
-                sum(s * b for s, b in zip(slots, self.expert_slot_bytes)))
+        return (
+            self.dense_bytes
+            + self.kv_bytes
+            + self.rs_bytes
+            + self.scratch_bytes
+            + sum(s * b for s, b in zip(slots, self.expert_slot_bytes))
+        )
 
 
 def _page(n: int) -> int:
     return (n + 4095) // 4096 * 4096
 
 
+def indexer_keys_per_token(hp: dict) -> int:
+    """DSA: elements of the indexer's key cache per position, one key of indexer_head_size on each layer that runs
+    its own indexer (IndexShare layers hold none); part of kv_bytes_per_token."""
+    return sum(1 for x in hp.get("layer_indexer", []) if x == 1) * hp.get("indexer_head_size", 0)
+
+
 def kv_bytes_per_token(hp: dict) -> int:
     """KV cache elements per token, summed over layers (per-layer kv heads and head sizes from the layer plan;
     MLA caches the compressed latent: kv_lora + rope for K, kv_lora for V)."""
     n_layer = hp["n_layer"]
-    attn = [m in (0, 1) for m in hp.get("layer_mixer", [0] * n_layer)]     # recurrent layers hold no KV
+    attn = [m in (0, 1) for m in hp.get("layer_mixer", [0] * n_layer)]  # recurrent layers hold no KV
+    idx = indexer_keys_per_token(hp)
     if hp["kv_lora_rank"]:
-        return sum(attn) * ((hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"])
+        return sum(attn) * ((hp["kv_lora_rank"] + hp["n_rot"]) + hp["kv_lora_rank"]) + idx
     heads = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     hk = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
     hv = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
     return sum(h * (a + b) for h, a, b, on in zip(heads, hk, hv, attn) if on)
 
 
-DEFAULT_SNAPSHOTS = 2   # recurrent-state snapshots kept for prompt reuse (Model(state_snapshots=...))
+DEFAULT_SNAPSHOTS = 2  # recurrent-state snapshots kept for prompt reuse (Model(state_snapshots=...))
 
 
 def recurrent_state_bytes(hp: dict) -> int:
     """Bytes of one sequence's recurrent state (f32), as csrc/model.cpp allocates it: per short-conv layer the
     last K - 1 inputs [K - 1, n_embd]; per Gated DeltaNet layer its conv inputs [K - 1, 2 Hk dk + Hv dv] and the
-    state [dv, dv, Hv]."""
+    state [dv, dv, Hv]; per KDA layer the q / k / v conv inputs [K - 1, 3 H S] and the state [S, S, H]."""
     mixers = hp.get("layer_mixer", [])
     K = hp.get("ssm_conv_kernel", 0)
     total = mixers.count(2) * (K - 1) * hp["n_embd"] * 4
@@ -117,13 +151,16 @@ def recurrent_state_bytes(hp: dict) -> int:
         channels = 2 * hp["ssm_n_group"] * hp["ssm_d_state"] + inner
         dv = inner // hv
         total += mixers.count(3) * 4 * ((K - 1) * channels + dv * dv * hv)
-    if mixers.count(4):                 # Mamba2: conv over [d_inner + 2 groups d_state], state [d_state, d_inner]
+    if mixers.count(4):  # Mamba2: conv over [d_inner + 2 groups d_state], state [d_state, d_inner]
         inner, ds = hp["ssm_d_inner"], hp["ssm_d_state"]
         total += mixers.count(4) * 4 * ((K - 1) * (inner + 2 * hp["ssm_n_group"] * ds) + ds * inner)
+    if mixers.count(6):  # KDA: S = head_dim, inner = H S
+        inner, ds = hp["ssm_d_inner"], hp["ssm_d_state"]
+        total += mixers.count(6) * 4 * ((K - 1) * 3 * inner + ds * inner)
     return total
 
 
-STANDIN_SHARE = 0.25       # stand-ins all in memory when they cost at most this share of the expert budget
+STANDIN_SHARE = 0.25  # stand-ins all in memory when they cost at most this share of the expert budget
 
 
 def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
@@ -147,12 +184,13 @@ def expert_slots_of(hp: dict, tensors: dict) -> tuple[list[int], set[str], int]:
             halves = [per[0] // 2, per[0] // 2, per[1]] if names[0] == fused else per
             slot_bytes[il] = sum(_page(b) for b in halves)
             expert_names.update(names)
-            n_ff = max(n_ff, tensors[names[-1]][1][0])           # down_exps [n_ff, n_embd, E]
+            n_ff = max(n_ff, tensors[names[-1]][1][0])  # down_exps [n_ff, n_embd, E]
     return slot_bytes, expert_names, n_ff
 
 
-def plan_standins(p: Plan, standin_slot_bytes: list[int], shares: list[float] | None = None,
-                  label: str = "memory budget") -> tuple[list[int], list[int]]:
+def plan_standins(
+    p: Plan, standin_slot_bytes: list[int], shares: list[float] | None = None, label: str = "memory budget"
+) -> tuple[list[int], list[int]]:
     """(full-expert slots, stand-in slots) per layer for an offloaded plan with stand-ins. Every stand-in of a layer
     stays in memory when all of them cost at most STANDIN_SHARE of the expert slots' bytes; otherwise each layer
     keeps n_expert_used stand-in slots, a buffer for the ones read on a miss (measured in bench/LOSSY.md: on a
@@ -168,9 +206,11 @@ def plan_standins(p: Plan, standin_slot_bytes: list[int], shares: list[float] | 
     rest = free - sum(st[i] * standin_slot_bytes[i] for i in moe)
     need = sum(K * (p.expert_slot_bytes[i] + standin_slot_bytes[i]) for i in moe)
     if rest < sum(K * p.expert_slot_bytes[i] for i in moe):
-        raise BudgetError(f"{label} {fmt_bytes(p.budget)} is too small for stand-ins: {K} full and {K} stand-in expert "
-                          f"slots per MoE layer need {fmt_bytes(need, round_up=True)} besides the rest of the plan",
-                          minimum=p.budget - free + need)
+        raise BudgetError(
+            f"{label} {fmt_bytes(p.budget)} is too small for stand-ins: {K} full and {K} stand-in expert "
+            f"slots per MoE layer need {fmt_bytes(need, round_up=True)} besides the rest of the plan",
+            minimum=p.budget - free + need,
+        )
     return _split_slots(p, rest, shares), st
 
 
@@ -178,9 +218,19 @@ def _mtp_block(name: str, n_layer: int) -> bool:
     return name.startswith("blk.") and int(name.split(".", 2)[1]) >= n_layer
 
 
-def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv_elsize: float, budget: int | None,
-                shares: list[float] | None = None, label: str = "memory budget", n_snapshots: int = DEFAULT_SNAPSHOTS,
-                flash_attn: bool = True) -> Plan:
+def plan_memory(
+    hp: dict,
+    tensors: dict,
+    *,
+    n_ctx: int,
+    n_ubatch: int | None,
+    kv_elsize: float,
+    budget: int | None,
+    shares: list[float] | None = None,
+    label: str = "memory budget",
+    n_snapshots: int = DEFAULT_SNAPSHOTS,
+    flash_attn: bool = True,
+) -> Plan:
     """n_ubatch None: 512, halved (down to 16) while its scratch exceeds 10 % of the budget. `label` names the
     budget in errors ('VRAM budget' for a GPU's arena). n_snapshots: recurrent-state snapshots kept for prompt
     reuse (each as large as the live state)."""
@@ -197,9 +247,14 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the
         # expert activations [n_ff, K, t] x 3 + [n_embd, K, t] x 2, plus a few [n_embd, t] temporaries
         # flash attention never materializes the scores: its q/k/v/output rows per token instead
-        n_head = max(hp.get("layer_n_head", [hp["n_head"]]))         # query heads of the widest layer
+        n_head = max(hp.get("layer_n_head", [hp["n_head"]]))  # query heads of the widest layer
         attn = 4 * n_head * head if flash_attn else 2 * n_head * n_ctx
         experts = 3 * n_ff * K + 2 * hp["n_embd"] * K
+        # KDA layers: ~20 [H S] temporaries per token (q / k / v and their conv, gates, norms) and, once per graph,
+        # the delta rule's output state [S, S, H] and the conv over [K - 1 + t, 3 H S]
+        kda = 6 in hp.get("layer_mixer", [])
+        mixer = 20 * hp["ssm_d_inner"] if kda else 0
+        kda_once = 4 * (hp["ssm_d_state"] + 3 * hp["ssm_conv_kernel"]) * hp["ssm_d_inner"] if kda else 0
         # + the output graph's logits, a block of rows at a time (csrc kOutputScratch = 8 MiB)
         row = 4 * (hp["n_vocab"] + 2 * hp["n_embd"])
         output = max(row, min(8 << 20, row * t))
@@ -207,11 +262,15 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # F16 for flash attention, F32 otherwise (csrc Model::build_masks); 4 MiB at 32k x 64 tokens in F16
         kinds = len({m for m, x in zip(hp.get("layer_mask", [0]), hp.get("layer_mixer", [0] * n_layer)) if x in (0, 1)})
         masks = max(kinds, 1) * n_ctx * t * (2 if flash_attn else 4)
-        return 4 * t * (max(attn, experts) + 8 * hp["n_embd"]) + (4 << 20) + output + masks
+        # + DSA past its budget: the indexer's per-head scores [n_kv, n_idx, t] (3 live: relu'd, weighted,
+        # permuted) and its selection mask [n_kv, t] (F32 causal input, filled, summed + the F16 copy)
+        if any(hp.get("layer_indexer", [])):
+            masks += 4 * t * n_ctx * (3 * hp["indexer_n_head"] + 4)
+        return 4 * t * (max(attn, experts, mixer) + 8 * hp["n_embd"]) + (4 << 20) + output + masks + kda_once
 
     def ubatch_for(b: int | None) -> int:
         t = n_ubatch or 512
-        if n_ubatch is None and b is not None:   # a tight budget prefers smaller prompt chunks over fewer slots
+        if n_ubatch is None and b is not None:  # a tight budget prefers smaller prompt chunks over fewer slots
             while t > 16 and scratch_for(t) > 0.1 * b:
                 t //= 2
         return t
@@ -221,6 +280,8 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # state between the layer graphs; latent MoE: the experts' input [L, t] and outputs [L, K t] (csrc alloc_kv)
         ee = hp.get("moe_latent") or 0
         state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee)
+        if 2 in hp.get("layer_indexer", []):  # DSA IndexShare: the last full layer's selection [top_k, t] I32
+            state += 4 * t * hp["indexer_top_k"]
         return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t, rs)
 
     p = plan_for(budget)
@@ -240,12 +301,15 @@ def plan_memory(hp: dict, tensors: dict, *, n_ctx: int, n_ubatch: int | None, kv
         # exact sum of the parts named here
         need = least.minimum_budget
         state = f"recurrent state ({fmt_bytes(rs)}: live + {n_snapshots} snapshots), " if rs else ""
-        raise BudgetError(f"{label} {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
-                          f"KV cache ({fmt_bytes(least.kv_bytes)}), {state}scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
-                          f"expert slots per MoE layer need at least {fmt_bytes(need, round_up=True)}", minimum=need)
+        raise BudgetError(
+            f"{label} {fmt_bytes(budget)} is too small: the dense part ({fmt_bytes(dense)}), "
+            f"KV cache ({fmt_bytes(least.kv_bytes)}), {state}scratch ({fmt_bytes(least.scratch_bytes)}) and {K} "
+            f"expert slots per MoE layer need at least {fmt_bytes(need, round_up=True)}",
+            minimum=need,
+        )
     free = budget - dense - p.kv_bytes - p.rs_bytes - p.scratch_bytes
     if sum(slot_bytes[i] * E for i in p.moe_layers) <= free:
-        return p                                    # everything fits: fully resident
+        return p  # everything fits: fully resident
     p.slots = _split_slots(p, free, shares)
     return p
 
@@ -278,9 +342,12 @@ def plan_host_tier(p: Plan, budget: int | None, shares: list[float] | None = Non
         budget = int(0.7 * psutil.virtual_memory().available)
     minimum = p.scratch_bytes + sum(b * p.n_expert_used for b in p.expert_slot_bytes)
     if budget < minimum:
-        raise BudgetError(f"memory budget {fmt_bytes(budget)} is too small for the RAM tier: scratch "
-                          f"({fmt_bytes(p.scratch_bytes)}) and {p.n_expert_used} expert slots per MoE layer need at "
-                          f"least {fmt_bytes(minimum, round_up=True)}", minimum=minimum)
+        raise BudgetError(
+            f"memory budget {fmt_bytes(budget)} is too small for the RAM tier: scratch "
+            f"({fmt_bytes(p.scratch_bytes)}) and {p.n_expert_used} expert slots per MoE layer need at "
+            f"least {fmt_bytes(minimum, round_up=True)}",
+            minimum=minimum,
+        )
     free = budget - p.scratch_bytes
     if sum(b * p.n_expert for b in p.expert_slot_bytes) <= free:
         return [p.n_expert if b else 0 for b in p.expert_slot_bytes]
@@ -290,6 +357,7 @@ def plan_host_tier(p: Plan, budget: int | None, shares: list[float] | None = Non
 def budget_for_fraction(hp: dict, tensors: dict, *, n_ctx: int, kv_elsize: int, fraction: float) -> int:
     """The smallest memory budget whose plan (n_ubatch chosen as for that budget) holds at least `fraction` of
     all expert slots; the minimum budget when that already does. For benchmarks and `moelite plan`."""
+
     def plan(b: int) -> Plan:
         return plan_memory(hp, tensors, n_ctx=n_ctx, n_ubatch=None, kv_elsize=kv_elsize, budget=b)
 
@@ -306,7 +374,7 @@ def budget_for_fraction(hp: dict, tensors: dict, *, n_ctx: int, kv_elsize: int, 
     if held(p) >= fraction:
         return lo
     hi = lo + p.dense_bytes + p.kv_bytes + p.scratch_bytes + p.expert_bytes_total
-    while hi - lo > 4096:                          # held() grows with the budget
+    while hi - lo > 4096:  # held() grows with the budget
         mid = (lo + hi) // 2
         if held(plan(mid)) >= fraction:
             hi = mid

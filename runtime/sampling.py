@@ -10,65 +10,77 @@ request gives the same answer everywhere (greedy unless a temperature is given, 
 `generation_options` accepts the API's names and the command line's (`repeat_penalty`, `temp`, `n_predict`,
 `ignore_eos`) and turns an unknown one into a UsageError that lists the valid names.
 """
+
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from dataclasses import dataclass, fields
-from typing import Any, Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 import numpy as np
 
 from moelite.errors import UsageError
 
+from .args import INT32_MAX, INT64_MAX, finite_float, int_in, ints_in, is_int
 
-DEFAULT_MAX_TOKENS = 256           # tokens generated when the caller does not say
+DEFAULT_MAX_TOKENS = 256  # tokens generated when the caller does not say
+
+# The accepted range of every numeric generation option (runtime/args.py checks them; the command line's flags in
+# apps/common.py take the same ranges). seed -1 means None (fresh entropy), as in llama.cpp.
+RANGES: dict[str, dict[str, Any]] = {
+    "temperature": dict(lo=0.0),  # 0: greedy
+    "top_k": dict(lo=0, hi=INT64_MAX),  # 0: off
+    "top_p": dict(lo=0.0, hi=1.0, lo_open=True),
+    "min_p": dict(lo=0.0, hi=1.0),
+    "repetition_penalty": dict(lo=0.0, lo_open=True),
+    "seed": dict(lo=0, hi=INT64_MAX),
+    "max_tokens": dict(lo=0, hi=INT64_MAX),
+}
+INT_OPTIONS = ("top_k", "seed", "max_tokens")
 
 
 @dataclass(frozen=True)
 class SamplerConfig:
-    temperature: float = 0.0         # 0: greedy
-    top_k: int = 0                   # 0: off
-    top_p: float = 1.0               # 1: off; keep the smallest set of most likely tokens with mass >= top_p
-    min_p: float = 0.0               # 0: off; keep tokens with p >= min_p * p_max
+    temperature: float = 0.0  # 0: greedy
+    top_k: int = 0  # 0: off
+    top_p: float = 1.0  # 1: off; keep the smallest set of most likely tokens with mass >= top_p
+    min_p: float = 0.0  # 0: off; keep tokens with p >= min_p * p_max
     repetition_penalty: float = 1.0  # 1: off; for ids in history: logit / rp if > 0 else logit * rp
-    seed: int | None = None          # None (or -1, as in llama.cpp): fresh OS entropy
+    seed: int | None = None  # None (or -1, as in llama.cpp): fresh OS entropy
 
     def __post_init__(self) -> None:
-        if _is_int(self.seed) and self.seed == -1:
+        if is_int(self.seed) and self.seed == -1:
             object.__setattr__(self, "seed", None)
-
-        def bad(name: str, want: str) -> UsageError:
-            return UsageError(f"sampler option {name}={getattr(self, name)!r}: expected {want}")
-
-        if not _is_real(self.temperature) or self.temperature < 0:
-            raise bad("temperature", "a finite number >= 0")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise bad("top_k", "an integer >= 0 (0 = off)")
-        if not _is_real(self.top_p) or not 0 < self.top_p <= 1:
-            raise bad("top_p", "a number in (0, 1]")
-        if not _is_real(self.min_p) or not 0 <= self.min_p <= 1:
-            raise bad("min_p", "a number in [0, 1]")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            raise bad("repetition_penalty", "a finite number > 0 (1 = off)")
-        if self.seed is not None and (not _is_int(self.seed) or self.seed < 0):
-            raise bad("seed", "None, -1 (random) or an integer >= 0")
+        for name, rng in RANGES.items():  # each value as its checked int / float (numpy scalars become Python's)
+            if name != "max_tokens":
+                check = int_in if name in INT_OPTIONS else finite_float
+                value = check(f"sampler option {name}", getattr(self, name), **rng, optional=name == "seed")
+                object.__setattr__(self, name, value)
 
 
 SAMPLER_KEYS = tuple(f.name for f in fields(SamplerConfig))
 # the command line's (and llama.cpp's) spellings of the same options
-ALIASES = {"temp": "temperature", "repeat_penalty": "repetition_penalty", "n_predict": "max_tokens",
-           "max_new_tokens": "max_tokens"}
-OPTION_KEYS = ("max_tokens", *SAMPLER_KEYS, "stop", "ignore_eos", "stop_ids")
+ALIASES = {
+    "temp": "temperature",
+    "repeat_penalty": "repetition_penalty",
+    "n_predict": "max_tokens",
+    "max_new_tokens": "max_tokens",
+}
+# speculative decoding per call (runtime/speculative.py); None: the model's load settings
+SPEC_KEYS = ("speculative", "draft_max", "draft_min", "draft_rule")
+OPTION_KEYS = ("max_tokens", *SAMPLER_KEYS, "stop", "ignore_eos", "stop_ids", *SPEC_KEYS)
 
 
 @dataclass(frozen=True)
 class GenerationOptions:
     """One generation's options, checked: sampler settings, token limit, stop strings and stop tokens."""
+
     sampler: SamplerConfig
     max_tokens: int = DEFAULT_MAX_TOKENS
     stop: tuple[str, ...] = ()
-    stop_ids: tuple[int, ...] | None = None          # None: the tokenizer's end-of-text ids
+    stop_ids: tuple[int, ...] | None = None  # None: the tokenizer's end-of-text ids
+    speculative: dict[str, Any] = field(default_factory=dict)  # SPEC_KEYS given for this call (checked at use)
 
 
 def generation_options(options: Mapping[str, Any], where: str = "generate") -> GenerationOptions:
@@ -78,37 +90,26 @@ def generation_options(options: Mapping[str, Any], where: str = "generate") -> G
     for key, value in options.items():
         name = ALIASES.get(key, key)
         if name not in OPTION_KEYS:
-            raise UsageError(f"{where}(): unknown option {key!r}; valid options: "
-                             f"{', '.join(OPTION_KEYS + tuple(ALIASES))}")
+            raise UsageError(
+                f"{where}(): unknown option {key!r}; valid options: {', '.join(OPTION_KEYS + tuple(ALIASES))}"
+            )
         if name in kw:
             raise UsageError(f"{where}(): {key!r} given twice (it is {name!r})")
         kw[name] = value
-    max_tokens = kw.pop("max_tokens", DEFAULT_MAX_TOKENS)
-    if not _is_int(max_tokens) or max_tokens < 0:
-        raise UsageError(f"max_tokens={max_tokens!r}: expected an integer >= 0")
+    max_tokens = int_in("max_tokens", kw.pop("max_tokens", DEFAULT_MAX_TOKENS), **RANGES["max_tokens"])
     stop = kw.pop("stop", ())
     if isinstance(stop, str):
         stop = (stop,)
-    StopChecker(stop)                                # validates
+    StopChecker(stop)  # validates
     stop_ids = kw.pop("stop_ids", None)
     if kw.pop("ignore_eos", False):
         if stop_ids:
             raise UsageError(f"{where}(): ignore_eos=True and stop_ids={stop_ids!r} contradict each other")
         stop_ids = ()
     if stop_ids is not None:
-        try:
-            stop_ids = tuple(int(t) for t in stop_ids)
-        except (TypeError, ValueError):
-            raise UsageError(f"stop_ids={stop_ids!r}: expected a list of token ids") from None
-    return GenerationOptions(SamplerConfig(**kw), int(max_tokens), tuple(stop), stop_ids)
-
-
-def _is_real(x: object) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
-def _is_int(x: object) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
+        stop_ids = tuple(ints_in("stop_ids", stop_ids, 0, INT32_MAX))  # token ids: int32 in the core
+    spec = {k: kw.pop(k) for k in SPEC_KEYS if k in kw}
+    return GenerationOptions(SamplerConfig(**kw), max_tokens, tuple(stop), stop_ids, spec)
 
 
 class Sampler:
@@ -120,6 +121,16 @@ class Sampler:
 
     def sample(self, logits: np.ndarray, history: Sequence[int] = ()) -> int:
         """logits: [n_vocab] scores of the next token; history: ids so far (prompt + generated)."""
+        ids, p = self.distribution(logits, history)
+        if self.config.temperature == 0.0:
+            return int(ids[0])  # greedy: no draw, the random stream is untouched
+        cdf = np.cumsum(p)
+        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
+        return int(ids[min(i, ids.size - 1)])
+
+    def distribution(self, logits: np.ndarray, history: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+        """What `sample` draws from: candidate ids [n] and their unnormalized probabilities [n] (greedy: the argmax
+        alone, probability 1). Speculative decoding's rejection step (runtime/speculative.py) reads it."""
         cfg = self.config
         logits = np.asarray(logits)
         if logits.ndim != 1 or logits.size == 0:
@@ -133,10 +144,11 @@ class Sampler:
             if seen.min() < 0 or seen.max() >= x.size:
                 raise UsageError(f"history holds ids outside [0, {x.size}); vocab size is {x.size}")
             s = x[seen]
-            x[seen] = np.where(s > 0, s / cfg.repetition_penalty, s * cfg.repetition_penalty)
+            # a tiny penalty may push a positive logit past float64: the largest double keeps it the favourite
+            x[seen] = np.minimum(np.where(s > 0, s / cfg.repetition_penalty, s * cfg.repetition_penalty), _F64_MAX)
 
         if cfg.temperature == 0.0:
-            return int(np.argmax(x))  # first maximum: lowest id on ties
+            return np.array([int(np.argmax(x))]), np.ones(1)  # first maximum: lowest id on ties
 
         ids = _top_k(x, cfg.top_k) if 0 < cfg.top_k < x.size else np.arange(x.size)  # [n_cand]
         z = x[ids]
@@ -160,13 +172,12 @@ class Sampler:
             mask = z >= z.max() + math.log(cfg.min_p)  # p_i >= min_p * p_max, in logit space
             ids, z = ids[mask], z[mask]
 
-        z = z / cfg.temperature
-        p = np.exp(z - z.max())
-        cdf = np.cumsum(p)
-        i = int(np.searchsorted(cdf, self.rng.random() * cdf[-1], side="right"))
-        return int(ids[min(i, ids.size - 1)])
+        with np.errstate(over="ignore"):  # <= 0 before the division: a tiny temperature gives -inf, never NaN
+            z = (z - z.max()) / cfg.temperature
+        return ids, np.exp(z)
 
 
+_F64_MAX = float(np.finfo(np.float64).max)
 # top-p first tries the 1024, then 16384 most likely tokens: O(n_vocab) selection instead of a full sort
 _NUCLEUS_PROBES = (1024, 16384)
 
@@ -175,7 +186,7 @@ def _top_k(x: np.ndarray, k: int) -> np.ndarray:
     """Ids of the k largest logits; at the boundary value the lowest ids win."""
     kth = np.partition(x, x.size - k)[x.size - k]  # the k-th largest value
     above = np.flatnonzero(x > kth)
-    at = np.flatnonzero(x == kth)[:k - above.size]
+    at = np.flatnonzero(x == kth)[: k - above.size]
     return np.concatenate([above, at])
 
 
@@ -205,8 +216,8 @@ class StopChecker:
             self.stopped, self.stop_string, self._held = True, s, ""
             return text[:i]
         hold = self._partial_suffix(text)
-        self._held = text[len(text) - hold:] if hold else ""
-        return text[:len(text) - hold]
+        self._held = text[len(text) - hold :] if hold else ""
+        return text[: len(text) - hold]
 
     def flush(self) -> str:
         """At the end of generation: the held-back text (it did not become a stop string)."""

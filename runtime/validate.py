@@ -10,6 +10,7 @@ tokenizer and chat template keys (`check_tokenizer_keys`). Every failure is a Mo
 the key or tensor, the value and what was expected. The converter runs the same checks on the keys and tensor
 table it is about to write (converters/convert.py `_check_loadable`), so it never writes a file moelite refuses.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,18 +26,19 @@ from ..errors import ModelFormatError
 from .hparams import ARCHS, MIXER_MLA, parse_hparams
 
 INT32_MAX = 2**31 - 1
-FLOAT32_MAX = float(np.finfo(np.float32).max)   # the C++ core keeps floats as float32
+FLOAT32_MAX = float(np.finfo(np.float32).max)  # the C++ core keeps floats as float32
 
 
 @dataclass(frozen=True)
 class Rule:
     """What one value may be: an integer in [lo, hi] (and within +-int_max), or a finite float32 >= lo (> lo
     unless closed) and <= hi. kind "int" or "real" demands that kind; "any" takes either (and bools, strings)."""
+
     kind: str = "any"
     lo: float = -math.inf
     hi: float = math.inf
     closed: bool = True
-    int_max: int = INT32_MAX             # the C++ core takes int32
+    int_max: int = INT32_MAX  # the C++ core takes int32
     allow_none: bool = False
 
     def problem(self, v: Any) -> str | None:
@@ -57,7 +59,8 @@ class Rule:
             if (f >= self.lo if self.closed else f > self.lo) and f <= self.hi:
                 return None
             return f"expected {'>=' if self.closed else '>'} {_num(self.lo)}" + (
-                f" and <= {_num(self.hi)}" if self.hi < math.inf else "")
+                f" and <= {_num(self.hi)}" if self.hi < math.inf else ""
+            )
         return f"expected a number, got {type(v).__name__}"
 
 
@@ -66,8 +69,8 @@ def _num(x: float) -> str:
 
 
 COUNT, COUNT0, REAL, POSITIVE = Rule("int", 1), Rule("int", 0), Rule("real"), Rule("real", 0.0, closed=False)
-GENERIC = Rule(allow_none=True)          # hparams the table does not know: plain values, ints in int32, finite
-RAW_NUMBER = Rule(int_max=2**64)        # any stored integer, a finite float
+GENERIC = Rule(allow_none=True)  # hparams the table does not know: plain values, ints in int32, finite
+RAW_NUMBER = Rule(int_max=2**64)  # any stored integer, a finite float
 
 # hparams field -> (rule, GGUF key suffix under '{arch}.' it comes from, or None)
 HP_RULES: dict[str, tuple[Rule, str | None]] = {
@@ -104,37 +107,73 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
     "layer_n_head_kv": (COUNT, "attention.head_count_kv"),
     "layer_head_k": (COUNT, "attention.key_length"),
     "layer_head_v": (COUNT, "attention.value_length"),
-    "layer_n_rot": (COUNT0, "rope.dimension_count"),          # 0: a NoPE layer (llama4)
+    "layer_n_rot": (COUNT0, "rope.dimension_count"),  # 0: a NoPE layer (llama4)
     "layer_freq_base": (POSITIVE, "rope.freq_base"),
 }
 
 # raw GGUF keys parse_hparams computes with (divides by, takes the log of, allocates per layer)
 RAW_RULES: dict[str, Rule] = {
     # head_count_kv 0 marks a recurrent layer (LFM2); an attention layer's 0 is refused by layer_n_head_kv
-    "embedding_length": COUNT, "block_count": COUNT, "attention.head_count": COUNT, "attention.head_count_kv": COUNT0,
-    "attention.key_length": COUNT, "attention.value_length": COUNT, "attention.key_length_mla": COUNT,
-    "attention.value_length_mla": COUNT, "expert_count": COUNT0, "expert_used_count": COUNT0,
-    "rope.scaling.factor": Rule("real", 0.0), "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
-    "attention.layer_norm_rms_epsilon": POSITIVE, "attention.layer_norm_epsilon": POSITIVE,
+    "embedding_length": COUNT,
+    "block_count": COUNT,
+    "attention.head_count": COUNT,
+    "attention.head_count_kv": COUNT0,
+    "attention.key_length": COUNT,
+    "attention.value_length": COUNT,
+    "attention.key_length_mla": COUNT,
+    "attention.value_length_mla": COUNT,
+    "expert_count": COUNT0,
+    "expert_used_count": COUNT0,
+    "rope.scaling.factor": Rule("real", 0.0),
+    "rope.scaling.yarn_log_multiplier": Rule("real", 0.0),
+    "attention.layer_norm_rms_epsilon": POSITIVE,
+    "attention.layer_norm_epsilon": POSITIVE,
     "nextn_predict_layers": COUNT0,
-    "attention.temperature_scale": REAL, "attention.temperature_length": COUNT,    # Mistral-4: divides positions
+    "attention.temperature_scale": REAL,
+    "attention.temperature_length": COUNT,  # Mistral-4: divides positions
 }
 
 # ggml types with a CPU vec_dot kernel (ggml/src/ggml-cpu/ggml-cpu.c, type_traits_cpu[].vec_dot): the types
 # ggml_mul_mat / ggml_mul_mat_id accept as weights; get_rows dequantizes the same types. Absent on purpose:
 # Q8_1 (9), Q8_K (15), I8..I64 (24..27), F64 (28): no vec_dot, the CPU backend crashes on them.
 VEC_DOT_TYPES = {
-    0: "F32", 1: "F16", 2: "Q4_0", 3: "Q4_1", 6: "Q5_0", 7: "Q5_1", 8: "Q8_0", 10: "Q2_K", 11: "Q3_K",
-    12: "Q4_K", 13: "Q5_K", 14: "Q6_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
-    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 29: "IQ1_M", 30: "BF16", 34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4",
-    40: "NVFP4", 41: "Q1_0", 42: "Q2_0",
+    0: "F32",
+    1: "F16",
+    2: "Q4_0",
+    3: "Q4_1",
+    6: "Q5_0",
+    7: "Q5_1",
+    8: "Q8_0",
+    10: "Q2_K",
+    11: "Q3_K",
+    12: "Q4_K",
+    13: "Q5_K",
+    14: "Q6_K",
+    16: "IQ2_XXS",
+    17: "IQ2_XS",
+    18: "IQ3_XXS",
+    19: "IQ1_S",
+    20: "IQ4_NL",
+    21: "IQ3_S",
+    22: "IQ2_S",
+    23: "IQ4_XS",
+    29: "IQ1_M",
+    30: "BF16",
+    34: "TQ1_0",
+    35: "TQ2_0",
+    39: "MXFP4",
+    40: "NVFP4",
+    41: "Q1_0",
+    42: "Q2_0",
 }
 F32 = 0
 # tensors ggml adds / multiplies elementwise or reads as float arrays: must be F32 (binary ops assert on others)
 # F32 only: ggml's binary ops (norm weights, biases, scales), ggml_ssm_conv's kernels, the recurrent A / D vectors
-_F32_NAME = re.compile(r"(norm(_\d+)?\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight"
-                       r"|layer_output_scale\.weight|ssm_a|ssm_d|ssm_conv1d\.weight|shortconv\.conv\.weight"
-                       r"|exp_probs_b)$")
+_F32_NAME = re.compile(
+    r"(norm(_\d+)?\.weight|\.bias|\.scale|attn_sinks\.weight|rope_freqs\.weight|rope_factors_\w+\.weight"
+    r"|layer_output_scale\.weight|ssm_a|ssm_d|ssm_conv1d(_[qkv])?\.weight|shortconv\.conv\.weight"
+    r"|exp_probs_b)$"
+)
 _BLK = re.compile(r"blk\.(\d+)\.")
 
 
@@ -166,27 +205,34 @@ def check_raw_keys(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> 
     """The keys parse_hparams computes with, before it runs (it divides by head counts, allocates per layer)."""
     arch = kv.get("general.architecture")
     if not isinstance(arch, str) or arch not in ARCHS:
-        return                                           # parse_hparams names the problem
+        return  # parse_hparams names the problem
     for suffix, rule in RAW_RULES.items():
         key = f"{arch}.{suffix}"
         if key in kv:
             _check_value(path, f"key '{key}'", kv[key], rule)
-    for key, v in kv.items():                           # every number of the architecture is finite
+    for key, v in kv.items():  # every number of the architecture is finite
         if key.startswith(arch + ".") and not isinstance(v, str):
             _check_value(path, f"key '{key}'", v, RAW_NUMBER)
     blocks, nextn = kv.get(f"{arch}.block_count"), kv.get(f"{arch}.nextn_predict_layers", 0)
     held = n_blocks(tensors)
     if _numeric(blocks) and _numeric(nextn) and np.max(blocks) - np.min(nextn) > held:
-        raise _fail(path, f"key '{arch}.block_count'", blocks,
-                    f"expected at most {held} layers (the file has tensors for {held} blocks 'blk.N')")
+        raise _fail(
+            path,
+            f"key '{arch}.block_count'",
+            blocks,
+            f"expected at most {held} layers (the file has tensors for {held} blocks 'blk.N')",
+        )
     emb = tensors.get("token_embd.weight")
     if emb is not None and len(emb[1]) != 2:
-        raise ModelFormatError(f"{path}: tensor 'token_embd.weight' has shape {list(emb[1])}, expected 2-D [n_embd, n_vocab]")
+        raise ModelFormatError(
+            f"{path}: tensor 'token_embd.weight' has shape {list(emb[1])}, expected 2-D [n_embd, n_vocab]"
+        )
 
 
 def _numeric(v: Any) -> bool:
     return isinstance(v, (int, float, np.integer, np.floating)) or (
-        isinstance(v, np.ndarray) and v.size > 0 and v.dtype.kind in "iuf")
+        isinstance(v, np.ndarray) and v.size > 0 and v.dtype.kind in "iuf"
+    )
 
 
 def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | None = None) -> None:
@@ -206,15 +252,21 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
 
     n_layer, n_head = hp["n_layer"], hp["n_head"]
     need(n_head % hp["n_head_kv"] == 0, "n_head_kv", f"expected a divisor of n_head = {n_head}")
-    need(hp["n_rot"] % 2 == 0 and hp["n_rot"] <= hp["n_embd_head_k"], "n_rot",
-         f"expected an even number <= the head size {hp['n_embd_head_k']}")
+    need(
+        hp["n_rot"] % 2 == 0 and hp["n_rot"] <= hp["n_embd_head_k"],
+        "n_rot",
+        f"expected an even number <= the head size {hp['n_embd_head_k']}",
+    )
     need(hp["n_expert_used"] <= hp["n_expert"], "n_expert_used", f"expected <= n_expert = {hp['n_expert']}")
     need(hp["n_expert"] % hp["n_group"] == 0, "n_group", f"expected a divisor of n_expert = {hp['n_expert']}")
     need(hp["topk_group"] <= hp["n_group"], "topk_group", f"expected <= n_group = {hp['n_group']}")
-    need(hp["n_expert_used"] <= hp["topk_group"] * (hp["n_expert"] // hp["n_group"]), "n_expert_used",
-         f"expected <= the experts of topk_group = {hp['topk_group']} groups")
+    need(
+        hp["n_expert_used"] <= hp["topk_group"] * (hp["n_expert"] // hp["n_group"]),
+        "n_expert_used",
+        f"expected <= the experts of topk_group = {hp['topk_group']} groups",
+    )
     need(hp["n_layer_dense_lead"] < n_layer, "n_layer_dense_lead", f"expected < n_layer = {n_layer}")
-    for field, v in hp.items():                   # the per-layer plan: one entry per layer
+    for field, v in hp.items():  # the per-layer plan: one entry per layer
         if (field.startswith("layer_") or field == "swa_layers") and isinstance(v, (list, tuple, np.ndarray)):
             need(len(v) == n_layer, field, f"expected {n_layer} entries (one per layer)")
     for il in range(n_layer if "layer_n_head_kv" in hp else 0):
@@ -223,20 +275,34 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
         if q_heads > n_head:
             raise _fail(path, name("layer_n_head") + f"[{il}]", q_heads, f"expected <= n_head = {n_head}")
         if q_heads % kv_heads:
-            raise _fail(path, name("layer_n_head_kv") + f"[{il}]", kv_heads,
-                        f"expected a divisor of the layer's query heads {q_heads}")
+            raise _fail(
+                path,
+                name("layer_n_head_kv") + f"[{il}]",
+                kv_heads,
+                f"expected a divisor of the layer's query heads {q_heads}",
+            )
         if n_rot % 2 or n_rot > head_k:
-            raise _fail(path, name("layer_n_rot") + f"[{il}]", n_rot, f"expected an even number <= the head size {head_k}")
+            raise _fail(
+                path, name("layer_n_rot") + f"[{il}]", n_rot, f"expected an even number <= the head size {head_k}"
+            )
     if tensors is not None:
-        need(n_layer <= n_blocks(tensors), "n_layer",
-             f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks)")
+        need(
+            n_layer <= n_blocks(tensors),
+            "n_layer",
+            f"expected at most {n_blocks(tensors)} (the file has tensors for {n_blocks(tensors)} blocks)",
+        )
 
 
-def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | None = None,
-                     file_size: int | Mapping[str, int] | None = None) -> None:
+def validate_tensors(
+    path: str,
+    tensors: dict[str, tuple],
+    hp: dict[str, Any] | None = None,
+    file_size: int | Mapping[str, int] | None = None,
+) -> None:
     """Types, byte sizes, data ranges (within file_size, by default the size of the file at path; a mapping gives
     each tensor the size of its own file, a split set's shard) and, with hp, the shapes the graph uses."""
     from .. import _core
+
     if file_size is None:
         file_size = os.path.getsize(path)
     for name, (typ, shape, offset, nbytes) in tensors.items():
@@ -246,17 +312,22 @@ def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | 
         n = math.prod(int(d) for d in shape)
         blck = _core.block_size(typ)
         if shape[0] % blck or _core.row_size(typ, shape[0]) * (n // shape[0]) != nbytes:
-            raise ModelFormatError(f"{path}: tensor '{name}' of type {_core.type_name(typ).upper()} and shape {list(shape)} "
-                                   f"claims {nbytes} bytes")
+            raise ModelFormatError(
+                f"{path}: tensor '{name}' of type {_core.type_name(typ).upper()} and shape {list(shape)} "
+                f"claims {nbytes} bytes"
+            )
         if offset < 0 or offset + nbytes > limit:
-            raise ModelFormatError(f"{path}: tensor '{name}' data [{offset}, {offset + nbytes}) lies outside the file "
-                                   f"({limit} bytes)")
+            raise ModelFormatError(
+                f"{path}: tensor '{name}' data [{offset}, {offset + nbytes}) lies outside the file ({limit} bytes)"
+            )
         if _F32_NAME.search(name):
             if typ != F32:
                 raise ModelFormatError(f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, expected F32")
         elif typ not in VEC_DOT_TYPES:
-            raise ModelFormatError(f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, which ggml's matrix "
-                                   f"multiply does not support; expected one of {', '.join(VEC_DOT_TYPES.values())}")
+            raise ModelFormatError(
+                f"{path}: tensor '{name}' has type {_core.type_name(typ).upper()}, which ggml's matrix "
+                f"multiply does not support; expected one of {', '.join(VEC_DOT_TYPES.values())}"
+            )
     if hp is not None:
         _check_shapes(path, tensors, hp)
 
@@ -264,6 +335,7 @@ def validate_tensors(path: str, tensors: dict[str, tuple], hp: dict[str, Any] | 
 def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> None:
     """The shapes the graph uses (ggml order), for the tensors present; the C++ core checks most of them again
     at load, but the converter (which has no C++ model to ask) relies on this before it writes a file."""
+
     def shape(name: str) -> list[int] | None:
         t = tensors.get(name)
         return None if t is None else [int(d) for d in t[1]]
@@ -274,9 +346,15 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {got}, expected {want}")
 
     E, V, n_exp = hp["n_embd"], hp["n_vocab"], hp["n_expert"]
-    for name, want in (("token_embd.weight", [E, V]), ("output.weight", [E, V]), ("output_norm.weight", [E]),
-                       ("output_norm.bias", [E]), ("output.bias", [V]), ("rope_freqs.weight", [hp["n_rot"] // 2]),
-                       *((n, [hp["n_rot"] // 2]) for n in tensors if n.startswith("rope_factors_"))):
+    for name, want in (
+        ("token_embd.weight", [E, V]),
+        ("output.weight", [E, V]),
+        ("output_norm.weight", [E]),
+        ("output_norm.bias", [E]),
+        ("output.bias", [V]),
+        ("rope_freqs.weight", [hp["n_rot"] // 2]),
+        *((n, [hp["n_rot"] // 2]) for n in tensors if n.startswith("rope_factors_")),
+    ):
         expect(name, want)
     n_layer = hp["n_layer"]
     _check_nextn(path, tensors, hp, expect)
@@ -284,31 +362,51 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
     heads_kv = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     heads_k = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
     heads_v = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
-    heads_q = hp.get("layer_n_head", [hp["n_head"]] * n_layer)          # Laguna: query heads per layer
+    heads_q = hp.get("layer_n_head", [hp["n_head"]] * n_layer)  # Laguna: query heads per layer
     for il in range(n_layer):
         b = f"blk.{il}."
         q_dim, o_dim = heads_q[il] * heads_k[il], heads_q[il] * heads_v[il]
         kv_dim, v_dim = heads_kv[il] * heads_k[il], heads_kv[il] * heads_v[il]
-        per_layer = {"attn_norm.weight": [E], "attn_norm.bias": [E], "ffn_norm.weight": [E], "ffn_norm.bias": [E],
-                     "post_attention_norm.weight": [E], "attn_output.weight": [o_dim, E], "attn_output.bias": [E],
-                     "attn_sinks.weight": [heads_q[il]], "ffn_gate_inp.weight": [E, n_exp],
-                     "ffn_gate_inp.bias": [n_exp], "exp_probs_b.bias": [n_exp], "ffn_gate_inp.scale": [E],
-                     "exp_probs_b": [n_exp],                                  # llama.cpp's hy_v3 name
-                     "ffn_down_exps.scale": [n_exp], "layer_output_scale.weight": [1],
-                     **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1",
-                                                       "post_ffw_norm_2")}}
-        if not (hp["layer_mixer"][il] if "layer_mixer" in hp else hp.get("kv_lora_rank")):     # not MLA
-            q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim      # Qwen3.5: [q_h | gate_h] per head
-            per_layer.update({"attn_q.weight": [E, q_rows], "attn_k.weight": [E, kv_dim], "attn_v.weight": [E, v_dim],
-                              "attn_q.bias": [q_dim], "attn_k.bias": [kv_dim], "attn_v.bias": [v_dim],
-                              # output gate per element (AFMoE), or per head (Laguna: llama.cpp's rule, by width)
-                              "attn_gate.weight": [E, heads_q[il] if (shape(b + "attn_gate.weight") or [0, 0])[1] ==
-                                                   heads_q[il] else o_dim]})
+        per_layer = {
+            "attn_norm.weight": [E],
+            "attn_norm.bias": [E],
+            "ffn_norm.weight": [E],
+            "ffn_norm.bias": [E],
+            "post_attention_norm.weight": [E],
+            "attn_output.weight": [o_dim, E],
+            "attn_output.bias": [E],
+            "attn_sinks.weight": [heads_q[il]],
+            "ffn_gate_inp.weight": [E, n_exp],
+            "ffn_gate_inp.bias": [n_exp],
+            "exp_probs_b.bias": [n_exp],
+            "ffn_gate_inp.scale": [E],
+            "exp_probs_b": [n_exp],  # llama.cpp's hy_v3 name
+            "ffn_down_exps.scale": [n_exp],
+            "layer_output_scale.weight": [1],
+            **{f"{n}.weight": [E] for n in ("post_ffw_norm", "pre_ffw_norm_2", "post_ffw_norm_1", "post_ffw_norm_2")},
+        }
+        if not (hp["layer_mixer"][il] if "layer_mixer" in hp else hp.get("kv_lora_rank")):  # not MLA
+            q_rows = 2 * q_dim if hp.get("attn_output_gate") else q_dim  # Qwen3.5: [q_h | gate_h] per head
+            per_layer.update(
+                {
+                    "attn_q.weight": [E, q_rows],
+                    "attn_k.weight": [E, kv_dim],
+                    "attn_v.weight": [E, v_dim],
+                    "attn_q.bias": [q_dim],
+                    "attn_k.bias": [kv_dim],
+                    "attn_v.bias": [v_dim],
+                    # output gate per element (AFMoE), or per head (Laguna: llama.cpp's rule, by width)
+                    "attn_gate.weight": [
+                        E,
+                        heads_q[il] if (shape(b + "attn_gate.weight") or [0, 0])[1] == heads_q[il] else o_dim,
+                    ],
+                }
+            )
         if (hp["layer_mixer"][il] if "layer_mixer" in hp else int(bool(hp.get("kv_lora_rank")))) == MIXER_MLA:
             per_layer.update(_mla_shapes(path, b, hp, heads_k[il], heads_v[il], tensors))
         down = shape(b + "ffn_down_exps.weight")
         if down is not None and len(down) == 3:
-            per_layer["ffn_gate_up_exps.weight"] = [E, 2 * down[0], n_exp]     # fused gate + up (Gemma-4)
+            per_layer["ffn_gate_up_exps.weight"] = [E, 2 * down[0], n_exp]  # fused gate + up (Gemma-4)
         for name, want in per_layer.items():
             expect(b + name, want)
         # the experts' width: n_embd, or latent MoE's moe_latent_size (ffn_latent_down / up around them)
@@ -320,9 +418,14 @@ def _check_shapes(path: str, tensors: dict[str, tuple], hp: dict[str, Any]) -> N
         gate_exps = shape(b + "ffn_gate_exps.weight") or shape(b + "ffn_up_exps.weight")
         if gate_exps is not None and len(gate_exps) == 3:
             n_ff = gate_exps[1]
-            for name, want in (("ffn_gate_exps.weight", [Ee, n_ff, n_exp]), ("ffn_up_exps.weight", [Ee, n_ff, n_exp]),
-                               ("ffn_down_exps.weight", [n_ff, Ee, n_exp]), ("ffn_gate_exps.bias", [n_ff, n_exp]),
-                               ("ffn_up_exps.bias", [n_ff, n_exp]), ("ffn_down_exps.bias", [Ee, n_exp])):
+            for name, want in (
+                ("ffn_gate_exps.weight", [Ee, n_ff, n_exp]),
+                ("ffn_up_exps.weight", [Ee, n_ff, n_exp]),
+                ("ffn_down_exps.weight", [n_ff, Ee, n_exp]),
+                ("ffn_gate_exps.bias", [n_ff, n_exp]),
+                ("ffn_up_exps.bias", [n_ff, n_exp]),
+                ("ffn_down_exps.bias", [Ee, n_exp]),
+            ):
                 expect(b + name, want)
         for kind in ("", "_shexp"):
             gate = shape(f"{b}ffn_gate{kind}.weight") or shape(f"{b}ffn_up{kind}.weight")
@@ -344,20 +447,32 @@ def _check_nextn(path: str, tensors: dict[str, tuple], hp: dict[str, Any], expec
         b = f"blk.{il}."
         for n in ("nextn.eh_proj.weight", "nextn.enorm.weight", "nextn.hnorm.weight"):
             if b + n not in tensors:
-                raise ModelFormatError(f"{path}: missing tensor '{b}{n}' of MTP block {il} (key "
-                                       f"'{hp['arch']}.nextn_predict_layers' = {hp['n_layer_nextn']})")
-        for n, want in (("nextn.eh_proj.weight", [2 * E, E]), ("nextn.enorm.weight", [E]), ("nextn.hnorm.weight", [E]),
-                        ("nextn.shared_head_norm.weight", [E]), ("nextn.embed_tokens.weight", [E, V]),
-                        ("nextn.shared_head_head.weight", [E, V])):
+                raise ModelFormatError(
+                    f"{path}: missing tensor '{b}{n}' of MTP block {il} (key "
+                    f"'{hp['arch']}.nextn_predict_layers' = {hp['n_layer_nextn']})"
+                )
+        for n, want in (
+            ("nextn.eh_proj.weight", [2 * E, E]),
+            ("nextn.enorm.weight", [E]),
+            ("nextn.hnorm.weight", [E]),
+            ("nextn.shared_head_norm.weight", [E]),
+            ("nextn.embed_tokens.weight", [E, V]),
+            ("nextn.shared_head_head.weight", [E, V]),
+        ):
             expect(b + n, want)
         # the block itself: what the trunk's last layer of its kind has (MiMo-V2: the last SWA layer), same shapes
         ref = hp.get("nextn_ref") or []
         last = f"blk.{ref[il - n_layer] if il - n_layer < len(ref) else n_layer - 1}."
         for n in tensors:
-            if n.startswith(b) and not n.startswith(b + "nextn.") and last + n[len(b):] in tensors and \
-                    not n.endswith(("_exps.weight", "_shexp.weight", "ffn_gate.weight", "ffn_up.weight",
-                                    "ffn_down.weight")):
-                expect(n, [int(d) for d in tensors[last + n[len(b):]][1]])
+            if (
+                n.startswith(b)
+                and not n.startswith(b + "nextn.")
+                and last + n[len(b) :] in tensors
+                and not n.endswith(
+                    ("_exps.weight", "_shexp.weight", "ffn_gate.weight", "ffn_up.weight", "ffn_down.weight")
+                )
+            ):
+                expect(n, [int(d) for d in tensors[last + n[len(b) :]][1]])
         for kind in ("", "_shexp"):
             gate = tensors.get(f"{b}ffn_gate{kind}.weight")
             if gate is not None:
@@ -367,28 +482,37 @@ def _check_nextn(path: str, tensors: dict[str, tuple], hp: dict[str, Any], expec
                 expect(f"{b}ffn_down{kind}.weight", [n_ff, E])
         down = tensors.get(b + "ffn_down_exps.weight")
         if down is not None:
-            n_ff = int(down[1][0])
-            for n, want in (("ffn_gate_exps.weight", [E, n_ff, hp["n_expert"]]),
-                            ("ffn_up_exps.weight", [E, n_ff, hp["n_expert"]]),
-                            ("ffn_down_exps.weight", [n_ff, E, hp["n_expert"]])):
+            n_ff, Ex = int(down[1][0]), hp.get("moe_latent") or E  # latent MoE: the experts' width (Nemotron 3)
+            for n, want in (
+                ("ffn_gate_exps.weight", [Ex, n_ff, hp["n_expert"]]),
+                ("ffn_up_exps.weight", [Ex, n_ff, hp["n_expert"]]),
+                ("ffn_down_exps.weight", [n_ff, Ex, hp["n_expert"]]),
+            ):
                 expect(b + n, want)
 
 
-def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,
-                tensors: dict[str, tuple]) -> dict[str, list[int]]:
+def _mla_shapes(
+    path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int, tensors: dict[str, tuple]
+) -> dict[str, list[int]]:
     """An MLA layer (csrc/model.cpp load_mla): its tensors must be there (the converter writes what the
     checkpoint holds, the keys decide what the core reads) and have these shapes."""
-    if b + "attn_kv_b.weight" in tensors:          # the pre-MLA layout: the core names it
+    if b + "attn_kv_b.weight" in tensors:  # the pre-MLA layout: the core names it
         return {}
     il = int(b.split(".")[1])
     E, q_lora, kv_lora = hp["n_embd"], hp["q_lora_rank"], hp["kv_lora_rank"]
     n_head = hp["layer_n_head"][il] if "layer_n_head" in hp else hp["n_head"]
     n_rot = hp["layer_n_rot"][il] if "layer_n_rot" in hp else hp["n_rot"]
     q_dim = n_head * head_k
-    want = {"attn_kv_a_mqa.weight": [E, kv_lora + n_rot], "attn_kv_a_norm.weight": [kv_lora],
-            "attn_k_b.weight": [head_k - n_rot, kv_lora, n_head], "attn_v_b.weight": [kv_lora, head_v, n_head]}
+    want = {
+        "attn_kv_a_mqa.weight": [E, kv_lora + n_rot],
+        "attn_kv_a_norm.weight": [kv_lora],
+        "attn_k_b.weight": [head_k - n_rot, kv_lora, n_head],
+        "attn_v_b.weight": [kv_lora, head_v, n_head],
+    }
     if q_lora > 0:
-        want.update({"attn_q_a.weight": [E, q_lora], "attn_q_a_norm.weight": [q_lora], "attn_q_b.weight": [q_lora, q_dim]})
+        want.update(
+            {"attn_q_a.weight": [E, q_lora], "attn_q_a_norm.weight": [q_lora], "attn_q_b.weight": [q_lora, q_dim]}
+        )
     else:
         want["attn_q.weight"] = [E, q_dim]
     missing = [n for n in want if b + n not in tensors]
@@ -400,15 +524,25 @@ def _mla_shapes(path: str, b: str, hp: dict[str, Any], head_k: int, head_v: int,
 
 # tokenizer / chat template keys the runtime reads (runtime/tokenizer.py, chat_template.py): key -> kind
 TOKENIZER_KEYS = {
-    "tokenizer.ggml.model": "str", "tokenizer.ggml.pre": "str", "tokenizer.huggingface.json": "str",
-    "tokenizer.ggml.tokens": "str_list", "tokenizer.ggml.merges": "str_list",
-    "tokenizer.ggml.scores": "num_array", "tokenizer.ggml.token_type": "int_array",
-    "tokenizer.ggml.add_bos_token": "bool", "tokenizer.ggml.add_eos_token": "bool",
+    "tokenizer.ggml.model": "str",
+    "tokenizer.ggml.pre": "str",
+    "tokenizer.huggingface.json": "str",
+    "tokenizer.ggml.tokens": "str_list",
+    "tokenizer.ggml.merges": "str_list",
+    "tokenizer.ggml.scores": "num_array",
+    "tokenizer.ggml.token_type": "int_array",
+    "tokenizer.ggml.add_bos_token": "bool",
+    "tokenizer.ggml.add_eos_token": "bool",
     "tokenizer.ggml.add_space_prefix": "bool",
 }
-_KINDS = {"str": "a string", "bool": "a boolean", "id": "a token id (an integer in [0, 2^31))",
-          "str_list": "an array of strings", "num_array": "an array of finite numbers",
-          "int_array": "an array of integers"}
+_KINDS = {
+    "str": "a string",
+    "bool": "a boolean",
+    "id": "a token id (an integer in [0, 2^31))",
+    "str_list": "an array of strings",
+    "num_array": "an array of finite numbers",
+    "int_array": "an array of integers",
+}
 
 
 def _kind_of(key: str) -> str | None:
@@ -430,7 +564,7 @@ def _is_kind(kind: str, v: Any) -> bool:
         return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and 0 <= int(v) <= INT32_MAX
     if kind == "str_list":
         return isinstance(v, list) and all(isinstance(x, str) for x in v)
-    if isinstance(v, list):                      # the converter's writer holds arrays as lists
+    if isinstance(v, list):  # the converter's writer holds arrays as lists
         v = np.asarray(v) if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v) else None
     if not isinstance(v, np.ndarray) or v.ndim != 1:
         return False
@@ -438,11 +572,17 @@ def _is_kind(kind: str, v: Any) -> bool:
 
 
 QUANT_VEC_DOT_TYPES = {k: v for k, v in VEC_DOT_TYPES.items() if v not in ("F32", "F16", "BF16")}
-STANDINS_SUFFIX = ".standins.gguf"          # converters/standins.py writes MODEL.gguf + this
+STANDINS_SUFFIX = ".standins.gguf"  # converters/standins.py writes MODEL.gguf + this
 
 
-def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], model_path: str,
-                   model_tensors: dict[str, tuple], model_size: int) -> None:
+def check_standins(
+    path: str,
+    kv: dict[str, Any],
+    tensors: dict[str, tuple],
+    model_path: str,
+    model_tensors: dict[str, tuple],
+    model_size: int,
+) -> None:
     """A stand-in side file (converters/standins.py) against its model: made from this very file (its recorded size:
     model_size, all shards of a split set), every routed-expert tensor of the model present with the same shape, in
     a type the CPU multiplies."""
@@ -450,9 +590,11 @@ def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], mod
     if not isinstance(size, int) or isinstance(size, bool):
         raise ModelFormatError(f"{path}: not a stand-in file (no integer moelite.standins.source_size)")
     if size != model_size:
-        raise ModelFormatError(f"{path}: made for a file of {size} bytes, {model_path} has {model_size}"
-                               f" (another model, or an older version of it): write it again with `moelite convert "
-                               f"{model_path} --standins TYPE`")
+        raise ModelFormatError(
+            f"{path}: made for a file of {size} bytes, {model_path} has {model_size}"
+            f" (another model, or an older version of it): write it again with `moelite convert "
+            f"{model_path} --standins TYPE`"
+        )
     for name, (_typ, shape, _off, _nb) in model_tensors.items():
         if not (name.startswith("blk.") and name.endswith("_exps.weight")):
             continue
@@ -462,8 +604,10 @@ def check_standins(path: str, kv: dict[str, Any], tensors: dict[str, tuple], mod
         if list(t[1]) != list(shape):
             raise ModelFormatError(f"{path}: tensor '{name}' has shape {list(t[1])}, the model's is {list(shape)}")
         if t[0] not in QUANT_VEC_DOT_TYPES:
-            raise ModelFormatError(f"{path}: tensor '{name}' has ggml type {t[0]}: expected a quantized type the CPU "
-                                   f"multiplies ({', '.join(QUANT_VEC_DOT_TYPES.values())})")
+            raise ModelFormatError(
+                f"{path}: tensor '{name}' has ggml type {t[0]}: expected a quantized type the CPU "
+                f"multiplies ({', '.join(QUANT_VEC_DOT_TYPES.values())})"
+            )
 
 
 def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
@@ -471,17 +615,23 @@ def check_tokenizer_keys(path: str, kv: dict[str, Any]) -> None:
     for key, v in kv.items():
         kind = _kind_of(key)
         if kind is not None and not _is_kind(kind, v):
-            raise _fail(path, f"key '{key}'", v if not isinstance(v, (list, np.ndarray)) or len(v) < 8 else
-                        f"<{type(v).__name__} of {len(v)}>", f"expected {_KINDS[kind]}")
+            raise _fail(
+                path,
+                f"key '{key}'",
+                v if not isinstance(v, (list, np.ndarray)) or len(v) < 8 else f"<{type(v).__name__} of {len(v)}>",
+                f"expected {_KINDS[kind]}",
+            )
     tokens = kv.get("tokenizer.ggml.tokens")
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         if tokens is not None and key in kv and len(kv[key]) != len(tokens):
-            raise ModelFormatError(f"{path}: key '{key}' has {len(kv[key])} entries, 'tokenizer.ggml.tokens' has "
-                                   f"{len(tokens)}")
+            raise ModelFormatError(
+                f"{path}: key '{key}' has {len(kv[key])} entries, 'tokenizer.ggml.tokens' has {len(tokens)}"
+            )
 
 
-def load_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple],
-                 file_size: int | Mapping[str, int] | None = None) -> dict[str, Any]:
+def load_hparams(
+    path: str, kv: dict[str, Any], tensors: dict[str, tuple], file_size: int | Mapping[str, int] | None = None
+) -> dict[str, Any]:
     """parse_hparams behind the checks of this module: a valid dict for the C++ core or a ModelFormatError.
     file_size: of the data the tensors' offsets point into (default: the file at path), or per tensor (split sets)."""
     check_raw_keys(path, kv, tensors)

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-sys.path.insert(0, str(TESTS))          # tests import hf_fixtures as a plain module
+sys.path.insert(0, str(TESTS))  # tests import hf_fixtures as a plain module
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 

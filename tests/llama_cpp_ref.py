@@ -8,6 +8,7 @@ third_party/sdist). Nothing of llama.cpp is committed: the converter is extracte
 In CI (MOELITE_REQUIRE_LLAMA_CPP=1, set by .ci/run) a missing llama-cpp-python or sdist is a failure, never
 a skip.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,19 +30,30 @@ def need_llama_cpp():
     """The llama_cpp module, or a skip (a failure when required)."""
     if REQUIRED:
         import llama_cpp
+
         return llama_cpp
     return pytest.importorskip("llama_cpp", reason="llama-cpp-python not installed (pip install .[bench])")
 
 
 def llama_cpp_logits(gguf_path: str | os.PathLike, ids: list[int], n_ctx: int = 64) -> np.ndarray:
-    """llama.cpp's logits for every prompt position, one batch, F32 K and V cache (FAMILIES_WAVE2.md: the F16
+    """llama.cpp's logits for every prompt position, one batch, F32 K and V cache (the F16
     cache alone moves logits by 2-4e-4)."""
     llama_cpp = need_llama_cpp()
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, n_threads=1,
-                          logits_all=True, type_k=0, type_v=0, flash_attn=False, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf_path),
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_threads=1,
+        logits_all=True,
+        type_k=0,
+        type_v=0,
+        flash_attn=False,
+        verbose=False,
+    )
     try:
         llm.eval(list(ids))
-        return np.array(llm.scores[:len(ids)], dtype=np.float32)
+        return np.array(llm.scores[: len(ids)], dtype=np.float32)
     finally:
         llm.close()
 
@@ -59,15 +71,21 @@ def converter_dir() -> Path:
     tmp = EXTRACT.with_name(EXTRACT.name + f".tmp{os.getpid()}")
     with tarfile.open(sdists[-1]) as tar:
         prefix = tar.getnames()[0].split("/")[0] + "/vendor/llama.cpp/"
-        members = [m for m in tar.getmembers() if m.name.startswith(prefix) and
-                   (m.name == prefix + "convert_hf_to_gguf.py" or m.name.startswith((prefix + "conversion/",
-                                                                                       prefix + "gguf-py/")))]
+        members = [
+            m
+            for m in tar.getmembers()
+            if m.name.startswith(prefix)
+            and (
+                m.name == prefix + "convert_hf_to_gguf.py"
+                or m.name.startswith((prefix + "conversion/", prefix + "gguf-py/"))
+            )
+        ]
         for m in members:
-            m.name = m.name[len(prefix):]
+            m.name = m.name[len(prefix) :]
         tar.extractall(tmp, members=members, filter="data")
     try:
         tmp.rename(EXTRACT)
-    except OSError:                               # another test process won the race
+    except OSError:  # another test process won the race
         pass
     return EXTRACT
 
@@ -76,8 +94,17 @@ def pinned_convert(hf_dir: str | os.PathLike, out: str | os.PathLike, *extra: st
     """Run llama.cpp's converter (f32) on a tiny fixture, through tests/tools/run_llama_convert.py (which
     patches only the vocabulary step: the fixtures' 320-token GPT-2 BPE is not any real model's)."""
     src = converter_dir()
-    cmd = [sys.executable, str(Path(__file__).parent / "tools" / "run_llama_convert.py"), str(src), str(hf_dir),
-           "--outtype", "f32", "--outfile", str(out), *extra]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).parent / "tools" / "run_llama_convert.py"),
+        str(src),
+        str(hf_dir),
+        "--outtype",
+        "f32",
+        "--outfile",
+        str(out),
+        *extra,
+    ]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if r.returncode != 0:
         raise RuntimeError(f"llama.cpp's converter failed on {hf_dir}:\n{r.stdout[-2000:]}\n{r.stderr[-4000:]}")

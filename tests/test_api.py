@@ -1,6 +1,7 @@
 """The Python API as a new user meets it: one set of option names and defaults, load() of a HF directory and of
 '~/...', dir(moelite), clear errors, one generation at a time per model (re-entry is an error, an abandoned
 stream frees the model), prefill progress and cancel() during the prompt."""
+
 from __future__ import annotations
 
 import gc
@@ -20,7 +21,8 @@ PROMPT = "It is a truth universally"
 @pytest.fixture(scope="module")
 def fixture():
     from fixture_models import fixture_gguf
-    return fixture_gguf("qwen3_moe")      # (hf_dir, gguf)
+
+    return fixture_gguf("qwen3_moe")  # (hf_dir, gguf)
 
 
 @pytest.fixture(scope="module")
@@ -37,10 +39,11 @@ def test_load_and_model_are_in_dir_of_moelite():
 def test_the_api_takes_the_command_lines_names(model):
     ids = model.tokenizer.encode(PROMPT)
     base = model.generate(ids, max_tokens=12, repetition_penalty=1.3, ignore_eos=True)
-    assert len(base) == 12                                   # ignore_eos: never stops early
+    assert len(base) == 12  # ignore_eos: never stops early
     assert model.generate(ids, n_predict=12, repeat_penalty=1.3, ignore_eos=True) == base
-    assert model.generate(ids, max_tokens=12, temp=0.9, seed=5, stop_ids=[]) == \
-        model.generate(ids, max_tokens=12, temperature=0.9, seed=5, stop_ids=[])
+    assert model.generate(ids, max_tokens=12, temp=0.9, seed=5, stop_ids=[]) == model.generate(
+        ids, max_tokens=12, temperature=0.9, seed=5, stop_ids=[]
+    )
     assert len(model.generate(ids, ignore_eos=True)) == DEFAULT_MAX_TOKENS  # the one default
 
 
@@ -65,7 +68,7 @@ def test_load_of_a_hf_directory_converts_it_like_the_cli(fixture, tmp_path, monk
     with moelite.load(gguf, n_threads=1) as m:
         assert m.generate(PROMPT, max_tokens=8) == got
     with pytest.raises(ModelFormatError, match="is a directory"):
-        moelite.load(tmp_path)                              # a directory without config.json
+        moelite.load(tmp_path)  # a directory without config.json
 
 
 def test_tilde_is_expanded(fixture, tmp_path, monkeypatch):
@@ -91,8 +94,8 @@ def test_budget_error_rounds_the_minimum_up(fixture):
     minimum = e.value.minimum
     shown = float(str(e.value).rsplit("at least ", 1)[1].split()[0])
     unit = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}[str(e.value).rsplit()[-1]]
-    assert shown * unit >= minimum                              # never less than what is needed
-    with moelite.load(fixture[1], memory_budget=int(shown * unit), n_threads=1) as m:   # and it loads
+    assert shown * unit >= minimum  # never less than what is needed
+    with moelite.load(fixture[1], memory_budget=int(shown * unit), n_threads=1) as m:  # and it loads
         assert m.plan.budget == int(shown * unit)
 
 
@@ -103,7 +106,7 @@ def test_reentering_a_stream_in_the_same_thread_is_a_usage_error(model):
         model.generate(PROMPT, max_tokens=4)
     with pytest.raises(UsageError, match="still open"):
         model.reset()
-    rest = "".join(it)                                      # the open stream is intact
+    rest = "".join(it)  # the open stream is intact
     assert first + rest == model.generate(PROMPT, max_tokens=8, ignore_eos=True)
 
 
@@ -119,8 +122,8 @@ def test_an_abandoned_stream_frees_the_model_for_other_threads(model):
 
     t = threading.Thread(target=other, daemon=True)
     t.start()
-    assert not done.wait(0.3)                               # waits: the stream holds the model
-    del it                                                  # abandoned: garbage-collected, closed
+    assert not done.wait(0.3)  # waits: the stream holds the model
+    del it  # abandoned: garbage-collected, closed
     gc.collect()
     t.join(60)
     assert done.is_set() and out[0] == model.generate(PROMPT, max_tokens=4)
@@ -133,14 +136,14 @@ def test_prefill_reports_progress_and_cancel_stops_it(fixture):
         m.reset()
         seen: list[tuple[int, int]] = []
         m.prefill_progress = lambda done, total: seen.append((done, total))
-        assert m.generate(ids, max_tokens=6, stop_ids=[]) == want          # chunked prefill: the same answer
+        assert m.generate(ids, max_tokens=6, stop_ids=[]) == want  # chunked prefill: the same answer
         assert seen == [(min(n, 100), 100) for n in range(16, 116, 16)]
         m.reset()
         m.prefill_progress = lambda done, total: m.cancel() if done >= 32 else None
         assert m.generate(ids, max_tokens=6, stop_ids=[]) == []
         assert m.last_stats.finish_reason == "cancelled"
         m.prefill_progress = None
-        assert m.generate(ids, max_tokens=6, stop_ids=[]) == want          # the next request is unaffected
+        assert m.generate(ids, max_tokens=6, stop_ids=[]) == want  # the next request is unaffected
 
 
 def test_eval_continues_the_context_like_generation(fixture):
@@ -148,6 +151,7 @@ def test_eval_continues_the_context_like_generation(fixture):
     the logits of a fresh run over the whole text, and under the smallest budget (experts read from disk) the very
     same bits as resident; past n_ctx it refuses and keeps the context."""
     import numpy as np
+
     ids = [3, 17, 5, 9, 30, 2, 11, 7]
     with moelite.load(fixture[1], n_threads=1, n_ctx=16) as m:
         whole = m.logits(ids)
@@ -156,7 +160,7 @@ def test_eval_continues_the_context_like_generation(fixture):
         np.testing.assert_allclose(np.stack(steps), whole[4:], atol=1e-4)
         with pytest.raises(UsageError, match="n_ctx=16"):
             m.eval(list(range(9)))
-        after = m.eval([4])                     # the refused call evaluated nothing
+        after = m.eval([4])  # the refused call evaluated nothing
         assert m._ctx_ids == ids + [4]
     try:
         moelite.load(fixture[1], n_threads=1, n_ctx=16, memory_budget="1MiB")

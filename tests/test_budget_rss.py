@@ -2,6 +2,7 @@
 64 experts x 3 layers, ~1 GB at Q8_0, made by tools/synthetic_moe.py + moelite's converter) runs 64 tokens
 under a 240 MiB budget (the file is > 4x larger) with peak RSS <= budget x 1.1 + the interpreter's baseline,
 measured in a subprocess."""
+
 from __future__ import annotations
 
 import json
@@ -44,12 +45,14 @@ print(json.dumps({"base": base, "peak": peak, "n": len(ids), "stats": st, "slots
 def big_gguf():
     sys.path.insert(0, str(ROOT / "tools"))
     from synthetic_moe import make_synthetic_moe
+
     from moelite.converters import convert
+
     out = CACHE / "qwen3-30b-shapes-e64-l3-q8_0.gguf"
     if not out.exists():
         hf = make_synthetic_moe(CACHE / "hf-e64-l3", layers=3, n_expert=64, vocab_size=4096)
         convert(hf, out, type="q8_0", progress=False)
-        for p in sorted(hf.iterdir()):          # the f16 checkpoint is 2 GB; the GGUF is all we keep
+        for p in sorted(hf.iterdir()):  # the f16 checkpoint is 2 GB; the GGUF is all we keep
             p.unlink()
         hf.rmdir()
     return out
@@ -58,12 +61,13 @@ def big_gguf():
 @pytest.mark.slow
 def test_generates_under_budget_with_bounded_rss(big_gguf):
     budget = BUDGET_MIB * 2**20
-    r = subprocess.run([sys.executable, "-c", CHILD, str(big_gguf), f"{BUDGET_MIB}MiB"], capture_output=True,
-                       text=True, timeout=900)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(big_gguf), f"{BUDGET_MIB}MiB"], capture_output=True, text=True, timeout=900
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(r.stdout.strip().splitlines()[-1])
     assert res["file"] >= 4 * budget
     assert res["n"] == 64
-    assert all(s in (0,) or 8 <= s < 64 for s in res["slots"])          # really offloaded
+    assert all(s in (0,) or 8 <= s < 64 for s in res["slots"])  # really offloaded
     assert res["stats"]["misses"] > 0 and res["stats"]["bytes_read"] > 0
     assert res["peak"] <= budget * 1.1 + res["base"], (res["peak"] / 2**20, res["base"] / 2**20)

@@ -2,6 +2,7 @@
 
 transformers is the reference here only; the runtime never imports it (checked below in a fresh process).
 """
+
 from __future__ import annotations
 
 import datetime
@@ -82,19 +83,30 @@ CHAT = [
     {"role": "assistant", "content": "Hello!", "tool_calls": None},
     {"role": "user", "content": "2+2?"},
 ]
-TOOLS = [{"type": "function", "function": {
-    "name": "add", "description": "Add <two> numbers",
-    "parameters": {"type": "object", "properties": {"a": {"type": "number"}}}}}]
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add <two> numbers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "number"}}},
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
 def hf_tokenizer():
     transformers = pytest.importorskip("transformers", reason="transformers is the reference renderer")
     from tokenizers import Tokenizer, models
+
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     return transformers.PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")),
-        bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+    )
 
 
 def _reference(hf_tokenizer, template, messages, **kw) -> str:
@@ -104,8 +116,11 @@ def _reference(hf_tokenizer, template, messages, **kw) -> str:
 SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
 
 
-@pytest.mark.parametrize("template", [QWEN_STYLE, LLAMA3_STYLE, BLOCKY, DEFAULT_CHAT_TEMPLATE],
-                         ids=["qwen", "llama3", "blocky", "chatml-default"])
+@pytest.mark.parametrize(
+    "template",
+    [QWEN_STYLE, LLAMA3_STYLE, BLOCKY, DEFAULT_CHAT_TEMPLATE],
+    ids=["qwen", "llama3", "blocky", "chatml-default"],
+)
 @pytest.mark.parametrize("add_generation_prompt", [True, False])
 def test_matches_transformers(hf_tokenizer, template, add_generation_prompt) -> None:
     ours = ChatTemplate(template, SPECIAL).render(CHAT, add_generation_prompt=add_generation_prompt)
@@ -124,6 +139,7 @@ def test_tools_and_mixtral_match_transformers(hf_tokenizer) -> None:
 
 def test_raise_exception_becomes_usage_error(hf_tokenizer) -> None:
     import jinja2
+
     with pytest.raises(jinja2.TemplateError, match="alternate"):
         _reference(hf_tokenizer, MIXTRAL_STYLE, CHAT)
     with pytest.raises(UsageError, match="roles must alternate"):
@@ -134,6 +150,7 @@ def test_raise_exception_becomes_usage_error(hf_tokenizer) -> None:
 def test_real_templates_from_gguf(hf_tokenizer, name) -> None:
     core = pytest.importorskip("moelite._core", reason="needs the built moelite._core (read_gguf)")
     from moelite.runtime.tokenizer import Tokenizer
+
     path = MODELS / f"ggml-vocab-{name}.gguf"
     if not path.exists():
         pytest.skip(f"{path.name} not found under {MODELS}")
@@ -141,11 +158,9 @@ def test_real_templates_from_gguf(hf_tokenizer, name) -> None:
     tok = Tokenizer.from_gguf_kv(kv, str(path))
     tmpl = ChatTemplate.from_gguf_kv(kv, tok, str(path))
     assert not tmpl.is_default and tmpl.special_tokens["eos_token"] == tok.eos_token
-    hf_tokenizer_for_model = type(hf_tokenizer)(
-        tokenizer_object=hf_tokenizer.backend_tokenizer, **tmpl.special_tokens)
+    hf_tokenizer_for_model = type(hf_tokenizer)(tokenizer_object=hf_tokenizer.backend_tokenizer, **tmpl.special_tokens)
     ours = tmpl.render(CHAT)
-    assert ours == _reference(hf_tokenizer_for_model, kv["tokenizer.chat_template"], CHAT,
-                              add_generation_prompt=True)
+    assert ours == _reference(hf_tokenizer_for_model, kv["tokenizer.chat_template"], CHAT, add_generation_prompt=True)
     ids = tok.encode(ours)  # the rendered control tokens encode as single ids
     assert tok.stop_ids & set(ids)
     assert ids.count(tok.bos_id) <= 1 or tok.bos_id == tok.eos_id
@@ -160,17 +175,23 @@ def test_default_template_is_chatml() -> None:
 
 
 def test_globals_and_variables() -> None:
-    tmpl = ChatTemplate("{{ strftime_now('%Y') }}|{{ bos_token }}|{{ tools is none }}|{{ flag }}|"
-                        "{{ messages | length }}|{{ messages[0].tool_calls is defined }}", {"bos_token": "<s>"})
+    tmpl = ChatTemplate(
+        "{{ strftime_now('%Y') }}|{{ bos_token }}|{{ tools is none }}|{{ flag }}|"
+        "{{ messages | length }}|{{ messages[0].tool_calls is defined }}",
+        {"bos_token": "<s>"},
+    )
     out = tmpl.render([{"role": "user", "content": "x", "tool_calls": None}], flag=False)
     assert out == f"{datetime.date.today().year}|<s>|True|False|1|False"
 
 
-@pytest.mark.parametrize("source", [
-    "{{ messages.append({'role': 'user', 'content': 'x'}) }}",   # mutation
-    "{{ ''.__class__.__mro__ }}",                                  # attribute escape
-    "{% set ns = namespace(_x=1) %}{{ ns._x }}",
-])
+@pytest.mark.parametrize(
+    "source",
+    [
+        "{{ messages.append({'role': 'user', 'content': 'x'}) }}",  # mutation
+        "{{ ''.__class__.__mro__ }}",  # attribute escape
+        "{% set ns = namespace(_x=1) %}{{ ns._x }}",
+    ],
+)
 def test_sandbox(source) -> None:
     with pytest.raises(UsageError):
         ChatTemplate(source).render([{"role": "user", "content": "x"}])
@@ -179,7 +200,7 @@ def test_sandbox(source) -> None:
 def test_bad_input() -> None:
     with pytest.raises(TokenizerError, match=r"m\.gguf.*tokenizer\.chat_template.*parse"):
         ChatTemplate("{% for %}", origin="m.gguf: key 'tokenizer.chat_template'")
-    with pytest.warns(UserWarning, match=r"m\.gguf.*tokenizer\.chat_template.*parse.*default"):   # a file's: fallback
+    with pytest.warns(UserWarning, match=r"m\.gguf.*tokenizer\.chat_template.*parse.*default"):  # a file's: fallback
         assert ChatTemplate.from_gguf_kv({"tokenizer.chat_template": "{% for %}"}, None, "m.gguf").is_default
     with pytest.raises(UsageError, match="empty conversation"):
         ChatTemplate().render([])
@@ -188,6 +209,8 @@ def test_bad_input() -> None:
 
 
 def test_runtime_imports_neither_transformers_nor_torch() -> None:
-    code = ("import sys, moelite.runtime.tokenizer, moelite.runtime.chat_template, moelite.runtime.sampling; "
-            "bad = [m for m in ('transformers', 'torch') if m in sys.modules]; assert not bad, bad")
+    code = (
+        "import sys, moelite.runtime.tokenizer, moelite.runtime.chat_template, moelite.runtime.sampling; "
+        "bad = [m for m in ('transformers', 'torch') if m in sys.modules]; assert not bad, bad"
+    )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,5 +1,6 @@
 """The `moelite` command line: run (text, --json, HF dir converted on the fly), convert, plan, the analyze hook,
 and every bad argument as one line on stderr with a non-zero status."""
+
 from __future__ import annotations
 
 import json
@@ -19,7 +20,8 @@ PROMPT = "It is a truth universally"
 @pytest.fixture(scope="module")
 def fixture():
     from fixture_models import fixture_gguf
-    return fixture_gguf("qwen3_moe")      # (hf_dir, gguf)
+
+    return fixture_gguf("qwen3_moe")  # (hf_dir, gguf)
 
 
 @pytest.fixture(autouse=True)
@@ -36,48 +38,125 @@ def cli(capsys, *argv: str) -> tuple[int, str, str]:
 
 def _env(tmp: Path) -> dict:
     import moelite
+
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"))
     env["PYTHONPATH"] = os.pathsep.join([str(Path(moelite.__file__).parent.parent), env.get("PYTHONPATH", "")])
     return env
 
 
 def test_python_m_moelite_run_streams_text(fixture, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "moelite", "run", fixture[1], "-p", PROMPT, "-n", "16", "--temp", "0",
-                        "--threads", "1", "--ignore-eos"], capture_output=True, text=True, timeout=60, env=_env(tmp_path))
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "moelite",
+            "run",
+            fixture[1],
+            "-p",
+            PROMPT,
+            "-n",
+            "16",
+            "--temp",
+            "0",
+            "--threads",
+            "1",
+            "--ignore-eos",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=_env(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     import moelite
+
     with moelite.load(fixture[1], n_threads=1) as m:
         ids = m.generate(m.tokenizer.encode(PROMPT), max_tokens=16, stop_ids=())
         assert r.stdout == m.tokenizer.decode(ids) + "\n"
 
 
 def test_run_json(fixture, capsys):
-    rc, out, err = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "20", "--temp", "0", "--threads", "1", "--json",
-                       "--ignore-eos")
+    rc, out, err = cli(
+        capsys, "run", fixture[1], "-p", PROMPT, "-n", "20", "--temp", "0", "--threads", "1", "--json", "--ignore-eos"
+    )
     assert rc == 0, err
     d = json.loads(out)
     assert d["usage"]["completion_tokens"] == len(d["token_ids"]) == 20 and d["finish_reason"] == "length"
     assert d["usage"]["prompt_tokens"] > 0 and d["stats"]["cache"]["hit_rate"] == 1.0 and d["stats"]["rss_bytes"] > 0
     import moelite
+
     with moelite.load(fixture[1], n_threads=1) as m:
         assert d["text"] == m.tokenizer.decode(d["token_ids"])
     # a stop string cuts the text; sampling with a seed is reproducible
     stop = d["text"][5:7]
-    rc, out, _ = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "20", "--temp", "0", "-t", "1", "--json",
-                     "--ignore-eos", "--stop", stop)
+    rc, out, _ = cli(
+        capsys,
+        "run",
+        fixture[1],
+        "-p",
+        PROMPT,
+        "-n",
+        "20",
+        "--temp",
+        "0",
+        "-t",
+        "1",
+        "--json",
+        "--ignore-eos",
+        "--stop",
+        stop,
+    )
     cut = json.loads(out)
-    assert cut["text"] == d["text"][:d["text"].find(stop)] and cut["finish_reason"] == "stop"
-    offload = str(_offload_budget(fixture[1]))                      # fewer slots than experts: reads from disk
-    runs = [json.loads(cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "12", "--temp", "1", "--seed", "7",
-                           "-t", "1", "--json", "--memory-budget", offload, "--policy", "lfu")[1]) for _ in range(2)]
+    assert cut["text"] == d["text"][: d["text"].find(stop)] and cut["finish_reason"] == "stop"
+    offload = str(_offload_budget(fixture[1]))  # fewer slots than experts: reads from disk
+    runs = [
+        json.loads(
+            cli(
+                capsys,
+                "run",
+                fixture[1],
+                "-p",
+                PROMPT,
+                "-n",
+                "12",
+                "--temp",
+                "1",
+                "--seed",
+                "7",
+                "-t",
+                "1",
+                "--json",
+                "--memory-budget",
+                offload,
+                "--policy",
+                "lfu",
+            )[1]
+        )
+        for _ in range(2)
+    ]
     assert runs[0]["token_ids"] == runs[1]["token_ids"]
     assert runs[0]["stats"]["memory_budget"] > 0 and runs[0]["stats"]["policy"] == "lfu"
     assert runs[0]["stats"]["cache"]["misses"] > 0
 
 
 def test_run_chat_and_stats(fixture, capsys):
-    rc, out, err = cli(capsys, "run", fixture[1], "-p", "hello", "--chat", "--system", "Be brief.", "-n", "8",
-                       "--temp", "0", "-t", "1", "--stats")
+    rc, out, err = cli(
+        capsys,
+        "run",
+        fixture[1],
+        "-p",
+        "hello",
+        "--chat",
+        "--system",
+        "Be brief.",
+        "-n",
+        "8",
+        "--temp",
+        "0",
+        "-t",
+        "1",
+        "--stats",
+    )
     assert rc == 0 and "tok/s" in err and "cache" in err
 
 
@@ -91,7 +170,7 @@ def test_hf_dir_is_converted_once_into_the_cache(fixture, capsys, cache_home):
     mtime = converted[0].stat().st_mtime_ns
     assert json.loads(out)["token_ids"] == json.loads(cli(capsys, "run", gguf, *args)[1])["token_ids"]
     assert cli(capsys, "run", hf, "--convert-type", "f32", *args)[0] == 0
-    assert converted[0].stat().st_mtime_ns == mtime                # reused, not converted again
+    assert converted[0].stat().st_mtime_ns == mtime  # reused, not converted again
 
 
 def test_convert(fixture, capsys, tmp_path):
@@ -120,10 +199,12 @@ def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsy
     import shutil
 
     import moelite
-    from moelite.apps.plan import active_bytes
+    from moelite.runtime.speed import active_bytes
+
     cache_home.mkdir(parents=True)
-    (cache_home / "machine.json").write_text(json.dumps({"mem_bw": 10e9, "disk_bw": 1e9, "disk_method": "test",
-                                                         "step_overhead_t1": 1e-4}))
+    (cache_home / "machine.json").write_text(
+        json.dumps({"mem_bw": 10e9, "disk_bw": 1e9, "disk_method": "test", "step_overhead_t1": 1e-4})
+    )
     model = tmp_path / "m.gguf"
     shutil.copy(fixture[1], model)
     budget = _offload_budget(model)
@@ -144,8 +225,26 @@ def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsy
     assert "assumed 1 - (1 - slots / experts)^4" in source and 0 < hit < 1 and tok_s_cap < tok_s
     text = tmp_path / "t.txt"
     text.write_text("It is a truth universally acknowledged that a single man in possession of a good fortune " * 20)
-    rc = main(["analyze", str(model), "--text", str(text), "--tokens", "200", "--seq-len", "100", "--threads", "1",
-               "--memory-budget", str(budget), "-c", "64", "--out", str(tmp_path / "rep")])
+    rc = main(
+        [
+            "analyze",
+            str(model),
+            "--text",
+            str(text),
+            "--tokens",
+            "200",
+            "--seq-len",
+            "100",
+            "--threads",
+            "1",
+            "--memory-budget",
+            str(budget),
+            "-c",
+            "64",
+            "--out",
+            str(tmp_path / "rep"),
+        ]
+    )
     assert rc == 0
     side = json.loads((tmp_path / "m.gguf.calibration.json").read_text())
     capsys.readouterr()
@@ -154,7 +253,7 @@ def test_plan_predicts_decode_speed_from_the_split_and_a_hit_rate(fixture, capsy
 
 
 def test_plan_gpu_tiers(fixture, capsys):
-    vram = _offload_budget(fixture[1])                       # an arena smaller than the experts
+    vram = _offload_budget(fixture[1])  # an arena smaller than the experts
     rc, out, err = cli(capsys, "plan", fixture[1], "--vram", str(vram), "--memory", "1GiB")
     assert rc == 0, err
     assert "VRAM" in out and "RAM       expert tier" in out and "pinned" in out
@@ -168,6 +267,7 @@ def _offload_budget(path) -> int:
     """The smallest budget (in 64 KiB steps) under which the model runs with fewer slots than experts."""
     import moelite
     from moelite.errors import BudgetError
+
     for b in range(1 << 20, 1 << 30, 1 << 16):
         try:
             with moelite.load(str(path), memory_budget=b, n_threads=1) as m:
@@ -198,10 +298,11 @@ def test_help_of_every_command(capsys):
 def test_readme_first_command_default_model(capsys):
     """`moelite run -p "It is a truth universally" -n 40 --temp 0`: MODEL defaults to the embedded demo."""
     from moelite.runtime.model import DEFAULT_MODEL
+
     rc, out, err = cli(capsys, "run", "-p", PROMPT, "-n", "40", "--temp", "0", "--threads", "1")
     if DEFAULT_MODEL.exists():
         assert rc == 0 and out.strip(), err
-    else:                                           # not shipped yet: one clean line, no traceback
+    else:  # not shipped yet: one clean line, no traceback
         assert rc == 1 and err.count("\n") == 1 and "demo model" in err
 
 
@@ -210,8 +311,11 @@ BAD = [
     (2, ["run", "{gguf}", "-p", "x", "--memory-budget", "12XB"], "bad memory budget size"),
     (2, ["run", "{gguf}", "-p", "x", "--policy", "mru"], "unknown cache policy"),
     (2, ["run", "{gguf}", "-p", "x", "-n", "abc"], "'abc' is not an integer"),
-    (2, ["run", "{gguf}", "-p", "x", "--temp", "-1"], "is not a number >= 0"),
-    (2, ["run", "{gguf}", "-p", "x", "--top-p", "3"], "top_p"),
+    (2, ["run", "{gguf}", "-p", "x", "--temp", "-1"], "is not a finite number >= 0"),
+    (2, ["run", "{gguf}", "-p", "x", "--top-p", "3"], "argument --top-p: '3' is not a finite number in (0, 1]"),
+    (2, ["run", "{gguf}", "-p", "x", "--top-p", "nan"], "'nan' is not a finite number in (0, 1]"),
+    (2, ["run", "{gguf}", "-p", "x", "--swap-threshold", "inf"], "--swap-threshold: 'inf' is not a finite number"),
+    (2, ["run", "{gguf}", "-p", "x", "--seed", "9223372036854775808"], "--seed"),
     (2, ["run", "{gguf}", "-p", "x", "--threads", "0"], "--threads"),
     (2, ["run", "{gguf}"], "-p/--prompt"),
     (2, ["run", "{hf}/..", "-p", "x"], "without config.json"),
@@ -251,8 +355,13 @@ def test_console_script(tmp_path):
 
 # --- llama.cpp's names, one size rule, one-line errors (issue 20, issue 15) ---------------------------------
 def _run(tmp_path, *argv: str, check: bool = False) -> subprocess.CompletedProcess:
-    r = subprocess.run([sys.executable, "-m", "moelite", *map(str, argv)], capture_output=True, text=True,
-                       timeout=180, env=_env(tmp_path))
+    r = subprocess.run(
+        [sys.executable, "-m", "moelite", *map(str, argv)],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env=_env(tmp_path),
+    )
     assert not check or r.returncode == 0, r.stderr
     return r
 
@@ -267,9 +376,20 @@ def test_model_flag_and_budget_short_form(fixture, capsys):
     assert rc == 2 and "two models given" in err and err.count("\n") == 1
 
 
-@pytest.mark.parametrize("size,bytes_", [("1g", 1 << 30), ("1G", 1 << 30), ("1GiB", 1 << 30), ("1gib", 1 << 30),
-                                          ("1GB", 10 ** 9), ("1gb", 10 ** 9), ("1536M", 1536 << 20),
-                                          ("1536m", 1536 << 20), ("1.5GiB", 3 << 29)])
+@pytest.mark.parametrize(
+    "size,bytes_",
+    [
+        ("1g", 1 << 30),
+        ("1G", 1 << 30),
+        ("1GiB", 1 << 30),
+        ("1gib", 1 << 30),
+        ("1GB", 10**9),
+        ("1gb", 10**9),
+        ("1536M", 1536 << 20),
+        ("1536m", 1536 << 20),
+        ("1.5GiB", 3 << 29),
+    ],
+)
 def test_one_case_insensitive_size_rule(fixture, capsys, size, bytes_):
     rc, out, err = cli(capsys, "run", fixture[1], "-p", "x", "-n", "1", "-t", "1", "--json", "-M", size)
     assert rc == 0, err
@@ -301,6 +421,7 @@ def test_prompt_file_and_random_seed(fixture, capsys, tmp_path):
 
 def test_gpu_flags(fixture, capsys):
     from moelite import _core
+
     args = ["-p", "x", "-n", "2", "-t", "1", "--json"]
     assert cli(capsys, "run", fixture[1], "-ngl", "0", *args)[0] == 0
     assert cli(capsys, "run", fixture[1], "--device", "cpu", *args)[0] == 0
@@ -314,13 +435,15 @@ def test_gpu_flags(fixture, capsys):
 
 
 def test_status_line_labels_model_memory_and_process_rss(fixture, capsys):
-    rc, _, err = cli(capsys, "run", fixture[1], "-p", PROMPT, "-n", "4", "-t", "1", "--stats",
-                     "-M", str(_offload_budget(fixture[1])))
+    rc, _, err = cli(
+        capsys, "run", fixture[1], "-p", PROMPT, "-n", "4", "-t", "1", "--stats", "-M", str(_offload_budget(fixture[1]))
+    )
     assert rc == 0 and "model memory" in err and " of budget " in err and "process RSS" in err
 
 
 def test_context_above_training_warns_and_a_full_context_is_said(fixture, tmp_path):
     import moelite
+
     with moelite.load(fixture[1], n_threads=1, n_ctx=64) as m:
         trained = int(m.hparams["context_length"])
     r = _run(tmp_path, "run", fixture[1], "-p", "x", "-n", "1", "-t", "1", "-c", trained + 8, check=True)
@@ -336,12 +459,14 @@ def test_native_stderr_lines_stay_below_the_error(tmp_path):
     assert r.returncode == 1 and r.stderr.startswith("moelite: error: ") and r.stderr.count("\n") == 1, r.stderr
     v = _run(tmp_path, "run", bad, "-p", "x", "--verbose")
     assert v.returncode == 1 and v.stderr.rstrip().splitlines()[-1].startswith("moelite: error: ")
-    assert len(v.stderr.splitlines()) > 1                    # the hidden lines (and the traceback) with --verbose
+    assert len(v.stderr.splitlines()) > 1  # the hidden lines (and the traceback) with --verbose
 
 
 def test_a_bug_is_one_line_asking_for_a_report(fixture, tmp_path):
-    code = ("import sys; import moelite.apps.run_cmd as r; r.read_prompt = lambda a: 1 / 0; "
-            "from moelite.apps.cli import main; sys.exit(main(sys.argv[1:]))")
+    code = (
+        "import sys; import moelite.apps.run_cmd as r; r.read_prompt = lambda a: 1 / 0; "
+        "from moelite.apps.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
     argv = [sys.executable, "-c", code, "run", str(fixture[1]), "-p", "x"]
     r = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=_env(tmp_path))
     assert r.returncode == 1 and r.stderr.count("\n") == 1, r.stderr
@@ -356,12 +481,14 @@ def test_convert_default_name_and_llama_cpp_spellings(fixture, tmp_path, monkeyp
     assert rc == 0, err
     want = tmp_path / f"{Path(fixture[0]).resolve().name}-q8_0.gguf"
     assert want.is_file() and str(want.name) in out
-    rc, out, err = cli(capsys, "convert", fixture[0], "--outfile", tmp_path / "x.gguf", "--type", "Q5_K_M",
-                       "--no-progress")
+    rc, out, err = cli(
+        capsys, "convert", fixture[0], "--outfile", tmp_path / "x.gguf", "--type", "Q5_K_M", "--no-progress"
+    )
     assert rc == 0 and (tmp_path / "x.gguf").is_file(), err
     import moelite
+
     with moelite.load(tmp_path / "x.gguf", n_threads=1) as m:
-        assert m.kv["general.file_type"] == 17                  # LlamaFileType.MOSTLY_Q5_K_M
+        assert m.kv["general.file_type"] == 17  # LlamaFileType.MOSTLY_Q5_K_M
         assert m.generate("hello", max_tokens=3) is not None
 
 
@@ -402,7 +529,7 @@ def test_plan_reads_a_hf_directory_without_converting_it(fixture, capsys, cache_
     budget = str(_offload_budget(fixture[1]))
     rc, from_hf, err = cli(capsys, "plan", fixture[0], "--convert-type", "f32", "-M", budget)
     assert rc == 0, err
-    assert not (cache_home / "converted").exists()                   # nothing converted
+    assert not (cache_home / "converted").exists()  # nothing converted
     rc, from_gguf, _ = cli(capsys, "plan", fixture[1], "-M", budget)
     assert rc == 0 and "offloaded" in from_hf and "(as f32)" in from_hf
-    assert from_hf.splitlines()[1:] == from_gguf.splitlines()[1:]      # the same plan, line for line
+    assert from_hf.splitlines()[1:] == from_gguf.splitlines()[1:]  # the same plan, line for line

@@ -3,21 +3,27 @@ messages dropped to fit the context, an answer cut by a full context), the statu
 prompt: its progress shows, Ctrl-C stops it while it is being read (run: exit 130; chat: the answer stops, the app
 stays). The embedded demo model reads ~4000 tokens in chunks of 512; MOELITE_PROGRESS_AFTER=0 shows the progress
 line from the first chunk on."""
+
 from __future__ import annotations
 
 import contextlib
 import sys
 
 import pytest
-
 from test_chat_tty import PROMPT, _env
 
 pexpect = pytest.importorskip("pexpect")
 
 
 def _spawn(tmp_path, *args: str, **env: str):
-    return pexpect.spawn(sys.executable, ["-m", "moelite", *args, "-t", "1"], env=dict(_env(tmp_path), **env),
-                         encoding="utf-8", timeout=60, dimensions=(40, 200))
+    return pexpect.spawn(
+        sys.executable,
+        ["-m", "moelite", *args, "-t", "1"],
+        env=dict(_env(tmp_path), **env),
+        encoding="utf-8",
+        timeout=60,
+        dimensions=(40, 200),
+    )
 
 
 @contextlib.contextmanager
@@ -36,10 +42,11 @@ def chat_session(tmp_path, *args: str, **env: str):
 
 def test_dropped_turns_and_a_full_context_are_said(tmp_path):
     from fixture_models import fixture_gguf
+
     _, gguf = fixture_gguf("qwen3_moe")
     with chat_session(tmp_path, str(gguf), "--temp", "0", "--ignore-eos", "-c", "96", "-n", "90") as child:
         child.sendline("hello there")
-        child.expect(r"the context is full \(96 tokens")              # 90 tokens do not fit after the prompt
+        child.expect(r"the context is full \(96 tokens")  # 90 tokens do not fit after the prompt
         child.expect(r"model memory [\d.]+ \w+ \(all resident\) · process RSS")
         child.expect_exact(PROMPT)
         child.sendline("and then?")
@@ -51,6 +58,7 @@ def test_dropped_turns_and_a_full_context_are_said(tmp_path):
 @pytest.fixture()
 def long_prompt(tmp_path):
     import moelite
+
     with moelite.load(n_threads=1) as m:
         ids = m.tokenizer.encode("the cache of experts is read from the disk and " * 2000)
         text = m.tokenizer.decode(ids[:3900])

@@ -1,5 +1,6 @@
 """Converter acceptance: every family converts, gguf-py reads the file, tensors are page-aligned, names and
 keys follow llama.cpp, expert tensors equal what transformers holds in memory, tokenizer keys are there."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,18 @@ from hf_fixtures import FAMILIES, make_hf_model  # noqa: E402
 gguf = pytest.importorskip("gguf")
 from moelite.converters import convert  # noqa: E402
 
-ARCH = {"mixtral": "llama", "qwen2_moe": "qwen2moe", "qwen3_moe": "qwen3moe", "olmoe": "olmoe",
-        "deepseek_v2": "deepseek2", "deepseek_v3": "deepseek2", "gpt_oss": "gpt-oss", "granitemoe": "granitemoe",
-        "granitemoeshared": "granitemoe", "phimoe": "phimoe"}
+ARCH = {
+    "mixtral": "llama",
+    "qwen2_moe": "qwen2moe",
+    "qwen3_moe": "qwen3moe",
+    "olmoe": "olmoe",
+    "deepseek_v2": "deepseek2",
+    "deepseek_v3": "deepseek2",
+    "gpt_oss": "gpt-oss",
+    "granitemoe": "granitemoe",
+    "granitemoeshared": "granitemoe",
+    "phimoe": "phimoe",
+}
 
 
 def kv(reader, key):
@@ -93,6 +103,7 @@ def test_family_converts_to_llama_cpp_layout(family, converted):
 def _hf_state(src: Path) -> dict[str, np.ndarray]:
     import torch
     from transformers import AutoModelForCausalLM
+
     torch.set_num_threads(1)
     m = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     sd = {k: v.detach().numpy() for k, v in m.state_dict().items()}
@@ -114,7 +125,7 @@ def test_expert_tensors_equal_transformers_in_memory(family, converted):
         down = sd[key.replace("gate_up_proj", "down_proj")]
         if family == "gpt_oss":  # [E, H, 2I] interleaved, down [E, I, H]
             gate, up, down = np.swapaxes(gu[..., ::2], 1, 2), np.swapaxes(gu[..., 1::2], 1, 2), np.swapaxes(down, 1, 2)
-        else:                    # [E, 2I, H] gate first, down [E, H, I]
+        else:  # [E, 2I, H] gate first, down [E, H, I]
             n = gu.shape[1] // 2
             gate, up = gu[:, :n], gu[:, n:]
         np.testing.assert_array_equal(as_f32(ts[f"blk.{bid}.ffn_gate_exps.weight"]), gate)
@@ -135,8 +146,8 @@ def test_deepseek_mla_split_rebuilds_kv_b(converted):
     sd = _hf_state(src)
     ts = tensors(gguf.GGUFReader(str(out)))
     h, nope, v = cfg["num_attention_heads"], cfg["qk_nope_head_dim"], cfg["v_head_dim"]
-    k_b = as_f32(ts["blk.0.attn_k_b.weight"])          # [n_head, kv_lora, nope]
-    v_b = as_f32(ts["blk.0.attn_v_b.weight"])          # [n_head, v, kv_lora]
+    k_b = as_f32(ts["blk.0.attn_k_b.weight"])  # [n_head, kv_lora, nope]
+    v_b = as_f32(ts["blk.0.attn_v_b.weight"])  # [n_head, v, kv_lora]
     kv_b = np.concatenate([np.swapaxes(k_b, 1, 2), v_b], axis=1).reshape(h * (nope + v), -1)
     np.testing.assert_array_equal(kv_b, sd["model.layers.0.self_attn.kv_b_proj.weight"])
     assert "blk.0.attn_kv_b.weight" not in ts
@@ -189,12 +200,20 @@ def test_family_specific_keys(converted):
 def test_cli_module(tmp_path):
     src = make_hf_model("qwen3_moe")
     out = tmp_path / "cli.gguf"
-    p = subprocess.run([sys.executable, "-m", "moelite.converters", str(src), "-o", str(out), "--type", "f16",
-                        "--no-progress"], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "moelite.converters", str(src), "-o", str(out), "--type", "f16", "--no-progress"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 0, p.stderr
     assert "qwen3moe" in p.stdout and out.is_file()
-    p = subprocess.run([sys.executable, "-m", "moelite.converters", str(tmp_path / "nope"), "-o",
-                        str(tmp_path / "x.gguf")], capture_output=True, text=True, timeout=300)
+    p = subprocess.run(
+        [sys.executable, "-m", "moelite.converters", str(tmp_path / "nope"), "-o", str(tmp_path / "x.gguf")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert p.returncode == 1 and "error:" in p.stderr and not (tmp_path / "x.gguf").exists()
 
 

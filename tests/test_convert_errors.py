@@ -1,5 +1,6 @@
 """Bad inputs and failed writes: each raises ConversionError naming the file / tensor / key and what was
 expected, and leaves no output file (and no temp file) behind."""
+
 from __future__ import annotations
 
 import json
@@ -11,7 +12,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
 from hf_fixtures import make_hf_model
 
 from moelite.converters import convert
@@ -55,7 +55,9 @@ def test_truncated_safetensors(tmp_path):
     with open(shard, "r+b") as f:
         f.truncate(size - 1000)
     out = tmp_path / "o.gguf"
-    with pytest.raises(ConversionError, match=r"model-00001-of-00003\.safetensors: truncated safetensors file: tensor \S+ ends at byte"):
+    with pytest.raises(
+        ConversionError, match=r"model-00001-of-00003\.safetensors: truncated safetensors file: tensor \S+ ends at byte"
+    ):
         convert(d, out, progress=False)
     assert_nothing_written(out)
     with open(shard, "r+b") as f:  # header itself cut
@@ -69,7 +71,9 @@ def test_unknown_model_type(tmp_path):
     d = copy_fixture(tmp_path)
     edit_config(d, model_type="frobnicator_moe")
     out = tmp_path / "o.gguf"
-    with pytest.raises(ConversionError, match=r"config\.json: unknown model_type 'frobnicator_moe'; expected one of .*qwen3_moe"):
+    with pytest.raises(
+        ConversionError, match=r"config\.json: unknown model_type 'frobnicator_moe'; expected one of .*qwen3_moe"
+    ):
         convert(d, out, progress=False)
     assert_nothing_written(out)
 
@@ -91,8 +95,11 @@ def test_tensor_shape_contradicts_config(tmp_path):
     d = copy_fixture(tmp_path)
     edit_config(d, moe_intermediate_size=48)  # experts on disk are [E, 32, H]
     out = tmp_path / "o.gguf"
-    with pytest.raises(ConversionError, match=r"tensor blk\.0\.ffn_gate_exps\.weight has shape \[8, 32, 64\] but "
-                                              r"config\.json .* implies \[8, 48, 64\]"):
+    with pytest.raises(
+        ConversionError,
+        match=r"tensor blk\.0\.ffn_gate_exps\.weight has shape \[8, 32, 64\] but "
+        r"config\.json .* implies \[8, 48, 64\]",
+    ):
         convert(d, out, progress=False)
     assert_nothing_written(out)
     d2 = copy_fixture(tmp_path / "b")
@@ -104,8 +111,11 @@ def test_tensor_shape_contradicts_config(tmp_path):
 def test_missing_expert_tensor(tmp_path):
     d = copy_fixture(tmp_path)
     edit_config(d, num_local_experts=9)
-    with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.experts\.8\.gate_proj\.weight is missing: "
-                                              r"config\.json says 9 experts"):
+    with pytest.raises(
+        ConversionError,
+        match=r"model\.layers\.0\.mlp\.experts\.8\.gate_proj\.weight is missing: "
+        r"config\.json says 9 experts",
+    ):
         convert(d, tmp_path / "o.gguf", progress=False)
 
 
@@ -147,6 +157,7 @@ def test_disk_full_leaves_nothing(tmp_path):
 def test_interrupt_and_existing_output(tmp_path, monkeypatch):
     """Ctrl-C in the middle removes the temp file and leaves an existing OUT untouched."""
     from moelite.converters import quant
+
     src = make_hf_model("qwen3_moe")
     out = tmp_path / "o.gguf"
     out.write_bytes(b"previous")
@@ -179,14 +190,18 @@ def test_missing_input_and_not_a_model(tmp_path):
     assert_nothing_written(tmp_path / "o.gguf")
 
 
-@pytest.mark.parametrize("key,value", [("num_experts_per_tok", [2, 2]), ("moe_intermediate_size", "32"),
-                                       ("rms_norm_eps", [1e-6])])
+@pytest.mark.parametrize(
+    "key,value", [("num_experts_per_tok", [2, 2]), ("moe_intermediate_size", "32"), ("rms_norm_eps", [1e-6])]
+)
 def test_config_values_of_the_wrong_type_name_the_key(tmp_path, key, value):
     """A config.json value of the wrong JSON type is a ConversionError naming the key (not a TypeError)."""
     import json
+
     from hf_fixtures import edited_copy, make_hf_model
+
     from moelite.converters import convert
     from moelite.errors import ConversionError
+
     src = edited_copy(make_hf_model("qwen3_moe"), tmp_path / "hf", lambda ts: ts)
     cfg = json.loads((src / "config.json").read_text())
     cfg[key] = value

@@ -1,12 +1,12 @@
 """Output types (f16 ... q4_k_m), block-size fallbacks, GGUF input (keep / re-quantize), DeepSeek FP8 and
 GPT-OSS MXFP4 inputs. Quantized outputs are checked by dequantizing with the vendored ggml."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
-
 from hf_fixtures import edited_copy, make_hf_model
 
 gguf = pytest.importorskip("gguf")
@@ -15,8 +15,18 @@ from moelite.converters import convert  # noqa: E402
 
 T = gguf.GGMLQuantizationType
 # relative RMS error bound of the dequantized weights per type (random normal weights)
-REL_ERR = {T.F32: 0, T.F16: 1e-3, T.BF16: 5e-3, T.Q8_0: 1e-2, T.Q6_K: 3e-2, T.Q5_K: 6e-2, T.Q5_0: 8e-2,
-           T.Q4_K: 0.12, T.Q4_0: 0.15, T.MXFP4: 0.3}
+REL_ERR = {
+    T.F32: 0,
+    T.F16: 1e-3,
+    T.BF16: 5e-3,
+    T.Q8_0: 1e-2,
+    T.Q6_K: 3e-2,
+    T.Q5_K: 6e-2,
+    T.Q5_0: 8e-2,
+    T.Q4_K: 0.12,
+    T.Q4_0: 0.15,
+    T.MXFP4: 0.3,
+}
 BIG = dict(hidden_size=256, moe_intermediate_size=256, intermediate_size=256, head_dim=64)  # rows fit K-quants
 
 
@@ -48,7 +58,7 @@ def test_quantized_outputs_dequantize_close_to_f32(type_name, big_f32, tmp_path)
     for t in r.tensors:
         assert t.data_offset % 4096 == 0
         got, want = dequant(t), ref[t.name]
-        rel = np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want ** 2))
+        rel = np.sqrt(np.mean((got - want) ** 2)) / np.sqrt(np.mean(want**2))
         assert rel <= REL_ERR[T(t.tensor_type)], (t.name, T(t.tensor_type).name, rel)
         seen.add(T(t.tensor_type))
         if len(want.shape) == 1 or "ffn_gate_inp" in t.name:
@@ -118,11 +128,12 @@ def test_gguf_input_keep_is_bit_identical_and_requantize_matches_hf_path(big_f32
     convert(qkm, q8, "q8_0", progress=False)
     for a, b in zip(r0.tensors, gguf.GGUFReader(str(q8)).tensors):
         x, y = dequant(a), dequant(b)
-        assert np.sqrt(np.mean((x - y) ** 2)) <= 1e-2 * np.sqrt(np.mean(x ** 2)) + 1e-12, a.name
+        assert np.sqrt(np.mean((x - y) ** 2)) <= 1e-2 * np.sqrt(np.mean(x**2)) + 1e-12, a.name
 
 
 def test_keep_rejected_for_hf_input(tmp_path):
     from moelite.errors import ConversionError
+
     with pytest.raises(ConversionError, match="keep"):
         convert(make_hf_model("qwen3_moe"), tmp_path / "k.gguf", "keep", progress=False)
     assert not (tmp_path / "k.gguf").exists()
@@ -130,11 +141,12 @@ def test_keep_rejected_for_hf_input(tmp_path):
 
 # ---- DeepSeek-V3 FP8 (e4m3, 128x128 blocks, weight_scale_inv) ----
 
+
 def _e4m3_table() -> np.ndarray:
     c = np.arange(256)
     sign = np.where(c & 0x80, -1.0, 1.0)
     e, m = (c >> 3) & 0xF, c & 7
-    v = np.where(e == 0, m / 8 * 2.0 ** -6, (1 + m / 8) * 2.0 ** (e - 7.0))
+    v = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7.0))
     v[(e == 15) & (m == 7)] = np.nan
     return sign * v
 
@@ -148,12 +160,13 @@ def _to_fp8_blocks(w: np.ndarray, block: int = 128) -> tuple[np.ndarray, np.ndar
     codes = np.zeros(w.shape, np.uint8)
     for i in range(nb[0]):
         for j in range(nb[1]):
-            blk = w[i * block:(i + 1) * block, j * block:(j + 1) * block]
+            blk = w[i * block : (i + 1) * block, j * block : (j + 1) * block]
             s = np.float32(np.abs(blk).max() / 448.0)
             scale[i, j] = s
-            codes[i * block:(i + 1) * block, j * block:(j + 1) * block] = np.abs(
-                finite[None, None, :] - (blk / s)[..., None]).argmin(-1)
-    ref = table[codes].astype(np.float32) * np.repeat(np.repeat(scale, block, 0), block, 1)[:w.shape[0], :w.shape[1]]
+            codes[i * block : (i + 1) * block, j * block : (j + 1) * block] = np.abs(
+                finite[None, None, :] - (blk / s)[..., None]
+            ).argmin(-1)
+    ref = table[codes].astype(np.float32) * np.repeat(np.repeat(scale, block, 0), block, 1)[: w.shape[0], : w.shape[1]]
     return codes, scale, ref.astype(np.float32)
 
 
@@ -162,8 +175,9 @@ def test_deepseek_v3_fp8_weights_are_dequantized(tmp_path):
     refs = {}
 
     def edit(ts):
-        for name in [n for n in ts if n.endswith(("experts.3.up_proj.weight", "self_attn.q_b_proj.weight"))
-                     and ".layers.1." in n]:
+        for name in [
+            n for n in ts if n.endswith(("experts.3.up_proj.weight", "self_attn.q_b_proj.weight")) and ".layers.1." in n
+        ]:
             codes, scale, refs[name] = _to_fp8_blocks(ts[name], block=16)  # small blocks: several per tensor
             ts[name] = ("F8_E4M3", list(codes.shape), codes.tobytes())
             ts[name + "_scale_inv"] = scale
@@ -179,13 +193,15 @@ def test_deepseek_v3_fp8_weights_are_dequantized(tmp_path):
     assert len(refs) == 2
     up = dequant(ts["blk.1.ffn_up_exps.weight"])[3]
     np.testing.assert_array_equal(up, refs["model.layers.1.mlp.experts.3.up_proj.weight"])
-    np.testing.assert_array_equal(dequant(ts["blk.1.attn_q_b.weight"]), refs["model.layers.1.self_attn.q_b_proj.weight"])
+    np.testing.assert_array_equal(
+        dequant(ts["blk.1.attn_q_b.weight"]), refs["model.layers.1.self_attn.q_b_proj.weight"]
+    )
     assert not any("scale_inv" in n for n in ts)
 
 
 # ---- GPT-OSS MXFP4 experts ----
 
-FP4 = np.array([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+FP4 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
 
 
 def _hf_mxfp4_dequant(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
@@ -233,7 +249,7 @@ def test_bf16_source_is_read_exactly(tmp_path):
     def edit(ts):
         for name, a in list(ts.items()):
             if a.ndim >= 2:
-                u = (a.view(np.uint32) >> 16).astype(np.uint16)   # truncate to bf16
+                u = (a.view(np.uint32) >> 16).astype(np.uint16)  # truncate to bf16
                 kept[name] = (u.astype(np.uint32) << 16).view(np.float32)
                 ts[name] = ("BF16", list(a.shape), u.tobytes())
         return ts

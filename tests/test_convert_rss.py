@@ -1,6 +1,7 @@
 """Streaming: converting a checkpoint whose largest tensor is several hundred MB keeps peak RSS under
 2 x (largest output tensor) + 512 MiB. The checkpoint is written with raw safetensors (no transformers):
 one qwen3_moe layer with 64 experts of 1024 x 1024 (bf16 on disk, 256 MiB per stacked f32 tensor)."""
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,6 @@ import time
 
 import numpy as np
 import pytest
-
 from hf_fixtures import make_hf_model, write_safetensors
 
 psutil = pytest.importorskip("psutil")
@@ -32,8 +32,16 @@ def build_big_checkpoint(d):
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         shutil.copy(small / name, d / name)
     cfg = json.loads((small / "config.json").read_text())
-    cfg.update(hidden_size=H, moe_intermediate_size=I, intermediate_size=I, num_local_experts=E, num_hidden_layers=1,
-               num_attention_heads=N_HEAD, num_key_value_heads=N_KV, head_dim=HEAD_DIM)
+    cfg.update(
+        hidden_size=H,
+        moe_intermediate_size=I,
+        intermediate_size=I,
+        num_local_experts=E,
+        num_hidden_layers=1,
+        num_attention_heads=N_HEAD,
+        num_key_value_heads=N_KV,
+        head_dim=HEAD_DIM,
+    )
     (d / "config.json").write_text(json.dumps(cfg))
     expert = _bf16((I, H), 1)  # the same bytes for every expert: content does not matter here
     p = "model.layers.0"
@@ -69,8 +77,9 @@ def test_peak_rss_is_bounded_by_the_largest_tensor(tmp_path):
         # VmHWM starts afresh at exec (ru_maxrss would also count the forked parent's pages)
         print("MAXRSS_KB", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
     """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=os.environ)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ
+    )
     ps, peak = psutil.Process(proc.pid), 0
     try:
         while proc.poll() is None:

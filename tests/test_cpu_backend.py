@@ -4,6 +4,7 @@ score for this CPU, obeys MOELITE_CPU_VARIANT, and names its variants when asked
 portable tests run where MOELITE_PORTABLE_TREE names a folder holding a portable moelite (an installed
 wheel's folder): tools/portable_check.sh runs them on the wheel it builds. The emulated checks (an
 AVX2-only CPU, aarch64) are tools/portable_check.sh and tools/arm64_check.sh (docs/ARM64.md)."""
+
 from __future__ import annotations
 
 import json
@@ -43,15 +44,21 @@ def portable(code: str, variant: str | None = None) -> subprocess.CompletedProce
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
 
 
-needs_portable = pytest.mark.skipif(not (PORTABLE_TREE / "moelite" / "ggml").is_dir(),
-                                    reason="MOELITE_PORTABLE_TREE names no portable moelite (tools/portable_check.sh)")
-REPORT = "import json, moelite; b = moelite.cpu_backend(); print(json.dumps([b['variant'], b['scores'], b['features']]))"
+needs_portable = pytest.mark.skipif(
+    not (PORTABLE_TREE / "moelite" / "ggml").is_dir(),
+    reason="MOELITE_PORTABLE_TREE names no portable moelite (tools/portable_check.sh)",
+)
+REPORT = (
+    "import json, moelite; b = moelite.cpu_backend(); print(json.dumps([b['variant'], b['scores'], b['features']]))"
+)
 
 
 @needs_portable
 def test_portable_build_picks_the_best_scoring_variant_and_runs_it():
-    r = portable(REPORT + "; m = moelite.load(n_threads=1); print(m.info()['cpu_backend']);"
-                          "print(m.generate('Once upon a time', max_tokens=4))")
+    r = portable(
+        REPORT + "; m = moelite.load(n_threads=1); print(m.info()['cpu_backend']);"
+        "print(m.generate('Once upon a time', max_tokens=4))"
+    )
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     variant, scores, features = json.loads(lines[0])

@@ -1,6 +1,7 @@
 """The embedded demo model: ships in the package, loads with no model argument, its tokenizer round-trips
 text, greedy output is deterministic, offloading its experts changes nothing, it answers held-out questions in
 a sentence or two (issue 19), and the README's first command runs offline."""
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,13 @@ def readme_first_command() -> list[str]:
 
 def test_readme_first_command_answers():
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    r = subprocess.run([sys.executable, "-m", "moelite", *readme_first_command(), "--json"],
-                       capture_output=True, text=True, timeout=300, env=env)
+    r = subprocess.run(
+        [sys.executable, "-m", "moelite", *readme_first_command(), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["finish_reason"] == "stop" and len(out["text"].split()) >= 4, out["text"]
@@ -67,21 +73,33 @@ def test_readme_first_command_answers():
 
 # Held-out pairs of tools/build_qa_pairs.py (never trained on): the first three of each source, not picked.
 HELD_OUT = [
-    ("What is the Debian package gobjc-12-multilib-x86-64-linux-gnux32 for?",
-     "GNU Objective-C compiler (multilib support) (cross compiler for x32 architecture)."),
+    (
+        "What is the Debian package gobjc-12-multilib-x86-64-linux-gnux32 for?",
+        "GNU Objective-C compiler (multilib support) (cross compiler for x32 architecture).",
+    ),
     ("What is the Debian package tinymux for?", "Text-based multi-user virtual world server."),
     ("What is the Debian package teseq for?", "Utility for rendering terminal typescripts human-readable."),
-    ("What is Bluetooth?", "A specification for short-range radio links between mobile computers, mobile phones, "
-                           "digital cameras, and other portable devices."),
-    ("What is flame on?", "To begin or continue to flame. The punning reference to Marvel Comics's Human Torch is "
-                          "no longer widely recognised."),
+    (
+        "What is Bluetooth?",
+        "A specification for short-range radio links between mobile computers, mobile phones, "
+        "digital cameras, and other portable devices.",
+    ),
+    (
+        "What is flame on?",
+        "To begin or continue to flame. The punning reference to Marvel Comics's Human Torch is "
+        "no longer widely recognised.",
+    ),
     ("What is CLU?", "An object-oriented programming language developed at MIT by Liskov et al in 1974-1975."),
     ("What does the openssl-ciphers command do?", "openssl-ciphers is the SSL cipher display and cipher list command."),
-    ("What does the md5sum command do?",
-     "md5sum is used to compute and check MD5 message digest. Print or check MD5 (128-bit) checksums."),
+    (
+        "What does the md5sum command do?",
+        "md5sum is used to compute and check MD5 message digest. Print or check MD5 (128-bit) checksums.",
+    ),
     ("What does the tempfile command do?", "tempfile is used to create a temporary file in a safe manner."),
-    ("What does the function tkinter.Text.tag_raise do?",
-     "Change the priority of tag TAGNAME such that it is higher than the priority of ABOVETHIS."),
+    (
+        "What does the function tkinter.Text.tag_raise do?",
+        "Change the priority of tag TAGNAME such that it is higher than the priority of ABOVETHIS.",
+    ),
     ("What does the function http.server.CGIHTTPRequestHandler.run_cgi do?", "Execute a CGI script."),
     ("What does the function pathlib.Path.is_fifo do?", "Whether this path is a FIFO."),
 ]

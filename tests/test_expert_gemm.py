@@ -4,21 +4,31 @@ GEMM on repacked arenas, 4 tokens per pass over the weights; tinyBLAS on plain Q
 mul_mat_id's GEMV per token. Which way runs depends on the ubatch size and the pool's layout only, never on the
 cache: offloading changes no bit. Against mul_mat_id it changes only the kernels' summation order: the same greedy
 tokens, logits within the noise test_repack.py allows between two kernels."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
-from fixture_models import fixture_gguf
 
 # K-quant rows (256), 160 experts top-8: a 128-token ubatch gives them 6.4 tokens each, and more distinct experts
 # than one graph takes (kMaxNodes / kGemmExpertNodes = 126), so a layer's GEMMs are split over graphs
-SHAPES = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64, num_attention_heads=4,
-              num_key_value_heads=2, num_experts=160, num_experts_per_tok=8, num_hidden_layers=2)
+SHAPES = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=256,
+    head_dim=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=160,
+    num_experts_per_tok=8,
+    num_hidden_layers=2,
+)
 IDS = [(37 * i + 11) % 250 + 3 for i in range(200)]
 OPTS = dict(kv_type="f32", n_threads=2, n_ubatch=128)
-NOISE_SHARE = 0.1      # as tests/test_repack.py: a tenth of what quantizing changes
+NOISE_SHARE = 0.1  # as tests/test_repack.py: a tenth of what quantizing changes
 
 
 def _path(type: str) -> str:
@@ -51,11 +61,11 @@ def test_gemm_runs_on_prompts_only_and_matches_mul_mat_id(runs):
     # 2 layers x ubatches of 128 and 72 tokens: the first gives its experts 6.4 tokens each (GEMMs), the second 3.6
     # (mul_mat_id, as do the one-token decode steps)
     assert st["total"]["gemm_experts"] > 0 and st_id["total"]["gemm_experts"] == 0
-    assert all(s["gemm_experts"] <= 160 for s in st["per_layer"] if s)     # one ubatch ran them, once per expert
+    assert all(s["gemm_experts"] <= 160 for s in st["per_layer"] if s)  # one ubatch ran them, once per expert
     assert greedy == greedy_id
     diff = float(np.abs(lo - lo_id).max())
     quantization = float(np.abs(lo_id - runs["f32"][0]).max())
-    assert 0 < diff < NOISE_SHARE * quantization, (diff, quantization)     # 0: the other kernel did not run
+    assert 0 < diff < NOISE_SHARE * quantization, (diff, quantization)  # 0: the other kernel did not run
 
 
 def test_plain_arenas_run_gemms_too(runs):

@@ -1,13 +1,14 @@
 """Flash attention (ggml_flash_attn_ext, the default) against the plain softmax(QK)V path, for every family: the
 same logits within float rounding with an F32 KV cache (sinks, MLA, sliding windows, chunked and NoPE layers,
 per-layer head sizes included), and within the F16 cache's rounding with the default cache."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 
 import moelite
-from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 
 PROMPT = [(5 * i + 11) % 320 for i in range(20)]
 
@@ -25,8 +26,9 @@ def test_flash_and_plain_attention_agree(family):
     assert float(np.abs(out["f16", True] - out["f16", False]).max()) <= 2e-2
 
 
-@pytest.mark.parametrize("family,overrides", [("qwen3_moe", {"head_dim": 32}), ("gpt_oss", {"head_dim": 32}),
-                                               ("qwen3_5_moe_text", {})])
+@pytest.mark.parametrize(
+    "family,overrides", [("qwen3_moe", {"head_dim": 32}), ("gpt_oss", {"head_dim": 32}), ("qwen3_5_moe_text", {})]
+)
 def test_q8_0_kv_cache_is_close_and_offloads_exactly(family, overrides):
     """A q8_0 KV cache (flash attention only; head sizes in whole blocks of 32) stays near the f32 one, and
     offloading keeps it bit-exact."""
@@ -42,7 +44,7 @@ def test_q8_0_kv_cache_is_close_and_offloads_exactly(family, overrides):
 
 
 def test_q8_0_kv_cache_needs_flash_attention_and_whole_blocks():
-    _, path = fixture_gguf("qwen3_moe")                                  # head_dim 16
+    _, path = fixture_gguf("qwen3_moe")  # head_dim 16
     with pytest.raises(moelite.errors.UsageError, match="flash"):
         moelite.load(path, kv_type="q8_0", flash_attn=False)
     with pytest.raises(moelite.errors.UsageError, match="multiples of 32"):
@@ -61,5 +63,5 @@ def test_long_prompt_scratch_stays_within_the_plan():
         assert m.info()["scratch_bytes_in_use"] <= m.plan.scratch_bytes
         short = m.plan.scratch_bytes
     with moelite.load(None, n_threads=2, n_ctx=32768) as m:
-        masks = (32768 - 4096) * m.plan.n_ubatch * 2               # one mask kind (causal), F16
+        masks = (32768 - 4096) * m.plan.n_ubatch * 2  # one mask kind (causal), F16
         assert m.plan.scratch_bytes == short + masks

@@ -3,24 +3,25 @@ layer (routing as a ggml custom op) and the logits run as one ggml graph. Same b
 per-layer graphs: logits and tokens are bit-identical, for every family, prompt and decode, one ubatch or several;
 the cache counters are the same; where the step cannot be one graph (experts offloaded, recurrent layers, a routing
 trace) the model says so and runs per layer."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import moelite
 from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 from hf_fixtures import HYBRID_FAMILIES
+
+import moelite
 
 PROMPT = list(range(3, 40))
 
 
 def _run(path, **opts):
     with moelite.load(path, kv_type="f32", n_threads=2, **opts) as m:
-        full = m.logits(PROMPT)                                   # one ubatch, every row's logits
+        full = m.logits(PROMPT)  # one ubatch, every row's logits
         m.reset()
         m.eval(PROMPT[:20])
-        steps = np.stack([m.eval([t]) for t in PROMPT[20:26]])    # decode: one token per step
+        steps = np.stack([m.eval([t]) for t in PROMPT[20:26]])  # decode: one token per step
         return full, steps, m.stats(), m.info()
 
 
@@ -33,9 +34,10 @@ def test_fused_step_is_bit_identical(family):
     assert layered[3]["fused_graph"] is False
     np.testing.assert_array_equal(fused[0], layered[0])
     np.testing.assert_array_equal(fused[1], layered[1])
-    counts = ("hits", "misses", "loads", "bytes_read")         # counted as the per-layer step counts them
-    assert [[s[k] for k in counts] for s in fused[2]["per_layer"]] == \
-        [[s[k] for k in counts] for s in layered[2]["per_layer"]]
+    counts = ("hits", "misses", "loads", "bytes_read")  # counted as the per-layer step counts them
+    assert [[s[k] for k in counts] for s in fused[2]["per_layer"]] == [
+        [s[k] for k in counts] for s in layered[2]["per_layer"]
+    ]
     assert fused[2]["total"]["hits"] > 0
 
 
@@ -56,7 +58,7 @@ def test_fused_only_where_every_expert_is_resident():
     with moelite.load(path, n_ubatch=64) as m:
         minimum = m.plan.minimum_budget
         assert m.info()["fused_graph"] is True
-    with moelite.load(path, n_ubatch=64, memory_budget=minimum) as m:   # experts offloaded: per layer
+    with moelite.load(path, n_ubatch=64, memory_budget=minimum) as m:  # experts offloaded: per layer
         assert m.info()["offloaded"] and m.info()["fused_graph"] is False
-    with moelite.load(path, record_trace=True) as m:              # the trace needs each layer's scores on the host
+    with moelite.load(path, record_trace=True) as m:  # the trace needs each layer's scores on the host
         assert m.info()["fused_graph"] is False

@@ -1,6 +1,7 @@
 """A CI-sized run of the HTTP fuzzer (tools/fuzz_http.py) against a real `moelite serve` on 127.0.0.1: every
 malformed request gets a JSON 4xx (or a well-formed 2xx), nothing hangs, the server never dies, a valid request
 keeps getting the same answer, and its RSS stays flat."""
+
 from __future__ import annotations
 
 import json

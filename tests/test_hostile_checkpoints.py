@@ -1,5 +1,6 @@
 """Hostile Hugging Face checkpoints (issue 15): a ConversionError naming the file and the key, before anything
 is written or allocated; never a silently shifted tensor, a raw Python exception or a hang."""
+
 from __future__ import annotations
 
 import json
@@ -8,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_fixtures import edited_copy, make_hf_model
 
 import moelite
-from hf_fixtures import edited_copy, make_hf_model
 from moelite.converters import convert
 from moelite.errors import ConversionError
 
@@ -35,7 +36,7 @@ def rewrite_header(st: Path, edit, length_delta: int = 0, pad: int = 8) -> None:
     with the stated header length off by length_delta."""
     raw = st.read_bytes()
     (n,) = struct.unpack("<Q", raw[:8])
-    header, data = json.loads(raw[8:8 + n]), raw[8 + n:]
+    header, data = json.loads(raw[8 : 8 + n]), raw[8 + n :]
     blob = json.dumps(edit(header)).encode() + b" " * pad
     st.write_bytes(struct.pack("<Q", len(blob) + length_delta) + blob + data)
 
@@ -55,16 +56,19 @@ def _shift(h: dict, by: int) -> dict:
     return h
 
 
-@pytest.mark.parametrize("edit,needle", [
-    (lambda h: _shift(h, 4), "gap"),                                               # leaves a gap
-    (lambda h: {**h, "dup": dict(h[_first(h)])}, "overlaps"),                     # two tensors, one range
-    (lambda h: {**h, _first(h): [1, 2]}, "expected an object"),
-    (lambda h: {**h, _first(h): {**h[_first(h)], "shape": "abc"}}, "shape"),
-    (lambda h: {**h, _first(h): {**h[_first(h)], "shape": [2**70]}}, "shape"),
-    (lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": [5]}}, "data_offsets"),
-    (lambda h: {**h, _first(h): {**h[_first(h)], "dtype": ["F32"]}}, "dtype"),
-    (lambda h: [1, 2], "expected an object"),
-])
+@pytest.mark.parametrize(
+    "edit,needle",
+    [
+        (lambda h: _shift(h, 4), "gap"),  # leaves a gap
+        (lambda h: {**h, "dup": dict(h[_first(h)])}, "overlaps"),  # two tensors, one range
+        (lambda h: {**h, _first(h): [1, 2]}, "expected an object"),
+        (lambda h: {**h, _first(h): {**h[_first(h)], "shape": "abc"}}, "shape"),
+        (lambda h: {**h, _first(h): {**h[_first(h)], "shape": [2**70]}}, "shape"),
+        (lambda h: {**h, _first(h): {**h[_first(h)], "data_offsets": [5]}}, "data_offsets"),
+        (lambda h: {**h, _first(h): {**h[_first(h)], "dtype": ["F32"]}}, "dtype"),
+        (lambda h: [1, 2], "expected an object"),
+    ],
+)
 def test_bad_header(hf, tmp_path, edit, needle):
     rewrite_header(hf / "model.safetensors", edit)
     expect_refused(hf, tmp_path / "o.gguf", "model.safetensors", needle)
@@ -83,11 +87,20 @@ def test_deeply_nested_header(hf, tmp_path):
     expect_refused(hf, tmp_path / "o.gguf", "model.safetensors")
 
 
-@pytest.mark.parametrize("key,value", [
-    ("num_hidden_layers", 2**31), ("num_hidden_layers", 3), ("num_experts", 2**63), ("vocab_size", 1e30),
-    ("num_attention_heads", 2**31), ("num_attention_heads", "4"), ("hidden_size", [64]), ("rms_norm_eps", -0.5),
-    ("num_experts_per_tok", True),
-])
+@pytest.mark.parametrize(
+    "key,value",
+    [
+        ("num_hidden_layers", 2**31),
+        ("num_hidden_layers", 3),
+        ("num_experts", 2**63),
+        ("vocab_size", 1e30),
+        ("num_attention_heads", 2**31),
+        ("num_attention_heads", "4"),
+        ("hidden_size", [64]),
+        ("rms_norm_eps", -0.5),
+        ("num_experts_per_tok", True),
+    ],
+)
 def test_bad_config_value(hf, tmp_path, key, value):
     cfg = json.loads((hf / "config.json").read_text())
     cfg[key] = value
@@ -101,8 +114,15 @@ def test_bad_config_json(hf, tmp_path, text):
     expect_refused(hf, tmp_path / "o.gguf", "config.json")
 
 
-@pytest.mark.parametrize("index", [{"weight_map": [1, 2]}, {"weight_map": {"a": 5}}, [1],
-                                   {"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}}])
+@pytest.mark.parametrize(
+    "index",
+    [
+        {"weight_map": [1, 2]},
+        {"weight_map": {"a": 5}},
+        [1],
+        {"weight_map": {"model.embed_tokens.weight": "../../etc/passwd"}},
+    ],
+)
 def test_bad_index(hf, tmp_path, index):
     (hf / "model.safetensors.index.json").write_text(json.dumps(index))
     expect_refused(hf, tmp_path / "o.gguf", "model.safetensors.index.json")
@@ -118,11 +138,13 @@ def test_valid_checkpoint_converts(hf, tmp_path):
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), 3e38])
 def test_corrupt_weight_values(tmp_path, value):
     """A NaN, inf or absurd weight (flipped exponent bits) would convert into a model with non-finite logits."""
+
     def edit(ts):
         name = next(n for n in ts if n.endswith("q_proj.weight"))
         ts[name] = ts[name].copy()
         ts[name].flat[5] = value
         return ts
+
     src = edited_copy(make_hf_model("qwen3_moe"), tmp_path / "hf", edit)
     expect_refused(src, tmp_path / "o.gguf", "q_proj.weight", "corrupt checkpoint")
 

@@ -1,6 +1,7 @@
 """Hostile GGUF files (issue 15): each crash class the fuzzer found is a minimal file here that must give a
 ModelFormatError naming the file and the key or tensor (runtime/validate.py), never a signal, a hang, a huge
 allocation or a raw Python exception. Built from a converted fixture by rewriting keys and tensors."""
+
 from __future__ import annotations
 
 import struct
@@ -9,17 +10,24 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
-from fixture_models import fixture_gguf
 
 ModelFormatError = moelite.errors.ModelFormatError
 T = gguf.GGMLQuantizationType
 V = gguf.GGUFValueType
 
 
-def rewrite(src: Path, dst: Path, *, kv: dict | None = None, retype: dict | None = None,
-            add: dict | None = None, drop: tuple[str, ...] = ()) -> Path:
+def rewrite(
+    src: Path,
+    dst: Path,
+    *,
+    kv: dict | None = None,
+    retype: dict | None = None,
+    add: dict | None = None,
+    drop: tuple[str, ...] = (),
+) -> Path:
     """Copy a GGUF with keys set (name -> (value, GGUFValueType[, sub type])), tensors stored under another
     ggml type (name -> GGMLQuantizationType, zero data of the same logical shape), tensors added (name ->
     (numpy array, type)) or dropped."""
@@ -35,7 +43,9 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, retype: dict | None
         if t.name in drop:
             continue
         if retype and t.name in retype:
-            w.add_tensor(t.name, zeros_of(retype[t.name], [int(d) for d in reversed(t.shape)]), raw_dtype=retype[t.name])
+            w.add_tensor(
+                t.name, zeros_of(retype[t.name], [int(d) for d in reversed(t.shape)]), raw_dtype=retype[t.name]
+            )
         else:
             w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
     for name, (data, typ) in (add or {}).items():
@@ -49,8 +59,15 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, retype: dict | None
 
 def zeros_of(typ: T, shape: list[int]) -> np.ndarray:
     """Zero data of ggml type typ for a tensor of numpy shape `shape` (rows last)."""
-    plain = {T.F32: np.float32, T.F16: np.float16, T.I8: np.int8, T.I16: np.int16, T.I32: np.int32,
-             T.I64: np.int64, T.F64: np.float64}
+    plain = {
+        T.F32: np.float32,
+        T.F16: np.float16,
+        T.I8: np.int8,
+        T.I16: np.int16,
+        T.I32: np.int32,
+        T.I64: np.int64,
+        T.F64: np.float64,
+    }
     if typ in plain:
         return np.zeros(shape, dtype=plain[typ])
     block, size = gguf.GGML_QUANT_SIZES[typ]
@@ -115,28 +132,31 @@ def _n_vocab(path: Path) -> int:
 
 
 # ---- keys: counts, eps, rope dims, groups -----------------------------------------------------------------
-@pytest.mark.parametrize("key,value,vtype,needle", [
-    ("attention.head_count_kv", 0, V.UINT32, "head_count_kv"),
-    ("attention.head_count_kv", 3, V.UINT32, "divisor of n_head"),
-    ("attention.head_count", 0, V.UINT32, "head_count"),
-    ("attention.key_length", 0, V.UINT32, "key_length"),
-    ("attention.layer_norm_rms_epsilon", -0.5, V.FLOAT32, "layer_norm_rms_epsilon"),
-    ("attention.layer_norm_rms_epsilon", float("nan"), V.FLOAT32, "layer_norm_rms_epsilon"),
-    ("rope.dimension_count", 0, V.UINT32, "rope.dimension_count"),
-    ("rope.dimension_count", 7, V.UINT32, "even"),
-    ("rope.dimension_count", 65536, V.UINT32, "rope.dimension_count"),
-    ("rope.dimension_count", -2, V.INT32, "rope.dimension_count"),
-    ("rope.freq_base", 0.0, V.FLOAT32, "rope.freq_base"),
-    ("rope.freq_base", float("inf"), V.FLOAT32, "rope.freq_base"),
-    ("block_count", 6 * 10**18, V.UINT64, "block_count"),
-    ("block_count", 2**31, V.UINT64, "block_count"),
-    ("context_length", 2**40, V.UINT64, "context_length"),
-    ("embedding_length", float("nan"), V.FLOAT32, "embedding_length"),
-    ("expert_used_count", 9, V.UINT32, "expert_used_count"),
-    ("expert_group_count", 32, V.UINT32, "expert_group_count"),
-    ("expert_group_count", 3, V.UINT32, "divisor of n_expert"),
-    ("rope.scaling.factor", -4.0, V.FLOAT32, "rope.scaling.factor"),
-])
+@pytest.mark.parametrize(
+    "key,value,vtype,needle",
+    [
+        ("attention.head_count_kv", 0, V.UINT32, "head_count_kv"),
+        ("attention.head_count_kv", 3, V.UINT32, "divisor of n_head"),
+        ("attention.head_count", 0, V.UINT32, "head_count"),
+        ("attention.key_length", 0, V.UINT32, "key_length"),
+        ("attention.layer_norm_rms_epsilon", -0.5, V.FLOAT32, "layer_norm_rms_epsilon"),
+        ("attention.layer_norm_rms_epsilon", float("nan"), V.FLOAT32, "layer_norm_rms_epsilon"),
+        ("rope.dimension_count", 0, V.UINT32, "rope.dimension_count"),
+        ("rope.dimension_count", 7, V.UINT32, "even"),
+        ("rope.dimension_count", 65536, V.UINT32, "rope.dimension_count"),
+        ("rope.dimension_count", -2, V.INT32, "rope.dimension_count"),
+        ("rope.freq_base", 0.0, V.FLOAT32, "rope.freq_base"),
+        ("rope.freq_base", float("inf"), V.FLOAT32, "rope.freq_base"),
+        ("block_count", 6 * 10**18, V.UINT64, "block_count"),
+        ("block_count", 2**31, V.UINT64, "block_count"),
+        ("context_length", 2**40, V.UINT64, "context_length"),
+        ("embedding_length", float("nan"), V.FLOAT32, "embedding_length"),
+        ("expert_used_count", 9, V.UINT32, "expert_used_count"),
+        ("expert_group_count", 32, V.UINT32, "expert_group_count"),
+        ("expert_group_count", 3, V.UINT32, "divisor of n_expert"),
+        ("rope.scaling.factor", -4.0, V.FLOAT32, "rope.scaling.factor"),
+    ],
+)
 def test_bad_key(qwen, tmp_path, key, value, vtype, needle):
     bad = rewrite(qwen, tmp_path / "bad.gguf", kv={f"qwen3moe.{key}": (value, vtype)})
     expect_error(bad, needle)
@@ -155,14 +175,18 @@ def test_topk_group_above_groups(dsv3, tmp_path):
 # ---- shapes -------------------------------------------------------------------------------------------------
 def test_token_embd_1d(qwen, tmp_path):
     n = _n_vocab(qwen)
-    bad = rewrite(qwen, tmp_path / "bad.gguf", drop=("token_embd.weight",),
-                  add={"token_embd.weight": (np.zeros(64 * n, np.float32), T.F32)})
+    bad = rewrite(
+        qwen,
+        tmp_path / "bad.gguf",
+        drop=("token_embd.weight",),
+        add={"token_embd.weight": (np.zeros(64 * n, np.float32), T.F32)},
+    )
     expect_error(bad, "token_embd.weight")
 
 
 @pytest.mark.parametrize("length,typ", [(3, T.F32), (None, T.F16)])
 def test_rope_factors(qwen, tmp_path, length, typ):
-    n_rot = int(gguf.GGUFReader(qwen).fields["qwen3moe.attention.key_length"].contents())   # no rope key: head size
+    n_rot = int(gguf.GGUFReader(qwen).fields["qwen3moe.attention.key_length"].contents())  # no rope key: head size
     data = np.ones(length or n_rot // 2, np.float16 if typ == T.F16 else np.float32)
     bad = rewrite(qwen, tmp_path / "bad.gguf", add={"rope_freqs.weight": (data, typ)})
     expect_error(bad, "rope_freqs.weight")
@@ -171,15 +195,23 @@ def test_rope_factors(qwen, tmp_path, length, typ):
 def test_dense_ffn_shape(dsv3, tmp_path):
     r = gguf.GGUFReader(dsv3)
     down = next(t for t in r.tensors if t.name == "blk.0.ffn_down.weight")
-    rows, cols = int(down.shape[1]), int(down.shape[0])     # numpy [n_embd, n_ff]
-    bad = rewrite(dsv3, tmp_path / "bad.gguf", drop=("blk.0.ffn_down.weight",),
-                  add={"blk.0.ffn_down.weight": (np.zeros((rows, cols - 4), np.float32), T.F32)})
+    rows, cols = int(down.shape[1]), int(down.shape[0])  # numpy [n_embd, n_ff]
+    bad = rewrite(
+        dsv3,
+        tmp_path / "bad.gguf",
+        drop=("blk.0.ffn_down.weight",),
+        add={"blk.0.ffn_down.weight": (np.zeros((rows, cols - 4), np.float32), T.F32)},
+    )
     expect_error(bad, "blk.0.ffn_down.weight")
 
 
 def test_exp_probs_b_shape(dsv3, tmp_path):
-    bad = rewrite(dsv3, tmp_path / "bad.gguf", drop=("blk.1.exp_probs_b.bias",),
-                  add={"blk.1.exp_probs_b.bias": (np.zeros((2, 8), np.float32), T.F32)})
+    bad = rewrite(
+        dsv3,
+        tmp_path / "bad.gguf",
+        drop=("blk.1.exp_probs_b.bias",),
+        add={"blk.1.exp_probs_b.bias": (np.zeros((2, 8), np.float32), T.F32)},
+    )
     expect_error(bad, "blk.1.exp_probs_b.bias")
 
 
@@ -214,14 +246,17 @@ def test_valid_files_pass(family):
 
 
 # ---- tokenizer keys: the types the tokenizer and chat template read ------------------------------------------
-@pytest.mark.parametrize("key,value,types", [
-    ("tokenizer.ggml.bos_token_id", float("nan"), (V.FLOAT32,)),
-    ("tokenizer.ggml.eos_token_id", 2**40, (V.UINT64,)),
-    ("tokenizer.ggml.bos_token_id", [1, 2], (V.ARRAY, V.UINT32)),
-    ("tokenizer.ggml.tokens", 7, (V.UINT32,)),
-    ("tokenizer.ggml.model", 3, (V.UINT32,)),
-    ("tokenizer.chat_template", ["a", "b"], (V.ARRAY, V.STRING)),
-])
+@pytest.mark.parametrize(
+    "key,value,types",
+    [
+        ("tokenizer.ggml.bos_token_id", float("nan"), (V.FLOAT32,)),
+        ("tokenizer.ggml.eos_token_id", 2**40, (V.UINT64,)),
+        ("tokenizer.ggml.bos_token_id", [1, 2], (V.ARRAY, V.UINT32)),
+        ("tokenizer.ggml.tokens", 7, (V.UINT32,)),
+        ("tokenizer.ggml.model", 3, (V.UINT32,)),
+        ("tokenizer.chat_template", ["a", "b"], (V.ARRAY, V.STRING)),
+    ],
+)
 def test_tokenizer_key_of_wrong_type(qwen, tmp_path, key, value, types):
     bad = rewrite(qwen, tmp_path / "bad.gguf", kv={key: (value, *types)})
     expect_error(bad, key, "expected")
@@ -236,7 +271,7 @@ def test_token_scores_of_another_length(qwen, tmp_path):
 def test_invalid_utf8_in_a_name_the_error_quotes(qwen, tmp_path):
     """ggml refuses the file (truncated data) before moelite checks the names: its message quotes the raw tensor
     name, which must come back escaped inside the ModelFormatError, not as a UnicodeDecodeError (fuzz seed 3002)."""
-    name = struct.pack("<Q", 13) + b"output.weight"                    # its tensor info; its data is the last
+    name = struct.pack("<Q", 13) + b"output.weight"  # its tensor info; its data is the last
     bad = _patch(rewrite(qwen, tmp_path / "bad.gguf"), name, name.replace(b"output.", b"outpu\xff."))
     bad.write_bytes(bad.read_bytes()[:-4096])
     expect_error(bad, "truncated", "outpu\\xff.weight")

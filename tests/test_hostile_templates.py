@@ -2,6 +2,7 @@
 Every template below either renders within the limits or falls back to the default template with a warning;
 each runs in a subprocess with a 1.5 GiB address space, so an unbounded allocation fails the test instead of the
 machine."""
+
 from __future__ import annotations
 
 import json
@@ -48,8 +49,13 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("source", HOSTILE)
 def test_hostile_template_falls_back(source):
-    r = subprocess.run([sys.executable, "-c", SCRIPT], input=json.dumps([source, MESSAGES]), capture_output=True,
-                       text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", SCRIPT],
+        input=json.dumps([source, MESSAGES]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     res = json.loads(r.stdout)
     assert res["default"], res
@@ -61,12 +67,14 @@ def test_user_template_errors_are_usage_errors():
     """An explicitly given template (not a file's) still raises, naming what failed."""
     from moelite.errors import UsageError
     from moelite.runtime.chat_template import ChatTemplate
+
     with pytest.raises(UsageError, match="loop iterations"):
         ChatTemplate("{% for i in range(100000) %}{% for j in range(100) %}{% endfor %}{% endfor %}").render(MESSAGES)
 
 
 def test_limits_leave_real_templates_alone():
     from moelite.runtime.chat_template import ChatTemplate
+
     long = [{"role": "user" if i % 2 == 0 else "assistant", "content": "word " * 2000} for i in range(200)]
     t = ChatTemplate("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}")
     assert t.render(long).count("user: ") == 100

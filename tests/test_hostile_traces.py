@@ -1,6 +1,7 @@
 """Hostile routing traces and calibration side files (issue 15): a TraceError / ModelFormatError naming the file
 and the field, never a raw zipfile/zlib/numpy exception, an int64 id wrapped to int32, or memory set by a number
 in the file rather than by the trace's size."""
+
 from __future__ import annotations
 
 import io
@@ -13,18 +14,24 @@ import zipfile
 
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
 from moelite.cache_policies import Trace, load_trace, save_trace
 from moelite.errors import ModelFormatError, TraceError
-from fixture_models import fixture_gguf
 
 
 def good_arrays() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
     ids = np.stack([np.stack([rng.choice(8, 2, replace=False) for _ in range(3)]) for _ in range(20)]).astype(np.int32)
-    return {"ids": ids, "offsets": np.array([0, 12, 20], np.int64), "layers": np.array([0, 1, 2], np.int32),
-            "n_expert": np.int64(8), "model": np.str_("t"), "format_version": np.int64(1)}
+    return {
+        "ids": ids,
+        "offsets": np.array([0, 12, 20], np.int64),
+        "layers": np.array([0, 1, 2], np.int32),
+        "n_expert": np.int64(8),
+        "model": np.str_("t"),
+        "format_version": np.int64(1),
+    }
 
 
 def write(path, **arrays):
@@ -47,20 +54,78 @@ def test_good_trace_round_trips(tmp_path):
     assert (load_trace(tmp_path / "u.npz").ids == t.ids).all()
 
 
-@pytest.mark.parametrize("field,value", [
-    ("ids", lambda a: (a["ids"].astype(np.int64) + np.int64(2**32))),      # 2**32 + 3 must not load as 3
-    ("layers", lambda a: np.array([0, 1, 2**32], np.int64)),
-    ("layers", lambda a: np.array([0, 1, 2**63 + 5], np.uint64)),
-    ("offsets", lambda a: np.array([0, 2**64 - 1, 20], np.uint64)),
-    ("n_expert", lambda a: np.int64(10**9)),
-    ("n_expert", lambda a: np.float64(8.0)),
-    ("scores", lambda a: np.full(a["ids"].shape, np.nan, np.float32)),
-    ("model", lambda a: np.arange(3)),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("ids", lambda a: a["ids"].astype(np.int64) + np.int64(2**32)),  # 2**32 + 3 must not load as 3
+        ("layers", lambda a: np.array([0, 1, 2**32], np.int64)),
+        ("layers", lambda a: np.array([0, 1, 2**63 + 5], np.uint64)),
+        ("offsets", lambda a: np.array([0, 2**64 - 1, 20], np.uint64)),
+        ("n_expert", lambda a: np.int64(10**9)),
+        ("n_expert", lambda a: np.float64(8.0)),
+        ("scores", lambda a: np.full(a["ids"].shape, np.nan, np.float32)),
+        ("model", lambda a: np.arange(3)),
+    ],
+)
 def test_bad_field(tmp_path, field, value):
     arrays = good_arrays()
     arrays[field] = value(arrays)
     expect_trace_error(write(tmp_path / "t.npz", **arrays), field)
+
+
+def per_sequence(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """good_arrays() in the per-sequence layout: ids_0, ids_1 (and lookahead_ids_0, ...) without offsets."""
+    out = {k: v for k, v in arrays.items() if k not in ("ids", "offsets", "lookahead_ids")}
+    off = arrays["offsets"]
+    for name in ("ids", "lookahead_ids"):
+        if name in arrays:
+            for s in range(len(off) - 1):
+                out[f"{name}_{s}"] = arrays[name][off[s] : off[s + 1]]
+    return out
+
+
+def lookahead(ids: np.ndarray) -> np.ndarray:
+    return np.concatenate([ids[:, 1:], np.full((len(ids), 1, ids.shape[2]), -1, ids.dtype)], axis=1)
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["savez", "savez_compressed"])
+@pytest.mark.parametrize("key", ["ids_1", "ids_0", "lookahead_ids_1"])
+@pytest.mark.parametrize(
+    "shift",
+    [
+        lambda a: a.astype(np.int64) + np.int64(2**32),
+        lambda a: a.astype(np.int64) - np.int64(3 * 2**32),  # negative ids that wrap to valid ones
+        lambda a: a.astype(np.int64) + np.int64(2**62),
+        lambda a: a.astype(np.uint64) + np.uint64(2**32),
+        lambda a: np.where(np.arange(a.size).reshape(a.shape) == 5, a.astype(np.int64) + 2**33, a),  # one id
+    ],
+    ids=["+2^32", "-3*2^32", "+2^62", "uint64+2^32", "one id +2^33"],
+)
+def test_per_sequence_ids_shifted_by_k_2_32(tmp_path, save, key, shift):
+    """Issue 33: a per-sequence trace whose int64 ids were shifted by k * 2^32 (savez_compressed) loaded and was
+    simulated with other ids (the int32 cast wrapped them back into range). Refused in every layout, naming the
+    file and the key, before any cast."""
+    arrays = good_arrays()
+    arrays["lookahead_ids"] = lookahead(arrays["ids"])
+    seq = per_sequence(arrays)
+    assert (load_trace(write(tmp_path / "ok.npz", **seq)).ids == arrays["ids"]).all()  # the layout itself loads
+    seq[key] = shift(seq[key])
+    assert (seq[key].astype(np.int64) != seq[key].astype(np.int32)).any()  # a cast would change it
+    assert (seq[key].astype(np.int32) == per_sequence(arrays)[key]).all()  # ... back to the valid ids
+    p = tmp_path / "t.npz"
+    save(p, **seq)
+    expect_trace_error(p, f"{key} holds", "outside the int32 range")
+
+
+@pytest.mark.parametrize("save", [np.savez, np.savez_compressed], ids=["savez", "savez_compressed"])
+@pytest.mark.parametrize("key", ["ids", "lookahead_ids"])
+def test_flat_ids_shifted_by_k_2_32(tmp_path, save, key):
+    arrays = good_arrays()
+    arrays["lookahead_ids"] = lookahead(arrays["ids"])
+    arrays[key] = arrays[key].astype(np.int64) + np.int64(5 * 2**32)
+    p = tmp_path / "t.npz"
+    save(p, **arrays)
+    expect_trace_error(p, f"{key} holds", "outside the int32 range")
 
 
 def test_not_a_zip(tmp_path):
@@ -86,8 +151,8 @@ def test_corrupt_deflate(tmp_path):
     p = tmp_path / "t.npz"
     np.savez_compressed(p, **good_arrays())
     data = bytearray(p.read_bytes())
-    start = data.index(b"ids.npy") + 40       # inside the deflated member
-    data[start:start + 30] = bytes(30)
+    start = data.index(b"ids.npy") + 40  # inside the deflated member
+    data[start : start + 30] = bytes(30)
     p.write_bytes(bytes(data))
     expect_trace_error(p)
 
@@ -142,23 +207,28 @@ def model_copy(tmp_path):
     return dst
 
 
-@pytest.mark.parametrize("text,needles", [
-    ("{not json", ["unreadable"]),
-    ("[" * 100000 + "]" * 100000, ["unreadable"]),
-    ("[1, 2]", ["expected a JSON object"]),
-    ('{"moelite.calibration.policy": 5}', ["moelite.calibration.policy", "a string"]),
-    ('{"moelite.calibration.policy": "fifo"}', ["moelite.calibration.policy", "lru"]),
-    ('{"moelite.calibration.m": 1e400}', ["moelite.calibration.m"]),
-    ('{"moelite.calibration.m": [3]}', ["moelite.calibration.m"]),
-    ('{"moelite.calibration.m": 2147483648}', ["m must be"]),
-    ('{"moelite.calibration.hit_rate": 1' + "0" * 400 + '}', ["moelite.calibration.hit_rate"]),
-    ('{"moelite.calibration.layer_shares": "ab"}', ["moelite.calibration.layer_shares"]),
-    ('{"moelite.calibration.layer_shares": [0.5, {"a": [[[]]]}]}', ["moelite.calibration.layer_shares"]),
-    ('{"moelite.calibration.layer_shares": [0.9, 0.9]}', ["sum to 1"]),
-    ('{"moelite.calibration.layer_shares": [0.2, 0.3, 0.5], "moelite.calibration.layers": [0, 1]}',
-     ["different numbers of layers"]),
-    ('{"moelite.calibration.m": -4, "moelite.calibration.policy": "consistency"}', ["m must be"]),
-])
+@pytest.mark.parametrize(
+    "text,needles",
+    [
+        ("{not json", ["unreadable"]),
+        ("[" * 100000 + "]" * 100000, ["unreadable"]),
+        ("[1, 2]", ["expected a JSON object"]),
+        ('{"moelite.calibration.policy": 5}', ["moelite.calibration.policy", "a string"]),
+        ('{"moelite.calibration.policy": "fifo"}', ["moelite.calibration.policy", "lru"]),
+        ('{"moelite.calibration.m": 1e400}', ["moelite.calibration.m"]),
+        ('{"moelite.calibration.m": [3]}', ["moelite.calibration.m"]),
+        ('{"moelite.calibration.m": 2147483648}', ["moelite.calibration.m=2147483648", "[1, 2^31 - 1]"]),
+        ('{"moelite.calibration.hit_rate": 1' + "0" * 400 + "}", ["moelite.calibration.hit_rate"]),
+        ('{"moelite.calibration.layer_shares": "ab"}', ["moelite.calibration.layer_shares"]),
+        ('{"moelite.calibration.layer_shares": [0.5, {"a": [[[]]]}]}', ["moelite.calibration.layer_shares"]),
+        ('{"moelite.calibration.layer_shares": [0.9, 0.9]}', ["sum to 1"]),
+        (
+            '{"moelite.calibration.layer_shares": [0.2, 0.3, 0.5], "moelite.calibration.layers": [0, 1]}',
+            ["different numbers of layers"],
+        ),
+        ('{"moelite.calibration.m": -4, "moelite.calibration.policy": "consistency"}', ["moelite.calibration.m=-4"]),
+    ],
+)
 def test_bad_calibration_side_file(model_copy, text, needles):
     side = model_copy.with_name(model_copy.name + ".calibration.json")
     side.write_text(text)
@@ -172,8 +242,15 @@ def test_bad_calibration_side_file(model_copy, text, needles):
 
 def test_good_calibration_side_file(model_copy):
     side = model_copy.with_name(model_copy.name + ".calibration.json")
-    side.write_text(json.dumps({"moelite.calibration.policy": "consistency", "moelite.calibration.m": 4,
-                                "moelite.calibration.layer_shares": [0.5, 0.5]}))
+    side.write_text(
+        json.dumps(
+            {
+                "moelite.calibration.policy": "consistency",
+                "moelite.calibration.m": 4,
+                "moelite.calibration.layer_shares": [0.5, 0.5],
+            }
+        )
+    )
     with moelite.load(model_copy) as m:
         assert m.policy.name == "consistency" and m.policy.m == 4
 

@@ -1,5 +1,6 @@
 """ggml_mul_mat_id over the expert slot arena equals a numpy float reference (NMSE <= 5e-4) for every
 expert weight type, with slot ids permuted and slots padded to 4096 bytes."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -14,7 +15,7 @@ PAGE = 4096
 def quantize_experts(w: np.ndarray, type_id: int) -> tuple[np.ndarray, np.ndarray]:
     """w: [n_expert, ne1, ne0] f32 -> (arena uint8 [n_expert, slot_bytes], dequantized w)."""
     n_expert, ne1, ne0 = w.shape
-    rows = _core.quantize(w.reshape(-1, ne0), type_id, 2)                     # [n_expert * ne1, row_size]
+    rows = _core.quantize(w.reshape(-1, ne0), type_id, 2)  # [n_expert * ne1, row_size]
     expert_bytes = rows.shape[1] * ne1
     slot_bytes = (expert_bytes + PAGE - 1) // PAGE * PAGE
     arena = np.zeros((n_expert, slot_bytes), dtype=np.uint8)
@@ -35,15 +36,15 @@ def test_mul_mat_id_over_arena_matches_numpy(name):
     perm = rng.permutation(n_expert)
     arena = arena[perm].copy()
     x = rng.standard_normal((T, ne0)).astype(np.float32)
-    experts = np.stack([rng.choice(n_expert, K, replace=False) for _ in range(T)])   # [T, K]
-    inv = np.argsort(perm)                                                            # expert -> slot
+    experts = np.stack([rng.choice(n_expert, K, replace=False) for _ in range(T)])  # [T, K]
+    inv = np.argsort(perm)  # expert -> slot
     slots = inv[experts].astype(np.int32)
-    y = _core.arena_mul_mat_id(arena, t, ne0, ne1, x, slots, 2)                       # [T, K, ne1]
+    y = _core.arena_mul_mat_id(arena, t, ne0, ne1, x, slots, 2)  # [T, K, ne1]
     # numpy float reference on the weights as stored (dequantized): what is left is the kernel's own
     # rounding (activations quantized to Q8 for the quantized types)
     ref = np.einsum("tkij,tj->tki", deq[experts].astype(np.float64), x.astype(np.float64))
-    nmse = float(((y - ref) ** 2).sum() / (ref ** 2).sum())
+    nmse = float(((y - ref) ** 2).sum() / (ref**2).sum())
     assert nmse <= 5e-4, f"{name}: NMSE {nmse}"
     # and the type itself keeps the product close to the unquantized one (4-bit types lose most)
     ref_f = np.einsum("tkij,tj->tki", w[experts].astype(np.float64), x.astype(np.float64))
-    assert float(((y - ref_f) ** 2).sum() / (ref_f ** 2).sum()) <= 2e-2
+    assert float(((y - ref_f) ** 2).sum() / (ref_f**2).sum()) <= 2e-2

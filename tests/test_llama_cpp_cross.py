@@ -6,19 +6,20 @@
 
 Runs in CI (.ci/run installs llama-cpp-python and sets MOELITE_REQUIRE_LLAMA_CPP=1: never skipped there).
 """
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import moelite
-from moelite import _core
 from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 from hf_fixtures import HYBRID_FAMILIES, WAVE2_FAMILIES, WAVE3_FAMILIES, hf_logits
 from llama_cpp_ref import llama_cpp_logits, pinned_convert
 
+import moelite
+from moelite import _core
+
 PROMPT = [(7 * i + 3) % 320 for i in range(12)]
-# phimoe: llama.cpp's sparsemixer routing differs from transformers' (FAMILIES.md)
+# phimoe: llama.cpp's sparsemixer routing differs from transformers' (README.md, families table)
 LLAMA_CPP_FAMILIES = [f for f in RUNTIME_FAMILIES if f != "phimoe"]
 
 
@@ -40,9 +41,11 @@ def mimo_release_style(hf, out):
     """MiMo-V2-Flash as its release config.json states it: rope_theta / swa_rope_theta / partial_rotary_factor and no
     rope_parameters (transformers regenerates the same class defaults). llama.cpp's converter reads that only from
     config.json itself (`--raw-config`): through transformers 5.25's AutoConfig it fails (KeyError
-    'partial_rotary_factor', FAMILIES_WAVE3.md)."""
+    'partial_rotary_factor')."""
     import json
+
     from hf_fixtures import edited_copy
+
     d = edited_copy(hf, out, lambda ts: ts)
     cfg = json.loads((d / "config.json").read_text())
     cfg.pop("rope_parameters")
@@ -54,16 +57,21 @@ def step35_release_style(hf, out):
     """Step-3.5-Flash's text config as its release config.json states it (attention_other_setting, moe_layers_enum,
     rope_theta per layer + partial_rotary_factors, num_attention_groups, moe_num_experts / moe_top_k) without
     transformers' derived keys. llama.cpp's converter reads these only from config.json itself (`--raw-config`):
-    transformers 5.25's AutoConfig consumes them (KeyError 'num_attention_groups', FAMILIES_WAVE3.md)."""
+    transformers 5.25's AutoConfig consumes them (KeyError 'num_attention_groups')."""
     import json
+
     from hf_fixtures import edited_copy
+
     d = edited_copy(hf, out, lambda ts: ts)
     cfg = json.loads((d / "config.json").read_text())
     t = cfg["text_config"]
     for k in ("mlp_layer_types", "rope_parameters", "num_sliding_attention_heads", "per_layer_config"):
         t.pop(k)
-    for new, old in (("num_attention_groups", "num_key_value_heads"), ("moe_num_experts", "n_routed_experts"),
-                     ("moe_top_k", "num_experts_per_tok")):
+    for new, old in (
+        ("num_attention_groups", "num_key_value_heads"),
+        ("moe_num_experts", "n_routed_experts"),
+        ("moe_top_k", "num_experts_per_tok"),
+    ):
         t[new] = t.pop(old)
     (d / "config.json").write_text(json.dumps(cfg))
     return d
@@ -77,7 +85,9 @@ def test_moelite_runs_llama_cpp_converted_gguf(family, tmp_path):
         # llama.cpp's converter knows only the real checkpoints' layer_types vocabulary (mamba / attention); on
         # transformers 5's re-saved one (linear_attention / full_attention) it writes a broken file (FAMILIES_WAVE2)
         import json
+
         from hf_fixtures import edited_copy
+
         hf = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
         cfg = json.loads((hf / "config.json").read_text())
         cfg["layer_types"] = ["mamba" if t == "linear_attention" else "attention" for t in cfg["layer_types"]]
@@ -98,6 +108,7 @@ def test_fused_gate_up_experts_exact(family, tmp_path):
     the same option, for any family): the expert slots hold its two halves, so logits equal those of the
     unfused file bit for bit, resident and at the smallest budget."""
     from moelite.converters import convert
+
     hf, ours = fixture_gguf(family)
     fused = tmp_path / f"{family}-fused.gguf"
     convert(hf, fused, "f32", progress=False, fuse_gate_up=True)

@@ -1,5 +1,6 @@
 """Bad model files give a moelite.errors.ModelFormatError naming the file and the tensor or key, never a crash:
 not a GGUF, truncated, unknown architecture, not a MoE model, a missing tensor, a wrong shape."""
+
 from __future__ import annotations
 
 import subprocess
@@ -9,15 +10,16 @@ from pathlib import Path
 import gguf
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
-from fixture_models import fixture_gguf
 
 ModelFormatError = moelite.errors.ModelFormatError
 
 
-def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop: tuple[str, ...] = (),
-            reshape: dict[str, int] | None = None) -> Path:
+def rewrite(
+    src: Path, dst: Path, *, kv: dict | None = None, drop: tuple[str, ...] = (), reshape: dict[str, int] | None = None
+) -> Path:
     """Copy a GGUF with keys changed, tensors dropped, or a tensor's last dimension cut to n rows."""
     r = gguf.GGUFReader(src)
     arch = str(r.fields["general.architecture"].contents())
@@ -31,7 +33,9 @@ def rewrite(src: Path, dst: Path, *, kv: dict | None = None, drop: tuple[str, ..
         w.add_key_value(name, f.contents(), f.types[0], sub)
     for name, value in (kv or {}).items():
         if name != "general.architecture":
-            w.add_key_value(name, value, gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32)
+            w.add_key_value(
+                name, value, gguf.GGUFValueType.STRING if isinstance(value, str) else gguf.GGUFValueType.UINT32
+            )
     for t in r.tensors:
         if t.name in drop:
             continue
@@ -120,16 +124,20 @@ def test_errors_do_not_crash_the_interpreter(good, tmp_path):
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
 
 
-@pytest.mark.parametrize("mutate,needle", [
-    (lambda d: b"XXXX" + d[4:], "invalid magic"),
-    (lambda d: d[:4] + (99).to_bytes(4, "little") + d[8:], "version 99"),
-    (lambda d: d[:200], "failed to read"),
-])
+@pytest.mark.parametrize(
+    "mutate,needle",
+    [
+        (lambda d: b"XXXX" + d[4:], "invalid magic"),
+        (lambda d: d[:4] + (99).to_bytes(4, "little") + d[8:], "version 99"),
+        (lambda d: d[:200], "failed to read"),
+    ],
+)
 def test_bad_gguf_header_says_why(tmp_path, mutate, needle):
     """The header's problem as ggml states it, in the ModelFormatError (not only on stderr above it)."""
     import moelite
     from moelite.errors import ModelFormatError
     from moelite.runtime.model import default_model_path
+
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(mutate(open(default_model_path(), "rb").read()))
     with pytest.raises(ModelFormatError, match=needle):

@@ -4,6 +4,7 @@ names the KV cache) and the scratch, and picks the prompt chunk size. Measured i
 memory the model adds (/proc/self/smaps_rollup, over a warm baseline taken after a first small load and close, so
 that the libraries moelite imports on first use are not counted) stays within the budget x 1.1; file-backed pages
 (the code of the ggml kernels a long prompt first runs) are the libraries', not the model's."""
+
 from __future__ import annotations
 
 import json
@@ -44,16 +45,20 @@ print(json.dumps({"base": base, "held": held, "ubatch": ubatch, "kv": info["kv_b
 
 
 def test_f16_kv_at_8k_does_not_fit_and_says_why():
-    with pytest.warns(UserWarning, match="above the context"), pytest.raises(BudgetError, match=r"KV cache \(2[0-9.]+ MiB\)"):
+    with (
+        pytest.warns(UserWarning, match="above the context"),
+        pytest.raises(BudgetError, match=r"KV cache \(2[0-9.]+ MiB\)"),
+    ):
         moelite.load(None, memory_budget=f"{BUDGET_MIB}MiB", n_ctx=N_PROMPT + 64, kv_type="f16")
 
 
 @pytest.mark.slow
 def test_8k_prompt_runs_within_the_budget():
-    r = subprocess.run([sys.executable, "-c", CHILD, str(N_PROMPT), f"{BUDGET_MIB}MiB"], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD, str(N_PROMPT), f"{BUDGET_MIB}MiB"], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["finite"] and out["offloaded"]
-    assert out["ubatch"] < 512                      # the planner shrank the prompt chunks to fit the budget
+    assert out["ubatch"] < 512  # the planner shrank the prompt chunks to fit the budget
     assert out["held"] - out["base"] <= 1.1 * BUDGET_MIB * 2**20, out

@@ -10,6 +10,7 @@ holds them (bench/DENSE.md measures the difference under a memory cap).
 - MOELITE_DENSE_MMAP=1 (in a subprocess, as the switch is read at load) gives logits bit-identical to the default
   with repack=False: resident, offloaded at the minimum budget, and for a split set (each tensor in its shard).
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,7 +19,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +34,7 @@ IDS = [3, 17, 42, 99, 7, 250, 11, 5]
 @pytest.fixture(scope="module")
 def gguf():
     from fixture_models import fixture_gguf
+
     return fixture_gguf("qwen3_moe")[1]
 
 
@@ -67,7 +68,7 @@ def test_mlock_locks_the_dense_weights_and_kv_cache(gguf):
     m.close()
     del m
     gc.collect()
-    assert vm_locked() == before                     # unlocked (and freed) at close
+    assert vm_locked() == before  # unlocked (and freed) at close
 
 
 def test_mlock_off_locks_nothing(gguf):
@@ -91,7 +92,9 @@ def test_mlock_must_be_a_bool(gguf, bad):
 
 def test_cli_has_mlock_flag():
     import argparse
+
     from moelite.apps.common import add_common
+
     p = argparse.ArgumentParser()
     add_common(p)
     assert p.parse_args(["m.gguf", "--mlock"]).mlock is True
@@ -127,8 +130,13 @@ REFUSED = textwrap.dedent("""
 
 
 def test_refused_mlock_is_a_warning_not_an_error(gguf):
-    r = subprocess.run([sys.executable, "-c", REFUSED, str(gguf)], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    r = subprocess.run(
+        [sys.executable, "-c", REFUSED, str(gguf)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert r.returncode == 0, r.stderr
     got = json.loads(r.stdout.strip().splitlines()[-1])
     mine = [msg for cat, msg in got["warnings"] if cat == "RuntimeWarning" and msg.startswith("mlock")]
@@ -140,7 +148,8 @@ def test_refused_mlock_is_a_warning_not_an_error(gguf):
 
 
 # --- MOELITE_DENSE_MMAP=1: the benchmark's "without" (dense weights in the page cache) ------------------------------
-MAPPED = textwrap.dedent("""
+MAPPED = textwrap.dedent(
+    """
     import json, sys
     import numpy as np
     import moelite
@@ -150,14 +159,20 @@ MAPPED = textwrap.dedent("""
         np.save(sys.argv[3], m._eval(%r, n_out=%d))
     print(json.dumps({"dense_mmap": info["dense_mmap"], "dense_bytes": info["dense_bytes"],
                       "locked_bytes": info["locked_bytes"]}))
-""" % (IDS, len(IDS)))
+"""
+    % (IDS, len(IDS))
+)
 
 
 def mapped_logits(path, tmp_path, **opts) -> tuple[np.ndarray, dict]:
     out = tmp_path / "mapped.npy"
-    r = subprocess.run([sys.executable, "-c", MAPPED, str(path), json.dumps(opts), str(out)], capture_output=True,
-                       text=True, timeout=300,
-                       env={**os.environ, "MOELITE_DENSE_MMAP": "1", "PYTHONPATH": os.pathsep.join(sys.path)})
+    r = subprocess.run(
+        [sys.executable, "-c", MAPPED, str(path), json.dumps(opts), str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MOELITE_DENSE_MMAP": "1", "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
     assert r.returncode == 0, r.stderr
     return np.load(out), json.loads(r.stdout.strip().splitlines()[-1])
 
@@ -166,12 +181,12 @@ def mapped_logits(path, tmp_path, **opts) -> tuple[np.ndarray, dict]:
 def test_dense_mmap_is_bit_identical_without_repack(gguf, tmp_path, offloaded):
     opts = {"memory_budget": min_budget(gguf)} if offloaded else {}
     with moelite.load(gguf, n_threads=1, n_ctx=64, repack=False, **opts) as m:
-        assert m.info()["dense_mmap"] is False                 # the default: anonymous memory
+        assert m.info()["dense_mmap"] is False  # the default: anonymous memory
         dense = m.info()["dense_bytes"]
         ref = m._eval(IDS, n_out=len(IDS))
     got, info = mapped_logits(gguf, tmp_path, **opts)
     assert info["dense_mmap"] is True
-    assert info["dense_bytes"] <= dense                         # the tensors' bytes, without buffer padding
+    assert info["dense_bytes"] <= dense  # the tensors' bytes, without buffer padding
     assert np.array_equal(ref, got)
 
 
@@ -181,12 +196,14 @@ def test_dense_mmap_with_mlock_locks_the_mapped_tensors(gguf, tmp_path):
 
 
 def test_dense_mmap_of_a_split_set(gguf, tmp_path):
-    from moelite.converters import convert
     import gguf as gguf_py
+
+    from moelite.converters import convert
+
     n_tensors = len(gguf_py.GGUFReader(gguf).tensors)
     shards = convert(gguf, tmp_path / "m.gguf", "keep", progress=False, split_max_tensors=n_tensors // 3 + 1).files
     assert len(shards) >= 3
     ref = logits(gguf, repack=False)
-    got, info = mapped_logits(shards[-1], tmp_path)             # opened from a later shard: the whole set
+    got, info = mapped_logits(shards[-1], tmp_path)  # opened from a later shard: the whole set
     assert info["dense_mmap"] is True
     assert np.array_equal(ref, got)

@@ -1,13 +1,14 @@
 """Expert offloading never changes a result: with the smallest legal memory budget (n_expert_used slots per
 MoE layer, experts read from disk on every miss) logits and 64 greedy tokens equal the fully resident model
 bit for bit, for every policy, with and without prefetch."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 
 import moelite
-from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 
 POLICIES = ("lru", "lfu", "lfuda", "consistency")
 
@@ -35,13 +36,14 @@ def test_smallest_budget_is_bit_exact(resident, family, policy, prefetch):
     path, (logits, greedy, _, info) = resident[family]
     with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
         minimum = m.plan.minimum_budget
-    lo, gr, stats, info_small = run(path, list(range(5, 37)), memory_budget=minimum, policy=policy, n_ubatch=64,
-                                    prefetch=prefetch)
+    lo, gr, stats, info_small = run(
+        path, list(range(5, 37)), memory_budget=minimum, policy=policy, n_ubatch=64, prefetch=prefetch
+    )
     k = info_small["n_expert_used"]
     assert info_small["offloaded"] and all(q in (0, k) for q in info_small["expert_slots"])
     assert np.array_equal(lo, logits)
     assert gr == greedy
-    assert stats["total"]["misses"] > 0 and stats["total"]["bytes_read"] > 0   # it really went to disk
+    assert stats["total"]["misses"] > 0 and stats["total"]["bytes_read"] > 0  # it really went to disk
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "olmoe", "gemma4_text"])
@@ -56,8 +58,9 @@ def test_ready_experts_computed_while_misses_are_read(resident, family):
     lo, gr, stats, info = run(path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False)
     assert info["offloaded"] and np.array_equal(lo, logits) and gr == greedy
     assert stats["total"]["overlapped"] > 0 and stats["total"]["misses"] > 0
-    lo2, gr2, stats2, _ = run(path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False,
-                              overlap_reads=False)                  # waits for every read first: same bits
+    lo2, gr2, stats2, _ = run(
+        path, list(range(5, 37)), memory_budget=budget, n_ubatch=64, prefetch=False, overlap_reads=False
+    )  # waits for every read first: same bits
     assert np.array_equal(lo2, logits) and gr2 == greedy and stats2["total"]["overlapped"] == 0
 
 

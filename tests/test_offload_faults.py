@@ -1,6 +1,7 @@
 """Offloading under faults and concurrency: a GGUF truncated while the model is open raises
 moelite.errors.ExpertIOError on the next miss, cache hits keep working, a reopened file works; two threads
 generating on one Model are serialized (each gets the answer it would get alone)."""
+
 from __future__ import annotations
 
 import shutil
@@ -8,9 +9,9 @@ import threading
 
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
-from fixture_models import fixture_gguf
 
 
 @pytest.fixture()
@@ -33,16 +34,16 @@ def test_truncated_while_open(model_copy, prefetch, host_slots):
     with moelite.load(model_copy, kv_type="f32", n_threads=1) as ref:
         want_a = ref.logits([11])
         want_b = ref.logits([40, 41, 42, 43, 44, 45])
-    m = smallest(model_copy, prefetch=prefetch, host_slots=host_slots)   # host_slots: a RAM tier reads the file
-    assert np.array_equal(m.logits([11]), want_a)          # its experts are now cached
+    m = smallest(model_copy, prefetch=prefetch, host_slots=host_slots)  # host_slots: a RAM tier reads the file
+    assert np.array_equal(m.logits([11]), want_a)  # its experts are now cached
     first_expert = min(off for name, (_, _, off, _) in m.tensors.items() if "_exps" in name)
     with open(model_copy, "r+b") as f:
-        f.truncate(first_expert)                            # every expert byte is gone
-    assert np.array_equal(m.logits([11]), want_a)          # all hits: still served
+        f.truncate(first_expert)  # every expert byte is gone
+    assert np.array_equal(m.logits([11]), want_a)  # all hits: still served
     with pytest.raises(moelite.errors.ExpertIOError, match=str(model_copy)):
-        m.logits([40, 41, 42, 43, 44, 45])                  # misses need the disk
-    assert np.array_equal(m.logits([11]), want_a)          # and the model is still usable
-    model_copy.write_bytes(original)                        # repaired in place
+        m.logits([40, 41, 42, 43, 44, 45])  # misses need the disk
+    assert np.array_equal(m.logits([11]), want_a)  # and the model is still usable
+    model_copy.write_bytes(original)  # repaired in place
     m.reopen()
     assert np.array_equal(m.logits([40, 41, 42, 43, 44, 45]), want_b)
     m.close()
@@ -61,7 +62,7 @@ def test_two_threads_serialize(model_copy):
                 out = m.generate(prompts[i], max_tokens=24, stop_ids=[])
                 assert out == alone[i]
             results[i] = out
-        except BaseException as e:        # noqa: BLE001 -- reported below
+        except BaseException as e:  # noqa: BLE001 -- reported below
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]

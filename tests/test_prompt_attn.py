@@ -4,13 +4,15 @@ instead of ggml's tiled flash attention (a tile per query head). Both sum in F32
 float rounding for every family (GQA, sinks + sliding windows, MLA, chunked and NoPE layers, per-layer head sizes);
 a prompt evaluated in one ubatch (this op) or token by token (attn_decode) agrees too, and offloading keeps it
 bit-exact."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixture_models import RUNTIME_FAMILIES, fixture_gguf
+from hf_fixtures import DSA_FAMILIES
 
 import moelite
-from fixture_models import RUNTIME_FAMILIES, fixture_gguf
 
 PROMPT = [(7 * i + 3) % 300 + 3 for i in range(150)]
 
@@ -25,10 +27,13 @@ def test_same_sums_as_ggml_tiles(family):
     _, path = fixture_gguf(family)
     ours = _logits(path, kv_type="f32")
     ggml = _logits(path, kv_type="f32", prompt_attn=False)
-    assert not np.array_equal(ours, ggml)              # the op ran
+    assert not np.array_equal(ours, ggml)  # the op ran
     assert float(np.abs(ours - ggml).max()) < 1e-4
+    # an F16 cache (the indexer's keys too, as llama.cpp keeps them) moves DSA's scores: past its budget of 16 a
+    # near-tie may select another position (3 of 150 rows of glm_moe_dsa); under it the rows agree as for the rest
+    rows = slice(0, 16) if family in DSA_FAMILIES else slice(None)
     ours16 = _logits(path, kv_type="f16")
-    assert float(np.abs(ours16 - ggml).max()) < 2e-2
+    assert float(np.abs(ours16[rows] - ggml[rows]).max()) < 2e-2
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss", "deepseek_v2"])

@@ -4,14 +4,15 @@ chunks, and prompt reuse through state snapshots giving exactly the tokens of a 
 
 (f32 parity with transformers, prompt and single-token decode, and offload exactness run for these families in
 test_runtime_parity.py and test_offload.py; llama.cpp both ways in test_llama_cpp_cross.py.)"""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
-
-import moelite
 from fixture_models import fixture_gguf
 from hf_fixtures import HYBRID_FAMILIES, hf_logits
+
+import moelite
 from moelite.errors import BudgetError
 
 PROMPT = [(7 * i + 3) % 320 for i in range(16)]
@@ -42,14 +43,14 @@ def test_generate_calls_sharing_a_prefix_equal_fresh_runs(family):
         m.snapshot_interval = 4
         g1 = m.generate(a, max_tokens=8, stop_ids=[])
         assert m.info()["state_snapshots"] >= 2
-        extended = a + g1 + [11, 12]                     # the cached context plus new tokens: no rewind
+        extended = a + g1 + [11, 12]  # the cached context plus new tokens: no rewind
         g2 = m.generate(extended, max_tokens=8, stop_ids=[])
         assert m.snapshot_restores == 0
-        diverged = a + [5, 6, 7]                         # drops the generated tokens: back to the prefill's end
+        diverged = a + [5, 6, 7]  # drops the generated tokens: back to the prefill's end
         g3 = m.generate(diverged, max_tokens=8, stop_ids=[])
         assert m.snapshot_restores == 1
-        assert m._core().n_past < len(a) + 8 + len(g1) + 8   # it did not recompute from 0 and keep everything
-        mid = a[:10] + [9, 9, 9]                         # diverges inside the prompt: the snapshot at 8
+        assert m._core().n_past < len(a) + 8 + len(g1) + 8  # it did not recompute from 0 and keep everything
+        mid = a[:10] + [9, 9, 9]  # diverges inside the prompt: the snapshot at 8
         g4 = m.generate(mid, max_tokens=8, stop_ids=[])
         assert m.snapshot_restores == 2
     assert g1 == fresh(path, a)
@@ -73,7 +74,7 @@ def test_three_turn_chat_equals_recomputing_each_turn(family):
         messages, again = [], []
         for text in turns:
             messages.append({"role": "user", "content": text})
-            m.reset()                                    # recompute every turn from scratch
+            m.reset()  # recompute every turn from scratch
             answer = m.chat(messages, max_tokens=6)
             again.append(answer)
             messages.append({"role": "assistant", "content": answer})
@@ -91,21 +92,25 @@ def test_state_is_counted_in_the_budget(family):
         moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=minimum - 1)
 
 
-@pytest.mark.parametrize("family,key,value", [
-    ("qwen3_5_moe_text", "qwen35moe.ssm.time_step_rank", 0),
-    ("qwen3_5_moe_text", "qwen35moe.ssm.inner_size", 7),
-    ("qwen3_next", "qwen3next.ssm.conv_kernel", 1),
-    ("lfm2_moe", "lfm2moe.shortconv.l_cache", 100),
-    ("granitemoehybrid", "granitehybrid.ssm.group_count", 3),
-    ("nemotron_h", "nemotron_h_moe.ssm.inner_size", 7),
-    ("nemotron_h", "nemotron_h_moe.moe_latent_size", 1 << 30),
-])
+@pytest.mark.parametrize(
+    "family,key,value",
+    [
+        ("qwen3_5_moe_text", "qwen35moe.ssm.time_step_rank", 0),
+        ("qwen3_5_moe_text", "qwen35moe.ssm.inner_size", 7),
+        ("qwen3_next", "qwen3next.ssm.conv_kernel", 1),
+        ("lfm2_moe", "lfm2moe.shortconv.l_cache", 100),
+        ("granitemoehybrid", "granitehybrid.ssm.group_count", 3),
+        ("nemotron_h", "nemotron_h_moe.ssm.inner_size", 7),
+        ("nemotron_h", "nemotron_h_moe.moe_latent_size", 1 << 30),
+    ],
+)
 def test_bad_state_sizes_are_format_errors(family, key, value):
     """The keys the recurrent state is sized from are checked at the border (a zero once reached the planner's
     division as a raw ZeroDivisionError)."""
     from moelite import _core
     from moelite.errors import ModelFormatError
     from moelite.runtime.validate import load_hparams
+
     _, path = fixture_gguf(family)
     meta = _core.read_gguf(str(path))
     tensors = {n: (t, s, o, b) for n, t, s, o, b in meta["tensors"]}

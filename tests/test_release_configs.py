@@ -10,6 +10,7 @@ transformers config class defines with a default may be absent from a real check
 - a Qwen3.5-MoE multimodal checkpoint (config under `text_config`, weights `model.language_model.*` +
   `model.visual.*`) written by save_pretrained with nothing added converts and matches transformers.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -19,10 +20,22 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_fixtures import (
+    FAMILIES,
+    HYBRID_FAMILIES,
+    RELEASE_KEYS,
+    VOCAB_SIZE,
+    WAVE2_FAMILIES,
+    WAVE3_FAMILIES,
+    WRAPPED,
+    _config,
+    _make_tokenizer,
+    _perturb,
+    class_keys,
+    make_hf_model,
+)
 
 import moelite
-from hf_fixtures import (FAMILIES, HYBRID_FAMILIES, RELEASE_KEYS, VOCAB_SIZE, WAVE2_FAMILIES, WAVE3_FAMILIES, WRAPPED,
-                         _config, _make_tokenizer, _perturb, class_keys, make_hf_model)
 from moelite import _core
 from moelite.converters.convert import convert
 from moelite.converters.families import FAMILY_MODULES, registry
@@ -35,6 +48,7 @@ PROMPT = [(7 * i + 3) % VOCAB_SIZE for i in range(16)]
 
 def config_class(model_type: str):
     from transformers import CONFIG_MAPPING
+
     return CONFIG_MAPPING[model_type]
 
 
@@ -77,8 +91,9 @@ def minimal_copy(family: str, src: Path, out: Path) -> tuple[Path, list[str]]:
     keep |= {k for k in cfg if k.endswith("_token_id")}
     dropped = [k for k, v in cfg.items() if k not in keep and k in defaults and v == defaults[k]]
     small = {k: v for k, v in cfg.items() if k not in dropped}
-    (out / "config.json").write_text(json.dumps({**outer, "text_config": small} if family in WRAPPED else small,
-                                                indent=2))
+    (out / "config.json").write_text(
+        json.dumps({**outer, "text_config": small} if family in WRAPPED else small, indent=2)
+    )
     return out, dropped
 
 
@@ -118,16 +133,17 @@ def test_family_defaults_are_the_transformers_class_defaults():
     """Each family file's DEFAULTS: the class's field defaults; rope_theta its default_theta; rope_parameters,
     partial_rotary_factor, full_attention_interval and global_head_dim what the class sets when they are absent."""
     from transformers import CONFIG_MAPPING
+
     checked = 0
     for mod in FAMILY_MODULES:
         module = importlib.import_module(f"moelite.converters.families.{mod}")
         for fam in getattr(module, "FAMILIES", (module.FAMILY,)):
             for mt in fam.model_types:
-                if mt not in CONFIG_MAPPING:     # a release's own model_type (remote code: MiMo's mimo_v2) that
-                    continue                     # transformers knows under another name, also in model_types
+                if mt not in CONFIG_MAPPING:  # a release's own model_type (remote code: MiMo's mimo_v2) that
+                    continue  # transformers knows under another name, also in model_types
                 cls = config_class(mt)
                 fields, made = as_json(cls.default_config_fields()), as_json(cls().to_dict())
-                rope = made.get("rope_parameters") or {}          # NoPE classes (Nemotron-H) have none
+                rope = made.get("rope_parameters") or {}  # NoPE classes (Nemotron-H) have none
                 for k, v in fam.defaults.items():
                     if k == "rope_theta":
                         want = cls.default_theta
@@ -135,9 +151,9 @@ def test_family_defaults_are_the_transformers_class_defaults():
                         want = rope
                     elif k == "partial_rotary_factor":
                         want = rope.get(k)
-                    elif k == "full_attention_interval":    # the layer_types the class makes without it
+                    elif k == "full_attention_interval":  # the layer_types the class makes without it
                         want = made["layer_types"].index("full_attention") + 1
-                    elif k == "global_head_dim":            # the head_dim of full layers without it
+                    elif k == "global_head_dim":  # the head_dim of full layers without it
                         want = next(iter(made["per_layer_config"].values()))["head_dim"]
                     else:
                         want = fields.get(k, "not a key of the class")
@@ -148,17 +164,33 @@ def test_family_defaults_are_the_transformers_class_defaults():
 
 # --- Qwen3.5-MoE as released: Qwen3_5MoeForConditionalGeneration, config nested under text_config ---------------
 
+
 @pytest.fixture(scope="module")
 def qwen35_multimodal(tmp_path_factory) -> Path:
     import torch
     from transformers import Qwen3_5MoeConfig, Qwen3_5MoeForConditionalGeneration
+
     torch.set_num_threads(1)
-    text = _config("qwen3_5_moe_text", {}).to_dict()        # the fixture's text model, class kwargs only
-    vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4, temporal_patch_size=2,
-                  spatial_merge_size=2, out_hidden_size=text["hidden_size"], num_position_embeddings=16)
-    cfg = Qwen3_5MoeConfig(text_config=text, vision_config=vision, image_token_id=VOCAB_SIZE - 1,
-                           video_token_id=VOCAB_SIZE - 2, vision_start_token_id=VOCAB_SIZE - 3,
-                           vision_end_token_id=VOCAB_SIZE - 4)
+    text = _config("qwen3_5_moe_text", {}).to_dict()  # the fixture's text model, class kwargs only
+    vision = dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        patch_size=4,
+        temporal_patch_size=2,
+        spatial_merge_size=2,
+        out_hidden_size=text["hidden_size"],
+        num_position_embeddings=16,
+    )
+    cfg = Qwen3_5MoeConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=VOCAB_SIZE - 1,
+        video_token_id=VOCAB_SIZE - 2,
+        vision_start_token_id=VOCAB_SIZE - 3,
+        vision_end_token_id=VOCAB_SIZE - 4,
+    )
     torch.manual_seed(0)
     model = Qwen3_5MoeForConditionalGeneration(cfg).float().eval()
     _perturb(model, 0)
@@ -171,15 +203,20 @@ def qwen35_multimodal(tmp_path_factory) -> Path:
 def test_qwen35_multimodal_checkpoint_converts_and_matches_transformers(qwen35_multimodal, tmp_path):
     import torch
     from transformers import Qwen3_5MoeForConditionalGeneration
+
     cfg = read_config(qwen35_multimodal)
     assert cfg["model_type"] == "qwen3_5_moe" and cfg["text_config"]["model_type"] == "qwen3_5_moe_text"
-    assert "intermediate_size" not in cfg["text_config"]        # what broke: Qwen3_5MoeTextConfig has none
+    assert "intermediate_size" not in cfg["text_config"]  # what broke: Qwen3_5MoeTextConfig has none
     for d, model_type in ((cfg, "qwen3_5_moe"), (cfg["text_config"], "qwen3_5_moe_text")):
         assert not set(d) - class_keys(config_class(model_type)) - METADATA, f"{model_type}: keys added"
-    names = json.loads((qwen35_multimodal / "model.safetensors.index.json").read_text())["weight_map"] \
-        if (qwen35_multimodal / "model.safetensors.index.json").exists() else None
+    names = (
+        json.loads((qwen35_multimodal / "model.safetensors.index.json").read_text())["weight_map"]
+        if (qwen35_multimodal / "model.safetensors.index.json").exists()
+        else None
+    )
     if names is None:
         from safetensors import safe_open
+
         with safe_open(str(qwen35_multimodal / "model.safetensors"), "np") as f:
             names = list(f.keys())
     assert any(n.startswith("model.language_model.") for n in names)

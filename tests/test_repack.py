@@ -6,24 +6,33 @@ multiples of 8), converted to Q4_K_M (Q4_K repacked; the Q6_K tensors of its mix
 (every matrix repacked). Repacking changes the kernels, not the math: the same greedy tokens and logits within
 float rounding of the plain layout; and one layout in every mode, so experts read from disk into a tiny cache
 (synchronously or by I/O threads, or through a RAM tier) give the resident run's logits bit for bit."""
+
 from __future__ import annotations
 
 import json
 
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
-from fixture_models import fixture_gguf
 from moelite.apps.cli import main
 
 # hidden and expert FFN 256 (K-quant rows), q 256 / kv 128 rows, 16 experts (not the 8-expert branch of the
 # q4_k_m mix), 2 layers: layer 0's ffn_down is Q4_K (repacked), layer 1's Q6_K (plain on x86)
-SHAPES = dict(hidden_size=256, intermediate_size=256, moe_intermediate_size=256, head_dim=64, num_attention_heads=4,
-              num_key_value_heads=2, num_experts=16, num_experts_per_tok=2)
+SHAPES = dict(
+    hidden_size=256,
+    intermediate_size=256,
+    moe_intermediate_size=256,
+    head_dim=64,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    num_experts=16,
+    num_experts_per_tok=2,
+)
 TYPES = ("q4_k_m", "q4_0")
 IDS = list(range(5, 69))
-OPTS = dict(kv_type="f32", n_threads=2, n_ubatch=64)   # one ubatch size for every run: the same dense GEMM rows
+OPTS = dict(kv_type="f32", n_threads=2, n_ubatch=64)  # one ubatch size for every run: the same dense GEMM rows
 # Repack on vs off: the kernels sum in another order (1e-7 on one matmul), and where that moves an activation
 # across a Q8_K/Q8_0 rounding step of the next layer's input the step shows: the largest |logit difference| seen
 # here is 1.6e-2 (q4_k_m) and 1.8e-7 (q4_0), against 0.38 / 0.50 between the quantized and the f32 model. The
@@ -68,9 +77,14 @@ def test_repacked_matches_the_plain_layout(runs, type):
     diff = float(np.abs(lo_rp - lo).max())
     quantization = float(np.abs(lo - runs[("f32", False)][0]).max())
     assert diff < NOISE_SHARE * quantization, (diff, quantization)
-    assert not np.array_equal(lo_rp, lo) or info_rp["repack"]["dense_tensors"] == 0   # other kernels really ran
-    assert info["repack"] == {"available": False, "dense_tensors": 0, "dense_bytes": 0, "arena_bytes": 0,
-                              "tiled_prompts": False}
+    assert not np.array_equal(lo_rp, lo) or info_rp["repack"]["dense_tensors"] == 0  # other kernels really ran
+    assert info["repack"] == {
+        "available": False,
+        "dense_tensors": 0,
+        "dense_bytes": 0,
+        "arena_bytes": 0,
+        "tiled_prompts": False,
+    }
 
 
 @pytest.mark.parametrize("type", TYPES)
@@ -84,9 +98,9 @@ def test_info_says_what_was_repacked(runs, type):
     assert rp["arena_bytes"] == plain["arena_bytes"]
     assert abs(rp["dense_bytes"] - plain["dense_bytes"]) <= 64 * (r["dense_tensors"] + 1)
     if type == "q4_0":
-        assert r["arena_bytes"] == rp["arena_bytes"]            # every expert matrix
+        assert r["arena_bytes"] == rp["arena_bytes"]  # every expert matrix
     else:
-        assert 0 < r["arena_bytes"] < rp["arena_bytes"]         # gate/up and layer 0's down; layer 1's Q6_K down not
+        assert 0 < r["arena_bytes"] < rp["arena_bytes"]  # gate/up and layer 0's down; layer 1's Q6_K down not
 
 
 @pytest.mark.parametrize("type", TYPES)
@@ -96,7 +110,7 @@ def test_tiny_cache_is_bit_exact(runs, type, n_io_threads):
     lo, greedy, _, _ = runs[(type, True)]
     lo_off, greedy_off, st, info = _run(path, repack=True, memory_budget=_minimum(path), n_io_threads=n_io_threads)
     assert info["offloaded"] and info["repack"]["arena_bytes"] > 0
-    assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0      # experts really came from disk
+    assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0  # experts really came from disk
     assert np.array_equal(lo_off, lo)
     assert greedy_off == greedy
 
@@ -118,8 +132,23 @@ def test_no_repack_from_the_cli(capsys, monkeypatch, tmp_path):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     out = {}
     for flags in ((), ("--no-repack",)):
-        rc = main(["run", _path("q4_k_m"), "-p", "It is a truth universally", "-n", "12", "--temp", "0", "--threads",
-                   "1", "--ignore-eos", "--json", *flags])
+        rc = main(
+            [
+                "run",
+                _path("q4_k_m"),
+                "-p",
+                "It is a truth universally",
+                "-n",
+                "12",
+                "--temp",
+                "0",
+                "--threads",
+                "1",
+                "--ignore-eos",
+                "--json",
+                *flags,
+            ]
+        )
         o, err = capsys.readouterr()
         assert rc == 0, err
         out[flags] = json.loads(o)

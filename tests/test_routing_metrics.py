@@ -1,5 +1,6 @@
 """SRP / SCH / static SCH against brute-force implementations written as literally as cache_policies/metrics.py
 defines them, hand-checkable traces, and trace validation / file round trips."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -97,8 +98,12 @@ def brute_sch(trace: Trace, m: int, rho: float, level: str):
             rates.append([Fraction(brute_sch_hits(rows, m, cap), len(rows) * trace.n_layers * trace.k)])
         else:
             cap = round(rho * trace.k)
-            rates.append([Fraction(brute_sch_hits([tok[l] for tok in seq.tolist()], m, cap), len(seq) * trace.k)
-                          for l in range(trace.n_layers)])
+            rates.append(
+                [
+                    Fraction(brute_sch_hits([tok[l] for tok in seq.tolist()], m, cap), len(seq) * trace.k)
+                    for l in range(trace.n_layers)
+                ]
+            )
     return [sum(col) / len(col) for col in zip(*rates)]  # 5: averaged over sequences
 
 
@@ -116,9 +121,20 @@ def brute_static_sch(trace: Trace, m: int, rho: float, layers: list[int]):
 
 
 # properties --------------------------------------------------------------------------------------------
+def beyond_trace(trace: Trace, m: int, call) -> bool:
+    """A window longer than the whole trace is refused before anything is computed (issue 33): True then."""
+    if m <= trace.n_tokens:
+        return False
+    with pytest.raises(UsageError, match="no longer than the trace"):
+        call()
+    return True
+
+
 @SETTINGS
 @given(trace=traces(), m=st.integers(1, 6))
 def test_srp_matches_brute_force(trace, m):
+    if beyond_trace(trace, m, lambda: srp(trace, m)):
+        return
     got = srp(trace, m, level="model")
     want = brute_srp(trace, m, list(range(trace.n_layers)))
     if want is None:
@@ -138,6 +154,8 @@ def test_srp_matches_brute_force(trace, m):
 @SETTINGS
 @given(trace=traces(), m=st.integers(1, 6), rho=st.sampled_from([0.5, 1.0, 1.5, 2.0, 3.0]))
 def test_sch_matches_brute_force(trace, m, rho):
+    if beyond_trace(trace, m, lambda: sch(trace, m, rho)):
+        return
     for level in ("model", "layer"):
         if round(rho * trace.k * (trace.n_layers if level == "model" else 1)) < 1:
             with pytest.raises(UsageError):
@@ -151,6 +169,8 @@ def test_sch_matches_brute_force(trace, m, rho):
 @SETTINGS
 @given(trace=traces(), m=st.integers(1, 6), rho=st.sampled_from([1.0, 2.0, 3.0]))
 def test_static_sch_matches_brute_force(trace, m, rho):
+    if beyond_trace(trace, m, lambda: static_sch(trace, m, rho)):
+        return
     got = static_sch(trace, m, rho, level="model")
     want = brute_static_sch(trace, m, rho, list(range(trace.n_layers)))
     if want is None:
@@ -165,6 +185,8 @@ def test_static_sch_matches_brute_force(trace, m, rho):
 @SETTINGS
 @given(trace=traces(), m=st.integers(1, 6))
 def test_srp_never_below_the_alpha_zero_floor(trace, m):
+    if beyond_trace(trace, m, lambda: srp(trace, m)):
+        return
     got = srp(trace, m)
     r = trace.k / trace.n_expert
     if not np.isnan(got.value):
@@ -242,24 +264,27 @@ def test_bad_arguments():
 GOOD = np.array([[[0, 1], [2, 3]], [[1, 2], [3, 0]]], dtype=np.int32)  # [T=2, L=2, k=2]
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"ids": GOOD.astype(np.float32)}, "integer dtype"),
-    ({"ids": GOOD + 3}, "outside"),
-    ({"ids": GOOD - 1}, "outside"),
-    ({"ids": GOOD[:, :, :1].repeat(2, axis=2)}, "repeats"),
-    ({"ids": GOOD[0]}, "3-D"),
-    ({"ids": np.zeros((0, 2, 2), np.int32)}, "empty"),
-    ({"ids": [[[0, 1], [2, 3]], [[1, 2], [3]]]}, "ragged"),
-    ({"ids": GOOD, "scores": np.zeros((2, 2, 3), np.float32)}, "scores has shape"),
-    ({"ids": GOOD, "scores": np.zeros((2, 2, 2), np.int32)}, "float dtype"),
-    ({"ids": GOOD, "scores": np.tile(np.float32([0.2, 0.7]), (2, 2, 1))}, "descending"),
-    ({"ids": GOOD, "offsets": [0, 3]}, "offsets"),
-    ({"ids": GOOD, "offsets": [0, 0, 2]}, "offsets"),
-    ({"ids": GOOD, "n_expert": 1}, "k = 2"),
-    ({"ids": GOOD, "n_expert": 0}, "positive"),
-    ({"ids": GOOD, "layers": [3, 1]}, "increasing"),
-    ({"ids": GOOD, "lookahead_ids": GOOD[:, :1]}, "lookahead_ids has shape"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"ids": GOOD.astype(np.float32)}, "integer dtype"),
+        ({"ids": GOOD + 3}, "outside"),
+        ({"ids": GOOD - 1}, "outside"),
+        ({"ids": GOOD[:, :, :1].repeat(2, axis=2)}, "repeats"),
+        ({"ids": GOOD[0]}, "3-D"),
+        ({"ids": np.zeros((0, 2, 2), np.int32)}, "empty"),
+        ({"ids": [[[0, 1], [2, 3]], [[1, 2], [3]]]}, "ragged"),
+        ({"ids": GOOD, "scores": np.zeros((2, 2, 3), np.float32)}, "scores has shape"),
+        ({"ids": GOOD, "scores": np.zeros((2, 2, 2), np.int32)}, "float dtype"),
+        ({"ids": GOOD, "scores": np.tile(np.float32([0.2, 0.7]), (2, 2, 1))}, "descending"),
+        ({"ids": GOOD, "offsets": [0, 3]}, "offsets"),
+        ({"ids": GOOD, "offsets": [0, 0, 2]}, "offsets"),
+        ({"ids": GOOD, "n_expert": 1}, "k = 2"),
+        ({"ids": GOOD, "n_expert": 0}, "positive"),
+        ({"ids": GOOD, "layers": [3, 1]}, "increasing"),
+        ({"ids": GOOD, "lookahead_ids": GOOD[:, :1]}, "lookahead_ids has shape"),
+    ],
+)
 def test_bad_traces_raise(kwargs, match):
     kwargs = {"n_expert": 4, **kwargs}
     with pytest.raises(TraceError, match=match):

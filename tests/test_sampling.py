@@ -1,4 +1,5 @@
 """Sampler chain (penalty -> top-k -> top-p -> min-p -> temperature -> draw) and stop strings."""
+
 from __future__ import annotations
 
 import random
@@ -7,8 +8,7 @@ import numpy as np
 import pytest
 
 from moelite.errors import UsageError
-from moelite.runtime.sampling import (DEFAULT_MAX_TOKENS, Sampler, SamplerConfig, StopChecker,
-                                      generation_options)
+from moelite.runtime.sampling import DEFAULT_MAX_TOKENS, Sampler, SamplerConfig, StopChecker, generation_options
 
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])
 LOGITS = np.log(PROBS).astype(np.float32)  # [4]
@@ -32,10 +32,10 @@ def test_greedy_is_argmax_with_lowest_id_on_ties() -> None:
 
 def test_repetition_penalty_divides_positive_and_multiplies_negative() -> None:
     greedy = Sampler(SamplerConfig(repetition_penalty=1.1))
-    assert greedy.sample(np.array([2.0, 1.9], np.float32), [0]) == 1      # 2 / 1.1 = 1.82 < 1.9
-    assert greedy.sample(np.array([2.0, 1.7], np.float32), [0, 0]) == 0   # 1.82 > 1.7; repeats count once
-    assert greedy.sample(np.array([-1.0, -1.05], np.float32), [0]) == 1   # -1 * 1.1 = -1.1 < -1.05
-    assert greedy.sample(np.array([-1.0, -1.05], np.float32), [1]) == 0   # -1.155 pushed further down
+    assert greedy.sample(np.array([2.0, 1.9], np.float32), [0]) == 1  # 2 / 1.1 = 1.82 < 1.9
+    assert greedy.sample(np.array([2.0, 1.7], np.float32), [0, 0]) == 0  # 1.82 > 1.7; repeats count once
+    assert greedy.sample(np.array([-1.0, -1.05], np.float32), [0]) == 1  # -1 * 1.1 = -1.1 < -1.05
+    assert greedy.sample(np.array([-1.0, -1.05], np.float32), [1]) == 0  # -1.155 pushed further down
     # with sampling too: a heavy penalty on the best token moves the mass away from it
     ids = _draw(SamplerConfig(temperature=1.0, repetition_penalty=50.0, seed=11), n=2000, history=[0])
     assert _freq(ids)[0] < 0.01
@@ -103,7 +103,7 @@ def test_top_p_nucleus_on_a_large_vocab(scale) -> None:
     p = np.exp(logits.astype(np.float64) - logits.max())
     p /= p.sum()
     order = np.argsort(-p, kind="stable")
-    nucleus = set(order[:int(np.searchsorted(np.cumsum(p[order]), 0.8)) + 1].tolist())
+    nucleus = set(order[: int(np.searchsorted(np.cumsum(p[order]), 0.8)) + 1].tolist())
     ids = _draw(SamplerConfig(temperature=1.0, top_p=0.8, seed=12), logits=logits, n=300)
     assert set(ids.tolist()) <= nucleus
     if scale > 1:
@@ -112,11 +112,25 @@ def test_top_p_nucleus_on_a_large_vocab(scale) -> None:
         assert len(nucleus) > 1024
 
 
-@pytest.mark.parametrize("kw", [
-    {"temperature": -0.1}, {"temperature": float("nan")}, {"temperature": "1"}, {"top_k": -1}, {"top_k": 2.5},
-    {"top_p": 0.0}, {"top_p": 1.5}, {"min_p": -0.1}, {"min_p": 2.0}, {"repetition_penalty": 0.0},
-    {"repetition_penalty": float("inf")}, {"seed": -2}, {"seed": 1.5}, {"top_k": True},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"temperature": -0.1},
+        {"temperature": float("nan")},
+        {"temperature": "1"},
+        {"top_k": -1},
+        {"top_k": 2.5},
+        {"top_p": 0.0},
+        {"top_p": 1.5},
+        {"min_p": -0.1},
+        {"min_p": 2.0},
+        {"repetition_penalty": 0.0},
+        {"repetition_penalty": float("inf")},
+        {"seed": -2},
+        {"seed": 1.5},
+        {"top_k": True},
+    ],
+)
 def test_config_validation(kw) -> None:
     name = next(iter(kw))
     with pytest.raises(UsageError, match=name):
@@ -136,6 +150,7 @@ def test_logits_validation() -> None:
 
 
 # --- stop strings ------------------------------------------------------------------------------------------
+
 
 def test_stop_string_split_across_pieces() -> None:
     sc = StopChecker(["</stop>"])
@@ -171,7 +186,7 @@ def test_stop_checker_equals_one_shot_search_for_random_splits() -> None:
         sc = StopChecker(stops)
         out = "".join(sc.push(p) for p in pieces) + sc.flush()
         hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-        assert out == (text[:min(hits)] if hits else text), (text, pieces)
+        assert out == (text[: min(hits)] if hits else text), (text, pieces)
         assert sc.stopped == bool(hits)
 
 
@@ -181,6 +196,7 @@ def test_bad_stop_strings() -> None:
 
 
 # --- generation options: one set of names and defaults -----------------------------------------------------
+
 
 def test_seed_minus_one_means_random_as_in_llama_cpp() -> None:
     assert SamplerConfig(seed=-1).seed is None
@@ -194,15 +210,18 @@ def test_generation_options_take_the_command_lines_names() -> None:
     assert d.sampler == SamplerConfig() and d.max_tokens == DEFAULT_MAX_TOKENS and d.stop_ids is None
 
 
-@pytest.mark.parametrize("kw,needle", [
-    ({"temprature": 1.0}, "unknown option 'temprature'; valid options: max_tokens, temperature"),
-    ({"temp": 1.0, "temperature": 0.5}, "given twice"),
-    ({"max_tokens": -1}, "max_tokens=-1"),
-    ({"max_tokens": 2.5}, "max_tokens=2.5"),
-    ({"stop": 5}, "stop strings must be"),
-    ({"ignore_eos": True, "stop_ids": [1]}, "contradict"),
-    ({"stop_ids": 5}, "stop_ids=5: expected a list"),
-])
+@pytest.mark.parametrize(
+    "kw,needle",
+    [
+        ({"temprature": 1.0}, "unknown option 'temprature'; valid options: max_tokens, temperature"),
+        ({"temp": 1.0, "temperature": 0.5}, "given twice"),
+        ({"max_tokens": -1}, "max_tokens=-1"),
+        ({"max_tokens": 2.5}, "max_tokens=2.5"),
+        ({"stop": 5}, "stop strings must be"),
+        ({"ignore_eos": True, "stop_ids": [1]}, "contradict"),
+        ({"stop_ids": 5}, "stop_ids=5: expected a list"),
+    ],
+)
 def test_generation_options_errors_name_the_option(kw, needle) -> None:
     with pytest.raises(UsageError, match=needle):
         generation_options(kw)

@@ -1,14 +1,15 @@
 """`moelite serve` as a real process on 127.0.0.1, driven by the official openai client and by raw HTTP: OpenAI
 answers, one generation at a time, JSON errors for every status (hostile requests included), a client that leaves
 cancels its generation, --timeout, --api-key with an open /health, --cors, the request log, a busy port."""
+
 from __future__ import annotations
 
 import contextlib
 import http.client
 import json
-import socket
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,26 +27,36 @@ START_TIMEOUT = 60
 
 def _env(tmp: Path) -> dict:
     import moelite
+
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp / "cache"), PYTHONUNBUFFERED="1")
     env["PYTHONPATH"] = os.pathsep.join([str(Path(moelite.__file__).parent.parent), env.get("PYTHONPATH", "")])
     return env
 
 
 @contextlib.contextmanager
-def running_server(tmp: Path, *extra: str):
-    """`moelite serve FIXTURE --port 0 ...` -> (base url 'http://127.0.0.1:PORT/v1', process, stderr log file)."""
-    from fixture_models import fixture_gguf
-    _, gguf = fixture_gguf("qwen3_moe")
+def running_server(tmp: Path, *extra: str, model: str | os.PathLike | None = None):
+    """`moelite serve MODEL --port 0 ...` -> (base url 'http://127.0.0.1:PORT/v1', process, stderr log file); the
+    qwen3_moe fixture unless `model` names a GGUF."""
+    if model is None:
+        from fixture_models import fixture_gguf
+
+        _, model = fixture_gguf("qwen3_moe")
+    gguf = model
     log = open(tmp / "stderr.log", "w+")
-    proc = subprocess.Popen([sys.executable, "-m", "moelite", "serve", str(gguf), "--port", "0", "--threads", "1",
-                             *extra], stdout=subprocess.PIPE, stderr=log, text=True, env=_env(tmp))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelite", "serve", str(gguf), "--port", "0", "--threads", "1", *extra],
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=_env(tmp),
+    )
     line: list[str] = []
     reader = threading.Thread(target=lambda: line.append(proc.stdout.readline()), daemon=True)
     reader.start()
     reader.join(START_TIMEOUT)
     try:
         assert line and "http://127.0.0.1:" in line[0], f"server did not start: {line} {_tail(log)}"
-        base = line[0].split("http://", 1)[1].split()[0]           # 127.0.0.1:PORT/v1
+        base = line[0].split("http://", 1)[1].split()[0]  # 127.0.0.1:PORT/v1
         yield f"http://{base}", proc, log
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -59,8 +70,9 @@ def running_server(tmp: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    with running_server(tmp_path_factory.mktemp("serve"), "--max-tokens", str(MAX_TOKENS),
-                        "--max-request-bytes", "65536", "--verbose") as s:
+    with running_server(
+        tmp_path_factory.mktemp("serve"), "--max-tokens", str(MAX_TOKENS), "--max-request-bytes", "65536", "--verbose"
+    ) as s:
         yield s
 
 
@@ -76,8 +88,13 @@ def client(server):
 
 
 def _chat(client, text: str, **kw):
-    return client.chat.completions.create(model="moelite", messages=[{"role": "user", "content": text}],
-                                          temperature=0, max_tokens=kw.pop("max_tokens", 16), **kw)
+    return client.chat.completions.create(
+        model="moelite",
+        messages=[{"role": "user", "content": text}],
+        temperature=0,
+        max_tokens=kw.pop("max_tokens", 16),
+        **kw,
+    )
 
 
 def test_models_and_health(server, client):
@@ -94,8 +111,7 @@ def test_chat_non_streaming_and_streaming(client):
     assert r.choices[0].finish_reason in ("stop", "length")
     assert r.usage.prompt_tokens > 0 and r.usage.completion_tokens <= 24
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    chunks = list(_chat(client, "Once upon a time", max_tokens=24, stream=True,
-                        stream_options={"include_usage": True}))
+    chunks = list(_chat(client, "Once upon a time", max_tokens=24, stream=True, stream_options={"include_usage": True}))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == msg.content
     finals = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -114,10 +130,12 @@ def test_stop_strings(client):
     ref = client.completions.create(model="m", prompt="The cat sat on", max_tokens=30, temperature=0).choices[0].text
     assert len(ref) > 8, ref
     stop = ref[4:6]
-    want = ref[:ref.find(stop)]
+    want = ref[: ref.find(stop)]
     r = client.completions.create(model="m", prompt="The cat sat on", max_tokens=30, temperature=0, stop=[stop])
     assert r.choices[0].text == want and r.choices[0].finish_reason == "stop"
-    s = client.completions.create(model="m", prompt="The cat sat on", max_tokens=30, temperature=0, stop=stop, stream=True)
+    s = client.completions.create(
+        model="m", prompt="The cat sat on", max_tokens=30, temperature=0, stop=stop, stream=True
+    )
     assert "".join(c.choices[0].text for c in s) == want
 
 
@@ -126,7 +144,7 @@ def test_concurrent_requests_match_sequential(client):
     alone = [_chat(client, p).choices[0].message.content for p in prompts]
     with ThreadPoolExecutor(20) as pool:
         together = list(pool.map(lambda p: _chat(client, p).choices[0].message.content, prompts))
-    assert sum(1 for a in alone if a) >= 10     # real answers, not empty ones
+    assert sum(1 for a in alone if a) >= 10  # real answers, not empty ones
     assert together == alone
 
 
@@ -161,23 +179,26 @@ def test_bad_requests_get_json_errors_and_server_keeps_serving(server, client):
     assert _chat(client, "still there?").choices[0].finish_reason in ("stop", "length")
 
 
-def test_readme_client_example(server, capsys):
-    """The openai example of README.md's "Command line and server" section, run against this server."""
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    section = readme.split("## Command line and server", 1)[1].split("\n## ", 1)[0]
+def test_usage_doc_client_example(server, capsys):
+    """The openai example of docs/USAGE.md's "The server" section, run against this server."""
+    usage = (Path(__file__).resolve().parent.parent / "docs" / "USAGE.md").read_text()
+    section = usage.split("## The server", 1)[1].split("\n## ", 1)[0]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert "http://127.0.0.1:8080/v1" in code
-    exec(compile(code.replace("http://127.0.0.1:8080/v1", server[0]), "README.md", "exec"), {})
+    exec(compile(code.replace("http://127.0.0.1:8080/v1", server[0]), "docs/USAGE.md", "exec"), {})
     assert "CompletionUsage" in capsys.readouterr().out
 
 
 def test_client_leaving_mid_stream_frees_the_model(server, client):
     import socket
+
     host, port = server[0].split("//")[1].split("/")[0].split(":")
     body = json.dumps({"model": "m", "prompt": "The cat sat on", "max_tokens": MAX_TOKENS, "stream": True}).encode()
     with socket.create_connection((host, int(port)), timeout=30) as s:
-        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         assert s.recv(64).startswith(b"HTTP/1.1 200")
     assert _chat(client, "after the hang-up").choices[0].finish_reason in ("stop", "length")
 
@@ -204,8 +225,12 @@ def test_oversized_body_gets_its_413_and_the_connection_stays_usable(server):
     conn = http.client.HTTPConnection(*_host_port(server[0]), timeout=30)
     try:
         for _ in range(2):
-            conn.request("POST", "/v1/completions", body=b'{"prompt": "' + b"x" * (4 << 20) + b'"}',
-                         headers={"Content-Type": "application/json"})
+            conn.request(
+                "POST",
+                "/v1/completions",
+                body=b'{"prompt": "' + b"x" * (4 << 20) + b'"}',
+                headers={"Content-Type": "application/json"},
+            )
             r = conn.getresponse()
             assert r.status == 413 and json.loads(r.read())["error"]["code"] == "request_too_large"
         conn.request("GET", "/v1/models")
@@ -259,18 +284,21 @@ HOSTILE_BODIES = [
     (json.dumps({**CHAT, "stream_options": "yes"}).encode(), "stream_options"),
     (json.dumps({**CHAT, "temperature": "0.5"}).encode(), "temperature"),
     (json.dumps({**CHAT, "temperature": -1}).encode(), "temperature"),
-    (json.dumps({**CHAT, "repetition_penalty": 10 ** 400}).encode(), "repetition_penalty"),
+    (json.dumps({**CHAT, "repetition_penalty": 10**400}).encode(), "repetition_penalty"),
     (json.dumps({**CHAT, "top_k": 2.5}).encode(), "top_k"),
     (json.dumps({**CHAT, "seed": 1 << 70}).encode(), "seed"),
     (json.dumps({**CHAT, "max_tokens": True}).encode(), "max_tokens"),
     (json.dumps({**CHAT, "stop": ["ok", ""]}).encode(), "stop"),
     (json.dumps({**CHAT, "stop": ["s"] * 17}).encode(), "stop"),
     (json.dumps({"messages": [{"role": "wizard", "content": "hi"}]}).encode(), "messages.0.role"),
-    (json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
-     "messages.0.content"),
+    (
+        json.dumps({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}).encode(),
+        "messages.0.content",
+    ),
     (json.dumps({"messages": "hi"}).encode(), "messages"),
-    (json.dumps({**CHAT, "tools": [{"type": "function"}], "logprobs": True}).encode(), "tools, logprobs"),
-    (json.dumps({**CHAT, "response_format": {"type": "json_object"}}).encode(), "response_format"),
+    (json.dumps({**CHAT, "best_of": 2, "n": 2}).encode(), "n, best_of"),
+    (json.dumps({**CHAT, "response_format": {"type": "yaml"}}).encode(), "response_format.type"),
+    (json.dumps({**CHAT, "tools": [{"type": "function"}]}).encode(), "tools[0].function"),
     (json.dumps({**CHAT, "n": 2}).encode(), "unsupported parameter: n"),
 ]
 
@@ -283,9 +311,21 @@ def test_hostile_bodies_get_a_400_naming_the_problem(server, body, needle):
 
 
 def test_explicit_defaults_of_unsupported_parameters_are_fine(server):
-    body = {**CHAT, "n": 1, "logprobs": False, "response_format": {"type": "text"}, "tools": [],
-            "presence_penalty": 0, "repeat_penalty": 1.1, "ignore_eos": True, "seed": -1, "temperature": None,
-            "stream": None, "stop": None, "user": "u1"}
+    body = {
+        **CHAT,
+        "n": 1,
+        "logprobs": False,
+        "response_format": {"type": "text"},
+        "tools": [],
+        "presence_penalty": 0,
+        "repeat_penalty": 1.1,
+        "ignore_eos": True,
+        "seed": -1,
+        "temperature": None,
+        "stream": None,
+        "stop": None,
+        "user": "u1",
+    }
     status, r = _post_json(server[0], "/v1/chat/completions", json.dumps(body).encode())
     assert status == 200 and r["usage"]["completion_tokens"] == 4, r
 
@@ -307,8 +347,15 @@ def test_models_by_id(server, client):
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory):
     """A server with an API key, CORS for one origin and room for long generations."""
-    with running_server(tmp_path_factory.mktemp("guarded"), "--api-key", "sesame", "--cors", "http://app.example",
-                        "--max-tokens", "100000") as s:
+    with running_server(
+        tmp_path_factory.mktemp("guarded"),
+        "--api-key",
+        "sesame",
+        "--cors",
+        "http://app.example",
+        "--max-tokens",
+        "100000",
+    ) as s:
         yield s
 
 
@@ -336,23 +383,39 @@ def test_api_key_guards_the_api_but_not_health(guarded):
 
 def test_cors_preflight_and_headers(guarded):
     base = guarded[0]
-    status, headers, _ = _get(base, "/v1/chat/completions", "OPTIONS", {
-        "Origin": "http://app.example", "Access-Control-Request-Method": "POST",
-        "Access-Control-Request-Headers": "authorization, content-type"})
+    status, headers, _ = _get(
+        base,
+        "/v1/chat/completions",
+        "OPTIONS",
+        {
+            "Origin": "http://app.example",
+            "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization, content-type",
+        },
+    )
     low = {k.lower(): v for k, v in headers.items()}
     assert status == 200 and low["access-control-allow-origin"] == "http://app.example"
     assert "POST" in low["access-control-allow-methods"]
     status, headers, _ = _get(base, "/health", headers={"Origin": "http://app.example"})
-    assert status == 200 and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == "http://app.example"
-    status, headers, _ = _get(base, "/v1/chat/completions", "OPTIONS", {
-        "Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+    assert (
+        status == 200
+        and {k.lower(): v for k, v in headers.items()}["access-control-allow-origin"] == "http://app.example"
+    )
+    status, headers, _ = _get(
+        base,
+        "/v1/chat/completions",
+        "OPTIONS",
+        {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"},
+    )
     assert status == 400 and "access-control-allow-origin" not in {k.lower() for k in headers}
 
 
 def _long_request(stream: bool) -> bytes:
     body = json.dumps({"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True, "stream": stream}).encode()
-    return (b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
-            b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+    return (
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer sesame\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+    )
 
 
 def _log_lines(log, needle: str, n: int) -> list[str]:
@@ -384,8 +447,11 @@ def test_a_client_that_leaves_cancels_its_generation(guarded, stream):
 
 def test_timeout_caps_the_time_a_request_holds_the_model(tmp_path):
     with running_server(tmp_path, "--timeout", "0.01", "--max-tokens", "100000") as (base, _, log):
-        status, err = _post_json(base, "/v1/completions", json.dumps(
-            {"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}).encode())
+        status, err = _post_json(
+            base,
+            "/v1/completions",
+            json.dumps({"prompt": "Once upon a time", "max_tokens": 3000, "ignore_eos": True}).encode(),
+        )
         assert status == 504 and err["error"]["code"] == "timeout" and "--timeout" in err["error"]["message"]
         status, r = _post_json(base, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 0}).encode())
         assert status == 200 and r["usage"]["completion_tokens"] == 0
@@ -396,15 +462,22 @@ def test_busy_port_is_named(tmp_path):
         s.bind(("127.0.0.1", 0))
         s.listen(1)
         port = s.getsockname()[1]
-        r = subprocess.run([sys.executable, "-m", "moelite", "serve", "--port", str(port)], capture_output=True,
-                           text=True, timeout=120, env=_env(tmp_path))
+        r = subprocess.run(
+            [sys.executable, "-m", "moelite", "serve", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=_env(tmp_path),
+        )
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert f"port {port} on 127.0.0.1 is already in use" in r.stderr and "--port" in r.stderr
 
 
 def test_missing_serve_extra_is_one_clear_line(tmp_path):
-    code = ("import sys; sys.modules['uvicorn'] = None; from moelite.apps.cli import main; "
-            "sys.exit(main(['serve', '--port', '0']))")
+    code = (
+        "import sys; sys.modules['uvicorn'] = None; from moelite.apps.cli import main; "
+        "sys.exit(main(['serve', '--port', '0']))"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=_env(tmp_path))
     assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
     assert "pip install 'moelite[serve]'" in r.stderr and "uvicorn" in r.stderr
@@ -424,6 +497,6 @@ def test_a_full_queue_gets_503_and_places_come_back(tmp_path):
         assert status == 503 and err["error"]["code"] == "busy"
         for s in held:
             s.close()
-        _log_lines(log, "POST /v1/completions 200", 2)             # both streams ended (cancelled)
+        _log_lines(log, "POST /v1/completions 200", 2)  # both streams ended (cancelled)
         status, r = _post_json(base, "/v1/completions", json.dumps({"prompt": "x", "max_tokens": 1}).encode())
         assert status == 200 and r["usage"]["completion_tokens"] <= 1

@@ -1,26 +1,25 @@
 """Cache simulator against a literal reference (every victim = min over unpinned entries of the policy's key
 with explicit timestamps, Belady by scanning the future), plus registry, capacities and hand examples."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_routing_metrics import traces
 
-from moelite.cache_policies.registry import (POLICY_IDS, layer_capacities, make_policy, policy_id,
-                                             policy_name)
+from moelite.cache_policies.registry import POLICY_IDS, layer_capacities, make_policy, policy_id, policy_name
 from moelite.cache_policies.simulator import SIM_POLICIES, simulate
 from moelite.cache_policies.trace import Trace
 from moelite.errors import UsageError
-
-from test_routing_metrics import traces
 
 SETTINGS = settings(max_examples=100, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # reference simulator: the module docstring of simulator.py, statement by statement -----------------------
 def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, pred=None):
-    n_layers, n_expert = trace.n_layers, trace.n_expert
+    n_layers = trace.n_layers
     out = {name: np.zeros(n_layers, np.int64) for name in ("hits", "misses", "loads", "useful", "wasted")}
     for s in range(trace.n_sequences):
         rows = trace.ids[trace.seq_slice(s)].tolist()  # rows[t][l] = ids
@@ -34,8 +33,11 @@ def reference(trace: Trace, policy: str, caps: list[int], pooled: bool, m: int, 
             return 0 if pooled else key[0]
 
         def uses(key, lo, hi):  # steps i in (lo, hi) whose row uses key
-            return [i for i in range(lo + 1, min(hi, len(steps))) if key[1] in rows[steps[i][0]][key[0]]
-                    and steps[i][1] == key[0]]
+            return [
+                i
+                for i in range(lo + 1, min(hi, len(steps)))
+                if key[1] in rows[steps[i][0]][key[0]] and steps[i][1] == key[0]
+            ]
 
         def recent_uses(key, g):  # how many of the last m tokens that completed the key's layer used it
             t, l = steps[g]
@@ -108,6 +110,7 @@ def check_against_reference(trace, policy, total, pooled, m, prefetch=False, pre
     pred = None
     if prefetch:
         from moelite.cache_policies.simulator import _predictions
+
         pred = _predictions(trace, precision, 0).tolist()  # [N][L][k]
     want = reference(trace, policy, got.caps, pooled, m, pred)
     np.testing.assert_array_equal(got.hits, want["hits"])
@@ -119,16 +122,27 @@ def check_against_reference(trace, policy, total, pooled, m, prefetch=False, pre
 
 
 @SETTINGS
-@given(trace=traces(max_tokens=10), policy=st.sampled_from(SIM_POLICIES), extra=st.integers(0, 6),
-       pooled=st.booleans(), m=st.integers(1, 4))
+@given(
+    trace=traces(max_tokens=10),
+    policy=st.sampled_from(SIM_POLICIES),
+    extra=st.integers(0, 6),
+    pooled=st.booleans(),
+    m=st.integers(1, 4),
+)
 def test_policies_match_reference(trace, policy, extra, pooled, m):
     total = trace.n_layers * trace.k + extra
     check_against_reference(trace, policy, total, pooled, m)
 
 
 @SETTINGS
-@given(trace=traces(max_tokens=10), policy=st.sampled_from(SIM_POLICIES), extra=st.integers(0, 6),
-       pooled=st.booleans(), m=st.integers(1, 4), precision=st.sampled_from([0.0, 0.5, 1.0]))
+@given(
+    trace=traces(max_tokens=10),
+    policy=st.sampled_from(SIM_POLICIES),
+    extra=st.integers(0, 6),
+    pooled=st.booleans(),
+    m=st.integers(1, 4),
+    precision=st.sampled_from([0.0, 0.5, 1.0]),
+)
 def test_prefetch_matches_reference(trace, policy, extra, pooled, m, precision):
     total = trace.n_layers * trace.k + extra
     got = check_against_reference(trace, policy, total, pooled, m, prefetch=True, precision=precision)
@@ -237,8 +251,16 @@ def test_registry_knobs():
     cfg = make_policy("consistency", m=4, shares=[0.25, 0.75], n_layers=2)
     assert (cfg.id, cfg.m, cfg.shares) == (3, 4, (0.25, 0.75))
     assert make_policy("lru").knobs() == {"shares": None}
-    for bad in ({"m": 0}, {"m": 2.0}, {"m": True}, {"shares": [0.5, 0.6]}, {"shares": [-0.5, 1.5]},
-                {"shares": []}, {"shares": "ab"}, {"window": 3}):
+    for bad in (
+        {"m": 0},
+        {"m": 2.0},
+        {"m": True},
+        {"shares": [0.5, 0.6]},
+        {"shares": [-0.5, 1.5]},
+        {"shares": []},
+        {"shares": "ab"},
+        {"window": 3},
+    ):
         with pytest.raises(UsageError):
             make_policy("consistency", **bad)
     with pytest.raises(UsageError, match="no knob 'm'"):
@@ -268,6 +290,7 @@ def two_speed_trace(n_tok=120, seed=0):
 
 def test_calibration_keys_are_gguf_storable():
     from moelite.cache_policies.calibration import calibrate
+
     trace = two_speed_trace()
     cal = calibrate(trace, 8, ms=(4, 16))
     assert all(key.startswith("moelite.calibration.") for key in cal)
@@ -283,18 +306,27 @@ def test_calibration_keys_are_gguf_storable():
     assert cal[p + "hit_rate"] >= cal[p + "hit_rate_lru_uniform"]
     assert cal[p + "hit_rate_belady"] >= cal[p + "hit_rate"]
     assert len(cal[p + "expert_freq"]) == 2 * 8
-    with pytest.raises(UsageError, match="need >= 4"):
+    with pytest.raises(UsageError, match=r"budget=3: expected an integer in \[4, 16\]"):
         calibrate(trace, 3)
+    with pytest.raises(UsageError, match="budget=17"):  # more slots than experts: the share spread looped on
+        calibrate(trace, 17)
 
 
 def test_report_files(tmp_path):
     import io
     import json
+
     from rich.console import Console
+
     from moelite.cache_policies.report import build_report, print_summary, write_report
+
     rep = build_report(two_speed_trace(), ms=(4, 16), rhos=(1, 2), policies=("lru", "belady"), precision=0.5)
     assert {(r["policy"], r["prefetch"]) for r in rep["hit_rate"]} == {
-        ("lru", False), ("belady", False), ("lru", True), ("belady", True)}
+        ("lru", False),
+        ("belady", False),
+        ("lru", True),
+        ("belady", True),
+    }
     paths = write_report(rep, tmp_path / "out")
     assert json.loads(open(paths[0]).read())["model"] == "two-speed"
     for png in paths[1:]:
@@ -302,14 +334,18 @@ def test_report_files(tmp_path):
     buf = io.StringIO()
     print_summary(rep, Console(file=buf, width=120))
     out = buf.getvalue()
-    assert "belady (oracle)" in out and "SRP" in out and "a ceiling" in out               # oracles marked
-    assert "SRP(m):" in out and "SCH(m, rho):" in out                                       # a line each
+    assert "belady (oracle)" in out and "SRP" in out and "a ceiling" in out  # oracles marked
+    assert "SRP(m):" in out and "SCH(m, rho):" in out  # a line each
 
 
 def test_identical_curves_are_merged_not_repeated():
     """consistency without prefetch is LRU exactly (the simulator's property test): one row, both names."""
     from moelite.cache_policies.report import _by_curve
-    rows = [dict(policy=p, prefetch=False, total_slots=n, hit_rate=h) for p in ("lru", "consistency")
-            for n, h in ((4, 0.5), (8, 0.7))] + [dict(policy="lfu", prefetch=False, total_slots=4, hit_rate=0.4)]
+
+    rows = [
+        dict(policy=p, prefetch=False, total_slots=n, hit_rate=h)
+        for p in ("lru", "consistency")
+        for n, h in ((4, 0.5), (8, 0.7))
+    ] + [dict(policy="lfu", prefetch=False, total_slots=4, hit_rate=0.4)]
     curves = _by_curve({"hit_rate": rows})
     assert list(curves) == ["lru = consistency", "lfu"]

@@ -1,6 +1,7 @@
 """Cache-aware routing (issue 17, swap_threshold): off by default and then exact; on, a routed expert that is not
 resident is replaced by a resident one of close router probability, which turns misses into hits, changes the
 output (lossy, by the user's choice) and is counted."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -15,6 +16,7 @@ IDS = [3, 17, 5, 9, 30, 2, 11, 7, 21, 4, 8, 13]
 @pytest.fixture(scope="module")
 def gguf():
     from fixture_models import fixture_gguf
+
     return fixture_gguf("qwen3_moe")[1]
 
 
@@ -38,7 +40,7 @@ def test_off_by_default_and_exact(gguf):
     resident, st = _decode(gguf)
     assert st["substitutions"] == 0
     off, st = _decode(gguf, memory_budget=budget)
-    np.testing.assert_array_equal(off, resident)          # offloaded, exact
+    np.testing.assert_array_equal(off, resident)  # offloaded, exact
     assert st["substitutions"] == 0 and st["misses"] > 0
     # everything resident: nothing to swap, whatever the threshold
     swapped_resident, st = _decode(gguf, swap_threshold=0.9)
@@ -67,7 +69,28 @@ def test_bad_thresholds_are_usage_errors(gguf, bad):
 
 def test_cli_status_line_says_how_many_were_swapped(gguf, capsys):
     from moelite.apps.cli import main
-    rc = main(["run", str(gguf), "-p", "hello there", "-n", "8", "--temp", "0", "-t", "1", "--stats", "--ignore-eos",
-               "-c", "32", "--memory-budget", str(_smallest_budget(gguf)), "--swap-threshold", "0.9"])
+
+    rc = main(
+        [
+            "run",
+            str(gguf),
+            "-p",
+            "hello there",
+            "-n",
+            "8",
+            "--temp",
+            "0",
+            "-t",
+            "1",
+            "--stats",
+            "--ignore-eos",
+            "-c",
+            "32",
+            "--memory-budget",
+            str(_smallest_budget(gguf)),
+            "--swap-threshold",
+            "0.9",
+        ]
+    )
     assert rc == 0
     assert "swapped since load (--swap-threshold 0.9)" in capsys.readouterr().err

@@ -6,17 +6,18 @@ the tiering code runs: arena misses copied from RAM slots (ggml_backend_tensor_s
 copy on a GPU), RAM misses read from the file, and the CPU share of a step computed from RAM slots with its
 hidden states and outputs copied across like on a GPU. Results must not change, bit for bit.
 The GPU itself is not exercised here (tests/test_cuda.py, skipped without a device)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from fixture_models import fixture_gguf
 
 import moelite
 from moelite import _core
 from moelite.runtime.planner import plan_host_tier, plan_memory
-from fixture_models import fixture_gguf
 
-FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "nemotron_h")   # plain; shared experts + a dense lead layer; expert
+FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "nemotron_h")  # plain; shared experts + a dense lead layer; expert
 # biases; gateless (ReLU²) latent experts, two matrices per slot
 
 
@@ -41,19 +42,18 @@ def test_tiers_are_bit_exact(resident, family, mode):
     _, path = fixture_gguf(family)
     logits, greedy, _, _ = resident[family]
     k = resident[family][3]["n_expert_used"]
-    lo, gr, st, info = _run(path, list(range(5, 37)), memory_budget=_minimum(path), host_slots=k + 1,
-                            cpu_compute=mode)
+    lo, gr, st, info = _run(path, list(range(5, 37)), memory_budget=_minimum(path), host_slots=k + 1, cpu_compute=mode)
     assert info["offloaded"] and info["ram_tier_slots"] == [k + 1 if q else 0 for q in info["expert_slots"]]
     assert np.array_equal(lo, logits)
     assert gr == greedy
     ram = st["ram_tier"]
-    assert ram["misses"] > 0 and ram["bytes_read"] > 0             # the RAM tier really read the file
+    assert ram["misses"] > 0 and ram["bytes_read"] > 0  # the RAM tier really read the file
     if mode == "never":
         assert ram["cpu_experts"] == 0
-        assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0    # arena filled from RAM slots
+        assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0  # arena filled from RAM slots
     if mode == "always":
         assert ram["cpu_experts"] > 0
-        assert st["total"]["misses"] == 0                           # every arena miss ran on the CPU instead
+        assert st["total"]["misses"] == 0  # every arena miss ran on the CPU instead
 
 
 def test_ram_tier_holding_everything_reads_each_expert_once():
@@ -62,16 +62,17 @@ def test_ram_tier_holding_everything_reads_each_expert_once():
     with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as r:
         E = r.info()["n_expert"]
         want = r.logits(ids)
-    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=_minimum(path), host_slots=E,
-                      cpu_compute="never") as m:
+    with moelite.load(
+        path, kv_type="f32", n_threads=1, n_ubatch=64, memory_budget=_minimum(path), host_slots=E, cpu_compute="never"
+    ) as m:
         for _ in range(3):
             assert np.array_equal(m.logits(ids), want)
         st, info = m.stats(), m.info()
     n_moe = sum(1 for q in info["expert_slots"] if q)
     ram = st["ram_tier"]
-    assert 0 < ram["misses"] <= E * n_moe                         # each expert from the file at most once
+    assert 0 < ram["misses"] <= E * n_moe  # each expert from the file at most once
     assert ram["bytes_read"] == ram["misses"] * (ram["bytes_read"] // ram["misses"])
-    assert st["total"]["misses"] > ram["misses"]                  # the small arena missed more: RAM served it
+    assert st["total"]["misses"] > ram["misses"]  # the small arena missed more: RAM served it
 
 
 def test_cost_model_measured_at_load():
@@ -83,9 +84,14 @@ def test_cost_model_measured_at_load():
 
 
 # --- the decision rule, on given numbers -------------------------------------------------------------------
-PCIE = dict(h2d_bytes_per_s=25e9, expert_bytes=5e6,                 # a 5 MB expert over ~25 GB/s: 200 us
-            cpu_fixed_s=250e-6, cpu_per_token_s=60e-6,              # CPU: weights streamed once, then flops
-            gpu_fixed_s=10e-6, gpu_per_token_s=1e-6)
+PCIE = dict(
+    h2d_bytes_per_s=25e9,
+    expert_bytes=5e6,  # a 5 MB expert over ~25 GB/s: 200 us
+    cpu_fixed_s=250e-6,
+    cpu_per_token_s=60e-6,  # CPU: weights streamed once, then flops
+    gpu_fixed_s=10e-6,
+    gpu_per_token_s=1e-6,
+)
 
 
 def test_decode_runs_on_the_cpu_prefill_copies():
@@ -101,7 +107,7 @@ def test_decode_runs_on_the_cpu_prefill_copies():
 
 
 def test_reuse_favours_the_copy():
-    slow = dict(PCIE, h2d_bytes_per_s=12e9)       # copy 427 us vs CPU 310 us; 90 % reuse saves 269 us
+    slow = dict(PCIE, h2d_bytes_per_s=12e9)  # copy 427 us vs CPU 310 us; 90 % reuse saves 269 us
     cold, hot = _core.tier_costs(slow, 1, 0.0), _core.tier_costs(slow, 1, 0.9)
     saved = 0.9 * ((250e-6 + 60e-6) - (10e-6 + 1e-6))
     assert hot["copy_s"] == pytest.approx(cold["copy_s"] - saved)
@@ -121,7 +127,7 @@ def _plan(budget):
 
 def test_host_tier_plan():
     p_all = _plan(None)
-    assert plan_host_tier(p_all, 1 << 30) is None                 # the arena holds everything: no tier
+    assert plan_host_tier(p_all, 1 << 30) is None  # the arena holds everything: no tier
     p = _plan(p_all.minimum_budget)
     E, K = p.n_expert, p.n_expert_used
     assert plan_host_tier(p, 1 << 40) == [E if b else 0 for b in p.expert_slot_bytes]

@@ -5,6 +5,7 @@ by the build). Format (llama.cpp tests/test-tokenizer-0.cpp): the .inp inputs ar
 "\\n__ggml_vocab_test__\\n"; line i of .out holds the ids of input i, made with add_special=false and
 parse_special=false (no BOS; control tokens written in the text are plain text).
 """
+
 from __future__ import annotations
 
 import functools
@@ -29,7 +30,7 @@ def _vocab_path(name: str) -> Path:
     return path
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tokenizer(name: str) -> Tokenizer:
     core = pytest.importorskip("moelite._core", reason="needs the built moelite._core (read_gguf)")
     path = _vocab_path(name)
@@ -42,7 +43,7 @@ def _read_cases(name: str) -> list[tuple[str, list[int]]]:
     inputs = raw.split("\n__ggml_vocab_test__\n")
     if inputs[-1] == "":
         inputs.pop()  # the file ends with the separator
-    outs = Path(f"{path}.out").read_text(encoding="utf-8").split("\n")[:len(inputs)]
+    outs = Path(f"{path}.out").read_text(encoding="utf-8").split("\n")[: len(inputs)]
     assert len(outs) == len(inputs), f"{path}: .inp and .out disagree on the number of tests"
     return [(s, [int(t) for t in o.split()]) for s, o in zip(inputs, outs)]
 
@@ -54,8 +55,11 @@ def test_parity_with_llama_cpp(name: str) -> None:
     tok = _tokenizer(name)
     cases = _read_cases(name)
     assert len(cases) >= 40
-    wrong = [(s, tok.encode(s, add_special=False, parse_special=False), ref) for s, ref in cases
-             if tok.encode(s, add_special=False, parse_special=False) != ref]
+    wrong = [
+        (s, tok.encode(s, add_special=False, parse_special=False), ref)
+        for s, ref in cases
+        if tok.encode(s, add_special=False, parse_special=False) != ref
+    ]
     assert not wrong, f"{name}: {len(wrong)}/{len(cases)} differ, first: {wrong[0]!r}"
     for s, ref in cases:  # detokenizing the reference ids gives the text back; streaming gives the same
         assert tok.decode(ref) == s
@@ -72,9 +76,15 @@ def test_pre_tokenizers_without_reference_files(name: str) -> None:
 
 def _synthetic_bpe_kv(pre: str) -> dict:
     from tokenizers.pre_tokenizers import ByteLevel
+
     alphabet = sorted(ByteLevel.alphabet())
-    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": pre, "tokenizer.ggml.tokens": alphabet,
-            "tokenizer.ggml.token_type": np.ones(len(alphabet), np.int32), "tokenizer.ggml.merges": []}
+    return {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": pre,
+        "tokenizer.ggml.tokens": alphabet,
+        "tokenizer.ggml.token_type": np.ones(len(alphabet), np.int32),
+        "tokenizer.ggml.merges": [],
+    }
 
 
 @pytest.mark.parametrize("pre", sorted(PRE_TOKENIZER_REGEXES))
@@ -137,10 +147,15 @@ def _spm_kv(pieces: list[tuple[str, float]], add_space_prefix: bool = True) -> d
         tokens.append(text)
         types.append(1)
         scores.append(score)
-    return {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": tokens,
-            "tokenizer.ggml.scores": np.array(scores, np.float32),
-            "tokenizer.ggml.token_type": np.array(types, np.int32), "tokenizer.ggml.bos_token_id": 1,
-            "tokenizer.ggml.eos_token_id": 2, "tokenizer.ggml.add_space_prefix": add_space_prefix}
+    return {
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.ggml.tokens": tokens,
+        "tokenizer.ggml.scores": np.array(scores, np.float32),
+        "tokenizer.ggml.token_type": np.array(types, np.int32),
+        "tokenizer.ggml.bos_token_id": 1,
+        "tokenizer.ggml.eos_token_id": 2,
+        "tokenizer.ggml.add_space_prefix": add_space_prefix,
+    }
 
 
 def test_spm_merges_highest_score_first_and_falls_back_to_bytes() -> None:
@@ -160,8 +175,11 @@ def test_spm_merges_highest_score_first_and_falls_back_to_bytes() -> None:
 
 def test_huggingface_json_is_used_as_is() -> None:
     gpt2 = _tokenizer("gpt-2")
-    kv = {"tokenizer.huggingface.json": gpt2._hf.to_str(), "tokenizer.ggml.eos_token_id": 50256,
-          "tokenizer.ggml.bos_token_id": 50256}
+    kv = {
+        "tokenizer.huggingface.json": gpt2._hf.to_str(),
+        "tokenizer.ggml.eos_token_id": 50256,
+        "tokenizer.ggml.bos_token_id": 50256,
+    }
     tok = Tokenizer.from_gguf_kv(kv, "hf.gguf")
     text = "Hello world, it's 2024!<|endoftext|>"
     assert tok.encode(text) == gpt2.encode(text) and tok.encode(text)[-1] == 50256

@@ -12,6 +12,7 @@ pinned llama.cpp converter, run on the same checkpoint, writes the same `tokeniz
 checkpoint with its own tokenizer converts, chats and answers as transformers does.
 Chat templates (tests/data/templates, see its README) render as transformers' apply_chat_template does.
 """
+
 from __future__ import annotations
 
 import base64
@@ -48,9 +49,21 @@ CORPUS = [
     "User: what is the capital of France?\nAssistant: The capital of France is Paris.",
 ] * 8
 TEXTS = [
-    "", " ", "  ", "\n", "\n\n\n", "Hello world", " Hello world", "Hello  world", "hello\nworld\n\n",
-    "\tindented\n    four spaces\n", "It's 2024; numbers 123456 and 3.14.", "ünïcödé café — 你好 こんにちは",
-    "emoji 🦙🚀 and rare ǅ ß", "The quick brown fox jumps over the lazy dog.", "def f(x):\n    return x * 2\n",
+    "",
+    " ",
+    "  ",
+    "\n",
+    "\n\n\n",
+    "Hello world",
+    " Hello world",
+    "Hello  world",
+    "hello\nworld\n\n",
+    "\tindented\n    four spaces\n",
+    "It's 2024; numbers 123456 and 3.14.",
+    "ünïcödé café — 你好 こんにちは",
+    "emoji 🦙🚀 and rare ǅ ß",
+    "The quick brown fox jumps over the lazy dog.",
+    "def f(x):\n    return x * 2\n",
 ]
 CHAT = [
     {"role": "system", "content": "You are terse."},
@@ -65,8 +78,13 @@ def _write_gguf(path: Path, model_dir: Path, n_vocab: int, family_pre: str, stoc
     """Convert the tokenizer of `model_dir` into a vocab-only GGUF at `path`; `stock`: without the
     tokenizer.huggingface.json copy, as llama.cpp writes it. Returns the file's metadata as read back."""
     w = gguf.GGUFWriter(str(path), "llama")
-    for key, value in (("context_length", 64), ("embedding_length", 64), ("block_count", 1),
-                       ("feed_forward_length", 64), ("attention.head_count", 4)):
+    for key, value in (
+        ("context_length", 64),
+        ("embedding_length", 64),
+        ("block_count", 1),
+        ("feed_forward_length", 64),
+        ("attention.head_count", 4),
+    ):
         w.add_uint32(f"llama.{key}", value)  # enough for llama.cpp to load the file vocab-only
     w.add_layer_norm_rms_eps(1e-5)
     add_vocab(w, model_dir, n_vocab, family_pre)
@@ -114,20 +132,42 @@ def _llama_cpp_agrees(tmp_path: Path, model_dir: Path, n_vocab: int, family_pre:
 def _transformers_render(template: str, messages: list[dict], special: dict[str, str], **kw) -> str:
     transformers = pytest.importorskip("transformers", reason="transformers is the reference renderer")
     hf = transformers.PreTrainedTokenizerFast(
-        tokenizer_object=HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), **special)
+        tokenizer_object=HFTokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")), **special
+    )
     return hf.apply_chat_template(messages, chat_template=template, tokenize=False, **kw)
 
 
 def _tokenizer_config(model_dir: Path, template: str, **fields) -> None:
-    (model_dir / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **fields}), encoding="utf-8")
+    (model_dir / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": template, **fields}),
+        encoding="utf-8",
+    )
 
 
 # --- Gemma-4 ----------------------------------------------------------------------------------------------
-GEMMA_SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "<|tool>", "<tool|>", "<|think|>", "<|turn>",
-                  "<turn|>", "<|image>", "<|audio>"]
-GEMMA_VISIBLE = ["<|tool_call>", "<tool_call|>", "<|tool_response>", "<tool_response|>", '<|"|>', "<|channel>",
-                 "<channel|>"]
+GEMMA_SPECIALS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<mask>",
+    "<|tool>",
+    "<tool|>",
+    "<|think|>",
+    "<|turn>",
+    "<turn|>",
+    "<|image>",
+    "<|audio>",
+]
+GEMMA_VISIBLE = [
+    "<|tool_call>",
+    "<tool_call|>",
+    "<|tool_response>",
+    "<tool_response|>",
+    '<|"|>',
+    "<|channel>",
+    "<channel|>",
+]
 
 
 def _gemma4_dir(d: Path) -> tuple[Path, int]:
@@ -138,21 +178,30 @@ def _gemma4_dir(d: Path) -> tuple[Path, int]:
     tok = HFTokenizer(models.BPE(byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", SPACE)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^\n]+|\n+"), behavior="isolated")  # training only
-    trainer = trainers.BpeTrainer(vocab_size=700, special_tokens=GEMMA_SPECIALS + GEMMA_VISIBLE + bytes_,
-                                  show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=700, special_tokens=GEMMA_SPECIALS + GEMMA_VISIBLE + bytes_, show_progress=False
+    )
     tok.train_from_iterator(CORPUS, trainer)
     tj = json.loads(tok.to_str())
     tj["added_tokens"] = [a for a in tj["added_tokens"] if a["content"] not in bytes_]  # bytes: model vocab
     for a in tj["added_tokens"]:
         a["special"] = a["content"] in GEMMA_SPECIALS
     tj["pre_tokenizer"] = None  # as Gemma's: merges never join a newline to anything else
-    tj["decoder"] = json.loads(decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(),
-                                                  decoders.Fuse()]).__getstate__())
+    tj["decoder"] = json.loads(
+        decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]).__getstate__()
+    )
     d.mkdir(parents=True, exist_ok=True)
     (d / "tokenizer.json").write_text(json.dumps(tj, ensure_ascii=False), encoding="utf-8")
-    _tokenizer_config(d, (TEMPLATES / "gemma4.jinja").read_text(encoding="utf-8"), bos_token="<bos>",
-                      eos_token="<eos>", unk_token="<unk>", pad_token="<pad>", mask_token="<mask>",
-                      extra_special_tokens=GEMMA_SPECIALS[5:])
+    _tokenizer_config(
+        d,
+        (TEMPLATES / "gemma4.jinja").read_text(encoding="utf-8"),
+        bos_token="<bos>",
+        eos_token="<eos>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+        mask_token="<mask>",
+        extra_special_tokens=GEMMA_SPECIALS[5:],
+    )
     return d, HFTokenizer.from_str(json.dumps(tj)).get_vocab_size()
 
 
@@ -180,8 +229,10 @@ def _llama_hf_vocab_types(d: Path) -> list[tuple[str, int]]:
     """Tokens and types as llama.cpp's converter writes them for Gemma-4: gguf-py's LlamaHfVocab (through
     transformers) plus its Gemma4Model override that makes the chat-parser tokens user-defined."""
     pytest.importorskip("transformers")
-    return [(t.decode(), int(gguf.TokenType.USER_DEFINED if t.decode() in GEMMA_VISIBLE else ty))
-            for t, _, ty in gguf.LlamaHfVocab(d).all_tokens()]
+    return [
+        (t.decode(), int(gguf.TokenType.USER_DEFINED if t.decode() in GEMMA_VISIBLE else ty))
+        for t, _, ty in gguf.LlamaHfVocab(d).all_tokens()
+    ]
 
 
 def test_gemma4_types_as_llama_cpp_writes_them(gemma4, tmp_path) -> None:
@@ -202,8 +253,12 @@ def test_gemma4_types_as_llama_cpp_writes_them(gemma4, tmp_path) -> None:
 def test_gemma4_encodes_like_hf_tokenizers(gemma4) -> None:
     d, _, files = gemma4
     hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
-    texts = TEXTS + ["<bos><|turn>user\nHi<turn|>\n<|turn>model\n", 'call<|tool_call>f{a:<|"|>x<|"|>}<tool_call|>',
-                     "<|channel>thought\n<channel|>ok<eos>", "\n\n\n\n\n  \n"]
+    texts = TEXTS + [
+        "<bos><|turn>user\nHi<turn|>\n<|turn>model\n",
+        'call<|tool_call>f{a:<|"|>x<|"|>}<tool_call|>',
+        "<|channel>thought\n<channel|>ok<eos>",
+        "\n\n\n\n\n  \n",
+    ]
     for kv, tok in files:
         for text in texts:
             want = hf.encode(text, add_special_tokens=False).ids
@@ -215,8 +270,13 @@ def test_gemma4_encodes_like_hf_tokenizers(gemma4) -> None:
 
 def test_gemma4_llama_cpp_agrees(gemma4, tmp_path) -> None:
     d, n, _ = gemma4
-    _llama_cpp_agrees(tmp_path, d, n, "gemma4", TEXTS + ["<bos><|turn>user\nHi<turn|>\n<|turn>model\n",
-                                                          'x<|tool_call>f{a:<|"|>y<|"|>}<tool_call|>'])
+    _llama_cpp_agrees(
+        tmp_path,
+        d,
+        n,
+        "gemma4",
+        TEXTS + ["<bos><|turn>user\nHi<turn|>\n<|turn>model\n", 'x<|tool_call>f{a:<|"|>y<|"|>}<tool_call|>'],
+    )
 
 
 def test_gemma4_template_matches_transformers(gemma4) -> None:
@@ -224,12 +284,25 @@ def test_gemma4_template_matches_transformers(gemma4) -> None:
     tmpl = ChatTemplate.from_gguf_kv(kv, tok, "gemma4.gguf")
     assert not tmpl.is_default and tmpl.special_tokens["bos_token"] == "<bos>"
     chat = [{"role": "system", "content": "You are terse."}, *CHAT[1:]]
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add numbers", "parameters": {
-        "type": "object", "properties": {"a": {"type": "number", "description": "first"}}, "required": ["a"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add numbers",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "number", "description": "first"}},
+                    "required": ["a"],
+                },
+            },
+        }
+    ]
     for kw in ({}, {"enable_thinking": True}, {"tools": tools}):
         ours = tmpl.render(chat, add_generation_prompt=True, **kw)
-        assert ours == _transformers_render(kv["tokenizer.chat_template"], chat, tmpl.special_tokens,
-                                            add_generation_prompt=True, **kw)
+        assert ours == _transformers_render(
+            kv["tokenizer.chat_template"], chat, tmpl.special_tokens, add_generation_prompt=True, **kw
+        )
     assert ours.startswith("<bos><|turn>system\n") and ours.endswith("<|turn>model\n<|channel>thought\n<channel|>")
     ids = tok.encode(ours)
     assert ids.count(2) == 1 and tok.decode(ids) == ours
@@ -263,11 +336,24 @@ def test_real_templates_render_as_transformers(name) -> None:
         pytest.skip(f"{path.name} not found (fetched by the build with llama.cpp)")
     kv = core.read_gguf(str(path))["kv"]
     tmpl = ChatTemplate.from_gguf_kv(kv, Tokenizer.from_gguf_kv(kv, str(path)), str(path))
-    tools = [{"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": {
-        "type": "object", "properties": {"a": {"type": "number"}, "b": {"type": "number"}}, "required": ["a"]}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "add",
+                "description": "Add two numbers",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"a": {"type": "number"}, "b": {"type": "number"}},
+                    "required": ["a"],
+                },
+            },
+        }
+    ]
     for kw in ({"enable_thinking": False}, {"tools": tools}):
-        assert tmpl.render(CHAT, **kw) == _transformers_render(tmpl.source, CHAT, tmpl.special_tokens,
-                                                               add_generation_prompt=True, **kw)
+        assert tmpl.render(CHAT, **kw) == _transformers_render(
+            tmpl.source, CHAT, tmpl.special_tokens, add_generation_prompt=True, **kw
+        )
 
 
 @pytest.mark.parametrize("model", ["gemma4", "gpt2"])
@@ -283,12 +369,36 @@ def test_bad_merges_are_tokenizer_errors(model) -> None:
 
 
 # --- GLM-4.x ------------------------------------------------------------------------------------------------
-GLM_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-             r"|\s*[\r\n]+|\s+(?!\S)|\s+")
-GLM_ADDED_SPECIAL = ["<|endoftext|>", "[MASK]", "[gMASK]", "[sMASK]", "<sop>", "<eop>", "<|system|>", "<|user|>",
-                     "<|assistant|>", "<|observation|>", "<|begin_of_image|>", "<|end_of_image|>"]
-GLM_ADDED_PLAIN = ["<think>", "</think>", "<tool_call>", "</tool_call>", "<arg_key>", "</arg_key>",
-                   "<arg_value>", "</arg_value>", "<tool_response>", "</tool_response>"]
+GLM_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+GLM_ADDED_SPECIAL = [
+    "<|endoftext|>",
+    "[MASK]",
+    "[gMASK]",
+    "[sMASK]",
+    "<sop>",
+    "<eop>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|observation|>",
+    "<|begin_of_image|>",
+    "<|end_of_image|>",
+]
+GLM_ADDED_PLAIN = [
+    "<think>",
+    "</think>",
+    "<tool_call>",
+    "</tool_call>",
+    "<arg_key>",
+    "</arg_key>",
+    "<arg_value>",
+    "</arg_value>",
+    "<tool_response>",
+    "</tool_response>",
+]
 
 
 def _glm_dir(d: Path) -> tuple[Path, int]:
@@ -296,22 +406,37 @@ def _glm_dir(d: Path) -> tuple[Path, int]:
     GLM specials ([gMASK], <sop>, role tokens) after the trained vocab, the think/tool tags plain added
     tokens; tokenizer_config.json with eos/pad <|endoftext|> and no BOS; config.json's eos list."""
     tok = HFTokenizer(models.BPE(ignore_merges=True))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(GLM_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(GLM_REGEX), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in GLM_ADDED_SPECIAL])
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in GLM_ADDED_PLAIN])
     d.mkdir(parents=True, exist_ok=True)
     tok.save(str(d / "tokenizer.json"))
     ids = {t: tok.token_to_id(t) for t in GLM_ADDED_SPECIAL}
-    _tokenizer_config(d, (TEMPLATES / "glm4_moe.jinja").read_text(encoding="utf-8"), eos_token="<|endoftext|>",
-                      pad_token="<|endoftext|>", clean_up_tokenization_spaces=False)
-    (d / "config.json").write_text(json.dumps({"eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"],
-                                                                ids["<|observation|>"]],
-                                               "pad_token_id": ids["<|endoftext|>"]}))
+    _tokenizer_config(
+        d,
+        (TEMPLATES / "glm4_moe.jinja").read_text(encoding="utf-8"),
+        eos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+        clean_up_tokenization_spaces=False,
+    )
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "eos_token_id": [ids["<|endoftext|>"], ids["<|user|>"], ids["<|observation|>"]],
+                "pad_token_id": ids["<|endoftext|>"],
+            }
+        )
+    )
     return d, tok.get_vocab_size() + 16  # config vocab_size is padded beyond the tokenizer, like GLM's
 
 
@@ -339,8 +464,10 @@ def test_glm_keys_as_llama_cpp_writes_them(glm) -> None:
 def test_glm_encodes_like_hf_tokenizers(glm) -> None:
     d, _, files = glm
     hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
-    texts = TEXTS + ["[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello",
-                     "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>"]
+    texts = TEXTS + [
+        "[gMASK]<sop><|user|>\nHi<|assistant|>\n<think></think>\nHello",
+        "<tool_call>add\n<arg_key>a</arg_key>\n<arg_value>1</arg_value>\n</tool_call>",
+    ]
     for _, tok in files:
         for text in texts:
             want = hf.encode(text, add_special_tokens=False).ids
@@ -358,13 +485,20 @@ def test_glm_template_matches_transformers(glm) -> None:
     tmpl = ChatTemplate.from_gguf_kv(kv, tok, "glm.gguf")
     assert tmpl.special_tokens["bos_token"] == "[gMASK]"
     tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object"}}}]
-    chat = CHAT + [{"role": "assistant", "content": "<think>sum</think>6", "tool_calls": [
-        {"function": {"name": "add", "arguments": {"a": 3, "b": "x"}}}]}, {"role": "tool", "content": "6"}]
+    chat = CHAT + [
+        {
+            "role": "assistant",
+            "content": "<think>sum</think>6",
+            "tool_calls": [{"function": {"name": "add", "arguments": {"a": 3, "b": "x"}}}],
+        },
+        {"role": "tool", "content": "6"},
+    ]
     for kw in ({}, {"enable_thinking": False}, {"tools": tools}):
         for gen in (True, False):
             ours = tmpl.render(chat, add_generation_prompt=gen, **kw)
-            assert ours == _transformers_render(kv["tokenizer.chat_template"], chat, tmpl.special_tokens,
-                                                add_generation_prompt=gen, **kw)
+            assert ours == _transformers_render(
+                kv["tokenizer.chat_template"], chat, tmpl.special_tokens, add_generation_prompt=gen, **kw
+            )
     ours = tmpl.render(CHAT[:2])
     assert ours.startswith("[gMASK]<sop><|system|>\nYou are terse.<|user|>\n") and ours.endswith("<|assistant|>")
     ids = tok.encode(ours)
@@ -374,13 +508,19 @@ def test_glm_template_matches_transformers(glm) -> None:
 # The `tokenizer_pre` each family must declare for add_vocab to write its vocab as llama.cpp does (GLM-4.7-Flash
 # is model_type glm4_moe_lite, converted as deepseek2, with GLM's tokenizer: llama.cpp's Glm4MoeLiteModel;
 # Gemma-4's multimodal checkpoints are converted through their text_config, model_type gemma4_text).
-FAMILY_TOKENIZER_PRE = {"gemma4_text": "gemma4", "glm4_moe": "glm4", "glm4_moe_lite": "glm4",
-                        "ernie4_5_moe": "llama-spm", "hunyuan_v1_moe": "hunyuan"}
+FAMILY_TOKENIZER_PRE = {
+    "gemma4_text": "gemma4",
+    "glm4_moe": "glm4",
+    "glm4_moe_lite": "glm4",
+    "ernie4_5_moe": "llama-spm",
+    "hunyuan_v1_moe": "hunyuan",
+}
 
 
 @pytest.mark.parametrize("model_type", sorted(FAMILY_TOKENIZER_PRE))
 def test_families_declare_their_tokenizer_kind(model_type) -> None:
     from moelite.converters.families import registry
+
     family = registry().get(model_type)
     if family is None:
         pytest.skip(f"no converter family for model_type {model_type!r} yet")
@@ -399,20 +539,42 @@ def _ernie_dir(d: Path) -> tuple[Path, int, object]:
     spm = pytest.importorskip("sentencepiece")
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS), model_writer=model, vocab_size=420, model_type="bpe", byte_fallback=True,
-        unk_id=0, bos_id=1, eos_id=2, pad_id=-1, control_symbols=ERNIE_CONTROL, user_defined_symbols=ERNIE_USER,
-        normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
-        hard_vocab_limit=False, minloglevel=2)
+        sentence_iterator=iter(CORPUS),
+        model_writer=model,
+        vocab_size=420,
+        model_type="bpe",
+        byte_fallback=True,
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        control_symbols=ERNIE_CONTROL,
+        user_defined_symbols=ERNIE_USER,
+        normalization_rule_name="identity",
+        remove_extra_whitespaces=False,
+        split_digits=True,
+        hard_vocab_limit=False,
+        minloglevel=2,
+    )
     d.mkdir(parents=True, exist_ok=True)
     (d / "tokenizer.model").write_bytes(model.getvalue())
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     n_sp = sp.vocab_size()
     decoder = {str(sp.PieceToId(t)): {"content": t, "special": True} for t in ERNIE_USER}  # as ERNIE's lists them
-    decoder |= {str(n_sp): {"content": "<|IMAGE_START|>", "special": True},
-                str(n_sp + 1): {"content": "<|LOC_0|>", "special": False}}
-    _tokenizer_config(d, (TEMPLATES / "ernie4_5.jinja").read_text(encoding="utf-8"), bos_token="<s>",
-                      eos_token="</s>", unk_token="<unk>", cls_token="<|begin_of_sentence|>",
-                      sep_token="<|end_of_sentence|>", added_tokens_decoder=decoder)
+    decoder |= {
+        str(n_sp): {"content": "<|IMAGE_START|>", "special": True},
+        str(n_sp + 1): {"content": "<|LOC_0|>", "special": False},
+    }
+    _tokenizer_config(
+        d,
+        (TEMPLATES / "ernie4_5.jinja").read_text(encoding="utf-8"),
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        cls_token="<|begin_of_sentence|>",
+        sep_token="<|end_of_sentence|>",
+        added_tokens_decoder=decoder,
+    )
     (d / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}))
     return d, n_sp + 8, sp
 
@@ -484,18 +646,22 @@ def test_ernie_add_prefix_space_and_template(ernie, tmp_path) -> None:
     assert kv2["tokenizer.ggml.add_space_prefix"] is False and "tokenizer.ggml.add_space_prefix" not in kv
     tok2 = Tokenizer.from_gguf_kv(kv2, "e.gguf")
     assert tok2.token_text(tok2.encode("Hello", add_special=False)[0]) != tok.token_text(
-        tok.encode("Hello", add_special=False)[0])
+        tok.encode("Hello", add_special=False)[0]
+    )
     tmpl = ChatTemplate.from_gguf_kv(kv, tok, "ernie.gguf")
     special = {**tmpl.special_tokens, "cls_token": "<|begin_of_sentence|>", "sep_token": "<|end_of_sentence|>"}
     for gen in (True, False):
         assert tmpl.render(CHAT, add_generation_prompt=gen) == _transformers_render(
-            kv["tokenizer.chat_template"], CHAT, special, add_generation_prompt=gen)
+            kv["tokenizer.chat_template"], CHAT, special, add_generation_prompt=gen
+        )
     assert tmpl.render(CHAT[1:2]) == "<|begin_of_sentence|>User: Hi there — what's 2+2?\nAssistant: "
 
 
 # --- Hunyuan-MoE (tiktoken ranks) ---------------------------------------------------------------------------
-HY_PAT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-          r"|\s+(?!\S)|\s+")
+HY_PAT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 HY_NAMED = ["<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>"]
 HY_N_EXTRA = 11  # <|extra_0|> ... (205 in the real vocab)
 
@@ -512,11 +678,16 @@ def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
     tokens the remote-code tokenizer defines right after the ranks (<|endoftext|> ... <|pad|>,
     <|extra_N|>); config.json with a wrong bos_token_id (as the real one) and eos <|eos|>."""
     tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(HY_PAT), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
-        vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(HY_PAT), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.train_from_iterator(
+        CORPUS,
+        trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
     byte_of = _byte_decoder()
     ranks = {bytes([b]): b for b in range(256)}
     for merge in json.loads(tok.to_str())["model"]["merges"]:
@@ -525,10 +696,12 @@ def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
     d.mkdir(parents=True, exist_ok=True)
     (d / "hy.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
     specials = {t: len(ranks) + k for k, t in enumerate(HY_NAMED + [f"<|extra_{i}|>" for i in range(HY_N_EXTRA)])}
-    _tokenizer_config(d, (TEMPLATES / "hunyuan_moe.jinja").read_text(encoding="utf-8"), eos_token="<|eos|>",
-                      vocab_file="hy.tiktoken")
-    (d / "config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": specials["<|eos|>"],
-                                               "pad_token_id": specials["<|pad|>"]}))
+    _tokenizer_config(
+        d, (TEMPLATES / "hunyuan_moe.jinja").read_text(encoding="utf-8"), eos_token="<|eos|>", vocab_file="hy.tiktoken"
+    )
+    (d / "config.json").write_text(
+        json.dumps({"bos_token_id": 1, "eos_token_id": specials["<|eos|>"], "pad_token_id": specials["<|pad|>"]})
+    )
     return d, len(ranks) + len(specials), ranks, specials
 
 
@@ -576,7 +749,8 @@ def test_hunyuan_template_matches_transformers(hunyuan) -> None:
     for chat in (CHAT, CHAT[1:]):
         for kw in ({}, {"enable_thinking": False}):
             assert tmpl.render(chat, **kw) == _transformers_render(
-                kv["tokenizer.chat_template"], chat, tmpl.special_tokens, add_generation_prompt=True, **kw)
+                kv["tokenizer.chat_template"], chat, tmpl.special_tokens, add_generation_prompt=True, **kw
+            )
     ids = tok.encode(tmpl.render(CHAT))
     assert ids[0] == specials["<|startoftext|>"] and ids[-1] == specials["<|extra_0|>"]
 
@@ -586,6 +760,7 @@ def test_merges_rebuilt_from_ranks_equal_a_real_vocabs() -> None:
     ggml-vocab-qwen2.gguf: rebuilding the merges from the ranks, as add_vocab does for Hunyuan's hy.tiktoken,
     gives that list exactly (151k ranks)."""
     from moelite.converters import vocab
+
     path = Path(__file__).resolve().parents[1] / "third_party" / "llama.cpp" / "models" / "ggml-vocab-qwen2.gguf"
     if not path.exists():
         pytest.skip(f"{path.name} not found (fetched by the build with llama.cpp)")
@@ -625,15 +800,24 @@ def test_bad_tokenizer_files_name_the_file(tmp_path) -> None:
         add_vocab(_writer(tmp_path), d, 10, "gemma4")
 
 
-@pytest.mark.parametrize("family_pre,field,value,message", [
-    ("gemma4", "extra_special_tokens", 5, "'extra_special_tokens' must be a list or an object"),
-    ("gemma4", "chat_template", [1, 2], "'chat_template' must be a string or a list of"),
-    ("glm4", "chat_template", [{"name": "x"}], "'chat_template' must be a string or a list of"),
-    ("hunyuan", "added_tokens_decoder", [1], "'added_tokens_decoder' must be an object"),
-    ("llama-spm", "added_tokens_decoder", {"x": {}}, r"added_tokens_decoder\['x'\] must be an object under a token id"),
-])
-def test_bad_tokenizer_config_fields_name_the_file(gemma4, glm, ernie, hunyuan, tmp_path, family_pre, field, value,
-                                                   message) -> None:
+@pytest.mark.parametrize(
+    "family_pre,field,value,message",
+    [
+        ("gemma4", "extra_special_tokens", 5, "'extra_special_tokens' must be a list or an object"),
+        ("gemma4", "chat_template", [1, 2], "'chat_template' must be a string or a list of"),
+        ("glm4", "chat_template", [{"name": "x"}], "'chat_template' must be a string or a list of"),
+        ("hunyuan", "added_tokens_decoder", [1], "'added_tokens_decoder' must be an object"),
+        (
+            "llama-spm",
+            "added_tokens_decoder",
+            {"x": {}},
+            r"added_tokens_decoder\['x'\] must be an object under a token id",
+        ),
+    ],
+)
+def test_bad_tokenizer_config_fields_name_the_file(
+    gemma4, glm, ernie, hunyuan, tmp_path, family_pre, field, value, message
+) -> None:
     src = {"gemma4": gemma4[0], "glm4": glm[0], "llama-spm": ernie[0], "hunyuan": hunyuan[0]}[family_pre]
     d = tmp_path / "hf"
     shutil.copytree(src, d)
@@ -643,11 +827,18 @@ def test_bad_tokenizer_config_fields_name_the_file(gemma4, glm, ernie, hunyuan, 
         add_vocab(_writer(tmp_path), d, 10_000, family_pre)
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("pre_tokenizer", 5, "'pre_tokenizer' must be an object or null"),
-    ("model", [1], "tokenizer model"),
-    ("added_tokens", [{"content": 1, "id": "a"}], "'model.vocab' must map strings to ids and 'added_tokens' be a list"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("pre_tokenizer", 5, "'pre_tokenizer' must be an object or null"),
+        ("model", [1], "tokenizer model"),
+        (
+            "added_tokens",
+            [{"content": 1, "id": "a"}],
+            "'model.vocab' must map strings to ids and 'added_tokens' be a list",
+        ),
+    ],
+)
 def test_bad_tokenizer_json_fields_name_the_file(glm, tmp_path, field, value, message) -> None:
     d = tmp_path / "hf"
     shutil.copytree(glm[0], d)
@@ -673,7 +864,8 @@ def _reference_ids(family: str, tok_dir: Path, extra, text: str) -> list[int]:
         tiktoken = pytest.importorskip("tiktoken")
         ranks, specials = extra
         return tiktoken.Encoding("hy", pat_str=HY_PAT, mergeable_ranks=ranks, special_tokens=specials).encode(
-            text, allowed_special="all")
+            text, allowed_special="all"
+        )
     return HFTokenizer.from_file(str(tok_dir / "tokenizer.json")).encode(text, add_special_tokens=False).ids
 
 
@@ -718,8 +910,10 @@ def test_family_checkpoint_with_its_tokenizer_converts_and_chats(family, tmp_pat
     the loaded model renders the family's chat template, encodes it as the family's tokenizer does and answers
     greedily as transformers does."""
     import hf_fixtures
+
     from moelite.converters.convert import convert
     from moelite.runtime.model import Model
+
     make, prefix = E2E[family]
     ckpt, tok_dir, _, extra = _family_checkpoint(family, make, tmp_path)
     out = tmp_path / "model.gguf"
@@ -753,9 +947,16 @@ def _add_hunyuan_remote_code(ckpt: Path) -> None:
     """What llama.cpp's Hunyuan converter loads (AutoTokenizer with trust_remote_code): tokenization_hy.py."""
     shutil.copy(Path(__file__).resolve().parent / "data" / "tokenization_hy.py", ckpt)
     cfg = json.loads((ckpt / "tokenizer_config.json").read_text())
-    (ckpt / "tokenizer_config.json").write_text(json.dumps({
-        **cfg, "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
-        "tokenizer_class": "HYTokenizer", "n_extra": HY_N_EXTRA}))
+    (ckpt / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                **cfg,
+                "auto_map": {"AutoTokenizer": ["tokenization_hy.HYTokenizer", None]},
+                "tokenizer_class": "HYTokenizer",
+                "n_extra": HY_N_EXTRA,
+            }
+        )
+    )
 
 
 @pytest.mark.parametrize("family", ["gemma4_text", "glm4_moe", "glm4_moe_lite", "ernie4_5_moe", "hunyuan_v1_moe"])
@@ -767,6 +968,7 @@ def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> N
     import sys
 
     import llama_cpp_ref
+
     src = llama_cpp_ref.converter_dir()
     make = E2E[family][0]
     ckpt, _, n_vocab, extra = _family_checkpoint(family, make, tmp_path)
@@ -775,15 +977,24 @@ def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> N
         _add_hunyuan_remote_code(ckpt)
     pre = FAMILY_TOKENIZER_PRE[family]
     theirs = tmp_path / "llama-cpp.gguf"
-    r = subprocess.run([sys.executable, "-c", _PINNED_VOCAB, str(src), pre, str(ckpt), "--vocab-only",
-                        "--outfile", str(theirs)], capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _PINNED_VOCAB, str(src), pre, str(ckpt), "--vocab-only", "--outfile", str(theirs)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     ref = {k: v for k, v in core.read_gguf(str(theirs))["kv"].items() if k.startswith("tokenizer.")}
-    ours = {k: v for k, v in _write_gguf(tmp_path / "moelite.gguf", ckpt, n_vocab, pre, stock=True).items()
-            if k.startswith("tokenizer.")}
+    ours = {
+        k: v
+        for k, v in _write_gguf(tmp_path / "moelite.gguf", ckpt, n_vocab, pre, stock=True).items()
+        if k.startswith("tokenizer.")
+    }
     assert sorted(ours) == sorted(ref)
     if family == "hunyuan_v1_moe":
         assert (ours.pop("tokenizer.ggml.bos_token_id"), ref.pop("tokenizer.ggml.bos_token_id")) == (
-            extra[1]["<|bos|>"], 127959)
+            extra[1]["<|bos|>"],
+            127959,
+        )
     for key, value in ref.items():
         assert np.array_equal(np.asarray(ours[key]), np.asarray(value)), key

@@ -1,5 +1,6 @@
 """Smoke test of tools/train_demo.py: a few steps of a tiny MoE on a tiny slice of the cached corpus,
 then --resume. Needs no network; skips when the corpus cache (built by a real run) is absent."""
+
 import importlib.util
 import json
 from pathlib import Path
@@ -35,9 +36,36 @@ def _tiny_corpus(dst: Path, per_split: int = 3, chars: int = 6000) -> None:
     assert len({k[0] for k in seen}) >= 3 and all(s in {k[1] for k in seen} for s in ("train", "val"))
 
 
-TINY = ["--vocab-size", "512", "--layers", "2", "--hidden", "64", "--head-dim", "32", "--kv-heads", "1",
-        "--experts", "4", "--top-k", "2", "--expert-ffn", "32", "--seq-len", "32", "--batch-size", "2",
-        "--warmup-steps", "2", "--eval-tokens", "128", "--srp-tokens", "64", "--threads", "1"]
+TINY = [
+    "--vocab-size",
+    "512",
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--head-dim",
+    "32",
+    "--kv-heads",
+    "1",
+    "--experts",
+    "4",
+    "--top-k",
+    "2",
+    "--expert-ffn",
+    "32",
+    "--seq-len",
+    "32",
+    "--batch-size",
+    "2",
+    "--warmup-steps",
+    "2",
+    "--eval-tokens",
+    "128",
+    "--srp-tokens",
+    "64",
+    "--threads",
+    "1",
+]
 
 
 @pytest.mark.skipif(not CORPUS.exists(), reason="demo corpus cache absent: run tools/train_demo.py --fetch once")
@@ -49,8 +77,14 @@ def test_train_demo_smoke_and_resume(tmp_path):
     common = TINY + ["--corpus-dir", str(corpus_dir), "--out", str(out), "--budget-minutes", "2"]
 
     assert train_demo.main(common + ["--max-steps", "4"]) == 0
-    for f in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
-              "generation_config.json", "train_log.json"):
+    for f in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "generation_config.json",
+        "train_log.json",
+    ):
         assert (out / f).exists(), f
     log = json.loads((out / "train_log.json").read_text())
     assert log["final"]["step"] == 4
@@ -77,10 +111,26 @@ def test_train_demo_with_chat_pairs(tmp_path):
     qa.mkdir()
     _tiny_corpus(corpus_dir)
     for name, n in (("train.jsonl", 30), ("heldout.jsonl", 6)):
-        (qa / name).write_text("".join(json.dumps({"source": "t", "question": f"What is item {i}?",
-                                                   "answer": f"Item {i} is a thing."}) + "\n" for i in range(n)))
-    args = TINY + ["--corpus-dir", str(corpus_dir), "--out", str(out), "--budget-minutes", "2", "--max-steps", "3",
-                   "--seq-len", "64", "--qa-dir", str(qa)]
+        (qa / name).write_text(
+            "".join(
+                json.dumps({"source": "t", "question": f"What is item {i}?", "answer": f"Item {i} is a thing."}) + "\n"
+                for i in range(n)
+            )
+        )
+    args = TINY + [
+        "--corpus-dir",
+        str(corpus_dir),
+        "--out",
+        str(out),
+        "--budget-minutes",
+        "2",
+        "--max-steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--qa-dir",
+        str(qa),
+    ]
     assert train_demo.main(args) == 0
     log = json.loads((out / "train_log.json").read_text())
     assert log["config"]["qa_frac"] == 0.5 and log["qa"]["train_windows"] >= 1
@@ -111,24 +161,33 @@ DEMO = ROOT / "src" / "moelite" / "data" / "demo.gguf"
 def test_chat_pairs_render_as_the_runtime_template(tmp_path):
     """Chat tuning (issue 19): a rendered conversation is exactly what moelite's chat template and tokenizer
     produce; the loss mask covers the answers and their <|im_end|>, nothing else; packing keeps conversations whole."""
-    import moelite
     from tokenizers import Tokenizer
+
+    import moelite
 
     train_demo = _load("train_demo")
     tok = Tokenizer.from_str(train_demo.gguf_field(str(DEMO), "tokenizer.huggingface.json"))
-    turns = [("What does the ls command do?", "ls is used to list directory contents."),
-             ("What is Debian?", "A free operating system.")]
+    turns = [
+        ("What does the ls command do?", "ls is used to list directory contents."),
+        ("What is Debian?", "A free operating system."),
+    ]
     ids, mask = train_demo.render_turns(tok, turns)
     messages = [m for q, a in turns for m in ({"role": "user", "content": q}, {"role": "assistant", "content": a})]
     with moelite.Model(str(DEMO)) as m:
         rendered = m.chat_template.render(messages, add_generation_prompt=False)
         assert m.tokenizer.encode(rendered, add_special=False) == ids
-    assert tok.decode([i for i, k in zip(ids, mask) if k], skip_special_tokens=False) == \
-        "ls is used to list directory contents.<|im_end|>A free operating system.<|im_end|>"
+    assert (
+        tok.decode([i for i, k in zip(ids, mask) if k], skip_special_tokens=False)
+        == "ls is used to list directory contents.<|im_end|>A free operating system.<|im_end|>"
+    )
 
     pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text("".join(json.dumps({"source": "t", "question": f"What is thing {i}?", "answer": f"Thing {i}."})
-                             + "\n" for i in range(40)))
+    pairs.write_text(
+        "".join(
+            json.dumps({"source": "t", "question": f"What is thing {i}?", "answer": f"Thing {i}."}) + "\n"
+            for i in range(40)
+        )
+    )
     windows, wmask = train_demo.qa_windows(tok, str(pairs), 64, seed=1)
     eot = tok.token_to_id("<|endoftext|>")
     assert windows.shape == wmask.shape and windows.shape[1] == 65
@@ -141,18 +200,27 @@ def test_chat_pairs_render_as_the_runtime_template(tmp_path):
 def test_gguf_weights_load_back_into_transformers():
     """--init-gguf: the dequantized GGUF in Qwen3MoeForCausalLM predicts what moelite predicts from the GGUF."""
     np = pytest.importorskip("numpy")
-    import moelite
     import torch
+
+    import moelite
 
     train_demo = _load("train_demo")
     with moelite.Model(str(DEMO)) as m:
         ids = m.tokenizer.encode("It is a truth universally acknowledged, that a single man", add_special=False)
         ref = np.asarray(m.logits(ids))
         hp, ffn = m.hparams, m.kv["qwen3moe.expert_feed_forward_length"]
-    args = train_demo.argparse.Namespace(hidden=hp["n_embd"], layers=hp["n_layer"], head_dim=hp["n_embd_head_k"],
-                                         kv_heads=hp["n_head_kv"], expert_ffn=ffn,
-                                         top_k=hp["n_expert_used"], experts=hp["n_expert"],
-                                         aux_coef=0.0, seed=0, experts_impl="eager")
+    args = train_demo.argparse.Namespace(
+        hidden=hp["n_embd"],
+        layers=hp["n_layer"],
+        head_dim=hp["n_embd_head_k"],
+        kv_heads=hp["n_head_kv"],
+        expert_ffn=ffn,
+        top_k=hp["n_expert_used"],
+        experts=hp["n_expert"],
+        aux_coef=0.0,
+        seed=0,
+        experts_impl="eager",
+    )
     model = train_demo.make_model(args, ref.shape[-1], 0, 2)
     model.load_state_dict(train_demo.gguf_state_dict(str(DEMO), args.layers))
     with torch.no_grad():

@@ -21,6 +21,7 @@ chosen), as when an activation lies within that rounding of a Q8_0 rounding boun
 quantize it one step apart (the likely cause; not traced per activation). tools/arm64_check.sh and
 tools/portable_check.sh run this; docs/ARM64.md has their output.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -32,14 +33,15 @@ import numpy as np
 
 PROMPTS = ["It is a truth universally", "Once upon a time", "def fib(n):"]
 GREEDY = 12
-NMSE = 5e-4          # per position: sum (a - b)^2 / sum a^2 of the logits; ggml's test-backend-ops bound for
-                     # quantized matrix products. Measured here: 1e-14 typical, 7e-6 at worst (docs/ARM64.md)
+NMSE = 5e-4  # per position: sum (a - b)^2 / sum a^2 of the logits; ggml's test-backend-ops bound for
+# quantized matrix products. Measured here: 1e-14 typical, 7e-6 at worst (docs/ARM64.md)
 
 
 def run(budget: str | int | None, prompts: list[list[int]]) -> tuple[list[np.ndarray], list[list[int]], np.ndarray]:
     """Logits of every prompt position, greedy continuations, and the routing of the prompt positions
     ([n_positions, n_moe_layers, k] expert ids, each row sorted)."""
     import moelite
+
     with moelite.load(memory_budget=budget, kv_type="f32", n_threads=1, record_trace=True) as m:
         logits = [m.logits(ids) for ids in prompts]
         routes = np.sort(m.trace().ids, axis=-1)
@@ -50,23 +52,37 @@ def run(budget: str | int | None, prompts: list[list[int]]) -> tuple[list[np.nda
 def dump(out: str) -> None:
     import moelite
     from moelite._cpu import cpu_backend
+
     t0 = time.monotonic()
     with moelite.load(kv_type="f32", n_threads=1) as m:
         prompts = [m.tokenizer.encode(p, add_special=True) for p in PROMPTS]
         minimum = m.plan.minimum_budget
     logits, greedy, routes = run(None, prompts)
     off_logits, off_greedy, off_routes = run(minimum, prompts)
-    same = (all(np.array_equal(a, b) for a, b in zip(logits, off_logits)) and greedy == off_greedy
-            and np.array_equal(routes, off_routes))
+    same = (
+        all(np.array_equal(a, b) for a, b in zip(logits, off_logits))
+        and greedy == off_greedy
+        and np.array_equal(routes, off_routes)
+    )
     cpu = cpu_backend()
     feats = ",".join(k for k, v in cpu["features"].items() if v == "1")
-    print(f"{platform.machine()}: CPU backend {cpu['variant']} ({feats}); minimum budget {minimum} B; "
-          f"offloaded == resident bit for bit: {same}; {time.monotonic() - t0:.0f} s")
+    print(
+        f"{platform.machine()}: CPU backend {cpu['variant']} ({feats}); minimum budget {minimum} B; "
+        f"offloaded == resident bit for bit: {same}; {time.monotonic() - t0:.0f} s"
+    )
     for p, g in zip(PROMPTS, greedy):
         print(f"  {p!r} -> {g}")
     arrays = {f"logits{i}": a for i, a in enumerate(logits)}
-    np.savez(out, machine=platform.machine(), variant=cpu["variant"], features=feats,
-             greedy=np.array(greedy, dtype=np.int32), offload_exact=same, routes=routes, **arrays)
+    np.savez(
+        out,
+        machine=platform.machine(),
+        variant=cpu["variant"],
+        features=feats,
+        greedy=np.array(greedy, dtype=np.int32),
+        offload_exact=same,
+        routes=routes,
+        **arrays,
+    )
     if not same:
         sys.exit("FAIL: offloading at the minimum budget changed the logits or the greedy tokens")
 
@@ -77,7 +93,7 @@ def drift(ref: np.lib.npyio.NpzFile, got: np.lib.npyio.NpzFile) -> tuple[float, 
     nmse, rel, top1 = 0.0, 0.0, True
     for i in range(len(PROMPTS)):
         a, b = ref[f"logits{i}"].astype(np.float64), got[f"logits{i}"].astype(np.float64)
-        nmse = max(nmse, float(np.max(((a - b) ** 2).sum(axis=1) / (a ** 2).sum(axis=1))))
+        nmse = max(nmse, float(np.max(((a - b) ** 2).sum(axis=1) / (a**2).sum(axis=1))))
         rel = max(rel, float(np.max(np.abs(a - b)) / np.max(np.abs(a))))
         top1 &= bool(np.array_equal(a.argmax(axis=1), b.argmax(axis=1)))
     return nmse, rel, top1
@@ -92,11 +108,13 @@ def compare(ref_path: str, others: list[str]) -> None:
         tokens = bool(np.array_equal(ref["greedy"], got["greedy"]))
         ok = tokens and top1 and nmse <= NMSE and bool(got["offload_exact"])
         failed |= not ok
-        print(f"{'PASS' if ok else 'FAIL'} {got['machine']} {got['variant']} vs {ref['machine']} {ref['variant']}: "
-              f"greedy tokens equal: {tokens}; top-1 of every position equal: {top1}; "
-              f"worst NMSE {nmse:.1e} (tolerance {NMSE:.0e}); max |dlogit| / max |logit| {rel:.1e}; "
-              f"same experts chosen: {bool(np.array_equal(ref['routes'], got['routes']))}; "
-              f"offloaded == resident: {bool(got['offload_exact'])}")
+        print(
+            f"{'PASS' if ok else 'FAIL'} {got['machine']} {got['variant']} vs {ref['machine']} {ref['variant']}: "
+            f"greedy tokens equal: {tokens}; top-1 of every position equal: {top1}; "
+            f"worst NMSE {nmse:.1e} (tolerance {NMSE:.0e}); max |dlogit| / max |logit| {rel:.1e}; "
+            f"same experts chosen: {bool(np.array_equal(ref['routes'], got['routes']))}; "
+            f"offloaded == resident: {bool(got['offload_exact'])}"
+        )
     if failed:
         sys.exit(1)
 

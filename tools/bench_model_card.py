@@ -6,6 +6,7 @@ in a fresh context. Metrics as cache_policies/metrics.py defines them:
 SRP(16) per layer against its floor 2r/(1+r), r = k/E, and SCH(16, 2) per layer against the same trace with
 its tokens shuffled inside each sequence (same expert popularity, no locality): the floor SCH has to beat.
 """
+
 from __future__ import annotations
 
 import json
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-SEQ = 256          # the training context
+SEQ = 256  # the training context
 SEQS_PER_DOMAIN = 16
 
 
@@ -26,16 +27,17 @@ def heldout_sequences(corpus_dir: Path) -> dict[str, np.ndarray]:
             if split == "val":
                 arr = z[key].astype(np.int64)
                 n = min(SEQS_PER_DOMAIN, len(arr) // SEQ)
-                out[domain] = arr[:n * SEQ].reshape(n, SEQ)
+                out[domain] = arr[: n * SEQ].reshape(n, SEQ)
         return out
 
 
 def record(gguf: Path, seqs: dict[str, np.ndarray]):
     import moelite
+
     with moelite.load(str(gguf), record_trace=True, prefetch=False, n_ctx=SEQ) as m:
         for domain in seqs:
             for row in seqs[domain]:
-                m.logits(row.tolist())          # fresh context: one trace sequence per row
+                m.logits(row.tolist())  # fresh context: one trace sequence per row
         return m.trace()
 
 
@@ -43,6 +45,7 @@ def shuffled(trace, within: bool = True, seed: int = 0):
     """The same routing rows in a random order, inside each sequence (the sequence's expert popularity kept,
     token-to-token locality removed) or across all sequences (only the global popularity kept)."""
     from moelite.cache_policies import Trace
+
     rng = np.random.default_rng(seed)
     ids = trace.ids.copy()
     spans = zip(trace.offsets[:-1], trace.offsets[1:]) if within else [(0, len(ids))]
@@ -53,20 +56,29 @@ def shuffled(trace, within: bool = True, seed: int = 0):
 
 def routing_metrics(trace) -> dict:
     from moelite.cache_policies import sch, srp
+
     r = trace.k / trace.n_expert
     flat, glob = shuffled(trace), shuffled(trace, within=False)
-    return {"srp": srp(trace, 16).value, "srp_layer": srp(trace, 16, "layer").value.tolist(),
-            "srp_floor": 2 * r / (1 + r),
-            "srp_shuffled_layer": srp(flat, 16, "layer").value.tolist(),
-            "sch": sch(trace, 16, 2.0), "sch_layer": sch(trace, 16, 2.0, "layer").tolist(),
-            "srp_global_shuffled": srp(glob, 16).value,
-            "sch_shuffled": sch(flat, 16, 2.0), "sch_shuffled_layer": sch(flat, 16, 2.0, "layer").tolist(),
-            "sch_global_shuffled": sch(glob, 16, 2.0),
-            "tokens": int(trace.ids.shape[0]), "k": trace.k, "n_expert": trace.n_expert}
+    return {
+        "srp": srp(trace, 16).value,
+        "srp_layer": srp(trace, 16, "layer").value.tolist(),
+        "srp_floor": 2 * r / (1 + r),
+        "srp_shuffled_layer": srp(flat, 16, "layer").value.tolist(),
+        "sch": sch(trace, 16, 2.0),
+        "sch_layer": sch(trace, 16, 2.0, "layer").tolist(),
+        "srp_global_shuffled": srp(glob, 16).value,
+        "sch_shuffled": sch(flat, 16, 2.0),
+        "sch_shuffled_layer": sch(flat, 16, 2.0, "layer").tolist(),
+        "sch_global_shuffled": sch(glob, 16, 2.0),
+        "tokens": int(trace.ids.shape[0]),
+        "k": trace.k,
+        "n_expert": trace.n_expert,
+    }
 
 
 def gguf_shares(gguf: Path) -> dict:
     import gguf as gg
+
     r = gg.GGUFReader(str(gguf))
     expert = sum(int(t.n_bytes) for t in r.tensors if "_exps." in t.name)
     total = gguf.stat().st_size
@@ -140,8 +152,12 @@ def write_card(cache: Path, gguf: Path, card: Path, corpus_dir: Path | None = No
         "",
         "| layer | SRP(16) | SRP(16) shuffled | SCH(16, 2) | SCH(16, 2) shuffled |",
         "|---|---|---|---|---|",
-        *[f"| {i} | {a:.4f} | {b:.4f} | {c:.4f} | {d:.4f} |" for i, (a, b, c, d) in enumerate(zip(
-            met["srp_layer"], met["srp_shuffled_layer"], met["sch_layer"], met["sch_shuffled_layer"]))],
+        *[
+            f"| {i} | {a:.4f} | {b:.4f} | {c:.4f} | {d:.4f} |"
+            for i, (a, b, c, d) in enumerate(
+                zip(met["srp_layer"], met["srp_shuffled_layer"], met["sch_layer"], met["sch_shuffled_layer"])
+            )
+        ],
         "",
     ]
     card.write_text("\n".join(lines))

@@ -15,6 +15,7 @@ hash of the question. Output: <out>/train.jsonl and <out>/heldout.jsonl, one {so
 
   python tools/build_qa_pairs.py --raw-dir build/demo_corpus/raw --out build/demo_qa
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,12 +46,12 @@ def first_sentences(text: str, max_sentences: int = 2, max_chars: int = 240) -> 
     """The leading whole sentences of one paragraph (at most max_chars), ending with a period; '' if the
     first sentence alone is too long or too short."""
     text = squash(text)
-    out, start = "", 0
+    out = ""
     for n, m in enumerate(SENTENCE_END.finditer(text)):
-        candidate = text[:m.end()].strip()
+        candidate = text[: m.end()].strip()
         if len(candidate) > max_chars or n >= max_sentences:
             break
-        out, start = candidate, m.end()
+        out = candidate
     if not out and len(text) <= max_chars and text:
         out = text if text[-1] in ".!?" else text + "."
     return out if len(out) >= 12 else ""
@@ -59,6 +60,7 @@ def first_sentences(text: str, max_sentences: int = 2, max_chars: int = 240) -> 
 # ----------------------------------------------------------------------------------------------
 # sources
 # ----------------------------------------------------------------------------------------------
+
 
 def stdlib_pairs(stdlib: str):
     skip = ("site-packages", "test", "tests", "idlelib", "lib2to3", "turtledemo", "ensurepip", "__pycache__")
@@ -90,8 +92,11 @@ def definition_pairs(node, prefix: str):
     doc = docstring_answer(ast.get_docstring(node), node.name)
     if doc:
         kind = "class" if isinstance(node, ast.ClassDef) else "function"
-        q = f"What does the {kind} {prefix}.{node.name} do?" if kind == "function" else \
-            f"What is the class {prefix}.{node.name}?"
+        q = (
+            f"What does the {kind} {prefix}.{node.name} do?"
+            if kind == "function"
+            else f"What is the class {prefix}.{node.name}?"
+        )
         yield "stdlib", q, doc
 
 
@@ -205,8 +210,11 @@ def man_name_line(src: str, name: str) -> str:
     m = re.search(r"^\.S[Hh] \"?NAME\"?\s*\n((?:.*\n){1,4}?)\.(?:SH|Sh|SS)", src, re.M)
     if not m:
         return ""
-    text = " ".join(roff_text(re.sub(r"^\.(?:Nm|Nd|B|BR|I)\s*", "", ln)) for ln in m.group(1).splitlines()
-                    if not ln.startswith(".\\\"") and not ln.startswith(".PP"))
+    text = " ".join(
+        roff_text(re.sub(r"^\.(?:Nm|Nd|B|BR|I)\s*", "", ln))
+        for ln in m.group(1).splitlines()
+        if not ln.startswith('.\\"') and not ln.startswith(".PP")
+    )
     parts = re.split(r"\s+-+\s+|\s+-\s*", squash(text), maxsplit=1)
     if len(parts) != 2 or name not in parts[0]:
         return ""
@@ -234,7 +242,7 @@ def man_description(src: str) -> str:
             break
         if ln.startswith((".PP", ".P", ".LP", ".Pp")) and words:
             break
-        if ln.startswith(".\\\"") or (ln.startswith(".") and not re.match(r"\.(B|I|BR|IR|RB|RI|Nm|Ar|Cm)\b", ln)):
+        if ln.startswith('.\\"') or (ln.startswith(".") and not re.match(r"\.(B|I|BR|IR|RB|RI|Nm|Ar|Cm)\b", ln)):
             continue
         words.append(roff_text(re.sub(r"^\.\w+\s*", "", ln)).replace('"', ""))
     sent = first_sentences(" ".join(words), max_sentences=1, max_chars=200)
@@ -242,6 +250,7 @@ def man_description(src: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+
 
 def build(raw_dir: str, cap: int, heldout_per_source: int, seed: int):
     pools: dict[str, dict[str, tuple[str, str, str]]] = {}
@@ -254,8 +263,9 @@ def build(raw_dir: str, cap: int, heldout_per_source: int, seed: int):
         items = sorted(pools[source].values(), key=lambda p: stable_hash(f"{seed}:{p[1]}"))[:cap]
         held += items[:heldout_per_source]
         train += items[heldout_per_source:]
-        print(f"{source}: {len(pools[source])} pairs, kept {len(items)} "
-              f"({heldout_per_source} held out)", file=sys.stderr)
+        print(
+            f"{source}: {len(pools[source])} pairs, kept {len(items)} ({heldout_per_source} held out)", file=sys.stderr
+        )
     return train, held
 
 

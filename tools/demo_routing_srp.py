@@ -9,6 +9,7 @@ Dev-only, self-contained (numpy + torch + transformers); never imported by the r
 
   python tools/demo_routing_srp.py build/demo_hf [--corpus-dir build/demo_corpus] [--m 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,8 +48,9 @@ def srp_from_hist(hist: np.ndarray, m: int) -> dict:
     return {"srp": best[0], "alpha": best[1], "selected_pairs": best[2]}
 
 
-def routing_srp_report(model, windows: dict[str, np.ndarray], k: int, n_expert: int, m: int = 16,
-                       batch: int = 8) -> dict:
+def routing_srp_report(
+    model, windows: dict[str, np.ndarray], k: int, n_expert: int, m: int = 16, batch: int = 8
+) -> dict:
     """windows: {domain: int array [n, T(+1)]} of held-out token sequences (each scored separately)."""
     import torch
 
@@ -61,7 +63,7 @@ def routing_srp_report(model, windows: dict[str, np.ndarray], k: int, n_expert: 
         for domain, w in windows.items():
             hist_dom = None
             for i in range(0, len(w), batch):
-                x = torch.as_tensor(np.asarray(w[i:i + batch]), dtype=torch.long)
+                x = torch.as_tensor(np.asarray(w[i : i + batch]), dtype=torch.long)
                 out = model(input_ids=x, output_router_logits=True)
                 B, T = x.shape
                 for layer, logits in enumerate(out.router_logits):  # [B*T, E] per MoE layer
@@ -80,22 +82,35 @@ def routing_srp_report(model, windows: dict[str, np.ndarray], k: int, n_expert: 
     def summary(hist: np.ndarray, layers: int) -> dict:
         s = srp_from_hist(hist, m)
         windows_ = hist.sum() / n_expert / layers  # (window, expert) pairs / E / layers
-        return {"srp": s["srp"], "alpha": s["alpha"],
-                "rho_hat": s["selected_pairs"] / (k * windows_ * layers) if windows_ else 0.0}
+        return {
+            "srp": s["srp"],
+            "alpha": s["alpha"],
+            "rho_hat": s["selected_pairs"] / (k * windows_ * layers) if windows_ else 0.0,
+        }
 
     top = summary(hist_all, n_layers)
-    return {"m": m, "k": k, "n_expert": n_expert, "n_layers": n_layers, "windows": int(n_win_total),
-            "srp": top["srp"], "alpha": top["alpha"], "rho_hat": top["rho_hat"],
-            "floor": 2 * r / (1 + r),
-            "per_layer": [summary(h, 1)["srp"] for h in per_layer],
-            "per_domain": {d: summary(h, n_layers)["srp"] for d, h in per_domain.items()}}
+    return {
+        "m": m,
+        "k": k,
+        "n_expert": n_expert,
+        "n_layers": n_layers,
+        "windows": int(n_win_total),
+        "srp": top["srp"],
+        "alpha": top["alpha"],
+        "rho_hat": top["rho_hat"],
+        "floor": 2 * r / (1 + r),
+        "per_layer": [summary(h, 1)["srp"] for h in per_layer],
+        "per_domain": {d: summary(h, n_layers)["srp"] for d, h in per_domain.items()},
+    }
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
-    ap.add_argument("--corpus-dir", default=os.path.join(os.path.dirname(os.path.dirname(
-        os.path.abspath(__file__))), "build", "demo_corpus"))
+    ap.add_argument(
+        "--corpus-dir",
+        default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "build", "demo_corpus"),
+    )
     ap.add_argument("--m", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--tokens", type=int, default=16384, help="held-out tokens per domain")
@@ -117,7 +132,7 @@ def main(argv=None) -> int:
             if split == "val":
                 arr = z[key]
                 n = min(len(arr), args.tokens) // args.seq_len
-                windows[domain] = arr[:n * args.seq_len].reshape(n, args.seq_len).astype(np.int64)
+                windows[domain] = arr[: n * args.seq_len].reshape(n, args.seq_len).astype(np.int64)
     rep = routing_srp_report(model, windows, cfg.num_experts_per_tok, cfg.num_experts, m=args.m)
     print(json.dumps(rep, indent=1))
     return 0

@@ -7,6 +7,7 @@ common subsequence); plus the share of answers that end at <|im_end|> within the
 
   python tools/eval_demo_qa.py src/moelite/data/demo.gguf --pairs build/demo_qa/heldout.jsonl --json out.json
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,7 @@ def rouge_l(pred: list[str], ref: list[str]) -> float:
 def ask(model, question: str, max_tokens: int) -> tuple[str, bool, int]:
     """Greedy answer, whether it ended at <|im_end|>, generated tokens."""
     im_end = model.tokenizer.encode("<|im_end|>", add_special=False)
-    answer = model.chat([{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens,
-                        stop_ids=im_end)
+    answer = model.chat([{"role": "user", "content": question}], temperature=0, max_tokens=max_tokens, stop_ids=im_end)
     st = model.last_stats
     return answer, st.finish_reason == "stop", st.generated_tokens
 
@@ -64,19 +64,38 @@ def evaluate(gguf: str, pairs: list[dict], max_tokens: int) -> dict:
         for p in pairs:
             answer, stopped, n = ask(model, p["question"], max_tokens)
             pw, rw = words(answer), words(p["answer"])
-            rows.append({"source": p["source"], "question": p["question"], "reference": p["answer"],
-                         "answer": answer, "stopped": stopped, "tokens": n,
-                         "token_f1": token_f1(pw, rw), "rouge_l": rouge_l(pw, rw)})
-    return {"gguf": gguf, "max_tokens": max_tokens, "overall": summarize(rows),
-            "per_source": {s: summarize([r for r in rows if r["source"] == s])
-                           for s in sorted({r["source"] for r in rows})},
-            "rows": rows}
+            rows.append(
+                {
+                    "source": p["source"],
+                    "question": p["question"],
+                    "reference": p["answer"],
+                    "answer": answer,
+                    "stopped": stopped,
+                    "tokens": n,
+                    "token_f1": token_f1(pw, rw),
+                    "rouge_l": rouge_l(pw, rw),
+                }
+            )
+    return {
+        "gguf": gguf,
+        "max_tokens": max_tokens,
+        "overall": summarize(rows),
+        "per_source": {
+            s: summarize([r for r in rows if r["source"] == s]) for s in sorted({r["source"] for r in rows})
+        },
+        "rows": rows,
+    }
 
 
 def summarize(rows: list[dict]) -> dict:
     n = len(rows)
-    return {"n": n, "token_f1": sum(r["token_f1"] for r in rows) / n, "rouge_l": sum(r["rouge_l"] for r in rows) / n,
-            "stopped": sum(r["stopped"] for r in rows) / n, "mean_tokens": sum(r["tokens"] for r in rows) / n}
+    return {
+        "n": n,
+        "token_f1": sum(r["token_f1"] for r in rows) / n,
+        "rouge_l": sum(r["rouge_l"] for r in rows) / n,
+        "stopped": sum(r["stopped"] for r in rows) / n,
+        "mean_tokens": sum(r["tokens"] for r in rows) / n,
+    }
 
 
 def main(argv=None) -> int:
@@ -91,8 +110,10 @@ def main(argv=None) -> int:
     pairs = [json.loads(line) for line in open(args.pairs)]
     res = evaluate(args.gguf, pairs, args.max_tokens)
     for name, s in [("all", res["overall"]), *res["per_source"].items()]:
-        print(f"{name:8s} n={s['n']:4d} token-F1 {s['token_f1']:.3f} ROUGE-L {s['rouge_l']:.3f} "
-              f"stops at <|im_end|> {s['stopped']:.1%} mean {s['mean_tokens']:.1f} tokens")
+        print(
+            f"{name:8s} n={s['n']:4d} token-F1 {s['token_f1']:.3f} ROUGE-L {s['rouge_l']:.3f} "
+            f"stops at <|im_end|> {s['stopped']:.1%} mean {s['mean_tokens']:.1f} tokens"
+        )
     if args.json:
         json.dump(res, open(args.json, "w"), indent=1)
     return 0

@@ -17,6 +17,10 @@ Targets and what a case does with its mutated input:
                with shards dropped, swapped, renamed, duplicated, truncated, split.* keys changed / retyped /
                deleted, a tensor moved or in two shards, a shard of another set, or one shard mutated as in
                `gguf` -> moelite.load from a random shard (resident or at the minimum budget), logits of 3 tokens
+  api          one public numeric argument (issue 33) given a hostile value (NaN, +-inf, 0, negatives, 2^31, 2^63,
+               huge and tiny floats, numpy scalars, bool, str, None, lists) -> the real call on the fixture model or
+               on a trace it recorded: moelite.load options (then 2 greedy tokens), generate options, token ids,
+               srp / srp_many / sch / static_sch / simulate / calibrate arguments, or `moelite run`'s flags (as text)
 
 Each case runs in a forked child with RLIMIT_AS (--mem above the parent's address space) and a wall-clock
 timeout, and is classified:
@@ -26,11 +30,17 @@ timeout, and is classified:
   silent    accepted but corrupt: non-finite logits, or a converted file that moelite refuses; split: a set
             whose mutations changed nothing that matters loaded with logits not bit-identical to the unsplit
             model (or was refused), or a set that must be refused (a missing, foreign, renamed or truncated
-            shard, split keys that disagree, a tensor in two shards) loaded
+            shard, split keys that disagree, a tensor in two shards) loaded; trace: a file that loaded with ids
+            (or lookahead ids) other than the ones it stores (an int64 wrapped to int32); api: an accepted value
+            that gave a result out of its range (a hit rate outside [0, 1], a token id outside the vocabulary,
+            more tokens than max_tokens) or, for an option that must not change greedy decoding (budget, window,
+            shares, RAM slots, I/O threads, snapshots, top-k/p, min-p, seed at temperature 0), other tokens than
+            the default load's; a CLI run ending in a traceback or an internal error instead of one error line
   skipped   the mutator itself failed to build the case (a harness bug: no input reached moelite)
 Reproducers of every class but ok and moelite are kept under OUT/TARGET/CLASS/ with a .txt of the error;
 OUT/summary.json holds seed, commit and counts. Seeds come from tests/ (built once, cached there).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,26 +61,72 @@ import subprocess
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # forked children: no BLAS thread pools to inherit
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")  # forked children: no BLAS thread pools to inherit
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent", "skipped")
-TARGETS = ("gguf", "hf", "trace", "calibration", "split")
+TARGETS = ("gguf", "hf", "trace", "calibration", "split", "api")
 GGUF_FAMILIES = (("qwen3_moe", "f32"), ("deepseek_v3", "q8_0"), ("gpt_oss", "q8_0"), ("mixtral", "q8_0"))
 HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
 # interesting integers and floats (boundaries of the C++ types and of the checks)
-INTS = [0, 1, 2, 3, 7, 8, 16, 63, 64, 65, 255, 256, 4095, 65535, 65536, 2**31 - 1, 2**31, 2**32 - 1, 2**32,
-        2**32 + 3, 2**63 - 1, 2**63, 2**64 - 1, 6 * 10**18, -1, -2, -(2**31), -(2**63)]
-FLOATS = [0.0, -0.0, 1.0, -1.0, 0.5, -0.5, 1e-45, 1e-30, 1e30, 3.4e38, 1e300, float("nan"), float("inf"),
-          float("-inf"), 2.0**31, 10000.0, 1e-6]
+INTS = [
+    0,
+    1,
+    2,
+    3,
+    7,
+    8,
+    16,
+    63,
+    64,
+    65,
+    255,
+    256,
+    4095,
+    65535,
+    65536,
+    2**31 - 1,
+    2**31,
+    2**32 - 1,
+    2**32,
+    2**32 + 3,
+    2**63 - 1,
+    2**63,
+    2**64 - 1,
+    6 * 10**18,
+    -1,
+    -2,
+    -(2**31),
+    -(2**63),
+]
+FLOATS = [
+    0.0,
+    -0.0,
+    1.0,
+    -1.0,
+    0.5,
+    -0.5,
+    1e-45,
+    1e-30,
+    1e30,
+    3.4e38,
+    1e300,
+    float("nan"),
+    float("inf"),
+    float("-inf"),
+    2.0**31,
+    10000.0,
+    1e-6,
+]
 
 
 # ==== GGUF: parse, mutate, write ==============================================================================
@@ -83,7 +139,7 @@ FLOAT_T, INT_T = (6, 12), (0, 1, 2, 3, 4, 5, 10, 11)
 class KV:
     key: bytes
     vtype: int
-    payload: bytes              # the value as stored after the type tag
+    payload: bytes  # the value as stored after the type tag
 
 
 @dataclass
@@ -102,7 +158,7 @@ class GGUF:
     alignment: int
     data: bytes
     magic: bytes = b"GGUF"
-    n_tensors: int | None = None     # header counts, when a mutation makes them lie
+    n_tensors: int | None = None  # header counts, when a mutation makes them lie
     n_kv: int | None = None
 
 
@@ -129,7 +185,7 @@ def parse_gguf(buf: bytes) -> GGUF:
     pos, kvs = 24, []
     for _ in range(n_kv):
         (n,) = struct.unpack_from("<Q", buf, pos)
-        key = buf[pos + 8:pos + 8 + n]
+        key = buf[pos + 8 : pos + 8 + n]
         (vtype,) = struct.unpack_from("<I", buf, pos + 8 + n)
         start = pos + 12 + n
         pos = _value_end(buf, start, vtype)
@@ -137,7 +193,7 @@ def parse_gguf(buf: bytes) -> GGUF:
     tensors = []
     for _ in range(n_t):
         (n,) = struct.unpack_from("<Q", buf, pos)
-        name = buf[pos + 8:pos + 8 + n]
+        name = buf[pos + 8 : pos + 8 + n]
         pos += 8 + n
         (nd,) = struct.unpack_from("<I", buf, pos)
         dims = list(struct.unpack_from(f"<{nd}Q", buf, pos + 4))
@@ -154,8 +210,15 @@ def parse_gguf(buf: bytes) -> GGUF:
 
 def write_gguf(g: GGUF) -> bytes:
     out = io.BytesIO()
-    out.write(struct.pack("<4sIQQ", g.magic, g.version, len(g.tensors) if g.n_tensors is None else g.n_tensors,
-                          len(g.kvs) if g.n_kv is None else g.n_kv))
+    out.write(
+        struct.pack(
+            "<4sIQQ",
+            g.magic,
+            g.version,
+            len(g.tensors) if g.n_tensors is None else g.n_tensors,
+            len(g.kvs) if g.n_kv is None else g.n_kv,
+        )
+    )
     for kv in g.kvs:
         out.write(struct.pack("<Q", len(kv.key)) + kv.key + struct.pack("<I", kv.vtype) + kv.payload)
     for t in g.tensors:
@@ -171,11 +234,14 @@ def write_gguf(g: GGUF) -> bytes:
 def encode_scalar(vtype: int, v: Any) -> bytes:
     fmt = SCALAR[vtype]
     if vtype in FLOAT_T:
-        return struct.pack(fmt, float(v)) if vtype == 12 or abs(float(v)) <= 3.4e38 or not math.isfinite(v) \
+        return (
+            struct.pack(fmt, float(v))
+            if vtype == 12 or abs(float(v)) <= 3.4e38 or not math.isfinite(v)
             else struct.pack(fmt, math.copysign(float("inf"), v))
+        )
     bits = struct.calcsize(fmt) * 8
     v = int(v) % 2**bits
-    if fmt[1].islower() and v >= 2**(bits - 1):
+    if fmt[1].islower() and v >= 2 ** (bits - 1):
         v -= 2**bits
     return struct.pack(fmt, v)
 
@@ -186,18 +252,19 @@ def encode_string(b: bytes, claimed: int | None = None) -> bytes:
 
 def tensor_nbytes(ttype: int, dims: list[int]) -> int | None:
     from moelite import _core
+
     try:
         if not dims or dims[0] % _core.block_size(ttype):
             return None
         return _core.row_size(ttype, dims[0]) * math.prod(dims[1:])
-    except Exception:   # noqa: BLE001 - an unknown type: no layout
+    except Exception:  # noqa: BLE001 - an unknown type: no layout
         return None
 
 
 def relayout(g: GGUF, rng: random.Random, fresh: set[int]) -> None:
     """Re-pack the data section after tensor infos changed: every tensor gets its ggml size at an aligned
     offset; tensors in `fresh` (indices) get new bytes (random or zero), the others keep theirs."""
-    old = {i: g.data[t.offset:t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)] for i, t in enumerate(g.tensors)}
+    old = {i: g.data[t.offset : t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)] for i, t in enumerate(g.tensors)}
     out, pos = bytearray(), 0
     for i, t in enumerate(g.tensors):
         n = tensor_nbytes(t.ttype, t.dims)
@@ -233,15 +300,29 @@ def mutate_kv_value(rng: random.Random, kv: KV) -> None:
         s = kv.payload[8:]
         choice = rng.randrange(5)
         if choice == 0:
-            kv.payload = encode_string(s[:rng.randrange(len(s) + 1)] + bytes([rng.choice([0x80, 0xff, 0xc3, 0xed])]) + s)
+            kv.payload = encode_string(
+                s[: rng.randrange(len(s) + 1)] + bytes([rng.choice([0x80, 0xFF, 0xC3, 0xED])]) + s
+            )
         elif choice == 1:
             kv.payload = encode_string(s, claimed=rng.choice([len(s) + 1, 2**40, 2**64 - 1]))
         elif choice == 2:
             kv.payload = encode_string(b"")
         elif choice == 3:
-            kv.payload = encode_string(rng.choice([b"{% set x = 'a' * 100000000 %}{{ x }}", b"\xed\xa0\x80",
-                                                   b"{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
-                                                   b"yarn", b"none", b"llama", b"deepseek2", b"gpt2", b"bert"]))
+            kv.payload = encode_string(
+                rng.choice(
+                    [
+                        b"{% set x = 'a' * 100000000 %}{{ x }}",
+                        b"\xed\xa0\x80",
+                        b"{% for i in range(99999) %}{% for j in range(99999) %}{% endfor %}{% endfor %}",
+                        b"yarn",
+                        b"none",
+                        b"llama",
+                        b"deepseek2",
+                        b"gpt2",
+                        b"bert",
+                    ]
+                )
+            )
         else:
             kv.payload = encode_string(s * rng.choice([2, 100]))
     elif kv.vtype == 9:
@@ -256,9 +337,9 @@ def mutate_kv_value(rng: random.Random, kv: KV) -> None:
             size = struct.calcsize(SCALAR[etype])
             i = rng.randrange(n)
             v = rng.choice(FLOATS) if etype in FLOAT_T else rng.choice(INTS)
-            kv.payload = kv.payload[:12 + i * size] + encode_scalar(etype, v) + kv.payload[12 + (i + 1) * size:]
+            kv.payload = kv.payload[: 12 + i * size] + encode_scalar(etype, v) + kv.payload[12 + (i + 1) * size :]
         else:
-            kv.payload = struct.pack("<IQ", etype, n // 2) + body[:len(body) // 2]
+            kv.payload = struct.pack("<IQ", etype, n // 2) + body[: len(body) // 2]
 
 
 def retype_kv(rng: random.Random, kv: KV) -> None:
@@ -274,7 +355,7 @@ def retype_kv(rng: random.Random, kv: KV) -> None:
         body = b"".join(encode_string(b"7") if et == 8 else encode_scalar(et, rng.choice(INTS[:8])) for _ in range(n))
         kv.vtype, kv.payload = 9, struct.pack("<IQ", et, n) + body
     else:
-        kv.vtype = new      # an unknown type tag, payload kept
+        kv.vtype = new  # an unknown type tag, payload kept
 
 
 def arch_of(g: GGUF) -> bytes:
@@ -284,13 +365,35 @@ def arch_of(g: GGUF) -> bytes:
     return b"qwen3moe"
 
 
-ARCH_KEYS = [b"block_count", b"context_length", b"embedding_length", b"feed_forward_length",
-             b"attention.head_count", b"attention.head_count_kv", b"attention.key_length", b"attention.value_length",
-             b"attention.layer_norm_rms_epsilon", b"rope.dimension_count", b"rope.freq_base", b"expert_count",
-             b"expert_used_count", b"expert_group_count", b"expert_group_used_count", b"leading_dense_block_count",
-             b"rope.scaling.type", b"rope.scaling.factor", b"attention.sliding_window", b"expert_gating_func",
-             b"attention.kv_lora_rank", b"attention.q_lora_rank", b"expert_weights_scale", b"logit_scale",
-             b"attention.sliding_window_pattern", b"rope.scaling.yarn_log_multiplier", b"embedding_scale"]
+ARCH_KEYS = [
+    b"block_count",
+    b"context_length",
+    b"embedding_length",
+    b"feed_forward_length",
+    b"attention.head_count",
+    b"attention.head_count_kv",
+    b"attention.key_length",
+    b"attention.value_length",
+    b"attention.layer_norm_rms_epsilon",
+    b"rope.dimension_count",
+    b"rope.freq_base",
+    b"expert_count",
+    b"expert_used_count",
+    b"expert_group_count",
+    b"expert_group_used_count",
+    b"leading_dense_block_count",
+    b"rope.scaling.type",
+    b"rope.scaling.factor",
+    b"attention.sliding_window",
+    b"expert_gating_func",
+    b"attention.kv_lora_rank",
+    b"attention.q_lora_rank",
+    b"expert_weights_scale",
+    b"logit_scale",
+    b"attention.sliding_window_pattern",
+    b"rope.scaling.yarn_log_multiplier",
+    b"embedding_scale",
+]
 
 
 def m_header(rng, g: GGUF) -> None:
@@ -341,11 +444,11 @@ def m_tensor(rng, g: GGUF) -> None:
     i = rng.randrange(len(g.tensors))
     t = g.tensors[i]
     c = rng.randrange(8)
-    if c < 3:                                   # type (re-laid out, so the check sees the type itself)
+    if c < 3:  # type (re-laid out, so the check sees the type itself)
         t.ttype = rng.choice(ALL_TYPES if rng.random() < 0.5 else [24, 25, 26, 27, 28, 15, 9, 0, 1, 30, 8, 12])
         if rng.random() < 0.8:
             relayout(g, rng, {i})
-    elif c < 5:                                 # shape
+    elif c < 5:  # shape
         d = rng.randrange(len(t.dims))
         k = rng.randrange(5)
         if k == 0:
@@ -360,14 +463,30 @@ def m_tensor(rng, g: GGUF) -> None:
             t.dims = [math.prod(t.dims)]
         if rng.random() < 0.8:
             relayout(g, rng, {i})
-    elif c == 5:                                # offset
-        t.offset = rng.choice([t.offset + 1, t.offset + g.alignment, len(g.data), len(g.data) + 32, 2**63,
-                               g.tensors[rng.randrange(len(g.tensors))].offset])
-    elif c == 6:                                # name
+    elif c == 5:  # offset
+        t.offset = rng.choice(
+            [
+                t.offset + 1,
+                t.offset + g.alignment,
+                len(g.data),
+                len(g.data) + 32,
+                2**63,
+                g.tensors[rng.randrange(len(g.tensors))].offset,
+            ]
+        )
+    elif c == 6:  # name
         names = [x.name for x in g.tensors]
-        t.name = rng.choice([t.name + b"\xff", b"\xe2\x82" + t.name, rng.choice(names), t.name.replace(b"blk.1", b"blk.9"),
-                             b"", t.name + b"x" * 70000])
-    else:                                       # drop or duplicate a tensor
+        t.name = rng.choice(
+            [
+                t.name + b"\xff",
+                b"\xe2\x82" + t.name,
+                rng.choice(names),
+                t.name.replace(b"blk.1", b"blk.9"),
+                b"",
+                t.name + b"x" * 70000,
+            ]
+        )
+    else:  # drop or duplicate a tensor
         if rng.random() < 0.5:
             g.tensors.pop(i)
         else:
@@ -378,13 +497,13 @@ def m_tensor(rng, g: GGUF) -> None:
 
 def m_data(rng, g: GGUF) -> None:
     data = bytearray(g.data)
-    if rng.random() < 0.5:                      # NaN / inf into an F32 tensor
+    if rng.random() < 0.5:  # NaN / inf into an F32 tensor
         f32 = [t for t in g.tensors if t.ttype == 0 and t.offset + 4 <= len(data)]
         if f32:
             t = rng.choice(f32)
             n = (tensor_nbytes(0, t.dims) or 4) // 4
             j = t.offset + 4 * rng.randrange(max(n, 1))
-            data[j:j + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 3e38]))
+            data[j : j + 4] = struct.pack("<f", rng.choice([float("nan"), float("inf"), -float("inf"), 3e38]))
     else:
         for _ in range(rng.choice([1, 8, 64])):
             if data:
@@ -406,9 +525,9 @@ def mutate_gguf(rng: random.Random, seed: bytes) -> bytes:
                 break
     out = write_gguf(g)
     r = rng.random()
-    if r < 0.05:                                # truncation
-        out = out[:rng.randrange(len(out))]
-    elif r < 0.08:                              # raw byte flips in the metadata
+    if r < 0.05:  # truncation
+        out = out[: rng.randrange(len(out))]
+    elif r < 0.08:  # raw byte flips in the metadata
         b = bytearray(out)
         for _ in range(rng.choice([1, 4, 16])):
             b[rng.randrange(min(len(b), 24 + 64 * 1024))] = rng.randrange(256)
@@ -417,8 +536,33 @@ def mutate_gguf(rng: random.Random, seed: bytes) -> bytes:
 
 
 # ==== JSON (config.json, tokenizer files, index, safetensors headers, calibration) =========================
-JSON_VALUES: list[Any] = [0, -1, 1, 2, 2**31, 2**63, 2**64, 10**30, -0.5, 0.5, 1e-9, float("nan"), float("inf"),
-                          "", "x", "\ud800", None, True, False, [], {}, [1, 2], {"a": 1}, "1e400", 10**400]
+JSON_VALUES: list[Any] = [
+    0,
+    -1,
+    1,
+    2,
+    2**31,
+    2**63,
+    2**64,
+    10**30,
+    -0.5,
+    0.5,
+    1e-9,
+    float("nan"),
+    float("inf"),
+    "",
+    "x",
+    "\ud800",
+    None,
+    True,
+    False,
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    "1e400",
+    10**400,
+]
 
 
 def _paths(node: Any, prefix: tuple = ()) -> list[tuple]:
@@ -478,16 +622,16 @@ def dump_json(doc: Any, rng: random.Random) -> bytes:
     data = text.encode("utf-8", "surrogatepass")
     r = rng.random()
     if r < 0.05:
-        data = data[:rng.randrange(len(data) + 1)]
+        data = data[: rng.randrange(len(data) + 1)]
     elif r < 0.08:
-        data = data[:len(data) // 2] + b"\xff\xfe" + data[len(data) // 2:]
+        data = data[: len(data) // 2] + b"\xff\xfe" + data[len(data) // 2 :]
     return data
 
 
 # ==== HF directories ============================================================================================
 def _st_split(raw: bytes) -> tuple[dict, bytes]:
     (n,) = struct.unpack("<Q", raw[:8])
-    return json.loads(raw[8:8 + n]), raw[8 + n:]
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
 
 
 def _st_join(header: Any, data: bytes, rng: random.Random, delta: int = 0) -> bytes:
@@ -513,10 +657,28 @@ def mutate_hf(rng: random.Random, d: Path) -> None:
         cfg = _json_file(p)
         if cfg is None:
             return
-        counts = ("num_hidden_layers", "num_experts", "num_local_experts", "n_routed_experts", "num_experts_per_tok",
-                  "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size", "head_dim",
-                  "rms_norm_eps", "rope_theta", "moe_intermediate_size", "intermediate_size", "n_group", "topk_group",
-                  "first_k_dense_replace", "sliding_window", "kv_lora_rank", "q_lora_rank")
+        counts = (
+            "num_hidden_layers",
+            "num_experts",
+            "num_local_experts",
+            "n_routed_experts",
+            "num_experts_per_tok",
+            "hidden_size",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "vocab_size",
+            "head_dim",
+            "rms_norm_eps",
+            "rope_theta",
+            "moe_intermediate_size",
+            "intermediate_size",
+            "n_group",
+            "topk_group",
+            "first_k_dense_replace",
+            "sliding_window",
+            "kv_lora_rank",
+            "q_lora_rank",
+        )
         p.write_bytes(dump_json(mutate_json_value(rng, cfg, lambda path: bool(path) and path[0] in counts), rng))
     elif c < 6 and shards:
         p = rng.choice(shards)
@@ -528,21 +690,25 @@ def mutate_hf(rng: random.Random, d: Path) -> None:
         if k == 0:
             p.write_bytes(_st_join(header, data, rng, delta=rng.choice([-1, 1, -8, 8, 2**40])))
         elif k == 1:
-            p.write_bytes(_st_join(header, data[:rng.randrange(len(data) + 1)], rng))
+            p.write_bytes(_st_join(header, data[: rng.randrange(len(data) + 1)], rng))
         elif k == 2:
             p.write_bytes(_st_join(header, data + rng.randbytes(rng.choice([1, 8, 100])), rng))
-        elif k == 3:                            # data bytes (NaN weights and the like)
+        elif k == 3:  # data bytes (NaN weights and the like)
             b = bytearray(data)
             for _ in range(rng.choice([1, 16])):
                 if b:
                     b[rng.randrange(len(b))] = rng.randrange(256)
             p.write_bytes(_st_join(header, bytes(b), rng))
         else:
+
             def focus(path: tuple) -> bool:
                 return len(path) >= 2 and path[1] in ("data_offsets", "shape", "dtype")
+
             p.write_bytes(_st_join(mutate_json_value(rng, header, focus), data, rng))
     elif c < 8:
-        p = d / rng.choice(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"])
+        p = d / rng.choice(
+            ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"]
+        )
         doc = _json_file(p) if p.exists() else None
         if doc is not None:
             p.write_bytes(dump_json(mutate_json_value(rng, doc), rng))
@@ -550,7 +716,9 @@ def mutate_hf(rng: random.Random, d: Path) -> None:
         p = d / "model.safetensors.index.json"
         doc = _json_file(p) if p.exists() else None
         if doc is not None:
-            p.write_bytes(dump_json(mutate_json_value(rng, doc, lambda path: bool(path) and path[0] == "weight_map"), rng))
+            p.write_bytes(
+                dump_json(mutate_json_value(rng, doc, lambda path: bool(path) and path[0] == "weight_map"), rng)
+            )
         elif shards and not p.exists():
             shards[0].unlink()
 
@@ -562,12 +730,38 @@ def seed_trace_arrays(rng: random.Random) -> dict[str, np.ndarray]:
     n = sum(lens)
     ids = np.stack([np.stack([np.array(rng.sample(range(n_expert), k)) for _ in range(n_layers)]) for _ in range(n)])
     scores = -np.sort(-np.random.default_rng(rng.randrange(2**32)).random(ids.shape), axis=-1)
-    arrays = {"ids": ids.astype(np.int32), "offsets": np.cumsum([0] + lens).astype(np.int64),
-              "layers": np.arange(n_layers, dtype=np.int32), "n_expert": np.int64(n_expert), "model": np.str_("fuzz"),
-              "format_version": np.int64(1), "scores": scores.astype(np.float32)}
+    arrays = {
+        "ids": ids.astype(np.int32),
+        "offsets": np.cumsum([0] + lens).astype(np.int64),
+        "layers": np.arange(n_layers, dtype=np.int32),
+        "n_expert": np.int64(n_expert),
+        "model": np.str_("fuzz"),
+        "format_version": np.int64(1),
+        "scores": scores.astype(np.float32),
+    }
     if rng.random() < 0.5:
         arrays["lookahead_ids"] = np.concatenate([ids[:, 1:], np.full((n, 1, k), -1)], axis=1).astype(np.int32)
+    if rng.random() < 0.4:  # the per-sequence layout: ids_0, scores_0, lookahead_ids_0, ids_1, ... without offsets
+        off = arrays.pop("offsets")
+        for name in ("ids", "scores", "lookahead_ids"):
+            if name in arrays:
+                whole = arrays.pop(name)
+                for s in range(len(lens)):
+                    arrays[f"{name}_{s}"] = whole[off[s] : off[s + 1]]
     return arrays
+
+
+def shift_ids(rng: random.Random, a: np.ndarray) -> np.ndarray:
+    """Integer ids moved by k * 2^32 (int64) or stored as uint64 past 2^32: an int32 cast would give them back
+    unchanged, so a loader that casts before it checks reads them as valid ids."""
+    k = rng.choice([1, -1, 2, 3, -2, 2**30])
+    if rng.random() < 0.3 and k > 0:
+        return a.astype(np.uint64) + np.uint64(k << 32)
+    b = a.astype(np.int64)
+    if b.size and rng.random() < 0.5:  # one id only
+        b.flat[rng.randrange(b.size)] += np.int64(k << 32)
+        return b
+    return b + np.int64(k << 32)
 
 
 def mutate_trace_arrays(rng: random.Random, arrays: dict[str, Any]) -> dict[str, Any]:
@@ -576,21 +770,30 @@ def mutate_trace_arrays(rng: random.Random, arrays: dict[str, Any]) -> dict[str,
     c = rng.randrange(9)
     if c == 0:
         del arrays[key]
-    elif c == 1 and a.dtype.kind in "iufb":     # dtype
+    elif c == 1 and a.dtype.kind in "iufb":  # dtype
         arrays[key] = a.astype(rng.choice([np.int64, np.uint64, np.float32, np.float64, np.uint8, np.int16, np.bool_]))
-    elif c == 2 and a.dtype.kind in "iu":       # wrap-around bait
-        arrays[key] = a.astype(np.int64) + np.int64(2**32)
-    elif c == 3 and a.size and a.dtype.kind in "iufb":   # one value
+    elif c == 2 and a.dtype.kind in "iu":  # wrap-around bait (an ids key most of the time)
+        ids_keys = [k for k in arrays if re.fullmatch(r"(lookahead_)?ids(_\d+)?", k)]
+        key = rng.choice(ids_keys) if ids_keys and rng.random() < 0.8 else key
+        a = np.asarray(arrays[key])
+        if a.dtype.kind in "iu":
+            arrays[key] = shift_ids(rng, a)
+    elif c == 3 and a.size and a.dtype.kind in "iufb":  # one value
         b = a.astype(np.float64 if a.dtype.kind == "f" else np.int64).copy()
-        b.flat[rng.randrange(b.size)] = rng.choice([v for v in INTS if -(2**63) <= v < 2**63] if b.dtype.kind == "i" else FLOATS)
+        b.flat[rng.randrange(b.size)] = rng.choice(
+            [v for v in INTS if -(2**63) <= v < 2**63] if b.dtype.kind == "i" else FLOATS
+        )
         arrays[key] = b
-    elif c == 4:                                # shape
-        arrays[key] = rng.choice([a.reshape(-1), a[..., :0] if a.ndim else a, a[None], a.T if a.ndim else a,
-                                  a[:1] if a.ndim else a])
+    elif c == 4:  # shape
+        arrays[key] = rng.choice(
+            [a.reshape(-1), a[..., :0] if a.ndim else a, a[None], a.T if a.ndim else a, a[:1] if a.ndim else a]
+        )
     elif c == 5:
-        arrays["n_expert"] = rng.choice([np.int64(v) for v in (0, 1, 10**9, 2**62, 65536, 65537)] +
-                                        [np.float64(8.0), np.array([8, 8]), np.str_("8")])
-    elif c == 6 and np.ndim(arrays.get("ids")) >= 1:     # per-sequence layout
+        arrays["n_expert"] = rng.choice(
+            [np.int64(v) for v in (0, 1, 10**9, 2**62, 65536, 65537)]
+            + [np.float64(8.0), np.array([8, 8]), np.str_("8")]
+        )
+    elif c == 6 and np.ndim(arrays.get("ids")) >= 1:  # per-sequence layout
         ids = np.asarray(arrays.pop("ids"))
         cut = rng.randrange(len(ids) + 1)
         arrays["ids_0"], arrays["ids_1"] = ids[:cut], ids[cut:]
@@ -609,7 +812,7 @@ def write_trace_file(rng: random.Random, arrays: dict[str, Any], path: Path) -> 
         (np.savez_compressed if rng.random() < 0.3 else np.savez)(buf, **arrays)
     data = buf.getvalue()
     if c < 0.08 and data:
-        data = data[:rng.randrange(len(data))]
+        data = data[: rng.randrange(len(data))]
     elif c < 0.16 and data:
         b = bytearray(data)
         for _ in range(rng.choice([1, 8])):
@@ -619,11 +822,13 @@ def write_trace_file(rng: random.Random, arrays: dict[str, Any], path: Path) -> 
         b = io.BytesIO()
         np.save(b, np.asarray(arrays.get("ids", [1])))
         data = b.getvalue()
-    elif c < 0.24:                              # a header claiming a huge shape
+    elif c < 0.24:  # a header claiming a huge shape
         b = io.BytesIO()
-        np.lib.format.write_array_header_1_0(b, {"descr": "<i4", "fortran_order": False,
-                                                 "shape": (rng.choice([10**6, 10**12]), 2, 2)})
+        np.lib.format.write_array_header_1_0(
+            b, {"descr": "<i4", "fortran_order": False, "shape": (rng.choice([10**6, 10**12]), 2, 2)}
+        )
         import zipfile
+
         z = io.BytesIO()
         with zipfile.ZipFile(z, "w") as zf:
             zf.writestr("ids.npy", b.getvalue() + bytes(64))
@@ -645,8 +850,16 @@ def _npy(a: Any) -> bytes:
 # truncated shard, split keys that disagree, a tensor in two shards) or "any" (a shard mutated as in `gguf`, or a
 # shard that now reads as a whole model: refused, or finite logits).
 SPLIT_KEYS = (b"split.no", b"split.count", b"split.tensors.count")
-INT_RANGE = {0: (0, 2**8 - 1), 1: (-2**7, 2**7 - 1), 2: (0, 2**16 - 1), 3: (-2**15, 2**15 - 1), 4: (0, 2**32 - 1),
-             5: (-2**31, 2**31 - 1), 10: (0, 2**64 - 1), 11: (-2**63, 2**63 - 1)}
+INT_RANGE = {
+    0: (0, 2**8 - 1),
+    1: (-(2**7), 2**7 - 1),
+    2: (0, 2**16 - 1),
+    3: (-(2**15), 2**15 - 1),
+    4: (0, 2**32 - 1),
+    5: (-(2**31), 2**31 - 1),
+    10: (0, 2**64 - 1),
+    11: (-(2**63), 2**63 - 1),
+}
 RANK = {"same": 0, "broken": 1, "any": 2}
 
 
@@ -671,16 +884,16 @@ def set_kv(g: GGUF, key: bytes, vtype: int | None, payload: bytes = b"") -> None
 
 
 def tensor_blob(g: GGUF, t: TInfo) -> bytes:
-    return g.data[t.offset:t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)]
+    return g.data[t.offset : t.offset + (tensor_nbytes(t.ttype, t.dims) or 0)]
 
 
 @dataclass
 class SplitCase:
     prefix: str
-    n: int                              # the count in the shard names
-    files: dict[str, bytes]             # file name -> bytes (shards and any extra files)
-    open_idx: int                       # open the shard of this index (0-based) ...
-    open_name: str | None = None        # ... or this file
+    n: int  # the count in the shard names
+    files: dict[str, bytes]  # file name -> bytes (shards and any extra files)
+    open_idx: int  # open the shard of this index (0-based) ...
+    open_name: str | None = None  # ... or this file
     expect: str = "same"
     why: list[str] = field(default_factory=list)
 
@@ -718,8 +931,15 @@ def sm_rename_set(rng, s: SplitCase, seed: dict) -> None:
 
 def sm_extra_file(rng, s: SplitCase, seed: dict) -> None:
     i = rng.randrange(s.n)
-    extra = rng.choice([s.name(i) + ".part", f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf",
-                        f"{s.prefix}-{i + 1:05d}-of-{s.n + 1:05d}.gguf", "other.gguf", f"{s.prefix}.gguf"])
+    extra = rng.choice(
+        [
+            s.name(i) + ".part",
+            f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf",
+            f"{s.prefix}-{i + 1:05d}-of-{s.n + 1:05d}.gguf",
+            "other.gguf",
+            f"{s.prefix}.gguf",
+        ]
+    )
     s.files[extra] = s.files[s.name(i)]
     s.mark("same", f"a copy of shard {i + 1} beside the set as {extra}")
 
@@ -781,9 +1001,15 @@ def sm_swap(rng, s: SplitCase, seed: dict) -> None:
 
 def sm_rename_one(rng, s: SplitCase, seed: dict) -> None:
     k = rng.randrange(s.n)
-    new = rng.choice(["renamed.gguf", f"{s.prefix}-{k + 1:05d}-of-{s.n + 1:05d}.gguf",
-                      f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf", f"other-{k + 1:05d}-of-{s.n:05d}.gguf",
-                      f"{s.prefix}-{k + 1:05d}-of-{s.n:05d}.GGUF"])
+    new = rng.choice(
+        [
+            "renamed.gguf",
+            f"{s.prefix}-{k + 1:05d}-of-{s.n + 1:05d}.gguf",
+            f"{s.prefix}-{s.n + 1:05d}-of-{s.n:05d}.gguf",
+            f"other-{k + 1:05d}-of-{s.n:05d}.gguf",
+            f"{s.prefix}-{k + 1:05d}-of-{s.n:05d}.GGUF",
+        ]
+    )
     s.files[new] = s.files.pop(s.name(k))
     if rng.random() < 0.5:
         s.open_name = new
@@ -804,14 +1030,16 @@ def sm_truncate(rng, s: SplitCase, seed: dict) -> None:
     need = start + max((t.offset + (tensor_nbytes(t.ttype, t.dims) or 0) for t in g.tensors), default=0)
     r = rng.random()
     if r < 0.3 or need <= start:
-        cut = rng.randrange(start)                       # in the header, KVs or tensor infos
+        cut = rng.randrange(start)  # in the header, KVs or tensor infos
     elif r < 0.9 or need >= len(b):
-        cut = rng.randrange(start, need)                 # in the data
+        cut = rng.randrange(start, need)  # in the data
     else:
-        cut = rng.randrange(need, len(b))                # only the padding after the last tensor
+        cut = rng.randrange(need, len(b))  # only the padding after the last tensor
     s.files[s.name(k)] = b[:cut]
-    s.mark("same" if cut >= need else "broken", f"shard {k + 1} truncated to {cut} of {len(b)} bytes "
-                                                f"(tensor data ends at {need})")
+    s.mark(
+        "same" if cut >= need else "broken",
+        f"shard {k + 1} truncated to {cut} of {len(b)} bytes (tensor data ends at {need})",
+    )
 
 
 def sm_key_value(rng, s: SplitCase, seed: dict) -> None:
@@ -827,7 +1055,7 @@ def sm_key_value(rng, s: SplitCase, seed: dict) -> None:
             vt = 5
         if new is None:
             v = random_int_value(rng, old if isinstance(old, int) else None)
-            new = struct.unpack(SCALAR[vt], encode_scalar(vt, v))[0]      # as stored: wrapped to the type
+            new = struct.unpack(SCALAR[vt], encode_scalar(vt, v))[0]  # as stored: wrapped to the type
         set_kv(g, key, vt, encode_scalar(vt, new))
         s.put(i, g)
     where = "every shard" if every else f"shard {shards[0] + 1}"
@@ -853,8 +1081,13 @@ def sm_key_retype(rng, s: SplitCase, seed: dict) -> None:
     g = s.shard(k)
     key = rng.choice(SPLIT_KEYS)
     vt = rng.choice([6, 12, 8, 7, 9])
-    payload = {6: encode_scalar(6, 2.0), 12: encode_scalar(12, 1.0), 8: encode_string(b"3"), 7: encode_scalar(7, 1),
-               9: struct.pack("<IQ", 2, 1) + encode_scalar(2, 1)}[vt]
+    payload = {
+        6: encode_scalar(6, 2.0),
+        12: encode_scalar(12, 1.0),
+        8: encode_string(b"3"),
+        7: encode_scalar(7, 1),
+        9: struct.pack("<IQ", 2, 1) + encode_scalar(2, 1),
+    }[vt]
     set_kv(g, key, vt, payload)
     s.put(k, g)
     s.mark("broken", f"shard {k + 1}: {key.decode()} of type {vt}")
@@ -883,12 +1116,13 @@ def sm_tensor_twice(rng, s: SplitCase, seed: dict) -> None:
     relayout(gj, rng, set())
     s.put(j, gj)
     c = rng.random()
-    for k in range(s.n) if c < 0.6 else []:          # the count kept in step, or deleted, or left alone
+    for k in range(s.n) if c < 0.6 else []:  # the count kept in step, or deleted, or left alone
         g = s.shard(k)
         v = kv_int(g, b"split.tensors.count")
         if isinstance(v, int):
-            set_kv(g, b"split.tensors.count", 5, encode_scalar(5, v + 1)) if c < 0.3 else \
-                set_kv(g, b"split.tensors.count", None)
+            set_kv(g, b"split.tensors.count", 5, encode_scalar(5, v + 1)) if c < 0.3 else set_kv(
+                g, b"split.tensors.count", None
+            )
             s.put(k, g)
     s.mark("broken", f"tensor {t.name!r} of shard {i + 1} also in shard {j + 1}")
 
@@ -919,9 +1153,19 @@ def sm_gguf(rng, s: SplitCase, seed: dict) -> None:
 
 
 SPLIT_LAST: list[tuple[float, Callable]] = [
-    (0.07, sm_drop), (0.06, sm_swap), (0.07, sm_rename_one), (0.05, sm_dup_over), (0.12, sm_truncate),
-    (0.14, sm_key_value), (0.05, sm_key_retype), (0.08, sm_key_delete), (0.08, sm_tensor_twice),
-    (0.10, sm_foreign), (0.03, sm_foreign_model), (0.15, sm_gguf)]
+    (0.07, sm_drop),
+    (0.06, sm_swap),
+    (0.07, sm_rename_one),
+    (0.05, sm_dup_over),
+    (0.12, sm_truncate),
+    (0.14, sm_key_value),
+    (0.05, sm_key_retype),
+    (0.08, sm_key_delete),
+    (0.08, sm_tensor_twice),
+    (0.10, sm_foreign),
+    (0.03, sm_foreign_model),
+    (0.15, sm_gguf),
+]
 
 
 def make_split_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
@@ -930,10 +1174,18 @@ def make_split_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
     model = models[m]
     kind = rng.choice(list(model["sets"]))
     shards = model["sets"][kind]
-    seed = {"sets": model["sets"], "kind": kind, "n_tensors": model["n_tensors"],
-            "others": [o["sets"][kind] for j, o in enumerate(models) if j != m]}
-    s = SplitCase("m", len(shards), {f"m-{i + 1:05d}-of-{len(shards):05d}.gguf": Path(p).read_bytes()
-                                     for i, p in enumerate(shards)}, rng.randrange(len(shards)))
+    seed = {
+        "sets": model["sets"],
+        "kind": kind,
+        "n_tensors": model["n_tensors"],
+        "others": [o["sets"][kind] for j, o in enumerate(models) if j != m],
+    }
+    s = SplitCase(
+        "m",
+        len(shards),
+        {f"m-{i + 1:05d}-of-{len(shards):05d}.gguf": Path(p).read_bytes() for i, p in enumerate(shards)},
+        rng.randrange(len(shards)),
+    )
     s.why.append(f"{Path(model['model']).name} as the {kind} set of {len(shards)} shards")
     for _ in range(rng.choice([0, 0, 1, 1, 2])):
         rng.choice(SPLIT_SAME)(rng, s, seed)
@@ -952,14 +1204,23 @@ def make_split_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
     if opened not in s.files:
         opened = rng.choice(sorted(s.files))
     budget = rng.random() < 0.25
-    (out / "case.json").write_text(json.dumps({
-        "open": opened, "expect": s.expect, "why": s.why, "files": [s.name(i) for i in range(s.n)],
-        "budget": model["minimum"] if budget else None, "ref": model["ref"]["minimum" if budget else "resident"]},
-        indent=1))
+    (out / "case.json").write_text(
+        json.dumps(
+            {
+                "open": opened,
+                "expect": s.expect,
+                "why": s.why,
+                "files": [s.name(i) for i in range(s.n)],
+                "budget": model["minimum"] if budget else None,
+                "ref": model["ref"]["minimum" if budget else "resident"],
+            },
+            indent=1,
+        )
+    )
     return out
 
 
-SPLIT_LOAD = {"n_ctx": 16, "n_threads": 1, "prefetch": False}   # the reference and every case load alike
+SPLIT_LOAD = {"n_ctx": 16, "n_threads": 1, "prefetch": False}  # the reference and every case load alike
 SPLIT_IDS = [1, 2, 3]
 
 
@@ -980,9 +1241,11 @@ def build_split_seed_sets(cache: Path, models: list[str]) -> list[dict[str, Any]
         n = len(_core.read_gguf(model)["tensors"])
         for kind in ("py", "ml", "ml4"):
             (d / kind).mkdir()
-        sets = {"py": rewrite_stock(model, d / "py" / "m.gguf", split_max_tensors=n // 3 + 1),
-                "ml": convert(model, d / "ml" / "m.gguf", "keep", progress=False, split_max_tensors=n // 3 + 1).files,
-                "ml4": convert(model, d / "ml4" / "m.gguf", "keep", progress=False, split_max_tensors=n // 4 + 1).files}
+        sets = {
+            "py": rewrite_stock(model, d / "py" / "m.gguf", split_max_tensors=n // 3 + 1),
+            "ml": convert(model, d / "ml" / "m.gguf", "keep", progress=False, split_max_tensors=n // 3 + 1).files,
+            "ml4": convert(model, d / "ml4" / "m.gguf", "keep", progress=False, split_max_tensors=n // 4 + 1).files,
+        }
         with moelite.load(model, **SPLIT_LOAD) as m:
             minimum = int(m.plan.minimum_budget)
         ref = {}
@@ -996,8 +1259,15 @@ def build_split_seed_sets(cache: Path, models: list[str]) -> list[dict[str, Any]
                     got = np.asarray(m.logits(SPLIT_IDS))
                 if got.tobytes() != logits.tobytes():
                     raise SystemExit(f"seed set {kind} of {model} ({name}) does not give the unsplit logits")
-        out.append({"model": model, "n_tensors": n, "minimum": minimum, "ref": ref,
-                    "sets": {k: [str(p) for p in v] for k, v in sets.items()}})
+        out.append(
+            {
+                "model": model,
+                "n_tensors": n,
+                "minimum": minimum,
+                "ref": ref,
+                "sets": {k: [str(p) for p in v] for k, v in sets.items()},
+            }
+        )
     return out
 
 
@@ -1006,10 +1276,364 @@ class Silent(Exception):
     """Accepted input that produced corrupt output (non-finite logits, a converted file moelite refuses)."""
 
 
+# ==== public numeric arguments (issue 33) ======================================================================
+# A case is case.json: which call, which argument, and the hostile value in a tagged form (JSON has no NaN-safe,
+# numpy or bytes values): ["int", "123"], ["float", "nan"], ["np", "float32", "1e30"], ["bool", true], ["none"],
+# ["str", "5"], ["list", [tag, ...]], ["dict"], ["bytes"], ["complex"]; CLI cases carry the flag's text.
+BATCHED = ("trace", "api")  # cheap cases: many per forked child (run_batch), the fork and wake-ups cost more
+API_ADDRESS_SPACE = 64 << 30  # the api target's RLIMIT_AS above the harness: thread stacks, not memory
+API_LOAD = {"n_ctx": 16, "n_threads": 1, "prefetch": False}  # every load case starts from these (the reference too)
+API_PROMPT = [1, 2, 3]
+# (call, argument): the loaded model's options, generate's options, then the routing analyses on a recorded trace
+API_ARGS = [
+    *(
+        ("load", a)
+        for a in (
+            "memory_budget",
+            "vram_budget",
+            "policy_window",
+            "cache_shares",
+            "n_ctx",
+            "n_threads",
+            "n_ubatch",
+            "n_io_threads",
+            "gpu",
+            "host_slots",
+            "state_snapshots",
+            "swap_threshold",
+            "standin_threshold",
+        )
+    ),
+    *(
+        ("generate", a)
+        for a in (
+            "max_tokens",
+            "temperature",
+            "top_k",
+            "top_p",
+            "min_p",
+            "repetition_penalty",
+            "repeat_penalty",
+            "seed",
+            "stop_ids",
+            "prompt",
+        )
+    ),
+    ("logits_blocks", "first"),
+    ("srp", "m"),
+    ("srp_many", "ms"),
+    ("sch", "m"),
+    ("sch", "rho"),
+    ("static_sch", "m"),
+    ("static_sch", "rho"),
+    ("simulate", "total_slots"),
+    ("simulate", "m"),
+    ("simulate", "precision"),
+    ("simulate", "seed"),
+    ("simulate", "shares"),
+    ("calibrate", "budget"),
+    ("calibrate", "ms"),
+    ("calibrate", "precision"),
+]
+# options that must not change greedy decoding: an accepted value gives the reference tokens
+API_NEUTRAL = {
+    "memory_budget",
+    "vram_budget",
+    "policy_window",
+    "cache_shares",
+    "n_ctx",
+    "n_io_threads",
+    "gpu",
+    "host_slots",
+    "state_snapshots",
+    "standin_threshold",
+    "top_k",
+    "top_p",
+    "min_p",
+    "seed",
+}
+# `moelite run` flags and the option they map to; values are the text a shell would pass
+CLI_FLAGS = (
+    "--threads",
+    "--ctx-size",
+    "--memory-budget",
+    "--swap-threshold",
+    "--standin-threshold",
+    "--n-gpu-layers",
+    "--max-tokens",
+    "--temp",
+    "--top-k",
+    "--top-p",
+    "--min-p",
+    "--repeat-penalty",
+    "--seed",
+)
+CLI_TEXTS = (
+    "nan",
+    "inf",
+    "-inf",
+    "NaN",
+    "1e400",
+    "-1e400",
+    "1e-400",
+    "0",
+    "-0",
+    "-1",
+    "1",
+    "2",
+    "16",
+    "0.5",
+    "1.0",
+    "0.99",
+    "2147483647",
+    "2147483648",
+    "4294967296",
+    "9223372036854775807",
+    "9223372036854775808",
+    "1e30",
+    "5e-324",
+    "",
+    " ",
+    "abc",
+    "0x10",
+    "1_000",
+    "5.0",
+    "1,5",
+    "١",
+    "16MiB",
+    "1GiB",
+    "+3",
+    "1e3",
+    "true",
+)
+NP_TYPES = ("int64", "int32", "uint64", "uint8", "float32", "float64", "float16", "bool_")
+
+
+def hostile_tag(rng: random.Random, depth: int = 0) -> list:
+    """One value for a numeric argument, tagged (see above): boundaries of int32 / int64 / float, wrong types."""
+    c = rng.random()
+    if c < 0.35:
+        return ["int", str(rng.choice(INTS + [2**64, 10**30, -(2**64), 4, 5, 12, 24]))]
+    if c < 0.65:
+        v = rng.choice(FLOATS + [5e-324, 1.7976931348623157e308, 0.999999, 1.0000001, 0.25, 2.5, 0.9, 1e-9])
+        return ["float", repr(v)]
+    if c < 0.82:
+        t = rng.choice(NP_TYPES)
+        if t.startswith("float"):
+            return ["np", t, repr(rng.choice(FLOATS + [1.0, 2.0, 4.0]))]
+        if t == "bool_":
+            return ["np", t, rng.choice(["0", "1"])]
+        info = np.iinfo(getattr(np, t))
+        return ["np", t, str(rng.choice([v for v in INTS + [1, 2, 4] if info.min <= v <= info.max]))]
+    if c < 0.87:
+        return ["bool", rng.random() < 0.5]
+    if c < 0.90:
+        return ["none"]
+    if c < 0.94:
+        return ["str", rng.choice(["5", "0.5", "nan", "", "1GiB"])]
+    if c < 0.97 and depth == 0:
+        return ["list", [hostile_tag(rng, 1) for _ in range(rng.choice([0, 1, 2]))]]
+    return [rng.choice(["dict", "bytes", "complex"])]
+
+
+def decode_tag(tag: list) -> Any:
+    kind = tag[0]
+    if kind == "int":
+        return int(tag[1])
+    if kind == "float":
+        return float(tag[1])
+    if kind == "np":
+        t = getattr(np, tag[1])
+        with np.errstate(all="ignore"):  # 1e30 as float16 is inf: as numpy makes it
+            return t(float(tag[2])) if tag[1].startswith("float") else t(int(tag[2]))
+    if kind == "bool":
+        return bool(tag[1])
+    if kind == "str":
+        return tag[1]
+    if kind == "list":
+        return [decode_tag(x) for x in tag[1]]
+    return {"none": None, "dict": {"a": 1}, "bytes": b"4", "complex": complex(1, 1)}[kind]
+
+
+def make_api_case(rng: random.Random, seeds: dict[str, Any], d: Path) -> Path:
+    if rng.random() < 0.15:
+        case = {"call": "cli", "arg": rng.choice(CLI_FLAGS), "text": rng.choice(CLI_TEXTS)}
+    else:
+        call, arg = rng.choice(API_ARGS)
+        tag = hostile_tag(rng)
+        decode_tag(tag)  # a tag the child cannot rebuild is a mutator bug (skipped), not a finding
+        # wrap: the value inside a list argument; offload: a load case at the smallest budget (experts offloaded)
+        case = {"call": call, "arg": arg, "value": tag, "wrap": rng.random() < 0.3, "offload": rng.random() < 0.5}
+    p = d / "case.json"
+    p.write_text(json.dumps({**case, "seed": seeds["api"]}))
+    return p
+
+
+def _api_value(case: dict, n_layers: int) -> Any:
+    """The hostile value as the call takes it: list arguments get it as an item (or the whole value when wrap is
+    off and it is itself a list)."""
+    v = decode_tag(case["value"])
+    arg = case["arg"]
+    if arg in ("cache_shares", "shares") and case["wrap"]:
+        return [v] + [0.5] * (n_layers - 1) if n_layers > 1 else [v]
+    if arg in ("stop_ids", "ms") and case["wrap"]:
+        return [4, v]
+    if arg == "host_slots" and case["wrap"]:
+        return [v] * n_layers
+    if arg == "prompt":
+        return [1, v, 3] if case["wrap"] or not isinstance(v, list) else v
+    return v
+
+
+def _expect(ok: bool, what: str) -> None:
+    if not ok:
+        raise Silent(what)
+
+
+def _rate(x: Any) -> bool:
+    a = np.asarray(x, dtype=np.float64)
+    return bool(np.all(np.isnan(a) | ((a >= 0) & (a <= 1))))
+
+
+def run_api_model(case: dict, seed: dict) -> None:
+    import moelite
+
+    call, arg = case["call"], case["arg"]
+    value = _api_value(case, seed["n_layers"])
+    opts = dict(API_LOAD)
+    gen: dict[str, Any] = {"max_tokens": 2, "stop_ids": []}
+    prompt: Any = API_PROMPT
+    if call == "load":
+        opts[arg] = value
+        if arg == "policy_window":
+            opts["policy"] = "consistency"
+        if case.get("offload") and arg != "memory_budget":  # experts read from the file: the cache's knobs at work
+            opts["memory_budget"] = seed["min_budget"]
+    elif arg == "prompt":
+        prompt = value
+    elif call == "generate":
+        gen[arg] = value
+    with moelite.load(seed["model"], **opts) as m:
+        if call == "logits_blocks":
+            rows = sum(len(b) for _, b in m.logits_blocks(API_PROMPT, value))
+            _expect(rows == len(API_PROMPT) - int(value), f"logits_blocks(first={value!r}) gave {rows} rows")
+            return
+        toks = m.generate(prompt, **gen)
+    _expect(all(isinstance(t, int) and 0 <= t < seed["n_vocab"] for t in toks), f"token ids {toks[:8]}")
+    if call == "generate" and arg == "max_tokens":
+        _expect(len(toks) <= int(value), f"{len(toks)} tokens for max_tokens={value!r}")
+    elif arg != "stop_ids":
+        _expect(len(toks) == 2, f"{len(toks)} tokens for max_tokens=2")
+    ref = seed["ref"]
+    if arg == "stop_ids":  # stops at the first reference token it names: a prefix of the reference
+        _expect(toks == ref[: len(toks)], f"stop_ids={value!r}: {toks}, reference {ref}")
+    elif arg in API_NEUTRAL and arg != "prompt":
+        _expect(toks == ref, f"{arg}={value!r} changed greedy decoding: {toks}, reference {ref}")
+
+
+def run_api_trace(case: dict, seed: dict) -> None:
+    from moelite.cache_policies import calibrate, load_trace, sch, simulate, srp, srp_many, static_sch
+
+    t = load_trace(seed["trace"])
+    call, arg = case["call"], case["arg"]
+    value = _api_value(case, t.n_layers)
+    accesses = t.n_tokens * t.n_layers * t.k
+    if call == "srp":
+        r = srp(t, value)
+        _expect(_rate(r.value) and 0 <= r.alpha <= int(value) or np.isnan(r.value), f"srp -> {r}")
+    elif call == "srp_many":
+        out = srp_many(t, value)
+        _expect(all(_rate(r.value) for r in out.values()), f"srp_many -> {out}")
+    elif call in ("sch", "static_sch"):
+        fn = sch if call == "sch" else static_sch
+        r = fn(t, value, 2.0) if arg == "m" else fn(t, 4, value)
+        _expect(_rate(r), f"{call} -> {r}")
+    elif call == "simulate":
+        kw: dict[str, Any] = {"prefetch": arg in ("precision", "seed"), "precision": 0.5}
+        total = t.n_layers * t.k * 2
+        if arg == "total_slots":
+            total = value
+        else:
+            kw[arg] = value
+        r = simulate(t, "consistency" if arg == "m" else "lru", total, **kw)
+        _expect(_rate(r.hit_rate) and int(r.hits.sum() + r.misses.sum()) == accesses, f"simulate -> {r.to_dict()}")
+    else:
+        kw = {"ms": (4, 16)}
+        budget = t.n_layers * t.k * 2
+        if arg == "budget":
+            budget = value
+        else:
+            kw[arg] = value
+        cal = calibrate(t, budget, **kw)
+        p = "moelite.calibration."
+        _expect(_rate(cal[p + "hit_rate"]) and sum(cal[p + "layer_slots"]) == int(budget), f"calibrate -> {cal}")
+
+
+def run_api_cli(case: dict, seed: dict) -> None:
+    """`moelite run` with one flag's text: exit 0, or one 'moelite: error:' line (usage 2, model 1); a traceback or
+    an 'internal error' line is a failure."""
+    import moelite
+    from moelite.apps import cli
+
+    argv = ["run", seed["model"], "-p", "hi", "--max-tokens=2", "--threads=1", "--ctx-size=16", "--ignore-eos"]
+    argv = [a for a in argv if not a.startswith(case["arg"] + "=")] + [f"{case['arg']}={case['text']}"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main(argv)
+    text = err.getvalue()
+    if "internal error" in text or "Traceback" in text:
+        raise RuntimeError(f"{case['arg']}={case['text']!r}: {text[-2000:]}")
+    lines = [x for x in text.splitlines() if x.startswith("moelite: error:")]
+    if rc != 0:
+        _expect(len(lines) == 1, f"{case['arg']}={case['text']!r}: exit {rc} with {text[-500:]!r}")
+        raise moelite.errors.UsageError(lines[0])
+
+
+def run_api(path: Path) -> None:
+    case = json.loads(path.read_text())
+    seed = case["seed"]
+    if case["call"] == "cli":
+        run_api_cli(case, seed)
+    elif case["call"] in ("load", "generate", "logits_blocks"):
+        run_api_model(case, seed)
+    else:
+        run_api_trace(case, seed)
+
+
+def build_api_seed(cache: Path, model: str) -> dict[str, Any]:
+    """The api target's seed: the reference greedy tokens of the model under API_LOAD and a routing trace it
+    recorded (3 sequences of 24 tokens), saved under cache."""
+    import moelite
+    from moelite.cache_policies import save_trace
+
+    with moelite.load(model, **API_LOAD) as m:
+        ref = m.generate(API_PROMPT, max_tokens=2, stop_ids=[])
+        n_vocab, n_layers = m.n_vocab, m.hparams["n_layer"]
+    try:
+        moelite.load(model, **API_LOAD, memory_budget=1)
+    except moelite.errors.BudgetError as e:
+        min_budget = e.minimum
+    rng = np.random.default_rng(33)
+    with moelite.load(model, n_ctx=32, n_threads=1, prefetch=False, record_trace=True) as m:
+        for _ in range(3):
+            m.logits(rng.integers(0, n_vocab, 24).tolist())
+        trace = m.trace()
+    save_trace(trace, cache / "api-trace.npz")
+    return {
+        "model": model,
+        "ref": ref,
+        "n_vocab": n_vocab,
+        "n_layers": n_layers,
+        "min_budget": min_budget,
+        "trace": str(cache / "api-trace.npz"),
+    }
+
+
 def check_model(path: Path, converted: bool = False) -> None:
     """Load, 3 tokens of logits (finite), tokenizer and chat template. converted: the file came out of a
     successful conversion, so any refusal here is a silent corruption of the converter."""
     import moelite
+
     try:
         with moelite.load(path, n_ctx=16, n_threads=1, prefetch=False) as m:
             logits = m.logits([1, 2, 3])
@@ -1029,17 +1653,46 @@ def run_gguf(path: Path) -> None:
 
 def run_hf(path: Path) -> None:
     from moelite.converters import convert
+
     out = path.parent / "out.gguf"
     convert(path, out, random.Random(str(path)).choice(["f32", "q8_0"]), progress=False)
     check_model(out, converted=True)
 
 
+def stored_ids(path: Path, name: str) -> np.ndarray | None:
+    """The `name` ids the file stores (flat key or the per-sequence keys concatenated), as exact int64 values;
+    a stored value outside int64's range (uint64 past 2^63) comes back as int64's maximum, still no int32 id."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            n_seq = 0  # the per-sequence layout has as many sequences as consecutive ids_0, ids_1, ...
+            while f"ids_{n_seq}" in z.files:
+                n_seq += 1
+            keys = [f"{name}_{s}" for s in range(n_seq)] if n_seq else [name]
+            parts = [np.asarray(z[k]) for k in keys if k in z.files]
+    except Exception:  # noqa: BLE001 - numpy cannot read what moelite read: no oracle for this file
+        return None
+    if not parts or any(p.dtype.kind not in "iu" for p in parts):
+        return None
+    out = [
+        np.minimum(p, np.uint64(2**63 - 1)).astype(np.int64) if p.dtype == np.uint64 else p.astype(np.int64)
+        for p in parts
+    ]
+    return np.concatenate(out) if len(out) > 1 else out[0]
+
+
 def run_trace(path: Path) -> None:
     from moelite.cache_policies import load_trace, sch, simulate, srp, static_sch
+
     t = load_trace(path)
-    srp(t, 4)
-    sch(t, 4, 2.0)
-    static_sch(t, 4, 2.0)
+    for name, got in (("ids", t.ids), ("lookahead_ids", t.lookahead_ids)):  # loaded = stored, no wrapped id
+        want = stored_ids(path, name) if got is not None else None
+        if want is not None and (want.shape != got.shape or not np.array_equal(want, got.astype(np.int64))):
+            bad = want[(want < -(2**31)) | (want >= 2**31)]
+            raise Silent(f"{name} loaded other values than the file stores ({bad[:3].tolist()} outside int32)")
+    m = min(4, t.n_tokens)
+    srp(t, m)
+    sch(t, m, 2.0)
+    static_sch(t, m, 2.0)
     budget = t.n_layers * t.k * 2
     for policy in ("lru", "lfuda", "belady", "consistency"):
         simulate(t, policy, budget)
@@ -1049,6 +1702,7 @@ def run_trace(path: Path) -> None:
 
 def run_calibration(path: Path) -> None:
     import moelite
+
     with moelite.load(path, n_ctx=16, n_threads=1, prefetch=False):
         pass
 
@@ -1057,6 +1711,7 @@ def run_split(path: Path) -> None:
     """Open the set from case.json's shard: a refusal (moelite.errors) or finite logits; bit-identical to the
     unsplit model's, over the shards in order, when no mutation changed what matters; a refusal when one broke it."""
     import moelite
+
     case = json.loads((path / "case.json").read_text())
     why = "; ".join(case["why"])
     opts = dict(SPLIT_LOAD, memory_budget=case["budget"]) if case["budget"] else dict(SPLIT_LOAD)
@@ -1081,12 +1736,36 @@ def run_split(path: Path) -> None:
             raise Silent(f"info()['files'] = {files}, expected the {len(case['files'])} shards in order ({why})")
 
 
-RUNNERS = {"gguf": run_gguf, "hf": run_hf, "trace": run_trace, "calibration": run_calibration, "split": run_split}
+RUNNERS = {
+    "gguf": run_gguf,
+    "hf": run_hf,
+    "trace": run_trace,
+    "calibration": run_calibration,
+    "split": run_split,
+    "api": run_api,
+}
 
 
-def child_main(target: str, path: Path, wfd: int, mem: int, err_path: Path) -> None:
-    """In the forked child: limits, run, report {"class", "detail"} on the pipe, _exit."""
-    res: dict[str, str]
+def classify(target: str, path: Path) -> dict[str, str]:
+    """Run one case in this (child) process: {"class", "detail"}."""
+    import moelite
+
+    try:
+        RUNNERS[target](path)
+        return {"class": "ok", "detail": ""}
+    except Silent as e:
+        return {"class": "silent", "detail": str(e)}
+    except moelite.errors.MoeliteError as e:
+        return {"class": "moelite", "detail": f"{type(e).__name__}: {e}"}
+    except MemoryError as e:
+        return {"class": "memory", "detail": f"MemoryError: {e}"}
+    except BaseException as e:  # noqa: BLE001 - classified, not handled
+        return {"class": "other", "detail": f"{type(e).__name__}: {e}\n" + traceback.format_exc()[-3000:]}
+
+
+def child_main(target: str, paths: list[Path], wfd: int, mem: int, err_path: Path) -> None:
+    """In the forked child: limits, then each case in turn, one JSON line {"class", "detail"} per case on the
+    pipe; _exit."""
     try:
         fd = os.open(err_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         os.dup2(fd, 2)
@@ -1094,62 +1773,107 @@ def child_main(target: str, path: Path, wfd: int, mem: int, err_path: Path) -> N
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
         import warnings
+
         warnings.simplefilter("ignore")
-        import moelite
-        try:
-            RUNNERS[target](path)
-            res = {"class": "ok", "detail": ""}
-        except Silent as e:
-            res = {"class": "silent", "detail": str(e)}
-        except moelite.errors.MoeliteError as e:
-            res = {"class": "moelite", "detail": f"{type(e).__name__}: {e}"}
-        except MemoryError as e:
-            res = {"class": "memory", "detail": f"MemoryError: {e}"}
-        except BaseException as e:  # noqa: BLE001 - classified, not handled
-            res = {"class": "other", "detail": f"{type(e).__name__}: {e}\n" + traceback.format_exc()[-3000:]}
+        results = (classify(target, path) for path in paths)
+        for res in results:
+            os.write(wfd, (json.dumps(res)[:60000] + "\n").encode())
     except BaseException as e:  # noqa: BLE001
-        res = {"class": "other", "detail": f"harness: {type(e).__name__}: {e}"}
-    with contextlib.suppress(Exception):
-        os.write(wfd, json.dumps(res)[:60000].encode())
+        with contextlib.suppress(Exception):
+            os.write(
+                wfd, (json.dumps({"class": "other", "detail": f"harness: {type(e).__name__}: {e}"}) + "\n").encode()
+            )
     os._exit(0)
 
 
-def run_case(target: str, path: Path, timeout: float, mem: int) -> tuple[str, str]:
-    err_path = path.parent / "stderr.txt"
+def rss(pid: int) -> int:
+    """Resident set size of a process in bytes (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def run_case(target: str, path: Path, timeout: float, mem: int, rss_limit: int = 0) -> tuple[str, str]:
+    """One case in a forked child: RLIMIT_AS `mem`, killed past `timeout` seconds (hang) or, with rss_limit, as soon
+    as its resident memory passes rss_limit bytes (memory; polled every 20 ms)."""
+    return run_batch(target, [path], timeout, mem, rss_limit)[0]
+
+
+def run_batch(target: str, paths: list[Path], timeout: float, mem: int, rss_limit: int = 0) -> list[tuple[str, str]]:
+    """Cases one after the other in forked children: (class, detail) per path. The first child runs them all (no
+    fork, no scheduler wake-up between cheap cases); when it dies, hangs (`timeout` seconds without a result) or
+    passes rss_limit, the case it was running gets that class and a fresh child goes on with the next one. With
+    several paths, any case not ok or moelite is run again alone in a fresh child and that run decides (a batch
+    child's state, such as memory grown over earlier cases, never convicts a case)."""
+    out: list[tuple[str, str]] = []
+    while len(out) < len(paths):
+        out += _run_children(target, paths[len(out) :], timeout, mem, rss_limit)
+    if len(paths) > 1:
+        for i, (cls, _) in enumerate(out):
+            if cls not in ("ok", "moelite"):
+                out[i] = _run_children(target, paths[i : i + 1], timeout, mem, rss_limit)[0]
+    return out
+
+
+def _run_children(target: str, paths: list[Path], timeout: float, mem: int, rss_limit: int) -> list[tuple[str, str]]:
+    """One forked child over paths: the results it reported, plus the class of the case it stopped in if it did."""
+    err_path = paths[0].parent / "stderr.txt"
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:
         os.close(r)
-        child_main(target, path, w, mem, err_path)
+        child_main(target, paths, w, mem, err_path)
     os.close(w)
-    chunks, deadline, status, hung = [], time.monotonic() + timeout, None, False
+    got: list[tuple[str, str]] = []
+    buf, deadline, status, hung, peak = b"", time.monotonic() + timeout, None, False, 0
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
             os.kill(pid, signal.SIGKILL)
             hung = True
             break
-        ready, _, _ = select.select([r], [], [], min(left, 0.5))
+        if rss_limit:
+            peak = max(peak, rss(pid))
+            if peak > rss_limit:
+                os.kill(pid, signal.SIGKILL)
+                break
+        ready, _, _ = select.select([r], [], [], min(left, 0.02 if rss_limit else 0.5))
         if ready:
             b = os.read(r, 65536)
             if not b:
                 break
-            chunks.append(b)
+            buf += b
+            *lines, buf = buf.split(b"\n")
+            for line in lines:
+                try:
+                    res = json.loads(line)
+                    got.append((res["class"], res["detail"]))
+                except ValueError:
+                    got.append(("other", f"unreadable result line {line[:200]!r}"))
+                deadline = time.monotonic() + timeout  # each case has its own timeout
+                peak = 0
     _, status = os.waitpid(pid, 0)
     os.close(r)
+    if len(got) >= len(paths):
+        return got[: len(paths)]
     stderr_tail = err_path.read_text(errors="replace")[-1500:] if err_path.exists() else ""
     if hung:
-        return "hang", f"no result after {timeout:.0f} s\n{stderr_tail}"
+        return got + [("hang", f"no result after {timeout:.0f} s\n{stderr_tail}")]
+    if rss_limit and peak > rss_limit:
+        return got + [
+            ("memory", f"resident memory {peak >> 20} MiB, past the limit of {rss_limit >> 20} MiB\n{stderr_tail}")
+        ]
     if os.WIFSIGNALED(status):
         sig = signal.Signals(os.WTERMSIG(status)).name
         mem_words = ("failed to allocate", "out of memory", "bad_alloc", "Cannot allocate")
         cls = "memory" if any(wd in stderr_tail for wd in mem_words) else "signal"
-        return cls, f"{sig}\n{stderr_tail}"
-    try:
-        res = json.loads(b"".join(chunks))
-        return res["class"], res["detail"]
-    except ValueError:
-        return "other", f"no result (exit status {os.WEXITSTATUS(status)})\n{stderr_tail}"
+        return got + [(cls, f"{sig}\n{stderr_tail}")]
+    return got + [("other", f"no result (exit status {os.WEXITSTATUS(status)})\n{stderr_tail}")]
 
 
 # ==== seeds and the campaign ================================================================================
@@ -1163,7 +1887,7 @@ def build_seeds(cache: Path) -> dict[str, Any]:
     cache.mkdir(parents=True, exist_ok=True)
     code = f"""
 import json, sys
-sys.path.insert(0, {str(ROOT / 'tests')!r})
+sys.path.insert(0, {str(ROOT / "tests")!r})
 from fixture_models import fixture_gguf
 from hf_fixtures import make_hf_model
 gg = [str(fixture_gguf(f, t)[1]) for f, t in {list(GGUF_FAMILIES)!r}]
@@ -1175,8 +1899,11 @@ print(json.dumps({{"gguf": gg, "hf": hf}}))
         raise SystemExit(f"building fuzz seeds failed:\n{r.stderr[-3000:]}")
     built = json.loads(r.stdout.strip().splitlines()[-1])
     demo = ROOT / "src" / "moelite" / "data" / "demo.gguf"
-    seeds = {"gguf": ([str(demo)] if demo.exists() else []) + built["gguf"], "hf": built["hf"],
-             "model": built["gguf"][0]}
+    seeds = {
+        "gguf": ([str(demo)] if demo.exists() else []) + built["gguf"],
+        "hf": built["hf"],
+        "model": built["gguf"][0],
+    }
     seeds["calibration"] = calibration_seed(Path(seeds["model"]))
     manifest.write_text(json.dumps(seeds))
     return seeds
@@ -1187,6 +1914,7 @@ def calibration_seed(model: Path) -> dict[str, Any]:
     from moelite import _core
     from moelite.cache_policies.calibration import calibrate
     from moelite.cache_policies.trace import Trace
+
     meta = _core.read_gguf(str(model))
     kv = meta["kv"]
     arch = kv["general.architecture"]
@@ -1204,20 +1932,39 @@ def split_seeds(cache: Path, seeds: dict[str, Any]) -> list[dict[str, Any]]:
     models = [p for p in seeds["gguf"] if Path(p).parent.name != "data"]
     if manifest.exists():
         built = json.loads(manifest.read_text())
-        if [b["model"] for b in built] == models and all(Path(p).exists() for b in built for shards in
-                                                         b["sets"].values() for p in shards + list(b["ref"].values())):
+        if [b["model"] for b in built] == models and all(
+            Path(p).exists() for b in built for shards in b["sets"].values() for p in shards + list(b["ref"].values())
+        ):
             return built
+    built = built_in_subprocess(f"build_split_seed_sets(Path({str(cache)!r}), {models!r})", "split seed sets")
+    manifest.write_text(json.dumps(built, indent=1))
+    return built
+
+
+def built_in_subprocess(call: str, what: str) -> Any:
+    """fuzz.CALL's JSON result, computed in a fresh interpreter (seed models are loaded there, never in the harness
+    that forks the cases)."""
     code = f"""
 import json, sys
 from pathlib import Path
-sys.path.insert(0, {str(ROOT / 'tools')!r})
+sys.path.insert(0, {str(ROOT / "tools")!r})
 import fuzz
-print(json.dumps(fuzz.build_split_seed_sets(Path({str(cache)!r}), {models!r})))
+print(json.dumps(fuzz.{call}))
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     if r.returncode != 0:
-        raise SystemExit(f"building split seed sets failed:\n{r.stderr[-3000:]}{r.stdout[-1000:]}")
-    built = json.loads(r.stdout.strip().splitlines()[-1])
+        raise SystemExit(f"building {what} failed:\n{r.stderr[-3000:]}{r.stdout[-1000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def api_seeds(cache: Path, seeds: dict[str, Any]) -> dict[str, Any]:
+    """The api target's seed (build_api_seed in a subprocess, cached next to the other seeds)."""
+    manifest = cache / "api.json"
+    if manifest.exists():
+        built = json.loads(manifest.read_text())
+        if built["model"] == seeds["model"] and Path(built["trace"]).exists() and "min_budget" in built:
+            return built
+    built = built_in_subprocess(f"build_api_seed(Path({str(cache)!r}), {seeds['model']!r})", "the api seed")
     manifest.write_text(json.dumps(built, indent=1))
     return built
 
@@ -1226,6 +1973,8 @@ def make_case(target: str, rng: random.Random, seeds: dict[str, Any], d: Path) -
     """Write one mutated input under the empty folder d; returns the path the runner takes."""
     if target == "split":
         return make_split_case(rng, seeds, d)
+    if target == "api":
+        return make_api_case(rng, seeds, d)
     if target == "gguf":
         src = Path(rng.choice(seeds["gguf"]))
         p = d / "case.gguf"
@@ -1249,8 +1998,11 @@ def make_case(target: str, rng: random.Random, seeds: dict[str, Any], d: Path) -
     os.symlink(seeds["model"], p)
     doc = json.loads(json.dumps(seeds["calibration"]))
     for _ in range(rng.choice([1, 1, 2])):
-        doc = mutate_json_value(rng, doc, lambda path: bool(path) and str(path[0]).rsplit(".", 1)[-1]
-                                in ("policy", "m", "layer_shares", "policy_id"))
+        doc = mutate_json_value(
+            rng,
+            doc,
+            lambda path: bool(path) and str(path[0]).rsplit(".", 1)[-1] in ("policy", "m", "layer_shares", "policy_id"),
+        )
     (d / "model.gguf.calibration.json").write_bytes(dump_json(doc, rng))
     return p
 
@@ -1265,8 +2017,9 @@ def address_space() -> int:
 
 def commit() -> str:
     r = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"], capture_output=True, text=True)
-    dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(
+        ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True
+    ).stdout.strip()
     return r.stdout.strip() + ("+dirty" if dirty else "")
 
 
@@ -1276,31 +2029,47 @@ class Campaign:
     seed: int
     timeout: float
     mem: int
+    rss: int = 0  # resident memory a case may add to the harness's (0: unwatched; the api target: 1 GiB at least)
+    batch: int = 1  # cases per forked child for the BATCHED targets (run_batch)
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     examples: list[dict[str, str]] = field(default_factory=list)
-    commit: str = field(default_factory=commit)     # of the tree the campaign starts on
+    commit: str = field(default_factory=commit)  # of the tree the campaign starts on
 
     def run(self, target: str, n: int, seeds: dict[str, Any], progress: bool) -> None:
         counts = self.counts.setdefault(target, {c: 0 for c in CLASSES})
         work = self.out / "work"
-        for i in range(n):
-            rng = random.Random(f"{self.seed}:{target}:{i}")
-            d = work / f"{target}-{i}"
-            shutil.rmtree(d, ignore_errors=True)
-            d.mkdir(parents=True)
-            try:
-                path = make_case(target, rng, seeds, d)
-            except Exception as e:  # noqa: BLE001 - a mutator bug: count it apart, keep going
-                cls, detail = "skipped", f"mutator: {type(e).__name__}: {e}\n" + traceback.format_exc()[-2000:]
-                path = d
-            else:
-                cls, detail = run_case(target, path, self.timeout, self.mem + address_space())
-            counts[cls] += 1
-            if cls not in ("ok", "moelite"):
-                self.keep(target, cls, i, path, detail)
-            shutil.rmtree(d, ignore_errors=True)
-            if progress and (i + 1) % 50 == 0:
-                print(f"  {target}: {i + 1}/{n} " + " ".join(f"{c}={v}" for c, v in counts.items() if v), flush=True)
+        batch = self.batch if target in BATCHED else 1
+        for start in range(0, n, batch):
+            cases: list[tuple[int, Path, tuple[str, str] | None]] = []  # (i, path, result when not run)
+            for i in range(start, min(n, start + batch)):
+                rng = random.Random(f"{self.seed}:{target}:{i}")  # case i is the same whatever the batch size
+                d = work / f"{target}-{i}"
+                shutil.rmtree(d, ignore_errors=True)
+                d.mkdir(parents=True)
+                try:
+                    cases.append((i, make_case(target, rng, seeds, d), None))
+                except Exception as e:  # noqa: BLE001 - a mutator bug: count it apart, keep going
+                    detail = f"mutator: {type(e).__name__}: {e}\n" + traceback.format_exc()[-2000:]
+                    cases.append((i, d, ("skipped", detail)))
+            todo = [path for _, path, res in cases if res is None]
+            results = iter(run_batch(target, todo, *self.limits(target)) if todo else [])
+            for i, path, res in cases:
+                cls, detail = res or next(results)
+                counts[cls] += 1
+                if cls not in ("ok", "moelite"):
+                    self.keep(target, cls, i, path, detail)
+                shutil.rmtree(work / f"{target}-{i}", ignore_errors=True)
+                if progress and (i + 1) % 50 == 0:
+                    done = " ".join(f"{c}={v}" for c, v in counts.items() if v)
+                    print(f"  {target}: {i + 1}/{n} {done}", flush=True)
+
+    def limits(self, target: str) -> tuple[float, int, int]:
+        """timeout, RLIMIT_AS and resident-memory limit of a case. The api target measures resident memory (--rss above
+        the harness's, issue 33) and leaves address space loose: a legal n_threads = 512 reserves 512 thread stacks
+        of virtual memory that are never touched."""
+        if target == "api":
+            return self.timeout, API_ADDRESS_SPACE + address_space(), max(self.rss, 1 << 30) + rss(os.getpid())
+        return self.timeout, self.mem + address_space(), self.rss + rss(os.getpid()) if self.rss else 0
 
     def keep(self, target: str, cls: str, i: int, path: Path, detail: str) -> None:
         dst_dir = self.out / target / cls
@@ -1312,12 +2081,20 @@ class Campaign:
         elif src.exists():
             shutil.copy(src, dst_dir / (name + "".join(src.suffixes[-1:])))
         (dst_dir / f"{name}.txt").write_text(detail)
-        self.examples.append({"target": target, "class": cls, "case": name, "detail": detail.splitlines()[0][:300]
-                              if detail else ""})
+        self.examples.append(
+            {"target": target, "class": cls, "case": name, "detail": detail.splitlines()[0][:300] if detail else ""}
+        )
 
     def summary(self) -> dict[str, Any]:
-        return {"seed": self.seed, "commit": self.commit, "timeout_s": self.timeout, "mem_limit": self.mem,
-                "counts": self.counts, "kept": self.examples}
+        return {
+            "seed": self.seed,
+            "commit": self.commit,
+            "timeout_s": self.timeout,
+            "mem_limit": self.mem,
+            "rss_limit": self.rss,
+            "counts": self.counts,
+            "kept": self.examples,
+        }
 
 
 def table(counts: dict[str, dict[str, int]]) -> str:
@@ -1334,24 +2111,43 @@ def parse_size(s: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--cases", type=int, default=100, help="cases per target")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target", choices=(*TARGETS, "all"), default="all")
     ap.add_argument("--out", type=Path, default=Path("fuzz-out"), help="summary.json and reproducers go here")
     ap.add_argument("--timeout", type=float, default=20.0, help="seconds per case before it counts as a hang")
     ap.add_argument("--mem", default="2GiB", help="address space a case may add to the harness's own")
+    ap.add_argument(
+        "--rss", default="1GiB", help="resident memory a case may add to the harness's own (polled; 0: unwatched)"
+    )
+    ap.add_argument(
+        "--batch",
+        type=int,
+        default=50,
+        help="trace and api: cases per forked child (a failing case is re-run alone to be classified; 1: one each)",
+    )
     ap.add_argument("--seeds-cache", type=Path, default=ROOT / "tests" / ".fixtures" / "fuzz")
     ap.add_argument("--quiet", action="store_true")
     a = ap.parse_args(argv)
     sys.path.insert(0, str(ROOT / "tests"))
     import moelite  # noqa: F401 - imported before forking, so each case starts warm
+
     seeds = build_seeds(a.seeds_cache)
     if a.target in ("split", "all"):
         seeds["split"] = split_seeds(a.seeds_cache, seeds)
+    if a.target in ("trace", "api", "all"):
+        import moelite.cache_policies  # noqa: F401 - imported once before forking: 0.3 s a case otherwise
+    if a.target in ("api", "all"):
+        seeds["api"] = api_seeds(a.seeds_cache, seeds)
+        import moelite.apps.cli
+
+        moelite.apps.cli.build_parser()  # imports every command's module (a CLI case in a fresh child: 0.2 s)
     a.out.mkdir(parents=True, exist_ok=True)
-    camp = Campaign(a.out, a.seed, a.timeout, parse_size(a.mem))
-    for target in (TARGETS if a.target == "all" else (a.target,)):
+    camp = Campaign(a.out, a.seed, a.timeout, parse_size(a.mem), parse_size(a.rss), batch=max(1, a.batch))
+    for target in TARGETS if a.target == "all" else (a.target,):
         camp.run(target, a.cases, seeds, not a.quiet)
     shutil.rmtree(a.out / "work", ignore_errors=True)
     summary = camp.summary()

@@ -26,11 +26,11 @@ How it is trained (compute per token follows the 22 M active parameters, not the
 Outputs are cached under bench/out/bench_moe/ (git-ignored: too large to commit); bench/run_bench.py calls
 build() on first use, the way it builds the synthetic model.
 """
+
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -41,13 +41,40 @@ CARD = ROOT / "bench" / "BENCH_MODEL.md"
 QUANT = "q4_k_m"
 
 # Everything that decides the model; the command in the module docstring runs exactly this.
-SHAPE = ["--layers", "6", "--hidden", "256", "--head-dim", "64", "--kv-heads", "2",
-         "--experts", "128", "--top-k", "8", "--expert-ffn", "512"]
-SCHEDULE = ["--seq-len", "256", "--batch-size", "16", "--lr", "1e-3", "--warmup-steps", "20",
-            "--min-lr-frac", "0.1", "--aux-coef", "0.01", "--seed", "1234"]
+SHAPE = [
+    "--layers",
+    "6",
+    "--hidden",
+    "256",
+    "--head-dim",
+    "64",
+    "--kv-heads",
+    "2",
+    "--experts",
+    "128",
+    "--top-k",
+    "8",
+    "--expert-ffn",
+    "512",
+]
+SCHEDULE = [
+    "--seq-len",
+    "256",
+    "--batch-size",
+    "16",
+    "--lr",
+    "1e-3",
+    "--warmup-steps",
+    "20",
+    "--min-lr-frac",
+    "0.1",
+    "--aux-coef",
+    "0.01",
+    "--seed",
+    "1234",
+]
 DEFAULT_STEPS = 200
-EVAL = ["--eval-every-minutes", "30", "--ckpt-every-minutes", "10", "--eval-tokens", "16384",
-        "--srp-tokens", "16384"]
+EVAL = ["--eval-every-minutes", "30", "--ckpt-every-minutes", "10", "--eval-tokens", "16384", "--srp-tokens", "16384"]
 
 
 def gguf_path(cache: Path = CACHE) -> Path:
@@ -62,9 +89,26 @@ def train(cache: Path, steps: int, threads: int, resume: bool, corpus_dir: Path)
     log = hf / "train_log.json"
     if log.exists() and "final" in json.loads(log.read_text()):
         return hf
-    argv = ["--out", str(hf), "--ckpt-dir", str(cache / "ckpt"), "--corpus-dir", str(corpus_dir),
-            "--init-gguf", str(DEMO), "--upcycle", *SHAPE, *SCHEDULE, *EVAL,
-            "--max-steps", str(steps), "--budget-minutes", "240", "--threads", str(threads)]
+    argv = [
+        "--out",
+        str(hf),
+        "--ckpt-dir",
+        str(cache / "ckpt"),
+        "--corpus-dir",
+        str(corpus_dir),
+        "--init-gguf",
+        str(DEMO),
+        "--upcycle",
+        *SHAPE,
+        *SCHEDULE,
+        *EVAL,
+        "--max-steps",
+        str(steps),
+        "--budget-minutes",
+        "240",
+        "--threads",
+        str(threads),
+    ]
     if resume:
         argv.append("--resume")
     if not (corpus_dir / "corpus.jsonl").exists():
@@ -77,12 +121,18 @@ def train(cache: Path, steps: int, threads: int, resume: bool, corpus_dir: Path)
 def convert(hf: Path, out: Path) -> Path:
     if not out.exists():
         from moelite.converters import convert as convert_hf
+
         convert_hf(hf, out, type=QUANT, progress=True)
     return out
 
 
-def build(cache: Path = CACHE, steps: int = DEFAULT_STEPS, threads: int = 1, resume: bool = True,
-          corpus_dir: Path = ROOT / "build" / "demo_corpus") -> Path:
+def build(
+    cache: Path = CACHE,
+    steps: int = DEFAULT_STEPS,
+    threads: int = 1,
+    resume: bool = True,
+    corpus_dir: Path = ROOT / "build" / "demo_corpus",
+) -> Path:
     """The bench MoE's GGUF, trained and converted on first use (cached)."""
     out = gguf_path(cache)
     if out.exists():
@@ -102,6 +152,7 @@ def main(argv=None) -> int:
     if not a.card_only:
         build(a.cache, a.steps, a.threads, a.resume, a.corpus_dir)
     from bench_model_card import write_card
+
     write_card(a.cache, gguf_path(a.cache), CARD)
     return 0
 

@@ -25,6 +25,7 @@ question/answer pairs (tools/build_qa_pairs.py) in ChatML, loss on the answer to
 --init-gguf takes the GGUF's own tokenizer (byte for byte) and its weights dequantized to f32.
 --export-only --resume writes a running job's last checkpoint as an HF dir (to convert and try it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
-import struct
 import subprocess
 import sys
 import sysconfig
@@ -50,8 +49,10 @@ SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 DOMAINS = ["prose", "technical", "code_python", "code_go"]
 PACKAGES = ["r-cran-janeaustenr", "python3.11-doc", "golang-1.19-src"]
 # Qwen2's pre-tokenizer split (llama.cpp `tokenizer.ggml.pre = qwen2`), so the GGUF tokenizes the same.
-QWEN2_PRETOK = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
-                r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_PRETOK = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 CHAT_TEMPLATE = (
     "{%- for message in messages %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
@@ -72,6 +73,7 @@ def stable_hash(s: str) -> int:
 # 1. corpus
 # ----------------------------------------------------------------------------------------------
 
+
 def fetch_packages(raw_dir: str) -> None:
     """apt-get download + dpkg-deb -x into raw_dir (network; skipped when already extracted)."""
     debs = os.path.join(raw_dir, "debs")
@@ -89,12 +91,13 @@ def austen_documents(raw_dir: str) -> list[tuple[str, str]]:
     import rdata
 
     data_dir = os.path.join(raw_dir, "usr/lib/R/site-library/janeaustenr/data")
-    index = rdata.conversion.convert(rdata.parser.parse_data(
-        gzip.decompress(open(os.path.join(data_dir, "Rdata.rdx"), "rb").read())))
+    index = rdata.conversion.convert(
+        rdata.parser.parse_data(gzip.decompress(open(os.path.join(data_dir, "Rdata.rdx"), "rb").read()))
+    )
     rdb = open(os.path.join(data_dir, "Rdata.rdb"), "rb").read()
     docs = []
     for name, (off, length) in sorted(index["variables"].items()):
-        blob = rdb[int(off):int(off) + int(length)]  # 4-byte length + zlib stream
+        blob = rdb[int(off) : int(off) + int(length)]  # 4-byte length + zlib stream
         lines = rdata.conversion.convert(rdata.parser.parse_data(zlib.decompress(blob[4:])))
         chapter, n = [], 0
         for line in [str(x) for x in lines] + ["CHAPTER END"]:
@@ -127,11 +130,11 @@ def collect_domains(raw_dir: str) -> dict[str, list[tuple[str, str]]]:
     stdlib = sysconfig.get_paths()["stdlib"]
     return {
         "prose": austen_documents(raw_dir),
-        "technical": file_documents(os.path.join(raw_dir, "usr/share/doc/python3.11/html/_sources"),
-                                    ["**/*.rst.txt"]),
+        "technical": file_documents(os.path.join(raw_dir, "usr/share/doc/python3.11/html/_sources"), ["**/*.rst.txt"]),
         "code_python": file_documents(stdlib, ["**/*.py"], ("site-packages", "test/", "tests/", "idlelib")),
-        "code_go": file_documents(os.path.join(raw_dir, "usr/share/go-1.19/src"), ["**/*.go"],
-                                  ("testdata", "vendor/", "_test.go")),
+        "code_go": file_documents(
+            os.path.join(raw_dir, "usr/share/go-1.19/src"), ["**/*.go"], ("testdata", "vendor/", "_test.go")
+        ),
     }
 
 
@@ -159,8 +162,10 @@ def build_corpus(args) -> str:
                     continue
                 size[split] += len(text.encode())
                 f.write(json.dumps({"domain": domain, "split": split, "name": name, "text": text}) + "\n")
-            log(f"corpus {domain}: {len(docs)} docs available, train {size['train']/1e6:.2f} MB, "
-                f"val {size['val']/1e6:.2f} MB")
+            log(
+                f"corpus {domain}: {len(docs)} docs available, train {size['train'] / 1e6:.2f} MB, "
+                f"val {size['val'] / 1e6:.2f} MB"
+            )
     os.replace(tmp, path)
     return path
 
@@ -175,6 +180,7 @@ def read_corpus(path: str):
 # 2. tokenizer, 3. tokens
 # ----------------------------------------------------------------------------------------------
 
+
 def train_tokenizer(args, corpus: str):
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -184,13 +190,20 @@ def train_tokenizer(args, corpus: str):
     if os.path.exists(path):
         return Tokenizer.from_file(path)
     tok = Tokenizer(models.BPE(byte_fallback=False))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(QWEN2_PRETOK), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_PRETOK), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=SPECIALS, min_frequency=2,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=args.vocab_size,
+        special_tokens=SPECIALS,
+        min_frequency=2,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     t0 = time.time()
     tok.train_from_iterator((d["text"] for d in read_corpus(corpus) if d["split"] == "train"), trainer)
     tok.save(path)
@@ -232,6 +245,7 @@ def unigram_baselines(train: dict[str, np.ndarray], val: dict[str, np.ndarray], 
 # continued training: weights from a shipped GGUF, question/answer pairs (issue 19)
 # ----------------------------------------------------------------------------------------------
 
+
 def gguf_field(path: str, key: str):
     import gguf
 
@@ -246,19 +260,32 @@ def gguf_state_dict(path: str, n_layers: int) -> dict:
     import torch
 
     reader = gguf.GGUFReader(path)
-    t = {x.name: torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(x.data, x.tensor_type),
-                                                       dtype=np.float32)) for x in reader.tensors}
-    sd = {"model.embed_tokens.weight": t["token_embd.weight"], "model.norm.weight": t["output_norm.weight"],
-          "lm_head.weight": t.get("output.weight", t["token_embd.weight"])}
-    names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
-             "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "self_attn.q_norm": "attn_q_norm",
-             "self_attn.k_norm": "attn_k_norm", "mlp.gate": "ffn_gate_inp"}
+    t = {
+        x.name: torch.from_numpy(np.ascontiguousarray(gguf.quants.dequantize(x.data, x.tensor_type), dtype=np.float32))
+        for x in reader.tensors
+    }
+    sd = {
+        "model.embed_tokens.weight": t["token_embd.weight"],
+        "model.norm.weight": t["output_norm.weight"],
+        "lm_head.weight": t.get("output.weight", t["token_embd.weight"]),
+    }
+    names = {
+        "input_layernorm": "attn_norm",
+        "post_attention_layernorm": "ffn_norm",
+        "self_attn.q_proj": "attn_q",
+        "self_attn.k_proj": "attn_k",
+        "self_attn.v_proj": "attn_v",
+        "self_attn.o_proj": "attn_output",
+        "self_attn.q_norm": "attn_q_norm",
+        "self_attn.k_norm": "attn_k_norm",
+        "mlp.gate": "ffn_gate_inp",
+    }
     for b in range(n_layers):
         for hf, gg in names.items():
             sd[f"model.layers.{b}.{hf}.weight"] = t[f"blk.{b}.{gg}.weight"]
         sd[f"model.layers.{b}.mlp.experts.gate_up_proj"] = torch.cat(
-            [t[f"blk.{b}.ffn_gate_exps.weight"], t[f"blk.{b}.ffn_up_exps.weight"]], dim=1)
+            [t[f"blk.{b}.ffn_gate_exps.weight"], t[f"blk.{b}.ffn_up_exps.weight"]], dim=1
+        )
         sd[f"model.layers.{b}.mlp.experts.down_proj"] = t[f"blk.{b}.ffn_down_exps.weight"]
     return sd
 
@@ -268,8 +295,11 @@ def render_turns(tok, turns: list[tuple[str, str]]) -> tuple[list[int], list[int
     (the tokens the model is trained to produce), 0 on the rest. Same text as CHAT_TEMPLATE renders."""
     ids, mask = [], []
     for q, a in turns:
-        for text, m in ((f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", 0), (f"{a}<|im_end|>", 1),
-                        ("\n", 0)):
+        for text, m in (
+            (f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n", 0),
+            (f"{a}<|im_end|>", 1),
+            ("\n", 0),
+        ):
             enc = tok.encode(text).ids
             ids += enc
             mask += [m] * len(enc)
@@ -289,7 +319,7 @@ def qa_windows(tok, path: str, seq_len: int, seed: int) -> tuple[np.ndarray, np.
     while i < len(pairs):
         n = min(rng.choice([1, 1, 2, 3]), len(pairs) - i)
         while True:  # fewer turns when the conversation would not fit one window
-            ids, mask = render_turns(tok, [(p["question"], p["answer"]) for p in pairs[i:i + n]])
+            ids, mask = render_turns(tok, [(p["question"], p["answer"]) for p in pairs[i : i + n]])
             if len(ids) < width or n == 1:
                 break
             n -= 1
@@ -316,8 +346,8 @@ def qa_eval_loss(model, windows: np.ndarray, mask: np.ndarray, batch: int) -> fl
     total, count = 0.0, 0
     with torch.no_grad():
         for i in range(0, len(windows), batch):
-            x = torch.from_numpy(windows[i:i + batch])
-            m = torch.from_numpy(mask[i:i + batch, 1:]).bool()
+            x = torch.from_numpy(windows[i : i + batch])
+            m = torch.from_numpy(mask[i : i + batch, 1:]).bool()
             logits = model(input_ids=x[:, :-1], output_router_logits=False).logits
             ce = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), x[:, 1:], reduction="none")
             total += ce[m].sum().item()
@@ -330,8 +360,10 @@ def qa_eval_loss(model, windows: np.ndarray, mask: np.ndarray, batch: int) -> fl
 # 4. model + training
 # ----------------------------------------------------------------------------------------------
 
-def upcycle_state_dict(sd: dict, n_layers: int, n_expert: int, n_ff: int, seed: int,
-                       router_noise: float = 0.3, weight_noise: float = 0.01) -> dict:
+
+def upcycle_state_dict(
+    sd: dict, n_layers: int, n_expert: int, n_ff: int, seed: int, router_noise: float = 0.3, weight_noise: float = 0.01
+) -> dict:
     """Grow a trained MoE (E0 experts of width F0) into n_expert experts of width n_ff >= F0 ("sparse
     upcycling"): expert j is a copy of expert j % E0 (so each source expert has n_expert / E0 copies).
       - gate/up rows [0, F0) = the source rows + weight_noise * their std; rows [F0, n_ff) fresh N(0, 0.02);
@@ -350,7 +382,9 @@ def upcycle_state_dict(sd: dict, n_layers: int, n_expert: int, n_ff: int, seed: 
         router = sd[f"model.layers.{b}.mlp.gate.weight"]  # [E0, H]
         e0, f0, h = gu.shape[0], gu.shape[1] // 2, gu.shape[2]
         if n_expert % e0 or n_ff < f0:
-            raise SystemExit(f"upcycling {e0} experts x {f0} into {n_expert} x {n_ff}: need a multiple and n_ff >= {f0}")
+            raise SystemExit(
+                f"upcycling {e0} experts x {f0} into {n_expert} x {n_ff}: need a multiple and n_ff >= {f0}"
+            )
         src = torch.arange(n_expert) % e0
 
         def noisy(t: torch.Tensor, rel: float) -> torch.Tensor:
@@ -359,9 +393,9 @@ def upcycle_state_dict(sd: dict, n_layers: int, n_expert: int, n_ff: int, seed: 
         gate, up = gu[:, :f0], gu[:, f0:]
         new_gu = torch.empty(n_expert, 2 * n_ff, h)
         new_gu[:, :f0] = noisy(gate[src], weight_noise)
-        new_gu[:, n_ff:n_ff + f0] = noisy(up[src], weight_noise)
+        new_gu[:, n_ff : n_ff + f0] = noisy(up[src], weight_noise)
         new_gu[:, f0:n_ff] = 0.02 * torch.randn(n_expert, n_ff - f0, h, generator=g)
-        new_gu[:, n_ff + f0:] = 0.02 * torch.randn(n_expert, n_ff - f0, h, generator=g)
+        new_gu[:, n_ff + f0 :] = 0.02 * torch.randn(n_expert, n_ff - f0, h, generator=g)
         new_down = torch.zeros(n_expert, h, n_ff)
         new_down[:, :, :f0] = noisy(down[src], weight_noise)
         out[f"model.layers.{b}.mlp.experts.gate_up_proj"] = new_gu
@@ -374,7 +408,7 @@ def val_windows(arr: np.ndarray, seq_len: int, max_tokens: int) -> np.ndarray:
     """Non-overlapping [n, seq_len + 1] windows from the start of the held-out stream."""
     n = max(1, min(len(arr) - 1, max_tokens) // seq_len)
     n = min(n, (len(arr) - 1) // seq_len)
-    return np.stack([arr[i * seq_len:i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
+    return np.stack([arr[i * seq_len : i * seq_len + seq_len + 1] for i in range(n)]).astype(np.int64)
 
 
 def make_model(args, vocab_size: int, eot: int, im_end: int):
@@ -382,13 +416,27 @@ def make_model(args, vocab_size: int, eot: int, im_end: int):
     from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
 
     config = Qwen3MoeConfig(
-        vocab_size=vocab_size, hidden_size=args.hidden, num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // args.head_dim, num_key_value_heads=args.kv_heads,
-        head_dim=args.head_dim, intermediate_size=args.expert_ffn * args.top_k,  # unused: all layers MoE
-        moe_intermediate_size=args.expert_ffn, num_experts=args.experts, num_experts_per_tok=args.top_k,
-        norm_topk_prob=True, output_router_logits=True, router_aux_loss_coef=args.aux_coef,
-        decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=4096, rope_theta=10000.0,
-        tie_word_embeddings=True, bos_token_id=eot, eos_token_id=im_end, pad_token_id=eot,
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // args.head_dim,
+        num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim,
+        intermediate_size=args.expert_ffn * args.top_k,  # unused: all layers MoE
+        moe_intermediate_size=args.expert_ffn,
+        num_experts=args.experts,
+        num_experts_per_tok=args.top_k,
+        norm_topk_prob=True,
+        output_router_logits=True,
+        router_aux_loss_coef=args.aux_coef,
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        max_position_embeddings=4096,
+        rope_theta=10000.0,
+        tie_word_embeddings=True,
+        bos_token_id=eot,
+        eos_token_id=im_end,
+        pad_token_id=eot,
         initializer_range=0.02,
     )
     torch.manual_seed(args.seed)
@@ -422,10 +470,11 @@ def evaluate(model, val: dict[str, np.ndarray], batch: int) -> dict[str, float]:
         for domain, windows in val.items():
             total, count = 0.0, 0
             for i in range(0, len(windows), batch):
-                x = torch.from_numpy(windows[i:i + batch])
+                x = torch.from_numpy(windows[i : i + batch])
                 logits = model(input_ids=x[:, :-1], output_router_logits=False).logits
-                loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(),
-                                                         x[:, 1:].reshape(-1), reduction="sum")
+                loss = torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1), reduction="sum"
+                )
                 total += loss.item()
                 count += x[:, 1:].numel()
             out[domain] = total / count
@@ -435,7 +484,7 @@ def evaluate(model, val: dict[str, np.ndarray], batch: int) -> dict[str, float]:
 
 def sample_batch(train: np.ndarray, starts_max: int, seq_len: int, batch: int, rng) -> np.ndarray:
     starts = rng.integers(0, starts_max, size=batch)
-    return np.stack([train[s:s + seq_len + 1] for s in starts]).astype(np.int64)
+    return np.stack([train[s : s + seq_len + 1] for s in starts]).astype(np.int64)
 
 
 def mixed_batch(train: np.ndarray, starts_max: int, qa, args, rng):
@@ -467,11 +516,23 @@ def save_hf(args, model, tok, out_dir: str) -> None:
     cfg["output_router_logits"] = False
     json.dump(cfg, open(cfg_path, "w"), indent=2)
     eot, im_end = tok.token_to_id("<|endoftext|>"), tok.token_to_id("<|im_end|>")
-    GenerationConfig(bos_token_id=eot, eos_token_id=[im_end, eot], pad_token_id=eot, do_sample=True,
-                     temperature=0.8, top_k=40, top_p=0.95).save_pretrained(out_dir)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                     bos_token=None, unk_token=None,
-                                     additional_special_tokens=["<|im_start|>", "<|endoftext|>"])
+    GenerationConfig(
+        bos_token_id=eot,
+        eos_token_id=[im_end, eot],
+        pad_token_id=eot,
+        do_sample=True,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.95,
+    ).save_pretrained(out_dir)
+    hf_tok = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token=None,
+        unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<|endoftext|>"],
+    )
     hf_tok.chat_template = CHAT_TEMPLATE
     hf_tok.model_max_length = 4096
     hf_tok.save_pretrained(out_dir)
@@ -525,19 +586,32 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1234)
     ap.add_argument("--resume", action="store_true")
-    ap.add_argument("--init-gguf", default=None,
-                    help="start from this moelite GGUF (weights dequantized, its tokenizer) instead of from scratch")
-    ap.add_argument("--upcycle", action="store_true",
-                    help="with --init-gguf: copy its experts into --experts experts of width --expert-ffn "
-                         "(a multiple of its expert count, at least its width), see upcycle_state_dict")
-    ap.add_argument("--qa-dir", default=None,
-                    help="train.jsonl/heldout.jsonl of tools/build_qa_pairs.py: mix these chat pairs into training")
+    ap.add_argument(
+        "--init-gguf",
+        default=None,
+        help="start from this moelite GGUF (weights dequantized, its tokenizer) instead of from scratch",
+    )
+    ap.add_argument(
+        "--upcycle",
+        action="store_true",
+        help="with --init-gguf: copy its experts into --experts experts of width --expert-ffn "
+        "(a multiple of its expert count, at least its width), see upcycle_state_dict",
+    )
+    ap.add_argument(
+        "--qa-dir",
+        default=None,
+        help="train.jsonl/heldout.jsonl of tools/build_qa_pairs.py: mix these chat pairs into training",
+    )
     ap.add_argument("--qa-frac", type=float, default=0.5, help="share of each batch's rows that are chat pairs")
-    ap.add_argument("--export-only", action="store_true",
-                    help="with --resume: write the checkpoint's HF model to --out and stop (no training, no eval)")
+    ap.add_argument(
+        "--export-only",
+        action="store_true",
+        help="with --resume: write the checkpoint's HF model to --out and stop (no training, no eval)",
+    )
     args = ap.parse_args(argv)
-    needed = ([args.init_gguf] if args.init_gguf else []) + \
-        ([os.path.join(args.qa_dir, f) for f in ("train.jsonl", "heldout.jsonl")] if args.qa_dir else [])
+    needed = ([args.init_gguf] if args.init_gguf else []) + (
+        [os.path.join(args.qa_dir, f) for f in ("train.jsonl", "heldout.jsonl")] if args.qa_dir else []
+    )
     for path in needed:
         if not os.path.isfile(path):
             sys.exit(f"{path}: no such file (--init-gguf takes a .gguf; --qa-dir is tools/build_qa_pairs.py's --out)")
@@ -575,35 +649,54 @@ def main(argv=None) -> int:
         if args.upcycle:
             sd = upcycle_state_dict(sd, args.layers, args.experts, args.expert_ffn, args.seed)
         model.load_state_dict(sd)
-        log(f"weights from {args.init_gguf}" + (f" (upcycled to {args.experts} experts x {args.expert_ffn})"
-                                                if args.upcycle else ""))
+        log(
+            f"weights from {args.init_gguf}"
+            + (f" (upcycled to {args.experts} experts x {args.expert_ffn})" if args.upcycle else "")
+        )
     qa = None
     if args.qa_dir:
         qa_train = qa_windows(tok, os.path.join(args.qa_dir, "train.jsonl"), args.seq_len, args.seed)
         qa_held = qa_windows(tok, os.path.join(args.qa_dir, "heldout.jsonl"), args.seq_len, args.seed)
         qa = {"train": qa_train, "heldout": qa_held}
-        log(f"chat pairs: {len(qa_train[0])} train windows ({int(qa_train[1].sum()):,} answer tokens), "
-            f"{len(qa_held[0])} held-out windows ({int(qa_held[1].sum()):,} answer tokens)")
+        log(
+            f"chat pairs: {len(qa_train[0])} train windows ({int(qa_train[1].sum()):,} answer tokens), "
+            f"{len(qa_held[0])} held-out windows ({int(qa_held[1].sum()):,} answer tokens)"
+        )
     n_params = sum(p.numel() for p in model.parameters())
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     n_active = n_params - n_expert + n_expert * args.top_k // args.experts
-    log(f"model: {n_params/1e6:.2f} M params ({n_expert/1e6:.2f} M in experts, {n_active/1e6:.2f} M active)")
+    log(f"model: {n_params / 1e6:.2f} M params ({n_expert / 1e6:.2f} M in experts, {n_active / 1e6:.2f} M active)")
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
     no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": args.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=args.lr, betas=(0.9, 0.95))
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
 
     ckpt_path = os.path.join(args.ckpt_dir, "ckpt.pt")
     step, tokens_seen, elapsed_before = 0, 0, 0.0
     log_data = {
         "config": {k: v for k, v in vars(args).items()},
-        "params": n_params, "expert_params": n_expert, "active_params": n_active, "vocab_size": vocab,
+        "params": n_params,
+        "expert_params": n_expert,
+        "active_params": n_active,
+        "vocab_size": vocab,
         "corpus_bytes": corpus_bytes,
         "tokens_per_domain": {s: {d: int(len(tokens[s][d])) for d in domains} for s in ("train", "val")},
         "val_tokens_per_domain": {d: int(val[d][:, 1:].size) for d in domains},
-        "unigram_baseline": unigram, "evals": [], "train_loss": [],
-        "qa": ({"train_windows": int(len(qa["train"][0])), "train_answer_tokens": int(qa["train"][1].sum()),
-                "heldout_answer_tokens": int(qa["heldout"][1].sum())} if qa else None),
+        "unigram_baseline": unigram,
+        "evals": [],
+        "train_loss": [],
+        "qa": (
+            {
+                "train_windows": int(len(qa["train"][0])),
+                "train_answer_tokens": int(qa["train"][1].sum()),
+                "heldout_answer_tokens": int(qa["heldout"][1].sum()),
+            }
+            if qa
+            else None
+        ),
         "torch": torch.__version__,
     }
     if args.resume and os.path.exists(ckpt_path):
@@ -612,7 +705,7 @@ def main(argv=None) -> int:
         opt.load_state_dict(state["opt"])
         step, tokens_seen, elapsed_before = state["step"], state["tokens_seen"], state["elapsed"]
         log_data["evals"], log_data["train_loss"] = state["evals"], state["train_loss"]
-        log(f"resumed at step {step}, {tokens_seen:,} tokens, {elapsed_before/60:.1f} min used")
+        log(f"resumed at step {step}, {tokens_seen:,} tokens, {elapsed_before / 60:.1f} min used")
     if args.export_only:
         if not (args.resume and os.path.exists(ckpt_path)):
             sys.exit(f"--export-only needs --resume and a checkpoint at {ckpt_path}")
@@ -634,12 +727,24 @@ def main(argv=None) -> int:
         t0 = time.time()
         losses = evaluate(model, val, batch=max(args.batch_size, 8))
         qa_loss = qa_eval_loss(model, *qa["heldout"], batch=max(args.batch_size, 8)) if qa else None
-        log_data["evals"].append({"step": step, "tokens_seen": tokens_seen, "wall_s": round(elapsed(), 1),
-                                  "train_loss": train_loss, "val_loss": losses, "qa_heldout_loss": qa_loss,
-                                  "eval_s": round(time.time() - t0, 1)})
+        log_data["evals"].append(
+            {
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "wall_s": round(elapsed(), 1),
+                "train_loss": train_loss,
+                "val_loss": losses,
+                "qa_heldout_loss": qa_loss,
+                "eval_s": round(time.time() - t0, 1),
+            }
+        )
         write_log()
-        log(f"eval step {step}: " + ", ".join(f"{d} {losses[d]:.3f} (unigram {unigram[d]:.3f})" for d in domains)
-            + (f", held-out answers {qa_loss:.3f}" if qa else "") + f"  [{time.time() - t0:.0f}s]")
+        log(
+            f"eval step {step}: "
+            + ", ".join(f"{d} {losses[d]:.3f} (unigram {unigram[d]:.3f})" for d in domains)
+            + (f", held-out answers {qa_loss:.3f}" if qa else "")
+            + f"  [{time.time() - t0:.0f}s]"
+        )
         return time.time() - t0
 
     budget_s = args.budget_minutes * 60
@@ -677,32 +782,67 @@ def main(argv=None) -> int:
         if step % 25 == 0:
             tl = loss_acc / n_acc
             rate = tok_rate / (time.time() - t_rate)
-            log_data["train_loss"].append({"step": step, "tokens_seen": tokens_seen, "wall_s": round(elapsed(), 1),
-                                           "loss": round(tl, 4), "aux": round(aux_acc / n_acc, 4), "lr": lr})
-            left_s = ((args.max_steps - step) * args.batch_size * args.seq_len / max(rate, 1e-9)
-                      if args.max_steps else train_end - elapsed())
-            log(f"step {step}{'/' + str(args.max_steps) if args.max_steps else ''} loss {tl:.3f} "
-                f"aux {aux_acc/n_acc:.3f} lr {lr:.2e} {rate:.0f} tok/s tokens {tokens_seen:,} "
-                f"elapsed {elapsed()/60:.1f} min, ETA {max(0.0, left_s)/60:.1f} min")
+            log_data["train_loss"].append(
+                {
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "wall_s": round(elapsed(), 1),
+                    "loss": round(tl, 4),
+                    "aux": round(aux_acc / n_acc, 4),
+                    "lr": lr,
+                }
+            )
+            left_s = (
+                (args.max_steps - step) * args.batch_size * args.seq_len / max(rate, 1e-9)
+                if args.max_steps
+                else train_end - elapsed()
+            )
+            log(
+                f"step {step}{'/' + str(args.max_steps) if args.max_steps else ''} loss {tl:.3f} "
+                f"aux {aux_acc / n_acc:.3f} lr {lr:.2e} {rate:.0f} tok/s tokens {tokens_seen:,} "
+                f"elapsed {elapsed() / 60:.1f} min, ETA {max(0.0, left_s) / 60:.1f} min"
+            )
             loss_acc, aux_acc, n_acc, t_rate, tok_rate = 0.0, 0.0, 0, time.time(), 0
         if time.time() - last_eval > args.eval_every_minutes * 60:
             do_eval(log_data["train_loss"][-1]["loss"] if log_data["train_loss"] else None)
             last_eval = time.time()
         if time.time() - last_ckpt > args.ckpt_every_minutes * 60:
-            save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                                  "tokens_seen": tokens_seen, "elapsed": elapsed(), "evals": log_data["evals"],
-                                  "train_loss": log_data["train_loss"]})
+            save_ckpt(
+                ckpt_path,
+                {
+                    "model": model.state_dict(),
+                    "opt": opt.state_dict(),
+                    "step": step,
+                    "tokens_seen": tokens_seen,
+                    "elapsed": elapsed(),
+                    "evals": log_data["evals"],
+                    "train_loss": log_data["train_loss"],
+                },
+            )
             last_ckpt = time.time()
 
     final_train = log_data["train_loss"][-1]["loss"] if log_data["train_loss"] else None
     do_eval(final_train)
-    save_ckpt(ckpt_path, {"model": model.state_dict(), "opt": opt.state_dict(), "step": step,
-                          "tokens_seen": tokens_seen, "elapsed": elapsed(), "evals": log_data["evals"],
-                          "train_loss": log_data["train_loss"]})
+    save_ckpt(
+        ckpt_path,
+        {
+            "model": model.state_dict(),
+            "opt": opt.state_dict(),
+            "step": step,
+            "tokens_seen": tokens_seen,
+            "elapsed": elapsed(),
+            "evals": log_data["evals"],
+            "train_loss": log_data["train_loss"],
+        },
+    )
     save_hf(args, model, tok, args.out)
-    log_data["final"] = {"step": step, "tokens_seen": tokens_seen, "train_wall_s": round(elapsed(), 1),
-                         "val_loss": log_data["evals"][-1]["val_loss"],
-                         "below_unigram": all(log_data["evals"][-1]["val_loss"][d] < unigram[d] for d in domains)}
+    log_data["final"] = {
+        "step": step,
+        "tokens_seen": tokens_seen,
+        "train_wall_s": round(elapsed(), 1),
+        "val_loss": log_data["evals"][-1]["val_loss"],
+        "below_unigram": all(log_data["evals"][-1]["val_loss"][d] < unigram[d] for d in domains),
+    }
     write_log()
     try:  # model-level SRP at m = 16 on the held-out text (goes in the model card)
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -715,7 +855,7 @@ def main(argv=None) -> int:
         log(f"SRP failed: {e!r}")
     log_data["final"]["total_wall_s"] = round(elapsed(), 1)
     write_log()
-    log(f"done: {step} steps, {tokens_seen:,} tokens, {elapsed()/60:.1f} min; HF checkpoint in {args.out}")
+    log(f"done: {step} steps, {tokens_seen:,} tokens, {elapsed() / 60:.1f} min; HF checkpoint in {args.out}")
     return 0
 
 

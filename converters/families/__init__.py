@@ -20,16 +20,18 @@ share its code, e.g. GLM-4.7-Flash beside DeepSeek-V3):
 Everything shared by several families lives here: Config access, the common hyperparameters, the
 llama-style tensor names, and the one expert-stacking routine.
 """
+
 from __future__ import annotations
 
 import importlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
-
-from moelite.errors import ConversionError
+from typing import Any
 
 import numpy as np
+
+from moelite.errors import ConversionError
 
 from ..lazy import Lazy, rows, stack
 
@@ -76,8 +78,9 @@ class Config:
             return v
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and v != int(v)) or v != v:
             key = next((k for k in keys if self.d.get(k) is not None), keys[0])
-            raise ConversionError(f"{self.src}: key {key} = {str(v)[:40]}: expected "
-                                  f"{'an integer' if kind is int else 'a number'}")
+            raise ConversionError(
+                f"{self.src}: key {key} = {str(v)[:40]}: expected {'an integer' if kind is int else 'a number'}"
+            )
         return kind(v)
 
     def bool(self, *keys: str, default: Any = _MISSING) -> bool:
@@ -109,8 +112,9 @@ class Config:
         """transformers 5 `rope_parameters` or legacy `rope_theta` + `rope_scaling`, one dict; absent, the class's
         default rope_parameters (gpt-oss: yarn) and default theta (`rope_theta` in defaults, transformers'
         `default_theta`)."""
-        rp = dict(self.d.get("rope_parameters") or self.d.get("rope_scaling") or self.defaults.get("rope_parameters")
-                  or {})
+        rp = dict(
+            self.d.get("rope_parameters") or self.d.get("rope_scaling") or self.defaults.get("rope_parameters") or {}
+        )
         rp = dict(rp.get("full_attention", rp))
         if "rope_type" not in rp and "type" in rp:
             rp["rope_type"] = rp["type"]
@@ -132,7 +136,7 @@ def common_hparams(c: Config) -> dict[str, Any]:
         # absent with no class default: transformers sets it to num_attention_heads (MHA)
         "attention.head_count_kv": c.int("num_key_value_heads", default=c.int("num_attention_heads")),
         "rope.freq_base": float(rp.get("rope_theta", 10000.0)),
-        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps", "norm_eps"),      # norm_eps: LFM2
+        "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps", "norm_eps"),  # norm_eps: LFM2
         "expert_count": c.n_expert,
         "expert_used_count": c.int("num_experts_per_tok", "top_k_experts", "moe_k", default=None),
     }
@@ -148,10 +152,17 @@ def rope_scaling_hparams(rp: dict[str, Any]) -> dict[str, Any]:
         return {"rope.scaling.type": "linear", "rope.scaling.factor": float(factor)}
     if kind != "yarn" or not factor:
         return {}
-    kv: dict[str, Any] = {"rope.scaling.type": "yarn", "rope.scaling.factor": float(factor),
-                          "rope.scaling.original_context_length": int(rp["original_max_position_embeddings"])}
-    for hf, gg in (("beta_fast", "yarn_beta_fast"), ("beta_slow", "yarn_beta_slow"),
-                   ("extrapolation_factor", "yarn_ext_factor"), ("attention_factor", "yarn_attn_factor")):
+    kv: dict[str, Any] = {
+        "rope.scaling.type": "yarn",
+        "rope.scaling.factor": float(factor),
+        "rope.scaling.original_context_length": int(rp["original_max_position_embeddings"]),
+    }
+    for hf, gg in (
+        ("beta_fast", "yarn_beta_fast"),
+        ("beta_slow", "yarn_beta_slow"),
+        ("extrapolation_factor", "yarn_ext_factor"),
+        ("attention_factor", "yarn_attn_factor"),
+    ):
         if rp.get(hf) is not None:
             kv[f"rope.scaling.{gg}"] = float(rp[hf])
     return kv
@@ -171,15 +182,20 @@ LLAMA_NAMES = {
 }
 # the qwen2_moe-style MoE block (also qwen3_moe, olmoe, deepseek); names after stack_experts
 MOE_NAMES = {
-    "model.layers.{bid}.mlp.gate.weight": "blk.{bid}.ffn_gate_inp.weight",                # [E, H]
+    "model.layers.{bid}.mlp.gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
     "model.layers.{bid}.mlp.experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
-    "model.layers.{bid}.mlp.experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",      # [E, I, H]
+    "model.layers.{bid}.mlp.experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
     "model.layers.{bid}.mlp.experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
 }
 
 
-def stack_experts(w: dict[str, Lazy], c: Config, per_expert: str, fused: str,
-                  projs: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj")) -> None:
+def stack_experts(
+    w: dict[str, Lazy],
+    c: Config,
+    per_expert: str,
+    fused: str,
+    projs: tuple[str, ...] = ("gate_proj", "up_proj", "down_proj"),
+) -> None:
     """The one stacking routine: for every layer that has them, replace the per-expert tensors
     `per_expert.format(bid=, e=, proj=)` by one [E, ...] tensor named `fused.format(bid=, proj=)`."""
     n_expert = c.n_expert
@@ -191,8 +207,10 @@ def stack_experts(w: dict[str, Lazy], c: Config, per_expert: str, fused: str,
                 continue
             if len(present) != n_expert:
                 missing = next(n for n in names if n not in w)
-                raise ConversionError(f"tensor {missing} is missing: config.json says {n_expert} experts "
-                                      f"and layer {bid} has {len(present)}")
+                raise ConversionError(
+                    f"tensor {missing} is missing: config.json says {n_expert} experts "
+                    f"and layer {bid} has {len(present)}"
+                )
             out = fused.format(bid=bid, proj=proj)
             w[out] = stack([w.pop(n) for n in names], out)
 
@@ -205,8 +223,10 @@ def leading_dense_layers(c: Config, types: Any = _MISSING, default: Any = _MISSI
         return c.int("first_k_dense_replace", default=default)
     n = next((i for i, t in enumerate(types) if t != "dense"), len(types)) if isinstance(types, list) else -1
     if not isinstance(types, list) or len(types) != c.n_layer or set(types[n:]) - {"sparse"}:
-        raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries, the dense layers first "
-                              f"then sparse (what the GGUF's leading_dense_block_count expresses)")
+        raise ConversionError(
+            f"{c.src}: key mlp_layer_types must list {c.n_layer} entries, the dense layers first "
+            f"then sparse (what the GGUF's leading_dense_block_count expresses)"
+        )
     return n
 
 
@@ -216,10 +236,14 @@ def sliding_layers(c: Config) -> list[bool] | None:
     types = c.get("layer_types", default=None)
     if types is None:
         return None
-    if not isinstance(types, list) or len(types) != c.n_layer or \
-            not set(types) <= {"sliding_attention", "full_attention"}:
-        raise ConversionError(f"{c.src}: key layer_types must list {c.n_layer} entries of 'sliding_attention' / "
-                              f"'full_attention'")
+    if (
+        not isinstance(types, list)
+        or len(types) != c.n_layer
+        or not set(types) <= {"sliding_attention", "full_attention"}
+    ):
+        raise ConversionError(
+            f"{c.src}: key layer_types must list {c.n_layer} entries of 'sliding_attention' / 'full_attention'"
+        )
     return [t == "sliding_attention" for t in types]
 
 
@@ -262,7 +286,7 @@ def strip_prefix(w: dict[str, Lazy], renames: tuple[tuple[str, str], ...], drop:
             continue
         for old, new in renames:
             if name.startswith(old):
-                w[new + name[len(old):]] = w.pop(name)
+                w[new + name[len(old) :]] = w.pop(name)
                 break
 
 
@@ -270,13 +294,13 @@ def mamba2_names(m: str) -> dict[str, str]:
     """HF -> GGUF names of a Mamba2 mixer at prefix m ("{bid}" for the layer), as llama.cpp names them; the shapes
     after mamba2_mixer."""
     return {
-        m + ".in_proj.weight": "blk.{bid}.ssm_in.weight",                      # [d_inner + C + nh, H]
-        m + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                   # [C, 1, K] -> [C, K]
+        m + ".in_proj.weight": "blk.{bid}.ssm_in.weight",  # [d_inner + C + nh, H]
+        m + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",  # [C, 1, K] -> [C, K]
         m + ".conv1d.bias": "blk.{bid}.ssm_conv1d.bias",
-        m + ".dt_bias": "blk.{bid}.ssm_dt.bias",                               # [nh]
-        m + ".A_log": "blk.{bid}.ssm_a",                                       # [nh] -> [nh, 1] = -exp(A_log)
-        m + ".D": "blk.{bid}.ssm_d",                                           # [nh] -> [nh, 1]
-        m + ".norm.weight": "blk.{bid}.ssm_norm.weight",                       # [d_inner] -> [ng, d_inner / ng]
+        m + ".dt_bias": "blk.{bid}.ssm_dt.bias",  # [nh]
+        m + ".A_log": "blk.{bid}.ssm_a",  # [nh] -> [nh, 1] = -exp(A_log)
+        m + ".D": "blk.{bid}.ssm_d",  # [nh] -> [nh, 1]
+        m + ".norm.weight": "blk.{bid}.ssm_norm.weight",  # [d_inner] -> [ng, d_inner / ng]
         m + ".out_proj.weight": "blk.{bid}.ssm_out.weight",
     }
 
@@ -339,9 +363,9 @@ class Family:
     sanitize: Callable[[dict[str, Lazy], Config], None] = lambda w, c: None
     skip: tuple[str, ...] = ()
     tokenizer_pre: str = "default"
-    defaults: dict[str, Any] = field(default_factory=dict)   # transformers class defaults (module docstring)
-    keep_mtp: bool = False    # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
-    n_mtp: int = 0            # MTP blocks when config.json does not say (MiMo-V2: 3, as llama.cpp hardcodes)
+    defaults: dict[str, Any] = field(default_factory=dict)  # transformers class defaults (module docstring)
+    keep_mtp: bool = False  # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
+    n_mtp: int = 0  # MTP blocks when config.json does not say (MiMo-V2: 3, as llama.cpp hardcodes)
 
     def n_blocks(self, c: Config) -> int:
         """Blocks written: the trunk, plus the MTP blocks of a family that keeps them."""
@@ -369,19 +393,68 @@ class Family:
                     out.append((key, gg.format(bid=bid), t))
                     break
             else:
-                raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family {self.arch} "
-                                      f"(model_type {'/'.join(self.model_types)})")
+                raise ConversionError(
+                    f"{t.src}: tensor {name} has no GGUF name in family {self.arch} "
+                    f"(model_type {'/'.join(self.model_types)})"
+                )
         out.sort(key=lambda x: x[0])
         return [(g, t) for _, g, t in out]
 
 
-FAMILY_MODULES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss",
-                  "granitemoe", "phimoe", "glm4_moe", "dots1", "minimax_m2", "ernie4_5_moe", "hunyuan_v1_moe",
-                  "llama4", "gemma4", "lfm2_moe", "qwen3_5_moe", "qwen3_next", "granitemoehybrid",
-                  "exaone_moe", "hy_v3", "mistral4", "afmoe", "cohere2_moe", "nemotron_h", "laguna",
-                  "mimo_v2_flash", "step3p5")
-DENSE_MODEL_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "granite", "phi3", "phi", "gemma",
-                     "gemma2", "gemma3", "deepseek", "gpt2", "gpt_neox", "falcon", "starcoder2", "stablelm"}
+FAMILY_MODULES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "deepseek_v32",
+    "gpt_oss",
+    "granitemoe",
+    "phimoe",
+    "glm4_moe",
+    "dots1",
+    "minimax_m2",
+    "ernie4_5_moe",
+    "hunyuan_v1_moe",
+    "llama4",
+    "gemma4",
+    "lfm2_moe",
+    "qwen3_5_moe",
+    "qwen3_next",
+    "granitemoehybrid",
+    "exaone_moe",
+    "hy_v3",
+    "mistral4",
+    "afmoe",
+    "cohere2_moe",
+    "nemotron_h",
+    "laguna",
+    "mimo_v2_flash",
+    "step3p5",
+    "kimi_linear",
+    "bailing_hybrid",
+)
+DENSE_MODEL_TYPES = {
+    "llama",
+    "mistral",
+    "qwen2",
+    "qwen3",
+    "olmo",
+    "olmo2",
+    "granite",
+    "phi3",
+    "phi",
+    "gemma",
+    "gemma2",
+    "gemma3",
+    "deepseek",
+    "gpt2",
+    "gpt_neox",
+    "falcon",
+    "starcoder2",
+    "stablelm",
+}
 _EXPERT_KEYS = ("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts")
 
 
@@ -394,7 +467,7 @@ def registry() -> dict[str, Family]:
             if e.name != f"{__name__}.{mod}":
                 raise
             continue
-        for fam in getattr(module, "FAMILIES", (module.FAMILY,)):   # a module may declare sibling families
+        for fam in getattr(module, "FAMILIES", (module.FAMILY,)):  # a module may declare sibling families
             for mt in fam.model_types:
                 reg[mt] = fam
     return reg
@@ -407,10 +480,14 @@ def for_config(cfg: dict[str, Any], src: str = "config.json") -> Family:
     n_expert = next((v[k] for v in (cfg, defaults) for k in _EXPERT_KEYS if v.get(k) is not None), None)
     if isinstance(mt, str) and mt in reg:
         if not n_expert or int(n_expert) < 2:
-            raise ConversionError(f"{src}: model_type {mt!r} with {n_expert or 0} experts is a dense (non-MoE) "
-                                  f"model; moelite converts Mixture-of-Experts models only")
+            raise ConversionError(
+                f"{src}: model_type {mt!r} with {n_expert or 0} experts is a dense (non-MoE) "
+                f"model; moelite converts Mixture-of-Experts models only"
+            )
         return reg[mt]
     if mt in DENSE_MODEL_TYPES or (mt is not None and not n_expert):
-        raise ConversionError(f"{src}: model_type {mt!r} is a dense (non-MoE) model; moelite converts "
-                              f"Mixture-of-Experts models only ({', '.join(sorted(reg))})")
+        raise ConversionError(
+            f"{src}: model_type {mt!r} is a dense (non-MoE) model; moelite converts "
+            f"Mixture-of-Experts models only ({', '.join(sorted(reg))})"
+        )
     raise ConversionError(f"{src}: unknown model_type {mt!r}; expected one of {', '.join(sorted(reg))}")

@@ -17,6 +17,7 @@ Routing renormalisation: transformers always renormalises; llama.cpp's converter
 from the release key `route_norm` (which AfmoeConfig drops), so its file from a transformers-saved config runs
 unnormalised. This converter writes it true always, as transformers computes.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -28,7 +29,7 @@ from .glm4_moe import DEEPSEEK_MOE_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
-NOPE_STEP = 4      # llama.cpp's n_no_rope_layer_step (afmoe graph): not in the GGUF
+NOPE_STEP = 4  # llama.cpp's n_no_rope_layer_step (afmoe graph): not in the GGUF
 
 # transformers' AfmoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -67,17 +68,23 @@ def swa_pattern(c: Config) -> list[bool]:
 
 def hparams(c: Config) -> dict[str, Any]:
     if not c.bool("mup_enabled"):
-        raise ConversionError(f"{c.src}: mup_enabled = false is not supported: the afmoe GGUF always scales the "
-                              f"embeddings by sqrt(hidden_size) (llama.cpp hardcodes it)")
+        raise ConversionError(
+            f"{c.src}: mup_enabled = false is not supported: the afmoe GGUF always scales the "
+            f"embeddings by sqrt(hidden_size) (llama.cpp hardcodes it)"
+        )
     if c.get("sliding_window", default=None) is None:
-        raise ConversionError(f"{c.src}: sliding_window null is not supported: the afmoe GGUF runs sliding-window "
-                              f"layers (llama.cpp ropes only layers it does not take for NoPE ones)")
+        raise ConversionError(
+            f"{c.src}: sliding_window null is not supported: the afmoe GGUF runs sliding-window "
+            f"layers (llama.cpp ropes only layers it does not take for NoPE ones)"
+        )
     pattern = swa_pattern(c)
     want = [(i + 1) % NOPE_STEP != 0 for i in range(c.n_layer)]
     if pattern != want:
-        raise ConversionError(f"{c.src}: full-attention (NoPE) layers at {[i for i, s in enumerate(pattern) if not s]}:"
-                              f" the afmoe GGUF takes every {NOPE_STEP}th layer (il + 1) % {NOPE_STEP} == 0 for them "
-                              f"(llama.cpp hardcodes it)")
+        raise ConversionError(
+            f"{c.src}: full-attention (NoPE) layers at {[i for i, s in enumerate(pattern) if not s]}:"
+            f" the afmoe GGUF takes every {NOPE_STEP}th layer (il + 1) % {NOPE_STEP} == 0 for them "
+            f"(llama.cpp hardcodes it)"
+        )
     n_ff_exp, n_shared = c.int("moe_intermediate_size"), c.int("num_shared_experts")
     kv = {
         **common_hparams(c),
@@ -90,7 +97,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "expert_feed_forward_length": n_ff_exp,
         "expert_shared_count": n_shared,
         "expert_weights_scale": c.float("route_scale"),
-        "expert_weights_norm": True,             # AfmoeTokenChoiceRouter renormalises whatever route_norm says
+        "expert_weights_norm": True,  # AfmoeTokenChoiceRouter renormalises whatever route_norm says
         "expert_gating_func": SIGMOID,
     }
     return kv
@@ -98,15 +105,15 @@ def hparams(c: Config) -> dict[str, Any]:
 
 TENSORS = {
     **LLAMA_NAMES,
-    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",   # sandwich
+    "model.layers.{bid}.post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",  # sandwich
     "model.layers.{bid}.pre_mlp_layernorm.weight": "blk.{bid}.ffn_norm.weight",
     "model.layers.{bid}.post_mlp_layernorm.weight": "blk.{bid}.post_ffw_norm.weight",
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
-    ATTN + ".gate_proj.weight": "blk.{bid}.attn_gate.weight",                     # [n_head * head_dim, H]
-    **DEEPSEEK_MOE_NAMES,                                                         # dense, experts, shared experts
-    MLP + ".router.gate.weight": "blk.{bid}.ffn_gate_inp.weight",                 # [E, H]
-    MLP + ".expert_bias": "blk.{bid}.exp_probs_b.bias",                           # [E]
+    ATTN + ".gate_proj.weight": "blk.{bid}.attn_gate.weight",  # [n_head * head_dim, H]
+    **DEEPSEEK_MOE_NAMES,  # dense, experts, shared experts
+    MLP + ".router.gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MLP + ".expert_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
 }
 
 

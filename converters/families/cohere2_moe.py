@@ -16,16 +16,32 @@ What llama.cpp reads or hardcodes, and what this converter therefore writes or r
 - RoPE on the leading dense layers: llama.cpp always (force_rope); transformers only with
   prefix_dense_sliding_window_pattern 1. moelite writes what transformers does as `moelite.rope_dense_lead`
   (llama.cpp ignores the key: a checkpoint with another prefix pattern runs differently there).
-MTP blocks (`num_nextn_predict_layers`) are dropped, as llama.cpp's `--no-mtp`.
+MTP: North's release appends `num_nextn_predict_layers` blocks at model.layers.{n_layer + i} (a full-attention MoE
+decoder block plus eh_proj / enorm / hnorm / shared_head.norm); kept as llama.cpp's converter keeps them,
+blk.{n_layer + i} with nextn.* names, `nextn_predict_layers` counted in block_count (the sliding pattern lists the
+trunk only, as llama.cpp writes it). Loaded for speculative decoding, never run on the main path.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from moelite.errors import ConversionError
 
-from . import (SIGMOID, SOFTMAX, Config, Family, common_hparams, leading_dense_layers, sliding_layers, stack_experts,
-               unfuse_experts)
+from . import (
+    SIGMOID,
+    SOFTMAX,
+    Config,
+    Family,
+    common_hparams,
+    leading_dense_layers,
+    sliding_layers,
+    stack_experts,
+    unfuse_experts,
+)
+from .exaone_moe import MTP_NAMES
 from .glm4_moe import DEEPSEEK_MOE_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
@@ -63,28 +79,40 @@ def swa_pattern(c: Config, n_dense: int) -> list[bool]:
         return flags
     pre, rest = c.int("prefix_dense_sliding_window_pattern"), c.int("sliding_window_pattern")
     if pre < 1 or rest < 1:
-        raise ConversionError(f"{c.src}: keys prefix_dense_sliding_window_pattern / sliding_window_pattern must be "
-                              f">= 1")
+        raise ConversionError(
+            f"{c.src}: keys prefix_dense_sliding_window_pattern / sliding_window_pattern must be >= 1"
+        )
     return [(i + 1) % pre != 0 for i in range(n_dense)] + [(i + 1) % rest != 0 for i in range(n - n_dense)]
+
+
+def n_nextn(c: Config) -> int:
+    return c.int("num_nextn_predict_layers", default=0)
 
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.get("sliding_window", default=None) is None:
-        raise ConversionError(f"{c.src}: sliding_window null is not supported: the cohere2moe GGUF requires "
-                              f"`attention.sliding_window` (llama.cpp reads it unconditionally)")
+        raise ConversionError(
+            f"{c.src}: sliding_window null is not supported: the cohere2moe GGUF requires "
+            f"`attention.sliding_window` (llama.cpp reads it unconditionally)"
+        )
     n_ff_exp, n_shared = c.int("intermediate_size"), c.int("num_shared_experts")
     if n_shared > 0 and c.get("shared_expert_combination_strategy") != "average":
-        raise ConversionError(f"{c.src}: shared_expert_combination_strategy = "
-                              f"{str(c.get('shared_expert_combination_strategy'))[:40]} is not supported: the "
-                              f"cohere2moe GGUF averages routed and shared experts (llama.cpp hardcodes 'average')")
+        raise ConversionError(
+            f"{c.src}: shared_expert_combination_strategy = "
+            f"{str(c.get('shared_expert_combination_strategy'))[:40]} is not supported: the "
+            f"cohere2moe GGUF averages routed and shared experts (llama.cpp hardcodes 'average')"
+        )
     selection = c.get("expert_selection_fn")
     if selection not in ("softmax", "sigmoid"):
-        raise ConversionError(f"{c.src}: key expert_selection_fn = {str(selection)[:40]}: expected 'softmax' or "
-                              f"'sigmoid'")
+        raise ConversionError(
+            f"{c.src}: key expert_selection_fn = {str(selection)[:40]}: expected 'softmax' or 'sigmoid'"
+        )
     n_dense = leading_dense_layers(c, default=0)
-    rms = c.get("rms_norm_eps", default=None)           # null (the class default): LayerNorm
+    rms = c.get("rms_norm_eps", default=None)  # null (the class default): LayerNorm
     kv = {
         **common_hparams(Config({**c.d, "rms_norm_eps": 1.0}, c.src, c.defaults)),
+        "block_count": c.n_layer + n_nextn(c),
+        "nextn_predict_layers": n_nextn(c) or None,
         "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps") if rms is not None else None,
         "attention.layer_norm_epsilon": c.float("layer_norm_eps"),
         # the dense layers' width (llama.cpp's converter: prefix_dense_intermediate_size first)
@@ -111,19 +139,44 @@ TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
     "model.norm.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
-    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",    # the block's one norm
+    "model.layers.{bid}.input_layernorm.weight": "blk.{bid}.attn_norm.weight",  # the block's one norm
     ATTN + ".q_proj.weight": "blk.{bid}.attn_q.weight",
     ATTN + ".k_proj.weight": "blk.{bid}.attn_k.weight",
     ATTN + ".v_proj.weight": "blk.{bid}.attn_v.weight",
     ATTN + ".o_proj.weight": "blk.{bid}.attn_output.weight",
-    **DEEPSEEK_MOE_NAMES,              # dense layers [I_dense, H], router, experts, shared experts [n_shared * I, H]
+    **DEEPSEEK_MOE_NAMES,  # dense layers [I_dense, H], router, experts, shared experts [n_shared * I, H]
+    **MTP_NAMES,  # blk.{n_layer + i}.nextn.*: eh_proj [H, 2H], enorm / hnorm / shared_head_norm [H]
+    "model.layers.{bid}.shared_head.head.weight": "blk.{bid}.nextn.shared_head_head.weight",  # [V, H], optional
+    "model.layers.{bid}.embed_tokens.weight": "blk.{bid}.nextn.embed_tokens.weight",  # [V, H], optional
 }
 
 
+def drop_zero_biases(w, c: Config) -> None:
+    """Attention biases (`attention_bias`): llama.cpp's cohere2moe graph has none, and its converter drops them
+    when all zero (as a release may ship them) and refuses them otherwise: the same here, by name."""
+    for name in [n for n in w if n.endswith(".bias") and ".self_attn." in n]:
+        if np.any(w[name].load() != 0):
+            raise ConversionError(
+                f"{w[name].src}: tensor {name} is not zero: attention biases are not supported (the cohere2moe "
+                f"GGUF has none: llama.cpp's graph and converter refuse them)"
+            )
+        del w[name]
+
+
 def sanitize(w, c: Config) -> None:
-    unfuse_experts(w, c, MLP + ".experts")
-    stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
+    drop_zero_biases(w, c)
+    c_all = Config({**c.d, "num_hidden_layers": c.n_layer + n_nextn(c)}, c.src, c.defaults)  # trunk + MTP
+    unfuse_experts(w, c_all, MLP + ".experts")
+    stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("cohere2_moe",), "cohere2moe", hparams, TENSORS, sanitize, tokenizer_pre="cohere2moe",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("cohere2_moe",),
+    "cohere2moe",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="cohere2moe",
+    defaults=DEFAULTS,
+    keep_mtp=True,
+)

@@ -18,13 +18,13 @@ YaRN: `rope.scaling.yarn_log_multiplier` = 0.1 * mscale_all_dim (llama.cpp divid
 Note: llama.cpp decides "lite" (no q_lora) from the layer count (26/27), so a q_lora-less checkpoint
 with another depth will not load there; moelite's runtime reads `attention.q_lora_rank` presence.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from ..lazy import Lazy
 from . import LLAMA_NAMES, MOE_NAMES, SIGMOID, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' DeepseekV2Config defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -85,21 +85,21 @@ MLP = "model.layers.{bid}.mlp"
 TENSORS = {
     **{k: v for k, v in LLAMA_NAMES.items() if ".k_proj." not in k and ".v_proj." not in k},
     **MOE_NAMES,
-    ATTN + ".q_proj.weight": "blk.{bid}.attn_q.weight",                         # V2-Lite (no q_lora)
-    ATTN + ".q_a_proj.weight": "blk.{bid}.attn_q_a.weight",                     # [q_lora, H]
-    ATTN + ".q_a_layernorm.weight": "blk.{bid}.attn_q_a_norm.weight",           # [q_lora]
-    ATTN + ".q_b_proj.weight": "blk.{bid}.attn_q_b.weight",                     # [n_head*(nope+rope), q_lora]
-    ATTN + ".kv_a_proj_with_mqa.weight": "blk.{bid}.attn_kv_a_mqa.weight",      # [kv_lora+rope, H]
-    ATTN + ".kv_a_layernorm.weight": "blk.{bid}.attn_kv_a_norm.weight",         # [kv_lora]
-    ATTN + ".k_b_proj.weight": "blk.{bid}.attn_k_b.weight",                     # [n_head, kv_lora, nope]
-    ATTN + ".v_b_proj.weight": "blk.{bid}.attn_v_b.weight",                     # [n_head, v, kv_lora]
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                     # dense layers [I_dense, H]
+    ATTN + ".q_proj.weight": "blk.{bid}.attn_q.weight",  # V2-Lite (no q_lora)
+    ATTN + ".q_a_proj.weight": "blk.{bid}.attn_q_a.weight",  # [q_lora, H]
+    ATTN + ".q_a_layernorm.weight": "blk.{bid}.attn_q_a_norm.weight",  # [q_lora]
+    ATTN + ".q_b_proj.weight": "blk.{bid}.attn_q_b.weight",  # [n_head*(nope+rope), q_lora]
+    ATTN + ".kv_a_proj_with_mqa.weight": "blk.{bid}.attn_kv_a_mqa.weight",  # [kv_lora+rope, H]
+    ATTN + ".kv_a_layernorm.weight": "blk.{bid}.attn_kv_a_norm.weight",  # [kv_lora]
+    ATTN + ".k_b_proj.weight": "blk.{bid}.attn_k_b.weight",  # [n_head, kv_lora, nope]
+    ATTN + ".v_b_proj.weight": "blk.{bid}.attn_v_b.weight",  # [n_head, v, kv_lora]
+    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers [I_dense, H]
     MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
     MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
     MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared*I, H]
     MLP + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     MLP + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",  # [H, n_shared*I]
-    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",          # [E] (V3)
+    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E] (V3)
 }
 
 
@@ -120,10 +120,12 @@ def sanitize(w, c: Config) -> None:
     for bid in range(c.n_layer):
         a = ATTN.format(bid=bid)
         if f"{a}.kv_b_proj.weight" in w:
-            w[f"{a}.k_b_proj.weight"], w[f"{a}.v_b_proj.weight"] = split_kv_b(w.pop(f"{a}.kv_b_proj.weight"),
-                                                                              n_head, nope, v)
+            w[f"{a}.k_b_proj.weight"], w[f"{a}.v_b_proj.weight"] = split_kv_b(
+                w.pop(f"{a}.kv_b_proj.weight"), n_head, nope, v
+            )
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("deepseek_v2",), "deepseek2", hparams, TENSORS, sanitize, tokenizer_pre="deepseek-llm",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("deepseek_v2",), "deepseek2", hparams, TENSORS, sanitize, tokenizer_pre="deepseek-llm", defaults=DEFAULTS
+)

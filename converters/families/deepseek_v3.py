@@ -7,6 +7,7 @@ top-k weights scaled by routed_scaling_factor (2.5). Real checkpoints are FP8 (e
 `weight_scale_inv`): the source reader dequantizes them. The extra MTP layer (model.layers.{n_layer}) is
 dropped as llama.cpp's converter does.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,7 +16,6 @@ from moelite.errors import ConversionError
 
 from . import SIGMOID, Config, Family, drop_layers_beyond, leading_dense_layers
 from .deepseek_v2 import TENSORS, hparams, sanitize
-
 
 # transformers' DeepseekV3Config defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -74,8 +74,10 @@ GLM4_MOE_LITE_DEFAULTS = {
 
 def v3_hparams(c: Config) -> dict[str, Any]:
     if not c.bool("rope_interleave", default=True):
-        raise ConversionError(f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
-                              f"supported: llama.cpp's deepseek2 graph rotates interleaved pairs")
+        raise ConversionError(
+            f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
+            f"supported: llama.cpp's deepseek2 graph rotates interleaved pairs"
+        )
     return hparams(c, default_gating=SIGMOID)
 
 
@@ -90,13 +92,21 @@ def lite_hparams(c: Config) -> dict[str, Any]:
 
 
 def v3_sanitize(w, c: Config) -> None:
-    drop_layers_beyond(w, c)                      # the MTP layer model.layers.{n_layer}
+    drop_layers_beyond(w, c)  # the MTP layer model.layers.{n_layer}
     sanitize(w, c)
 
 
-FAMILY = Family(("deepseek_v3",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="deepseek-v3",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("deepseek_v3",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="deepseek-v3", defaults=DEFAULTS
+)
 # GLM-4.7-Flash: DeepSeek-V3's architecture (MLA, sigmoid + bias routing) with GLM's tokenizer
-GLM4_MOE_LITE = Family(("glm4_moe_lite",), "deepseek2", lite_hparams, TENSORS, v3_sanitize, tokenizer_pre="glm4",
-                       defaults=GLM4_MOE_LITE_DEFAULTS)
+GLM4_MOE_LITE = Family(
+    ("glm4_moe_lite",),
+    "deepseek2",
+    lite_hparams,
+    TENSORS,
+    v3_sanitize,
+    tokenizer_pre="glm4",
+    defaults=GLM4_MOE_LITE_DEFAULTS,
+)
 FAMILIES = (FAMILY, GLM4_MOE_LITE)

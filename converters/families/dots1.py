@@ -6,13 +6,13 @@ leading dense layers, sigmoid scores + `e_score_correction_bias`, groups, renorm
 does: sigmoid either way. Note: llama.cpp's dots1 loader sizes attn_k/attn_v for MHA only (n_kv_heads =
 n_heads, as the real model); moelite runs GQA too.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from . import LLAMA_NAMES, SIGMOID, SOFTMAX, Config, Family, common_hparams, stack_experts
 from .glm4_moe import ATTN, DEEPSEEK_MOE_NAMES, MLP, deepseek_moe_hparams
-
 
 # transformers' Dots1Config defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -47,7 +47,7 @@ def hparams(c: Config) -> dict[str, Any]:
 TENSORS = {
     **LLAMA_NAMES,
     **DEEPSEEK_MOE_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
 }
 

@@ -12,6 +12,7 @@ block, `mtp.fc` / `mtp.pre_fc_norm_embedding` / `mtp.pre_fc_norm_hidden` / `mtp.
 written as llama.cpp does, blocks `blk.{n_layer + i}` with `nextn.{eh_proj,enorm,hnorm,shared_head_norm}`, and
 `nextn_predict_layers` counted in `block_count`. transformers' class has no MTP and ignores `mtp.*`.
 """
+
 from __future__ import annotations
 
 import re
@@ -63,17 +64,20 @@ def swa_pattern(c: Config) -> list[bool]:
         return [p[i % len(p)] == "L" for i in range(n)]
     if isinstance(p, int) and not isinstance(p, bool) and p >= 1:
         return [(i + 1) % p != 0 for i in range(n)]
-    raise ConversionError(f"{c.src}: key sliding_window_pattern = {str(p)[:40]}: expected a period >= 1 or a "
-                          f"string of 'L' / 'G'")
+    raise ConversionError(
+        f"{c.src}: key sliding_window_pattern = {str(p)[:40]}: expected a period >= 1 or a string of 'L' / 'G'"
+    )
 
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.get("sliding_window", default=None) is None:
         # transformers then ropes every layer; llama.cpp's exaone-moe graph ropes sliding layers only
-        raise ConversionError(f"{c.src}: sliding_window null (RoPE on every layer, no sliding window) is not "
-                              f"supported: the exaone-moe GGUF ropes only its sliding-window layers")
+        raise ConversionError(
+            f"{c.src}: sliding_window null (RoPE on every layer, no sliding window) is not "
+            f"supported: the exaone-moe GGUF ropes only its sliding-window layers"
+        )
     scoring = c.get("scoring_func", "score_function", default="sigmoid")
-    if scoring != "sigmoid":      # transformers' router (DeepSeek-V3's) is sigmoid whatever the key says
+    if scoring != "sigmoid":  # transformers' router (DeepSeek-V3's) is sigmoid whatever the key says
         raise ConversionError(f"{c.src}: key scoring_func = {str(scoring)[:40]}: expected 'sigmoid'")
     nextn = n_nextn(c)
     n_ff_exp, n_shared = c.int("moe_intermediate_size"), c.int("num_shared_experts")
@@ -100,9 +104,9 @@ def hparams(c: Config) -> dict[str, Any]:
     return kv
 
 
-MTP_NAMES = {    # blk.{n_layer + i}: the MTP block's projections (its decoder block uses the trunk's names)
-    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",                  # [H, 2H]
-    "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",                      # [H]
+MTP_NAMES = {  # blk.{n_layer + i}: the MTP block's projections (its decoder block uses the trunk's names)
+    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",  # [H, 2H]
+    "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",  # [H]
     "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
     "model.layers.{bid}.shared_head.norm.weight": "blk.{bid}.nextn.shared_head_norm.weight",
 }
@@ -110,14 +114,18 @@ MTP_NAMES = {    # blk.{n_layer + i}: the MTP block's projections (its decoder b
 TENSORS = {
     **LLAMA_NAMES,
     **DEEPSEEK_MOE_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
-    MLP + ".e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",               # [E] (release layout)
+    MLP + ".e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E] (release layout)
     **MTP_NAMES,
 }
 
-_MTP_SHARED = {"fc": "eh_proj", "pre_fc_norm_embedding": "enorm", "pre_fc_norm_hidden": "hnorm",
-               "norm": "shared_head.norm"}
+_MTP_SHARED = {
+    "fc": "eh_proj",
+    "pre_fc_norm_embedding": "enorm",
+    "pre_fc_norm_hidden": "hnorm",
+    "norm": "shared_head.norm",
+}
 
 
 def sanitize(w, c: Config) -> None:
@@ -125,7 +133,7 @@ def sanitize(w, c: Config) -> None:
     for name in [n for n in w if n.startswith("mtp.")]:
         t = w.pop(name)
         if nextn == 0:
-            continue                          # MTP weights without num_nextn_predict_layers: dropped, as llama.cpp
+            continue  # MTP weights without num_nextn_predict_layers: dropped, as llama.cpp
         m = re.match(r"mtp\.layers\.(\d+)\.(.+)\Z", name)
         if m:
             i = int(m.group(1))
@@ -136,11 +144,19 @@ def sanitize(w, c: Config) -> None:
         m = re.match(r"mtp\.(\w+)\.weight\Z", name)
         if not m or m.group(1) not in _MTP_SHARED:
             raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family exaone-moe")
-        for i in range(nextn):               # one set shared by every MTP block, written to each
+        for i in range(nextn):  # one set shared by every MTP block, written to each
             w[f"model.layers.{n_layer + i}.{_MTP_SHARED[m.group(1)]}.weight"] = t
     c_all = Config({**c.d, "num_hidden_layers": n_layer + nextn}, c.src, c.defaults)
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("exaone_moe",), "exaone-moe", hparams, TENSORS, sanitize, tokenizer_pre="exaone-moe",
-                defaults=DEFAULTS, keep_mtp=True)
+FAMILY = Family(
+    ("exaone_moe",),
+    "exaone-moe",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="exaone-moe",
+    defaults=DEFAULTS,
+    keep_mtp=True,
+)

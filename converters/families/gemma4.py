@@ -14,6 +14,7 @@ Embeddings x sqrt(H); final logits softcapped. Norms are plain-weight RMSNorms (
 Experts stay fused as in the checkpoint: `ffn_gate_up_exps` [H, 2I, E] (gate rows first), as llama.cpp writes.
 Per-layer embeddings (E2B/E4B) and KV sharing are not supported (those models are dense anyway).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,20 +45,23 @@ DEFAULTS = {
     "num_kv_shared_layers": 0,
     "sliding_window": 512,
     "global_head_dim": 512,
-    "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
-                        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25,
-                                           "rope_theta": 1000000.0}},
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        "full_attention": {"rope_type": "proportional", "partial_rotary_factor": 0.25, "rope_theta": 1000000.0},
+    },
     # layer_types: 5 sliding then 1 full, the last layer full (computed in _layer_types)
 }
 
 
 def _layer_types(c: Config) -> list[str]:
     types = c.get("layer_types", default=None)
-    if types is None:                                   # the class default: 5 sliding : 1 full, the last one full
+    if types is None:  # the class default: 5 sliding : 1 full, the last one full
         types = ["sliding_attention" if (i + 1) % 6 else "full_attention" for i in range(c.n_layer)]
         types[-1] = "full_attention"
     if not isinstance(types, list) or len(types) != c.n_layer:
-        raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries (sliding_attention / full_attention)")
+        raise ConversionError(
+            f"{c.src}: layer_types must list {c.n_layer} entries (sliding_attention / full_attention)"
+        )
     return types
 
 
@@ -88,8 +92,10 @@ def _rope(c: Config, kind: str) -> dict[str, Any]:
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.get("hidden_size_per_layer_input", default=0) or c.get("num_kv_shared_layers", default=0):
-        raise ConversionError(f"{c.src}: per-layer embeddings / KV sharing (Gemma-4 E2B/E4B) are not supported; "
-                              f"moelite converts the Gemma-4 MoE models")
+        raise ConversionError(
+            f"{c.src}: per-layer embeddings / KV sharing (Gemma-4 E2B/E4B) are not supported; "
+            f"moelite converts the Gemma-4 MoE models"
+        )
     if not c.bool("enable_moe_block", default=False):
         raise ConversionError(f"{c.src}: enable_moe_block is false: a dense Gemma-4 model; moelite converts MoE models")
     swa = [t == "sliding_attention" for t in _layer_types(c)]
@@ -130,28 +136,32 @@ TENSORS = {
     L + ".pre_feedforward_layernorm_2.weight": "blk.{bid}.pre_ffw_norm_2.weight",
     L + ".post_feedforward_layernorm_1.weight": "blk.{bid}.post_ffw_norm_1.weight",
     L + ".post_feedforward_layernorm_2.weight": "blk.{bid}.post_ffw_norm_2.weight",
-    L + ".layer_scalar": "blk.{bid}.layer_output_scale.weight",                   # [1]
+    L + ".layer_scalar": "blk.{bid}.layer_output_scale.weight",  # [1]
     L + ".mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",
     L + ".mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
     L + ".mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
-    L + ".router.proj.weight": "blk.{bid}.ffn_gate_inp.weight",                   # [E, H]
-    L + ".router.scale": "blk.{bid}.ffn_gate_inp.scale",                          # [H]
-    L + ".router.per_expert_scale": "blk.{bid}.ffn_down_exps.scale",              # [E]
-    L + ".experts.gate_up_proj": "blk.{bid}.ffn_gate_up_exps.weight",             # [E, 2I, H]
-    L + ".experts.down_proj": "blk.{bid}.ffn_down_exps.weight",                   # [E, H, I]
-    "rope_freqs.weight": "rope_freqs.weight",                                     # [global_head_dim / 2]
+    L + ".router.proj.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    L + ".router.scale": "blk.{bid}.ffn_gate_inp.scale",  # [H]
+    L + ".router.per_expert_scale": "blk.{bid}.ffn_down_exps.scale",  # [E]
+    L + ".experts.gate_up_proj": "blk.{bid}.ffn_gate_up_exps.weight",  # [E, 2I, H]
+    L + ".experts.down_proj": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
+    "rope_freqs.weight": "rope_freqs.weight",  # [global_head_dim / 2]
 }
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (("model.language_model.", "model."),),
-                 drop=("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."))
+    strip_prefix(
+        w,
+        (("model.language_model.", "model."),),
+        drop=("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio."),
+    )
     # proportional RoPE on full layers: NeoX over global_head_dim with factor 1 on the first
     # partial_rotary_factor * head / 2 pairs and 1e30 (no rotation) on the rest
     hd_full = _full_head_dim(c)
     n_rot = int(hd_full * float(_rope(c, "full_attention").get("partial_rotary_factor", 1.0)) / 2)
-    w["rope_freqs.weight"] = const(np.array([1.0] * n_rot + [1e30] * (hd_full // 2 - n_rot)),
-                                   "generated: proportional RoPE factors")
+    w["rope_freqs.weight"] = const(
+        np.array([1.0] * n_rot + [1e30] * (hd_full // 2 - n_rot)), "generated: proportional RoPE factors"
+    )
 
 
 FAMILY = Family(("gemma4_text",), "gemma4", hparams, TENSORS, sanitize, tokenizer_pre="gemma4", defaults=DEFAULTS)

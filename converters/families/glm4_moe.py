@@ -7,6 +7,7 @@ score + `e_score_correction_bias` with group-limited top-k, renormalised weights
 plus `n_shared_experts` shared experts. The MTP layer(s) (`model.layers.{num_hidden_layers}..`) are dropped on
 purpose, as llama.cpp's `--no-mtp` does.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -78,13 +79,13 @@ def hparams(c: Config) -> dict[str, Any]:
 
 DEEPSEEK_MOE_NAMES = {
     **MOE_NAMES,
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I, H]
+    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers [I, H]
     MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
     MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
     MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared * I, H]
     MLP + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     MLP + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
-    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",          # [E]
+    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
 }
 
 TENSORS = {
@@ -95,7 +96,7 @@ TENSORS = {
     ATTN + ".q_proj.bias": "blk.{bid}.attn_q.bias",
     ATTN + ".k_proj.bias": "blk.{bid}.attn_k.bias",
     ATTN + ".v_proj.bias": "blk.{bid}.attn_v.bias",
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim] (use_qk_norm)
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim] (use_qk_norm)
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
 }
 

@@ -12,6 +12,7 @@ already (out, in): they stay MXFP4, repacked into ggml's block layout (see lazy.
 Router: top-k on logits, softmax over the k selected (`expert_gating_func` = 3, SOFTMAX_WEIGHT).
 SwiGLU variant with clamp 7.0 and alpha 1.702 (llama.cpp hard-codes both).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -37,14 +38,22 @@ DEFAULTS = {
     "num_experts_per_tok": 4,
     "sliding_window": 128,
     "rope_theta": 150000.0,
-    "rope_parameters": {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
-                        "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "factor": 32.0,
+        "beta_fast": 32.0,
+        "beta_slow": 1.0,
+        "truncate": False,
+        "original_max_position_embeddings": 4096,
+        "rope_theta": 150000.0,
+    },
 }
 
 
 def hparams(c: Config) -> dict[str, Any]:
     layer_types = c.get("layer_types", default=None) or [
-        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.n_layer)]
+        "sliding_attention" if i % 2 == 0 else "full_attention" for i in range(c.n_layer)
+    ]
     return {
         **common_hparams(c),
         "attention.key_length": c.head_dim,
@@ -52,8 +61,8 @@ def hparams(c: Config) -> dict[str, Any]:
         "attention.sliding_window": c.int("sliding_window"),
         "attention.sliding_window_pattern": [t == "sliding_attention" for t in layer_types],  # moelite extra
         "expert_feed_forward_length": c.int("intermediate_size"),
-        "expert_gating_func": SOFTMAX_WEIGHT,   # moelite extra
-        "expert_weights_norm": False,           # moelite extra (softmax over top-k already sums to 1)
+        "expert_gating_func": SOFTMAX_WEIGHT,  # moelite extra
+        "expert_weights_norm": False,  # moelite extra (softmax over top-k already sums to 1)
     }
 
 
@@ -66,14 +75,14 @@ TENSORS = {
     "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
     "model.layers.{bid}.self_attn.o_proj.bias": "blk.{bid}.attn_output.bias",
     "model.layers.{bid}.self_attn.sinks": "blk.{bid}.attn_sinks.weight",  # [n_head]
-    MLP + ".router.weight": "blk.{bid}.ffn_gate_inp.weight",              # [E, H]
-    MLP + ".router.bias": "blk.{bid}.ffn_gate_inp.bias",                  # [E]
-    MLP + ".experts.gate_proj": "blk.{bid}.ffn_gate_exps.weight",         # [E, I, H]
-    MLP + ".experts.up_proj": "blk.{bid}.ffn_up_exps.weight",             # [E, I, H]
-    MLP + ".experts.down_proj": "blk.{bid}.ffn_down_exps.weight",         # [E, H, I]
-    MLP + ".experts.gate_proj_bias": "blk.{bid}.ffn_gate_exps.bias",      # [E, I]
-    MLP + ".experts.up_proj_bias": "blk.{bid}.ffn_up_exps.bias",          # [E, I]
-    MLP + ".experts.down_proj_bias": "blk.{bid}.ffn_down_exps.bias",      # [E, H]
+    MLP + ".router.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MLP + ".router.bias": "blk.{bid}.ffn_gate_inp.bias",  # [E]
+    MLP + ".experts.gate_proj": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
+    MLP + ".experts.up_proj": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
+    MLP + ".experts.down_proj": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
+    MLP + ".experts.gate_proj_bias": "blk.{bid}.ffn_gate_exps.bias",  # [E, I]
+    MLP + ".experts.up_proj_bias": "blk.{bid}.ffn_up_exps.bias",  # [E, I]
+    MLP + ".experts.down_proj_bias": "blk.{bid}.ffn_down_exps.bias",  # [E, H]
 }
 
 
@@ -82,15 +91,15 @@ def sanitize(w, c: Config) -> None:
         x = MLP.format(bid=bid) + ".experts"
         if f"{x}.gate_up_proj_blocks" in w:  # MXFP4: [E, 2I(out), H/32, 16], rows interleaved gate/up
             blocks, scales = w.pop(f"{x}.gate_up_proj_blocks"), w.pop(f"{x}.gate_up_proj_scales")
-            fused = mxfp4_from_hf(blocks, scales)                  # [E, 2I, H] MXFP4
+            fused = mxfp4_from_hf(blocks, scales)  # [E, 2I, H] MXFP4
             w[f"{x}.gate_up_proj_T"] = fused
             split_interleaved(w, f"{x}.gate_up_proj_T", f"{x}.gate_proj", f"{x}.up_proj", axis=-2)
             w[f"{x}.down_proj"] = mxfp4_from_hf(w.pop(f"{x}.down_proj_blocks"), w.pop(f"{x}.down_proj_scales"))
-        if f"{x}.gate_up_proj" in w:         # float: [E, H, 2I] -> [E, 2I, H]
+        if f"{x}.gate_up_proj" in w:  # float: [E, H, 2I] -> [E, 2I, H]
             w[f"{x}.gate_up_proj_T"] = transpose_last(w.pop(f"{x}.gate_up_proj"))
             split_interleaved(w, f"{x}.gate_up_proj_T", f"{x}.gate_proj", f"{x}.up_proj", axis=-2)
             w[f"{x}.down_proj"] = transpose_last(w[f"{x}.down_proj"])  # [E, I, H] -> [E, H, I]
-        if f"{x}.gate_up_proj_bias" in w:    # [E, 2I]
+        if f"{x}.gate_up_proj_bias" in w:  # [E, 2I]
             split_interleaved(w, f"{x}.gate_up_proj_bias", f"{x}.gate_proj_bias", f"{x}.up_proj_bias", axis=-1)
 
 

@@ -6,13 +6,13 @@ Scalars: embeddings * embedding_multiplier, attention scale = attention_multipli
 residual branches * residual_multiplier, logits / logits_scaling. NORM rope, so q/k are permuted as for
 `llama`.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from . import LLAMA_NAMES, SOFTMAX, Config, Family, common_hparams, split_halves
 from .mixtral import permute_attention
-
 
 # transformers' GraniteMoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -44,7 +44,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "embedding_scale": c.float("embedding_multiplier", default=None),
         "residual_scale": c.float("residual_multiplier", default=None),
         "logit_scale": c.float("logits_scaling", default=None),
-        "expert_weights_norm": True,    # moelite extra: top-k softmax weights sum to 1
+        "expert_weights_norm": True,  # moelite extra: top-k softmax weights sum to 1
         "expert_gating_func": SOFTMAX,  # moelite extra
     }
     kv.pop("attention.key_length", None)  # Granite ignores head_dim (llama.cpp's converter drops it)
@@ -57,12 +57,12 @@ def hparams(c: Config) -> dict[str, Any]:
 MOE = "model.layers.{bid}.block_sparse_moe"
 TENSORS = {
     **LLAMA_NAMES,
-    MOE + ".router.layer.weight": "blk.{bid}.ffn_gate_inp.weight",   # [E, H]
-    MOE + ".gate_proj": "blk.{bid}.ffn_gate_exps.weight",            # [E, I, H]
-    MOE + ".up_proj": "blk.{bid}.ffn_up_exps.weight",                # [E, I, H]
+    MOE + ".router.layer.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MOE + ".gate_proj": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
+    MOE + ".up_proj": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
     MOE + ".output_linear.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
     "model.layers.{bid}.shared_mlp.gate_proj": "blk.{bid}.ffn_gate_shexp.weight",  # [S, H]
-    "model.layers.{bid}.shared_mlp.up_proj": "blk.{bid}.ffn_up_shexp.weight",      # [S, H]
+    "model.layers.{bid}.shared_mlp.up_proj": "blk.{bid}.ffn_up_shexp.weight",  # [S, H]
     "model.layers.{bid}.shared_mlp.output_linear.weight": "blk.{bid}.ffn_down_shexp.weight",  # [H, S]
 }
 
@@ -76,6 +76,7 @@ def sanitize(w, c: Config) -> None:
 
 
 FAMILY = Family(("granitemoe",), "granitemoe", hparams, TENSORS, sanitize, tokenizer_pre="refact", defaults=DEFAULTS)
-SHARED = Family(("granitemoeshared",), "granitemoe", hparams, TENSORS, sanitize, tokenizer_pre="refact",
-                defaults=SHARED_DEFAULTS)
+SHARED = Family(
+    ("granitemoeshared",), "granitemoe", hparams, TENSORS, sanitize, tokenizer_pre="refact", defaults=SHARED_DEFAULTS
+)
 FAMILIES = (FAMILY, SHARED)

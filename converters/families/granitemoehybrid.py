@@ -9,6 +9,7 @@ writes a broken file on the second); absent, every layer is Mamba (the class def
 (fused input_linear, split into gate/up) plus a shared MLP; Granite multipliers as granitemoe.py.
 `attention.head_count_kv` is per layer, 0 on Mamba layers.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -16,7 +17,9 @@ from typing import Any
 from moelite.errors import ConversionError
 
 from . import Config, Family, mamba2_mixer, mamba2_names
-from .granitemoe import TENSORS as GRANITE_TENSORS, hparams as granite_hparams, sanitize as granite_sanitize
+from .granitemoe import TENSORS as GRANITE_TENSORS
+from .granitemoe import hparams as granite_hparams
+from .granitemoe import sanitize as granite_sanitize
 
 M = "model.layers.{bid}.mamba"
 ATTENTION, MAMBA = {"attention", "full_attention"}, {"mamba", "linear_attention"}
@@ -51,8 +54,10 @@ def _mamba_layers(c: Config) -> list[bool]:
     # `layers_block_type`: transformers' alias; absent, the class makes every layer Mamba
     types = c.get("layer_types", "layers_block_type", default=None) or ["mamba"] * c.n_layer
     if not isinstance(types, list) or len(types) != c.n_layer or set(types) - ATTENTION - MAMBA:
-        raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries of mamba / attention "
-                              f"(or transformers' linear_attention / full_attention)")
+        raise ConversionError(
+            f"{c.src}: layer_types must list {c.n_layer} entries of mamba / attention "
+            f"(or transformers' linear_attention / full_attention)"
+        )
     return [t in MAMBA for t in types]
 
 
@@ -71,15 +76,17 @@ def hparams(c: Config) -> dict[str, Any]:
     kv.pop("rope.dimension_count", None)
     # RoPE only for "rope": the class default (null) is NoPE, as the real models ("nope")
     nope = c.get("position_embedding_type", default=None) != "rope"
-    kv.update({
-        "attention.head_count_kv": [0 if m else c.int("num_key_value_heads") for m in mamba],
-        "ssm.conv_kernel": c.int("mamba_d_conv"),
-        "ssm.state_size": c.int("mamba_d_state"),
-        "ssm.group_count": c.int("mamba_n_groups"),
-        "ssm.time_step_rank": c.int("mamba_n_heads"),
-        "ssm.inner_size": c.int("mamba_n_heads") * _d_head(c),
-        "rope.scaling.finetuned": not nope,
-    })
+    kv.update(
+        {
+            "attention.head_count_kv": [0 if m else c.int("num_key_value_heads") for m in mamba],
+            "ssm.conv_kernel": c.int("mamba_d_conv"),
+            "ssm.state_size": c.int("mamba_d_state"),
+            "ssm.group_count": c.int("mamba_n_groups"),
+            "ssm.time_step_rank": c.int("mamba_n_heads"),
+            "ssm.inner_size": c.int("mamba_n_heads") * _d_head(c),
+            "rope.scaling.finetuned": not nope,
+        }
+    )
     if not nope:
         kv["rope.dimension_count"] = c.int("hidden_size") // c.int("num_attention_heads")
     return kv
@@ -98,5 +105,6 @@ def sanitize(w, c: Config) -> None:
         mamba2_mixer(w, M.format(bid=bid), ng)
 
 
-FAMILY = Family(("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("granitemoehybrid",), "granitehybrid", hparams, TENSORS, sanitize, tokenizer_pre="refact", defaults=DEFAULTS
+)

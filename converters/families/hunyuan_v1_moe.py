@@ -6,6 +6,7 @@ renormalised. Real configs hold `moe_topk`, `moe_intermediate_size`, `num_shared
 (uniform); transformers' config takes ints: both are accepted. RoPE "dynamic" with NTK alpha is written as the
 scaled base theta * alpha^(d / (d - 2)), as llama.cpp's converter does.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,8 +54,8 @@ def hparams(c: Config) -> dict[str, Any]:
         "expert_feed_forward_length": int(uniform(c, "moe_intermediate_size", c.int("intermediate_size"))),
         "expert_shared_feed_forward_length": c.int("intermediate_size"),
         "expert_shared_count": int(uniform(c, "num_shared_expert", 1)),
-        "expert_gating_func": SOFTMAX,                                    # moelite extra
-        "expert_weights_norm": True,                                      # moelite extra (llama.cpp: always)
+        "expert_gating_func": SOFTMAX,  # moelite extra
+        "expert_weights_norm": True,  # moelite extra (llama.cpp: always)
     }
     rp = c.rope()
     if rp.get("rope_type") == "dynamic" and rp.get("alpha"):
@@ -67,11 +68,11 @@ def hparams(c: Config) -> dict[str, Any]:
 TENSORS = {
     **LLAMA_NAMES,
     **MOE_NAMES,
-    MLP + ".gate.wg.weight": "blk.{bid}.ffn_gate_inp.weight",                     # [E, H]
-    MLP + ".shared_mlp.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",      # [I, H]
+    MLP + ".gate.wg.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MLP + ".shared_mlp.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [I, H]
     MLP + ".shared_mlp.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     MLP + ".shared_mlp.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
-    ATTN + ".query_layernorm.weight": "blk.{bid}.attn_q_norm.weight",             # [head_dim]
+    ATTN + ".query_layernorm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".key_layernorm.weight": "blk.{bid}.attn_k_norm.weight",
 }
 
@@ -80,5 +81,6 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("hunyuan_v1_moe",), "hunyuan-moe", hparams, TENSORS, sanitize, tokenizer_pre="hunyuan",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("hunyuan_v1_moe",), "hunyuan-moe", hparams, TENSORS, sanitize, tokenizer_pre="hunyuan", defaults=DEFAULTS
+)

@@ -13,6 +13,7 @@ accepted as well. MTP: the release checkpoint appends `num_nextn_predict_layers`
 llama.cpp does (blk.{n_layer + i}, nextn.*, `nextn_predict_layers` counted in block_count). transformers' class
 ignores them.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -59,8 +60,9 @@ def n_nextn(c: Config) -> int:
 
 def hparams(c: Config) -> dict[str, Any]:
     types = c.get("mlp_layer_types", default=None)
-    if types is not None and (not isinstance(types, list) or len(types) != c.n_layer or
-                              not set(types) <= {"dense", "sparse"}):
+    if types is not None and (
+        not isinstance(types, list) or len(types) != c.n_layer or not set(types) <= {"dense", "sparse"}
+    ):
         raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries of 'dense' / 'sparse'")
     n_ff_exp = c.int("moe_intermediate_size")
     return {
@@ -81,15 +83,15 @@ def hparams(c: Config) -> dict[str, Any]:
 TENSORS = {
     **LLAMA_NAMES,
     **MOE_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I, H]
+    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers [I, H]
     MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
     MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
-    MLP + ".router.gate.weight": "blk.{bid}.ffn_gate_inp.weight",                 # [E, H] (release layout)
-    MLP + ".expert_bias": "blk.{bid}.exp_probs_b",            # [E]; llama.cpp's hy_v3 name has no ".bias"
+    MLP + ".router.gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H] (release layout)
+    MLP + ".expert_bias": "blk.{bid}.exp_probs_b",  # [E]; llama.cpp's hy_v3 name has no ".bias"
     MLP + ".e_score_correction_bias": "blk.{bid}.exp_probs_b",
-    MLP + ".shared_mlp.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",      # [n_shared * I, H]
+    MLP + ".shared_mlp.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [n_shared * I, H]
     MLP + ".shared_mlp.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     MLP + ".shared_mlp.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
     MLP + ".shared_experts.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",
@@ -101,7 +103,7 @@ TENSORS = {
 
 def sanitize(w, c: Config) -> None:
     n_layer, nextn = c.n_layer, n_nextn(c)
-    for i in range(n_layer, n_layer + nextn):    # the MTP block's trailing norm, llama.cpp's shared_head_norm
+    for i in range(n_layer, n_layer + nextn):  # the MTP block's trailing norm, llama.cpp's shared_head_norm
         name = f"model.layers.{i}.final_layernorm.weight"
         if name in w:
             w[f"model.layers.{i}.shared_head.norm.weight"] = w.pop(name)
@@ -109,5 +111,6 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("hy_v3",), "hy_v3", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS,
-                keep_mtp=True)
+FAMILY = Family(
+    ("hy_v3",), "hy_v3", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS, keep_mtp=True
+)

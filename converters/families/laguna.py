@@ -17,14 +17,24 @@ converter always writes the array (llama.cpp's converter does not), and writes n
 (transformers' default `layer_types` is all full attention). A router logit softcap is refused by name: llama.cpp's
 laguna graph has none.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import (LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, leading_dense_layers, sliding_layers,
-               stack_experts, unfuse_experts)
+from . import (
+    LLAMA_NAMES,
+    SIGMOID,
+    Config,
+    Family,
+    common_hparams,
+    leading_dense_layers,
+    sliding_layers,
+    stack_experts,
+    unfuse_experts,
+)
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -60,8 +70,11 @@ def heads_per_layer(c: Config) -> list[int]:
     heads = c.get("num_attention_heads_per_layer", default=None)
     if heads is None:
         return [c.int("num_attention_heads")] * c.n_layer
-    if not isinstance(heads, list) or len(heads) != c.n_layer or \
-            not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads):
+    if (
+        not isinstance(heads, list)
+        or len(heads) != c.n_layer
+        or not all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in heads)
+    ):
         raise ConversionError(f"{c.src}: key num_attention_heads_per_layer must list {c.n_layer} positive integers")
     return heads
 
@@ -70,16 +83,19 @@ def layer_rope(c: Config, kind: str) -> dict[str, Any] | None:
     """The RoPE entry of one layer type (`full_attention` / `sliding_attention`) of the per-type rope_parameters."""
     rp = c.get("rope_parameters")
     if not isinstance(rp, dict) or not isinstance(rp.get("full_attention"), dict):
-        raise ConversionError(f"{c.src}: key rope_parameters must hold a 'full_attention' entry (Laguna ropes per "
-                              f"layer type)")
+        raise ConversionError(
+            f"{c.src}: key rope_parameters must hold a 'full_attention' entry (Laguna ropes per layer type)"
+        )
     entry = rp.get(kind)
     return entry if isinstance(entry, dict) else None
 
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.float("moe_router_logit_softcapping"):
-        raise ConversionError(f"{c.src}: moe_router_logit_softcapping = {c.float('moe_router_logit_softcapping')} is "
-                              f"not supported: the laguna GGUF has no router softcap (llama.cpp's graph applies none)")
+        raise ConversionError(
+            f"{c.src}: moe_router_logit_softcapping = {c.float('moe_router_logit_softcapping')} is "
+            f"not supported: the laguna GGUF has no router softcap (llama.cpp's graph applies none)"
+        )
     gating = c.get("gating")
     if gating not in (True, "per-head", "per-element"):
         raise ConversionError(f"{c.src}: key gating = {gating!r}: expected true, 'per-head' or 'per-element'")
@@ -88,46 +104,57 @@ def hparams(c: Config) -> dict[str, Any]:
     pattern = sliding_layers(c) or [False] * n
     window = c.int("sliding_window", default=0) or 0
     if any(pattern) and (window <= 0 or swa is None):
-        raise ConversionError(f"{c.src}: layer_types has sliding_attention layers but sliding_window = {window} / "
-                              f"rope_parameters has no 'sliding_attention' entry")
+        raise ConversionError(
+            f"{c.src}: layer_types has sliding_attention layers but sliding_window = {window} / "
+            f"rope_parameters has no 'sliding_attention' entry"
+        )
     kv = {
         **common_hparams(c),
         "vocab_size": c.int("vocab_size"),
         "attention.head_count": heads_per_layer(c),
         "attention.key_length": hd,
         "attention.value_length": hd,
-        "rope.dimension_count": int(hd * float(full.get("partial_rotary_factor", 1.0))),   # theta, YaRN: common
+        "rope.dimension_count": int(hd * float(full.get("partial_rotary_factor", 1.0))),  # theta, YaRN: common
         "leading_dense_block_count": leading_dense_layers(
-            c, c.get("mlp_layer_types", default=None) or ["dense"] + ["sparse"] * (n - 1)),
+            c, c.get("mlp_layer_types", default=None) or ["dense"] + ["sparse"] * (n - 1)
+        ),
         "expert_feed_forward_length": c.int("moe_intermediate_size"),
         "expert_shared_feed_forward_length": c.int("shared_expert_intermediate_size"),
-        "expert_weights_norm": True,             # LagunaTopKRouter always renormalises
+        "expert_weights_norm": True,  # LagunaTopKRouter always renormalises
         "expert_weights_scale": c.float("moe_routed_scaling_factor"),
         "expert_gating_func": SIGMOID,
     }
-    if any(pattern):                             # a window only where layers slide (llama.cpp: no window, all full)
-        kv.update({"attention.sliding_window": window, "attention.sliding_window_pattern": pattern,
-                   "rope.freq_base_swa": float(swa.get("rope_theta", 10000.0)),
-                   "rope.dimension_count_swa": int(hd * float(swa.get("partial_rotary_factor", 1.0)))})
+    if any(pattern):  # a window only where layers slide (llama.cpp: no window, all full)
+        kv.update(
+            {
+                "attention.sliding_window": window,
+                "attention.sliding_window_pattern": pattern,
+                "rope.freq_base_swa": float(swa.get("rope_theta", 10000.0)),
+                "rope.dimension_count_swa": int(hd * float(swa.get("partial_rotary_factor", 1.0))),
+            }
+        )
     return kv
 
 
 TENSORS = {
     **LLAMA_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
-    ATTN + ".g_proj.weight": "blk.{bid}.attn_gate.weight",                        # [n_head(il) (* head_dim), H]
-    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                       # dense layers [I, H]
+    ATTN + ".g_proj.weight": "blk.{bid}.attn_gate.weight",  # [n_head(il) (* head_dim), H]
+    MLP + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers [I, H]
     MLP + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
     MLP + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
-    MLP + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",                        # [E, H]
-    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",          # [E] (transformers' name)
-    MLP + ".experts.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",       # (the release checkpoints')
-    MLP + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",          # [E, I, H]
+    MLP + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MLP + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E] (transformers' name)
+    MLP + ".experts.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # (the release checkpoints')
+    MLP + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
     MLP + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
-    MLP + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",          # [E, H, I]
-    **{MLP + f".{s}.{p}_proj.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight"         # [I_shared, H]
-       for s in ("shared_expert", "shared_experts") for p in ("gate", "up", "down")},
+    MLP + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
+    **{
+        MLP + f".{s}.{p}_proj.weight": f"blk.{{bid}}.ffn_{p}_shexp.weight"  # [I_shared, H]
+        for s in ("shared_expert", "shared_experts")
+        for p in ("gate", "up", "down")
+    },
 }
 
 

@@ -7,6 +7,7 @@ the rest MoE: sigmoid scores, top-k selected on score + `expert_bias`, renormali
 norm is HF's `embedding_norm` (applied after the last layer), written as llama.cpp names it: token_embd_norm.
 `attention.head_count_kv` is per layer, 0 on conv layers (llama.cpp derives "recurrent" from it).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -53,7 +54,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "leading_dense_block_count": c.int("num_dense_layers", default=0),
         "expert_feed_forward_length": c.int("moe_intermediate_size"),
         "expert_gating_func": SIGMOID,
-        "expert_weights_norm": True,                                        # moelite extra (llama.cpp: always)
+        "expert_weights_norm": True,  # moelite extra (llama.cpp: always)
         "expert_weights_scale": c.float("routed_scaling_factor", default=1.0),
         "vocab_size": c.int("vocab_size"),
     }
@@ -61,12 +62,12 @@ def hparams(c: Config) -> dict[str, Any]:
 
 TENSORS = {
     "model.embed_tokens.weight": "token_embd.weight",
-    "model.embedding_norm.weight": "token_embd_norm.weight",                # the final norm (llama.cpp's name)
+    "model.embedding_norm.weight": "token_embd_norm.weight",  # the final norm (llama.cpp's name)
     "lm_head.weight": "output.weight",
     L + ".operator_norm.weight": "blk.{bid}.attn_norm.weight",
     L + ".ffn_norm.weight": "blk.{bid}.ffn_norm.weight",
-    L + ".conv.conv.weight": "blk.{bid}.shortconv.conv.weight",             # [H, 1, L] -> [H, L]
-    L + ".conv.in_proj.weight": "blk.{bid}.shortconv.in_proj.weight",       # [3H, H]
+    L + ".conv.conv.weight": "blk.{bid}.shortconv.conv.weight",  # [H, 1, L] -> [H, L]
+    L + ".conv.in_proj.weight": "blk.{bid}.shortconv.in_proj.weight",  # [3H, H]
     L + ".conv.out_proj.weight": "blk.{bid}.shortconv.out_proj.weight",
     L + ".self_attn.q_proj.weight": "blk.{bid}.attn_q.weight",
     L + ".self_attn.k_proj.weight": "blk.{bid}.attn_k.weight",
@@ -74,11 +75,11 @@ TENSORS = {
     L + ".self_attn.out_proj.weight": "blk.{bid}.attn_output.weight",
     L + ".self_attn.q_layernorm.weight": "blk.{bid}.attn_q_norm.weight",
     L + ".self_attn.k_layernorm.weight": "blk.{bid}.attn_k_norm.weight",
-    L + ".feed_forward.w1.weight": "blk.{bid}.ffn_gate.weight",             # dense layers
+    L + ".feed_forward.w1.weight": "blk.{bid}.ffn_gate.weight",  # dense layers
     L + ".feed_forward.w3.weight": "blk.{bid}.ffn_up.weight",
     L + ".feed_forward.w2.weight": "blk.{bid}.ffn_down.weight",
-    L + ".feed_forward.gate.weight": "blk.{bid}.ffn_gate_inp.weight",       # [E, H]
-    L + ".feed_forward.expert_bias": "blk.{bid}.exp_probs_b.bias",          # [E]
+    L + ".feed_forward.gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    L + ".feed_forward.expert_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
     L + ".feed_forward.experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",
     L + ".feed_forward.experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",
     L + ".feed_forward.experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",
@@ -90,8 +91,13 @@ def sanitize(w, c: Config) -> None:
         name = L.format(bid=bid) + ".conv.conv.weight"
         if name in w:
             squeeze_conv(w, name)
-    stack_experts(w, c, L + ".feed_forward.experts.{e}.{proj}.weight", L + ".feed_forward.experts.{proj}.weight",
-                  ("w1", "w2", "w3"))
+    stack_experts(
+        w,
+        c,
+        L + ".feed_forward.experts.{e}.{proj}.weight",
+        L + ".feed_forward.experts.{proj}.weight",
+        ("w1", "w2", "w3"),
+    )
 
 
 FAMILY = Family(("lfm2_moe",), "lfm2moe", hparams, TENSORS, sanitize, tokenizer_pre="lfm2", defaults=DEFAULTS)

@@ -10,6 +10,7 @@ sigmoid(logit) applied to the expert *input*, plus a shared expert; other layers
 down_proj [E, I, H]; they are transposed and gate/up split, as llama.cpp's converter does. The vision tower
 and projector of `Llama4ForConditionalGeneration` are dropped.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -45,10 +46,12 @@ DEFAULTS = {
 
 
 def hparams(c: Config) -> dict[str, Any]:
-    chunk = c.get("attention_chunk_size", default=None)                   # absent: 8192; an explicit null: none
+    chunk = c.get("attention_chunk_size", default=None)  # absent: 8192; an explicit null: none
     if chunk not in (None, 8192) or c.get("floor_scale") != 8192 or c.get("attn_scale") != 0.1:
-        raise ConversionError(f"{c.src}: attention_chunk_size / floor_scale / attn_scale differ from 8192 / 8192 / "
-                              f"0.1, which llama.cpp hard-codes for llama4 (the GGUF cannot carry them)")
+        raise ConversionError(
+            f"{c.src}: attention_chunk_size / floor_scale / attn_scale differ from 8192 / 8192 / "
+            f"0.1, which llama.cpp hard-codes for llama4 (the GGUF cannot carry them)"
+        )
     nope = c.get("no_rope_layers", default=None)
     if nope and [int(x) for x in nope] != [int((i + 1) % 4 != 0) for i in range(c.n_layer)]:
         raise ConversionError(f"{c.src}: no_rope_layers is not 'NoPE every 4th layer', which llama.cpp hard-codes")
@@ -61,34 +64,37 @@ def hparams(c: Config) -> dict[str, Any]:
         "attention.value_length": c.head_dim,
     }
     if chunk is None:
-        kv["attention.sliding_window"] = 0                                # no chunking: RoPE on every layer
+        kv["attention.sliding_window"] = 0  # no chunking: RoPE on every layer
     return kv
 
 
 TENSORS = {
     **LLAMA_NAMES,
-    FF + ".router.weight": "blk.{bid}.ffn_gate_inp.weight",                       # [E, H]
-    FF + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",           # [E, I, H]
+    FF + ".router.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    FF + ".experts.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
     FF + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
-    FF + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",           # [E, H, I]
+    FF + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
     FF + ".shared_expert.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",
     FF + ".shared_expert.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     FF + ".shared_expert.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
-    FF + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",                        # dense layers
+    FF + ".gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers
     FF + ".up_proj.weight": "blk.{bid}.ffn_up.weight",
     FF + ".down_proj.weight": "blk.{bid}.ffn_down.weight",
 }
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
-                 drop=("vision_model.", "multi_modal_projector."))
+    strip_prefix(
+        w,
+        (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head.")),
+        drop=("vision_model.", "multi_modal_projector."),
+    )
     for bid in range(c.n_layer):
         f = FF.format(bid=bid)
-        if f"{f}.experts.gate_up_proj" in w:                                      # [E, H, 2I] -> [E, 2I, H]
+        if f"{f}.experts.gate_up_proj" in w:  # [E, H, 2I] -> [E, 2I, H]
             w[f"{f}.experts.gate_up"] = transpose_last(w.pop(f"{f}.experts.gate_up_proj"))
             split_halves(w, f"{f}.experts.gate_up", f"{f}.experts.gate_proj.weight", f"{f}.experts.up_proj.weight")
-        if f"{f}.experts.down_proj" in w:                                         # [E, I, H] -> [E, H, I]
+        if f"{f}.experts.down_proj" in w:  # [E, I, H] -> [E, H, I]
             w[f"{f}.experts.down_proj.weight"] = transpose_last(w.pop(f"{f}.experts.down_proj"))
 
 

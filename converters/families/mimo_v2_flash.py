@@ -24,6 +24,7 @@ enorm / hnorm / eh_proj / final_layernorm); config.json has no count, llama.cpp 
 (`num_nextn_predict_layers` when the config has it). They are written as llama.cpp does: blk.{n_layer + i},
 nextn.*, final_layernorm -> layer_output_norm, block_count and the per-layer arrays counting them (SWA entries).
 """
+
 from __future__ import annotations
 
 import re
@@ -45,7 +46,7 @@ from . import (
 from .glm4_moe import DEEPSEEK_MOE_NAMES, MLP
 
 ATTN = "model.layers.{bid}.self_attn"
-N_MTP = 3      # MiMo-V2-Flash / V2.5 / V2.5-Pro ship 3 MTP blocks; config.json does not say (llama.cpp hardcodes it)
+N_MTP = 3  # MiMo-V2-Flash / V2.5 / V2.5-Pro ship 3 MTP blocks; config.json does not say (llama.cpp hardcodes it)
 
 # transformers' MiMoV2FlashConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -106,29 +107,44 @@ def rope(c: Config) -> tuple[float, float, float]:
         full, swa = rp["full_attention"], rp.get("sliding_attention", rp["full_attention"])
         for kind in (full, swa):
             if kind.get("rope_type", "default") != "default":
-                raise ConversionError(f"{c.src}: rope_parameters rope_type {str(kind.get('rope_type'))[:20]} is not "
-                                      f"supported (mimo2: plain RoPE)")
-        return (float(full.get("rope_theta", ROPE_FULL)), float(swa.get("rope_theta", ROPE_SWA)),
-                float(full.get("partial_rotary_factor", PARTIAL_ROTARY)))
-    return (c.float("rope_theta", default=ROPE_FULL), c.float("swa_rope_theta", default=ROPE_SWA),
-            c.float("partial_rotary_factor", default=PARTIAL_ROTARY))
+                raise ConversionError(
+                    f"{c.src}: rope_parameters rope_type {str(kind.get('rope_type'))[:20]} is not "
+                    f"supported (mimo2: plain RoPE)"
+                )
+        return (
+            float(full.get("rope_theta", ROPE_FULL)),
+            float(swa.get("rope_theta", ROPE_SWA)),
+            float(full.get("partial_rotary_factor", PARTIAL_ROTARY)),
+        )
+    return (
+        c.float("rope_theta", default=ROPE_FULL),
+        c.float("swa_rope_theta", default=ROPE_SWA),
+        c.float("partial_rotary_factor", default=PARTIAL_ROTARY),
+    )
 
 
 def hparams(c: Config) -> dict[str, Any]:
     hd, vhd, n_head, n_kv = c.head_dim, c.int("v_head_dim"), c.int("num_attention_heads"), c.int("num_key_value_heads")
     for key, want in (("swa_head_dim", hd), ("swa_v_head_dim", vhd), ("swa_num_attention_heads", n_head)):
         if c.get(key, default=want) != want:
-            raise ConversionError(f"{c.src}: key {key} = {str(c.get(key))[:20]}: expected {want} (the full-attention "
-                                  f"layers' value; the mimo2 GGUF has one per model)")
-    if c.get("topk_method", default="noaux_tc") != "noaux_tc" or not c.bool("norm_topk_prob") or \
-            c.get("scoring_func", default="sigmoid") != "sigmoid":
-        raise ConversionError(f"{c.src}: keys topk_method / norm_topk_prob / scoring_func: expected noaux_tc, true, "
-                              f"sigmoid (llama.cpp's mimo2 graph hardcodes renormalised sigmoid routing)")
+            raise ConversionError(
+                f"{c.src}: key {key} = {str(c.get(key))[:20]}: expected {want} (the full-attention "
+                f"layers' value; the mimo2 GGUF has one per model)"
+            )
+    if (
+        c.get("topk_method", default="noaux_tc") != "noaux_tc"
+        or not c.bool("norm_topk_prob")
+        or c.get("scoring_func", default="sigmoid") != "sigmoid"
+    ):
+        raise ConversionError(
+            f"{c.src}: keys topk_method / norm_topk_prob / scoring_func: expected noaux_tc, true, "
+            f"sigmoid (llama.cpp's mimo2 graph hardcodes renormalised sigmoid routing)"
+        )
     window = c.get("sliding_window_size", default=None)
     window = c.int("sliding_window_size") + 1 if window is not None else c.int("sliding_window")
     full_theta, swa_theta, partial = rope(c)
     nextn = n_nextn(c)
-    swa = swa_pattern(c) + [True] * nextn           # MTP blocks: SWA attention (llama.cpp's converter: the same)
+    swa = swa_pattern(c) + [True] * nextn  # MTP blocks: SWA attention (llama.cpp's converter: the same)
     n_kv_swa = c.int("swa_num_key_value_heads", default=2 * n_kv)
     kv = {
         **common_hparams(c),
@@ -162,13 +178,13 @@ def hparams(c: Config) -> dict[str, Any]:
 TENSORS = {
     **LLAMA_NAMES,
     **DEEPSEEK_MOE_NAMES,
-    ATTN + ".attention_sink_bias": "blk.{bid}.attn_sinks.weight",                 # [n_head], SWA layers only
-    ATTN + ".sinks": "blk.{bid}.attn_sinks.weight",                               # transformers' in-memory name
-    ATTN + ".qkv_proj.weight": "blk.{bid}.attn_qkv.weight",                       # MTP blocks (llama.cpp's MTP graph)
-    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",       # [H, 2H]
+    ATTN + ".attention_sink_bias": "blk.{bid}.attn_sinks.weight",  # [n_head], SWA layers only
+    ATTN + ".sinks": "blk.{bid}.attn_sinks.weight",  # transformers' in-memory name
+    ATTN + ".qkv_proj.weight": "blk.{bid}.attn_qkv.weight",  # MTP blocks (llama.cpp's MTP graph)
+    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",  # [H, 2H]
     "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",
     "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
-    "model.layers.{bid}.final_layernorm.weight": "blk.{bid}.layer_output_norm.weight",   # MTP head norm
+    "model.layers.{bid}.final_layernorm.weight": "blk.{bid}.layer_output_norm.weight",  # MTP head norm
 }
 
 
@@ -178,8 +194,9 @@ def sanitize(w, c: Config) -> None:
         t = w.pop(name)
         m = re.match(r"model\.mtp\.layers\.(\d+)\.(.+)\Z", name)
         if not m or int(m.group(1)) >= nextn:
-            raise ConversionError(f"{t.src}: tensor {name}: expected model.mtp.layers.{{0..{nextn - 1}}}.* "
-                                  f"({nextn} MTP blocks)")
+            raise ConversionError(
+                f"{t.src}: tensor {name}: expected model.mtp.layers.{{0..{nextn - 1}}}.* ({nextn} MTP blocks)"
+            )
         w[f"model.layers.{n_layer + int(m.group(1))}.{m.group(2)}"] = t
     # a fused qkv_proj in the trunk (MiMo-V2.5's layout, unsharded): rows [Q | K | V] split for the attention mixer
     swa = swa_pattern(c)
@@ -187,17 +204,31 @@ def sanitize(w, c: Config) -> None:
     for bid in range(n_layer):
         a = ATTN.format(bid=bid)
         if a + ".qkv_proj.weight" in w:
-            n_kv = c.int("swa_num_key_value_heads", default=2 * c.int("num_key_value_heads")) if swa[bid] else \
-                c.int("num_key_value_heads")
+            n_kv = (
+                c.int("swa_num_key_value_heads", default=2 * c.int("num_key_value_heads"))
+                if swa[bid]
+                else c.int("num_key_value_heads")
+            )
             t, q, k = w.pop(a + ".qkv_proj.weight"), n_head * hd, n_kv * hd
             if t.shape[0] != q + k + n_kv * vhd:
-                raise ConversionError(f"{t.src}: tensor {a}.qkv_proj.weight has {t.shape[0]} rows, config.json "
-                                      f"implies {q + k + n_kv * vhd}")
+                raise ConversionError(
+                    f"{t.src}: tensor {a}.qkv_proj.weight has {t.shape[0]} rows, config.json "
+                    f"implies {q + k + n_kv * vhd}"
+                )
             w[a + ".q_proj.weight"], w[a + ".k_proj.weight"] = rows(t, slice(0, q), 0), rows(t, slice(q, q + k), 0)
             w[a + ".v_proj.weight"] = rows(t, slice(q + k, None), 0)
     c_all = Config({**c.d, "num_hidden_layers": n_layer + nextn}, c.src, c.defaults)
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("mimo_v2_flash", "mimo_v2"), "mimo2", hparams, TENSORS, sanitize, tokenizer_pre="qwen2",
-                defaults=DEFAULTS, keep_mtp=True, n_mtp=N_MTP)
+FAMILY = Family(
+    ("mimo_v2_flash", "mimo_v2"),
+    "mimo2",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="qwen2",
+    defaults=DEFAULTS,
+    keep_mtp=True,
+    n_mtp=N_MTP,
+)

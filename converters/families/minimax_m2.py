@@ -5,6 +5,7 @@ n_kv_heads * head_dim, before the head split, as OLMoE) and partial NeoX RoPE (`
 config, `partial_rotary_factor` in transformers') -> RMSNorm -> MoE: sigmoid scores, selection on score +
 `e_score_correction_bias`, renormalised weights (llama.cpp hard-codes it); mixtral-style experts w1/w3/w2.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,19 +43,19 @@ def hparams(c: Config) -> dict[str, Any]:
         "rope.dimension_count": rotary_dims(c, hd),
         "expert_feed_forward_length": c.int("intermediate_size"),
         "expert_gating_func": SIGMOID,
-        "expert_weights_norm": True,                                      # moelite extra (llama.cpp: always)
+        "expert_weights_norm": True,  # moelite extra (llama.cpp: always)
     }
 
 
 TENSORS = {
     **LLAMA_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",              # [n_head * head_dim]
-    ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",              # [n_kv_heads * head_dim]
-    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",                # [E, H]
-    MOE + ".e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",       # [E]
-    MOE + ".experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",         # [E, I, H]
-    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",           # [E, I, H]
-    MOE + ".experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",         # [E, H, I]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [n_head * head_dim]
+    ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",  # [n_kv_heads * head_dim]
+    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MOE + ".e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
+    MOE + ".experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
+    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
+    MOE + ".experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
 }
 
 
@@ -62,5 +63,6 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, MOE + ".experts.{e}.{proj}.weight", MOE + ".experts.{proj}.weight", ("w1", "w2", "w3"))
 
 
-FAMILY = Family(("minimax_m2",), "minimax-m2", hparams, TENSORS, sanitize, tokenizer_pre="minimax-m2",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("minimax_m2",), "minimax-m2", hparams, TENSORS, sanitize, tokenizer_pre="minimax-m2", defaults=DEFAULTS
+)

@@ -16,6 +16,7 @@ Tensors: the wrapper's prefixes (`language_model.model.`, `language_model.lm_hea
 `experts.gate_up_proj` [E, 2I, H] (gate rows first) / `experts.down_proj` [E, H, I] (no `.weight` suffix), or per
 expert `experts.{e}.{gate,up,down}_proj.weight`.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -54,45 +55,65 @@ DEFAULTS = {
     "rope_interleave": True,
 }
 # what Mistral4Config sets when rope_parameters is absent (partial_rotary_factor, derived, is not read here)
-ROPE_DEFAULT = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 128.0, "original_max_position_embeddings": 8192,
-                "beta_fast": 32.0, "beta_slow": 1.0, "mscale_all_dim": 1.0, "mscale": 1.0, "llama_4_scaling_beta": 0.1}
+ROPE_DEFAULT = {
+    "rope_type": "yarn",
+    "rope_theta": 10000.0,
+    "factor": 128.0,
+    "original_max_position_embeddings": 8192,
+    "beta_fast": 32.0,
+    "beta_slow": 1.0,
+    "mscale_all_dim": 1.0,
+    "mscale": 1.0,
+    "llama_4_scaling_beta": 0.1,
+}
 
 
 def hparams(c: Config) -> dict[str, Any]:
     if not c.bool("rope_interleave"):
-        raise ConversionError(f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
-                              f"supported: llama.cpp's mistral4 graph rotates interleaved pairs")
+        raise ConversionError(
+            f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
+            f"supported: llama.cpp's mistral4 graph rotates interleaved pairs"
+        )
     if c.d.get("rope_parameters") is None and c.d.get("rope_scaling") is None:
         c = Config({**c.d, "rope_parameters": ROPE_DEFAULT}, c.src, c.defaults)
     kv = deepseek2_hparams(c, default_gating=SOFTMAX)
-    kv["expert_gating_func"] = SOFTMAX          # Mistral4TopkRouter: softmax whatever a scoring key says
+    kv["expert_gating_func"] = SOFTMAX  # Mistral4TopkRouter: softmax whatever a scoring key says
     rp = c.rope()
     beta = rp.get("llama_4_scaling_beta")
     if beta:
         if not isinstance(beta, (int, float)) or isinstance(beta, bool):
-            raise ConversionError(f"{c.src}: key rope_parameters.llama_4_scaling_beta = {str(beta)[:40]}: expected a "
-                                  f"number")
+            raise ConversionError(
+                f"{c.src}: key rope_parameters.llama_4_scaling_beta = {str(beta)[:40]}: expected a number"
+            )
         length = rp.get("original_max_position_embeddings")
         if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-            raise ConversionError(f"{c.src}: key rope_parameters.original_max_position_embeddings = "
-                                  f"{str(length)[:40]}: expected a positive integer (the attention temperature's "
-                                  f"period)")
+            raise ConversionError(
+                f"{c.src}: key rope_parameters.original_max_position_embeddings = "
+                f"{str(length)[:40]}: expected a positive integer (the attention temperature's "
+                f"period)"
+            )
         kv["attention.temperature_scale"] = float(beta)
         kv["attention.temperature_length"] = length
     return kv
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (("language_model.model.", "model."), ("language_model.lm_head.", "lm_head."),
-                     ("model.language_model.", "model.")),
-                 drop=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."))
+    strip_prefix(
+        w,
+        (
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+            ("model.language_model.", "model."),
+        ),
+        drop=("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector."),
+    )
     for bid in range(c.n_layer):
         e = MLP.format(bid=bid) + ".experts."
-        if e + "gate_up_proj" in w:          # [E, 2I, H]: gate rows then up rows of each expert
+        if e + "gate_up_proj" in w:  # [E, 2I, H]: gate rows then up rows of each expert
             split_halves(w, e + "gate_up_proj", e + "gate_proj.weight", e + "up_proj.weight", axis=-2)
         if e + "down_proj" in w:
             w[e + "down_proj.weight"] = w.pop(e + "down_proj")
-    deepseek2_sanitize(w, c)                  # kv_b -> k_b / v_b, per-expert tensors stacked
+    deepseek2_sanitize(w, c)  # kv_b -> k_b / v_b, per-expert tensors stacked
 
 
 FAMILY = Family(("mistral4",), "mistral4", hparams, TENSORS, sanitize, tokenizer_pre="tekken", defaults=DEFAULTS)

@@ -4,13 +4,13 @@ The `llama` arch uses ggml's NORM rope (adjacent pairs) while HF uses rotate_hal
 are permuted per head (llama.cpp's converter does the same; a runtime reading `llama` GGUFs expects it).
 Experts: 8 SwiGLU experts w1 (gate), w3 (up), w2 (down), softmax router, top-2, weights renormalized.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from ..lazy import permute_qk
 from . import LLAMA_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' MixtralConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -33,7 +33,7 @@ def hparams(c: Config) -> dict[str, Any]:
         **common_hparams(c),
         "vocab_size": c.int("vocab_size"),
         "rope.dimension_count": c.head_dim,
-        "expert_weights_norm": True,   # moelite extra: Mixtral renormalizes the top-k softmax weights
+        "expert_weights_norm": True,  # moelite extra: Mixtral renormalizes the top-k softmax weights
         "expert_gating_func": SOFTMAX,  # moelite extra
     }
 
@@ -41,10 +41,10 @@ def hparams(c: Config) -> dict[str, Any]:
 MOE = "model.layers.{bid}.block_sparse_moe"
 TENSORS = {
     **LLAMA_NAMES,
-    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",             # [E, H]
-    MOE + ".experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",      # [E, I, H]
-    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",        # [E, I, H]
-    MOE + ".experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",      # [E, H, I]
+    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    MOE + ".experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
+    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
+    MOE + ".experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
 }
 
 

@@ -13,8 +13,14 @@ GGUF: `attention.head_count_kv` and `feed_forward_length` per layer (0 where the
 llama.cpp tells the kinds apart by them), experts `ffn_up_exps` / `ffn_down_exps` only, `ffn_latent_down/up`.
 A dense `mlp` block inside a MoE model is refused: llama.cpp's nemotron_h_moe loader takes every FFN block for MoE
 (its converter would write the block as a recurrent one). `use_conv_bias` false is refused: llama.cpp's Mamba2
-graph adds the conv bias unconditionally. MTP blocks (Super, 3.5 Lightning) are dropped, as `--no-mtp`.
+graph adds the conv bias unconditionally.
+MTP (Super, 3.5 Lightning: `num_nextn_predict_layers` 1): the release holds it as `mtp.layers.0` (eh_proj / enorm /
+hnorm and a NoPE attention sub-layer) and `mtp.layers.1` (a MoE sub-layer, its `norm` before it, `final_layernorm`
+after); kept as llama.cpp's converter folds them, one block blk.{n_layer} (nextn.*, attn_*, post_attention_norm
+before the MoE, nextn.shared_head_norm), counted in block_count and in the per-layer arrays (head_count_kv and
+feed_forward_length both set: llama.cpp's MTP block is attention + MoE). Loaded, never run on the main path.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,6 +28,7 @@ from typing import Any
 from moelite.errors import ConversionError
 
 from . import SIGMOID, Config, Family, mamba2_mixer, mamba2_names, stack_experts
+from .exaone_moe import MTP_NAMES
 
 B = "backbone.layers.{bid}"
 M = B + ".mixer"
@@ -75,38 +82,59 @@ def block_types(c: Config) -> list[str]:
         elif t in MOE:
             out.append("moe")
         elif t == "mlp":
-            raise ConversionError(f"{c.src}: layers_block_type[{il}] = mlp: a dense block in a MoE Nemotron-H is not "
-                                  f"supported (llama.cpp's nemotron_h_moe takes every FFN block for MoE)")
+            raise ConversionError(
+                f"{c.src}: layers_block_type[{il}] = mlp: a dense block in a MoE Nemotron-H is not "
+                f"supported (llama.cpp's nemotron_h_moe takes every FFN block for MoE)"
+            )
         else:
             raise ConversionError(f"{c.src}: layers_block_type[{il}] = {t!r}: expected mamba / attention / moe")
     if "moe" not in out:
-        raise ConversionError(f"{c.src}: a Nemotron-H without moe blocks is a dense (non-MoE) model; moelite converts "
-                              f"Mixture-of-Experts models only")
+        raise ConversionError(
+            f"{c.src}: a Nemotron-H without moe blocks is a dense (non-MoE) model; moelite converts "
+            f"Mixture-of-Experts models only"
+        )
     return out
+
+
+def n_nextn(c: Config) -> int:
+    """MTP blocks: 0 or 1 (llama.cpp's converter and graph take one)."""
+    n = c.int("num_nextn_predict_layers", default=0)
+    if n not in (0, 1):
+        raise ConversionError(
+            f"{c.src}: num_nextn_predict_layers = {n}: expected 0 or 1 (llama.cpp's nemotron_h_moe folds one MTP "
+            f"head into one block)"
+        )
+    return n
 
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.get("mlp_hidden_act") != "relu2":
-        raise ConversionError(f"{c.src}: mlp_hidden_act = {c.get('mlp_hidden_act')!r}: the nemotron_h_moe GGUF runs "
-                              f"relu2 (llama.cpp hardcodes it)")
+        raise ConversionError(
+            f"{c.src}: mlp_hidden_act = {c.get('mlp_hidden_act')!r}: the nemotron_h_moe GGUF runs "
+            f"relu2 (llama.cpp hardcodes it)"
+        )
     if not c.bool("use_conv_bias"):
-        raise ConversionError(f"{c.src}: use_conv_bias = false is not supported (llama.cpp's Mamba2 graph adds a conv "
-                              f"bias)")
+        raise ConversionError(
+            f"{c.src}: use_conv_bias = false is not supported (llama.cpp's Mamba2 graph adds a conv bias)"
+        )
     types = block_types(c)
+    nextn = n_nextn(c)
     nh, dh = c.int("mamba_num_heads"), c.int("mamba_head_dim")
+    n_kv, n_ff = c.int("num_key_value_heads"), c.int("moe_intermediate_size")
     latent = c.get("moe_latent_size", default=None)
     kv = {
-        "block_count": c.n_layer,
+        "block_count": c.n_layer + nextn,
         "context_length": c.int("max_position_embeddings"),
         "embedding_length": c.int("hidden_size"),
-        "feed_forward_length": [c.int("moe_intermediate_size") if t == "moe" else 0 for t in types],
+        # the MTP block (last) is attention and MoE at once
+        "feed_forward_length": [n_ff if t == "moe" else 0 for t in types] + [n_ff] * nextn,
         "attention.head_count": c.int("num_attention_heads"),
-        "attention.head_count_kv": [c.int("num_key_value_heads") if t == "full_attention" else 0 for t in types],
+        "attention.head_count_kv": [n_kv if t == "full_attention" else 0 for t in types] + [n_kv] * nextn,
         "attention.key_length": c.head_dim,
         "attention.value_length": c.head_dim,
         "attention.layer_norm_epsilon": c.float("layer_norm_epsilon"),
         "attention.layer_norm_rms_epsilon": c.float("layer_norm_epsilon"),
-        "rope.scaling.finetuned": False,             # NoPE (llama.cpp's switch, as Granite-4.0-H)
+        "rope.scaling.finetuned": False,  # NoPE (llama.cpp's switch, as Granite-4.0-H)
         "ssm.conv_kernel": c.int("conv_kernel"),
         "ssm.state_size": c.int("ssm_state_size"),
         "ssm.group_count": c.int("n_groups"),
@@ -125,6 +153,8 @@ def hparams(c: Config) -> dict[str, Any]:
     }
     if latent is not None:
         kv["moe_latent_size"] = int(latent)
+    if nextn:
+        kv["nextn_predict_layers"] = nextn
     return kv
 
 
@@ -132,33 +162,68 @@ TENSORS = {
     "backbone.embeddings.weight": "token_embd.weight",
     "backbone.norm_f.weight": "output_norm.weight",
     "lm_head.weight": "output.weight",
-    B + ".norm.weight": "blk.{bid}.attn_norm.weight",                       # every block's one norm
+    B + ".norm.weight": "blk.{bid}.attn_norm.weight",  # every block's one norm
     **mamba2_names(M),
     M + ".q_proj.weight": "blk.{bid}.attn_q.weight",
     M + ".k_proj.weight": "blk.{bid}.attn_k.weight",
     M + ".v_proj.weight": "blk.{bid}.attn_v.weight",
     M + ".o_proj.weight": "blk.{bid}.attn_output.weight",
-    M + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",                    # [E, H]
-    M + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",      # [E]
-    M + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",          # [E, I, L]
-    M + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",      # [E, L, I]
-    M + ".fc1_latent_proj.weight": "blk.{bid}.ffn_latent_down.weight",      # [L, H]
-    M + ".fc2_latent_proj.weight": "blk.{bid}.ffn_latent_up.weight",        # [H, L]
+    M + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    M + ".gate.e_score_correction_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
+    M + ".experts.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",  # [E, I, L]
+    M + ".experts.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, L, I]
+    M + ".fc1_latent_proj.weight": "blk.{bid}.ffn_latent_down.weight",  # [L, H]
+    M + ".fc2_latent_proj.weight": "blk.{bid}.ffn_latent_up.weight",  # [H, L]
     M + ".shared_experts.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",  # [I_sh, H]
     M + ".shared_experts.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
+    B + ".post_attention_layernorm.weight": "blk.{bid}.post_attention_norm.weight",  # MTP block: before its MoE
+    **MTP_NAMES,  # MTP block: eh_proj [H, 2H], enorm / hnorm / shared_head_norm [H]
 }
+
+# the release's MTP names (mtp.layers.{0,1}.*) that are not a mixer's: as llama.cpp's converter renames them
+MTP_RENAMES = {
+    "mtp.layers.0.enorm.weight": "model.layers.{bid}.enorm.weight",
+    "mtp.layers.0.hnorm.weight": "model.layers.{bid}.hnorm.weight",
+    "mtp.layers.0.eh_proj.weight": "model.layers.{bid}.eh_proj.weight",
+    "mtp.layers.1.norm.weight": B + ".post_attention_layernorm.weight",
+    "mtp.layers.1.final_layernorm.weight": "model.layers.{bid}.shared_head.norm.weight",
+}
+
+
+def fold_mtp(w, c: Config) -> None:
+    """The MTP head's two release blocks (mtp.layers.0: attention, mtp.layers.1: MoE) as one block n_layer."""
+    bid = c.n_layer
+    for name in [n for n in w if n.startswith("mtp.")]:
+        if not n_nextn(c) or not name.startswith(("mtp.layers.0.", "mtp.layers.1.")):
+            raise ConversionError(
+                f"{c.src}: tensor {name}: expected mtp.layers.0.* / mtp.layers.1.* with num_nextn_predict_layers 1"
+            )
+        new = MTP_RENAMES.get(name) or B + "." + name.split(".", 3)[3]
+        w[new.format(bid=bid)] = w.pop(name)
 
 
 def sanitize(w, c: Config) -> None:
     ng = c.int("n_groups")
-    for bid in range(c.n_layer):
+    fold_mtp(w, c)
+    c_all = Config({**c.d, "num_hidden_layers": c.n_layer + n_nextn(c)}, c.src, c.defaults)  # trunk + MTP
+    for bid in range(c_all.n_layer):
         m = M.format(bid=bid)
-        for proj in ("up_proj", "down_proj"):                     # transformers' in-memory stacked experts
+        for proj in ("up_proj", "down_proj"):  # transformers' in-memory stacked experts
             if f"{m}.experts.{proj}" in w:
                 w[f"{m}.experts.{proj}.weight"] = w.pop(f"{m}.experts.{proj}")
         mamba2_mixer(w, m, ng)
-    stack_experts(w, c, M + ".experts.{e}.{proj}.weight", M + ".experts.{proj}.weight", projs=("up_proj", "down_proj"))
+    stack_experts(
+        w, c_all, M + ".experts.{e}.{proj}.weight", M + ".experts.{proj}.weight", projs=("up_proj", "down_proj")
+    )
 
 
-FAMILY = Family(("nemotron_h",), "nemotron_h_moe", hparams, TENSORS, sanitize, skip=(r"^mtp\.",),
-                tokenizer_pre="default", defaults=DEFAULTS)
+FAMILY = Family(
+    ("nemotron_h",),
+    "nemotron_h_moe",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="default",
+    defaults=DEFAULTS,
+    keep_mtp=True,
+)

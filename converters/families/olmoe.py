@@ -4,6 +4,7 @@ Attention has q_norm / k_norm over the whole projection ([n_head * head_dim]), w
 requires n_kv_heads == n_heads (k_norm is created with n_embd). 64 experts, top-8, softmax, no
 renormalization (norm_topk_prob False). `feed_forward_length` is the expert size (llama.cpp reads n_ff).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,7 +12,6 @@ from typing import Any
 from moelite.errors import ConversionError
 
 from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' OlmoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -31,12 +31,14 @@ DEFAULTS = {
 
 def hparams(c: Config) -> dict[str, Any]:
     if c.int("num_key_value_heads", default=c.int("num_attention_heads")) != c.int("num_attention_heads"):
-        raise ConversionError(f"{c.src}: olmoe with num_key_value_heads != num_attention_heads cannot load in "
-                              f"llama.cpp (k_norm is [n_embd]); expected them equal")
+        raise ConversionError(
+            f"{c.src}: olmoe with num_key_value_heads != num_attention_heads cannot load in "
+            f"llama.cpp (k_norm is [n_embd]); expected them equal"
+        )
     return {
         **common_hparams(c),
         "expert_weights_norm": c.bool("norm_topk_prob", default=False),  # moelite extra
-        "expert_gating_func": SOFTMAX,                                   # moelite extra
+        "expert_gating_func": SOFTMAX,  # moelite extra
     }
 
 
@@ -49,7 +51,9 @@ TENSORS = {
 
 
 def sanitize(w, c: Config) -> None:
-    stack_experts(w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight")
+    stack_experts(
+        w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight"
+    )
 
 
 FAMILY = Family(("olmoe",), "olmoe", hparams, TENSORS, sanitize, tokenizer_pre="olmo", defaults=DEFAULTS)

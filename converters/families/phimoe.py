@@ -6,6 +6,7 @@ q/k/v/o biases, lm_head bias (`output.bias`), NEOX rope (no permutation), 16 exp
 sparsemixer router (llama.cpp approximates it with softmax + renormalized top-2). Long-context
 checkpoints use longrope: per-dimension factors become `rope_factors_long/short.weight`.
 """
+
 from __future__ import annotations
 
 import math
@@ -15,7 +16,6 @@ import numpy as np
 
 from ..lazy import const
 from . import LLAMA_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' PhimoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -40,7 +40,7 @@ def hparams(c: Config) -> dict[str, Any]:
         **common_hparams(c),
         "vocab_size": c.int("vocab_size"),
         "rope.dimension_count": c.head_dim,
-        "expert_weights_norm": True,    # moelite extra
+        "expert_weights_norm": True,  # moelite extra
         "expert_gating_func": SOFTMAX,  # moelite extra
         "expert_router_jitter": c.float("router_jitter_noise", default=0.01),  # moelite extra: sparsemixer eps
     }
@@ -64,12 +64,12 @@ TENSORS = {
     "model.layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
     "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
     "model.layers.{bid}.self_attn.o_proj.bias": "blk.{bid}.attn_output.bias",
-    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",         # [E, H]
+    MOE + ".gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
     MOE + ".experts.w1.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
-    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",    # [E, I, H]
+    MOE + ".experts.w3.weight": "blk.{bid}.ffn_up_exps.weight",  # [E, I, H]
     MOE + ".experts.w2.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
-    "rope_factors_long.weight": "rope_factors_long.weight",        # [head_dim / 2]
-    "rope_factors_short.weight": "rope_factors_short.weight",      # [head_dim / 2]
+    "rope_factors_long.weight": "rope_factors_long.weight",  # [head_dim / 2]
+    "rope_factors_short.weight": "rope_factors_short.weight",  # [head_dim / 2]
 }
 
 
@@ -78,8 +78,9 @@ def sanitize(w, c: Config) -> None:
     rp = c.rope()
     if rp.get("rope_type") in ("longrope", "su") and rp.get("long_factor"):
         for kind in ("long", "short"):
-            w[f"rope_factors_{kind}.weight"] = const(np.asarray(rp[f"{kind}_factor"], np.float32),
-                                                     f"config.json rope {kind}_factor")
+            w[f"rope_factors_{kind}.weight"] = const(
+                np.asarray(rp[f"{kind}_factor"], np.float32), f"config.json rope {kind}_factor"
+            )
 
 
 FAMILY = Family(("phimoe",), "phimoe", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS)

@@ -4,12 +4,12 @@ Like qwen3moe but attention q/k/v have biases, no q/k norms, top-k weights are N
 (norm_topk_prob False in real checkpoints), and every layer adds a shared expert scaled by
 sigmoid(shared_expert_gate(x)).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' Qwen2MoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -33,10 +33,10 @@ DEFAULTS = {
 def hparams(c: Config) -> dict[str, Any]:
     return {
         **common_hparams(c),
-        "expert_feed_forward_length": c.int("moe_intermediate_size"),                 # I
+        "expert_feed_forward_length": c.int("moe_intermediate_size"),  # I
         "expert_shared_feed_forward_length": c.int("shared_expert_intermediate_size"),  # S
         "expert_weights_norm": c.bool("norm_topk_prob", default=False),  # moelite extra
-        "expert_gating_func": SOFTMAX,                                   # moelite extra
+        "expert_gating_func": SOFTMAX,  # moelite extra
     }
 
 
@@ -47,14 +47,16 @@ TENSORS = {
     "model.layers.{bid}.self_attn.k_proj.bias": "blk.{bid}.attn_k.bias",
     "model.layers.{bid}.self_attn.v_proj.bias": "blk.{bid}.attn_v.bias",
     "model.layers.{bid}.mlp.shared_expert.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [S, H]
-    "model.layers.{bid}.mlp.shared_expert.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",      # [S, H]
+    "model.layers.{bid}.mlp.shared_expert.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",  # [S, H]
     "model.layers.{bid}.mlp.shared_expert.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",  # [H, S]
-    "model.layers.{bid}.mlp.shared_expert_gate.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",   # [1, H]
+    "model.layers.{bid}.mlp.shared_expert_gate.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",  # [1, H]
 }
 
 
 def sanitize(w, c: Config) -> None:
-    stack_experts(w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight")
+    stack_experts(
+        w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight"
+    )
 
 
 FAMILY = Family(("qwen2_moe",), "qwen2moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)

@@ -14,6 +14,7 @@ Every layer: softmax top-k experts (always renormalised) + a sigmoid-gated share
 the DeltaNet's gated one are zero-centred (x * (1 + w)): +1 is folded into those weights, as llama.cpp does.
 MTP layers (`mtp.*`) and the vision tower are dropped on purpose.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -22,8 +23,19 @@ import numpy as np
 
 from moelite.errors import ConversionError
 
-from . import (LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, fold_zero_centred_norms, neg_exp,
-               squeeze_conv, stack_experts, strip_prefix)
+from . import (
+    LLAMA_NAMES,
+    MOE_NAMES,
+    SOFTMAX,
+    Config,
+    Family,
+    common_hparams,
+    fold_zero_centred_norms,
+    neg_exp,
+    squeeze_conv,
+    stack_experts,
+    strip_prefix,
+)
 
 L = "model.layers.{bid}"
 LA = L + ".linear_attn"
@@ -60,7 +72,9 @@ def _layer_types(c: Config) -> list[str]:
         n = c.int("full_attention_interval", default=4)
         types = ["full_attention" if (i + 1) % n == 0 else "linear_attention" for i in range(c.n_layer)]
     if not isinstance(types, list) or len(types) != c.n_layer or set(types) - {"full_attention", "linear_attention"}:
-        raise ConversionError(f"{c.src}: layer_types must list {c.n_layer} entries of full_attention / linear_attention")
+        raise ConversionError(
+            f"{c.src}: layer_types must list {c.n_layer} entries of full_attention / linear_attention"
+        )
     return types
 
 
@@ -78,16 +92,19 @@ def hparams(c: Config) -> dict[str, Any]:
     hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
     dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
     if dk != dv or hv % hk:
-        raise ConversionError(f"{c.src}: linear_key_head_dim {dk} != linear_value_head_dim {dv} or value heads {hv} "
-                              f"not a multiple of key heads {hk}: not supported (ggml's gated_delta_net)")
+        raise ConversionError(
+            f"{c.src}: linear_key_head_dim {dk} != linear_value_head_dim {dv} or value heads {hv} "
+            f"not a multiple of key heads {hk}: not supported (ggml's gated_delta_net)"
+        )
     types = _layer_types(c)
     sections = list(rp.get("mrope_section") or [11, 11, 10])
     kv = {
         **common_hparams(c),
         "attention.key_length": hd,
         "attention.value_length": hd,
-        "rope.dimension_count": int(hd * float(rp.get("partial_rotary_factor", c.get("partial_rotary_factor",
-                                                                                     default=0.25)))),
+        "rope.dimension_count": int(
+            hd * float(rp.get("partial_rotary_factor", c.get("partial_rotary_factor", default=0.25)))
+        ),
         "rope.dimension_sections": (sections + [0, 0, 0, 0])[:4],
         "ssm.conv_kernel": c.int("linear_conv_kernel_dim"),
         "ssm.state_size": dk,
@@ -97,8 +114,8 @@ def hparams(c: Config) -> dict[str, Any]:
         **_layer_pattern(c, types),
         "expert_feed_forward_length": c.int("moe_intermediate_size"),
         "expert_shared_feed_forward_length": c.int("shared_expert_intermediate_size"),
-        "expert_gating_func": SOFTMAX,                                      # moelite extra
-        "expert_weights_norm": True,                                        # moelite extra (always renormalised)
+        "expert_gating_func": SOFTMAX,  # moelite extra
+        "expert_weights_norm": True,  # moelite extra (always renormalised)
     }
     return kv
 
@@ -113,16 +130,16 @@ TENSORS = {
     L + ".mlp.shared_expert.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",
     L + ".mlp.shared_expert.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     L + ".mlp.shared_expert.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
-    L + ".mlp.shared_expert_gate.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",   # [1, H]
-    LA + ".in_proj_qkv.weight": "blk.{bid}.attn_qkv.weight",                # [2 Hk dk + Hv dv, H]
-    LA + ".in_proj_z.weight": "blk.{bid}.attn_gate.weight",                 # [Hv dv, H]
-    LA + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",                   # [C, 1, K] -> [C, K]
-    LA + ".dt_bias": "blk.{bid}.ssm_dt.bias",                               # [Hv]
-    LA + ".A_log": "blk.{bid}.ssm_a",                                       # [Hv], written as -exp(A_log)
-    LA + ".in_proj_b.weight": "blk.{bid}.ssm_beta.weight",                  # [Hv, H]
-    LA + ".in_proj_a.weight": "blk.{bid}.ssm_alpha.weight",                 # [Hv, H]
-    LA + ".norm.weight": "blk.{bid}.ssm_norm.weight",                       # [dv], plain weight
-    LA + ".out_proj.weight": "blk.{bid}.ssm_out.weight",                    # [H, Hv dv]
+    L + ".mlp.shared_expert_gate.weight": "blk.{bid}.ffn_gate_inp_shexp.weight",  # [1, H]
+    LA + ".in_proj_qkv.weight": "blk.{bid}.attn_qkv.weight",  # [2 Hk dk + Hv dv, H]
+    LA + ".in_proj_z.weight": "blk.{bid}.attn_gate.weight",  # [Hv dv, H]
+    LA + ".conv1d.weight": "blk.{bid}.ssm_conv1d.weight",  # [C, 1, K] -> [C, K]
+    LA + ".dt_bias": "blk.{bid}.ssm_dt.bias",  # [Hv]
+    LA + ".A_log": "blk.{bid}.ssm_a",  # [Hv], written as -exp(A_log)
+    LA + ".in_proj_b.weight": "blk.{bid}.ssm_beta.weight",  # [Hv, H]
+    LA + ".in_proj_a.weight": "blk.{bid}.ssm_alpha.weight",  # [Hv, H]
+    LA + ".norm.weight": "blk.{bid}.ssm_norm.weight",  # [dv], plain weight
+    LA + ".out_proj.weight": "blk.{bid}.ssm_out.weight",  # [H, Hv dv]
 }
 
 
@@ -136,9 +153,13 @@ def reorder_v(w, name: str, order: np.ndarray, d: int, axis: int, start: int = 0
     """Permute the V-head blocks (d rows/columns each) of w[name] along axis, from offset `start`."""
     t = w[name]
     n = len(order) * d
-    idx = np.concatenate([np.arange(t.shape[axis])[:start],
-                          (start + (order[:, None] * d + np.arange(d)[None, :])).reshape(-1),
-                          np.arange(t.shape[axis])[start + n:]])
+    idx = np.concatenate(
+        [
+            np.arange(t.shape[axis])[:start],
+            (start + (order[:, None] * d + np.arange(d)[None, :])).reshape(-1),
+            np.arange(t.shape[axis])[start + n :],
+        ]
+    )
     w[name] = t.map(lambda a: np.take(a, idx, axis=axis), t.shape, ".vheads")
 
 
@@ -164,5 +185,6 @@ def sanitize(w, c: Config) -> None:
     stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen3_5_moe_text",), "qwen35moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen35",
-                defaults=DEFAULTS)
+FAMILY = Family(
+    ("qwen3_5_moe_text",), "qwen35moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen35", defaults=DEFAULTS
+)

@@ -3,12 +3,12 @@
 Per-layer: RMSNorm -> GQA attention with per-head q_norm/k_norm [head_dim] -> RMSNorm -> softmax router
 over E experts, top-k, renormalized when norm_topk_prob (real checkpoints: True) -> SwiGLU experts.
 """
+
 from __future__ import annotations
 
 from typing import Any
 
 from . import LLAMA_NAMES, MOE_NAMES, SOFTMAX, Config, Family, common_hparams, stack_experts
-
 
 # transformers' Qwen3MoeConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -33,9 +33,9 @@ def hparams(c: Config) -> dict[str, Any]:
         **common_hparams(c),
         "attention.key_length": c.head_dim,
         "attention.value_length": c.head_dim,
-        "expert_feed_forward_length": c.int("moe_intermediate_size"),   # I
+        "expert_feed_forward_length": c.int("moe_intermediate_size"),  # I
         "expert_weights_norm": c.bool("norm_topk_prob", default=False),  # moelite extra
-        "expert_gating_func": SOFTMAX,                                   # moelite extra
+        "expert_gating_func": SOFTMAX,  # moelite extra
     }
 
 
@@ -49,7 +49,9 @@ TENSORS = {
 
 def sanitize(w, c: Config) -> None:
     # experts.e.{gate,up}_proj [I, H], down_proj [H, I] -> [E, I, H] / [E, H, I]
-    stack_experts(w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight")
+    stack_experts(
+        w, c, "model.layers.{bid}.mlp.experts.{e}.{proj}.weight", "model.layers.{bid}.mlp.experts.{proj}.weight"
+    )
 
 
 FAMILY = Family(("qwen3_moe",), "qwen3moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)

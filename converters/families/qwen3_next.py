@@ -8,6 +8,7 @@ gated shared expert) with two differences in the DeltaNet input projections:
 No V-head reorder: the qwen3next graph repeats q/k heads interleaved (v head j reads k head j / r).
 Dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) are written as ffn_gate/up/down.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -15,14 +16,16 @@ from typing import Any
 import numpy as np
 
 from . import Config, Family, fold_zero_centred_norms, neg_exp, squeeze_conv, stack_experts, strip_prefix
-from .qwen3_5_moe import LA, L, TENSORS as QWEN35_TENSORS, hparams as qwen35_hparams
+from .qwen3_5_moe import LA, L
+from .qwen3_5_moe import TENSORS as QWEN35_TENSORS
+from .qwen3_5_moe import hparams as qwen35_hparams
 
 TENSORS = {
     **{k: v for k, v in QWEN35_TENSORS.items() if ".in_proj_" not in k},
-    LA + ".in_proj_qkv.weight": "blk.{bid}.attn_qkv.weight",                # regrouped from in_proj_qkvz
+    LA + ".in_proj_qkv.weight": "blk.{bid}.attn_qkv.weight",  # regrouped from in_proj_qkvz
     LA + ".in_proj_z.weight": "blk.{bid}.attn_gate.weight",
-    LA + ".in_proj_ba.weight": "blk.{bid}.ssm_ba.weight",                   # [2 Hv, H], per group [b_g, a_g]
-    L + ".mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",               # dense layers
+    LA + ".in_proj_ba.weight": "blk.{bid}.ssm_ba.weight",  # [2 Hv, H], per group [b_g, a_g]
+    L + ".mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers
     L + ".mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
     L + ".mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
 }
@@ -56,7 +59,7 @@ DEFAULTS = {
 
 def hparams(c: Config) -> dict[str, Any]:
     kv = qwen35_hparams(c)
-    kv.pop("rope.dimension_sections", None)                                 # plain NeoX RoPE, no M-RoPE
+    kv.pop("rope.dimension_sections", None)  # plain NeoX RoPE, no M-RoPE
     return kv
 
 
@@ -68,9 +71,10 @@ def split_qkvz(w, name: str, hk: int, dk: int, r: int, dv: int) -> tuple[Any, An
 
     def parts(a):
         g = a.reshape(hk, per, H)
-        q, k = g[:, :dk], g[:, dk:2 * dk]
-        v, z = g[:, 2 * dk:2 * dk + r * dv], g[:, 2 * dk + r * dv:]
+        q, k = g[:, :dk], g[:, dk : 2 * dk]
+        v, z = g[:, 2 * dk : 2 * dk + r * dv], g[:, 2 * dk + r * dv :]
         return np.concatenate([q.reshape(-1, H), k.reshape(-1, H), v.reshape(-1, H)]), z.reshape(-1, H)
+
     qkv = t.map(lambda a: parts(a)[0], (hk * (2 * dk + r * dv), H), ".qkv")
     z = t.map(lambda a: parts(a)[1], (hk * r * dv, H), ".z")
     return qkv, z
@@ -86,7 +90,8 @@ def sanitize(w, c: Config) -> None:
         if f"{la}.in_proj_qkvz.weight" not in w:
             continue
         w[f"{la}.in_proj_qkv.weight"], w[f"{la}.in_proj_z.weight"] = split_qkvz(
-            w, f"{la}.in_proj_qkvz.weight", hk, dk, hv // hk, dv)
+            w, f"{la}.in_proj_qkvz.weight", hk, dk, hv // hk, dv
+        )
         squeeze_conv(w, f"{la}.conv1d.weight")
         neg_exp(w, f"{la}.A_log")
     stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")

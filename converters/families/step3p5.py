@@ -27,6 +27,7 @@ MTP: the release appends `num_nextn_predict_layers` blocks at model.layers.{n_la
 / enorm / hnorm / transformer.shared_head); kept as llama.cpp does, blk.{n_layer + i} with nextn.* names and the
 per-layer arrays counting them (transformers' class saves none).
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ DEFAULTS = {
     "moe_router_scaling_factor": 1.0,
     "rope_theta": 10000.0,
 }
-DENSE_LEAD = 3          # the class without mlp_layer_types / moe_layers_enum: layers 3.. are MoE
+DENSE_LEAD = 3  # the class without mlp_layer_types / moe_layers_enum: layers 3.. are MoE
 
 
 def n_nextn(c: Config) -> int:
@@ -103,13 +104,15 @@ def dense_lead(c: Config) -> int:
         types = ["sparse" if i in moe else "dense" for i in range(c.n_layer)]
     if not isinstance(types, list) or len(types) < c.n_layer:
         raise ConversionError(f"{c.src}: key mlp_layer_types must list {c.n_layer} entries")
-    return next((i for i, t in enumerate(types[:c.n_layer]) if t == "sparse"), c.n_layer)
+    return next((i for i, t in enumerate(types[: c.n_layer]) if t == "sparse"), c.n_layer)
 
 
 def number(c: Config, key: str, v: Any, kind: type = float) -> Any:
     """A nested value (rope_parameters / attention_other_setting entries) as a number, else ConversionError."""
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (kind is int and v != int(v)):
-        raise ConversionError(f"{c.src}: key {key} = {str(v)[:40]}: expected {'an integer' if kind is int else 'a number'}")
+        raise ConversionError(
+            f"{c.src}: key {key} = {str(v)[:40]}: expected {'an integer' if kind is int else 'a number'}"
+        )
     return kind(v)
 
 
@@ -118,10 +121,16 @@ def rope(c: Config, swa: list[bool]) -> tuple[float, float]:
     rp = c.d.get("rope_parameters")
     if isinstance(rp, dict) and isinstance(rp.get("full_attention", rp.get("sliding_attention")), dict):
         kinds = {"full_attention": rp.get("full_attention"), "sliding_attention": rp.get("sliding_attention")}
-        theta = {k: number(c, f"rope_parameters.{k}.rope_theta", e.get("rope_theta", 10000.0))
-                 for k, e in kinds.items() if isinstance(e, dict)}
-        partial = {k: number(c, f"rope_parameters.{k}.partial_rotary_factor", e.get("partial_rotary_factor", 1.0))
-                   for k, e in kinds.items() if isinstance(e, dict)}
+        theta = {
+            k: number(c, f"rope_parameters.{k}.rope_theta", e.get("rope_theta", 10000.0))
+            for k, e in kinds.items()
+            if isinstance(e, dict)
+        }
+        partial = {
+            k: number(c, f"rope_parameters.{k}.partial_rotary_factor", e.get("partial_rotary_factor", 1.0))
+            for k, e in kinds.items()
+            if isinstance(e, dict)
+        }
         types = [e.get("rope_type", "default") for e in kinds.values() if isinstance(e, dict)]
     else:
         n = c.n_layer + n_nextn(c)
@@ -129,19 +138,25 @@ def rope(c: Config, swa: list[bool]) -> tuple[float, float]:
         thetas = per_layer(c, "rope_theta", None) if isinstance(thetas, list) else [thetas] * n
         factors = per_layer(c, "partial_rotary_factors", None)
         thetas = [number(c, "rope_theta", t) for t in thetas]
+
         def kind(s: bool) -> str:
             return "sliding_attention" if s else "full_attention"
+
         theta = {kind(s): float(t) for s, t in zip(swa, thetas)}
         partial = {kind(s): 1.0 if f is None else number(c, "partial_rotary_factors", f) for s, f in zip(swa, factors)}
         scaling = c.d.get("rope_scaling") or {}
         types = [scaling.get("rope_type", scaling.get("type", "default"))] if isinstance(scaling, dict) else ["?"]
     if any(t != "default" for t in types):
-        raise ConversionError(f"{c.src}: rope type {str(types)[:40]} is not supported (step35: plain RoPE; llama3 "
-                              f"rope factors are not written by this converter)")
+        raise ConversionError(
+            f"{c.src}: rope type {str(types)[:40]} is not supported (step35: plain RoPE; llama3 "
+            f"rope factors are not written by this converter)"
+        )
     for kind, want in (("full_attention", 0.5), ("sliding_attention", 1.0)):
         if kind in partial and partial[kind] != want:
-            raise ConversionError(f"{c.src}: partial rotary factor {partial[kind]} on {kind} layers: expected {want} "
-                                  f"(llama.cpp's step35 graph hardcodes half the head on full layers, all on sliding)")
+            raise ConversionError(
+                f"{c.src}: partial rotary factor {partial[kind]} on {kind} layers: expected {want} "
+                f"(llama.cpp's step35 graph hardcodes half the head on full layers, all on sliding)"
+            )
     full = theta.get("full_attention", theta.get("sliding_attention", 10000.0))
     return full, theta.get("sliding_attention", full)
 
@@ -159,15 +174,23 @@ def hparams(c: Config) -> dict[str, Any]:
     other = c.get("attention_other_setting", default=None) or {}
     if not isinstance(other, dict):
         raise ConversionError(f"{c.src}: key attention_other_setting must be an object")
-    n_head_swa = c.int("num_sliding_attention_heads", default=None) or \
-        number(c, "attention_other_setting.num_attention_heads", other.get("num_attention_heads", n_head), int)
+    n_head_swa = c.int("num_sliding_attention_heads", default=None) or number(
+        c, "attention_other_setting.num_attention_heads", other.get("num_attention_heads", n_head), int
+    )
     n_kv_swa = number(c, "attention_other_setting.num_attention_groups", other.get("num_attention_groups", n_kv), int)
     if n_head_swa <= 0 or n_kv_swa <= 0 or n_head_swa % n_kv_swa:
-        raise ConversionError(f"{c.src}: key attention_other_setting: {n_head_swa} query heads over {n_kv_swa} kv "
-                              f"heads on the sliding layers: expected a positive multiple")
-    if number(c, "attention_other_setting.head_dim", other.get("head_dim", hd), int) != hd or c.get("query_pre_attn_scalar", default=hd) != hd:
-        raise ConversionError(f"{c.src}: keys attention_other_setting.head_dim / query_pre_attn_scalar: expected "
-                              f"{hd} (head_dim; the step35 GGUF has one head size and scale 1/sqrt(head_dim))")
+        raise ConversionError(
+            f"{c.src}: key attention_other_setting: {n_head_swa} query heads over {n_kv_swa} kv "
+            f"heads on the sliding layers: expected a positive multiple"
+        )
+    if (
+        number(c, "attention_other_setting.head_dim", other.get("head_dim", hd), int) != hd
+        or c.get("query_pre_attn_scalar", default=hd) != hd
+    ):
+        raise ConversionError(
+            f"{c.src}: keys attention_other_setting.head_dim / query_pre_attn_scalar: expected "
+            f"{hd} (head_dim; the step35 GGUF has one head size and scale 1/sqrt(head_dim))"
+        )
     if c.get("norm_expert_weight", default=True) is False:
         raise ConversionError(f"{c.src}: key norm_expert_weight false: transformers' Step-3.5 always renormalises")
     swa = sliding(c)
@@ -184,7 +207,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "attention.key_length": hd,
         "attention.value_length": hd,
         "attention.layer_norm_rms_epsilon": c.float("rms_norm_eps"),
-        "rope.dimension_count": hd,          # llama.cpp: full layers rotate half of it, sliding layers all of it
+        "rope.dimension_count": hd,  # llama.cpp: full layers rotate half of it, sliding layers all of it
         "rope.freq_base": full_theta,
         "expert_count": c.n_expert,
         "expert_used_count": c.int("num_experts_per_tok", "moe_top_k"),
@@ -201,8 +224,13 @@ def hparams(c: Config) -> dict[str, Any]:
         window = c.get("sliding_window", default=None)
         if window is None:
             raise ConversionError(f"{c.src}: layer_types has sliding_attention layers but no sliding_window")
-        kv.update({"attention.sliding_window": c.int("sliding_window"), "attention.sliding_window_pattern": swa,
-                   "rope.freq_base_swa": swa_theta})
+        kv.update(
+            {
+                "attention.sliding_window": c.int("sliding_window"),
+                "attention.sliding_window_pattern": swa,
+                "rope.freq_base_swa": swa_theta,
+            }
+        )
     if nextn:
         kv["nextn_predict_layers"] = nextn
     return kv
@@ -210,22 +238,22 @@ def hparams(c: Config) -> dict[str, Any]:
 
 TENSORS = {
     **LLAMA_NAMES,
-    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",                      # [head_dim]
+    ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim]
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
-    ATTN + ".g_proj.weight": "blk.{bid}.attn_gate.weight",                        # [n_head(il), H]
-    "model.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",       # dense layers [I, H]
+    ATTN + ".g_proj.weight": "blk.{bid}.attn_gate.weight",  # [n_head(il), H]
+    "model.layers.{bid}.mlp.gate_proj.weight": "blk.{bid}.ffn_gate.weight",  # dense layers [I, H]
     "model.layers.{bid}.mlp.up_proj.weight": "blk.{bid}.ffn_up.weight",
     "model.layers.{bid}.mlp.down_proj.weight": "blk.{bid}.ffn_down.weight",
-    "model.layers.{bid}.moe.gate.weight": "blk.{bid}.ffn_gate_inp.weight",        # [E, H]
-    "model.layers.{bid}.moe.router_bias": "blk.{bid}.exp_probs_b.bias",           # [E]
+    "model.layers.{bid}.moe.gate.weight": "blk.{bid}.ffn_gate_inp.weight",  # [E, H]
+    "model.layers.{bid}.moe.router_bias": "blk.{bid}.exp_probs_b.bias",  # [E]
     "model.layers.{bid}.moe.gate_proj.weight": "blk.{bid}.ffn_gate_exps.weight",  # [E, I, H]
     "model.layers.{bid}.moe.up_proj.weight": "blk.{bid}.ffn_up_exps.weight",
     "model.layers.{bid}.moe.down_proj.weight": "blk.{bid}.ffn_down_exps.weight",  # [E, H, I]
-    "model.layers.{bid}.share_expert.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",   # [I_shared, H]
+    "model.layers.{bid}.share_expert.gate_proj.weight": "blk.{bid}.ffn_gate_shexp.weight",  # [I_shared, H]
     "model.layers.{bid}.share_expert.up_proj.weight": "blk.{bid}.ffn_up_shexp.weight",
     "model.layers.{bid}.share_expert.down_proj.weight": "blk.{bid}.ffn_down_shexp.weight",
     # MTP blocks (blk.{n_layer + i})
-    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",                  # [H, 2H]
+    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",  # [H, 2H]
     "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",
     "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
     "model.layers.{bid}.transformer.shared_head.norm.weight": "blk.{bid}.nextn.shared_head_norm.weight",
@@ -234,16 +262,23 @@ TENSORS = {
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (("model.language_model.", "model."), ("language_model.model.", "model."),
-                     ("language_model.lm_head.", "lm_head.")),
-                 drop=("vision_model.", "vit_large_projector.", "model.vision_model.", "model.vit_large_projector."))
+    strip_prefix(
+        w,
+        (
+            ("model.language_model.", "model."),
+            ("language_model.model.", "model."),
+            ("language_model.lm_head.", "lm_head."),
+        ),
+        drop=("vision_model.", "vit_large_projector.", "model.vision_model.", "model.vit_large_projector."),
+    )
     for name in [n for n in w if n.endswith((".g_proj.weight", ".moe.gate.weight"))]:
-        t = w[name]                          # the release stores some as [.., 1, ..]: 2-D, as llama.cpp squeezes
+        t = w[name]  # the release stores some as [.., 1, ..]: 2-D, as llama.cpp squeezes
         if len(t.shape) != 2:
             shape = tuple(d for d in t.shape if d != 1)
             w[name] = t.map(lambda a, s=shape: a.reshape(s), shape, "")
-    fold_zero_centred_norms(w)               # (1+w) RMSNorms: +1 folded into every *norm.weight, as llama.cpp
+    fold_zero_centred_norms(w)  # (1+w) RMSNorms: +1 folded into every *norm.weight, as llama.cpp
 
 
-FAMILY = Family(("step3p5",), "step35", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS,
-                keep_mtp=True)
+FAMILY = Family(
+    ("step3p5",), "step35", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS, keep_mtp=True
+)

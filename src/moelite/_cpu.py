@@ -9,6 +9,7 @@ _core's undefined symbols to it when _core is imported. MOELITE_CPU_VARIANT=<nam
 A native build (`pip install .`, tools/dev_build.sh) has its one CPU backend inside _core: nothing to pick.
 See docs/ARM64.md.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -18,12 +19,12 @@ from typing import Any
 
 from .errors import MoeliteError, UsageError
 
-GGML_DIR = Path(__file__).parent / "ggml"      # no resolve(): dev trees are symlink farms
+GGML_DIR = Path(__file__).parent / "ggml"  # no resolve(): dev trees are symlink farms
 PREFIX, SUFFIX = "libggml-cpu-", ".so"
-_chosen: dict[str, Any] = {}                   # variant, library, scores: what preload() picked
+_chosen: dict[str, Any] = {}  # variant, library, scores: what preload() picked
 
 
-class _Feature(ctypes.Structure):                # struct ggml_backend_feature (ggml-backend.h)
+class _Feature(ctypes.Structure):  # struct ggml_backend_feature (ggml-backend.h)
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
 
 
@@ -31,7 +32,7 @@ def variants() -> dict[str, Path]:
     """The CPU variants a portable build ships, by name; empty for a native build."""
     if not GGML_DIR.is_dir():
         return {}
-    return {p.name[len(PREFIX):-len(SUFFIX)]: p for p in sorted(GGML_DIR.glob(PREFIX + "*" + SUFFIX))}
+    return {p.name[len(PREFIX) : -len(SUFFIX)]: p for p in sorted(GGML_DIR.glob(PREFIX + "*" + SUFFIX))}
 
 
 def _score(path: Path) -> int:
@@ -43,6 +44,7 @@ def _score(path: Path) -> int:
         return int(fn())
     finally:
         import _ctypes
+
         _ctypes.dlclose(lib._handle)
 
 
@@ -56,12 +58,15 @@ def preload() -> None:
         raise UsageError(f"MOELITE_CPU_VARIANT={forced!r}: this build has the CPU variants {', '.join(found)}")
     scores = {name: _score(path) for name, path in found.items()}
     best = forced or max(scores, key=lambda name: scores[name])
-    if scores[best] <= 0 and forced:            # it would die of SIGILL
-        raise UsageError(f"MOELITE_CPU_VARIANT={forced!r}: this CPU lacks features that variant needs; "
-                         f"ggml's scores of this build's variants (0: cannot run): {scores}")
+    if scores[best] <= 0 and forced:  # it would die of SIGILL
+        raise UsageError(
+            f"MOELITE_CPU_VARIANT={forced!r}: this CPU lacks features that variant needs; "
+            f"ggml's scores of this build's variants (0: cannot run): {scores}"
+        )
     if scores[best] <= 0:
-        raise MoeliteError(f"{GGML_DIR}: this CPU lacks the features of every CPU variant built; "
-                           f"ggml's scores: {scores}")
+        raise MoeliteError(
+            f"{GGML_DIR}: this CPU lacks the features of every CPU variant built; ggml's scores: {scores}"
+        )
     ctypes.CDLL(str(found[best]), mode=os.RTLD_GLOBAL)
     _chosen.update(variant=best, library=str(found[best]), scores=scores)
 
@@ -75,7 +80,7 @@ def _features(lib: ctypes.CDLL) -> dict[str, str]:
     addr = get(reg, b"ggml_backend_get_features")
     feats = ctypes.CFUNCTYPE(ctypes.POINTER(_Feature), ctypes.c_void_p)(addr)(reg)
     out: dict[str, str] = {}
-    for f in feats:                            # the array ends with a {NULL, NULL} entry
+    for f in feats:  # the array ends with a {NULL, NULL} entry
         if f.name is None:
             break
         out[f.name.decode()] = f.value.decode()
@@ -87,6 +92,11 @@ def cpu_backend() -> dict[str, Any]:
     (e.g. AVX2, AVX512, NEON, DOTPROD, MATMUL_INT8, SVE), "library": the file, "scores": ggml's scores}."""
     preload()
     from . import _core
+
     path = _chosen.get("library", _core.__file__)
-    return {"variant": _chosen.get("variant", "built-in"), "library": path,
-            "features": _features(ctypes.CDLL(path)), "scores": _chosen.get("scores")}
+    return {
+        "variant": _chosen.get("variant", "built-in"),
+        "library": path,
+        "features": _features(ctypes.CDLL(path)),
+        "scores": _chosen.get("scores"),
+    }

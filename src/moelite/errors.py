@@ -1,5 +1,6 @@
 """moelite's exceptions. Every user-facing failure is one of these, naming the file, tensor or key and
 what was expected. All derive from MoeliteError, so an app can catch one type."""
+
 from __future__ import annotations
 
 

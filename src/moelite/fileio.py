@@ -1,5 +1,6 @@
 """Atomic file writes: a temp file next to the target, fsync, rename. A failure or Ctrl-C leaves the
 target untouched and no temp file behind."""
+
 from __future__ import annotations
 
 import contextlib
@@ -12,8 +13,9 @@ from typing import IO
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[IO]:
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.",
-                               suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(
+        dir=os.path.dirname(os.path.abspath(path)), prefix=f".{os.path.basename(path)}.", suffix=".tmp"
+    )
     try:
         with os.fdopen(fd, mode) as f:
             yield f

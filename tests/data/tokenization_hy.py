@@ -3,13 +3,16 @@ the Hunyuan checkpoints, loaded by transformers with trust_remote_code): the ran
 special tokens <|endoftext|> <|startoftext|> <|bos|> <|eos|> <|pad|> <|extra_N|>. What llama.cpp's converter
 reads from it: `mergeable_ranks`, `special_tokens`, `vocab_size`. Copied next to a test checkpoint by
 tests/test_tokenizer_wave2.py; not imported by moelite."""
+
 import base64
 
 import tiktoken
 from transformers import PreTrainedTokenizer
 
-PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
-           r"|\s+(?!\S)|\s+")
+PAT_STR = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+    r"|\s+(?!\S)|\s+"
+)
 NAMED = ("<|endoftext|>", "<|startoftext|>", "<|bos|>", "<|eos|>", "<|pad|>")
 
 
@@ -22,8 +25,9 @@ class HYTokenizer(PreTrainedTokenizer):
             self.mergeable_ranks = {base64.b64decode(t): int(r) for t, r in (ln.split() for ln in f if ln.strip())}
         names = NAMED + tuple(f"<|extra_{i}|>" for i in range(n_extra))
         self.special_tokens = {t: len(self.mergeable_ranks) + i for i, t in enumerate(names)}
-        self.tokenizer = tiktoken.Encoding("hy", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks,
-                                           special_tokens=self.special_tokens)
+        self.tokenizer = tiktoken.Encoding(
+            "hy", pat_str=PAT_STR, mergeable_ranks=self.mergeable_ranks, special_tokens=self.special_tokens
+        )
         self.decoder = {v: k for k, v in self.mergeable_ranks.items()} | {v: k for k, v in self.special_tokens.items()}
         super().__init__(**kwargs)
 

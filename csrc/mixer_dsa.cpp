@@ -1,0 +1,67 @@
+// DSA (DeepSeek Sparse Attention, deepseek32 / glm-dsa) on top of the MLA mixer: a lightning indexer scores every
+// cached position for each token and the top `indexer_top_k` of them are the only ones its attention sees.
+//
+//   qr [q_lora, T] (the MLA's normed q latent) -> q_idx = attn_q_b qr [d, n_idx, T], RoPE on the first n_rot dims
+//   cur [n_embd, T] -> k_idx = LayerNorm(attn_k cur) [d, T], RoPE -> the layer's indexer key cache, rows n_past..
+//   score(t, j) = sum_h w(t, h) relu(q_idx(t, h) . k_idx(j)),  w = proj cur / sqrt(d n_idx)  [n_kv, T]
+//   + the causal mask -> top_k per token -> mask: 0 at the selected positions, -inf elsewhere (+ causal)
+// While n_kv <= top_k every position is selected: the mask is the plain causal one (dense attention, no scores).
+// IndexShare (GLM-5.2) layers reuse the selection of the last full layer before them.
+#include <cmath>
+
+#include "model.h"
+
+namespace moelite {
+
+ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
+                                ggml_tensor * pos, int T) {
+    const HParams & h = hp_;
+    Layer & L = layers_[il];
+    const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
+    const int n_kv = n_past_ + T;
+    ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);
+    q = rope(ctx, il, q, pos, h.indexer_rope_type); // [d, H, T]
+    ggml_tensor * k = ggml_mul(ctx, ggml_norm(ctx, dense_mm(ctx, L.idx_wk, cur), 1e-6f), L.idx_k_norm);
+    k = ggml_add(ctx, k, L.idx_k_norm_b);                                          // LayerNorm [d, T]
+    k = rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos, h.indexer_rope_type); // [d, 1, T]
+    ggml_tensor * dst =
+        ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, d, T), dst));
+    if (n_kv <= h.indexer_top_k) return nullptr;
+
+    ggml_tensor * K = ggml_view_2d(ctx, L.idx_k_cache, d, n_kv, L.idx_k_cache->nb[1], 0);      // [d, n_kv]
+    ggml_tensor * s = ggml_mul_mat(ctx, K, ggml_reshape_2d(ctx, ggml_cont(ctx, q), d, H * T)); // [n_kv, H * T]
+    s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n_kv, H, T);
+    ggml_tensor * w = ggml_scale(ctx, dense_mm(ctx, L.idx_proj, cur), 1.f / std::sqrt((float) (d * H))); // [H, T]
+    s = ggml_mul(ctx, s, ggml_reshape_3d(ctx, w, 1, H, T));                                              // [n_kv, H, T]
+    s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3)));                            // [1, n_kv, T]
+    return ggml_add(ctx, ggml_reshape_2d(ctx, s, n_kv, T), mask_f32_input(ctx, n_kv, T));                // future: -inf
+}
+
+ggml_tensor * Model::dsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
+                              ggml_tensor * pos, int T) {
+    const HParams & h = hp_;
+    const int n_kv = n_past_ + T, K = h.indexer_top_k;
+    ggml_tensor * topk = nullptr; // [K, T] I32: selected positions of each token
+    if (h.plan[il].indexer == INDEXER_FULL) {
+        ggml_tensor * score = dsa_scores(ctx, gf, il, cur, qr, pos, T);
+        if (!score) return nullptr;
+        topk = ggml_top_k(ctx, score, K);
+        gin_.dsa_topk = topk;
+        if (dsa_topk_) // for the shared layers after this one, in later graphs
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, topk, ggml_view_2d(ctx, dsa_topk_, K, T, dsa_topk_->nb[1], 0)));
+    } else {
+        if (n_kv <= K) return nullptr;
+        topk = gin_.dsa_topk ? gin_.dsa_topk : ggml_view_2d(ctx, dsa_topk_, K, T, dsa_topk_->nb[1], 0);
+    }
+    // -inf everywhere, 0 at the selected positions (rows of one element: set_rows writes per token)
+    ggml_tensor * causal = mask_f32_input(ctx, n_kv, T);
+    ggml_tensor * sel = ggml_reshape_3d(ctx, ggml_fill(ctx, causal, -INFINITY), 1, n_kv, T);
+    ggml_tensor * zero = ggml_fill(ctx, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T), 0.f);
+    sel = ggml_set_rows(ctx, sel, zero, topk);
+    // + causal: a token with fewer than K visible positions selected some future ones (scored -inf)
+    ggml_tensor * mask = ggml_add(ctx, ggml_reshape_2d(ctx, sel, n_kv, T), causal); // [n_kv, T]
+    return opt_.flash_attn ? ggml_cast(ctx, mask, GGML_TYPE_F16) : mask;
+}
+
+} // namespace moelite

@@ -1,0 +1,293 @@
+"""DSA (DeepSeek Sparse Attention) families: DeepSeek-V3.2 (`deepseek32`) and GLM-5 (`glm-dsa`, with GLM-5.2's
+IndexShare), tiny random instances against transformers 5.25's DeepseekV32ForCausalLM / GlmMoeDsaForCausalLM.
+
+DSA equals dense MLA attention until the context outgrows the indexer's budget (index_topk, 2048 in the releases):
+the fixtures shrink it to 16 positions, so that prompts of a few dozen tokens run the sparse path. A test shows that
+transformers' sparse result differs from its dense one there, and that moelite follows the sparse one:
+- f32 logits within 1e-3 of transformers (F32 KV): a prompt under the budget, one past it, prompt + decode steps;
+- 32 greedy tokens equal transformers' (the context passes the budget on the way);
+- prompt chunks (n_ubatch 3, 7) and prompt reuse (generate calls sharing a prefix) equal a fresh recomputation;
+- offloaded at the minimum budget: the logits of the resident model, bit for bit;
+- the indexer key cache is in the KV cache and the plan (`moelite plan` counts it);
+- llama.cpp both ways (its runtime on moelite's GGUF, moelite on its converter's GGUF).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixture_models import fixture_gguf
+from hf_fixtures import DSA_FAMILIES, edited_copy, hf_greedy, hf_logits, make_hf_model, read_fixture_tensors
+
+import moelite
+from moelite import _core
+from moelite.converters import convert
+
+SHORT = [(7 * i + 3) % 320 for i in range(12)]  # under the budget of 16: dense
+LONG = [(11 * i + 5) % 317 + 3 for i in range(48)]  # 3x the budget
+BUDGET = 16
+
+
+def load(path, **kw):
+    return moelite.load(path, **{"kv_type": "f32", "n_threads": 1, **kw})
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_prompts_under_and_past_the_budget_match_transformers(family):
+    hf, path = fixture_gguf(family)
+    with load(path) as m:
+        for ids in (SHORT, LONG):
+            assert float(np.abs(m.logits(ids) - hf_logits(hf, ids)).max()) <= 1e-3
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_prompt_then_decode_steps_match_transformers(family):
+    """A prompt under the budget, then single-token steps through the F32 KV cache and the indexer key cache past
+    it: each step's logits are transformers' for the whole sequence at that position."""
+    hf, path = fixture_gguf(family)
+    ids = LONG[:30]
+    ref = hf_logits(hf, ids)
+    with load(path) as m:
+        rows = [m.eval(ids[:12])] + [m.eval([t]) for t in ids[12:]]
+    assert float(np.abs(np.stack(rows) - ref[11:]).max()) <= 1e-3
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_sparse_attention_differs_from_dense_and_follows_transformers(family):
+    """The same weights with a budget of 512 (every position selected: dense MLA): transformers' two models agree
+    on the first 16 positions and differ after; moelite matches each of them on its own GGUF."""
+    hf, path = fixture_gguf(family)
+    hf_dense, path_dense = fixture_gguf(family, index_topk=512)
+    sparse, dense = hf_logits(hf, LONG), hf_logits(hf_dense, LONG)
+    assert float(np.abs(sparse[:BUDGET] - dense[:BUDGET]).max()) <= 1e-5
+    assert float(np.abs(sparse[BUDGET:] - dense[BUDGET:]).max()) > 1e-2  # the selection changes the result
+    with load(path) as m:
+        ours = m.logits(LONG)
+    with load(path_dense) as m:
+        ours_dense = m.logits(LONG)
+    assert float(np.abs(ours - sparse).max()) <= 1e-3
+    assert float(np.abs(ours_dense - dense).max()) <= 1e-3
+    assert float(np.abs(ours[BUDGET:] - ours_dense[BUDGET:]).max()) > 1e-2
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_greedy_32_tokens_equal_transformers(family):
+    hf, path = fixture_gguf(family)
+    with load(path) as m:
+        ours = m.generate(SHORT, max_tokens=32, stop_ids=[])
+    assert ours == hf_greedy(hf, SHORT, 32)
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_prompt_chunks_and_reuse_equal_a_fresh_recomputation(family):
+    """The prompt in ubatches of 3 and 7 tokens (each chunk's selection over the keys cached before it) gives the
+    one-ubatch logits; generate calls that extend or diverge from the cached context (the KV and indexer key caches
+    kept up to the common prefix) give the tokens of a fresh model, with and without flash attention."""
+    _, path = fixture_gguf(family)
+    with load(path) as m:
+        want = m.logits(LONG)
+    for n_ubatch in (3, 7):
+        with load(path, n_ubatch=n_ubatch) as m:
+            assert float(np.abs(m.logits(LONG) - want).max()) <= 1e-4
+    for flash in (True, False):
+
+        def fresh(ids, flash=flash):
+            with load(path, flash_attn=flash) as m:
+                return m.generate(ids, max_tokens=8, stop_ids=[])
+
+        with load(path, flash_attn=flash, n_ubatch=5) as m:
+            g1 = m.generate(LONG[:20], max_tokens=8, stop_ids=[])
+            extended = LONG[:20] + g1 + LONG[20:30]
+            g2 = m.generate(extended, max_tokens=8, stop_ids=[])
+            diverged = LONG[:25]  # shares 20 tokens with the cached context, then differs
+            g3 = m.generate(diverged, max_tokens=8, stop_ids=[])
+        assert [g1, g2, g3] == [fresh(LONG[:20]), fresh(extended), fresh(diverged)]
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_offloaded_at_the_minimum_budget_equals_resident(family):
+    _, path = fixture_gguf(family)
+    opts = dict(n_ubatch=64)
+    with load(path, **opts) as m:
+        want = m.logits(LONG)
+        minimum = m.plan.minimum_budget
+    with load(path, memory_budget=minimum, **opts) as m:
+        assert m.info()["offloaded"]
+        assert np.array_equal(m.logits(LONG), want)
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_indexer_key_cache_is_in_the_kv_cache_and_the_plan(family):
+    """The indexer's keys (key_length per position on each full indexer layer) are counted by the planner as the
+    core allocates them: GLM's shared layer holds none."""
+    _, path = fixture_gguf(family)
+    r = _core.read_gguf(str(path))
+    arch = r["kv"]["general.architecture"]
+    d = r["kv"][f"{arch}.attention.indexer.key_length"]
+    full = list(r["kv"].get(f"{arch}.attention.indexer.types", [True] * 3))
+    for n_ctx in (256, 512):
+        with load(path, n_ctx=n_ctx, n_ubatch=64) as m:
+            assert m.plan.kv_bytes == m.info()["kv_bytes"]
+            kv = m.info()["kv_bytes"]
+        if n_ctx == 256:
+            kv256 = kv
+    # per position: 3 MLA layers' latent K (kv_lora + rope) and V (kv_lora), + the indexer keys, f32
+    assert kv - kv256 == 256 * 4 * (3 * (16 + 8 + 16) + sum(full) * d)
+
+
+def test_glm_index_share_reuses_the_previous_selection(tmp_path):
+    """GLM-5.2's IndexShare: the GGUF has no indexer tensors on the shared layer (it reuses layer 0's selection).
+    The same checkpoint with layer 1 running an indexer of its own (layer 0's weights copied, indexer_types all
+    'full') selects from layer 1's input instead: the logits change past the budget only, and moelite follows
+    transformers on both."""
+    hf, path = fixture_gguf("glm_moe_dsa")
+    names = {t[0] for t in _core.read_gguf(str(path))["tensors"]}
+    assert "blk.0.indexer.proj.weight" in names and not any(n.startswith("blk.1.indexer.") for n in names)
+
+    def own_indexer(ts):
+        pre = "model.layers.{}.self_attn.indexer."
+        return {
+            **ts,
+            **{k.replace(pre.format(0), pre.format(1)): v for k, v in ts.items() if k.startswith(pre.format(0))},
+        }
+
+    full = edited_copy(hf, tmp_path / "hf", own_indexer)
+    cfg = json.loads((full / "config.json").read_text())
+    (full / "config.json").write_text(json.dumps({**cfg, "indexer_types": ["full"] * 3}))
+    convert(full, tmp_path / "full.gguf", "f32", progress=False)
+    with load(tmp_path / "full.gguf") as m:
+        own = m.logits(LONG)
+    with load(path) as m:
+        shared = m.logits(LONG)
+    assert float(np.abs(own - hf_logits(full, LONG)).max()) <= 1e-3
+    assert float(np.abs(shared - hf_logits(hf, LONG)).max()) <= 1e-3
+    assert float(np.abs(shared[:BUDGET] - own[:BUDGET]).max()) <= 1e-5
+    assert float(np.abs(shared[BUDGET:] - own[BUDGET:]).max()) > 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_gguf_both_ways_with_llama_cpp(family, tmp_path):
+    """llama.cpp's runtime on moelite's GGUF and moelite on llama.cpp's converter's GGUF, under and past the
+    budget (llama.cpp computes the indexer after a Hadamard rotation of q and k: the same scores up to rounding)."""
+    from llama_cpp_ref import llama_cpp_logits, pinned_convert
+
+    hf, ours = fixture_gguf(family)
+    for ids in (SHORT, LONG):
+        with load(ours) as m:
+            assert float(np.abs(llama_cpp_logits(ours, ids) - m.logits(ids)).max()) <= 1e-3
+    theirs = pinned_convert(hf, tmp_path / "theirs.gguf")
+    with load(theirs) as m:
+        for ids in (SHORT, LONG):
+            assert float(np.abs(m.logits(ids) - hf_logits(hf, ids)).max()) <= 1e-3
+
+
+def test_make_hf_model_dense_budget_shares_the_weights():
+    """The dense-budget twin used above is the same model: index_topk changes no parameter."""
+    a = make_hf_model("deepseek_v32")
+    b = make_hf_model("deepseek_v32", index_topk=512)
+    ta, tb = read_fixture_tensors(a), read_fixture_tensors(b)
+    assert ta.keys() == tb.keys() and all(np.array_equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("attention.indexer.head_count", 0, "indexer.head_count"),
+        ("attention.indexer.key_length", 4, "indexer.head_count"),  # shorter than the rotated dims (8)
+        ("attention.indexer.types", [False, True, True], "layer 0 shares"),
+        ("attention.indexer.types", [True, False], "indexer.types"),
+    ],
+)
+def test_bad_indexer_keys_are_format_errors(key, value, match):
+    """The indexer's keys are checked at the border, naming the key (a GGUF edited in memory, as the loader reads
+    it)."""
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.hparams import parse_hparams
+
+    _, path = fixture_gguf("glm_moe_dsa")
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    kv[f"glm-dsa.{key}"] = value
+    with pytest.raises(ModelFormatError, match=match):
+        parse_hparams(str(path), kv, tensors)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"indexer_types": ["shared", "full", "full"]}, "indexer_types"),
+        ({"indexer_types": ["full", "full"]}, "indexer_types"),
+        ({"index_n_heads": 0}, "index_n_heads"),
+    ],
+)
+def test_bad_indexer_configs_are_refused_by_the_converter(override, match, tmp_path):
+    from moelite.errors import ConversionError
+
+    hf, _ = fixture_gguf("glm_moe_dsa")
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=match):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+def test_moelite_plan_names_the_indexer_key_cache():
+    """`moelite plan` shows the indexer's keys inside the KV cache: 2 full indexer layers x 64 x n_ctx, F16."""
+    import subprocess
+    import sys
+
+    _, path = fixture_gguf("glm_moe_dsa")
+    r = subprocess.run(
+        [sys.executable, "-m", "moelite.apps.cli", "plan", str(path), "--memory", "1G", "--ctx-size", "4096"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "(DSA indexer keys 1.00 MiB)" in r.stdout  # 2 x 64 x 4096 x 2 bytes
+
+
+def test_q8_0_cache_holds_the_indexer_keys_too():
+    """kv_type q8_0 (flash attention): the indexer's keys are q8_0 blocks like the latent cache (head sizes of 32
+    multiples here: latent 32 + rope 32, keys 64); under the budget the logits stay near the F32 cache's, past it the
+    run goes through (a quantized key may select another near-tied position, so no bound is claimed there)."""
+    _, path = fixture_gguf("deepseek_v32", kv_lora_rank=32, qk_rope_head_dim=32)
+    with load(path) as m:
+        want = m.logits(LONG)
+    with load(path, kv_type="q8_0") as m:
+        got = m.logits(LONG)
+    assert float(np.abs(got[:BUDGET] - want[:BUDGET]).max()) <= 1e-2
+    assert np.isfinite(got).all()
+
+
+@pytest.mark.parametrize("family", DSA_FAMILIES)
+def test_release_layout_per_expert_tensors_convert_to_the_same_model(family, tmp_path):
+    """The releases store experts one by one (`mlp.experts.{e}.{gate,up,down}_proj.weight`; transformers 5.25 fuses
+    them on load and saves them stacked): both layouts give the same GGUF model, bit for bit."""
+    hf, path = fixture_gguf(family)
+
+    def per_expert(ts):
+        out = {}
+        for k, v in ts.items():
+            if k.endswith("mlp.experts.gate_up_proj"):  # [E, 2I, H]: gate rows, then up rows
+                pre, half = k[: -len("gate_up_proj")], v.shape[1] // 2
+                for e in range(v.shape[0]):
+                    out[f"{pre}{e}.gate_proj.weight"], out[f"{pre}{e}.up_proj.weight"] = v[e, :half], v[e, half:]
+            elif k.endswith("mlp.experts.down_proj"):  # [E, H, I]
+                for e in range(v.shape[0]):
+                    out[f"{k[: -len('down_proj')]}{e}.down_proj.weight"] = v[e]
+            else:
+                out[k] = v
+        return out
+
+    release = edited_copy(hf, tmp_path / "hf", per_expert)
+    assert any(".experts.7.down_proj.weight" in k for k in read_fixture_tensors(release))
+    convert(release, tmp_path / "release.gguf", "f32", progress=False)
+    with load(path) as m:
+        want = m.logits(LONG)
+    with load(tmp_path / "release.gguf") as m:
+        assert np.array_equal(m.logits(LONG), want)
