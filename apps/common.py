@@ -233,10 +233,11 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("speculative decoding (docs/SPECULATIVE.md; off by default)")
     g.add_argument(
         "--speculative",
-        choices=[m for m in MODES if m != "mtp"],
+        choices=list(MODES),
         default=None,
         help="draft source: ngram (look the last tokens up in the prompt and the text so far), draft (a small "
-        "model, -md); default off, or draft when -md is given",
+        "model, -md), mtp (the model's own MTP block: Hy3 files that keep it); default off, or draft when -md is "
+        "given",
     )
     g.add_argument(
         "-md",

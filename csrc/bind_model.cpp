@@ -27,6 +27,8 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "n_vocab", h.n_vocab);
     get(d, "n_embd", h.n_embd);
     get(d, "n_layer", h.n_layer);
+    get(d, "n_mtp", h.n_mtp);
+    if (h.n_mtp < 0 || h.n_mtp > 1) throw FormatError("n_mtp " + std::to_string(h.n_mtp) + ", expected 0 or 1");
     get(d, "n_head", h.n_head);
     get(d, "n_head_kv", h.n_head_kv);
     get(d, "n_embd_head_k", h.n_embd_head_k);
@@ -92,9 +94,9 @@ static HParams hparams_from(const py::dict & d) {
     if (h.act < ACT_SILU || h.act > ACT_RELU_SQR)
         throw FormatError("act " + std::to_string(h.act) + " is out of range");
     if (h.moe_latent < 0 || h.moe_latent > (1 << 20)) throw FormatError("moe_latent_size is out of range");
-    // the layer plan: one list per field, [n_layer] each (runtime/hparams.py layer_plan)
+    // the layer plan: one list per field, [n_layer + n_mtp] each (runtime/hparams.py layer_plan, with_mtp)
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
-    const size_t n = (size_t) std::max(h.n_layer, 0);
+    const size_t n = (size_t) std::max(h.n_layer, 0) + (size_t) h.n_mtp;
     std::vector<int> n_head(n, h.n_head), rope_scaling(n, 1), rotate(n, 1), indexer(n, INDEXER_NONE); // optional
     std::vector<float> freq_base, kq_scale, clamp_exp(n, 0.f), clamp_shexp(n, 0.f); // optional lists: no clamps
     get(d, "layer_mixer", mixer);
@@ -116,9 +118,9 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "layer_indexer", indexer);
     for (auto * v : {&mixer, &ffn, &mask, &n_head, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp,
                      &rope_scaling, &rotate, &indexer})
-        if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer entries");
+        if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer + n_mtp entries");
     if (freq_base.size() != n || kq_scale.size() != n || clamp_exp.size() != n || clamp_shexp.size() != n)
-        throw FormatError("layer plan: a per-layer list does not have n_layer entries");
+        throw FormatError("layer plan: a per-layer list does not have n_layer + n_mtp entries");
     h.plan.resize(n);
     for (size_t i = 0; i < n; ++i) {
         LayerPlan & p = h.plan[i];
@@ -265,6 +267,25 @@ void bind_model(py::module_ & m) {
             },
             py::arg("tokens"), py::arg("n_out") = 1,
             "evaluate tokens after the cached context; returns logits [n_out, n_vocab] of the last n_out tokens")
+        .def(
+            "mtp_draft",
+            [](Model & m, int32_t token, int n_max) {
+                // -> (draft ids, logits of the first draft's row [n_vocab] or None)
+                n_max = std::max(0, std::min(n_max, 64));
+                std::vector<int32_t> out((size_t) n_max);
+                py::array_t<float> l0((py::ssize_t) m.hparams().n_vocab);
+                float * lp = l0.mutable_data();
+                int n;
+                {
+                    py::gil_scoped_release nogil;
+                    n = m.mtp_draft(token, n_max, out.data(), lp);
+                }
+                out.resize((size_t) n);
+                return py::make_tuple(out, n ? py::object(l0) : py::object(py::none()));
+            },
+            py::arg("token"), py::arg("n_max"),
+            "greedy MTP drafts after `token` (the token that follows the cached context), at most n_max (<= 64)")
+        .def_property_readonly("mtp_ready", &Model::mtp_ready)
         .def("reset", &Model::reset)
         .def("truncate", &Model::truncate)
         .def_property_readonly("recurrent", &Model::recurrent)

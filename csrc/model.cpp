@@ -70,9 +70,13 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         read_weights();
     }
 
-    // expert cache: quota per MoE layer (all experts when not given)
-    std::vector<int> quota(hp_.n_layer, 0);
-    for (int il = 0; il < hp_.n_layer; ++il)
+    // expert cache: quota per MoE layer, the MTP block's included (all experts when not given)
+    const int NB = hp_.n_blocks();
+    if (!opt_.expert_slots.empty() && (int) opt_.expert_slots.size() != NB)
+        throw BudgetError("expert_slots names " + std::to_string(opt_.expert_slots.size()) + " layers, the model has " +
+                          std::to_string(NB));
+    std::vector<int> quota(NB, 0);
+    for (int il = 0; il < NB; ++il)
         if (layers_[il].moe) {
             quota[il] = opt_.expert_slots.empty() ? hp_.n_expert : opt_.expert_slots[il];
             if (quota[il] < hp_.n_expert_used)
@@ -92,10 +96,10 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
         tier2_->set_policy((Policy) opt_.policy, opt_.window_m);
         cache_->set_tier2(tier2_.get());
     }
-    cpu_experts_.assign(hp_.n_layer, 0);
-    swaps_.assign(hp_.n_layer, 0);
-    gemm_experts_.assign(hp_.n_layer, 0);
-    standin_uses_.assign(hp_.n_layer, 0);
+    cpu_experts_.assign(NB, 0);
+    swaps_.assign(NB, 0);
+    gemm_experts_.assign(NB, 0);
+    standin_uses_.assign(NB, 0);
     decode_times_ = DecodeTimes{};
     if (standin_) { // its own slots (quota >= n_expert_used) and I/O threads
         standin_->finalize(tier_quotas(opt_.standin_slots, "standin_slots"), backend_, nullptr, repack_buft_);
@@ -122,7 +126,7 @@ Model::Model(const std::string & path, const HParams & hp, const ModelOptions & 
     if (opt_.expert_slots.empty()) {
         std::vector<int32_t> ids(hp_.n_expert), slots(hp_.n_expert);
         std::iota(ids.begin(), ids.end(), 0);
-        for (int il = 0; il < hp_.n_layer; ++il)
+        for (int il = 0; il < NB; ++il)
             if (layers_[il].moe) {
                 cache_->acquire(il, ids.data(), hp_.n_expert, slots.data());
                 cache_->release(il);
@@ -173,8 +177,9 @@ Model::~Model() {
 std::vector<ggml_tensor *> Model::matmul_weights() const {
     std::vector<ggml_tensor *> out;
     for (const Layer & L : layers_)
-        for (ggml_tensor * t : {L.wq, L.wk, L.wv, L.wo, L.wq_a, L.wq_b, L.wkv_a, L.ffn_gate, L.ffn_up, L.ffn_down,
-                                L.gate_shexp, L.up_shexp, L.down_shexp, L.ffn_latent_down, L.ffn_latent_up})
+        for (ggml_tensor * t :
+             {L.wq, L.wk, L.wv, L.wo, L.wq_a, L.wq_b, L.wkv_a, L.ffn_gate, L.ffn_up, L.ffn_down, L.gate_shexp,
+              L.up_shexp, L.down_shexp, L.ffn_latent_down, L.ffn_latent_up, L.nextn_eh_proj, L.nextn_head})
             if (t) out.push_back(t);
     if (output_ && output_ != tok_embd_) out.push_back(output_);
     return out;
@@ -347,9 +352,9 @@ ggml_tensor * Model::load_tensor(const std::string & name, bool required, int n_
 void Model::build_layers() {
     const HParams & h = hp_;
     const int64_t E = h.n_embd;
-    if ((int) h.plan.size() != h.n_layer)
+    if ((int) h.plan.size() != h.n_blocks())
         throw FormatError(path_ + ": layer plan has " + std::to_string(h.plan.size()) + " layers, expected " +
-                          std::to_string(h.n_layer));
+                          std::to_string(h.n_blocks()));
     tok_embd_ = load_tensor("token_embd.weight", true, 2, {E, h.n_vocab});
     out_norm_ = load_tensor("output_norm.weight", false, 1, {E});
     if (!out_norm_) out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E}); // LFM2's final norm name
@@ -360,14 +365,18 @@ void Model::build_layers() {
     rope_factors_ = load_tensor("rope_factors_short.weight", false, 1, {});
     if (!rope_factors_) rope_factors_ = load_tensor("rope_freqs.weight", false, 1, {});
 
-    cache_ = std::make_unique<ExpertCache>(idx_->files, h.n_layer, h.n_expert);
+    if (h.n_mtp < 0 || h.n_mtp > 1)
+        throw FormatError(path_ + ": n_mtp " + std::to_string(h.n_mtp) + ", expected 0 or 1");
+    if (h.n_mtp && (!opt_.host_slots.empty() || !opt_.standin_path.empty()))
+        throw BudgetError("the MTP block does not run with a RAM tier (host_slots) or stand-ins yet");
+    cache_ = std::make_unique<ExpertCache>(idx_->files, h.n_blocks(), h.n_expert);
     if (!opt_.host_slots.empty()) tier2_ = std::make_unique<ExpertCache>(idx_->files, h.n_layer, h.n_expert);
     if (!opt_.standin_path.empty()) {
         standin_idx_ = std::make_unique<GGUFIndex>(opt_.standin_path);
         standin_ = std::make_unique<ExpertCache>(standin_idx_->files, h.n_layer, h.n_expert);
     }
-    layers_.resize(h.n_layer);
-    for (int il = 0; il < h.n_layer; ++il) {
+    layers_.resize(h.n_blocks());
+    for (int il = 0; il < h.n_blocks(); ++il) {
         Layer & L = layers_[il];
         const LayerPlan & p = h.plan[il];
         L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E}); // an FFN-only block's norm too
@@ -387,6 +396,7 @@ void Model::build_layers() {
             L.rope_freqs = p.rope_factors ? rope_factors_ : nullptr;
         }
         load_ffn(il, L);
+        if (il >= h.n_layer) load_mtp(il, L);
     }
 }
 
@@ -664,11 +674,11 @@ void Model::load_ffn(int il, Layer & L) {
 
 void Model::alloc_kv() {
     const HParams & h = hp_;
-    ggml_init_params ip = {ggml_tensor_overhead() * (3 * h.n_layer + 9), nullptr, true};
+    ggml_init_params ip = {ggml_tensor_overhead() * (3 * h.n_blocks() + 9), nullptr, true};
     ctx_kv_ = ggml_init(ip);
     bool shared_indexer = false;
     bool any_recurrent = false;
-    for (int il = 0; il < h.n_layer; ++il) {
+    for (int il = 0; il < h.n_blocks(); ++il) { // the MTP block keeps its own KV
         // per layer: [n_head_kv * head_k] rows of K; V transposed. MLA caches the compressed latent:
         // K = [kv_lora + rope] per token (one shared head), V = the latent part
         const LayerPlan & p = h.plan[il];
@@ -982,6 +992,7 @@ void Model::check_finite(int il, int T) {
 
 void Model::reset() {
     n_past_ = 0;
+    mtp_pending_pos_ = -1;
     if (buf_rs_) ggml_backend_buffer_clear(buf_rs_, 0);
 }
 
@@ -991,6 +1002,14 @@ void Model::truncate(int n) {
         throw std::logic_error("a recurrent state cannot be truncated (position " + std::to_string(n_past_) + " -> " +
                                std::to_string(n) + "): restore a snapshot (load_state) or reset");
     n_past_ = n;
+    // the MTP block's next row needs h of position n - 1: the last ubatch's, when it holds that position
+    const int r = n - 1 - mtp_hidden_pos_;
+    mtp_pending_pos_ = -1;
+    if (hp_.n_mtp && n > 0 && r >= 0 && (size_t) (r + 1) * hp_.n_embd <= mtp_hidden_.size()) {
+        mtp_pending_.assign(mtp_hidden_.begin() + (size_t) r * hp_.n_embd,
+                            mtp_hidden_.begin() + (size_t) (r + 1) * hp_.n_embd);
+        mtp_pending_pos_ = n - 1;
+    }
 }
 
 std::vector<uint8_t> Model::save_state() const {
@@ -1012,15 +1031,16 @@ void Model::load_state(const uint8_t * data, size_t n, int n_past) {
         ggml_backend_tensor_set(t, data + ((char *) t->data - (char *) ggml_backend_buffer_get_base(buf_rs_)), 0,
                                 ggml_nbytes(t));
     n_past_ = n_past; // KV rows past n_past are overwritten by the next eval
+    mtp_pending_pos_ = -1;
 }
 
 void Model::reset_stats() {
     cache_->reset_stats();
     if (tier2_) tier2_->reset_stats();
-    cpu_experts_.assign(hp_.n_layer, 0);
-    swaps_.assign(hp_.n_layer, 0);
-    gemm_experts_.assign(hp_.n_layer, 0);
-    standin_uses_.assign(hp_.n_layer, 0);
+    cpu_experts_.assign(hp_.n_blocks(), 0);
+    swaps_.assign(hp_.n_blocks(), 0);
+    gemm_experts_.assign(hp_.n_blocks(), 0);
+    standin_uses_.assign(hp_.n_blocks(), 0);
     decode_times_ = DecodeTimes{};
     if (standin_) standin_->reset_stats();
 }
@@ -1031,9 +1051,10 @@ int Model::output_rows_per_graph() const {
 
 // x [n_embd, rows] -> output norm -> output projection (+ bias, / logit scale, Gemma-4's final softcap) ->
 // logits [n_vocab, rows]
-ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
+ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x, ggml_tensor * norm_w, ggml_tensor * proj) {
     const HParams & h = hp_;
-    ggml_tensor * y = dense_mm(ctx, output_, norm(ctx, x, out_norm_, out_norm_b_));
+    ggml_tensor * xn = norm_w ? norm(ctx, x, norm_w, nullptr) : norm(ctx, x, out_norm_, out_norm_b_);
+    ggml_tensor * y = dense_mm(ctx, proj ? proj : output_, xn);
     if (output_b_) y = ggml_add(ctx, y, output_b_);
     if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
     if (h.final_softcap > 0.f) // Gemma-4: c * tanh(y / c)
@@ -1096,6 +1117,7 @@ void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float *
         // the rows of logits this ubatch writes: from the first wanted token on
         float * out_rows = out_here ? logits + (size_t) std::max(0, start - (n_tokens - n_out)) * h.n_vocab : nullptr;
         if (fused_ok() && !any_expert_gemm(T) && eval_fused(tokens + start, T, out_here, out_rows)) {
+            if (h.n_mtp) run_mtp_lagged(tokens + start, T);
             n_past_ += T;
             continue;
         }
@@ -1131,6 +1153,7 @@ void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float *
             check_finite(il, T);
         }
         if (out_here > 0) run_output(T, out_here, out_rows);
+        if (h.n_mtp) run_mtp_lagged(tokens + start, T);
         n_past_ += T;
     }
 }

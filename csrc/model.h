@@ -116,7 +116,11 @@ struct HParams {
     // DSA lightning indexer (deepseek32, glm-dsa): heads, head size (RoPE on its first n_rot dims, in this mode),
     // positions each token attends to once the context is longer
     int indexer_n_head = 0, indexer_head_size = 0, indexer_top_k = 0, indexer_rope_type = 0;
-    std::vector<LayerPlan> plan; // [n_layer]
+    // MTP blocks loaded after the trunk (blk.{n_layer}: a decoder block + the nextn.* projections, mtp.cpp), 0 or 1;
+    // the trunk's loops stop at n_layer, the MTP block is run only by the MTP step
+    int n_mtp = 0;
+    int n_blocks() const { return n_layer + n_mtp; }
+    std::vector<LayerPlan> plan; // [n_layer + n_mtp]
 };
 
 struct Layer {
@@ -161,6 +165,10 @@ struct Layer {
     ggml_tensor *ssm_f_a = nullptr, *ssm_f_b = nullptr, *ssm_g_a = nullptr, *ssm_g_b = nullptr;
     ggml_tensor *k_cache = nullptr, *v_cache = nullptr; // [n_embd_k_gqa, n_ctx], V transposed [n_ctx, n_embd_v_gqa]
     ggml_tensor *conv_state = nullptr, *ssm_state = nullptr;
+    // MTP block (blk.{n_layer}.nextn.*): eh_proj [2 n_embd, n_embd] over [enorm(embed) | hnorm(h)]; the head's
+    // norm; its own token embeddings and LM head where the file has them (else the trunk's)
+    ggml_tensor *nextn_eh_proj = nullptr, *nextn_enorm = nullptr, *nextn_hnorm = nullptr, *nextn_head_norm = nullptr,
+                *nextn_embd = nullptr, *nextn_head = nullptr;
 };
 
 struct ModelOptions {
@@ -258,6 +266,12 @@ class Model {
     // last n_out tokens (n_out <= n_tokens).
     void eval(const int32_t * tokens, int n_tokens, int n_out, float * logits);
     void eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float * logits); // eval() untimed
+    // MTP drafting (mtp.cpp; hp.n_mtp = 1): greedy drafts of up to n_max tokens after `token`, the token that
+    // follows the cached context; the first from the MTP block's row (h of the context's last token, token), each
+    // next one chained on the block's own output. logits0 (nullable): [n_vocab] of the first draft's row.
+    // 0 drafts when the context's last hidden state is not known (after a truncation past the last ubatch).
+    int mtp_draft(int32_t token, int n_max, int32_t * out, float * logits0);
+    bool mtp_ready() const { return hp_.n_mtp > 0 && n_past_ > 0 && mtp_pending_pos_ == n_past_ - 1; }
     void reset(); // position 0; recurrent state zeroed
     int n_past() const { return n_past_; }
     void truncate(int n); // KV only: a recurrent state cannot go back (restore a snapshot)
@@ -323,6 +337,7 @@ class Model {
     ExpertTensors expert_tensors(const GGUFIndex & idx, int il, int64_t n_embd) const; // a MoE layer's, checked
     void load_recurrent(int il, Layer & L);
     void load_kda(int il, Layer & L);
+    void load_mtp(int il, Layer & L); // mtp.cpp
     std::vector<float> read_f32(const TensorInfo & t, int64_t n);
     std::vector<ggml_tensor *> matmul_weights() const; // 2-D weights read only by ggml_mul_mat (repack candidates)
     void alloc_weights();                              // the repacked ones in buf_rp_, the rest in buf_w_
@@ -345,6 +360,18 @@ class Model {
     bool last_row_finite(int T) const; // the residual stream's row T - 1 (x_) holds no NaN/Inf
     void check_finite(int il, int T);  // FormatError naming layer il (-1: embeddings) on NaN/Inf
     int next_moe(int il) const;
+
+    // ---- the MTP block (mtp.cpp): after each ubatch of the trunk, its rows (h_{i-1}, token_i) at position i - 1
+    // (the hidden state of each token paired with the token after it); the drafts chain on its own output
+    void run_mtp_lagged(const int32_t * tokens, int T); // the ubatch's rows, before n_past_ moves on
+    // T rows (hidden [T, n_embd] host, tokens [T]) through the MTP block at positions pos0..; n_out > 0: logits
+    // [n_out, n_vocab] of the last rows and the head-normed hidden state of the last row (h_out [n_embd])
+    void mtp_rows(const float * hidden, const int32_t * tokens, int T, int pos0, int n_out, float * logits,
+                  float * h_out);
+    std::vector<float> mtp_hidden_;  // the output-normed hidden states of the last ubatch [T, n_embd]
+    int mtp_hidden_pos_ = 0;         // the position of its first row
+    std::vector<float> mtp_pending_; // h of position mtp_pending_pos_ (the context's last token), or pos -1
+    int mtp_pending_pos_ = -1;
 
     // ---- the fused step (model_fused.cpp)
     struct RouteOp { // one MoE layer's routing inside the fused graph
@@ -377,7 +404,9 @@ class Model {
     // Experts of layer il (every one resident) + combine: slots / eids [k, T], weights [1, k, T] -> new residual
     ggml_tensor * moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots, ggml_tensor * weights,
                             ggml_tensor * eids, int T);
-    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x); // x [n_embd, rows] -> logits [n_vocab, rows]
+    // x [n_embd, rows] -> logits [n_vocab, rows]; the MTP head passes its own norm and projection
+    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x, ggml_tensor * norm_w = nullptr,
+                              ggml_tensor * proj = nullptr);
     ggml_tensor * rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T); // [ne0, T] view of a state tensor
 
     // ---- shared small builders (model.cpp)

@@ -14,7 +14,7 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import ModelFormatError
+from ..errors import ModelFormatError, UsageError
 
 ROPE_NORM, ROPE_NEOX = 0, 2
 GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2, 3, 4
@@ -726,3 +726,34 @@ def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
             plan["layer_n_rot"][il], plan["layer_attn_temp"][il] = 0, 1
         else:
             plan["layer_mask"][il], plan["layer_freq_base"][il] = MASK_CHUNKED, base_swa
+
+
+# families whose MTP block the runtime runs (csrc/mtp.cpp), checked against a reference of the same block: the
+# block reads the trunk's output-normed hidden state and chains on its own head-normed state (llama.cpp's hy_v3
+# MTP graph). Other families keep their MTP blocks in the file, unrun, until their semantics are checked.
+MTP_ARCHS = ("hy_v3",)
+
+
+def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[str, Any]:
+    """hparams with the first MTP block (blk.{n_layer}) appended to the layer plan (`n_mtp` = 1): its plan entry
+    is that of the trunk layer its shapes follow (`nextn_ref`), full attention, with routed experts where the
+    block has them. A UsageError says why a file's MTP block cannot run."""
+    n_layer, arch = hp["n_layer"], hp["arch"]
+    if not hp.get("n_layer_nextn"):
+        raise UsageError(f"speculative='mtp': {path} has no MTP blocks (nextn_predict_layers = 0)")
+    if arch not in MTP_ARCHS:
+        raise UsageError(
+            f"speculative='mtp': {path} ({arch}) has {hp['n_layer_nextn']} MTP block(s), but this runtime runs the "
+            f"MTP blocks of {', '.join(MTP_ARCHS)} only; use speculative='ngram' or 'draft'"
+        )
+    il = n_layer
+    ref = (hp.get("nextn_ref") or [n_layer - 1])[0]
+    if hp["layer_mixer"][ref] not in (MIXER_ATTN, MIXER_MLA):
+        raise UsageError(f"speculative='mtp': {path}: the MTP block follows a layer without attention")
+    out = dict(hp, n_mtp=1)
+    for k, v in hp.items():
+        if (k.startswith("layer_") or k == "swa_layers") and isinstance(v, list) and len(v) == n_layer:
+            out[k] = v + [v[ref]]
+    out["layer_mask"][-1] = MASK_CAUSAL
+    out["layer_ffn"][-1] = FFN_MOE if f"blk.{il}.ffn_down_exps.weight" in tensors else FFN_DENSE
+    return out

@@ -31,6 +31,7 @@ from .. import _core
 from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .args import INT32_MAX, MAX_THREADS, finite_float, int_in, ints_in, is_int
+from .hparams import with_mtp
 from .planner import DEFAULT_SNAPSHOTS, Plan, expert_slots_of, parse_size, plan_host_tier, plan_memory, plan_standins
 from .sampling import GenerationOptions, generation_options
 from .speculative import (
@@ -307,10 +308,22 @@ class Model:
         self.n_threads = min(n_threads, cpus) if n_threads else max(1, min(cpus, 8))
         # speculative decoding's draft model: resident, its memory taken from this model's budget
         self.draft_model, draft_bytes = prepare_speculation(self, draft_model, self.spec_config, kv_type=kv_type)
+        # speculative="mtp": the first MTP block is loaded and planned as one more layer (its dense weights, KV
+        # cache and expert slots in the budget); the core runs it after every ubatch (csrc/mtp.cpp)
+        self.core_hparams = self.hparams
+        if self.spec_config.mode == "mtp":
+            self.core_hparams = with_mtp(self.hparams, self.tensors, self.path)
+            if host_slots is not None or standins or resolve_device(device) == "cuda":
+                raise UsageError("speculative='mtp' does not run with host_slots, standins or a CUDA device yet")
+            if cache_shares is not None:  # the MTP block's layer gets an equal share of the arena
+                n = len(cache_shares)
+                cache_shares = [x * n / (n + 1) for x in cache_shares] + [1.0 / (n + 1)]
+                pol = make_policy(policy, shares=cache_shares, **knobs)
+        plan_hp = dict(self.core_hparams, n_layer=self.hparams["n_layer"] + self.core_hparams.get("n_mtp", 0))
         # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
         shares = list(pol.shares) if pol.shares else None
         self.plan: Plan = plan_memory(
-            self.hparams,
+            plan_hp,
             self.tensors,
             n_ctx=self.n_ctx,
             n_ubatch=n_ubatch,
@@ -395,7 +408,7 @@ class Model:
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
         with _core_errors(self.path):
-            self._m = _core.Model(self.path, self.hparams, options)
+            self._m = _core.Model(self.path, self.core_hparams, options)
         if mlock:
             _warn_unlocked(self._m.memory())
         self._m.record_routes = record_trace

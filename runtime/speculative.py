@@ -12,7 +12,8 @@ accepted rows.
 
 Draft sources (`speculative=`): "ngram" looks the last few tokens up in the prompt and the generated text and
 proposes what followed their latest earlier occurrence (no model; no match: no draft); "draft" runs a separate
-small GGUF with the same vocabulary (`draft_model=`), greedily.
+small GGUF with the same vocabulary (`draft_model=`), greedily; "mtp" runs the model's own MTP block (csrc/mtp.cpp),
+loaded with speculative="mtp" at load time.
 
 Exactness. Greedy: every emitted token is the argmax of the target's logits for the same context, so the output
 equals non-speculative greedy whenever a window row's logits equal a one-row step's (docs/SPECULATIVE.md: bit for
@@ -158,6 +159,22 @@ class DraftModelDraft:
         return out
 
 
+class MtpDraft:
+    """The model's own MTP block (csrc/mtp.cpp), greedy: its first row pairs the hidden state of the context's
+    last token with the token after it (the core ran the rows before, one behind the trunk, as the context grew);
+    each next draft chains on the block's own output. Loaded only with speculative='mtp' at load time."""
+
+    name = "mtp"
+    free = False  # each drafted token is a step of the MTP block: the rule sizes the draft before it runs
+
+    def __init__(self, model: Model) -> None:
+        self.core = model._core()
+
+    def propose(self, history: Sequence[int], n_max: int) -> list[int]:
+        ids, _ = self.core.mtp_draft(int(history[-1]), n_max)
+        return [int(t) for t in ids]
+
+
 def check_draft_vocab(target: Model, draft: Model) -> None:
     """The draft model must speak the target's tokens: same vocabulary size and token strings."""
     if draft.n_vocab != target.n_vocab:
@@ -177,16 +194,10 @@ def prepare_speculation(target: Model, path: Any, config: SpecConfig, *, kv_type
     """At load: the draft model of `draft_model=` (None when not given) and the bytes it holds (taken from the
     target's budget: the pair stays under it), loaded resident with the target's context size and threads; a
     source this model cannot use is refused here."""
-    if config.mode == "mtp":
-        n = int(target.hparams.get("n_layer_nextn", 0))
+    if config.mode == "mtp" and path is not None:
         raise UsageError(
-            f"speculative='mtp': {target.path} "
-            + (
-                f"has {n} MTP block(s) (nextn_predict_layers), but this runtime does not run MTP heads yet"
-                if n
-                else "has no MTP blocks (nextn_predict_layers = 0)"
-            )
-            + "; use speculative='ngram' or 'draft'"
+            "draft_model is the draft source of speculative='draft'; speculative='mtp' drafts with the "
+            "model's own MTP block"
         )
     if path is None:
         if config.mode == "draft":
@@ -407,6 +418,13 @@ class Speculator:
         self.model, self.config = model, config
         if config.mode == "ngram":
             self.source: Any = NgramDraft()
+        elif config.mode == "mtp":
+            if not model.core_hparams.get("n_mtp"):
+                raise UsageError(
+                    "speculative='mtp' needs the MTP block loaded: load the model with speculative='mtp' "
+                    "(--speculative mtp)"
+                )
+            self.source = MtpDraft(model)
         elif config.mode == "draft":
             if draft_model is None:
                 raise UsageError("speculative='draft' needs a draft model: load with draft_model='small.gguf'")
@@ -417,7 +435,7 @@ class Speculator:
         core = model._core()
         self.offloaded = model.plan.slots is not None
         self.planner = WindowPlanner(
-            expert_bytes=[int(b) for b in model.plan.expert_slot_bytes],
+            expert_bytes=[int(b) for b in model.plan.expert_slot_bytes[: hp["n_layer"]]],  # the trunk's
             n_expert=int(hp["n_expert"]),
             n_expert_used=int(hp["n_expert_used"]),
             recurrent=bool(core.recurrent),
