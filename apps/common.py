@@ -236,7 +236,7 @@ def add_speculative(p: argparse.ArgumentParser) -> None:
         choices=list(MODES),
         default=None,
         help="draft source: ngram (look the last tokens up in the prompt and the text so far), draft (a small "
-        "model, -md), mtp (the model's own MTP block: Hy3 files that keep it); default off, or draft when -md is "
+        "model, -md), mtp (the model's own MTP block: Hy3, GLM-4.x, DeepSeek-V3 files that keep it); default off, or draft when -md is "
         "given",
     )
     g.add_argument(

@@ -66,6 +66,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="write gate and up experts fused as ffn_gate_up_exps (llama.cpp's option of that name)",
     )
+    p.add_argument(
+        "--no-mtp",
+        "--no-nextn",
+        dest="mtp",
+        action="store_false",
+        help="drop the checkpoint's MTP / nextn blocks (kept by default, as llama.cpp keeps them: speculative='mtp' "
+        "drafts with them)",
+    )
 
 
 def default_out(src: str, type: str) -> Path:
@@ -92,6 +100,7 @@ def main(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             n_threads=args.threads,
             fuse_gate_up=args.fuse_gate_up_exps,
+            mtp=args.mtp,
             split_max_tensors=args.split_max_tensors,
             split_max_size=parse_size(args.split_max_size) if args.split_max_size else 0,
         )

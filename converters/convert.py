@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +73,7 @@ def convert(
     fuse_gate_up: bool = False,
     split_max_size: int = 0,
     split_max_tensors: int = 0,
+    mtp: bool = True,
 ) -> ConvertReport:
     """Convert a Hugging Face MoE checkpoint directory (or an existing GGUF) to GGUF at `out`.
 
@@ -82,6 +84,8 @@ def convert(
     split_max_size (bytes of tensor data) / split_max_tensors: write a split set OUT-00001-of-0000N.gguf ... as
     llama.cpp's converter and gguf-split do (0 = no limit; one file when everything fits in one shard); the
     report's `out` is then the first shard. A GGUF input may itself be a split set, opened from any shard.
+    mtp: keep the checkpoint's MTP / nextn blocks where the family keeps them (llama.cpp's default); False drops
+    them (llama.cpp's --no-mtp), for a smaller file that cannot draft with speculative="mtp".
     Raises moelite.errors.ConversionError; on any failure no file (no shard) is left at `out`."""
     timer = gguf_out.Timer()
     type = quant.canonical_type(type)  # case-insensitive; ConversionError if unknown
@@ -92,7 +96,7 @@ def convert(
     else:
         if type == "keep":
             raise ConversionError(f"{src}: type 'keep' applies to GGUF input only")
-        w, tensors, arch, n_layer, n_expert, notes = _from_hf(source)
+        w, tensors, arch, n_layer, n_expert, notes = _from_hf(source, mtp=mtp)
     if fuse_gate_up:
         tensors = _fuse_gate_up(tensors)
     planned = quant.plan(tensors, type, n_layer, n_expert)
@@ -213,7 +217,7 @@ def _config_values(cfg_src: str) -> Iterator[None]:
         raise ConversionError(f"{cfg_src}: a value missing, of the wrong type or range ({what})") from None
 
 
-def _from_hf(source: HFSource):
+def _from_hf(source: HFSource, mtp: bool = True):
     cfg_src = str(source.dir / "config.json")
     cfg = text_config(source.config)  # multimodal checkpoints: the text model's config
     with _config_values(cfg_src):
@@ -225,10 +229,13 @@ def _from_hf(source: HFSource):
             f"{cfg_src}: quantization_config.quant_method = {qc.get('quant_method')!r} is not a "
             f"format moelite reads ({', '.join(READABLE_QUANT)}); convert the unquantized checkpoint"
         )
+    weights = source.tensors()
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
     with _config_values(cfg_src):
-        hp = family.hparams(c)
+        hp = family.hparams(c)  # checks the config as given first
+        if (c_held := _without_absent_mtp(family, c, weights, mtp)) is not c:
+            c, hp = c_held, family.hparams(c_held)
     for key, value in hp.items():
         if value is None:
             continue
@@ -236,13 +243,38 @@ def _from_hf(source: HFSource):
         gguf_out.add_kv(w, full, value)
     n_vocab = c.int("vocab_size")
     add_vocab(w, source.dir, n_vocab, family.tokenizer_pre)
-    weights = source.tensors()
     family.sanitize(weights, c)
     tensors = family.map_names(weights, c)
     if not tensors or "token_embd.weight" not in dict(tensors):
         raise ConversionError(f"{source.dir}: no model.embed_tokens.weight found among the checkpoint tensors")
     _check_shapes(tensors, hp, c, n_vocab, str(source.dir))
     return w, tensors, family.arch, c.n_layer, c.n_expert, []
+
+
+MTP_TENSOR = re.compile(r"(?:^|\.)(?:mtp\.|layers\.(\d+)\.)")  # mtp.* / model.mtp.* / model.layers.{i}.*
+
+
+def _without_absent_mtp(family, c: Config, weights: dict[str, Lazy], keep: bool = True) -> Config:
+    """The config with num_nextn_predict_layers 0 when the MTP blocks are not written: dropped on request (keep
+    False: their tensors are removed from `weights`), or promised by config.json but absent from the checkpoint (one
+    written by transformers' save_pretrained, whose classes drop them: DeepSeek-V3's config says 1), so that the
+    file says what it has."""
+    if family.n_blocks(c) == c.n_layer:
+        return c
+    mtp = [n for n in weights if (m := MTP_TENSOR.search(n)) and (m.group(1) is None or int(m.group(1)) >= c.n_layer)]
+    if not keep:
+        for name in mtp:
+            del weights[name]
+    elif mtp:
+        return c
+    else:
+        warnings.warn(
+            f"{c.src}: num_nextn_predict_layers = {family.n_blocks(c) - c.n_layer}, but the checkpoint holds no MTP "
+            "tensors (transformers' save_pretrained drops them): written without MTP blocks",
+            UserWarning,
+            stacklevel=3,
+        )
+    return Config({**c.d, "num_nextn_predict_layers": 0}, c.src, c.defaults)
 
 
 def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config, n_vocab: int, src: str) -> None:

@@ -728,10 +728,11 @@ def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
             plan["layer_mask"][il], plan["layer_freq_base"][il] = MASK_CHUNKED, base_swa
 
 
-# families whose MTP block the runtime runs (csrc/mtp.cpp), checked against a reference of the same block: the
-# block reads the trunk's output-normed hidden state and chains on its own head-normed state (llama.cpp's hy_v3
-# MTP graph). Other families keep their MTP blocks in the file, unrun, until their semantics are checked.
-MTP_ARCHS = ("hy_v3",)
+# families whose MTP block the runtime runs (csrc/mtp.cpp), each checked against a reference of the same block
+# (tests/test_mtp.py): the block reads the trunk's output-normed hidden state and chains on its own head-normed state,
+# as llama.cpp's hy_v3, glm4moe and deepseek2 MTP graphs do. Other families keep their MTP blocks in the file,
+# unrun, until their semantics are checked.
+MTP_ARCHS = ("hy_v3", "glm4moe", "deepseek2")
 
 
 def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[str, Any]:

@@ -1,8 +1,10 @@
-"""The MTP block as a draft source (csrc/mtp.cpp, speculative="mtp"), on Hy3 (hy_v3) as its release checkpoint
-stores the block (model.layers.{n_layer} + eh_proj / enorm / hnorm / final_layernorm; test_wave3_families.with_mtp):
+"""The MTP block as a draft source (csrc/mtp.cpp, speculative="mtp"), on the families whose release checkpoints
+store it as one more decoder layer at model.layers.{n_layer} plus eh_proj / enorm / hnorm / a head norm: Hy3
+(hy_v3, `final_layernorm`; test_wave3_families.with_mtp), GLM-4.5 (glm4_moe: GQA + shared experts), DeepSeek-V3 and
+GLM-4.7-Flash (deepseek_v3 / glm4_moe_lite: MLA; `shared_head.norm`):
 
-- its logits equal a reference built from transformers' own HYV3DecoderLayer (the block's weights loaded as one more
-  layer) on the trunk's output-normed hidden states, F32, to 1e-3; the second draft chains on the block's own
+- its logits equal a reference built from transformers' own decoder layer of the family (the block's weights loaded
+  as one more layer) on the trunk's output-normed hidden states, F32, to 1e-3; the second draft chains on its own
   head-normed state. The rows are those the core runs one behind the trunk, across ubatches and single steps,
   and after a truncation (a rejected draft);
 - greedy output with MTP speculation equals greedy output without it, resident and at the smallest budget
@@ -18,44 +20,63 @@ import json
 import numpy as np
 import pytest
 import torch
+from fixture_models import fixture_gguf
+from hf_fixtures import edited_copy
 from safetensors.torch import load_file
-from test_wave3_families import PROMPT, trunk_layers, with_mtp
+from test_wave3_families import PROMPT, hy_v3_mtp, with_mtp
 
 import moelite
+from moelite import _core
 from moelite.converters import convert
 from moelite.errors import UsageError
 
-FAMILY = "hy_v3"
+FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite")
+HEAD_NORM = {"hy_v3": "final_layernorm"}  # the MTP block's norm before the head; else shared_head.norm
 NXT = 123  # the token after the prompt
 
 
-@pytest.fixture(scope="module")
-def mtp_files(tmp_path_factory):
-    d = tmp_path_factory.mktemp("mtp")
-    hf = with_mtp(FAMILY, d / "hf")
+def mtp_checkpoint(family: str, out):
+    """The family's fixture with an MTP block as its release stores it: the last layer's copy (+0.01) at
+    model.layers.{n_layer}, a random eh_proj and random norms; num_nextn_predict_layers 1."""
+    if family == "hy_v3":
+        return with_mtp(family, out)
+    hf, _ = fixture_gguf(family)
+    cfg = json.loads((hf / "config.json").read_text())
+    n = cfg["num_hidden_layers"]
+    d = edited_copy(hf, out, lambda ts: hy_v3_mtp(ts, n, "shared_head.norm", seed=7))
+    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+    return d
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def mtp_files(request, tmp_path_factory):
+    family = request.param
+    d = tmp_path_factory.mktemp(family)
+    hf = mtp_checkpoint(family, d / "hf")
     out = {}
     for t in ("f32", "q8_0"):
         out[t] = d / f"mtp-{t}.gguf"
         convert(hf, out[t], t, progress=False)
-    return hf, out
+    return family, hf, out
 
 
 def _rms(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def reference(hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.ndarray]:
+def reference(family, hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.ndarray]:
     """MTP logits of rows (h_i, ids[i + 1]) for every i, and of the chained row (g_last, draft1): transformers'
     trunk for h (output-normed), its HYV3DecoderLayer for the block (loaded as layer n_layer of a model one layer
     deeper, so its release names map as the trunk's do), eh_proj / norms read from the checkpoint."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    cfg = json.loads((hf / "config.json").read_text())
-    n = trunk_layers(FAMILY, cfg)
     trunk = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    n = trunk.config.num_hidden_layers
     c2 = AutoConfig.from_pretrained(hf)
     c2.num_hidden_layers = n + 1
-    c2.mlp_layer_types = list(trunk.config.mlp_layer_types) + ["sparse"]
+    if isinstance(getattr(trunk.config, "mlp_layer_types", None), list):  # the block is a MoE layer
+        c2.mlp_layer_types = list(trunk.config.mlp_layer_types) + ["sparse"]
+    head_norm = f"model.layers.{n}.{HEAD_NORM.get(family, 'shared_head.norm')}.weight"
     deeper = AutoModelForCausalLM.from_pretrained(hf, config=c2, dtype=torch.float32).eval()
     block = deeper.model.layers[n]
     w = {}
@@ -77,7 +98,7 @@ def reference(hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.ndarray]:
         # the chained row sits after them: one sequence, causal
         g_mask = torch.full((T, T), float("-inf")).triu(1)[None, None]
         y = block(x, attention_mask=g_mask, position_ids=pos, position_embeddings=trunk.model.rotary_emb(x, pos))
-        g = _rms(y[0], w[p + "final_layernorm.weight"], eps)
+        g = _rms(y[0], w[head_norm], eps)
         logits = trunk.lm_head(g)
         x2, _ = rows(g[-1:], [draft1], T)
         x_all = torch.cat([x, x2], 1)
@@ -86,22 +107,26 @@ def reference(hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.ndarray]:
         y2 = block(
             x_all, attention_mask=mask, position_ids=pos_all, position_embeddings=trunk.model.rotary_emb(x_all, pos_all)
         )
-        logits2 = trunk.lm_head(_rms(y2[0, -1:], w[p + "final_layernorm.weight"], eps))
+        logits2 = trunk.lm_head(_rms(y2[0, -1:], w[head_norm], eps))
     return logits.numpy(), logits2[0].numpy()
 
 
 def test_mtp_logits_match_transformers_block(mtp_files):
-    hf, files = mtp_files
+    family, hf, files = mtp_files
     ids = PROMPT + [NXT]
+    n_layer = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    r = _core.read_gguf(str(files["f32"]))
+    arch = r["kv"]["general.architecture"]
+    assert r["kv"][f"{arch}.block_count"] == n_layer + 1 and r["kv"][f"{arch}.nextn_predict_layers"] == 1
     with moelite.load(files["f32"], kv_type="f32", n_threads=1, n_ubatch=8, speculative="mtp") as m:
         core = m._core()
-        assert m.info()["n_layer"] == trunk_layers(FAMILY, json.loads((hf / "config.json").read_text()))
+        assert m.info()["n_layer"] == n_layer
         # the prompt in pieces: a ubatch split (8 + 1), then single steps; the block's rows follow one behind
         core.eval(np.array(PROMPT[:9], np.int32), 1)
         for t in PROMPT[9:]:
             core.eval(np.array([t], np.int32), 1)
         drafts, l0 = core.mtp_draft(NXT, 2)
-    ref, ref2 = reference(hf, ids, drafts[0])
+    ref, ref2 = reference(family, hf, ids, drafts[0])
     assert float(np.abs(l0 - ref[-1]).max()) <= 1e-3
     assert drafts[0] == int(np.argmax(ref[-1])) and drafts[1] == int(np.argmax(ref2))
 
@@ -129,7 +154,7 @@ def _greedy(path, **opts):
 
 
 def test_mtp_greedy_equals_plain_greedy(mtp_files):
-    _, files = mtp_files
+    _, _, files = mtp_files
     path = files["q8_0"]
     plain, _, plan = _greedy(path)
     with moelite.load(path, n_threads=1, n_ubatch=64, speculative="mtp") as m:
@@ -150,7 +175,7 @@ def test_mtp_greedy_equals_plain_greedy(mtp_files):
 
 
 def test_mtp_refusals(mtp_files):
-    _, files = mtp_files
+    _, _, files = mtp_files
     path = files["q8_0"]
     with moelite.load(path, n_threads=1) as m:  # loaded without the block: a per-call mtp is refused
         with pytest.raises(UsageError, match="load the model with speculative='mtp'"):
@@ -159,3 +184,51 @@ def test_mtp_refusals(mtp_files):
         moelite.load(path, n_threads=1, speculative="mtp", draft_model=str(path))
     with pytest.raises(UsageError, match="host_slots"):
         moelite.load(path, n_threads=1, speculative="mtp", host_slots=4)
+
+
+@pytest.mark.slow
+def test_mtp_files_both_ways_with_llama_cpp(mtp_files, tmp_path):
+    """llama.cpp runs the trunk of moelite's file with its MTP block; moelite's MTP drafts on llama.cpp's own
+    conversion of the checkpoint (--keep-mtp) equal those on its own file (Hy3: test_wave3_families). llama.cpp's
+    converter drops DeepSeek-V3's MTP layer (its deepseek2 class skips MTP; its loader and graph read one)."""
+    from llama_cpp_ref import llama_cpp_logits, pinned_convert
+
+    family, hf, files = mtp_files
+    if family == "hy_v3":
+        pytest.skip("covered by test_wave3_families.test_mtp_gguf_both_ways_with_llama_cpp")
+    with moelite.load(files["f32"], kv_type="f32", n_threads=1) as m:
+        ours = m.logits(PROMPT)
+    assert float(np.abs(llama_cpp_logits(files["f32"], PROMPT) - ours).max()) <= 1e-3
+    theirs = pinned_convert(hf, tmp_path / "theirs.gguf", "--keep-mtp")
+    kv = _core.read_gguf(str(theirs))["kv"]
+    if family == "deepseek_v3":
+        assert not kv.get("deepseek2.nextn_predict_layers")
+        return
+    drafts = []
+    for path in (files["f32"], theirs):
+        with moelite.load(path, kv_type="f32", n_threads=1, speculative="mtp") as m:
+            core = m._core()
+            core.eval(np.array(PROMPT, np.int32), 1)
+            drafts.append(core.mtp_draft(NXT, 3))
+    assert drafts[0][0] == drafts[1][0]
+    assert float(np.abs(drafts[0][1] - drafts[1][1]).max()) <= 1e-3
+
+
+def test_convert_no_mtp_drops_the_blocks(mtp_files, tmp_path):
+    """`moelite convert --no-mtp` (llama.cpp's option): the trunk alone, the same logits, no MTP key or tensor."""
+    from moelite.apps.cli import main
+
+    family, hf, files = mtp_files
+    out = tmp_path / "trunk.gguf"
+    assert main(["convert", str(hf), "-o", str(out), "--type", "f32", "--no-mtp", "--no-progress"]) == 0
+    r = _core.read_gguf(str(out))
+    arch = r["kv"]["general.architecture"]
+    n_layer = json.loads((hf / "config.json").read_text())["num_hidden_layers"]
+    assert r["kv"][f"{arch}.block_count"] == n_layer and not r["kv"].get(f"{arch}.nextn_predict_layers")
+    assert not any(t[0].startswith(f"blk.{n_layer}.") for t in r["tensors"])
+    with (
+        moelite.load(out, kv_type="f32", n_threads=1) as a,
+        moelite.load(files["f32"], kv_type="f32", n_threads=1) as b,
+    ):
+        assert np.array_equal(a.logits(PROMPT), b.logits(PROMPT))
+        assert a.plan.dense_bytes == b.plan.dense_bytes  # the MTP block is planned only with speculative="mtp"

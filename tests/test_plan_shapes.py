@@ -7,6 +7,7 @@ projections (dense weights), recurrent state; so at the smallest budget the mode
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -53,14 +54,19 @@ PUBLISHED_TOTAL = {
 
 
 @pytest.mark.parametrize("model_type", CONFIG_FAMILIES)
-def test_config_table_is_the_converted_table(model_type):
+def test_config_table_is_the_converted_table(model_type, tmp_path):
     """The tensor table planned from config.json alone is the one describe() reads off the checkpoint's weights
-    (names, ggml types at Q4_K_M, shapes, bytes), and the keys are the same; MTP blocks the release ships and the
-    tiny checkpoint lacks (MiMo-V2's three, which config.json does not count) aside."""
+    (names, ggml types at Q4_K_M, shapes, bytes), and the keys are the same. A tiny checkpoint that lacks the MTP
+    blocks its config promises (MiMo-V2's three, which config.json does not count; DeepSeek-V3's class default of
+    one, which save_pretrained does not write) converts without them: planned from its config with none."""
     hf, _ = fixture_gguf(model_type)
     kv_w, weights = describe(str(hf), "q4_k_m")
     kv_c, config = describe_config(hf, "q4_k_m")
     arch = kv_c["general.architecture"]
+    if kv_c.get(f"{arch}.nextn_predict_layers") and not kv_w.get(f"{arch}.nextn_predict_layers"):
+        cfg = json.loads((hf / "config.json").read_text())
+        (tmp_path / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 0}))
+        kv_c, config = describe_config(tmp_path / "config.json", "q4_k_m")
     n_layer = int(kv_c[f"{arch}.block_count"]) - int(kv_c.get(f"{arch}.nextn_predict_layers", 0))
     held = {int(n.split(".")[1]) for n in weights if n.startswith("blk.")}
     config = {n: t for n, t in config.items() if not n.startswith("blk.") or int(n.split(".")[1]) in held}

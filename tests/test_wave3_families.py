@@ -72,17 +72,18 @@ def exaone_mtp(ts: dict, n_layer: int) -> dict:
     return out
 
 
-def hy_v3_mtp(ts: dict, n_layer: int) -> dict:
-    """Hy3's MTP as its checkpoint stores it: one more decoder block (MoE) at model.layers.{n_layer}, plus
-    eh_proj / enorm / hnorm / final_layernorm."""
+def hy_v3_mtp(ts: dict, n_layer: int, head_norm: str = "final_layernorm", seed: int = 4) -> dict:
+    """Hy3's MTP as its checkpoint stores it: one more decoder block (MoE; the last layer's copy + 0.01) at
+    model.layers.{n_layer}, plus eh_proj / enorm / hnorm / final_layernorm. GLM-4.x and DeepSeek-V3 store theirs
+    the same way, the head norm as shared_head.norm."""
     out = dict(ts)
     for k, v in ts.items():
         if k.startswith(f"model.layers.{n_layer - 1}."):
             out[k.replace(f"model.layers.{n_layer - 1}.", f"model.layers.{n_layer}.", 1)] = v + 0.01
     H = ts["model.norm.weight"].shape[0]
-    rng = np.random.default_rng(4)
+    rng = np.random.default_rng(seed)
     out[f"model.layers.{n_layer}.eh_proj.weight"] = rng.standard_normal((H, 2 * H)).astype(np.float32) * 0.02
-    for n in ("enorm", "hnorm", "final_layernorm"):
+    for n in ("enorm", "hnorm", head_norm):
         out[f"model.layers.{n_layer}.{n}.weight"] = (1.0 + 0.1 * rng.standard_normal(H)).astype(np.float32)
     return out
 

@@ -123,6 +123,34 @@ class Config:
         return rp
 
 
+# MTP / nextn blocks, kept as llama.cpp keeps them: blk.{n_layer + i} is the block's decoder layer under the trunk's
+# names plus these projections (the block's own embeddings and LM head are optional: most releases share the trunk's)
+MTP_NAMES = {
+    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",  # [H, 2H]
+    "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",  # [H]
+    "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
+    "model.layers.{bid}.shared_head.norm.weight": "blk.{bid}.nextn.shared_head_norm.weight",
+    "model.layers.{bid}.shared_head.head.weight": "blk.{bid}.nextn.shared_head_head.weight",  # [V, H], optional
+    "model.layers.{bid}.embed_tokens.weight": "blk.{bid}.nextn.embed_tokens.weight",  # [V, H], optional
+}
+
+
+def n_nextn(c: Config) -> int:
+    """MTP blocks after the trunk (`num_nextn_predict_layers`)."""
+    return c.int("num_nextn_predict_layers", default=0)
+
+
+def mtp_hparams(c: Config) -> dict[str, Any]:
+    """llama.cpp's keys of the kept MTP blocks: block_count counts them, nextn_predict_layers says how many."""
+    return {"block_count": c.n_layer + n_nextn(c), "nextn_predict_layers": n_nextn(c) or None}
+
+
+def with_mtp_layers(c: Config) -> Config:
+    """The config seen as trunk + MTP blocks (num_hidden_layers counts both), so that the per-layer sanitizers
+    (expert stacking, MLA splits) reach the MTP blocks too."""
+    return Config({**c.d, "num_hidden_layers": c.n_layer + n_nextn(c)}, c.src, c.defaults)
+
+
 def common_hparams(c: Config) -> dict[str, Any]:
     """Keys llama.cpp's converter writes for every text model (TextModel.set_gguf_parameters)."""
     rp = c.rope()

@@ -31,17 +31,19 @@ import numpy as np
 from moelite.errors import ConversionError
 
 from . import (
+    MTP_NAMES,
     SIGMOID,
     SOFTMAX,
     Config,
     Family,
     common_hparams,
     leading_dense_layers,
+    n_nextn,
     sliding_layers,
     stack_experts,
     unfuse_experts,
+    with_mtp_layers,
 )
-from .exaone_moe import MTP_NAMES
 from .glm4_moe import DEEPSEEK_MOE_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
@@ -83,10 +85,6 @@ def swa_pattern(c: Config, n_dense: int) -> list[bool]:
             f"{c.src}: keys prefix_dense_sliding_window_pattern / sliding_window_pattern must be >= 1"
         )
     return [(i + 1) % pre != 0 for i in range(n_dense)] + [(i + 1) % rest != 0 for i in range(n - n_dense)]
-
-
-def n_nextn(c: Config) -> int:
-    return c.int("num_nextn_predict_layers", default=0)
 
 
 def hparams(c: Config) -> dict[str, Any]:
@@ -145,9 +143,7 @@ TENSORS = {
     ATTN + ".v_proj.weight": "blk.{bid}.attn_v.weight",
     ATTN + ".o_proj.weight": "blk.{bid}.attn_output.weight",
     **DEEPSEEK_MOE_NAMES,  # dense layers [I_dense, H], router, experts, shared experts [n_shared * I, H]
-    **MTP_NAMES,  # blk.{n_layer + i}.nextn.*: eh_proj [H, 2H], enorm / hnorm / shared_head_norm [H]
-    "model.layers.{bid}.shared_head.head.weight": "blk.{bid}.nextn.shared_head_head.weight",  # [V, H], optional
-    "model.layers.{bid}.embed_tokens.weight": "blk.{bid}.nextn.embed_tokens.weight",  # [V, H], optional
+    **MTP_NAMES,  # blk.{n_layer + i}.nextn.*: eh_proj [H, 2H], enorm / hnorm / shared_head_norm [H], head, embed
 }
 
 
@@ -165,7 +161,7 @@ def drop_zero_biases(w, c: Config) -> None:
 
 def sanitize(w, c: Config) -> None:
     drop_zero_biases(w, c)
-    c_all = Config({**c.d, "num_hidden_layers": c.n_layer + n_nextn(c)}, c.src, c.defaults)  # trunk + MTP
+    c_all = with_mtp_layers(c)  # trunk + MTP blocks
     unfuse_experts(w, c_all, MLP + ".experts")
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 

@@ -4,8 +4,9 @@
 Differences from V2 (see deepseek_v2.py for MLA): sigmoid router scores, a per-expert selection bias
 `e_score_correction_bias` -> `exp_probs_b.bias`, grouped top-k (n_group / topk_group), renormalized
 top-k weights scaled by routed_scaling_factor (2.5). Real checkpoints are FP8 (e4m3, 128x128 blocks with
-`weight_scale_inv`): the source reader dequantizes them. The extra MTP layer (model.layers.{n_layer}) is
-dropped as llama.cpp's converter does.
+`weight_scale_inv`): the source reader dequantizes them. The MTP layer (model.layers.{n_layer}: an MLA decoder
+layer plus eh_proj / enorm / hnorm / shared_head / embed_tokens) is kept as llama.cpp's converter keeps it
+(blk.{n_layer}.nextn.*, `nextn_predict_layers`); speculative="mtp" runs it (csrc/mtp.cpp).
 """
 
 from __future__ import annotations
@@ -14,8 +15,11 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, drop_layers_beyond, leading_dense_layers
-from .deepseek_v2 import TENSORS, hparams, sanitize
+from . import MTP_NAMES, SIGMOID, Config, Family, leading_dense_layers, mtp_hparams, with_mtp_layers
+from .deepseek_v2 import TENSORS as V2_TENSORS
+from .deepseek_v2 import hparams, sanitize
+
+TENSORS = {**V2_TENSORS, **MTP_NAMES}
 
 # transformers' DeepseekV3Config defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -78,7 +82,7 @@ def v3_hparams(c: Config) -> dict[str, Any]:
             f"{c.src}: rope_interleave = false (rotate-half RoPE on the MLA rope dims) is not "
             f"supported: llama.cpp's deepseek2 graph rotates interleaved pairs"
         )
-    return hparams(c, default_gating=SIGMOID)
+    return {**hparams(c, default_gating=SIGMOID), **mtp_hparams(c)}
 
 
 def lite_hparams(c: Config) -> dict[str, Any]:
@@ -92,12 +96,18 @@ def lite_hparams(c: Config) -> dict[str, Any]:
 
 
 def v3_sanitize(w, c: Config) -> None:
-    drop_layers_beyond(w, c)  # the MTP layer model.layers.{n_layer}
-    sanitize(w, c)
+    sanitize(w, with_mtp_layers(c))  # the MTP layer model.layers.{n_layer} too
 
 
 FAMILY = Family(
-    ("deepseek_v3",), "deepseek2", v3_hparams, TENSORS, v3_sanitize, tokenizer_pre="deepseek-v3", defaults=DEFAULTS
+    ("deepseek_v3",),
+    "deepseek2",
+    v3_hparams,
+    TENSORS,
+    v3_sanitize,
+    tokenizer_pre="deepseek-v3",
+    defaults=DEFAULTS,
+    keep_mtp=True,
 )
 # GLM-4.7-Flash: DeepSeek-V3's architecture (MLA, sigmoid + bias routing) with GLM's tokenizer
 GLM4_MOE_LITE = Family(
@@ -108,5 +118,6 @@ GLM4_MOE_LITE = Family(
     v3_sanitize,
     tokenizer_pre="glm4",
     defaults=GLM4_MOE_LITE_DEFAULTS,
+    keep_mtp=True,
 )
 FAMILIES = (FAMILY, GLM4_MOE_LITE)

@@ -20,7 +20,19 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import LLAMA_NAMES, SIGMOID, Config, Family, common_hparams, leading_dense_layers, sliding_layers, stack_experts
+from . import (
+    LLAMA_NAMES,
+    MTP_NAMES,
+    SIGMOID,
+    Config,
+    Family,
+    common_hparams,
+    leading_dense_layers,
+    n_nextn,
+    sliding_layers,
+    stack_experts,
+    with_mtp_layers,
+)
 from .glm4_moe import DEEPSEEK_MOE_NAMES, MLP
 
 ATTN = "model.layers.{bid}.self_attn"
@@ -47,10 +59,6 @@ DEFAULTS = {
     "n_group": 1,
     "topk_group": 1,
 }
-
-
-def n_nextn(c: Config) -> int:
-    return c.int("num_nextn_predict_layers", default=0)
 
 
 def swa_pattern(c: Config) -> list[bool]:
@@ -104,13 +112,6 @@ def hparams(c: Config) -> dict[str, Any]:
     return kv
 
 
-MTP_NAMES = {  # blk.{n_layer + i}: the MTP block's projections (its decoder block uses the trunk's names)
-    "model.layers.{bid}.eh_proj.weight": "blk.{bid}.nextn.eh_proj.weight",  # [H, 2H]
-    "model.layers.{bid}.enorm.weight": "blk.{bid}.nextn.enorm.weight",  # [H]
-    "model.layers.{bid}.hnorm.weight": "blk.{bid}.nextn.hnorm.weight",
-    "model.layers.{bid}.shared_head.norm.weight": "blk.{bid}.nextn.shared_head_norm.weight",
-}
-
 TENSORS = {
     **LLAMA_NAMES,
     **DEEPSEEK_MOE_NAMES,
@@ -146,7 +147,7 @@ def sanitize(w, c: Config) -> None:
             raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family exaone-moe")
         for i in range(nextn):  # one set shared by every MTP block, written to each
             w[f"model.layers.{n_layer + i}.{_MTP_SHARED[m.group(1)]}.weight"] = t
-    c_all = Config({**c.d, "num_hidden_layers": n_layer + nextn}, c.src, c.defaults)
+    c_all = with_mtp_layers(c)  # trunk + MTP blocks
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 

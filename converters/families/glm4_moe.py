@@ -4,15 +4,27 @@ Per layer: RMSNorm -> GQA attention with q/k/v biases (n_head * head_dim may dif
 per-head q/k RMSNorm (`use_qk_norm`), partial NeoX RoPE (`partial_rotary_factor`, 0.5) -> RMSNorm -> the
 first `first_k_dense_replace` layers dense SwiGLU, the rest DeepSeek-V3-style MoE: sigmoid scores, selection on
 score + `e_score_correction_bias` with group-limited top-k, renormalised weights x `routed_scaling_factor`,
-plus `n_shared_experts` shared experts. The MTP layer(s) (`model.layers.{num_hidden_layers}..`) are dropped on
-purpose, as llama.cpp's `--no-mtp` does.
+plus `n_shared_experts` shared experts. The MTP layer(s) (`model.layers.{num_hidden_layers}..`: a decoder layer plus
+eh_proj / enorm / hnorm / shared_head) are kept as llama.cpp's converter keeps them (blk.{n_layer + i}, nextn.*,
+`nextn_predict_layers` counted in block_count); speculative="mtp" runs them (csrc/mtp.cpp).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from . import LLAMA_NAMES, MOE_NAMES, SIGMOID, Config, Family, common_hparams, drop_layers_beyond, stack_experts
+from . import (
+    LLAMA_NAMES,
+    MOE_NAMES,
+    MTP_NAMES,
+    SIGMOID,
+    Config,
+    Family,
+    common_hparams,
+    mtp_hparams,
+    stack_experts,
+    with_mtp_layers,
+)
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -74,6 +86,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "attention.value_length": hd,
         "rope.dimension_count": rotary_dims(c, hd, default=0.5),
         "vocab_size": c.int("vocab_size"),
+        **mtp_hparams(c),
     }
 
 
@@ -98,12 +111,14 @@ TENSORS = {
     ATTN + ".v_proj.bias": "blk.{bid}.attn_v.bias",
     ATTN + ".q_norm.weight": "blk.{bid}.attn_q_norm.weight",  # [head_dim] (use_qk_norm)
     ATTN + ".k_norm.weight": "blk.{bid}.attn_k_norm.weight",
+    **MTP_NAMES,
 }
 
 
 def sanitize(w, c: Config) -> None:
-    drop_layers_beyond(w, c)
-    stack_experts(w, c, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
+    stack_experts(w, with_mtp_layers(c), MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 
-FAMILY = Family(("glm4_moe",), "glm4moe", hparams, TENSORS, sanitize, tokenizer_pre="glm4", defaults=DEFAULTS)
+FAMILY = Family(
+    ("glm4_moe",), "glm4moe", hparams, TENSORS, sanitize, tokenizer_pre="glm4", defaults=DEFAULTS, keep_mtp=True
+)

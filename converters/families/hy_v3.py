@@ -23,13 +23,15 @@ from moelite.errors import ConversionError
 from . import (
     LLAMA_NAMES,
     MOE_NAMES,
+    MTP_NAMES,
     SIGMOID,
     Config,
     Family,
     common_hparams,
+    n_nextn,
     stack_experts,
+    with_mtp_layers,
 )
-from .exaone_moe import MTP_NAMES
 
 ATTN = "model.layers.{bid}.self_attn"
 MLP = "model.layers.{bid}.mlp"
@@ -52,10 +54,6 @@ DEFAULTS = {
     "router_scaling_factor": 2.826,
     "rope_theta": 11158840.0,
 }
-
-
-def n_nextn(c: Config) -> int:
-    return c.int("num_nextn_predict_layers", default=0)
 
 
 def hparams(c: Config) -> dict[str, Any]:
@@ -107,7 +105,7 @@ def sanitize(w, c: Config) -> None:
         name = f"model.layers.{i}.final_layernorm.weight"
         if name in w:
             w[f"model.layers.{i}.shared_head.norm.weight"] = w.pop(name)
-    c_all = Config({**c.d, "num_hidden_layers": n_layer + nextn}, c.src, c.defaults)
+    c_all = with_mtp_layers(c)  # trunk + MTP blocks
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 
 

@@ -27,8 +27,7 @@ from typing import Any
 
 from moelite.errors import ConversionError
 
-from . import SIGMOID, Config, Family, mamba2_mixer, mamba2_names, stack_experts
-from .exaone_moe import MTP_NAMES
+from . import MTP_NAMES, SIGMOID, Config, Family, mamba2_mixer, mamba2_names, stack_experts
 
 B = "backbone.layers.{bid}"
 M = B + ".mixer"

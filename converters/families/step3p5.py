@@ -41,6 +41,7 @@ from . import (
     Config,
     Family,
     fold_zero_centred_norms,
+    n_nextn,
     strip_prefix,
 )
 
@@ -65,10 +66,6 @@ DEFAULTS = {
     "rope_theta": 10000.0,
 }
 DENSE_LEAD = 3  # the class without mlp_layer_types / moe_layers_enum: layers 3.. are MoE
-
-
-def n_nextn(c: Config) -> int:
-    return c.int("num_nextn_predict_layers", default=0)
 
 
 def per_layer(c: Config, key: str, default: Any) -> list:
