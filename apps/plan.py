@@ -52,6 +52,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="plan from a config.json (or a directory holding one) alone, without weights: the tensor table "
         "its converter family writes at --quant (converters/shapes.py)",
     )
+    p.add_argument(
+        "--mtp",
+        action="store_true",
+        help="plan with the model's MTP block loaded, as speculative='mtp' loads it (its dense weights, KV cache and "
+        "expert slots count as one more layer)",
+    )
     p.add_argument("--remeasure", action="store_true", help="measure memory and disk bandwidth again")
     p.add_argument(
         "--threads",
@@ -72,12 +78,17 @@ def main(args: argparse.Namespace) -> int:
     else:
         path, label, kv, tensors, limits = model_table(model_arg(args), args.convert_type, args.verbose)
     hp = load_hparams(path or label, kv, tensors, file_size=limits)
+    if args.mtp:
+        from ..runtime.hparams import planned, with_mtp
+
+        hp = planned(with_mtp(hp, tensors, path or label))
     n_ctx = args.ctx_size or min(int(hp["context_length"]), 4096)
     budget = parse_size(args.memory_budget)
     kw = dict(n_ctx=n_ctx, n_ubatch=None, kv_elsize=KV_ELSIZE)  # n_ubatch None: chosen for the budget, as Model does
     full = plan_memory(hp, tensors, budget=1 << 62, **kw)  # everything resident: expert sizes
     print(
-        f"model     {label}: {hp['arch']}, {hp['n_layer']} layers, {full.n_expert} experts "
+        f"model     {label}: {hp['arch']}, {hp['n_layer'] - hp.get('n_mtp', 0)} layers"
+        f"{' + its MTP block' if hp.get('n_mtp') else ''}, {full.n_expert} experts "
         f"({full.n_expert_used} used per token), n_ctx {n_ctx}"
     )
     print(f"experts   {fmt_bytes(full.expert_bytes_total)} in {len(full.moe_layers)} MoE layers")

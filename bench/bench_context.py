@@ -48,6 +48,12 @@ def main() -> None:
     ap.add_argument("--attn-threads", default="", help="threads of the attention-op tables (default: --threads)")
     ap.add_argument("--note", default="", help="a paragraph for the section (how the machine was, what was skipped)")
     ap.add_argument("--report-only", action="store_true", help="the section again from bench/out/context-*.json")
+    ap.add_argument(
+        "--append",
+        action="store_true",
+        help="add these rows (and attention tables) to bench/out/context-*.json of the same commit and machine, e.g. "
+        "a long context with fewer runs",
+    )
     a = ap.parse_args()
     path = model_path(a.model, a.qwen_layers)
     out = OUT / f"context-{Path(path).stem}.json"
@@ -60,6 +66,11 @@ def main() -> None:
     res = {"model": path, "commit": commit.stdout.strip(), "simd": simd_level(), "cpu": platform.processor()}
     res["threads"], res["gen"], res["rows"] = a.threads, a.gen, []
     res["note"] = a.note
+    if a.append and out.exists():
+        old = json.loads(out.read_text())
+        if any(old[k] != res[k] for k in ("commit", "simd", "threads", "gen")):
+            raise SystemExit(f"--append: {out} was measured at another commit / machine / settings")
+        res = {**old, "note": a.note or old.get("note", "")}
     for n in (int(x) for x in a.ctx.split(",") if x):
         ids, _ = prompt_ids(path, n)
         pf = OUT / f"prompt-{Path(path).stem}-{n}.json"
@@ -74,7 +85,7 @@ def main() -> None:
             res["rows"].append({"ctx": n, "kv": kv, "runs": runs})
             out.write_text(json.dumps(res, indent=1))
     if a.attn_ctx:
-        res["attn"] = []
+        res["attn"] = res.get("attn", []) if a.append else []
         for th in (int(x) for x in (a.attn_threads or str(a.threads)).split(",")):
             ctxs = [int(x) for x in a.attn_ctx.split(",")]
             res["attn"] += measure(ctxs, a.kv.split(","), th, a.attn_rounds, 10) + [""]

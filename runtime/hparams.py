@@ -758,3 +758,9 @@ def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[s
     out["layer_mask"][-1] = MASK_CAUSAL
     out["layer_ffn"][-1] = FFN_MOE if f"blk.{il}.ffn_down_exps.weight" in tensors else FFN_DENSE
     return out
+
+
+def planned(hp: dict[str, Any]) -> dict[str, Any]:
+    """The planner's view of hparams: a loaded MTP block (with_mtp) counted as one more layer (its dense weights,
+    KV cache and expert slots)."""
+    return dict(hp, n_layer=hp["n_layer"] + hp.get("n_mtp", 0)) if hp.get("n_mtp") else hp

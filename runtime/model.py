@@ -31,7 +31,7 @@ from .. import _core
 from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
 from .args import INT32_MAX, MAX_THREADS, finite_float, int_in, ints_in, is_int
-from .hparams import with_mtp
+from .hparams import planned, with_mtp
 from .planner import DEFAULT_SNAPSHOTS, Plan, expert_slots_of, parse_size, plan_host_tier, plan_memory, plan_standins
 from .sampling import GenerationOptions, generation_options
 from .speculative import (
@@ -319,11 +319,11 @@ class Model:
                 n = len(cache_shares)
                 cache_shares = [x * n / (n + 1) for x in cache_shares] + [1.0 / (n + 1)]
                 pol = make_policy(policy, shares=cache_shares, **knobs)
-        plan_hp = dict(self.core_hparams, n_layer=self.hparams["n_layer"] + self.core_hparams.get("n_mtp", 0))
+
         # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
         shares = list(pol.shares) if pol.shares else None
         self.plan: Plan = plan_memory(
-            plan_hp,
+            planned(self.core_hparams),
             self.tensors,
             n_ctx=self.n_ctx,
             n_ubatch=n_ubatch,

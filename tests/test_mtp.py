@@ -232,3 +232,20 @@ def test_convert_no_mtp_drops_the_blocks(mtp_files, tmp_path):
     ):
         assert np.array_equal(a.logits(PROMPT), b.logits(PROMPT))
         assert a.plan.dense_bytes == b.plan.dense_bytes  # the MTP block is planned only with speculative="mtp"
+
+
+def test_plan_counts_the_mtp_block(mtp_files, capsys):
+    """`moelite plan --mtp` plans what speculative='mtp' loads: the block's dense bytes, KV and expert slots."""
+    from moelite.apps.cli import main
+
+    _, _, files = mtp_files
+    out = {}
+    for flags in ([], ["--mtp"]):
+        assert main(["plan", str(files["q8_0"]), "-M", "8GiB", "-c", "256", *flags]) == 0
+        out[bool(flags)] = capsys.readouterr().out
+    assert "+ its MTP block" in out[True] and "+ its MTP block" not in out[False]
+    with moelite.load(files["q8_0"], n_threads=1, n_ctx=256, speculative="mtp") as m:
+        dense = m.plan.dense_bytes
+    from moelite.runtime.planner import fmt_bytes
+
+    assert f"dense {fmt_bytes(dense)}" in out[True]
