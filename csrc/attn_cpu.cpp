@@ -292,6 +292,9 @@ static void decode_range(const DecodeItem & w, DecodeScratch & b, float * acc, f
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // AVX2 + FMA, 5 to 8 heads sharing a KV head, head sizes multiples of 8: the heads lie across a vector's 8 lanes.
+// AVX-512 CPUs run it too: on one (2 threads, Qwen3-30B-A3B's heads) it took 0.9-1.3 ms per layer at a 4096-token F16
+// context where the AVX-512 clone of the portable loops took 2.8-3.1 ms (bench_attn.py A/B, bench/RESULTS.md): the
+// portable loops load and store each head's output once per position, whatever the vector width.
 // Per block: the K rows to F32; per position, 8 accumulators (one per head) over dk, summed across into one vector
 // of 8 scores; the online softmax for the 8 heads at once; the V rows to F32 and, per head, 64 output columns at a
 // time in registers over the block's positions. The portable loops above spill their 2 x 8 x 16 accumulators on
@@ -413,7 +416,7 @@ MOELITE_AVX2 static void decode_range_avx2(const DecodeItem & w, DecodeScratch &
     }
 }
 static const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                             __builtin_cpu_supports("f16c") && !__builtin_cpu_supports("avx512f");
+                             __builtin_cpu_supports("f16c");
 #endif
 
 // The KV range of a decode step splits into this many parts, each its own work item, when there are few (KV head,
