@@ -415,8 +415,8 @@ MOELITE_AVX2 static void decode_range_avx2(const DecodeItem & w, DecodeScratch &
         nan[r] = bv[r] != 0.f; // all ones (a NaN pattern) where a score was NaN
     }
 }
-static const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-                             __builtin_cpu_supports("f16c");
+static const bool kHasAvx2 =
+    __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
 #endif
 
 // The KV range of a decode step splits into this many parts, each its own work item, when there are few (KV head,
