@@ -1,4 +1,5 @@
-// Attention on the CPU as ggml custom ops, for a KV cache in F16 or F32, and Q8_0 in decode steps of one token
+// Attention on the CPU as ggml custom ops, for a KV cache in F16 or F32, and Q8_0 in decode steps of one token and
+// in prompt ubatches
 // (flash attention's layout: V untransposed):
 //
 // attn_decode, decode steps and ubatches below 64 tokens: for each KV head, one pass over its cached positions that
@@ -7,9 +8,9 @@
 // converting the query to F16, dotting it with every F16 K row and summing V in F16, so each K/V row is read and
 // converted once per query head (~20 % of a Qwen3-30B-shaped decode step at a 600-token context). At long contexts
 // the KV range splits into parts (decode_splits: by the shapes, not the threads), each part a work item of its own,
-// and attn_combine merges the parts' softmax sums; on AVX2 a kernel with the heads across the vector lanes (the
-// portable loops spill on AVX2's 16 registers), and the next block's rows prefetched: a long context's decode reads
-// the cache at the memory's speed (bench/bench_attn.py).
+// and attn_combine merges the parts' softmax sums; on AVX2 and AVX-512 CPUs a kernel with the heads across the
+// vector lanes (the portable loops spill on AVX2's 16 registers and store each head's output once per position), and
+// the next block's rows prefetched: a long context's decode reads the cache at the memory's speed (bench_attn.py).
 //
 // attn_prompt, ubatches of 64 tokens and more: tiles of 64 query rows x 64 KV positions, a row being one (token,
 // query head) pair of one KV head's group, so each K/V tile is converted once for all the heads sharing it and the
@@ -30,6 +31,7 @@
 #include <immintrin.h>
 #endif
 
+#include "graph_util.h"
 #include "model.h"
 
 namespace moelite {
@@ -721,10 +723,12 @@ static void op_attn_prompt(ggml_tensor * dst, int ith, int nth, void * userdata)
 }
 
 bool attn_cpu_supports(const ggml_tensor * K, const ggml_tensor * V, const ggml_tensor * mask, int64_t T) {
-    // Q8_0 for single-token steps only: with more tokens, each would dequantize the cache again (one work item per
-    // token), where ggml's op dots the int8 rows as they are
+    // Q8_0 for single-token steps and prompt ubatches: between them (2..63 tokens, one decode work item per token)
+    // each token would dequantize the cache again, where ggml's op dots the int8 rows as they are; a prompt tile is
+    // dequantized once for its 8 tokens x heads, as an F16 one is converted
     auto ok = [T](const ggml_tensor * c) {
-        return c->type == GGML_TYPE_F16 || c->type == GGML_TYPE_F32 || (c->type == GGML_TYPE_Q8_0 && T == 1);
+        return c->type == GGML_TYPE_F16 || c->type == GGML_TYPE_F32 ||
+               (c->type == GGML_TYPE_Q8_0 && (T == 1 || T > kAttnDecodeMaxT));
     };
     return ok(K) && ok(V) && (!mask || mask->type == GGML_TYPE_F16);
 }

@@ -52,3 +52,19 @@ def test_offloaded_prompt_keeps_its_bits():
     with moelite.load(str(path), n_threads=2, n_ubatch=128) as m:
         minimum = m.plan.minimum_budget
     assert np.array_equal(_logits(path, memory_budget=minimum), full)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_q8_0_cache_in_prompts(family):  # head sizes in whole q8_0 blocks of 32
+    """A Q8_0 KV cache in prompt ubatches: the op dequantizes each tile once for its rows (ggml's tiles otherwise).
+    Both read the same int8 cache (ggml's op also rounds its queries to Q8_0): each stays as near the F32 cache's
+    logits as test_flash_attn asks of a Q8_0 cache, and offloading keeps the op's bits."""
+    _, path = fixture_gguf(family, head_dim=32)
+    ref = _logits(path, kv_type="f32")
+    ours = _logits(path, kv_type="q8_0")
+    ggml = _logits(path, kv_type="q8_0", prompt_attn=False)
+    assert not np.array_equal(ours, ggml)  # the op ran
+    assert float(np.abs(ours - ref).max()) <= 0.05 and float(np.abs(ggml - ref).max()) <= 0.05
+    with moelite.load(str(path), n_threads=2, n_ubatch=128, kv_type="q8_0") as m:
+        minimum = m.plan.minimum_budget
+    assert np.array_equal(_logits(path, kv_type="q8_0", memory_budget=minimum), ours)
