@@ -87,6 +87,8 @@ def convert(
     mtp: keep the checkpoint's MTP / nextn blocks where the family keeps them (llama.cpp's default); False drops
     them (llama.cpp's --no-mtp), for a smaller file that cannot draft with speculative="mtp".
     Raises moelite.errors.ConversionError; on any failure no file (no shard) is left at `out`."""
+    if not isinstance(mtp, bool):
+        raise ConversionError(f"mtp = {mtp!r}: expected True or False")
     timer = gguf_out.Timer()
     type = quant.canonical_type(type)  # case-insensitive; ConversionError if unknown
     out = Path(out)

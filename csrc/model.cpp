@@ -1051,10 +1051,13 @@ int Model::output_rows_per_graph() const {
 
 // x [n_embd, rows] -> output norm -> output projection (+ bias, / logit scale, Gemma-4's final softcap) ->
 // logits [n_vocab, rows]
-ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x, ggml_tensor * norm_w, ggml_tensor * proj) {
+ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
+    return head_logits(ctx, norm(ctx, x, out_norm_, out_norm_b_), output_);
+}
+
+ggml_tensor * Model::head_logits(ggml_context * ctx, ggml_tensor * xn, ggml_tensor * proj) {
     const HParams & h = hp_;
-    ggml_tensor * xn = norm_w ? norm(ctx, x, norm_w, nullptr) : norm(ctx, x, out_norm_, out_norm_b_);
-    ggml_tensor * y = dense_mm(ctx, proj ? proj : output_, xn);
+    ggml_tensor * y = dense_mm(ctx, proj, xn);
     if (output_b_) y = ggml_add(ctx, y, output_b_);
     if (h.logit_scale != 1.f) y = ggml_scale(ctx, y, 1.f / h.logit_scale);
     if (h.final_softcap > 0.f) // Gemma-4: c * tanh(y / c)

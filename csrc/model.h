@@ -404,9 +404,10 @@ class Model {
     // Experts of layer il (every one resident) + combine: slots / eids [k, T], weights [1, k, T] -> new residual
     ggml_tensor * moe_block(ggml_context * ctx, int il, const MoeFront & f, ggml_tensor * slots, ggml_tensor * weights,
                             ggml_tensor * eids, int T);
-    // x [n_embd, rows] -> logits [n_vocab, rows]; the MTP head passes its own norm and projection
-    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x, ggml_tensor * norm_w = nullptr,
-                              ggml_tensor * proj = nullptr);
+    ggml_tensor * output_head(ggml_context * ctx, ggml_tensor * x); // x [n_embd, rows] -> logits [n_vocab, rows]
+    // the head after its norm: xn [n_embd, rows] -> proj (+ bias, / logit scale, softcap) -> [n_vocab, rows]; the
+    // MTP head passes its own projection
+    ggml_tensor * head_logits(ggml_context * ctx, ggml_tensor * xn, ggml_tensor * proj);
     ggml_tensor * rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T); // [ne0, T] view of a state tensor
 
     // ---- shared small builders (model.cpp)

@@ -79,7 +79,7 @@ void Model::mtp_rows(const float * hidden, const int32_t * tokens, int T, int po
             ggml_tensor * x = rows_of(ctx, x_, T - n_out, n_out);
             ggml_tensor * g = norm(ctx, x, L.nextn_head_norm, nullptr);
             ggml_set_output(g);
-            ggml_tensor * y = output_head(ctx, x, L.nextn_head_norm, L.nextn_head); // [n_vocab, n_out]
+            ggml_tensor * y = head_logits(ctx, g, L.nextn_head ? L.nextn_head : output_); // [n_vocab, n_out]
             ggml_set_output(y);
             ggml_build_forward_expand(gf, g);
             ggml_build_forward_expand(gf, y);

@@ -277,6 +277,16 @@ class Model:
                     raise ModelFormatError(
                         f"{where}: layer_shares has {len(cache_shares)} entries, the model has {n_moe} MoE layers"
                     )
+        # speculative="mtp": the first MTP block is loaded and planned as one more layer (its dense weights, KV
+        # cache and expert slots in the budget); the core runs it after every ubatch (csrc/mtp.cpp)
+        self.core_hparams = self.hparams
+        if self.spec_config.mode == "mtp":
+            self.core_hparams = with_mtp(self.hparams, self.tensors, self.path)
+            if host_slots is not None or standins or self.device == "cuda":
+                raise UsageError("speculative='mtp' does not run with host_slots, standins or a CUDA device yet")
+            if cache_shares is not None:  # the MTP block's layer gets an equal share of the arena
+                n = len(cache_shares)
+                cache_shares = [x * n / (n + 1) for x in cache_shares] + [1.0 / (n + 1)]
         if policy_window is None:
             policy_window = 16
         knobs: dict[str, Any] = {"m": policy_window} if policy == "consistency" else {}
@@ -308,17 +318,6 @@ class Model:
         self.n_threads = min(n_threads, cpus) if n_threads else max(1, min(cpus, 8))
         # speculative decoding's draft model: resident, its memory taken from this model's budget
         self.draft_model, draft_bytes = prepare_speculation(self, draft_model, self.spec_config, kv_type=kv_type)
-        # speculative="mtp": the first MTP block is loaded and planned as one more layer (its dense weights, KV
-        # cache and expert slots in the budget); the core runs it after every ubatch (csrc/mtp.cpp)
-        self.core_hparams = self.hparams
-        if self.spec_config.mode == "mtp":
-            self.core_hparams = with_mtp(self.hparams, self.tensors, self.path)
-            if host_slots is not None or standins or resolve_device(device) == "cuda":
-                raise UsageError("speculative='mtp' does not run with host_slots, standins or a CUDA device yet")
-            if cache_shares is not None:  # the MTP block's layer gets an equal share of the arena
-                n = len(cache_shares)
-                cache_shares = [x * n / (n + 1) for x in cache_shares] + [1.0 / (n + 1)]
-                pol = make_policy(policy, shares=cache_shares, **knobs)
 
         # the expert arena: VRAM on a GPU (vram_budget), RAM on the CPU (memory_budget)
         shares = list(pol.shares) if pol.shares else None

@@ -28,7 +28,7 @@ from test_wave3_families import PROMPT, hy_v3_mtp, with_mtp
 import moelite
 from moelite import _core
 from moelite.converters import convert
-from moelite.errors import UsageError
+from moelite.errors import ConversionError, UsageError
 
 FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite")
 HEAD_NORM = {"hy_v3": "final_layernorm"}  # the MTP block's norm before the head; else shared_head.norm
@@ -189,13 +189,11 @@ def test_mtp_refusals(mtp_files):
 @pytest.mark.slow
 def test_mtp_files_both_ways_with_llama_cpp(mtp_files, tmp_path):
     """llama.cpp runs the trunk of moelite's file with its MTP block; moelite's MTP drafts on llama.cpp's own
-    conversion of the checkpoint (--keep-mtp) equal those on its own file (Hy3: test_wave3_families). llama.cpp's
+    conversion of the checkpoint (--keep-mtp) equal those on its own file. llama.cpp's
     converter drops DeepSeek-V3's MTP layer (its deepseek2 class skips MTP; its loader and graph read one)."""
     from llama_cpp_ref import llama_cpp_logits, pinned_convert
 
     family, hf, files = mtp_files
-    if family == "hy_v3":
-        pytest.skip("covered by test_wave3_families.test_mtp_gguf_both_ways_with_llama_cpp")
     with moelite.load(files["f32"], kv_type="f32", n_threads=1) as m:
         ours = m.logits(PROMPT)
     assert float(np.abs(llama_cpp_logits(files["f32"], PROMPT) - ours).max()) <= 1e-3
@@ -232,6 +230,9 @@ def test_convert_no_mtp_drops_the_blocks(mtp_files, tmp_path):
     ):
         assert np.array_equal(a.logits(PROMPT), b.logits(PROMPT))
         assert a.plan.dense_bytes == b.plan.dense_bytes  # the MTP block is planned only with speculative="mtp"
+    with pytest.raises(ConversionError, match="mtp = 'no'"):
+        convert(hf, tmp_path / "bad.gguf", "f32", progress=False, mtp="no")
+    assert not (tmp_path / "bad.gguf").exists()
 
 
 def test_plan_counts_the_mtp_block(mtp_files, capsys):
