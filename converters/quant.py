@@ -2,7 +2,8 @@
 
 Rules (llama.cpp's, re-stated):
 - Never quantized, always F32: tensors with fewer than 2 non-trivial dims (norms, biases, sinks,
-  exp_probs_b), routers (`ffn_gate_inp.weight`), anything not ending in "weight".
+  exp_probs_b), routers (`ffn_gate_inp.weight`), hyper-connection mixes (`*hc_*_fn.weight`), anything not ending
+  in "weight".
 - Plain types (f16, bf16, q8_0, q4_0, q4_k, q5_k, q6_k) apply to every other tensor ("pure").
 - The mixes follow llama.cpp's (src/llama-quant.cpp); output.weight is Q6_K in all of them; for 8-expert
   models attn_v / attn_kv_b is Q8_0, attn_k Q8_0 and attn_output Q5_K.
@@ -110,8 +111,10 @@ def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
         or "_norm" in name
         or name.endswith("exp_probs_b.weight")
         or "ssm_conv1d" in name
-        or "shortconv.conv" in name
-    )  # ggml_ssm_conv takes F32 kernels
+        or "shortconv.conv" in name  # ggml_ssm_conv takes F32 kernels
+        or re.search(r"hc_(attn|ffn)_fn\.|output_hc_fn\.", name) is not None  # hyper-connection mixes: F32 in the
+        # reference and in llama.cpp's converter (Hy4)
+    )
 
 
 def _more_bits(i: int, n: int) -> bool:

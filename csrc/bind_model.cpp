@@ -90,6 +90,16 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "indexer_head_size", h.indexer_head_size);
     get(d, "indexer_top_k", h.indexer_top_k);
     get(d, "indexer_rope_type", h.indexer_rope_type);
+    get(d, "indexer_rope_tail", h.indexer_rope_tail);
+    get(d, "clamp_gate", h.clamp_gate);
+    get(d, "hc_mult", h.hc_mult);
+    get(d, "hc_eps", h.hc_eps);
+    get(d, "hc_magnitude", h.hc_magnitude);
+    if (h.hc_mult < 0 || h.hc_mult == 1 || h.hc_mult > 64 || !std::isfinite(h.hc_eps) || h.hc_eps < 0.f ||
+        !std::isfinite(h.hc_magnitude) || h.hc_magnitude <= 0.f)
+        throw FormatError("hyper_connection.count " + std::to_string(h.hc_mult) + ", epsilon " +
+                          std::to_string(h.hc_eps) + ", magnitude " + std::to_string(h.hc_magnitude) +
+                          ": expected 0 or 2..64 streams, epsilon >= 0, magnitude > 0");
     if (h.n_expert_used > 64) throw FormatError("n_expert_used > 64 is not supported");
     if (h.act < ACT_SILU || h.act > ACT_RELU_SQR)
         throw FormatError("act " + std::to_string(h.act) + " is out of range");

@@ -11,6 +11,8 @@ namespace moelite {
 ggml_tensor * Model::glu(ggml_context * ctx, ggml_tensor * g, ggml_tensor * u, float limit) {
     const HParams & h = hp_;
     if (!g) return ggml_sqr(ctx, ggml_relu(ctx, u));
+    if (limit > 0.f && h.act == ACT_SILU && h.clamp_gate) // Hy4's, before the SiLU: silu(min(g, L)) * clamp(u, +-L)
+        return ggml_swiglu_clamp(ctx, g, u, limit);
     if (limit > 0.f && h.act == ACT_SILU) // Step-3.5's clamp, after the SiLU: min(silu(g), L) * clamp(u, +-L)
         return ggml_mul(ctx, ggml_clamp(ctx, ggml_silu(ctx, g), -INFINITY, limit), ggml_clamp(ctx, u, -limit, limit));
     if (h.act == ACT_SWIGLU_OAI) return ggml_swiglu_oai(ctx, g, u, h.oai_alpha, h.oai_limit);

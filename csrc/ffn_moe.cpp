@@ -137,7 +137,7 @@ ggml_tensor * Model::combine(ggml_context * ctx, int il, ggml_tensor * d, ggml_t
         if (h.shexp_average) moe = ggml_scale(ctx, moe, 0.5f); // Cohere2-MoE: the mean of the two
     }
     if (L.ffn_up) moe = ggml_add(ctx, dense_block(ctx, il, f.res), moe); // parallel dense MLP (Gemma-4)
-    return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true);
+    return residual_out(ctx, il, moe, f.res, L.ffn_post_norm, true, f.post);
 }
 
 // Routed experts of T tokens, every one resident in the layer's slots, then combine(): one pass.
@@ -167,7 +167,7 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T); // expert ids, for per-expert biases
     ggml_set_input(eids);
     const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr,
-                     rows_of(ctx, ffn_xe_, t0, T)};
+                     rows_of(ctx, ffn_xe_, t0, T), hc_post_ ? rows_of(ctx, hc_post_, t0, T) : nullptr};
     ggml_build_forward_expand(gf,
                               ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
     compute(ctx, gf, galloc_);
@@ -299,7 +299,8 @@ void Model::run_combine(int il, int T, const std::vector<float> & w) {
     ggml_tensor * weights = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T);
     ggml_set_input(weights);
     ggml_tensor * d = ggml_view_3d(ctx, ebuf_, h.n_embd_exp(), K, T, ebuf_->nb[1], ebuf_->nb[1] * K, 0);
-    const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr, rows_of(ctx, ffn_xe_, 0, T)};
+    const MoeFront f{rows_of(ctx, ffn_inp_, 0, T), rows_of(ctx, ffn_in_, 0, T), nullptr, rows_of(ctx, ffn_xe_, 0, T),
+                     hc_post_ ? rows_of(ctx, hc_post_, 0, T) : nullptr};
     ggml_build_forward_expand(gf, ggml_cpy(ctx, combine(ctx, il, d, weights, f), rows_of(ctx, x_, 0, T)));
     compute(ctx, gf, galloc_);
     if (weights->buffer) set_input(weights, w.data(), ggml_nbytes(weights)); // unused when weights_before_ffn

@@ -2,6 +2,7 @@
 // cached position for each token and the top `indexer_top_k` of them are the only ones its attention sees.
 //
 //   qr [q_lora, T] (the MLA's normed q latent) -> q_idx = attn_q_b qr [d, n_idx, T], RoPE on the first n_rot dims
+//   (Hy4: on the last n_rot)
 //   cur [n_embd, T] -> k_idx = LayerNorm(attn_k cur) [d, T], RoPE -> the layer's indexer key cache, rows n_past..
 //   score(t, j) = sum_h w(t, h) relu(q_idx(t, h) . k_idx(j)),  w = proj cur / sqrt(d n_idx)  [n_kv, T]
 //   + the causal mask -> top_k per token -> mask: 0 at the selected positions, -inf elsewhere (+ causal)
@@ -13,6 +14,16 @@
 
 namespace moelite {
 
+// RoPE of an indexer head t [d, heads, T]: on its first n_rot dims, or (indexer_rope_tail, Hy4) on its last
+ggml_tensor * Model::indexer_rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos) {
+    const HParams & h = hp_;
+    if (!h.indexer_rope_tail) return rope(ctx, il, t, pos, h.indexer_rope_type);
+    const int64_t R = h.plan[il].n_rot, d = t->ne[0];
+    ggml_tensor * pass = ggml_view_3d(ctx, t, d - R, t->ne[1], t->ne[2], t->nb[1], t->nb[2], 0);
+    ggml_tensor * rot = ggml_view_3d(ctx, t, R, t->ne[1], t->ne[2], t->nb[1], t->nb[2], (d - R) * ggml_element_size(t));
+    return ggml_concat(ctx, pass, rope(ctx, il, rot, pos, h.indexer_rope_type), 0);
+}
+
 ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                                 ggml_tensor * pos, int T) {
     const HParams & h = hp_;
@@ -20,10 +31,10 @@ ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, gg
     const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
     const int n_kv = n_past_ + T;
     ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);
-    q = rope(ctx, il, q, pos, h.indexer_rope_type); // [d, H, T]
+    q = indexer_rope(ctx, il, q, pos); // [d, H, T]
     ggml_tensor * k = ggml_mul(ctx, ggml_norm(ctx, dense_mm(ctx, L.idx_wk, cur), 1e-6f), L.idx_k_norm);
     k = ggml_add(ctx, k, L.idx_k_norm_b);                                          // LayerNorm [d, T]
-    k = rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos, h.indexer_rope_type); // [d, 1, T]
+    k = indexer_rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos);               // [d, 1, T]
     ggml_tensor * dst =
         ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, d, T), dst));

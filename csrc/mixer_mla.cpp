@@ -36,8 +36,10 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T, sel); // [C, n_head, T]
     o = ggml_mul_mat(ctx, L.wv_b, ggml_permute(ctx, o, 0, 2, 1, 3));    // [dv, T, n_head]
     o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));               // [dv, n_head, T]
-    if (L.wqkv_gate)                                                    // Ling-3.0: o *= sigmoid(attn_gate x) per head
-        o = ggml_mul(ctx, o, ggml_sigmoid(ctx, ggml_reshape_3d(ctx, dense_mm(ctx, L.wqkv_gate, cur), 1, p.n_head, T)));
+    if (L.wqkv_gate) { // o *= sigmoid(attn_gate x): per head (Ling-3.0) or per element (Hy4)
+        ggml_tensor * g = ggml_sigmoid(ctx, dense_mm(ctx, L.wqkv_gate, cur)); // [n_head or n_head * dv, T]
+        o = ggml_mul(ctx, o, ggml_reshape_3d(ctx, g, g->ne[0] == p.n_head ? 1 : p.head_v, p.n_head, T));
+    }
     o = dense_mm(ctx, L.wo, ggml_reshape_2d(ctx, o, p.head_v * p.n_head, T)); // [n_embd, T]
     return L.bo ? ggml_add(ctx, o, L.bo) : o;
 }

@@ -367,6 +367,10 @@ void Model::build_layers() {
 
     if (h.n_mtp < 0 || h.n_mtp > 1)
         throw FormatError(path_ + ": n_mtp " + std::to_string(h.n_mtp) + ", expected 0 or 1");
+    if (h.hc_mult < 0 || h.hc_mult == 1 || h.hc_mult > 64 || (h.hc_mult && h.n_mtp))
+        throw FormatError(path_ + ": hyper_connection.count " + std::to_string(h.hc_mult) +
+                          ", expected 0 or 2..64 (and no MTP block)");
+    if (h.hc_mult) hc_head_ = load_hc("output_hc", 1);
     if (h.n_mtp && (!opt_.host_slots.empty() || !opt_.standin_path.empty()))
         throw BudgetError("the MTP block does not run with a RAM tier (host_slots) or stand-ins yet");
     cache_ = std::make_unique<ExpertCache>(idx_->files, h.n_blocks(), h.n_expert);
@@ -396,6 +400,10 @@ void Model::build_layers() {
             L.rope_freqs = p.rope_factors ? rope_factors_ : nullptr;
         }
         load_ffn(il, L);
+        if (h.hc_mult) {
+            L.hc_attn = load_hc(blk(il, "hc_attn"), 2);
+            L.hc_ffn = load_hc(blk(il, "hc_ffn"), 2);
+        }
         if (il >= h.n_layer) load_mtp(il, L);
     }
 }
@@ -413,12 +421,7 @@ void Model::load_attention(int il, Layer & L) {
     L.bq = load_tensor(blk(il, "attn_q.bias"), false, 1, {q_dim});
     L.bk = load_tensor(blk(il, "attn_k.bias"), false, 1, {kv_dim});
     L.bv = L.wv ? load_tensor(blk(il, "attn_v.bias"), false, 1, {v_dim}) : nullptr;
-    // an output gate from the normed input (Qwen3.5's gate rides in attn_q instead): per element (AFMoE, Laguna M.1)
-    // or, a width of n_head, per head (Laguna XS.2): llama.cpp tells them apart by that width too
-    const TensorInfo * g = idx_->find(blk(il, "attn_gate.weight"));
-    const bool per_head = g && g->ne[1] == p.n_head;
-    L.wqkv_gate =
-        load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, per_head ? p.n_head : (int64_t) p.n_head * p.head_v});
+    L.wqkv_gate = load_attn_gate(il);
     if (h.qk_norm == QK_NORM_HEAD) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {p.head_k});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {p.head_k});
@@ -426,6 +429,17 @@ void Model::load_attention(int il, Layer & L) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {q_dim});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {kv_dim});
     }
+}
+
+// An attention output gate from the normed input (Qwen3.5's gate rides in attn_q instead): per element (AFMoE,
+// Laguna M.1, Hy4) or, a width of n_head, per head (Laguna XS.2, Ling-3.0): llama.cpp tells them apart by that
+// width too. Optional.
+ggml_tensor * Model::load_attn_gate(int il) {
+    const LayerPlan & p = hp_.plan[il];
+    const TensorInfo * g = idx_->find(blk(il, "attn_gate.weight"));
+    const bool per_head = g && g->ne[1] == p.n_head;
+    return load_tensor(blk(il, "attn_gate.weight"), false, 2,
+                       {hp_.n_embd, per_head ? p.n_head : (int64_t) p.n_head * p.head_v});
 }
 
 void Model::load_mla(int il, Layer & L) {
@@ -447,7 +461,7 @@ void Model::load_mla(int il, Layer & L) {
                           "to get attn_k_b / attn_v_b");
     L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, p.n_head});
     L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, p.n_head});
-    L.wqkv_gate = load_tensor(blk(il, "attn_gate.weight"), false, 2, {E, p.n_head}); // Ling-3.0: per head, sigmoid
+    L.wqkv_gate = load_attn_gate(il); // Ling-3.0: per head; Hy4: per element
     if (p.indexer == INDEXER_FULL) { // DSA lightning indexer (mixer_dsa.cpp); shared layers have none
         const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
         if (!L.wq_a) throw FormatError(path_ + ": the DSA indexer needs the q latent (attention.q_lora_rank)");
@@ -674,7 +688,7 @@ void Model::load_ffn(int il, Layer & L) {
 
 void Model::alloc_kv() {
     const HParams & h = hp_;
-    ggml_init_params ip = {ggml_tensor_overhead() * (3 * h.n_blocks() + 9), nullptr, true};
+    ggml_init_params ip = {ggml_tensor_overhead() * (3 * h.n_blocks() + 10), nullptr, true};
     ctx_kv_ = ggml_init(ip);
     bool shared_indexer = false;
     bool any_recurrent = false;
@@ -698,8 +712,9 @@ void Model::alloc_kv() {
         shared_indexer = shared_indexer || p.indexer == INDEXER_SHARED;
     }
     const int U = opt_.n_ubatch;
-    x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
-    ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
+    x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_res(), U); // the residual stream (all hc streams)
+    ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_res(), U);
+    if (h.hc_mult) hc_post_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.hc_mult, U);
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_xe_ = h.moe_latent > 0 ? ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.moe_latent, U) : ffn_in_;
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
@@ -838,10 +853,10 @@ ggml_tensor * Model::norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, 
 // A block output y joins the residual stream h: (post norm) -> * residual_scale (Granite) -> + h, and at the
 // end of the layer * layer_output_scale (Gemma-4).
 ggml_tensor * Model::residual_out(ggml_context * ctx, int il, ggml_tensor * y, ggml_tensor * h, ggml_tensor * post_norm,
-                                  bool layer_end) {
+                                  bool layer_end, ggml_tensor * hc_w) {
     if (post_norm) y = norm(ctx, y, post_norm, nullptr);
     if (hp_.residual_scale != 1.f) y = ggml_scale(ctx, y, hp_.residual_scale);
-    ggml_tensor * out = ggml_add(ctx, y, h);
+    ggml_tensor * out = hc_w ? hc_post(ctx, h, y, hc_w) : ggml_add(ctx, y, h);
     if (layer_end && layers_[il].out_scale) out = ggml_mul(ctx, out, layers_[il].out_scale);
     return out;
 }
@@ -853,7 +868,7 @@ void Model::run_embed(const int32_t * tokens, int T) {
     ggml_set_input(inp);
     ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp); // [n_embd, T]
     if (hp_.embd_scale != 1.f) x = ggml_scale(ctx, x, hp_.embd_scale);
-    ggml_build_forward_expand(gf, ggml_cpy(ctx, x, ggml_view_2d(ctx, x_, hp_.n_embd, T, x_->nb[1], 0)));
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, hc_streams(ctx, x), rows_of(ctx, x_, 0, T)));
     compute(ctx, gf, galloc_);
     set_input(inp, tokens, T * sizeof(int32_t));
     ggml_backend_graph_compute(backend_, gf);
@@ -908,9 +923,11 @@ void Model::build_masks(int T) {
 ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T, MoeFront & f) {
     Layer & L = layers_[il];
     const LayerPlan & p = hp_.plan[il];
-    ggml_tensor *res = x, *xn = nullptr; // an FFN-only block: h = x
+    const bool hc = hp_.hc_mult > 0; // x: the hyper-connection streams; each sublayer reads their mixture
+    ggml_tensor *res = x, *xn = nullptr, *post = nullptr; // an FFN-only block: h = x
     if (p.mixer != MIXER_NONE) {
-        ggml_tensor * cur = xn = norm(ctx, x, L.attn_norm, L.attn_norm_b); // [n_embd, T]
+        ggml_tensor * cur = hc ? hc_pre(ctx, L.hc_attn, x, &post) : x;
+        cur = xn = norm(ctx, cur, L.attn_norm, L.attn_norm_b); // [n_embd, T]
         switch (p.mixer) {
         case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
         case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
@@ -919,17 +936,20 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
         case MIXER_KDA: cur = mixer_kda(ctx, gf, il, cur, T); break;
         default: cur = mixer_attention(ctx, gf, il, cur, pos_input(ctx, T), T);
         }
-        res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE); // h = x + attn
+        res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE, post); // h = x + attn
     }
-    if (p.ffn == FFN_NONE) return res;            // a mixer-only block
+    if (p.ffn == FFN_NONE) return res;                          // a mixer-only block
+    ggml_tensor * in = hc ? hc_pre(ctx, L.hc_ffn, res, &post) : res; // the FFN's input [n_embd, T]
     const bool par = hp_.parallel_residual && xn; // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
     if (!L.moe)
         return residual_out(
-            ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down, p.clamp_shexp) : dense_block(ctx, il, res),
-            res, L.ffn_post_norm, true);
+            ctx, il, par ? ffn(ctx, xn, L.ffn_gate, L.ffn_up, L.ffn_down, p.clamp_shexp) : dense_block(ctx, il, in),
+            res, L.ffn_post_norm, true, hc ? post : nullptr);
     f.res = res;
-    f.hn = par ? xn : expert_input(ctx, il, res);                             // [n_embd, T]
-    f.logits = router_logits(ctx, il, res, f.hn);                             // [n_expert, T]
+    f.in = in;
+    f.post = hc ? post : nullptr;
+    f.hn = par ? xn : expert_input(ctx, il, in);                              // [n_embd, T]
+    f.logits = router_logits(ctx, il, in, f.hn);                              // [n_expert, T]
     f.xe = L.ffn_latent_down ? dense_mm(ctx, L.ffn_latent_down, f.hn) : f.hn; // [n_embd_exp, T]
     return nullptr;
 }
@@ -948,11 +968,13 @@ void Model::run_layer_front(int il, int T) {
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.res, rows_of(ctx, ffn_inp_, 0, T)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.hn, rows_of(ctx, ffn_in_, 0, T)));
         if (ffn_xe_ != ffn_in_) ggml_build_forward_expand(gf, ggml_cpy(ctx, f.xe, rows_of(ctx, ffn_xe_, 0, T)));
+        if (f.post) ggml_build_forward_expand(gf, ggml_cpy(ctx, f.post, rows_of(ctx, hc_post_, 0, T)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.logits, rows_of(ctx, router_, 0, T)));
         const int nl = next_moe(il);
         if (nl >= 0 && (opt_.prefetch || record_routes)) {
-            // gate lookahead: layer nl's router applied to this layer's h (as if the layer between were skipped)
-            ggml_tensor * la = router_logits(ctx, nl, f.res, nullptr);
+            // gate lookahead: layer nl's router applied to this layer's h (as if the layer between were skipped;
+            // with hyper-connections, to the mixture this layer's FFN reads)
+            ggml_tensor * la = router_logits(ctx, nl, f.in, nullptr);
             ggml_build_forward_expand(gf, ggml_cpy(ctx, la, rows_of(ctx, lookahead_, 0, T)));
         }
     }
@@ -1052,6 +1074,7 @@ int Model::output_rows_per_graph() const {
 // x [n_embd, rows] -> output norm -> output projection (+ bias, / logit scale, Gemma-4's final softcap) ->
 // logits [n_vocab, rows]
 ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
+    if (hp_.hc_mult) x = hc_head(ctx, x); // the hyper-connection streams' last mixture
     return head_logits(ctx, norm(ctx, x, out_norm_, out_norm_b_), output_);
 }
 

@@ -120,11 +120,25 @@ struct HParams {
     // the trunk's loops stop at n_layer, the MTP block is run only by the MTP step
     int n_mtp = 0;
     int n_blocks() const { return n_layer + n_mtp; }
+    // Hyper-connections (Hy4's iHC, hyper_conn.cpp): the residual stream is hc_mult streams of n_embd per token;
+    // 0 = one plain stream. pre / post gates: sigmoid(..) + hc_eps, post x hc_magnitude
+    int hc_mult = 0;
+    float hc_eps = 1e-6f, hc_magnitude = 2.f;
+    int64_t n_embd_res() const { return hc_mult > 1 ? (int64_t) n_embd * hc_mult : n_embd; } // residual row width
+    bool clamp_gate = false;        // SwiGLU limits clamp the gate before the SiLU (Hy4: ggml_swiglu_clamp), else after
+    bool indexer_rope_tail = false; // the DSA indexer's RoPE on the last n_rot dims of its heads (Hy4), else the first
     std::vector<LayerPlan> plan; // [n_layer + n_mtp]
+};
+
+// One hyper-connection's weights (hyper_conn.cpp): fn [n_embd * hc, n * hc], base [n * hc], scale [n]; n = 2 (pre and
+// post gates) in a layer, 1 in the output head
+struct HcWeights {
+    ggml_tensor *fn = nullptr, *base = nullptr, *scale = nullptr;
 };
 
 struct Layer {
     bool moe = false;
+    HcWeights hc_attn, hc_ffn; // hyper-connections around the mixer and the FFN (HParams::hc_mult)
     ggml_tensor *attn_norm = nullptr, *attn_norm_b = nullptr;
     ggml_tensor *wq = nullptr, *wk = nullptr, *wv = nullptr, *wo = nullptr;
     ggml_tensor *bq = nullptr, *bk = nullptr, *bv = nullptr, *bo = nullptr;
@@ -329,6 +343,7 @@ class Model {
     void build_layers();
     void load_attention(int il, Layer & L);
     void load_mla(int il, Layer & L);
+    ggml_tensor * load_attn_gate(int il); // attn_gate.weight: per head or per element, optional
     void load_ffn(int il, Layer & L);
     struct ExpertTensors {
         TensorInfo gate, up, down;
@@ -395,8 +410,10 @@ class Model {
     ggml_tensor * mask_f32_input(ggml_context * ctx, int n_kv, int T);       // [n_kv, T] causal, F32 (DSA scores)
     // h, the normed h and the routed experts' input (hn, or latent MoE's ffn_latent_down hn) [n_embd | L, T],
     // router logits [n_expert, T]
+    // With hyper-connections: res is the streams [n_embd * hc, T], in their mixture read by the FFN [n_embd, T] (its
+    // norm not applied; without: in = res) and post the streams' weights for the FFN's output [hc, T]
     struct MoeFront {
-        ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr, *xe = nullptr;
+        ggml_tensor *res = nullptr, *hn = nullptr, *logits = nullptr, *xe = nullptr, *post = nullptr, *in = nullptr;
     };
     // Layer il on the residual stream x [n_embd, T]: a dense layer's output, or nullptr for a MoE layer, whose
     // FFN front (h = x + mixer, the experts' input, router logits) is left in f.
@@ -413,9 +430,19 @@ class Model {
     // ---- shared small builders (model.cpp)
     ggml_tensor * norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w, ggml_tensor * b);
     ggml_tensor * rms_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w); // plain RMSNorm (* w if given)
-    // y -> (post norm) -> * residual_scale -> + h -> (* layer output scale); the layer's new residual stream
+    // y -> (post norm) -> * residual_scale -> + h -> (* layer output scale); the layer's new residual stream. hc_w:
+    // with hyper-connections, the streams' weights for y [hc, T] (h is the streams)
     ggml_tensor * residual_out(ggml_context * ctx, int il, ggml_tensor * y, ggml_tensor * h, ggml_tensor * post_norm,
-                               bool layer_end);
+                               bool layer_end, ggml_tensor * hc_w = nullptr);
+
+    // ---- hyper-connections (hyper_conn.cpp): x [n_embd * hc, T] streams
+    HcWeights load_hc(const std::string & prefix, int n_coef);
+    ggml_tensor * hc_reduce(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w); // sum_s w_s x_s -> [n_embd, T]
+    // the sublayer's input [n_embd, T]; *post: the streams' weights for its output [hc, T]
+    ggml_tensor * hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor * x, ggml_tensor ** post);
+    ggml_tensor * hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * y, ggml_tensor * post); // x_s + post_s y
+    ggml_tensor * hc_head(ggml_context * ctx, ggml_tensor * x);    // the output head's mixture [n_embd, T]
+    ggml_tensor * hc_streams(ggml_context * ctx, ggml_tensor * e); // embeddings [n_embd, T] -> the residual stream
 
     // ---- mixers: x normed [n_embd, T] -> attention output after W_o [n_embd, T]
     ggml_tensor * mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
@@ -432,6 +459,7 @@ class Model {
                                   ggml_tensor * x, int T);
     // mode < 0: the model's RoPE mode (the DSA indexer passes its own)
     ggml_tensor * rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos, int mode = -1);
+    ggml_tensor * indexer_rope(ggml_context * ctx, int il, ggml_tensor * t, ggml_tensor * pos); // mixer_dsa.cpp
     // KV cache + softmax(QK)V; mask: the layer plan's (null) or the caller's [n_kv, T] (DSA's selection)
     ggml_tensor * attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * q, ggml_tensor * k,
                             ggml_tensor * v, int T, ggml_tensor * mask = nullptr);
@@ -503,6 +531,7 @@ class Model {
     LockInfo lock_;
     size_t dense_bytes_ = 0, kv_bytes_ = 0;
 
+    HcWeights hc_head_; // output_hc_*: the streams' mixture before the output norm
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
                 *output_b_ = nullptr, *rope_factors_ = nullptr;
     std::vector<Layer> layers_;
@@ -527,6 +556,7 @@ class Model {
     // DSA with IndexShare: the last full indexer layer's selection [top_k, n_ubatch] I32, read by the shared layers
     // after it (the per-layer step runs each layer in its own graph)
     ggml_tensor * dsa_topk_ = nullptr;
+    ggml_tensor * hc_post_ = nullptr; // hyper-connections: a MoE layer's stream weights for its FFN [hc, n_ubatch]
 
     ggml_gallocr_t galloc_ = nullptr;
     std::vector<uint8_t> graph_mem_; // tensor + graph metadata of one graph (kMaxNodes)

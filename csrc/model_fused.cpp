@@ -81,6 +81,7 @@ bool Model::eval_fused(const int32_t * tokens, int T, int n_out, float * logits)
     ggml_set_input(inp);
     ggml_tensor * x = ggml_get_rows(ctx, tok_embd_, inp); // [n_embd, T]
     if (h.embd_scale != 1.f) x = ggml_scale(ctx, x, h.embd_scale);
+    x = hc_streams(ctx, x); // [n_embd * hc, T] with hyper-connections
     route_ops_.clear();
     route_ops_.reserve(h.n_layer); // the ops point into it: no reallocation while the graph lives
     for (int il = 0; il < h.n_layer; ++il) {
@@ -102,7 +103,7 @@ bool Model::eval_fused(const int32_t * tokens, int T, int n_out, float * logits)
     ggml_build_forward_expand(gf, ggml_cpy(ctx, x, rows_of(ctx, x_, 0, T)));
     ggml_tensor * out = nullptr; // more rows than one output graph takes: run_output() after
     if (n_out > 0 && n_out <= output_rows_per_graph()) {
-        out = output_head(ctx, ggml_view_2d(ctx, x, h.n_embd, n_out, x->nb[1], (size_t) (T - n_out) * x->nb[1]));
+        out = output_head(ctx, ggml_view_2d(ctx, x, x->ne[0], n_out, x->nb[1], (size_t) (T - n_out) * x->nb[1]));
         ggml_set_output(out);
         ggml_build_forward_expand(gf, out);
     }

@@ -74,6 +74,11 @@ class ArchSpec:
     # DSA (DeepSeek Sparse Attention) on the MLA layers: the lightning indexer's RoPE mode (ROPE_NEOX: DeepSeek-V3.2,
     # ROPE_NORM: GLM-5), -1 = no indexer; keys `attention.indexer.{head_count, key_length, top_k, types}`
     indexer_rope: int = -1
+    indexer_optional: bool = False  # the indexer keys may be absent: no DSA (Hy4's all-full-attention checkpoints)
+    indexer_rope_tail: bool = False  # the indexer's RoPE on the last rope.dimension_count dims of its heads (Hy4)
+    clamp_gate: bool = False  # swiglu_clamp limits clamp the gate before the SiLU (llama.cpp: ggml_swiglu_clamp)
+    # hyper-connections (keys `hyper_connection.{count, epsilon, magnitude}`, tensors `*hc_*`): Hy4's iHC
+    hyper_conn: bool = False
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -112,6 +117,18 @@ ARCHS: dict[str, ArchSpec] = {
     # DeepSeek-V3.2 / GLM-5: deepseek2's MLA + MoE with the DSA indexer (GLM: IndexShare layers, sigmoid by default)
     "deepseek32": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, mla_yarn=True, indexer_rope=ROPE_NEOX),
     "glm-dsa": ArchSpec(ROPE_NORM, gating=GATING_SIGMOID, mla_yarn=True, indexer_rope=ROPE_NORM),
+    # Hy4: MLA with DSA (IndexShare; indexer RoPE on the heads' tail), iHC streams, sinks, a per-element output gate,
+    # routed experts clamped on the gate before the SiLU (llama.cpp's hy_v4 graph: no YaRN scaling in the kq scale)
+    "hy_v4": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        indexer_rope=ROPE_NORM,
+        indexer_optional=True,
+        indexer_rope_tail=True,
+        swiglu_clamp=True,
+        clamp_gate=True,
+        hyper_conn=True,
+    ),
     # AFMoE: sandwich norms and the attention gate come with their tensors; SWA period 4 and NoPE step 4 hardcoded
     "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4, mup_embd=True),
     # Nemotron 3 (Nano / Super): Mamba2, NoPE attention and ReLU² MoE blocks; sigmoid gating hardcoded by llama.cpp
@@ -508,8 +525,12 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         _llama4_plan(k, hp, plan, n_layer, n_expert)
     if spec.mla_nope:
         plan["layer_rotate"] = [0] * n_layer
-    if spec.indexer_rope >= 0:
+    if spec.indexer_rope >= 0 and not (spec.indexer_optional and k.raw("attention.indexer.top_k") is None):
         _indexer_plan(path, k, hp, plan, n_layer, spec.indexer_rope)
+        hp["indexer_rope_tail"] = spec.indexer_rope_tail
+    hp["clamp_gate"] = spec.clamp_gate
+    if spec.hyper_conn:
+        _hyper_conn(path, k, hp)
     if spec.mla_yarn and float(k("attention.temperature_scale", 0.0) or 0.0) != 0.0:
         # Mistral-4 (and Mistral-Large): q *= 1 + s * log(1 + floor(pos / length)) on every layer, as llama.cpp's
         # deepseek2 graph; the key is what the HF converter of llama.cpp drops (moelite's writes it)
@@ -557,6 +578,21 @@ def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: i
         )
     hp.update(indexer_n_head=n_idx, indexer_head_size=d_idx, indexer_top_k=top_k, indexer_rope_type=rope_type)
     plan["layer_indexer"] = [INDEXER_FULL if f else INDEXER_SHARED for f in full]
+
+
+def _hyper_conn(path: str, k, hp: dict) -> None:
+    """Hyper-connections: the residual stream as `hyper_connection.count` streams, their gates' epsilon and the post
+    gates' magnitude (Hy4's iHC: csrc/hyper_conn.cpp)."""
+    arch = hp["arch"]
+    n, eps, mag = int(k("hyper_connection.count")), float(k("hyper_connection.epsilon")), float(
+        k("hyper_connection.magnitude")
+    )
+    if not 2 <= n <= 64 or not 0.0 <= eps < math.inf or not 0.0 < mag < math.inf:
+        raise ModelFormatError(
+            f"{path}: keys '{arch}.hyper_connection.count' = {n}, '.epsilon' = {eps}, '.magnitude' = {mag}: expected "
+            f"2..64 streams, a finite epsilon >= 0 and a finite magnitude > 0"
+        )
+    hp.update(hc_mult=n, hc_eps=eps, hc_magnitude=mag)
 
 
 def _single_block_plan(path: str, k, hp: dict, plan: dict, tensors: dict, recurrent: list[bool]) -> None:

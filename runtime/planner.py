@@ -243,6 +243,9 @@ def plan_memory(
 
     head = max(hp.get("layer_head_k", [hp["n_embd_head_k"]]) + hp.get("layer_head_v", [hp["n_embd_head_v"]]))
 
+    # the residual stream's row: hyper-connections keep hc_mult streams of n_embd (csrc HParams::n_embd_res)
+    res = hp["n_embd"] * max(hp.get("hc_mult") or 1, 1)
+
     def scratch_for(t: int) -> int:
         # graph scratch for t tokens, upper bound: attention scores [n_kv, t, n_head] (x2, softmax) or the
         # expert activations [n_ff, K, t] x 3 + [n_embd, K, t] x 2, plus a few [n_embd, t] temporaries
@@ -266,7 +269,7 @@ def plan_memory(
         # permuted) and its selection mask [n_kv, t] (F32 causal input, filled, summed + the F16 copy)
         if any(hp.get("layer_indexer", [])):
             masks += 4 * t * n_ctx * (3 * hp["indexer_n_head"] + 4)
-        return 4 * t * (max(attn, experts, mixer) + 8 * hp["n_embd"]) + (4 << 20) + output + masks + kda_once
+        return 4 * t * (max(attn, experts, mixer) + 8 * res) + (4 << 20) + output + masks + kda_once
 
     def ubatch_for(b: int | None) -> int:
         t = n_ubatch or 512
@@ -279,7 +282,8 @@ def plan_memory(
         t = ubatch_for(b)
         # state between the layer graphs; latent MoE: the experts' input [L, t] and outputs [L, K t] (csrc alloc_kv)
         ee = hp.get("moe_latent") or 0
-        state = 4 * t * (3 * hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee)
+        # + x and h as the residual stream's rows, the experts' input; hyper-connections: a MoE layer's gates [hc, t]
+        state = 4 * t * (2 * res + hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee + (hp.get("hc_mult") or 0))
         if 2 in hp.get("layer_indexer", []):  # DSA IndexShare: the last full layer's selection [top_k, t] I32
             state += 4 * t * hp["indexer_top_k"]
         return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t, rs)

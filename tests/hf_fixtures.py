@@ -68,7 +68,8 @@ KDA_FAMILIES = ("kimi_linear", "bailing_hybrid")
 # a prompt of a few dozen tokens exercises the sparse path, 16 indexer heads (with 2, relu'd scores tie at 0 and
 # transformers' own cached decode picks other positions than its full forward), indexer keys of 64 (llama.cpp's
 # Hadamard rotation of the indexer q / k takes a multiple of 64)
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa")
+# Hy4 (hy_v4): DSA with IndexShare plus hyper-connections (4 residual streams), sinks and a per-element output gate
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4")
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3", "step3p5": "step3p7"}
@@ -225,6 +226,15 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "deepseek_v32": _DSA,
     # GLM-5.2: IndexShare (layer 1 reuses layer 0's selection), interleaved RoPE in the indexer
     "glm_moe_dsa": {**_DSA, "n_group": 1, "rms_norm_eps": 1e-5, "indexer_types": ["full", "shared", "full"]},
+    # Hy4: the SwiGLU limit shrunk from 10 to bite on random weights (gate and up values of ~0.05 here)
+    "hy_v4": {
+        **{k: v for k, v in _DSA.items() if k not in ("first_k_dense_replace", "n_group", "topk_group", "rope_theta")},
+        "rms_norm_eps": 1e-5,
+        "indexer_types": ["full", "shared", "full"],
+        "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "hc_mult": 4,
+        "swiglu_limit": 0.03,
+    },
     "gpt_oss": dict(
         num_local_experts=4,
         num_experts_per_tok=2,
@@ -884,9 +894,11 @@ def _perturb(model, seed: int) -> None:
 
     g = torch.Generator().manual_seed(seed + 7)
     with torch.no_grad():
-        for _name, p in model.named_parameters():
+        for name, p in model.named_parameters():
             if p.ndim == 1:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
+            elif name.endswith(("hc_fn", "attn_hc.fn", "ffn_hc.fn")):  # hyper-connection mixes (Hy4): init std 0.006
+                p.mul_(50.0)  # makes the streams' gates all but constant; x50 lets them vary per token
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.2)
@@ -1062,3 +1074,32 @@ def edited_copy(model_dir, out_dir, edit) -> Path:
     }
     write_safetensors(out_dir / "model.safetensors", raw)
     return out_dir
+
+
+def hy_v4_release_names(ts: dict) -> dict:
+    """Hy4's tensors under the release's names (`layers.N.hc_attn_layer.hc_pre.hc_fn`, `hc_head.hc_head_fn`, the MLP's
+    gate as `gate_proj`) instead of where transformers 5.25's save_pretrained puts them (its reverse renaming misplaces
+    those rules; llama.cpp's converter reads only the release's, transformers loads either)."""
+    import re
+
+    rules = (
+        (r"^model\.layers\.(\d+)\.hc_pre\.(hc_attn_layer|hc_mlp_layer)\.", r"model.layers.\1.\2.hc_pre."),
+        (r"^model\.hc_pre\.hc_head\.", "model.hc_head."),
+        (r"^(model\.layers\.\d+\.mlp(?:\.shared_experts)?)\.linear_gate\.", r"\1.gate_proj."),
+    )
+    out = {}
+    for k, v in ts.items():
+        for rx, repl in rules:
+            k = re.sub(rx, repl, k)
+        out[k] = v
+    return out
+
+
+# family -> an edit of its fixture's tensors into its release layout, where save_pretrained writes another one
+RELEASE_LAYOUT = {"hy_v4": hy_v4_release_names}
+
+
+def release_copy(family: str, model_dir, out_dir) -> Path:
+    """The fixture as its release checkpoint lays it out (a copy), or the fixture itself where the two agree."""
+    edit = RELEASE_LAYOUT.get(family)
+    return edited_copy(model_dir, out_dir, edit) if edit else Path(model_dir)

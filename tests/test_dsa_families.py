@@ -19,7 +19,15 @@ import json
 import numpy as np
 import pytest
 from fixture_models import fixture_gguf
-from hf_fixtures import DSA_FAMILIES, edited_copy, hf_greedy, hf_logits, make_hf_model, read_fixture_tensors
+from hf_fixtures import (
+    DSA_FAMILIES,
+    edited_copy,
+    hf_greedy,
+    hf_logits,
+    make_hf_model,
+    read_fixture_tensors,
+    release_copy,
+)
 
 import moelite
 from moelite import _core
@@ -28,6 +36,9 @@ from moelite.converters import convert
 SHORT = [(7 * i + 3) % 320 for i in range(12)]  # under the budget of 16: dense
 LONG = [(11 * i + 5) % 317 + 3 for i in range(48)]  # 3x the budget
 BUDGET = 16
+# sparse and dense attention differ by more than this past the budget: 5x the 1e-3 bound the matches are held to
+# (Hy4's fixture has the smallest logits, ~0.2 at most: its sparse / dense gap is ~6e-3)
+DIFFERS = 5e-3
 
 
 def load(path, **kw):
@@ -62,14 +73,14 @@ def test_sparse_attention_differs_from_dense_and_follows_transformers(family):
     hf_dense, path_dense = fixture_gguf(family, index_topk=512)
     sparse, dense = hf_logits(hf, LONG), hf_logits(hf_dense, LONG)
     assert float(np.abs(sparse[:BUDGET] - dense[:BUDGET]).max()) <= 1e-5
-    assert float(np.abs(sparse[BUDGET:] - dense[BUDGET:]).max()) > 1e-2  # the selection changes the result
+    assert float(np.abs(sparse[BUDGET:] - dense[BUDGET:]).max()) > DIFFERS  # the selection changes the result
     with load(path) as m:
         ours = m.logits(LONG)
     with load(path_dense) as m:
         ours_dense = m.logits(LONG)
     assert float(np.abs(ours - sparse).max()) <= 1e-3
     assert float(np.abs(ours_dense - dense).max()) <= 1e-3
-    assert float(np.abs(ours[BUDGET:] - ours_dense[BUDGET:]).max()) > 1e-2
+    assert float(np.abs(ours[BUDGET:] - ours_dense[BUDGET:]).max()) > DIFFERS
 
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
@@ -178,7 +189,7 @@ def test_gguf_both_ways_with_llama_cpp(family, tmp_path):
     for ids in (SHORT, LONG):
         with load(ours) as m:
             assert float(np.abs(llama_cpp_logits(ours, ids) - m.logits(ids)).max()) <= 1e-3
-    theirs = pinned_convert(hf, tmp_path / "theirs.gguf")
+    theirs = pinned_convert(release_copy(family, hf, tmp_path / "release"), tmp_path / "theirs.gguf")
     with load(theirs) as m:
         for ids in (SHORT, LONG):
             assert float(np.abs(m.logits(ids) - hf_logits(hf, ids)).max()) <= 1e-3

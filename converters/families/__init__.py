@@ -453,6 +453,7 @@ FAMILY_MODULES = (
     "granitemoehybrid",
     "exaone_moe",
     "hy_v3",
+    "hy_v4",
     "mistral4",
     "afmoe",
     "cohere2_moe",

@@ -57,20 +57,24 @@ TENSORS = {
 }
 
 
+def indexer_hparams(c: Config, nope_too: bool = False) -> dict[str, Any]:
+    """The lightning indexer's keys; nope_too: its heads must hold more than the rotated dims (Hy4's RoPE on their
+    tail; llama.cpp refuses a head of only rotated dims there)."""
+    n_idx, d_idx, top_k = c.int("index_n_heads"), c.int("index_head_dim"), c.int("index_topk")
+    rope = c.int("qk_rope_head_dim")
+    if n_idx < 1 or top_k < 1 or d_idx < rope + nope_too:
+        raise ConversionError(
+            f"{c.src}: keys index_n_heads = {n_idx}, index_head_dim = {d_idx}, index_topk = {top_k}: expected "
+            f">= 1 heads, >= 1 selected positions and a head of {'more than' if nope_too else '>='} "
+            f"qk_rope_head_dim = {rope} dims"
+        )
+    return {"attention.indexer.head_count": n_idx, "attention.indexer.key_length": d_idx, "attention.indexer.top_k": top_k}
+
+
 def hparams(c: Config) -> dict[str, Any]:
     kv = v3_hparams(c)  # sigmoid gating unless scoring_func says otherwise; llama.cpp requires the key
     kv["leading_dense_block_count"] = leading_dense_layers(c)
-    n_idx, d_idx, top_k = c.int("index_n_heads"), c.int("index_head_dim"), c.int("index_topk")
-    rope = c.int("qk_rope_head_dim")
-    if n_idx < 1 or top_k < 1 or d_idx < rope:
-        raise ConversionError(
-            f"{c.src}: keys index_n_heads = {n_idx}, index_head_dim = {d_idx}, index_topk = {top_k}: expected "
-            f">= 1 heads, >= 1 selected positions and a head of >= qk_rope_head_dim = {rope} dims"
-        )
-    kv["attention.indexer.head_count"] = n_idx
-    kv["attention.indexer.key_length"] = d_idx
-    kv["attention.indexer.top_k"] = top_k
-    return kv
+    return {**kv, **indexer_hparams(c)}
 
 
 def indexer_types(c: Config) -> list[bool] | None:

@@ -1,0 +1,80 @@
+// Hyper-connections (Hy4's iHC, "independent hyper-connections"; issue 30): the residual stream is hc copies of
+// the hidden state per token instead of one, x [n_embd * hc, T] (stream s = rows s * n_embd .. of a column). Every
+// sublayer (the mixer, the FFN) reads one mixture of the streams and writes its output back into each stream with
+// its own weight; the output head reads one last mixture. Weights per sublayer: fn [n_embd * hc, 2 hc], base [2 hc],
+// scale [2] (the head: fn [n_embd * hc, hc], base [hc], scale [1]), F32 as the reference keeps them.
+//
+//   m    = fn . rms_norm(x)                                          [2 hc, T]  (weightless norm over all streams)
+//   pre  = sigmoid(m[:hc] * scale[0] + base[:hc]) + eps                [hc, T]
+//   post = magnitude * sigmoid(m[hc:] * scale[1] + base[hc:]) + eps    [hc, T]
+//   in   = sum_s pre_s x_s                                             [n_embd, T]  -> the sublayer (its own norm)
+//   x_s  = x_s + post_s y                                              y: the sublayer's output
+// No comb matrix between the streams (DeepSeek-V4's mHC has one, with Sinkhorn normalisation): they mix only
+// through this reduce / distribute round trip.
+#include "model.h"
+
+namespace moelite {
+
+// The three tensors of one hyper-connection: blk.N.hc_{attn,ffn}_{fn,base,scale}.weight, output_hc_*.weight
+HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
+    const int64_t hc = hp_.hc_mult;
+    HcWeights w;
+    w.fn = load_tensor(prefix + "_fn.weight", true, 2, {hp_.n_embd * hc, n_coef * hc});
+    w.base = load_tensor(prefix + "_base.weight", true, 1, {n_coef * hc});
+    w.scale = load_tensor(prefix + "_scale.weight", true, 1, {n_coef});
+    return w;
+}
+
+// The hc streams of x [n_embd * hc, T] weighted by w (a [hc, T] view, any row stride) and summed: [n_embd, T]
+ggml_tensor * Model::hc_reduce(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) {
+    const int64_t E = hp_.n_embd, T = x->ne[1];
+    ggml_tensor * out = nullptr;
+    for (int s = 0; s < hp_.hc_mult; ++s) {
+        ggml_tensor * xs = ggml_view_2d(ctx, x, E, T, x->nb[1], (size_t) s * E * x->nb[0]);
+        ggml_tensor * ws = ggml_view_2d(ctx, w, 1, T, w->nb[1], (size_t) s * w->nb[0]);
+        ggml_tensor * cur = ggml_mul(ctx, xs, ws);
+        out = out ? ggml_add(ctx, out, cur) : cur;
+    }
+    return out;
+}
+
+// sigmoid(m * scale[i] + base[i * hc ..]) + eps for coefficient block i of m [n_coef * hc, T] -> [hc, T]
+static ggml_tensor * hc_gate(ggml_context * ctx, const HcWeights & w, ggml_tensor * m, int i, int64_t hc,
+                             float magnitude, float eps) {
+    const size_t f = ggml_element_size(m);
+    ggml_tensor * g = ggml_view_2d(ctx, m, hc, m->ne[1], m->nb[1], (size_t) i * hc * f);
+    g = ggml_mul(ctx, g, ggml_view_1d(ctx, w.scale, 1, (size_t) i * ggml_element_size(w.scale)));
+    g = ggml_add(ctx, g, ggml_view_1d(ctx, w.base, hc, (size_t) i * hc * ggml_element_size(w.base)));
+    g = ggml_sigmoid(ctx, g);
+    return ggml_scale_bias(ctx, g, magnitude, eps);
+}
+
+ggml_tensor * Model::hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor * x, ggml_tensor ** post) {
+    const HParams & h = hp_;
+    ggml_tensor * m = ggml_mul_mat(ctx, w.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [2 hc, T]
+    *post = hc_gate(ctx, w, m, 1, h.hc_mult, h.hc_magnitude, h.hc_eps);
+    return hc_reduce(ctx, x, hc_gate(ctx, w, m, 0, h.hc_mult, 1.f, h.hc_eps));
+}
+
+ggml_tensor * Model::hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * y, ggml_tensor * post) {
+    const int64_t E = hp_.n_embd, hc = hp_.hc_mult, T = y->ne[1];
+    ggml_tensor * p = ggml_reshape_3d(ctx, ggml_cont(ctx, post), 1, hc, T);
+    ggml_tensor * yp = ggml_mul(ctx, ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, y, E, 1, T), E, hc, T, 1), p);
+    ggml_tensor * x3 = ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T);
+    return ggml_reshape_2d(ctx, ggml_add(ctx, x3, yp), E * hc, T); // [n_embd * hc, T]
+}
+
+ggml_tensor * Model::hc_head(ggml_context * ctx, ggml_tensor * x) {
+    const HParams & h = hp_;
+    ggml_tensor * m = ggml_mul_mat(ctx, hc_head_.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [hc, T]
+    return hc_reduce(ctx, x, hc_gate(ctx, hc_head_, m, 0, h.hc_mult, 1.f, h.hc_eps));
+}
+
+// The residual stream of embeddings e [n_embd, T]: hc copies of each ([n_embd * hc, T]), or e itself
+ggml_tensor * Model::hc_streams(ggml_context * ctx, ggml_tensor * e) {
+    const int64_t E = hp_.n_embd, hc = hp_.hc_mult, T = e->ne[1];
+    if (hc <= 1) return e;
+    return ggml_reshape_2d(ctx, ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, e, E, 1, T), E, hc, T, 1), E * hc, T);
+}
+
+} // namespace moelite
