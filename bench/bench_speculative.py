@@ -1,11 +1,15 @@
-"""Speculative decoding (issue 31): decode speed with and without n-gram drafts, resident and capped, side by side.
+"""Speculative decoding (issue 31): decode speed with and without n-gram and MTP drafts, resident and capped, side by
+side.
 
     python bench/bench_speculative.py [--model PATH] [--rounds 5] [--tokens 128] [--threads 2]
 
 For each memory setting (resident; the smallest budgets holding 50 % and 25 % of the expert slots) and
 each prompt (copy-heavy: a source file of this repository given in the prompt, then asked for again; free prose),
 greedy decoding runs with speculation off, with n-gram drafts under the cost rule (the default), and with n-gram
-drafts verified whenever there is one (`draft_rule="always"`: what the rule saves). The runs of one round are
+drafts verified whenever there is one (`draft_rule="always"`: what the rule saves); on a file whose GGUF carries an MTP
+block (nextn_predict_layers > 0) also with MTP drafts, under the cost rule and always verified. MTP needs the block
+loaded (`speculative="mtp"` at load time, planned inside the same memory budget), so the MTP modes run on a second
+load of the file with it; "off" is the plain load, what decoding without speculation costs. The runs of one round are
 interleaved in a shuffled order (the machine is shared and noisy), each on a freshly loaded model; the report gives
 per setting the median decode tok/s, the ratio to "off" of the same round (median, min, max over the rounds), the
 acceptance rate, MB read from the file per generated token, and checks that every run produced off's tokens.
@@ -15,8 +19,10 @@ Writes bench/out/speculative.json and bench/SPECULATIVE.md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import re
 import statistics
 import sys
 import time
@@ -31,6 +37,10 @@ MODES = [  # per-call options of Model.generate
     ("off", {}),
     ("ngram", {"speculative": "ngram"}),
     ("ngram always", {"speculative": "ngram", "draft_rule": "always"}),
+]
+MTP_MODES = [  # only for files with an MTP block; run on a load with speculative="mtp"
+    ("mtp", {"speculative": "mtp"}),
+    ("mtp always", {"speculative": "mtp", "draft_rule": "always"}),
 ]
 CAPS = (None, 50, 25)  # None: resident; else % of the expert slots
 N_CTX = 2048
@@ -49,7 +59,8 @@ def prompts() -> dict[str, str]:
 
 
 def budget_for(path: str, cap: int | None) -> int | None:
-    """The smallest budget holding cap % of the expert slots (runtime/planner.py), as bench_offload.py caps."""
+    """The smallest budget holding cap % of the expert slots (runtime/planner.py), as bench_offload.py caps. The
+    same budget is given to the MTP load, whose block (dense weights, KV, a layer of expert slots) it then holds."""
     if cap is None:
         return None
     with moelite.load(path, n_threads=1, n_ctx=N_CTX) as m:
@@ -57,8 +68,21 @@ def budget_for(path: str, cap: int | None) -> int | None:
     return budget_for_fraction(hp, tensors, n_ctx=N_CTX, kv_elsize=2, fraction=cap / 100)
 
 
+def modes_for(path: str) -> list[tuple[str, dict]]:
+    """MODES, plus MTP_MODES when the file carries an MTP block (nextn_predict_layers > 0)."""
+    with moelite.load(path, n_threads=1, n_ctx=N_CTX) as m:
+        has_mtp = m.hparams.get("n_layer_nextn", 0) > 0
+    return MODES + (MTP_MODES if has_mtp else [])
+
+
+def load(path: str, threads: int, budget: int | None, opts: dict):
+    """The file loaded for a mode: with the MTP block when the mode drafts with it."""
+    spec = {"speculative": "mtp"} if opts.get("speculative") == "mtp" else {}
+    return moelite.load(path, n_threads=threads, memory_budget=budget, n_ctx=N_CTX, **spec)
+
+
 def one_run(path: str, text: str, budget: int | None, tokens: int, threads: int, opts: dict) -> dict:
-    with moelite.load(path, n_threads=threads, memory_budget=budget, n_ctx=N_CTX) as m:
+    with load(path, threads, budget, opts) as m:
         return decode(m, text, tokens, opts)
 
 
@@ -112,31 +136,39 @@ def main() -> int:
     rng = random.Random(args.seed)
     texts = prompts()
     budgets = {cap: budget_for(args.model, cap) for cap in CAPS}
-    cells = [(cap, p, mode) for cap in CAPS for p in texts for mode, _ in MODES]
+    modes = modes_for(args.model)
+    cells = [(cap, p, mode) for cap in CAPS for p in texts for mode, _ in modes]
     runs: dict[tuple, list[dict]] = {c: [] for c in cells}
     t_start = time.time()
     if args.load_once:  # per memory setting one model; per prompt (evaluated once, then reused) rounds of the modes
         for cap in CAPS:
-            with moelite.load(args.model, n_threads=args.threads, memory_budget=budgets[cap], n_ctx=N_CTX) as m:
+            with contextlib.ExitStack() as stack:  # one load per distinct load setting (plain; with the MTP block)
+                models: dict[bool, object] = {}
+                for _, opts in modes:
+                    key = opts.get("speculative") == "mtp"
+                    if key not in models:
+                        models[key] = stack.enter_context(load(args.model, args.threads, budgets[cap], opts))
                 for p in texts:
                     for _ in range(args.rounds):
-                        order = [mode for mode, _ in MODES]
+                        order = [mode for mode, _ in modes]
                         rng.shuffle(order)
                         for mode in order:
-                            runs[(cap, p, mode)].append(decode(m, texts[p], args.tokens, dict(MODES)[mode], False))
+                            opts = dict(modes)[mode]
+                            m = models[opts.get("speculative") == "mtp"]
+                            runs[(cap, p, mode)].append(decode(m, texts[p], args.tokens, opts, False))
             print(f"memory {cap} done ({time.time() - t_start:.0f} s)", file=sys.stderr)
     for r in range(0 if args.load_once else args.rounds):
         order = list(cells)
         rng.shuffle(order)
         for cap, p, mode in order:
-            opts = dict(MODES)[mode]
+            opts = dict(modes)[mode]
             runs[(cap, p, mode)].append(one_run(args.model, texts[p], budgets[cap], args.tokens, args.threads, opts))
         print(f"round {r + 1}/{args.rounds} done ({time.time() - t_start:.0f} s)", file=sys.stderr)
     rows = []
     for cap in CAPS:
         for p in texts:
             base = runs[(cap, p, "off")]
-            for mode, _ in MODES:
+            for mode, _ in modes:
                 rs = runs[(cap, p, mode)]
                 ratios = [a["decode_tok_s"] / b["decode_tok_s"] for a, b in zip(rs, base)]
                 cpu = [b["cpu_s"] / a["cpu_s"] for a, b in zip(rs, base)]
@@ -175,16 +207,23 @@ def main() -> int:
 
 
 def write_md() -> None:
-    """bench/SPECULATIVE.md: a table per model measured (bench/out/speculative-MODEL.json), then the text after
-    KEEP as it was."""
+    """bench/SPECULATIVE.md: a table per model measured (bench/out/speculative-MODEL.json; the section of a model
+    measured elsewhere, with no JSON here, is kept as the file has it), then the text after KEEP as it was."""
     md = ROOT / "bench" / "SPECULATIVE.md"
-    kept = md.read_text().split(KEEP, 1)[1] if md.exists() and KEEP in md.read_text() else "\n"
-    tables = []
+    text = md.read_text() if md.exists() else ""
+    head, kept = text.split(KEEP, 1) if KEEP in text else ("", "\n")
+    sections = {}  # model name -> its section, in the file's order
+    for sec in re.split(r"(?m)^(?=## )", head)[1:]:
+        sections[sec.split("\n", 1)[0][3:].strip()] = sec.rstrip("\n") + "\n"
     for f in sorted(OUT.glob("speculative-*.json")):
         data = json.loads(f.read_text())
-        tables.append(report(data["meta"], data["rows"]))
+        sections[data["meta"]["model"]] = report(data["meta"], data["rows"])
     md.write_text(
-        "# Speculative decoding: n-gram drafts, resident and capped\n\n" + "\n".join(tables) + "\n" + KEEP + kept
+        "# Speculative decoding: n-gram and MTP drafts, resident and capped\n\n"
+        + "\n".join(sections.values())
+        + "\n"
+        + KEEP
+        + kept
     )
 
 
@@ -206,7 +245,15 @@ def report(meta: dict, rows: list[dict]) -> str:
         "(all threads) over this run's, the same way: the machine is shared, and CPU time is less sensitive to "
         "other processes than wall time. MB/token: bytes read from the file per generated token (the prompt is "
         "evaluated before the counters start). `ngram`: the cost rule decides each window (docs/SPECULATIVE.md); "
-        "`ngram always`: every draft verified. same tokens: every run emitted the tokens of speculation off.",
+        "`ngram always`: every draft verified."
+        + (
+            " `mtp` / `mtp always`: drafts from the model's MTP block, on a load with the block (planned inside the "
+            "same memory budget, so a capped MTP load holds fewer trunk expert slots), cost rule / every draft "
+            "verified; off is the plain load."
+            if any(r["mode"].startswith("mtp") for r in rows)
+            else ""
+        )
+        + " same tokens: every run emitted the tokens of speculation off.",
         "",
         "| memory | prompt | mode | decode tok/s | ratio [min, max] | CPU ratio [min, max] | acceptance | windows/run "
         "| MB/token | same tokens |",

@@ -454,6 +454,19 @@ def set_experts_impl(model, impl: str) -> None:
         model.config._experts_implementation = impl
 
 
+def adamw(model, args):
+    """AdamW with weight decay on the matrices, none on norms and vectors."""
+    import torch
+
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.95),
+    )
+
+
 def lr_at(args, step: int, progress: float) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -511,7 +524,8 @@ def save_hf(args, model, tok, out_dir: str) -> None:
     # logits are a training-time output only.
     cfg_path = os.path.join(out_dir, "config.json")
     cfg = json.load(open(cfg_path))
-    cfg["num_experts"] = model.config.num_experts
+    if model.config.model_type == "qwen3_moe":
+        cfg["num_experts"] = model.config.num_experts
     cfg["rope_theta"] = float(cfg.get("rope_parameters", {}).get("rope_theta", 10000.0))
     cfg["output_router_logits"] = False
     json.dump(cfg, open(cfg_path, "w"), indent=2)
@@ -666,13 +680,7 @@ def main(argv=None) -> int:
     n_expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
     n_active = n_params - n_expert + n_expert * args.top_k // args.experts
     log(f"model: {n_params / 1e6:.2f} M params ({n_expert / 1e6:.2f} M in experts, {n_active / 1e6:.2f} M active)")
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "norm" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "norm" not in n)]
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=args.lr,
-        betas=(0.9, 0.95),
-    )
+    opt = adamw(model, args)
 
     ckpt_path = os.path.join(args.ckpt_dir, "ckpt.pt")
     step, tokens_seen, elapsed_before = 0, 0, 0.0
