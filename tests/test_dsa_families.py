@@ -302,3 +302,65 @@ def test_release_layout_per_expert_tensors_convert_to_the_same_model(family, tmp
         want = m.logits(LONG)
     with load(tmp_path / "release.gguf") as m:
         assert np.array_equal(m.logits(LONG), want)
+
+
+def test_hy4_release_and_save_pretrained_layouts_convert_to_the_same_model(tmp_path):
+    """Hy4's release names three tensors differently from what transformers 5.25's save_pretrained writes (the
+    hyper-connections' `hc_pre` placement, the head's, the MLP's gate): transformers loads both into the same model,
+    and moelite's converter writes the same GGUF tensors from both."""
+    hf, path = fixture_gguf("hy_v4")
+    release = release_copy("hy_v4", hf, tmp_path / "release")
+    names = set(read_fixture_tensors(release))
+    assert "model.layers.0.hc_attn_layer.hc_pre.hc_fn" in names and "model.hc_head.hc_head_fn" in names
+    assert "model.layers.0.mlp.gate_proj.weight" in names
+    assert not any(".hc_pre.hc_attn_layer." in n or ".hc_pre.hc_head." in n for n in names)
+    assert np.array_equal(hf_logits(release, SHORT), hf_logits(hf, SHORT))
+    convert(release, tmp_path / "release.gguf", "f32", progress=False)
+    a, b = _core.read_gguf(str(path)), _core.read_gguf(str(tmp_path / "release.gguf"))
+    assert sorted(t[:3] for t in a["tensors"]) == sorted(t[:3] for t in b["tensors"])  # names, types, shapes
+    with load(path) as m:
+        want = m.logits(LONG)
+    with load(tmp_path / "release.gguf") as m:
+        assert np.array_equal(m.logits(LONG), want)
+
+
+def test_hy4_hyper_connections_are_in_the_file_and_the_plan():
+    """The GGUF carries llama.cpp's hyper-connection keys and tensors (the mixing matrices F32, as its converter keeps
+    them); the residual stream's 4 streams are in the state the planner counts, which is what the core allocates."""
+    _, path = fixture_gguf("hy_v4")
+    r = _core.read_gguf(str(path))
+    kv, tensors = r["kv"], {t[0]: t for t in r["tensors"]}
+    assert (kv["hy_v4.hyper_connection.count"], kv["hy_v4.hyper_connection.magnitude"]) == (4, 2.0)
+    for name, shape in (
+        ("blk.1.hc_attn_fn.weight", [256, 8]),
+        ("blk.2.hc_ffn_base.weight", [8]),
+        ("output_hc_fn.weight", [256, 4]),
+        ("output_hc_scale.weight", [1]),
+    ):
+        assert list(tensors[name][2]) == shape
+    with load(path, n_ctx=256, n_ubatch=64) as m:
+        assert m.plan.kv_bytes == m.info()["kv_bytes"]
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("hyper_connection.count", 1, "hyper_connection.count"),
+        ("hyper_connection.count", 65, "hyper_connection.count"),
+        ("hyper_connection.epsilon", float("nan"), "hyper_connection.count"),
+        ("hyper_connection.magnitude", 0.0, "hyper_connection.count"),
+    ],
+)
+def test_bad_hyper_connection_keys_are_format_errors(key, value, match):
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.hparams import parse_hparams
+
+    _, path = fixture_gguf("hy_v4")
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    kv[f"hy_v4.{key}"] = value
+    with pytest.raises(ModelFormatError, match=match):
+        parse_hparams(str(path), kv, tensors)
+    del kv[f"hy_v4.{key}"]
+    with pytest.raises(ModelFormatError, match=key):
+        parse_hparams(str(path), kv, tensors)
