@@ -584,8 +584,10 @@ def _hyper_conn(path: str, k, hp: dict) -> None:
     """Hyper-connections: the residual stream as `hyper_connection.count` streams, their gates' epsilon and the post
     gates' magnitude (Hy4's iHC: csrc/hyper_conn.cpp)."""
     arch = hp["arch"]
-    n, eps, mag = int(k("hyper_connection.count")), float(k("hyper_connection.epsilon")), float(
-        k("hyper_connection.magnitude")
+    n, eps, mag = (
+        int(k("hyper_connection.count")),
+        float(k("hyper_connection.epsilon")),
+        float(k("hyper_connection.magnitude")),
     )
     if not 2 <= n <= 64 or not 0.0 <= eps < math.inf or not 0.0 < mag < math.inf:
         raise ModelFormatError(

@@ -68,7 +68,11 @@ def indexer_hparams(c: Config, nope_too: bool = False) -> dict[str, Any]:
             f">= 1 heads, >= 1 selected positions and a head of {'more than' if nope_too else '>='} "
             f"qk_rope_head_dim = {rope} dims"
         )
-    return {"attention.indexer.head_count": n_idx, "attention.indexer.key_length": d_idx, "attention.indexer.top_k": top_k}
+    return {
+        "attention.indexer.head_count": n_idx,
+        "attention.indexer.key_length": d_idx,
+        "attention.indexer.top_k": top_k,
+    }
 
 
 def hparams(c: Config) -> dict[str, Any]:

@@ -109,7 +109,10 @@ def hparams(c: Config) -> dict[str, Any]:
 
 # transformers' save_pretrained layout -> the release's (the rules its reverse mapping misplaces)
 _RELEASE_NAMES = (
-    (re.compile(r"^model\.layers\.(\d+)\.hc_pre\.(hc_attn_layer|hc_mlp_layer)\.(hc_\w+)$"), r"model.layers.\1.\2.hc_pre.\3"),
+    (
+        re.compile(r"^model\.layers\.(\d+)\.hc_pre\.(hc_attn_layer|hc_mlp_layer)\.(hc_\w+)$"),
+        r"model.layers.\1.\2.hc_pre.\3",
+    ),
     (re.compile(r"^model\.hc_pre\.hc_head\.(hc_head_\w+)$"), r"model.hc_head.\1"),
     (re.compile(r"^(model\.layers\.\d+\.mlp(?:\.shared_experts)?)\.linear_gate\.weight$"), r"\1.gate_proj.weight"),
 )
