@@ -166,8 +166,8 @@ void Model::run_experts(int il, int t0, int t1, const std::vector<int32_t> & slo
     ggml_set_input(weights);
     ggml_tensor * eids = ggml_new_tensor_2d(ctx, GGML_TYPE_I32, K, T); // expert ids, for per-expert biases
     ggml_set_input(eids);
-    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr,
-                     rows_of(ctx, ffn_xe_, t0, T), hc_post_ ? rows_of(ctx, hc_post_, t0, T) : nullptr};
+    const MoeFront f{rows_of(ctx, ffn_inp_, t0, T), rows_of(ctx, ffn_in_, t0, T), nullptr, rows_of(ctx, ffn_xe_, t0, T),
+                     hc_post_ ? rows_of(ctx, hc_post_, t0, T) : nullptr};
     ggml_build_forward_expand(gf,
                               ggml_cpy(ctx, moe_block(ctx, il, f, slots, weights, eids, T), rows_of(ctx, x_, t0, T)));
     compute(ctx, gf, galloc_);

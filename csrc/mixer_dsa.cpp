@@ -33,8 +33,8 @@ ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, gg
     ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);
     q = indexer_rope(ctx, il, q, pos); // [d, H, T]
     ggml_tensor * k = ggml_mul(ctx, ggml_norm(ctx, dense_mm(ctx, L.idx_wk, cur), 1e-6f), L.idx_k_norm);
-    k = ggml_add(ctx, k, L.idx_k_norm_b);                                          // LayerNorm [d, T]
-    k = indexer_rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos);               // [d, 1, T]
+    k = ggml_add(ctx, k, L.idx_k_norm_b);                             // LayerNorm [d, T]
+    k = indexer_rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos); // [d, 1, T]
     ggml_tensor * dst =
         ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, d, T), dst));

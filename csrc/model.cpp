@@ -462,7 +462,7 @@ void Model::load_mla(int il, Layer & L) {
     L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, p.n_head});
     L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, p.n_head});
     L.wqkv_gate = load_attn_gate(il); // Ling-3.0: per head; Hy4: per element
-    if (p.indexer == INDEXER_FULL) { // DSA lightning indexer (mixer_dsa.cpp); shared layers have none
+    if (p.indexer == INDEXER_FULL) {  // DSA lightning indexer (mixer_dsa.cpp); shared layers have none
         const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
         if (!L.wq_a) throw FormatError(path_ + ": the DSA indexer needs the q latent (attention.q_lora_rank)");
         L.idx_wq_b = load_tensor(blk(il, "indexer.attn_q_b.weight"), true, 2, {h.q_lora_rank, H * d});
@@ -938,7 +938,7 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
         }
         res = residual_out(ctx, il, cur, x, L.attn_post_norm, p.ffn == FFN_NONE, post); // h = x + attn
     }
-    if (p.ffn == FFN_NONE) return res;                          // a mixer-only block
+    if (p.ffn == FFN_NONE) return res;                               // a mixer-only block
     ggml_tensor * in = hc ? hc_pre(ctx, L.hc_ffn, res, &post) : res; // the FFN's input [n_embd, T]
     const bool par = hp_.parallel_residual && xn; // Command-R: the FFN reads the mixer's input, x + attn + ffn(xn)
     if (!L.moe)

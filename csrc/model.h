@@ -127,7 +127,7 @@ struct HParams {
     int64_t n_embd_res() const { return hc_mult > 1 ? (int64_t) n_embd * hc_mult : n_embd; } // residual row width
     bool clamp_gate = false;        // SwiGLU limits clamp the gate before the SiLU (Hy4: ggml_swiglu_clamp), else after
     bool indexer_rope_tail = false; // the DSA indexer's RoPE on the last n_rot dims of its heads (Hy4), else the first
-    std::vector<LayerPlan> plan; // [n_layer + n_mtp]
+    std::vector<LayerPlan> plan;    // [n_layer + n_mtp]
 };
 
 // One hyper-connection's weights (hyper_conn.cpp): fn [n_embd * hc, n * hc], base [n * hc], scale [n]; n = 2 (pre and
