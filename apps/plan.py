@@ -106,6 +106,12 @@ def main(args: argparse.Namespace) -> int:
         f"resident  dense {fmt_bytes(plan.dense_bytes)} · KV cache {fmt_bytes(plan.kv_bytes)}{keys} · {state}"
         f"scratch {fmt_bytes(plan.scratch_bytes)} (prompt chunks of {getattr(plan, 'n_ubatch', '?')} tokens)"
     )
+    if plan.ple_table_bytes:  # Qwen4-Exp's n-gram table: read row by row from the file, never loaded whole
+        print(
+            f"ple       n-gram table {fmt_bytes(plan.ple_table_bytes)} in the file, read by rows on demand into a "
+            f"{fmt_bytes(plan.ple_bytes)} row cache ({hp['ple_heads']} rows of "
+            f"{fmt_bytes(plan.ple_table_bytes / max(tensors['per_layer_token_embd.weight'][1][1], 1))} per token)"
+        )
     slots = plan.slots or [plan.n_expert if b else 0 for b in plan.expert_slot_bytes]
     resident = sum(s * b for s, b in zip(slots, plan.expert_slot_bytes))
     if plan.slots is None:

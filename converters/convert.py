@@ -245,6 +245,9 @@ def _from_hf(source: HFSource, mtp: bool = True):
         gguf_out.add_kv(w, full, value)
     n_vocab = c.int("vocab_size")
     add_vocab(w, source.dir, n_vocab, family.tokenizer_pre)
+    if family.tensor_hparams:  # keys stored as tensors (hash constants): read before sanitize drops them
+        for key, value in family.tensor_hparams(weights, c).items():
+            gguf_out.add_kv(w, f"{family.arch}.{key}", value)
     family.sanitize(weights, c)
     tensors = family.map_names(weights, c)
     if not tensors or "token_embd.weight" not in dict(tensors):

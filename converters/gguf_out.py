@@ -31,7 +31,8 @@ def new_writer(arch: str) -> gguf.GGUFWriter:
 
 
 def add_kv(w: gguf.GGUFWriter, key: str, value: Any, vtype: Any = None, sub_type: Any = None) -> None:
-    """Typed KV: bool -> BOOL, int -> UINT32, float -> FLOAT32, str -> STRING, list -> ARRAY."""
+    """Typed KV: bool -> BOOL, int -> UINT32, float -> FLOAT32, str -> STRING, list -> ARRAY, a uint64 numpy array
+    -> ARRAY[UINT64]."""
     V = gguf.GGUFValueType
     if vtype is None:
         if isinstance(value, bool):
@@ -44,6 +45,8 @@ def add_kv(w: gguf.GGUFWriter, key: str, value: Any, vtype: Any = None, sub_type
             vtype, value = V.FLOAT32, float(value)
         elif isinstance(value, str):
             vtype = V.STRING
+        elif isinstance(value, np.ndarray) and value.dtype == np.uint64:  # exact 64-bit constants (PLE hashes)
+            vtype, sub_type, value = V.ARRAY, V.UINT64, [int(v) for v in value]
         elif isinstance(value, (list, tuple)):
             vtype = V.ARRAY
             sub_type = V.BOOL if value and all(isinstance(v, bool) for v in value) else None

@@ -112,6 +112,7 @@ def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
         or name.endswith("exp_probs_b.weight")
         or "ssm_conv1d" in name
         or "shortconv.conv" in name  # ggml_ssm_conv takes F32 kernels
+        or "ple_conv1d" in name  # PLE's dilated conv kernel, F32 as the other convs
         or re.search(r"hc_(attn|ffn)_fn\.|output_hc_fn\.", name) is not None  # hyper-connection mixes: F32 in the
         # reference and in llama.cpp's converter (Hy4)
     )

@@ -35,7 +35,8 @@ _ST_DTYPES = {  # safetensors dtype -> (numpy storage dtype, itemsize)
     "U8": np.uint8,
     "BOOL": np.bool_,
 }
-_RAW_DTYPES = {"U8", "I8"}  # packed data (MXFP4 blocks / E8M0 scales): never converted to float
+_RAW_DTYPES = {"U8", "I8", "I64"}  # packed data (MXFP4 blocks / E8M0 scales), integer constants (Qwen4-Exp's
+# 45-bit hash multipliers): never converted to float
 
 
 def _fp8_e4m3_table() -> np.ndarray:

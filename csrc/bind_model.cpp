@@ -93,6 +93,37 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "indexer_rope_tail", h.indexer_rope_tail);
     get(d, "clamp_gate", h.clamp_gate);
     get(d, "hc_mult", h.hc_mult);
+    get(d, "hc_kind", h.hc_kind);
+    get(d, "deltanet_gate_sigmoid", h.deltanet_gate_sigmoid);
+    get(d, "ple_layer", h.ple_layer);
+    get(d, "ple_ngram", h.ple_ngram);
+    get(d, "ple_heads", h.ple_heads);
+    get(d, "ple_conv_kernel", h.ple_conv_kernel);
+    get(d, "ple_row_dim", h.ple_row_dim);
+    get(d, "ple_eos", h.ple_eos);
+    get(d, "ple_mult", h.ple_mult);
+    get(d, "ple_offsets", h.ple_offsets);
+    get(d, "ple_vocab", h.ple_vocab);
+    if ((h.hc_mult == 0) != (h.hc_kind == HC_NONE) || h.hc_kind < HC_NONE || h.hc_kind > HC_GATED)
+        throw FormatError("hyper-connections: kind " + std::to_string(h.hc_kind) + " with " +
+                          std::to_string(h.hc_mult) + " streams");
+    if (h.ple_layer >= 0) {
+        const int n_prev = h.ple_ngram - 1;
+        bool ok = h.ple_ngram >= 2 && h.ple_ngram <= 8 && h.ple_heads > 0 && h.ple_heads <= 1024 &&
+                  h.ple_heads % n_prev == 0 && h.ple_row_dim > 0 && h.ple_row_dim <= (1 << 16) &&
+                  h.ple_conv_kernel >= 1 && h.ple_conv_kernel <= 16 && h.ple_eos >= 0 && h.ple_eos < h.n_vocab &&
+                  (int) h.ple_mult.size() == h.ple_ngram && (int) h.ple_offsets.size() == h.ple_heads &&
+                  (int) h.ple_vocab.size() == h.ple_heads;
+        for (size_t i = 0; ok && i < h.ple_vocab.size(); ++i)
+            ok = h.ple_vocab[i] > 0 && h.ple_offsets[i] < (1ull << 48);
+        if (!ok)
+            throw FormatError(
+                "PLE: ple.ngram_size " + std::to_string(h.ple_ngram) + ", heads " + std::to_string(h.ple_heads) +
+                ", row dim " + std::to_string(h.ple_row_dim) + ", conv kernel " + std::to_string(h.ple_conv_kernel) +
+                ", eos " + std::to_string(h.ple_eos) +
+                ": expected 2..8-grams, heads a multiple of ngram - 1 with an offset and a vocabulary > 0 "
+                "each, ngram multipliers, a conv kernel of 1..16 and the EOS id in the vocabulary");
+    }
     get(d, "hc_eps", h.hc_eps);
     get(d, "hc_magnitude", h.hc_magnitude);
     if (h.hc_mult < 0 || h.hc_mult == 1 || h.hc_mult > 64 || !std::isfinite(h.hc_eps) || h.hc_eps < 0.f ||
@@ -107,7 +138,8 @@ static HParams hparams_from(const py::dict & d) {
     // the layer plan: one list per field, [n_layer + n_mtp] each (runtime/hparams.py layer_plan, with_mtp)
     std::vector<int> mixer, ffn, mask, n_head_kv, head_k, head_v, n_rot, rope_factors, attn_temp;
     const size_t n = (size_t) std::max(h.n_layer, 0) + (size_t) h.n_mtp;
-    std::vector<int> n_head(n, h.n_head), rope_scaling(n, 1), rotate(n, 1), indexer(n, INDEXER_NONE); // optional
+    std::vector<int> n_head(n, h.n_head), rope_scaling(n, 1), rotate(n, 1), indexer(n, INDEXER_NONE),
+        compress(n, 0);                                                             // optional
     std::vector<float> freq_base, kq_scale, clamp_exp(n, 0.f), clamp_shexp(n, 0.f); // optional lists: no clamps
     get(d, "layer_mixer", mixer);
     get(d, "layer_ffn", ffn);
@@ -126,8 +158,9 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "layer_clamp_exp", clamp_exp);
     get(d, "layer_clamp_shexp", clamp_shexp);
     get(d, "layer_indexer", indexer);
+    get(d, "layer_compress", compress);
     for (auto * v : {&mixer, &ffn, &mask, &n_head, &n_head_kv, &head_k, &head_v, &n_rot, &rope_factors, &attn_temp,
-                     &rope_scaling, &rotate, &indexer})
+                     &rope_scaling, &rotate, &indexer, &compress})
         if (v->size() != n) throw FormatError("layer plan: a per-layer list does not have n_layer + n_mtp entries");
     if (freq_base.size() != n || kq_scale.size() != n || clamp_exp.size() != n || clamp_shexp.size() != n)
         throw FormatError("layer plan: a per-layer list does not have n_layer + n_mtp entries");
@@ -151,13 +184,18 @@ static HParams hparams_from(const py::dict & d) {
         p.clamp_exp = clamp_exp[i];
         p.clamp_shexp = clamp_shexp[i];
         p.indexer = indexer[i];
-        const bool dsa_ok = h.indexer_n_head > 0 && h.indexer_head_size >= p.n_rot && h.indexer_top_k > 0 &&
-                            p.mixer == MIXER_MLA &&
-                            (p.indexer != INDEXER_SHARED || (i > 0 && indexer[0] == INDEXER_FULL));
-        if (p.indexer < INDEXER_NONE || p.indexer > INDEXER_SHARED || (p.indexer != INDEXER_NONE && !dsa_ok))
+        p.compress = compress[i];
+        const bool qsa = p.indexer == INDEXER_QSA;
+        const bool dsa_ok =
+            h.indexer_n_head > 0 && h.indexer_head_size >= p.n_rot && h.indexer_top_k > 0 &&
+            (qsa ? p.mixer == MIXER_ATTN && p.compress > 0 && p.compress <= 4096 && h.indexer_top_k % p.compress == 0
+                 : p.mixer == MIXER_MLA) &&
+            (p.indexer != INDEXER_SHARED || (i > 0 && indexer[0] == INDEXER_FULL));
+        if (p.indexer < INDEXER_NONE || p.indexer > INDEXER_QSA || (p.indexer != INDEXER_NONE && !dsa_ok))
             throw FormatError("layer plan of layer " + std::to_string(i) + ": DSA indexer " +
                               std::to_string(p.indexer) +
-                              " needs an MLA layer, indexer heads / key length >= n_rot / top_k > 0, and a full "
+                              " needs an MLA layer (QSA: an attention layer with a block size dividing top_k), indexer "
+                              "heads / key length >= n_rot / top_k > 0, and a full "
                               "indexer layer before a shared one");
         if (!(p.clamp_exp >= 0.f && p.clamp_exp < INFINITY && p.clamp_shexp >= 0.f && p.clamp_shexp < INFINITY))
             throw FormatError("layer plan of layer " + std::to_string(i) + ": a SwiGLU clamp is negative / not finite");
@@ -229,6 +267,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "standin_threshold", o.standin_threshold);
     get(d, "swap_threshold", o.swap_threshold);
     get(d, "mlock", o.mlock);
+    get(d, "ple_cache_bytes", o.ple_cache_bytes);
     if (o.cpu_compute < 0 || o.cpu_compute > 2)
         throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
@@ -398,8 +437,21 @@ void bind_model(py::module_ & m) {
                  d["lock_failed_bytes"] = lk.failed_bytes;
                  d["lock_errno"] = lk.err;
                  d["dense_mmap"] = m.dense_mapped(); // MOELITE_DENSE_MMAP=1: dense weights in the page cache
+                 d["ple_cache_bytes"] = m.ple_stats().cache_bytes; // PLE table rows cached (Qwen4-Exp), 0: none
                  return d;
              })
+        .def(
+            "ple_stats",
+            [](Model & m) {
+                const PleStats s = m.ple_stats();
+                py::dict d;
+                d["bytes_read"] = s.bytes_read;
+                d["rows_read"] = s.rows_read;
+                d["rows_hit"] = s.rows_hit;
+                d["cache_bytes"] = s.cache_bytes;
+                return d;
+            },
+            "the PLE table's rows read from the file and found in the row cache since load")
         .def("cache_stats",
              [](Model & m) {
                  py::list out;

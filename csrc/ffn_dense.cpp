@@ -40,8 +40,8 @@ ggml_tensor * Model::ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate
 // parallel dense path, Gemma-4]. The caller adds the residual (residual_out).
 ggml_tensor * Model::dense_block(ggml_context * ctx, int il, ggml_tensor * h) {
     Layer & L = layers_[il];
-    ggml_tensor * y =
-        ffn(ctx, norm(ctx, h, L.ffn_norm, L.ffn_norm_b), L.ffn_gate, L.ffn_up, L.ffn_down, hp_.plan[il].clamp_shexp);
+    ggml_tensor * hn = L.ffn_norm ? norm(ctx, h, L.ffn_norm, L.ffn_norm_b) : h; // gated hyper-connections: normed
+    ggml_tensor * y = ffn(ctx, hn, L.ffn_gate, L.ffn_up, L.ffn_down, hp_.plan[il].clamp_shexp);
     if (L.ffn_post_norm_dense) y = norm(ctx, y, L.ffn_post_norm_dense, nullptr);
     return y;
 }

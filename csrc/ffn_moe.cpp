@@ -38,6 +38,7 @@ ggml_tensor * Model::router_logits(ggml_context * ctx, int il, ggml_tensor * h, 
 ggml_tensor * Model::expert_input(ggml_context * ctx, int il, ggml_tensor * h) {
     Layer & L = layers_[il];
     if (hp_.parallel_residual) return norm(ctx, h, L.attn_norm, L.attn_norm_b);
+    if (!L.ffn_norm && !L.ffn_exp_norm) return h; // gated hyper-connections: their mixture is normed (Qwen4-Exp)
     return L.ffn_exp_norm ? norm(ctx, h, L.ffn_exp_norm, nullptr) : norm(ctx, h, L.ffn_norm, L.ffn_norm_b);
 }
 

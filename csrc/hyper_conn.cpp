@@ -11,14 +11,31 @@
 //   x_s  = x_s + post_s y                                              y: the sublayer's output
 // No comb matrix between the streams (DeepSeek-V4's mHC has one, with Sinkhorn normalisation): they mix only
 // through this reduce / distribute round trip.
+//
+// HC_GATED (Qwen4-Exp): the streams' grouped RMSNorm (one group a stream, (1+w) gamma) is the sublayer's norm:
+//   xn   = grouped_norm(x)                                              [n_embd * hc, T]
+//   in   = mean_s(sigmoid(up(silu(down(xn) / hc)))_s * xn_s)            [n_embd, T]  (low-rank gate per element)
+//   post = 2 sigmoid(inject(xn) / hc)                                   [hc, T]      (none in the output head,
+//                                                                                    whose mixture is the output norm)
+#include "common.h"
 #include "model.h"
 
 namespace moelite {
 
 // The three tensors of one hyper-connection: blk.N.hc_{attn,ffn}_{fn,base,scale}.weight, output_hc_*.weight
 HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
-    const int64_t hc = hp_.hc_mult;
+    const int64_t hc = hp_.hc_mult, C = hp_.n_embd * hc;
     HcWeights w;
+    if (hp_.hc_kind == HC_GATED) { // blk.N.hc_{attn,ffn}_{norm,down,up,inject}.weight, output_hc_{norm,down,up}
+        w.norm = load_tensor(prefix + "_norm.weight", true, 2, {});
+        if (ggml_nelements(w.norm) != C || w.norm->type != GGML_TYPE_F32)
+            throw FormatError(path_ + ": tensor '" + prefix + "_norm.weight': expected " + std::to_string(C) +
+                              " F32 values (a (1+w) gamma per stream and channel)");
+        w.down = load_tensor(prefix + "_down.weight", true, 2, {C, 0});
+        w.up = load_tensor(prefix + "_up.weight", true, 2, {w.down->ne[1], C});
+        if (n_coef == 2) w.inject = load_tensor(prefix + "_inject.weight", true, 2, {C, hc});
+        return w;
+    }
     w.fn = load_tensor(prefix + "_fn.weight", true, 2, {hp_.n_embd * hc, n_coef * hc});
     w.base = load_tensor(prefix + "_base.weight", true, 1, {n_coef * hc});
     w.scale = load_tensor(prefix + "_scale.weight", true, 1, {n_coef});
@@ -51,6 +68,15 @@ static ggml_tensor * hc_gate(ggml_context * ctx, const HcWeights & w, ggml_tenso
 
 ggml_tensor * Model::hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor * x, ggml_tensor ** post) {
     const HParams & h = hp_;
+    if (h.hc_kind == HC_GATED) {
+        ggml_tensor * xn = hc_norm(ctx, x, w.norm); // [n_embd * hc, T]
+        ggml_tensor * lo = ggml_silu(ctx, ggml_scale(ctx, dense_mm(ctx, w.down, xn), 1.f / h.hc_mult));
+        ggml_tensor * gated = ggml_mul(ctx, xn, ggml_sigmoid(ctx, dense_mm(ctx, w.up, lo)));
+        if (post)
+            *post =
+                ggml_scale(ctx, ggml_sigmoid(ctx, ggml_scale(ctx, dense_mm(ctx, w.inject, xn), 1.f / h.hc_mult)), 2.f);
+        return hc_mean(ctx, gated);
+    }
     ggml_tensor * m = ggml_mul_mat(ctx, w.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [2 hc, T]
     *post = hc_gate(ctx, w, m, 1, h.hc_mult, h.hc_magnitude, h.hc_eps);
     return hc_reduce(ctx, x, hc_gate(ctx, w, m, 0, h.hc_mult, 1.f, h.hc_eps));
@@ -64,8 +90,20 @@ ggml_tensor * Model::hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * 
     return ggml_reshape_2d(ctx, ggml_add(ctx, x3, yp), E * hc, T); // [n_embd * hc, T]
 }
 
+// the streams' mean of x [n_embd * hc, T] -> [n_embd, T]
+ggml_tensor * Model::hc_mean(ggml_context * ctx, ggml_tensor * x) {
+    const int64_t E = hp_.n_embd, T = x->ne[1];
+    ggml_tensor * out = nullptr;
+    for (int s = 0; s < hp_.hc_mult; ++s) {
+        ggml_tensor * xs = ggml_view_2d(ctx, x, E, T, x->nb[1], (size_t) s * E * x->nb[0]);
+        out = out ? ggml_add(ctx, out, xs) : ggml_cont(ctx, xs);
+    }
+    return ggml_scale(ctx, out, 1.f / hp_.hc_mult);
+}
+
 ggml_tensor * Model::hc_head(ggml_context * ctx, ggml_tensor * x) {
     const HParams & h = hp_;
+    if (h.hc_kind == HC_GATED) return hc_pre(ctx, hc_head_, x, nullptr);
     ggml_tensor * m = ggml_mul_mat(ctx, hc_head_.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [hc, T]
     return hc_reduce(ctx, x, hc_gate(ctx, hc_head_, m, 0, h.hc_mult, 1.f, h.hc_eps));
 }

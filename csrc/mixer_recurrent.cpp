@@ -100,8 +100,9 @@ ggml_tensor * Model::mixer_deltanet(ggml_context * ctx, ggml_cgraph * gf, int il
     ggml_tensor * o = delta_net_out(ctx, gf, ggml_gated_delta_net(ctx, q, k, v, g, beta, state, 1), L.ssm_state, dv, Hv,
                                     T); // [dv, Hv, T]
     // gated RMSNorm per v head (plain weight), then the output projection
+    z = ggml_reshape_3d(ctx, z, dv, Hv, T); // the output gate: silu, or sigmoid (Qwen4-Exp)
     o = ggml_mul(ctx, ggml_mul(ctx, ggml_rms_norm(ctx, o, h.norm_eps), L.ssm_norm),
-                 ggml_silu(ctx, ggml_reshape_3d(ctx, z, dv, Hv, T)));
+                 h.deltanet_gate_sigmoid ? ggml_sigmoid(ctx, z) : ggml_silu(ctx, z));
     return dense_mm(ctx, L.ssm_out, ggml_reshape_2d(ctx, o, dv * Hv, T)); // [H, T]
 }
 

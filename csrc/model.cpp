@@ -9,6 +9,7 @@
 //   graph B (moe_layer):   x = h + sum_k w_k * down_k(act(gate_k hn) * up_k hn) [+ shared, + parallel dense]
 // Experts are always computed by ggml_mul_mat_id over the slot arenas, resident or not.
 #include "model.h"
+#include "ple.h"
 
 #include <fcntl.h>
 #include <sys/mman.h>
@@ -357,7 +358,8 @@ void Model::build_layers() {
                           std::to_string(h.n_blocks()));
     tok_embd_ = load_tensor("token_embd.weight", true, 2, {E, h.n_vocab});
     out_norm_ = load_tensor("output_norm.weight", false, 1, {E});
-    if (!out_norm_) out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E}); // LFM2's final norm name
+    if (!out_norm_ && h.hc_kind != HC_GATED) // LFM2's final norm name; Qwen4-Exp's last hyper-connection is its norm
+        out_norm_ = load_tensor("token_embd_norm.weight", true, 1, {E});
     out_norm_b_ = load_tensor("output_norm.bias", false, 1, {E});
     output_ = load_tensor("output.weight", false, 2, {E, h.n_vocab});
     if (!output_) output_ = tok_embd_; // tied embeddings
@@ -371,6 +373,10 @@ void Model::build_layers() {
         throw FormatError(path_ + ": hyper_connection.count " + std::to_string(h.hc_mult) +
                           ", expected 0 or 2..64 (and no MTP block)");
     if (h.hc_mult) hc_head_ = load_hc("output_hc", 1);
+    if (h.ple_layer >= h.n_layer ||
+        (h.ple_layer >= 0 && (h.hc_kind != HC_GATED || !is_recurrent(h.plan[h.ple_layer].mixer))))
+        throw FormatError(path_ + ": key ple.layers: layer " + std::to_string(h.ple_layer) +
+                          " (expected a recurrent layer of a model with gated hyper-connections)");
     if (h.n_mtp && (!opt_.host_slots.empty() || !opt_.standin_path.empty()))
         throw BudgetError("the MTP block does not run with a RAM tier (host_slots) or stand-ins yet");
     cache_ = std::make_unique<ExpertCache>(idx_->files, h.n_blocks(), h.n_expert);
@@ -383,7 +389,8 @@ void Model::build_layers() {
     for (int il = 0; il < h.n_blocks(); ++il) {
         Layer & L = layers_[il];
         const LayerPlan & p = h.plan[il];
-        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), true, 1, {E}); // an FFN-only block's norm too
+        // an FFN-only block's norm too; with gated hyper-connections the mixture is the normed input (Qwen4-Exp)
+        L.attn_norm = load_tensor(blk(il, "attn_norm.weight"), h.hc_kind != HC_GATED, 1, {E});
         L.attn_norm_b = load_tensor(blk(il, "attn_norm.bias"), false, 1, {E});
         if (p.mixer == MIXER_KDA) {
             load_kda(il, L);
@@ -404,6 +411,7 @@ void Model::build_layers() {
             L.hc_attn = load_hc(blk(il, "hc_attn"), 2);
             L.hc_ffn = load_hc(blk(il, "hc_ffn"), 2);
         }
+        if (il == h.ple_layer) load_ple(il, L);
         if (il >= h.n_layer) load_mtp(il, L);
     }
 }
@@ -632,7 +640,8 @@ void Model::load_ffn(int il, Layer & L) {
         L.ffn_norm = L.attn_post_norm;
         L.attn_post_norm = nullptr;
     } // llama.cpp's alias
-    if (!L.ffn_norm && !h.parallel_residual) // parallel blocks: the FFN reads attn_norm's output
+    // parallel blocks: the FFN reads attn_norm's output; gated hyper-connections: their grouped norm is the FFN's norm
+    if (!L.ffn_norm && !h.parallel_residual && h.hc_kind != HC_GATED)
         throw FormatError(path_ + ": missing tensor '" + blk(il, "ffn_norm.weight") + "'");
     if (p.mixer != MIXER_NONE) L.ffn_norm_b = load_tensor(blk(il, "ffn_norm.bias"), false, 1, {E});
     L.ffn_post_norm = load_tensor(blk(il, "post_ffw_norm.weight"), false, 1, {E});
@@ -727,7 +736,7 @@ void Model::alloc_kv() {
     kv_bytes_ = ggml_backend_buffer_get_size(buf_kv_);
     if (!any_recurrent) return;
     // recurrent state, one sequence: conv [K - 1, channels] (+ DeltaNet [S_v, S_v, H_v]) per recurrent layer
-    ggml_init_params rp = {ggml_tensor_overhead() * (2 * h.n_layer + 2), nullptr, true};
+    ggml_init_params rp = {ggml_tensor_overhead() * (2 * h.n_layer + 4), nullptr, true};
     ctx_rs_ = ggml_init(rp);
     for (int il = 0; il < h.n_layer; ++il) {
         Layer & L = layers_[il];
@@ -748,6 +757,12 @@ void Model::alloc_kv() {
             L.ssm_state =
                 ggml_new_tensor_3d(ctx_rs_, GGML_TYPE_F32, h.ssm_d_state, h.ssm_d_inner / h.ssm_dt_rank, h.ssm_dt_rank);
         }
+    }
+    if (h.ple_layer >= 0) { // PLE: the dilated conv's last (K - 1) x ngram inputs, the last ngram - 1 token ids
+        Layer & L = layers_[h.ple_layer];
+        L.ple_conv_state =
+            ggml_new_tensor_2d(ctx_rs_, GGML_TYPE_F32, (int64_t) (h.ple_conv_kernel - 1) * h.ple_ngram, h.n_embd_res());
+        L.ple_hist = ggml_new_tensor_1d(ctx_rs_, GGML_TYPE_I32, h.ple_ngram - 1);
     }
     buf_rs_ = ggml_backend_alloc_ctx_tensors(ctx_rs_, backend_);
     if (!buf_rs_) throw BudgetError("cannot allocate the recurrent state");
@@ -833,6 +848,7 @@ void Model::set_graph_inputs() {
     if (gin_.attn_temp) set_input(gin_.attn_temp, attn_temp_.data(), ggml_nbytes(gin_.attn_temp));
     if (gin_.mask_f32) set_input(gin_.mask_f32, mask_dsa_.data(), ggml_nbytes(gin_.mask_f32));
     if (gin_.pos && gin_.pos->buffer) set_input(gin_.pos, pos_.data(), ggml_nbytes(gin_.pos));
+    if (gin_.ple_emb && gin_.ple_emb->buffer) set_input(gin_.ple_emb, ple_rows_.data(), ggml_nbytes(gin_.ple_emb));
 }
 
 ggml_tensor * Model::rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T) {
@@ -924,10 +940,12 @@ ggml_tensor * Model::layer_front(ggml_context * ctx, ggml_cgraph * gf, int il, g
     Layer & L = layers_[il];
     const LayerPlan & p = hp_.plan[il];
     const bool hc = hp_.hc_mult > 0; // x: the hyper-connection streams; each sublayer reads their mixture
-    ggml_tensor *res = x, *xn = nullptr, *post = nullptr; // an FFN-only block: h = x
+    if (il == hp_.ple_layer) x = ple_block(ctx, gf, il, x, T); // Qwen4-Exp: n-gram embeddings into every stream
+    ggml_tensor *res = x, *xn = nullptr, *post = nullptr;      // an FFN-only block: h = x
     if (p.mixer != MIXER_NONE) {
         ggml_tensor * cur = hc ? hc_pre(ctx, L.hc_attn, x, &post) : x;
-        cur = xn = norm(ctx, cur, L.attn_norm, L.attn_norm_b); // [n_embd, T]
+        // [n_embd, T]; gated hyper-connections: their mixture is normed already (no attn_norm)
+        cur = xn = L.attn_norm ? norm(ctx, cur, L.attn_norm, L.attn_norm_b) : cur;
         switch (p.mixer) {
         case MIXER_MLA: cur = mixer_mla(ctx, gf, il, cur, pos_input(ctx, T), T); break;
         case MIXER_SHORTCONV: cur = mixer_shortconv(ctx, gf, il, cur, T); break;
@@ -1074,8 +1092,8 @@ int Model::output_rows_per_graph() const {
 // x [n_embd, rows] -> output norm -> output projection (+ bias, / logit scale, Gemma-4's final softcap) ->
 // logits [n_vocab, rows]
 ggml_tensor * Model::output_head(ggml_context * ctx, ggml_tensor * x) {
-    if (hp_.hc_mult) x = hc_head(ctx, x); // the hyper-connection streams' last mixture
-    return head_logits(ctx, norm(ctx, x, out_norm_, out_norm_b_), output_);
+    if (hp_.hc_mult) x = hc_head(ctx, x); // the hyper-connection streams' last mixture (Qwen4-Exp: also the norm)
+    return head_logits(ctx, out_norm_ ? norm(ctx, x, out_norm_, out_norm_b_) : x, output_);
 }
 
 ggml_tensor * Model::head_logits(ggml_context * ctx, ggml_tensor * xn, ggml_tensor * proj) {
@@ -1147,6 +1165,7 @@ void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float *
             n_past_ += T;
             continue;
         }
+        if (h.ple_layer >= 0) ple_prepare(tokens + start, T); // the ubatch's n-gram rows, read before its layers
         run_embed(tokens + start, T);
         check_finite(-1, T);
         std::vector<int32_t> ids, slots, la_ids;

@@ -43,7 +43,10 @@ inline bool is_recurrent(int mixer) {
 }
 enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1, FFN_NONE = 2 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
-enum IndexerKind : int { INDEXER_NONE = 0, INDEXER_FULL = 1, INDEXER_SHARED = 2 };
+// INDEXER_QSA: Qwen4-Exp's token indexer over mean-pooled blocks of LayerPlan::compress keys (mixer_dsa.cpp)
+enum IndexerKind : int { INDEXER_NONE = 0, INDEXER_FULL = 1, INDEXER_SHARED = 2, INDEXER_QSA = 3 };
+// hyper-connections (hyper_conn.cpp): Hy4's iHC gates, Qwen4-Exp's gated low-rank mix with inject weights
+enum HcKind : int { HC_NONE = 0, HC_IHC = 1, HC_GATED = 2 };
 
 struct LayerPlan {
     int mixer = MIXER_ATTN, ffn = FFN_DENSE, mask = MASK_CAUSAL;
@@ -61,6 +64,7 @@ struct LayerPlan {
     // DSA on an MLA layer (mixer_mla.cpp): INDEXER_FULL runs its own lightning indexer, INDEXER_SHARED reuses the
     // selection of the last full layer before it (GLM-5.2's IndexShare)
     int indexer = INDEXER_NONE;
+    int compress = 0; // QSA: keys per pooled block the indexer scores
 };
 
 // Generic hyperparameters: runtime/hparams.py reads the llama.cpp keys of each architecture and fills these.
@@ -122,18 +126,26 @@ struct HParams {
     int n_blocks() const { return n_layer + n_mtp; }
     // Hyper-connections (Hy4's iHC, hyper_conn.cpp): the residual stream is hc_mult streams of n_embd per token;
     // 0 = one plain stream. pre / post gates: sigmoid(..) + hc_eps, post x hc_magnitude
-    int hc_mult = 0;
+    int hc_mult = 0, hc_kind = HC_NONE;
     float hc_eps = 1e-6f, hc_magnitude = 2.f;
     int64_t n_embd_res() const { return hc_mult > 1 ? (int64_t) n_embd * hc_mult : n_embd; } // residual row width
     bool clamp_gate = false;        // SwiGLU limits clamp the gate before the SiLU (Hy4: ggml_swiglu_clamp), else after
     bool indexer_rope_tail = false; // the DSA indexer's RoPE on the last n_rot dims of its heads (Hy4), else the first
-    std::vector<LayerPlan> plan;    // [n_layer + n_mtp]
+    bool deltanet_gate_sigmoid = false; // Gated DeltaNet output gate: sigmoid(z) (Qwen4-Exp), else silu(z)
+    // PLE n-gram hash embeddings (Qwen4-Exp, ple.cpp) on layer ple_layer (-1: none): per token (ngram - 1) x
+    // heads-per-ngram hashed rows of ple_row_dim from per_layer_token_embd, read from the file on demand (PleTable)
+    int ple_layer = -1, ple_ngram = 0, ple_heads = 0, ple_conv_kernel = 0, ple_row_dim = 0, ple_eos = 0;
+    std::vector<uint64_t> ple_mult, ple_offsets, ple_vocab; // [ngram] multipliers; [heads] offsets, vocab sizes
+    std::vector<LayerPlan> plan;                            // [n_layer + n_mtp]
 };
 
 // One hyper-connection's weights (hyper_conn.cpp): fn [n_embd * hc, n * hc], base [n * hc], scale [n]; n = 2 (pre and
 // post gates) in a layer, 1 in the output head
+// HC_GATED: norm [n_embd * hc] (grouped RMSNorm, one group a stream), down [n_embd * hc, rank], up [rank, n_embd *
+// hc], inject [n_embd * hc, hc] (none in the output head)
 struct HcWeights {
     ggml_tensor *fn = nullptr, *base = nullptr, *scale = nullptr;
+    ggml_tensor *norm = nullptr, *down = nullptr, *up = nullptr, *inject = nullptr;
 };
 
 struct Layer {
@@ -183,6 +195,13 @@ struct Layer {
     // norm; its own token embeddings and LM head where the file has them (else the trunk's)
     ggml_tensor *nextn_eh_proj = nullptr, *nextn_enorm = nullptr, *nextn_hnorm = nullptr, *nextn_head_norm = nullptr,
                 *nextn_embd = nullptr, *nextn_head = nullptr;
+    // PLE (HParams::ple_layer): key [E_ple, n_embd * hc], value [E_ple, n_embd], grouped (1+w) norms [n_embd * hc],
+    // the dilated depthwise conv [K, n_embd * hc]; its state: the conv's last (K - 1) x ngram inputs, and the last
+    // ngram - 1 token ids (+ 1; 0 = none: EOS) the next tokens' n-grams start from
+    ggml_tensor *ple_key = nullptr, *ple_value = nullptr, *ple_norm_key = nullptr, *ple_norm_query = nullptr,
+                *ple_norm_conv = nullptr, *ple_conv = nullptr, *ple_conv_state = nullptr, *ple_hist = nullptr;
+    // QSA (INDEXER_QSA): the token indexer's q [n_embd, n_idx d] and k [n_embd, d] projections and (1+w) norms [d]
+    ggml_tensor *idx_q_proj = nullptr, *idx_q_norm = nullptr;
 };
 
 struct ModelOptions {
@@ -244,6 +263,14 @@ struct ModelOptions {
     // nor reclaim can page them out. Where RLIMIT_MEMLOCK (without CAP_IPC_LOCK) refuses, nothing fails: lock_info()
     // says what was not locked and why. Without swap, anonymous memory cannot be paged out anyway.
     bool mlock = false;
+    // PLE table rows (Qwen4-Exp) cached in RAM, bytes (at least one ubatch of rows); the table stays in the file
+    size_t ple_cache_bytes = 64ull << 20;
+};
+
+// The PLE table's reads since load (Model::ple_stats)
+struct PleStats {
+    uint64_t bytes_read = 0, rows_read = 0, rows_hit = 0;
+    size_t cache_bytes = 0;
 };
 
 // What Model::lock_memory() locked (ModelOptions::mlock), and the first refusal
@@ -318,6 +345,7 @@ class Model {
     size_t dense_bytes() const { return dense_bytes_; }
     RepackInfo repack_info() const;
     size_t kv_bytes() const { return kv_bytes_; }
+    PleStats ple_stats() const; // ple.cpp
     const LockInfo & lock_info() const { return lock_; }
     // MOELITE_DENSE_MMAP=1 (a benchmark switch, CPU device): the dense weights are read-only views of the model
     // file mapped MAP_SHARED (page cache, the way llama.cpp holds them) instead of anonymous memory; no repacking
@@ -437,12 +465,19 @@ class Model {
 
     // ---- hyper-connections (hyper_conn.cpp): x [n_embd * hc, T] streams
     HcWeights load_hc(const std::string & prefix, int n_coef);
+    ggml_tensor * hc_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w);   // grouped RMSNorm (a group a stream)
+    ggml_tensor * hc_mean(ggml_context * ctx, ggml_tensor * x);                    // the streams' mean [n_embd, T]
     ggml_tensor * hc_reduce(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w); // sum_s w_s x_s -> [n_embd, T]
     // the sublayer's input [n_embd, T]; *post: the streams' weights for its output [hc, T]
     ggml_tensor * hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor * x, ggml_tensor ** post);
     ggml_tensor * hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * y, ggml_tensor * post); // x_s + post_s y
     ggml_tensor * hc_head(ggml_context * ctx, ggml_tensor * x);    // the output head's mixture [n_embd, T]
     ggml_tensor * hc_streams(ggml_context * ctx, ggml_tensor * e); // embeddings [n_embd, T] -> the residual stream
+
+    // ---- PLE (ple.cpp): the streams x [n_embd * hc, T] + the n-gram embedding's gated value and its dilated conv
+    void load_ple(int il, Layer & L);
+    void ple_prepare(const int32_t * tokens, int T); // hash the ubatch's n-grams, gather their rows (ple_rows_)
+    ggml_tensor * ple_block(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T);
 
     // ---- mixers: x normed [n_embd, T] -> attention output after W_o [n_embd, T]
     ggml_tensor * mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
@@ -531,7 +566,9 @@ class Model {
     LockInfo lock_;
     size_t dense_bytes_ = 0, kv_bytes_ = 0;
 
-    HcWeights hc_head_; // output_hc_*: the streams' mixture before the output norm
+    HcWeights hc_head_;                         // output_hc_*: the streams' mixture before the output norm
+    std::unique_ptr<class PleTable> ple_table_; // the PLE table's rows, read on demand (ple.cpp)
+    std::vector<float> ple_rows_;               // this ubatch's gathered rows [T, heads * row_dim]
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
                 *output_b_ = nullptr, *rope_factors_ = nullptr;
     std::vector<Layer> layers_;
@@ -567,6 +604,7 @@ class Model {
         ggml_tensor *pos = nullptr, *mask[3] = {nullptr, nullptr, nullptr}, *attn_temp = nullptr;
         ggml_tensor * mask_f32 = nullptr; // causal F32 for the DSA scores (flash attention's masks are F16)
         ggml_tensor * dsa_topk = nullptr; // the last full indexer layer's selection [top_k, T] in this graph
+        ggml_tensor * ple_emb = nullptr;  // the ubatch's PLE rows [heads * row_dim, T] (ple_rows_)
     };
     GraphInputs gin_; // the current graph's shared inputs
     int n_past_ = 0;

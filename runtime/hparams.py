@@ -21,6 +21,7 @@ GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
 ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU, ACT_RELU_SQR = 0, 1, 2, 3  # RELU_SQR: no gate, down(relu(up x)^2)
 MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_NONE, MIXER_KDA = 0, 1, 2, 3, 4, 5, 6
+HC_NONE, HC_IHC, HC_GATED = 0, 1, 2  # csrc HcKind
 FFN_DENSE, FFN_MOE, FFN_NONE = 0, 1, 2  # MIXER_NONE / FFN_NONE: Nemotron-H's FFN-only / mixer-only blocks
 RECURRENT_MIXERS = (MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_KDA)  # a fixed-size state, no KV
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
@@ -77,8 +78,9 @@ class ArchSpec:
     indexer_optional: bool = False  # the indexer keys may be absent: no DSA (Hy4's all-full-attention checkpoints)
     indexer_rope_tail: bool = False  # the indexer's RoPE on the last rope.dimension_count dims of its heads (Hy4)
     clamp_gate: bool = False  # swiglu_clamp limits clamp the gate before the SiLU (llama.cpp: ggml_swiglu_clamp)
-    # hyper-connections (keys `hyper_connection.{count, epsilon, magnitude}`, tensors `*hc_*`): Hy4's iHC
-    hyper_conn: bool = False
+    # hyper-connections (key `hyper_connection.count`, tensors `*hc_*`): HC_IHC, Hy4's (`.epsilon`, `.magnitude`);
+    # HC_GATED, Qwen4-Exp's gated low-rank mix, whose grouped norms replace the layer norms and the output norm
+    hyper_conn: int = 0
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -127,7 +129,12 @@ ARCHS: dict[str, ArchSpec] = {
         indexer_rope_tail=True,
         swiglu_clamp=True,
         clamp_gate=True,
-        hyper_conn=True,
+        hyper_conn=HC_IHC,
+    ),
+    # Qwen3.8-Flash-Next: Qwen3.5's hybrid with gated hyper-connections, QSA on the full-attention layers, the PLE
+    # n-gram table on one Gated DeltaNet layer, a sigmoid DeltaNet output gate (llama.cpp's qwen4exp graph)
+    "qwen4exp": ArchSpec(
+        ROPE_NEOX, qk_norm=QK_NORM_HEAD, weights_norm=None, recurrent=MIXER_DELTANET, hyper_conn=HC_GATED
     ),
     # AFMoE: sandwich norms and the attention gate come with their tensors; SWA period 4 and NoPE step 4 hardcoded
     "afmoe": ArchSpec(ROPE_NEOX, qk_norm=QK_NORM_HEAD, gating=GATING_SIGMOID, swa_period=4, nope_step=4, mup_embd=True),
@@ -530,7 +537,11 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         hp["indexer_rope_tail"] = spec.indexer_rope_tail
     hp["clamp_gate"] = spec.clamp_gate
     if spec.hyper_conn:
-        _hyper_conn(path, k, hp)
+        _hyper_conn(path, k, hp, spec.hyper_conn)
+    if arch == "qwen4exp":
+        hp["deltanet_gate_sigmoid"] = True
+        _qsa_plan(path, k, hp, plan, n_layer)
+        _ple_plan(path, k, hp, plan, n_layer)
     if spec.mla_yarn and float(k("attention.temperature_scale", 0.0) or 0.0) != 0.0:
         # Mistral-4 (and Mistral-Large): q *= 1 + s * log(1 + floor(pos / length)) on every layer, as llama.cpp's
         # deepseek2 graph; the key is what the HF converter of llama.cpp drops (moelite's writes it)
@@ -544,7 +555,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     return hp
 
 
-INDEXER_NONE, INDEXER_FULL, INDEXER_SHARED = 0, 1, 2  # csrc LayerPlan::indexer
+INDEXER_NONE, INDEXER_FULL, INDEXER_SHARED, INDEXER_QSA = 0, 1, 2, 3  # csrc LayerPlan::indexer
 
 
 def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: int) -> None:
@@ -580,21 +591,97 @@ def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: i
     plan["layer_indexer"] = [INDEXER_FULL if f else INDEXER_SHARED for f in full]
 
 
-def _hyper_conn(path: str, k, hp: dict) -> None:
-    """Hyper-connections: the residual stream as `hyper_connection.count` streams, their gates' epsilon and the post
-    gates' magnitude (Hy4's iHC: csrc/hyper_conn.cpp)."""
+def _hyper_conn(path: str, k, hp: dict, kind: int) -> None:
+    """Hyper-connections: the residual stream as `hyper_connection.count` streams (csrc/hyper_conn.cpp); Hy4's iHC
+    gates take an epsilon and the post gates a magnitude."""
     arch = hp["arch"]
-    n, eps, mag = (
-        int(k("hyper_connection.count")),
-        float(k("hyper_connection.epsilon")),
-        float(k("hyper_connection.magnitude")),
+    n = int(k("hyper_connection.count"))
+    eps, mag = (
+        (float(k("hyper_connection.epsilon")), float(k("hyper_connection.magnitude"))) if kind == HC_IHC else (0.0, 1.0)
     )
     if not 2 <= n <= 64 or not 0.0 <= eps < math.inf or not 0.0 < mag < math.inf:
         raise ModelFormatError(
             f"{path}: keys '{arch}.hyper_connection.count' = {n}, '.epsilon' = {eps}, '.magnitude' = {mag}: expected "
             f"2..64 streams, a finite epsilon >= 0 and a finite magnitude > 0"
         )
-    hp.update(hc_mult=n, hc_eps=eps, hc_magnitude=mag)
+    hp.update(hc_mult=n, hc_kind=kind, hc_eps=eps, hc_magnitude=mag)
+
+
+def _qsa_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
+    """QSA (Qwen4-Exp): the token indexer's sizes, its token budget (`attention.indexer.top_k`) and per layer the
+    block size its keys are pooled over (`attention.compress_ratios`, 0: no indexer)."""
+    arch = hp["arch"]
+    n_idx, d_idx, budget = (int(k(f"attention.indexer.{n}")) for n in ("head_count", "key_length", "top_k"))
+    ratios = [int(x) for x in _per_layer(k.kv, path, f"{arch}.attention.compress_ratios", n_layer, 0)]
+    attn = [m == MIXER_ATTN for m in plan["layer_mixer"]]
+    if (
+        n_idx < 1
+        or d_idx < max(plan["layer_n_rot"])
+        or budget < 1
+        or any(r < 0 or r > 4096 or (r and (not a or budget % r)) for r, a in zip(ratios, attn))
+    ):
+        raise ModelFormatError(
+            f"{path}: keys '{arch}.attention.indexer.head_count' = {n_idx}, '.key_length' = {d_idx}, '.top_k' = "
+            f"{budget}, '{arch}.attention.compress_ratios' = {ratios}: expected >= 1 heads of >= the rotated dims, a "
+            f"budget >= 1, and per attention layer a block size 0..4096 dividing the budget (0 elsewhere)"
+        )
+    hp.update(indexer_n_head=n_idx, indexer_head_size=d_idx, indexer_top_k=budget, indexer_rope_type=hp["rope_type"])
+    plan["layer_indexer"] = [INDEXER_QSA if r else INDEXER_NONE for r in ratios]
+    plan["layer_compress"] = ratios
+
+
+def _ple_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
+    """PLE (Qwen4-Exp): one recurrent layer's n-gram hash embeddings; the hash constants come as u64 arrays."""
+    arch = hp["arch"]
+    layers = k.raw("ple.layers")
+    if layers is None:
+        return
+    layers = [int(_number(k.kv, path, f"{arch}.ple.layers", x)) for x in layers] if hasattr(layers, "__len__") else []
+    if len(layers) != 1 or not 0 <= layers[0] < n_layer or plan["layer_mixer"][layers[0]] != MIXER_DELTANET:
+        raise ModelFormatError(
+            f"{path}: key '{arch}.ple.layers' = {layers}: expected one Gated DeltaNet layer (as llama.cpp loads it)"
+        )
+
+    def u64s(name: str) -> list[int]:
+        v = k.raw(name)
+        if v is None or not hasattr(v, "__len__") or isinstance(v, str):
+            raise ModelFormatError(f"{path}: key '{arch}.{name}': expected an array of unsigned integers")
+        out = [_number(k.kv, path, f"{arch}.{name}", x) for x in v]
+        if any(isinstance(x, (bool, float)) or not 0 <= x < 1 << 64 for x in out):
+            raise ModelFormatError(f"{path}: key '{arch}.{name}': expected unsigned 64-bit integers")
+        return [int(x) for x in out]
+
+    ngram, per = int(k("ple.ngram_size")), int(k("ple.heads_per_ngram"))
+    mult, offsets, vocab = u64s("ple.layer_multipliers"), u64s("ple.head_offsets"), u64s("ple.head_vocab_sizes")
+    heads, row, eos = (ngram - 1) * per, int(k("embedding_length_per_layer_input")), int(k("ple.eos_token_id"))
+    if (
+        not 2 <= ngram <= 8
+        or not 1 <= per <= 128
+        or len(mult) != ngram
+        or len(offsets) != heads
+        or len(vocab) != heads
+        or 0 in vocab
+        or not 1 <= row <= 1 << 16
+        or not 0 <= eos < hp["n_vocab"]
+        or not 1 <= int(k("ple.conv_kernel")) <= 16
+    ):
+        raise ModelFormatError(
+            f"{path}: keys '{arch}.ple.*': ngram_size {ngram}, heads_per_ngram {per}, {len(mult)} multipliers, "
+            f"{len(offsets)} offsets, {len(vocab)} vocabulary sizes, row width {row}, eos {eos}: expected 2..8-grams, "
+            f"a multiplier per n-gram position, an offset and a non-zero vocabulary per head ((ngram - 1) x "
+            f"heads_per_ngram), rows of 1..65536 values, the EOS id in the vocabulary and a conv kernel of 1..16"
+        )
+    hp.update(
+        ple_layer=layers[0],
+        ple_ngram=ngram,
+        ple_heads=heads,
+        ple_conv_kernel=int(k("ple.conv_kernel")),
+        ple_eos=eos,
+        ple_row_dim=row,
+        ple_mult=mult,
+        ple_offsets=offsets,
+        ple_vocab=vocab,
+    )
 
 
 def _single_block_plan(path: str, k, hp: dict, plan: dict, tensors: dict, recurrent: list[bool]) -> None:

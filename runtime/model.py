@@ -194,6 +194,7 @@ class Model:
         decode_attn: bool = True,
         prompt_attn: bool = True,
         mlock: bool = False,
+        ple_cache_bytes: int | None = None,
         speculative: str = "off",
         draft_max: int = DEFAULT_DRAFT_MAX,
         draft_min: int = DEFAULT_DRAFT_MIN,
@@ -239,6 +240,9 @@ class Model:
             raise UsageError(f"cpu_compute {cpu_compute!r}: expected one of {', '.join(CPU_COMPUTE)}")
         if not isinstance(mlock, (bool, np.bool_)):
             raise UsageError(f"mlock {mlock!r}: expected True or False")
+        ple_cache_bytes = int_in(
+            "ple_cache_bytes", ple_cache_bytes, 0, 1 << 62, optional=True, why="the PLE table's row cache"
+        )
         self.spec_config = spec_config(speculative, draft_max, draft_min, draft_rule)  # runtime/speculative.py
         self.device = resolve_device(device)
         from ..cache_policies.registry import DEFAULT_POLICY, make_policy  # policy names and knobs live there
@@ -402,6 +406,7 @@ class Model:
             standin_slots=standin_slots,
             standin_threshold=self.standin_threshold,
             mlock=bool(mlock),
+            ple_cache_bytes=int(self.plan.ple_bytes if ple_cache_bytes is None else ple_cache_bytes),
         )
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
@@ -1019,7 +1024,9 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     off: ggml's flash attention, one query head at a time), prompt_attn (CPU prompt ubatches of 64 tokens and more with
     flash attention: 64 x 64 tiles whose rows are (token, head) pairs sharing a KV head, default True; off: ggml's
     tiled flash attention, one query head per tile), mlock (lock the dense weights and the KV cache in RAM, default
-    False; refused by RLIMIT_MEMLOCK: a RuntimeWarning, the model runs unlocked; info()['locked_bytes'])."""
+    False; refused by RLIMIT_MEMLOCK: a RuntimeWarning, the model runs unlocked; info()['locked_bytes']),
+    ple_cache_bytes (Qwen4-Exp: the PLE n-gram table's row cache in bytes, at least one ubatch of rows; default: the
+    plan's, 64 MiB or the table if smaller)."""
     import inspect
 
     valid = [p for p in inspect.signature(Model).parameters if p != "path"]

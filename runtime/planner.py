@@ -81,6 +81,8 @@ class Plan:
     budget: int | None
     n_ubatch: int = 512  # prompt tokens per graph (smaller under a tight budget: less scratch)
     rs_bytes: int = 0  # recurrent state: the live one + its snapshots for prompt reuse
+    ple_bytes: int = 0  # the PLE table's rows cached in RAM (Qwen4-Exp; the table itself stays in the file)
+    ple_table_bytes: int = 0  # the PLE table in the file
 
     @property
     def moe_layers(self) -> list[int]:
@@ -96,6 +98,7 @@ class Plan:
             self.dense_bytes
             + self.kv_bytes
             + self.rs_bytes
+            + self.ple_bytes
             + self.scratch_bytes
             + sum(b * self.n_expert_used for b in self.expert_slot_bytes)
         )
@@ -107,6 +110,7 @@ class Plan:
             self.dense_bytes
             + self.kv_bytes
             + self.rs_bytes
+            + self.ple_bytes
             + self.scratch_bytes
             + sum(s * b for s, b in zip(slots, self.expert_slot_bytes))
         )
@@ -157,7 +161,23 @@ def recurrent_state_bytes(hp: dict) -> int:
     if mixers.count(6):  # KDA: S = head_dim, inner = H S
         inner, ds = hp["ssm_d_inner"], hp["ssm_d_state"]
         total += mixers.count(6) * 4 * ((K - 1) * 3 * inner + ds * inner)
+    if hp.get("ple_layer", -1) >= 0:  # PLE: its dilated conv's inputs [(K - 1) ngram, n_embd hc], ngram - 1 ids
+        ng = hp["ple_ngram"]
+        total += 4 * ((hp["ple_conv_kernel"] - 1) * ng * hp["n_embd"] * hp["hc_mult"] + ng - 1)
     return total
+
+
+PLE_TABLE = "per_layer_token_embd.weight"
+PLE_CACHE_BYTES = 64 << 20  # the PLE row cache by default (csrc ModelOptions::ple_cache_bytes)
+
+
+def ple_cache_bytes(hp: dict, tensors: dict, n_ubatch: int) -> int:
+    """The PLE table's row cache (Qwen4-Exp): PLE_CACHE_BYTES, at least one ubatch of rows, at most the table."""
+    if hp.get("ple_layer", -1) < 0 or PLE_TABLE not in tensors:
+        return 0
+    table = tensors[PLE_TABLE][3]
+    row = table // max(tensors[PLE_TABLE][1][1], 1)
+    return min(table, max(PLE_CACHE_BYTES, row * hp["ple_heads"] * n_ubatch))
 
 
 STANDIN_SHARE = 0.25  # stand-ins all in memory when they cost at most this share of the expert budget
@@ -238,7 +258,10 @@ def plan_memory(
     n_layer, E, K = hp["n_layer"], hp["n_expert"], hp["n_expert_used"]
     slot_bytes, expert_names, n_ff = expert_slots_of(hp, tensors)
     # MTP blocks (blk.{n_layer}.., nextn_predict_layers) are not loaded: the main path never runs them
-    dense = sum(t[3] for n, t in tensors.items() if n not in expert_names and not _mtp_block(n, n_layer))
+    # the PLE table (Qwen4-Exp) stays in the file: its rows are cached (Plan.ple_bytes), never loaded whole
+    dense = sum(
+        t[3] for n, t in tensors.items() if n not in expert_names and not _mtp_block(n, n_layer) and n != PLE_TABLE
+    )
     kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
 
     head = max(hp.get("layer_head_k", [hp["n_embd_head_k"]]) + hp.get("layer_head_v", [hp["n_embd_head_v"]]))
@@ -286,7 +309,20 @@ def plan_memory(
         state = 4 * t * (2 * res + hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee + (hp.get("hc_mult") or 0))
         if 2 in hp.get("layer_indexer", []):  # DSA IndexShare: the last full layer's selection [top_k, t] I32
             state += 4 * t * hp["indexer_top_k"]
-        return Plan(dense, kv + state, scratch_for(t), slot_bytes, E, K, None, b, t, rs)
+        return Plan(
+            dense,
+            kv + state,
+            scratch_for(t),
+            slot_bytes,
+            E,
+            K,
+            None,
+            b,
+            t,
+            rs,
+            ple_cache_bytes(hp, tensors, t),
+            tensors[PLE_TABLE][3] if PLE_TABLE in tensors else 0,
+        )
 
     p = plan_for(budget)
     if budget is None:

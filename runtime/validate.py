@@ -109,6 +109,10 @@ HP_RULES: dict[str, tuple[Rule, str | None]] = {
     "layer_head_v": (COUNT, "attention.value_length"),
     "layer_n_rot": (COUNT0, "rope.dimension_count"),  # 0: a NoPE layer (llama4)
     "layer_freq_base": (POSITIVE, "rope.freq_base"),
+    # Qwen4-Exp's PLE hash constants: unsigned 64-bit (the core takes uint64)
+    "ple_mult": (Rule("int", 0, int_max=2**64 - 1), "ple.layer_multipliers"),
+    "ple_offsets": (Rule("int", 0, int_max=2**64 - 1), "ple.head_offsets"),
+    "ple_vocab": (Rule("int", 1, int_max=2**64 - 1), "ple.head_vocab_sizes"),
 }
 
 # raw GGUF keys parse_hparams computes with (divides by, takes the log of, allocates per layer)

@@ -70,6 +70,9 @@ KDA_FAMILIES = ("kimi_linear", "bailing_hybrid")
 # Hadamard rotation of the indexer q / k takes a multiple of 64)
 # Hy4 (hy_v4): DSA with IndexShare plus hyper-connections (4 residual streams), sinks and a per-element output gate
 DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4")
+# Qwen3.8-Flash-Next (qwen4exp): Qwen3.5's hybrid with gated hyper-connections, QSA on the full-attention layer and the
+# PLE n-gram hash table on a Gated DeltaNet layer: tests/test_qwen4exp.py
+QWEN4EXP_FAMILIES = ("qwen4_exp_text",)
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
 WRAPPED = {"mistral4": "mistral3", "step3p5": "step3p7"}
@@ -418,6 +421,43 @@ CONFIGS: dict[str, dict[str, Any]] = {
             "mrope_section": [2, 1, 1],
             "mrope_interleaved": True,
         },
+    ),
+    # [L, L(PLE), L, Q]: 3-grams hashed into 2 heads each (prime vocabularies above 97, 2 shards), QSA with 8 indexer
+    # heads of 16 over blocks of 2 keys and a budget of 512 positions (dense: make_hf_model(.., indexer_budget=4) for
+    # the sparse path), 4 streams of rank 8; llama.cpp hardcodes the sigmoid output gate
+    "qwen4_exp_text": dict(
+        num_hidden_layers=4,
+        head_dim=32,
+        linear_num_key_heads=2,
+        linear_num_value_heads=4,
+        linear_key_head_dim=16,
+        linear_value_head_dim=16,
+        linear_conv_kernel_dim=4,
+        num_experts=8,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        rms_norm_eps=1e-6,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 1e6,
+            "partial_rotary_factor": 0.25,
+            "mrope_section": [2, 1, 1],
+            "mrope_interleaved": True,
+        },
+        hc_count=4,
+        hc_lowrank=8,
+        ple_layer_ids=[2],
+        ngram_size=3,
+        heads_per_ngram=2,
+        ngram_vocab_size_base=97,
+        split_ngram_parts=2,
+        indexer_n_heads=8,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=512,
+        indexer_compress_ratio=2,
+        output_gate_type="sigmoid",
     ),
     "qwen3_next": dict(
         num_hidden_layers=4,
@@ -899,6 +939,10 @@ def _perturb(model, seed: int) -> None:
                 p.add_(torch.randn(p.shape, generator=g) * 0.1)
             elif name.endswith(("hc_fn", "attn_hc.fn", "ffn_hc.fn")):  # hyper-connection mixes (Hy4): init std 0.006
                 p.mul_(50.0)  # makes the streams' gates all but constant; x50 lets them vary per token
+            elif ".input_mix_weight_" in name:  # Qwen4-Exp's low-rank stream gates: the same, x20
+                p.mul_(20.0)
+            elif name.endswith("ple.conv1d.weight"):  # Qwen4-Exp's PLE conv starts at zero: make it count
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.2)
@@ -911,7 +955,7 @@ def make_hf_model(
     if family not in CONFIGS:
         raise ValueError(
             f"unknown family {family!r}; known: "
-            f"{', '.join(FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES + KDA_FAMILIES + DSA_FAMILIES)}"
+            f"{', '.join(FAMILIES + WAVE2_FAMILIES + HYBRID_FAMILIES + WAVE3_FAMILIES + KDA_FAMILIES + DSA_FAMILIES + QWEN4EXP_FAMILIES)}"
         )
     del out_dir  # the cache is the output
     FIXTURE_ROOT.mkdir(parents=True, exist_ok=True)
@@ -1068,8 +1112,12 @@ def edited_copy(model_dir, out_dir, edit) -> Path:
         if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json":
             shutil.copy(p, out_dir / p.name)
     ts = edit(read_fixture_tensors(model_dir))
-    raw = {
-        k: v if isinstance(v, tuple) else ("F32", list(v.shape), np.ascontiguousarray(v, np.float32).tobytes())
+    raw = {  # integer tensors (Qwen4-Exp's int64 hash constants) keep their type
+        k: v
+        if isinstance(v, tuple)
+        else ("I64", list(v.shape), np.ascontiguousarray(v, np.int64).tobytes())
+        if np.asarray(v).dtype == np.int64
+        else ("F32", list(v.shape), np.ascontiguousarray(v, np.float32).tobytes())
         for k, v in ts.items()
     }
     write_safetensors(out_dir / "model.safetensors", raw)

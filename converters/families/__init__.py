@@ -11,6 +11,7 @@ share its code, e.g. GLM-4.7-Flash beside DeepSeek-V3):
   sanitize(w,c) rewrites the dict of Lazy tensors in place: stack per-expert tensors, split fused ones,
                 permute Q/K. Uses only the helpers below (no I/O, no numpy on data except through Lazy).
   skip          regexes of HF names that are dropped on purpose (e.g. DeepSeek-V3's MTP layer)
+  tensor_hparams(w, c)  keys whose values are tensors of the checkpoint (read before sanitize)
   tokenizer_pre llama.cpp `tokenizer.ggml.pre` of the real checkpoints of this family
 
   defaults      {config.json key: transformers config class default}: what a key absent from config.json
@@ -394,6 +395,9 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)  # transformers class defaults (module docstring)
     keep_mtp: bool = False  # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
     n_mtp: int = 0  # MTP blocks when config.json does not say (MiMo-V2: 3, as llama.cpp hardcodes)
+    # keys read from the checkpoint's tensors rather than config.json (Qwen4-Exp's int64 hash constants), called on
+    # the weights before sanitize; the same {key: value} form as hparams
+    tensor_hparams: Callable[[dict[str, Lazy], Config], dict[str, Any]] | None = None
 
     def n_blocks(self, c: Config) -> int:
         """Blocks written: the trunk, plus the MTP blocks of a family that keeps them."""
@@ -454,6 +458,7 @@ FAMILY_MODULES = (
     "exaone_moe",
     "hy_v3",
     "hy_v4",
+    "qwen4_exp",
     "mistral4",
     "afmoe",
     "cohere2_moe",

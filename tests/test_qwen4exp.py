@@ -1,0 +1,180 @@
+"""Qwen3.8-Flash-Next (`qwen4exp`), a tiny random instance against transformers 5.25's Qwen4ExpForCausalLM: Qwen3.5's
+hybrid (Gated DeltaNet with a sigmoid output gate, gated attention) with gated hyper-connections (4 streams) instead
+of every norm, QSA on the full-attention layer, and the PLE n-gram hash table on a Gated DeltaNet layer, whose rows
+are read from the GGUF on demand (csrc/ple.cpp), never loaded whole:
+
+- f32 logits within 1e-3 of transformers (F32 KV), with an EOS inside the prompt (it resets the n-grams), prompt +
+  decode steps (the n-gram history and the dilated conv's state carried across steps), 32 greedy tokens;
+- chunked prompts and prompt reuse (recurrent-state snapshots hold the PLE state too) equal a fresh recomputation;
+- offloaded at the minimum budget, and with a PLE row cache of one ubatch: the resident logits, bit for bit; the
+  rows come from the file (ple_stats), and the plan counts the row cache instead of the table;
+- the converter keeps the 45-bit hash constants exact (u64 arrays) and refuses what llama.cpp cannot run.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from fixture_models import fixture_gguf
+from hf_fixtures import edited_copy, hf_greedy, hf_logits
+
+import moelite
+from moelite import _core
+from moelite.converters import convert
+
+FAMILY = "qwen4_exp_text"
+EOS = 2
+SHORT = [(7 * i + 3) % 320 for i in range(12)]
+LONG = [EOS if i == 20 else (11 * i + 5) % 317 + 3 for i in range(48)]  # an EOS at 20: the n-grams restart there
+
+
+def load(path, **kw):
+    return moelite.load(path, **{"kv_type": "f32", "n_threads": 1, **kw})
+
+
+def test_prompts_match_transformers():
+    hf, path = fixture_gguf(FAMILY)
+    with load(path) as m:
+        for ids in (SHORT, LONG):
+            assert float(np.abs(m.logits(ids) - hf_logits(hf, ids)).max()) <= 1e-3
+
+
+def test_prompt_then_decode_steps_match_transformers():
+    hf, path = fixture_gguf(FAMILY)
+    ref = hf_logits(hf, LONG[:32])
+    with load(path) as m:
+        rows = [m.eval(LONG[:10])] + [m.eval([t]) for t in LONG[10:32]]
+    assert float(np.abs(np.stack(rows) - ref[9:]).max()) <= 1e-3
+
+
+def test_greedy_32_tokens_equal_transformers():
+    hf, path = fixture_gguf(FAMILY)
+    with load(path) as m:
+        assert m.generate(SHORT, max_tokens=32, stop_ids=[]) == hf_greedy(hf, SHORT, 32)
+
+
+def test_the_ple_table_and_the_streams_matter():
+    """The fixture's PLE rows and hyper-connection gates move the logits well past the 1e-3 bound: with the table
+    zeroed transformers' logits change, and moelite follows both."""
+    hf, path = fixture_gguf(FAMILY)
+
+    def zero_table(ts):
+        return {k: (v * 0 if ".ngram_embedding." in k else v) for k, v in ts.items()}
+
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as d:
+        zeroed = edited_copy(hf, Path(d) / "hf", zero_table)
+        convert(zeroed, Path(d) / "z.gguf", "f32", progress=False)
+        ref = hf_logits(zeroed, LONG)
+        assert float(np.abs(ref - hf_logits(hf, LONG)).max()) > 1e-2
+        with load(Path(d) / "z.gguf") as m:
+            assert float(np.abs(m.logits(LONG) - ref).max()) <= 1e-3
+
+
+def test_prompt_chunks_and_reuse_equal_a_fresh_recomputation():
+    """Ubatches of 3 and 7 tokens (the n-gram history and the PLE conv state cross their borders) give the one-ubatch
+    logits; generate calls extending or diverging from the cached context (snapshots restore the PLE state with the
+    rest of the recurrent state) give a fresh model's tokens."""
+    _, path = fixture_gguf(FAMILY)
+    with load(path) as m:
+        want = m.logits(LONG)
+    for n_ubatch in (3, 7):
+        with load(path, n_ubatch=n_ubatch) as m:
+            assert float(np.abs(m.logits(LONG) - want).max()) <= 1e-5
+
+    def fresh(ids):
+        with load(path) as m:
+            return m.generate(ids, max_tokens=8, stop_ids=[])
+
+    with load(path, n_ubatch=5) as m:
+        g1 = m.generate(LONG[:20], max_tokens=8, stop_ids=[])
+        extended = LONG[:20] + g1 + LONG[20:30]
+        g2 = m.generate(extended, max_tokens=8, stop_ids=[])
+        diverged = LONG[:25]
+        g3 = m.generate(diverged, max_tokens=8, stop_ids=[])
+    assert [g1, g2, g3] == [fresh(LONG[:20]), fresh(extended), fresh(diverged)]
+
+
+def test_offloaded_and_a_one_ubatch_row_cache_equal_resident():
+    """At the minimum budget (experts offloaded, the PLE row cache one ubatch of rows: 4 rows per token here) the
+    logits are the resident ones bit for bit, the table's rows read from the file as the tokens need them."""
+    _, path = fixture_gguf(FAMILY)
+    with load(path, n_ubatch=4) as m:
+        want = m.logits(LONG)
+        plan = m.plan
+        minimum = plan.minimum_budget
+    assert plan.ple_table_bytes == plan.ple_bytes == 512 * 16 * 4  # [512 rows, 16] F32: the cache holds it all
+    with load(path, memory_budget=minimum, n_ubatch=4, ple_cache_bytes=0) as m:  # 0: one ubatch of rows, 16 of 512
+        assert m.info()["offloaded"]
+        got = m.logits(LONG)
+        s = m._m.ple_stats()
+    assert np.array_equal(got, want)
+    assert s["cache_bytes"] == 16 * 16 * 4
+    assert s["rows_read"] > 16 and s["rows_read"] + s["rows_hit"] == 4 * len(LONG)
+
+
+def test_hash_constants_are_exact_u64_keys():
+    """The 45-bit multipliers reach the GGUF exactly (an F32 round trip would move them by thousands)."""
+    hf, path = fixture_gguf(FAMILY)
+    kv = _core.read_gguf(str(path))["kv"]
+    from safetensors import safe_open
+
+    want = {}
+    for f in sorted(hf.glob("*.safetensors")):
+        with safe_open(f, "np") as s:
+            for k in s.keys():
+                if k.endswith(("layer_multipliers", "ngram_heads_offsets", "ngram_heads_vocab_sizes")):
+                    want[k.rsplit(".", 1)[1]] = [int(x) for x in s.get_tensor(k)]
+    assert [int(x) for x in kv["qwen4exp.ple.layer_multipliers"]] == want["layer_multipliers"]
+    assert max(want["layer_multipliers"]) > 1 << 40
+    assert [int(x) for x in kv["qwen4exp.ple.head_offsets"]] == want["ngram_heads_offsets"]
+    assert [int(x) for x in kv["qwen4exp.ple.head_vocab_sizes"]] == want["ngram_heads_vocab_sizes"]
+    assert list(kv["qwen4exp.attention.compress_ratios"]) == [0, 0, 0, 2]
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"output_gate_type": "silu"}, "output_gate_type"),
+        ({"ple_layer_ids": [4]}, "ple_layer_ids"),
+        ({"ple_layer_ids": [1, 2]}, "ple_layer_ids"),
+        ({"indexer_budget": 5}, "indexer_budget"),
+    ],
+)
+def test_configs_llama_cpp_cannot_run_are_refused(override, match, tmp_path):
+    from moelite.errors import ConversionError
+
+    hf, _ = fixture_gguf(FAMILY)
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **override}))
+    with pytest.raises(ConversionError, match=match):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("ple.layers", [3], "ple.layers"),  # the attention layer
+        ("ple.head_vocab_sizes", [97, 101, 103], "ple"),  # 3 sizes for 4 heads
+        ("ple.ngram_size", 1, "ple"),
+        ("hyper_connection.count", 1, "hyper_connection.count"),
+        ("attention.compress_ratios", [0, 0, 0, 3], "compress_ratios"),  # does not divide the budget
+    ],
+)
+def test_bad_keys_are_format_errors(key, value, match):
+    from moelite.errors import ModelFormatError
+
+    _, path = fixture_gguf(FAMILY)
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    kv[f"qwen4exp.{key}"] = value
+    from moelite.runtime.hparams import parse_hparams
+
+    with pytest.raises(ModelFormatError, match=match):
+        parse_hparams(str(path), kv, tensors)
