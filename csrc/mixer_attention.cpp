@@ -71,7 +71,9 @@ ggml_tensor * Model::mixer_attention(ggml_context * ctx, ggml_cgraph * gf, int i
     if (p.attn_temp) { // Llama-4 NoPE layers: per-position temperature
         q = ggml_mul(ctx, q, attn_temp_input(ctx, T));
     }
-    ggml_tensor * o = attention(ctx, gf, il, q, k, v, T);                      // [dv, n_head, T]
+    // QSA (Qwen4-Exp): the indexer's block selection masks the attention past its budget (null: dense)
+    ggml_tensor * sel = p.indexer == INDEXER_QSA ? qsa_mask(ctx, gf, il, cur, pos, T) : nullptr;
+    ggml_tensor * o = attention(ctx, gf, il, q, k, v, T, sel);                 // [dv, n_head, T]
     if (h.attn_value_scale != 1.f) o = ggml_scale(ctx, o, h.attn_value_scale); // = V x scale (MiMo-V2)
     if (gate) {                                                                // gated attention output
         gate = h.attn_gate_softplus ? ggml_softplus(ctx, gate) : ggml_sigmoid(ctx, gate);

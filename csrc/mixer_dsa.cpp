@@ -76,3 +76,56 @@ ggml_tensor * Model::dsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml
 }
 
 } // namespace moelite
+
+namespace moelite {
+
+// QSA (Qwen4-Exp) on a full-attention layer: the token indexer scores blocks of `compress` consecutive keys instead
+// of single positions, and each token attends to the top top_k / compress complete blocks plus the incomplete tail
+// block (every position of it it can see). Exact, not an approximation: identical to dense attention while a token
+// sees at most top_k / compress complete blocks.
+//
+//   cur [n_embd, T] (the layer's normed input) -> q = q_norm(q_proj cur) [d, n_idx, T], roped as the attention's q
+//                                              -> k = k_proj cur [d, T]: the indexer key cache (raw keys), rows n_past..
+//   block b (complete for token t when (b + 1) r <= pos_t + 1): key_b = rope(k_norm(mean of its r raw keys), b r)
+//   score(t, b) = sum_h relu(q(t, h) . key_b) / sqrt(d)  ->  top (top_k / r) blocks -> the mask over positions
+ggml_tensor * Model::qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
+                              int T) {
+    const HParams & h = hp_;
+    const LayerPlan & p = h.plan[il];
+    Layer & L = layers_[il];
+    const int64_t d = h.indexer_head_size, H = h.indexer_n_head, r = p.compress;
+    const int n_kv = n_past_ + T, n_blk = n_kv / (int) r, K = h.indexer_top_k / (int) r;
+    ggml_tensor * k = dense_mm(ctx, L.idx_wk, cur); // [d, T] raw keys
+    ggml_tensor * dst =
+        ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
+    ggml_build_forward_expand(gf, ggml_cpy(ctx, k, dst));
+    if (n_blk <= K) return nullptr; // every token sees at most K complete blocks: all of them selected (dense)
+
+    // block keys [d, n_blk]: the mean of each block's r raw keys, (1+w)-normed, roped at the block's first position
+    ggml_tensor * raw =
+        ggml_view_3d(ctx, L.idx_k_cache, d, r, n_blk, L.idx_k_cache->nb[1], r * L.idx_k_cache->nb[1], 0);
+    if (raw->type != GGML_TYPE_F32) raw = ggml_cast(ctx, raw, GGML_TYPE_F32);
+    ggml_tensor * kb = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, raw, 1, 0, 2, 3))); // [1, d, n_blk]
+    kb = ggml_scale(ctx, ggml_reshape_3d(ctx, kb, d, 1, n_blk), 1.f / (float) r);
+    kb = ggml_mul(ctx, ggml_rms_norm(ctx, kb, h.norm_eps), L.idx_k_norm);
+    kb = rope(ctx, il, kb, qsa_pos_input(ctx, n_blk)); // [d, 1, n_blk]
+    ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_q_proj, cur), d, H, T);
+    q = rope(ctx, il, ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.idx_q_norm), pos); // [d, H, T]
+    ggml_tensor * s = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, kb, d, n_blk), ggml_reshape_2d(ctx, q, d, H * T));
+    s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n_blk, H, T);
+    s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3))); // [1, n_blk, T]
+    s = ggml_scale(ctx, ggml_reshape_2d(ctx, s, n_blk, T), 1.f / std::sqrt((float) d));
+    // per (block, token): 0 / -inf where the block is the token's tail (incomplete) or not, and the reverse
+    ggml_tensor *tail = nullptr, *complete = nullptr;
+    qsa_inputs(ctx, n_blk, T, &tail, &complete);
+    ggml_tensor * topk = ggml_top_k(ctx, ggml_add(ctx, s, complete), K); // among each token's complete blocks
+    // the blocks a token attends to: the selected ones and its tail -> positions (x r) -> + causal
+    ggml_tensor * zero = ggml_fill(ctx, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T), 0.f);
+    ggml_tensor * blocks = ggml_set_rows(ctx, ggml_reshape_3d(ctx, tail, 1, n_blk, T), zero, topk); // [1, n_blk, T]
+    ggml_tensor * mask = ggml_reshape_2d(ctx, ggml_repeat_4d(ctx, blocks, r, n_blk, T, 1), r * n_blk, T);
+    if (n_kv > r * n_blk) mask = ggml_pad(ctx, mask, (int) (n_kv - r * n_blk), 0, 0, 0); // the last partial block
+    mask = ggml_add(ctx, mask, mask_f32_input(ctx, n_kv, T));
+    return opt_.flash_attn ? ggml_cast(ctx, mask, GGML_TYPE_F16) : mask;
+}
+
+} // namespace moelite

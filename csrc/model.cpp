@@ -437,6 +437,13 @@ void Model::load_attention(int il, Layer & L) {
         L.q_norm = load_tensor(blk(il, "attn_q_norm.weight"), true, 1, {q_dim});
         L.k_norm = load_tensor(blk(il, "attn_k_norm.weight"), true, 1, {kv_dim});
     }
+    if (p.indexer == INDEXER_QSA) { // Qwen4-Exp's token indexer (mixer_dsa.cpp qsa_mask)
+        const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
+        L.idx_q_proj = load_tensor(blk(il, "indexer.q_proj.weight"), true, 2, {E, H * d});
+        L.idx_wk = load_tensor(blk(il, "indexer.k_proj.weight"), true, 2, {E, d});
+        L.idx_q_norm = load_tensor(blk(il, "indexer.q_norm.weight"), true, 1, {d});
+        L.idx_k_norm = load_tensor(blk(il, "indexer.k_norm.weight"), true, 1, {d});
+    }
 }
 
 // An attention output gate from the normed input (Qwen3.5's gate rides in attn_q instead): per element (AFMoE,
@@ -716,6 +723,8 @@ void Model::alloc_kv() {
         layers_[il].k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, k_row, opt_.n_ctx);
         layers_[il].v_cache = opt_.flash_attn ? ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, v_row, opt_.n_ctx)
                                               : ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, opt_.n_ctx, v_row);
+        if (p.indexer == INDEXER_QSA) // QSA: the indexer's raw keys, one head per position (pooled per block later)
+            layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
         if (p.indexer == INDEXER_FULL) // DSA: the indexer's roped keys, one head per position
             layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
         shared_indexer = shared_indexer || p.indexer == INDEXER_SHARED;
@@ -824,6 +833,26 @@ ggml_tensor * Model::mask_f32_input(ggml_context * ctx, int n_kv, int T) {
     return gin_.mask_f32;
 }
 
+ggml_tensor * Model::qsa_pos_input(ggml_context * ctx, int n_blk) {
+    if (!gin_.qsa_pos) {
+        gin_.qsa_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_blk);
+        ggml_set_input(gin_.qsa_pos);
+        ggml_set_name(gin_.qsa_pos, "qsa_pos");
+    }
+    return gin_.qsa_pos;
+}
+
+void Model::qsa_inputs(ggml_context * ctx, int n_blk, int T, ggml_tensor ** tail, ggml_tensor ** complete) {
+    if (!gin_.qsa_tail) {
+        gin_.qsa_tail = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_blk, T);
+        gin_.qsa_complete = ggml_new_tensor_2d(ctx, GGML_TYPE_F32, n_blk, T);
+        ggml_set_input(gin_.qsa_tail);
+        ggml_set_input(gin_.qsa_complete);
+    }
+    *tail = gin_.qsa_tail;
+    *complete = gin_.qsa_complete;
+}
+
 ggml_tensor * Model::attn_temp_input(ggml_context * ctx, int T) {
     if (!gin_.attn_temp) {
         gin_.attn_temp = ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, 1, T);
@@ -849,6 +878,9 @@ void Model::set_graph_inputs() {
     if (gin_.mask_f32) set_input(gin_.mask_f32, mask_dsa_.data(), ggml_nbytes(gin_.mask_f32));
     if (gin_.pos && gin_.pos->buffer) set_input(gin_.pos, pos_.data(), ggml_nbytes(gin_.pos));
     if (gin_.ple_emb && gin_.ple_emb->buffer) set_input(gin_.ple_emb, ple_rows_.data(), ggml_nbytes(gin_.ple_emb));
+    if (gin_.qsa_pos && gin_.qsa_pos->buffer) set_input(gin_.qsa_pos, qsa_pos_.data(), ggml_nbytes(gin_.qsa_pos));
+    if (gin_.qsa_tail) set_input(gin_.qsa_tail, qsa_tail_.data(), ggml_nbytes(gin_.qsa_tail));
+    if (gin_.qsa_complete) set_input(gin_.qsa_complete, qsa_complete_.data(), ggml_nbytes(gin_.qsa_complete));
 }
 
 ggml_tensor * Model::rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T) {
@@ -917,7 +949,22 @@ void Model::build_masks(int T) {
             build(*masks[kind], -INFINITY, 0.f);
     };
     if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
-    if (dsa && n_kv > h.indexer_top_k) { // the indexer's scores take the causal mask in F32
+    for (const LayerPlan & p : h.plan)
+        if (p.indexer == INDEXER_QSA) qsa_r_ = p.compress;
+    const bool qsa = qsa_r_ > 0 && n_kv / qsa_r_ > h.indexer_top_k / qsa_r_; // some token sees more blocks than kept
+    if (qsa) {
+        const int n_blk = n_kv / qsa_r_;
+        qsa_pos_.resize(n_blk);
+        for (int b = 0; b < n_blk; ++b) qsa_pos_[b] = b * qsa_r_;
+        qsa_tail_.assign((size_t) n_blk * T, -INFINITY);
+        qsa_complete_.assign((size_t) n_blk * T, 0.f);
+        for (int t = 0; t < T; ++t)
+            for (int b = (pos_[t] + 1) / qsa_r_; b < n_blk; ++b) { // blocks not complete at token t
+                qsa_tail_[(size_t) t * n_blk + b] = 0.f;
+                qsa_complete_[(size_t) t * n_blk + b] = -INFINITY;
+            }
+    }
+    if ((dsa && n_kv > h.indexer_top_k) || qsa) { // the indexer's scores / selection take the causal mask in F32
         mask_dsa_.assign((size_t) n_kv * T, -INFINITY);
         for (int t = 0; t < T; ++t)
             for (int j = 0; j <= pos_[t]; ++j) mask_dsa_[(size_t) t * n_kv + j] = 0.f;

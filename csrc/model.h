@@ -502,6 +502,11 @@ class Model {
     // (F16 with flash attention), or null while every position fits the budget (dense attention)
     ggml_tensor * dsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                            ggml_tensor * pos, int T);
+    // QSA (mixer_dsa.cpp): the indexer of layer il writes its raw keys; the block selection as an attention mask
+    // [n_kv, T] (F16 with flash attention), or null while no token sees more complete blocks than it selects
+    ggml_tensor * qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos, int T);
+    ggml_tensor * qsa_pos_input(ggml_context * ctx, int n_blk); // [n_blk] I32: each block's first position
+    void qsa_inputs(ggml_context * ctx, int n_blk, int T, ggml_tensor ** tail, ggml_tensor ** complete);
     ggml_tensor * dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                              ggml_tensor * pos, int T); // [n_kv, T] causal-masked, or null under the budget
 
@@ -605,12 +610,18 @@ class Model {
         ggml_tensor * mask_f32 = nullptr; // causal F32 for the DSA scores (flash attention's masks are F16)
         ggml_tensor * dsa_topk = nullptr; // the last full indexer layer's selection [top_k, T] in this graph
         ggml_tensor * ple_emb = nullptr;  // the ubatch's PLE rows [heads * row_dim, T] (ple_rows_)
+        ggml_tensor *qsa_pos = nullptr, *qsa_tail = nullptr, *qsa_complete = nullptr; // QSA's block inputs
     };
     GraphInputs gin_; // the current graph's shared inputs
     int n_past_ = 0;
     std::vector<int32_t> pos_;
     std::vector<float> mask_, mask_swa_, mask_chunk_, attn_temp_; // host inputs of one ubatch
-    std::vector<float> mask_dsa_;        // the causal mask in F32 for the DSA scores (models with an indexer)
+    std::vector<float> mask_dsa_; // the causal mask in F32 for the DSA scores (models with an indexer)
+    // QSA's host inputs of a ubatch (blocks of qsa_r_ positions): block starts [n_blk]; per (block, token) 0 / -inf
+    // where the block is the token's incomplete tail or not (qsa_tail_), and the reverse (qsa_complete_)
+    int qsa_r_ = 0;
+    std::vector<int32_t> qsa_pos_;
+    std::vector<float> qsa_tail_, qsa_complete_;
     std::vector<ggml_fp16_t> mask16_[3]; // the same in F16 for flash attention (causal, swa, chunk), instead
 };
 

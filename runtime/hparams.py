@@ -619,11 +619,12 @@ def _qsa_plan(path: str, k, hp: dict, plan: dict, n_layer: int) -> None:
         or d_idx < max(plan["layer_n_rot"])
         or budget < 1
         or any(r < 0 or r > 4096 or (r and (not a or budget % r)) for r, a in zip(ratios, attn))
+        or len({r for r in ratios if r}) > 1
     ):
         raise ModelFormatError(
             f"{path}: keys '{arch}.attention.indexer.head_count' = {n_idx}, '.key_length' = {d_idx}, '.top_k' = "
             f"{budget}, '{arch}.attention.compress_ratios' = {ratios}: expected >= 1 heads of >= the rotated dims, a "
-            f"budget >= 1, and per attention layer a block size 0..4096 dividing the budget (0 elsewhere)"
+            f"budget >= 1, and per attention layer one block size 0..4096 dividing the budget (0 elsewhere)"
         )
     hp.update(indexer_n_head=n_idx, indexer_head_size=d_idx, indexer_top_k=budget, indexer_rope_type=hp["rope_type"])
     plan["layer_indexer"] = [INDEXER_QSA if r else INDEXER_NONE for r in ratios]

@@ -121,9 +121,9 @@ def _page(n: int) -> int:
 
 
 def indexer_keys_per_token(hp: dict) -> int:
-    """DSA: elements of the indexer's key cache per position, one key of indexer_head_size on each layer that runs
-    its own indexer (IndexShare layers hold none); part of kv_bytes_per_token."""
-    return sum(1 for x in hp.get("layer_indexer", []) if x == 1) * hp.get("indexer_head_size", 0)
+    """DSA / QSA: elements of the indexer's key cache per position, one key of indexer_head_size on each layer that
+    runs its own indexer (IndexShare layers hold none); part of kv_bytes_per_token."""
+    return sum(1 for x in hp.get("layer_indexer", []) if x in (1, 3)) * hp.get("indexer_head_size", 0)
 
 
 def kv_bytes_per_token(hp: dict) -> int:
@@ -137,7 +137,7 @@ def kv_bytes_per_token(hp: dict) -> int:
     heads = hp.get("layer_n_head_kv", [hp["n_head_kv"]] * n_layer)
     hk = hp.get("layer_head_k", [hp["n_embd_head_k"]] * n_layer)
     hv = hp.get("layer_head_v", [hp["n_embd_head_v"]] * n_layer)
-    return sum(h * (a + b) for h, a, b, on in zip(heads, hk, hv, attn) if on)
+    return sum(h * (a + b) for h, a, b, on in zip(heads, hk, hv, attn) if on) + idx
 
 
 DEFAULT_SNAPSHOTS = 2  # recurrent-state snapshots kept for prompt reuse (Model(state_snapshots=...))
@@ -163,7 +163,8 @@ def recurrent_state_bytes(hp: dict) -> int:
         total += mixers.count(6) * 4 * ((K - 1) * 3 * inner + ds * inner)
     if hp.get("ple_layer", -1) >= 0:  # PLE: its dilated conv's inputs [(K - 1) ngram, n_embd hc], ngram - 1 ids
         ng = hp["ple_ngram"]
-        total += 4 * ((hp["ple_conv_kernel"] - 1) * ng * hp["n_embd"] * hp["hc_mult"] + ng - 1)
+        total += 4 * (hp["ple_conv_kernel"] - 1) * ng * hp["n_embd"] * hp["hc_mult"]
+        total += -(-4 * (ng - 1) // 32) * 32  # the ids, in ggml's 32-byte tensor alignment
     return total
 
 

@@ -4,7 +4,9 @@ of every norm, QSA on the full-attention layer, and the PLE n-gram hash table on
 are read from the GGUF on demand (csrc/ple.cpp), never loaded whole:
 
 - f32 logits within 1e-3 of transformers (F32 KV), with an EOS inside the prompt (it resets the n-grams), prompt +
-  decode steps (the n-gram history and the dilated conv's state carried across steps), 32 greedy tokens;
+  decode steps (the n-gram history and the dilated conv's state carried across steps), 32 greedy tokens; each with
+  QSA's budget above the context (dense) and at 4 positions (blocks of 2: sparse from the 6th token on), where a
+  test shows the selection changes transformers' result and moelite follows it;
 - chunked prompts and prompt reuse (recurrent-state snapshots hold the PLE state too) equal a fresh recomputation;
 - offloaded at the minimum budget, and with a PLE row cache of one ubatch: the resident logits, bit for bit; the
   rows come from the file (ple_stats), and the plan counts the row cache instead of the table;
@@ -30,27 +32,38 @@ SHORT = [(7 * i + 3) % 320 for i in range(12)]
 LONG = [EOS if i == 20 else (11 * i + 5) % 317 + 3 for i in range(48)]  # an EOS at 20: the n-grams restart there
 
 
+# QSA's token budget: the fixture's 512 (every block selected: dense attention) and 4 (2 blocks of 2 + the tail)
+BUDGETS = (512, 4)
+
+
 def load(path, **kw):
     return moelite.load(path, **{"kv_type": "f32", "n_threads": 1, **kw})
 
 
-def test_prompts_match_transformers():
-    hf, path = fixture_gguf(FAMILY)
+def fixture(budget: int):
+    return fixture_gguf(FAMILY) if budget == 512 else fixture_gguf(FAMILY, indexer_budget=budget)
+
+
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_prompts_match_transformers(budget):
+    hf, path = fixture(budget)
     with load(path) as m:
         for ids in (SHORT, LONG):
             assert float(np.abs(m.logits(ids) - hf_logits(hf, ids)).max()) <= 1e-3
 
 
-def test_prompt_then_decode_steps_match_transformers():
-    hf, path = fixture_gguf(FAMILY)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_prompt_then_decode_steps_match_transformers(budget):
+    hf, path = fixture(budget)
     ref = hf_logits(hf, LONG[:32])
     with load(path) as m:
         rows = [m.eval(LONG[:10])] + [m.eval([t]) for t in LONG[10:32]]
     assert float(np.abs(np.stack(rows) - ref[9:]).max()) <= 1e-3
 
 
-def test_greedy_32_tokens_equal_transformers():
-    hf, path = fixture_gguf(FAMILY)
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_greedy_32_tokens_equal_transformers(budget):
+    hf, path = fixture(budget)
     with load(path) as m:
         assert m.generate(SHORT, max_tokens=32, stop_ids=[]) == hf_greedy(hf, SHORT, 32)
 
@@ -75,11 +88,12 @@ def test_the_ple_table_and_the_streams_matter():
             assert float(np.abs(m.logits(LONG) - ref).max()) <= 1e-3
 
 
-def test_prompt_chunks_and_reuse_equal_a_fresh_recomputation():
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_prompt_chunks_and_reuse_equal_a_fresh_recomputation(budget):
     """Ubatches of 3 and 7 tokens (the n-gram history and the PLE conv state cross their borders) give the one-ubatch
     logits; generate calls extending or diverging from the cached context (snapshots restore the PLE state with the
     rest of the recurrent state) give a fresh model's tokens."""
-    _, path = fixture_gguf(FAMILY)
+    _, path = fixture(budget)
     with load(path) as m:
         want = m.logits(LONG)
     for n_ubatch in (3, 7):
@@ -99,10 +113,11 @@ def test_prompt_chunks_and_reuse_equal_a_fresh_recomputation():
     assert [g1, g2, g3] == [fresh(LONG[:20]), fresh(extended), fresh(diverged)]
 
 
-def test_offloaded_and_a_one_ubatch_row_cache_equal_resident():
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_offloaded_and_a_one_ubatch_row_cache_equal_resident(budget):
     """At the minimum budget (experts offloaded, the PLE row cache one ubatch of rows: 4 rows per token here) the
     logits are the resident ones bit for bit, the table's rows read from the file as the tokens need them."""
-    _, path = fixture_gguf(FAMILY)
+    _, path = fixture(budget)
     with load(path, n_ubatch=4) as m:
         want = m.logits(LONG)
         plan = m.plan
@@ -115,6 +130,30 @@ def test_offloaded_and_a_one_ubatch_row_cache_equal_resident():
     assert np.array_equal(got, want)
     assert s["cache_bytes"] == 16 * 16 * 4
     assert s["rows_read"] > 16 and s["rows_read"] + s["rows_hit"] == 4 * len(LONG)
+
+
+def test_qsa_selection_differs_from_dense_and_follows_transformers():
+    """Budget 4 in blocks of 2: a token sees more than 2 complete blocks from position 5 on. There transformers'
+    sparse logits differ from its dense ones (the same weights, budget 512), before they agree; moelite matches each
+    on its own file, far closer than the gap between them."""
+    hf_s, sparse_path = fixture(4)
+    hf_d, dense_path = fixture(512)
+    sparse, dense = hf_logits(hf_s, LONG), hf_logits(hf_d, LONG)
+    assert float(np.abs(sparse[:5] - dense[:5]).max()) <= 1e-6
+    assert float(np.abs(sparse[5:] - dense[5:]).max()) > 2e-3
+    for path, ref in ((sparse_path, sparse), (dense_path, dense)):
+        with load(path) as m:
+            assert float(np.abs(m.logits(LONG) - ref).max()) <= 1e-5
+
+
+def test_the_plan_counts_the_indexer_keys_and_the_ple_state():
+    """The KV cache the planner counts (with QSA's raw indexer keys, 16 per position) is what the core allocates; the
+    recurrent state includes PLE's conv inputs and n-gram history."""
+    _, path = fixture(4)
+    for n_ctx in (256, 512):
+        with load(path, n_ctx=n_ctx, n_ubatch=64) as m:
+            assert m.plan.kv_bytes == m.info()["kv_bytes"]
+            assert m.plan.rs_bytes == m._m.state_bytes * 3  # live + 2 snapshots
 
 
 def test_hash_constants_are_exact_u64_keys():
@@ -178,3 +217,38 @@ def test_bad_keys_are_format_errors(key, value, match):
 
     with pytest.raises(ModelFormatError, match=match):
         parse_hparams(str(path), kv, tensors)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("budget", BUDGETS)
+def test_gguf_both_ways_with_llama_cpp(budget, tmp_path):
+    """llama.cpp's runtime on moelite's GGUF, and moelite on llama.cpp's converter's GGUF.
+
+    Past QSA's budget llama.cpp keeps the top budget + ratio - 1 positions (its comment: "whole blocks plus the
+    tail"); when a token's tail is empty (it sees a whole number of blocks) that takes ratio - 1 positions of one more
+    block, which transformers does not: there its logits differ, everywhere else they are moelite's (= transformers').
+    llama.cpp's converter reads QSA's layers as `full_attention`, which transformers 5.25 saves as
+    `indexed_attention`: on the config as saved it writes compress ratios of 0 (dense attention, silently); the release
+    names and `--raw-config` give it the ratios."""
+    import shutil
+
+    from llama_cpp_ref import llama_cpp_logits, pinned_convert
+
+    hf, ours = fixture(budget)
+    with load(ours) as m:
+        want = m.logits(LONG)
+    theirs_rt = llama_cpp_logits(ours, LONG)
+    whole = [p for p in range(len(LONG)) if (p + 1) % 2 == 0 and (p + 1) // 2 > budget // 2]  # empty tail, past it
+    rest = [p for p in range(len(LONG)) if p not in whole]
+    assert float(np.abs(theirs_rt[rest] - want[rest]).max()) <= 1e-3
+    if whole:
+        assert float(np.abs(theirs_rt[whole] - want[whole]).max()) > 1e-4
+    src = tmp_path / "hf"
+    shutil.copytree(hf, src)
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["layer_types"] = ["full_attention" if t == "indexed_attention" else t for t in cfg["layer_types"]]
+    (src / "config.json").write_text(json.dumps(cfg))
+    theirs = pinned_convert(src, tmp_path / "theirs.gguf", "--raw-config")
+    assert list(_core.read_gguf(str(theirs))["kv"]["qwen4exp.attention.compress_ratios"]) == [0, 0, 0, 2]
+    with load(theirs) as m:
+        assert float(np.abs(m.logits(LONG) - hf_logits(hf, LONG)).max()) <= 1e-3
