@@ -109,6 +109,7 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
     rows = [m.eval(prompt)]  # rows[i]: the logits that predict forced[i]
     ttft = time.perf_counter() - t0
     m.reset_stats()  # counters of the decode steps only
+    ple0 = m._m.ple_stats()["bytes_read"]  # Qwen4-Exp's n-gram table rows read (0: no table)
     io0 = proc_io_read_bytes()
     t1 = time.perf_counter()
     for tok in forced:
@@ -141,6 +142,7 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
         "tokens": n,
         "teacher": True,
         "disk_read_bytes": proc_io_read_bytes() - io0,
+        "ple_bytes_read": m._m.ple_stats()["bytes_read"] - ple0,
         "hit_rate": s["hit_rate"],
         # hits that were in the cache before the token asked (prefetched arrivals not counted): the policy's own
         "demand_hit_rate": (s["hits"] - s["prefetch_hits"]) / max(s["hits"] + s["misses"], 1),

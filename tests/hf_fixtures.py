@@ -127,6 +127,29 @@ _DSA = dict(
     index_n_heads=16,
 )
 
+# Qwen3.5-MoE's tiny instance (3 Gated DeltaNet layers : 1 gated attention layer); Qwen4-Exp's builds on it
+_QWEN35_MOE = dict(
+    num_hidden_layers=4,
+    head_dim=32,
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    linear_conv_kernel_dim=4,
+    num_experts=8,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=48,
+    rms_norm_eps=1e-6,
+    rope_parameters={
+        "rope_type": "default",
+        "rope_theta": 1e6,
+        "partial_rotary_factor": 0.25,
+        "mrope_section": [2, 1, 1],
+        "mrope_interleaved": True,
+    },
+)
+
 # family -> transformers config kwargs (on top of _COMMON)
 CONFIGS: dict[str, dict[str, Any]] = {
     "mixtral": dict(num_local_experts=4, num_experts_per_tok=2, rope_theta=1e6, rms_norm_eps=1e-5),
@@ -401,50 +424,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
         rope_theta=1e6,
         tie_word_embeddings=True,
     ),
-    "qwen3_5_moe_text": dict(
-        num_hidden_layers=4,
-        head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_conv_kernel_dim=4,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        rms_norm_eps=1e-6,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e6,
-            "partial_rotary_factor": 0.25,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
-    ),
+    "qwen3_5_moe_text": _QWEN35_MOE,
     # [L, L(PLE), L, Q]: 3-grams hashed into 2 heads each (prime vocabularies above 97, 2 shards), QSA with 8 indexer
     # heads of 16 over blocks of 2 keys and a budget of 512 positions (dense: make_hf_model(.., indexer_budget=4) for
     # the sparse path), 4 streams of rank 8; llama.cpp hardcodes the sigmoid output gate
     "qwen4_exp_text": dict(
-        num_hidden_layers=4,
-        head_dim=32,
-        linear_num_key_heads=2,
-        linear_num_value_heads=4,
-        linear_key_head_dim=16,
-        linear_value_head_dim=16,
-        linear_conv_kernel_dim=4,
-        num_experts=8,
-        num_experts_per_tok=2,
-        moe_intermediate_size=32,
-        shared_expert_intermediate_size=48,
-        rms_norm_eps=1e-6,
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": 1e6,
-            "partial_rotary_factor": 0.25,
-            "mrope_section": [2, 1, 1],
-            "mrope_interleaved": True,
-        },
+        **_QWEN35_MOE,
         hc_count=4,
         hc_lowrank=8,
         ple_layer_ids=[2],

@@ -74,7 +74,14 @@ import numpy as np  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 CLASSES = ("ok", "moelite", "other", "signal", "hang", "memory", "silent", "skipped")
 TARGETS = ("gguf", "hf", "trace", "calibration", "split", "api")
-GGUF_FAMILIES = (("qwen3_moe", "f32"), ("deepseek_v3", "q8_0"), ("gpt_oss", "q8_0"), ("mixtral", "q8_0"))
+GGUF_FAMILIES = (
+    ("qwen3_moe", "f32"),
+    ("deepseek_v3", "q8_0"),
+    ("gpt_oss", "q8_0"),
+    ("mixtral", "q8_0"),
+    ("qwen4_exp_text", "f32"),  # hyper-connections, QSA, the PLE table and its u64 hash keys
+    ("hy_v4", "q8_0"),  # iHC, DSA with IndexShare
+)
 HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
 # interesting integers and floats (boundaries of the C++ types and of the checks)
