@@ -1218,6 +1218,7 @@ void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float *
         std::vector<int32_t> ids, slots, la_ids;
         std::vector<float> w, la_w, sc;
         for (int il = 0; il < h.n_layer; ++il) {
+            if (il == h.ple_layer) ple_wait();
             run_layer_front(il, T);
             if (!layers_[il].moe) {
                 check_finite(il, T);

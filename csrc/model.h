@@ -1,5 +1,6 @@
 // The model: resident dense weights, KV cache, the expert cache, and the per-layer ggml graphs.
 #pragma once
+#include <future>
 #include <map>
 #include <memory>
 #include <string>
@@ -476,7 +477,8 @@ class Model {
 
     // ---- PLE (ple.cpp): the streams x [n_embd * hc, T] + the n-gram embedding's gated value and its dilated conv
     void load_ple(int il, Layer & L);
-    void ple_prepare(const int32_t * tokens, int T); // hash the ubatch's n-grams, gather their rows (ple_rows_)
+    void ple_prepare(const int32_t * tokens, int T); // hash the ubatch's n-grams, start reading their rows
+    void ple_wait();                                 // ... and wait for them (ple_rows_)
     ggml_tensor * ple_block(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * x, int T);
 
     // ---- mixers: x normed [n_embd, T] -> attention output after W_o [n_embd, T]
@@ -574,6 +576,7 @@ class Model {
     HcWeights hc_head_;                         // output_hc_*: the streams' mixture before the output norm
     std::unique_ptr<class PleTable> ple_table_; // the PLE table's rows, read on demand (ple.cpp)
     std::vector<float> ple_rows_;               // this ubatch's gathered rows [T, heads * row_dim]
+    std::future<void> ple_pending_;             // their read (ple_prepare -> ple_wait)
     ggml_tensor *tok_embd_ = nullptr, *out_norm_ = nullptr, *out_norm_b_ = nullptr, *output_ = nullptr,
                 *output_b_ = nullptr, *rope_factors_ = nullptr;
     std::vector<Layer> layers_;

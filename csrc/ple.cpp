@@ -13,6 +13,7 @@
 //   x    += g + silu(dilated_conv(grouped_norm(g)))    causal depthwise conv, kernel K, dilation ngram, state kept
 #include <algorithm>
 #include <cmath>
+#include <future>
 
 #include "graph_util.h"
 #include "model.h"
@@ -58,10 +59,15 @@ PleStats Model::ple_stats() const {
     return s;
 }
 
-// The ubatch's n-gram rows (before its first layer runs: the rows are read while nothing else waits on them yet),
-// and the last ngram - 1 ids kept in the recurrent state for the next ubatch.
+// The ubatch's n-gram rows, hashed before its first layer runs and read from the file on a thread of their own
+// (ple_wait() before the PLE layer), and the last ngram - 1 ids kept in the recurrent state for the next ubatch.
 void Model::ple_prepare(const int32_t * tokens, int T) {
     const HParams & h = hp_;
+    if (ple_pending_.valid()) { // a step that failed before its PLE layer left its read running: finish it first
+        try {
+            ple_pending_.get();
+        } catch (const std::exception &) {}
+    }
     Layer & L = layers_[h.ple_layer];
     const int n_prev = h.ple_ngram - 1, per = h.ple_heads / n_prev;
     std::vector<int32_t> hist(n_prev);
@@ -89,10 +95,18 @@ void Model::ple_prepare(const int32_t * tokens, int T) {
             }
         }
     }
-    ple_rows_.resize(rows.size() * h.ple_row_dim);
-    ple_table_->gather(rows.data(), rows.size(), ple_rows_.data());
     for (int i = 0; i < n_prev; ++i) hist[i] = (int32_t) (seq[T + i] + 1);
     ggml_backend_tensor_set(L.ple_hist, hist.data(), 0, hist.size() * sizeof(int32_t));
+    // the rows are read on their own thread while the embedding and the layers before the PLE layer run
+    ple_rows_.resize(rows.size() * h.ple_row_dim);
+    ple_pending_ = std::async(std::launch::async, [this, rows = std::move(rows)]() {
+        ple_table_->gather(rows.data(), rows.size(), ple_rows_.data());
+    });
+}
+
+// The ubatch's rows, once read (rethrows the reader's error)
+void Model::ple_wait() {
+    if (ple_pending_.valid()) ple_pending_.get();
 }
 
 // grouped RMSNorm of the streams x [n_embd * hc, T] with a (1+w) gamma w [n_embd * hc]
