@@ -97,6 +97,27 @@ _TEKKEN = (
 # regex is the tokenizer.json's: a digit run followed by a letter is not split by it (llama.cpp's hand-written
 # split groups every digit run, whatever follows: "x1234y" differs there).
 _TINY_AYA = (r"\d{1,3}(?=(?:\d{3})*\b)", _GPT4O)
+# Kimi K2 / Kimi-Linear (kimi-k2): tokenization_kimi.py's tiktoken pattern, Han runs apart from other letters (class
+# intersections); llama.cpp implements it by hand (unicode.cpp's K2 split).
+_KIMI_NOT_HAN = r"\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}&&[^\p{Han}]"
+_KIMI_K2 = (
+    r"[\p{Han}]+"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?[{_KIMI_NOT_HAN}]*[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}&&[^\p{{Han}}]]+{_CONTRACTIONS}?"
+    rf"|[^\r\n\p{{L}}\p{{N}}]?[{_KIMI_NOT_HAN}]+[\p{{Ll}}\p{{Lm}}\p{{Lo}}\p{{M}}&&[^\p{{Han}}]]*{_CONTRACTIONS}?"
+    r"|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Ling (bailingmoe, bailingmoe2: Ling-2 / Ling-3.0): its tokenizer.json's regex, possessive quantifiers as written
+# (llama.cpp makes them greedy, which splits the same here: neither optional part can give a letter back)
+_BAILINGMOE = (
+    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]++[\r\n]*|\s*[\r\n]|\s+(?!\S)|\s+"
+)
+# Tencent Hy4 (hy_v4): digits by 3, CJK / kana runs, then a word may start with one ASCII punctuation mark.
+_HY_V4 = (
+    r"\p{N}{1,3}",
+    "[\u4e00-\u9fa5\u3040-\u309f\u30a0-\u30ff]+",
+    r"""[!"#$%&'()*+,\-./:;<=>?@\[\\\]^_`{|}~][A-Za-z]+|[^\r\n\p{L}\p{P}\p{S}]?[\p{L}\p{M}]+| ?[\p{P}\p{S}]+[\r\n]*"""
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+",
+)
 # Arcee Trinity (afmoe): every digit run grouped by 3 from the right (llama.cpp's `\p{AFMoE_digits}` split, the
 # one definition of this name), CJK / South-East Asian script runs, then DeepSeek-V3's punctuation-aware regex.
 # The script class has llama.cpp's code points as its source holds them (U+8C48 and U+0E40 open two ranges).
@@ -149,6 +170,11 @@ PRE_TOKENIZER_REGEXES: dict[str, tuple[str, ...]] = {
     "cohere2moe": _TINY_AYA,
     "afmoe": _AFMOE,
     "laguna": _LAGUNA,
+    "kimi-k2": (_KIMI_K2,),
+    "bailingmoe": (_BAILINGMOE,),
+    "bailingmoe2": (_BAILINGMOE,),
+    "llada-moe": (_BAILINGMOE,),
+    "hy_v4": _HY_V4,
 }
 # pre-tokenizers whose tokenizer.json sets `ignore_merges` (a word that is itself a token is not merged)
 _IGNORE_MERGES = {"llama-bpe", "llama3", "llama-v3", "falcon3", "glm4", "glm5", "tekken"}

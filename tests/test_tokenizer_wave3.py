@@ -1,5 +1,7 @@
 """Pre-tokenizers of the wave-3 families: K-EXAONE (`exaone-moe`), Arcee Trinity (`afmoe`), Mistral Small 4
-(`tekken`), Cohere North (`cohere2moe`, llama.cpp's tiny-aya regexes) and poolside Laguna (`laguna`).
+(`tekken`), Cohere North (`cohere2moe`, llama.cpp's tiny-aya regexes), poolside Laguna (`laguna`), Kimi-Linear
+(`kimi-k2`: Kimi's tiktoken pattern, which llama.cpp implements by hand), Ling-3.0 (`bailingmoe2`) and Hy4
+(`hy_v4`).
 
 The real tokenizer files cannot be downloaded here and llama.cpp ships no ggml-vocab file for any of them, so each
 test builds a byte-level BPE tokenizer.json with HF `tokenizers` whose pre-tokenizer is the family's (the regexes of
@@ -36,6 +38,9 @@ FAMILIES = {
     "tekken": ("mistral4", True),
     "cohere2moe": ("cohere2_moe", False),
     "laguna": ("laguna", False),
+    "kimi-k2": ("kimi_linear", False),
+    "bailingmoe2": ("bailing_hybrid", False),
+    "hy_v4": ("hy_v4", False),
 }
 SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 

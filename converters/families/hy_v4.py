@@ -136,4 +136,4 @@ def sanitize(w, c: Config) -> None:
     v2_sanitize(w, c)  # kv_b split into k_b / v_b, per-expert tensors stacked
 
 
-FAMILY = Family(("hy_v4",), "hy_v4", hparams, TENSORS, sanitize, tokenizer_pre="default", defaults=DEFAULTS)
+FAMILY = Family(("hy_v4",), "hy_v4", hparams, TENSORS, sanitize, tokenizer_pre="hy_v4", defaults=DEFAULTS)
