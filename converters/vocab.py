@@ -12,6 +12,8 @@ family's `tokenizer_pre` (`add_vocab`'s `family_pre`):
 - "llama-spm" (ERNIE-4.5): the SentencePiece `tokenizer.model` -> `llama` with its scores and types;
 - "hunyuan" (Hunyuan-MoE): the tiktoken ranks file (`hy.tiktoken`) -> `gpt2` with merges rebuilt from the
   ranks, and the tokenizer's special tokens after the ranks; BOS `<|bos|>`.
+- "kimi-k2" (Kimi-Linear, Kimi-K2): the same from `tiktoken.model`, the special tokens those of its
+  tokenizer_config.json's added_tokens_decoder and `<|reserved_token_ID|>` for the other ids after the ranks.
 Reads tokenizer files with plain JSON (no transformers). Special token ids, add_bos/add_eos, merges and the
 chat template come from gguf-py's SpecialVocab, the same code llama.cpp's converter uses.
 """
@@ -443,18 +445,22 @@ def _tiktoken_file(model_dir: Path, cfg: dict[str, Any]) -> Path:
     name = cfg.get("vocab_file")
     if isinstance(name, str) and (model_dir / name).is_file() and "/" not in name:
         return model_dir / name
-    found = sorted(model_dir.glob("*.tiktoken"))
+    found = sorted(model_dir.glob("*.tiktoken")) + [p for p in (model_dir / "tiktoken.model",) if p.is_file()]
     if len(found) != 1:
         raise ConversionError(
-            f"{model_dir}: no tokenizer.json and {len(found)} *.tiktoken files (expected "
-            "one tiktoken ranks file, e.g. hy.tiktoken)"
+            f"{model_dir}: no tokenizer.json and {len(found)} tiktoken ranks files (expected one: *.tiktoken, "
+            "e.g. Hunyuan's hy.tiktoken, or Kimi's tiktoken.model)"
         )
     return found[0]
 
 
 def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pre: str) -> dict[str, Any]:
-    """llama.cpp's HunYuanMoEModel.set_vocab: tokens are the ranks (byte-level text), merges rebuilt from
-    the ranks, the special tokens CONTROL, BOS `<|bos|>`. A checkpoint with a tokenizer.json uses it instead."""
+    """llama.cpp's HunYuanMoEModel.set_vocab and its Kimi (`kimi-k2`) set_vocab: tokens are the ranks (byte-level
+    text), merges rebuilt from the ranks, the special tokens after them CONTROL: Hunyuan's named defaults and
+    `<|extra_N|>`, Kimi's `<|reserved_token_ID|>` (its tokenization_kimi.py's names), each overridden by the
+    tokenizer_config.json's added_tokens_decoder; BOS `<|bos|>` (Hunyuan) or the tokenizer_config's BOS / EOS texts
+    (Kimi: llama.cpp takes the remote-code tokenizer's, which reads them there). A checkpoint with a tokenizer.json
+    uses it instead."""
     if (model_dir / "tokenizer.json").is_file():
         return _write_tokenizer_json(w, model_dir, n_vocab, family_pre)
     cfg = _tokenizer_config(model_dir)
@@ -462,10 +468,15 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
     ranks = _read_tiktoken(path)
     if len(ranks) > n_vocab:
         raise ConversionError(f"{path}: {len(ranks)} ranks, more than vocab_size {n_vocab} of config.json")
-    specials = list(HUNYUAN_SPECIALS) + [f"<|extra_{k}|>" for k in range(n_vocab - len(ranks) - len(HUNYUAN_SPECIALS))]
-    special_ids = {t: len(ranks) + k for k, t in enumerate(specials[: n_vocab - len(ranks)])}
+    if family_pre == "kimi-k2":
+        special_ids = {f"<|reserved_token_{i}|>": i for i in range(len(ranks), n_vocab)}
+    else:
+        free = n_vocab - len(ranks)
+        specials = list(HUNYUAN_SPECIALS) + [f"<|extra_{k}|>" for k in range(free - len(HUNYUAN_SPECIALS))]
+        special_ids = {t: len(ranks) + k for k, t in enumerate(specials[:free])}
     for key, data in _added_tokens_decoder(cfg, model_dir).items():  # explicit ids win over the defaults
         if isinstance(data.get("content"), str):
+            special_ids = {t: i for t, i in special_ids.items() if i != int(key)}  # the id's default name goes
             special_ids[data["content"]] = int(key)
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [UNUSED] * n_vocab
@@ -480,12 +491,24 @@ def _write_tiktoken(w: gguf.GGUFWriter, model_dir: Path, n_vocab: int, family_pr
     w.add_token_types(types)
     w.add_token_merges(_rebuild_merges(ranks))
     special = _special_vocab(model_dir, n_vocab, load_merges=False)
-    _set_specials_by_text(special, {"bos": HUNYUAN_BOS}, special_ids, override=True)
+    if family_pre == "kimi-k2":
+        texts = {t: _special_text(cfg.get(f"{t}_token")) for t in ("bos", "eos", "pad", "unk")}
+        _set_specials_by_text(special, {t: x for t, x in texts.items() if x}, special_ids, override=True)
+    else:
+        _set_specials_by_text(special, {"bos": HUNYUAN_BOS}, special_ids, override=True)
     return _finish(w, model_dir, special, n_vocab, None)
+
+
+def _special_text(v: Any) -> str | None:
+    """A tokenizer_config.json special token: its text, or the `content` of its AddedToken object."""
+    if isinstance(v, dict):
+        v = v.get("content")
+    return v if isinstance(v, str) else None
 
 
 _WRITERS: dict[str, Callable[[gguf.GGUFWriter, Path, int, str], dict[str, Any]]] = {
     "gemma4": _write_gemma4,
     "llama-spm": _write_sentencepiece,
     "hunyuan": _write_tiktoken,
+    "kimi-k2": _write_tiktoken,
 }

@@ -998,3 +998,90 @@ def test_vocab_keys_equal_the_pinned_llama_cpp_converters(family, tmp_path) -> N
         )
     for key, value in ref.items():
         assert np.array_equal(np.asarray(ours[key]), np.asarray(value)), key
+
+
+# --- Kimi (tiktoken.model, the kimi-k2 pre-tokenizer) ----------------------------------------------------------
+KIMI_NAMED = ["[BOS]", "[EOS]", "<|im_end|>", "<|im_user|>", "<|im_assistant|>", "<|im_system|>", "<|im_middle|>"]
+KIMI_N_RESERVED = 9  # ids after the named ones (256 special ids in the real vocabulary)
+
+
+def _kimi_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
+    """A Kimi-Linear-shaped checkpoint tokenizer: tiktoken.model (the 256 bytes, then merged tokens in merge order;
+    trained with Kimi's split pattern), no tokenizer.json; the named special tokens in tokenizer_config.json's
+    added_tokens_decoder right after the ranks, the other special ids `<|reserved_token_ID|>` as its
+    tokenization_kimi.py names them; BOS [BOS], EOS <|im_end|> by text."""
+    from moelite.runtime.tokenizer import PRE_TOKENIZER_REGEXES
+
+    pattern = PRE_TOKENIZER_REGEXES["kimi-k2"][0]
+    tok = HFTokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.train_from_iterator(
+        CORPUS + ["东京タワー 漢字かな交じり文 中文文本 模型", "camelCase XMLHttpRequest It's DON'T"],
+        trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    byte_of = _byte_decoder()
+    ranks = {bytes([b]): b for b in range(256)}
+    for merge in json.loads(tok.to_str())["model"]["merges"]:
+        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
+        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    named = {t: len(ranks) + k for k, t in enumerate(KIMI_NAMED)}
+    n = len(ranks) + len(KIMI_NAMED) + KIMI_N_RESERVED
+    specials = {**named, **{f"<|reserved_token_{i}|>": i for i in range(len(ranks) + len(KIMI_NAMED), n)}}
+    cfg = {
+        "tokenizer_class": "TikTokenTokenizer",
+        "bos_token": "[BOS]",
+        "eos_token": "<|im_end|>",
+        "added_tokens_decoder": {str(i): {"content": t, "special": True} for t, i in named.items()},
+    }
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    (d / "config.json").write_text(json.dumps({"bos_token_id": named["[BOS]"], "eos_token_id": named["[EOS]"]}))
+    return d, n, ranks, specials
+
+
+@pytest.fixture(scope="module")
+def kimi(tmp_path_factory):
+    d, n, ranks, specials = _kimi_dir(tmp_path_factory.mktemp("kimi") / "hf")
+    path = tmp_path_factory.mktemp("kimi-gguf") / "kimi.gguf"
+    kv = _write_gguf(path, d, n, "kimi-k2")
+    return d, n, ranks, specials, kv, Tokenizer.from_gguf_kv(kv, str(path))
+
+
+def test_kimi_keys_as_llama_cpp_writes_them(kimi) -> None:
+    _, n, ranks, specials, kv, tok = kimi
+    assert kv["tokenizer.ggml.model"] == "gpt2" and kv["tokenizer.ggml.pre"] == "kimi-k2"
+    assert "tokenizer.huggingface.json" not in kv
+    tokens, types = kv["tokenizer.ggml.tokens"], np.asarray(kv["tokenizer.ggml.token_type"])
+    assert len(tokens) == n and len(kv["tokenizer.ggml.merges"]) == len(ranks) - 256
+    for text, i in specials.items():
+        assert tokens[i] == text and types[i] == gguf.TokenType.CONTROL
+    assert kv["tokenizer.ggml.bos_token_id"] == specials["[BOS]"]
+    assert kv["tokenizer.ggml.eos_token_id"] == specials["<|im_end|>"]  # the tokenizer's, over config.json's
+    assert specials["<|im_end|>"] in tok.stop_ids
+
+
+def test_kimi_encodes_like_tiktoken(kimi) -> None:
+    """Kimi's tokenizer is tiktoken with its pattern: moelite's from the GGUF gives tiktoken's ids (Han runs apart
+    from kana and Latin letters, contractions, digit groups), special tokens included."""
+    tiktoken = pytest.importorskip("tiktoken")
+    from moelite.runtime.tokenizer import PRE_TOKENIZER_REGEXES
+
+    _, _, ranks, specials, _, tok = kimi
+    enc = tiktoken.Encoding(
+        "kimi", pat_str=PRE_TOKENIZER_REGEXES["kimi-k2"][0], mergeable_ranks=ranks, special_tokens=specials
+    )
+    for text in TEXTS + ["东京タワーは漢字とかなで書く", "[BOS]<|im_user|>Hi<|im_middle|>It's 12345<|im_end|>"]:
+        want = enc.encode(text, allowed_special="all")
+        assert tok.encode(text) == want, text
+        assert tok.decode(want) == text
+
+
+def test_kimi_llama_cpp_agrees(kimi, tmp_path) -> None:
+    d, n, _, _, _, _ = kimi
+    _llama_cpp_agrees(tmp_path, d, n, "kimi-k2", TEXTS + ["东京タワーは漢字", "<|im_user|>Hi<|im_middle|>4.<|im_end|>"])
