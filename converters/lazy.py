@@ -27,6 +27,9 @@ class Lazy:
     raw_type: int | None = None  # ggml type id when the data is already packed (MXFP4, GGUF
     # input): loader gives uint8 [*shape[:-1], row_size]
     f32_exact: bool = True  # False when the source was lower precision than f32
+    # a 2-D tensor made of these row blocks, in order (Qwen4-Exp's n-gram table from its shards): encoded block by
+    # block, so that neither the source nor the output is held whole (quant.encode)
+    row_parts: tuple[Lazy, ...] | None = field(default=None, repr=False)
 
     @property
     def ndim(self) -> int:
@@ -97,6 +100,20 @@ def rows(t: Lazy, sl: slice, axis: int = -2) -> Lazy:
         )
     return t.map(
         lambda a: a[(slice(None),) * (a.ndim - t.ndim + axis) + (sl,)], shape, f"[..{sl.start}:{sl.stop}:{sl.step}]"
+    )
+
+
+def row_blocks(parts: Sequence[Lazy], src: str) -> Lazy:
+    """[sum of rows, width] from 2-D blocks of one width, concatenated by rows (shards of one table)."""
+    parts = tuple(parts)
+    if not parts or any(p.ndim != 2 or p.shape[1] != parts[0].shape[1] for p in parts):
+        raise ConversionError(f"{src}: expected 2-D blocks of one row width, got {[list(p.shape) for p in parts]}")
+    return Lazy(
+        (sum(p.shape[0] for p in parts), parts[0].shape[1]),
+        lambda: np.concatenate([p.load() for p in parts], axis=0),
+        src,
+        f32_exact=all(p.f32_exact for p in parts),
+        row_parts=parts,
     )
 
 

@@ -207,12 +207,15 @@ def _mix(mix: str, name: str, n_layer: int, n_expert: int, i_attn_v: int, n_attn
     return base
 
 
-def encode(p: Planned, n_threads: int) -> np.ndarray:
+def encode(p: Planned, n_threads: int) -> np.ndarray | RowBlocks:
     """Materialise one planned tensor as uint8 [*lead, row_size] in its ggml type. 3-D tensors with a
-    per-expert view are converted expert by expert (peak = this output + one expert in float32)."""
+    per-expert view are converted expert by expert (peak = this output + one expert in float32); a 2-D tensor of row
+    blocks (Lazy.row_parts) comes back as RowBlocks, encoded block by block as it is written (peak = one block)."""
     t = p.lazy
     if t.raw_type == p.type:  # already packed in the planned type: copy
         return np.ascontiguousarray(t.load()).view(np.uint8).reshape(p.byte_shape)
+    if t.row_parts is not None and t.raw_type is None:  # a table from its shards: encoded as it is written
+        return RowBlocks(p, n_threads)
     out = np.empty(p.byte_shape, dtype=np.uint8)
     if t.ndim >= 3 and t.parter is not None:
         for e in range(t.shape[0]):
@@ -220,6 +223,19 @@ def encode(p: Planned, n_threads: int) -> np.ndarray:
     else:
         out[...] = _encode_rows(_as_f32(t), p.type, p.n_per_row, n_threads).reshape(out.shape)
     return out
+
+
+class RowBlocks:
+    """A planned tensor of row blocks (Lazy.row_parts), e.g. Qwen4-Exp's n-gram table from its shards: what
+    GGUFWriter.write_tensor_data takes of an ndarray (nbytes, tofile), each block encoded when its turn to be written
+    comes, so that neither the table nor its encoding is ever in memory whole."""
+
+    def __init__(self, p: Planned, n_threads: int) -> None:
+        self.p, self.n_threads, self.nbytes = p, n_threads, p.nbytes
+
+    def tofile(self, fp) -> None:
+        for part in self.p.lazy.row_parts:
+            _encode_rows(_as_f32(part), self.p.type, self.p.n_per_row, self.n_threads).tofile(fp)
 
 
 def _as_f32(t: Lazy) -> np.ndarray:

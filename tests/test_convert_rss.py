@@ -99,3 +99,50 @@ def test_peak_rss_is_bounded_by_the_largest_tensor(tmp_path):
     assert out.stat().st_size > 3 * largest
     assert peak < limit, f"peak RSS {peak / 2**20:.0f} MiB >= limit {limit / 2**20:.0f} MiB"
     print(f"peak RSS {peak / 2**20:.0f} MiB for a {largest / 2**20:.0f} MiB largest tensor")
+
+
+@pytest.mark.slow
+def test_the_ple_table_is_written_shard_by_shard(tmp_path):
+    """Qwen4-Exp's n-gram table (51B parameters in the release) is converted one shard at a time: a 512 MiB F32
+    table in 16 shards (bf16 on disk) converts to F16 with a peak RSS far under the table, where holding it would
+    take the table in F32 and its encoding at once; the file then runs."""
+    from hf_fixtures import read_fixture_tensors
+
+    small = make_hf_model("qwen4_exp_text")
+    src = tmp_path / "big"
+    src.mkdir()
+    for p in small.iterdir():
+        if p.suffix != ".safetensors" and p.name != "model.safetensors.index.json":
+            shutil.copy(p, src / p.name)
+    n_shards, width = 16, 16
+    rows = (512 << 20) // (4 * width) // n_shards  # rows per shard: 512 MiB in F32 altogether
+    cfg = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**cfg, "split_ngram_parts": n_shards}))
+    ts = {}
+    for k, v in read_fixture_tensors(small).items():
+        if ".ngram_embedding.shard_" in k:
+            continue
+        dt = "I64" if v.dtype == np.int64 else "F32"
+        ts[k] = (dt, list(v.shape), np.ascontiguousarray(v, np.int64 if dt == "I64" else np.float32).tobytes())
+    pre = next(k for k in read_fixture_tensors(small) if ".ngram_embedding.shard_" in k).split(".shard_")[0]
+    block = _bf16((rows, width), 21)  # the same bytes in every shard: only the size matters here
+    for i in range(n_shards):
+        ts[f"{pre}.shard_{i}.weight"] = ("BF16", [rows, width], block)
+    write_safetensors(src / "model.safetensors", ts)
+    out = tmp_path / "big.gguf"
+    table = n_shards * rows * width * 4
+    code = textwrap.dedent(f"""
+        from moelite.converters import convert
+        convert({str(src)!r}, {str(out)!r}, "f16", progress=False, n_threads=1)
+        print("MAXRSS_KB", [l.split()[1] for l in open("/proc/self/status") if l.startswith("VmHWM:")][0])
+    """)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, env=os.environ)
+    assert r.returncode == 0, r.stderr
+    peak = int(r.stdout.split("MAXRSS_KB")[1].split()[0]) * 1024
+    assert out.stat().st_size > table // 2  # the F16 table is in the file
+    assert peak < table // 2, f"peak RSS {peak / 2**20:.0f} MiB for a {table / 2**20:.0f} MiB table"
+    print(f"peak RSS {peak / 2**20:.0f} MiB for a {table / 2**20:.0f} MiB table")
+    import moelite
+
+    with moelite.load(out, n_threads=1, kv_type="f32") as m:
+        assert np.isfinite(m.logits([5, 6, 7])).all()

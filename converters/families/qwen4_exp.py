@@ -18,8 +18,8 @@ shared expert; zero-centred norms folded +1, V heads reordered) with:
   constants as u64 arrays (`ple.{layer_multipliers, head_offsets, head_vocab_sizes}`: 45-bit values, never through
   F32), `ple.{layers, ngram_size, heads_per_ngram, conv_kernel, eos_token_id}`, `embedding_length_per_layer_input`
   (the row dim), and the layer's projections / (1+w) norms / dilated conv (`blk.N.ple_*`).
-The table is concatenated in memory when written (fine for tests and small models; the 51B-parameter release table
-needs a shard-at-a-time writer, not built). The MTP layer is dropped, as llama.cpp's converter drops it.
+The table is encoded and written shard by shard (Lazy.row_parts), never held whole. The MTP layer is dropped,
+as llama.cpp's converter drops it.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ import numpy as np
 
 from moelite.errors import ConversionError
 
-from ..lazy import Lazy, rows
+from ..lazy import row_blocks, rows
 from . import Config, Family, squeeze_conv
 from .qwen3_5_moe import DEFAULTS as Q35_DEFAULTS
 from .qwen3_5_moe import TENSORS as Q35_TENSORS
@@ -194,15 +194,7 @@ def sanitize(w, c: Config) -> None:
         )
         if not shards:
             raise ConversionError(f"{c.src}: the PLE layer {il} has no n-gram table ({pre}shard_*.weight)")
-        parts = [w.pop(n) for n in shards]
-        if len({p.shape[1] for p in parts}) != 1:
-            raise ConversionError(f"{c.src}: the PLE table's shards differ in row width")
-        n_rows = sum(p.shape[0] for p in parts)
-        w["per_layer_token_embd.weight"] = Lazy(
-            (n_rows, parts[0].shape[1]),
-            lambda ps=parts: np.concatenate([p.load() for p in ps], axis=0),
-            pre + "shard_*",
-        )
+        w["per_layer_token_embd.weight"] = row_blocks([w.pop(n) for n in shards], pre + "shard_*")  # shard by shard
         for name in HASH_CONSTANTS:  # written as keys (tensor_hparams)
             del w[f"{PLE.format(bid=il)}.ple_embedding.{name}"]
         squeeze_conv(w, f"{PLE.format(bid=il)}.conv1d.weight")
