@@ -279,7 +279,7 @@ def _without_absent_mtp(family, c: Config, weights: dict[str, Lazy], keep: bool 
             UserWarning,
             stacklevel=3,
         )
-    return Config({**c.d, "num_nextn_predict_layers": 0}, c.src, c.defaults)
+    return Config({**c.d, "num_nextn_predict_layers": 0, "mtp_num_hidden_layers": 0}, c.src, c.defaults)
 
 
 def _check_shapes(tensors: list[tuple[str, Lazy]], hp: dict[str, Any], c: Config, n_vocab: int, src: str) -> None:

@@ -734,7 +734,8 @@ def _recurrent_layers(path: str, kv: dict, arch: str, spec: ArchSpec, n_layer: i
         return [h == 0 and not f for h, f in zip(kv_heads, n_ff)]
     flags = kv.get(f"{arch}.attention.recurrent_layers")
     if flags is not None:
-        flags = [bool(x) for x in _per_layer(kv, path, f"{arch}.attention.recurrent_layers", n_layer)]
+        n_block = int(_key(kv, path, f"{arch}.block_count"))  # llama.cpp's array covers the MTP blocks too
+        flags = [bool(x) for x in _per_layer(kv, path, f"{arch}.attention.recurrent_layers", n_layer, n_block=n_block)]
         return flags
     n = int(_key(kv, path, f"{arch}.full_attention_interval", 4))
     if n <= 0:
@@ -856,9 +857,9 @@ def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
 
 # families whose MTP block the runtime runs (csrc/mtp.cpp), each checked against a reference of the same block
 # (tests/test_mtp.py): the block reads the trunk's output-normed hidden state and chains on its own head-normed state,
-# as llama.cpp's hy_v3, glm4moe and deepseek2 MTP graphs do. Other families keep their MTP blocks in the file,
+# as llama.cpp's hy_v3, glm4moe, deepseek2 and qwen35moe MTP graphs do. Other families keep their MTP blocks in the file,
 # unrun, until their semantics are checked.
-MTP_ARCHS = ("hy_v3", "glm4moe", "deepseek2")
+MTP_ARCHS = ("hy_v3", "glm4moe", "deepseek2", "qwen35moe")
 
 
 def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[str, Any]:
@@ -874,7 +875,10 @@ def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[s
             f"MTP blocks of {', '.join(MTP_ARCHS)} only; use speculative='ngram' or 'draft'"
         )
     il = n_layer
-    ref = (hp.get("nextn_ref") or [n_layer - 1])[0]
+    # the trunk layer the block's plan follows: as the file says (nextn_ref), else the last attention layer (Qwen3.5:
+    # its MTP block is a full-attention layer after a hybrid trunk)
+    attn = [i for i in range(n_layer) if hp["layer_mixer"][i] in (MIXER_ATTN, MIXER_MLA)] or [n_layer - 1]
+    ref = (hp.get("nextn_ref") or [attn[-1]])[0]
     if hp["layer_mixer"][ref] not in (MIXER_ATTN, MIXER_MLA):
         raise UsageError(f"speculative='mtp': {path}: the MTP block follows a layer without attention")
     out = dict(hp, n_mtp=1)

@@ -30,21 +30,49 @@ from moelite import _core
 from moelite.converters import convert
 from moelite.errors import ConversionError, UsageError
 
-FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite")
+FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text")
 HEAD_NORM = {"hy_v3": "final_layernorm"}  # the MTP block's norm before the head; else shared_head.norm
+# Qwen3.5 stores its MTP block under mtp.* (mtp.layers.0 a full-attention MoE layer, mtp.fc / pre_fc_norm_* / norm),
+# its norms zero-centred (x * (1 + w))
+RELEASE_MTP = {
+    "eh_proj": "fc",
+    "enorm": "pre_fc_norm_embedding",
+    "hnorm": "pre_fc_norm_hidden",
+    "shared_head.norm": "norm",
+}
+ZERO_CENTRED = {"qwen3_5_moe_text"}
 NXT = 123  # the token after the prompt
 
 
 def mtp_checkpoint(family: str, out):
     """The family's fixture with an MTP block as its release stores it: the last layer's copy (+0.01) at
-    model.layers.{n_layer}, a random eh_proj and random norms; num_nextn_predict_layers 1."""
+    model.layers.{n_layer}, a random eh_proj and random norms; num_nextn_predict_layers 1. Qwen3.5: the same block
+    under mtp.* (mtp_num_hidden_layers 1), and beside it (`out`.reference) the model.layers.{n_layer} layout the
+    reference loads into transformers."""
     if family == "hy_v3":
         return with_mtp(family, out)
     hf, _ = fixture_gguf(family)
     cfg = json.loads((hf / "config.json").read_text())
     n = cfg["num_hidden_layers"]
     d = edited_copy(hf, out, lambda ts: hy_v3_mtp(ts, n, "shared_head.norm", seed=7))
-    (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+    if family not in ZERO_CENTRED:
+        (d / "config.json").write_text(json.dumps({**cfg, "num_nextn_predict_layers": 1}, indent=2))
+        return d
+    ref = d.rename(d.with_name(d.name + ".reference"))
+    # one layer deeper, the block a full-attention layer: transformers loads it as the model's last layer
+    deeper = {"num_hidden_layers": n + 1, "layer_types": cfg["layer_types"] + ["full_attention"]}
+    (ref / "config.json").write_text(json.dumps({**cfg, **deeper}))
+
+    def release_name(k: str) -> str:  # model.layers.{n}.X -> mtp.fc / pre_fc_norm_* / norm, or mtp.layers.0.X
+        rest = k[len(f"model.layers.{n}.") :]
+        shared = RELEASE_MTP.get(rest.removesuffix(".weight"))
+        return f"mtp.{shared}.weight" if shared else f"mtp.layers.0.{rest}"
+
+    def release(ts):
+        return {(release_name(k) if k.startswith(f"model.layers.{n}.") else k): v for k, v in ts.items()}
+
+    d = edited_copy(ref, out, release)
+    (d / "config.json").write_text(json.dumps({**cfg, "mtp_num_hidden_layers": 1}, indent=2))
     return d
 
 
@@ -72,8 +100,11 @@ def reference(family, hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.n
 
     trunk = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     n = trunk.config.num_hidden_layers
+    if family in ZERO_CENTRED:  # the block's weights at model.layers.{n}, where transformers loads a layer from
+        hf = hf.with_name(hf.name + ".reference")
     c2 = AutoConfig.from_pretrained(hf)
-    c2.num_hidden_layers = n + 1
+    if family not in ZERO_CENTRED:  # (Qwen3.5's reference config is one layer deeper already)
+        c2.num_hidden_layers = n + 1
     if isinstance(getattr(trunk.config, "mlp_layer_types", None), list):  # the block is a MoE layer
         c2.mlp_layer_types = list(trunk.config.mlp_layer_types) + ["sparse"]
     head_norm = f"model.layers.{n}.{HEAD_NORM.get(family, 'shared_head.norm')}.weight"
@@ -84,6 +115,8 @@ def reference(family, hf, ids: list[int], draft1: int) -> tuple[np.ndarray, np.n
         w.update({k: v for k, v in load_file(f).items() if k.startswith(f"model.layers.{n}.")})
     eps = trunk.config.rms_norm_eps
     p = f"model.layers.{n}."
+    if family in ZERO_CENTRED:  # x * (1 + w)
+        w = {k: (v + 1.0 if k.endswith("norm.weight") else v) for k, v in w.items()}
     with torch.no_grad():
         t = torch.tensor([ids])
         h = trunk.model(input_ids=t).last_hidden_state[0]  # [P, E], after the final norm
@@ -136,15 +169,24 @@ def test_mtp_logits_match_transformers_block(mtp_files):
         _, a = core.mtp_draft(5, 1)
         core.reset()
         assert not core.mtp_ready and core.mtp_draft(NXT, 4) == ([], None)
-        # a window of 3 rows whose first draft is rejected: truncate back to the prompt + NXT
         core.eval(np.array(PROMPT, np.int32), 1)
-        core.eval(np.array([NXT, 7, 9], np.int32), 3)
-        core.truncate(len(ids))
-        assert core.mtp_ready
-        _, b = core.mtp_draft(5, 1)
-        # a truncation past the last ubatch: the state of the context's last token is gone, no draft
-        core.truncate(len(PROMPT))
-        assert not core.mtp_ready and core.mtp_draft(NXT, 4) == ([], None)
+        if core.recurrent:  # Qwen3.5: a rejected window is undone by restoring the state saved before it
+            snap = core.save_state()
+            core.eval(np.array([NXT, 7, 9], np.int32), 3)
+            core.load_state(snap, len(PROMPT))
+            assert not core.mtp_ready and core.mtp_draft(NXT, 4) == ([], None)  # its rows are past the position
+            core.eval(np.array([NXT], np.int32), 1)  # the accepted token, evaluated again: the block's row with it
+            assert core.mtp_ready
+            _, b = core.mtp_draft(5, 1)
+        else:
+            # a window of 3 rows whose first draft is rejected: truncate back to the prompt + NXT
+            core.eval(np.array([NXT, 7, 9], np.int32), 3)
+            core.truncate(len(ids))
+            assert core.mtp_ready
+            _, b = core.mtp_draft(5, 1)
+            # a truncation past the last ubatch: the state of the context's last token is gone, no draft
+            core.truncate(len(PROMPT))
+            assert not core.mtp_ready and core.mtp_draft(NXT, 4) == ([], None)
     assert float(np.abs(a - b).max()) <= 1e-4  # F32: one ubatch vs two differ in the last bits (tinyBLAS)
 
 

@@ -136,9 +136,41 @@ MTP_NAMES = {
 }
 
 
-def n_nextn(c: Config) -> int:
-    """MTP blocks after the trunk (`num_nextn_predict_layers`)."""
-    return c.int("num_nextn_predict_layers", default=0)
+def n_nextn(c: Config, default: int = 0) -> int:
+    """MTP blocks after the trunk (`num_nextn_predict_layers`; Qwen3.5's `mtp_num_hidden_layers`)."""
+    return c.int("num_nextn_predict_layers", "mtp_num_hidden_layers", default=default)
+
+
+# the release's shared MTP tensors `mtp.{name}.weight` (EXAONE-MoE, Qwen3.5) -> the names MTP_NAMES maps
+_RELEASE_MTP_SHARED = {
+    "fc": "eh_proj",
+    "pre_fc_norm_embedding": "enorm",
+    "pre_fc_norm_hidden": "hnorm",
+    "norm": "shared_head.norm",
+}
+
+
+def release_mtp_layers(w: dict[str, Lazy], c: Config, arch: str) -> None:
+    """MTP blocks stored under `mtp.*` (`mtp.layers.{i}.*` a decoder layer, `mtp.fc` / `pre_fc_norm_*` / `norm` shared
+    by all) renamed to model.layers.{n_layer + i}.* with eh_proj / enorm / hnorm / shared_head.norm, as llama.cpp's
+    converters do; without MTP blocks in config.json they are dropped, as llama.cpp drops them."""
+    n_layer, nextn = c.n_layer, n_nextn(c)
+    for name in [n for n in w if n.startswith("mtp.")]:
+        t = w.pop(name)
+        if nextn == 0:
+            continue
+        m = re.match(r"mtp\.layers\.(\d+)\.(.+)\Z", name)
+        if m:
+            i = int(m.group(1))
+            if i >= nextn:
+                raise ConversionError(f"{t.src}: tensor {name}: config.json says {nextn} MTP block(s)")
+            w[f"model.layers.{n_layer + i}.{m.group(2)}"] = t
+            continue
+        m = re.match(r"mtp\.(\w+)\.weight\Z", name)
+        if not m or m.group(1) not in _RELEASE_MTP_SHARED:
+            raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family {arch}")
+        for i in range(nextn):  # one set shared by every MTP block, written to each
+            w[f"model.layers.{n_layer + i}.{_RELEASE_MTP_SHARED[m.group(1)]}.weight"] = t
 
 
 def mtp_hparams(c: Config) -> dict[str, Any]:
@@ -401,7 +433,7 @@ class Family:
 
     def n_blocks(self, c: Config) -> int:
         """Blocks written: the trunk, plus the MTP blocks of a family that keeps them."""
-        return c.n_layer + (c.int("num_nextn_predict_layers", default=self.n_mtp) if self.keep_mtp else 0)
+        return c.n_layer + (n_nextn(c, default=self.n_mtp) if self.keep_mtp else 0)
 
     def map_names(self, w: dict[str, Lazy], c: Config) -> list[tuple[str, Lazy]]:
         """Sanitized HF names -> GGUF names, in llama.cpp's order; unknown names are an error."""

@@ -15,7 +15,6 @@ written as llama.cpp does, blocks `blk.{n_layer + i}` with `nextn.{eh_proj,enorm
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from moelite.errors import ConversionError
@@ -29,6 +28,7 @@ from . import (
     common_hparams,
     leading_dense_layers,
     n_nextn,
+    release_mtp_layers,
     sliding_layers,
     stack_experts,
     with_mtp_layers,
@@ -121,32 +121,9 @@ TENSORS = {
     **MTP_NAMES,
 }
 
-_MTP_SHARED = {
-    "fc": "eh_proj",
-    "pre_fc_norm_embedding": "enorm",
-    "pre_fc_norm_hidden": "hnorm",
-    "norm": "shared_head.norm",
-}
-
 
 def sanitize(w, c: Config) -> None:
-    n_layer, nextn = c.n_layer, n_nextn(c)
-    for name in [n for n in w if n.startswith("mtp.")]:
-        t = w.pop(name)
-        if nextn == 0:
-            continue  # MTP weights without num_nextn_predict_layers: dropped, as llama.cpp
-        m = re.match(r"mtp\.layers\.(\d+)\.(.+)\Z", name)
-        if m:
-            i = int(m.group(1))
-            if i >= nextn:
-                raise ConversionError(f"{t.src}: tensor {name}: config.json says num_nextn_predict_layers = {nextn}")
-            w[f"model.layers.{n_layer + i}.{m.group(2)}"] = t
-            continue
-        m = re.match(r"mtp\.(\w+)\.weight\Z", name)
-        if not m or m.group(1) not in _MTP_SHARED:
-            raise ConversionError(f"{t.src}: tensor {name} has no GGUF name in family exaone-moe")
-        for i in range(nextn):  # one set shared by every MTP block, written to each
-            w[f"model.layers.{n_layer + i}.{_MTP_SHARED[m.group(1)]}.weight"] = t
+    release_mtp_layers(w, c, "exaone-moe")  # mtp.* -> model.layers.{n_layer + i}.*
     c_all = with_mtp_layers(c)  # trunk + MTP blocks
     stack_experts(w, c_all, MLP + ".experts.{e}.{proj}.weight", MLP + ".experts.{proj}.weight")
 

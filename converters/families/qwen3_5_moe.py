@@ -12,7 +12,9 @@ Hybrid, `layer_types` (default: full attention every `full_attention_interval` =
     M-RoPE, equal to NeoX for text); output * sigmoid(gate) -> o_proj.
 Every layer: softmax top-k experts (always renormalised) + a sigmoid-gated shared expert. All RMSNorms except
 the DeltaNet's gated one are zero-centred (x * (1 + w)): +1 is folded into those weights, as llama.cpp does.
-MTP layers (`mtp.*`) and the vision tower are dropped on purpose.
+The MTP block (`mtp.*`: `mtp_num_hidden_layers` full-attention MoE layers with fc / pre_fc_norm_* / norm) is kept
+as llama.cpp's converter keeps it, blk.{n_layer}.* with nextn.* (speculative="mtp" runs it: csrc/mtp.cpp); the
+vision tower is dropped.
 """
 
 from __future__ import annotations
@@ -26,15 +28,19 @@ from moelite.errors import ConversionError
 from . import (
     LLAMA_NAMES,
     MOE_NAMES,
+    MTP_NAMES,
     SOFTMAX,
     Config,
     Family,
     common_hparams,
     fold_zero_centred_norms,
+    mtp_hparams,
     neg_exp,
+    release_mtp_layers,
     squeeze_conv,
     stack_experts,
     strip_prefix,
+    with_mtp_layers,
 )
 
 L = "model.layers.{bid}"
@@ -116,6 +122,7 @@ def hparams(c: Config) -> dict[str, Any]:
         "expert_shared_feed_forward_length": c.int("shared_expert_intermediate_size"),
         "expert_gating_func": SOFTMAX,  # moelite extra
         "expert_weights_norm": True,  # moelite extra (always renormalised)
+        **mtp_hparams(c),
     }
     return kv
 
@@ -140,6 +147,7 @@ TENSORS = {
     LA + ".in_proj_a.weight": "blk.{bid}.ssm_alpha.weight",  # [Hv, H]
     LA + ".norm.weight": "blk.{bid}.ssm_norm.weight",  # [dv], plain weight
     LA + ".out_proj.weight": "blk.{bid}.ssm_out.weight",  # [H, Hv dv]
+    **MTP_NAMES,
 }
 
 
@@ -164,7 +172,10 @@ def reorder_v(w, name: str, order: np.ndarray, d: int, axis: int, start: int = 0
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (("model.language_model.", "model."),), drop=("mtp.", "model.visual.", "model.vision_tower."))
+    strip_prefix(
+        w, (("model.language_model.", "model."), ("model.mtp.", "mtp.")), drop=("model.visual.", "model.vision_tower.")
+    )
+    release_mtp_layers(w, c, "qwen35moe")  # mtp.* -> model.layers.{n_layer}.* (norms still (1+w): folded below)
     hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
     dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
     order = tiled_order(hk, hv)
@@ -182,9 +193,16 @@ def sanitize(w, c: Config) -> None:
             for n in ("in_proj_b.weight", "in_proj_a.weight", "A_log", "dt_bias"):
                 reorder_v(w, f"{la}.{n}", order, 1, 0)
             reorder_v(w, f"{la}.out_proj.weight", order, dv, 1)
-    stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
+    stack_experts(w, with_mtp_layers(c), L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
 FAMILY = Family(
-    ("qwen3_5_moe_text",), "qwen35moe", hparams, TENSORS, sanitize, tokenizer_pre="qwen35", defaults=DEFAULTS
+    ("qwen3_5_moe_text",),
+    "qwen35moe",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="qwen35",
+    defaults=DEFAULTS,
+    keep_mtp=True,
 )

@@ -40,7 +40,12 @@ from .qwen3_5_moe import sanitize as q35_sanitize
 
 # transformers' Qwen4ExpTextConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
-    **Q35_DEFAULTS,
+    # (the rope keys and full_attention_interval live in rope_parameters / layer_types in Qwen4ExpTextConfig)
+    **{
+        k: v
+        for k, v in Q35_DEFAULTS.items()
+        if k not in ("rope_theta", "partial_rotary_factor", "full_attention_interval")
+    },
     "num_experts": 512,
     "num_experts_per_tok": 10,
     "hc_count": 4,
