@@ -22,7 +22,8 @@
 
 namespace moelite {
 
-// The three tensors of one hyper-connection: blk.N.hc_{attn,ffn}_{fn,base,scale}.weight, output_hc_*.weight
+// One hyper-connection's tensors (n_coef: 2 around a sublayer, 1 in the output head): iHC's
+// blk.N.hc_{attn,ffn}_{fn,base,scale}.weight / output_hc_*.weight, or the gated mix's (below)
 HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
     const int64_t hc = hp_.hc_mult, C = hp_.n_embd * hc;
     HcWeights w;
