@@ -41,6 +41,8 @@ MODES = [  # per-call options of Model.generate
 MTP_MODES = [  # only for files with an MTP block; run on a load with speculative="mtp"
     ("mtp", {"speculative": "mtp"}),
     ("mtp always", {"speculative": "mtp", "draft_rule": "always"}),
+    # one draft per window, every one verified: the block is trained to guess one token ahead (releases draft 1)
+    ("mtp 1 always", {"speculative": "mtp", "draft_rule": "always", "draft_max": 1}),
 ]
 CAPS = (None, 50, 25)  # None: resident; else % of the expert slots
 N_CTX = 2048
@@ -249,7 +251,8 @@ def report(meta: dict, rows: list[dict]) -> str:
         + (
             " `mtp` / `mtp always`: drafts from the model's MTP block, on a load with the block (planned inside the "
             "same memory budget, so a capped MTP load holds fewer trunk expert slots), cost rule / every draft "
-            "verified; off is the plain load."
+            "verified (up to draft_max 8 chained drafts); `mtp 1 always`: one MTP draft per step, always verified; "
+            "off is the plain load."
             if any(r["mode"].startswith("mtp") for r in rows)
             else ""
         )
