@@ -448,8 +448,8 @@ def _tiktoken_file(model_dir: Path, cfg: dict[str, Any]) -> Path:
     found = sorted(model_dir.glob("*.tiktoken")) + [p for p in (model_dir / "tiktoken.model",) if p.is_file()]
     if len(found) != 1:
         raise ConversionError(
-            f"{model_dir}: no tokenizer.json and {len(found)} tiktoken ranks files (expected one: *.tiktoken, "
-            "e.g. Hunyuan's hy.tiktoken, or Kimi's tiktoken.model)"
+            f"{model_dir}: no tokenizer.json and {len(found)} *.tiktoken / tiktoken.model ranks files (expected one: "
+            "Hunyuan's hy.tiktoken, Kimi's tiktoken.model)"
         )
     return found[0]
 

@@ -374,10 +374,17 @@ def qwen35_config(c: dict) -> dict:
 
 
 def multimodal_qwen35(ts: dict) -> dict:
+    """The release layout: the text model under model.language_model, a vision tower, and the MTP block under mtp.*
+    (a copy of the last, full-attention, layer + fc / pre_fc_norm_* / norm), which the converter keeps."""
     out = {(k.replace("model.", "model.language_model.", 1) if k.startswith("model.") else k): v for k, v in ts.items()}
     out["model.visual.patch_embed.proj.weight"] = np.zeros((32, 48), np.float32)
-    out["mtp.fc.weight"] = np.zeros((64, 128), np.float32)
-    out["mtp.layers.0.input_layernorm.weight"] = np.ones(64, np.float32)
+    for k, v in ts.items():
+        if k.startswith("model.layers.3."):
+            out[k.replace("model.layers.3.", "mtp.layers.0.", 1)] = v
+    H = ts["model.norm.weight"].shape[0]
+    out["mtp.fc.weight"] = np.zeros((H, 2 * H), np.float32)
+    for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm"):
+        out[f"mtp.{n}.weight"] = np.zeros(H, np.float32)  # zero-centred: a unit gamma
     return out
 
 
