@@ -1080,6 +1080,7 @@ void Model::check_finite(int il, int T) {
 void Model::reset() {
     n_past_ = 0;
     mtp_pending_pos_ = -1;
+    mtp_forget_from(0);
     if (buf_rs_) ggml_backend_buffer_clear(buf_rs_, 0);
 }
 
@@ -1089,6 +1090,7 @@ void Model::truncate(int n) {
         throw std::logic_error("a recurrent state cannot be truncated (position " + std::to_string(n_past_) + " -> " +
                                std::to_string(n) + "): restore a snapshot (load_state) or reset");
     n_past_ = n;
+    mtp_forget_from(n);
     // the MTP block's next row needs h of position n - 1: the last ubatch's, when it holds that position
     const int r = n - 1 - mtp_hidden_pos_;
     mtp_pending_pos_ = -1;
@@ -1119,6 +1121,7 @@ void Model::load_state(const uint8_t * data, size_t n, int n_past) {
                                 ggml_nbytes(t));
     n_past_ = n_past; // KV rows past n_past are overwritten by the next eval
     mtp_pending_pos_ = -1;
+    mtp_forget_from(n_past);
 }
 
 void Model::reset_stats() {

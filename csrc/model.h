@@ -416,6 +416,13 @@ class Model {
     int mtp_hidden_pos_ = 0;         // the position of its first row
     std::vector<float> mtp_pending_; // h of position mtp_pending_pos_ (the context's last token), or pos -1
     int mtp_pending_pos_ = -1;
+    // rows not run yet (mtp_backlog): hidden [n, n_embd], tokens [n], at positions mtp_back_pos_..
+    void mtp_backlog(const float * hidden, const int32_t * tokens, int n, int pos0);
+    void mtp_flush();
+    void mtp_forget_from(int n);
+    std::vector<float> mtp_back_h_;
+    std::vector<int32_t> mtp_back_t_;
+    int mtp_back_pos_ = 0;
 
     // ---- the fused step (model_fused.cpp)
     struct RouteOp { // one MoE layer's routing inside the fused graph

@@ -7,8 +7,8 @@
 //   g = shared_head_norm(x); logits = head(g)                  the guess for t_{i+2}; g seeds the next draft row
 // as llama.cpp's hy_v3 MTP graph and vLLM's MTP layers compute it. Its KV cache follows the trunk's one position
 // behind: after a ubatch of the trunk at positions p..p+T-1, the block runs rows (h_{i-1}, t_i) at positions i - 1
-// (run_mtp_lagged), so when the next token is sampled, the row (h_{last}, next) gives the first draft at once
-// (mtp_draft). The drafts' own rows are written past the context and overwritten by the next ubatch's lagged rows
+// (run_mtp_lagged; they wait in a backlog until a draft needs them, mtp_backlog), so when the next token is sampled,
+// the row (h_{last}, next) gives the first draft at once (mtp_draft). The drafts' own rows are written past the context and overwritten by the next ubatch's lagged rows
 // (same inputs for the first, the trunk's h for the others). A position's K/V depends on the tokens and the trunk
 // alone, so a truncation leaves the MTP cache valid up to the new end.
 #include <algorithm>
@@ -116,17 +116,46 @@ void Model::run_mtp_lagged(const int32_t * tokens, int T) {
     }
     mtp_hidden_pos_ = n_past_;
     const bool pending = n_past_ > 0 && mtp_pending_pos_ == n_past_ - 1;
-    std::vector<float> hid;
     if (pending) {
-        hid.reserve((size_t) T * E);
-        hid.assign(mtp_pending_.begin(), mtp_pending_.end());
-        hid.insert(hid.end(), mtp_hidden_.begin(), mtp_hidden_.end() - E);
-        mtp_rows(hid.data(), tokens, T, n_past_ - 1, 0, nullptr, nullptr);
+        mtp_backlog(mtp_pending_.data(), tokens, 1, n_past_ - 1);
+        mtp_backlog(mtp_hidden_.data(), tokens + 1, T - 1, n_past_);
     } else if (T > 1) {
-        mtp_rows(mtp_hidden_.data(), tokens + 1, T - 1, n_past_, 0, nullptr, nullptr);
+        mtp_backlog(mtp_hidden_.data(), tokens + 1, T - 1, n_past_);
     }
     mtp_pending_.assign(mtp_hidden_.end() - E, mtp_hidden_.end());
     mtp_pending_pos_ = n_past_ + T - 1;
+}
+
+// The block's rows wait in a backlog until a draft needs them (mtp_draft), or a ubatch of them has gathered: while
+// the cost rule declines to draft, the block costs nothing per step, and its rows run later as one ubatch (its
+// dense weights read once for all). Rows must stay contiguous in position: a gap (after a truncation) runs the
+// older ones first.
+void Model::mtp_backlog(const float * hidden, const int32_t * tokens, int n, int pos0) {
+    if (n <= 0) return;
+    const int E = hp_.n_embd, count = (int) mtp_back_t_.size();
+    if (count && mtp_back_pos_ + count != pos0) mtp_flush();
+    if (mtp_back_t_.empty()) mtp_back_pos_ = pos0;
+    mtp_back_h_.insert(mtp_back_h_.end(), hidden, hidden + (size_t) n * E);
+    mtp_back_t_.insert(mtp_back_t_.end(), tokens, tokens + n);
+    if ((int) mtp_back_t_.size() >= opt_.n_ubatch) mtp_flush();
+}
+
+void Model::mtp_flush() {
+    const int E = hp_.n_embd, n = (int) mtp_back_t_.size();
+    std::vector<float> h;
+    std::vector<int32_t> t;
+    h.swap(mtp_back_h_); // emptied first: a failing row leaves no backlog to rerun
+    t.swap(mtp_back_t_);
+    for (int i = 0; i < n; i += opt_.n_ubatch)
+        mtp_rows(h.data() + (size_t) i * E, t.data() + i, std::min(opt_.n_ubatch, n - i), mtp_back_pos_ + i, 0, nullptr,
+                 nullptr);
+}
+
+// The context now ends at position n: rows at positions >= n - 1 (their next token is gone) are forgotten.
+void Model::mtp_forget_from(int n) {
+    const int keep = std::max(0, std::min((int) mtp_back_t_.size(), n - 1 - mtp_back_pos_));
+    mtp_back_t_.resize(keep);
+    mtp_back_h_.resize((size_t) keep * hp_.n_embd);
 }
 
 int Model::mtp_draft(int32_t token, int n_max, int32_t * out, float * logits0) {
@@ -134,6 +163,7 @@ int Model::mtp_draft(int32_t token, int n_max, int32_t * out, float * logits0) {
     if (!mtp_ready() || n_max <= 0) return 0;
     if (token < 0 || token >= h.n_vocab)
         throw FormatError("token id " + std::to_string(token) + " out of range [0, " + std::to_string(h.n_vocab) + ")");
+    mtp_flush();                                   // the block's cache up to the context's end
     n_max = std::min(n_max, opt_.n_ctx - n_past_); // row i sits at position n_past_ - 1 + i
     std::vector<float> hid = mtp_pending_, g(h.n_embd), logits(h.n_vocab);
     int32_t tok = token;
