@@ -104,9 +104,10 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "ple_mult", h.ple_mult);
     get(d, "ple_offsets", h.ple_offsets);
     get(d, "ple_vocab", h.ple_vocab);
-    if ((h.hc_mult == 0) != (h.hc_kind == HC_NONE) || h.hc_kind < HC_NONE || h.hc_kind > HC_GATED)
+    if ((h.hc_mult == 0) != (h.hc_kind == HC_NONE) || h.hc_kind < HC_NONE || h.hc_kind > HC_GATED ||
+        (h.hc_mult && h.n_mtp))
         throw FormatError("hyper-connections: kind " + std::to_string(h.hc_kind) + " with " +
-                          std::to_string(h.hc_mult) + " streams");
+                          std::to_string(h.hc_mult) + " streams (and no MTP block: its graph has no streams)");
     if (h.ple_layer >= 0) {
         const int n_prev = h.ple_ngram - 1;
         bool ok = h.ple_ngram >= 2 && h.ple_ngram <= 8 && h.ple_heads > 0 && h.ple_heads <= 1024 &&
@@ -187,7 +188,8 @@ static HParams hparams_from(const py::dict & d) {
         p.compress = compress[i];
         const bool qsa = p.indexer == INDEXER_QSA;
         const bool dsa_ok =
-            h.indexer_n_head > 0 && h.indexer_head_size >= p.n_rot && h.indexer_top_k > 0 &&
+            h.indexer_n_head > 0 && h.indexer_head_size >= p.n_rot + (h.indexer_rope_tail ? 1 : 0) &&
+            h.indexer_top_k > 0 &&
             (qsa ? p.mixer == MIXER_ATTN && p.compress > 0 && p.compress <= 4096 && h.indexer_top_k % p.compress == 0
                  : p.mixer == MIXER_MLA) &&
             (p.indexer != INDEXER_SHARED || (i > 0 && indexer[0] == INDEXER_FULL));

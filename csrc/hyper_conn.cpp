@@ -91,6 +91,14 @@ ggml_tensor * Model::hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * 
     return ggml_reshape_2d(ctx, ggml_add(ctx, x3, yp), E * hc, T); // [n_embd * hc, T]
 }
 
+// grouped RMSNorm of the streams x [n_embd * hc, T] with a (1+w) gamma w [n_embd * hc]
+ggml_tensor * Model::hc_norm(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) {
+    const int64_t E = hp_.n_embd, hc = hp_.hc_mult, T = x->ne[1];
+    ggml_tensor * x3 =
+        ggml_rms_norm(ctx, ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T), hp_.norm_eps);
+    return ggml_reshape_2d(ctx, ggml_mul(ctx, x3, ggml_reshape_2d(ctx, w, E, hc)), E * hc, T);
+}
+
 // the streams' mean of x [n_embd * hc, T] -> [n_embd, T]
 ggml_tensor * Model::hc_mean(ggml_context * ctx, ggml_tensor * x) {
     const int64_t E = hp_.n_embd, T = x->ne[1];

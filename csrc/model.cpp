@@ -369,9 +369,6 @@ void Model::build_layers() {
 
     if (h.n_mtp < 0 || h.n_mtp > 1)
         throw FormatError(path_ + ": n_mtp " + std::to_string(h.n_mtp) + ", expected 0 or 1");
-    if (h.hc_mult < 0 || h.hc_mult == 1 || h.hc_mult > 64 || (h.hc_mult && h.n_mtp))
-        throw FormatError(path_ + ": hyper_connection.count " + std::to_string(h.hc_mult) +
-                          ", expected 0 or 2..64 (and no MTP block)");
     if (h.hc_mult) hc_head_ = load_hc("output_hc", 1);
     if (h.ple_layer >= h.n_layer ||
         (h.ple_layer >= 0 && (h.hc_kind != HC_GATED || !is_recurrent(h.plan[h.ple_layer].mixer))))

@@ -534,6 +534,11 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
         plan["layer_rotate"] = [0] * n_layer
     if spec.indexer_rope >= 0 and not (spec.indexer_optional and k.raw("attention.indexer.top_k") is None):
         _indexer_plan(path, k, hp, plan, n_layer, spec.indexer_rope)
+        if spec.indexer_rope_tail and hp["indexer_head_size"] <= hp["n_rot"]:  # RoPE on the tail: dims before it
+            raise ModelFormatError(
+                f"{path}: key '{arch}.attention.indexer.key_length' = {hp['indexer_head_size']}: expected more than "
+                f"rope.dimension_count = {hp['n_rot']} (llama.cpp refuses it too)"
+            )
         hp["indexer_rope_tail"] = spec.indexer_rope_tail
     hp["clamp_gate"] = spec.clamp_gate
     if spec.hyper_conn:

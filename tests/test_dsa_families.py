@@ -349,6 +349,7 @@ def test_hy4_hyper_connections_are_in_the_file_and_the_plan():
         ("hyper_connection.count", 65, "hyper_connection.count"),
         ("hyper_connection.epsilon", float("nan"), "hyper_connection.count"),
         ("hyper_connection.magnitude", 0.0, "hyper_connection.count"),
+        ("attention.indexer.key_length", 8, "key_length"),  # the indexer's RoPE on its tail needs dims before it
     ],
 )
 def test_bad_hyper_connection_keys_are_format_errors(key, value, match):

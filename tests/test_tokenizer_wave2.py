@@ -672,20 +672,18 @@ def _byte_decoder() -> dict[str, int]:
     return {(chr(b) if b in keep else chr(next(extra))): b for b in range(256)}
 
 
-def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
-    """A Hunyuan-A13B-shaped checkpoint tokenizer: a tiktoken ranks file hy.tiktoken (the 256 bytes, then
-    merged tokens in merge order; trained with Hunyuan's split pattern), no tokenizer.json; the special
-    tokens the remote-code tokenizer defines right after the ranks (<|endoftext|> ... <|pad|>,
-    <|extra_N|>); config.json with a wrong bos_token_id (as the real one) and eos <|eos|>."""
+def _write_tiktoken_ranks(path: Path, pattern: str, corpus: list[str]) -> dict[bytes, int]:
+    """A tiktoken ranks file (`base64(token) rank` per line) of a byte-level BPE trained with this split pattern:
+    the 256 bytes, then the merged tokens in merge order. Returns the ranks."""
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.Sequence(
         [
-            pre_tokenizers.Split(Regex(HY_PAT), behavior="isolated"),
+            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
     tok.train_from_iterator(
-        CORPUS,
+        corpus,
         trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
     )
     byte_of = _byte_decoder()
@@ -693,8 +691,17 @@ def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
     for merge in json.loads(tok.to_str())["model"]["merges"]:
         left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
         ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "hy.tiktoken").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    return ranks
+
+
+def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
+    """A Hunyuan-A13B-shaped checkpoint tokenizer: a tiktoken ranks file hy.tiktoken (the 256 bytes, then
+    merged tokens in merge order; trained with Hunyuan's split pattern), no tokenizer.json; the special
+    tokens the remote-code tokenizer defines right after the ranks (<|endoftext|> ... <|pad|>,
+    <|extra_N|>); config.json with a wrong bos_token_id (as the real one) and eos <|eos|>."""
+    ranks = _write_tiktoken_ranks(d / "hy.tiktoken", HY_PAT, CORPUS)
     specials = {t: len(ranks) + k for k, t in enumerate(HY_NAMED + [f"<|extra_{i}|>" for i in range(HY_N_EXTRA)])}
     _tokenizer_config(
         d, (TEMPLATES / "hunyuan_moe.jinja").read_text(encoding="utf-8"), eos_token="<|eos|>", vocab_file="hy.tiktoken"
@@ -1013,24 +1020,8 @@ def _kimi_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
     from moelite.runtime.tokenizer import PRE_TOKENIZER_REGEXES
 
     pattern = PRE_TOKENIZER_REGEXES["kimi-k2"][0]
-    tok = HFTokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.train_from_iterator(
-        CORPUS + ["东京タワー 漢字かな交じり文 中文文本 模型", "camelCase XMLHttpRequest It's DON'T"],
-        trainers.BpeTrainer(vocab_size=600, show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
-    byte_of = _byte_decoder()
-    ranks = {bytes([b]): b for b in range(256)}
-    for merge in json.loads(tok.to_str())["model"]["merges"]:
-        left, right = merge if isinstance(merge, list) else merge.split(" ", 1)
-        ranks.setdefault(bytes(byte_of[c] for c in left + right), len(ranks))
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "tiktoken.model").write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in ranks.items()))
+    corpus = CORPUS + ["东京タワー 漢字かな交じり文 中文文本 模型", "camelCase XMLHttpRequest It's DON'T"]
+    ranks = _write_tiktoken_ranks(d / "tiktoken.model", pattern, corpus)
     named = {t: len(ranks) + k for k, t in enumerate(KIMI_NAMED)}
     n = len(ranks) + len(KIMI_NAMED) + KIMI_N_RESERVED
     specials = {**named, **{f"<|reserved_token_{i}|>": i for i in range(len(ranks) + len(KIMI_NAMED), n)}}

@@ -93,14 +93,19 @@ def indexer_types(c: Config) -> list[bool] | None:
     return [t == "full" for t in types]
 
 
-def glm_hparams(c: Config) -> dict[str, Any]:
-    kv = hparams(c)
+def check_full_rope(c: Config) -> None:
+    """RoPE on all qk_rope_head_dim dims (partial_rotary_factor 1): what llama.cpp's MLA graphs rotate."""
     partial = c.rope().get("partial_rotary_factor", 1.0)
     if partial not in (None, 1, 1.0):
         raise ConversionError(
             f"{c.src}: key rope_parameters.partial_rotary_factor = {partial}: only 1.0 (RoPE on all "
             f"qk_rope_head_dim dims) is supported"
         )
+
+
+def glm_hparams(c: Config) -> dict[str, Any]:
+    kv = hparams(c)
+    check_full_rope(c)
     types = indexer_types(c)
     if types is not None:
         kv["attention.indexer.types"] = types

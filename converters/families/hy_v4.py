@@ -31,7 +31,7 @@ from .deepseek_v2 import ATTN, MLP
 from .deepseek_v2 import hparams as v2_hparams
 from .deepseek_v2 import sanitize as v2_sanitize
 from .deepseek_v32 import TENSORS as DSA_TENSORS
-from .deepseek_v32 import indexer_hparams, indexer_types
+from .deepseek_v32 import check_full_rope, indexer_hparams, indexer_types
 
 # transformers' HYV4Config defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -84,9 +84,7 @@ def hparams(c: Config) -> dict[str, Any]:
         kv.pop("expert_group_count", None)  # no group routing (llama.cpp's converter drops the keys too)
         kv.pop("expert_group_used_count", None)
     kv["leading_dense_block_count"] = leading_dense_layers(c)
-    partial = c.rope().get("partial_rotary_factor", 1.0)
-    if partial not in (None, 1, 1.0):
-        raise ConversionError(f"{c.src}: key rope_parameters.partial_rotary_factor = {partial}: only 1.0 is supported")
+    check_full_rope(c)
     kv.update(indexer_hparams(c, nope_too=True))
     types = indexer_types(c) or [True] * c.n_layer  # no indexer_types: every layer runs its own
     kv["attention.indexer.types"] = types
