@@ -3,6 +3,7 @@
 #include <cstring>
 #include <fcntl.h>
 #include <list>
+#include <memory>
 #include <string>
 #include <unistd.h>
 #include <unordered_map>
@@ -23,7 +24,7 @@ class PleTable {
           n_slots_(std::max<size_t>(cache_rows, 1)) {
         fd_ = ::open(path_.c_str(), O_RDONLY | O_CLOEXEC);
         if (fd_ < 0) throw FormatError(path_ + ": cannot open for the PLE table's rows");
-        arena_.resize(n_slots_ * row_bytes_);
+        arena_.reset(new uint8_t[n_slots_ * row_bytes_]); // not zeroed: a slot's pages are touched when it is read
         to_float_ = ggml_get_type_traits(t.type)->to_float;
         if (!to_float_ && t.type != GGML_TYPE_F32)
             throw FormatError(path_ + ": tensor '" + t.name + "': type " + ggml_type_name(t.type) +
@@ -34,7 +35,7 @@ class PleTable {
     }
     int64_t n_rows() const { return info_.ne[1]; }
     int64_t row_dim() const { return info_.ne[0]; }
-    size_t cache_bytes() const { return arena_.size(); }
+    size_t cache_bytes() const { return n_slots_ * row_bytes_; }
     uint64_t bytes_read = 0, rows_read = 0, rows_hit = 0;
 
     // rows[i] (each < n_rows) -> out [n, row_dim] F32
@@ -42,7 +43,7 @@ class PleTable {
         std::vector<size_t> slot(n);
         for (size_t i = 0; i < n; ++i) slot[i] = acquire(rows[i], rows + n);
         for (size_t i = 0; i < n; ++i) {
-            const uint8_t * src = arena_.data() + slot[i] * row_bytes_;
+            const uint8_t * src = arena_.get() + slot[i] * row_bytes_;
             float * dst = out + i * row_dim();
             if (info_.type == GGML_TYPE_F32)
                 std::memcpy(dst, src, row_bytes_);
@@ -72,7 +73,7 @@ class PleTable {
             where_.erase(old);
         }
         const uint64_t off = info_.offset + (uint64_t) row * row_bytes_;
-        uint8_t * dst = arena_.data() + s * row_bytes_;
+        uint8_t * dst = arena_.get() + s * row_bytes_;
         size_t got = 0;
         while (got < row_bytes_) {
             const ssize_t r = ::pread(fd_, dst + got, row_bytes_ - got, (off_t) (off + got));
@@ -91,7 +92,7 @@ class PleTable {
     TensorInfo info_;
     size_t row_bytes_, n_slots_;
     int fd_ = -1;
-    std::vector<uint8_t> arena_;
+    std::unique_ptr<uint8_t[]> arena_;
     ggml_to_float_t to_float_ = nullptr;
     std::list<int64_t> lru_; // most recent first
     std::unordered_map<int64_t, std::pair<size_t, std::list<int64_t>::iterator>> where_;
