@@ -115,6 +115,7 @@ def keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
         or "ple_conv1d" in name  # PLE's dilated conv kernel, F32 as the other convs
         or re.search(r"hc_(attn|ffn)_fn\.|output_hc_fn\.", name) is not None  # hyper-connection mixes: F32 in the
         # reference and in llama.cpp's converter (Hy4)
+        or "indexer_compressor_" in name  # KPool's pooling gate and slot biases: F32 as llama.cpp keeps them
     )
 
 

@@ -115,6 +115,8 @@ _CONFIG_SCALARS = {
     "max_position_embeddings",
 }
 _CONFIG_POSITIVE = ("rms_norm_eps", "layer_norm_eps", "rope_theta")
+# keys a config class writes as 0 by design: GLM-5.3-Flash's head_dim is its qk_rope_head_dim (0: NoPE MLA)
+_ZERO_OK = {"glm5_next_text": {"head_dim"}}
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -128,6 +130,7 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
             # the model-wide sizes are scalars
             per_layer = key not in _CONFIG_SCALARS and isinstance(v, list) and 0 < len(v) <= 1 << 16
             items = v if per_layer else [v]
+            lo = 0 if key in _ZERO_OK.get(values.get("model_type"), ()) else lo
             if v is not None and any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in items):
                 raise ConversionError(
                     f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]"

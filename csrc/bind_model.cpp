@@ -77,6 +77,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "ssm_d_inner", h.ssm_d_inner);
     get(d, "deltanet_repeat_interleave", h.deltanet_repeat_interleave);
     get(d, "kda_gate_lb", h.kda_gate_lb);
+    get(d, "kda_neg_a", h.kda_neg_a);
     get(d, "n_chunk", h.n_chunk);
     get(d, "attn_temp_scale", h.attn_temp_scale);
     get(d, "attn_temp_floor", h.attn_temp_floor);
@@ -94,6 +95,7 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "clamp_gate", h.clamp_gate);
     get(d, "hc_mult", h.hc_mult);
     get(d, "hc_kind", h.hc_kind);
+    get(d, "hc_sinkhorn_iters", h.hc_sinkhorn_iters);
     get(d, "deltanet_gate_sigmoid", h.deltanet_gate_sigmoid);
     get(d, "ple_layer", h.ple_layer);
     get(d, "ple_ngram", h.ple_ngram);
@@ -104,10 +106,14 @@ static HParams hparams_from(const py::dict & d) {
     get(d, "ple_mult", h.ple_mult);
     get(d, "ple_offsets", h.ple_offsets);
     get(d, "ple_vocab", h.ple_vocab);
-    if ((h.hc_mult == 0) != (h.hc_kind == HC_NONE) || h.hc_kind < HC_NONE || h.hc_kind > HC_GATED ||
+    if ((h.hc_mult == 0) != (h.hc_kind == HC_NONE) || h.hc_kind < HC_NONE || h.hc_kind > HC_MHC ||
         (h.hc_mult && h.n_mtp))
         throw FormatError("hyper-connections: kind " + std::to_string(h.hc_kind) + " with " +
                           std::to_string(h.hc_mult) + " streams (and no MTP block: its graph has no streams)");
+    // mHC: ggml's comb op (ggml_dsv4_hc_comb) is built for 4 streams, as llama.cpp requires
+    if (h.hc_kind == HC_MHC && (h.hc_mult != 4 || h.hc_sinkhorn_iters < 1 || h.hc_sinkhorn_iters > 1000))
+        throw FormatError("mHC: hyper_connection.count " + std::to_string(h.hc_mult) + ", sinkhorn_iterations " +
+                          std::to_string(h.hc_sinkhorn_iters) + ": expected 4 streams and 1..1000 iterations");
     if (h.ple_layer >= 0) {
         const int n_prev = h.ple_ngram - 1;
         bool ok = h.ple_ngram >= 2 && h.ple_ngram <= 8 && h.ple_heads > 0 && h.ple_heads <= 1024 &&
@@ -166,6 +172,7 @@ static HParams hparams_from(const py::dict & d) {
     if (freq_base.size() != n || kq_scale.size() != n || clamp_exp.size() != n || clamp_shexp.size() != n)
         throw FormatError("layer plan: a per-layer list does not have n_layer + n_mtp entries");
     h.plan.resize(n);
+    int pool = 0; // the pool size of the layers whose indexer keys are pooled (QSA, KPool)
     for (size_t i = 0; i < n; ++i) {
         LayerPlan & p = h.plan[i];
         p.mixer = mixer[i];
@@ -187,18 +194,27 @@ static HParams hparams_from(const py::dict & d) {
         p.indexer = indexer[i];
         p.compress = compress[i];
         const bool qsa = p.indexer == INDEXER_QSA;
+        // pooled keys (QSA, KPool, KPool's shared layers): one pool size for the model, dividing top_k
+        const bool pooled = qsa || p.indexer == INDEXER_KPOOL || (p.indexer == INDEXER_SHARED && p.compress);
+        int src = -1; // a shared layer's source: the last layer before it that runs its own indexer
+        for (size_t j = 0; j < i; ++j)
+            if (indexer[j] != INDEXER_NONE && indexer[j] != INDEXER_SHARED) src = (int) j;
         const bool dsa_ok =
             h.indexer_n_head > 0 && h.indexer_head_size >= p.n_rot + (h.indexer_rope_tail ? 1 : 0) &&
-            h.indexer_top_k > 0 &&
-            (qsa ? p.mixer == MIXER_ATTN && p.compress > 0 && p.compress <= 4096 && h.indexer_top_k % p.compress == 0
-                 : p.mixer == MIXER_MLA) &&
-            (p.indexer != INDEXER_SHARED || (i > 0 && indexer[0] == INDEXER_FULL));
-        if (p.indexer < INDEXER_NONE || p.indexer > INDEXER_QSA || (p.indexer != INDEXER_NONE && !dsa_ok))
-            throw FormatError("layer plan of layer " + std::to_string(i) + ": DSA indexer " +
-                              std::to_string(p.indexer) +
-                              " needs an MLA layer (QSA: an attention layer with a block size dividing top_k), indexer "
-                              "heads / key length >= n_rot / top_k > 0, and a full "
-                              "indexer layer before a shared one");
+            h.indexer_top_k > 0 && (qsa ? p.mixer == MIXER_ATTN : p.mixer == MIXER_MLA) &&
+            (!pooled || (p.compress >= (qsa ? 1 : 2) && p.compress <= 4096 && h.indexer_top_k % p.compress == 0 &&
+                         (pool == 0 || pool == p.compress))) &&
+            (pooled || p.compress == 0) &&
+            (p.indexer != INDEXER_SHARED ||
+             (src >= 0 && indexer[src] == (p.compress ? INDEXER_KPOOL : INDEXER_FULL) && compress[src] == p.compress));
+        if (pooled) pool = p.compress;
+        if (p.indexer < INDEXER_NONE || p.indexer > INDEXER_KPOOL || (p.indexer != INDEXER_NONE && !dsa_ok))
+            throw FormatError(
+                "layer plan of layer " + std::to_string(i) + ": DSA indexer " + std::to_string(p.indexer) +
+                " (pool size " + std::to_string(p.compress) +
+                ") needs an MLA layer (QSA: an attention layer), indexer heads / key length >= n_rot / "
+                "top_k > 0, one pool size of 1..4096 (KPool: 2..) dividing top_k where keys are pooled, and a layer "
+                "with its own indexer of the same kind before a shared one");
         if (!(p.clamp_exp >= 0.f && p.clamp_exp < INFINITY && p.clamp_shexp >= 0.f && p.clamp_shexp < INFINITY))
             throw FormatError("layer plan of layer " + std::to_string(i) + ": a SwiGLU clamp is negative / not finite");
         if (p.mixer < MIXER_ATTN || p.mixer > MIXER_LAST || p.ffn < FFN_DENSE || p.ffn > FFN_NONE ||

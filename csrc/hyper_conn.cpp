@@ -17,6 +17,13 @@
 //   in   = mean_s(sigmoid(up(silu(down(xn) / hc)))_s * xn_s)            [n_embd, T]  (low-rank gate per element)
 //   post = 2 sigmoid(inject(xn) / hc)                                   [hc, T]      (none in the output head,
 //                                                                                    whose mixture is the output norm)
+//
+// HC_MHC (GLM-5.3-Flash, DeepSeek-V4's "manifold-constrained" mHC): the iHC gates (post x 2, no epsilon on post) plus a
+// comb matrix per token that mixes the streams themselves; fn [n_embd * hc, (2 + hc) hc], base, scale [3]:
+//   comb = Sinkhorn(softmax over dst (m[2hc:] * scale[2] + base[2hc:]) + eps)       [hc dst, hc src, T]
+//   x_d  = post_d y + sum_s comb[d, s] x_s                                            (ggml_dsv4_hc_comb / _post)
+// The sublayer's post weights and comb travel as one [hc + hc^2, T] tensor (hc_post_ across graphs). The output head
+// is the streams' plain mean.
 #include "common.h"
 #include "model.h"
 
@@ -37,9 +44,14 @@ HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
         if (n_coef == 2) w.inject = load_tensor(prefix + "_inject.weight", true, 2, {C, hc});
         return w;
     }
-    w.fn = load_tensor(prefix + "_fn.weight", true, 2, {hp_.n_embd * hc, n_coef * hc});
-    w.base = load_tensor(prefix + "_base.weight", true, 1, {n_coef * hc});
-    w.scale = load_tensor(prefix + "_scale.weight", true, 1, {n_coef});
+    const int64_t n_mix = hp_.hc_kind == HC_MHC ? (2 + hc) * hc : n_coef * hc,
+                  n_scale = hp_.hc_kind == HC_MHC ? 3 : n_coef;
+    w.fn = load_tensor(prefix + "_fn.weight", true, 2, {hp_.n_embd * hc, n_mix});
+    w.base = load_tensor(prefix + "_base.weight", true, 1, {n_mix});
+    w.scale = load_tensor(prefix + "_scale.weight", true, 1, {n_scale});
+    if (w.base->type != GGML_TYPE_F32 || w.scale->type != GGML_TYPE_F32) // ggml's hc ops read them as F32
+        throw FormatError(path_ + ": tensors '" + prefix + "_base.weight' / '" + prefix +
+                          "_scale.weight': expected F32 (as llama.cpp's converter keeps them)");
     return w;
 }
 
@@ -78,13 +90,27 @@ ggml_tensor * Model::hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor
                 ggml_scale(ctx, ggml_sigmoid(ctx, ggml_scale(ctx, dense_mm(ctx, w.inject, xn), 1.f / h.hc_mult)), 2.f);
         return hc_mean(ctx, gated);
     }
-    ggml_tensor * m = ggml_mul_mat(ctx, w.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [2 hc, T]
-    *post = hc_gate(ctx, w, m, 1, h.hc_mult, h.hc_magnitude, h.hc_eps);
+    ggml_tensor * m = ggml_mul_mat(ctx, w.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [2 hc, T] (mHC: [(2 + hc) hc, T])
+    if (h.hc_kind == HC_MHC) {
+        ggml_tensor * comb = ggml_dsv4_hc_comb(ctx, m, w.scale, w.base, h.hc_eps, h.hc_sinkhorn_iters); // [hc, hc, T]
+        *post = ggml_concat(ctx, hc_gate(ctx, w, m, 1, h.hc_mult, 2.f, 0.f),
+                            ggml_reshape_2d(ctx, comb, (int64_t) h.hc_mult * h.hc_mult, m->ne[1]), 0);
+    } else {
+        *post = hc_gate(ctx, w, m, 1, h.hc_mult, h.hc_magnitude, h.hc_eps);
+    }
     return hc_reduce(ctx, x, hc_gate(ctx, w, m, 0, h.hc_mult, 1.f, h.hc_eps));
 }
 
 ggml_tensor * Model::hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * y, ggml_tensor * post) {
     const int64_t E = hp_.n_embd, hc = hp_.hc_mult, T = y->ne[1];
+    if (hp_.hc_kind == HC_MHC) { // post [hc + hc^2, T]: the output's weights, then comb [hc dst, hc src]
+        const size_t f = ggml_element_size(post);
+        ggml_tensor * pw = ggml_cont(ctx, ggml_view_2d(ctx, post, hc, T, post->nb[1], 0));
+        ggml_tensor * comb = ggml_cont(ctx, ggml_view_3d(ctx, post, hc, hc, T, hc * f, post->nb[1], hc * f));
+        ggml_tensor * x3 = ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T);
+        ggml_tensor * y2 = ggml_is_contiguous(y) ? y : ggml_cont(ctx, y);
+        return ggml_reshape_2d(ctx, ggml_dsv4_hc_post(ctx, y2, x3, pw, comb), E * hc, T); // [n_embd * hc, T]
+    }
     ggml_tensor * p = ggml_reshape_3d(ctx, ggml_cont(ctx, post), 1, hc, T);
     ggml_tensor * yp = ggml_mul(ctx, ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, y, E, 1, T), E, hc, T, 1), p);
     ggml_tensor * x3 = ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T);
@@ -113,6 +139,7 @@ ggml_tensor * Model::hc_mean(ggml_context * ctx, ggml_tensor * x) {
 ggml_tensor * Model::hc_head(ggml_context * ctx, ggml_tensor * x) {
     const HParams & h = hp_;
     if (h.hc_kind == HC_GATED) return hc_pre(ctx, hc_head_, x, nullptr);
+    if (h.hc_kind == HC_MHC) return hc_mean(ctx, x); // GLM-5.3-Flash: the plain mean, no weights
     ggml_tensor * m = ggml_mul_mat(ctx, hc_head_.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [hc, T]
     return hc_reduce(ctx, x, hc_gate(ctx, hc_head_, m, 0, h.hc_mult, 1.f, h.hc_eps));
 }

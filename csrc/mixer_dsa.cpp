@@ -24,6 +24,12 @@ ggml_tensor * Model::indexer_rope(ggml_context * ctx, int il, ggml_tensor * t, g
     return ggml_concat(ctx, pass, rope(ctx, il, rot, pos, h.indexer_rope_type), 0);
 }
 
+// the indexer's key of each token: LayerNorm(attn_k cur) (weight and bias, eps 1e-6) [d, T]
+ggml_tensor * Model::indexer_key(ggml_context * ctx, Layer & L, ggml_tensor * cur) {
+    return ggml_add(ctx, ggml_mul(ctx, ggml_norm(ctx, dense_mm(ctx, L.idx_wk, cur), 1e-6f), L.idx_k_norm),
+                    L.idx_k_norm_b);
+}
+
 ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                                 ggml_tensor * pos, int T) {
     const HParams & h = hp_;
@@ -31,22 +37,26 @@ ggml_tensor * Model::dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, gg
     const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
     const int n_kv = n_past_ + T;
     ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);
-    q = indexer_rope(ctx, il, q, pos); // [d, H, T]
-    ggml_tensor * k = ggml_mul(ctx, ggml_norm(ctx, dense_mm(ctx, L.idx_wk, cur), 1e-6f), L.idx_k_norm);
-    k = ggml_add(ctx, k, L.idx_k_norm_b);                             // LayerNorm [d, T]
-    k = indexer_rope(ctx, il, ggml_reshape_3d(ctx, k, d, 1, T), pos); // [d, 1, T]
+    q = indexer_rope(ctx, il, q, pos);                                                                     // [d, H, T]
+    ggml_tensor * k = indexer_rope(ctx, il, ggml_reshape_3d(ctx, indexer_key(ctx, L, cur), d, 1, T), pos); // [d, 1, T]
     ggml_tensor * dst =
         ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, ggml_reshape_2d(ctx, k, d, T), dst));
     if (n_kv <= h.indexer_top_k) return nullptr;
 
-    ggml_tensor * K = ggml_view_2d(ctx, L.idx_k_cache, d, n_kv, L.idx_k_cache->nb[1], 0);      // [d, n_kv]
-    ggml_tensor * s = ggml_mul_mat(ctx, K, ggml_reshape_2d(ctx, ggml_cont(ctx, q), d, H * T)); // [n_kv, H * T]
-    s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n_kv, H, T);
+    ggml_tensor * K = ggml_view_2d(ctx, L.idx_k_cache, d, n_kv, L.idx_k_cache->nb[1], 0); // [d, n_kv]
+    return ggml_add(ctx, indexer_score(ctx, L, K, q, cur), mask_f32_input(ctx, n_kv, T)); // future: -inf
+}
+
+// sum_h w(t, h) relu(q(t, h) . k_j) for keys K [d, n] and the heads q [d, H, T], w = proj cur / sqrt(d H): [n, T]
+ggml_tensor * Model::indexer_score(ggml_context * ctx, Layer & L, ggml_tensor * K, ggml_tensor * q, ggml_tensor * cur) {
+    const int64_t d = q->ne[0], H = q->ne[1], T = q->ne[2], n = K->ne[1];
+    ggml_tensor * s = ggml_mul_mat(ctx, K, ggml_reshape_2d(ctx, ggml_cont(ctx, q), d, H * T)); // [n, H * T]
+    s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n, H, T);
     ggml_tensor * w = ggml_scale(ctx, dense_mm(ctx, L.idx_proj, cur), 1.f / std::sqrt((float) (d * H))); // [H, T]
-    s = ggml_mul(ctx, s, ggml_reshape_3d(ctx, w, 1, H, T));                                              // [n_kv, H, T]
-    s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3)));                            // [1, n_kv, T]
-    return ggml_add(ctx, ggml_reshape_2d(ctx, s, n_kv, T), mask_f32_input(ctx, n_kv, T));                // future: -inf
+    s = ggml_mul(ctx, s, ggml_reshape_3d(ctx, w, 1, H, T));                                              // [n, H, T]
+    s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3)));                            // [1, n, T]
+    return ggml_reshape_2d(ctx, s, n, T);
 }
 
 ggml_tensor * Model::dsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
@@ -115,17 +125,72 @@ ggml_tensor * Model::qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml
     s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n_blk, H, T);
     s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3))); // [1, n_blk, T]
     s = ggml_scale(ctx, ggml_reshape_2d(ctx, s, n_blk, T), 1.f / std::sqrt((float) d));
-    // per (block, token): 0 / -inf where the block is the token's tail (incomplete) or not, and the reverse
-    ggml_tensor *tail = nullptr, *complete = nullptr;
+    return block_mask(ctx, top_blocks(ctx, s, K, n_blk, T), r, n_kv, T);
+}
+
+// The top K of each token's complete blocks by their scores s [n_blk, T] -> [K, T] I32
+ggml_tensor * Model::top_blocks(ggml_context * ctx, ggml_tensor * s, int K, int n_blk, int T) {
+    ggml_tensor *tail = nullptr, *complete = nullptr; // per (block, token): 0 where the block is complete, else -inf
     qsa_inputs(ctx, n_blk, T, &tail, &complete);
-    ggml_tensor * topk = ggml_top_k(ctx, ggml_add(ctx, s, complete), K); // among each token's complete blocks
-    // the blocks a token attends to: the selected ones and its tail -> positions (x r) -> + causal
+    return ggml_top_k(ctx, ggml_add(ctx, s, complete), K);
+}
+
+// The attention mask [n_kv, T] of the blocks (pools) of r positions a token attends to: its selected complete blocks
+// topk [K, T] and its incomplete tail block; + the causal mask (F16 with flash attention)
+ggml_tensor * Model::block_mask(ggml_context * ctx, ggml_tensor * topk, int64_t r, int n_kv, int T) {
+    const int n_blk = n_kv / (int) r, K = (int) topk->ne[0];
+    ggml_tensor *tail = nullptr, *complete = nullptr; // tail: 0 at the blocks not complete for the token, else -inf
+    qsa_inputs(ctx, n_blk, T, &tail, &complete);
     ggml_tensor * zero = ggml_fill(ctx, ggml_new_tensor_3d(ctx, GGML_TYPE_F32, 1, K, T), 0.f);
-    ggml_tensor * blocks = ggml_set_rows(ctx, ggml_reshape_3d(ctx, tail, 1, n_blk, T), zero, topk); // [1, n_blk, T]
+    // a copy: set_rows writes into its destination, and the input is shared by the graph's layers
+    ggml_tensor * blocks = ggml_set_rows(ctx, ggml_dup(ctx, ggml_reshape_3d(ctx, tail, 1, n_blk, T)), zero, topk);
     ggml_tensor * mask = ggml_reshape_2d(ctx, ggml_repeat_4d(ctx, blocks, r, n_blk, T, 1), r * n_blk, T);
     if (n_kv > r * n_blk) mask = ggml_pad(ctx, mask, (int) (n_kv - r * n_blk), 0, 0, 0); // the last partial block
     mask = ggml_add(ctx, mask, mask_f32_input(ctx, n_kv, T));
     return opt_.flash_attn ? ggml_cast(ctx, mask, GGML_TYPE_F16) : mask;
+}
+
+// KPool (GLM-5.3-Flash) on an MLA layer: the lightning indexer (dsa_scores' q, keys and head weights, no RoPE) scores
+// pools of r consecutive positions instead of single ones; a pool's key is a per-channel softmax-weighted sum of its
+// r keys, the weights from the gate logits g = kpool_gate cur plus a bias per slot in the pool (APE):
+//   pool p: key_p = sum_i softmax_i(g_{pr+i} + ape_i) * k_{pr+i}    (per channel, over the pool's r slots)
+//   score(t, p) = sum_h w(t, h) relu(q(t, h) . key_p) / sqrt(d H) -> top top_k / r complete pools + the tail pool
+// IndexShare layers (INDEXER_SHARED with a pool size) reuse the pools of the last full layer. Null (dense) while no
+// token sees more complete pools than it selects.
+ggml_tensor * Model::kpool_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
+                                int T) {
+    const HParams & h = hp_;
+    const LayerPlan & p = h.plan[il];
+    Layer & L = layers_[il];
+    const int64_t d = h.indexer_head_size, H = h.indexer_n_head, r = p.compress;
+    const int n_kv = n_past_ + T, n_blk = n_kv / (int) r, K = h.indexer_top_k / (int) r;
+    if (p.indexer == INDEXER_SHARED) {
+        if (n_blk <= K) return nullptr;
+        ggml_tensor * topk = gin_.dsa_topk ? gin_.dsa_topk : ggml_view_2d(ctx, dsa_topk_, K, T, dsa_topk_->nb[1], 0);
+        return block_mask(ctx, topk, r, n_kv, T);
+    }
+    ggml_tensor * c = L.idx_k_cache; // rows [2 d]: the normed key, then the gate logits
+    ggml_tensor * row = ggml_concat(ctx, indexer_key(ctx, L, cur), dense_mm(ctx, L.idx_kpool_gate, cur), 0); // [2d, T]
+    ggml_build_forward_expand(
+        gf, ggml_cpy(ctx, row, ggml_view_2d(ctx, c, 2 * d, T, c->nb[1], (size_t) n_past_ * c->nb[1])));
+    if (n_blk <= K) return nullptr;
+
+    // the complete pools [2 d, r, n_blk] -> keys and gate logits, each with the r slots first: [r, d, n_blk]
+    ggml_tensor * raw = ggml_view_3d(ctx, c, 2 * d, r, n_blk, c->nb[1], r * c->nb[1], 0);
+    if (raw->type != GGML_TYPE_F32) raw = ggml_cast(ctx, raw, GGML_TYPE_F32);
+    const size_t f = ggml_element_size(raw);
+    ggml_tensor * k = ggml_view_3d(ctx, raw, d, r, n_blk, raw->nb[1], raw->nb[2], 0);
+    ggml_tensor * g =
+        ggml_add(ctx, ggml_view_3d(ctx, raw, d, r, n_blk, raw->nb[1], raw->nb[2], d * f), L.idx_kpool_ape);
+    ggml_tensor * w = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, g, 1, 0, 2, 3))); // over a pool's slots
+    ggml_tensor * kp = ggml_mul(ctx, w, ggml_cont(ctx, ggml_permute(ctx, k, 1, 0, 2, 3)));  // [r, d, n_blk]
+    kp = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, kp), d, n_blk);                            // pool keys [d, n_blk]
+    ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);         // no RoPE (NoPE MLA)
+    ggml_tensor * topk = top_blocks(ctx, indexer_score(ctx, L, kp, q, cur), K, n_blk, T);
+    gin_.dsa_topk = topk;
+    if (dsa_topk_) // for the shared layers after this one, in later graphs
+        ggml_build_forward_expand(gf, ggml_cpy(ctx, topk, ggml_view_2d(ctx, dsa_topk_, K, T, dsa_topk_->nb[1], 0)));
+    return block_mask(ctx, topk, r, n_kv, T);
 }
 
 } // namespace moelite

@@ -19,20 +19,30 @@ ggml_tensor * Model::mixer_mla(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     ggml_tensor * q = qr ? dense_mm(ctx, L.wq_b, qr) : dense_mm(ctx, L.wq, cur); // [n_head * dk, T]
     q = ggml_reshape_3d(ctx, q, p.head_k, p.n_head, T);
     ggml_tensor * q_nope = ggml_view_3d(ctx, q, nope, p.n_head, T, q->nb[1], q->nb[2], 0);
-    ggml_tensor * q_pe =
-        rope(ctx, il, ggml_view_3d(ctx, q, R, p.n_head, T, q->nb[1], q->nb[2], nope * ggml_element_size(q)), pos);
     ggml_tensor * kv = dense_mm(ctx, L.wkv_a, cur);                                               // [C + R, T]
     ggml_tensor * c = norm(ctx, ggml_view_2d(ctx, kv, C, T, kv->nb[1], 0), L.kv_a_norm, nullptr); // [C, T]
-    ggml_tensor * k_pe =
-        rope(ctx, il, ggml_view_3d(ctx, kv, R, 1, T, kv->nb[1], kv->nb[1], C * ggml_element_size(kv)), pos);
-    ggml_tensor * q_abs = ggml_mul_mat(ctx, L.wk_b, ggml_permute(ctx, q_nope, 0, 2, 1, 3)); // [C, T, n_head]
-    q_abs = ggml_permute(ctx, q_abs, 0, 2, 1, 3);                                           // [C, n_head, T]
-    ggml_tensor * q_cat = ggml_concat(ctx, q_abs, q_pe, 0);                                 // [C + R, n_head, T]
-    if (p.attn_temp) q_cat = ggml_mul(ctx, q_cat, attn_temp_input(ctx, T));                 // Mistral-4 temperature
+    ggml_tensor * q_abs = ggml_mul_mat(ctx, L.wk_b, ggml_permute(ctx, q_nope, 0, 2, 1, 3));       // [C, T, n_head]
+    q_abs = ggml_permute(ctx, q_abs, 0, 2, 1, 3);                                                 // [C, n_head, T]
     ggml_tensor * c3 = ggml_reshape_3d(ctx, c, C, 1, T);
-    ggml_tensor * k_cat = ggml_concat(ctx, c3, k_pe, 0); // [C + R, 1, T]
-    // DSA: the indexer's selection masks the attention past its budget (null: dense)
-    ggml_tensor * sel = p.indexer != INDEXER_NONE ? dsa_mask(ctx, gf, il, cur, qr, pos, T) : nullptr;
+    ggml_tensor *q_cat = nullptr, *k_cat = nullptr; // [C + R, n_head, T], [C + R, 1, T]
+    if (R > 0) {
+        ggml_tensor * q_pe =
+            rope(ctx, il, ggml_view_3d(ctx, q, R, p.n_head, T, q->nb[1], q->nb[2], nope * ggml_element_size(q)), pos);
+        ggml_tensor * k_pe =
+            rope(ctx, il, ggml_view_3d(ctx, kv, R, 1, T, kv->nb[1], kv->nb[1], C * ggml_element_size(kv)), pos);
+        q_cat = ggml_concat(ctx, q_abs, q_pe, 0);
+        k_cat = ggml_concat(ctx, c3, k_pe, 0);
+    } else { // NoPE MLA without rope dims (GLM-5.3-Flash): the latent alone
+        q_cat = ggml_cont(ctx, q_abs);
+        k_cat = c3;
+    }
+    if (p.attn_temp) q_cat = ggml_mul(ctx, q_cat, attn_temp_input(ctx, T)); // Mistral-4 temperature
+    // DSA: the indexer's selection masks the attention past its budget (null: dense); KPool: over pools of keys
+    ggml_tensor * sel = nullptr;
+    if (p.indexer == INDEXER_KPOOL || (p.indexer == INDEXER_SHARED && p.compress))
+        sel = kpool_mask(ctx, gf, il, cur, qr, T);
+    else if (p.indexer != INDEXER_NONE)
+        sel = dsa_mask(ctx, gf, il, cur, qr, pos, T);
     ggml_tensor * o = attention(ctx, gf, il, q_cat, k_cat, c3, T, sel); // [C, n_head, T]
     o = ggml_mul_mat(ctx, L.wv_b, ggml_permute(ctx, o, 0, 2, 1, 3));    // [dv, T, n_head]
     o = ggml_cont(ctx, ggml_permute(ctx, o, 0, 2, 1, 3));               // [dv, n_head, T]

@@ -164,7 +164,9 @@ ggml_tensor * Model::mixer_kda(ggml_context * ctx, ggml_cgraph * gf, int il, ggm
     if (L.ssm_f_b) f = dense_mm(ctx, L.ssm_f_b, f);  // [C, T]
     f = ggml_reshape_4d(ctx, ggml_add(ctx, f, L.ssm_dt_b), S, H, T, 1);
     ggml_tensor * A = ggml_reshape_4d(ctx, L.ssm_a, 1, H, 1, 1);
-    ggml_tensor * g = h.kda_gate_lb < 0.f ? ggml_scale(ctx, ggml_sigmoid(ctx, ggml_mul(ctx, f, A)), h.kda_gate_lb)
+    // (GLM-5.3-Flash's bounded gate with A = -exp(A_log) as llama.cpp's glm5-next stores it: sigmoid(-A (f + dt)))
+    ggml_tensor * fa = h.kda_neg_a ? ggml_scale(ctx, ggml_mul(ctx, f, A), -1.f) : ggml_mul(ctx, f, A);
+    ggml_tensor * g = h.kda_gate_lb < 0.f ? ggml_scale(ctx, ggml_sigmoid(ctx, fa), h.kda_gate_lb)
                                           : ggml_mul(ctx, ggml_softplus(ctx, f), A); // [S, H, T, 1]
     ggml_tensor * beta = ggml_reshape_4d(ctx, ggml_sigmoid(ctx, dense_mm(ctx, L.ssm_beta, cur)), 1, H, T, 1);
 

@@ -369,7 +369,7 @@ void Model::build_layers() {
 
     if (h.n_mtp < 0 || h.n_mtp > 1)
         throw FormatError(path_ + ": n_mtp " + std::to_string(h.n_mtp) + ", expected 0 or 1");
-    if (h.hc_mult) hc_head_ = load_hc("output_hc", 1);
+    if (h.hc_mult && h.hc_kind != HC_MHC) hc_head_ = load_hc("output_hc", 1); // mHC: the streams' mean
     if (h.ple_layer >= h.n_layer ||
         (h.ple_layer >= 0 && (h.hc_kind != HC_GATED || !is_recurrent(h.plan[h.ple_layer].mixer))))
         throw FormatError(path_ + ": key ple.layers: layer " + std::to_string(h.ple_layer) +
@@ -473,8 +473,8 @@ void Model::load_mla(int il, Layer & L) {
                           "to get attn_k_b / attn_v_b");
     L.wk_b = load_tensor(blk(il, "attn_k_b.weight"), true, 3, {nope, h.kv_lora_rank, p.n_head});
     L.wv_b = load_tensor(blk(il, "attn_v_b.weight"), true, 3, {h.kv_lora_rank, p.head_v, p.n_head});
-    L.wqkv_gate = load_attn_gate(il); // Ling-3.0: per head; Hy4: per element
-    if (p.indexer == INDEXER_FULL) {  // DSA lightning indexer (mixer_dsa.cpp); shared layers have none
+    L.wqkv_gate = load_attn_gate(il);                              // Ling-3.0: per head; Hy4: per element
+    if (p.indexer == INDEXER_FULL || p.indexer == INDEXER_KPOOL) { // DSA lightning indexer (mixer_dsa.cpp)
         const int64_t d = h.indexer_head_size, H = h.indexer_n_head;
         if (!L.wq_a) throw FormatError(path_ + ": the DSA indexer needs the q latent (attention.q_lora_rank)");
         L.idx_wq_b = load_tensor(blk(il, "indexer.attn_q_b.weight"), true, 2, {h.q_lora_rank, H * d});
@@ -482,6 +482,13 @@ void Model::load_mla(int il, Layer & L) {
         L.idx_k_norm = load_tensor(blk(il, "indexer.k_norm.weight"), true, 1, {d});
         L.idx_k_norm_b = load_tensor(blk(il, "indexer.k_norm.bias"), true, 1, {d});
         L.idx_proj = load_tensor(blk(il, "indexer.proj.weight"), true, 2, {E, H});
+    }
+    if (p.indexer == INDEXER_KPOOL) { // the pooling gate and its per-slot bias (llama.cpp's glm5-next names)
+        L.idx_kpool_gate = load_tensor(blk(il, "indexer_compressor_gate.weight"), true, 2, {E, h.indexer_head_size});
+        L.idx_kpool_ape =
+            load_tensor(blk(il, "indexer_compressor_ape.weight"), true, 2, {h.indexer_head_size, p.compress});
+        if (L.idx_kpool_ape->type != GGML_TYPE_F32)
+            throw FormatError(path_ + ": tensor '" + blk(il, "indexer_compressor_ape.weight") + "': expected F32");
     }
 }
 
@@ -547,7 +554,9 @@ void Model::load_kda(int il, Layer & L) {
     L.ssm_g_b = load_tensor(blk(il, "ssm_g_b.weight"), false, 2, {S, C});
     L.ssm_g_a = load_tensor(blk(il, "ssm_g_a.weight"), true, 2, {E, L.ssm_g_b ? S : C});
     L.ssm_beta = load_tensor(blk(il, "ssm_beta.weight"), true, 2, {E, H});
-    L.ssm_a = load_tensor(blk(il, "ssm_a"), true, 4, {1, H, 1, 1});
+    const TensorInfo * a = idx_->find(blk(il, "ssm_a")); // ne {1, H} (kimi-linear) or {H} (glm5-next)
+    L.ssm_a = a && a->n_dims == 1 ? load_tensor(blk(il, "ssm_a"), true, 1, {H})
+                                  : load_tensor(blk(il, "ssm_a"), true, 4, {1, H, 1, 1});
     L.ssm_dt_b = load_tensor(blk(il, "ssm_dt.bias"), true, 1, {C});
     L.ssm_norm = load_tensor(blk(il, "ssm_norm.weight"), true, 1, {S});
     for (ggml_tensor * t : {L.ssm_conv_q, L.ssm_conv_k, L.ssm_conv_v, L.ssm_a, L.ssm_dt_b, L.ssm_norm})
@@ -724,12 +733,14 @@ void Model::alloc_kv() {
             layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
         if (p.indexer == INDEXER_FULL) // DSA: the indexer's roped keys, one head per position
             layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
+        if (p.indexer == INDEXER_KPOOL) // KPool: a position's normed key and its pooling gate logits
+            layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, 2 * h.indexer_head_size, opt_.n_ctx);
         shared_indexer = shared_indexer || p.indexer == INDEXER_SHARED;
     }
     const int U = opt_.n_ubatch;
     x_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_res(), U); // the residual stream (all hc streams)
     ffn_inp_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_res(), U);
-    if (h.hc_mult) hc_post_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.hc_mult, U);
+    if (h.hc_mult) hc_post_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_hc_post(), U);
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_xe_ = h.moe_latent > 0 ? ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.moe_latent, U) : ffn_in_;
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
@@ -876,8 +887,10 @@ void Model::set_graph_inputs() {
     if (gin_.pos && gin_.pos->buffer) set_input(gin_.pos, pos_.data(), ggml_nbytes(gin_.pos));
     if (gin_.ple_emb && gin_.ple_emb->buffer) set_input(gin_.ple_emb, ple_rows_.data(), ggml_nbytes(gin_.ple_emb));
     if (gin_.qsa_pos && gin_.qsa_pos->buffer) set_input(gin_.qsa_pos, qsa_pos_.data(), ggml_nbytes(gin_.qsa_pos));
-    if (gin_.qsa_tail) set_input(gin_.qsa_tail, qsa_tail_.data(), ggml_nbytes(gin_.qsa_tail));
-    if (gin_.qsa_complete) set_input(gin_.qsa_complete, qsa_complete_.data(), ggml_nbytes(gin_.qsa_complete));
+    // (a KPool layer sharing the selection reads only the tail input: the other is in no graph then)
+    if (gin_.qsa_tail && gin_.qsa_tail->buffer) set_input(gin_.qsa_tail, qsa_tail_.data(), ggml_nbytes(gin_.qsa_tail));
+    if (gin_.qsa_complete && gin_.qsa_complete->buffer)
+        set_input(gin_.qsa_complete, qsa_complete_.data(), ggml_nbytes(gin_.qsa_complete));
 }
 
 ggml_tensor * Model::rows_of(ggml_context * ctx, ggml_tensor * t, int t0, int T) {
@@ -947,7 +960,7 @@ void Model::build_masks(int T) {
     };
     if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
     for (const LayerPlan & p : h.plan)
-        if (p.indexer == INDEXER_QSA) qsa_r_ = p.compress;
+        if (p.indexer == INDEXER_QSA || p.indexer == INDEXER_KPOOL) qsa_r_ = p.compress; // one pool size a model
     const bool qsa = qsa_r_ > 0 && n_kv / qsa_r_ > h.indexer_top_k / qsa_r_; // some token sees more blocks than kept
     if (qsa) {
         const int n_blk = n_kv / qsa_r_;

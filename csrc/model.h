@@ -45,9 +45,12 @@ inline bool is_recurrent(int mixer) {
 enum FfnKind : int { FFN_DENSE = 0, FFN_MOE = 1, FFN_NONE = 2 };
 enum MaskKind : int { MASK_CAUSAL = 0, MASK_SWA = 1, MASK_CHUNKED = 2 };
 // INDEXER_QSA: Qwen4-Exp's token indexer over mean-pooled blocks of LayerPlan::compress keys (mixer_dsa.cpp)
-enum IndexerKind : int { INDEXER_NONE = 0, INDEXER_FULL = 1, INDEXER_SHARED = 2, INDEXER_QSA = 3 };
-// hyper-connections (hyper_conn.cpp): Hy4's iHC gates, Qwen4-Exp's gated low-rank mix with inject weights
-enum HcKind : int { HC_NONE = 0, HC_IHC = 1, HC_GATED = 2 };
+// INDEXER_KPOOL: GLM-5.3-Flash's lightning indexer over gated pools of LayerPlan::compress keys (mixer_dsa.cpp); its
+// INDEXER_SHARED layers reuse the selected pools
+enum IndexerKind : int { INDEXER_NONE = 0, INDEXER_FULL = 1, INDEXER_SHARED = 2, INDEXER_QSA = 3, INDEXER_KPOOL = 4 };
+// hyper-connections (hyper_conn.cpp): Hy4's iHC gates, Qwen4-Exp's gated low-rank mix with inject weights,
+// DeepSeek-V4 / GLM-5.3-Flash's mHC (pre / post gates and a Sinkhorn-normalised comb matrix between the streams)
+enum HcKind : int { HC_NONE = 0, HC_IHC = 1, HC_GATED = 2, HC_MHC = 3 };
 
 struct LayerPlan {
     int mixer = MIXER_ATTN, ffn = FFN_DENSE, mask = MASK_CAUSAL;
@@ -118,6 +121,7 @@ struct HParams {
     // KDA decay: 0 = A softplus(f + dt) with A = -exp(A_log) (Kimi-Linear); < 0 = Ling-3.0's bounded ("safe") gate
     // lb * sigmoid(A (f + dt)) with A = exp(A_log), this lb
     float kda_gate_lb = 0.f;
+    bool kda_neg_a = false; // the bounded gate's A stored as -exp(A_log) (llama.cpp's glm5-next): sigmoid(-A (f + dt))
     // DSA lightning indexer (deepseek32, glm-dsa): heads, head size (RoPE on its first n_rot dims, in this mode),
     // positions each token attends to once the context is longer
     int indexer_n_head = 0, indexer_head_size = 0, indexer_top_k = 0, indexer_rope_type = 0;
@@ -129,6 +133,9 @@ struct HParams {
     // 0 = one plain stream. pre / post gates: sigmoid(..) + hc_eps, post x hc_magnitude
     int hc_mult = 0, hc_kind = HC_NONE;
     float hc_eps = 1e-6f, hc_magnitude = 2.f;
+    int hc_sinkhorn_iters = 0; // HC_MHC: the comb's Sinkhorn iterations
+    // the weights a sublayer's output is written back with, per token: post [hc] (+ HC_MHC: comb [hc, hc])
+    int64_t n_hc_post() const { return hc_kind == HC_MHC ? (int64_t) hc_mult * (hc_mult + 1) : hc_mult; }
     int64_t n_embd_res() const { return hc_mult > 1 ? (int64_t) n_embd * hc_mult : n_embd; } // residual row width
     bool clamp_gate = false;        // SwiGLU limits clamp the gate before the SiLU (Hy4: ggml_swiglu_clamp), else after
     bool indexer_rope_tail = false; // the DSA indexer's RoPE on the last n_rot dims of its heads (Hy4), else the first
@@ -141,7 +148,8 @@ struct HParams {
 };
 
 // One hyper-connection's weights (hyper_conn.cpp): fn [n_embd * hc, n * hc], base [n * hc], scale [n]; n = 2 (pre and
-// post gates) in a layer, 1 in the output head
+// post gates) in a layer, 1 in the output head; HC_MHC: fn [n_embd * hc, (2 + hc) hc], base [(2 + hc) hc], scale [3]
+// (+ the comb), no output head (its streams' mean)
 // HC_GATED: norm [n_embd * hc] (grouped RMSNorm, one group a stream), down [n_embd * hc, rank], up [rank, n_embd *
 // hc], inject [n_embd * hc, hc] (none in the output head)
 struct HcWeights {
@@ -203,6 +211,9 @@ struct Layer {
                 *ple_norm_conv = nullptr, *ple_conv = nullptr, *ple_conv_state = nullptr, *ple_hist = nullptr;
     // QSA (INDEXER_QSA): the token indexer's q [n_embd, n_idx d] and k [n_embd, d] projections and (1+w) norms [d]
     ggml_tensor *idx_q_proj = nullptr, *idx_q_norm = nullptr;
+    // KPool (INDEXER_KPOOL): the DSA indexer's tensors plus the pooling gate [n_embd, d] and its per-slot bias (APE)
+    // [d, r]; its key cache rows [2 d]: a position's normed key and gate logits
+    ggml_tensor *idx_kpool_gate = nullptr, *idx_kpool_ape = nullptr;
 };
 
 struct ModelOptions {
@@ -518,6 +529,13 @@ class Model {
     void qsa_inputs(ggml_context * ctx, int n_blk, int T, ggml_tensor ** tail, ggml_tensor ** complete);
     ggml_tensor * dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                              ggml_tensor * pos, int T); // [n_kv, T] causal-masked, or null under the budget
+    ggml_tensor * indexer_key(ggml_context * ctx, Layer & L, ggml_tensor * cur); // LayerNorm(attn_k cur) [d, T]
+    // sum over the heads q [d, H, T] of w relu(q . k) for keys K [d, n] -> [n, T]
+    ggml_tensor * indexer_score(ggml_context * ctx, Layer & L, ggml_tensor * K, ggml_tensor * q, ggml_tensor * cur);
+    // KPool (mixer_dsa.cpp): the pools' selection as an attention mask [n_kv, T], or null (dense)
+    ggml_tensor * kpool_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr, int T);
+    ggml_tensor * top_blocks(ggml_context * ctx, ggml_tensor * s, int K, int n_blk, int T); // [K, T] of complete ones
+    ggml_tensor * block_mask(ggml_context * ctx, ggml_tensor * topk, int64_t r, int n_kv, int T);
 
     // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)
     ggml_tensor * ffn(ggml_context * ctx, ggml_tensor * x, ggml_tensor * gate, ggml_tensor * up, ggml_tensor * down,

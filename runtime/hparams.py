@@ -21,7 +21,7 @@ GATING_SOFTMAX, GATING_SIGMOID, GATING_SOFTMAX_WEIGHT, GATING_SPARSEMIXER = 1, 2
 QK_NORM_NONE, QK_NORM_HEAD, QK_NORM_FULL, QK_NORM_L2 = 0, 1, 2, 3
 ACT_SILU, ACT_SWIGLU_OAI, ACT_GELU, ACT_RELU_SQR = 0, 1, 2, 3  # RELU_SQR: no gate, down(relu(up x)^2)
 MIXER_ATTN, MIXER_MLA, MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_NONE, MIXER_KDA = 0, 1, 2, 3, 4, 5, 6
-HC_NONE, HC_IHC, HC_GATED = 0, 1, 2  # csrc HcKind
+HC_NONE, HC_IHC, HC_GATED, HC_MHC = 0, 1, 2, 3  # csrc HcKind
 FFN_DENSE, FFN_MOE, FFN_NONE = 0, 1, 2  # MIXER_NONE / FFN_NONE: Nemotron-H's FFN-only / mixer-only blocks
 RECURRENT_MIXERS = (MIXER_SHORTCONV, MIXER_DELTANET, MIXER_MAMBA2, MIXER_KDA)  # a fixed-size state, no KV
 MASK_CAUSAL, MASK_SWA, MASK_CHUNKED = 0, 1, 2
@@ -45,6 +45,8 @@ class ArchSpec:
     recurrent_by_kv: bool = False  # recurrent layers are those with head_count_kv 0 (llama.cpp's LFM2 / Jamba rule)
     mla_nope: bool = False  # MLA's rope dims are kept (in kv_a_mqa and the cache) but never rotated (Kimi-Linear)
     kda_safe_gate: bool = False  # KDA's bounded decay when the file has no `kda.safe_gate` (llama.cpp's default)
+    # KDA's bounded decay iff the file has `kda.gate_lower_bound`, with ssm_a = -exp(A_log) (llama.cpp's glm5-next)
+    kda_lb_neg_a: bool = False
     nope_full: bool = False  # RoPE on sliding-window layers only, full-attention layers NoPE (EXAONE-4)
     ffn_by_tensors: bool = False  # dense or MoE decided per layer by which tensors exist (llama.cpp's hy_v3)
     mla_yarn: bool = False  # DeepSeek-2 MLA YaRN: log multiplier stored x 0.1, mscale^2 in the kq scale;
@@ -79,8 +81,12 @@ class ArchSpec:
     indexer_rope_tail: bool = False  # the indexer's RoPE on the last rope.dimension_count dims of its heads (Hy4)
     clamp_gate: bool = False  # swiglu_clamp limits clamp the gate before the SiLU (llama.cpp: ggml_swiglu_clamp)
     # hyper-connections (key `hyper_connection.count`, tensors `*hc_*`): HC_IHC, Hy4's (`.epsilon`, `.magnitude`);
-    # HC_GATED, Qwen4-Exp's gated low-rank mix, whose grouped norms replace the layer norms and the output norm
+    # HC_GATED, Qwen4-Exp's gated low-rank mix, whose grouped norms replace the layer norms and the output norm;
+    # HC_MHC, GLM-5.3-Flash's Sinkhorn comb (`.epsilon`, `.sinkhorn_iterations`), the streams' mean as the head
     hyper_conn: int = 0
+    # KPool (GLM-5.3-Flash): the DSA indexer on the MLA layers scores gated pools of `attention.indexer.kpool` keys
+    indexer_kpool: bool = False
+    rope_free: bool = False  # rope.dimension_count 0 is valid: no rope dims anywhere (GLM-5.3-Flash's NoPE MLA)
 
 
 ARCHS: dict[str, ArchSpec] = {
@@ -205,6 +211,21 @@ ARCHS: dict[str, ArchSpec] = {
         kda_safe_gate=True,
         swiglu_clamp=True,
         dense_unclamped=True,
+    ),
+    # GLM-5.3-Flash: KDA layers (head_count_kv 0, the bounded decay) and NoPE MLA (no rope dims) with the KPool
+    # indexer, mHC streams, DeepSeek-V3 routing; SwiGLU limits on the gate before the SiLU, dense layers too
+    "glm5-next": ArchSpec(
+        ROPE_NORM,
+        gating=GATING_SIGMOID,
+        recurrent=MIXER_KDA,
+        recurrent_by_kv=True,
+        kda_lb_neg_a=True,
+        swiglu_clamp=True,
+        clamp_gate=True,
+        indexer_rope=ROPE_NORM,
+        indexer_kpool=True,
+        hyper_conn=HC_MHC,
+        rope_free=True,
     ),
 }
 
@@ -533,7 +554,7 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     if spec.mla_nope:
         plan["layer_rotate"] = [0] * n_layer
     if spec.indexer_rope >= 0 and not (spec.indexer_optional and k.raw("attention.indexer.top_k") is None):
-        _indexer_plan(path, k, hp, plan, n_layer, spec.indexer_rope)
+        _indexer_plan(path, k, hp, plan, n_layer, spec.indexer_rope, spec.indexer_kpool)
         if spec.indexer_rope_tail and hp["indexer_head_size"] <= hp["n_rot"]:  # RoPE on the tail: dims before it
             raise ModelFormatError(
                 f"{path}: key '{arch}.attention.indexer.key_length' = {hp['indexer_head_size']}: expected more than "
@@ -560,13 +581,14 @@ def parse_hparams(path: str, kv: dict[str, Any], tensors: dict[str, tuple]) -> d
     return hp
 
 
-INDEXER_NONE, INDEXER_FULL, INDEXER_SHARED, INDEXER_QSA = 0, 1, 2, 3  # csrc LayerPlan::indexer
+INDEXER_NONE, INDEXER_FULL, INDEXER_SHARED, INDEXER_QSA, INDEXER_KPOOL = 0, 1, 2, 3, 4  # csrc LayerPlan::indexer
 
 
-def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: int) -> None:
-    """DSA: the lightning indexer's sizes and, per layer, whether it runs its own indexer (full) or reuses the
+def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: int, kpool: bool = False) -> None:
+    """DSA: the lightning indexer's sizes and, per MLA layer, whether it runs its own indexer (full) or reuses the
     selection of the last full layer before it (IndexShare: `attention.indexer.types`, true = full). Without the key
-    every layer is full, as llama.cpp reads GLM-5 / 5.1 files (it assumes GLM-5.2's pattern from a 1M context on)."""
+    every layer is full, as llama.cpp reads GLM-5 / 5.1 files (it assumes GLM-5.2's pattern from a 1M context on).
+    kpool: the indexer scores pools of `attention.indexer.kpool` keys (GLM-5.3-Flash; always with the tail pool)."""
     n_idx, d_idx, top_k = (int(k(f"attention.indexer.{n}")) for n in ("head_count", "key_length", "top_k"))
     if n_idx < 1 or top_k < 1 or not hp["n_rot"] <= d_idx:
         raise ModelFormatError(
@@ -588,12 +610,26 @@ def _indexer_plan(path: str, k, hp: dict, plan: dict, n_layer: int, rope_type: i
                 k.kv, path, f"{hp['arch']}.attention.indexer.types", n_layer, True, int(k("block_count"))
             )
         ]
-    if not full[0]:
+    mla = [m == MIXER_MLA for m in plan["layer_mixer"]]
+    first = mla.index(True) if any(mla) else 0
+    if not full[first]:
         raise ModelFormatError(
-            f"{path}: key '{hp['arch']}.attention.indexer.types': layer 0 shares the selection of no earlier layer"
+            f"{path}: key '{hp['arch']}.attention.indexer.types': layer {first} shares the selection of no earlier "
+            f"layer"
         )
     hp.update(indexer_n_head=n_idx, indexer_head_size=d_idx, indexer_top_k=top_k, indexer_rope_type=rope_type)
-    plan["layer_indexer"] = [INDEXER_FULL if f else INDEXER_SHARED for f in full]
+    own = INDEXER_FULL
+    if kpool:
+        r = k("attention.indexer.kpool")
+        tail = k.raw("attention.indexer.kpool_select_tail", True)
+        if isinstance(r, bool) or not isinstance(r, int) or not 2 <= r <= 4096 or top_k % r or tail is not True:
+            raise ModelFormatError(
+                f"{path}: keys '{hp['arch']}.attention.indexer.kpool' = {r!r}, '.kpool_select_tail' = {tail!r}, "
+                f"'.top_k' = {top_k}: expected a pool of 2..4096 keys dividing top_k, with the tail pool selected"
+            )
+        own = INDEXER_KPOOL
+        plan["layer_compress"] = [r if m else 0 for m in mla]
+    plan["layer_indexer"] = [(own if f else INDEXER_SHARED) if m else INDEXER_NONE for f, m in zip(full, mla)]
 
 
 def _hyper_conn(path: str, k, hp: dict, kind: int) -> None:
@@ -604,6 +640,14 @@ def _hyper_conn(path: str, k, hp: dict, kind: int) -> None:
     eps, mag = (
         (float(k("hyper_connection.epsilon")), float(k("hyper_connection.magnitude"))) if kind == HC_IHC else (0.0, 1.0)
     )
+    if kind == HC_MHC:  # 2 sigmoid(..) post gates; the comb's Sinkhorn iterations (ggml's op takes 4 streams)
+        eps, iters = float(k("hyper_connection.epsilon")), k("hyper_connection.sinkhorn_iterations")
+        if n != 4 or isinstance(iters, bool) or not isinstance(iters, int) or not 1 <= iters <= 1000:
+            raise ModelFormatError(
+                f"{path}: keys '{arch}.hyper_connection.count' = {n}, '.sinkhorn_iterations' = {iters!r}: expected 4 "
+                f"streams (as llama.cpp) and 1..1000 iterations"
+            )
+        hp["hc_sinkhorn_iters"] = iters
     if not 2 <= n <= 64 or not 0.0 <= eps < math.inf or not 0.0 < mag < math.inf:
         raise ModelFormatError(
             f"{path}: keys '{arch}.hyper_connection.count' = {n}, '.epsilon' = {eps}, '.magnitude' = {mag}: expected "
@@ -789,7 +833,14 @@ def _recurrent_plan(arch: str, k, hp: dict, plan: dict, recurrent: list[bool]) -
         hp.update(
             ssm_conv_kernel=int(k("ssm.conv_kernel")), ssm_d_state=d, ssm_n_group=n, ssm_dt_rank=n, ssm_d_inner=n * d
         )
-        if bool(k("kda.safe_gate", ARCHS[arch].kda_safe_gate)):  # lb * sigmoid(exp(A_log) (f + dt)), lb < 0
+        spec = ARCHS[arch]
+        safe = (
+            k.raw("kda.gate_lower_bound") is not None
+            if spec.kda_lb_neg_a
+            else bool(k("kda.safe_gate", spec.kda_safe_gate))
+        )
+        hp["kda_neg_a"] = spec.kda_lb_neg_a
+        if safe:  # lb * sigmoid(exp(A_log) (f + dt)), lb < 0
             lb = k("kda.gate_lower_bound")
             if isinstance(lb, bool) or not isinstance(lb, (int, float)) or not -1e30 < lb < 0:
                 raise ModelFormatError(f"{k.path}: key '{arch}.kda.gate_lower_bound' = {lb!r}: expected a number < 0")

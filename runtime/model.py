@@ -259,7 +259,7 @@ class Model:
             sizes = set(self.hparams.get("layer_head_k", [])) | set(self.hparams.get("layer_head_v", []))
             if self.hparams.get("kv_lora_rank"):
                 sizes = {self.hparams["kv_lora_rank"], self.hparams["kv_lora_rank"] + self.hparams["n_rot"]}
-            if any(self.hparams.get("layer_indexer", [])):  # DSA: the indexer's key cache too
+            if any(self.hparams.get("layer_indexer", [])):  # DSA: the indexer's key cache too (KPool: 2 halves)
                 sizes.add(self.hparams["indexer_head_size"])
             if any(d % 32 for d in sizes):
                 raise UsageError(

@@ -121,9 +121,11 @@ def _page(n: int) -> int:
 
 
 def indexer_keys_per_token(hp: dict) -> int:
-    """DSA / QSA: elements of the indexer's key cache per position, one key of indexer_head_size on each layer that
-    runs its own indexer (IndexShare layers hold none); part of kv_bytes_per_token."""
-    return sum(1 for x in hp.get("layer_indexer", []) if x in (1, 3)) * hp.get("indexer_head_size", 0)
+    """DSA / QSA / KPool: elements of the indexer's key cache per position, one key of indexer_head_size on each layer
+    that runs its own indexer (KPool: the key and its gate logits; IndexShare layers hold none); part of
+    kv_bytes_per_token."""
+    per = {1: 1, 3: 1, 4: 2}  # csrc IndexerKind -> keys per position
+    return sum(per.get(x, 0) for x in hp.get("layer_indexer", [])) * hp.get("indexer_head_size", 0)
 
 
 def kv_bytes_per_token(hp: dict) -> int:
@@ -307,7 +309,10 @@ def plan_memory(
         # state between the layer graphs; latent MoE: the experts' input [L, t] and outputs [L, K t] (csrc alloc_kv)
         ee = hp.get("moe_latent") or 0
         # + x and h as the residual stream's rows, the experts' input; hyper-connections: a MoE layer's gates [hc, t]
-        state = 4 * t * (2 * res + hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee + (hp.get("hc_mult") or 0))
+        # (mHC: + its comb [hc, hc, t])
+        hc = hp.get("hc_mult") or 0
+        hc_post = hc * (hc + 1) if hp.get("hc_kind") == 3 else hc
+        state = 4 * t * (2 * res + hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee + hc_post)
         if 2 in hp.get("layer_indexer", []):  # DSA IndexShare: the last full layer's selection [top_k, t] I32
             state += 4 * t * hp["indexer_top_k"]
         return Plan(

@@ -247,8 +247,10 @@ def validate_hparams(path: str, hp: dict[str, Any], tensors: dict[str, tuple] | 
         key = HP_RULES.get(field, (None, None))[1]
         return f"hyperparameter '{field}'" + (f" (key '{arch}.{key}')" if key else "")
 
+    rope_free = arch in ARCHS and ARCHS[arch].rope_free  # rope.dimension_count may be 0
     for field, v in hp.items():
-        _check_value(path, name(field), v, HP_RULES.get(field, (GENERIC, None))[0])
+        rule = COUNT0 if field == "n_rot" and rope_free else HP_RULES.get(field, (GENERIC, None))[0]
+        _check_value(path, name(field), v, rule)
 
     def need(ok: bool, field: str, expected: str) -> None:
         if not ok:

@@ -69,19 +69,26 @@ KDA_FAMILIES = ("kimi_linear", "bailing_hybrid")
 # transformers' own cached decode picks other positions than its full forward), indexer keys of 64 (llama.cpp's
 # Hadamard rotation of the indexer q / k takes a multiple of 64)
 # Hy4 (hy_v4): DSA with IndexShare plus hyper-connections (4 residual streams), sinks and a per-element output gate
-DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4")
+# GLM-5.3-Flash (glm5_next_text): KDA layers and NoPE MLA with the KPool indexer (pools of 2 keys here), IndexShare,
+# mHC streams; its checkpoint is the multimodal wrapper (WRAPPED)
+DSA_FAMILIES = ("deepseek_v32", "glm_moe_dsa", "hy_v4", "glm5_next_text")
 # Qwen3.8-Flash-Next (qwen4exp): Qwen3.5's hybrid with gated hyper-connections, QSA on the full-attention layer and the
 # PLE n-gram hash table on a Gated DeltaNet layer: tests/test_qwen4exp.py
 QWEN4EXP_FAMILIES = ("qwen4_exp_text",)
 # families whose checkpoints ship inside a multimodal wrapper that transformers builds (and llama.cpp's converter
 # takes) only as such: family -> the wrapper's model_type; the fixture is the wrapper with a 1-layer vision tower
-WRAPPED = {"mistral4": "mistral3", "step3p5": "step3p7"}
+WRAPPED = {"mistral4": "mistral3", "step3p5": "step3p7", "glm5_next_text": "glm5_next"}
 _FIXTURE_VERSION = 2  # bump when the generator changes, so stale caches are not reused
 
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2
 # families whose converter needs their own special tokens (llama.cpp's GLM vocab: BOS [gMASK], EOT <|user|>, ...)
 GLM_SPECIALS = ["[gMASK]", "<sop>", "<|system|>", "<|user|>", "<|assistant|>", "<|observation|>"]
-FAMILY_SPECIALS = {"glm4_moe": GLM_SPECIALS, "glm4_moe_lite": GLM_SPECIALS, "glm_moe_dsa": GLM_SPECIALS}
+FAMILY_SPECIALS = {
+    "glm4_moe": GLM_SPECIALS,
+    "glm4_moe_lite": GLM_SPECIALS,
+    "glm_moe_dsa": GLM_SPECIALS,
+    "glm5_next_text": GLM_SPECIALS,
+}
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -258,6 +265,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
         "rms_norm_eps": 1e-5,
         "indexer_types": ["full", "shared", "full"],
         "mlp_layer_types": ["dense", "sparse", "sparse"],
+        "hc_mult": 4,
+        "swiglu_limit": 0.03,
+    },
+    # GLM-5.3-Flash: KDA, MLA, MLA (the second sharing the first's pools), KDA; the SwiGLU limit shrunk as Hy4's
+    "glm5_next_text": {
+        **{k: v for k, v in _DSA.items() if k not in ("first_k_dense_replace", "n_group", "topk_group", "rope_theta")},
+        "num_hidden_layers": 4,
+        "qk_rope_head_dim": 0,
+        "rms_norm_eps": 1e-5,
+        "routed_scaling_factor": 2.5,
+        "layer_types": ["linear_attention", "indexed_attention", "indexed_attention", "linear_attention"],
+        "indexer_types": ["full", "full", "shared", "full"],
+        "mlp_layer_types": ["dense", "sparse", "sparse", "sparse"],
+        "index_kpool": 2,
+        "linear_num_heads": 4,
+        "linear_head_dim": 16,
+        "linear_conv_kernel_dim": 4,
         "hc_mult": 4,
         "swiglu_limit": 0.03,
     },
@@ -748,6 +772,14 @@ RELEASE_KEYS: dict[str, dict[str, Any]] = {
             "short_conv_kernel_size": 4,
         },
     },
+    # GLM-5.3-Flash's text_config: the KDA sizes, NoPE MLA and mHC as the release states them (transformers folds
+    # linear_attn_config into its own keys and saves neither mla_use_nope nor mhc); llama.cpp's converter reads them
+    "glm5_next_text": {
+        "linear_attn_config": {"num_heads": 4, "head_dim": 16, "short_conv_kernel_size": 4, "gate_lower_bound": -5.0},
+        "mla_use_nope": True,
+        "mhc": True,
+        "first_k_dense_replace": 1,
+    },
     # Glm4MoeLiteConfig has mlp_layer_types instead (["dense", "sparse", "sparse"] here)
     "glm4_moe_lite": {"first_k_dense_replace": 1, "scoring_func": "sigmoid"},
     "dots1": {"scoring_func": "sigmoid"},
@@ -917,6 +949,10 @@ def _perturb(model, seed: int) -> None:
                 p.mul_(20.0)
             elif name.endswith("ple.conv1d.weight"):  # Qwen4-Exp's PLE conv starts at zero: make it count
                 p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+            elif name.endswith("index_kpool_compress_gate"):  # GLM-5.3-Flash's KPool gate and slot biases start at
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)  # zero (a plain mean of a pool's keys)
+            elif name.endswith("index_kpool_compress_ape"):
+                p.copy_(torch.randn(p.shape, generator=g))
         for name, b in model.named_buffers():
             if name.endswith("e_score_correction_bias"):
                 b.copy_(torch.rand(b.shape, generator=g) * 0.2)
@@ -981,6 +1017,21 @@ def _wrapped_model(family: str, text_cfg):
     import torch
     from transformers import AutoModelForImageTextToText, Mistral3Config, PixtralVisionConfig
 
+    if WRAPPED[family] == "glm5_next":
+        from transformers import Glm5NextConfig, Glm5NextVisionConfig
+
+        vision = Glm5NextVisionConfig(
+            depth=1,
+            hidden_size=32,
+            num_heads=2,
+            intermediate_size=64,
+            out_hidden_size=64,
+            projection_intermediate_size=64,
+            image_size=28,
+            patch_size=14,
+        )
+        cfg = Glm5NextConfig(text_config=text_cfg.to_dict(), vision_config=vision.to_dict())
+        return text_cfg, AutoModelForImageTextToText.from_config(cfg, dtype=torch.float32, attn_implementation="eager")
     if WRAPPED[family] == "step3p7":
         from transformers import Step3p7Config, Step3p7VisionConfig
 

@@ -500,6 +500,7 @@ FAMILY_MODULES = (
     "step3p5",
     "kimi_linear",
     "bailing_hybrid",
+    "glm5_next",
 )
 DENSE_MODEL_TYPES = {
     "llama",
