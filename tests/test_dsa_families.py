@@ -131,21 +131,26 @@ def test_offloaded_at_the_minimum_budget_equals_resident(family):
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
 def test_indexer_key_cache_is_in_the_kv_cache_and_the_plan(family):
-    """The indexer's keys (key_length per position on each full indexer layer) are counted by the planner as the
-    core allocates them: GLM's shared layer holds none."""
+    """The indexer's keys (key_length per position on each full indexer layer; KPool: the key and its gate logits)
+    are counted by the planner as the core allocates them: GLM's shared layers hold none."""
     _, path = fixture_gguf(family)
-    r = _core.read_gguf(str(path))
-    arch = r["kv"]["general.architecture"]
-    d = r["kv"][f"{arch}.attention.indexer.key_length"]
-    full = list(r["kv"].get(f"{arch}.attention.indexer.types", [True] * 3))
+    kv = _core.read_gguf(str(path))["kv"]
+    arch = kv["general.architecture"]
+    n_layer = kv[f"{arch}.block_count"]
+    d = kv[f"{arch}.attention.indexer.key_length"] * (2 if f"{arch}.attention.indexer.kpool" in kv else 1)
+    full = list(kv.get(f"{arch}.attention.indexer.types", [True] * n_layer))
+    n_kv = kv[f"{arch}.attention.head_count_kv"]  # GLM-5.3-Flash: 0 on its KDA layers
+    mla = [bool(x) for x in n_kv] if isinstance(n_kv, (list, np.ndarray)) else [True] * n_layer
     for n_ctx in (256, 512):
         with load(path, n_ctx=n_ctx, n_ubatch=64) as m:
             assert m.plan.kv_bytes == m.info()["kv_bytes"]
-            kv = m.info()["kv_bytes"]
+            kv_bytes = m.info()["kv_bytes"]
         if n_ctx == 256:
-            kv256 = kv
-    # per position: 3 MLA layers' latent K (kv_lora + rope) and V (kv_lora), + the indexer keys, f32
-    assert kv - kv256 == 256 * 4 * (3 * (16 + 8 + 16) + sum(full) * d)
+            kv256 = kv_bytes
+    # per position: each MLA layer's latent K (kv_lora + rope) and V (kv_lora), + the indexer keys, f32
+    latent = 2 * kv[f"{arch}.attention.kv_lora_rank"] + kv[f"{arch}.rope.dimension_count"]
+    keys = sum(f and m for f, m in zip(full, mla)) * d
+    assert kv_bytes - kv256 == 256 * 4 * (sum(mla) * latent + keys)
 
 
 def test_glm_index_share_reuses_the_previous_selection(tmp_path):
@@ -365,3 +370,146 @@ def test_bad_hyper_connection_keys_are_format_errors(key, value, match):
     del kv[f"hy_v4.{key}"]
     with pytest.raises(ModelFormatError, match=key):
         parse_hparams(str(path), kv, tensors)
+
+
+# ---- GLM-5.3-Flash (glm5-next): mHC, KPool, NoPE MLA, its checkpoint layouts ----------------------------------------
+GLM5 = "glm5_next_text"
+
+
+def test_glm5_next_mhc_kpool_and_nope_mla_are_in_the_file_and_the_plan():
+    """llama.cpp's glm5-next keys and tensors: mHC's mixes [(2 + 4) 4, 4 H] with base and 3 scales (F32), no output
+    head tensors (the streams' mean), KPool's gate and slot biases (F32), rope dims 0 (the MLA cache holds the latent
+    alone), the KDA decay's A as a [H] vector; the core allocates what the planner counts."""
+    _, path = fixture_gguf(GLM5)
+    r = _core.read_gguf(str(path))
+    kv, tensors = r["kv"], {t[0]: t for t in r["tensors"]}
+    assert kv["glm5-next.hyper_connection.count"] == 4 and kv["glm5-next.hyper_connection.sinkhorn_iterations"] == 20
+    assert (kv["glm5-next.attention.indexer.kpool"], kv["glm5-next.attention.indexer.kpool_select_tail"]) == (2, True)
+    assert kv["glm5-next.rope.dimension_count"] == 0 and kv["glm5-next.kda.gate_lower_bound"] == -5.0
+    assert list(kv["glm5-next.attention.head_count_kv"]) == [0, 1, 1, 0]
+    for name, shape in (
+        ("blk.0.hc_attn_fn.weight", [256, 24]),
+        ("blk.3.hc_ffn_base.weight", [24]),
+        ("blk.1.hc_ffn_scale.weight", [3]),
+        ("blk.1.indexer_compressor_gate.weight", [64, 64]),
+        ("blk.1.indexer_compressor_ape.weight", [64, 2]),
+        ("blk.1.attn_kv_a_mqa.weight", [64, 16]),
+        ("blk.0.ssm_a", [4]),
+    ):
+        assert list(tensors[name][2]) == shape, name
+    assert tensors["blk.1.indexer_compressor_ape.weight"][1] == 0  # F32
+    assert not any(n.startswith(("output_hc", "blk.2.indexer")) for n in tensors)  # layer 2 shares layer 1's pools
+    with load(path, n_ctx=256, n_ubatch=64) as m:
+        assert m.plan.kv_bytes == m.info()["kv_bytes"]
+
+
+def test_glm5_next_in_memory_layout_converts_to_the_same_model(tmp_path):
+    """transformers holds GLM-5.3-Flash's weights under other names than it saves (fused q/k/v conv, fused experts,
+    `attn_hc.fn`, `forget_gate.*`); a checkpoint written from its state_dict converts to the same model, bit for
+    bit."""
+    hf, path = fixture_gguf(GLM5)
+
+    def in_memory(ts):
+        out = {}
+        for k, v in ts.items():
+            if k.endswith("self_attn.k_conv1d.weight") or k.endswith("self_attn.v_conv1d.weight"):
+                continue
+            if k.endswith("self_attn.q_conv1d.weight"):
+                pre = k[: -len("q_conv1d.weight")]
+                out[pre + "conv1d.weight"] = np.concatenate([ts[f"{pre}{x}_conv1d.weight"] for x in "qkv"])
+            elif ".mlp.experts." in k:
+                pre = k[: k.index(".mlp.experts.") + len(".mlp.experts.")]
+                if pre + "gate_up_proj" not in out:
+                    n = 1 + max(int(x.split(".")[-3]) for x in ts if x.startswith(pre))
+                    out[pre + "gate_up_proj"] = np.stack(
+                        [
+                            np.concatenate([ts[f"{pre}{e}.gate_proj.weight"], ts[f"{pre}{e}.up_proj.weight"]])
+                            for e in range(n)
+                        ]
+                    )
+                    out[pre + "down_proj"] = np.stack([ts[f"{pre}{e}.down_proj.weight"] for e in range(n)])
+            else:
+                for a, b in (
+                    (".self_attn.f_", ".self_attn.forget_gate.f_"),
+                    (".self_attn.A_log", ".self_attn.forget_gate.A_log"),
+                    (".self_attn.dt_bias", ".self_attn.forget_gate.dt_bias"),
+                    (".hc_attn_", ".attn_hc."),
+                    (".hc_ffn_", ".ffn_hc."),
+                ):
+                    k = k.replace(a, b)
+                out[k] = v
+        return out
+
+    held = edited_copy(hf, tmp_path / "hf", in_memory)
+    names = set(read_fixture_tensors(held))
+    assert "model.language_model.layers.0.self_attn.conv1d.weight" in names
+    assert "model.language_model.layers.1.attn_hc.fn" in names
+    assert "model.language_model.layers.1.mlp.experts.gate_up_proj" in names
+    convert(held, tmp_path / "held.gguf", "f32", progress=False)
+    with load(path) as m:
+        want = m.logits(LONG)
+    with load(tmp_path / "held.gguf") as m:
+        assert np.array_equal(m.logits(LONG), want)
+
+
+@pytest.mark.parametrize(
+    "key, value, match",
+    [
+        ("hyper_connection.count", 3, "hyper_connection.count"),  # ggml's mHC ops take 4 streams
+        ("hyper_connection.sinkhorn_iterations", 0, "sinkhorn_iterations"),
+        ("attention.indexer.kpool", 3, "kpool"),  # does not divide top_k (16)
+        ("attention.indexer.kpool", 1, "kpool"),
+        ("attention.indexer.kpool_select_tail", False, "kpool_select_tail"),
+        ("attention.indexer.types", [True, False, True, True], "layer 1 shares"),  # the first MLA layer
+    ],
+)
+def test_bad_glm5_next_keys_are_format_errors(key, value, match):
+    from moelite.errors import ModelFormatError
+    from moelite.runtime.hparams import parse_hparams
+
+    _, path = fixture_gguf(GLM5)
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    kv[f"glm5-next.{key}"] = value
+    with pytest.raises(ModelFormatError, match=match):
+        parse_hparams(str(path), kv, tensors)
+
+
+@pytest.mark.parametrize(
+    "override, match",
+    [
+        ({"hc_mult": 2}, "hc_mult"),
+        ({"index_kpool": 3}, "index_kpool"),
+        ({"index_kpool_always_select_tail": False}, "index_kpool_always_select_tail"),
+        (  # an MLA layer sharing the pools of a layer that is not the MLA layer right before it
+            {
+                "layer_types": ["linear_attention", "indexed_attention", "linear_attention", "indexed_attention"],
+                "indexer_types": ["full", "full", "full", "shared"],
+            },
+            "indexer_types",
+        ),
+        ({"qk_rope_head_dim": 8}, "qk_rope_head_dim"),
+        ({"linear_attn_config": {"num_heads": 2, "head_dim": 16, "short_conv_kernel_size": 4}}, "KDA heads"),
+        (
+            {
+                "linear_attn_config": {
+                    "num_heads": 4,
+                    "head_dim": 16,
+                    "short_conv_kernel_size": 4,
+                    "gate_lower_bound": 1.0,
+                }
+            },
+            "gate_lower_bound",
+        ),
+    ],
+)
+def test_bad_glm5_next_configs_are_refused_by_the_converter(override, match, tmp_path):
+    from moelite.errors import ConversionError
+
+    hf, _ = fixture_gguf(GLM5)
+    d = edited_copy(hf, tmp_path / "hf", lambda ts: ts)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, "text_config": {**cfg["text_config"], **override}}))
+    with pytest.raises(ConversionError, match=match):
+        convert(d, tmp_path / "bad.gguf", "f32", progress=False)
+    assert not (tmp_path / "bad.gguf").exists()

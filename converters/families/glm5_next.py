@@ -147,6 +147,7 @@ def hparams(c: Config) -> dict[str, Any]:
     if lb is not None:
         kv["kda.gate_lower_bound"] = lb
     kv.update(indexer_hparams(c))
+    kv["attention.layer_norm_epsilon"] = 1e-6  # the indexer keys' LayerNorm (llama.cpp reads it, default 0)
     kv.update(kpool_hparams(c, mla))
     kv.update(mhc_hparams(c))
     limit = c.float("swiglu_limit")
