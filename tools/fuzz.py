@@ -81,6 +81,7 @@ GGUF_FAMILIES = (
     ("mixtral", "q8_0"),
     ("qwen4_exp_text", "f32"),  # hyper-connections, QSA, the PLE table and its u64 hash keys
     ("hy_v4", "q8_0"),  # iHC, DSA with IndexShare
+    ("glm5_next_text", "f32"),  # mHC, KPool with IndexShare, NoPE MLA, KDA
 )
 HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
 
