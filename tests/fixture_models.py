@@ -27,3 +27,20 @@ def fixture_gguf(family: str, type: str = "f32", seed: int = 0, **overrides) -> 
         CACHE.mkdir(parents=True, exist_ok=True)
         convert(hf, out, type=type, progress=False)
     return Path(hf), out
+
+
+def parse_edited(family: str, edits: dict) -> dict:
+    """parse_hparams on `family`'s fixture GGUF with keys edited as the loader reads them ({full key: value}, None
+    removes the key): where a test checks that a bad key is refused by name."""
+    from moelite import _core
+    from moelite.runtime.hparams import parse_hparams
+
+    _, path = fixture_gguf(family)
+    r = _core.read_gguf(str(path))
+    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
+    for k, v in edits.items():
+        if v is None:
+            kv.pop(k, None)
+        else:
+            kv[k] = v
+    return parse_hparams(str(path), kv, tensors)

@@ -18,7 +18,7 @@ import json
 
 import numpy as np
 import pytest
-from fixture_models import fixture_gguf
+from fixture_models import fixture_gguf, parse_edited
 from hf_fixtures import (
     DSA_FAMILIES,
     edited_copy,
@@ -221,14 +221,9 @@ def test_bad_indexer_keys_are_format_errors(key, value, match):
     """The indexer's keys are checked at the border, naming the key (a GGUF edited in memory, as the loader reads
     it)."""
     from moelite.errors import ModelFormatError
-    from moelite.runtime.hparams import parse_hparams
 
-    _, path = fixture_gguf("glm_moe_dsa")
-    r = _core.read_gguf(str(path))
-    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
-    kv[f"glm-dsa.{key}"] = value
     with pytest.raises(ModelFormatError, match=match):
-        parse_hparams(str(path), kv, tensors)
+        parse_edited("glm_moe_dsa", {f"glm-dsa.{key}": value})
 
 
 @pytest.mark.parametrize(
@@ -359,17 +354,11 @@ def test_hy4_hyper_connections_are_in_the_file_and_the_plan():
 )
 def test_bad_hyper_connection_keys_are_format_errors(key, value, match):
     from moelite.errors import ModelFormatError
-    from moelite.runtime.hparams import parse_hparams
 
-    _, path = fixture_gguf("hy_v4")
-    r = _core.read_gguf(str(path))
-    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
-    kv[f"hy_v4.{key}"] = value
     with pytest.raises(ModelFormatError, match=match):
-        parse_hparams(str(path), kv, tensors)
-    del kv[f"hy_v4.{key}"]
+        parse_edited("hy_v4", {f"hy_v4.{key}": value})
     with pytest.raises(ModelFormatError, match=key):
-        parse_hparams(str(path), kv, tensors)
+        parse_edited("hy_v4", {f"hy_v4.{key}": None})
 
 
 # ---- GLM-5.3-Flash (glm5-next): mHC, KPool, NoPE MLA, its checkpoint layouts ----------------------------------------
@@ -465,14 +454,9 @@ def test_glm5_next_in_memory_layout_converts_to_the_same_model(tmp_path):
 )
 def test_bad_glm5_next_keys_are_format_errors(key, value, match):
     from moelite.errors import ModelFormatError
-    from moelite.runtime.hparams import parse_hparams
 
-    _, path = fixture_gguf(GLM5)
-    r = _core.read_gguf(str(path))
-    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
-    kv[f"glm5-next.{key}"] = value
     with pytest.raises(ModelFormatError, match=match):
-        parse_hparams(str(path), kv, tensors)
+        parse_edited(GLM5, {f"glm5-next.{key}": value})
 
 
 @pytest.mark.parametrize(

@@ -19,7 +19,7 @@ import json
 
 import numpy as np
 import pytest
-from fixture_models import fixture_gguf
+from fixture_models import fixture_gguf, parse_edited
 from hf_fixtures import edited_copy, hf_greedy, hf_logits
 
 import moelite
@@ -209,14 +209,8 @@ def test_configs_llama_cpp_cannot_run_are_refused(override, match, tmp_path):
 def test_bad_keys_are_format_errors(key, value, match):
     from moelite.errors import ModelFormatError
 
-    _, path = fixture_gguf(FAMILY)
-    r = _core.read_gguf(str(path))
-    kv, tensors = dict(r["kv"]), {t[0]: (t[1], list(t[2])) for t in r["tensors"]}
-    kv[f"qwen4exp.{key}"] = value
-    from moelite.runtime.hparams import parse_hparams
-
     with pytest.raises(ModelFormatError, match=match):
-        parse_hparams(str(path), kv, tensors)
+        parse_edited(FAMILY, {f"qwen4exp.{key}": value})
 
 
 @pytest.mark.slow

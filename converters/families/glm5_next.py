@@ -39,7 +39,7 @@ from .deepseek_v2 import hparams as v2_hparams
 from .deepseek_v2 import sanitize as v2_sanitize
 from .deepseek_v32 import TENSORS as DSA_TENSORS
 from .deepseek_v32 import indexer_hparams, indexer_types
-from .kimi_linear import _linear, conv_to_3d, kda_tensor_names
+from .kimi_linear import _linear, check_kda_heads, conv_to_3d, kda_tensor_names
 
 # transformers' Glm5NextTextConfig defaults: the value of a key read here that config.json omits
 DEFAULTS = {
@@ -120,13 +120,7 @@ def kda_lower_bound(c: Config) -> float | None:
 
 
 def hparams(c: Config) -> dict[str, Any]:
-    n_head = c.int("num_attention_heads")
-    kda_heads = int(_linear(c, "num_heads", "linear_num_heads"))
-    if kda_heads != n_head:
-        raise ConversionError(
-            f"{c.src}: KDA heads (linear_num_heads / linear_attn_config.num_heads) = {kda_heads} differ from "
-            f"num_attention_heads = {n_head}: llama.cpp's glm5-next layout has one head count for both"
-        )
+    check_kda_heads(c, "glm5-next")
     if c.int("qk_rope_head_dim") != 0 or c.get("mla_use_nope", default=True) is not True:
         raise ConversionError(
             f"{c.src}: keys qk_rope_head_dim = {c.int('qk_rope_head_dim')}, mla_use_nope = "

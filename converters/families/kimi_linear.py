@@ -102,14 +102,20 @@ def mla_hparams(c: Config) -> dict[str, Any]:
     }
 
 
-def hparams(c: Config) -> dict[str, Any]:
+def check_kda_heads(c: Config, arch: str) -> int:
+    """The KDA head count, which llama.cpp's layouts (kimi-linear, glm5-next) share with the attention's."""
     n_head = c.int("num_attention_heads")
     kda_heads = int(_linear(c, "num_heads", "linear_num_heads"))
     if kda_heads != n_head:
         raise ConversionError(
             f"{c.src}: KDA heads (linear_num_heads / linear_attn_config.num_heads) = {kda_heads} differ from "
-            f"num_attention_heads = {n_head}: llama.cpp's kimi-linear layout has one head count for both"
+            f"num_attention_heads = {n_head}: llama.cpp's {arch} layout has one head count for both"
         )
+    return n_head
+
+
+def hparams(c: Config) -> dict[str, Any]:
+    n_head = check_kda_heads(c, "kimi-linear")
     if c.get("moe_router_activation_func", default="sigmoid") != "sigmoid":  # transformers' router: sigmoid only
         raise ConversionError(
             f"{c.src}: moe_router_activation_func = {c.get('moe_router_activation_func')!r}: expected 'sigmoid'"
