@@ -232,6 +232,4 @@ def sanitize(w, c: Config) -> None:
     v2_sanitize(w, c)  # kv_b split into k_b / v_b, per-expert tensors stacked
 
 
-FAMILY = Family(
-    ("glm5_next_text", "glm5_next"), "glm5-next", hparams, TENSORS, sanitize, tokenizer_pre="glm4", defaults=DEFAULTS
-)
+FAMILY = Family(("glm5_next_text",), "glm5-next", hparams, TENSORS, sanitize, tokenizer_pre="glm4", defaults=DEFAULTS)
