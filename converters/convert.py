@@ -234,6 +234,7 @@ def _from_hf(source: HFSource, mtp: bool = True):
     weights = source.tensors()
     w = gguf_out.new_writer(family.arch)
     w.add_name(source.dir.name)
+    c = _with_checkpoint_mtp(family, c, weights)
     with _config_values(cfg_src):
         hp = family.hparams(c)  # checks the config as given first
         if (c_held := _without_absent_mtp(family, c, weights, mtp)) is not c:
@@ -257,6 +258,15 @@ def _from_hf(source: HFSource, mtp: bool = True):
 
 
 MTP_TENSOR = re.compile(r"(?:^|\.)(?:mtp\.|layers\.(\d+)\.)")  # mtp.* / model.mtp.* / model.layers.{i}.*
+
+
+def _with_checkpoint_mtp(family, c: Config, weights: dict[str, Lazy]) -> Config:
+    """The config with `mtp_num_hidden_layers` = the MTP blocks the checkpoint holds (`mtp.layers.{i}.*`), for a
+    family whose config.json never says (Qwen3-Next; llama.cpp's converter counts them the same way)."""
+    if not family.mtp_from_checkpoint or any(k in c.d for k in ("num_nextn_predict_layers", "mtp_num_hidden_layers")):
+        return c
+    held = [int(m.group(1)) for n in weights if (m := re.match(r"(?:model\.)?mtp\.layers\.(\d+)\.", n))]
+    return Config({**c.d, "mtp_num_hidden_layers": max(held) + 1}, c.src, c.defaults) if held else c
 
 
 def _without_absent_mtp(family, c: Config, weights: dict[str, Lazy], keep: bool = True) -> Config:

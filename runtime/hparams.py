@@ -915,7 +915,7 @@ def _llama4_plan(k, hp: dict, plan: dict, n_layer: int, n_expert: int) -> None:
 # (tests/test_mtp.py): the block reads the trunk's output-normed hidden state and chains on its own head-normed state,
 # as llama.cpp's hy_v3, glm4moe, deepseek2 and qwen35moe MTP graphs do. Other families keep their MTP blocks in the file,
 # unrun, until their semantics are checked.
-MTP_ARCHS = ("hy_v3", "glm4moe", "deepseek2", "qwen35moe")
+MTP_ARCHS = ("hy_v3", "glm4moe", "deepseek2", "qwen35moe", "qwen3next")
 
 
 def with_mtp(hp: dict[str, Any], tensors: dict[str, tuple], path: str) -> dict[str, Any]:

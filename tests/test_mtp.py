@@ -30,7 +30,7 @@ from moelite import _core
 from moelite.converters import convert
 from moelite.errors import ConversionError, UsageError
 
-FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text")
+FAMILIES = ("hy_v3", "glm4_moe", "deepseek_v3", "glm4_moe_lite", "qwen3_5_moe_text", "qwen3_next")
 HEAD_NORM = {"hy_v3": "final_layernorm"}  # the MTP block's norm before the head; else shared_head.norm
 # Qwen3.5 stores its MTP block under mtp.* (mtp.layers.0 a full-attention MoE layer, mtp.fc / pre_fc_norm_* / norm),
 # its norms zero-centred (x * (1 + w))
@@ -40,7 +40,9 @@ RELEASE_MTP = {
     "hnorm": "pre_fc_norm_hidden",
     "shared_head.norm": "norm",
 }
-ZERO_CENTRED = {"qwen3_5_moe_text"}
+ZERO_CENTRED = {"qwen3_5_moe_text", "qwen3_next"}
+# Qwen3-Next's release config.json does not state its MTP block count: the converter counts the blocks it holds
+COUNTED = {"qwen3_next"}
 NXT = 123  # the token after the prompt
 
 
@@ -72,7 +74,7 @@ def mtp_checkpoint(family: str, out):
         return {(release_name(k) if k.startswith(f"model.layers.{n}.") else k): v for k, v in ts.items()}
 
     d = edited_copy(ref, out, release)
-    (d / "config.json").write_text(json.dumps({**cfg, "mtp_num_hidden_layers": 1}, indent=2))
+    (d / "config.json").write_text(json.dumps({**cfg, **({} if family in COUNTED else {"mtp_num_hidden_layers": 1})}))
     return d
 
 

@@ -427,6 +427,8 @@ class Family:
     defaults: dict[str, Any] = field(default_factory=dict)  # transformers class defaults (module docstring)
     keep_mtp: bool = False  # MTP blocks kept, as blk.{n_layer + i} (`num_nextn_predict_layers`), as llama.cpp
     n_mtp: int = 0  # MTP blocks when config.json does not say (MiMo-V2: 3, as llama.cpp hardcodes)
+    # config.json never says how many MTP blocks the checkpoint holds (Qwen3-Next): `mtp.layers.{i}` counted
+    mtp_from_checkpoint: bool = False
     # keys read from the checkpoint's tensors rather than config.json (Qwen4-Exp's int64 hash constants), called on
     # the weights before sanitize; the same {key: value} form as hparams
     tensor_hparams: Callable[[dict[str, Lazy], Config], dict[str, Any]] | None = None

@@ -7,6 +7,9 @@ gated shared expert) with two differences in the DeltaNet input projections:
 - `in_proj_ba` stays fused as ssm_ba [H, 2 Hv], per group [b_g, a_g]; the graph splits it.
 No V-head reorder: the qwen3next graph repeats q/k heads interleaved (v head j reads k head j / r).
 Dense MLP layers (`mlp_only_layers`, `decoder_sparse_step`) are written as ffn_gate/up/down.
+The MTP block (`mtp.*`, Qwen3.5's layout) is kept as blk.{n_layer}.* with nextn.* (speculative="mtp" runs it); the
+release's config.json does not say how many there are: the converter counts `mtp.layers.{i}` in the checkpoint, as
+llama.cpp's converter does.
 """
 
 from __future__ import annotations
@@ -15,7 +18,17 @@ from typing import Any
 
 import numpy as np
 
-from . import Config, Family, fold_zero_centred_norms, neg_exp, squeeze_conv, stack_experts, strip_prefix
+from . import (
+    Config,
+    Family,
+    fold_zero_centred_norms,
+    neg_exp,
+    release_mtp_layers,
+    squeeze_conv,
+    stack_experts,
+    strip_prefix,
+    with_mtp_layers,
+)
 from .qwen3_5_moe import LA, L
 from .qwen3_5_moe import TENSORS as QWEN35_TENSORS
 from .qwen3_5_moe import hparams as qwen35_hparams
@@ -81,7 +94,8 @@ def split_qkvz(w, name: str, hk: int, dk: int, r: int, dv: int) -> tuple[Any, An
 
 
 def sanitize(w, c: Config) -> None:
-    strip_prefix(w, (), drop=("mtp.",))
+    strip_prefix(w, (("model.mtp.", "mtp."),))
+    release_mtp_layers(w, c, "qwen3next")  # mtp.* -> model.layers.{n_layer}.* (norms still (1+w): folded below)
     hk, hv = c.int("linear_num_key_heads"), c.int("linear_num_value_heads")
     dk, dv = c.int("linear_key_head_dim"), c.int("linear_value_head_dim")
     fold_zero_centred_norms(w, keep=("linear_attn.norm.weight",))
@@ -94,7 +108,17 @@ def sanitize(w, c: Config) -> None:
         )
         squeeze_conv(w, f"{la}.conv1d.weight")
         neg_exp(w, f"{la}.A_log")
-    stack_experts(w, c, L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
+    stack_experts(w, with_mtp_layers(c), L + ".mlp.experts.{e}.{proj}.weight", L + ".mlp.experts.{proj}.weight")
 
 
-FAMILY = Family(("qwen3_next",), "qwen3next", hparams, TENSORS, sanitize, tokenizer_pre="qwen2", defaults=DEFAULTS)
+FAMILY = Family(
+    ("qwen3_next",),
+    "qwen3next",
+    hparams,
+    TENSORS,
+    sanitize,
+    tokenizer_pre="qwen2",
+    defaults=DEFAULTS,
+    keep_mtp=True,
+    mtp_from_checkpoint=True,
+)
