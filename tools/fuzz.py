@@ -83,7 +83,7 @@ GGUF_FAMILIES = (
     ("hy_v4", "q8_0"),  # iHC, DSA with IndexShare
     ("glm5_next_text", "f32"),  # mHC, KPool with IndexShare, NoPE MLA, KDA
 )
-HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss")
+HF_FAMILIES = ("qwen3_moe", "deepseek_v3", "gpt_oss", "glm5_next_text")  # glm5: a multimodal wrapper, text_config
 
 # interesting integers and floats (boundaries of the C++ types and of the checks)
 INTS = [
