@@ -47,6 +47,7 @@ CONFIG_FAMILIES = (
     "dots1",
     "deepseek_v32",
     "glm_moe_dsa",
+    "glm5_next_text",
 )
 # families whose routers select on a per-expert bias (exp_probs_b), and whose MTP blocks hold a dense MLP
 ROUTER_BIAS = {
@@ -61,6 +62,7 @@ ROUTER_BIAS = {
     "dots1",
     "deepseek32",
     "glm-dsa",
+    "glm5-next",
 }
 MTP_DENSE = {"exaone-moe", "mimo2"}
 GATE_PER_ELEMENT = {"afmoe"}  # the attention output gate: one per element (else one per head)
@@ -153,7 +155,9 @@ def gguf_shapes(family: Family, c: Config, hp: dict) -> list[tuple[str, tuple[in
         if single and not n_kv[il] and not n_ff[il]:
             out += [(b + n, s) for n, s in _mamba2(hp, H)]
             continue
-        if not single or n_kv[il]:
+        if "kda.head_dim" in hp and not n_kv[il]:  # a KDA layer (GLM-5.3-Flash: head_count_kv 0)
+            out += [(b + n, s) for n, s in _kda(hp, H)]
+        elif not single or n_kv[il]:
             out += [(b + n, s) for n, s in _attention(family, c, hp, il, n_block, bool(swa[il]) and not mtp)]
         if single and not n_ff[il]:
             continue
@@ -162,6 +166,14 @@ def gguf_shapes(family: Family, c: Config, hp: dict) -> list[tuple[str, tuple[in
                 out.append((b + norm + ".weight", (H,)))
         is_dense = il in dense if not mtp else family.arch in MTP_DENSE
         out += [(b + n, s) for n, s in (_dense_ffn(hp, H) if is_dense else _moe_ffn(family, hp, H))]
+        if "hyper_connection.sinkhorn_iterations" in hp:  # mHC around the mixer and the FFN (GLM-5.3-Flash)
+            n = int(hp["hyper_connection.count"])
+            for sub in ("attn", "ffn"):
+                out += [
+                    (b + f"hc_{sub}_fn.weight", ((2 + n) * n, n * H)),
+                    (b + f"hc_{sub}_base.weight", ((2 + n) * n,)),
+                ]
+                out.append((b + f"hc_{sub}_scale.weight", (3,)))
         if mtp:
             out.append((b + "nextn.eh_proj.weight", (H, 2 * H)))
             out += [(b + f"nextn.{n}.weight", (H,)) for n in ("enorm", "hnorm", "shared_head_norm")]
@@ -216,7 +228,8 @@ def _attention(family: Family, c: Config, hp: dict, il: int, n_block: int, swa: 
 
 
 def _indexer(hp: dict, il: int, H: int) -> list:
-    """DSA's lightning indexer on layer il (llama.cpp's deepseek32 / glm-dsa loaders); IndexShare layers have none."""
+    """DSA's lightning indexer on layer il (llama.cpp's deepseek32 / glm-dsa / glm5-next loaders, KPool's pooling
+    gate and slot biases); IndexShare layers have none."""
     if "attention.indexer.head_count" not in hp or not _per_block(hp, "attention.indexer.types", il + 1, True)[il]:
         return []
     n, d, q_lora = (
@@ -224,12 +237,33 @@ def _indexer(hp: dict, il: int, H: int) -> list:
         int(hp["attention.indexer.key_length"]),
         hp["attention.q_lora_rank"],
     )
+    kpool = int(hp.get("attention.indexer.kpool") or 0)
     return [
         ("indexer.attn_q_b.weight", (n * d, q_lora)),
         ("indexer.attn_k.weight", (d, H)),
         ("indexer.k_norm.weight", (d,)),
         ("indexer.k_norm.bias", (d,)),
         ("indexer.proj.weight", (n, H)),
+        *([("indexer_compressor_gate.weight", (d, H)), ("indexer_compressor_ape.weight", (kpool, d))] if kpool else []),
+    ]
+
+
+def _kda(hp: dict, H: int) -> list:
+    """A KDA mixer (llama.cpp's kimi-linear / glm5-next loaders: low-rank decay and output gates)."""
+    nh, S, K = int(hp["attention.head_count"]), int(hp["kda.head_dim"]), int(hp["ssm.conv_kernel"])
+    C = nh * S
+    return [
+        *((f"attn_{x}.weight", (C, H)) for x in "qkv"),
+        *((f"ssm_conv1d_{x}.weight", (C, 1, K)) for x in "qkv"),
+        ("ssm_f_a.weight", (S, H)),
+        ("ssm_f_b.weight", (C, S)),
+        ("ssm_beta.weight", (nh, H)),
+        ("ssm_a", (nh,)),
+        ("ssm_dt.bias", (C,)),
+        ("ssm_g_a.weight", (S, H)),
+        ("ssm_g_b.weight", (C, S)),
+        ("ssm_norm.weight", (S,)),
+        ("attn_output.weight", (H, C)),
     ]
 
 
