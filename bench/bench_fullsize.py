@@ -175,15 +175,9 @@ def report(a, path: Path, res: dict) -> None:
             checks.append(f"{cap} GiB, failed runs: " + "; ".join(x.replace("\n", " ")[:300] for x in errors))
     lines += [""] + [f"- {x}" for x in checks]
     section = "\n".join(lines) + "\n"
-    results = ROOT / "bench" / "RESULTS.md"
-    text = results.read_text()
-    if HEAD in text:
-        start = text.index(HEAD)
-        nxt = text.find("\n## ", start + len(HEAD))
-        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    from run_bench import replace_section
+
+    replace_section(HEAD, section)
     print(section)
 
 

@@ -271,16 +271,9 @@ def report(a, path: Path, rows: dict[str, list[dict]], simd: str, capped: bool) 
         lines += ["", "Failed runs: " + "; ".join(x.replace("\n", " ")[:300] for x in errors)]
     del tok
     section = "\n".join(lines) + "\n"
-    results = ROOT / "bench" / "RESULTS.md"
-    text = results.read_text()
-    head = "## PLE table read from disk"  # the section's start, whatever commit it names
-    if head in text:
-        start = text.index(head)
-        nxt = text.find("\n## ", start + len(head))
-        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    results.write_text(text)
+    from run_bench import replace_section
+
+    replace_section("## PLE table read from disk", section)  # the section's start, whatever commit it names
     print(section)
 
 

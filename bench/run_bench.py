@@ -167,6 +167,20 @@ def drop_page_cache(path: str) -> None:
         os.close(fd)
 
 
+def replace_section(head: str, section: str) -> None:
+    """Put `section` into bench/RESULTS.md in place of the one starting with `head` (up to the next "## "), else at
+    the end: the sections other scripts write (bench_ple.py, bench_fullsize.py) survive a rewrite of their own."""
+    results = ROOT / "bench" / "RESULTS.md"
+    text = results.read_text()
+    if head in text:
+        start = text.index(head)
+        nxt = text.find("\n## ", start + len(head))
+        text = text[:start] + section + (text[nxt + 1 :] if nxt >= 0 else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    results.write_text(text)
+
+
 # --- models --------------------------------------------------------------------------------------------
 def model_path(name: str, layers: int) -> str:
     if name == "demo":
