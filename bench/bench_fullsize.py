@@ -48,6 +48,12 @@ def model_path() -> Path:
     return out
 
 
+def head() -> str:
+    return subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
+    ).stdout.strip()
+
+
 def run(engine: str, path: Path, prompt: str, teacher: str, a, budget: int, cgroup: str | None) -> dict:
     from run_bench import drop_page_cache
 
@@ -83,7 +89,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(34)
     ids = [int(x) for x in rng.integers(3, 32000, size=a.prompt + a.gen)]
     caps = [float(c) for c in a.caps.split(",")]
-    res: dict = {"machine": machine(), "disk": disk_bandwidth(str(path)), "caps": {}, "args": vars(a)}
+    res: dict = {"machine": machine(), "disk": disk_bandwidth(str(path)), "caps": {}, "args": vars(a), "commit": head()}
     with tempfile.TemporaryDirectory() as d:
         prompt, teacher = Path(d) / "prompt.json", Path(d) / "teacher.json"
         prompt.write_text(json.dumps(ids[: a.prompt]))
@@ -111,9 +117,7 @@ def main(argv=None) -> int:
 
 
 def report(a, path: Path, res: dict) -> None:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT
-    ).stdout.strip()
+    commit = res.get("commit") or head()  # the commit measured (--report-only keeps it)
 
     def med(rs: list[dict], key: str, scale: float = 1.0) -> float | None:
         v = [r[key] * scale for r in rs if r.get(key) is not None]
