@@ -15,7 +15,9 @@ run_bench.py's capped scenarios), the file's pages dropped from the page cache f
 memory_budget. Prompt: --prompt token ids, then --gen decode steps fed fixed ids (teacher-forced: both engines
 decode the same tokens). Reported: prefill and decode tok/s, moelite's expert hit rate and MiB read per token by its
 cache, MiB read from disk per decode token (/proc/self/io), peak RSS vs the cap, and what `moelite plan` predicts
-for the cap.
+for the cap. The file is calibrated first (`moelite analyze` on 1024 tokens of README.md at the first cap, unless its
+side file exists): random routers' preferences are nothing the planner's rule for trained models knows, and both
+moelite's runs and `moelite plan` use the side file, as they do for a user who ran `moelite analyze`.
 """
 
 from __future__ import annotations
@@ -54,6 +56,16 @@ def head() -> str:
     ).stdout.strip()
 
 
+def calibrate(path: Path, cap: float, threads: int) -> None:
+    """`moelite analyze` on README.md (1024 tokens) at this cap: writes the file's calibration side file."""
+    if Path(str(path) + ".calibration.json").exists():
+        return
+    with tempfile.TemporaryDirectory() as d:
+        cmd = [sys.executable, "-m", "moelite", "analyze", str(path), "--text", str(ROOT / "README.md")]
+        cmd += ["--tokens", "1024", "--seq-len", "512", "--memory-budget", f"{cap:g}GiB", "--threads", str(threads)]
+        subprocess.run(cmd + ["--out", d], check=True, capture_output=True, text=True, timeout=3600)
+
+
 def run(engine: str, path: Path, prompt: str, teacher: str, a, budget: int, cgroup: str | None) -> dict:
     from run_bench import drop_page_cache
 
@@ -89,6 +101,7 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(34)
     ids = [int(x) for x in rng.integers(3, 32000, size=a.prompt + a.gen)]
     caps = [float(c) for c in a.caps.split(",")]
+    calibrate(path, caps[0], a.threads)
     res: dict = {"machine": machine(), "disk": disk_bandwidth(str(path)), "caps": {}, "args": vars(a), "commit": head()}
     with tempfile.TemporaryDirectory() as d:
         prompt, teacher = Path(d) / "prompt.json", Path(d) / "teacher.json"
