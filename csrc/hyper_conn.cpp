@@ -9,8 +9,9 @@
 //   post = magnitude * sigmoid(m[hc:] * scale[1] + base[hc:]) + eps    [hc, T]
 //   in   = sum_s pre_s x_s                                             [n_embd, T]  -> the sublayer (its own norm)
 //   x_s  = x_s + post_s y                                              y: the sublayer's output
-// No comb matrix between the streams (DeepSeek-V4's mHC has one, with Sinkhorn normalisation): they mix only
-// through this reduce / distribute round trip.
+// No comb matrix between the streams (mHC below has one): they mix only through this reduce / distribute round trip.
+// Every kind reduces and distributes with ggml's own hyper-connection ops (ggml_dsv4_hc_pre / _pre_gated / _post,
+// which the CUDA and Metal backends have too).
 //
 // HC_GATED (Qwen4-Exp): the streams' grouped RMSNorm (one group a stream, (1+w) gamma) is the sublayer's norm:
 //   xn   = grouped_norm(x)                                              [n_embd * hc, T]
@@ -55,17 +56,18 @@ HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
     return w;
 }
 
-// The hc streams of x [n_embd * hc, T] weighted by w (a [hc, T] view, any row stride) and summed: [n_embd, T]
+// x [n_embd * hc, T] as ggml's hyper-connection ops take the streams: [n_embd, hc, T]
+static ggml_tensor * streams3(ggml_context * ctx, ggml_tensor * x, int64_t E, int64_t hc) {
+    return ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, x->ne[1]);
+}
+
+static ggml_tensor * contiguous(ggml_context * ctx, ggml_tensor * t) {
+    return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
+}
+
+// The hc streams of x [n_embd * hc, T] weighted by w [hc, T] and summed: [n_embd, T] (ggml_dsv4_hc_pre)
 ggml_tensor * Model::hc_reduce(ggml_context * ctx, ggml_tensor * x, ggml_tensor * w) {
-    const int64_t E = hp_.n_embd, T = x->ne[1];
-    ggml_tensor * out = nullptr;
-    for (int s = 0; s < hp_.hc_mult; ++s) {
-        ggml_tensor * xs = ggml_view_2d(ctx, x, E, T, x->nb[1], (size_t) s * E * x->nb[0]);
-        ggml_tensor * ws = ggml_view_2d(ctx, w, 1, T, w->nb[1], (size_t) s * w->nb[0]);
-        ggml_tensor * cur = ggml_mul(ctx, xs, ws);
-        out = out ? ggml_add(ctx, out, cur) : cur;
-    }
-    return out;
+    return ggml_dsv4_hc_pre(ctx, streams3(ctx, x, hp_.n_embd, hp_.hc_mult), contiguous(ctx, w));
 }
 
 // sigmoid(m * scale[i] + base[i * hc ..]) + eps for coefficient block i of m [n_coef * hc, T] -> [hc, T]
@@ -84,11 +86,12 @@ ggml_tensor * Model::hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor
     if (h.hc_kind == HC_GATED) {
         ggml_tensor * xn = hc_norm(ctx, x, w.norm); // [n_embd * hc, T]
         ggml_tensor * lo = ggml_silu(ctx, ggml_scale(ctx, dense_mm(ctx, w.down, xn), 1.f / h.hc_mult));
-        ggml_tensor * gated = ggml_mul(ctx, xn, ggml_sigmoid(ctx, dense_mm(ctx, w.up, lo)));
+        ggml_tensor * gate = streams3(ctx, dense_mm(ctx, w.up, lo), h.n_embd, h.hc_mult); // before its sigmoid
         if (post)
             *post =
                 ggml_scale(ctx, ggml_sigmoid(ctx, ggml_scale(ctx, dense_mm(ctx, w.inject, xn), 1.f / h.hc_mult)), 2.f);
-        return hc_mean(ctx, gated);
+        // the streams' mean of sigmoid(gate) * xn
+        return ggml_dsv4_hc_pre_gated(ctx, streams3(ctx, xn, h.n_embd, h.hc_mult), gate, 1.f / h.hc_mult);
     }
     ggml_tensor * m = ggml_mul_mat(ctx, w.fn, ggml_rms_norm(ctx, x, h.norm_eps)); // [2 hc, T] (mHC: [(2 + hc) hc, T])
     if (h.hc_kind == HC_MHC) {
@@ -101,20 +104,17 @@ ggml_tensor * Model::hc_pre(ggml_context * ctx, const HcWeights & w, ggml_tensor
     return hc_reduce(ctx, x, hc_gate(ctx, w, m, 0, h.hc_mult, 1.f, h.hc_eps));
 }
 
+// x_d = post_d y + x_d, or with mHC's comb post_d y + sum_s comb[d, s] x_s (ggml_dsv4_hc_post); post [hc, T], mHC's
+// [hc + hc^2, T]: the output's weights, then comb [hc dst, hc src]
 ggml_tensor * Model::hc_post(ggml_context * ctx, ggml_tensor * x, ggml_tensor * y, ggml_tensor * post) {
     const int64_t E = hp_.n_embd, hc = hp_.hc_mult, T = y->ne[1];
-    if (hp_.hc_kind == HC_MHC) { // post [hc + hc^2, T]: the output's weights, then comb [hc dst, hc src]
-        const size_t f = ggml_element_size(post);
-        ggml_tensor * pw = ggml_cont(ctx, ggml_view_2d(ctx, post, hc, T, post->nb[1], 0));
-        ggml_tensor * comb = ggml_cont(ctx, ggml_view_3d(ctx, post, hc, hc, T, hc * f, post->nb[1], hc * f));
-        ggml_tensor * x3 = ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T);
-        ggml_tensor * y2 = ggml_is_contiguous(y) ? y : ggml_cont(ctx, y);
-        return ggml_reshape_2d(ctx, ggml_dsv4_hc_post(ctx, y2, x3, pw, comb), E * hc, T); // [n_embd * hc, T]
-    }
-    ggml_tensor * p = ggml_reshape_3d(ctx, ggml_cont(ctx, post), 1, hc, T);
-    ggml_tensor * yp = ggml_mul(ctx, ggml_repeat_4d(ctx, ggml_reshape_3d(ctx, y, E, 1, T), E, hc, T, 1), p);
-    ggml_tensor * x3 = ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, T);
-    return ggml_reshape_2d(ctx, ggml_add(ctx, x3, yp), E * hc, T); // [n_embd * hc, T]
+    const size_t f = ggml_element_size(post);
+    ggml_tensor * pw = ggml_cont(ctx, ggml_view_2d(ctx, post, hc, T, post->nb[1], 0));
+    ggml_tensor * comb = hp_.hc_kind == HC_MHC
+                             ? ggml_cont(ctx, ggml_view_3d(ctx, post, hc, hc, T, hc * f, post->nb[1], hc * f))
+                             : nullptr; // identity: each stream keeps its own residual
+    ggml_tensor * out = ggml_dsv4_hc_post(ctx, contiguous(ctx, y), streams3(ctx, x, E, hc), pw, comb);
+    return ggml_reshape_2d(ctx, out, E * hc, T); // [n_embd * hc, T]
 }
 
 // grouped RMSNorm of the streams x [n_embd * hc, T] with a (1+w) gamma w [n_embd * hc]
