@@ -712,12 +712,17 @@ def _hunyuan_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
     return d, len(ranks) + len(specials), ranks, specials
 
 
+def _tiktoken_fixture(factory, name: str, make_dir, family_pre: str):
+    """A tiktoken-ranks checkpoint (make_dir) converted: (dir, n_vocab, ranks, specials, GGUF keys, Tokenizer)."""
+    d, n, ranks, specials = make_dir(factory.mktemp(name) / "hf")
+    path = factory.mktemp(f"{name}-gguf") / f"{name}.gguf"
+    kv = _write_gguf(path, d, n, family_pre)
+    return d, n, ranks, specials, kv, Tokenizer.from_gguf_kv(kv, str(path))
+
+
 @pytest.fixture(scope="module")
 def hunyuan(tmp_path_factory):
-    d, n, ranks, specials = _hunyuan_dir(tmp_path_factory.mktemp("hunyuan") / "hf")
-    path = tmp_path_factory.mktemp("hunyuan-gguf") / "hy.gguf"
-    kv = _write_gguf(path, d, n, "hunyuan")
-    return d, n, ranks, specials, kv, Tokenizer.from_gguf_kv(kv, str(path))
+    return _tiktoken_fixture(tmp_path_factory, "hunyuan", _hunyuan_dir, "hunyuan")
 
 
 def test_hunyuan_keys_as_llama_cpp_writes_them(hunyuan) -> None:
@@ -1038,10 +1043,7 @@ def _kimi_dir(d: Path) -> tuple[Path, int, dict[bytes, int], dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def kimi(tmp_path_factory):
-    d, n, ranks, specials = _kimi_dir(tmp_path_factory.mktemp("kimi") / "hf")
-    path = tmp_path_factory.mktemp("kimi-gguf") / "kimi.gguf"
-    kv = _write_gguf(path, d, n, "kimi-k2")
-    return d, n, ranks, specials, kv, Tokenizer.from_gguf_kv(kv, str(path))
+    return _tiktoken_fixture(tmp_path_factory, "kimi", _kimi_dir, "kimi-k2")
 
 
 def test_kimi_keys_as_llama_cpp_writes_them(kimi) -> None:
