@@ -448,6 +448,7 @@ void bind_model(py::module_ & m) {
                  d["repacked_dense_bytes"] = r.dense_bytes;
                  d["repacked_arena_bytes"] = r.arena_bytes;
                  d["repack_tiled_prompts"] = r.tiled_prompts;
+                 d["repack_q4_K_packer"] = r.q4_K_packer;
                  // mlock (ModelOptions::mlock): bytes locked, bytes refused and the first errno (0: none)
                  const LockInfo & lk = m.lock_info();
                  d["mlock"] = lk.requested;

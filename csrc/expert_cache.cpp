@@ -1,4 +1,5 @@
 #include "expert_cache.h"
+#include "graph_util.h"
 
 #include <fcntl.h>
 #include <sys/stat.h>
@@ -104,6 +105,8 @@ void ExpertCache::put_slot(const Pool & P, int r, int slot, const void * src, ui
     const uint64_t off = (uint64_t) slot * P.slot_bytes[r];
     if (!P.host) {
         ggml_backend_tensor_set(P.arena[r], src, off, n); // host -> device
+    } else if (P.fast_q4_K[r] && !src_packed) {           // ggml's layout, written without its per-call conversion cost
+        q4_K_to_q4_Kx8_rows(src, (char *) P.mem[r] + off, P.ne0[r], P.ne1[r]);
     } else if (P.repacked[r] && !src_packed) {
         // a 2-D tensor exactly on the slot, in the arena's buffer (its init_tensor picks the repack layout);
         // setting it whole converts the file bytes into the slot
@@ -261,6 +264,8 @@ void ExpertCache::finalize(const std::vector<int> & slots_per_layer, ggml_backen
                 ggml_backend_buffer_clear(P.buf[r], 0); // zero blocks compute zeros
                 base = P.mem[r] = ggml_backend_buffer_get_base(P.buf[r]);
                 P.repacked[r] = true;
+                P.fast_q4_K[r] = P.type[r] == GGML_TYPE_Q4_K && P.ne0[r] % 256 == 0 && P.ne1[r] % 8 == 0 &&
+                                 q4_Kx8_layout_check(repack_buft) && !std::getenv("MOELITE_GGML_REPACK");
             } else if (P.host) { // our own page-aligned memory: disk reads land in place
                 if (posix_memalign(&P.mem[r], kPage, bytes) != 0)
                     throw BudgetError("cannot allocate " + std::to_string(bytes) + " bytes for the expert arena");
@@ -287,6 +292,13 @@ size_t ExpertCache::arena_bytes() const {
     size_t b = 0;
     for (auto & P : pools_) b += (P.slot_bytes[0] + P.slot_bytes[1] + P.slot_bytes[2]) * P.n_slots;
     return b;
+}
+
+bool ExpertCache::packs_q4_K() const {
+    for (const Pool & P : pools_)
+        for (int r = P.first; r < 3; ++r)
+            if (P.fast_q4_K[r]) return true;
+    return false;
 }
 
 size_t ExpertCache::repacked_arena_bytes() const {

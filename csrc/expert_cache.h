@@ -53,6 +53,7 @@ struct Pool {
     ggml_backend_buffer_t buf[3] = {nullptr, nullptr, nullptr};
     ggml_tensor * arena[3] = {nullptr, nullptr, nullptr}; // [ne0, ne1, n_slots]
     bool repacked[3] = {false, false, false};             // arena in the CPU_REPACK buffer type (see above)
+    bool fast_q4_K[3] = {false, false, false}; // repacked Q4_K converted by q4_K_to_q4_Kx8_rows (unrepack.cpp)
 };
 
 struct LayerStats {
@@ -120,6 +121,7 @@ class ExpertCache {
                   ggml_backend_buffer_type_t host_buft = nullptr, ggml_backend_buffer_type_t repack_buft = nullptr);
     size_t arena_bytes() const;
     size_t repacked_arena_bytes() const; // the part of arena_bytes() in repacked arenas
+    bool packs_q4_K() const;             // some repacked Q4_K arena is filled by q4_K_to_q4_Kx8_rows (Pool::fast_q4_K)
     // Write n bytes of matrix r of an expert into `slot` of pool P: file bytes (src_packed false) or the bytes of
     // a slot of a pool with the same layout (src_packed == P.repacked[r]). Repacks into a repacked host arena,
     // copies to a device arena (ggml_backend_tensor_set), memcpy otherwise.

@@ -36,9 +36,13 @@ enum class AttnPath { CPU, FLASH, PLAIN };
 ggml_tensor * attend(ggml_context * ctx, AttnPath path, ggml_tensor * q, ggml_tensor * K, ggml_tensor * V,
                      ggml_tensor * mask, ggml_tensor * sinks, const float * scale);
 
-// Whether ggml's CPU_REPACK layout of Q4_K is the one unrepack.cpp unpacks (a round trip through buft), on a CPU
-// with ggml's tiled K-quant GEMM (x86, AVX2); false disables the unpacking (MOELITE_NO_UNREPACK=1 too).
+// Whether ggml's CPU_REPACK layout of Q4_K (buft) is the one unrepack.cpp packs and unpacks, checked once.
+bool q4_Kx8_layout_check(ggml_backend_buffer_type_t buft);
+// ... and the CPU has ggml's tiled K-quant GEMM (x86, AVX2); false disables the unpacking (MOELITE_NO_UNREPACK=1 too).
 bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft);
+// Q4_K rows src [ne0, ne1] (ne0 % 256 == 0, ne1 % 8 == 0) into ggml's repacked layout at dst, as its CPU_REPACK
+// buffer's set_tensor writes them (where q4_Kx8_layout_check says so).
+void q4_K_to_q4_Kx8_rows(const void * src, void * dst, int64_t ne0, int64_t ne1);
 
 inline std::string blk(int il, const char * name) { return "blk." + std::to_string(il) + "." + name; }
 

@@ -326,6 +326,7 @@ RepackInfo Model::repack_info() const {
     r.dense_bytes = repacked_bytes_;
     r.arena_bytes = cache_ ? cache_->repacked_arena_bytes() : 0;
     r.tiled_prompts = unrepack_q4_K_;
+    r.q4_K_packer = cache_ && cache_->packs_q4_K();
     return r;
 }
 

@@ -298,6 +298,7 @@ struct RepackInfo {                            // what the CPU_REPACK buffer typ
     size_t dense_tensors = 0, dense_bytes = 0; // dense weights repacked (part of dense_bytes())
     size_t arena_bytes = 0;                    // expert arena bytes repacked (part of the arena)
     bool tiled_prompts = false;                // prompt matmuls unpack repacked Q4_K for ggml's tiled GEMM
+    bool q4_K_packer = false; // Q4_K experts read into repacked slots are packed by unrepack.cpp, not ggml
 };
 
 // The (token, k) pairs of a step that one group of resident experts serves (ffn_moe.cpp): pair i = (t, k) with

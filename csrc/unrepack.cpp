@@ -1,16 +1,25 @@
-// Repacked Q4_K weights back to plain rows for ggml's tiled K-quant GEMM, in prompt ubatches on x86.
+// Q4_K rows <-> ggml's repacked layout of them (block_q4_Kx8), both ways.
 //
-// ggml's x86 CPU backend has two GEMMs for Q4_K: the repacked one (block_q4_Kx8, 4 tokens per pass) and a tiled one
-// on plain rows (AVX2/VNNI tiles of 16 tokens, from 8 rows of input on). On a Qwen3-30B-shaped 512-token prompt the
-// tiled one is ~1.25x faster overall, while decode needs the repacked GEMV (and llama.cpp repacks by default too). So
-// a matmul of a repacked Q4_K weight (a dense one in buf_rp_, or an expert's slot) over >= kTiledMinRows tokens gets
-// the weight unpacked into graph scratch first (a byte shuffle, a few % of its GEMM) and ggml's mul_mat takes the tiled
-// path on it. Which way runs depends on the token count and the weight's type alone: offloading changes no bit.
+// Unpacking, for ggml's tiled K-quant GEMM in prompt ubatches on x86: ggml's x86 CPU backend has two GEMMs for Q4_K:
+// the repacked one (block_q4_Kx8, 4 tokens per pass) and a tiled one on plain rows (AVX2/VNNI tiles of 16 tokens,
+// from 8 rows of input on). On a Qwen3-30B-shaped 512-token prompt the tiled one is ~1.25x faster overall, while decode
+// needs the repacked GEMV (and llama.cpp repacks by default too). So a matmul of a repacked Q4_K weight (a dense one in
+// buf_rp_, or an expert's slot) over >= kTiledMinRows tokens gets the weight unpacked into graph scratch first (a byte
+// shuffle, a few % of its GEMM) and ggml's mul_mat takes the tiled path on it. Which way runs depends on the token
+// count and the weight's type alone: offloading changes no bit.
+//
+// Packing, for the expert cache (put_slot): every expert read from disk into a repacked arena is converted on the way
+// in. ggml's own conversion (its buffer type's set_tensor) copies 8 or 4 bytes per call with a run-time length and
+// took ~47 us per 72 KiB matrix here (hot cache, AVX-512 machine): at a 50 % cap on a Qwen3-30B-shaped model that was
+// as long as the disk read itself, on the I/O threads the compute threads share the cores with. q4_K_to_q4_Kx8_rows
+// writes the same bytes with fixed-size moves.
 //
 // block_q4_Kx8, ggml's CPU_REPACK layout of 8 rows x one 256-column block (interleave 8): d[8], dmin[8] (F16),
 // scales[96]: per sub-block sb, 12 bytes packing the 8 rows' 6-bit scales and mins the way a Q4_K row packs its 8
 // sub-blocks; qs[1024]: the rows' 128 qs bytes in 8-byte pieces, row after row per piece. Rows in groups of 8, each
-// group its ne0 / 256 blocks in order. unrepack_q4_K_check verifies this against the ggml build at load.
+// group its ne0 / 256 blocks in order. q4_Kx8_layout_check verifies both directions against the ggml build at load
+// (pseudo-random bytes through ggml's repack): where it differs (another interleave, a future ggml), ggml's own
+// conversion runs and nothing is unpacked.
 #include <cstdlib>
 #include <cstring>
 #include <vector>
@@ -51,6 +60,43 @@ static void q4_Kx8_to_q4_K(const uint8_t * in, uint8_t * const out[8]) {
     }
 }
 
+// The inverse: 8 rows' block x (in[j] -> block_q4_K of row j) -> one block_q4_Kx8.
+static void q4_K_to_q4_Kx8(const uint8_t * const in[8], uint8_t * out) {
+    uint8_t s[8][8], m[8][8]; // [row][sub-block] 6-bit scale and min, unpacked from each row's 12 bytes
+    for (int j = 0; j < 8; ++j) {
+        std::memcpy(out + 2 * j, in[j], 2);          // d
+        std::memcpy(out + 16 + 2 * j, in[j] + 2, 2); // dmin
+        const uint8_t * q = in[j] + 4;
+        for (int k = 0; k < 4; ++k) {
+            s[j][k] = q[k] & 63;
+            m[j][k] = q[k + 4] & 63;
+            s[j][k + 4] = (q[k + 8] & 15) | ((q[k] >> 6) << 4);
+            m[j][k + 4] = (q[k + 8] >> 4) | ((q[k + 4] >> 6) << 4);
+        }
+    }
+    for (int sb = 0; sb < 8; ++sb) { // the 8 rows' pairs of sub-block sb packed as a Q4_K row packs its sub-blocks
+        uint8_t * g = out + 32 + 12 * sb;
+        for (int j = 0; j < 4; ++j) {
+            g[j] = (uint8_t) (s[j][sb] | ((s[j + 4][sb] >> 4) << 6));
+            g[j + 4] = (uint8_t) (m[j][sb] | ((m[j + 4][sb] >> 4) << 6));
+            g[j + 8] = (uint8_t) ((s[j + 4][sb] & 15) | ((m[j + 4][sb] & 15) << 4));
+        }
+    }
+    uint8_t * qs = out + 128;
+    for (int p = 0; p < 16; ++p)
+        for (int j = 0; j < 8; ++j) std::memcpy(qs + 8 * (8 * p + j), in[j] + 16 + 8 * p, 8);
+}
+
+void q4_K_to_q4_Kx8_rows(const void * src, void * dst, int64_t ne0, int64_t ne1) {
+    const int64_t nb = ne0 / 256;
+    for (int64_t g = 0; g < ne1 / 8; ++g)
+        for (int64_t x = 0; x < nb; ++x) {
+            const uint8_t * in[8];
+            for (int i = 0; i < 8; ++i) in[i] = (const uint8_t *) src + ((g * 8 + i) * nb + x) * kQ4K;
+            q4_K_to_q4_Kx8(in, (uint8_t *) dst + (g * nb + x) * kQ4Kx8);
+        }
+}
+
 // dst [ne0, ne1] Q4_K (plain rows) from src, a 2-D view of a repacked slot; rows split in groups of 8 over threads
 static void op_unrepack_q4_K(ggml_tensor * dst, int ith, int nth, void *) {
     const uint8_t * src = (const uint8_t *) dst->src[0]->data;
@@ -63,9 +109,10 @@ static void op_unrepack_q4_K(ggml_tensor * dst, int ith, int nth, void *) {
         }
 }
 
-#if defined(__x86_64__) || defined(_M_X64)
-// A Q4_K tensor of pseudo-random bytes through buft's repack and back through q4_Kx8_to_q4_K: the same bytes?
-static bool round_trip(ggml_backend_buffer_type_t buft) {
+// A Q4_K tensor of pseudo-random bytes through buft's repack: do q4_K_to_q4_Kx8_rows and q4_Kx8_to_q4_K give the
+// same bytes as ggml, both ways? Every bit of every field is checked.
+static bool layout_matches(ggml_backend_buffer_type_t buft) {
+    if (ggml_type_size(GGML_TYPE_Q4_K) != kQ4K) return false;
     ggml_init_params ip = {ggml_tensor_overhead(), nullptr, true};
     ggml_context * ctx = ggml_init(ip);
     ggml_tensor * t = ggml_new_tensor_2d(ctx, GGML_TYPE_Q4_K, 512, 8);
@@ -73,8 +120,8 @@ static bool round_trip(ggml_backend_buffer_type_t buft) {
     bool ok = buf && ggml_backend_tensor_alloc(buf, t, ggml_backend_buffer_get_base(buf)) == GGML_STATUS_SUCCESS &&
               t->extra != nullptr; // ggml repacks it (else it is plain already)
     if (ok) {
-        std::vector<uint8_t> plain(ggml_nbytes(t)), back(plain.size());
-        uint32_t x = 2463534242u; // xorshift bytes: every bit of every field is checked
+        std::vector<uint8_t> plain(ggml_nbytes(t)), back(plain.size()), packed(plain.size());
+        uint32_t x = 2463534242u; // xorshift bytes
         for (uint8_t & b : plain) {
             x ^= x << 13;
             x ^= x >> 17;
@@ -87,20 +134,23 @@ static bool round_trip(ggml_backend_buffer_type_t buft) {
             for (int i = 0; i < 8; ++i) out[i] = back.data() + (i * 2 + xb) * kQ4K;
             q4_Kx8_to_q4_K((const uint8_t *) t->data + xb * kQ4Kx8, out);
         }
-        ok = back == plain;
+        q4_K_to_q4_Kx8_rows(plain.data(), packed.data(), 512, 8);
+        ok = back == plain && std::memcmp(packed.data(), t->data, packed.size()) == 0;
     }
     if (buf) ggml_backend_buffer_free(buf);
     ggml_free(ctx);
     return ok;
 }
-#endif
+
+bool q4_Kx8_layout_check(ggml_backend_buffer_type_t buft) {
+    if (!buft) return false;
+    static const bool ok = layout_matches(buft); // buft is the CPU backend's one CPU_REPACK type: once
+    return ok;
+}
 
 bool unrepack_q4_K_check(ggml_backend_buffer_type_t buft) {
 #if defined(__x86_64__) || defined(_M_X64)
-    if (!buft || !ggml_cpu_has_avx2() || ggml_type_size(GGML_TYPE_Q4_K) != kQ4K || std::getenv("MOELITE_NO_UNREPACK"))
-        return false;
-    static const bool ok = round_trip(buft); // buft is the CPU backend's one CPU_REPACK type: once
-    return ok;
+    return ggml_cpu_has_avx2() && !std::getenv("MOELITE_NO_UNREPACK") && q4_Kx8_layout_check(buft);
 #else
     (void) buft;
     return false; // ggml's tiled GEMM is x86-only

@@ -539,13 +539,16 @@ class Model:
                 else None
             ),
             # on the CPU, weights in ggml's repacked layouts (CPU_REPACK): dense mul_mat weights and expert arenas;
-            # tiled_prompts: prompt matmuls over >= 8 tokens unpack repacked Q4_K for ggml's tiled GEMM (unrepack.cpp)
+            # tiled_prompts: prompt matmuls over >= 8 tokens unpack repacked Q4_K for ggml's tiled GEMM (unrepack.cpp);
+            # q4_K_packer: Q4_K experts read from disk are packed into ggml's layout by unrepack.cpp (checked against
+            # ggml at load), not by ggml's slower conversion
             "repack": {
                 "available": mem["repack_available"],
                 "dense_tensors": mem["repacked_tensors"],
                 "dense_bytes": mem["repacked_dense_bytes"],
                 "arena_bytes": mem["repacked_arena_bytes"],
                 "tiled_prompts": mem["repack_tiled_prompts"],
+                "q4_K_packer": mem["repack_q4_K_packer"],
             },
             "arena_bytes": mem["arena_bytes"],
             "scratch_bytes": p.scratch_bytes,  # the bound the plan reserves

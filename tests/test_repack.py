@@ -84,6 +84,7 @@ def test_repacked_matches_the_plain_layout(runs, type):
         "dense_bytes": 0,
         "arena_bytes": 0,
         "tiled_prompts": False,
+        "q4_K_packer": False,
     }
 
 
@@ -113,6 +114,24 @@ def test_tiny_cache_is_bit_exact(runs, type, n_io_threads):
     assert st["total"]["misses"] > 0 and st["total"]["bytes_read"] > 0  # experts really came from disk
     assert np.array_equal(lo_off, lo)
     assert greedy_off == greedy
+
+
+def test_q4_K_packer_writes_ggml_s_layout(runs, monkeypatch):
+    """Q4_K experts read into repacked slots are packed by moelite (csrc/unrepack.cpp), not by ggml's conversion
+    (~2.5x slower per matrix, on the I/O threads the compute threads share the cores with). Every expert of the
+    resident model passes through it at load, and the offloaded one's again on every miss: the logits equal those
+    of ggml's own conversion (MOELITE_GGML_REPACK=1) bit for bit, resident and at the smallest budget."""
+    path = _path("q4_k_m")
+    lo, greedy, _, info = runs[("q4_k_m", True)]
+    if not info["repack"]["q4_K_packer"]:
+        pytest.skip("ggml's repacked Q4_K layout in this CPU backend is not the one unrepack.cpp packs")
+    monkeypatch.setenv("MOELITE_GGML_REPACK", "1")
+    for budget in (None, _minimum(path)):
+        lo_g, greedy_g, st, info_g = _run(path, repack=True, memory_budget=budget)
+        assert not info_g["repack"]["q4_K_packer"] and info_g["repack"]["arena_bytes"] > 0
+        assert budget is None or st["total"]["misses"] > 0
+        assert np.array_equal(lo_g, lo)
+        assert greedy_g == greedy
 
 
 @pytest.mark.parametrize("mode", ["never", "always"])
