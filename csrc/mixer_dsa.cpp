@@ -9,6 +9,7 @@
 // While n_kv <= top_k every position is selected: the mask is the plain causal one (dense attention, no scores).
 // IndexShare (GLM-5.2) layers reuse the selection of the last full layer before them.
 #include <cmath>
+#include <functional>
 
 #include "model.h"
 
@@ -96,7 +97,8 @@ namespace moelite {
 //
 //   cur [n_embd, T] (the layer's normed input) -> q = q_norm(q_proj cur) [d, n_idx, T], roped as the attention's q
 //                                              -> k = k_proj cur [d, T]: the indexer key cache (raw keys), rows n_past..
-//   block b (complete for token t when (b + 1) r <= pos_t + 1): key_b = rope(k_norm(mean of its r raw keys), b r)
+//   block b (complete for token t when (b + 1) r <= pos_t + 1): key_b = rope(k_norm(mean of its r raw keys), b r),
+//   computed once, by the ubatch that completes the block, into the layer's pool-key cache (pool_keys)
 //   score(t, b) = sum_h relu(q(t, h) . key_b) / sqrt(d)  ->  top (top_k / r) blocks -> the mask over positions
 ggml_tensor * Model::qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos,
                               int T) {
@@ -109,23 +111,41 @@ ggml_tensor * Model::qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml
     ggml_tensor * dst =
         ggml_view_2d(ctx, L.idx_k_cache, d, T, L.idx_k_cache->nb[1], (size_t) n_past_ * L.idx_k_cache->nb[1]);
     ggml_build_forward_expand(gf, ggml_cpy(ctx, k, dst));
+    ggml_tensor * kb = pool_keys(ctx, gf, il, T, [&](ggml_tensor * raw, int n) { // raw [d, r, n] -> keys [d, n]
+        ggml_tensor * m = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, raw, 1, 0, 2, 3))); // [1, d, n]
+        m = ggml_scale(ctx, ggml_reshape_3d(ctx, m, d, 1, n), 1.f / (float) r);
+        m = ggml_mul(ctx, ggml_rms_norm(ctx, m, h.norm_eps), L.idx_k_norm);
+        return ggml_reshape_2d(ctx, rope(ctx, il, m, qsa_pos_input(ctx, n)), d, n);
+    });
     if (n_blk <= K) return nullptr; // every token sees at most K complete blocks: all of them selected (dense)
 
-    // block keys [d, n_blk]: the mean of each block's r raw keys, (1+w)-normed, roped at the block's first position
-    ggml_tensor * raw =
-        ggml_view_3d(ctx, L.idx_k_cache, d, r, n_blk, L.idx_k_cache->nb[1], r * L.idx_k_cache->nb[1], 0);
-    if (raw->type != GGML_TYPE_F32) raw = ggml_cast(ctx, raw, GGML_TYPE_F32);
-    ggml_tensor * kb = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, raw, 1, 0, 2, 3))); // [1, d, n_blk]
-    kb = ggml_scale(ctx, ggml_reshape_3d(ctx, kb, d, 1, n_blk), 1.f / (float) r);
-    kb = ggml_mul(ctx, ggml_rms_norm(ctx, kb, h.norm_eps), L.idx_k_norm);
-    kb = rope(ctx, il, kb, qsa_pos_input(ctx, n_blk)); // [d, 1, n_blk]
     ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_q_proj, cur), d, H, T);
     q = rope(ctx, il, ggml_mul(ctx, ggml_rms_norm(ctx, q, h.norm_eps), L.idx_q_norm), pos); // [d, H, T]
-    ggml_tensor * s = ggml_mul_mat(ctx, ggml_reshape_2d(ctx, kb, d, n_blk), ggml_reshape_2d(ctx, q, d, H * T));
+    ggml_tensor * s = ggml_mul_mat(ctx, kb, ggml_reshape_2d(ctx, q, d, H * T));             // [n_blk, H T]
     s = ggml_reshape_3d(ctx, ggml_relu(ctx, s), n_blk, H, T);
     s = ggml_sum_rows(ctx, ggml_cont(ctx, ggml_permute(ctx, s, 1, 0, 2, 3))); // [1, n_blk, T]
     s = ggml_scale(ctx, ggml_reshape_2d(ctx, s, n_blk, T), 1.f / std::sqrt((float) d));
     return block_mask(ctx, top_blocks(ctx, s, K, n_blk, T), r, n_kv, T);
+}
+
+// The keys of layer il's complete pools [d, n_blk] (a view of its pool-key cache). Pools complete before this
+// ubatch (n_past_ / r of them) are cached; those it completes are computed once here, by key_of from their rows of
+// the indexer's key cache (raw [row, r, n] as F32, n new pools), and written to the cache before anything reads it
+// (graph order). Each pool's key depends on its own rows alone, so computing it once gives the bits that computing
+// every pool at every step gave, for a cost per step that no longer grows with the context.
+ggml_tensor * Model::pool_keys(ggml_context * ctx, ggml_cgraph * gf, int il, int T,
+                               const std::function<ggml_tensor *(ggml_tensor *, int)> & key_of) {
+    Layer & L = layers_[il];
+    ggml_tensor *c = L.idx_k_cache, *pk = L.idx_pool_cache;
+    const int r = hp_.plan[il].compress, b0 = n_past_ / r, n_blk = (n_past_ + T) / r;
+    if (n_blk > b0) {
+        const int n = n_blk - b0;
+        ggml_tensor * raw = ggml_view_3d(ctx, c, c->ne[0], r, n, c->nb[1], r * c->nb[1], (size_t) b0 * r * c->nb[1]);
+        if (raw->type != GGML_TYPE_F32) raw = ggml_cast(ctx, raw, GGML_TYPE_F32);
+        ggml_build_forward_expand(
+            gf, ggml_cpy(ctx, key_of(raw, n), ggml_view_2d(ctx, pk, pk->ne[0], n, pk->nb[1], (size_t) b0 * pk->nb[1])));
+    }
+    return ggml_view_2d(ctx, pk, pk->ne[0], n_blk, pk->nb[1], 0);
 }
 
 // The top K of each token's complete blocks by their scores s [n_blk, T] -> [K, T] I32
@@ -173,19 +193,19 @@ ggml_tensor * Model::kpool_mask(ggml_context * ctx, ggml_cgraph * gf, int il, gg
     ggml_tensor * row = ggml_concat(ctx, indexer_key(ctx, L, cur), dense_mm(ctx, L.idx_kpool_gate, cur), 0); // [2d, T]
     ggml_build_forward_expand(
         gf, ggml_cpy(ctx, row, ggml_view_2d(ctx, c, 2 * d, T, c->nb[1], (size_t) n_past_ * c->nb[1])));
+    ggml_tensor * kp = pool_keys(ctx, gf, il, T, [&](ggml_tensor * raw, int n) { // raw [2 d, r, n] -> keys [d, n]
+        // keys and gate logits, each with the r slots first: [r, d, n]
+        const size_t f = ggml_element_size(raw);
+        ggml_tensor * k = ggml_view_3d(ctx, raw, d, r, n, raw->nb[1], raw->nb[2], 0);
+        ggml_tensor * g =
+            ggml_add(ctx, ggml_view_3d(ctx, raw, d, r, n, raw->nb[1], raw->nb[2], d * f), L.idx_kpool_ape);
+        ggml_tensor * w = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, g, 1, 0, 2, 3))); // over a pool's slots
+        ggml_tensor * m = ggml_mul(ctx, w, ggml_cont(ctx, ggml_permute(ctx, k, 1, 0, 2, 3)));   // [r, d, n]
+        return ggml_reshape_2d(ctx, ggml_sum_rows(ctx, m), d, n);
+    });
     if (n_blk <= K) return nullptr;
 
-    // the complete pools [2 d, r, n_blk] -> keys and gate logits, each with the r slots first: [r, d, n_blk]
-    ggml_tensor * raw = ggml_view_3d(ctx, c, 2 * d, r, n_blk, c->nb[1], r * c->nb[1], 0);
-    if (raw->type != GGML_TYPE_F32) raw = ggml_cast(ctx, raw, GGML_TYPE_F32);
-    const size_t f = ggml_element_size(raw);
-    ggml_tensor * k = ggml_view_3d(ctx, raw, d, r, n_blk, raw->nb[1], raw->nb[2], 0);
-    ggml_tensor * g =
-        ggml_add(ctx, ggml_view_3d(ctx, raw, d, r, n_blk, raw->nb[1], raw->nb[2], d * f), L.idx_kpool_ape);
-    ggml_tensor * w = ggml_soft_max(ctx, ggml_cont(ctx, ggml_permute(ctx, g, 1, 0, 2, 3))); // over a pool's slots
-    ggml_tensor * kp = ggml_mul(ctx, w, ggml_cont(ctx, ggml_permute(ctx, k, 1, 0, 2, 3)));  // [r, d, n_blk]
-    kp = ggml_reshape_2d(ctx, ggml_sum_rows(ctx, kp), d, n_blk);                            // pool keys [d, n_blk]
-    ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T);         // no RoPE (NoPE MLA)
+    ggml_tensor * q = ggml_reshape_3d(ctx, dense_mm(ctx, L.idx_wq_b, qr), d, H, T); // no RoPE (NoPE MLA)
     ggml_tensor * topk = top_blocks(ctx, indexer_score(ctx, L, kp, q, cur), K, n_blk, T);
     gin_.dsa_topk = topk;
     if (dsa_topk_) // for the shared layers after this one, in later graphs

@@ -736,6 +736,9 @@ void Model::alloc_kv() {
             layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, h.indexer_head_size, opt_.n_ctx);
         if (p.indexer == INDEXER_KPOOL) // KPool: a position's normed key and its pooling gate logits
             layers_[il].idx_k_cache = ggml_new_tensor_2d(ctx_kv_, opt_.kv_type, 2 * h.indexer_head_size, opt_.n_ctx);
+        if (p.indexer == INDEXER_QSA || p.indexer == INDEXER_KPOOL) // their complete pools' keys, F32
+            layers_[il].idx_pool_cache =
+                ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.indexer_head_size, std::max(1, opt_.n_ctx / p.compress));
         shared_indexer = shared_indexer || p.indexer == INDEXER_SHARED;
     }
     const int U = opt_.n_ubatch;
@@ -842,9 +845,9 @@ ggml_tensor * Model::mask_f32_input(ggml_context * ctx, int n_kv, int T) {
     return gin_.mask_f32;
 }
 
-ggml_tensor * Model::qsa_pos_input(ggml_context * ctx, int n_blk) {
+ggml_tensor * Model::qsa_pos_input(ggml_context * ctx, int n) {
     if (!gin_.qsa_pos) {
-        gin_.qsa_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n_blk);
+        gin_.qsa_pos = ggml_new_tensor_1d(ctx, GGML_TYPE_I32, n);
         ggml_set_input(gin_.qsa_pos);
         ggml_set_name(gin_.qsa_pos, "qsa_pos");
     }
@@ -962,11 +965,13 @@ void Model::build_masks(int T) {
     if (want[MASK_CAUSAL]) fill(MASK_CAUSAL, [](int, int) { return true; });
     for (const LayerPlan & p : h.plan)
         if (p.indexer == INDEXER_QSA || p.indexer == INDEXER_KPOOL) qsa_r_ = p.compress; // one pool size a model
+    if (qsa_r_ > 0) { // the first positions of the pools this ubatch completes (their keys are cached then)
+        qsa_pos_.clear();
+        for (int b = n_past_ / qsa_r_; b < n_kv / qsa_r_; ++b) qsa_pos_.push_back(b * qsa_r_);
+    }
     const bool qsa = qsa_r_ > 0 && n_kv / qsa_r_ > h.indexer_top_k / qsa_r_; // some token sees more blocks than kept
     if (qsa) {
         const int n_blk = n_kv / qsa_r_;
-        qsa_pos_.resize(n_blk);
-        for (int b = 0; b < n_blk; ++b) qsa_pos_[b] = b * qsa_r_;
         qsa_tail_.assign((size_t) n_blk * T, -INFINITY);
         qsa_complete_.assign((size_t) n_blk * T, 0.f);
         for (int t = 0; t < T; ++t)

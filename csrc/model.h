@@ -1,5 +1,6 @@
 // The model: resident dense weights, KV cache, the expert cache, and the per-layer ggml graphs.
 #pragma once
+#include <functional>
 #include <future>
 #include <map>
 #include <memory>
@@ -214,6 +215,9 @@ struct Layer {
     // KPool (INDEXER_KPOOL): the DSA indexer's tensors plus the pooling gate [n_embd, d] and its per-slot bias (APE)
     // [d, r]; its key cache rows [2 d]: a position's normed key and gate logits
     ggml_tensor *idx_kpool_gate = nullptr, *idx_kpool_ape = nullptr;
+    // QSA and KPool: each complete pool's key [d, n_ctx / r] (F32), written by the ubatch that completes the pool
+    // (mixer_dsa.cpp pool_keys); rows past n_past_ / r are rewritten when their pools complete again
+    ggml_tensor * idx_pool_cache = nullptr;
 };
 
 struct ModelOptions {
@@ -526,7 +530,8 @@ class Model {
     // QSA (mixer_dsa.cpp): the indexer of layer il writes its raw keys; the block selection as an attention mask
     // [n_kv, T] (F16 with flash attention), or null while no token sees more complete blocks than it selects
     ggml_tensor * qsa_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * pos, int T);
-    ggml_tensor * qsa_pos_input(ggml_context * ctx, int n_blk); // [n_blk] I32: each block's first position
+    ggml_tensor * qsa_pos_input(ggml_context * ctx, int n); // [n] I32: the first position of each pool this ubatch
+                                                            // completes
     void qsa_inputs(ggml_context * ctx, int n_blk, int T, ggml_tensor ** tail, ggml_tensor ** complete);
     ggml_tensor * dsa_scores(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr,
                              ggml_tensor * pos, int T); // [n_kv, T] causal-masked, or null under the budget
@@ -536,6 +541,10 @@ class Model {
     // KPool (mixer_dsa.cpp): the pools' selection as an attention mask [n_kv, T], or null (dense)
     ggml_tensor * kpool_mask(ggml_context * ctx, ggml_cgraph * gf, int il, ggml_tensor * cur, ggml_tensor * qr, int T);
     ggml_tensor * top_blocks(ggml_context * ctx, ggml_tensor * s, int K, int n_blk, int T); // [K, T] of complete ones
+    // QSA / KPool: the keys of the complete pools [d, n_blk] from the pool-key cache, the ones this ubatch completes
+    // computed by key_of(raw rows [row, r, n] F32, n) -> [d, n] and cached first
+    ggml_tensor * pool_keys(ggml_context * ctx, ggml_cgraph * gf, int il, int T,
+                            const std::function<ggml_tensor *(ggml_tensor *, int)> & key_of);
     ggml_tensor * block_mask(ggml_context * ctx, ggml_tensor * topk, int64_t r, int n_kv, int T);
 
     // ---- FFN blocks (ffn_dense.cpp, ffn_moe.cpp)

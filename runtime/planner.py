@@ -128,6 +128,14 @@ def indexer_keys_per_token(hp: dict) -> int:
     return sum(per.get(x, 0) for x in hp.get("layer_indexer", [])) * hp.get("indexer_head_size", 0)
 
 
+def pool_key_bytes(hp: dict, n_ctx: int) -> int:
+    """QSA / KPool: each full indexer layer's cache of its complete pools' keys, indexer_head_size F32 values per pool
+    of r positions (csrc alloc_kv idx_pool_cache), part of the KV cache's bytes."""
+    d = hp.get("indexer_head_size", 0)
+    kinds = zip(hp.get("layer_indexer", []), hp.get("layer_compress", []))
+    return sum(4 * d * max(1, n_ctx // r) for x, r in kinds if x in (3, 4) and r > 0)
+
+
 def kv_bytes_per_token(hp: dict) -> int:
     """KV cache elements per token, summed over layers (per-layer kv heads and head sizes from the layer plan;
     MLA caches the compressed latent: kv_lora + rope for K, kv_lora for V)."""
@@ -265,7 +273,7 @@ def plan_memory(
     dense = sum(
         t[3] for n, t in tensors.items() if n not in expert_names and not _mtp_block(n, n_layer) and n != PLE_TABLE
     )
-    kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize)
+    kv = int(kv_bytes_per_token(hp) * n_ctx * kv_elsize) + pool_key_bytes(hp, n_ctx)
 
     head = max(hp.get("layer_head_k", [hp["n_embd_head_k"]]) + hp.get("layer_head_v", [hp["n_embd_head_v"]]))
 

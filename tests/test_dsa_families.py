@@ -131,8 +131,9 @@ def test_offloaded_at_the_minimum_budget_equals_resident(family):
 
 @pytest.mark.parametrize("family", DSA_FAMILIES)
 def test_indexer_key_cache_is_in_the_kv_cache_and_the_plan(family):
-    """The indexer's keys (key_length per position on each full indexer layer; KPool: the key and its gate logits)
-    are counted by the planner as the core allocates them: GLM's shared layers hold none."""
+    """The indexer's keys (key_length per position on each full indexer layer; KPool: the key and its gate logits,
+    and each complete pool's key, F32, once computed) are counted by the planner as the core allocates them: GLM's
+    shared layers hold none."""
     _, path = fixture_gguf(family)
     kv = _core.read_gguf(str(path))["kv"]
     arch = kv["general.architecture"]
@@ -150,7 +151,10 @@ def test_indexer_key_cache_is_in_the_kv_cache_and_the_plan(family):
     # per position: each MLA layer's latent K (kv_lora + rope) and V (kv_lora), + the indexer keys, f32
     latent = 2 * kv[f"{arch}.attention.kv_lora_rank"] + kv[f"{arch}.rope.dimension_count"]
     keys = sum(f and m for f, m in zip(full, mla)) * d
-    assert kv_bytes - kv256 == 256 * 4 * (sum(mla) * latent + keys)
+    pool = kv.get(f"{arch}.attention.indexer.kpool", 0)  # 256 more positions: 256 / pool more pool keys per layer
+    n_full = sum(f and m for f, m in zip(full, mla))
+    pool_keys = 4 * (256 // pool) * n_full * kv[f"{arch}.attention.indexer.key_length"] if pool else 0
+    assert kv_bytes - kv256 == 256 * 4 * (sum(mla) * latent + keys) + pool_keys
 
 
 def test_glm_index_share_reuses_the_previous_selection(tmp_path):
