@@ -69,6 +69,48 @@ def disk_bandwidth(path: str, nbytes: int = 1 << 30, block: int = 4 << 20) -> fl
         os.close(fd)
 
 
+def expert_read_rate(path: str, n: int = 256, seed: int = 0) -> float | None:
+    """Bytes/s of reads made the way the expert cache makes them on a miss: one expert's matrices (its rows of a
+    layer's ffn_{gate,up,down}_exps), one read each, one after another, O_DIRECT, a random expert of a random layer
+    each time. A file that stacks experts per matrix (GGUF) asks for 3 reads of one matrix's bytes per expert, far
+    from each other: on a disk whose speed depends on the request size this is not the sequential rate. None: no
+    stacked experts, or no O_DIRECT."""
+    import random
+
+    from gguf import GGUFReader
+
+    layers: dict[str, list[tuple[int, int]]] = {}  # layer -> [(offset, bytes per expert)] of its expert matrices
+    n_expert = 0
+    for t in GGUFReader(path).tensors:
+        if t.name.startswith("blk.") and t.name.endswith("_exps.weight") and len(t.shape) == 3:
+            n_expert = int(t.shape[-1])
+            layers.setdefault(t.name.split(".")[1], []).append((int(t.data_offset), int(t.n_bytes) // n_expert))
+    if not layers or not hasattr(os, "O_DIRECT"):
+        return None
+    page = 4096
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return None
+    biggest = max(b for mats in layers.values() for _, b in mats)
+    buf = mmap.mmap(-1, (biggest + 2 * page) // page * page)
+    rng, names, total = random.Random(seed), sorted(layers), 0
+    try:
+        t = time.perf_counter()
+        for _ in range(n):
+            e = rng.randrange(n_expert)
+            for off, b in layers[rng.choice(names)]:  # a stock 32-aligned file: the pages around the range
+                lo = (off + e * b) // page * page
+                size = (off + e * b + b - lo + page - 1) // page * page
+                total += os.preadv(fd, [memoryview(buf)[:size]], lo)
+        return total / (time.perf_counter() - t)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+        buf.close()
+
+
 def machine() -> str:
     cpu = "unknown CPU"
     try:
@@ -385,7 +427,7 @@ def main() -> None:
                 ids, forced = heldout_ids(path, a.learned_prompt, a.learned_gen)
                 tf.write_text(json.dumps(forced))
             pf.write_text(json.dumps(ids))
-            bw = {"mem": mem_bandwidth(), "disk": disk_bandwidth(path)}
+            bw = {"mem": mem_bandwidth(), "disk": disk_bandwidth(path), "expert": expert_read_rate(path)}
             label = "src/moelite/data/demo.gguf (embedded)" if name == "demo" else os.path.relpath(path, ROOT)
             entry = {
                 "path": label,
@@ -683,7 +725,13 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
         "does not prefetch). Simulated hit rates: the recorded routing of the same run (first "
         "moelite run of the scenario) replayed at the runtime's slot count (cache_policies.simulate: the "
         "runtime's policy, Belady's optimum, the SCH(16) oracle).",
-        f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s.",
+        f"Measured bandwidth: memory {bw['mem'] / 1e9:.1f} GB/s, disk {bw['disk'] / 1e9:.2f} GB/s sequential"
+        + (
+            f", {bw['expert'] / 1e9:.2f} GB/s read the way a cache miss reads (one expert's gate, up and down rows, "
+            "one O_DIRECT read each, random experts: `expert_read_rate`)."
+            if bw.get("expert")
+            else "."
+        ),
         "",
         "| scenario | engine | decode tok/s | % of resident | vs llama.cpp decode | prefill tok/s | TTFT s | peak RSS MiB "
         "| hit rate (before prefetch) | MB read/token | I/O stall % of decode | sim: policy / Belady / SCH | hit ÷ Belady "
@@ -761,7 +809,7 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
                 )
             if e == "moelite" and sc != "resident" and base.get("moelite"):
                 share = d["decode_tok_s"][0] / base["moelite"]
-                want = 0.7 if sc == "50" else 0.5
+                want = 0.8 if sc == "50" else 0.5  # issue 34 at 50 %; at 25 % issue 34 asks 90 % of the bound
                 checks.append(
                     f"{sc} % cap: decode {100 * share:.0f} % of resident (target >= {100 * want:.0f} %): "
                     f"{'met' if share >= want else 'missed'}"
@@ -804,16 +852,21 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
         sim = s.get("simulated")
         if sim and m["sizes"].get("expert_active"):  # what no exact policy can beat on this disk
             floor = (1 - sim["belady"]) * m["sizes"]["expert_active"]
-            t_io = floor / bw["disk"]
-            bound = 1 / max(step0, t_io)
-            checks.append(
-                f"{sc} % cap, the disk's bound: even Belady's optimum misses {100 * (1 - sim['belady']):.1f} % of "
-                f"the token's experts = {floor / 1e6:.2f} MB per token, {1e3 * t_io:.2f} ms at the measured "
-                f"{bw['disk'] / 1e9:.2f} GB/s; with every read hidden behind compute an exact decode could "
-                f"reach {bound:.0f} tok/s ({100 * bound * step0:.0f} % of resident), with none hidden "
-                f"{1 / (step0 + t_io):.0f} tok/s ({100 * step0 / (step0 + t_io):.0f} %)"
-            )
-    lines += ["", "Targets (issue 16) and where the time goes:", ""] + [f"- {c}" for c in checks]
+            rates = [("sequential", bw["disk"])] + ([("miss-pattern", bw["expert"])] if bw.get("expert") else [])
+            for kind, rate in rates:
+                t_io = floor / rate
+                bound = 1 / max(step0, t_io)
+                got = 1 / step
+                checks.append(
+                    f"{sc} % cap, the disk's bound ({kind} rate): even Belady's optimum misses "
+                    f"{100 * (1 - sim['belady']):.1f} % of the token's experts = {floor / 1e6:.2f} MB per token, "
+                    f"{1e3 * t_io:.2f} ms at {rate / 1e9:.2f} GB/s; with every read hidden behind compute an exact "
+                    f"decode could reach {bound:.0f} tok/s ({100 * bound * step0:.0f} % of resident), with none "
+                    f"hidden {1 / (step0 + t_io):.0f} tok/s ({100 * step0 / (step0 + t_io):.0f} %); measured "
+                    f"{got:.0f} = {100 * got / bound:.0f} % of the bound"
+                    + (f" (target at 25 %: >= 90 %): {'met' if got >= 0.9 * bound else 'missed'}" if sc == "25" else "")
+                )
+    lines += ["", "Targets (issues 16 and 34) and where the time goes:", ""] + [f"- {c}" for c in checks]
     if m.get("features"):
         lines += [
             "",

@@ -789,6 +789,19 @@ void ExpertCache::release(int il) {
     std::fill(layers_[il].begun.begin(), layers_[il].begun.end(), 0); // a step given up between the halves
 }
 
+void ExpertCache::unpin(int il, const int32_t * slots, int n) {
+    std::lock_guard<std::mutex> lock(mu_);
+    auto & S = slots_[layers_[il].pool];
+    std::vector<int> & pins = pinned_[il];
+    for (int i = 0; i < n; ++i) {
+        auto it = std::find(pins.begin(), pins.end(), slots[i]);
+        if (it == pins.end()) continue; // a repeated id: its slot was pinned once
+        S[*it].pins--;
+        pins.erase(it);
+    }
+    loaded_.notify_all(); // slots another thread's victim_for() may wait for
+}
+
 void ExpertCache::note_token_experts(int il, const int32_t * ids, int k) {
     CacheLayer & L = layers_[il];
     L.recent.emplace_back(ids, ids + k);

@@ -150,7 +150,11 @@ class ExpertCache {
     // there are no I/O threads or the distinct ids exceed the quota. The acquire() that follows, for the same ids,
     // waits for the rest and counts, pins and touches nothing twice.
     int begin_acquire(int il, const int32_t * ids, int n, int32_t * slots_out);
-    void release(int il);                                        // unpin everything acquire() pinned for this layer
+    void release(int il); // unpin everything acquire() pinned for this layer
+    // unpin the slots of one acquire() of layer il (slots[0..n) as it wrote them), leaving the layer's other pins
+    // and a begun acquire of other experts as they are (expert groups of a prompt ubatch, ffn_moe.cpp)
+    void unpin(int il, const int32_t * slots, int n);
+    bool async() const { return !io_threads_.empty(); }          // I/O threads read misses and prefetches
     void note_token_experts(int il, const int32_t * ids, int k); // consistency window update (one token)
     int distinct(const int32_t * ids, int n) const;
     int quota(int il) const { return layers_[il].quota; }

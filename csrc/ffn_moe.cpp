@@ -410,24 +410,40 @@ void Model::moe_layer(int il, int T, const std::vector<int32_t> & ids, const std
             seen[ids[i]] = 1;
             experts.push_back(ids[i]);
         }
-    auto run_groups = [&](ExpertCache & tier, const std::vector<int32_t> & list, bool cpu) {
+    // Groups of the distinct experts, each made resident, computed and unpinned in turn. With I/O threads (the
+    // arena of an offloaded CPU model, overlap_reads) a group is half the quota, so that the next group's misses are
+    // read (ahead of prefetches) while this one computes, and the experts already resident go first, so that the
+    // first group computes while the reads start: a prompt under a cap costs about max(reads, compute) per layer
+    // instead of their sum. Which group computes an expert changes no bit (expert_ffn).
+    auto run_groups = [&](ExpertCache & tier, std::vector<int32_t> list, bool cpu) {
         const int q = tier.quota(il);
-        std::vector<int32_t> gslots;
+        const bool pipe = !cpu && !tier2_ && opt_.overlap_reads && tier.async() && q >= 2;
+        const int g = pipe ? q / 2 : q;
+        if (pipe) std::stable_partition(list.begin(), list.end(), [&](int32_t e) { return tier.resident(il, e); });
+        std::vector<int32_t> gslots, next;
         std::vector<int> slot_of(hp_.n_expert, -1);
-        for (size_t g0 = 0; g0 < list.size(); g0 += q) {
-            const int gn = (int) std::min<size_t>(q, list.size() - g0);
-            gslots.resize(gn);
-            std::fill(slot_of.begin(), slot_of.end(), -1);
-            tier.acquire(il, &list[g0], gn, gslots.data());
-            for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
-            try {
+        try {
+            for (size_t g0 = 0; g0 < list.size(); g0 += g) {
+                const int gn = (int) std::min<size_t>(g, list.size() - g0);
+                gslots.resize(gn);
+                std::fill(slot_of.begin(), slot_of.end(), -1);
+                tier.acquire(il, &list[g0], gn, gslots.data()); // a begun acquire: waits for its reads
+                if (pipe && g0 + gn < list.size()) {            // the next group's reads start now
+                    next.resize(std::min<size_t>(g, list.size() - g0 - gn));
+                    tier.begin_acquire(il, &list[g0 + gn], (int) next.size(), next.data());
+                }
+                for (int i = 0; i < gn; ++i) slot_of[list[g0 + i]] = gslots[i];
                 run_expert_pairs(il, T, ExpertPairs(ids, w, K, slot_of), cpu);
-            } catch (...) {
-                tier.release(il);
-                throw;
+                if (pipe)
+                    tier.unpin(il, gslots.data(), gn);
+                else
+                    tier.release(il);
             }
+        } catch (...) {
             tier.release(il);
+            throw;
         }
+        tier.release(il);
     };
     run_groups(*cache_, experts, false);
     if (!on_cpu.empty()) {

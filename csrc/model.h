@@ -266,7 +266,9 @@ struct ModelOptions {
     // attention (one query head per tile). Off: ggml's op for those ubatches.
     bool prompt_attn = true;
     // Offloaded: a step whose experts are partly cached computes those while the I/O threads read the rest
-    // (ExpertCache::begin_acquire; expert-major, the same bits). Off: it waits for every read first.
+    // (ExpertCache::begin_acquire; expert-major, the same bits); a prompt ubatch routed to more experts than a
+    // layer's slots runs them in groups of half the slots, the next group read while one computes. Off: every
+    // group waits for its own reads first.
     bool overlap_reads = true;
     // Low-bit stand-ins (lossy, off when standin_path is empty; converters/standins.py writes the side file): in a
     // one-token step, a routed expert that is not in memory and whose weight is <= standin_threshold x the token's

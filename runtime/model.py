@@ -1020,7 +1020,8 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
     this fraction of it), repack (CPU: ggml's repacked weight layouts,
     default True), fused_graph (one ggml graph per step where every expert is resident, default True; bit-identical),
-    overlap_reads (offloaded: compute a step's cached experts while its misses are read, default True; bit-identical),
+    overlap_reads (offloaded: compute a step's cached experts while its misses are read, and a prompt's next group of
+    experts while one group computes, default True; bit-identical),
     expert_gemm (CPU prompt ubatches: each expert's tokens in one 2-D matmul, ggml's repacked GEMM, default True;
     which way runs depends on the ubatch size alone, so offloading still changes no bit), decode_attn (CPU decode
     steps with flash attention: one pass over the KV cache per KV head for all its query heads, in F32, default True;

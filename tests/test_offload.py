@@ -83,3 +83,29 @@ def test_unknown_policy():
     _, path = fixture_gguf("qwen3_moe")
     with pytest.raises(moelite.errors.UsageError, match="lfuda"):
         moelite.load(path, policy="fifo")
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3", "gpt_oss", "gemma4_text"])
+@pytest.mark.parametrize("n_ubatch", [7, 64])
+def test_prompt_expert_groups_read_ahead(family, n_ubatch):
+    """A prompt ubatch routed to more experts than a layer's slots runs them in groups; with I/O threads each group
+    is half the slots and the next group's misses are read while it computes (csrc/ffn_moe.cpp run_groups): the
+    same bits as resident and as groups that wait for their own reads (overlap_reads=False), at a few budgets."""
+    _, path = fixture_gguf(family)
+    ids = list(range(5, 37))
+    logits, greedy, _, _ = run(path, ids, n_ubatch=n_ubatch)
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=n_ubatch) as m:
+        minimum, per_slot = m.plan.minimum_budget, max(m.plan.expert_slot_bytes)
+        k, E = m.plan.n_expert_used, m.plan.n_expert
+        n_moe = sum(1 for b in m.plan.expert_slot_bytes if b)
+    quotas = sorted({q for q in (k + 1, 2 * k, E // 2) if k < q < E})  # slots per layer (groups of q / 2)
+    assert quotas
+    for q in quotas:
+        budget = minimum + (q - k) * per_slot * n_moe
+        for overlap in (True, False):
+            lo, gr, stats, info = run(
+                path, ids, memory_budget=budget, n_ubatch=n_ubatch, prefetch=False, overlap_reads=overlap
+            )
+            assert info["offloaded"] and stats["total"]["misses"] > 0
+            assert np.array_equal(lo, logits), (q, overlap)
+            assert gr == greedy
