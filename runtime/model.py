@@ -519,6 +519,10 @@ class Model:
             "n_expert": p.n_expert,
             "n_expert_used": p.n_expert_used,
             "n_ctx": self.n_ctx,
+            # prompt tokens per graph: 512, or under a memory budget halved while its scratch exceeds 10 % of the
+            # budget; a prompt's logits depend on it in the last bits (batch invariance: docs/ARCHITECTURE.md), so
+            # compare a capped and a resident run at the same n_ubatch
+            "n_ubatch": p.n_ubatch,
             "n_threads": self.n_threads,
             "policy": self.policy.name,
             "prefetch": self.prefetch,

@@ -109,3 +109,16 @@ def test_prompt_expert_groups_read_ahead(family, n_ubatch):
             assert info["offloaded"] and stats["total"]["misses"] > 0
             assert np.array_equal(lo, logits), (q, overlap)
             assert gr == greedy
+
+
+def test_info_names_the_ubatch():
+    """info() says how many prompt tokens a graph takes: under a budget the planner may choose fewer than the
+    resident default, and a prompt's last bits depend on it, so a capped run is compared with a resident one at the
+    same n_ubatch (the tests above pass it explicitly)."""
+    _, path = fixture_gguf("qwen3_moe")
+    with moelite.load(path) as m:
+        assert m.info()["n_ubatch"] == m.plan.n_ubatch == 512
+    with moelite.load(path, n_ubatch=64) as m:
+        minimum = m.plan.minimum_budget
+    with moelite.load(path, n_ubatch=64, memory_budget=minimum) as m:
+        assert m.info()["n_ubatch"] == 64 and m.info()["offloaded"]
