@@ -124,13 +124,17 @@ def check_config(path: Path, cfg: dict[str, Any], weight_map: dict[str, str]) ->
     """Types and ranges of the config.json values above (at the top level and in nested text_config-like
     objects); num_hidden_layers at most the layers the checkpoint's tensors hold."""
     for scope, values in [("", cfg), *((f"{k}.", v) for k, v in cfg.items() if isinstance(v, dict))]:
+        model_type = values.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise ConversionError(f"{path}: key '{scope}model_type' = {str(model_type)[:40]}: expected a string")
+        zero_ok = _ZERO_OK.get(model_type, ())
         for key, (lo, hi) in _CONFIG_INTS.items():
             v = values.get(key)
             # real checkpoints hold some of these per layer (Hunyuan's moe_intermediate_size): each item checked;
             # the model-wide sizes are scalars
             per_layer = key not in _CONFIG_SCALARS and isinstance(v, list) and 0 < len(v) <= 1 << 16
             items = v if per_layer else [v]
-            lo = 0 if key in _ZERO_OK.get(values.get("model_type"), ()) else lo
+            lo = 0 if key in zero_ok else lo
             if v is not None and any(not isinstance(x, int) or isinstance(x, bool) or not lo <= x <= hi for x in items):
                 raise ConversionError(
                     f"{path}: key '{scope}{key}' = {str(v)[:40]}: expected an integer in [{lo}, {hi}]"

@@ -99,6 +99,7 @@ def test_deeply_nested_header(hf, tmp_path):
         ("hidden_size", [64]),
         ("rms_norm_eps", -0.5),
         ("num_experts_per_tok", True),
+        ("model_type", ["qwen3_moe"]),  # fuzz: once reached a dict lookup unchecked (TypeError)
     ],
 )
 def test_bad_config_value(hf, tmp_path, key, value):

@@ -83,7 +83,7 @@ def test_moelite_runs_llama_cpp_converted_gguf(family, tmp_path):
     hf, _ = fixture_gguf(family)
     if family == "granitemoehybrid":
         # llama.cpp's converter knows only the real checkpoints' layer_types vocabulary (mamba / attention); on
-        # transformers 5's re-saved one (linear_attention / full_attention) it writes a broken file (FAMILIES_WAVE2)
+        # transformers 5's re-saved one (linear_attention / full_attention) it writes a broken file
         import json
 
         from hf_fixtures import edited_copy
