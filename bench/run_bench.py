@@ -77,37 +77,39 @@ def expert_read_rate(path: str, n: int = 256, seed: int = 0) -> float | None:
     stacked experts, or no O_DIRECT."""
     import random
 
-    from gguf import GGUFReader
+    from moelite.runtime.model import read_table
 
-    layers: dict[str, list[tuple[int, int]]] = {}  # layer -> [(offset, bytes per expert)] of its expert matrices
+    table = read_table(path)
+    layers: dict[str, list[tuple[str, int, int]]] = {}  # layer -> [(file, offset, bytes per expert)] of its matrices
     n_expert = 0
-    for t in GGUFReader(path).tensors:
-        if t.name.startswith("blk.") and t.name.endswith("_exps.weight") and len(t.shape) == 3:
-            n_expert = int(t.shape[-1])
-            layers.setdefault(t.name.split(".")[1], []).append((int(t.data_offset), int(t.n_bytes) // n_expert))
+    for name, (_, shape, off, nbytes) in table.tensors.items():
+        if name.startswith("blk.") and name.endswith("_exps.weight") and len(shape) == 3:
+            n_expert = int(shape[2])
+            file = table.files[table.tensor_file[name]][0]
+            layers.setdefault(name.split(".")[1], []).append((file, off, nbytes // n_expert))
     if not layers or not hasattr(os, "O_DIRECT"):
         return None
     page = 4096
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-    except OSError:
-        return None
-    biggest = max(b for mats in layers.values() for _, b in mats)
+    fds: dict[str, int] = {}
+    biggest = max(b for mats in layers.values() for _, _, b in mats)
     buf = mmap.mmap(-1, (biggest + 2 * page) // page * page)
     rng, names, total = random.Random(seed), sorted(layers), 0
     try:
+        for f in {f for mats in layers.values() for f, _, _ in mats}:
+            fds[f] = os.open(f, os.O_RDONLY | os.O_DIRECT)
         t = time.perf_counter()
         for _ in range(n):
             e = rng.randrange(n_expert)
-            for off, b in layers[rng.choice(names)]:  # a stock 32-aligned file: the pages around the range
+            for f, off, b in layers[rng.choice(names)]:  # a stock 32-aligned file: the pages around the range
                 lo = (off + e * b) // page * page
                 size = (off + e * b + b - lo + page - 1) // page * page
-                total += os.preadv(fd, [memoryview(buf)[:size]], lo)
+                total += os.preadv(fds[f], [memoryview(buf)[:size]], lo)
         return total / (time.perf_counter() - t)
     except OSError:
         return None
     finally:
-        os.close(fd)
+        for fd in fds.values():
+            os.close(fd)
         buf.close()
 
 

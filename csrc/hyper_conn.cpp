@@ -56,13 +56,13 @@ HcWeights Model::load_hc(const std::string & prefix, int n_coef) {
     return w;
 }
 
-// x [n_embd * hc, T] as ggml's hyper-connection ops take the streams: [n_embd, hc, T]
-static ggml_tensor * streams3(ggml_context * ctx, ggml_tensor * x, int64_t E, int64_t hc) {
-    return ggml_reshape_3d(ctx, ggml_is_contiguous(x) ? x : ggml_cont(ctx, x), E, hc, x->ne[1]);
-}
-
 static ggml_tensor * contiguous(ggml_context * ctx, ggml_tensor * t) {
     return ggml_is_contiguous(t) ? t : ggml_cont(ctx, t);
+}
+
+// x [n_embd * hc, T] as ggml's hyper-connection ops take the streams: [n_embd, hc, T]
+static ggml_tensor * streams3(ggml_context * ctx, ggml_tensor * x, int64_t E, int64_t hc) {
+    return ggml_reshape_3d(ctx, contiguous(ctx, x), E, hc, x->ne[1]);
 }
 
 // The hc streams of x [n_embd * hc, T] weighted by w [hc, T] and summed: [n_embd, T] (ggml_dsv4_hc_pre)
