@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BudgetError, UsageError
-from ..runtime.args import INT32_MAX, MAX_THREADS, cli_float, cli_int
+from ..runtime.args import INT32_MAX, MAX_LOOKAHEAD, MAX_THREADS, cli_float, cli_int
 from ..runtime.files import DEFAULT_CONVERT_TYPE, resolve_model
 
 # --- argparse value types: one clear message per bad value, the ranges of runtime/args.py (the API's checks) ------
@@ -88,6 +88,14 @@ def add_common(p: argparse.ArgumentParser, model: bool = True) -> None:
         type=policy_arg,
         default=None,
         help="expert cache policy: lru, lfu, lfuda, consistency (default: the calibrated one, else lfuda)",
+    )
+    g.add_argument(
+        "--prefetch-depth",
+        type=cli_int(1, MAX_LOOKAHEAD),
+        default=1,
+        metavar="N",
+        help=f"under a memory budget, read the experts the routers predict for the next N MoE layers ahead of need "
+        f"(1-{MAX_LOOKAHEAD}, default 1; `moelite analyze` reports how precise each distance is for the model)",
     )
     g.add_argument("--threads", "-t", type=cli_int(1, MAX_THREADS), help="compute threads (default: cores, at most 8)")
     g.add_argument(
@@ -304,6 +312,7 @@ def load_model(args: argparse.Namespace, **extra: Any):
             standin_threshold=getattr(args, "standin_threshold", 0.5),
             kv_type=getattr(args, "kv_type", "f16"),
             mlock=getattr(args, "mlock", False),
+            prefetch_depth=getattr(args, "prefetch_depth", 1),
             **speculative_kwargs(args),
             **extra,
         )

@@ -311,6 +311,20 @@ def simulated_decode_hits(trace_path: str, n_prompt: int, slots: int, policy: st
     return out
 
 
+def lookahead_by_distance(trace_path: str) -> list[float] | None:
+    """The gate lookahead's precision at each recorded distance over a recorded run (cache_policies.metrics
+    lookahead_precision, pooled over layers): how much of a layer's experts a prefetch d MoE layers ahead names."""
+    import numpy as np
+
+    from moelite.cache_policies import load_trace
+    from moelite.cache_policies.metrics import lookahead_precision
+
+    t = load_trace(trace_path)
+    if not t.lookahead_depth:
+        return None
+    return [float(np.nanmean(row)) for row in lookahead_precision(t) if np.isfinite(row).any()]
+
+
 def predicted_decode(path: str, budget: int | None, threads: int, n_ctx: int) -> dict:
     """What `moelite plan` predicts for this budget (runtime/speed.py predict_decode), for comparison with the runs."""
     from moelite.apps.plan import model_table
@@ -491,6 +505,7 @@ def main() -> None:
                     entry["scenarios"][sc]["simulated"] = simulated_decode_hits(
                         str(OUT / f"trace-{name}-{sc}.npz"), len(ids), sum(first["slots"]), first["policy"]
                     )
+                    entry["scenarios"][sc]["lookahead"] = lookahead_by_distance(str(OUT / f"trace-{name}-{sc}.npz"))
             if a.prompts and not teacher:
                 entry["prompts"] = prompt_lengths(name, path, a, engines)
             if a.long and not teacher:
@@ -640,6 +655,8 @@ FEATURES = [
     ("lfuda + prefetch", ["--policy", "lfuda", "--no-calibration"]),
     ("lfuda + prefetch, no read/compute overlap", ["--policy", "lfuda", "--no-calibration", "--no-overlap"]),
     ("consistency(m=16) + prefetch", ["--policy", "consistency", "--no-calibration"]),
+    ("lfuda + prefetch 2 MoE layers ahead", ["--policy", "lfuda", "--no-calibration", "--prefetch-depth", "2"]),
+    ("lfuda + prefetch 3 MoE layers ahead", ["--policy", "lfuda", "--no-calibration", "--prefetch-depth", "3"]),
     ("calibrated (moelite analyze) + prefetch", []),
 ]
 
@@ -829,6 +846,13 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
                         f"{sc} % cap: I/O stall {100 * d['stall_share'][0]:.0f} % of decode (target <= 20 %): "
                         f"{'met' if d['stall_share'][0] <= 0.2 else 'missed'}"
                     )
+    look = (m["scenarios"].get("resident") or {}).get("lookahead")
+    if look:  # routing does not depend on the cache: the resident run's trace
+        checks.append(
+            "gate lookahead precision on this text (the share of a layer's experts its router names from the hidden "
+            "state d MoE layers earlier; prefetch reads them d layers ahead, `prefetch_depth`): "
+            + ", ".join(f"d = {d}: {100 * v:.0f} %" for d, v in enumerate(look, 1))
+        )
     for sc, s in m["scenarios"].items():  # where the time goes, from the counters of the runs above
         ok = [r for r in s["runs"].get("moelite", []) if "error" not in r]
         if sc == "resident" or not ok or not base.get("moelite"):

@@ -49,6 +49,7 @@ def open_moelite(a, n_ctx: int, **extra):
         n_ctx=n_ctx,
         policy=a.policy,
         prefetch=not a.no_prefetch,
+        prefetch_depth=a.prefetch_depth,
         use_calibration=not a.no_calibration,
         repack=not a.no_repack,
         swap_threshold=a.swap,
@@ -153,6 +154,8 @@ def run_moelite_teacher(a, prompt: list[int], forced: list[int]) -> dict:
         "per_token": m.stats()["per_token"],  # ms per decode step: I/O wait, cache bookkeeping, compute
         "prefetch_issued": s["prefetch_issued"],
         "prefetch_hits": s["prefetch_hits"],
+        "prefetch_far_issued": s["prefetch_far_issued"],
+        "prefetch_far_hits": s["prefetch_far_hits"],
         "substitutions": s["substitutions"],
         "overlapped": s["overlapped"],
         "swap_threshold": a.swap,
@@ -251,6 +254,7 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=None)
     ap.add_argument("--policy", default=None)
     ap.add_argument("--no-prefetch", action="store_true")
+    ap.add_argument("--prefetch-depth", type=int, default=1, help="prefetch this many MoE layers ahead (1-3)")
     ap.add_argument("--no-calibration", action="store_true", help="ignore MODEL.gguf.calibration.json")
     ap.add_argument(
         "--no-repack",

@@ -326,3 +326,21 @@ def static_sch(trace: Trace, m: int, rho: float = 2.0, level: str = "model") -> 
         return float("nan") if pooled else np.full(n_layers, np.nan)
     rate = kept / (n_win * m * width)
     return float(rate[0]) if pooled else rate
+
+
+# gate lookahead ----------------------------------------------------------------------------------------
+def lookahead_precision(trace: Trace) -> np.ndarray:
+    """float [D, L]: [d - 1, l] = the share of layer l + d's top-k that the prediction made at layer l names
+    (|predicted & actual| / k over the trace's tokens), d = 1 .. trace.lookahead_depth; nan where l + d is past
+    the last layer. It is the precision of a prefetch d layers ahead that reads all k predicted experts."""
+    trace = as_trace(trace)
+    depth, n_layers = trace.lookahead_depth, trace.n_layers
+    if depth == 0:
+        raise UsageError("the trace holds no lookahead predictions (record it with moelite analyze or record_trace)")
+    out = np.full((depth, n_layers), np.nan)
+    for d in range(1, depth + 1):
+        pred = trace.lookahead(d)
+        for layer in range(n_layers - d):
+            named = (pred[:, layer, :, None] == trace.ids[:, layer + d, None, :]).any(axis=-1)  # [N, k]
+            out[d - 1, layer] = named.mean()
+    return out

@@ -8,7 +8,8 @@ Report keys: model, n_tokens, n_sequences, n_layers, n_expert, k, layers;
 srp: [{m, value, alpha, rho_hat}] (model level); srp_layer: {m, value[L], alpha[L], rho_hat[L]};
 sch: [{m, rho, value}] (model level; every m at rho = 2, every rho at m = sch_rho_m = min(16, longest
 sequence)); sch_static: the same pairs;
-hit_rate: [SimResult.to_dict()] over policies x sizes (x prefetch off/on); expert_freq: [L][E].
+hit_rate: [SimResult.to_dict()] over policies x sizes (x prefetch off/on); expert_freq: [L][E];
+lookahead_precision: {distance: [1..D], by_distance: [D], layer: [D][L]} (metrics.lookahead_precision) or None.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import numpy as np
 from moelite.fileio import atomic_open
 
 from .calibration import expert_frequency
-from .metrics import sch, srp, static_sch
+from .metrics import lookahead_precision, sch, srp, static_sch
 from .simulator import SIM_POLICIES, sweep
 from .trace import Trace
 
@@ -82,6 +83,21 @@ def build_report(
         "sch_static": [{"m": m, "rho": r, "value": float(static_sch(trace, m, r))} for m, r in pairs],
         "hit_rate": [s.to_dict() for s in sims],
         "expert_freq": expert_frequency(trace).tolist(),
+        "lookahead_precision": _lookahead_report(trace),
+    }
+
+
+def _lookahead_report(trace: Trace) -> dict | None:
+    """Gate-lookahead precision per distance d (the share of layer l + d's experts the router of l + d names from
+    layer l's hidden state): pooled over layers ("by_distance") and per layer ("layer", nan past the last layer).
+    None when the trace holds no predictions."""
+    if not trace.lookahead_depth:
+        return None
+    p = lookahead_precision(trace)
+    return {
+        "distance": list(range(1, trace.lookahead_depth + 1)),
+        "by_distance": [float(np.nanmean(row)) if np.isfinite(row).any() else None for row in p],
+        "layer": [[None if np.isnan(v) else float(v) for v in row] for row in p],
     }
 
 
@@ -255,6 +271,12 @@ def print_summary(rep: dict, console=None) -> None:
         by_size = {r["total_slots"]: r["hit_rate"] for r in rows}
         sims.add_row(label, *(_pct(by_size.get(n)) for n in sizes))
     console.print(sims)
+    look = rep.get("lookahead_precision")
+    if look:
+        pairs = ", ".join(
+            f"{d} layer{'s' if d > 1 else ''} ahead {_pct(v)} %" for d, v in zip(look["distance"], look["by_distance"])
+        )
+        console.print(f"gate lookahead precision (share of a layer's experts predicted from an earlier layer): {pairs}")
 
 
 SRP_LINE = (

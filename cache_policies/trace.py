@@ -8,6 +8,9 @@ along the token axis and cut by `offsets`:
     lookahead_ids  int32   [n_tokens_total, n_layers, k]  optional: row [t, l] = top-k of router l+1
                            applied to the hidden state leaving layer l (a prediction of ids[t, l+1]);
                            the last layer's row predicts nothing and is ignored (write -1 there)
+    lookahead_far  int32   [n_tokens_total, n_layers, D, k]  optional: the same from further ahead: row
+                           [t, l, j] = top-k of router l+2+j applied to the hidden state leaving layer l
+                           (a prediction of ids[t, l+2+j]); -1 where l+2+j is past the last layer
     offsets        int64   [n_sequences + 1]  sequence s = tokens offsets[s] .. offsets[s+1]-1
     layers         int32   [n_layers]  block index of each routed layer (dense layers are absent)
     n_expert       int64   scalar      routed experts per layer
@@ -22,7 +25,8 @@ Validation (`Trace.__post_init__`, so every construction path) raises moelite.er
 integer ids of a non-integer dtype, ids outside [0, n_expert), a repeated id within one row, ragged or
 non-3-D rows, an empty trace (no sequence, a sequence of 0 tokens, 0 layers or k = 0), k > n_expert,
 scores or lookahead_ids whose shape differs from ids, non-float scores, scores not descending along k,
-bad offsets or layers, a repeated id in a lookahead row (last layer excepted).
+bad offsets or layers, a repeated id in a lookahead row (rows that predict past the last layer excepted), a
+lookahead_far that is not [N, L, D, k] or that comes without lookahead_ids.
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ class Trace:
     """A routing trace of one or more sequences, concatenated along the token axis.
 
     ids: int32 [N, L, k]; scores: float32 [N, L, k] or None; lookahead_ids: int32 [N, L, k] or None;
+    lookahead_far: int32 [N, L, D, k] or None (distances 2 .. D + 1; `lookahead(d)` gives any distance);
     offsets: int64 [S + 1] with offsets[0] = 0, offsets[-1] = N, strictly increasing;
     layers: int32 [L] block indices; n_expert: E; model: name.
     """
@@ -62,6 +67,7 @@ class Trace:
     offsets: np.ndarray | None = None
     scores: np.ndarray | None = None
     lookahead_ids: np.ndarray | None = None
+    lookahead_far: np.ndarray | None = None
     layers: np.ndarray | None = None
     model: str = ""
     source: str = field(default="<memory>", compare=False)
@@ -80,6 +86,15 @@ class Trace:
             if n_layers > 1:  # the last layer's row is ignored
                 _check_range(self.lookahead_ids[:, :-1], self.n_expert, "lookahead_ids", self.source)
                 _check_distinct(self.lookahead_ids[:, :-1], "lookahead_ids", self.source)
+        if self.lookahead_far is not None:
+            self.lookahead_far = _as_lookahead_far(self.lookahead_far, self.ids.shape, self.source)
+            if self.lookahead_ids is None:
+                raise TraceError(f"{self.source}: lookahead_far without lookahead_ids")
+            for j in range(self.lookahead_far.shape[2]):
+                rows = self.lookahead_far[:, : max(n_layers - 2 - j, 0), j]  # rows whose target layer exists
+                if rows.size:
+                    _check_range(rows, self.n_expert, f"lookahead_far[:, :, {j}]", self.source)
+                    _check_distinct(rows, f"lookahead_far[:, :, {j}]", self.source)
         self.layers = _as_layers(self.layers, n_layers, self.source)
         self.model = _as_model(self.model, self.source)
 
@@ -95,6 +110,20 @@ class Trace:
     @property
     def k(self) -> int:
         return int(self.ids.shape[2])
+
+    @property
+    def lookahead_depth(self) -> int:
+        """The furthest lookahead distance recorded (0: none)."""
+        if self.lookahead_ids is None:
+            return 0
+        return 1 + (0 if self.lookahead_far is None else int(self.lookahead_far.shape[2]))
+
+    def lookahead(self, d: int) -> np.ndarray:
+        """int32 [N, L, k]: row [t, l] = the prediction of ids[t, l + d] made at layer l (d in 1..lookahead_depth;
+        rows with l + d past the last layer are meaningless)."""
+        if not 1 <= d <= self.lookahead_depth:
+            raise UsageError(f"lookahead distance {d} not recorded (the trace has 1..{self.lookahead_depth})")
+        return self.lookahead_ids if d == 1 else self.lookahead_far[:, :, d - 2]
 
     @property
     def n_sequences(self) -> int:
@@ -116,6 +145,7 @@ class Trace:
         *,
         scores: Sequence | None = None,
         lookahead_ids: Sequence | None = None,
+        lookahead_far: Sequence | None = None,
         layers=None,
         model: str = "",
         source: str = "<memory>",
@@ -137,6 +167,7 @@ class Trace:
             offsets=offsets,
             scores=_concat_optional(scores, "scores", len(seqs), source),
             lookahead_ids=_concat_optional(lookahead_ids, "lookahead_ids", len(seqs), source),
+            lookahead_far=_concat_optional(lookahead_far, "lookahead_far", len(seqs), source, ndim=4),
             layers=layers,
             model=model,
             source=source,
@@ -173,6 +204,17 @@ def _as_int32(arr: np.ndarray, name: str, source: str) -> np.ndarray:
         bad = int(arr.max()) if int(arr.max()) >= 2**31 else int(arr.min())
         raise TraceError(f"{source}: {name} holds {bad}, outside the int32 range [-2^31, 2^31)")
     return arr.astype(np.int32)
+
+
+def _as_lookahead_far(a, shape: tuple, source: str) -> np.ndarray:
+    """lookahead_far: an integer [N, L, D, k] array (D >= 1) matching ids' [N, L, k], as int32."""
+    arr = _as_array(a, "lookahead_far", source)
+    if arr.dtype == object or arr.ndim != 4 or arr.shape[2] < 1 or (arr.shape[:2] + arr.shape[3:]) != shape:
+        raise TraceError(
+            f"{source}: lookahead_far must be [n_tokens, n_layers, D >= 1, k] = [{shape[0]}, {shape[1]}, D, {shape[2]}], "
+            f"got shape {list(arr.shape)}"
+        )
+    return _as_int32(arr, "lookahead_far", source)
 
 
 def as_trace(trace: object, name: str = "trace") -> Trace:
@@ -288,13 +330,13 @@ def _brief(v) -> str:
     return s if len(s) <= 80 else s[:77] + "..."
 
 
-def _concat_optional(parts, name: str, n_seq: int, source: str) -> np.ndarray | None:
+def _concat_optional(parts, name: str, n_seq: int, source: str, ndim: int = 3) -> np.ndarray | None:
     if parts is None:
         return None
     if len(parts) != n_seq:
         raise TraceError(f"{source}: {len(parts)} {name} arrays for {n_seq} sequences")
     arrs = [_as_array(a, f"{name}[{s}]", source) for s, a in enumerate(parts)]
-    if any(a.dtype == object or a.ndim != 3 for a in arrs) or len({a.shape[1:] for a in arrs}) != 1:
+    if any(a.dtype == object or a.ndim != ndim for a in arrs) or len({a.shape[1:] for a in arrs}) != 1:
         raise TraceError(f"{source}: {name} has ragged rows")
     return np.concatenate(arrs)
 
@@ -314,6 +356,8 @@ def save_trace(trace: Trace, path: str | os.PathLike) -> None:
         arrays["scores"] = trace.scores
     if trace.lookahead_ids is not None:
         arrays["lookahead_ids"] = trace.lookahead_ids
+    if trace.lookahead_far is not None:
+        arrays["lookahead_far"] = trace.lookahead_far
     with atomic_open(path, "wb") as f:
         np.savez(f, **arrays)
 
@@ -339,6 +383,7 @@ def load_trace(path: str | os.PathLike) -> Trace:
         offsets=data.get("offsets"),
         scores=data.get("scores"),
         lookahead_ids=data.get("lookahead_ids"),
+        lookahead_far=data.get("lookahead_far"),
         **common,
     )
 
@@ -398,4 +443,10 @@ def _load_per_sequence(data: dict, common: dict) -> Trace:
             return [data[f"{name}_{s}"] for s in range(n_seq)]
         return [_as_int32(np.asarray(data[f"{name}_{s}"]), f"{name}_{s}", common["source"]) for s in range(n_seq)]
 
-    return Trace.from_sequences(part("ids"), scores=part("scores"), lookahead_ids=part("lookahead_ids"), **common)
+    return Trace.from_sequences(
+        part("ids"),
+        scores=part("scores"),
+        lookahead_ids=part("lookahead_ids"),
+        lookahead_far=part("lookahead_far"),
+        **common,
+    )

@@ -267,6 +267,7 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "policy", o.policy);
     get(d, "window_m", o.window_m);
     get(d, "prefetch", o.prefetch);
+    get(d, "prefetch_depth", o.prefetch_depth);
     get(d, "n_io_threads", o.n_io_threads);
     get(d, "device", o.device);
     get(d, "gpu", o.gpu);
@@ -286,6 +287,8 @@ static ModelOptions options_from(const py::dict & d) {
     get(d, "swap_threshold", o.swap_threshold);
     get(d, "mlock", o.mlock);
     get(d, "ple_cache_bytes", o.ple_cache_bytes);
+    if (o.prefetch_depth < 1 || o.prefetch_depth > kMaxLookahead)
+        throw BudgetError("prefetch_depth must be in [1, " + std::to_string(kMaxLookahead) + "]");
     if (o.cpu_compute < 0 || o.cpu_compute > 2)
         throw BudgetError("cpu_compute must be 0 (never), 1 (auto) or 2 (always)");
     return o;
@@ -298,6 +301,8 @@ static py::dict layer_stats(const LayerStats & s) {
     d["prefetch_issued"] = s.prefetch_issued;
     d["prefetch_hits"] = s.prefetch_hits;
     d["prefetch_wasted"] = s.prefetch_wasted;
+    d["prefetch_far_issued"] = s.prefetch_far_issued;
+    d["prefetch_far_hits"] = s.prefetch_far_hits;
     d["bytes_read"] = s.bytes_read;
     d["overlapped"] = s.overlapped;
     d["loads"] = s.loads;
@@ -386,18 +391,21 @@ void bind_model(py::module_ & m) {
                             ids.mutable_at(t, li, j) = m.route_ids[layers[li]][t * K + j];
                             w.mutable_at(t, li, j) = m.route_w[layers[li]][t * K + j];
                         }
-                // lookahead predictions (-1 where none: the first MoE layer has no previous layer)
-                py::array_t<int32_t> la({(py::ssize_t) n_tok, (py::ssize_t) layers.size(), (py::ssize_t) K});
-                for (size_t li = 0; li < layers.size(); ++li) {
-                    const bool have =
-                        (size_t) layers[li] < m.route_la.size() && m.route_la[layers[li]].size() == n_tok * K;
-                    for (size_t t = 0; t < n_tok; ++t)
-                        for (int j = 0; j < K; ++j)
-                            la.mutable_at(t, li, j) = have ? m.route_la[layers[li]][t * K + j] : -1;
-                }
+                // lookahead predictions [n_tokens, n_moe_layers, kMaxLookahead, k]: [t, l, d] = layer l's experts as
+                // predicted d + 1 MoE layers before it (-1 where none: no MoE layer that far before)
+                const py::ssize_t D = kMaxLookahead;
+                py::array_t<int32_t> la({(py::ssize_t) n_tok, (py::ssize_t) layers.size(), D, (py::ssize_t) K});
+                for (size_t li = 0; li < layers.size(); ++li)
+                    for (int d = 0; d < D; ++d) {
+                        const auto & src = m.route_la[d];
+                        const bool have = (size_t) layers[li] < src.size() && src[layers[li]].size() == n_tok * K;
+                        for (size_t t = 0; t < n_tok; ++t)
+                            for (int j = 0; j < K; ++j)
+                                la.mutable_at(t, li, d, j) = have ? src[layers[li]][t * K + j] : -1;
+                    }
                 m.route_ids.clear();
                 m.route_w.clear();
-                m.route_la.clear();
+                for (auto & v : m.route_la) v.clear();
                 return py::make_tuple(ids, w, layers, la);
             },
             "routing recorded since the last call")

@@ -159,7 +159,7 @@ void ExpertCache::reopen() {
             Slot & sl = slots_[L.pool][t.slot];
             sl.state = SLOT_EMPTY;
             sl.expert = -1;
-            sl.prefetched = false;
+            sl.prefetched = 0;
             L.slot_of[t.expert] = -1;
         }
         q->clear();
@@ -318,9 +318,11 @@ void ExpertCache::touch(Slot & s, CacheLayer & L) {
     s.count += 1;
     s.prio = (double) s.count + L.lfuda_age;
     if (s.prefetched) {
-        s.prefetched = false;
+        double & ema = L.prefetch_ema[s.prefetched - 1];
+        ema = 0.9 * ema + 0.1;
         L.stats.prefetch_hits++;
-        L.prefetch_ema = 0.9 * L.prefetch_ema + 0.1;
+        if (s.prefetched > 1) L.stats.prefetch_far_hits++;
+        s.prefetched = 0;
     }
 }
 
@@ -403,14 +405,14 @@ void ExpertCache::read_range(int file, void * dst, uint64_t off, uint64_t n, uin
     }
 }
 
-void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetched) {
+void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, int prefetched) {
     Slot & S = slots_[L.pool][slot];
     if (S.expert >= 0) {
         L.slot_of[S.expert] = -1;
         L.stats.evictions++;
         if (S.prefetched) {
             L.stats.prefetch_wasted++;
-            L.prefetch_ema *= 0.9;
+            L.prefetch_ema[S.prefetched - 1] *= 0.9;
         }
         if (policy_ == Policy::LFUDA) L.lfuda_age = S.prio;
     }
@@ -419,7 +421,7 @@ void ExpertCache::begin_load(CacheLayer & L, int slot, int expert, bool prefetch
     S.count = 0;
     S.last = ++tick_;     // a fresh entry is the most recent (a prefetch too: not the next victim)
     S.prio = L.lfuda_age; // LFUDA: count 0 + age until its first use
-    S.prefetched = prefetched;
+    S.prefetched = (uint8_t) prefetched;
     L.slot_of[expert] = slot;
 }
 
@@ -451,7 +453,7 @@ void ExpertCache::read_expert(const CacheLayer & L, const Pool & P, int slot, in
 }
 
 void ExpertCache::load(CacheLayer & L, Pool & P, int slot, int expert) {
-    begin_load(L, slot, expert, false);
+    begin_load(L, slot, expert, 0);
     Slot & S = slots_[L.pool][slot];
     try {
         read_expert(L, P, slot, expert);
@@ -506,7 +508,7 @@ void ExpertCache::io_loop() {
         } else { // the next acquire reads it synchronously and reports
             S.state = SLOT_EMPTY;
             S.expert = -1;
-            S.prefetched = false;
+            S.prefetched = 0;
             L.slot_of[t.expert] = -1;
         }
         loaded_.notify_all();
@@ -525,8 +527,8 @@ struct Booked { // a call's time since `call` added to `book_s` however it retur
 };
 } // namespace
 
-void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
-    if (io_threads_.empty() || !prefetch_) return;
+void ExpertCache::prefetch(int il, const int32_t * ids, int n, int distance) {
+    if (io_threads_.empty() || !prefetch_ || distance < 1 || distance > kMaxLookahead) return;
     const Stopwatch call;
     std::lock_guard<std::mutex> lock(mu_);
     CacheLayer & L = layers_[il];
@@ -534,7 +536,8 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
     const Booked book{L.stats.book_s, call};
     // adaptive: a layer whose predictions are mostly wasted stops prefetching (it would evict useful
     // experts and double the disk traffic), but probes every 16th step to notice when they improve
-    if (L.prefetch_ema < kMinPrefetchPrecision && (L.prefetch_calls++ % 16) != 0) return;
+    const int d = distance - 1;
+    if (L.prefetch_ema[d] < kMinPrefetchPrecision && (L.prefetch_calls[d]++ % 16) != 0) return;
     Pool & P = pools_[L.pool];
     std::vector<char> wanted(n_expert_, 0);
     for (int i = 0; i < n; ++i) wanted[ids[i]] = 1;
@@ -547,9 +550,10 @@ void ExpertCache::prefetch(int il, const int32_t * ids, int n) {
         } catch (const IOError &) { continue; }    // acquire() will report it
         const int s = choose_victim(L, P, wanted); // never a pinned, loading or wanted slot
         if (s < 0) break;
-        begin_load(L, s, e, true);
+        begin_load(L, s, e, distance);
         io_queue_.push_back({il, s, e});
         L.stats.prefetch_issued++;
+        if (distance > 1) L.stats.prefetch_far_issued++;
         ++issued;
     }
     if (issued) io_cv_.notify_all();
@@ -581,7 +585,7 @@ int ExpertCache::start_misses(std::unique_lock<std::mutex> & lock, int il, const
         L.stats.misses++;
         ++n_missed;
         if (mark) L.begun[e] = BEGUN_READ;
-        begin_load(L, v, e, false);
+        begin_load(L, v, e, 0);
         if (io_threads_.empty()) {
             const Stopwatch read;
             try {
@@ -724,7 +728,7 @@ void ExpertCache::with_expert(int il, int e, const std::function<void(const void
         const int v = victim_for(lock, L, P, needed, e);
         if (v < 0) continue; // another thread brought it meanwhile
         L.stats.misses++;
-        begin_load(L, v, e, false);
+        begin_load(L, v, e, 0);
         lock.unlock();
         std::exception_ptr err;
         try {

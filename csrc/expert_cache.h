@@ -34,6 +34,10 @@ namespace moelite {
 
 enum class Policy : int { LRU = 0, LFU = 1, LFUDA = 2, CONSISTENCY = 3 };
 
+// Gate lookahead distances: at MoE layer l the routers of the next d = 1..kMaxLookahead MoE layers are applied to
+// l's hidden state, predicting their experts d layers ahead (prefetch, traces).
+constexpr int kMaxLookahead = 3;
+
 struct ExpertSource { // where one expert matrix of one layer lives in the file (set)
     int file;         // which file of the model's set (a split set's shard; 0 for one file)
     uint64_t offset;  // absolute offset of expert 0 in that file
@@ -58,10 +62,11 @@ struct Pool {
 
 struct LayerStats {
     uint64_t hits = 0, misses = 0, prefetch_issued = 0, prefetch_hits = 0, prefetch_wasted = 0, bytes_read = 0,
-             loads = 0, evictions = 0,
-             overlapped = 0, // steps that computed their ready experts while their misses were read
-        promoted = 0;        // queued prefetches a step came to need, moved ahead as demand reads
-    double stall_s = 0.0;    // seconds of acquire() calls that read or waited for a read (bookkeeping included)
+             loads = 0, evictions = 0, prefetch_far_issued = 0,
+             prefetch_far_hits = 0, // of the prefetches, those from distances >= 2
+        overlapped = 0,             // steps that computed their ready experts while their misses were read
+        promoted = 0;               // queued prefetches a step came to need, moved ahead as demand reads
+    double stall_s = 0.0;           // seconds of acquire() calls that read or waited for a read (bookkeeping included)
     // the compute thread's seconds in the cache's calls, split: waiting for reads (the condition variable, reads
     // done in the calling thread) and the rest (slot table, victims, queueing, pins: bookkeeping)
     double wait_s = 0.0, book_s = 0.0;
@@ -72,11 +77,11 @@ enum SlotState : uint8_t { SLOT_EMPTY = 0, SLOT_LOADING = 1, SLOT_READY = 2 };
 struct Slot {
     int expert = -1; // expert id held (-1: empty)
     uint8_t state = SLOT_EMPTY;
-    int pins = 0;            // > 0 while a graph may read it or a read is in flight
-    uint64_t last = 0;       // tick of last access (LRU)
-    uint64_t count = 0;      // accesses since insert (LFU)
-    double prio = 0.0;       // LFUDA priority
-    bool prefetched = false; // loaded by prefetch and not yet used
+    int pins = 0;           // > 0 while a graph may read it or a read is in flight
+    uint64_t last = 0;      // tick of last access (LRU)
+    uint64_t count = 0;     // accesses since insert (LFU)
+    double prio = 0.0;      // LFUDA priority
+    uint8_t prefetched = 0; // loaded by a prefetch of this lookahead distance (1..) and not yet used; 0: not
 };
 
 struct CacheLayer {
@@ -85,8 +90,9 @@ struct CacheLayer {
     ExpertSource src[3];
     std::vector<int> slot_of; // [n_expert] -> slot index in pool, or -1
     double lfuda_age = 0.0;
-    double prefetch_ema = 0.5; // running precision of this layer's prefetches (1 = used, 0 = evicted unused)
-    uint64_t prefetch_calls = 0;
+    // running precision of this layer's prefetches per lookahead distance (1 = used, 0 = evicted unused)
+    double prefetch_ema[kMaxLookahead] = {0.5, 0.5, 0.5};
+    uint64_t prefetch_calls[kMaxLookahead] = {};
     std::deque<std::vector<int>> recent; // consistency policy: experts of the last m tokens
     std::vector<uint8_t> begun;          // [n_expert] begin_acquire() of this step: BEGUN_READ / BEGUN_PINNED
     int transient = 0;                   // slots pinned by with_expert() copies in flight (another thread's)
@@ -138,8 +144,9 @@ class ExpertCache {
 
     // Asynchronous: start reading ids[0..n) of layer il into free or evictable slots of that layer.
     // Never evicts a pinned or loading slot; returns at once. A failed read leaves the slot empty and
-    // the next acquire() of that expert reads it synchronously (raising the error there).
-    void prefetch(int il, const int32_t * ids, int n);
+    // the next acquire() of that expert reads it synchronously (raising the error there). distance: how many MoE
+    // layers ahead the prediction was made (1..kMaxLookahead); each distance keeps its own running precision.
+    void prefetch(int il, const int32_t * ids, int n, int distance = 1);
 
     // Make ids[0..n) (expert ids of one layer, possibly repeated) resident and pinned; write slot ids.
     // Returns false (pinning nothing) if the distinct ids exceed the layer's quota: the caller splits.
@@ -189,7 +196,7 @@ class ExpertCache {
                      const std::vector<char> & needed, bool mark); // acquire's step 1; mu_ held
     void pin(int il, int slot);                                    // mu_ held
     std::vector<int> distinct_of(const int32_t * ids, int n, std::vector<char> & needed) const;
-    void begin_load(CacheLayer & L, int slot, int expert, bool prefetched);       // mark; mu_ held
+    void begin_load(CacheLayer & L, int slot, int expert, int prefetched);        // mark; mu_ held
     void read_expert(const CacheLayer & L, const Pool & P, int slot, int expert); // no lock: slot is LOADING
     void io_loop();
     void check_on_disk(const CacheLayer & L, int expert); // IOError if the file no longer holds it

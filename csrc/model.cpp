@@ -748,7 +748,7 @@ void Model::alloc_kv() {
     ffn_in_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd, U);
     ffn_xe_ = h.moe_latent > 0 ? ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.moe_latent, U) : ffn_in_;
     router_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
-    lookahead_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
+    for (auto *& la : lookahead_) la = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, std::max(h.n_expert, 1), U);
     ebuf_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_F32, h.n_embd_exp(), (int64_t) std::max(h.n_expert_used, 1) * U);
     if (shared_indexer) dsa_topk_ = ggml_new_tensor_2d(ctx_kv_, GGML_TYPE_I32, h.indexer_top_k, U);
     buf_kv_ = ggml_backend_alloc_ctx_tensors(ctx_kv_, backend_);
@@ -1051,12 +1051,12 @@ void Model::run_layer_front(int il, int T) {
         if (ffn_xe_ != ffn_in_) ggml_build_forward_expand(gf, ggml_cpy(ctx, f.xe, rows_of(ctx, ffn_xe_, 0, T)));
         if (f.post) ggml_build_forward_expand(gf, ggml_cpy(ctx, f.post, rows_of(ctx, hc_post_, 0, T)));
         ggml_build_forward_expand(gf, ggml_cpy(ctx, f.logits, rows_of(ctx, router_, 0, T)));
-        const int nl = next_moe(il);
-        if (nl >= 0 && (opt_.prefetch || record_routes)) {
-            // gate lookahead: layer nl's router applied to this layer's h (as if the layer between were skipped;
-            // with hyper-connections, to the mixture this layer's FFN reads)
+        // gate lookahead: the next MoE layers' routers applied to this layer's h (as if the layers between were
+        // skipped; with hyper-connections, to the mixture this layer's FFN reads), d = 1 .. lookahead_depth()
+        int nl = il;
+        for (int d = 0; d < lookahead_depth() && (nl = next_moe(nl)) >= 0; ++d) {
             ggml_tensor * la = router_logits(ctx, nl, f.in, nullptr);
-            ggml_build_forward_expand(gf, ggml_cpy(ctx, la, rows_of(ctx, lookahead_, 0, T)));
+            ggml_build_forward_expand(gf, ggml_cpy(ctx, la, rows_of(ctx, lookahead_[d], 0, T)));
         }
     }
     compute(ctx, gf, galloc_);
@@ -1073,6 +1073,10 @@ int Model::next_moe(int il) const {
     for (int j = il + 1; j < hp_.n_layer; ++j)
         if (layers_[j].moe) return j;
     return -1;
+}
+
+int Model::lookahead_depth() const {
+    return record_routes ? kMaxLookahead : opt_.prefetch && cache_->async() ? opt_.prefetch_depth : 0;
 }
 
 // Weights (or inputs) holding NaN/Inf must not pass silently: the residual stream's last row after the embedding
@@ -1245,13 +1249,14 @@ void Model::eval_tokens(const int32_t * tokens, int n_tokens, int n_out, float *
             }
             route(il, router_, T, ids, w, record_routes ? &sc : nullptr, true);
             step_ids[il] = ids;
-            const int nl = next_moe(il);
-            if (nl >= 0 && (opt_.prefetch || record_routes)) {
-                route(nl, lookahead_, T, la_ids, la_w);
-                if (opt_.prefetch) cache_->prefetch(nl, la_ids.data(), (int) la_ids.size());
+            int nl = il; // the next MoE layers' experts as predicted from this layer's h: nearest first in the queue
+            for (int d = 0; d < lookahead_depth() && (nl = next_moe(nl)) >= 0; ++d) {
+                route(nl, lookahead_[d], T, la_ids, la_w);
+                if (opt_.prefetch && d < opt_.prefetch_depth)
+                    cache_->prefetch(nl, la_ids.data(), (int) la_ids.size(), d + 1);
                 if (record_routes) {
-                    route_la.resize(h.n_layer);
-                    route_la[nl].insert(route_la[nl].end(), la_ids.begin(), la_ids.end());
+                    route_la[d].resize(h.n_layer);
+                    route_la[d][nl].insert(route_la[d][nl].end(), la_ids.begin(), la_ids.end());
                 }
             }
             if (record_routes) {

@@ -228,7 +228,8 @@ struct ModelOptions {
     std::vector<int> expert_slots; // per layer quota; empty = all experts resident
     int policy = 2;                // Policy::LFUDA, the Python default (cache_policies/registry.py)
     int window_m = 16;
-    bool prefetch = true; // next-layer gate lookahead -> async reads
+    bool prefetch = true;   // gate lookahead -> async reads
+    int prefetch_depth = 1; // prefetch the next 1..kMaxLookahead MoE layers' predicted experts
     int n_io_threads = 2;
     int device = 0; // 0: CPU; 1: CUDA (build with MOELITE_CUDA)
     int gpu = 0;    // CUDA device index
@@ -378,7 +379,8 @@ class Model {
     bool record_routes = false;
     std::vector<std::vector<int32_t>> route_ids; // [n_layer][n_tokens * k]
     std::vector<std::vector<float>> route_w;     // [n_layer][n_tokens * k] selection scores (descending)
-    std::vector<std::vector<int32_t>> route_la;  // [n_layer][n_tokens * k] lookahead prediction for this layer
+    // [d - 1][n_layer][n_tokens * k] lookahead prediction for this layer made d MoE layers before it
+    std::vector<std::vector<int32_t>> route_la[kMaxLookahead];
     // routing of the last eval() ubatch, always kept (speculative decoding's window planner reads it): per layer,
     // [T * k] expert ids of its T rows (empty for a layer without routed experts)
     std::vector<std::vector<int32_t>> step_ids;
@@ -422,6 +424,7 @@ class Model {
     bool last_row_finite(int T) const; // the residual stream's row T - 1 (x_) holds no NaN/Inf
     void check_finite(int il, int T);  // FormatError naming layer il (-1: embeddings) on NaN/Inf
     int next_moe(int il) const;
+    int lookahead_depth() const; // gate lookahead distances a step computes (prefetch, routing traces)
 
     // ---- the MTP block (mtp.cpp): after each ubatch of the trunk, its rows (h_{i-1}, token_i) at position i - 1
     // (the hidden state of each token paired with the token after it); the drafts chain on its own output
@@ -632,8 +635,10 @@ class Model {
     std::vector<uint64_t> standin_uses_;
 
     // persistent state between the per-layer graphs, [.., n_ubatch]
-    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr, *lookahead_ = nullptr,
-                *ebuf_ = nullptr;    // [n_embd_exp, K * n_ubatch] expert outputs of the expert-major path
+    ggml_tensor *x_ = nullptr, *ffn_inp_ = nullptr, *ffn_in_ = nullptr, *router_ = nullptr,
+                *ebuf_ = nullptr; // [n_embd_exp, K * n_ubatch] expert outputs of the expert-major path
+    // gate lookahead at distance d + 1: the router logits of the (d + 1)-th next MoE layer [n_expert, n_ubatch]
+    ggml_tensor * lookahead_[kMaxLookahead] = {};
     ggml_tensor * ffn_xe_ = nullptr; // the experts' input [n_embd_exp, n_ubatch]: ffn_in_, or latent
     // DSA with IndexShare: the last full indexer layer's selection [top_k, n_ubatch] I32, read by the shared layers
     // after it (the per-layer step runs each layer in its own graph)

@@ -27,6 +27,7 @@ from ..errors import UsageError
 INT32_MAX = 2**31 - 1  # an `int` field of the C++ core (csrc/model.h ModelOptions)
 INT64_MAX = 2**63 - 1
 MAX_THREADS = 512  # ggml's GGML_MAX_N_THREADS: a compute thread pool holds at most this many
+MAX_LOOKAHEAD = 3  # gate lookahead distances the core computes (csrc/expert_cache.h kMaxLookahead)
 
 
 def is_int(x: object) -> bool:

@@ -30,7 +30,7 @@ import numpy as np
 from .. import _core
 from .._cpu import cpu_backend
 from ..errors import BudgetError, ExpertIOError, ModelFormatError, UsageError
-from .args import INT32_MAX, MAX_THREADS, finite_float, int_in, ints_in, is_int
+from .args import INT32_MAX, MAX_LOOKAHEAD, MAX_THREADS, finite_float, int_in, ints_in, is_int
 from .hparams import planned, with_mtp
 from .planner import DEFAULT_SNAPSHOTS, Plan, expert_slots_of, parse_size, plan_host_tier, plan_memory, plan_standins
 from .sampling import GenerationOptions, generation_options
@@ -176,6 +176,7 @@ class Model:
         record_trace: bool = False,
         use_calibration: bool = True,
         prefetch: bool = True,
+        prefetch_depth: int = 1,
         n_io_threads: int = 4,
         device: str = "auto",
         gpu: int = 0,
@@ -232,6 +233,7 @@ class Model:
         n_threads = int_in("n_threads", n_threads, 0, MAX_THREADS, optional=True, why="0: the cores, at most 8")
         n_ubatch = int_in("n_ubatch", n_ubatch, 1, MAX_UBATCH, optional=True)
         n_io_threads = int_in("n_io_threads", n_io_threads, 0, MAX_IO_THREADS, why="0: reads on the compute thread")
+        prefetch_depth = int_in("prefetch_depth", prefetch_depth, 1, MAX_LOOKAHEAD, why="MoE layers ahead")
         gpu = int_in("gpu", gpu, 0, INT32_MAX)
         state_snapshots = int_in("state_snapshots", state_snapshots, 0, INT32_MAX)
         parse_size(memory_budget)  # both budgets on every device, though the CPU only uses one
@@ -388,6 +390,7 @@ class Model:
             policy=pol.id,
             window_m=pol.m or policy_window,
             prefetch=bool(prefetch),
+            prefetch_depth=prefetch_depth,
             n_io_threads=n_io_threads,
             device=1 if self.device == "cuda" else 0,
             gpu=gpu,
@@ -411,6 +414,7 @@ class Model:
         self.flash_attn = bool(flash_attn)
         self.cpu_compute = cpu_compute
         self.prefetch = bool(prefetch) and self.plan.slots is not None
+        self.prefetch_depth = prefetch_depth
         with _core_errors(self.path):
             self._m = _core.Model(self.path, self.core_hparams, options)
         if mlock:
@@ -526,6 +530,7 @@ class Model:
             "n_threads": self.n_threads,
             "policy": self.policy.name,
             "prefetch": self.prefetch,
+            "prefetch_depth": self.prefetch_depth,
             "memory_budget": p.budget,
             "offloaded": p.slots is not None,
             "expert_slots": self._core().cache_quotas(),
@@ -931,16 +936,20 @@ class Model:
             raise UsageError("no routing was recorded: load the model with record_trace=True and run some tokens")
         ids = np.concatenate([p[0] for p in self._trace_parts])
         w = np.concatenate([p[1] for p in self._trace_parts]).astype(np.float32)
-        la_target = np.concatenate([p[2] for p in self._trace_parts])  # [N, L, k] prediction made for layer l
-        la = np.full_like(la_target, -1)
-        la[:, :-1] = la_target[:, 1:]  # trace convention: row l predicts l + 1
+        # [N, L, D, k]: [t, l, d] = the prediction of layer l's experts made d + 1 MoE layers before it
+        la_target = np.concatenate([p[2] for p in self._trace_parts])
+        n_layers, depth = la_target.shape[1], la_target.shape[2]
+        la = np.full_like(la_target, -1)  # trace convention: [t, l, d] predicts layer l + d + 1
+        for d in range(depth):
+            la[:, : max(n_layers - d - 1, 0), d] = la_target[:, d + 1 :, d]
         offsets = np.asarray(self._trace_starts + [len(ids)], dtype=np.int64)
         return Trace(
             ids=ids,
             n_expert=int(self.hparams["n_expert"]),
             offsets=offsets,
             scores=w,
-            lookahead_ids=la if (la[:, :-1] >= 0).all() else None,
+            lookahead_ids=la[:, :, 0] if (la[:, :-1, 0] >= 0).all() else None,
+            lookahead_far=la[:, :, 1:] if (la[:, :-1, 0] >= 0).all() and depth > 1 else None,
             layers=np.asarray(self._trace_layers, dtype=np.int32),
             model=str(self.kv.get("general.name", Path(self.path).stem)),
         )
@@ -977,6 +986,8 @@ def _sum_layers(per_layer: list[dict | None]) -> dict[str, Any]:
         "prefetch_issued",
         "prefetch_hits",
         "prefetch_wasted",
+        "prefetch_far_issued",
+        "prefetch_far_hits",
         "bytes_read",
         "loads",
         "evictions",
@@ -1019,7 +1030,8 @@ def load(path: str | os.PathLike | None = None, *, convert_type: str | None = No
     """Open a MoE GGUF, a Hugging Face model directory (converted once into ~/.cache/moelite/converted, as the
     command line does; convert_type, default q8_0) or the embedded demo model when path is None. Options:
     memory_budget ('1.5GiB'), policy ('lru' | 'lfu' | 'lfuda' | 'consistency'), policy_window, cache_shares, n_ctx,
-    n_threads, n_ubatch, kv_type ('f16' | 'f32'), record_trace, prefetch, device ('auto' | 'cpu' | 'cuda'),
+    n_threads, n_ubatch, kv_type ('f16' | 'f32'), record_trace, prefetch, prefetch_depth (offloaded: read the experts
+    predicted for the next 1-3 MoE layers, default 1), device ('auto' | 'cpu' | 'cuda'),
     vram_budget, host_slots, cpu_compute ('auto' | 'never' | 'always'), swap_threshold (cache-aware routing, lossy,
     default 0 = exact: a routed expert not in memory is replaced by a resident one whose router probability is within
     this fraction of it), repack (CPU: ggml's repacked weight layouts,

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import psutil
 
 from ..errors import BudgetError
+from .args import MAX_LOOKAHEAD
 
 # One rule, case-insensitive: B = bytes; KB MB GB TB = powers of 1000; K M G T and KiB MiB GiB TiB = powers of 1024
 # (as llama.cpp's and most tools' bare suffixes). A number alone is bytes.
@@ -320,7 +321,8 @@ def plan_memory(
         # (mHC: + its comb [hc, hc, t])
         hc = hp.get("hc_mult") or 0
         hc_post = hc * (hc + 1) if hp.get("hc_kind") == 3 else hc
-        state = 4 * t * (2 * res + hp["n_embd"] + 2 * E + K * (ee or hp["n_embd"]) + ee + hc_post)
+        # + the router logits [E, t] and the gate lookahead's, one per distance (csrc kMaxLookahead)
+        state = 4 * t * (2 * res + hp["n_embd"] + (1 + MAX_LOOKAHEAD) * E + K * (ee or hp["n_embd"]) + ee + hc_post)
         if 2 in hp.get("layer_indexer", []):  # DSA IndexShare: the last full layer's selection [top_k, t] I32
             state += 4 * t * hp["indexer_top_k"]
         return Plan(

@@ -44,8 +44,10 @@ def test_analyze_writes_report_and_calibration(tmp_path, capsys):
     )
     assert rc == 0
     out = capsys.readouterr().out
-    assert "recommended for" in out
+    assert "recommended for" in out and "gate lookahead precision" in out
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    look = rep["lookahead_precision"]  # 2 MoE layers: only the next one can be predicted
+    assert look["distance"] == [1, 2, 3] and 0 <= look["by_distance"][0] <= 1 and look["by_distance"][1:] == [None] * 2
     assert [r["m"] for r in rep["srp"]][:2] == [4, 16]
     for png in ("srp.png", "sch.png", "hit_rate.png", "layers.png", "experts.png"):
         assert (tmp_path / "rep" / png).stat().st_size > 1000
@@ -75,3 +77,47 @@ def test_trace_matches_logits_routing():
     assert tr.ids.shape == (30, 2, 2)
     assert tr.lookahead_ids is not None and (tr.lookahead_ids[:, -1] == -1).all()
     assert ((tr.lookahead_ids[:, 0] >= 0) & (tr.lookahead_ids[:, 0] < tr.n_expert)).all()
+
+
+def test_lookahead_at_every_distance_is_the_later_router_on_this_layers_input():
+    """trace.lookahead(d)[t, l] is the top-k of routed layer l + d's router applied to layer l's FFN input (the
+    residual stream after l's attention), for d = 1 .. 3: checked against transformers' Qwen3-MoE (F32, 5 MoE layers)
+    by hooking each layer's post-attention norm; lookahead_precision is the share of layer l + d's experts it names."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from moelite.cache_policies.metrics import lookahead_precision
+
+    hf, path = fixture_gguf("qwen3_moe", num_hidden_layers=5)
+    tokens = list(range(5, 45))
+    with moelite.load(path, record_trace=True, n_threads=1) as m:
+        m.logits(tokens)
+        tr = m.trace()
+    assert tr.lookahead_depth == 3 and tr.lookahead_far.shape == (40, 5, 2, 2)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    layers = ref.model.layers
+    h = {}
+    hooks = [
+        layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda mod, a, i=i: h.__setitem__(i, a[0].reshape(-1, a[0].shape[-1]))
+        )
+        for i, layer in enumerate(layers)
+    ]
+    with torch.no_grad():
+        ref(torch.tensor([tokens]))
+        for hook in hooks:  # before the norms are called again below
+            hook.remove()
+        k = ref.config.num_experts_per_tok
+        for d in (1, 2, 3):
+            got = tr.lookahead(d)
+            for li in range(5 - d):
+                target = layers[li + d]
+                logits = target.mlp.gate.weight @ target.post_attention_layernorm(h[li]).T  # [E, T]
+                want = torch.topk(logits.T, k).indices.numpy()
+                assert (np.sort(got[:, li], axis=1) == np.sort(want, axis=1)).all(), (d, li)
+            assert (got[:, 5 - d :] == -1).all()  # nothing that far past the last layer
+    p = lookahead_precision(tr)
+    assert p.shape == (3, 5) and np.isnan(p[2, 2:]).all() and np.isnan(p[0, 4])
+    named = [(tr.lookahead(2)[:, 0, :, None] == tr.ids[:, 2, None, :]).any(-1).mean()]
+    assert p[1, 0] == named[0]

@@ -75,9 +75,9 @@ def test_bad_field(tmp_path, field, value):
 
 def per_sequence(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """good_arrays() in the per-sequence layout: ids_0, ids_1 (and lookahead_ids_0, ...) without offsets."""
-    out = {k: v for k, v in arrays.items() if k not in ("ids", "offsets", "lookahead_ids")}
+    out = {k: v for k, v in arrays.items() if k not in ("ids", "offsets", "lookahead_ids", "lookahead_far")}
     off = arrays["offsets"]
-    for name in ("ids", "lookahead_ids"):
+    for name in ("ids", "lookahead_ids", "lookahead_far"):
         if name in arrays:
             for s in range(len(off) - 1):
                 out[f"{name}_{s}"] = arrays[name][off[s] : off[s + 1]]
@@ -264,3 +264,55 @@ def test_calibration_shares_for_another_model_name_the_side_file(model_copy):
         with pytest.raises(ModelFormatError, match="layer_shares has 5 entries") as e:
             moelite.load(model_copy, memory_budget=budget)
         assert str(side) in str(e.value)
+
+
+def lookahead_far(ids: np.ndarray, depth: int = 2) -> np.ndarray:
+    """[N, L, depth, k]: [t, l, j] = ids[t, l + 2 + j] (a perfect prediction), -1 past the last layer."""
+    n, n_layers, k = ids.shape
+    out = np.full((n, n_layers, depth, k), -1, ids.dtype)
+    for j in range(depth):
+        out[:, : max(n_layers - 2 - j, 0), j] = ids[:, 2 + j :]
+    return out
+
+
+@pytest.mark.parametrize("layout", ["flat", "per-sequence"])
+def test_lookahead_far_round_trip(tmp_path, layout):
+    """Predictions from further ahead (lookahead_far [N, L, D, k]) load in both layouts; `lookahead(d)` gives each
+    distance and a perfect prediction has precision 1."""
+    from moelite.cache_policies.metrics import lookahead_precision
+
+    arrays = good_arrays()
+    arrays["lookahead_ids"] = lookahead(arrays["ids"])
+    arrays["lookahead_far"] = lookahead_far(arrays["ids"], depth=2)
+    tr = load_trace(write(tmp_path / "t.npz", **(per_sequence(arrays) if layout == "per-sequence" else arrays)))
+    assert tr.lookahead_depth == 3 and (tr.lookahead(2)[:, 0] == arrays["ids"][:, 2]).all()
+    p = lookahead_precision(tr)  # 3 layers: distance 2 predicts layer 2 from layer 0 only, distance 3 nothing
+    assert p[0, :2].tolist() == [1.0, 1.0] and p[1, 0] == 1.0 and np.isnan(p[1, 1:]).all() and np.isnan(p[2]).all()
+    save_trace(tr, tmp_path / "again.npz")
+    assert (load_trace(tmp_path / "again.npz").lookahead_far == tr.lookahead_far).all()
+    with pytest.raises(moelite.errors.UsageError, match="distance 4 not recorded"):
+        tr.lookahead(4)
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda a: a["lookahead_far"][:, :, 0], "lookahead_far must be"),  # 3-D
+        (lambda a: a["lookahead_far"][:, :2], "lookahead_far must be"),  # too few layers
+        (lambda a: a["lookahead_far"].astype(np.float32), "integer dtype"),
+        (lambda a: np.where(a["lookahead_far"] >= 0, a["lookahead_far"] + 8, -1), "outside"),
+        (lambda a: np.where(a["lookahead_far"] >= 0, 3, -1), "repeats an expert id"),
+    ],
+    ids=["3-D", "layers", "float", "range", "repeat"],
+)
+def test_bad_lookahead_far(tmp_path, edit, match):
+    arrays = good_arrays()
+    arrays["lookahead_ids"] = lookahead(arrays["ids"])
+    arrays["lookahead_far"] = edit({"lookahead_far": lookahead_far(arrays["ids"])})
+    expect_trace_error(write(tmp_path / "t.npz", **arrays), match)
+
+
+def test_lookahead_far_needs_lookahead_ids(tmp_path):
+    arrays = good_arrays()
+    arrays["lookahead_far"] = lookahead_far(arrays["ids"])
+    expect_trace_error(write(tmp_path / "t.npz", **arrays), "lookahead_far without lookahead_ids")

@@ -122,3 +122,25 @@ def test_info_names_the_ubatch():
         minimum = m.plan.minimum_budget
     with moelite.load(path, n_ubatch=64, memory_budget=minimum) as m:
         assert m.info()["n_ubatch"] == 64 and m.info()["offloaded"]
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_prefetch_further_ahead_is_bit_exact(family):
+    """Prefetching the experts predicted 2 and 3 MoE layers ahead (prefetch_depth, each distance with its own running
+    precision) reads ahead and never changes a result: logits and greedy tokens equal the resident run's."""
+    _, path = fixture_gguf(family, num_hidden_layers=5)
+    ids = list(range(5, 37))
+    logits, greedy, _, _ = run(path, ids, n_ubatch=64)
+    with moelite.load(path, kv_type="f32", n_threads=1, n_ubatch=64) as m:
+        minimum, per_slot = m.plan.minimum_budget, max(m.plan.expert_slot_bytes)
+        k, E, moe = m.plan.n_expert_used, m.plan.n_expert, len(m.plan.moe_layers)
+    budget = minimum + moe * (E - k) // 2 * per_slot  # about half the experts of each layer
+    for depth in (1, 2, 3):
+        lo, gr, stats, info = run(path, ids, memory_budget=budget, n_ubatch=64, prefetch_depth=depth)
+        assert info["offloaded"] and info["prefetch_depth"] == depth
+        assert np.array_equal(lo, logits) and gr == greedy, depth
+        far = stats["total"]["prefetch_far_issued"]
+        assert (far > 0) if depth > 1 else (far == 0), (depth, far)
+        assert stats["total"]["prefetch_far_hits"] <= far
+    with pytest.raises(moelite.errors.UsageError, match="prefetch_depth"):
+        moelite.load(path, prefetch_depth=4)

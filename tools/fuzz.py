@@ -749,9 +749,15 @@ def seed_trace_arrays(rng: random.Random) -> dict[str, np.ndarray]:
     }
     if rng.random() < 0.5:
         arrays["lookahead_ids"] = np.concatenate([ids[:, 1:], np.full((n, 1, k), -1)], axis=1).astype(np.int32)
+        if rng.random() < 0.5:  # distances 2 .. depth + 1: [N, L, depth, k], -1 past the last layer
+            depth = rng.randint(1, 2)
+            far = np.full((n, n_layers, depth, k), -1, np.int32)
+            for j in range(depth):
+                far[:, : max(n_layers - 2 - j, 0), j] = ids[:, 2 + j :]
+            arrays["lookahead_far"] = far
     if rng.random() < 0.4:  # the per-sequence layout: ids_0, scores_0, lookahead_ids_0, ids_1, ... without offsets
         off = arrays.pop("offsets")
-        for name in ("ids", "scores", "lookahead_ids"):
+        for name in ("ids", "scores", "lookahead_ids", "lookahead_far"):
             if name in arrays:
                 whole = arrays.pop(name)
                 for s in range(len(lens)):
@@ -781,7 +787,7 @@ def mutate_trace_arrays(rng: random.Random, arrays: dict[str, Any]) -> dict[str,
     elif c == 1 and a.dtype.kind in "iufb":  # dtype
         arrays[key] = a.astype(rng.choice([np.int64, np.uint64, np.float32, np.float64, np.uint8, np.int16, np.bool_]))
     elif c == 2 and a.dtype.kind in "iu":  # wrap-around bait (an ids key most of the time)
-        ids_keys = [k for k in arrays if re.fullmatch(r"(lookahead_)?ids(_\d+)?", k)]
+        ids_keys = [k for k in arrays if re.fullmatch(r"(lookahead_)?(ids|far)(_\d+)?", k)]
         key = rng.choice(ids_keys) if ids_keys and rng.random() < 0.8 else key
         a = np.asarray(arrays[key])
         if a.dtype.kind in "iu":
@@ -1690,9 +1696,11 @@ def stored_ids(path: Path, name: str) -> np.ndarray | None:
 
 def run_trace(path: Path) -> None:
     from moelite.cache_policies import load_trace, sch, simulate, srp, static_sch
+    from moelite.cache_policies.metrics import lookahead_precision
 
     t = load_trace(path)
-    for name, got in (("ids", t.ids), ("lookahead_ids", t.lookahead_ids)):  # loaded = stored, no wrapped id
+    stored = (("ids", t.ids), ("lookahead_ids", t.lookahead_ids), ("lookahead_far", t.lookahead_far))
+    for name, got in stored:  # loaded = stored, no wrapped id
         want = stored_ids(path, name) if got is not None else None
         if want is not None and (want.shape != got.shape or not np.array_equal(want, got.astype(np.int64))):
             bad = want[(want < -(2**31)) | (want >= 2**31)]
@@ -1706,6 +1714,7 @@ def run_trace(path: Path) -> None:
         simulate(t, policy, budget)
     if t.lookahead_ids is not None:
         simulate(t, "lru", budget, prefetch=True)
+        lookahead_precision(t)
 
 
 def run_calibration(path: Path) -> None:
