@@ -61,7 +61,7 @@ ggml_tensor * Model::expert_ffn(ggml_context * ctx, int il, const Pool & P, ggml
 // One expert on its own tokens: x [n_embd, n] (the rows routed to expert e, held in slot `slot` of pool P) ->
 // [n_embd, n], with 2-D views of the slot's matrices. A view of a repacked arena is a repacked tensor (its buffer's
 // init_tensor picks the layout again), so ggml's repacked GEMM runs on it, unless tiled_weight unpacks it for the
-// tiled GEMM (unrepack.cpp: Q4_K, >= 8 tokens); plain arenas take ggml's mul_mat.
+// tiled GEMM (unrepack.cpp: Q4_K, >= 32 tokens); plain arenas take ggml's mul_mat.
 ggml_tensor * Model::expert_ffn_rows(ggml_context * ctx, int il, const Pool & P, int slot, int e, ggml_tensor * x) {
     Layer & L = layers_[il];
     auto mat = [&](int r) {

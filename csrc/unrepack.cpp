@@ -4,8 +4,8 @@
 // the repacked one (block_q4_Kx8, 4 tokens per pass) and a tiled one on plain rows (AVX2/VNNI tiles of 16 tokens,
 // from 8 rows of input on). On a Qwen3-30B-shaped 512-token prompt the tiled one is ~1.25x faster overall, while decode
 // needs the repacked GEMV (and llama.cpp repacks by default too). So a matmul of a repacked Q4_K weight (a dense one in
-// buf_rp_, or an expert's slot) over >= kTiledMinRows tokens gets the weight unpacked into graph scratch first (a byte
-// shuffle, a few % of its GEMM) and ggml's mul_mat takes the tiled path on it. Which way runs depends on the token
+// buf_rp_, or an expert's slot) over >= kTiledMinRows (32) tokens gets the weight unpacked into graph scratch first (a
+// byte shuffle, a few % of a large GEMM, more than a small one gains) and ggml's mul_mat takes the tiled path on it. Which way runs depends on the token
 // count and the weight's type alone: offloading changes no bit.
 //
 // Packing, for the expert cache (put_slot): every expert read from disk into a repacked arena is converted on the way
@@ -30,7 +30,12 @@
 
 namespace moelite {
 
-static constexpr int64_t kTiledMinRows = 8;            // ggml's tiled floor (tiled.cpp: "profitable at rows >= 8")
+// Unpacking costs a pass over the whole weight whatever the row count, so it pays later than ggml's own tiled floor
+// (tiled.cpp: "profitable at rows >= 8", for weights that are plain already). Measured on the Qwen3-30B-shaped Q4_K_M
+// file (2 threads, AVX-512 machine, interleaved runs): an 8-row step took 71-85 ms with the repacked GEMM against
+// 82-121 ms unpacked and tiled, 16 rows 116-150 against 140-155, 32 rows 222-276 against 211-244; 512-token prompts
+// at ubatches 64, 128 and 512 were as fast or faster with the floor at 32. Speculative verify windows are 2-17 rows.
+static constexpr int64_t kTiledMinRows = 32;
 static constexpr size_t kQ4K = 144, kQ4Kx8 = 8 * kQ4K; // bytes of block_q4_K, block_q4_Kx8
 
 static void q4_Kx8_to_q4_K(const uint8_t * in, uint8_t * const out[8]) {

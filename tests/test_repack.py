@@ -178,10 +178,10 @@ def test_no_repack_from_the_cli(capsys, monkeypatch, tmp_path):
 
 
 def test_prompts_unpack_q4_K_for_the_tiled_gemm():
-    """x86 (AVX2): a prompt's matmuls over >= 8 tokens unpack repacked Q4_K weights (dense ones and expert slots)
+    """x86 (AVX2): a prompt's matmuls over >= 32 tokens unpack repacked Q4_K weights (dense ones and expert slots)
     into plain rows for ggml's tiled GEMM, the kernel the plain layout runs there (csrc/unrepack.cpp). With 4 experts
-    and 200 tokens every matmul of the prompt is over >= 8 tokens, so the repacked and the plain model agree bit for
-    bit: the unpacking is exact. Decode steps keep the repacked GEMV."""
+    and 200 tokens every matmul of the prompt is over >= 32 tokens, so the repacked and the plain model agree bit for
+    bit: the unpacking is exact. Decode steps and small windows keep the repacked GEMV / GEMM."""
     path = str(fixture_gguf("qwen3_moe", type="q4_k_m", **dict(SHAPES, num_experts=4))[1])
     ids = [(13 * i + 5) % 250 + 3 for i in range(200)]
     opts = dict(kv_type="f32", n_threads=2, n_ubatch=256)
