@@ -792,7 +792,8 @@ class Model:
 
     def _speculator_for(self, opts: GenerationOptions) -> Speculator | None:
         """The Speculator for this call's settings (the load settings, overridden per call), or None when off;
-        kept between calls with the same settings, so the planner's estimates carry over."""
+        kept between calls with the same settings, so the planner's estimates carry over (to other draft lengths
+        and rules of the same draft source too)."""
         cfg = self.spec_config
         if opts.speculative:
             given = {"mode": opts.speculative.get("speculative", cfg.mode)}
@@ -802,8 +803,10 @@ class Model:
             cfg = spec_config(given["mode"], given["draft_max"], given["draft_min"], given["rule"])
         if not cfg.on:
             return None
-        if self._speculator is None or self._speculator.config != cfg:
-            self._speculator = Speculator(self, cfg, self.draft_model)
+        old = self._speculator
+        if old is None or old.config != cfg:  # the same draft source keeps its measured estimates
+            keep = old.planner if old is not None and old.config.mode == cfg.mode else None
+            self._speculator = Speculator(self, cfg, self.draft_model, planner=keep)
         return self._speculator
 
     def _has_tokenizer(self) -> bool:

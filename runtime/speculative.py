@@ -235,7 +235,7 @@ class WindowPlanner:
     """Chooses the draft length n of each step from the expected cost of the window (docs/SPECULATIVE.md):
 
         E[tokens](n) = 1 + a + a^2 + ... + a^n                     a: running acceptance probability of a draft
-        cost(n)      = t_step + n * c_row * t_cmp + n * t_draft + s_byte * n * b_row  (+ recurrent re-run)
+        cost(n)      = t_step + n * c_row * t_cmp + n * t_draft + s_byte * n * b_scale * b_row  (+ recurrent re-run)
         b_row        = sum over MoE layers l of  K * (1 - srp_l) * (E - R_l) / (E - K) * expert_bytes_l
 
     t_step: seconds of a plain one-row step (running mean), t_cmp its compute part (the rest waits on reads);
@@ -243,7 +243,9 @@ class WindowPlanner:
     t_draft: seconds per drafted token (0 for n-grams); s_byte: seconds per byte read from the file;
     srp_l: the share of a row's experts that the previous row also chose (consecutive-token routing overlap);
     R_l: experts of layer l resident now (the cache's table); K of E experts per token; b_row: expected bytes a
-    verify row reads that the step would not read without it. n maximizes E[tokens](n) / cost(n); a window is
+    verify row reads that the step would not read without it, as if its new experts were drawn at random; b_scale:
+    what the windows so far read over what b_row predicted for them (running mean; a draft that copies earlier text
+    routes to experts the cache holds, and b_row alone would decline its windows). n maximizes E[tokens](n) / cost(n); a window is
     drafted only when that beats the plain step's 1 / cost(0)."""
 
     expert_bytes: list[int]  # [n_layer] bytes of one expert (0: no routed experts)
@@ -253,11 +255,14 @@ class WindowPlanner:
     acceptance: float = 0.5  # prior; running estimate (EMA) of P(a draft token is accepted)
     t_step: float = 0.0  # s per one-row step; 0: not measured yet
     t_cmp: float = 0.0  # of which computing (not waiting on expert reads)
-    c_row: float = 0.15  # prior: a verify row costs this fraction of a step in compute (measured on windows)
+    # prior: a verify row costs this fraction of a step in compute (then measured on windows). Measured: 0.45-0.67
+    # (demo), 0.63 (bench-mtp), 0.83 (Qwen3-30B-shaped Q4_K_M, 1 thread): a row routes to other experts
+    c_row: float = 0.5
     t_draft: float = 0.0  # s per drafted token
     s_byte: float = 1.0 / 1.5e9  # prior: 1.5 GB/s; measured from the cache's stall time per byte read
     srp: np.ndarray | None = None  # [n_layer] consecutive-row routing overlap (EMA)
     b_row: float = 0.0  # the last estimate of bytes per verify row
+    b_scale: float = 1.0  # windows' bytes read / b_row's prediction for them (EMA, in [0, 2])
     alpha: float = 0.1  # EMA weight of a new observation
 
     def choose(self, n_avail: int, n_min: int, resident: np.ndarray | None) -> int:
@@ -278,7 +283,7 @@ class WindowPlanner:
         return float(n + 1) if a >= 1.0 else (1.0 - a ** (n + 1)) / (1.0 - a)
 
     def _cost(self, n: int) -> float:
-        c = self.t_step + n * self.c_row * self.t_cmp + n * self.t_draft + self.s_byte * n * self.b_row
+        c = self.t_step + n * self.c_row * self.t_cmp + n * self.t_draft + self.s_byte * n * self.b_scale * self.b_row
         if self.recurrent and n:  # a partial acceptance re-runs the accepted rows from the saved state
             c += (1.0 - self.acceptance**n) * self.t_cmp * (1.0 + self.c_row * n * self.acceptance)
         return c
@@ -313,6 +318,13 @@ class WindowPlanner:
             c = max((compute - self.t_cmp) / (n * self.t_cmp), 0.0)
             self.c_row += self.alpha * (min(c, 1.0) - self.c_row)
 
+    def observe_window_bytes(self, n: int, extra_bytes: int) -> None:
+        """A window of n draft rows read extra_bytes of experts only its draft rows chose: calibrates b_scale against
+        b_row as predicted for it (before the window ran)."""
+        if n > 0 and self.b_row > 0:
+            ratio = min(extra_bytes / (n * self.b_row), 2.0)
+            self.b_scale += self.alpha * (ratio - self.b_scale)
+
     def observe_reads(self, bytes_read: int, stall_s: float) -> None:
         if bytes_read > 0 and stall_s > 0:
             self.s_byte += self.alpha * (stall_s / bytes_read - self.s_byte)
@@ -345,6 +357,7 @@ class WindowPlanner:
             "s_per_byte": self.s_byte,
             "srp_mean": float(np.mean(self.srp)) if self.srp is not None else None,
             "bytes_per_row_estimate": self.b_row,
+            "bytes_scale": self.b_scale,
         }
 
 
@@ -414,7 +427,11 @@ def accept_token(sampler: Sampler, logits: np.ndarray, history: Sequence[int], d
 class Speculator:
     """The draft source, the planner and the counters of one model; `run` is the decode loop with windows."""
 
-    def __init__(self, model: Model, config: SpecConfig, draft_model: Model | None = None) -> None:
+    def __init__(
+        self, model: Model, config: SpecConfig, draft_model: Model | None = None, planner: WindowPlanner | None = None
+    ) -> None:
+        """planner: the estimates of an earlier Speculator of the same model and draft source (other draft lengths
+        or rule), which describe the same model, cache and source: kept instead of starting from the priors."""
         self.model, self.config = model, config
         if config.mode == "ngram":
             self.source: Any = NgramDraft()
@@ -434,7 +451,7 @@ class Speculator:
         hp = model.hparams
         core = model._core()
         self.offloaded = model.plan.slots is not None
-        self.planner = WindowPlanner(
+        self.planner = planner or WindowPlanner(
             expert_bytes=[int(b) for b in model.plan.expert_slot_bytes[: hp["n_layer"]]],  # the trunk's
             n_expert=int(hp["n_expert"]),
             n_expert_used=int(hp["n_expert_used"]),
@@ -544,7 +561,9 @@ class Speculator:
                 row = out[0]
                 tok = sampler.sample(row, history)
                 continue
-            S.extra_bytes_read += _window_extra_bytes(routes, resident, P.expert_bytes)
+            extra = _window_extra_bytes(routes, resident, P.expert_bytes)
+            P.observe_window_bytes(n, extra)
+            S.extra_bytes_read += extra
             S.windows += 1
             S.drafted += n
             S.recent_draft_lengths = (S.recent_draft_lengths + [n])[-32:]

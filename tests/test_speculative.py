@@ -199,6 +199,43 @@ def test_planner_declines_a_window_that_reads_more_than_it_saves():
     assert p.choose(4, 5, None) == 0  # draft_min above the draft: no window
 
 
+def test_planner_learns_what_windows_really_read():
+    """b_row assumes a draft row's new experts are random; windows whose rows route to cached experts (a draft
+    copying earlier text) read less: the measured ratio (b_scale) brings the declined window back, and windows that
+    read as predicted leave it at 1."""
+    p = WindowPlanner(expert_bytes=[0, 10_000_000], n_expert=8, n_expert_used=2)
+    p.t_step = p.t_cmp = 0.01
+    p.acceptance = 0.7
+    p.s_byte = 1e-9
+    resident = np.zeros((2, 8), dtype=np.uint8)
+    resident[1, :2] = 1
+    assert p.choose(4, 0, resident) == 0
+    b_row = p.b_row
+    for _ in range(60):  # windows of 2 draft rows that read nothing the cache did not hold
+        p.b_row = b_row
+        p.observe_window_bytes(2, 0)
+    assert p.b_scale < 0.01 and p.choose(4, 0, resident) > 0
+    q = WindowPlanner(expert_bytes=[0, 10_000_000], n_expert=8, n_expert_used=2)
+    q.b_row = b_row
+    q.observe_window_bytes(3, int(3 * b_row))  # as predicted
+    assert q.b_scale == pytest.approx(1.0)
+    q.observe_window_bytes(0, 10**9)  # no draft rows: nothing to learn
+    assert q.b_scale == pytest.approx(1.0)
+
+
+def test_planner_is_kept_across_rules_of_one_source():
+    """Switching the rule or the draft length per call keeps the planner's measurements of this model and draft
+    source (the bench alternates them); another source starts from the priors."""
+    path = _path("qwen3_moe")
+    with moelite.load(path, n_threads=1, n_ubatch=64) as m:
+        m.generate(PROMPT, max_tokens=N, stop_ids=[], speculative="ngram", draft_rule="always")
+        first = m._speculator.planner
+        assert first.t_step > 0
+        m.generate(PROMPT, max_tokens=4, stop_ids=[], speculative="ngram", draft_max=3)
+        assert m._speculator.planner is first and m._speculator.config.draft_max == 3
+        assert "bytes_scale" in m.stats()["speculative"]["planner"]
+
+
 @pytest.mark.parametrize(
     "opts",
     [
