@@ -430,7 +430,10 @@ def main() -> None:
         "cgroup": cg.kind or f"unavailable: {cg.reason}",
         "models": {},
     }
-    if a.merge and (OUT / "results.json").exists():
+    # a run of the learned-routing model alone rewrites only its RESULTS.md section (write_report): it keeps the
+    # other models in results.json too, or a later --merge run would rewrite RESULTS.md without them
+    learned_only = all(name == "bench-moe" for name in a.models.split(","))
+    if (a.merge or learned_only) and (OUT / "results.json").exists():
         results["models"] = json.loads((OUT / "results.json").read_text())["models"]
     try:
         for name in a.models.split(","):
@@ -541,7 +544,7 @@ def main() -> None:
             (OUT / "results.json").write_text(json.dumps(results, indent=1))
     finally:
         cg.cleanup()
-    write_report(results)
+    write_report(results, learned_only)
 
 
 # Resident prefill at several prompt lengths: moelite, llama.cpp's defaults (flash attention off in
@@ -932,17 +935,27 @@ def learned_section(name: str, m: dict, res: dict) -> list[str]:
 LEARNED_BEGIN, LEARNED_END = "<!-- learned-routing: begin (bench/run_bench.py) -->", "<!-- learned-routing: end -->"
 
 
-def kept_blocks() -> list[str]:
-    """The blocks other scripts keep in RESULTS.md (bench_context.py's, one per SIMD level), for a full rewrite."""
+def kept_blocks(rewritten: set[str]) -> list[str]:
+    """What a full rewrite of RESULTS.md keeps: the blocks other scripts own (bench_context.py's between markers, one
+    per SIMD level; the `## ` sections of bench_ple.py, bench_fullsize.py, ...) and the sections of models this
+    report does not hold (measured by an earlier run): everything but the title's paragraphs, the learned-routing
+    block and the sections of the `rewritten` models."""
     path = ROOT / "bench" / "RESULTS.md"
     old = path.read_text() if path.exists() else ""
+    old = re.sub(re.escape(LEARNED_BEGIN) + ".*?" + re.escape(LEARNED_END), "", old, flags=re.S)
+    context = r"<!-- context \((.*?)\): begin.*?<!-- context \(\1\): end -->"
     out = []
-    for m in re.finditer(r"<!-- context \((.*?)\): begin.*?<!-- context \(\1\): end -->", old, re.S):
+    for m in re.finditer(context, old, re.S):
         out += ["", m.group(0)]
+    for part in re.split(r"(?m)^(?=## )", re.sub(context, "", old, flags=re.S))[1:]:  # [0]: the title's paragraphs
+        if not any(part.startswith(f"## {name}: ") for name in rewritten):
+            out += ["", part.strip("\n")]
     return out
 
 
-def write_report(res: dict) -> None:
+def write_report(res: dict, learned_only: bool = False) -> None:
+    """RESULTS.md (and the plot) from res; learned_only: this run measured the learned-routing model alone, so only
+    its block is replaced."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -972,7 +985,7 @@ def write_report(res: dict) -> None:
     for name, m in learned.items():
         block += learned_section(name, m, res)
     block.append(LEARNED_END)
-    if not plain:  # only the learned-routing model was run: replace its section, keep the rest
+    if learned_only or not plain:  # only the learned-routing model was run: replace its section, keep the rest
         path = ROOT / "bench" / "RESULTS.md"
         old = path.read_text() if path.exists() else "# moelite benchmark results\n"
         if LEARNED_BEGIN in old and LEARNED_END in old:
@@ -1142,7 +1155,7 @@ def write_report(res: dict) -> None:
         ]
     fig.tight_layout()
     fig.savefig(ROOT / "bench" / "results.png", dpi=110)
-    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines + kept_blocks()) + "\n")
+    (ROOT / "bench" / "RESULTS.md").write_text("\n".join(lines + kept_blocks(set(plain))) + "\n")
     print("\n".join(lines[:60]))
 
 
