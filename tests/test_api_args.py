@@ -220,6 +220,8 @@ def test_simulate_and_calibrate_arguments(trace):
         ({"n_threads": True}, "n_threads=True"),
         ({"n_ubatch": 0}, r"n_ubatch=0: expected an integer in \[1, 65536\]"),
         ({"n_io_threads": 1e9}, r"n_io_threads=1000000000.0: expected an integer in \[0, 64\]"),
+        ({"prefetch_depth": 0}, r"prefetch_depth=0: expected an integer in \[1, 3\]"),
+        ({"prefetch_depth": 2.5}, r"prefetch_depth=2.5: expected an integer in \[1, 3\]"),
         ({"gpu": -1}, "gpu=-1"),
         ({"state_snapshots": -1}, r"state_snapshots=-1: expected an integer in \[0, 2\^31 - 1\]"),
         ({"swap_threshold": INF}, r"swap_threshold=inf: expected a finite number in \[0, 1\)"),
