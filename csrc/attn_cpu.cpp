@@ -293,10 +293,13 @@ static void decode_range(const DecodeItem & w, DecodeScratch & b, float * acc, f
 }
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// AVX2 + FMA, 5 to 8 heads sharing a KV head, head sizes multiples of 8: the heads lie across a vector's 8 lanes.
+// AVX2 + FMA, 1 to 8 heads sharing a KV head, head sizes multiples of 8: the heads lie across a vector's 8 lanes.
 // AVX-512 CPUs run it too: on one (2 threads, Qwen3-30B-A3B's heads) it took 0.9-1.3 ms per layer at a 4096-token F16
 // context where the AVX-512 clone of the portable loops took 2.8-3.1 ms (bench_attn.py A/B, bench/RESULTS.md): the
-// portable loops load and store each head's output once per position, whatever the vector width.
+// portable loops load and store each head's output once per position, whatever the vector width. Fewer than 5 heads
+// per KV head leave lanes idle and it still wins (bench_attn.py, 4096-token F16 context, same machine: 32 heads on 8
+// KV heads x 128, 1.46 against 2.32 ms; 16 on 8, 1.46 against 1.64; 16 on 16, 4.2 against 7.0; 4 on 2 x 64, 0.26
+// against 0.27, and 0.82 against 0.97 at 16384).
 // Per block: the K rows to F32; per position, 8 accumulators (one per head) over dk, summed across into one vector
 // of 8 scores; the online softmax for the 8 heads at once; the V rows to F32 and, per head, 64 output columns at a
 // time in registers over the block's positions. The portable loops above spill their 2 x 8 x 16 accumulators on
@@ -461,7 +464,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
             w.R = (int) std::min<int64_t>(kHeads, c1 - w.h0);
             std::fill(acc, acc + kHeads * dv, 0.f);
 #if defined(__x86_64__) && defined(__GNUC__)
-            if (kHasAvx2 && w.R > kHeads / 2 && dk % 8 == 0 && dv % 8 == 0)
+            if (kHasAvx2 && dk % 8 == 0 && dv % 8 == 0)
                 decode_range_avx2(w, b, acc, M, S, nan);
             else
 #endif
