@@ -312,17 +312,13 @@ def simulated_decode_hits(trace_path: str, n_prompt: int, slots: int, policy: st
 
 
 def lookahead_by_distance(trace_path: str) -> list[float] | None:
-    """The gate lookahead's precision at each recorded distance over a recorded run (cache_policies.metrics
-    lookahead_precision, pooled over layers): how much of a layer's experts a prefetch d MoE layers ahead names."""
-    import numpy as np
-
+    """The gate lookahead's precision at each recorded distance over a recorded run, pooled over layers (the analyze
+    report's summary): how much of a layer's experts a prefetch d MoE layers ahead names."""
     from moelite.cache_policies import load_trace
-    from moelite.cache_policies.metrics import lookahead_precision
+    from moelite.cache_policies.report import lookahead_summary
 
-    t = load_trace(trace_path)
-    if not t.lookahead_depth:
-        return None
-    return [float(np.nanmean(row)) for row in lookahead_precision(t) if np.isfinite(row).any()]
+    look = lookahead_summary(load_trace(trace_path))
+    return [v for v in look["by_distance"] if v is not None] if look else None
 
 
 def predicted_decode(path: str, budget: int | None, threads: int, n_ctx: int) -> dict:

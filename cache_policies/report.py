@@ -83,11 +83,11 @@ def build_report(
         "sch_static": [{"m": m, "rho": r, "value": float(static_sch(trace, m, r))} for m, r in pairs],
         "hit_rate": [s.to_dict() for s in sims],
         "expert_freq": expert_frequency(trace).tolist(),
-        "lookahead_precision": _lookahead_report(trace),
+        "lookahead_precision": lookahead_summary(trace),
     }
 
 
-def _lookahead_report(trace: Trace) -> dict | None:
+def lookahead_summary(trace: Trace) -> dict | None:
     """Gate-lookahead precision per distance d (the share of layer l + d's experts the router of l + d names from
     layer l's hidden state): pooled over layers ("by_distance") and per layer ("layer", nan past the last layer).
     None when the trace holds no predictions."""

@@ -211,8 +211,8 @@ def _as_lookahead_far(a, shape: tuple, source: str) -> np.ndarray:
     arr = _as_array(a, "lookahead_far", source)
     if arr.dtype == object or arr.ndim != 4 or arr.shape[2] < 1 or (arr.shape[:2] + arr.shape[3:]) != shape:
         raise TraceError(
-            f"{source}: lookahead_far must be [n_tokens, n_layers, D >= 1, k] = [{shape[0]}, {shape[1]}, D, {shape[2]}], "
-            f"got shape {list(arr.shape)}"
+            f"{source}: lookahead_far must be [n_tokens, n_layers, D >= 1, k] = "
+            f"[{shape[0]}, {shape[1]}, D, {shape[2]}], got shape {list(arr.shape)}"
         )
     return _as_int32(arr, "lookahead_far", source)
 

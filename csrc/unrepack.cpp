@@ -5,8 +5,8 @@
 // from 8 rows of input on). On a Qwen3-30B-shaped 512-token prompt the tiled one is ~1.25x faster overall, while decode
 // needs the repacked GEMV (and llama.cpp repacks by default too). So a matmul of a repacked Q4_K weight (a dense one in
 // buf_rp_, or an expert's slot) over >= kTiledMinRows (32) tokens gets the weight unpacked into graph scratch first (a
-// byte shuffle, a few % of a large GEMM, more than a small one gains) and ggml's mul_mat takes the tiled path on it. Which way runs depends on the token
-// count and the weight's type alone: offloading changes no bit.
+// byte shuffle, a few % of a large GEMM, more than a small one gains) and ggml's mul_mat takes the tiled path on it.
+// Which way runs depends on the token count and the weight's type alone: offloading changes no bit.
 //
 // Packing, for the expert cache (put_slot): every expert read from disk into a repacked arena is converted on the way
 // in. ggml's own conversion (its buffer type's set_tensor) copies 8 or 4 bytes per call with a run-time length and

@@ -946,13 +946,14 @@ class Model:
         for d in range(depth):
             la[:, : max(n_layers - d - 1, 0), d] = la_target[:, d + 1 :, d]
         offsets = np.asarray(self._trace_starts + [len(ids)], dtype=np.int64)
+        predicted = bool((la[:, :-1, 0] >= 0).all())  # every row with a next layer has its prediction
         return Trace(
             ids=ids,
             n_expert=int(self.hparams["n_expert"]),
             offsets=offsets,
             scores=w,
-            lookahead_ids=la[:, :, 0] if (la[:, :-1, 0] >= 0).all() else None,
-            lookahead_far=la[:, :, 1:] if (la[:, :-1, 0] >= 0).all() and depth > 1 else None,
+            lookahead_ids=la[:, :, 0] if predicted else None,
+            lookahead_far=la[:, :, 1:] if predicted and depth > 1 else None,
             layers=np.asarray(self._trace_layers, dtype=np.int32),
             model=str(self.kv.get("general.name", Path(self.path).stem)),
         )

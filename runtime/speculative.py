@@ -245,8 +245,8 @@ class WindowPlanner:
     R_l: experts of layer l resident now (the cache's table); K of E experts per token; b_row: expected bytes a
     verify row reads that the step would not read without it, as if its new experts were drawn at random; b_scale:
     what the windows so far read over what b_row predicted for them (running mean; a draft that copies earlier text
-    routes to experts the cache holds, and b_row alone would decline its windows). n maximizes E[tokens](n) / cost(n); a window is
-    drafted only when that beats the plain step's 1 / cost(0)."""
+    routes to experts the cache holds, and b_row alone would decline its windows). n maximizes E[tokens](n) /
+    cost(n); a window is drafted only when that beats the plain step's 1 / cost(0)."""
 
     expert_bytes: list[int]  # [n_layer] bytes of one expert (0: no routed experts)
     n_expert: int
