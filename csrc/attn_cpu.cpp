@@ -26,6 +26,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <memory>
 #include <vector>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -218,9 +219,11 @@ struct DecodeItem {
     int R;
 };
 
-// Scratch of one thread: the queries qf [kHeads][dk], K and V blocks kb [kBlock][dk], vb [kBlock][dv], scores.
+// Scratch of one thread: the queries qf [groups][kHeads][dk], K and V blocks kb [KV heads][kBlock][dk] and
+// vb [KV heads][kBlock][dv], scores sc [groups][kBlock][kHeads]; with the AVX2 kernel per group its NaN flags and
+// rescaling factors, bad and alpha [groups][kHeads].
 struct DecodeScratch {
-    float *qf, *kb, *vb, *sc;
+    float *qf, *kb, *vb, *sc, *bad, *alpha;
 };
 
 // The block's mask from position j0 on as F32 into mk [n]; false if every position is masked (causal future,
@@ -297,23 +300,25 @@ static void decode_range(const DecodeItem & w, DecodeScratch & b, float * acc, f
 // AVX-512 CPUs run it too: on one (2 threads, Qwen3-30B-A3B's heads) it took 0.9-1.3 ms per layer at a 4096-token F16
 // context where the AVX-512 clone of the portable loops took 2.8-3.1 ms (bench_attn.py A/B, bench/RESULTS.md): the
 // portable loops load and store each head's output once per position, whatever the vector width. Fewer than 5 heads
-// per KV head leave lanes idle and it still wins (bench_attn.py, 4096-token F16 context, same machine: 32 heads on 8
-// KV heads x 128, 1.46 against 2.32 ms; 16 on 8, 1.46 against 1.64; 16 on 16, 4.2 against 7.0; 4 on 2 x 64, 0.26
-// against 0.27, and 0.82 against 0.97 at 16384).
+// per KV head leave softmax lanes idle and it still wins (bench_attn.py, 4096-token F16 context, same machine: 32
+// heads on 8 KV heads x 128, 1.46 against 2.32 ms; 16 on 8, 1.46 against 1.64; 16 on 16, 4.2 against 7.0; 4 on 2 x
+// 64, 0.26 against 0.27, and 0.82 against 0.97 at 16384).
 // Per block: the K rows to F32; per position, 8 accumulators (one per head) over dk, summed across into one vector
-// of 8 scores; the online softmax for the 8 heads at once; the V rows to F32 and, per head, 64 output columns at a
-// time in registers over the block's positions. The portable loops above spill their 2 x 8 x 16 accumulators on
-// AVX2's 16 registers and load and store the output once per position and head.
+// of 8 scores, or with 4 heads or fewer 8 positions at a time per head (scores_by_position: no FMAs on idle lanes);
+// the online softmax for the 8 heads at once; the V rows to F32 and, per head, 64 output columns at a time in
+// registers over the block's positions. The portable loops above spill their 2 x 8 x 16 accumulators on AVX2's 16
+// registers and load and store the output once per position and head.
 #define MOELITE_AVX2 __attribute__((target("avx2,fma,f16c")))
 
-// Rows [j0, j1) of the item's K and V into the caches: the next block's, while this one computes (the rows of one KV
-// head lie one cache row of all heads apart, a stride the hardware prefetchers follow late)
-static void prefetch_rows(const DecodeItem & w, int64_t j0, int64_t j1) {
+// Rows [j0, j1) of KV heads [g0, g0 + n_g) of K and V into the caches: the next block's, while this one computes
+// (one cache row holds every head of a position; the rows lie far apart, a stride the hardware prefetchers follow
+// late)
+static void prefetch_rows(const DecodeItem & w, int64_t g0, int64_t n_g, int64_t j0, int64_t j1) {
     for (const ggml_tensor * t : {w.k, w.v}) {
-        const size_t row = ggml_row_size(t->type, t->ne[0]);
-        const char * p = (const char *) t->data + w.g * t->nb[2];
+        const size_t span = (n_g - 1) * t->nb[2] + ggml_row_size(t->type, t->ne[0]);
+        const char * p = (const char *) t->data + g0 * t->nb[2];
         for (int64_t j = j0; j < j1; ++j)
-            for (size_t o = 0; o < row; o += 64) __builtin_prefetch(p + j * t->nb[1] + o);
+            for (size_t o = 0; o < span; o += 64) __builtin_prefetch(p + j * t->nb[1] + o);
     }
 }
 
@@ -361,64 +366,116 @@ MOELITE_AVX2 static void pv_row(float * acc, const float * p, const float * vb, 
     for (; i0 < dv; i0 += 8) pv_cols<1>(acc, p, vb, n, dv, i0);
 }
 
-MOELITE_AVX2 static void decode_range_avx2(const DecodeItem & w, DecodeScratch & b, float * acc, float * M, float * S,
-                                           bool * nan) {
-    const int64_t dk = w.q->ne[0], dv = w.v->ne[0];
-    float mk[kBlock], alpha[kHeads];
-    load_queries(w, b.qf);
-    __m256 m = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps(), bad = _mm256_setzero_ps();
+// Raw scores of 1 to 4 heads sharing a KV head, for n (<= kBlock) positions: sc [j][kHeads] = q_r . k_j for r < R,
+// 0 in the other lanes. Eight positions at a time per head, their accumulators summed across into one vector: R x dk
+// FMAs per position where the eight-head loop below runs 8 x dk (the idle heads' lanes) and loads a query vector for
+// each. The same products in the same order (lane sums of each accumulator, then sum_across8), so the bits are the
+// eight-head loop's.
+MOELITE_AVX2 static void scores_by_position(const float * qf, int R, const float * kb, int n, int64_t dk, float * sc) {
+    std::fill(sc, sc + n * kHeads, 0.f);
+    for (int r = 0; r < R; ++r) {
+        const float * q = qf + r * dk;
+        for (int j0 = 0; j0 < n; j0 += 8) {
+            const int np = std::min(8, n - j0);
+            __m256 a[8];
+            for (int p = 0; p < 8; ++p) a[p] = _mm256_setzero_ps();
+            for (int64_t i = 0; i < dk; i += 8) {
+                const __m256 qv = _mm256_loadu_ps(q + i);
+                for (int p = 0; p < np; ++p) a[p] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(kb + (j0 + p) * dk + i), a[p]);
+            }
+            float t[8];
+            _mm256_storeu_ps(t, sum_across8(a));
+            for (int p = 0; p < np; ++p) sc[(j0 + p) * kHeads + r] = t[p];
+        }
+    }
+}
+
+// Query-head groups [grp, grp + n_grp) of one token and KV range (DecodeItem: heads [h0, h0 + R) of KV head g, R <= 8;
+// sorted by g, KV heads g0 = grp[0].g ... grp[n_grp - 1].g): per group its V sums acc [n_grp][kHeads][dv], maxima M,
+// sums S and NaN flags [n_grp][kHeads]. Per block of positions: the K rows of every KV head to F32 (a cache row holds
+// all KV heads of a position: read as it lies, where one KV head per item read a strided slice of each row; with
+// 16 heads on 16 KV heads x 128 at 4096 positions, bench_attn.py: 1.9-2.1 ms per layer against 3.9-4.2, ggml's plain
+// path 1.2-1.5), each group's scores and online softmax (the heads across a vector's 8 lanes), the V rows of every
+// KV head, each group's weighted V sums. Per group the same operations in the same order as one group alone, so the
+// bits do not depend on how groups are gathered into items.
+MOELITE_AVX2 static void decode_groups_avx2(const DecodeItem * grp, int n_grp, DecodeScratch & b, float * acc,
+                                            float * M, float * S, bool * nan) {
+    const DecodeItem & w = grp[0];
+    const int64_t dk = w.q->ne[0], dv = w.v->ne[0], g0 = w.g, n_g = grp[n_grp - 1].g - g0 + 1;
+    float mk[kBlock];
+    for (int u = 0; u < n_grp; ++u) {
+        load_queries(grp[u], b.qf + u * kHeads * dk);
+        for (int r = 0; r < kHeads; ++r) { // running maximum, sum and NaN flag per head: lanes of the group's vector
+            M[u * kHeads + r] = -INFINITY;
+            S[u * kHeads + r] = 0.f;
+            b.bad[u * kHeads + r] = 0.f;
+        }
+    }
     const __m256 scale = _mm256_set1_ps(w.scale), neg_inf = _mm256_set1_ps(-INFINITY);
     for (int64_t j0 = w.j0; j0 < w.j1; j0 += kBlock) {
         const int n = (int) std::min<int64_t>(kBlock, w.j1 - j0);
         if (!block_mask(w, j0, n, mk)) continue;
-        prefetch_rows(w, j0 + kBlock, std::min<int64_t>(j0 + 2 * kBlock, w.j1));
-        for (int j = 0; j < n; ++j) kv_row(w.k, j0 + j, w.g, b.kb + j * dk);
-        __m256 mb = neg_inf;
-        for (int j = 0; j < n; ++j) { // scores of position j: sc [j][kHeads]
-            __m256 a[kHeads];
-            for (int r = 0; r < kHeads; ++r) a[r] = _mm256_setzero_ps();
-            const float * kj = b.kb + j * dk;
-            for (int64_t i = 0; i < dk; i += 8) {
-                const __m256 kv = _mm256_loadu_ps(kj + i);
-                for (int r = 0; r < kHeads; ++r) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(b.qf + r * dk + i), kv, a[r]);
+        prefetch_rows(w, g0, n_g, j0 + kBlock, std::min<int64_t>(j0 + 2 * kBlock, w.j1));
+        for (int j = 0; j < n; ++j)
+            for (int64_t gi = 0; gi < n_g; ++gi) kv_row(w.k, j0 + j, g0 + gi, b.kb + (gi * kBlock + j) * dk);
+        for (int u = 0; u < n_grp; ++u) {
+            const DecodeItem & e = grp[u];
+            const float *qf = b.qf + u * kHeads * dk, *kb = b.kb + (e.g - g0) * kBlock * dk;
+            float * sc = b.sc + u * kBlock * kHeads;
+            const bool by_position = e.R <= 4;
+            if (by_position) scores_by_position(qf, e.R, kb, n, dk, sc);
+            __m256 mb = neg_inf, bad = _mm256_loadu_ps(b.bad + u * kHeads);
+            for (int j = 0; j < n; ++j) { // scores of position j: sc [j][kHeads]
+                __m256 dot;
+                if (by_position)
+                    dot = _mm256_loadu_ps(sc + j * kHeads);
+                else {
+                    __m256 a[kHeads];
+                    for (int r = 0; r < kHeads; ++r) a[r] = _mm256_setzero_ps();
+                    const float * kj = kb + j * dk;
+                    for (int64_t i = 0; i < dk; i += 8) {
+                        const __m256 kv = _mm256_loadu_ps(kj + i);
+                        for (int r = 0; r < kHeads; ++r)
+                            a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(qf + r * dk + i), kv, a[r]);
+                    }
+                    dot = sum_across8(a);
+                }
+                __m256 s = mk[j] == -INFINITY ? neg_inf : _mm256_fmadd_ps(dot, scale, _mm256_set1_ps(mk[j]));
+                bad = _mm256_or_ps(bad, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
+                mb = _mm256_max_ps(s, mb); // a NaN score is not a maximum
+                _mm256_storeu_ps(sc + j * kHeads, s);
             }
-            __m256 s = mk[j] == -INFINITY ? neg_inf : _mm256_fmadd_ps(sum_across8(a), scale, _mm256_set1_ps(mk[j]));
-            bad = _mm256_or_ps(bad, _mm256_cmp_ps(s, s, _CMP_UNORD_Q));
-            mb = _mm256_max_ps(s, mb); // a NaN score is not a maximum
-            _mm256_storeu_ps(b.sc + j * kHeads, s);
+            // online softmax for the 8 heads: the new maxima, the factor the sums so far are rescaled by (1 if the
+            // maximum did not grow, 0 while a head saw only masked positions)
+            const __m256 m = _mm256_loadu_ps(M + u * kHeads), m_new = _mm256_max_ps(mb, m);
+            const __m256 grew = _mm256_cmp_ps(m_new, m, _CMP_GT_OQ);
+            const __m256 a_ = _mm256_blendv_ps(exp_le0_8(_mm256_sub_ps(m, m_new)), _mm256_setzero_ps(),
+                                               _mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ));
+            const __m256 al = _mm256_blendv_ps(_mm256_set1_ps(1.f), a_, grew);
+            const __m256 ms = _mm256_blendv_ps(m_new, _mm256_setzero_ps(), _mm256_cmp_ps(m_new, neg_inf, _CMP_EQ_OQ));
+            __m256 bs = _mm256_setzero_ps();
+            for (int j = 0; j < n; ++j) {
+                const __m256 p = exp_le0_8(_mm256_sub_ps(_mm256_loadu_ps(sc + j * kHeads), ms));
+                bs = _mm256_add_ps(bs, p);
+                _mm256_storeu_ps(sc + j * kHeads, p);
+            }
+            _mm256_storeu_ps(M + u * kHeads, m_new);
+            _mm256_storeu_ps(S + u * kHeads, _mm256_fmadd_ps(_mm256_loadu_ps(S + u * kHeads), al, bs));
+            _mm256_storeu_ps(b.bad + u * kHeads, bad);
+            _mm256_storeu_ps(b.alpha + u * kHeads, al);
         }
-        // online softmax for the 8 heads: the new maxima, the factor the sums so far are rescaled by (1 if the
-        // maximum did not grow, 0 while a head saw only masked positions)
-        const __m256 m_new = _mm256_max_ps(mb, m);
-        const __m256 grew = _mm256_cmp_ps(m_new, m, _CMP_GT_OQ);
-        const __m256 a_ = _mm256_blendv_ps(exp_le0_8(_mm256_sub_ps(m, m_new)), _mm256_setzero_ps(),
-                                           _mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ));
-        const __m256 al = _mm256_blendv_ps(_mm256_set1_ps(1.f), a_, grew);
-        m = m_new;
-        const __m256 ms = _mm256_blendv_ps(m, _mm256_setzero_ps(), _mm256_cmp_ps(m, neg_inf, _CMP_EQ_OQ));
-        __m256 bs = _mm256_setzero_ps();
-        for (int j = 0; j < n; ++j) {
-            const __m256 p = exp_le0_8(_mm256_sub_ps(_mm256_loadu_ps(b.sc + j * kHeads), ms));
-            bs = _mm256_add_ps(bs, p);
-            _mm256_storeu_ps(b.sc + j * kHeads, p);
-        }
-        sum = _mm256_fmadd_ps(sum, al, bs);
-        _mm256_storeu_ps(alpha, al);
-        for (int j = 0; j < n; ++j) kv_row(w.v, j0 + j, w.g, b.vb + j * dv);
-        for (int r = 0; r < w.R; ++r) {
-            if (alpha[r] != 1.f) scale_f32(acc + r * dv, alpha[r], dv);
-            pv_row(acc + r * dv, b.sc + r, b.vb, n, dv);
+        for (int j = 0; j < n; ++j)
+            for (int64_t gi = 0; gi < n_g; ++gi) kv_row(w.v, j0 + j, g0 + gi, b.vb + (gi * kBlock + j) * dv);
+        for (int u = 0; u < n_grp; ++u) {
+            const float * vb = b.vb + (grp[u].g - g0) * kBlock * dv;
+            for (int r = 0; r < grp[u].R; ++r) {
+                float * a = acc + (u * kHeads + r) * dv;
+                if (b.alpha[u * kHeads + r] != 1.f) scale_f32(a, b.alpha[u * kHeads + r], dv);
+                pv_row(a, b.sc + u * kBlock * kHeads + r, vb, n, dv);
+            }
         }
     }
-    float mv[kHeads], sv[kHeads], bv[kHeads];
-    _mm256_storeu_ps(mv, m);
-    _mm256_storeu_ps(sv, sum);
-    _mm256_storeu_ps(bv, bad);
-    for (int r = 0; r < w.R; ++r) {
-        M[r] = mv[r];
-        S[r] = sv[r];
-        nan[r] = bv[r] != 0.f; // all ones (a NaN pattern) where a score was NaN
-    }
+    for (int i = 0; i < n_grp * kHeads; ++i) nan[i] = b.bad[i] != 0.f; // all ones (a NaN pattern) where one was
 }
 static const bool kHasAvx2 =
     __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
@@ -432,56 +489,73 @@ static int64_t decode_splits(int64_t n_kv, int64_t h_kv, int64_t T) {
     return std::max<int64_t>(1, std::min(n_kv / kSplitLen, kSplitItems / (h_kv * T)));
 }
 
-// Work items: (KV head g, token t, chunk c of g's query heads, part s of the KV range); a group's query heads are
-// split into chunks only when there are fewer (g, t, s) items than threads (MLA: one KV head). Each item runs its
-// heads kHeads at a time. dst: [dv, n_head, T] the output rows, or with a split range [dv + 2, n_head, T, n_split]
-// each part's unnormalized V sums, maximum and sum for attn_combine.
+// Work items: (token t, part s of the KV range, chunk of G KV heads, chunk c of each KV head's query heads). An item
+// reads its KV heads' slices of each cache row together (decode_groups_avx2): G as many as keep a block's F32 K rows
+// within kKvBlockBytes, fewer where that leaves a thread without an item; a group's query heads split into chunks
+// only when there are still fewer items than threads (MLA: one KV head). Each item runs its heads kHeads at a time
+// (groups). Items of the same KV range lie next to each other, so the threads read the same rows at about the same
+// time. dst: [dv, n_head, T] the output rows, or with a split range [dv + 2, n_head, T, n_split] each part's
+// unnormalized V sums, maximum and sum for attn_combine.
+constexpr int64_t kKvBlockBytes = 256 << 10;
 static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata) {
     const ggml_tensor *q = dst->src[0], *k = dst->src[1], *v = dst->src[2], *mask = dst->src[3];
     const int64_t dk = q->ne[0], n_head = q->ne[1], T = q->ne[2], dv = v->ne[0], n_kv = k->ne[1], h_kv = k->ne[2];
-    const int64_t rk = n_head / h_kv, n_split = dst->ne[3], pairs = h_kv * T * n_split;
+    const int64_t rk = n_head / h_kv, n_split = dst->ne[3], part = (n_kv + n_split - 1) / n_split;
+    const int64_t G = std::max<int64_t>(
+        1, std::min({h_kv, kKvBlockBytes / (kBlock * std::max(dk, dv) * 4), h_kv * T * n_split / nth}));
+    const int64_t n_gc = (h_kv + G - 1) / G, pairs = T * n_split * n_gc;
     const int64_t n_chunk = std::min<int64_t>(rk, (nth + pairs - 1) / pairs), per = (rk + n_chunk - 1) / n_chunk;
-    const int64_t part = (n_kv + n_split - 1) / n_split;
+    const int64_t max_grp = G * ((per + kHeads - 1) / kHeads);
     thread_local std::vector<float> buf; // this thread's, kept between steps (no allocation per step)
-    buf.resize((size_t) (kHeads * dk + kHeads * dv + kBlock * dk + kBlock * dv + kHeads * kBlock));
+    buf.resize((size_t) (max_grp * kHeads * (dv + dk + kBlock + 4) + G * kBlock * (dk + dv)));
     float * acc = buf.data();
     DecodeScratch b;
-    b.qf = acc + kHeads * dv;
-    b.kb = b.qf + kHeads * dk;
-    b.vb = b.kb + kBlock * dk;
-    b.sc = b.vb + kBlock * dv;
-    float M[kHeads], S[kHeads];
-    bool nan[kHeads];
+    b.qf = acc + max_grp * kHeads * dv;
+    b.kb = b.qf + max_grp * kHeads * dk;
+    b.vb = b.kb + G * kBlock * dk;
+    b.sc = b.vb + G * kBlock * dv;
+    b.bad = b.sc + max_grp * kBlock * kHeads;
+    b.alpha = b.bad + max_grp * kHeads;
+    float *M = b.alpha + max_grp * kHeads, *S = M + max_grp * kHeads;
+    thread_local std::vector<DecodeItem> grp;
+    thread_local std::unique_ptr<bool[]> nan;
+    thread_local int64_t nan_cap = 0;
+    if (nan_cap < max_grp * kHeads) nan.reset(new bool[nan_cap = max_grp * kHeads]);
     for (int64_t it = ith; it < pairs * n_chunk; it += nth) {
-        DecodeItem w{q, k, v, mask, *(const float *) userdata, 0, 0, 0, 0, 0, 0};
-        const int64_t c = it % n_chunk, s = it / n_chunk % n_split, gt = it / (n_chunk * n_split);
-        w.g = gt / T;
-        w.t = gt % T;
+        const int64_t c = it % n_chunk, gc = it / n_chunk % n_gc, s = it / (n_chunk * n_gc) % n_split;
+        DecodeItem w{q, k, v, mask, *(const float *) userdata, 0, it / (n_chunk * n_gc * n_split), 0, 0, 0, 0};
         w.j0 = std::min(n_kv, s * part);
         w.j1 = std::min(n_kv, w.j0 + part);
-        const int64_t c0 = w.g * rk + c * per, c1 = std::min(c0 + per, (w.g + 1) * rk);
-        for (w.h0 = c0; w.h0 < c1; w.h0 += kHeads) {
-            w.R = (int) std::min<int64_t>(kHeads, c1 - w.h0);
-            std::fill(acc, acc + kHeads * dv, 0.f);
-#if defined(__x86_64__) && defined(__GNUC__)
-            if (kHasAvx2 && dk % 8 == 0 && dv % 8 == 0)
-                decode_range_avx2(w, b, acc, M, S, nan);
-            else
-#endif
-                decode_range(w, b, acc, M, S, nan);
-            for (int r = 0; r < w.R; ++r) {
-                const int64_t h = w.h0 + r;
-                if (n_split == 1) {
-                    float * o = (float *) ((char *) dst->data + h * dst->nb[1] + w.t * dst->nb[2]);
-                    finish_row(o, dv, dst->src[4], h, acc + r * dv, M[r], S[r], nan[r]);
-                } else { // [acc | M | S], S NaN where a score was
-                    float * o = (float *) ((char *) dst->data + h * dst->nb[1] + w.t * dst->nb[2] + s * dst->nb[3]);
-                    std::memcpy(o, acc + r * dv, dv * sizeof(float));
-                    o[dv] = M[r];
-                    o[dv + 1] = nan[r] ? NAN : S[r];
-                }
+        grp.clear();
+        for (w.g = gc * G; w.g < std::min(h_kv, (gc + 1) * G); ++w.g) {
+            const int64_t c0 = w.g * rk + c * per, c1 = std::min(c0 + per, (w.g + 1) * rk);
+            for (w.h0 = c0; w.h0 < c1; w.h0 += kHeads) {
+                w.R = (int) std::min<int64_t>(kHeads, c1 - w.h0);
+                grp.push_back(w);
             }
         }
+        const int n_grp = (int) grp.size();
+        std::fill(acc, acc + n_grp * kHeads * dv, 0.f);
+#if defined(__x86_64__) && defined(__GNUC__)
+        if (kHasAvx2 && dk % 8 == 0 && dv % 8 == 0)
+            decode_groups_avx2(grp.data(), n_grp, b, acc, M, S, nan.get());
+        else
+#endif
+            for (int u = 0; u < n_grp; ++u)
+                decode_range(grp[u], b, acc + u * kHeads * dv, M + u * kHeads, S + u * kHeads, nan.get() + u * kHeads);
+        for (int u = 0; u < n_grp; ++u)
+            for (int r = 0; r < grp[u].R; ++r) {
+                const int64_t h = grp[u].h0 + r, i = u * kHeads + r;
+                if (n_split == 1) {
+                    float * o = (float *) ((char *) dst->data + h * dst->nb[1] + w.t * dst->nb[2]);
+                    finish_row(o, dv, dst->src[4], h, acc + i * dv, M[i], S[i], nan[i]);
+                } else { // [acc | M | S], S NaN where a score was
+                    float * o = (float *) ((char *) dst->data + h * dst->nb[1] + w.t * dst->nb[2] + s * dst->nb[3]);
+                    std::memcpy(o, acc + i * dv, dv * sizeof(float));
+                    o[dv] = M[i];
+                    o[dv + 1] = nan[i] ? NAN : S[i];
+                }
+            }
     }
 }
 

@@ -1,8 +1,9 @@
 """The CPU attention ops (csrc/attn_cpu.cpp) on given arrays through _core.attn_check, against a float64 softmax
 reference: decode steps whose KV range is split into parts (attn_decode + attn_combine) and not, the AVX2 kernel's
-head groups (5 to 8 heads per KV head) and the portable one's (fewer, and MLA-like single KV heads), F32 / F16 /
-Q8_0 caches, masks, sinks, and the ubatch sizes of attn_prompt. ggml's flash attention and plain path run the same
-inputs for scale. The output of a split decode does not depend on the number of threads."""
+head groups (1 to 8 heads per KV head: scored eight heads at a time or eight positions at a time; more than 8 run
+as several groups; several KV heads per work item) and the portable loops (head sizes that are not multiples of
+8), F32 / F16 / Q8_0 caches, masks, sinks, and the ubatch sizes of attn_prompt. ggml's flash attention and plain path
+run the same inputs for scale. The output of a decode does not depend on the number of threads."""
 
 from __future__ import annotations
 
@@ -49,13 +50,25 @@ TOL = {"f32": 1e-5, "f16": 2e-3, "q8_0": 2e-2}
     [
         (1, 32, 4, 128, 128, 100),  # Qwen3-30B-A3B's heads, one part
         (1, 32, 4, 128, 128, 4100),  # split into parts, the last one short
-        (1, 16, 4, 64, 64, 2000),  # 4 heads per KV head: the portable kernel, split
+        (1, 16, 4, 64, 64, 2000),  # 4 heads per KV head: scored by position, split
+        (1, 16, 16, 64, 64, 400),  # multi-head attention: one head per KV head, 16 KV heads per item
+        (1, 24, 2, 64, 64, 900),  # 12 heads per KV head: two groups of a KV head in one item
         (1, 16, 1, 96, 64, 1500),  # one KV head (MLA-like): head chunks and parts
         (3, 16, 2, 64, 64, 1100),  # a small ubatch
         (70, 8, 2, 32, 32, 300),  # attn_prompt
     ],
 )
 def test_cpu_attention_matches_the_reference(kv_type, T, n_head, h_kv, dk, dv, n_kv):
+    check_against_reference(kv_type, T, n_head, h_kv, dk, dv, n_kv)
+
+
+@pytest.mark.parametrize("kv_type", ["f32", "f16"])  # (a Q8_0 cache holds whole blocks of 32 values per head)
+@pytest.mark.parametrize("T,n_kv", [(1, 1300), (3, 700)])
+def test_head_sizes_not_a_multiple_of_8_run_the_portable_loops(kv_type, T, n_kv):
+    check_against_reference(kv_type, T, 12, 3, 36, 36, n_kv)
+
+
+def check_against_reference(kv_type, T, n_head, h_kv, dk, dv, n_kv):
     q, k, v, mask = inputs(T, n_head, h_kv, dk, dv, n_kv)
     sinks = np.linspace(-1, 2, n_head).astype(np.float32)
     scale = dk**-0.5
@@ -69,10 +82,14 @@ def test_cpu_attention_matches_the_reference(kv_type, T, n_head, h_kv, dk, dv, n
 
 
 @pytest.mark.parametrize("n_kv", [600, 5000])
-def test_split_decode_gives_the_same_bits_on_any_thread_count(n_kv):
-    q, k, v, mask = inputs(1, 32, 4, 128, 128, n_kv, seed=1)
-    outs = [_core.attn_check(q, k, v, mask, None, 0.09, kv_type="f16", path="cpu", n_threads=n)[0] for n in (1, 2, 3)]
-    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+@pytest.mark.parametrize("n_head,h_kv,d", [(32, 4, 128), (16, 16, 64), (24, 2, 64), (4, 2, 64)])
+def test_split_decode_gives_the_same_bits_on_any_thread_count(n_kv, n_head, h_kv, d):
+    # the work items (KV heads per item, query-head chunks) depend on the threads; a head's bits must not
+    q, k, v, mask = inputs(1, n_head, h_kv, d, d, n_kv, seed=1)
+    outs = [
+        _core.attn_check(q, k, v, mask, None, 0.09, kv_type="f16", path="cpu", n_threads=n)[0] for n in (1, 2, 3, 5)
+    ]
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
 
 def test_nan_score_poisons_only_its_heads_and_masked_rows_are_zero():
