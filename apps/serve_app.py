@@ -1051,4 +1051,35 @@ class JsonErrorH11Protocol(H11Protocol):
                 self.transport.write(self.conn.send(event))
         except h11.LocalProtocolError:  # h11 cannot answer in this state: just close
             pass
-        self.transport.close()
+        self._linger()
+
+    # A lingering close: closing a socket whose peer is still sending (a header block over the limit) makes the
+    # kernel answer with a reset, which can destroy the reply before the client has read it (tools/fuzz_http.py saw a
+    # 431 cut short). So the reply is followed by a half-close, what the client still sends is read and dropped, and
+    # the connection closes at its EOF or after LINGER_S.
+    LINGER_S = 2.0
+    _draining = False
+
+    def _linger(self) -> None:
+        if self._draining or self.transport.is_closing():
+            return
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self._draining = True
+        self.transport.write_eof()
+        self._linger_timer = asyncio.get_running_loop().call_later(self.LINGER_S, self.transport.close)
+
+    def data_received(self, data: bytes) -> None:
+        if not self._draining:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self._draining:
+            self.transport.close()
+        return super().eof_received()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._draining:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)

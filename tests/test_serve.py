@@ -251,6 +251,8 @@ HOSTILE_HTTP = [
     (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n", 414),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 40000 + b"\r\nConnection: close\r\n\r\n", 431),
     (b"GET /health HTTP/1.1\r\nHost: x\r\nX-Huge: " + b"a" * 100000 + b"\r\n\r\n", 431),
+    # a header flood of 2 MB: the client is still sending when the server answers; the reply must survive the close
+    (b"GET /health HTTP/1.1\r\nHost: x\r\n" + b"".join(b"X-%d: %s\r\n" % (i, b"y" * 10000) for i in range(200)), 431),
 ]
 
 
