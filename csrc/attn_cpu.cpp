@@ -535,6 +535,7 @@ static void op_attn_decode(ggml_tensor * dst, int ith, int nth, void * userdata)
             }
         }
         const int n_grp = (int) grp.size();
+        if (n_grp == 0) continue; // a last chunk past the group's heads (rk not a multiple of the chunks' size)
         std::fill(acc, acc + n_grp * kHeads * dv, 0.f);
 #if defined(__x86_64__) && defined(__GNUC__)
         if (kHasAvx2 && dk % 8 == 0 && dv % 8 == 0)

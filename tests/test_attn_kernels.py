@@ -82,12 +82,13 @@ def check_against_reference(kv_type, T, n_head, h_kv, dk, dv, n_kv):
 
 
 @pytest.mark.parametrize("n_kv", [600, 5000])
-@pytest.mark.parametrize("n_head,h_kv,d", [(32, 4, 128), (16, 16, 64), (24, 2, 64), (4, 2, 64)])
+@pytest.mark.parametrize("n_head,h_kv,d", [(32, 4, 128), (16, 16, 64), (24, 2, 64), (4, 2, 64), (5, 1, 64)])
 def test_split_decode_gives_the_same_bits_on_any_thread_count(n_kv, n_head, h_kv, d):
-    # the work items (KV heads per item, query-head chunks) depend on the threads; a head's bits must not
+    # the work items (KV heads per item, query-head chunks) depend on the threads; a head's bits must not. 5 heads on
+    # one KV head at 4 threads: chunks of 2 heads, the fourth past the last head (an item with nothing to do)
     q, k, v, mask = inputs(1, n_head, h_kv, d, d, n_kv, seed=1)
     outs = [
-        _core.attn_check(q, k, v, mask, None, 0.09, kv_type="f16", path="cpu", n_threads=n)[0] for n in (1, 2, 3, 5)
+        _core.attn_check(q, k, v, mask, None, 0.09, kv_type="f16", path="cpu", n_threads=n)[0] for n in (1, 2, 3, 4, 5)
     ]
     assert all(np.array_equal(outs[0], o) for o in outs[1:])
 
