@@ -1946,18 +1946,42 @@ def calibration_seed(model: Path) -> dict[str, Any]:
     return {key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in calib.items()}
 
 
+def core_identity() -> str:
+    """A digest of the compiled core the cases will run (found without importing it): cached reference logits were
+    computed by one build, and a change of kernels may change their last bits, so a cache from another build is
+    rebuilt rather than reported as a silent mismatch."""
+    import hashlib
+    import importlib.util
+
+    spec = importlib.util.find_spec("moelite")
+    folder = Path(spec.origin).parent if spec and spec.origin else None
+    libs = sorted(folder.glob("_core*")) if folder else []
+    return hashlib.sha256(b"".join(p.read_bytes() for p in libs)).hexdigest()[:16] if libs else "none"
+
+
 def split_seeds(cache: Path, seeds: dict[str, Any]) -> list[dict[str, Any]]:
-    """The split target's seed sets (the GGUF seeds but the demo, built once in a subprocess, cached)."""
+    """The split target's seed sets (the GGUF seeds but the demo, built once in a subprocess, cached for one build
+    of the core)."""
     manifest = cache / "split.json"
     models = [p for p in seeds["gguf"] if Path(p).parent.name != "data"]
+    core = core_identity()
     if manifest.exists():
-        built = json.loads(manifest.read_text())
-        if [b["model"] for b in built] == models and all(
-            Path(p).exists() for b in built for shards in b["sets"].values() for p in shards + list(b["ref"].values())
+        doc = json.loads(manifest.read_text())
+        built = doc.get("sets", []) if isinstance(doc, dict) else []
+        if (
+            isinstance(doc, dict)
+            and doc.get("core") == core
+            and [b["model"] for b in built] == models
+            and all(
+                Path(p).exists()
+                for b in built
+                for shards in b["sets"].values()
+                for p in shards + list(b["ref"].values())
+            )
         ):
             return built
     built = built_in_subprocess(f"build_split_seed_sets(Path({str(cache)!r}), {models!r})", "split seed sets")
-    manifest.write_text(json.dumps(built, indent=1))
+    manifest.write_text(json.dumps({"core": core, "sets": built}, indent=1))
     return built
 
 
@@ -1978,13 +2002,21 @@ print(json.dumps(fuzz.{call}))
 
 
 def api_seeds(cache: Path, seeds: dict[str, Any]) -> dict[str, Any]:
-    """The api target's seed (build_api_seed in a subprocess, cached next to the other seeds)."""
+    """The api target's seed (build_api_seed in a subprocess, cached next to the other seeds for one build of the
+    core: its reference greedy tokens are that build's)."""
     manifest = cache / "api.json"
+    core = core_identity()
     if manifest.exists():
         built = json.loads(manifest.read_text())
-        if built["model"] == seeds["model"] and Path(built["trace"]).exists() and "min_budget" in built:
+        if (
+            built.get("core") == core
+            and built["model"] == seeds["model"]
+            and Path(built["trace"]).exists()
+            and "min_budget" in built
+        ):
             return built
     built = built_in_subprocess(f"build_api_seed(Path({str(cache)!r}), {seeds['model']!r})", "the api seed")
+    built["core"] = core
     manifest.write_text(json.dumps(built, indent=1))
     return built
 
