@@ -394,10 +394,12 @@ MOELITE_AVX2 static void scores_by_position(const float * qf, int R, const float
 // sorted by g, KV heads g0 = grp[0].g ... grp[n_grp - 1].g): per group its V sums acc [n_grp][kHeads][dv], maxima M,
 // sums S and NaN flags [n_grp][kHeads]. Per block of positions: the K rows of every KV head to F32 (a cache row holds
 // all KV heads of a position: read as it lies, where one KV head per item read a strided slice of each row; with
-// 16 heads on 16 KV heads x 128 at 4096 positions, bench_attn.py: 1.9-2.1 ms per layer against 3.9-4.2, ggml's plain
-// path 1.2-1.5), each group's scores and online softmax (the heads across a vector's 8 lanes), the V rows of every
-// KV head, each group's weighted V sums. Per group the same operations in the same order as one group alone, so the
-// bits do not depend on how groups are gathered into items.
+// 16 heads on 16 KV heads x 128 at 4096 positions, bench_attn.py, interleaved: 1.9-2.1 ms per layer against 3.9-4.2
+// in one session's A/B, equal (2.1-2.5 both) in a later one on the same host, never slower), each group's scores and
+// online softmax (the heads across a vector's 8 lanes), the V rows of every KV head, each group's weighted V sums.
+// Per group the same operations in the same order as one group alone, so the bits do not depend on how groups are
+// gathered into items. (Packing the heads of several KV heads into one group's lanes when a KV head has fewer than
+// 8 was tried: bit-identical, no faster in bench_attn.py on 16/16 x 128 or 4/2 x 64, so not kept.)
 MOELITE_AVX2 static void decode_groups_avx2(const DecodeItem * grp, int n_grp, DecodeScratch & b, float * acc,
                                             float * M, float * S, bool * nan) {
     const DecodeItem & w = grp[0];
