@@ -46,6 +46,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import functools
 import io
 import json
 import math
@@ -1946,6 +1947,7 @@ def calibration_seed(model: Path) -> dict[str, Any]:
     return {key: (v.tolist() if isinstance(v, np.ndarray) else v) for key, v in calib.items()}
 
 
+@functools.cache
 def core_identity() -> str:
     """A digest of the compiled core the cases will run (found without importing it): cached reference logits were
     computed by one build, and a change of kernels may change their last bits, so a cache from another build is
